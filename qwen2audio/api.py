@@ -1,0 +1,161 @@
+"""The Python API: load a checkpoint directory, then chat, stream, batch and transcribe.
+
+    from qwen2audio import Qwen2Audio
+    model = Qwen2Audio.load("Qwen2-Audio-7B-Instruct", dtype="bfloat16")
+    reply = model.chat([{"role": "user", "content": [
+        {"type": "audio", "audio": "glass.wav"}, {"type": "text", "text": "What's that sound?"}]}])
+    print(reply.text)
+    for delta in model.stream(messages): print(delta, end="")
+    conv = model.conversation(); conv.say(audio="question.wav"); conv.say("And in French?")
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .audio import SAMPLE_RATE, load_audio
+from .checkpoint import load_model
+from .generation.engine import Engine, Generation, Prepared
+from .generation.sampling import SamplingParams
+from .text import Tokenizer, raw_prompt, render_chat
+
+Messages = Sequence[Mapping[str, Any]]
+ASR_PROMPT = "Detect the language and recognize the speech: <|{language}|>"
+TAG = re.compile(r"<\|[^|<>]*\|>")  # language / task tags the base model writes, e.g. <|en|>
+
+
+def decode_audio(source: Any) -> np.ndarray:
+    """A chat audio source (path, bytes, array at 16 kHz, or (array, sample_rate)) -> 16 kHz mono float32."""
+    if isinstance(source, tuple) and len(source) == 2:
+        return load_audio(source[0], sample_rate=source[1])
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return load_audio(source, sample_rate=SAMPLE_RATE)
+    return load_audio(source)
+
+
+class Qwen2Audio:
+    def __init__(self, engine: Engine, directory: Path):
+        self.engine = engine
+        self.directory = directory
+
+    @classmethod
+    def load(cls, directory: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
+             device: str | torch.device = "cpu") -> "Qwen2Audio":
+        """Load a Qwen2-Audio checkpoint directory; None loads the embedded default (tiny, random) model."""
+        if directory is None:
+            from .default_model import NOTICE, default_model_dir
+
+            warnings.warn(NOTICE, stacklevel=2)
+            directory = default_model_dir()
+        directory = Path(directory)
+        model = load_model(directory, dtype=dtype, device=device)
+        return cls(Engine(model, Tokenizer.from_dir(directory)), directory)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    # -- requests --------------------------------------------------------------------------------
+    def prepare_chat(self, messages: Messages) -> Prepared:
+        rendered = render_chat(messages)
+        return self.engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios])
+
+    def prepare_raw(self, prompt: str, audios: Sequence[Any] = ()) -> Prepared:
+        """A base-model prompt: <|audio_bos|><|AUDIO|><|audio_eos|> per clip, then ``prompt``."""
+        return self.engine.prepare(raw_prompt(prompt, len(audios)), [decode_audio(a) for a in audios])
+
+    # -- generation ------------------------------------------------------------------------------
+    def chat(self, messages: Messages, **sampling) -> Generation:
+        return self.engine.generate([self.prepare_chat(messages)], SamplingParams(**sampling))[0]
+
+    def stream(self, messages: Messages, **sampling) -> Iterator[str]:
+        return self.engine.stream(self.prepare_chat(messages), SamplingParams(**sampling))
+
+    def chat_batch(self, conversations: Sequence[Messages], **sampling) -> list[Generation]:
+        """Several conversations in one left-padded batch; greedy results equal running each alone."""
+        return self.engine.generate([self.prepare_chat(m) for m in conversations], SamplingParams(**sampling))
+
+    def complete(self, prompt: str, audios: Sequence[Any] = (), **sampling) -> Generation:
+        return self.engine.generate([self.prepare_raw(prompt, audios)], SamplingParams(**sampling))[0]
+
+    def transcribe(self, audio: Any, language: str = "en", **sampling) -> str:
+        """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed."""
+        out = self.complete(ASR_PROMPT.format(language=language), [audio], **sampling)
+        return TAG.sub("", out.text).strip()
+
+    def conversation(self, system: str | None = None) -> "Conversation":
+        return Conversation(self, system)
+
+
+class Conversation:
+    """A multi-turn chat that keeps its KV cache and audio vectors between turns.
+
+    Each turn renders the whole conversation with the official template (so the model sees exactly
+    what a stateless call would give it), but only the tokens past the longest cached prefix are run,
+    and audio already heard is not encoded again.
+    """
+
+    def __init__(self, model: Qwen2Audio, system: str | None = None):
+        self.model = model
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self._audio_vectors: dict[str, torch.Tensor] = {}
+        self._cache = None
+        self._cached_ids: list[int] = []
+        self._cached_audio: list[str] = []
+
+    def say(self, text: str | None = None, audio: Any = None, **sampling) -> Iterator[str]:
+        """Add a user turn (text, one audio or a list of audios, or both) and stream the reply.
+
+        The reply joins the history once the stream is consumed.
+        """
+        if audio is None:
+            audios = []
+        elif isinstance(audio, list):
+            audios = audio
+        else:
+            audios = [audio]
+        # Decoded once, here: later turns re-render the history without reading the files again.
+        parts: list[dict[str, Any]] = [{"type": "audio", "audio": decode_audio(a)} for a in audios]
+        if text:
+            parts.append({"type": "text", "text": text})
+        if not parts:
+            raise ValueError("a turn needs text, audio or both")
+        self.messages.append({"role": "user", "content": parts})
+        return self._reply(SamplingParams(**sampling))
+
+    def _reply(self, params: SamplingParams) -> Iterator[str]:
+        engine = self.model.engine
+        rendered = render_chat(self.messages)
+        request = engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios], self._audio_vectors)
+        reuse = self._shared_prefix(request)
+        if self._cache is None:
+            self._cache = engine.model.language_model.new_cache(1, len(request.token_ids) + params.max_new_tokens)
+        yield from engine.stream(request, params, self._cache, reuse)
+        reply = engine.last
+        self.messages.append({"role": "assistant", "content": reply.text})
+        self._cached_ids = request.token_ids + reply.token_ids
+        self._cached_audio = request.audio_keys
+
+    def _shared_prefix(self, request: Prepared) -> int:
+        """Positions of the cache that hold exactly the start of this request (same tokens, same audio)."""
+        n = 0
+        for a, b in zip(self._cached_ids, request.token_ids):
+            if a != b:
+                break
+            n += 1
+        # Audio runs must match clip for clip; stop before the first clip that differs.
+        audio_id = self.model.tokenizer.audio_id
+        clip, i = 0, 0
+        while i < n:
+            if request.token_ids[i] == audio_id and (i == 0 or request.token_ids[i - 1] != audio_id):
+                if clip >= len(self._cached_audio) or self._cached_audio[clip] != request.audio_keys[clip]:
+                    return i
+                clip += 1
+            i += 1
+        return min(n, len(request.token_ids) - 1)  # always run at least one token to get logits

@@ -1,0 +1,35 @@
+"""The non-weight files of a checkpoint directory that other tools (transformers' processor) read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..audio.features import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, WINDOW_SECONDS
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+GENERATION_FILE = "generation_config.json"
+
+
+def write_preprocessor_config(directory: str | Path, n_mels: int) -> None:
+    """The WhisperFeatureExtractor settings our front end implements."""
+    config = {
+        "feature_extractor_type": "WhisperFeatureExtractor",
+        "processor_class": "Qwen2AudioProcessor",
+        "feature_size": n_mels,
+        "sampling_rate": SAMPLE_RATE,
+        "hop_length": HOP_LENGTH,
+        "n_fft": N_FFT,
+        "chunk_length": WINDOW_SECONDS,
+        "n_samples": N_SAMPLES,
+        "nb_max_frames": N_SAMPLES // HOP_LENGTH,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "return_attention_mask": True,
+    }
+    Path(directory, PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_generation_config(directory: str | Path, pad_id: int, eos_ids: list[int]) -> None:
+    config = {"pad_token_id": pad_id, "eos_token_id": eos_ids, "do_sample": False, "max_new_tokens": 256}
+    Path(directory, GENERATION_FILE).write_text(json.dumps(config, indent=2) + "\n")

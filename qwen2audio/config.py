@@ -1,0 +1,160 @@
+"""Model configuration: frozen dataclasses read from and written to Hugging Face ``config.json``.
+
+A Qwen2-Audio ``config.json`` holds an ``audio_config`` (the Whisper-style encoder), a ``text_config``
+(the Qwen2 decoder) and ``audio_token_index``. Fields a file leaves out take the defaults that the
+reference implementation's config classes use, so a partial file means the same thing here as there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"
+MODEL_TYPE = "qwen2_audio"
+ENCODER_MODEL_TYPE = "qwen2_audio_encoder"
+TEXT_MODEL_TYPE = "qwen2"
+ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The Whisper-style audio encoder (defaults: Whisper-large-v3 as in the released model)."""
+
+    num_mel_bins: int = 128
+    d_model: int = 1280
+    encoder_layers: int = 32
+    encoder_attention_heads: int = 20
+    encoder_ffn_dim: int = 5120
+    max_source_positions: int = 1500  # encoder frames after the stride-2 conv, 20 ms each
+    activation_function: str = "gelu"
+    layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm's default, which the reference uses
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.encoder_attention_heads:
+            raise ValueError(
+                f"audio_config: d_model {self.d_model} is not divisible by "
+                f"encoder_attention_heads {self.encoder_attention_heads}"
+            )
+        if self.activation_function != "gelu":
+            raise ValueError(f"audio_config: only activation_function 'gelu' is supported, got {self.activation_function!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.encoder_attention_heads
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The Qwen2 decoder (defaults: those of transformers' Qwen2Config)."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 22016
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"text_config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"text_config: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(f"text_config: only hidden_act 'silu' is supported, got {self.hidden_act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class Qwen2AudioConfig:
+    """The whole model: encoder, projector (audio d_model -> text hidden_size) and decoder."""
+
+    audio: EncoderConfig = field(default_factory=EncoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    audio_token_index: int = 151646
+    torch_dtype: str | None = None  # the dtype the weights were saved in, as the file says
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Qwen2AudioConfig":
+        model_type = raw.get("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"config.json has model_type {model_type!r}; expected {MODEL_TYPE!r} (a Qwen2-Audio checkpoint)")
+        text_raw = dict(raw.get("text_config") or {})
+        _reject_unsupported_text_options(text_raw)
+        # Older transformers wrote tie_word_embeddings only at the top level.
+        if "tie_word_embeddings" not in text_raw and "tie_word_embeddings" in raw and raw.get("text_config") is None:
+            text_raw["tie_word_embeddings"] = raw["tie_word_embeddings"]
+        return cls(
+            audio=_build(EncoderConfig, raw.get("audio_config") or {}),
+            text=_build(TextConfig, text_raw),
+            audio_token_index=int(raw.get("audio_token_index", raw.get("audio_token_id", 151646))),
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Qwen2AudioConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a checkpoint directory must contain {CONFIG_FILE}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); restore it from the original checkpoint") from err
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF ``config.json`` layout, loadable by transformers' Qwen2AudioConfig."""
+        audio = dataclasses.asdict(self.audio)
+        audio.pop("layer_norm_eps")  # not a field of the reference config; fixed at LayerNorm's default
+        audio["model_type"] = ENCODER_MODEL_TYPE
+        text = {k: v for k, v in dataclasses.asdict(self.text).items() if v is not None}
+        text["model_type"] = TEXT_MODEL_TYPE
+        out: dict[str, Any] = {
+            "architectures": [ARCHITECTURE],
+            "model_type": MODEL_TYPE,
+            "audio_config": audio,
+            "text_config": text,
+            "audio_token_index": self.audio_token_index,
+        }
+        if self.torch_dtype:
+            out["torch_dtype"] = self.torch_dtype
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _build(cls, raw: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def _reject_unsupported_text_options(text_raw: dict[str, Any]) -> None:
+    if text_raw.get("rope_scaling"):
+        raise ValueError(
+            f"text_config.rope_scaling {text_raw['rope_scaling']!r} is not supported: Qwen2-Audio uses plain RoPE. "
+            "Remove the field if the checkpoint was not trained with it."
+        )
+    if text_raw.get("use_sliding_window"):
+        raise ValueError("text_config.use_sliding_window is true; sliding-window attention is not supported")

@@ -1,0 +1,152 @@
+"""The Qwen2 decoder: RMSNorm, rotate-half RoPE, grouped-query attention with q/k/v bias, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, then cast back before the weight, as the reference does.
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin for integer positions (B, T) -> each (B, 1, T, head_dim), computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hs)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x (B, nh, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def causal_mask(n_cached: int, T: int, device) -> torch.Tensor:
+    """(1, 1, T, n_cached + T) boolean mask: new token t sees the cache and new tokens up to itself."""
+    q = torch.arange(T, device=device)[:, None] + n_cached
+    return (torch.arange(n_cached + T, device=device)[None, :] <= q)[None, None]
+
+
+def padded_causal_mask(key_valid: torch.Tensor, T: int) -> torch.Tensor:
+    """Mask for the last T of S positions, given which keys are real (B, S) -> (B, 1, T, S) boolean.
+
+    A query sees the real keys up to itself; a padding query also sees itself, so that no row of the
+    softmax is empty (its output is never used).
+    """
+    B, S = key_valid.shape
+    mask = causal_mask(S - T, T, key_valid.device) & key_valid.bool()[:, None, None, :]
+    diag = torch.arange(S, device=key_valid.device)[None, :] == (torch.arange(T, device=key_valid.device)[:, None] + S - T)
+    return mask | diag[None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hs, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hs, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hs, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.hs, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = cached + T
+        causal = mask is None and T > 1 and k.shape[2] == T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """Embeddings, decoder layers and the final norm (checkpoint prefix ``language_model.model``)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """The decoder with its LM head (checkpoint prefix ``language_model``)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        w = self.model.embed_tokens.weight
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim,
+                       dtype or w.dtype, device or w.device)
+
+    def hidden_states(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """embeds (B, T, hidden), positions (B, T) -> final-normed hidden states (B, T, hidden).
+
+        ``mask`` is a boolean (B, 1, T, S) "may attend" mask over the cached + new positions, or None for
+        plain causal attention over a prefix with no padding. With a cache, the new keys are written at
+        ``cache.length`` and the cache is advanced.
+        """
+        T = embeds.shape[1]
+        if mask is None and T > 1 and cache is not None and cache.length > 0:
+            mask = causal_mask(cache.length, T, embeds.device)  # a chunk appended to a cached prefix
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.advance(embeds.shape[1])
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,89 @@
+"""Qwen2-Audio assembled: audio encoder -> projector -> audio vectors placed at the <|AUDIO|> tokens of
+a Qwen2 decoder's input. Module names follow the checkpoint keys (audio_tower, multi_modal_projector,
+language_model), so a state dict loads without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Qwen2AudioConfig
+from .encoder import AudioEncoder, encoder_input_frames
+from .llm import Qwen2ForCausalLM, padded_causal_mask
+
+
+class MultiModalProjector(nn.Module):
+    """Linear(d_model -> hidden_size) from encoder vectors to the decoder's embedding space."""
+
+    def __init__(self, cfg: Qwen2AudioConfig):
+        super().__init__()
+        self.linear = nn.Linear(cfg.audio.d_model, cfg.text.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class Qwen2AudioModel(nn.Module):
+    def __init__(self, cfg: Qwen2AudioConfig):
+        super().__init__()
+        self.config = cfg
+        self.audio_tower = AudioEncoder(cfg.audio)
+        self.multi_modal_projector = MultiModalProjector(cfg)
+        self.language_model = Qwen2ForCausalLM(cfg.text)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.model.embed_tokens.weight.device
+
+    def encode_audio(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Log-mel windows (B, n_mels, T) and valid frames (B,) -> one (n_tokens_i, hidden) tensor per window."""
+        frame_lengths = frame_lengths.to(torch.long).cpu()
+        T = encoder_input_frames(int(frame_lengths.max()), self.audio_tower.max_mel_frames)
+        features = features[:, :, :T].to(self.device)
+        states, counts = self.audio_tower(features, frame_lengths)  # (B, N, d_model), (B,)
+        projected = self.multi_modal_projector(states)  # (B, N, hidden)
+        return [projected[i, : int(n)] for i, n in enumerate(counts)]
+
+    def embed(self, input_ids: torch.Tensor, audio_embeds: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, hidden) with the <|AUDIO|> positions replaced by audio vectors.
+
+        ``audio_embeds`` are taken in reading order (row by row, left to right); their total length
+        must equal the number of <|AUDIO|> tokens.
+        """
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        is_audio = input_ids == self.config.audio_token_index
+        n_slots = int(is_audio.sum())
+        n_vectors = sum(int(a.shape[0]) for a in audio_embeds or [])
+        if n_slots != n_vectors:
+            raise ValueError(
+                f"the prompt has {n_slots} <|AUDIO|> tokens but the audio gives {n_vectors} vectors: "
+                "expand each <|AUDIO|> placeholder to its clip's audio_token_count (qwen2audio.text.chat)"
+            )
+        if n_slots:
+            vectors = torch.cat(list(audio_embeds), dim=0).to(embeds.dtype)
+            embeds = embeds.masked_scatter(is_audio[..., None], vectors)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
+                frame_lengths: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence logits (B, T, vocab), no cache: for training and for checking against a reference.
+
+        input_ids (B, T) with expanded <|AUDIO|> runs; features (n_clips, n_mels, frames) and
+        frame_lengths (n_clips,) for the clips in reading order; attention_mask (B, T) 1 for real
+        tokens (left or right padding).
+        """
+        audio = self.encode_audio(features, frame_lengths) if features is not None else None
+        embeds = self.embed(input_ids, audio)
+        if attention_mask is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            mask = None
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = padded_causal_mask(attention_mask, input_ids.shape[1])
+        hidden = self.language_model.hidden_states(embeds, positions, mask)
+        return self.language_model.logits(hidden)

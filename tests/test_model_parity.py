@@ -1,0 +1,107 @@
+"""Our model against transformers' Qwen2AudioForConditionalGeneration on the same random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen2audio.audio.features import audio_token_count
+from qwen2audio.checkpoint import load_model, save_model
+from reference import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, CONFIGS, clip, hf_features, hf_model
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(reference model, our model loaded from the directory the reference saved)."""
+    ref = hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(path)
+    ours = load_model(path)
+    return request.param, ref, ours
+
+
+def prompt_ids(n_audio: list[int], text=(7, 8, 9)) -> list[int]:
+    ids = [1, 2, 3]
+    for n in n_audio:
+        ids += [AUDIO_BOS] + [AUDIO_TOKEN] * n + [AUDIO_EOS, 10]
+    return ids + list(text)
+
+
+def hf_encoder_states(ref, features, frame_mask):
+    """The reference's encoder output, masked as its forward() masks it."""
+    lengths = frame_mask.sum(-1)
+    feat_len = (lengths - 1) // 2 + 1
+    S = features.shape[-1] // 2
+    pad = torch.arange(S)[None, :] >= feat_len[:, None]
+    mask = torch.zeros(len(lengths), 1, S, S)
+    mask[pad[:, None, None, :].expand(-1, 1, S, S)] = float("-inf")
+    return ref.audio_tower(features, attention_mask=mask).last_hidden_state
+
+
+@torch.no_grad()
+def test_encoder_output_matches(pair):
+    name, ref, ours = pair
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    audios = [clip(s, i) for i, s in enumerate((1.7, 12.0, 30.0))]
+    feats, fmask = hf_features(audios, n_mels)
+    expected = hf_encoder_states(ref, feats, fmask)
+    got, counts = ours.audio_tower(feats, fmask.sum(-1))
+    assert counts.tolist() == [audio_token_count(int(n)) for n in fmask.sum(-1)] == [42, 300, 750]
+    for i, n in enumerate(counts.tolist()):
+        diff = (got[i, :n] - expected[i, :n]).abs().max().item()
+        assert diff < TOL, f"clip {i}: encoder max abs diff {diff}"
+    # Alone, each clip gives the same vectors as in the batch (its padding does not leak in).
+    single = ours.encode_audio(feats[:1], fmask[:1].sum(-1))[0]
+    batched = ours.encode_audio(feats, fmask.sum(-1))[0]
+    assert (single - batched).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_logits_match(pair):
+    name, ref, ours = pair
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    audios = [clip(2.3, 5)]
+    feats, fmask = hf_features(audios, n_mels)
+    ids = torch.tensor([prompt_ids([audio_token_count(int(fmask.sum()))])])
+    expected = ref(input_ids=ids, input_features=feats, feature_attention_mask=fmask,
+                   attention_mask=torch.ones_like(ids)).logits
+    got = ours(ids, feats, fmask.sum(-1))
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_batched_left_padded_logits_match(pair):
+    """Three clips of different lengths in one left-padded batch, as batched generation runs them."""
+    name, ref, ours = pair
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    audios = [clip(s, i) for i, s in enumerate((1.7, 12.0, 30.0))]
+    feats, fmask = hf_features(audios, n_mels)
+    rows = [prompt_ids([audio_token_count(int(n))], text=range(4 + i)) for i, n in enumerate(fmask.sum(-1))]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    expected = ref(input_ids=ids, input_features=feats, feature_attention_mask=fmask, attention_mask=attn).logits
+    got = ours(ids, feats, fmask.sum(-1), attention_mask=attn)
+    for i, r in enumerate(rows):
+        real = slice(width - len(r), width)
+        assert (got[i, real] - expected[i, real]).abs().max().item() < TOL
+        alone = ours(ids[i:i + 1, real], feats[i:i + 1], fmask[i:i + 1].sum(-1))
+        assert (alone[0] - got[i, real]).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_saved_by_us_loads_in_transformers(pair, tmp_path):
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    name, ref, ours = pair
+    save_model(ours, tmp_path, max_shard_bytes=200_000)  # force several shards and an index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    back = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path).eval()
+    for (k, a), (k2, b) in zip(sorted(ref.state_dict().items()), sorted(back.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    again = load_model(tmp_path)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
