@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-AUDIO_TOKEN = 250  # ids of the audio special tokens in the small test vocabulary
-AUDIO_BOS = 251
-AUDIO_EOS = 252
-VOCAB = 256
+from qwen2audio.text import build_byte_level_tokenizer
+
+TOKENIZER = build_byte_level_tokenizer()  # the small real tokenizer the test models speak
+AUDIO_TOKEN = TOKENIZER.audio_id
+AUDIO_BOS = TOKENIZER.audio_bos_id
+AUDIO_EOS = TOKENIZER.audio_eos_id
+VOCAB = TOKENIZER.vocab_size
 
 CONFIGS = {
     # 80 mel bins (Whisper tiny..medium), full multi-head attention, untied LM head

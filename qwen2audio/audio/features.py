@@ -1,0 +1,272 @@
+"""The Whisper audio front end: 16 kHz samples -> log-mel features, and every audio-length formula.
+
+This module is the one home of the arithmetic that turns a number of samples into a number of mel
+frames, encoder frames and audio tokens. Everything else (the encoder's masks, the chat template's
+placeholder expansion, the data collator) imports it from here.
+
+    30 s window = 480000 samples (16 kHz)
+                -> 3000 mel frames       (hop 160 samples = 10 ms)
+                -> 1500 encoder frames   (conv stride 2 = 20 ms)
+                ->  750 audio tokens     (avg-pool stride 2 = 40 ms, i.e. 25 tokens per second)
+
+Long audio: the model sees at most one 30 s window per clip. The reference implementation silently
+drops everything past 30 s; here `log_mel_spectrogram` refuses a clip longer than `N_SAMPLES`, and
+`split_into_windows` is the policy for long audio: a clip of n > 30 s samples is cut, without overlap
+and without dropping a single sample, into k = ceil(n / N_SAMPLES) consecutive windows of near-equal
+length (their lengths differ by at most one sample, each is at most 30 s). Splitting evenly instead of
+into full 30 s windows plus a remainder means there is never a tiny tail window: every window of a
+split clip is longer than half a window (> 15 s), so each one yields hundreds of audio tokens (a
+10 ms tail would have yielded 0). Each window is then an ordinary clip with its own features and
+its own audio tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import TypeVar, Union
+
+import numpy as np
+import torch
+
+
+def exact_div(x: int, y: int) -> int:
+    """x / y for a y that must divide x: a rounding error in a derived constant fails at import."""
+    assert x % y == 0, f"{x} is not a multiple of {y}"
+    return x // y
+
+
+# --- Sampling and the short-time Fourier transform -------------------------------------------------
+SAMPLE_RATE = 16000  # Hz
+N_FFT = 400  # samples per STFT window: 25 ms (Hann window of the same length)
+HOP_LENGTH = 160  # samples between consecutive frames: 10 ms
+N_FREQ_BINS = N_FFT // 2 + 1  # 201 one-sided FFT bins, 0 .. 8000 Hz in 40 Hz steps
+MEL_MIN_HZ = 0.0  # lowest mel filter edge
+MEL_MAX_HZ = SAMPLE_RATE / 2  # 8000.0 Hz: highest mel filter edge (Nyquist)
+
+# --- The 30 s window the model was trained on ------------------------------------------------------
+WINDOW_SECONDS = 30  # seconds of audio per window
+N_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # 480000 samples in a window
+N_FRAMES = exact_div(N_SAMPLES, HOP_LENGTH)  # 3000 mel frames in a window (10 ms each)
+FRAMES_PER_SECOND = exact_div(SAMPLE_RATE, HOP_LENGTH)  # 100 mel frames per second
+
+# --- Log-mel compression ----------------------------------------------------------------------------
+LOG_MEL_FLOOR = 1e-10  # mel power floor before log10: -10 on the log10 scale
+DYNAMIC_RANGE = 8.0  # log10 units kept below each clip's loudest value (80 dB)
+LOG_MEL_OFFSET = 4.0  # (log10 + 4) / 4 maps the usual range to about [-1, 1]
+LOG_MEL_SCALE = 4.0
+
+# --- Encoder strides: mel frames -> encoder frames -> audio tokens -------------------------------
+CONV_KERNEL = 3  # the encoder's second conv: kernel 3, padding 1, stride 2
+CONV_PADDING = 1
+CONV_STRIDE = 2
+POOL_KERNEL = 2  # average pooling after the encoder: kernel 2, stride 2
+POOL_STRIDE = 2
+
+IntOrTensor = TypeVar("IntOrTensor", int, torch.Tensor)
+
+
+def _check_lengths(n: Union[int, torch.Tensor], what: str) -> None:
+    if isinstance(n, torch.Tensor):
+        if n.dtype.is_floating_point or n.dtype.is_complex or n.dtype == torch.bool:
+            raise TypeError(f"{what} must be an integer tensor, got dtype {n.dtype}")
+        if n.numel() and int(n.min()) < 0:
+            raise ValueError(f"{what} must be >= 0, got a minimum of {int(n.min())}")
+    elif isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+        if n < 0:
+            raise ValueError(f"{what} must be >= 0, got {n}")
+    else:
+        raise TypeError(f"{what} must be an int or an integer tensor, got {type(n).__name__}")
+
+
+def num_valid_frames(n_samples: IntOrTensor) -> IntOrTensor:
+    """Mel frames that hold real audio for a clip of `n_samples` samples at 16 kHz.
+
+    ceil(n_samples / HOP_LENGTH), capped at N_FRAMES: a frame counts when its first sample (frame i
+    starts at sample i * HOP_LENGTH) lies inside the clip. This is what the reference feature
+    extractor's attention mask sums to. 1 s -> 100 frames, 30 s -> 3000. Works on ints and
+    elementwise on integer tensors.
+    """
+    _check_lengths(n_samples, "n_samples")
+    n_frames = (n_samples + HOP_LENGTH - 1) // HOP_LENGTH  # ceil
+    return n_frames.clamp(max=N_FRAMES) if isinstance(n_samples, torch.Tensor) else min(int(n_frames), N_FRAMES)
+
+
+def encoder_frame_count(n_frames: IntOrTensor) -> IntOrTensor:
+    """Encoder frames (20 ms each) for `n_frames` mel frames: the stride-2 conv, (n - 1) // 2 + 1.
+
+    Works on ints and elementwise on integer tensors. 3000 mel frames -> 1500 encoder frames.
+    """
+    _check_lengths(n_frames, "n_frames")
+    return (n_frames + 2 * CONV_PADDING - CONV_KERNEL) // CONV_STRIDE + 1  # (n - 1) // 2 + 1
+
+
+def audio_token_count(n_frames: IntOrTensor) -> IntOrTensor:
+    """Audio tokens (40 ms each) for `n_frames` valid mel frames: the one audio-token formula.
+
+    encoder frames e = (n - 1) // 2 + 1, then the stride-2 average pool: (e - 2) // 2 + 1.
+    That is 25 tokens per second of audio and 750 for a full 30 s window (3000 frames); a clip of
+    at most 2 frames (<= 20 ms) gets 0 tokens. Works on ints and elementwise on integer tensors
+    (e.g. `frame_mask.sum(-1)`).
+    """
+    n_encoder_frames = encoder_frame_count(n_frames)
+    return (n_encoder_frames - POOL_KERNEL) // POOL_STRIDE + 1  # (e - 2) // 2 + 1
+
+
+N_ENCODER_FRAMES = encoder_frame_count(N_FRAMES)  # 1500 encoder frames per window (20 ms each)
+N_AUDIO_TOKENS_PER_WINDOW = audio_token_count(N_FRAMES)  # 750 audio tokens per window (40 ms each)
+AUDIO_TOKENS_PER_SECOND = exact_div(N_AUDIO_TOKENS_PER_WINDOW, WINDOW_SECONDS)  # 25 tokens per second
+assert (N_ENCODER_FRAMES, N_AUDIO_TOKENS_PER_WINDOW) == (1500, 750)
+
+
+# --- Mel filters ------------------------------------------------------------------------------------
+SLANEY_LINEAR_HZ_PER_MEL = 200.0 / 3  # below 1 kHz the slaney scale is linear: 66.7 Hz per mel
+SLANEY_LOG_START_HZ = 1000.0  # above 1 kHz it is logarithmic ...
+SLANEY_LOG_START_MEL = SLANEY_LOG_START_HZ / SLANEY_LINEAR_HZ_PER_MEL  # 15 mels at 1 kHz
+SLANEY_MELS_PER_LOG_HZ = 27.0 / np.log(6.4)  # ... at 27 mels per factor of 6.4 in frequency
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney (Auditory Toolbox / librosa default) mel scale; float64 in and out."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / SLANEY_LINEAR_HZ_PER_MEL
+    log_ratio = np.log(np.maximum(hz, SLANEY_LOG_START_HZ) / SLANEY_LOG_START_HZ)  # 0 below 1 kHz
+    return np.where(hz >= SLANEY_LOG_START_HZ, SLANEY_LOG_START_MEL + log_ratio * SLANEY_MELS_PER_LOG_HZ, linear)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    """Inverse of `_hz_to_mel`."""
+    mel = np.asarray(mel, dtype=np.float64)
+    linear = mel * SLANEY_LINEAR_HZ_PER_MEL
+    log_mels = np.maximum(mel, SLANEY_LOG_START_MEL) - SLANEY_LOG_START_MEL  # 0 below 15 mels
+    log = SLANEY_LOG_START_HZ * np.exp(log_mels / SLANEY_MELS_PER_LOG_HZ)
+    return np.where(mel >= SLANEY_LOG_START_MEL, log, linear)
+
+
+@lru_cache(maxsize=None)
+def _mel_filters_numpy(n_mels: int) -> np.ndarray:
+    """(n_mels, N_FREQ_BINS) float64 slaney-normalised triangular filters (computed once per size).
+
+    Written out here rather than taken from librosa (a heavy dependency for 15 lines); it matches
+    `librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels)` and transformers' `mel_filter_bank`.
+    """
+    fft_hz = np.linspace(0, SAMPLE_RATE // 2, N_FREQ_BINS)  # (201,) bin centre frequencies
+    # n_mels + 2 edges equally spaced in mel: filter m rises from edge m, peaks at m + 1, falls at m + 2
+    edge_hz = _mel_to_hz(np.linspace(_hz_to_mel(MEL_MIN_HZ), _hz_to_mel(MEL_MAX_HZ), n_mels + 2))
+    edge_gap = np.diff(edge_hz)  # (n_mels + 1,)
+    slopes = edge_hz[None, :] - fft_hz[:, None]  # (201, n_mels + 2)
+    rising = -slopes[:, :-2] / edge_gap[:-1]  # (201, n_mels)
+    falling = slopes[:, 2:] / edge_gap[1:]  # (201, n_mels)
+    weights = np.maximum(0.0, np.minimum(rising, falling))  # (201, n_mels)
+    weights *= 2.0 / (edge_hz[2:] - edge_hz[:-2])  # slaney norm: each filter has unit area in Hz
+    return weights.T  # (n_mels, 201)
+
+
+@lru_cache(maxsize=None)
+def mel_filters(n_mels: int, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """The (n_mels, N_FFT // 2 + 1) float32 mel filter bank: slaney scale and norm, 0 .. 8000 Hz.
+
+    Cached per (n_mels, device); treat the result as read-only. 128 bins for Qwen2-Audio, 80 for the
+    smaller Whisper models.
+    """
+    if not isinstance(n_mels, int) or isinstance(n_mels, bool) or n_mels < 1:
+        raise ValueError(f"n_mels must be a positive int (128 for Qwen2-Audio, 80 for Whisper), got {n_mels!r}")
+    filters = torch.from_numpy(_mel_filters_numpy(n_mels).astype(np.float32))  # (n_mels, 201)
+    return filters.to(device) if device is not None else filters
+
+
+# --- Log-mel spectrogram ----------------------------------------------------------------------------
+def _as_clip(audio, index: int) -> torch.Tensor:
+    """One clip as a 1-D float32 CPU-or-device tensor, with the checks `log_mel_spectrogram` promises."""
+    where = f"audio clip {index}"
+    if isinstance(audio, np.ndarray):
+        if not (np.issubdtype(audio.dtype, np.floating)):
+            raise ValueError(
+                f"{where}: expected float samples in [-1, 1], got dtype {audio.dtype}; "
+                "decode files and integer PCM with qwen2audio.audio.load_audio"
+            )
+        audio = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    elif isinstance(audio, torch.Tensor):
+        if not audio.dtype.is_floating_point:
+            raise ValueError(
+                f"{where}: expected float samples in [-1, 1], got dtype {audio.dtype}; "
+                "decode files and integer PCM with qwen2audio.audio.load_audio"
+            )
+        audio = audio.detach().to(torch.float32)
+    else:
+        raise TypeError(f"{where}: expected a 1-D numpy array or torch tensor, got {type(audio).__name__}")
+    if audio.ndim != 1:
+        raise ValueError(f"{where}: expected 1-D mono samples, got shape {tuple(audio.shape)}")
+    n = audio.shape[0]
+    if n == 0:
+        raise ValueError(f"{where} is empty (0 samples); every clip needs at least one sample")
+    if n > N_SAMPLES:
+        raise ValueError(
+            f"{where} has {n} samples ({n / SAMPLE_RATE:.2f} s), more than one {WINDOW_SECONDS} s window "
+            f"({N_SAMPLES} samples); split it first with qwen2audio.audio.split_into_windows"
+        )
+    if not bool(torch.isfinite(audio).all()):
+        raise ValueError(f"{where} contains NaN or infinite samples")
+    return audio
+
+
+def log_mel_spectrogram(
+    audios: Sequence, n_mels: int = 128, device: Union[str, torch.device, None] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whisper log-mel features for a batch of mono 16 kHz clips, each at most 30 s long.
+
+    audios: a sequence (list, tuple, or a 2-D array/tensor of rows) of 1-D float clips at 16 kHz.
+    Returns
+        features   (B, n_mels, N_FRAMES) float32, about [-1, 1]
+        frame_mask (B, N_FRAMES) int64: 1 for the first num_valid_frames(len(clip)) frames, else 0
+    Each clip is zero-padded to 30 s, then: centred STFT (periodic Hann, reflect padding) -> drop the
+    last frame -> power -> mel -> log10 -> floor at the clip's own max - 8 -> (x + 4) / 4.
+    Matches transformers' WhisperFeatureExtractor (padding="max_length") to float32 rounding.
+    """
+    if isinstance(audios, (np.ndarray, torch.Tensor)) and audios.ndim == 1:
+        raise TypeError("log_mel_spectrogram takes a batch: pass a list of clips, e.g. log_mel_spectrogram([audio])")
+    clips = [_as_clip(audio, i) for i, audio in enumerate(audios)]
+    if not clips:
+        raise ValueError("log_mel_spectrogram got an empty batch; pass at least one clip")
+
+    batch = torch.zeros(len(clips), N_SAMPLES, dtype=torch.float32, device=device)  # (B, 480000)
+    for row, clip in zip(batch, clips):
+        row[: clip.shape[0]] = clip
+
+    filters = mel_filters(n_mels, batch.device)  # (n_mels, 201)
+    window = torch.hann_window(N_FFT, device=batch.device)  # periodic
+    stft = torch.stft(batch, N_FFT, HOP_LENGTH, window=window, return_complex=True)  # (B, 201, 3001)
+    power = stft[..., :-1].abs() ** 2  # (B, 201, 3000): the last frame only sees padding
+    mel = filters @ power  # (B, n_mels, 3000)
+
+    log_mel = torch.clamp(mel, min=LOG_MEL_FLOOR).log10()  # (B, n_mels, 3000)
+    clip_max = log_mel.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1): per clip, over the padded 30 s
+    log_mel = torch.maximum(log_mel, clip_max - DYNAMIC_RANGE)
+    features = (log_mel + LOG_MEL_OFFSET) / LOG_MEL_SCALE  # (B, n_mels, 3000)
+
+    n_valid = torch.tensor([num_valid_frames(clip.shape[0]) for clip in clips], device=batch.device)  # (B,)
+    frame_index = torch.arange(N_FRAMES, device=batch.device)  # (3000,)
+    frame_mask = (frame_index[None, :] < n_valid[:, None]).long()  # (B, 3000)
+    return features, frame_mask
+
+
+# --- Long audio ------------------------------------------------------------------------------------
+def split_into_windows(audio, window_samples: int = N_SAMPLES) -> list[np.ndarray]:
+    """Split a 1-D clip into ceil(n / window_samples) consecutive windows of near-equal length.
+
+    No overlap and nothing dropped: the windows concatenate back to `audio` exactly. Lengths differ
+    by at most one sample and each is <= window_samples, so a clip of up to 30 s stays whole, 30.01 s
+    becomes two windows of 15.005 s, and 75 s becomes three of 25 s. Returns numpy views of the input
+    (a torch tensor is moved to the CPU first).
+    """
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"split_into_windows expects 1-D mono samples, got shape {audio.shape}")
+    if audio.shape[0] == 0:
+        raise ValueError("split_into_windows got an empty clip (0 samples)")
+    if not isinstance(window_samples, int) or window_samples < 1:
+        raise ValueError(f"window_samples must be a positive int, got {window_samples!r}")
+    n_windows = -(-audio.shape[0] // window_samples)  # ceil
+    return np.array_split(audio, n_windows)

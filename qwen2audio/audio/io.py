@@ -1,0 +1,233 @@
+"""Decode whatever audio a user has into the one form the model reads: float32 mono 16 kHz samples.
+
+    load_audio("speech.mp3")                      # a path (str or pathlib.Path)
+    load_audio(request_body, name="upload.webm")  # the raw bytes of a file
+    load_audio(open("speech.flac", "rb"))         # a binary file object
+    load_audio(samples, sample_rate=44100)        # samples already in memory (numpy or torch)
+
+Files are decoded by libsndfile (soundfile: wav, flac, ogg/vorbis, ogg/opus, mp3 and the other
+formats it lists) and, when it cannot read them, by FFmpeg through PyAV (m4a/aac, mp4, webm/opus as
+recorded by a browser's MediaRecorder, ...). Integer PCM is scaled to [-1, 1), channels are averaged
+to mono, and the rate is converted to 16 kHz with soxr's high-quality polyphase resampler (a real
+anti-aliasing filter; linear interpolation would fold everything above 8 kHz back into the speech
+band). Every failure raises `AudioError`, naming the source, the problem and what to do about it.
+
+This module depends on numpy, soundfile, soxr and av only (torch just to accept tensors): the
+dependency direction is audio -> model, never back.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Union
+
+import av
+import numpy as np
+import soundfile
+import soxr
+import torch
+
+from qwen2audio.audio.features import SAMPLE_RATE
+
+SUPPORTED_FORMATS = (
+    "wav, flac, ogg (vorbis or opus) and mp3 through libsndfile, and m4a/aac, mp4, webm/opus and "
+    "other FFmpeg-readable audio through PyAV"
+)
+MAX_CHANNELS = 8  # a 2-D array with more "channels" than this is almost surely a batch of clips
+RESAMPLE_QUALITY = "HQ"  # soxr high quality: 20-bit precision, passband flat to 91 % of Nyquist
+CONVERT_HINT = "convert it to 16-bit wav, e.g. `ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav`"
+
+AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray, torch.Tensor]
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: the message names the source, the problem and what to do."""
+
+
+def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str | None = None) -> np.ndarray:
+    """Decode `source` into a (n,) float32 numpy array of mono samples at 16 kHz, roughly in [-1, 1].
+
+    source: a path, the bytes of an encoded file, a binary file object with .read(), or samples in a
+        numpy array / torch tensor. Arrays may be (n,), (n, channels) or (channels, n): a 2-D array
+        whose first dimension is <= 8 and smaller than its second is read as channels-first, any other
+        2-D array as (n, channels). Integer arrays are PCM and scaled to [-1, 1); float arrays are used
+        as they are.
+    sample_rate: the rate of an array of samples in Hz (required for arrays). Encoded files carry
+        their own rate, so passing one with a file is an error.
+    name: what to call the source in error messages (e.g. the uploaded file's name), instead of the
+        path, "<bytes: N bytes>" or "<array>".
+    """
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        label = name or "<array>"
+        if sample_rate is None:
+            raise AudioError(
+                f"{label}: an array of samples needs its sample rate; call load_audio(samples, sample_rate=...)"
+            )
+        rate = _check_sample_rate(sample_rate, label)
+        samples = _array_to_frames(source, label)  # (n, channels)
+    else:
+        label = name or _describe(source)
+        if sample_rate is not None:
+            raise AudioError(
+                f"{label}: sample_rate is only for arrays of samples; an encoded file carries its own rate, "
+                "so call load_audio without it"
+            )
+        samples, rate = _decode(source, label)  # (n, channels)
+
+    if samples.size == 0:  # no samples, or no channels
+        raise AudioError(f"{label}: the audio is empty (0 samples); pass a recording with some sound in it")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{label}: the audio contains NaN or infinite samples; check how it was produced")
+
+    mono = np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32))  # (n,) average of the channels
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)  # (n * 16000 / rate,)
+    if mono.shape[0] == 0:
+        raise AudioError(f"{label}: the audio is too short to hold a single sample at {SAMPLE_RATE} Hz")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# --- Arrays -------------------------------------------------------------------------------------------
+def _check_sample_rate(sample_rate, label: str) -> float:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)):
+        raise AudioError(f"{label}: sample_rate must be a number of Hz, got {type(sample_rate).__name__}")
+    if not np.isfinite(sample_rate) or sample_rate <= 0:
+        raise AudioError(f"{label}: sample_rate must be a positive number of Hz, got {sample_rate}")
+    return int(sample_rate) if float(sample_rate).is_integer() else float(sample_rate)
+
+
+def _array_to_frames(array, label: str) -> np.ndarray:
+    """Samples in memory -> (n, channels) float32, integer PCM scaled to [-1, 1)."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if array.dtype.is_floating_point and array.dtype != torch.float64:
+            array = array.float()  # numpy has no bfloat16
+        array = array.numpy()
+    if array.ndim not in (1, 2):
+        raise AudioError(
+            f"{label}: expected samples shaped (n,), (n, channels) or (channels, n), got shape {array.shape}"
+        )
+    samples = _to_float32(array, label)
+    if samples.ndim == 1:
+        return samples[:, None]  # (n, 1)
+    rows, cols = samples.shape
+    if rows <= MAX_CHANNELS and rows < cols:
+        samples = samples.T  # (channels, n) -> (n, channels)
+    if samples.shape[1] > MAX_CHANNELS:
+        raise AudioError(
+            f"{label}: a 2-D array of shape {array.shape} does not look like (n, channels) or (channels, n) "
+            f"with at most {MAX_CHANNELS} channels; pass one clip at a time"
+        )
+    return samples
+
+
+def _to_float32(array: np.ndarray, label: str) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32, copy=False)
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        full_scale = 2.0 ** (info.bits - 1)  # 32768 for int16
+        offset = 0.0 if info.min < 0 else full_scale  # unsigned PCM (uint8 wav) is centred on 128
+        return ((array.astype(np.float64) - offset) / full_scale).astype(np.float32)
+    raise AudioError(
+        f"{label}: samples must be real floats or integer PCM, got dtype {array.dtype}; "
+        "pass real-valued audio samples"
+    )
+
+
+# --- Encoded files --------------------------------------------------------------------------------------
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<bytes: {memoryview(source).nbytes} bytes>"
+    file_name = getattr(source, "name", None)
+    if isinstance(file_name, str):
+        return file_name
+    return f"<{type(source).__name__}>"
+
+
+def _decode(source, label: str) -> tuple[np.ndarray, int]:
+    """Encoded audio -> ((n, channels) float32, sample rate in Hz)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise AudioError(f"{label}: the file does not exist; check the path")
+        if not path.is_file():
+            raise AudioError(f"{label}: is not a regular file (a directory?); pass the path of an audio file")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{label}: the file is empty (0 bytes); pass a recording with some sound in it")
+        return _decode_with_fallback(lambda: str(path), label)
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif hasattr(source, "read"):
+        data = source.read()
+        if isinstance(data, str):
+            raise AudioError(f"{label}: the file object is open in text mode; open it with mode 'rb'")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise AudioError(f"{label}: .read() returned {type(data).__name__}, not bytes")
+        data = bytes(data)
+    else:
+        raise AudioError(
+            f"{label}: cannot read audio from {type(source).__name__!r} objects; pass a path, bytes, a binary "
+            "file object, or a numpy array / torch tensor of samples with its sample_rate"
+        )
+    if not data:
+        raise AudioError(f"{label}: the data is empty (0 bytes); pass a recording with some sound in it")
+    return _decode_with_fallback(lambda: io.BytesIO(data), label)
+
+
+class _NoAudioStream(Exception):
+    """A container that FFmpeg opened but that holds no audio (e.g. a silent video)."""
+
+
+def _read_with_soundfile(file) -> tuple[np.ndarray, int]:
+    samples, rate = soundfile.read(file, dtype="float32", always_2d=True)  # (n, channels), PCM scaled
+    return samples, rate
+
+
+def _read_with_pyav(file) -> tuple[np.ndarray, int]:
+    with av.open(file, mode="r") as container:
+        if not container.streams.audio:
+            raise _NoAudioStream()
+        stream = container.streams.audio[0]
+        to_planar_float = av.AudioResampler(format="fltp")  # keeps the layout and the rate
+        chunks, rate = [], None
+        for frame in container.decode(stream):
+            rate = rate or frame.sample_rate
+            chunks += [out.to_ndarray() for out in to_planar_float.resample(frame)]  # (channels, n) each
+        if rate is not None:
+            chunks += [out.to_ndarray() for out in to_planar_float.resample(None)]  # flush
+    if not chunks:
+        return np.zeros((0, 1), dtype=np.float32), rate or SAMPLE_RATE
+    return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), rate  # (n, channels)
+
+
+# libsndfile first (exact, light, the common formats), FFmpeg for everything it cannot read.
+DECODERS = (("libsndfile", _read_with_soundfile), ("ffmpeg", _read_with_pyav))
+
+
+def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.ndarray, int]:
+    """Try each decoder on a fresh handle; one that decodes zero samples counts as failing too."""
+    failures = []
+    for decoder_name, read in DECODERS:
+        try:
+            samples, rate = read(open_file())
+        except _NoAudioStream:
+            raise AudioError(f"{label}: the file holds no audio stream; pass a file with sound in it") from None
+        except Exception as exc:  # any failure inside a decoder means "not readable by this one"
+            failures.append(f"{decoder_name}: {exc}")
+            continue
+        if samples.size > 0:
+            return samples, rate
+        failures.append(f"{decoder_name}: no samples")
+    if all(failure.endswith(": no samples") for failure in failures):
+        raise AudioError(f"{label}: the audio is empty (0 samples); pass a recording with some sound in it")
+    raise AudioError(
+        f"{label}: cannot decode the audio; it is corrupt or in an unsupported format. "
+        f"Supported formats: {SUPPORTED_FORMATS}. Otherwise {CONVERT_HINT}. "
+        f"(Decoder errors: {'; '.join(failures)})"
+    )

@@ -1,0 +1,263 @@
+"""load_audio: every format a user may have decodes to float32 mono 16 kHz, and bad input fails clearly.
+
+All fixtures are generated here: a 1.5 s, 440 Hz stereo sine is written in each format (libsndfile for
+wav/flac/ogg/mp3, PyAV for m4a/aac and webm/opus) and must come back with the right length, pitch and
+level from a path, from bytes and from a file object.
+"""
+
+import io
+import re
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from qwen2audio.audio import SAMPLE_RATE, AudioError, load_audio
+from qwen2audio.audio.io import SUPPORTED_FORMATS
+
+TONE_HZ = 440.0
+TONE_SECONDS = 1.5
+TONE_AMPLITUDE = 0.5
+TONE_RMS = TONE_AMPLITUDE / np.sqrt(2)  # 0.354
+EXPECTED_SAMPLES = int(TONE_SECONDS * SAMPLE_RATE)  # 24000 samples at 16 kHz
+
+
+def sine(freq_hz: float, seconds: float, rate: int, channels: int = 2, amplitude: float = TONE_AMPLITUDE) -> np.ndarray:
+    """(n, channels) float32 sine, the same in every channel."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    wave = (amplitude * np.sin(2 * np.pi * freq_hz * t)).astype(np.float32)
+    return np.repeat(wave[:, None], channels, axis=1)
+
+
+def dominant_hz(samples: np.ndarray, rate: int = SAMPLE_RATE) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.argmax(spectrum) * rate / len(samples))
+
+
+def rms(samples: np.ndarray) -> float:
+    middle = samples[len(samples) // 10 : -len(samples) // 10]  # skip codec onsets and tails
+    return float(np.sqrt(np.mean(middle.astype(np.float64) ** 2)))
+
+
+def encode_with_pyav(samples: np.ndarray, rate: int, container: str, codec: str, codec_rate: int) -> bytes:
+    """(n, 2) float32 -> the bytes of a file encoded by FFmpeg (PyAV resamples to the codec's rate)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as output:
+        stream = output.add_stream(codec, rate=codec_rate, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.T), format="fltp", layout="stereo")
+        frame.sample_rate = rate
+        frame.pts = 0  # with timestamps the muxer records the encoder delay (mp4 edit list) for trimming
+        frame.time_base = Fraction(1, rate)
+        for packet in stream.encode(frame):
+            output.mux(packet)
+        for packet in stream.encode(None):
+            output.mux(packet)
+    return buffer.getvalue()
+
+
+# name -> (how to write it, the rate it is written at)
+SOUNDFILE_FORMATS = {
+    "int16.wav": (dict(format="WAV", subtype="PCM_16"), 44100),
+    "float32.wav": (dict(format="WAV", subtype="FLOAT"), 44100),
+    "clip.flac": (dict(format="FLAC", subtype="PCM_16"), 44100),
+    "vorbis.ogg": (dict(format="OGG", subtype="VORBIS"), 44100),
+    "opus.ogg": (dict(format="OGG", subtype="OPUS"), 48000),  # Opus only runs at 8/12/16/24/48 kHz
+    "clip.mp3": (dict(format="MP3", subtype="MPEG_LAYER_III"), 44100),
+}
+PYAV_FORMATS = {
+    "clip.m4a": ("ipod", "aac", 44100),
+    "browser.webm": ("webm", "libopus", 48000),  # what a browser's MediaRecorder produces
+}
+
+
+@pytest.fixture(scope="module")
+def encoded_files(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("encoded")
+    paths = {}
+    for name, (options, rate) in SOUNDFILE_FORMATS.items():
+        paths[name] = folder / name
+        soundfile.write(paths[name], sine(TONE_HZ, TONE_SECONDS, rate), rate, **options)
+    for name, (container, codec, codec_rate) in PYAV_FORMATS.items():
+        paths[name] = folder / name
+        samples = sine(TONE_HZ, TONE_SECONDS, 44100)
+        paths[name].write_bytes(encode_with_pyav(samples, 44100, container, codec, codec_rate))
+    return paths
+
+
+def assert_is_the_tone(samples: np.ndarray) -> None:
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    assert abs(len(samples) - EXPECTED_SAMPLES) <= 0.01 * EXPECTED_SAMPLES, len(samples)
+    assert abs(dominant_hz(samples) - TONE_HZ) < 2.0
+    assert rms(samples) == pytest.approx(TONE_RMS, rel=0.05)
+
+
+@pytest.mark.parametrize("name", [*SOUNDFILE_FORMATS, *PYAV_FORMATS])
+def test_every_format_decodes_from_path_bytes_and_file_object(encoded_files, name):
+    path = encoded_files[name]
+    from_path = load_audio(path)
+    assert_is_the_tone(from_path)
+    assert_is_the_tone(load_audio(str(path)))
+    assert_is_the_tone(load_audio(path.read_bytes()))
+    assert_is_the_tone(load_audio(bytearray(path.read_bytes())))
+    with open(path, "rb") as file:
+        assert_is_the_tone(load_audio(file))
+    assert_is_the_tone(load_audio(io.BytesIO(path.read_bytes())))
+
+
+def test_lossless_formats_are_exact_up_to_resampling(encoded_files):
+    wav = load_audio(encoded_files["float32.wav"])
+    flac = load_audio(encoded_files["clip.flac"])
+    expected = load_audio(sine(TONE_HZ, TONE_SECONDS, 44100), sample_rate=44100)
+    np.testing.assert_allclose(wav, expected, atol=1e-6)
+    np.testing.assert_allclose(flac, expected, atol=1e-4)  # 16-bit quantisation
+
+
+# --- The resampler --------------------------------------------------------------------------------------
+def test_resampler_keeps_a_tone_below_8khz():
+    tone = sine(7000.0, 1.0, 44100, channels=1)[:, 0]
+    out = load_audio(tone, sample_rate=44100)
+    assert len(out) == SAMPLE_RATE
+    assert abs(dominant_hz(out) - 7000.0) < 2.0
+    assert rms(out) == pytest.approx(rms(tone), rel=0.02)
+
+
+def test_resampler_removes_a_tone_above_8khz_instead_of_aliasing_it():
+    tone = sine(10000.0, 1.0, 44100, channels=1)[:, 0]  # would alias to 6 kHz without a low-pass filter
+    out = load_audio(tone, sample_rate=44100)
+    attenuation_db = 20 * np.log10(rms(out) / rms(tone))
+    assert attenuation_db < -40.0
+
+
+def test_16khz_input_is_passed_through_unchanged():
+    samples = np.random.default_rng(0).uniform(-1, 1, 16000).astype(np.float32)
+    np.testing.assert_array_equal(load_audio(samples, sample_rate=SAMPLE_RATE), samples)
+
+
+# --- Arrays -------------------------------------------------------------------------------------------
+def test_array_layouts_are_mixed_to_the_same_mono_signal():
+    stereo = sine(TONE_HZ, TONE_SECONDS, 44100)  # (n, 2)
+    stereo[:, 1] *= 0.5  # different channels, so averaging is visible
+    expected = load_audio(stereo.mean(axis=1), sample_rate=44100)
+    assert_is_the_tone(load_audio(stereo.mean(axis=1) * 4 / 3, sample_rate=44100))
+    np.testing.assert_allclose(load_audio(stereo, sample_rate=44100), expected, atol=1e-6)  # (n, channels)
+    np.testing.assert_allclose(load_audio(stereo.T.copy(), sample_rate=44100), expected, atol=1e-6)  # (channels, n)
+    np.testing.assert_allclose(load_audio(torch.from_numpy(stereo), sample_rate=44100), expected, atol=1e-6)
+    np.testing.assert_allclose(load_audio(torch.from_numpy(stereo.T.copy()), sample_rate=44100.0), expected, atol=1e-6)
+
+
+def test_integer_pcm_arrays_are_scaled_to_unit_range():
+    pcm = np.array([0, 16384, -32768, 32767], dtype=np.int16)
+    np.testing.assert_allclose(load_audio(pcm, sample_rate=SAMPLE_RATE), [0.0, 0.5, -1.0, 32767 / 32768])
+    assert load_audio(np.array([128, 255, 0], dtype=np.uint8), sample_rate=SAMPLE_RATE)[0] == 0.0
+
+
+def test_array_without_sample_rate_is_refused():
+    with pytest.raises(AudioError, match=r"<array>.*sample_rate"):
+        load_audio(np.zeros(16000, dtype=np.float32))
+
+
+@pytest.mark.parametrize("rate", [0, -16000, float("nan")])
+def test_bad_sample_rate_is_refused(rate):
+    with pytest.raises(AudioError, match="sample_rate"):
+        load_audio(np.zeros(16000, dtype=np.float32), sample_rate=rate)
+
+
+def test_sample_rate_with_an_encoded_file_is_refused(encoded_files):
+    with pytest.raises(AudioError, match=r"int16\.wav.*own rate"):
+        load_audio(encoded_files["int16.wav"], sample_rate=44100)
+
+
+@pytest.mark.parametrize(
+    "samples, problem",
+    [
+        (np.full(1000, np.nan, dtype=np.float32), "NaN or infinite"),
+        (np.array([0.0, np.inf, 0.1], dtype=np.float32), "NaN or infinite"),
+        (np.zeros(0, dtype=np.float32), "empty"),
+        (np.zeros((2, 0), dtype=np.float32), "empty"),
+        (np.zeros(100, dtype=np.complex64), "dtype complex64"),
+        (np.zeros(100, dtype=bool), "dtype bool"),
+        (np.zeros((2, 2, 100), dtype=np.float32), r"shape \(2, 2, 100\)"),
+        (np.zeros((20, 16000), dtype=np.float32), "at most 8 channels"),
+    ],
+)
+def test_bad_arrays_raise_audio_error(samples, problem):
+    with pytest.raises(AudioError, match=rf"<array>.*{problem}"):
+        load_audio(samples, sample_rate=SAMPLE_RATE)
+    with pytest.raises(AudioError, match=rf"my_clip.*{problem}"):
+        load_audio(samples, sample_rate=SAMPLE_RATE, name="my_clip")
+
+
+# --- Bad files ----------------------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere.wav"
+    with pytest.raises(AudioError, match=r"nowhere\.wav.*does not exist"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("name", ["corrupt.wav", "corrupt.mp3"])
+def test_corrupt_file_names_the_file_and_the_supported_formats(tmp_path, name):
+    path = tmp_path / name
+    data = np.random.default_rng(1).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    with pytest.raises(AudioError, match=re.escape(name) + ": cannot decode") as error:
+        load_audio(path)
+    assert SUPPORTED_FORMATS in str(error.value)
+    with pytest.raises(AudioError, match=r"<bytes: 20000 bytes>: cannot decode"):
+        load_audio(data)
+    with pytest.raises(AudioError, match=r"upload\.bin: cannot decode"):
+        load_audio(data, name="upload.bin")
+
+
+def test_zero_length_wav(tmp_path):
+    path = tmp_path / "silence.wav"
+    soundfile.write(path, np.zeros((0, 2), dtype=np.float32), 16000, subtype="PCM_16")
+    with pytest.raises(AudioError, match=r"silence\.wav.*empty \(0 samples\)"):
+        load_audio(path)
+    with pytest.raises(AudioError, match=r"bytes.*empty \(0 samples\)"):
+        load_audio(path.read_bytes())
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "nothing.flac"
+    path.write_bytes(b"")
+    with pytest.raises(AudioError, match=r"nothing\.flac.*empty \(0 bytes\)"):
+        load_audio(path)
+    with pytest.raises(AudioError, match=r"<bytes: 0 bytes>.*empty"):
+        load_audio(b"")
+
+
+def test_float_wav_with_nan_samples(tmp_path):
+    path = tmp_path / "broken.wav"
+    samples = sine(TONE_HZ, 0.1, 16000, channels=1)
+    samples[100] = np.nan
+    soundfile.write(path, samples, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"broken\.wav.*NaN"):
+        load_audio(path)
+
+
+def test_text_mode_file_and_unknown_source_types(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with open(path) as text_file, pytest.raises(AudioError, match="mode 'rb'"):
+        load_audio(text_file)
+    with pytest.raises(AudioError, match="cannot read audio from 'int' objects"):
+        load_audio(42)
+
+
+def test_audio_error_is_a_value_error():
+    assert issubclass(AudioError, ValueError)
+
+
+def test_video_without_an_audio_stream():
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as output:
+        stream = output.add_stream("mpeg4", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), dtype=np.uint8), format="rgb24")
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            output.mux(packet)
+    with pytest.raises(AudioError, match=r"video\.mp4: the file holds no audio stream"):
+        load_audio(buffer.getvalue(), name="video.mp4")

@@ -1,0 +1,204 @@
+"""The Whisper front end against transformers' WhisperFeatureExtractor, and the audio-length arithmetic.
+
+Fixtures are synthesised: speech-like (a gliding voiced harmonic series shaped by three formants,
+amplitude-modulated at a syllable rate, with breath noise), white noise and pure tones.
+"""
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+from qwen2audio.audio import (
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    audio_token_count,
+    log_mel_spectrogram,
+    num_valid_frames,
+    split_into_windows,
+)
+from qwen2audio.audio.features import (
+    AUDIO_TOKENS_PER_SECOND,
+    N_AUDIO_TOKENS_PER_WINDOW,
+    N_ENCODER_FRAMES,
+    encoder_frame_count,
+    mel_filters,
+)
+
+transformers = pytest.importorskip("transformers")
+
+PARITY_TOLERANCE = 1e-4
+CLIP_SECONDS = [0.1, 0.5, 1.7, 12, 29.99, 30]
+FORMANTS_HZ = [(700, 130), (1220, 70), (2600, 160)]  # (centre, bandwidth) of an /a/-like vowel
+
+
+def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    return _speech_like(seconds, seed).copy()
+
+
+@lru_cache(maxsize=None)
+def _speech_like(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * SAMPLE_RATE))
+    t = np.arange(n) / SAMPLE_RATE
+    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))  # Hz, a gliding pitch
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    voiced = np.zeros(n)
+    for k in range(1, 40):
+        harmonic_hz = k * f0
+        gain = sum(np.exp(-0.5 * ((harmonic_hz - centre) / width) ** 2) for centre, width in FORMANTS_HZ)
+        voiced += (gain + 0.02) / k**0.5 * np.sin(k * phase) * (harmonic_hz < SAMPLE_RATE / 2)
+    syllables = np.clip(np.sin(2 * np.pi * 4 * t + rng.uniform(0, 6)), 0, None) ** 2  # 4 syllables a second
+    audio = 0.1 * voiced * syllables + 0.003 * rng.standard_normal(n)
+    return audio.astype(np.float32)
+
+
+def white_noise(seconds: float, seed: int = 0) -> np.ndarray:
+    return (0.2 * np.random.default_rng(seed).standard_normal(int(round(seconds * SAMPLE_RATE)))).astype(np.float32)
+
+
+def tone(seconds: float, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
+    return (0.5 * np.sin(2 * np.pi * (220 + 100 * seed) * t)).astype(np.float32)
+
+
+SIGNALS = {"speech": speech_like, "noise": white_noise, "tone": tone}
+
+
+def reference_features(clips, n_mels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extractor = transformers.WhisperFeatureExtractor(feature_size=n_mels)
+    out = extractor(
+        list(clips), sampling_rate=SAMPLE_RATE, return_attention_mask=True, padding="max_length", return_tensors="pt"
+    )
+    return out["input_features"], out["attention_mask"]
+
+
+def assert_matches_reference(clips, n_mels: int) -> None:
+    features, frame_mask = log_mel_spectrogram(clips, n_mels=n_mels)
+    expected_features, expected_mask = reference_features(clips, n_mels)
+    assert features.shape == (len(clips), n_mels, N_FRAMES) and features.dtype == torch.float32
+    assert frame_mask.shape == (len(clips), N_FRAMES) and frame_mask.dtype == torch.int64
+    assert (features - expected_features).abs().max().item() < PARITY_TOLERANCE
+    assert torch.equal(frame_mask, expected_mask.long())
+    assert frame_mask.sum(-1).tolist() == [num_valid_frames(len(clip)) for clip in clips]
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+@pytest.mark.parametrize("kind", list(SIGNALS))
+def test_log_mel_matches_transformers_for_every_length(n_mels, kind):
+    clips = [SIGNALS[kind](seconds, seed=i) for i, seconds in enumerate(CLIP_SECONDS)]
+    assert_matches_reference(clips, n_mels)  # one batch of mixed lengths
+
+
+def test_log_mel_matches_transformers_for_single_clips_and_mixed_levels():
+    # Loud and quiet clips of different kinds in one batch: the -8 floor is taken per clip.
+    clips = [0.01 * speech_like(0.5), white_noise(30.0), 0.9 * tone(1.7), speech_like(12.0, seed=3) * 0.001]
+    assert_matches_reference(clips, n_mels=128)
+    assert_matches_reference(clips[:1], n_mels=128)
+    batch, _ = log_mel_spectrogram(clips, n_mels=128)
+    for i, clip in enumerate(clips):
+        alone, _ = log_mel_spectrogram([torch.from_numpy(clip)], n_mels=128)
+        torch.testing.assert_close(alone[0], batch[i], rtol=0, atol=1e-6)
+
+
+def test_silence_is_the_floor():
+    features, frame_mask = log_mel_spectrogram([np.zeros(16000, dtype=np.float32)], n_mels=80)
+    assert torch.all(features == (-10 + 4) / 4)
+    assert frame_mask.sum().item() == 100
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_match_transformers(n_mels):
+    from transformers.audio_utils import mel_filter_bank
+
+    expected = mel_filter_bank(
+        num_frequency_bins=201,
+        num_mel_filters=n_mels,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=16000,
+        norm="slaney",
+        mel_scale="slaney",
+    ).T
+    filters = mel_filters(n_mels)
+    assert filters.shape == (n_mels, 201) and filters.dtype == torch.float32
+    assert np.abs(filters.numpy().astype(np.float64) - expected).max() < 1e-7
+
+
+# --- Lengths --------------------------------------------------------------------------------------------
+def test_window_constants():
+    assert (N_SAMPLES, N_FRAMES, N_ENCODER_FRAMES, N_AUDIO_TOKENS_PER_WINDOW) == (480000, 3000, 1500, 750)
+    assert AUDIO_TOKENS_PER_SECOND == 25
+
+
+def test_audio_token_count_values():
+    assert audio_token_count(N_FRAMES) == 750
+    assert audio_token_count(num_valid_frames(SAMPLE_RATE)) == 25  # 1 s
+    assert audio_token_count(num_valid_frames(10 * SAMPLE_RATE)) == 250
+    assert encoder_frame_count(3000) == 1500
+    assert audio_token_count(1) == 0 and audio_token_count(0) == 0
+
+
+def test_audio_token_count_matches_the_reference_formula_for_every_length():
+    from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
+
+    lengths = torch.arange(1, N_FRAMES + 1)  # (3000,)
+    expected_encoder, expected_tokens = Qwen2AudioEncoder._get_feat_extract_output_lengths(None, lengths)
+    assert torch.equal(encoder_frame_count(lengths), expected_encoder)
+    assert torch.equal(audio_token_count(lengths), expected_tokens)
+    assert [audio_token_count(n) for n in range(1, N_FRAMES + 1)] == expected_tokens.tolist()
+
+
+def test_num_valid_frames():
+    assert [num_valid_frames(n) for n in (1, 160, 161, 16000, N_SAMPLES, N_SAMPLES + 1)] == [1, 1, 2, 100, 3000, 3000]
+
+
+def test_length_functions_reject_nonsense():
+    with pytest.raises(ValueError):
+        audio_token_count(-1)
+    with pytest.raises(TypeError):
+        audio_token_count(torch.tensor([1.5]))
+
+
+# --- Long audio -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seconds, n_windows", [(75, 3), (30, 1), (30.01, 2), (0.5, 1), (60, 2), (90.01, 4)])
+def test_split_into_windows_keeps_every_sample(seconds, n_windows):
+    audio = np.random.default_rng(0).standard_normal(int(round(seconds * SAMPLE_RATE))).astype(np.float32)
+    windows = split_into_windows(audio)
+    assert len(windows) == n_windows
+    assert all(len(w) <= N_SAMPLES for w in windows)
+    np.testing.assert_array_equal(np.concatenate(windows), audio)
+    if n_windows > 1:
+        assert min(len(w) for w in windows) > N_SAMPLES // 2  # never a tiny tail
+        assert max(len(w) for w in windows) - min(len(w) for w in windows) <= 1
+    features, frame_mask = log_mel_spectrogram(windows[:1], n_mels=80)  # every window is a valid clip
+    assert features.shape == (1, 80, N_FRAMES)
+
+
+def test_split_into_windows_accepts_tensors_and_rejects_empty():
+    windows = split_into_windows(torch.zeros(75 * SAMPLE_RATE))
+    assert [len(w) for w in windows] == [25 * SAMPLE_RATE] * 3
+    with pytest.raises(ValueError, match="empty"):
+        split_into_windows(np.zeros(0, dtype=np.float32))
+
+
+# --- Errors ---------------------------------------------------------------------------------------------
+def test_log_mel_errors():
+    with pytest.raises(ValueError, match="clip 1 is empty"):
+        log_mel_spectrogram([tone(1.0), np.zeros(0, dtype=np.float32)])
+    with pytest.raises(ValueError, match="split_into_windows"):
+        log_mel_spectrogram([np.zeros(N_SAMPLES + 1, dtype=np.float32)])
+    with pytest.raises(ValueError, match="NaN"):
+        log_mel_spectrogram([np.full(100, np.nan, dtype=np.float32)])
+    with pytest.raises(ValueError, match="load_audio"):
+        log_mel_spectrogram([np.zeros(100, dtype=np.int16)])
+    with pytest.raises(ValueError, match="1-D"):
+        log_mel_spectrogram([np.zeros((2, 100), dtype=np.float32)])
+    with pytest.raises(TypeError, match=r"\[audio\]"):
+        log_mel_spectrogram(tone(1.0))
+    with pytest.raises(ValueError, match="empty batch"):
+        log_mel_spectrogram([])
+    with pytest.raises(ValueError, match="n_mels"):
+        log_mel_spectrogram([tone(1.0)], n_mels=0)
