@@ -55,7 +55,7 @@ class _Row:
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_tokens: int):
         self.out = Generation(prompt_tokens=prompt_tokens)
         self.decoder = tokenizer.stream()
-        self.stop_ids = tokenizer.stop_ids
+        self.stop_ids = frozenset() if params.ignore_eos else tokenizer.stop_ids
         self.stops = params.stop
         self.pending = ""  # decoded text held back while it could still start a stop string
         self.released = 0

@@ -20,6 +20,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 means off; > 1 discourages tokens already in the sequence
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, not included in the output
+    ignore_eos: bool = False  # keep going past stop tokens (benchmarks: a fixed number of tokens)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -1,0 +1,147 @@
+"""Side-by-side inference speed: qwen2audio vs transformers on the same random weights and inputs.
+
+    python benchmarks/bench_inference.py [--size small|medium] [--threads N] [--decode-tokens 64]
+
+Both models are built from one config with one set of random weights (transformers builds and saves
+them, qwen2audio loads the saved directory), run on the CPU in --dtype, greedy, with the stop tokens
+ignored so that both produce exactly the same number of tokens. Measured:
+- prefill: audio features + encoder + projector + LLM prefill + first token, for one 30 s clip;
+- decode tokens/s at batch 1 (one 30 s clip) and batch 8 (eight 5 s clips, left-padded batch);
+  decode time = time(1 + N new tokens) - time(1 new token).
+Each figure is the best of --repeats runs. Results are printed as a markdown table with ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen2audio.checkpoint import load_model  # noqa: E402
+from qwen2audio.generation.engine import Engine  # noqa: E402
+from qwen2audio.generation.sampling import SamplingParams  # noqa: E402
+from qwen2audio.text import build_byte_level_tokenizer, render_chat  # noqa: E402
+
+SIZES = {
+    # Whisper-base-sized encoder with 128 mel bins; a 4-layer Qwen2 with Qwen2's 151936-token vocabulary.
+    "small": dict(audio=dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048),
+                  text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=2)),
+    # Qwen2.5-0.5B-shaped LLM (24 layers, hidden 896, GQA 14/2), 12-layer d=768 encoder.
+    "medium": dict(audio=dict(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072),
+                   text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                             num_key_value_heads=2)),
+}
+VOCAB = 151936
+
+
+def build_reference(size: str, tokenizer):
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    s = SIZES[size]
+    cfg = Qwen2AudioConfig(
+        audio_config=dict(num_mel_bins=128, max_source_positions=1500, **s["audio"]),
+        text_config=dict(vocab_size=VOCAB, max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False, **s["text"]),
+        audio_token_index=tokenizer.audio_id)
+    torch.manual_seed(0)
+    model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def clip(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+            + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights dtype for both (the released checkpoint is bfloat16)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+    from transformers import __version__ as hf_version
+
+    tokenizer = build_byte_level_tokenizer()
+    dtype = getattr(torch, args.dtype)
+    ref = build_reference(args.size, tokenizer).to(dtype)
+    tmp = Path(tempfile.mkdtemp())
+    ref.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    engine = Engine(load_model(tmp, dtype=dtype), tokenizer)
+    hf_tok = __import__("transformers").AutoTokenizer.from_pretrained(tmp)
+    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=hf_tok)
+
+    def prompt(i: int) -> str:
+        return render_chat([{"role": "user", "content": [{"type": "audio", "audio": "x"},
+                                                         {"type": "text", "text": f"What is in clip {i}?"}]}]).text
+
+    def ours(audios, n_new):
+        reqs = [engine.prepare(prompt(i), [a]) for i, a in enumerate(audios)]
+        return engine.generate(reqs, SamplingParams(max_new_tokens=n_new, ignore_eos=True))
+
+    @torch.inference_mode()
+    def theirs(audios, n_new):
+        processor.tokenizer.padding_side = "left"
+        inputs = processor(text=[prompt(i) for i in range(len(audios))], audio=list(audios), sampling_rate=16000,
+                           return_tensors="pt", padding=True)
+        return ref.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                            pad_token_id=tokenizer.pad_id)
+
+    one = [clip(30.0, 0)]
+    eight = [clip(5.0, i) for i in range(8)]
+    n = args.decode_tokens
+    # Same tokens from both (the point of comparing speed is doing the same work).
+    a = ours(one, 8)[0].token_ids
+    b = theirs(one, 8)[0, -8:].tolist()
+    same = "identical" if a == b else f"DIFFERENT ({a} vs {b})"
+
+    rows = []
+    for name, fn_ours, fn_theirs, per in [
+        ("prefill, one 30 s clip (s)", lambda: ours(one, 1), lambda: theirs(one, 1), None),
+    ]:
+        rows.append((name, best(fn_ours, args.repeats), best(fn_theirs, args.repeats), "lower"))
+    for label, audios in (("decode, batch 1 (tokens/s)", one), ("decode, batch 8 (tokens/s)", eight)):
+        t1o, tno = best(lambda: ours(audios, 1), args.repeats), best(lambda: ours(audios, 1 + n), args.repeats)
+        t1t, tnt = best(lambda: theirs(audios, 1), args.repeats), best(lambda: theirs(audios, 1 + n), args.repeats)
+        rows.append((label, len(audios) * n / (tno - t1o), len(audios) * n / (tnt - t1t), "higher"))
+
+    params = sum(p.numel() for p in ref.parameters()) / 1e6
+    print(f"\nqwen2audio vs transformers {hf_version} | size {args.size} ({params:.0f} M params, {args.dtype}) | "
+          f"torch {torch.__version__} | {args.threads} threads | {platform.processor() or platform.machine()} | "
+          f"greedy tokens: {same}\n")
+    print("| measure | qwen2audio | transformers | ratio (ours vs theirs) |")
+    print("|---|---|---|---|")
+    for name, o, t, better in rows:
+        ratio = t / o if better == "lower" else o / t
+        print(f"| {name} | {o:.3f} | {t:.3f} | {ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} |")
+
+
+if __name__ == "__main__":
+    main()
