@@ -139,7 +139,8 @@ class Conversation:
         yield from engine.stream(request, params, self._cache, reuse)
         reply = engine.last
         self.messages.append({"role": "assistant", "content": reply.text})
-        self._cached_ids = request.token_ids + reply.token_ids
+        # The cache holds the prompt and every generated token but the last (never fed back).
+        self._cached_ids = (request.token_ids + reply.token_ids)[: self._cache.length]
         self._cached_audio = request.audio_keys
 
     def _shared_prefix(self, request: Prepared) -> int:

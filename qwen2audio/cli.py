@@ -70,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # `qwen2audio transcribe FILE` without MODEL_DIR: argparse gives the first file to model_dir.
-    if args.command == "transcribe" and args.model_dir and not Path(args.model_dir).is_dir():
+    if args.command == "transcribe" and args.model_dir and Path(args.model_dir).is_file():
         args.files.insert(0, args.model_dir)
         args.model_dir = None
     try:
+        if args.model_dir is not None and not Path(args.model_dir).is_dir():
+            raise FileNotFoundError(f"checkpoint directory {args.model_dir} does not exist (nor is it an audio file); "
+                                    "give the directory that holds config.json, or leave it out for the default model")
         model = _load(args)
         sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,

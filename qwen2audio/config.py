@@ -147,7 +147,10 @@ class Qwen2AudioConfig:
 
 def _build(cls, raw: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in raw.items() if k in names})
+    values = {k: v for k, v in raw.items() if k in names}
+    if cls is TextConfig and values.get("num_key_value_heads", 0) is None:
+        values["num_key_value_heads"] = values.get("num_attention_heads", TextConfig.num_attention_heads)  # as transformers
+    return cls(**values)
 
 
 def _reject_unsupported_text_options(text_raw: dict[str, Any]) -> None:

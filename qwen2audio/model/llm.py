@@ -123,6 +123,18 @@ class Qwen2ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def store_head_column_major(self) -> None:
+        """Keep an untied LM head's (vocab, hidden) weight in column-major memory (a transposed view).
+
+        The head is the largest matrix read per decoded token; on CPU, BLAS reads it for a
+        (1, hidden) x (hidden, vocab) product about 1.8x faster in this layout than row-major, and
+        large products are unaffected. The parameter keeps its (vocab, hidden) shape and name.
+        """
+        w = self.lm_head.weight
+        if self.config.tie_word_embeddings or w.device.type != "cpu" or w.t().is_contiguous():
+            return
+        self.lm_head.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         w = self.model.embed_tokens.weight
         c = self.config

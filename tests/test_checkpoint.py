@@ -1,0 +1,356 @@
+"""Checkpoint directories: config.json both ways, dtypes, shards, every way a directory can be wrong,
+and the loader's peak memory."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwen2audio.checkpoint import CheckpointError, load_model, save_model
+from qwen2audio.config import EncoderConfig, Qwen2AudioConfig, TextConfig
+from qwen2audio.model import Qwen2AudioModel
+from reference import AUDIO_TOKEN, CONFIGS, hf_model
+
+ENCODER_FIELDS = [f.name for f in dataclasses.fields(EncoderConfig) if f.name != "layer_norm_eps"]
+TEXT_FIELDS = [f.name for f in dataclasses.fields(TextConfig)]
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def fields_of_hf(cfg) -> dict:
+    """The fields we model, read from transformers' Qwen2AudioConfig."""
+    return {
+        "audio": {k: getattr(cfg.audio_config, k) for k in ENCODER_FIELDS},
+        "text": {k: getattr(cfg.text_config, k) for k in TEXT_FIELDS},
+        "audio_token_index": cfg.audio_token_index,
+    }
+
+
+def fields_of_ours(cfg: Qwen2AudioConfig) -> dict:
+    return {
+        "audio": {k: getattr(cfg.audio, k) for k in ENCODER_FIELDS},
+        "text": {k: getattr(cfg.text, k) for k in TEXT_FIELDS},
+        "audio_token_index": cfg.audio_token_index,
+    }
+
+
+def our_config(name: str) -> Qwen2AudioConfig:
+    raw = CONFIGS[name]
+    return Qwen2AudioConfig(audio=EncoderConfig(**raw["audio_config"]), text=TextConfig(**raw["text_config"]),
+                            audio_token_index=AUDIO_TOKEN)
+
+
+def write_config(directory, raw: dict | str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(raw if isinstance(raw, str) else json.dumps(raw))
+
+
+# -- config.json ------------------------------------------------------------------------------------
+ROUND_TRIP_CONFIGS = {
+    **{name: our_config(name) for name in CONFIGS},
+    "released_defaults": Qwen2AudioConfig(),
+    "special_ids": Qwen2AudioConfig(text=TextConfig(bos_token_id=151643, eos_token_id=[151645, 151643]),
+                                    torch_dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_CONFIGS))
+def test_config_round_trip_and_transformers_reads_it(name, tmp_path):
+    from transformers import Qwen2AudioConfig as HFConfig
+
+    cfg = ROUND_TRIP_CONFIGS[name]
+    assert Qwen2AudioConfig.from_dict(cfg.to_dict()) == cfg
+    cfg.save(tmp_path)
+    assert Qwen2AudioConfig.from_file(tmp_path) == cfg
+    assert fields_of_hf(HFConfig.from_pretrained(tmp_path)) == fields_of_ours(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_config_written_by_transformers_reads_the_same(name, tmp_path):
+    from transformers import Qwen2AudioConfig as HFConfig
+
+    raw = CONFIGS[name]
+    hf = HFConfig(audio_config=dict(raw["audio_config"]), text_config=dict(raw["text_config"]),
+                  audio_token_index=AUDIO_TOKEN)
+    hf.save_pretrained(tmp_path)
+    assert fields_of_ours(Qwen2AudioConfig.from_file(tmp_path)) == fields_of_hf(hf)
+
+
+PARTIAL_CONFIGS = {
+    "only_model_type": {"model_type": "qwen2_audio"},
+    "empty": {},
+    "partial_text_and_audio": {
+        "model_type": "qwen2_audio",
+        "audio_config": {"d_model": 64, "encoder_attention_heads": 4},
+        "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        "audio_token_index": 7,
+    },
+    "no_audio_config": {"model_type": "qwen2_audio", "text_config": {"vocab_size": 1000, "rope_theta": 1e6}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARTIAL_CONFIGS))
+def test_partial_config_takes_transformers_defaults(name, tmp_path):
+    from transformers import Qwen2AudioConfig as HFConfig
+    from transformers import Qwen2Config
+
+    write_config(tmp_path, PARTIAL_CONFIGS[name])
+    ours = Qwen2AudioConfig.from_file(tmp_path)
+    assert fields_of_ours(ours) == fields_of_hf(HFConfig.from_pretrained(tmp_path))
+    # The text fields a file leaves out are those of a bare Qwen2Config.
+    given = PARTIAL_CONFIGS[name].get("text_config", {})
+    default = Qwen2Config()
+    for k in TEXT_FIELDS:
+        if k not in given:
+            assert getattr(ours.text, k) == getattr(default, k), k
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"model_type": "qwen2_audio", "text_config": {"rope_scaling": {"type": "yarn", "factor": 4.0}}}, "rope_scaling"),
+        ({"model_type": "qwen2_audio", "text_config": {"use_sliding_window": True, "sliding_window": 4096}},
+         "sliding"),
+        ({"model_type": "llava", "text_config": {}}, "model_type 'llava'"),
+        ({"model_type": "qwen2_audio", "text_config": {"hidden_size": 60, "num_attention_heads": 8}}, "divisible"),
+        ({"model_type": "qwen2_audio", "audio_config": {"activation_function": "relu"}}, "gelu"),
+    ],
+)
+def test_unsupported_configs_are_rejected_clearly(raw, message, tmp_path):
+    write_config(tmp_path, raw)
+    with pytest.raises(ValueError, match=message):
+        Qwen2AudioConfig.from_file(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        load_model(tmp_path)
+
+
+def test_rope_scaling_null_and_sliding_window_off_are_fine(tmp_path):
+    write_config(tmp_path, {"model_type": "qwen2_audio",
+                            "text_config": {"rope_scaling": None, "use_sliding_window": False, "sliding_window": 4096}})
+    assert Qwen2AudioConfig.from_file(tmp_path).text == TextConfig()
+
+
+def test_invalid_json_and_missing_config(tmp_path):
+    write_config(tmp_path / "bad", '{"model_type": "qwen2_audio",')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_model(tmp_path / "bad")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+
+
+# -- weights --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> (reference model, directory it saved to in fp32, one file)."""
+    out = {}
+    for name in CONFIGS:
+        ref = hf_model(name)
+        path = tmp_path_factory.mktemp(name)
+        ref.save_pretrained(path)
+        out[name] = (ref, path)
+    return out
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return dict(model.state_dict())
+
+
+def assert_same_weights(a, b) -> None:
+    sa, sb = state(a), state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtype_auto_keeps_the_stored_dtype_and_named_dtypes_convert(name, stored, saved, tmp_path):
+    ref, _ = saved[name]
+    copy.deepcopy(ref).to(stored).save_pretrained(tmp_path)  # the fixture's model is shared: not in place
+    stored_name = str(stored).removeprefix("torch.")
+    assert json.loads((tmp_path / "config.json").read_text()).get("dtype", stored_name) == stored_name
+    files = load_file(tmp_path / SINGLE)
+
+    auto = load_model(tmp_path, dtype="auto")
+    assert auto.config.torch_dtype == stored_name
+    for k, v in state(auto).items():
+        assert v.dtype == stored, k
+        if k in files:
+            assert torch.equal(v, files[k]), k
+    for requested in ("float32", "bfloat16"):
+        got = load_model(tmp_path, dtype=requested)
+        target = getattr(torch, requested)
+        assert got.dtype == target
+        for k, v in state(got).items():
+            assert v.dtype == target, k
+            if k in files:
+                assert torch.equal(v, files[k].to(target)), k
+    if CONFIGS[name]["text_config"]["tie_word_embeddings"]:
+        assert auto.language_model.lm_head.weight is auto.language_model.model.embed_tokens.weight
+
+
+def test_unknown_dtype_is_rejected(saved):
+    _, path = saved["mha_untied_80"]
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        load_model(path, dtype="float8")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_sharded_checkpoint_equals_single_file(name, saved, tmp_path):
+    ref, path = saved[name]
+    ref.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) >= 2 and (tmp_path / INDEX).is_file() and not (tmp_path / SINGLE).exists()
+    assert_same_weights(load_model(tmp_path), load_model(path))
+
+
+def test_our_sharded_save_round_trips(saved, tmp_path):
+    _, path = saved["gqa_tied_128"]
+    model = load_model(path)
+    save_model(model, tmp_path, max_shard_bytes=100_000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) >= 2
+    assert_same_weights(load_model(tmp_path), model)
+    save_model(model, tmp_path)  # re-saved as one file: the stale index goes, the single file loads
+    assert not (tmp_path / INDEX).exists() and (tmp_path / SINGLE).is_file()
+    assert_same_weights(load_model(tmp_path), model)
+
+
+def copy_config(src, dst) -> None:
+    dst.mkdir(exist_ok=True)
+    (dst / "config.json").write_text((src / "config.json").read_text())
+
+
+def test_missing_key_is_named(saved, tmp_path):
+    _, path = saved["mha_untied_80"]
+    tensors = load_file(path / SINGLE)
+    victim = "language_model.model.layers.1.self_attn.k_proj.bias"
+    del tensors[victim]
+    copy_config(path, tmp_path)
+    save_file(tensors, tmp_path / SINGLE, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing 1 weight\(s\): " + victim.replace(".", r"\.")):
+        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match=victim):
+        load_model(tmp_path, strict=False)  # strict only concerns extra keys; a missing one always fails
+
+
+def test_unexpected_key_is_named_and_strict_false_loads(saved, tmp_path):
+    _, path = saved["mha_untied_80"]
+    tensors = load_file(path / SINGLE)
+    tensors["audio_tower.extra_adapter.weight"] = torch.zeros(3, 3)
+    copy_config(path, tmp_path)
+    save_file(tensors, tmp_path / SINGLE, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"audio_tower\.extra_adapter\.weight.*strict=False"):
+        load_model(tmp_path)
+    assert_same_weights(load_model(tmp_path, strict=False), load_model(path))
+
+
+def test_tied_head_saved_anyway_is_not_unexpected(saved, tmp_path):
+    _, path = saved["gqa_tied_128"]
+    tensors = load_file(path / SINGLE)
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].clone()
+    copy_config(path, tmp_path)
+    save_file(tensors, tmp_path / SINGLE, metadata={"format": "pt"})
+    model = load_model(tmp_path)
+    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+
+
+def test_wrong_shape_names_key_and_both_shapes(saved, tmp_path):
+    _, path = saved["mha_untied_80"]
+    tensors = load_file(path / SINGLE)
+    key = "multi_modal_projector.linear.weight"
+    assert tuple(tensors[key].shape) == (64, 64)
+    tensors[key] = torch.zeros(64, 32)
+    copy_config(path, tmp_path)
+    save_file(tensors, tmp_path / SINGLE, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"multi_modal_projector\.linear\.weight has shape \(64, 32\).*\(64, 64\)"):
+        load_model(tmp_path)
+
+
+def test_index_naming_a_missing_shard(saved, tmp_path):
+    ref, _ = saved["mha_untied_80"]
+    ref.save_pretrained(tmp_path, max_shard_size="200KB")
+    gone = sorted(tmp_path.glob("model-*.safetensors"))[1].name
+    (tmp_path / gone).unlink()
+    with pytest.raises(CheckpointError, match=rf"names shards that are not in .*{gone}"):
+        load_model(tmp_path)
+
+
+def test_directory_without_weights_says_what_is_expected(saved, tmp_path):
+    _, path = saved["mha_untied_80"]
+    copy_config(path, tmp_path)
+    with pytest.raises(CheckpointError, match=r"expected model\.safetensors or model\.safetensors\.index\.json"):
+        load_model(tmp_path)
+    # Several loose safetensors files without an index: which one is meant is not guessed.
+    tensors = load_file(path / SINGLE)
+    keys = sorted(tensors)
+    save_file({k: tensors[k] for k in keys[:5]}, tmp_path / "a.safetensors")
+    save_file({k: tensors[k] for k in keys[5:]}, tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointError, match=r"found a\.safetensors, b\.safetensors without an index"):
+        load_model(tmp_path)
+
+
+# -- peak memory ---------------------------------------------------------------------------------------
+MEDIUM = Qwen2AudioConfig(
+    audio=EncoderConfig(num_mel_bins=80, d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024),
+    text=TextConfig(vocab_size=20000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+    audio_token_index=19999,
+)
+
+MEASURE = textwrap.dedent("""
+    import sys
+    import torch, qwen2audio
+    from qwen2audio.checkpoint import load_model
+
+    def peak_rss() -> int:
+        # VmHWM, the peak resident set of this process image. Not resource.getrusage's ru_maxrss:
+        # Linux carries that over from the parent through fork and exec, so a child of a big pytest
+        # process would start with the parent's peak and show no growth at all.
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/self/status")
+
+    load_model(sys.argv[2])  # a tiny checkpoint first: one-time allocations of the loading code path
+    before = peak_rss()
+    model = load_model(sys.argv[1])
+    # Touch every weight: memory-mapped tensors count only once their pages are read.
+    total = sum(float(t.float().sum()) for t in model.state_dict().values())
+    print(peak_rss() - before, total)
+""")
+
+
+def test_loading_peak_memory_is_about_one_copy_of_the_weights(tmp_path):
+    """No random-init copy next to the loaded one: the process grows by < 1.6x the weight bytes."""
+    with torch.device("meta"):
+        model = Qwen2AudioModel(MEDIUM)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.fill_(0.001 * (i + 1))  # real, non-zero bytes on disk
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert 180e6 < weight_bytes < 260e6
+    save_model(model, tmp_path / "medium")
+    del model
+    with torch.device("meta"):
+        tiny = Qwen2AudioModel(our_config("mha_untied_80"))
+    save_model(tiny.to_empty(device="cpu"), tmp_path / "tiny")
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "medium"), str(tmp_path / "tiny")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    growth, total = out.stdout.split()
+    assert float(total) > 0  # the weights really were read
+    ratio = int(growth) / weight_bytes
+    print(f"peak growth {ratio:.2f}x the weight bytes")
+    assert ratio < 1.6, f"loading {weight_bytes / 1e6:.0f} MB of weights grew the process by {ratio:.2f}x"

@@ -1,0 +1,304 @@
+"""The inference engine end to end through the API: streaming, lengths, stop strings, repetition
+penalty, long audio, the context limit and multi-turn conversations.
+
+Each behaviour runs on two models: the embedded default model (what a user gets with no checkpoint)
+and a small model built and saved by transformers with decisive logits (tests/reference.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from qwen2audio import Qwen2Audio
+from qwen2audio.audio.features import AUDIO_TOKENS_PER_SECOND, SAMPLE_RATE, split_into_windows
+from qwen2audio.generation.engine import Engine
+from qwen2audio.generation.sampling import SamplingParams
+from qwen2audio.model import Qwen2AudioModel
+from reference import CONFIGS, TOKENIZER, clip, hf_features, hf_model
+
+REFERENCE = "mha_untied_80"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine every op
+    pays thousands of times its cost in thread wake-ups (8 ms against 10 us for one attention call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def default_home(tmp_path_factory):
+    """QWEN2AUDIO_HOME in a temporary directory, so the default model is generated there."""
+    home = tmp_path_factory.mktemp("qwen2audio_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QWEN2AUDIO_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(transformers model, its checkpoint directory with our tokenizer)."""
+    ref = hf_model(REFERENCE)
+    path = tmp_path_factory.mktemp(REFERENCE)
+    ref.save_pretrained(path)
+    TOKENIZER.save(path)
+    return ref, path
+
+
+@pytest.fixture(scope="module")
+def models(default_home, reference):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the default model's notice
+        default = Qwen2Audio.load()
+    assert str(default.directory).startswith(str(default_home))
+    return {"default": default, "reference": Qwen2Audio.load(reference[1])}
+
+
+@pytest.fixture(params=["default", "reference"])
+def model(request, models) -> Qwen2Audio:
+    return models[request.param]
+
+
+def ask(audio: np.ndarray | None, question: str | None = None) -> list[dict]:
+    parts = []
+    if audio is not None:
+        parts.append({"type": "audio", "audio": audio})
+    if question:
+        parts.append({"type": "text", "text": question})
+    return [{"role": "user", "content": parts}]
+
+
+# -- streaming ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, seed=3, top_k=50)], ids=["greedy", "sampled"])
+def test_stream_deltas_concatenate_to_the_generated_text(model, sampling):
+    messages = ask(clip(2.5, 1), "What do you hear?")
+    full = model.chat(messages, max_new_tokens=40, **sampling)
+    deltas = list(model.stream(messages, max_new_tokens=40, **sampling))
+    assert "".join(deltas) == full.text
+    assert model.engine.last.token_ids == full.token_ids
+    assert model.engine.last.finish_reason == full.finish_reason
+    assert len(full.token_ids) >= 10, "the model stopped too early to show anything"
+    assert full.text == model.tokenizer.decode(full.token_ids)
+    assert all(deltas), "an empty delta was yielded"
+
+
+def test_sampling_depends_on_the_seed_and_only_on_it(model):
+    messages = ask(clip(2.5, 1), "What do you hear?")
+    a = model.chat(messages, max_new_tokens=24, temperature=1.0, seed=3)
+    assert model.chat(messages, max_new_tokens=24, temperature=1.0, seed=3).token_ids == a.token_ids
+    assert model.chat(messages, max_new_tokens=24, temperature=1.0, seed=4).token_ids != a.token_ids
+
+
+# -- lengths ---------------------------------------------------------------------------------------------
+def test_max_new_tokens_counts_only_new_tokens(model):
+    messages = ask(clip(30.0, 2), "Describe it.")
+    request = model.prepare_chat(messages)
+    n_audio = request.token_ids.count(model.tokenizer.audio_id)
+    assert n_audio == 750
+    out = model.chat(messages, max_new_tokens=7)
+    assert out.prompt_tokens == len(request.token_ids) > 750
+    assert len(out.token_ids) == 7
+    assert out.finish_reason == "length"
+
+
+# -- stop strings ------------------------------------------------------------------------------------
+def test_stop_string_ends_the_text_before_it(model):
+    messages = ask(clip(2.5, 3), "Say something.")
+    free = model.chat(messages, max_new_tokens=40)
+    text = free.text
+    assert len(text) >= 12, f"the unconstrained output {text!r} is too short to cut"
+    # Three characters from the middle (several tokens: partial matches must be held back), none of
+    # them U+FFFD, which the stream decoder holds back on its own until the text after it is known.
+    starts = [*range(len(text) // 3, len(text) - 3), *range(1, len(text) // 3)]  # the middle first
+    start = next((i for i in starts if "\ufffd" not in text[i:i + 3]), None)
+    assert start is not None, f"no stop string to pick in {text!r}"
+    stop = text[start:start + 3]
+    before = text[: text.find(stop)]
+
+    got = model.chat(messages, max_new_tokens=40, stop=stop)
+    assert got.text == before
+    assert got.finish_reason == "stop"
+    assert len(got.token_ids) < len(free.token_ids)
+    deltas = list(model.stream(messages, max_new_tokens=40, stop=[stop]))
+    # Deltas only append, so any part of the stop string ever shown would be in their concatenation.
+    assert "".join(deltas) == before
+    assert stop not in "".join(deltas)
+
+
+def test_text_held_for_a_stop_string_that_never_completes_is_released(model):
+    messages = ask(clip(2.5, 3), "Say something.")
+    free = model.chat(messages, max_new_tokens=40)
+    # Starts like a piece of the output, then goes where the output never goes.
+    stop = free.text[len(free.text) // 2:][:2] + "\U0001F600never"
+    assert stop[:2] in free.text and stop not in free.text
+    deltas = list(model.stream(messages, max_new_tokens=40, stop=[stop, "\x00\x00\x00"]))
+    assert "".join(deltas) == free.text
+    assert model.engine.last.token_ids == free.token_ids
+    assert model.engine.last.finish_reason == free.finish_reason
+
+
+# -- repetition penalty ---------------------------------------------------------------------------------
+def test_repetition_penalty_matches_transformers(models, reference):
+    ref, _ = reference
+    model = models["reference"]
+    n_new = 32
+    audio = clip(3.0, 1)
+    request = model.prepare_chat(ask(audio, "What is it?"))
+    plain = model.engine.generate([request], SamplingParams(max_new_tokens=n_new))[0]
+    ours = model.engine.generate([request], SamplingParams(max_new_tokens=n_new, repetition_penalty=1.3))[0]
+    assert ours.token_ids != plain.token_ids, "the penalty changed nothing: the test shows nothing"
+
+    feats, fmask = hf_features([audio], CONFIGS[REFERENCE]["audio_config"]["num_mel_bins"])
+    ids = torch.tensor([request.token_ids])
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,
+                           feature_attention_mask=fmask, max_new_tokens=n_new, do_sample=False,
+                           repetition_penalty=1.3, eos_token_id=sorted(TOKENIZER.stop_ids),
+                           pad_token_id=TOKENIZER.pad_id)
+    expected = out[0, ids.shape[1]:].tolist()
+    ended = [i for i, t in enumerate(expected) if t in TOKENIZER.stop_ids]
+    expected = expected[: ended[0] + 1] if ended else expected
+    assert ours.token_ids == expected
+
+
+# -- long audio -------------------------------------------------------------------------------------
+def test_long_audio_is_windowed_and_nothing_is_dropped(model):
+    audio = clip(75.0, 4)
+    windows = split_into_windows(audio)
+    assert [len(w) for w in windows] == [25 * SAMPLE_RATE] * 3
+    assert np.array_equal(np.concatenate(windows), audio)
+
+    whole = model.engine.encode_audios([audio])[0]
+    alone = [model.engine.encode_audios([w])[0] for w in windows]
+    assert [a.shape[0] for a in alone] == [625, 625, 625]
+    assert whole.shape[0] == 1875 == 75 * AUDIO_TOKENS_PER_SECOND
+    assert torch.allclose(whole, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+    request = model.prepare_chat(ask(audio, "Summarise."))
+    assert request.token_ids.count(model.tokenizer.audio_id) == 1875
+    assert len(request.audio_embeds) == 1 and torch.equal(request.audio_embeds[0], whole)
+    out = model.engine.generate([request], SamplingParams(max_new_tokens=3))[0]
+    assert len(out.token_ids) >= 1
+
+
+def test_audio_too_long_for_the_context_says_how_much_fits(models):
+    model = models["reference"]  # 2048 positions: 90 s of audio is 2250 tokens
+    context = model.engine.max_positions
+    assert context == 2048
+    with pytest.raises(ValueError, match=r"context holds 2048.*about (\d+) s") as info:
+        model.prepare_chat(ask(clip(90.0, 5), "Summarise."))
+    seconds = int(info.value.args[0].rsplit("about ", 1)[1].split(" s")[0])
+    assert 40 <= seconds < 2048 // AUDIO_TOKENS_PER_SECOND
+    # What the message promises fits, with room left to answer.
+    request = model.prepare_chat(ask(clip(float(seconds), 5), "Summarise."))
+    assert len(request.token_ids) + 256 <= context
+    assert len(model.engine.generate([request], SamplingParams(max_new_tokens=2))[0].token_ids) >= 1
+
+
+# -- conversations ---------------------------------------------------------------------------------
+class Spy:
+    """Counts the clips encoded and the tokens prefilled (model.embed runs once per prefill)."""
+
+    def __init__(self, engine: Engine):
+        self.encoded: list[int] = []
+        self.prefilled: list[int] = []
+        self._engine = engine
+        self._encode, self._embed = engine.encode_audios, engine.model.embed
+
+        def encode(waveforms):
+            self.encoded.append(len(waveforms))
+            return self._encode(waveforms)
+
+        def embed(ids, audio=None):
+            self.prefilled.append(int(ids.shape[1]))
+            return self._embed(ids, audio)
+
+        engine.encode_audios, engine.model.embed = encode, embed
+
+    def close(self) -> None:
+        del self._engine.encode_audios, self._engine.model.embed  # back to the class's methods
+
+
+def test_conversation_equals_stateless_chat_and_reuses_its_work(model):
+    first, second = clip(2.0, 6), clip(3.5, 7)
+    turns = [dict(audio=first), dict(text="Tell me more."), dict(text="And this one?", audio=second)]
+    conv = model.conversation()
+    for i, turn in enumerate(turns):
+        spy = Spy(model.engine)
+        try:
+            reply = "".join(conv.say(**turn, max_new_tokens=16))
+            last = model.engine.last
+        finally:
+            spy.close()
+        history = conv.messages[:-1]  # everything up to this turn's user message
+        stateless = model.chat(history, max_new_tokens=16)
+        assert reply == stateless.text, f"turn {i + 1}"
+        assert last.token_ids == stateless.token_ids, f"turn {i + 1}"
+        assert conv.messages[-1] == {"role": "assistant", "content": reply}
+
+        full_prompt = stateless.prompt_tokens
+        assert sum(spy.encoded) == (1 if "audio" in turn else 0), f"turn {i + 1}: audio encoded again"
+        assert len(spy.prefilled) == 1
+        if i == 0:
+            assert spy.prefilled[0] == full_prompt
+        else:
+            # Only what follows the cached history runs: at least the new user turn, less than it all.
+            assert spy.prefilled[0] < full_prompt, f"turn {i + 1}: the whole prompt was prefilled again"
+            new_turn = len(model.tokenizer.encode(turn["text"]))
+            assert spy.prefilled[0] >= new_turn
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"] * 3
+
+
+def test_conversation_after_a_reply_that_round_trips(model):
+    """The next turn may share the whole previous reply with the cache. The cache holds every
+    generated token but the last, which is never fed back: reusing that one too used to fail
+    with "cannot truncate a cache of N positions to N + 1"."""
+    question = "Say a letter."
+    for seed in range(64):  # a sampled first token, until it is one ASCII byte (which re-encodes to itself)
+        stateless = model.chat(ask(None, question), max_new_tokens=1, temperature=1.0, seed=seed)
+        token = stateless.token_ids[0]
+        if token < 128 and token not in TOKENIZER.stop_ids:
+            break
+    else:
+        pytest.fail("no seed gave an ASCII first token")
+    conv = model.conversation()
+    assert "".join(conv.say(question, max_new_tokens=1, temperature=1.0, seed=seed)) == stateless.text
+    reply = "".join(conv.say("Go on.", max_new_tokens=8))
+    assert reply == model.chat(conv.messages[:-1], max_new_tokens=8).text
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def test_embed_rejects_a_token_count_mismatch(models):
+    m = models["reference"].engine.model
+    audio_id = m.config.audio_token_index
+    ids = torch.tensor([[1, 2] + [audio_id] * 5 + [3]])
+    with pytest.raises(ValueError, match=r"5 <\|AUDIO\|> tokens but the audio gives 4 vectors"):
+        m.embed(ids, [torch.zeros(4, m.config.text.hidden_size)])
+    with pytest.raises(ValueError, match=r"5 <\|AUDIO\|> tokens but the audio gives 0 vectors"):
+        m.embed(ids, None)
+    with pytest.raises(ValueError, match=r"0 <\|AUDIO\|> tokens but the audio gives 3 vectors"):
+        m.embed(torch.tensor([[1, 2, 3]]), [torch.zeros(3, m.config.text.hidden_size)])
+
+
+def test_engine_rejects_a_tokenizer_from_another_checkpoint(models):
+    cfg = models["reference"].engine.model.config
+    other = dataclasses.replace(cfg, audio_token_index=cfg.audio_token_index - 1)
+    with torch.device("meta"):
+        model = Qwen2AudioModel(other)
+    with pytest.raises(ValueError, match=rf"<\|AUDIO\|> id {TOKENIZER.audio_id} differs from the config's "
+                                         rf"audio_token_index {cfg.audio_token_index - 1}"):
+        Engine(model, TOKENIZER)
+
+
+def test_default_model_lives_under_qwen2audio_home(models, default_home):
+    assert (default_home / "tiny-random-v1" / "config.json").is_file()
+    assert os.environ["QWEN2AUDIO_HOME"] == str(default_home)

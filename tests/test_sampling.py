@@ -1,0 +1,185 @@
+"""Choosing the next token: our pure functions against transformers' logits processors, and the draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from qwen2audio.generation.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    next_tokens,
+    top_k_filter,
+    top_p_filter,
+)
+
+B, V = 6, 257  # a small batch over a vocabulary that is not a power of two
+
+
+def random_logits(seed: int, scale: float = 3.0) -> torch.Tensor:
+    return scale * torch.randn(B, V, generator=torch.Generator().manual_seed(seed))
+
+
+def random_history(seed: int, length: int = 40) -> torch.Tensor:
+    """Token ids already in each row (B, length), with repeats, as generate() passes them."""
+    return torch.randint(0, V, (B, length), generator=torch.Generator().manual_seed(seed))
+
+
+def seen_mask(history: torch.Tensor) -> torch.Tensor:
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    return seen.scatter(1, history, True)
+
+
+def assert_same_filter(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """The same tokens kept (finite), with identical values, and the rest at -inf."""
+    kept, kept_ref = torch.isfinite(got), torch.isfinite(expected)
+    assert torch.equal(kept, kept_ref), f"kept sets differ in {int((kept != kept_ref).sum())} places"
+    assert torch.equal(got[kept], expected[kept_ref])
+    assert bool((got[~kept] == float("-inf")).all())
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7, 2.0])
+def test_repetition_penalty_equals_transformers(penalty):
+    logits, history = random_logits(0), random_history(1)
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone())
+    got = apply_repetition_penalty(logits, seen_mask(history), penalty)
+    assert torch.equal(got, expected)
+    # Tokens never seen keep their logits; seen ones changed (positive ones shrink when penalty > 1).
+    unseen = ~seen_mask(history)
+    assert torch.equal(got[unseen], logits[unseen])
+    assert not torch.equal(got, logits)
+
+
+def test_repetition_penalty_one_is_identity():
+    logits, history = random_logits(2), random_history(3)
+    assert torch.equal(apply_repetition_penalty(logits, seen_mask(history), 1.0), logits)
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, V - 1])
+def test_top_k_equals_transformers(k):
+    logits = random_logits(4)
+    expected = TopKLogitsWarper(top_k=k)(None, logits.clone())
+    got = top_k_filter(logits, k)
+    assert_same_filter(got, expected)
+    assert (torch.isfinite(got).sum(-1) == k).all()
+
+
+def test_top_k_keeps_ties_like_transformers():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.5, -1.0, 2.0]])
+    expected = TopKLogitsWarper(top_k=2)(None, logits.clone())
+    got = top_k_filter(logits, 2)
+    assert_same_filter(got, expected)
+    assert torch.isfinite(got).sum() == 5  # the best and all four tied for second place
+
+
+def test_top_k_off():
+    logits = random_logits(5)
+    assert torch.equal(top_k_filter(logits, 0), logits)
+    assert torch.equal(top_k_filter(logits, V + 10), logits)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.8, 0.95, 0.999])
+def test_top_p_equals_transformers(p):
+    logits = random_logits(6, scale=2.0)
+    expected = TopPLogitsWarper(top_p=p)(None, logits.clone())
+    got = top_p_filter(logits, p)
+    assert_same_filter(got, expected)
+    # At least one token (the best) always survives; the kept mass reaches p.
+    assert bool((torch.isfinite(got).sum(-1) >= 1).all())
+    assert torch.equal(got.argmax(-1), logits.argmax(-1))
+    kept_mass = torch.where(torch.isfinite(got), logits.softmax(-1), 0.0).sum(-1)
+    assert bool((kept_mass >= p - 1e-6).all())
+
+
+def test_top_p_off():
+    logits = random_logits(7)
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+@pytest.mark.parametrize("temperature,k,p", [(0.7, 0, 1.0), (1.3, 20, 1.0), (0.8, 0, 0.9), (0.6, 40, 0.8)])
+def test_full_pipeline_equals_transformers_order(temperature, k, p):
+    """Penalty, temperature, top-k, top-p in generate()'s order give the same distribution."""
+    logits, history = random_logits(8), random_history(9)
+    ref = RepetitionPenaltyLogitsProcessor(1.2)(history, logits.clone())
+    ref = TemperatureLogitsWarper(temperature)(history, ref)
+    if k:
+        ref = TopKLogitsWarper(k)(history, ref)
+    ref = TopPLogitsWarper(p)(history, ref)
+    ours = apply_repetition_penalty(logits, seen_mask(history), 1.2)
+    ours = top_p_filter(top_k_filter(ours / temperature, k), p)
+    assert_same_filter(ours, ref)
+
+
+def test_greedy_is_argmax():
+    logits = random_logits(10)
+    params = SamplingParams(temperature=0.0, top_k=3, top_p=0.5)  # filters do not matter for greedy
+    assert torch.equal(next_tokens(logits, params), logits.argmax(-1))
+    # With a penalty, argmax of the penalised logits; make the penalty decide at least one row.
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    seen[torch.arange(B), logits.argmax(-1)] = True
+    penalised = apply_repetition_penalty(logits, seen, 50.0)
+    got = next_tokens(logits, SamplingParams(repetition_penalty=50.0), seen)
+    assert torch.equal(got, penalised.argmax(-1))
+    assert not torch.equal(got, logits.argmax(-1))
+
+
+def test_greedy_accepts_half_precision_logits():
+    logits = random_logits(11).to(torch.bfloat16)
+    assert torch.equal(next_tokens(logits, SamplingParams()), logits.float().argmax(-1))
+
+
+def test_sampling_is_reproducible_with_a_seed_and_differs_across_seeds():
+    logits = torch.zeros(64, V)  # flat: every draw is a fresh coin
+    params = SamplingParams(temperature=1.0)
+
+    def draw(seed):
+        return next_tokens(logits, params, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+
+
+@pytest.mark.parametrize("temperature,k,p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.5, 0, 1.0), (1.0, 4, 1.0), (0.8, 0, 0.7)])
+def test_draws_follow_the_filtered_softmax(temperature, k, p):
+    """Over many draws, token frequencies match softmax(filtered logits / T) (chi-square, loose bound)."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    n = 40_000
+    params = SamplingParams(temperature=temperature, top_k=k, top_p=p)
+    draws = next_tokens(logits.expand(n, -1), params, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=logits.numel()).double()
+    probs = top_p_filter(top_k_filter(logits[None] / temperature, k), p).softmax(-1)[0].double()
+    assert bool((counts[probs == 0] == 0).all()), "drew a token the filters removed"
+    keep = probs > 0
+    expected = n * probs[keep]
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    # df <= 7: P(chi2 > 40) < 1e-5 for a correct sampler; a wrong temperature gives thousands.
+    assert chi2 < 40, f"chi-square {chi2:.1f}: frequencies {counts.tolist()} vs expected {expected.tolist()}"
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty"),
+    ],
+)
+def test_sampling_params_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_stop_string_becomes_a_tuple():
+    assert SamplingParams(stop="###").stop == ("###",)
+    assert SamplingParams(stop=("a", "b")).stop == ("a", "b")
+    assert SamplingParams().greedy and not SamplingParams(temperature=0.5).greedy
