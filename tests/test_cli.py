@@ -22,22 +22,7 @@ from reference import TOKENIZER, clip, hf_model
 NEW = "16"  # --max-new-tokens everywhere: short answers keep the tests fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """QWEN2AUDIO_HOME in a temporary directory: the default model is generated there."""
-    path = tmp_path_factory.mktemp("qwen2audio_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QWEN2AUDIO_HOME", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +46,7 @@ def audio(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api(home, model_dir):
+def api(default_home, model_dir):
     """The same models through the Python API, to compare the CLI's output with."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -100,9 +85,9 @@ def run_module(args, env_home, timeout=120) -> subprocess.CompletedProcess:
 
 
 # -- chat -----------------------------------------------------------------------------------------------
-def test_voice_chat_as_a_command(home, api, audio):
+def test_voice_chat_as_a_command(default_home, api, audio):
     """`python -m qwen2audio.cli chat --audio F`, a real process on the default model: the reply, exit 0."""
-    proc = run_module(["chat", "--audio", audio["wav"], "--max-new-tokens", NEW], home)
+    proc = run_module(["chat", "--audio", audio["wav"], "--max-new-tokens", NEW], default_home)
     stderr = proc.stderr.decode()
     assert proc.returncode == 0, stderr
     expected = api["default"].chat(user_turn([audio["wav"]]), max_new_tokens=int(NEW)).text
@@ -220,8 +205,8 @@ def test_corrupt_audio_file(model_dir, audio, capsys, monkeypatch):
     assert audio["corrupt"] in err and "cannot decode" in err
 
 
-def test_corrupt_audio_in_a_real_process_has_no_traceback(home, model_dir, audio):
-    proc = run_module(["chat", str(model_dir), "--audio", audio["corrupt"]], home)
+def test_corrupt_audio_in_a_real_process_has_no_traceback(default_home, model_dir, audio):
+    proc = run_module(["chat", str(model_dir), "--audio", audio["corrupt"]], default_home)
     stderr = proc.stderr.decode()
     assert proc.returncode == 2
     assert "Traceback" not in stderr

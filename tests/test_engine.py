@@ -25,23 +25,7 @@ from reference import CONFIGS, TOKENIZER, clip, hf_features, hf_model
 REFERENCE = "mha_untied_80"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine every op
-    pays thousands of times its cost in thread wake-ups (8 ms against 10 us for one attention call)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def default_home(tmp_path_factory):
-    """QWEN2AUDIO_HOME in a temporary directory, so the default model is generated there."""
-    home = tmp_path_factory.mktemp("qwen2audio_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QWEN2AUDIO_HOME", str(home))
-        yield home
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -213,6 +213,15 @@ def test_stream_decoder_holds_back_a_split_character(tok):
     assert stream.flush() == "\ufffd"  # an unfinished character at the very end is reported, not dropped
 
 
+def test_stream_decoder_does_not_stall_on_invalid_bytes(tok):
+    """Bytes that can never form a character (a model's garbage) stream out, not held to the end."""
+    stream = StreamDecoder(tok)
+    lone_lead_byte = "Ą".encode()[0]  # 0xC4 starts a 2-byte character; repeated it never completes one
+    deltas = [stream.push(lone_lead_byte) for _ in range(12)]
+    assert sum(d.count("\ufffd") for d in deltas) >= 8  # out while streaming, at most 4 tokens late
+    assert "".join(deltas) + stream.flush() == tok.decode([lone_lead_byte] * 12)
+
+
 def test_stream_decoder_decodes_a_short_window(tok):
     """O(1) per token: every decode call sees a few tokens, however long the stream."""
     seen = []

@@ -297,6 +297,9 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
 
+UTF8_MAX_BYTES = 4  # bytes in the longest UTF-8 character; each token carries at least one
+
+
 class StreamDecoder:
     """Incremental detokenisation: push ids one at a time, get back only the new text.
 
@@ -320,12 +323,28 @@ class StreamDecoder:
         """Adds one token; returns the text it completes ("" while a character is incomplete)."""
         self._ids.append(int(token_id))
         text = self._decode(self._ids)
+        end = len(self._ids)  # emit the window up to here
         if text.endswith(REPLACEMENT_CHAR):
-            return ""  # the last character's bytes are not all here yet
-        delta = text[len(self._decode(self._ids[: self._read])) :]
-        self._ids = self._ids[self._read :]  # the tokens just emitted become the next context
-        self._read = len(self._ids)
+            if end - self._read < UTF8_MAX_BYTES:
+                return ""  # the last character's bytes are not all here yet
+            # A character would be complete by now, so some bytes are invalid (a model's garbage):
+            # emit up to the last character boundary rather than stall the stream.
+            keep = self._unfinished_tail(text)
+            if keep is None:
+                return ""
+            end -= keep
+        delta = self._decode(self._ids[:end])[len(self._decode(self._ids[: self._read])) :]
+        emitted = self._ids[self._read : end]
+        self._ids = emitted + self._ids[end:]  # the tokens just emitted become the next context
+        self._read = len(emitted)
         return delta
+
+    def _unfinished_tail(self, text: str) -> int | None:
+        """How many trailing tokens hold the last, unfinished character (None: no clean split)."""
+        for keep in range(1, UTF8_MAX_BYTES):
+            if self._decode(self._ids[:-keep]) + self._decode(self._ids[-keep:]) == text:
+                return keep
+        return None
 
     def flush(self) -> str:
         """Returns whatever is held back (an incomplete character comes out as U+FFFD) and resets."""
