@@ -160,10 +160,17 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, batch: Sequence[Prepared], params: SamplingParams) -> list[Generation]:
-        rows = [_Row(self.tokenizer, params, len(p.token_ids)) for p in batch]
-        for _ in self._decode(batch, params, rows):
+        results, events = self.stream_batch(batch, params)
+        for _ in events:
             pass
-        return [r.out for r in rows]
+        return results
+
+    def stream_batch(self, batch: Sequence[Prepared], params: SamplingParams
+                     ) -> tuple[list[Generation], Iterator[tuple[int, str]]]:
+        """Decode a batch step by step: the iterator yields (row, text delta) for every row at every
+        step (deltas may be empty); the Generations fill in as it runs and are final at its end."""
+        rows = [_Row(self.tokenizer, params, len(p.token_ids)) for p in batch]
+        return [r.out for r in rows], self._decode(batch, params, rows)
 
     def stream(self, request: Prepared, params: SamplingParams, cache: KVCache | None = None,
                reuse: int = 0) -> Iterator[str]:
