@@ -10,7 +10,9 @@ model is used (tiny and random: it shows the pipeline works, its words mean noth
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +22,10 @@ from .audio import AudioError
 from .checkpoint import CheckpointError
 
 EXIT_USAGE = 2
+# Modules that add commands: each has register(subparsers), which adds its parser(s) with
+# set_defaults(handler=function(args) -> exit code). Their heavy imports belong inside the handler.
+COMMAND_MODULES: list[str] = []
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but \t and \n, and DEL
 
 
 def _model_arg(parser: argparse.ArgumentParser) -> None:
@@ -64,11 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--language", default="en", help="language tag of the speech (e.g. en, zh, fr)")
     tr.add_argument("--json", action="store_true", help="one JSON line per file")
     _sampling_args(tr)
+
+    for module in COMMAND_MODULES:  # further commands live beside the code they run
+        importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "handler", None) is not None:  # a command registered by COMMAND_MODULES
+        try:
+            return int(args.handler(args) or 0)
+        except (AudioError, CheckpointError, FileNotFoundError, ValueError) as err:
+            print(f"qwen2audio: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
     # `qwen2audio transcribe FILE` without MODEL_DIR: argparse gives the first file to model_dir.
     if args.command == "transcribe" and args.model_dir and Path(args.model_dir).is_file():
         args.files.insert(0, args.model_dir)
@@ -125,7 +140,10 @@ def _chat(model, args, sampling) -> int:
 
 
 def _print_stream(deltas) -> None:
+    tty = sys.stdout.isatty()
     for delta in deltas:
+        if tty:  # a model's stray escape sequence must not take over the user's terminal
+            delta = CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", delta)
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")

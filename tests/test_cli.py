@@ -247,3 +247,19 @@ def test_transcribe_with_a_missing_model_dir_says_so(tmp_path, audio, capsys, mo
     rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(tmp_path / "Qwen2-Audio-7B"), audio["wav"]])
     assert rc == 2 and out == ""
     assert "checkpoint directory" in err and "Qwen2-Audio-7B" in err and "does not exist" in err
+
+
+def test_escape_sequences_are_made_visible_on_a_terminal(monkeypatch):
+    """A random or misbehaving model must not be able to send terminal control sequences."""
+    import io
+
+    from qwen2audio import cli as cli_module
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    cli_module._print_stream(["ok \x1b[2J", "\tline\r\n", "\x07end"])
+    assert screen.getvalue() == "ok \\x1b[2J\tline\\x0d\n\\x07end\n"
