@@ -1,0 +1,195 @@
+"""AIR-Bench (OFA-Sys/AIR-Bench): chat (judged 1-10 by an LLM) and foundation (single choice).
+
+Layouts (`--data`), as released:
+    airbench-chat        Chat/ with Chat_meta.json, a list of {path, question, answer_gt, meta_info, task_name,
+                         dataset_name, uniq_id}; the audio of an item is Chat/TASK_DATASET/PATH
+    airbench-foundation  Foundation/ with Foundation_meta.json, a list of {path, question, choice_a..choice_d,
+                         answer_gt, task_name, dataset_name, uniq_id}; audio Foundation/TASK_DATASET/PATH
+                         (Audio_Grounding: the .wav name stands for a .flac file, as AIR-Bench reads it)
+Both are asked through the chat template (Instruct model): the audio, then the question.
+
+Chat scoring (AIR-Bench's score_chat.py / cal_score.py): the judge sees the audio description, the question,
+the reference as "Assistant 1" and the model's answer as "Assistant 2" and answers "S1 S2"; we ask again
+with the two answers swapped. An answer that is not two integers 1-10 separated by a space counts as a parse
+failure. An item's score is the mean of the model's scores over the orders that parsed; a category's score
+is the mean over its items: speech (speech_QA, speech_dialogue_QA), sound (sound_QA, sound_generation_QA),
+music (music_QA, music_generation_analysis_QA), speech_and_sound, speech_and_music, and mixed = mean of
+the last two.
+Foundation scoring (score_foundation.py): the letter read by metrics.choice_letter against the letter of
+the choice equal to answer_gt; unreadable answers are failures, left out of the accuracy and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .tasks import DatasetError, Item, Options, Task, require_dir, require_file, use_chat
+
+CHAT_CATEGORIES = {"speech_QA": "speech", "speech_dialogue_QA": "speech", "sound_QA": "sound",
+                   "sound_generation_QA": "sound", "music_QA": "music", "music_generation_analysis_QA": "music",
+                   "speech_and_sound_QA": "speech_and_sound", "speech_and_music_QA": "speech_and_music"}
+MIXED_PARTS = ("speech_and_sound", "speech_and_music")
+SCORE_RANGE = (1, 10)
+# AIR-Bench's judge prompt, word for word (score_chat.py).
+JUDGE_TEMPLATE = (
+    "You are a helpful and precise assistant for checking the quality of the answer.\n"
+    "[Detailed Audio Description]\nXAudioX\n[Question]\nXQuestionX\n"
+    "[The Start of Assistant 1s Answer]\nXAssistant1X\n[The End of Assistant 1s Answer]\n"
+    "[The Start of Assistant 2s Answer]\nXAssistant2X\n[The End of Assistant 2s Answer]\n[System]\n"
+    "We would like to request your feedback on the performance of two AI assistants in response to the user question "
+    "and audio description displayed above. AI assistants are provided with detailed audio descriptions and questions.\n"
+    "Please rate the helpfulness, relevance, accuracy, and comprehensiveness of their responses. "
+    "Each assistant receives an overall score on a scale of 1 to 10, where a higher score indicates better overall performance. "
+    "Please output a single line containing only two values indicating the scores for Assistant 1 and 2, respectively. "
+    "The two scores are separated by a space."
+)
+FOUNDATION_INSTRUCTION = ("Choose the most suitable answer from options A, B, C, and D to respond the question in "
+                          "next line, you may only choose A or B or C or D.")
+DEFAULT_JUDGE_WORKERS = 4
+REQUIRED_KEYS = {"Chat_meta.json": ("path", "question", "answer_gt", "task_name", "dataset_name"),
+                 "Foundation_meta.json": ("path", "question", "choice_a", "choice_b", "answer_gt", "task_name",
+                                          "dataset_name")}
+
+
+def _meta(path: Path, name: str) -> list[dict]:
+    require_dir(path, f"give the AIR-Bench folder that holds {name}")
+    meta = require_file(path / name, f"give the AIR-Bench folder that holds {name}")
+    rows = json.loads(meta.read_text(encoding="utf-8"))
+    if not isinstance(rows, list):
+        raise DatasetError(f"{meta}: expected a JSON list of items")
+    for number, row in enumerate(rows):
+        missing = [k for k in REQUIRED_KEYS[name] if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise DatasetError(f"{meta}: item {number} lacks {', '.join(missing)}")
+    return rows
+
+
+def _audio(path: Path, row: dict, grounding_flac: bool = False) -> Path:
+    audio = path / f"{row['task_name']}_{row['dataset_name']}" / row["path"]
+    if grounding_flac and row["task_name"] == "Audio_Grounding":
+        audio = audio.with_suffix(".flac")
+    return audio
+
+
+# ---- chat ---------------------------------------------------------------------------------------------
+def read_chat(path: Path, options: Options) -> list[Item]:
+    items = []
+    for row in _meta(path, "Chat_meta.json"):
+        category = CHAT_CATEGORIES.get(row["task_name"])
+        if category is None:
+            raise DatasetError(f"unknown AIR-Bench chat task {row['task_name']!r}; known: {', '.join(CHAT_CATEGORIES)}")
+        items.append(Item(
+            id=str(row.get("uniq_id", row["path"])), audio=str(_audio(path, row)), prompt=row["question"],
+            reference=row["answer_gt"], source=category, metric="judge", chat=use_chat(options, True),
+            extra={"question": row["question"], "meta_info": row.get("meta_info"), "task_name": row["task_name"], "dataset_name": row["dataset_name"]},
+        ))
+    return items
+
+
+def parse_scores(answer: str) -> tuple[int, int] | None:
+    """AIR-Bench's reading of a judge answer: two integers separated by a space (newlines dropped first)."""
+    parts = answer.strip().replace("\n", "").split(" ")
+    if len(parts) != 2:
+        return None
+    try:
+        scores = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if not all(SCORE_RANGE[0] <= s <= SCORE_RANGE[1] for s in scores):
+        return None
+    return scores
+
+
+def judge_prompt(meta_info: str, question: str, first: str, second: str) -> str:
+    return (JUDGE_TEMPLATE.replace("XAudioX", meta_info).replace("XQuestionX", question)
+            .replace("XAssistant1X", first).replace("XAssistant2X", second))
+
+
+def score_chat(records: list[dict], judge, workers: int = DEFAULT_JUDGE_WORKERS) -> dict:
+    """Ask the judge about every generated record (both orders); fills each record's stats and score."""
+    from .judge import JudgeError
+
+    if judge is None:
+        for rec in records:
+            rec.pop("stats", None)
+        return {"judged": False, "note": "no judge configured (--judge-url or QWEN2AUDIO_JUDGE_URL): answers not scored"}
+    counts = {"parse_failures": 0, "errors": 0, "requests": 0}
+    lock = threading.Lock()
+
+    def count(key: str) -> None:
+        with lock:
+            counts[key] += 1
+
+    def one(rec: dict) -> None:
+        meta = rec.get("meta_info") or ""
+        orders = [(rec["reference"], rec["hypothesis"], 1), (rec["hypothesis"], rec["reference"], 0)]
+        answers, model_scores = [], []
+        for first, second, model_index in orders:
+            count("requests")
+            try:
+                answer = judge.ask(judge_prompt(meta, rec["question"], first, second))
+            except JudgeError as err:
+                count("errors")
+                answers.append(None)
+                print(f"qwen2audio eval: judge error for {rec['id']}: {err}", file=sys.stderr)
+                continue
+            answers.append(answer)
+            parsed = parse_scores(answer)
+            if parsed is None:
+                count("parse_failures")
+            else:
+                model_scores.append(parsed[model_index])
+        rec["judge"] = {"answers": answers, "model_scores": model_scores}
+        if model_scores:
+            rec["score"] = sum(model_scores) / len(model_scores)
+            rec["stats"] = [rec["score"], 1.0]
+        else:
+            rec["score"] = None
+            rec["stats"] = [0.0, 0.0]
+
+    todo = [r for r in records if "error" not in r]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(one, todo))
+    return {"judged": True, "model": judge.model, "url": judge.url, "requests": counts["requests"],
+            "sent": judge.calls, "parse_failures": counts["parse_failures"], "errors": counts["errors"],
+            "unjudged_items": sum(1 for r in todo if not r["judge"]["model_scores"])}
+
+
+def mixed_row(subsets: dict[str, dict]) -> dict[str, dict]:
+    parts = [subsets[p]["score"] for p in MIXED_PARTS if p in subsets and not math.isnan(subsets[p]["score"])]
+    if len(parts) != len(MIXED_PARTS):
+        return {}
+    return {"mixed": {"score": sum(parts) / len(parts), "ci": None, "n": sum(subsets[p]["n"] for p in MIXED_PARTS),
+                      "label": subsets[MIXED_PARTS[0]].get("label", ""),
+                      "note": "mean of speech_and_sound and speech_and_music"}}
+
+
+def chat() -> Task:
+    return Task(name="airbench-chat", read=read_chat, score=score_chat, derived=mixed_row)
+
+
+# ---- foundation ---------------------------------------------------------------------------------------
+def read_foundation(path: Path, options: Options) -> list[Item]:
+    items = []
+    for row in _meta(path, "Foundation_meta.json"):
+        choices = [row.get(f"choice_{c}") for c in "abcd"]
+        letters = [letter for letter, choice in zip("ABCD", choices) if choice is not None and choice == row["answer_gt"]]
+        if not letters:
+            raise DatasetError(f"AIR-Bench item {row.get('uniq_id')}: answer_gt {row['answer_gt']!r} is none of its choices")
+        question = (f"{FOUNDATION_INSTRUCTION}\n{row['question']}\n"
+                    f"A. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\nD. {choices[3]}")
+        items.append(Item(
+            id=str(row.get("uniq_id", row["path"])), audio=str(_audio(path, row, grounding_flac=True)), prompt=question,
+            reference=letters[0], source=f"{row['task_name']}_{row['dataset_name']}", metric="choice",
+            chat=use_chat(options, True), extra={"task_name": row["task_name"], "dataset_name": row["dataset_name"]},
+        ))
+    return items
+
+
+def foundation() -> Task:
+    return Task(name="airbench-foundation", read=read_foundation)

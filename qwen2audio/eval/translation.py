@@ -1,0 +1,84 @@
+"""Speech translation: CoVoST 2 (en-de, de-en, en-zh, zh-en, es-en, fr-en, it-en, ...).
+
+Layout: `--data` is the Common Voice language folder of the source language (the CoVoST 2 audio is Common
+Voice 4 audio, `clips/*.mp3`) holding the CoVoST 2 split files made by the official get_covost_splits.py,
+`covost_v2.SRC_TGT.test.tsv` (columns path, sentence, translation, client_id). Every pair found is read
+(one subset per pair) unless --pair picks one. The official list (covost2_eval.jsonl) works too.
+
+Prompt (base model, raw): `Detect the language and translate the speech into TARGET: <|SRC|>`.
+Metric: sacrebleu corpus BLEU, tokenizer zh for Chinese targets, 13a otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from .jsonl import read_official
+from .tasks import DatasetError, Item, Options, Task, require_dir, use_chat
+
+TRANSLATION_PROMPT = "Detect the language and translate the speech into {target}: <|{source}|>"
+# Target language names in the prompt. "Mandarin" for Chinese follows the Qwen2-Audio examples.
+LANGUAGE_NAMES = {"en": "English", "de": "German", "zh": "Mandarin", "ja": "Japanese", "fr": "French",
+                  "es": "Spanish", "it": "Italian", "ca": "Catalan", "tr": "Turkish", "fa": "Persian",
+                  "sv": "Swedish", "mn": "Mongolian", "cy": "Welsh", "sl": "Slovenian", "et": "Estonian",
+                  "id": "Indonesian", "ar": "Arabic", "ta": "Tamil", "lv": "Latvian", "ru": "Russian",
+                  "pt": "Portuguese", "nl": "Dutch"}
+SPLIT_FILE = re.compile(r"^covost_v2\.([A-Za-z-]+)_([A-Za-z-]+)\.(\w+)\.tsv$")
+
+
+def language_code(locale: str) -> str:
+    """Common Voice locale -> two-letter code: zh-CN -> zh, sv-SE -> sv."""
+    return locale.split("-")[0].lower()
+
+
+def translation_item(id: str, audio: Path, translation: str, src: str, tgt: str, options: Options) -> Item:
+    if tgt not in LANGUAGE_NAMES:
+        raise DatasetError(f"no prompt name for target language {tgt!r}; known: {', '.join(sorted(LANGUAGE_NAMES))}")
+    return Item(id=id, audio=str(audio), prompt=TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[tgt], source=src),
+                reference=translation, source=f"{src}-{tgt}", metric=f"bleu:{tgt}", chat=use_chat(options, False),
+                extra={"transcript": None})
+
+
+def target_of_source(source: str) -> str:
+    """Target language of an official list's `source` field (e.g. covost2_en_zh_test -> zh): the second
+    language of the last pair of language codes in it."""
+    tokens = [t.lower() for t in re.split(r"[_\-\s/]+", source)]
+    for a, b in reversed(list(zip(tokens, tokens[1:]))):
+        if a in LANGUAGE_NAMES and b in LANGUAGE_NAMES:
+            return b
+    raise DatasetError(f"cannot tell the target language of source {source!r}; name it like covost2_en_de")
+
+
+def read_covost2(path: Path, options: Options) -> list[Item]:
+    if path.suffix == ".jsonl":
+        return read_official(path, lambda row: f"bleu:{target_of_source(str(row.get('source', '')))}",
+                             chat=use_chat(options, False))
+    require_dir(path, "give the Common Voice folder of the source language (with clips/ and covost_v2.*.test.tsv)")
+    found = []
+    for tsv in sorted(path.glob("covost_v2.*.tsv")):
+        match = SPLIT_FILE.match(tsv.name)
+        if match and match.group(3) == options.split:
+            src, tgt = language_code(match.group(1)), language_code(match.group(2))
+            if options.pair is None or options.pair == f"{src}-{tgt}":
+                found.append((tsv, src, tgt))
+    if not found:
+        want = f"covost_v2.SRC_TGT.{options.split}.tsv" + (f" for pair {options.pair}" if options.pair else "")
+        raise DatasetError(f"{path} holds no {want}; make it with the official get_covost_splits.py")
+    items = []
+    for tsv, src, tgt in found:
+        with open(tsv, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            if not reader.fieldnames or not {"path", "translation"} <= set(reader.fieldnames):
+                raise DatasetError(f"{tsv}: expected columns path, sentence, translation, client_id; got {reader.fieldnames}")
+            for row in reader:
+                item = translation_item(f"{src}-{tgt}:{row['path']}", path / "clips" / row["path"], row["translation"],
+                                        src, tgt, options)
+                item.extra["transcript"] = row.get("sentence")
+                items.append(item)
+    return items
+
+
+def covost2() -> Task:
+    return Task(name="covost2", read=read_covost2)

@@ -1,0 +1,391 @@
+"""Every benchmark end to end through `qwen2audio eval`, on fixtures written in each dataset's native layout.
+
+The tiny random model's answers are garbage, so these tests check the pipeline: items found, references
+read from the native layout, the official prompts, metrics recomputed independently from the JSONL,
+resume, bad audio skipped; and a stub model that echoes the reference scores perfectly.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import av
+import jiwer
+import numpy as np
+import pytest
+import sacrebleu
+import soundfile as sf
+
+from qwen2audio.cli import main
+from qwen2audio.eval import runner
+from qwen2audio.eval.metrics import choice_letter
+from qwen2audio.eval.normalizers import wer_units
+
+SR = 16000
+FAST = ["--max-new-tokens", "3", "--no-progress", "--bootstrap", "50"]
+RAW = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+
+
+def tone(seconds=0.6, freq=220.0, seed=0):
+    t = np.arange(int(seconds * SR)) / SR
+    noise = np.random.default_rng(seed).normal(0, 0.01, t.shape)
+    return (0.2 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
+
+
+def write(path: Path, seed=0, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".mp3":  # Common Voice clips are mp3
+        sf.write(path, tone(seed=seed), SR, format="MP3")
+    elif path.suffix == ".mp4":  # MELD clips are video files with an AAC track
+        x = tone(seed=seed)
+        with av.open(str(path), "w", format="mp4") as c:
+            stream = c.add_stream("aac", rate=SR)
+            stream.layout = "mono"
+            for i in range(0, len(x), 1024):
+                frame = av.AudioFrame.from_ndarray(x[None, i:i + 1024].copy(), format="fltp", layout="mono")
+                frame.sample_rate = SR
+                for packet in stream.encode(frame):
+                    c.mux(packet)
+            for packet in stream.encode(None):
+                c.mux(packet)
+    else:
+        sf.write(path, tone(seed=seed), SR)
+
+
+# ---- fixtures in native layouts ------------------------------------------------------------------------
+def librispeech(root: Path) -> tuple[Path, dict]:
+    split = root / "LibriSpeech" / "test-clean"
+    refs = {"1089-134686-0000": "HE HOPED THERE WOULD BE STEW FOR DINNER", "1089-134686-0001": "TURNIPS AND CARROTS",
+            "121-121726-0000": "ALSO A POPULAR CONTRIVANCE"}
+    for utt, text in refs.items():
+        spk, chap, _ = utt.split("-")
+        write(split / spk / chap / f"{utt}.flac", seed=len(text))
+        with open(split / spk / chap / f"{spk}-{chap}.trans.txt", "a") as f:
+            f.write(f"{utt} {text}\n")
+    return split, refs
+
+
+def commonvoice(root: Path, locale="zh-CN") -> tuple[Path, dict]:
+    folder = root / "cv-corpus-15.0-2023-09-08" / locale
+    refs = {"common_voice_zh-CN_1.mp3": "今天天气很好。", "common_voice_zh-CN_2.mp3": "我有123个苹果"}
+    folder.mkdir(parents=True)
+    with open(folder / "test.tsv", "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accents",
+                    "variant", "locale", "segment"])
+        for i, (path, text) in enumerate(refs.items()):
+            w.writerow([f"c{i}", path, text, 2, 0, "", "", "", "", locale, ""])
+            write(folder / "clips" / path, seed=i)
+    return folder, refs
+
+
+def fleurs(root: Path) -> tuple[Path, dict]:
+    folder = root / "fleurs" / "data" / "cmn_hans_cn"
+    refs = {"1001.wav": "这是一个测试", "1002.wav": "北京是中国的首都"}
+    folder.mkdir(parents=True)
+    with open(folder / "test.tsv", "w") as f:
+        for i, (name, text) in enumerate(refs.items()):
+            f.write(f"{i}\t{name}\t{text}\t{text}\t{' '.join(text)}\t{SR}\tMALE\n")
+            write(folder / "audio" / "test" / name, seed=i)
+    return folder, refs
+
+
+def aishell2(root: Path) -> tuple[Path, dict]:
+    folder = root / "AISHELL-DEV-TEST-SET" / "iOS" / "test"
+    refs = {"IT0011W0001": "换一首歌", "IT0011W0002": "把音量调大一点"}
+    folder.mkdir(parents=True)
+    with open(folder / "wav.scp", "w") as scp, open(folder / "trans.txt", "w") as trans:
+        for i, (utt, text) in enumerate(refs.items()):
+            scp.write(f"{utt}\twav/T0011/{utt}.wav\n")
+            trans.write(f"{utt}\t{text}\n")
+            write(folder / "wav" / "T0011" / f"{utt}.wav", seed=i)
+    return folder, refs
+
+
+def covost2(root: Path) -> tuple[Path, dict]:
+    folder = root / "cv-corpus-4" / "en"
+    refs = {"en-de:a.mp3": "Das ist ein Test.", "en-de:b.mp3": "Guten Morgen, Welt.", "en-zh:a.mp3": "这是一个测试。"}
+    folder.mkdir(parents=True)
+    for pair, tgt in (("en_de", "de"), ("en_zh-CN", "zh")):
+        with open(folder / f"covost_v2.{pair}.test.tsv", "w", newline="") as f:
+            w = csv.writer(f, delimiter="\t")
+            w.writerow(["path", "sentence", "translation", "client_id"])
+            for key, text in refs.items():
+                if key.startswith(f"en-{tgt}:"):
+                    w.writerow([key.split(":")[1], "source sentence", text, "c"])
+    write(folder / "clips" / "a.mp3", seed=1)
+    write(folder / "clips" / "b.mp3", seed=2)
+    return folder, refs
+
+
+def meld(root: Path) -> tuple[Path, dict]:
+    folder = root / "MELD.Raw"
+    refs = {"dia0_utt0": "neutral", "dia0_utt1": "joy", "dia1_utt0": "anger"}
+    folder.mkdir(parents=True)
+    with open(folder / "test_sent_emo.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID",
+                    "Season", "Episode", "StartTime", "EndTime"])
+        for i, (name, emotion) in enumerate(refs.items()):
+            d, u = name[3:].split("_utt")
+            w.writerow([i + 1, "Oh my God!", "Joey", emotion, "neutral", d, u, 1, 1, "00:00:01,000", "00:00:02,000"])
+            write(folder / "output_repeated_splits_test" / f"{name}.mp4", seed=i)
+    return folder, refs
+
+
+def vocalsound(root: Path) -> tuple[Path, dict]:
+    folder = root / "vocalsound_16k"
+    names = {"f0003_0_cough.wav": ("/m/01b_21", "Cough"), "m0010_1_laughter.wav": ("/m/01j3sz", "Laughter"),
+             "f0100_0_throatclearing.wav": ("/m/0dl9sf8", "Throat clearing")}
+    for i, name in enumerate(names):
+        write(folder / "audio_16k" / name, seed=i)
+    (folder / "datafiles").mkdir()
+    (folder / "datafiles" / "te.json").write_text(json.dumps({"data": [
+        {"wav": f"/data/sls/vocalsound/audio_16k/{n}", "labels": mid} for n, (mid, _) in names.items()]}))
+    (folder / "class_labels_indices_vs.csv").write_text(
+        "index,mid,display_name\n0,/m/01j3sz,Laughter\n1,/m/07plz5l,Sigh\n2,/m/01b_21,Cough\n"
+        "3,/m/0dl9sf8,Throat clearing\n4,/m/01hsr_,Sneeze\n5,/m/07ppn3j,Sniff\n")
+    return folder, {n: label for n, (_, label) in names.items()}
+
+
+def airbench_foundation(root: Path) -> tuple[Path, dict]:
+    folder = root / "Foundation"
+    rows = [
+        {"path": "x1.wav", "question": "What is the speaker's emotion?", "choice_a": "happy", "choice_b": "sad",
+         "choice_c": "angry", "choice_d": "neutral", "answer_gt": "sad", "task_name": "Speech_Emotion_Recognition",
+         "dataset_name": "iemocap", "uniq_id": 1},
+        {"path": "g1.wav", "question": "When does the dog bark?", "choice_a": "[0.0, 1.0]", "choice_b": "[2.0, 3.0]",
+         "answer_gt": "[0.0, 1.0]", "task_name": "Audio_Grounding", "dataset_name": "AudioGrounding", "uniq_id": 2},
+    ]
+    folder.mkdir(parents=True)
+    (folder / "Foundation_meta.json").write_text(json.dumps(rows))
+    write(folder / "Speech_Emotion_Recognition_iemocap" / "x1.wav")
+    write(folder / "Audio_Grounding_AudioGrounding" / "g1.flac")
+    return folder, {"1": "B", "2": "A"}
+
+
+def airbench_chat(root: Path) -> tuple[Path, dict]:
+    folder = root / "Chat"
+    rows = []
+    for i, task in enumerate(["speech_QA", "sound_QA", "music_QA", "speech_and_sound_QA", "speech_and_music_QA"]):
+        rows.append({"path": f"{i}.wav", "question": f"Question {i}?", "answer_gt": f"Answer {i}.",
+                     "meta_info": f"A clip with sound {i}.", "task_name": task, "dataset_name": "d", "uniq_id": i})
+        write(folder / f"{task}_d" / f"{i}.wav", seed=i)
+    (folder / "Chat_meta.json").write_text(json.dumps(rows))
+    return folder, {str(r["uniq_id"]): r["answer_gt"] for r in rows}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def run_eval(task, data, out, *extra):
+    code = main(["eval", "--task", task, "--data", str(data), "--out", str(out), *FAST, *extra])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    return records, results
+
+
+@pytest.fixture(autouse=True)
+def _fast(one_thread, default_home):
+    yield
+
+
+@pytest.fixture
+def echo(monkeypatch):
+    """A stub model whose answer is the reference; records the generation settings it was given."""
+    calls = []
+
+    def fake(model, batch, max_new_tokens):
+        calls.append({"n": len(batch), "max_new_tokens": max_new_tokens})
+        return [item.reference for item, _ in batch]
+
+    monkeypatch.setattr(runner, "generate_batch", fake)
+    monkeypatch.setattr("qwen2audio.eval.cli._load", lambda args: object())
+    return calls
+
+
+# ---- tests ----------------------------------------------------------------------------------------------
+def test_librispeech_end_to_end_on_the_tiny_model(tmp_path):
+    data, refs = librispeech(tmp_path)
+    records, results = run_eval("librispeech", data, tmp_path / "out", "--batch-size", "2")
+    assert {r["id"]: r["reference"] for r in records} == refs
+    assert all(r["prompt"] == RAW + "Detect the language and recognize the speech: <|en|>" for r in records)
+    # independent: jiwer's corpus WER over the normalised texts
+    refs_n = [" ".join(wer_units(r["reference"], "en")) for r in records]
+    hyps_n = [" ".join(wer_units(r["hypothesis"], "en")) for r in records]
+    expected = 100 * jiwer.wer(refs_n, hyps_n)
+    assert results["subsets"]["test-clean"]["score"] == pytest.approx(expected)
+    assert results["overall"]["score"] == pytest.approx(expected)
+    low, high = results["subsets"]["test-clean"]["ci"]
+    assert low <= results["subsets"]["test-clean"]["score"] <= high
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| test-clean | 3 | WER % |" in report and "| 1.60 | 1.70 |" in report
+    assert (tmp_path / "out" / "report.png").stat().st_size > 0
+
+
+def test_resume_skips_done_items_and_bad_audio_is_reported_and_skipped(tmp_path, echo):
+    data, refs = librispeech(tmp_path)
+    bad = data / "1089" / "134686" / "1089-134686-0001.flac"
+    bad.write_bytes(b"not audio at all")
+    out = tmp_path / "out"
+    records, results = run_eval("librispeech", data, out, "--limit", "2")
+    assert [c["n"] for c in echo] == [1]
+    assert results["skipped"] == 1 and results["skipped_items"][0]["id"] == "1089-134686-0001"
+    assert "error" in records[1] and results["scored"] == 1
+    echo.clear()
+    write(bad)  # fixed: the rerun generates the failed item and the one past the old limit, nothing else
+    records, results = run_eval("librispeech", data, out)
+    assert sum(c["n"] for c in echo) == 2
+    assert len(records) == 3 and results["skipped"] == 0
+    assert results["subsets"]["test-clean"]["score"] == 0.0
+    echo.clear()
+    run_eval("librispeech", data, out)
+    assert echo == []  # all done: nothing generated, the model is not even loaded
+    records, results = run_eval("librispeech", data, out, "--limit", "1")
+    assert results["items"] == 1 and len(records) == 3  # a smaller --limit reports less but keeps the work
+
+
+def test_resuming_with_other_settings_warns(tmp_path, echo, capsys):
+    data, _ = librispeech(tmp_path)
+    run_eval("librispeech", data, tmp_path / "out")
+    run_eval("librispeech", data, tmp_path / "out", "--prompt-style", "chat")
+    assert "prompt_style: auto -> chat" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_items_speed_and_running_metric(tmp_path, echo, capsys):
+    data, _ = librispeech(tmp_path)
+    assert main(["eval", "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--batch-size", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "3/3" in err and ("item/s" in err or "s/item" in err)
+    assert "WER %=0" in err
+
+
+def test_an_item_the_model_cannot_take_is_skipped_alone(tmp_path, monkeypatch):
+    data, _ = librispeech(tmp_path)
+    monkeypatch.setattr("qwen2audio.eval.cli._load", lambda args: object())
+
+    def fussy(model, batch, max_new_tokens):
+        if any(item.id == "1089-134686-0001" for item, _ in batch):
+            raise ValueError("the audio is too long for the context")
+        return [item.reference for item, _ in batch]
+
+    monkeypatch.setattr(runner, "generate_batch", fussy)
+    records, results = run_eval("librispeech", data, tmp_path / "out", "--batch-size", "3")
+    assert results["scored"] == 2 and results["skipped_items"][0]["error"] == "the audio is too long for the context"
+
+
+def test_official_decoding_settings_are_the_defaults(tmp_path, echo):
+    data, _ = librispeech(tmp_path)
+    assert main(["eval", "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert echo[0]["max_new_tokens"] == 256 and echo[0]["n"] == 3
+
+
+def independent_score(records, source):
+    """The subset's score recomputed from the JSONL with jiwer / sacrebleu / plain Python."""
+    recs = [r for r in records if r["source"] == source and "error" not in r]
+    refs, hyps = [r["reference"] for r in recs], [r["hypothesis"] for r in recs]
+    kind, _, language = recs[0]["metric"].partition(":")
+    if kind == "wer":
+        return 100 * jiwer.wer([" ".join(wer_units(x, language)) for x in refs],
+                               [" ".join(wer_units(x, language)) for x in hyps])
+    if kind == "bleu":
+        return sacrebleu.corpus_bleu(hyps, [refs], tokenize="zh" if language == "zh" else "13a").score
+    if kind == "acc":
+        return sum(h.lstrip() == r for r, h in zip(refs, hyps)) / len(recs)
+    letters = [choice_letter(h) for h in hyps]
+    counted = [(r, letter) for r, letter in zip(refs, letters) if letter]
+    return sum(r == letter for r, letter in counted) / len(counted) if counted else None
+
+
+NATIVE = [  # task, fixture, metric of the first subset, score of a perfect model, a subset name
+    ("commonvoice", commonvoice, "wer:zh", 0.0, "zh"),
+    ("fleurs", fleurs, "wer:zh", 0.0, "zh"),
+    ("aishell2", aishell2, "wer:zh", 0.0, "iOS"),
+    ("covost2", covost2, "bleu:de", 100.0, "en-de"),
+    ("meld", meld, "acc", 1.0, "test"),
+    ("vocalsound", vocalsound, "acc", 1.0, "test"),
+    ("airbench-foundation", airbench_foundation, "choice", 1.0, "Audio_Grounding_AudioGrounding"),
+]
+
+
+@pytest.mark.parametrize("task, build, metric, perfect, subset", NATIVE + [
+    ("librispeech", librispeech, "wer:en", 0.0, "test-clean"),
+    ("airbench-chat", airbench_chat, "judge", None, "speech")])
+def test_native_layouts_end_to_end_on_the_tiny_model(tmp_path, task, build, metric, perfect, subset):
+    data, refs = build(tmp_path)
+    records, results = run_eval(task, data, tmp_path / "out", "--batch-size", "2")
+    assert {r["id"]: r["reference"] for r in records} == refs
+    assert results["skipped"] == 0 and all(isinstance(r["hypothesis"], str) for r in records)
+    assert {r["metric"] for r in records} >= {metric}
+    if metric == "judge":  # no judge configured: answered, not scored
+        assert results["scored"] == 0
+        return
+    for source, block in results["subsets"].items():
+        expected = independent_score(records, source)
+        assert (block["score"] is None and expected is None) or block["score"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("task, build, metric, perfect, subset", NATIVE)
+def test_native_layouts_read_and_echo_scores_perfectly(tmp_path, echo, task, build, metric, perfect, subset):
+    data, refs = build(tmp_path)
+    records, results = run_eval(task, data, tmp_path / "out")
+    assert {r["id"]: r["reference"] for r in records} == refs
+    assert results["skipped"] == 0 and results["scored"] == len(refs)
+    assert results["subsets"][subset]["score"] == pytest.approx(perfect)
+    assert any(r["metric"] == metric for r in records)
+
+
+def test_prompts_are_the_official_ones(tmp_path):
+    cases = [("commonvoice", commonvoice, RAW + "Detect the language and recognize the speech: <|zh|>"),
+             ("meld", meld, RAW + "Recognize the emotion with keywords in English:"),
+             ("vocalsound", vocalsound, RAW + "Classify the human vocal sound to VocalSound in English:")]
+    for task, build, prompt in cases:
+        data, _ = build(tmp_path / task)
+        records, _ = run_eval(task, data, tmp_path / task / "out", "--limit", "1")
+        assert records[0]["prompt"] == prompt
+    data, _ = covost2(tmp_path / "covost")
+    records, results = run_eval("covost2", data, tmp_path / "covost" / "out")
+    prompts = {r["source"]: r["prompt"] for r in records}
+    assert prompts["en-de"] == RAW + "Detect the language and translate the speech into German: <|en|>"
+    assert prompts["en-zh"] == RAW + "Detect the language and translate the speech into Mandarin: <|en|>"
+    de = [r for r in records if r["source"] == "en-de"]
+    expected = sacrebleu.corpus_bleu([r["hypothesis"] for r in de], [[r["reference"] for r in de]], tokenize="13a").score
+    assert results["subsets"]["en-de"]["score"] == pytest.approx(expected)
+    zh = [r for r in records if r["source"] == "en-zh"]
+    expected = sacrebleu.corpus_bleu([r["hypothesis"] for r in zh], [[r["reference"] for r in zh]], tokenize="zh").score
+    assert results["subsets"]["en-zh"]["score"] == pytest.approx(expected)
+
+
+def test_airbench_foundation_prompt_uses_the_chat_template(tmp_path, echo):
+    data, _ = airbench_foundation(tmp_path)
+    records, _ = run_eval("airbench-foundation", data, tmp_path / "out")
+    prompt = records[0]["prompt"]
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nAudio 1: ")
+    assert ("Choose the most suitable answer from options A, B, C, and D to respond the question in next line, "
+            "you may only choose A or B or C or D.\nWhat is the speaker's emotion?\nA. happy\nB. sad\nC. angry\n"
+            "D. neutral<|im_end|>\n<|im_start|>assistant\n") in prompt
+    assert records[1]["audio"].endswith("g1.flac")  # Audio_Grounding's .wav names stand for .flac files
+
+
+def test_official_jsonl_lists_and_generic_jsonl(tmp_path, echo):
+    write(tmp_path / "clips" / "a.flac")
+    write(tmp_path / "clips" / "b.flac", seed=3)
+    rows = [{"audio": "clips/a.flac", "prompt": "Detect the language and recognize the speech: <|yue|>",
+             "source": "cv15_asr_yue", "gt": "我們去飲茶"},
+            {"audio": "clips/b.flac", "prompt": "Detect the language and recognize the speech: <|yue|>",
+             "source": "cv15_asr_yue", "gt": "點樣"}]
+    (tmp_path / "cv15_asr_yue_eval.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    records, results = run_eval("commonvoice", tmp_path / "cv15_asr_yue_eval.jsonl", tmp_path / "o1")
+    assert records[0]["metric"] == "wer:yue" and results["subsets"]["cv15_asr_yue"]["score"] == 0.0
+    assert "| cv15_asr_yue | 2 | CER % | 0.00 | 0.00 – 0.00 | 5.90 | 5.90 |" in (tmp_path / "o1" / "report.md").read_text()
+    generic = [{"audio": "clips/a.flac", "prompt": "Translate:", "reference": "hallo welt, wie geht es dir heute?", "metric": "bleu:de"},
+               {"audio": "clips/b.flac", "prompt": "What?", "reference": "cough", "metric": "acc", "source": "vs"}]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in generic))
+    records, results = run_eval("jsonl", tmp_path / "mine.jsonl", tmp_path / "o2")
+    assert results["subsets"]["vs"]["score"] == 1.0 and results["subsets"]["all"]["score"] == pytest.approx(100.0)
+
+
+def test_a_missing_dataset_layout_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--task", "librispeech", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "trans.txt" in capsys.readouterr().err

@@ -1,0 +1,167 @@
+"""AIR-Bench chat scoring against a fake OpenAI-compatible judge served on 127.0.0.1 by the test."""
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from qwen2audio.cli import main
+from qwen2audio.eval import runner
+from qwen2audio.eval.airbench import JUDGE_TEMPLATE, judge_prompt, parse_scores
+from qwen2audio.eval.judge import Judge, JudgeError
+
+from test_eval_e2e import FAST, airbench_chat
+
+# (answer when the reference is Assistant 1, answer when the model's answer is Assistant 1), per question
+ANSWERS = {
+    0: ("9 7", "6 9"),                       # speech: model 7 and 6 -> 6.5
+    1: ("9 8\n", "8 9"),                     # sound: 8
+    2: ("Assistant 2 scores 5", "4 9"),      # music: one parse failure -> 4
+    3: ("9 6", "6 9"),                       # speech_and_sound: 6
+    4: ("9 10", "11 3"),                     # speech_and_music: out of range -> failure; 10
+}
+
+
+class FakeJudge:
+    def __init__(self):
+        self.requests = []
+        self.fail_next = 0  # answer HTTP 500 this many times first
+
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                if outer.fail_next:
+                    outer.fail_next -= 1
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                content = body["messages"][0]["content"]
+                i = int(re.search(r"\[Question\]\nQuestion (\d)\?", content).group(1))
+                reference_first = "[The Start of Assistant 1s Answer]\nAnswer" in content
+                answer = ANSWERS[i][0 if reference_first else 1]
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer},
+                                                "finish_reason": "stop"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_judge():
+    judge = FakeJudge()
+    yield judge
+    judge.close()
+
+
+@pytest.fixture
+def model_answers(monkeypatch, default_home):
+    calls = []
+
+    def fake(model, batch, max_new_tokens):
+        calls.append(len(batch))
+        return [f"Model answer {item.id}." for item, _ in batch]
+
+    monkeypatch.setattr(runner, "generate_batch", fake)
+    monkeypatch.setattr("qwen2audio.eval.cli._load", lambda args: object())
+    return calls
+
+
+@pytest.mark.parametrize("answer, scores", [("8 7", (8, 7)), (" 8 7\n", (8, 7)), ("8\n7", None), ("8, 7", None),
+                                            ("8 7 6", None), ("11 3", None), ("0 5", None), ("eight 7", None),
+                                            ("8.5 7", None), ("", None)])
+def test_parse_scores_follows_airbench(answer, scores):
+    assert parse_scores(answer) == scores
+
+
+def test_judge_prompt_is_airbench_template():
+    text = judge_prompt("a dog barks", "What animal?", "A dog.", "A cat.")
+    assert text.startswith("You are a helpful and precise assistant for checking the quality of the answer.\n"
+                           "[Detailed Audio Description]\na dog barks\n[Question]\nWhat animal?\n"
+                           "[The Start of Assistant 1s Answer]\nA dog.\n[The End of Assistant 1s Answer]\n"
+                           "[The Start of Assistant 2s Answer]\nA cat.\n[The End of Assistant 2s Answer]\n[System]\n")
+    assert text.endswith("The two scores are separated by a space.")
+    assert "XAudioX" in JUDGE_TEMPLATE
+
+
+def test_airbench_chat_scored_by_judge_in_both_orders_with_cache(tmp_path, fake_judge, model_answers, monkeypatch):
+    data, refs = airbench_chat(tmp_path)
+    out = tmp_path / "out"
+    monkeypatch.setenv("QWEN2AUDIO_JUDGE_API_KEY", "sk-test")
+    argv = ["eval", "--task", "airbench-chat", "--data", str(data), "--out", str(out), *FAST,
+            "--judge-url", fake_judge.url, "--judge-model", "judge-x"]
+    assert main(argv) == 0
+    assert len(fake_judge.requests) == 10  # 5 items x 2 orders
+    first = fake_judge.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"
+    assert first["body"]["model"] == "judge-x" and first["body"]["max_tokens"] == 1024
+    contents = [r["body"]["messages"][0]["content"] for r in fake_judge.requests]
+    assert judge_prompt("A clip with sound 0.", "Question 0?", "Answer 0.", "Model answer 0.") in contents
+    assert judge_prompt("A clip with sound 0.", "Question 0?", "Model answer 0.", "Answer 0.") in contents
+
+    results = json.loads((out / "results.json").read_text())
+    subsets = results["subsets"]
+    assert subsets["speech"]["score"] == pytest.approx(6.5)
+    assert subsets["sound"]["score"] == pytest.approx(8.0)
+    assert subsets["music"]["score"] == pytest.approx(4.0)
+    assert subsets["speech_and_sound"]["score"] == pytest.approx(6.0)
+    assert subsets["speech_and_music"]["score"] == pytest.approx(10.0)
+    assert subsets["mixed"]["score"] == pytest.approx(8.0)
+    assert results["judge"]["parse_failures"] == 2 and results["judge"]["errors"] == 0
+    report = (out / "report.md").read_text()
+    assert "| speech | 1 | judge score 1-10 | 6.50 |" in report and "| 7.18 | 7.24 |" in report
+    records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["reference"] for r in records} == refs
+    assert records[2]["judge"]["answers"][0] == "Assistant 2 scores 5"
+
+    # A rerun costs nothing: answers and judge verdicts are both cached.
+    model_answers.clear()
+    assert main(argv) == 0
+    assert model_answers == [] and len(fake_judge.requests) == 10
+    assert json.loads((out / "results.json").read_text())["subsets"]["mixed"]["score"] == pytest.approx(8.0)
+
+
+def test_airbench_chat_without_judge_keeps_answers_unscored(tmp_path, model_answers, monkeypatch):
+    for var in ("QWEN2AUDIO_JUDGE_URL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    data, _ = airbench_chat(tmp_path)
+    assert main(["eval", "--task", "airbench-chat", "--data", str(data), "--out", str(tmp_path / "o"), *FAST]) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["judge"]["judged"] is False and results["scored"] == 0
+    records = [json.loads(line) for line in (tmp_path / "o" / "items.jsonl").read_text().splitlines()]
+    assert records[0]["prompt"].endswith("Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nQuestion 0?<|im_end|>\n"
+                                         "<|im_start|>assistant\n")
+
+
+def test_judge_retries_server_errors_and_reports_unreachable(tmp_path, fake_judge):
+    judge = Judge(fake_judge.url, "m", cache=tmp_path / "cache.jsonl", retry_sleep_s=0)
+    fake_judge.fail_next = 2
+    content = judge_prompt("d", "Question 1?", "Answer 1.", "x")
+    assert judge.ask(content) == "9 8\n"
+    assert len(fake_judge.requests) == 3
+    again = Judge(fake_judge.url, "m", cache=tmp_path / "cache.jsonl", retry_sleep_s=0)
+    assert again.ask(content) == "9 8\n" and len(fake_judge.requests) == 3  # from the disk cache
+    fake_judge.fail_next = 5
+    with pytest.raises(JudgeError, match="HTTP 500"):
+        judge.ask(judge_prompt("d", "Question 2?", "Answer 2.", "x"))
+    dead = Judge("http://127.0.0.1:9/v1", "m", retries=1, retry_sleep_s=0, timeout_s=2)
+    with pytest.raises(JudgeError, match="cannot reach"):
+        dead.ask("hello")
