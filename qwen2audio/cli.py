@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError
 EXIT_USAGE = 2
 # Modules that add commands: each has register(subparsers), which adds its parser(s) with
 # set_defaults(handler=function(args) -> exit code). Their heavy imports belong inside the handler.
-COMMAND_MODULES: list[str] = ["qwen2audio.checkpoint.init", "qwen2audio.eval.cli"]
+COMMAND_MODULES: list[str] = ["qwen2audio.checkpoint.init", "qwen2audio.training.cli", "qwen2audio.eval.cli"]
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but \t and \n, and DEL
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..audio.features import audio_token_count, encoder_frame_count
 from ..config import EncoderConfig
@@ -73,6 +74,7 @@ class AudioEncoder(nn.Module):
         self.embed_positions.requires_grad_(False)  # fixed sinusoids stored in the checkpoint
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.gradient_checkpointing = False  # training: recompute each layer in backward to save memory
 
     @property
     def max_mel_frames(self) -> int:
@@ -102,7 +104,8 @@ class AudioEncoder(nn.Module):
         if bool((enc_lengths != S).any()):
             key_mask = (torch.arange(S, device=x.device) < enc_lengths.to(x.device)[:, None])[:, None, None, :]
             # (B, 1, 1, S): True where the key is a valid frame
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, key_mask)
+            x = checkpoint(layer, x, key_mask, use_reentrant=False) if recompute else layer(x, key_mask)
         x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # (B, S//2, d), 40 ms each
         return self.layer_norm(x), audio_token_count(frame_lengths)

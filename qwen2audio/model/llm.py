@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
 from .kv_cache import KVCache
@@ -120,6 +121,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.config = cfg
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # training: recompute each layer in backward to save memory
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -158,8 +160,12 @@ class Qwen2ForCausalLM(nn.Module):
             mask = causal_mask(cache.length, T, embeds.device)  # a chunk appended to a cached prefix
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
         x = embeds
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(embeds.shape[1])
         return self.model.norm(x)

@@ -6,11 +6,14 @@ language_model), so a state dict loads without renaming.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Qwen2AudioConfig
 from .encoder import AudioEncoder, encoder_input_frames
 from .llm import Qwen2ForCausalLM, padded_causal_mask
+
+IGNORE_INDEX = -100  # a label that is not trained on (prompt, audio, padding), as in PyTorch and HF
 
 
 class MultiModalProjector(nn.Module):
@@ -70,12 +73,18 @@ class Qwen2AudioModel(nn.Module):
         return embeds
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
-                frame_lengths: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                frame_lengths: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence logits (B, T, vocab), no cache: for training and for checking against a reference.
 
         input_ids (B, T) with expanded <|AUDIO|> runs; features (n_clips, n_mels, frames) and
         frame_lengths (n_clips,) for the clips in reading order; attention_mask (B, T) 1 for real
         tokens (left or right padding).
+
+        With ``labels`` (B, T) (token ids, IGNORE_INDEX where not trained), returns instead the float32
+        log-probabilities (B, T) of each label given the tokens before it (0 where ignored and at
+        t = 0). Only the labelled positions go through the LM head, so the (B, T, vocab) logits are
+        never built: training with a 150k vocabulary needs this.
         """
         audio = self.encode_audio(features, frame_lengths) if features is not None else None
         embeds = self.embed(input_ids, audio)
@@ -86,4 +95,16 @@ class Qwen2AudioModel(nn.Module):
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             mask = padded_causal_mask(attention_mask, input_ids.shape[1])
         hidden = self.language_model.hidden_states(embeds, positions, mask)
+        if labels is not None:
+            return self._label_logprobs(hidden, labels)
         return self.language_model.logits(hidden)
+
+    def _label_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, hidden), labels (B, T) -> log p(labels[:, t] | tokens < t) as (B, T) float32."""
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        logits = self.language_model.logits(hidden[:, :-1][keep]).float()  # (N, vocab), N labelled tokens
+        picked = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)  # (B, T)
+        out[:, 1:] = out[:, 1:].masked_scatter(keep, picked)
+        return out

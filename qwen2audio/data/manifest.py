@@ -1,0 +1,237 @@
+"""JSONL manifests for the three training stages: reading, normalising and validating rows.
+
+One JSON object per line. Relative audio paths are resolved against the manifest's own directory.
+
+Pre-training (``stage: pretrain``): audio + a natural-language task prompt + the target text
+    {"audio": "clips/a.wav", "prompt": "Transcribe this English speech.", "target": "hello there",
+     "task": "asr"}                                   # "audio" may be a list; "task" is optional
+SFT (``stage: sft``): a conversation in the OpenAI / Hugging Face message shape
+    {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "q.wav"}]},
+                  {"role": "assistant", "content": "It is 3 pm."}]}          # voice chat
+    {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "dog.wav"},
+                                               {"type": "text", "text": "What animal is this?"}]},
+                  {"role": "assistant", "content": "A dog barking."}, ...]}   # audio analysis, multi-turn
+DPO (``stage: dpo``): a conversation that ends with a user turn, plus a chosen and a rejected answer
+    {"messages": [...], "chosen": "A dog barking.", "rejected": "A cat."}
+    ("chosen" / "rejected" may also be {"role": "assistant", "content": ...} as in LLaMA-Factory)
+
+The ms-swift / LLaMA-Factory shape is accepted for SFT and DPO: string contents with ``<audio>`` tags
+and the files in a top-level ``audios`` list, in order of appearance:
+    {"messages": [{"role": "user", "content": "<audio>What did the speaker say?"},
+                  {"role": "assistant", "content": "Hello."}], "audios": ["a.wav"]}
+    (DPO: the last assistant message is the chosen answer and "rejected_response" the rejected one,
+     or "chosen" / "rejected" as above)
+
+Every row is checked before training starts (JSON, schema, every audio decodable, audio length,
+non-empty target, sequence length); bad rows are skipped and listed in a report, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..text.chat import render_chat
+
+STAGES = ("pretrain", "sft", "dpo")
+AUDIO_TAG = "<audio>"  # ms-swift / LLaMA-Factory placeholder inside a string content
+_AUDIO_TAG_SPLIT = re.compile(r"(<audio>)")
+
+
+class ManifestError(ValueError):
+    """A row that cannot be used; the message says what is wrong with it."""
+
+
+@dataclass
+class Example:
+    """One normalised training row. ``messages`` hold audio parts as {"type": "audio", "audio": path}.
+
+    pretrain: ``audios``, ``prompt`` and ``target`` are set; sft: ``messages``; dpo: ``messages``
+    (ending with a user turn), ``chosen`` and ``rejected``.
+    """
+
+    stage: str
+    line: int  # 1-based line in the manifest, for reports
+    audios: list[str] = field(default_factory=list)
+    prompt: str = ""
+    target: str = ""
+    task: str | None = None
+    messages: list[dict] = field(default_factory=list)
+    chosen: str = ""
+    rejected: str = ""
+    n_samples: list[int] = field(default_factory=list)  # per audio, filled in by validation
+
+
+@dataclass
+class Report:
+    """What validation found: how many rows are usable, and each bad row with its reason."""
+
+    path: str
+    n_rows: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+
+    @property
+    def n_good(self) -> int:
+        return self.n_rows - len(self.bad)
+
+    def summary(self, limit: int = 20) -> str:
+        lines = [f"{self.path}: {self.n_good} of {self.n_rows} rows usable, {len(self.bad)} skipped"]
+        kinds = Counter(reason.split(":")[0] for _, reason in self.bad)
+        if kinds:
+            lines.append("  skipped: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
+        for line, reason in self.bad[:limit]:
+            lines.append(f"  line {line}: {reason}")
+        if len(self.bad) > limit:
+            lines.append(f"  ... and {len(self.bad) - limit} more")
+        return "\n".join(lines)
+
+
+def read_manifest(path: str | Path, stage: str) -> tuple[list[Example], Report]:
+    """Parse a JSONL manifest into Examples (schema checks only; audio is checked by validate)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    base = path.parent
+    report = Report(str(path))
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            report.n_rows += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                report.bad.append((i, f"bad json: {err.msg} at column {err.colno}"))
+                continue
+            try:
+                examples.append(parse_row(row, stage, i, base))
+            except ManifestError as err:
+                report.bad.append((i, str(err)))
+    return examples, report
+
+
+def parse_row(row: Any, stage: str, line: int, base: Path | None = None) -> Example:
+    if not isinstance(row, dict):
+        raise ManifestError(f"bad row: expected a JSON object, got {type(row).__name__}")
+    if stage == "pretrain":
+        return _parse_pretrain(row, line, base)
+    messages = _normalise_messages(row, base)
+    if stage == "sft":
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ManifestError("empty target: the conversation has no assistant message to learn from")
+        for m in messages:
+            if m["role"] == "assistant" and not _text_of(m):
+                raise ManifestError("empty target: an assistant message has no text")
+        if messages[0]["role"] == "assistant" or (messages[0]["role"] == "system" and messages[1:2]
+                                                  and messages[1]["role"] == "assistant"):
+            raise ManifestError("bad row: the conversation starts with an assistant message")
+        return Example("sft", line, messages=messages, audios=_audio_paths(messages))
+    chosen, rejected = row.get("chosen"), row.get("rejected", row.get("rejected_response"))
+    if chosen is None and messages and messages[-1]["role"] == "assistant":  # ms-swift: last turn is chosen
+        chosen = messages.pop()
+    chosen, rejected = _answer_text(chosen, "chosen"), _answer_text(rejected, "rejected")
+    if not messages or messages[-1]["role"] != "user":
+        raise ManifestError("bad row: a DPO conversation must end with the user turn being answered")
+    if chosen == rejected:
+        raise ManifestError("bad row: chosen and rejected answers are identical")
+    return Example("dpo", line, messages=messages, chosen=chosen, rejected=rejected, audios=_audio_paths(messages))
+
+
+def _parse_pretrain(row: dict, line: int, base: Path | None) -> Example:
+    audio = row.get("audio", row.get("audios"))
+    audios = [audio] if isinstance(audio, str) else audio
+    if not audios or not isinstance(audios, list) or not all(isinstance(a, str) and a for a in audios):
+        raise ManifestError('missing audio: a pre-training row needs "audio": "path.wav" (or a list of paths)')
+    prompt, target = row.get("prompt"), row.get("target")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ManifestError('bad row: "prompt" must be the task in words, e.g. "Transcribe this English speech."')
+    if not isinstance(target, str) or not target.strip():
+        raise ManifestError('empty target: "target" is missing or empty')
+    return Example("pretrain", line, audios=[_resolve(a, base) for a in audios], prompt=prompt, target=target,
+                   task=row.get("task"))
+
+
+def _normalise_messages(row: dict, base: Path | None) -> list[dict]:
+    messages = row.get("messages", row.get("conversations"))
+    if not isinstance(messages, list) or not messages:
+        raise ManifestError('bad row: "messages" must be a non-empty list of {"role": ..., "content": ...}')
+    tagged = row.get("audios", row.get("audio"))
+    tagged = [tagged] if isinstance(tagged, str) else list(tagged or [])
+    n_tags = 0
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ManifestError(f"bad row: messages[{i}] needs a role of system, user or assistant")
+        content = m.get("content")
+        if isinstance(content, str):
+            if AUDIO_TAG in content:
+                parts = []
+                for piece in _AUDIO_TAG_SPLIT.split(content):
+                    if piece == AUDIO_TAG:
+                        if n_tags >= len(tagged):
+                            raise ManifestError(f"missing audio: more {AUDIO_TAG} tags than entries in \"audios\"")
+                        parts.append({"type": "audio", "audio": tagged[n_tags]})
+                        n_tags += 1
+                    elif piece:
+                        parts.append({"type": "text", "text": piece})
+                content = parts
+        elif isinstance(content, list):
+            content = [dict(p) if isinstance(p, dict) else p for p in content]
+        else:
+            raise ManifestError(f"bad row: messages[{i}]['content'] must be a string or a list of parts")
+        if isinstance(content, list):
+            is_audio = [isinstance(p, dict) and p.get("type") in ("audio", "audio_url", "input_audio") for p in content]
+            if m["role"] == "assistant" and any(is_audio):
+                raise ManifestError("bad row: assistant messages cannot hold audio (the model outputs text)")
+            content = [_audio_part_to_path(p, base) if a else p for p, a in zip(content, is_audio)]
+        out.append({"role": m["role"], "content": content})
+    if n_tags != len(tagged) and any(isinstance(m.get("content"), str) and AUDIO_TAG in m["content"] for m in messages):
+        raise ManifestError(f"bad row: {len(tagged)} entries in \"audios\" but {n_tags} {AUDIO_TAG} tags")
+    try:
+        render_chat(out, add_generation_prompt=False)  # the template's own checks, with their messages
+    except ValueError as err:
+        raise ManifestError(f"bad row: {err}") from None
+    return out
+
+
+def _audio_part_to_path(part: dict, base: Path | None) -> dict:
+    source = part.get("audio", part.get("audio_url", part.get("path", part.get("url"))))
+    if isinstance(source, dict):
+        source = source.get("url")
+    if isinstance(source, str) and source.startswith("file://"):
+        source = source[len("file://"):]
+    if not isinstance(source, str) or not source:
+        if part.get("type") == "input_audio":
+            return part
+        raise ManifestError("missing audio: an audio part without a path")
+    return {"type": "audio", "audio": _resolve(source, base)}
+
+
+def _resolve(path: str, base: Path | None) -> str:
+    if path.startswith("data:") or base is None or Path(path).is_absolute():
+        return path
+    return str(base / path)
+
+
+def _audio_paths(messages: list[dict]) -> list[str]:
+    return render_chat(messages, add_generation_prompt=False).audios
+
+
+def _text_of(message: dict) -> str:
+    c = message["content"]
+    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict))
+
+
+def _answer_text(answer: Any, name: str) -> str:
+    if isinstance(answer, dict):
+        answer = _text_of(answer) if "content" in answer else None
+    if not isinstance(answer, str) or not answer.strip():
+        raise ManifestError(f'empty target: "{name}" is missing or empty')
+    return answer

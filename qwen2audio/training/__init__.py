@@ -1,0 +1,15 @@
+"""Three-stage training (pre-training with natural-language prompts, SFT, DPO) on one CPU or many GPUs.
+
+One recipe per stage (pretrain.py, sft.py, dpo.py) sharing the pieces here: config, optimizer and
+schedule, LoRA, losses, checkpoints, distributed wrapping and the step loop. See docs/training.md.
+"""
+
+RECIPES = {"pretrain": "qwen2audio.training.pretrain", "sft": "qwen2audio.training.sft",
+           "dpo": "qwen2audio.training.dpo"}
+
+
+def run_stage(stage: str, cfg) -> dict:
+    """Run a recipe with a TrainConfig; returns its last logged metrics."""
+    import importlib
+
+    return importlib.import_module(RECIPES[stage]).main(cfg)

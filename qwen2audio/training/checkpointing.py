@@ -1,0 +1,131 @@
+"""Training checkpoints: an HF-layout model directory (LoRA merged) plus what resuming needs.
+
+    output_dir/checkpoints/step-00000100/
+        config.json, model*.safetensors, tokenizer*, preprocessor_config.json, generation_config.json
+                                    the model with LoRA merged: loadable by transformers, vLLM, qwen2audio
+        trainable.safetensors       the trained tensors as they are in training (LoRA A/B unmerged, float32)
+        trainer_state.pt            step, optimizer (full, by parameter name), scheduler, RNG states
+
+A checkpoint is written to ``step-N.tmp`` and renamed into place when complete, so a run killed at any
+moment leaves only whole checkpoints; resuming loads the starting model, then ``trainable.safetensors``
+over it (frozen tensors never change), then the optimizer, schedule and data position.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import save_model
+from ..config import Qwen2AudioConfig
+from ..model import Qwen2AudioModel
+from .distributed import Dist
+from .lora import merge_lora_state_dict
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "trainer_state.pt"
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+SKIP_FILES = {"config.json", TRAINABLE_FILE, STATE_FILE}
+
+
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on rank 0's CPU (empty on other ranks under FSDP). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_state_dict_options())
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+    return steps[-1][1] if steps else None
+
+
+def export_model(state: dict[str, torch.Tensor], config: Qwen2AudioConfig, lora_scale: float | None,
+                 source_dir: str | Path, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """Write an HF-layout checkpoint from a full state dict: LoRA merged, tokenizer and configs copied."""
+    if lora_scale is not None:
+        state = merge_lora_state_dict(state, lora_scale)
+    dtype = dtype or next(iter(state.values())).dtype
+    with torch.device("meta"):
+        model = Qwen2AudioModel(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if config.text.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    save_model(model, directory)
+    for f in Path(source_dir).iterdir():  # tokenizer, preprocessor and generation configs, chat template
+        if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".tmp"):
+            shutil.copy2(f, directory / f.name)
+
+
+def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, config: Qwen2AudioConfig,
+                    trainable_names: list[str], lora_scale: float | None, d: Dist, export_dtype=None) -> Path | None:
+    """Write output_dir/checkpoints/step-N atomically (rank 0 writes; every rank takes part in gathering)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = full_model_state(model)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_state_dict_options())
+    final = Path(cfg.output_dir) / "checkpoints" / f"step-{step:08d}"
+    if d.main:
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        export_model(state, config, lora_scale, cfg.model, tmp, export_dtype)
+        save_file({k: state[k].contiguous() for k in trainable_names}, str(tmp / TRAINABLE_FILE))
+        torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "numpy": np.random.get_state()},
+                    "config": cfg.to_dict()}, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        _prune(final.parent, cfg.keep_checkpoints)
+    d.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    for _, p in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_trainable(model: nn.Module, directory: Path) -> None:
+    """Put the trained tensors of a checkpoint into the (unwrapped, not yet sharded) model."""
+    tensors = load_file(str(directory / TRAINABLE_FILE))
+    params = dict(model.named_parameters())
+    missing = [k for k in params if params[k].requires_grad and k not in tensors]
+    if missing:
+        raise ValueError(f"{directory / TRAINABLE_FILE} lacks trainable tensors {missing[:5]}: the run's "
+                         "trainable parts or LoRA settings changed since it was saved")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v)
+
+
+def load_trainer_state(model: nn.Module, optimizer, scheduler, directory: Path) -> int:
+    """Restore optimizer (full state dict, on any world size), schedule and RNG; returns the step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    return int(state["step"])

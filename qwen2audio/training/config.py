@@ -1,0 +1,122 @@
+"""The training configuration: one flat YAML file per stage, with ``key=value`` overrides on the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARTS = ("encoder", "projector", "llm")
+DISTRIBUTED = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train, from what -------------------------------------------------------------------
+    stage: str = "sft"  # pretrain | sft | dpo (the command's stage wins)
+    model: str = ""  # checkpoint directory (HF layout) to start from
+    output_dir: str = "runs/run"  # checkpoints, metrics.jsonl, loss.svg, final/
+    train_data: str = ""  # JSONL manifest (schema: qwen2audio.data.manifest)
+    trainable: list[str] = field(default_factory=lambda: ["projector", "llm"])  # of encoder, projector, llm
+    dtype: str = "float32"  # weights as loaded: float32 | bfloat16 (trainable tensors are kept in float32)
+    lora_rank: int = 0  # > 0: LoRA on the LLM's linear layers instead of training them (merged on export)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+    gradient_checkpointing: bool = False
+    autocast: str = "auto"  # auto (bf16 on GPUs that support it) | bf16 | none
+    # --- data ----------------------------------------------------------------------------------------
+    max_seq_len: int = 2048  # rows with more tokens (audio included) are skipped and reported
+    max_audio_seconds: float = 30.0  # longer clips are skipped and reported (longer than 30 s: split in windows)
+    decode_audio: bool = True  # validation decodes every clip (finds corrupt files); false: headers only
+    cache_features: bool = False  # keep log-mel features in memory after first use (small sets)
+    group_by_length: bool = True
+    num_workers: int = 0
+    # --- optimisation ---------------------------------------------------------------------------------
+    global_batch_size: int = 8  # examples per optimizer step over all ranks
+    micro_batch_size: int = 1  # examples per forward on one rank; accumulation = global / (micro * world)
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0  # applied to tensors with ndim >= 2 only (matrices, embeddings, conv kernels)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    seed: int = 0
+    # --- DPO ----------------------------------------------------------------------------------------------
+    beta: float = 0.1
+    reference_model: str = ""  # frozen reference; empty: the starting model
+    precompute_reference: bool = False  # compute reference log-probs once up front, then free the model
+    # --- runs -----------------------------------------------------------------------------------------
+    distributed: str = "none"  # none | ddp | fsdp (launch with torchrun for ddp / fsdp)
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 1
+    save_every: int = 100  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # newest step checkpoints kept
+    resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints
+    max_steps_this_run: int = 0  # > 0: stop after this many steps without saving (simulates a crash)
+    progress: bool = True
+    tensorboard: bool = True  # when tensorboard is installed
+
+    def __post_init__(self):
+        self._coerce_numbers()
+        self.check()
+
+    def _coerce_numbers(self) -> None:
+        """YAML reads 1e-4 (no dot) as a string; turn such values into the field's number type."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            try:
+                if f.type == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+                    setattr(self, f.name, float(value))
+                elif f.type == "int" and isinstance(value, str):
+                    setattr(self, f.name, int(value))
+                elif f.type == "list[float]" and isinstance(value, list):
+                    setattr(self, f.name, [float(v) for v in value])
+            except ValueError:
+                raise ValueError(f"option {f.name} must be a {f.type}, got {value!r}") from None
+
+    def check(self) -> None:
+        if self.stage not in ("pretrain", "sft", "dpo"):
+            raise ValueError(f"stage must be pretrain, sft or dpo, got {self.stage!r}")
+        bad = [p for p in self.trainable if p not in PARTS]
+        if bad:
+            raise ValueError(f"trainable lists unknown parts {bad}; choose from {', '.join(PARTS)}")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise ValueError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
+        if self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("global_batch_size and micro_batch_size must be >= 1")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = (), stage: str | None = None) -> TrainConfig:
+        """Read a YAML file and apply ``key=value`` overrides (values parsed as YAML). Paths are used as given
+        (relative to the working directory)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of option: value")
+        for item in overrides:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"override {item!r} must look like key=value, e.g. lr=1e-4")
+            raw[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        if stage is not None:
+            raw["stage"] = stage
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; see qwen2audio/training/config.py")
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

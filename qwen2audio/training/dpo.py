@@ -1,0 +1,131 @@
+"""Stage 3, Direct Preference Optimization on (chosen, rejected) answers to a conversation.
+
+    qwen2audio train dpo configs/tiny/dpo.yaml [key=value ...]
+
+Rows: {"messages": [... ending with a user turn], "chosen": "...", "rejected": "..."}. Each batch holds
+the B chosen sequences, then the B rejected ones; only the final answer (and its <|im_end|>) counts.
+The reference is a frozen copy of the starting model (or ``reference_model``); with
+``precompute_reference`` its log-probs are computed once before training and the copy is freed.
+Logged: loss, reward_accuracy (chosen reward > rejected reward) and reward_margin, per pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import distributed
+from .config import TrainConfig
+from .loop import Run, load_for_training, log, setup, to_device, train
+from .losses import DPOLoss, sequence_logps
+from ..data import Collator
+
+
+def pair_logps(model: nn.Module, batch: dict) -> torch.Tensor:
+    """(2B,) summed log-probs of the trained spans: the B chosen rows, then the B rejected rows."""
+    return sequence_logps(model(batch["input_ids"], batch.get("features"), batch.get("frame_lengths"),
+                                batch["attention_mask"], labels=batch["labels"]))
+
+
+def over_dataset(run: Run, fn, micro_batch_size: int) -> None:
+    """Call fn(batch, n_real) over this rank's share of the dataset. Every rank makes the same number
+    of calls (FSDP forwards are collective): a rank with nothing left repeats its first batch (n_real=0)."""
+    d = run.dist
+    mine = list(range(d.rank, len(run.dataset), d.world))
+    n_calls = math.ceil(math.ceil(len(run.dataset) / d.world) / micro_batch_size)
+    collate = Collator(run.tokenizer.pad_id)
+    for j in range(n_calls):
+        ids = mine[j * micro_batch_size:(j + 1) * micro_batch_size]
+        batch = to_device(collate([run.dataset[i] for i in (ids or mine[:1] or [0])]), d.device)
+        fn(batch, len(ids))
+
+
+class ReferenceLogps:
+    """Reference log-probs of a batch's rows: from a frozen model, or from a table computed up front."""
+
+    def __init__(self, run: Run):
+        cfg = run.cfg
+        self.model = load_for_training(cfg.reference_model or cfg.model, cfg.dtype, run.dist.device)
+        self.model.requires_grad_(False).eval()
+        if cfg.distributed == "fsdp" and run.dist.enabled:
+            distributed.wrap(self.model, "fsdp", run.dist)
+        self.autocast = run.autocast
+        self.table = None
+        if cfg.precompute_reference:
+            self.table = self.precompute(run)
+            self.model = None  # free it: the table is all the run needs
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if self.table is not None:
+            rows = self.table[batch["index"].cpu()]  # (B, 2): chosen, rejected
+            return torch.cat([rows[:, 0], rows[:, 1]]).to(batch["input_ids"].device)
+        with self.autocast():
+            return pair_logps(self.model, batch).float()
+
+    def precompute(self, run: Run) -> torch.Tensor:
+        table = torch.zeros(len(run.dataset), 2, dtype=torch.float64)
+
+        def fill(batch, n_real):
+            logps = self(batch).double().cpu()  # (2B,)
+            B = logps.shape[0] // 2
+            for k in range(n_real):
+                table[int(batch["index"][k])] = torch.stack([logps[k], logps[B + k]])
+
+        over_dataset(run, fill, run.cfg.micro_batch_size)
+        if run.dist.enabled:
+            import torch.distributed as dist
+
+            t = table.to(run.dist.device)
+            dist.all_reduce(t)  # each row was filled by exactly one rank
+            table = t.cpu()
+        log(run.dist, f"reference log-probs computed for {len(run.dataset)} pairs")
+        return table.float()
+
+
+class DPOStep:
+    def __init__(self, beta: float, reference: ReferenceLogps):
+        self.loss = DPOLoss(beta)
+        self.reference = reference
+
+    def units(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2  # pairs
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logps = pair_logps(model, batch)  # (2B,)
+        ref = self.reference(batch)  # (2B,)
+        B = logps.shape[0] // 2
+        losses, chosen, rejected = self.loss(logps[:B], logps[B:], ref[:B], ref[B:])  # (B,) each
+        loss = losses.sum()
+        return loss, {"loss": float(loss.detach()), "reward_accuracy": float((chosen > rejected).float().sum()),
+                      "reward_margin": float((chosen - rejected).sum()), "chosen_reward": float(chosen.sum()),
+                      "rejected_reward": float(rejected.sum())}
+
+
+@torch.no_grad()
+def evaluate_pairs(run: Run, reference: ReferenceLogps) -> dict[str, float]:
+    """Reward accuracy and margin of the current policy over all training pairs."""
+    step = DPOStep(run.cfg.beta, reference)
+    run.model.eval()
+    sums = [0.0, 0.0, 0.0]
+
+    def add(batch, n_real):
+        with run.autocast():
+            _, stats = step(run.model, batch)
+        if n_real:
+            sums[0] += stats["reward_accuracy"]
+            sums[1] += stats["reward_margin"]
+            sums[2] += n_real
+
+    over_dataset(run, add, run.cfg.micro_batch_size)
+    run.model.train()
+    acc, margin, n = run.dist.all_sum(sums)
+    return {"final_reward_accuracy": acc / n, "final_reward_margin": margin / n}
+
+
+def main(cfg: TrainConfig) -> dict:
+    run = setup(cfg)
+    reference = ReferenceLogps(run)
+    return train(run, DPOStep(cfg.beta, reference), on_end=lambda r: evaluate_pairs(r, reference))

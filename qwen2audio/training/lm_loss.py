@@ -1,0 +1,21 @@
+"""Next-token cross-entropy on the trained tokens only: the step loss of pre-training and SFT."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .losses import label_token_count, token_nll_sum
+
+
+class NextTokenLoss:
+    """units = trained tokens; loss = their summed negative log-likelihood."""
+
+    def units(self, batch: dict) -> int:
+        return label_token_count(batch["labels"])
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logps = model(batch["input_ids"], batch.get("features"), batch.get("frame_lengths"),
+                      batch["attention_mask"], labels=batch["labels"])  # (B, T)
+        loss = token_nll_sum(logps)
+        return loss, {"loss": float(loss.detach())}

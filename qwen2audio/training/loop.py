@@ -1,0 +1,271 @@
+"""Shared pieces of the three recipes: building the model to train, the data stream and the step loop.
+
+A recipe (pretrain.py, sft.py, dpo.py) supplies a ``StepLoss``: how many units (trained tokens, or
+pairs) a micro-batch holds, and its loss sum and statistics. The loop here does the rest the same way
+for every stage: accumulation, data parallelism, clipping, the schedule, logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_model
+from ..data import Collator, ManifestDataset, global_batches, rank_micro_batches
+from ..text import Tokenizer
+from . import distributed
+from .checkpointing import (STATE_FILE, TRAINABLE_FILE, latest_checkpoint, load_trainable, load_trainer_state,
+                            save_checkpoint)
+from .config import TrainConfig
+from .lora import apply_lora
+from .metrics import MetricsLog, plot_loss
+from .optim import build_optimizer, build_scheduler
+
+PART_PREFIXES = {"encoder": "audio_tower.", "projector": "multi_modal_projector.", "llm": "language_model."}
+FROZEN_ALWAYS = ("audio_tower.embed_positions.weight",)  # fixed sinusoids, never trained
+LORA_PREFIX = "language_model.model.layers."
+
+
+class StepLoss(Protocol):
+    def units(self, batch: dict) -> int: ...
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """-> (sum of the loss over the batch's units, {statistic: sum over units}); the loss sum is
+        also reported as stats["loss"]."""
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    dist: distributed.Dist
+    tokenizer: Tokenizer
+    model: nn.Module  # wrapped for DDP / FSDP2 when distributed
+    raw_model: nn.Module
+    dataset: ManifestDataset
+    trainable_names: list[str]
+    resume_from: Path | None
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def log(d: distributed.Dist, message: str) -> None:
+    if d.main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def load_for_training(path: str, dtype: str, device: torch.device) -> nn.Module:
+    model = load_model(path, dtype=dtype, device=device)
+    for module in model.modules():  # undo inference's column-major weight views: sharding wants contiguous
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.is_contiguous():
+                setattr(module, name, nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad))
+    if model.config.text.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    return model
+
+
+def select_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
+    """Freeze everything, then unfreeze the configured parts (LoRA adapters instead of the LLM's linears)."""
+    model.requires_grad_(False)
+    if cfg.lora_rank > 0 and "llm" in cfg.trainable:
+        torch.manual_seed(cfg.seed)  # the adapters' initialisation is part of the run's reproducibility
+        apply_lora(model, LORA_PREFIX, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    for name, p in model.named_parameters():
+        if name in FROZEN_ALWAYS:
+            continue
+        if ".lora_" in name or any(name.startswith(PART_PREFIXES[part]) for part in cfg.trainable
+                                   if not (part == "llm" and cfg.lora_rank > 0)):
+            p.requires_grad_(True)
+    with torch.no_grad():  # master copies of trained tensors in float32, whatever the frozen weights are in
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.requires_grad and p.dtype != torch.float32:
+                    setattr(module, name, nn.Parameter(p.float(), requires_grad=True))
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    if cfg.autocast == "none" or (cfg.autocast == "auto" and not (
+            device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    d = distributed.setup(cfg.distributed, cfg.device)
+    torch.manual_seed(cfg.seed)
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    model = load_for_training(cfg.model, cfg.dtype, d.device)
+    trainable = select_trainable(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.language_model.gradient_checkpointing = True
+        model.audio_tower.gradient_checkpointing = True
+    resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if resume is not None:
+        load_trainable(model, resume)
+        log(d, f"resuming from {resume}")
+    model.train()
+    dataset = ManifestDataset(cfg.train_data, cfg.stage, tokenizer, model.config.audio.num_mel_bins,
+                              max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
+                              decode_audio=cfg.decode_audio, cache_features=cfg.cache_features)
+    log(d, dataset.report.summary())
+    if d.main:  # every skipped row, not just the first ones printed
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "data_report.txt").write_text(dataset.report.summary(limit=len(dataset.report.bad)) + "\n")
+    if len(dataset) < cfg.global_batch_size:
+        raise ValueError(f"{cfg.train_data} has {len(dataset)} usable rows, fewer than global_batch_size="
+                         f"{cfg.global_batch_size}")
+    if cfg.global_batch_size % (cfg.micro_batch_size * d.world):
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size="
+                         f"{cfg.micro_batch_size} x {d.world} processes")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(d, f"training {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
+           f"({', '.join(cfg.trainable)}{', LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else ''}) "
+           f"on {d.world} x {d.device.type}")
+    # rows without audio leave the encoder and projector out of the graph: DDP must then look for unused ones
+    wrapped = distributed.wrap(model, cfg.distributed, d, find_unused=bool({"encoder", "projector"} & set(cfg.trainable)))
+    return Run(cfg, d, tokenizer, wrapped, model, dataset, trainable, resume, autocast_context(cfg, d.device))
+
+
+def total_steps(run: Run) -> tuple[int, int]:
+    per_epoch = len(run.dataset) // run.cfg.global_batch_size
+    return per_epoch, (run.cfg.max_steps if run.cfg.max_steps > 0 else run.cfg.epochs * per_epoch)
+
+
+def micro_batch_stream(run: Run, start: int, end: int):
+    """Yields (step, [micro-batch dicts]) for this rank from optimizer step ``start`` to ``end``: the
+    same data order whether or not the run was interrupted (batches depend on (seed, epoch) only)."""
+    cfg, d = run.cfg, run.dist
+    per_epoch, _ = total_steps(run)
+    collate = Collator(run.tokenizer.pad_id)
+    step = start
+    while step < end:
+        epoch, offset = divmod(step, per_epoch)
+        batches = global_batches(run.dataset.lengths, cfg.global_batch_size, cfg.seed, epoch,
+                                 group_by_length=cfg.group_by_length)
+        steps = range(offset, min(per_epoch, offset + end - step))
+        micro = [rank_micro_batches(batches[s], d.rank, d.world, cfg.micro_batch_size) for s in steps]
+        flat = [m for ms in micro for m in ms]
+        loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=flat, collate_fn=collate,
+                                             num_workers=cfg.num_workers)
+        it = iter(loader)
+        for ms in micro:
+            yield step, [next(it) for _ in ms]
+            step += 1
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _sync_gradients(model: nn.Module, sync: bool):
+    """DDP / FSDP2: reduce gradients over ranks only on the last micro-batch of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    elif hasattr(model, "no_sync") and not sync:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = None) -> dict:
+    """The optimizer-step loop shared by every stage; returns the last logged record."""
+    cfg, d, model = run.cfg, run.dist, run.model
+    per_epoch, total = total_steps(run)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total, cfg.min_lr_ratio)
+    start = load_trainer_state(model, optimizer, scheduler, run.resume_from) if run.resume_from else 0
+    metrics = MetricsLog(Path(cfg.output_dir), start, cfg.tensorboard) if d.main else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    stop = min(total, start + cfg.max_steps_this_run) if cfg.max_steps_this_run > 0 else total
+    bar = None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
+    record: dict = {}
+    last_saved = start
+    t0 = time.perf_counter()  # step time includes loading its data
+    for step, micro in micro_batch_stream(run, start, stop):
+        torch.manual_seed(cfg.seed + 1_000_003 * step + d.rank)  # dropout: per step and rank, the same on resume
+        units = d.all_sum([float(sum(step_loss.units(b) for b in micro))])[0]
+        sums: dict[str, float] = {}
+        n_tokens = 0
+        for i, batch in enumerate(micro):
+            batch = to_device(batch, d.device)
+            n_tokens += int(batch["attention_mask"].sum())
+            with _sync_gradients(model, i == len(micro) - 1):
+                with run.autocast():
+                    loss_sum, stats = step_loss(model, batch)
+                # gradients are averaged over ranks, so scale by world / units for the step's true mean
+                (loss_sum * (d.world / max(units, 1.0))).backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        keys = sorted(sums)
+        reduced = d.all_sum([sums[k] for k in keys] + [float(n_tokens)])
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+        record = {"step": step + 1, "epoch": step // per_epoch, "lr": lr, "units": units,
+                  "tokens_per_s": reduced[-1] / max(seconds, 1e-9)}
+        record.update({k: v / max(units, 1.0) for k, v in zip(keys, reduced[:-1])})
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+            metrics.log(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+            save_checkpoint(model, optimizer, scheduler, step + 1, cfg, run.raw_model.config, run.trainable_names,
+                            _lora_scale(cfg), d, export_dtype=_dtype(cfg))
+            last_saved = step + 1
+    if bar is not None:
+        bar.close()
+    if stop < total:  # max_steps_this_run: stop as a crash would, without a final checkpoint
+        log(d, f"stopping at step {stop} of {total} (max_steps_this_run); resume with the same command")
+        return record
+    if on_end is not None:
+        record.update(on_end(run))
+    if d.main:
+        if on_end is not None:
+            metrics.log({**record, "final": True})
+        plot_loss([r for r in metrics.records() if not r.get("final")], Path(cfg.output_dir) / "loss.svg")
+        metrics.close()
+        _publish_final(Path(cfg.output_dir), last_saved)
+    d.barrier()
+    return record
+
+
+def _lora_scale(cfg: TrainConfig) -> float | None:
+    return cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank > 0 and "llm" in cfg.trainable else None
+
+
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+
+
+def _publish_final(output_dir: Path, step: int) -> None:
+    """output_dir/final: the last checkpoint's model files (HF layout, LoRA merged), written atomically."""
+    src = output_dir / "checkpoints" / f"step-{step:08d}"
+    tmp, final = output_dir / "final.tmp", output_dir / "final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name not in (TRAINABLE_FILE, STATE_FILE):
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)

@@ -1,0 +1,77 @@
+"""Metrics: one JSON line per logged step, TensorBoard when installed, and a loss plot at the end.
+
+The plot is a small hand-written SVG (no matplotlib dependency for one line chart).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLOT_W, PLOT_H, MARGIN = 640, 360, 48  # SVG size and axis margin, pixels
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, resume_step: int, tensorboard: bool):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # keep what was logged up to the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if (r := _parse(line)) is not None and r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except Exception:  # tensorboard is not installed
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def records(self) -> list[dict]:
+        return [r for line in self.path.read_text().splitlines() if (r := _parse(line)) is not None]
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _parse(line: str) -> dict | None:
+    """A logged record, or None for a blank line or one cut short by a killed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def plot_loss(records: list[dict], path: Path, key: str = "loss") -> None:
+    """Write an SVG line chart of ``key`` against step."""
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if not points:
+        return
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    sx = (PLOT_W - 2 * MARGIN) / max(1e-9, x1 - x0)
+    sy = (PLOT_H - 2 * MARGIN) / max(1e-9, y1 - y0)
+    xy = " ".join(f"{MARGIN + (x - x0) * sx:.1f},{PLOT_H - MARGIN - (y - y0) * sy:.1f}" for x, y in points)
+    svg = f"""<svg xmlns="http://www.w3.org/2000/svg" width="{PLOT_W}" height="{PLOT_H}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<line x1="{MARGIN}" y1="{PLOT_H - MARGIN}" x2="{PLOT_W - MARGIN}" y2="{PLOT_H - MARGIN}" stroke="black"/>
+<line x1="{MARGIN}" y1="{MARGIN}" x2="{MARGIN}" y2="{PLOT_H - MARGIN}" stroke="black"/>
+<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{xy}"/>
+<text x="{MARGIN}" y="{MARGIN - 8}">{key}: {y1:.4g} (max) .. {y0:.4g} (min)</text>
+<text x="{MARGIN}" y="{PLOT_H - MARGIN + 16}">step {x0}</text>
+<text x="{PLOT_W - MARGIN}" y="{PLOT_H - MARGIN + 16}" text-anchor="end">step {x1}</text>
+</svg>
+"""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(svg)
+    tmp.replace(path)

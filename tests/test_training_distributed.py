@@ -1,0 +1,52 @@
+"""2 processes on the CPU (gloo) under DDP and under FSDP2 follow the same loss trajectory as one process
+with the same global batch, and end with the same weights."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training_helpers import CONFIGS, losses, make_workspace, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    ws = make_workspace(root)
+    # one process: 2 micro-batches of 2 accumulated per step of 4
+    train("pretrain", model=str(ws["tiny"]), train_data=str(ws["pretrain"]), output_dir=str(root / "single"),
+          max_steps=8, micro_batch_size=2)
+    return ws, root
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(single, mode):
+    ws, root = single
+    out = root / mode
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "qwen2audio.cli", "train", "pretrain", str(CONFIGS / "tiny" / "pretrain.yaml"),
+           f"model={ws['tiny']}", f"train_data={ws['pretrain']}", f"output_dir={out}", "max_steps=8",
+           "micro_batch_size=2", f"distributed={mode}", "progress=false", "tensorboard=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+        _, stderr = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    torch.testing.assert_close(losses(out), losses(root / "single"), rtol=1e-5, atol=1e-6)
+    a = load_file(str(out / "final" / "model.safetensors"))
+    b = load_file(str(root / "single" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -1,0 +1,75 @@
+"""A run stopped mid-way resumes from its last checkpoint and ends with exactly the weights (and optimizer
+state) of a run that was never interrupted."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training_helpers import losses, make_workspace, train
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("resume"))
+
+
+@pytest.mark.parametrize("stage,extra", [("sft", {}), ("dpo", {"lora_rank": 4})])
+def test_resume_gives_the_same_weights(ws, tmp_path, one_thread, stage, extra):
+    common = dict(model=str(ws["tiny"]), train_data=str(ws[stage]), max_steps=9, save_every=4, **extra)
+    train(stage, output_dir=str(tmp_path / "whole"), **common)
+    # "killed" after step 7: the checkpoint of step 4 is the last one; steps 5-7 are lost
+    train(stage, output_dir=str(tmp_path / "cut"), max_steps_this_run=7, **common)
+    assert not (tmp_path / "cut" / "final").exists()
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-00000004"]
+    train(stage, output_dir=str(tmp_path / "cut"), **common)
+
+    for name in ("model.safetensors", "trainable.safetensors"):
+        a = load_file(str(tmp_path / "whole" / "checkpoints" / "step-00000009" / name))
+        b = load_file(str(tmp_path / "cut" / "checkpoints" / "step-00000009" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    sa = torch.load(tmp_path / "whole" / "checkpoints" / "step-00000009" / "trainer_state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "cut" / "checkpoints" / "step-00000009" / "trainer_state.pt", weights_only=False)
+    assert sa["scheduler"] == sb["scheduler"]
+    for k, v in sa["optimizer"]["state"].items():
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(v[field], sb["optimizer"]["state"][k][field])
+    assert losses(tmp_path / "whole") == losses(tmp_path / "cut")  # same data order, same numbers
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(ws, tmp_path):
+    """A real crash: the training process is SIGKILLed as soon as its 3rd checkpoint appears (possibly
+    mid-step, mid-log-line or mid-checkpoint); the same command then finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from training_helpers import CONFIGS
+
+    def command(out):
+        return [sys.executable, "-m", "qwen2audio.cli", "train", "sft", str(CONFIGS / "tiny" / "sft.yaml"),
+                f"model={ws['tiny']}", f"train_data={ws['sft']}", f"output_dir={out}", "max_steps=30",
+                "save_every=3", "keep_checkpoints=5", "progress=false", "tensorboard=false"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(command(tmp_path / "whole"), cwd=root, env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(command(tmp_path / "cut"), cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (tmp_path / "cut" / "checkpoints" / "step-00000009").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "final").exists(), "the run finished before it could be killed"
+    subprocess.run(command(tmp_path / "cut"), cwd=root, env=env, check=True, capture_output=True, timeout=300)
+    a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(tmp_path / "whole") == losses(tmp_path / "cut")

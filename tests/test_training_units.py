@@ -1,0 +1,169 @@
+"""The training components: label log-probs, gradient checkpointing, LoRA, optimizer groups, schedule,
+DPO loss, token-weighted accumulation, the shipped configs and the command line."""
+
+import math
+
+import pytest
+import torch
+
+from qwen2audio.checkpoint import load_model
+from qwen2audio.cli import main as cli_main
+from qwen2audio.default_model import write_tiny_model
+from qwen2audio.model.qwen2audio import IGNORE_INDEX
+from qwen2audio.training.config import TrainConfig
+from qwen2audio.training.lora import LoRALinear, apply_lora, merge_lora_state_dict
+from qwen2audio.training.losses import DPOLoss
+from qwen2audio.training.optim import build_optimizer, warmup_cosine
+from training_helpers import CONFIGS, losses, make_workspace, train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    write_tiny_model(d)
+    return d
+
+
+def _batch(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 200, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels[1, 9:] = IGNORE_INDEX
+    return ids, labels, mask
+
+
+def test_label_logprobs_equal_log_softmax_of_the_logits(tiny):
+    model = load_model(tiny)
+    ids, labels, mask = _batch(model)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask)  # (B, T, V)
+        logps = model(ids, attention_mask=mask, labels=labels)  # (B, T)
+    ref = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None].clamp(min=0))[..., 0]
+    ref = torch.where(labels[:, 1:] == IGNORE_INDEX, 0.0, ref)
+    torch.testing.assert_close(logps[:, 1:], ref)
+    assert (logps[:, 0] == 0).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    grads = []
+    for flag in (False, True):
+        model = load_model(tiny).train()
+        model.language_model.gradient_checkpointing = flag
+        model.audio_tower.gradient_checkpointing = flag
+        ids, labels, mask = _batch(model)
+        feats = torch.randn(1, 128, 60, generator=torch.Generator().manual_seed(1))
+        ids[0, 1:4] = model.config.audio_token_index
+        labels[0, 1:4] = IGNORE_INDEX
+        model(ids, feats, torch.tensor([14]), mask, labels=labels).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "audio_tower.conv1.weight" in grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], msg=k)
+
+
+def test_lora_starts_at_the_base_model_and_merges_exactly(tiny):
+    model = load_model(tiny)
+    ids, _, mask = _batch(model)
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask)
+    n = apply_lora(model, "language_model.model.layers.", ["q_proj", "v_proj", "gate_proj"], rank=4, alpha=8, dropout=0.0)
+    assert n == 3 * model.config.text.num_hidden_layers
+    layer = model.language_model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and not layer.weight.requires_grad and layer.lora_A.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask), before)  # B = 0
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)
+        adapted = model(ids, attention_mask=mask)
+    assert not torch.allclose(adapted, before)
+    merged = merge_lora_state_dict(model.state_dict(), scale=8 / 4)
+    plain = load_model(tiny)
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids, attention_mask=mask), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_decay_only_on_matrices(tiny):
+    model = load_model(tiny)
+    opt = build_optimizer(model, 1e-3, 0.1, [0.9, 0.99], 1e-8)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_dpo_loss():
+    loss = DPOLoss(beta=0.5)
+    z = torch.zeros(3)
+    losses_, c, r = loss(z, z, z, z)
+    torch.testing.assert_close(losses_, torch.full((3,), math.log(2)))
+    losses_, c, r = loss(torch.tensor([-1.0]), torch.tensor([-5.0]), torch.tensor([-2.0]), torch.tensor([-2.0]))
+    assert c.item() == pytest.approx(0.5) and r.item() == pytest.approx(-1.5)
+    assert losses_.item() == pytest.approx(-math.log(1 / (1 + math.exp(-2.0))))
+
+
+def test_accumulation_is_token_weighted(tmp_path, one_thread):
+    """Micro-batches of 1 accumulated to 4 (rows of different lengths) = one micro-batch of 4."""
+    ws = make_workspace(tmp_path)
+    for micro in (1, 4):
+        train("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), output_dir=str(tmp_path / f"m{micro}"),
+              max_steps=4, micro_batch_size=micro)
+    torch.testing.assert_close(losses(tmp_path / "m1"), losses(tmp_path / "m4"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_loads_and_shows_its_command(path):
+    stage = path.stem.split("_")[0]
+    cfg = TrainConfig.from_yaml(path, stage=stage)
+    assert cfg.stage == stage
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert f"qwen2audio train {stage} {path.relative_to(CONFIGS.parent)}" in header  # the launch command
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["lr=1e-4", "trainable=[llm]", "lora_rank=4"])
+    assert cfg.lr == 1e-4 and cfg.trainable == ["llm"] and cfg.lora_rank == 4
+    with pytest.raises(ValueError, match="unknown option"):
+        TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["learning_rate=1"])
+    with pytest.raises(ValueError, match="trainable"):
+        TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["trainable=[decoder]"])
+
+
+def test_train_command(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    assert "pretrain" in capsys.readouterr().out
+    assert cli_main(["train", "sft", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_precomputed_reference_gives_the_same_run(tmp_path, one_thread):
+    ws = make_workspace(tmp_path)
+    for pre in (False, True):
+        train("dpo", model=str(ws["tiny"]), train_data=str(ws["dpo"]), output_dir=str(tmp_path / f"p{pre}"),
+              max_steps=3, precompute_reference=pre)
+    torch.testing.assert_close(losses(tmp_path / "pTrue"), losses(tmp_path / "pFalse"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses(tmp_path / "pTrue", "reward_margin"), losses(tmp_path / "pFalse", "reward_margin"),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_bad_rows_are_reported_in_the_run_directory(tmp_path, one_thread):
+    ws = make_workspace(tmp_path)
+    rows = ws["sft"].read_text() + '{"messages": [{"role": "user", "content": "<audio>Hi"}], "audios": ["gone.wav"]}\n'
+    (tmp_path / "data" / "with_bad.jsonl").write_text(rows)
+    train("sft", model=str(ws["tiny"]), train_data=str(tmp_path / "data" / "with_bad.jsonl"),
+          output_dir=str(tmp_path / "run"), max_steps=1)
+    report = (tmp_path / "run" / "data_report.txt").read_text()
+    assert "12 of 13 rows usable, 1 skipped" in report and "line 13:" in report
