@@ -21,7 +21,7 @@ import torch
 
 from .audio import SAMPLE_RATE, load_audio
 from .checkpoint import load_model
-from .generation.engine import Engine, Generation, Prepared
+from .generation.engine import Engine, Generation, Prepared, TextStream
 from .generation.sampling import SamplingParams
 from .text import Tokenizer, raw_prompt, render_chat
 
@@ -74,7 +74,8 @@ class Qwen2Audio:
     def chat(self, messages: Messages, **sampling) -> Generation:
         return self.engine.generate([self.prepare_chat(messages)], SamplingParams(**sampling))[0]
 
-    def stream(self, messages: Messages, **sampling) -> Iterator[str]:
+    def stream(self, messages: Messages, **sampling) -> TextStream:
+        """Iterate over the reply's text deltas; the stream's ``result`` is the whole Generation."""
         return self.engine.stream(self.prepare_chat(messages), SamplingParams(**sampling))
 
     def chat_batch(self, conversations: Sequence[Messages], **sampling) -> list[Generation]:
@@ -106,6 +107,7 @@ class Conversation:
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self._audio_vectors: dict[str, torch.Tensor] = {}
         self._cache = None
+        self.last: Generation | None = None  # the latest reply, complete once its stream is consumed
         self._cached_ids: list[int] = []
         self._cached_audio: list[str] = []
 
@@ -136,8 +138,9 @@ class Conversation:
         reuse = self._shared_prefix(request)
         if self._cache is None:
             self._cache = engine.model.language_model.new_cache(1, len(request.token_ids) + params.max_new_tokens)
-        yield from engine.stream(request, params, self._cache, reuse)
-        reply = engine.last
+        stream = engine.stream(request, params, self._cache, reuse)
+        yield from stream
+        reply = self.last = stream.result
         self.messages.append({"role": "assistant", "content": reply.text})
         # The cache holds the prompt and every generated token but the last (never fed back).
         self._cached_ids = (request.token_ids + reply.token_ids)[: self._cache.length]

@@ -125,7 +125,7 @@ def _chat(model, args, sampling) -> int:
     deltas = conv.say(args.prompt, audio=list(args.audio), **sampling)
     if args.json:
         text = "".join(deltas)
-        print(json.dumps({"text": text, "token_ids": model.engine.last.token_ids}, ensure_ascii=False))
+        print(json.dumps({"text": text, "token_ids": conv.last.token_ids}, ensure_ascii=False))
         return 0
     _print_stream(deltas)
     interactive = sys.stdin.isatty() if args.interactive is None else args.interactive

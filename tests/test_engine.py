@@ -66,10 +66,11 @@ def ask(audio: np.ndarray | None, question: str | None = None) -> list[dict]:
 def test_stream_deltas_concatenate_to_the_generated_text(model, sampling):
     messages = ask(clip(2.5, 1), "What do you hear?")
     full = model.chat(messages, max_new_tokens=40, **sampling)
-    deltas = list(model.stream(messages, max_new_tokens=40, **sampling))
+    stream = model.stream(messages, max_new_tokens=40, **sampling)
+    deltas = list(stream)
     assert "".join(deltas) == full.text
-    assert model.engine.last.token_ids == full.token_ids
-    assert model.engine.last.finish_reason == full.finish_reason
+    assert stream.result.token_ids == full.token_ids
+    assert stream.result.finish_reason == full.finish_reason
     assert len(full.token_ids) >= 10, "the model stopped too early to show anything"
     assert full.text == model.tokenizer.decode(full.token_ids)
     assert all(deltas), "an empty delta was yielded"
@@ -124,10 +125,11 @@ def test_text_held_for_a_stop_string_that_never_completes_is_released(model):
     # Starts like a piece of the output, then goes where the output never goes.
     stop = free.text[len(free.text) // 2:][:2] + "\U0001F600never"
     assert stop[:2] in free.text and stop not in free.text
-    deltas = list(model.stream(messages, max_new_tokens=40, stop=[stop, "\x00\x00\x00"]))
+    stream = model.stream(messages, max_new_tokens=40, stop=[stop, "\x00\x00\x00"])
+    deltas = list(stream)
     assert "".join(deltas) == free.text
-    assert model.engine.last.token_ids == free.token_ids
-    assert model.engine.last.finish_reason == free.finish_reason
+    assert stream.result.token_ids == free.token_ids
+    assert stream.result.finish_reason == free.finish_reason
 
 
 # -- repetition penalty ---------------------------------------------------------------------------------
@@ -220,7 +222,7 @@ def test_conversation_equals_stateless_chat_and_reuses_its_work(model):
         spy = Spy(model.engine)
         try:
             reply = "".join(conv.say(**turn, max_new_tokens=16))
-            last = model.engine.last
+            last = conv.last
         finally:
             spy.close()
         history = conv.messages[:-1]  # everything up to this turn's user message

@@ -49,6 +49,20 @@ class Generation:
     prompt_tokens: int = 0
 
 
+class TextStream:
+    """The text deltas of one request, as an iterator; ``result`` is its Generation, complete once
+    the iterator is exhausted."""
+
+    def __init__(self, result: Generation, events: Iterator[tuple[int, str]]):
+        self.result = result
+        self._events = events
+
+    def __iter__(self) -> Iterator[str]:
+        for _, delta in self._events:
+            if delta:
+                yield delta
+
+
 class _Row:
     """Per-request decoding state: detokeniser, stop-string handling, the text not yet released."""
 
@@ -173,13 +187,10 @@ class Engine:
         return [r.out for r in rows], self._decode(batch, params, rows)
 
     def stream(self, request: Prepared, params: SamplingParams, cache: KVCache | None = None,
-               reuse: int = 0) -> Iterator[str]:
+               reuse: int = 0) -> "TextStream":
         """Text deltas of one request as they are decoded. ``cache``/``reuse``: see ``_decode``."""
         row = _Row(self.tokenizer, params, len(request.token_ids))
-        self.last = row.out
-        for _, delta in self._decode([request], params, [row], cache, reuse):
-            if delta:
-                yield delta
+        return TextStream(row.out, self._decode([request], params, [row], cache, reuse))
 
     @torch.inference_mode()
     def _decode(self, batch: Sequence[Prepared], params: SamplingParams, rows: list[_Row],
