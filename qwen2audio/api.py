@@ -6,11 +6,12 @@
         {"type": "audio", "audio": "glass.wav"}, {"type": "text", "text": "What's that sound?"}]}])
     print(reply.text)
     for delta in model.stream(messages): print(delta, end="")
-    conv = model.conversation(); conv.say(audio="question.wav"); conv.say("And in French?")
+    conv = model.conversation(); conv.say(audio="question.wav").text; conv.stream("And in French?")
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from pathlib import Path
@@ -108,14 +109,30 @@ class Conversation:
         self._audio_vectors: dict[str, torch.Tensor] = {}
         self._cache = None
         self.last: Generation | None = None  # the latest reply, complete once its stream is consumed
+        self._pending: Iterator[str] | None = None  # a reply still being streamed
         self._cached_ids: list[int] = []
         self._cached_audio: list[str] = []
 
-    def say(self, text: str | None = None, audio: Any = None, **sampling) -> Iterator[str]:
-        """Add a user turn (text, one audio or a list of audios, or both) and stream the reply.
+    def say(self, text: str | None = None, audio: Any = None, **sampling) -> Generation:
+        """Add a user turn (text, one audio or a list of audios, or both); return the whole reply."""
+        stream = self.stream(text, audio, **sampling)
+        for _ in stream:
+            pass
+        return self.last
 
-        The reply joins the history once the stream is consumed.
+    def stream(self, text: str | None = None, audio: Any = None, **sampling) -> Iterator[str]:
+        """Add a user turn and stream the reply's text deltas.
+
+        The reply joins the history once the stream is read to the end. A stream left unfinished
+        (closed, dropped, or followed by a new turn) takes its user turn back out of the history,
+        as if it had not been asked.
         """
+        if self._pending is not None:  # an unfinished earlier reply: withdraw that turn
+            if inspect.getgeneratorstate(self._pending) == inspect.GEN_CREATED:
+                self.messages.pop()  # never started, so its own clean-up will not run
+                self._pending = None
+            else:
+                self._pending.close()
         if audio is None:
             audios = []
         elif isinstance(audio, list):
@@ -128,18 +145,28 @@ class Conversation:
             parts.append({"type": "text", "text": text})
         if not parts:
             raise ValueError("a turn needs text, audio or both")
+        params = SamplingParams(**sampling)
         self.messages.append({"role": "user", "content": parts})
-        return self._reply(SamplingParams(**sampling))
+        self._pending = self._reply(params)
+        return self._pending
 
     def _reply(self, params: SamplingParams) -> Iterator[str]:
         engine = self.model.engine
-        rendered = render_chat(self.messages)
-        request = engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios], self._audio_vectors)
-        reuse = self._shared_prefix(request)
-        if self._cache is None:
-            self._cache = engine.model.language_model.new_cache(1, len(request.token_ids) + params.max_new_tokens)
-        stream = engine.stream(request, params, self._cache, reuse)
-        yield from stream
+        finished = False
+        try:
+            rendered = render_chat(self.messages)
+            request = engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios], self._audio_vectors)
+            reuse = self._shared_prefix(request)
+            self._cached_ids = self._cached_ids[:reuse]  # the cache past `reuse` is about to be overwritten
+            if self._cache is None:
+                self._cache = engine.model.language_model.new_cache(1, len(request.token_ids) + params.max_new_tokens)
+            stream = engine.stream(request, params, self._cache, reuse)
+            yield from stream
+            finished = True
+        finally:
+            self._pending = None
+            if not finished:
+                self.messages.pop()  # the turn was not answered
         reply = self.last = stream.result
         self.messages.append({"role": "assistant", "content": reply.text})
         # The cache holds the prompt and every generated token but the last (never fed back).

@@ -122,7 +122,7 @@ def _chat(model, args, sampling) -> int:
     if not args.audio and not args.prompt:
         raise ValueError("give the first turn: --audio FILE (voice chat), --prompt TEXT, or both")
     conv = model.conversation(system=args.system)
-    deltas = conv.say(args.prompt, audio=list(args.audio), **sampling)
+    deltas = conv.stream(args.prompt, audio=list(args.audio), **sampling)
     if args.json:
         text = "".join(deltas)
         print(json.dumps({"text": text, "token_ids": conv.last.token_ids}, ensure_ascii=False))
@@ -135,7 +135,7 @@ def _chat(model, args, sampling) -> int:
             break
         text, audios = turn
         if text or audios:
-            _print_stream(conv.say(text or None, audio=audios, **sampling))
+            _print_stream(conv.stream(text or None, audio=audios, **sampling))
     return 0
 
 

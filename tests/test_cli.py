@@ -135,9 +135,9 @@ def test_interactive_turns_from_stdin(which, audio, capsys, monkeypatch):
                                              "--interactive", "--max-new-tokens", NEW], stdin)
     assert rc == 0, err
     conv = model.conversation()
-    replies = ["".join(conv.say("Hi.", audio=[audio["wav"]], max_new_tokens=int(NEW))),
-               "".join(conv.say("Tell me more.", max_new_tokens=int(NEW))),
-               "".join(conv.say("And this one?", audio=[audio["flac"]], max_new_tokens=int(NEW)))]
+    replies = ["".join(conv.stream("Hi.", audio=[audio["wav"]], max_new_tokens=int(NEW))),
+               "".join(conv.stream("Tell me more.", max_new_tokens=int(NEW))),
+               "".join(conv.stream("And this one?", audio=[audio["flac"]], max_new_tokens=int(NEW)))]
     assert out == "".join(r + "\n" for r in replies)
 
 

@@ -221,7 +221,7 @@ def test_conversation_equals_stateless_chat_and_reuses_its_work(model):
     for i, turn in enumerate(turns):
         spy = Spy(model.engine)
         try:
-            reply = "".join(conv.say(**turn, max_new_tokens=16))
+            reply = "".join(conv.stream(**turn, max_new_tokens=16))
             last = conv.last
         finally:
             spy.close()
@@ -257,8 +257,8 @@ def test_conversation_after_a_reply_that_round_trips(model):
     else:
         pytest.fail("no seed gave an ASCII first token")
     conv = model.conversation()
-    assert "".join(conv.say(question, max_new_tokens=1, temperature=1.0, seed=seed)) == stateless.text
-    reply = "".join(conv.say("Go on.", max_new_tokens=8))
+    assert "".join(conv.stream(question, max_new_tokens=1, temperature=1.0, seed=seed)) == stateless.text
+    reply = "".join(conv.stream("Go on.", max_new_tokens=8))
     assert reply == model.chat(conv.messages[:-1], max_new_tokens=8).text
 
 
@@ -288,3 +288,26 @@ def test_engine_rejects_a_tokenizer_from_another_checkpoint(models):
 def test_default_model_lives_under_qwen2audio_home(models, default_home):
     assert (default_home / "tiny-random-v1" / "config.json").is_file()
     assert os.environ["QWEN2AUDIO_HOME"] == str(default_home)
+
+
+def test_conversation_say_returns_the_reply_and_an_abandoned_stream_withdraws_its_turn(model):
+    conv = model.conversation()
+    first = conv.say("Hello.", audio=clip(2.0, 8), max_new_tokens=8)
+    assert first is conv.last and conv.messages[-1] == {"role": "assistant", "content": first.text}
+    history = list(conv.messages)
+
+    abandoned = conv.stream("This question is dropped.", max_new_tokens=8)
+    next(iter(abandoned), None)  # read one delta (or none), then move on without finishing
+    second = conv.say("Go on.", max_new_tokens=8)
+    assert [m["content"] for m in conv.messages[len(history):-1] if m["role"] == "user"][0][0]["text"] == "Go on."
+    assert len(conv.messages) == len(history) + 2  # the dropped turn left no trace
+    assert second.token_ids == model.chat(conv.messages[:-1], max_new_tokens=8).token_ids  # the cache stayed right
+
+
+def test_a_stream_never_read_is_withdrawn_too(model):
+    conv = model.conversation()
+    conv.stream("Never read.", max_new_tokens=4)
+    reply = conv.say("Hello.", max_new_tokens=4)
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"]
+    assert conv.messages[0]["content"][0]["text"] == "Hello."
+    assert reply.token_ids == model.chat(conv.messages[:-1], max_new_tokens=4).token_ids
