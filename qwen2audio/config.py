@@ -18,6 +18,7 @@ MODEL_TYPE = "qwen2_audio"
 ENCODER_MODEL_TYPE = "qwen2_audio_encoder"
 TEXT_MODEL_TYPE = "qwen2"
 ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
+DEFAULT_AUDIO_TOKEN_INDEX = 151646  # <|AUDIO|> in the released Qwen2-Audio tokenizer
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Qwen2AudioConfig:
 
     audio: EncoderConfig = field(default_factory=EncoderConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    audio_token_index: int = 151646
+    audio_token_index: int = DEFAULT_AUDIO_TOKEN_INDEX
     torch_dtype: str | None = None  # the dtype the weights were saved in, as the file says
 
     @classmethod
@@ -103,10 +104,12 @@ class Qwen2AudioConfig:
         # Older transformers wrote tie_word_embeddings only at the top level.
         if "tie_word_embeddings" not in text_raw and "tie_word_embeddings" in raw and raw.get("text_config") is None:
             text_raw["tie_word_embeddings"] = raw["tie_word_embeddings"]
+        if "num_key_value_heads" in text_raw and text_raw["num_key_value_heads"] is None:  # as transformers: MHA
+            text_raw["num_key_value_heads"] = text_raw.get("num_attention_heads", TextConfig.num_attention_heads)
         return cls(
             audio=_build(EncoderConfig, raw.get("audio_config") or {}),
             text=_build(TextConfig, text_raw),
-            audio_token_index=int(raw.get("audio_token_index", raw.get("audio_token_id", 151646))),
+            audio_token_index=int(raw.get("audio_token_index", raw.get("audio_token_id", DEFAULT_AUDIO_TOKEN_INDEX))),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         )
 
@@ -147,10 +150,7 @@ class Qwen2AudioConfig:
 
 def _build(cls, raw: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in raw.items() if k in names}
-    if cls is TextConfig and values.get("num_key_value_heads", 0) is None:
-        values["num_key_value_heads"] = values.get("num_attention_heads", TextConfig.num_attention_heads)  # as transformers
-    return cls(**values)
+    return cls(**{k: v for k, v in raw.items() if k in names})
 
 
 def _reject_unsupported_text_options(text_raw: dict[str, Any]) -> None:

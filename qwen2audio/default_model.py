@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_model
-from .checkpoint.files import write_generation_config, write_preprocessor_config
-from .config import EncoderConfig, Qwen2AudioConfig, TextConfig
+from .checkpoint.files import write_processor_files
+from .config import CONFIG_FILE, EncoderConfig, Qwen2AudioConfig, TextConfig
 from .model import Qwen2AudioModel
 from .text import build_byte_level_tokenizer
 
@@ -34,7 +34,7 @@ def cache_root() -> Path:
 def default_model_dir() -> Path:
     """The directory of the embedded default model, written on first use (atomically)."""
     target = cache_root() / DEFAULT_MODEL_NAME
-    if (target / "config.json").is_file():
+    if (target / CONFIG_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=DEFAULT_MODEL_NAME + ".", dir=target.parent))
@@ -66,6 +66,4 @@ def write_tiny_model(directory: Path) -> None:
             else:
                 p.copy_(INIT_STD * torch.randn(p.shape, generator=gen))
     save_model(model, directory)
-    tokenizer.save(directory)
-    write_preprocessor_config(directory, config.audio.num_mel_bins)
-    write_generation_config(directory, tokenizer.pad_id, sorted(tokenizer.stop_ids))
+    write_processor_files(directory, tokenizer, config.audio.num_mel_bins)

@@ -167,3 +167,22 @@ def test_bad_rows_are_reported_in_the_run_directory(tmp_path, one_thread):
           output_dir=str(tmp_path / "run"), max_steps=1)
     report = (tmp_path / "run" / "data_report.txt").read_text()
     assert "12 of 13 rows usable, 1 skipped" in report and "line 13:" in report
+
+
+def test_float32_master_copies_keep_tied_embeddings_tied(tiny):
+    from qwen2audio.training.loop import select_trainable
+
+    model = load_model(tiny, dtype="bfloat16")
+    lm = model.language_model
+    lm.lm_head.weight = lm.model.embed_tokens.weight  # a checkpoint with tie_word_embeddings
+    select_trainable(model, TrainConfig(trainable=["llm"]))
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    assert lm.lm_head.weight.dtype == torch.float32 and lm.lm_head.weight.requires_grad
+
+
+def test_dtype_aliases_train_and_export(tmp_path, one_thread):
+    """dtype accepts what load_model accepts (fp32, auto, ...), also when a checkpoint is written."""
+    ws = make_workspace(tmp_path)
+    train("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), output_dir=str(tmp_path / "run"), max_steps=1,
+          dtype="fp32")
+    assert load_model(tmp_path / "run" / "final").language_model.lm_head.weight.dtype == torch.float32

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..audio.features import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, WINDOW_SECONDS
+from ..audio.features import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE, WINDOW_SECONDS
+from ..text import Tokenizer
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 GENERATION_FILE = "generation_config.json"
@@ -22,7 +23,7 @@ def write_preprocessor_config(directory: str | Path, n_mels: int) -> None:
         "n_fft": N_FFT,
         "chunk_length": WINDOW_SECONDS,
         "n_samples": N_SAMPLES,
-        "nb_max_frames": N_SAMPLES // HOP_LENGTH,
+        "nb_max_frames": N_FRAMES,
         "padding_side": "right",
         "padding_value": 0.0,
         "return_attention_mask": True,
@@ -33,3 +34,11 @@ def write_preprocessor_config(directory: str | Path, n_mels: int) -> None:
 def write_generation_config(directory: str | Path, pad_id: int, eos_ids: list[int]) -> None:
     config = {"pad_token_id": pad_id, "eos_token_id": eos_ids, "do_sample": False, "max_new_tokens": 256}
     Path(directory, GENERATION_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_processor_files(directory: str | Path, tokenizer: Tokenizer, n_mels: int) -> None:
+    """Everything a checkpoint directory holds besides config.json and the weights: the tokenizer, the
+    feature extractor's settings and the generation defaults (padding and stop ids from the tokenizer)."""
+    tokenizer.save(directory)
+    write_preprocessor_config(directory, n_mels)
+    write_generation_config(directory, tokenizer.pad_id, sorted(tokenizer.stop_ids))

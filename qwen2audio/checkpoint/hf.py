@@ -9,6 +9,7 @@ files must hold is exactly what the model's state dict names, less a tied LM hea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import Qwen2AudioConfig
+from ..config import CONFIG_FILE, Qwen2AudioConfig
 from ..model import Qwen2AudioModel
 
 SINGLE_FILE = "model.safetensors"
@@ -32,7 +33,7 @@ class CheckpointError(ValueError):
     """The checkpoint directory does not hold what a Qwen2-Audio model needs."""
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, config: Qwen2AudioConfig) -> torch.dtype | None:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """'auto' or None -> keep each tensor's dtype as stored; a name or torch.dtype -> that dtype."""
     if dtype is None or dtype == "auto":
         return None
@@ -73,7 +74,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = Qwen2AudioConfig.from_file(directory)
-    target_dtype = resolve_dtype(dtype, config)
+    target_dtype = resolve_dtype(dtype)
     with torch.device("meta"):
         model = Qwen2AudioModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -131,9 +132,8 @@ def save_model(model: Qwen2AudioModel, directory: str | Path, max_shard_bytes: i
         shards[-1][key] = tensor.cpu()
         size += nbytes
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    config = Qwen2AudioConfig(audio=model.config.audio, text=model.config.text,
-                              audio_token_index=model.config.audio_token_index, torch_dtype=dtype)
-    _atomic_write_text(directory / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    config = dataclasses.replace(model.config, torch_dtype=dtype)
+    _atomic_write_text(directory / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
     if len(shards) == 1:
         _atomic_save(shards[0], directory / SINGLE_FILE)
         (directory / INDEX_FILE).unlink(missing_ok=True)
@@ -156,7 +156,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..text.special_tokens import AUDIO, AUDIO_BOS, AUDIO_EOS, ENDOFTEXT, IM_END, IM_START
-from .hf import DTYPES, CheckpointError
+from .hf import CheckpointError, resolve_dtype
 
 AUDIO_TOKENS = (AUDIO, AUDIO_BOS, AUDIO_EOS)  # appended in this order, as in Qwen2-Audio's tokenizer
 REQUIRED_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # a Qwen2 tokenizer has these; chat and stopping need them
@@ -116,16 +116,6 @@ def default_projector_std(embedding: torch.Tensor, n_known: int, d_model: int) -
     return rms / math.sqrt(d_model)
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
-    return DTYPES[dtype]
-
-
 def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, tokenizer: str | Path | None = None,
                     dtype: str | torch.dtype | None = "auto", seed: int = DEFAULT_SEED,
                     projector_std: float | None = None, force: bool = False) -> InitReport:
@@ -136,7 +126,7 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
     """
     from ..config import Qwen2AudioConfig
     from ..model import Qwen2AudioModel
-    from .files import write_generation_config, write_preprocessor_config
+    from .files import write_processor_files
     from .hf import save_model
     from .importers import is_gguf_path, load_encoder, load_llm
 
@@ -159,7 +149,7 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
     n_known = tok.vocab_size
     tok, added = add_audio_tokens(tok)
 
-    target = _resolve_dtype(dtype)
+    target = resolve_dtype(dtype)
     text_cfg, text_state = load_llm(llm, target)
     embed = text_state["model.embed_tokens.weight"]  # (V, hidden)
     target = target or embed.dtype
@@ -197,9 +187,7 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
 
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
-    tok.save(out)
-    write_preprocessor_config(out, audio_cfg.num_mel_bins)
-    write_generation_config(out, tok.pad_id, sorted(tok.stop_ids))
+    write_processor_files(out, tok, audio_cfg.num_mel_bins)
     return InitReport(
         out=out, encoder=dataclasses.asdict(audio_cfg), text=dataclasses.asdict(text_cfg),
         dtype=str(target).removeprefix("torch."),

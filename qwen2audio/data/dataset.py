@@ -68,7 +68,7 @@ def validate(examples: list[Example], report: Report, tokenizer: Tokenizer, max_
         if reason:
             report.bad.append((ex.line, reason))
         else:
-            ex.n_samples = lengths
+            ex.n_samples, ex.n_tokens = lengths, longest
             good.append(ex)
     report.bad.sort()
     return good
@@ -91,7 +91,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.examples = validate(examples, self.report, tokenizer, max_audio_seconds, max_seq_len, decode_audio)
         self.tokenizer, self.n_mels, self.stage = tokenizer, n_mels, stage
         self.cache: dict[int, Item] | None = {} if cache_features else None
-        self.lengths = [max(len(s) for s in tokenize_example(ex, tokenizer, ex.n_samples)) for ex in self.examples]
+        self.lengths = [ex.n_tokens for ex in self.examples]
 
     def __len__(self) -> int:
         return len(self.examples)

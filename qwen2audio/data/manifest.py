@@ -64,6 +64,7 @@ class Example:
     chosen: str = ""
     rejected: str = ""
     n_samples: list[int] = field(default_factory=list)  # per audio, filled in by validation
+    n_tokens: int = 0  # tokens of its longest sequence (audio included), filled in by validation
 
 
 @dataclass

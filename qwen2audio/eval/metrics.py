@@ -98,7 +98,7 @@ class Choice(Metric):
 @dataclass(frozen=True)
 class JudgeScore(Metric):
     def stats(self, reference: str, hypothesis: str) -> list[float]:
-        raise ValueError("judge statistics come from the judge (qwen2audio.eval.airbench.judge_stats)")
+        raise ValueError("judge statistics come from the judge (qwen2audio.eval.airbench.score_chat)")
 
     def score(self, total: Sequence[float]) -> float:
         return total[0] / total[1] if total[1] else math.nan  # [score sum, judged items]
@@ -126,8 +126,8 @@ def _bleu(tokenize: str):
 
 def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
     """Levenshtein distance between two token lists (substitutions + deletions + insertions), by jiwer."""
-    if not reference:
-        return len(hypothesis)
+    if not reference or not hypothesis:
+        return len(reference) + len(hypothesis)
     import jiwer
 
     # jiwer works on words: give it the tokens as strings of one word each, mapped to private characters
@@ -135,9 +135,7 @@ def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
     vocab: dict[str, str] = {}
     ref = " ".join(_token_word(t, vocab) for t in reference)
     hyp = " ".join(_token_word(t, vocab) for t in hypothesis)
-    out = jiwer.process_words(ref, hyp) if hypothesis else None
-    if out is None:
-        return len(reference)
+    out = jiwer.process_words(ref, hyp)
     return out.substitutions + out.deletions + out.insertions
 
 

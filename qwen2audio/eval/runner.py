@@ -26,13 +26,17 @@ ITEMS_FILE = "items.jsonl"
 OFFICIAL_MAX_NEW_TOKENS = 256
 
 
+def chat_messages(item: Item, audio) -> list[dict]:
+    """An Instruct-model item as one user turn: the audio, then the task text."""
+    return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": item.prompt}]}]
+
+
 def model_prompt(item: Item) -> str:
     """The text the model sees, before the <|AUDIO|> expansion: the raw base prompt or the chat template."""
     from ..text.chat import raw_prompt, render_chat
 
     if item.chat:
-        return render_chat([{"role": "user", "content": [{"type": "audio", "audio": item.audio},
-                                                         {"type": "text", "text": item.prompt}]}]).text
+        return render_chat(chat_messages(item, item.audio)).text
     return raw_prompt(item.prompt, 1)
 
 
@@ -43,8 +47,7 @@ def generate_batch(model, batch: Sequence[tuple[Item, np.ndarray]], max_new_toke
     prepared = []
     for item, audio in batch:
         if item.chat:
-            prepared.append(model.prepare_chat([{"role": "user", "content": [
-                {"type": "audio", "audio": audio}, {"type": "text", "text": item.prompt}]}]))
+            prepared.append(model.prepare_chat(chat_messages(item, audio)))
         else:
             prepared.append(model.prepare_raw(item.prompt, [audio]))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)

@@ -333,7 +333,8 @@ class StreamDecoder:
             if keep is None:
                 return ""
             end -= keep
-        delta = self._decode(self._ids[:end])[len(self._decode(self._ids[: self._read])) :]
+        emit_text = text if end == len(self._ids) else self._decode(self._ids[:end])  # decode once when whole
+        delta = emit_text[len(self._decode(self._ids[: self._read])) :]
         emitted = self._ids[self._read : end]
         self._ids = emitted + self._ids[end:]  # the tokens just emitted become the next context
         self._read = len(emitted)

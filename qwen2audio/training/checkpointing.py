@@ -49,12 +49,17 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_state_dict_options())
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    root = Path(output_dir) / "checkpoints"
+def _step_dirs(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root`` (step-N folders), oldest first."""
     if not root.is_dir():
-        return None
+        return []
     steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
-    return steps[-1][1] if steps else None
+    return [p for _, p in steps]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    steps = _step_dirs(Path(output_dir) / "checkpoints")
+    return steps[-1] if steps else None
 
 
 def export_model(state: dict[str, torch.Tensor], config: Qwen2AudioConfig, lora_scale: float | None,
@@ -100,8 +105,7 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, conf
 
 
 def _prune(root: Path, keep: int) -> None:
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
-    for _, p in steps[:-keep] if keep > 0 else []:
+    for p in _step_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
 
 

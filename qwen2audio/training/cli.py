@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import RECIPES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -11,7 +13,7 @@ def register(subparsers) -> None:
         description="Run one training stage from a YAML config. Options may be overridden as key=value "
                     "(e.g. lr=1e-4 max_steps=100). Under torchrun with distributed: ddp or fsdp in the "
                     "config, every process runs this same command.")
-    p.add_argument("stage", choices=["pretrain", "sft", "dpo"], help="which recipe")
+    p.add_argument("stage", choices=list(RECIPES), help="which recipe")
     p.add_argument("config", help="YAML config file (configs/...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config options to override")
     p.set_defaults(handler=_handle)

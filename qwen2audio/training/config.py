@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from . import RECIPES
+
 PARTS = ("encoder", "projector", "llm")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 
@@ -83,8 +85,8 @@ class TrainConfig:
                 raise ValueError(f"option {f.name} must be a {f.type}, got {value!r}") from None
 
     def check(self) -> None:
-        if self.stage not in ("pretrain", "sft", "dpo"):
-            raise ValueError(f"stage must be pretrain, sft or dpo, got {self.stage!r}")
+        if self.stage not in RECIPES:
+            raise ValueError(f"stage must be one of {', '.join(RECIPES)}, got {self.stage!r}")
         bad = [p for p in self.trainable if p not in PARTS]
         if bad:
             raise ValueError(f"trainable lists unknown parts {bad}; choose from {', '.join(PARTS)}")

@@ -19,14 +19,13 @@ from torch import nn
 from . import distributed
 from .config import TrainConfig
 from .loop import Run, load_for_training, log, setup, to_device, train
-from .losses import DPOLoss, sequence_logps
+from .losses import DPOLoss, label_logps, sequence_logps
 from ..data import Collator
 
 
 def pair_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     """(2B,) summed log-probs of the trained spans: the B chosen rows, then the B rejected rows."""
-    return sequence_logps(model(batch["input_ids"], batch.get("features"), batch.get("frame_lengths"),
-                                batch["attention_mask"], labels=batch["labels"]))
+    return sequence_logps(label_logps(model, batch))
 
 
 def over_dataset(run: Run, fn, micro_batch_size: int) -> None:

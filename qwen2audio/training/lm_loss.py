@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .losses import label_token_count, token_nll_sum
+from .losses import label_logps, label_token_count, token_nll_sum
 
 
 class NextTokenLoss:
@@ -15,7 +15,5 @@ class NextTokenLoss:
         return label_token_count(batch["labels"])
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logps = model(batch["input_ids"], batch.get("features"), batch.get("frame_lengths"),
-                      batch["attention_mask"], labels=batch["labels"])  # (B, T)
-        loss = token_nll_sum(logps)
+        loss = token_nll_sum(label_logps(model, batch))  # from (B, T) log-probs
         return loss, {"loss": float(loss.detach())}

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, resolve_dtype
 from ..data import Collator, ManifestDataset, global_batches, rank_micro_batches
 from ..text import Tokenizer
 from . import distributed
@@ -60,14 +60,23 @@ def log(d: distributed.Dist, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def replace_parameters(model: nn.Module, should_replace: Callable[[nn.Parameter], bool],
+                       convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Swap each parameter p with should_replace(p) for nn.Parameter(convert(p)), keeping requires_grad.
+    A parameter shared by several modules (tied embeddings) is converted once and stays shared."""
+    swapped: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(old) -> (old, kept alive; new)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in swapped and should_replace(p):
+                swapped[id(p)] = (p, nn.Parameter(convert(p.detach()), requires_grad=p.requires_grad))
+            if id(p) in swapped:
+                setattr(module, name, swapped[id(p)][1])
+
+
 def load_for_training(path: str, dtype: str, device: torch.device) -> nn.Module:
     model = load_model(path, dtype=dtype, device=device)
-    for module in model.modules():  # undo inference's column-major weight views: sharding wants contiguous
-        for name, p in list(module.named_parameters(recurse=False)):
-            if not p.is_contiguous():
-                setattr(module, name, nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad))
-    if model.config.text.tie_word_embeddings:
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    # undo inference's column-major weight views: sharding wants contiguous tensors
+    replace_parameters(model, lambda p: not p.is_contiguous(), lambda t: t.contiguous())
     return model
 
 
@@ -83,11 +92,8 @@ def select_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
         if ".lora_" in name or any(name.startswith(PART_PREFIXES[part]) for part in cfg.trainable
                                    if not (part == "llm" and cfg.lora_rank > 0)):
             p.requires_grad_(True)
-    with torch.no_grad():  # master copies of trained tensors in float32, whatever the frozen weights are in
-        for module in model.modules():
-            for name, p in list(module.named_parameters(recurse=False)):
-                if p.requires_grad and p.dtype != torch.float32:
-                    setattr(module, name, nn.Parameter(p.float(), requires_grad=True))
+    # master copies of trained tensors in float32, whatever the frozen weights are in
+    replace_parameters(model, lambda p: p.requires_grad and p.dtype != torch.float32, lambda t: t.float())
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -231,7 +237,7 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
                             tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == total:
             save_checkpoint(model, optimizer, scheduler, step + 1, cfg, run.raw_model.config, run.trainable_names,
-                            _lora_scale(cfg), d, export_dtype=_dtype(cfg))
+                            _lora_scale(cfg), d, export_dtype=resolve_dtype(cfg.dtype))
             last_saved = step + 1
     if bar is not None:
         bar.close()
@@ -252,10 +258,6 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
 
 def _lora_scale(cfg: TrainConfig) -> float | None:
     return cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank > 0 and "llm" in cfg.trainable else None
-
-
-def _dtype(cfg: TrainConfig) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
 
 
 def _publish_final(output_dir: Path, step: int) -> None:

@@ -16,6 +16,12 @@ def label_token_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def label_logps(model: nn.Module, batch: dict) -> torch.Tensor:
+    """(B, T) log-prob of each label under ``model`` (0 where not trained), for a collated batch."""
+    return model(batch["input_ids"], batch.get("features"), batch.get("frame_lengths"), batch["attention_mask"],
+                 labels=batch["labels"])
+
+
 def token_nll_sum(token_logps: torch.Tensor) -> torch.Tensor:
     """(B, T) label log-probs (0 where not trained) -> summed negative log-likelihood (scalar)."""
     return -token_logps.sum()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint.hf import _atomic_write_text
+
 PLOT_W, PLOT_H, MARGIN = 640, 360, 48  # SVG size and axis margin, pixels
 
 
@@ -72,6 +74,4 @@ def plot_loss(records: list[dict], path: Path, key: str = "loss") -> None:
 <text x="{PLOT_W - MARGIN}" y="{PLOT_H - MARGIN + 16}" text-anchor="end">step {x1}</text>
 </svg>
 """
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(svg)
-    tmp.replace(path)
+    _atomic_write_text(path, svg)

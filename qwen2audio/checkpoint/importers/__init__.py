@@ -68,8 +68,10 @@ def load_llm(src: str | Path, dtype: torch.dtype | None = None) -> tuple[TextCon
 
 
 def is_gguf_path(src: str | Path) -> bool:
+    from .gguf_qwen2 import is_gguf
+
     path = Path(src)
-    return path.is_file() and _head(path, 4) == b"GGUF"
+    return path.is_file() and is_gguf(path)
 
 
 __all__ = ["From", "TensorSource", "WeightImportError", "apply_key_map", "is_gguf_path", "load_encoder", "load_llm"]

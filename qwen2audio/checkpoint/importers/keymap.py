@@ -79,13 +79,14 @@ def apply_key_map(source: TensorSource, key_map: Mapping[str, From], expected: M
         raise WeightImportError(f"internal key map error for {source.origin}: unmapped {_names(unmapped)}; "
                                 f"not in the model {_names(extra)}")
     have = set(source.keys())
-    used = {rule.source for rule in key_map.values()} | set(consumed)
+    mapped = {rule.source for rule in key_map.values()}
+    used = mapped | set(consumed)
     unknown = sorted(k for k in have if k not in used and not ignore(k))
     if unknown:
         raise WeightImportError(f"{source.origin} has {len(unknown)} tensor(s) this importer does not know: "
                                 f"{_names(unknown)}. It is not a checkpoint of the expected kind, or a variant "
                                 "this importer does not support")
-    missing = sorted({rule.source for rule in key_map.values()} - have)
+    missing = sorted(mapped - have)
     if missing:
         raise WeightImportError(f"{source.origin} is missing {len(missing)} tensor(s): {_names(missing)}. "
                                 "The file is incomplete or not a checkpoint of the expected kind")
