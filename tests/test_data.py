@@ -9,7 +9,8 @@ import soundfile
 from qwen2audio.audio import SAMPLE_RATE, audio_token_count, num_valid_frames
 from qwen2audio.data import (Collator, ManifestDataset, chat_segments, global_batches, parse_row, rank_micro_batches,
                              read_manifest, tokenize_example)
-from qwen2audio.data.encode import clip_token_count, window_lengths
+from qwen2audio.audio.features import window_lengths
+from qwen2audio.data.encode import clip_token_count
 from qwen2audio.model.qwen2audio import IGNORE_INDEX
 from qwen2audio.text import build_byte_level_tokenizer, expand_audio_placeholders, render_chat
 

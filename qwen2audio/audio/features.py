@@ -251,6 +251,13 @@ def log_mel_spectrogram(
 
 
 # --- Long audio ------------------------------------------------------------------------------------
+def window_lengths(n_samples: int, window_samples: int = N_SAMPLES) -> list[int]:
+    """Samples in each window of a clip of ``n_samples``: ceil(n / window_samples) near-equal lengths
+    (the first n % k one sample longer), summing to n. The one home of the long-audio split rule."""
+    k = -(-n_samples // window_samples)  # ceil
+    return [n_samples // k + (1 if i < n_samples % k else 0) for i in range(k)]
+
+
 def split_into_windows(audio, window_samples: int = N_SAMPLES) -> list[np.ndarray]:
     """Split a 1-D clip into ceil(n / window_samples) consecutive windows of near-equal length.
 
@@ -268,5 +275,5 @@ def split_into_windows(audio, window_samples: int = N_SAMPLES) -> list[np.ndarra
         raise ValueError("split_into_windows got an empty clip (0 samples)")
     if not isinstance(window_samples, int) or window_samples < 1:
         raise ValueError(f"window_samples must be a positive int, got {window_samples!r}")
-    n_windows = -(-audio.shape[0] // window_samples)  # ceil
-    return np.array_split(audio, n_windows)
+    ends = np.cumsum(window_lengths(audio.shape[0], window_samples))
+    return np.split(audio, ends[:-1])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..audio.features import N_SAMPLES, audio_token_count, num_valid_frames
+from ..audio.features import audio_token_count, num_valid_frames, window_lengths
 from ..model.qwen2audio import IGNORE_INDEX
 from ..text.chat import expand_audio_placeholders, raw_prompt, render_chat
 from ..text.special_tokens import ENDOFTEXT, IM_END
@@ -33,12 +33,6 @@ class TokenizedSequence:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-def window_lengths(n_samples: int) -> list[int]:
-    """Samples per 30 s window of a clip, as ``split_into_windows`` cuts it (near-equal, nothing dropped)."""
-    k = -(-n_samples // N_SAMPLES)  # ceil
-    return [n_samples // k + (1 if i < n_samples % k else 0) for i in range(k)]
 
 
 def clip_token_count(n_samples: int) -> int:
