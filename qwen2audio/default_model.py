@@ -8,12 +8,11 @@ meaningless text. Pass a checkpoint directory (e.g. Qwen2-Audio-7B-Instruct) for
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .checkpoint import save_model
 from .checkpoint.files import write_processor_files
 from .config import CONFIG_FILE, EncoderConfig, Qwen2AudioConfig, TextConfig
@@ -36,13 +35,12 @@ def default_model_dir() -> Path:
     target = cache_root() / DEFAULT_MODEL_NAME
     if (target / CONFIG_FILE).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=DEFAULT_MODEL_NAME + ".", dir=target.parent))
-    write_tiny_model(tmp)
     try:
-        os.replace(tmp, target)
-    except OSError:  # another process wrote it first
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(target, directory=True) as tmp:
+            write_tiny_model(tmp)
+    except OSError:  # another process was writing it at the same time: theirs will do
+        if not (target / CONFIG_FILE).is_file():
+            raise
     return target
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_path, atomic_write_text
 from ..config import CONFIG_FILE, Qwen2AudioConfig
 from ..model import Qwen2AudioModel
 
@@ -133,7 +133,7 @@ def save_model(model: Qwen2AudioModel, directory: str | Path, max_shard_bytes: i
         size += nbytes
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     config = dataclasses.replace(model.config, torch_dtype=dtype)
-    _atomic_write_text(directory / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
     if len(shards) == 1:
         _atomic_save(shards[0], directory / SINGLE_FILE)
         (directory / INDEX_FILE).unlink(missing_ok=True)
@@ -144,20 +144,13 @@ def save_model(model: Qwen2AudioModel, directory: str | Path, max_shard_bytes: i
         _atomic_save(shard, directory / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
-    _atomic_write_text(directory / INDEX_FILE, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    atomic_write_text(directory / INDEX_FILE, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (directory / SINGLE_FILE).unlink(missing_ok=True)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def _names(keys: list[str], limit: int = 12) -> str:

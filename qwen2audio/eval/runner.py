@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from .metrics import get_metric
 from .tasks import Item
 
@@ -71,11 +71,7 @@ def write_records(path: Path, records: list[dict]) -> None:
     with a larger --limit keeps its work)."""
     ids = {rec["id"] for rec in records}
     others = [rec for key, rec in read_records(path).items() if key not in ids]
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records + others:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records + others))
 
 
 def make_record(item: Item, hypothesis: str | None = None, error: str | None = None) -> dict:

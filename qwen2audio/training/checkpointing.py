@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_path
 from ..checkpoint import save_model
 from ..config import Qwen2AudioConfig
 from ..model import Qwen2AudioModel
@@ -88,17 +89,13 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, conf
     optim_state = get_optimizer_state_dict(model, optimizer, options=_state_dict_options())
     final = Path(cfg.output_dir) / "checkpoints" / f"step-{step:08d}"
     if d.main:
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        export_model(state, config, lora_scale, cfg.model, tmp, export_dtype)
-        save_file({k: state[k].contiguous() for k in trainable_names}, str(tmp / TRAINABLE_FILE))
-        torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                            "numpy": np.random.get_state()},
-                    "config": cfg.to_dict()}, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with atomic_path(final, directory=True) as tmp:
+            export_model(state, config, lora_scale, cfg.model, tmp, export_dtype)
+            save_file({k: state[k].contiguous() for k in trainable_names}, str(tmp / TRAINABLE_FILE))
+            torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                "numpy": np.random.get_state()},
+                        "config": cfg.to_dict()}, tmp / STATE_FILE)
         _prune(final.parent, cfg.keep_checkpoints)
     d.barrier()
     return final

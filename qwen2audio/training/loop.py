@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from ..checkpoint import load_model, resolve_dtype
 from ..data import Collator, ManifestDataset, global_batches, rank_micro_batches
 from ..text import Tokenizer
@@ -263,11 +264,7 @@ def _lora_scale(cfg: TrainConfig) -> float | None:
 def _publish_final(output_dir: Path, step: int) -> None:
     """output_dir/final: the last checkpoint's model files (HF layout, LoRA merged), written atomically."""
     src = output_dir / "checkpoints" / f"step-{step:08d}"
-    tmp, final = output_dir / "final.tmp", output_dir / "final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.name not in (TRAINABLE_FILE, STATE_FILE):
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_path(output_dir / "final", directory=True) as tmp:
+        for f in src.iterdir():
+            if f.name not in (TRAINABLE_FILE, STATE_FILE):
+                shutil.copy2(f, tmp / f.name)

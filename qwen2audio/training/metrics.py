@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint.hf import _atomic_write_text
+from ..atomic import atomic_write_text
 
 PLOT_W, PLOT_H, MARGIN = 640, 360, 48  # SVG size and axis margin, pixels
 
@@ -74,4 +74,4 @@ def plot_loss(records: list[dict], path: Path, key: str = "loss") -> None:
 <text x="{PLOT_W - MARGIN}" y="{PLOT_H - MARGIN + 16}" text-anchor="end">step {x1}</text>
 </svg>
 """
-    _atomic_write_text(path, svg)
+    atomic_write_text(path, svg)
