@@ -9,8 +9,8 @@ Per language, in the official order (remove_sp, then compute_wer):
     then fairseq's evaluation tokenizer: lower-case, drop tokens made only of punctuation
     zh and yue are scored per character, the others per word.
 
-The Chinese normaliser is a port of the very code the official script runs (qwen2audio.eval.cn_tn),
-not a look-alike: a different reading of one number moves a sentence's CER by tens of
+The normalisers are ports of the very code the official script runs (qwen2audio.eval.whisper_normalizers,
+qwen2audio.eval.cn_tn), not look-alikes: a different reading of one number moves a sentence's CER by tens of
 points. (The official script applies the basic normaliser after the English one because of an if/else slip;
 we keep it, since the published numbers were computed that way. It changes almost nothing.)
 """
@@ -42,9 +42,8 @@ def remove_special(text: str, language: str) -> str:
 
 @lru_cache(maxsize=1)
 def _whisper_normalizers():
-    # whisper-normalizer is the PyPI package of Whisper's normalisers, the one the official script imports.
-    from whisper_normalizer.basic import BasicTextNormalizer
-    from whisper_normalizer.english import EnglishTextNormalizer
+    # Built once: the English one compiles its number and spelling tables.
+    from .whisper_normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
     return EnglishTextNormalizer(), BasicTextNormalizer()
 
