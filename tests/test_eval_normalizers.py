@@ -8,9 +8,11 @@ units are the ref_items compute_wer compares, with sacrebleu 1.5's "none" tokeni
 
 import pytest
 
+from qwen2audio.eval import asr
 from qwen2audio.eval.cn_tn import read_number, text_norm
-from qwen2audio.eval.normalizers import basic, chinese, english, wer_units
+from qwen2audio.eval.normalizers import basic, chinese, english, remove_special, wer_units
 from qwen2audio.eval.whisper_normalizers import BasicTextNormalizer
+from qwen2audio.text import tags
 
 CHINESE = [  # (text, TextNorm(...)(text), the characters wer_units(text, 'zh') compares)
     ('我有123个苹果', '我有一百二十三个苹果', '我有一百二十三个苹果'),
@@ -130,6 +132,31 @@ BASIC = [  # (text, BasicTextNormalizer()(text), BasicTextNormalizer(split_lette
     ('नमस्ते दुनिया', 'नमस त द न य ', 'न म स त द न य '),
 ]
 
+REMOVE_SP = [  # (text, language, remove_sp(text, language))
+    ('<|en|>hello<|zh|>', 'en', 'hello '),
+    ('a <| b |> c', 'en', 'a c'),
+    ('<|a|b|>x , y', 'en', 'x, y'),
+    ('<|en|> hello , world !', 'en', 'hello, world!'),
+    ('keep <|a\nb|> this', 'en', 'keep <|a b|> this'),
+    ('<|zh|>你好 , 世界 <|endoftext|>', 'zh', '你好,世界'),
+    ('x<|>y', 'en', 'x<|>y'),
+    ('<||>', 'fr', ''),
+]
+
+PIPELINE = [  # (text, language, the units compute_wer compares, joined by spaces)
+    ('<|en|>The cause of the fire, kinda, is unknown.', 'en', 'the cause of the fire kinda is unknown'),
+    ("<|en|>Mr. Smith won't pay $20 — it's the colour, innit?", 'en', 'mister smith will not pay 20 it is the color innit'),
+    ('HE HOPED THERE WOULD BE STEW FOR DINNER TURNIPS AND CARROTS', 'en', 'he hoped there would be stew for dinner turnips and carrots'),
+    ("<|en|>[laughs] I've got two hundred and five (or so) apples, hmm.", 'en', 'i have got 205 apples'),
+    ('<|zh|>今天是2020年3月5日，iPhone 12卖5000元。', 'zh', '今 天 是 二 零 二 零 年 三 月 五 日 i p h o n e 十 二 卖 五 千 元'),
+    ('<|zh|>他说：“增长了3.5%，约1/3的人同意。”', 'zh', '他 说 增 长 了 百 分 之 三 点 五 约 三 分 之 一 的 人 同 意'),
+    ('<|zh|>电话 138 1234 5678 ， 温度 -5 度', 'zh', '电 话 一 三 八 一 二 三 四 五 六 七 八 温 度 五 度'),
+    ('<|yue|>我們今日去飲茶，點樣？2020年', 'yue', '我 们 今 日 去 饮 茶 点 样 2 0 2 0 年'),
+    ('<|yue|>佢話：「頭先 3點半 落雨」', 'yue', '佢 话 头 先 3 点 半 落 雨'),
+    ("<|fr|>Bonjour , le monde ! C'est l'été à Paris.", 'fr', 'bonjour le monde c est l été à paris'),
+    ("<|fr|>Ça coûte 12,50 € (environ) ; d'accord ?", 'fr', 'ça coûte 12 50 d accord'),
+]
+
 
 @pytest.mark.parametrize("text, normalised, units", CHINESE)
 def test_chinese_normaliser_equals_official_cn_tn(text, normalised, units):
@@ -179,3 +206,40 @@ def test_english_normaliser_has_no_rules_beyond_whisper():
 def test_basic_normaliser_equals_the_official_copy(text, normalised, split):
     assert basic(text) == normalised
     assert BasicTextNormalizer(split_letters=True)(text) == split
+
+
+@pytest.mark.parametrize("text, language, expected", REMOVE_SP)
+def test_remove_special_equals_official_remove_sp(text, language, expected):
+    assert remove_special(text, language) == expected
+
+
+@pytest.mark.parametrize("text, language, units", PIPELINE)
+def test_wer_units_equal_the_official_pipeline(text, language, units):
+    assert wer_units(text, language) == units.split(" ")
+
+
+def test_tag_patterns_have_one_home():
+    from qwen2audio import api
+
+    assert api.TAG is tags.TAG
+    assert asr.LANGUAGE_TAG is tags.LANGUAGE_TAG
+
+
+@pytest.mark.parametrize("text, stripped", [
+    ("<|en|>hello world", "hello world"),
+    ("<|en|>hello<|zh|>", "hello"),
+    ("a <| b |> c", "a  c"),  # anything between <| and |> is a tag, as for the official scorer
+    ("<|a|b|>x", "x"),
+    ("<|a\nb|>", "<|a\nb|>"),  # but not across lines
+])
+def test_tags_are_removed_as_the_official_scorer_removes_them(text, stripped):
+    assert tags.TAG.sub("", text).strip() == stripped
+
+
+@pytest.mark.parametrize("prompt, languages", [
+    ("Detect the language and recognize the speech: <|en|>", ["en"]),
+    ("<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|zh-TW|>", ["AUDIO", "zh-TW"]),
+    ("Recognize the emotion with keywords in English:", []),
+])
+def test_language_tags_are_found_in_prompts(prompt, languages):
+    assert tags.LANGUAGE_TAG.findall(prompt) == languages

@@ -21,11 +21,11 @@ import re
 import unicodedata
 from functools import lru_cache
 
+from ..text.tags import TAG
 from .cn_tn import text_norm
 
 CHARACTER_LANGUAGES = ("zh", "yue")  # scored per character (CER), reported in the WER column as the paper does
 PUNCS = "!,.?;:"  # punctuation glued to the previous word by remove_special, as the official remove_sp
-TAG = re.compile(r"<\|.*?\|>")
 SPACES = re.compile(r"\s+")
 
 
