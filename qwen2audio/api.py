@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import inspect
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -25,10 +24,10 @@ from .checkpoint import load_model
 from .generation.engine import Engine, Generation, Prepared, TextStream
 from .generation.sampling import SamplingParams
 from .text import Tokenizer, raw_prompt, render_chat
+from .text.tags import TAG  # language / task tags the base model writes, e.g. <|en|>
 
 Messages = Sequence[Mapping[str, Any]]
 ASR_PROMPT = "Detect the language and recognize the speech: <|{language}|>"
-TAG = re.compile(r"<\|[^|<>]*\|>")  # language / task tags the base model writes, e.g. <|en|>
 
 
 def decode_audio(source: Any) -> np.ndarray:

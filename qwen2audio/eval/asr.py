@@ -19,10 +19,10 @@ import re
 from pathlib import Path
 
 from ..api import ASR_PROMPT
+from ..text.tags import LANGUAGE_TAG
 from .jsonl import read_official
 from .tasks import DatasetError, Item, Options, Task, require_dir, require_file, use_chat
 
-LANGUAGE_TAG = re.compile(r"<\|([a-zA-Z-]+)\|>")
 # Common Voice locale -> the language tag of the prompt and of the normaliser.
 COMMONVOICE_LANGUAGES = {"zh-CN": "zh", "zh-TW": "zh", "zh-HK": "yue", "yue": "yue"}
 # Fleurs folder prefix -> language tag (the rest use the folder's first two letters, e.g. fr_fr -> fr).
