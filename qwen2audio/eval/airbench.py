@@ -28,7 +28,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .tasks import DatasetError, Item, Options, Task, require_dir, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, use_chat
 
 CHAT_CATEGORIES = {"speech_QA": "speech", "speech_dialogue_QA": "speech", "sound_QA": "sound",
                    "sound_generation_QA": "sound", "music_QA": "music", "music_generation_analysis_QA": "music",
@@ -77,13 +77,13 @@ def _audio(path: Path, row: dict, grounding_flac: bool = False) -> Path:
 
 
 # ---- chat ---------------------------------------------------------------------------------------------
-def read_chat(path: Path, options: Options) -> list[Item]:
+def read_chat(path: Path, options: Options) -> list[EvalItem]:
     items = []
     for row in _meta(path, "Chat_meta.json"):
         category = CHAT_CATEGORIES.get(row["task_name"])
         if category is None:
             raise DatasetError(f"unknown AIR-Bench chat task {row['task_name']!r}; known: {', '.join(CHAT_CATEGORIES)}")
-        items.append(Item(
+        items.append(EvalItem(
             id=str(row.get("uniq_id", row["path"])), audio=str(_audio(path, row)), prompt=row["question"],
             reference=row["answer_gt"], source=category, metric="judge", chat=use_chat(options, True),
             extra={"question": row["question"], "meta_info": row.get("meta_info"), "task_name": row["task_name"], "dataset_name": row["dataset_name"]},
@@ -174,7 +174,7 @@ def chat() -> Task:
 
 
 # ---- foundation ---------------------------------------------------------------------------------------
-def read_foundation(path: Path, options: Options) -> list[Item]:
+def read_foundation(path: Path, options: Options) -> list[EvalItem]:
     items = []
     for row in _meta(path, "Foundation_meta.json"):
         choices = [row.get(f"choice_{c}") for c in "abcd"]
@@ -183,7 +183,7 @@ def read_foundation(path: Path, options: Options) -> list[Item]:
             raise DatasetError(f"AIR-Bench item {row.get('uniq_id')}: answer_gt {row['answer_gt']!r} is none of its choices")
         question = (f"{FOUNDATION_INSTRUCTION}\n{row['question']}\n"
                     f"A. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\nD. {choices[3]}")
-        items.append(Item(
+        items.append(EvalItem(
             id=str(row.get("uniq_id", row["path"])), audio=str(_audio(path, row, grounding_flac=True)), prompt=question,
             reference=letters[0], source=f"{row['task_name']}_{row['dataset_name']}", metric="choice",
             chat=use_chat(options, True), extra={"task_name": row["task_name"], "dataset_name": row["dataset_name"]},

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..api import ASR_PROMPT
 from .jsonl import read_official
-from .tasks import DatasetError, Item, Options, Task, require_dir, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, use_chat
 
 LANGUAGE_TAG = re.compile(r"<\|([a-zA-Z-]+)\|>")
 # Common Voice locale -> the language tag of the prompt and of the normaliser.
@@ -29,12 +29,12 @@ COMMONVOICE_LANGUAGES = {"zh-CN": "zh", "zh-TW": "zh", "zh-HK": "yue", "yue": "y
 FLEURS_LANGUAGES = {"cmn": "zh", "yue": "yue"}
 
 
-def asr_item(id: str, audio: Path | str, reference: str, source: str, language: str, options: Options) -> Item:
-    return Item(id=id, audio=str(audio), prompt=ASR_PROMPT.format(language=language), reference=reference,
+def asr_item(id: str, audio: Path | str, reference: str, source: str, language: str, options: Options) -> EvalItem:
+    return EvalItem(id=id, audio=str(audio), prompt=ASR_PROMPT.format(language=language), reference=reference,
                 source=source, metric=f"wer:{language}", chat=use_chat(options, False))
 
 
-def _official_list(path: Path, options: Options, default_language: str | None) -> list[Item]:
+def _official_list(path: Path, options: Options, default_language: str | None) -> list[EvalItem]:
     def metric_for(row: dict) -> str:
         tags = LANGUAGE_TAG.findall(row.get("prompt", ""))
         language = options.language or (tags[-1] if tags else default_language)
@@ -46,7 +46,7 @@ def _official_list(path: Path, options: Options, default_language: str | None) -
 
 
 # ---- LibriSpeech ------------------------------------------------------------------------------------
-def read_librispeech(path: Path, options: Options) -> list[Item]:
+def read_librispeech(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official_list(path, options, "en")
     require_dir(path, "give a LibriSpeech split folder, e.g. LibriSpeech/test-clean")
@@ -69,7 +69,7 @@ def librispeech() -> Task:
 
 
 # ---- Common Voice -------------------------------------------------------------------------------------
-def read_commonvoice(path: Path, options: Options) -> list[Item]:
+def read_commonvoice(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official_list(path, options, None)
     tsv = path if path.suffix == ".tsv" else path / f"{options.split}.tsv"
@@ -95,7 +95,7 @@ def commonvoice() -> Task:
 FLEURS_COLUMNS = ("id", "file_name", "raw_transcription", "transcription", "words", "num_samples", "gender")
 
 
-def read_fleurs(path: Path, options: Options) -> list[Item]:
+def read_fleurs(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official_list(path, options, None)
     tsv = require_file(path / f"{options.split}.tsv", "give a Fleurs language folder, e.g. fleurs/data/cmn_hans_cn")
@@ -119,7 +119,7 @@ def fleurs() -> Task:
 
 
 # ---- AISHELL-2 ----------------------------------------------------------------------------------------
-def read_aishell2(path: Path, options: Options) -> list[Item]:
+def read_aishell2(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official_list(path, options, "zh")
     what = "give an AISHELL-2 test folder such as AISHELL-DEV-TEST-SET/iOS/test (with wav.scp and trans.txt)"

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from .jsonl import read_official
-from .tasks import DatasetError, Item, Options, Task, require_dir, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, use_chat
 
 EMOTION_PROMPT = "Recognize the emotion with keywords in English:"
 VOCAL_SOUND_PROMPT = "Classify the human vocal sound to VocalSound in English:"
@@ -33,12 +33,12 @@ VOCALSOUND_FILE_LABELS = {"laughter": "Laughter", "sigh": "Sigh", "cough": "Coug
                           "throatclearing": "Throat clearing", "sneeze": "Sneeze", "sniff": "Sniff"}
 
 
-def _official(path: Path, options: Options) -> list[Item]:
+def _official(path: Path, options: Options) -> list[EvalItem]:
     return read_official(path, lambda row: "acc", chat=use_chat(options, False))
 
 
 # ---- MELD ---------------------------------------------------------------------------------------------
-def read_meld(path: Path, options: Options) -> list[Item]:
+def read_meld(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official(path, options)
     if path.name in MELD_CLIP_FOLDERS.values():  # given the clip folder: the CSV sits beside it
@@ -56,7 +56,7 @@ def read_meld(path: Path, options: Options) -> list[Item]:
             raise DatasetError(f"{table}: expected MELD columns {sorted(needed)}, got {reader.fieldnames}")
         for row in reader:
             name = f"dia{row['Dialogue_ID']}_utt{row['Utterance_ID']}"
-            items.append(Item(id=name, audio=str(clips / f"{name}.mp4"), prompt=EMOTION_PROMPT,
+            items.append(EvalItem(id=name, audio=str(clips / f"{name}.mp4"), prompt=EMOTION_PROMPT,
                               reference=row["Emotion"].strip().lower(), source=options.split, metric="acc",
                               chat=use_chat(options, False), extra={"utterance": row.get("Utterance")}))
     return items
@@ -67,7 +67,7 @@ def meld() -> Task:
 
 
 # ---- VocalSound ---------------------------------------------------------------------------------------
-def read_vocalsound(path: Path, options: Options) -> list[Item]:
+def read_vocalsound(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official(path, options)
     require_dir(path, "give the vocalsound_16k folder")
@@ -90,7 +90,7 @@ def read_vocalsound(path: Path, options: Options) -> list[Item]:
             entries.append((wav.name, _label_from_name(wav.name)))
     if not entries:
         raise DatasetError(f"{path}: no clips found (expected datafiles/{split_file.name} or audio_16k/*.wav)")
-    return [Item(id=name, audio=str(audio_dir / name), prompt=VOCAL_SOUND_PROMPT, reference=label,
+    return [EvalItem(id=name, audio=str(audio_dir / name), prompt=VOCAL_SOUND_PROMPT, reference=label,
                  source=options.split, metric="acc", chat=use_chat(options, False)) for name, label in entries]
 
 

@@ -5,7 +5,7 @@ score is computed from the sum of the vectors. That makes corpus-level scores (W
 reference words; BLEU from summed n-gram counts) exact, per-subset scores trivial, and the bootstrap
 cheap: resample items, add their vectors, score.
 
-Metric names (`Item.metric`):
+Metric names (`EvalItem.metric`):
     wer:LANG    corpus error rate in %, normalised for LANG (see normalizers); zh and yue per character
     bleu:LANG   sacrebleu corpus BLEU for target language LANG (tokenizer zh for zh, 13a otherwise)
     acc         exact match of the left-stripped answer with the label (the official SER / VSC scoring)

@@ -20,18 +20,18 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from .metrics import get_metric
-from .tasks import Item
+from .tasks import EvalItem
 
 ITEMS_FILE = "items.jsonl"
 OFFICIAL_MAX_NEW_TOKENS = 256
 
 
-def chat_messages(item: Item, audio) -> list[dict]:
+def chat_messages(item: EvalItem, audio) -> list[dict]:
     """An Instruct-model item as one user turn: the audio, then the task text."""
     return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": item.prompt}]}]
 
 
-def model_prompt(item: Item) -> str:
+def model_prompt(item: EvalItem) -> str:
     """The text the model sees, before the <|AUDIO|> expansion: the raw base prompt or the chat template."""
     from ..text.chat import raw_prompt, render_chat
 
@@ -40,7 +40,7 @@ def model_prompt(item: Item) -> str:
     return raw_prompt(item.prompt, 1)
 
 
-def generate_batch(model, batch: Sequence[tuple[Item, np.ndarray]], max_new_tokens: int) -> list[str]:
+def generate_batch(model, batch: Sequence[tuple[EvalItem, np.ndarray]], max_new_tokens: int) -> list[str]:
     """Answers for (item, 16 kHz samples) pairs in one left-padded greedy batch."""
     from ..generation.sampling import SamplingParams
 
@@ -74,7 +74,7 @@ def write_records(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records + others))
 
 
-def make_record(item: Item, hypothesis: str | None = None, error: str | None = None) -> dict:
+def make_record(item: EvalItem, hypothesis: str | None = None, error: str | None = None) -> dict:
     rec = {"id": item.id, "audio": item.audio, "prompt": model_prompt(item), "reference": item.reference,
            "hypothesis": hypothesis, "source": item.source, "metric": item.metric, **item.extra}
     if error is not None:
@@ -98,7 +98,7 @@ def running_score(records: list[dict]) -> str:
     return "nan" if math.isnan(value) else f"{value:.4g}"
 
 
-def _generate(model, batch: list[tuple[Item, np.ndarray]], max_new_tokens: int) -> list[dict]:
+def _generate(model, batch: list[tuple[EvalItem, np.ndarray]], max_new_tokens: int) -> list[dict]:
     """Records for a batch; when the batch fails (e.g. one clip too long for the context), item by item,
     so that only the items at fault are skipped."""
     if not batch:
@@ -113,7 +113,7 @@ def _generate(model, batch: list[tuple[Item, np.ndarray]], max_new_tokens: int) 
     return [rec for pair in batch for rec in _generate(model, [pair], max_new_tokens)]
 
 
-def run_items(items: list[Item], out_dir: Path, load_model: Callable[[], object], batch_size: int = 8,
+def run_items(items: list[EvalItem], out_dir: Path, load_model: Callable[[], object], batch_size: int = 8,
               max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS, progress: bool = True) -> list[dict]:
     """Generate what is not done yet; returns one record per item, in the items' order."""
     from tqdm import tqdm

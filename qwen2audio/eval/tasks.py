@@ -1,6 +1,6 @@
 """What an evaluation item is, what a task is, and the registry of task names.
 
-A task reads a dataset folder in its released layout into `Item`s; each item carries its model prompt
+A task reads a dataset folder in its released layout into `EvalItem`s; each item carries its model prompt
 (without the audio placeholder or chat template: the runner adds those), its reference, the subset it
 belongs to (`source`, reported separately) and the name of its metric.
 """
@@ -33,7 +33,7 @@ class DatasetError(ValueError):
 
 
 @dataclass
-class Item:
+class EvalItem:
     id: str  # unique within the run (resume key)
     audio: str  # path of the audio file
     prompt: str  # the task text; the runner adds <|audio_bos|><|AUDIO|><|audio_eos|> or the chat template
@@ -57,7 +57,7 @@ class Options:
 @dataclass(frozen=True)
 class Task:
     name: str
-    read: Callable[[Path, Options], list[Item]]
+    read: Callable[[Path, Options], list[EvalItem]]
     # Optional: turn the generated records into scored records (AIR-Bench chat: ask the judge).
     score: Callable[..., None] | None = None
     # Optional: extra summary rows from the per-source results (AIR-Bench chat: mixed = mean of two).

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .jsonl import read_official
-from .tasks import DatasetError, Item, Options, Task, require_dir, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_dir, use_chat
 
 TRANSLATION_PROMPT = "Detect the language and translate the speech into {target}: <|{source}|>"
 # Target language names in the prompt. "Mandarin" for Chinese follows the Qwen2-Audio examples.
@@ -33,10 +33,10 @@ def language_code(locale: str) -> str:
     return locale.split("-")[0].lower()
 
 
-def translation_item(id: str, audio: Path, translation: str, src: str, tgt: str, options: Options) -> Item:
+def translation_item(id: str, audio: Path, translation: str, src: str, tgt: str, options: Options) -> EvalItem:
     if tgt not in LANGUAGE_NAMES:
         raise DatasetError(f"no prompt name for target language {tgt!r}; known: {', '.join(sorted(LANGUAGE_NAMES))}")
-    return Item(id=id, audio=str(audio), prompt=TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[tgt], source=src),
+    return EvalItem(id=id, audio=str(audio), prompt=TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[tgt], source=src),
                 reference=translation, source=f"{src}-{tgt}", metric=f"bleu:{tgt}", chat=use_chat(options, False),
                 extra={"transcript": None})
 
@@ -51,7 +51,7 @@ def target_of_source(source: str) -> str:
     raise DatasetError(f"cannot tell the target language of source {source!r}; name it like covost2_en_de")
 
 
-def read_covost2(path: Path, options: Options) -> list[Item]:
+def read_covost2(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return read_official(path, lambda row: f"bleu:{target_of_source(str(row.get('source', '')))}",
                              chat=use_chat(options, False))
