@@ -67,15 +67,15 @@ def librispeech(root: Path) -> tuple[Path, dict]:
 
 def commonvoice(root: Path, locale="zh-CN") -> tuple[Path, dict]:
     folder = root / "cv-corpus-15.0-2023-09-08" / locale
-    refs = {"common_voice_zh-CN_1.mp3": "今天天气很好。", "common_voice_zh-CN_2.mp3": "我有123个苹果"}
+    refs = {"common_voice_zh-CN_1.mp3": '他说"今天天气很好"。', "common_voice_zh-CN_2.mp3": "我有123个苹果\\"}
     folder.mkdir(parents=True)
-    with open(folder / "test.tsv", "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accents",
-                    "variant", "locale", "segment"])
-        for i, (path, text) in enumerate(refs.items()):
-            w.writerow([f"c{i}", path, text, 2, 0, "", "", "", "", locale, ""])
-            write(folder / "clips" / path, seed=i)
+    # Common Voice writes its TSVs plainly: no quoting, no escapes (a sentence's quotes are just characters).
+    lines = ["\t".join(["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accents",
+                        "variant", "locale", "segment"])]
+    for i, (path, text) in enumerate(refs.items()):
+        lines.append("\t".join([f"c{i}", path, text, "2", "0", "", "", "", "", locale, ""]))
+        write(folder / "clips" / path, seed=i)
+    (folder / "test.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder, refs
 
 
@@ -102,17 +102,25 @@ def aishell2(root: Path) -> tuple[Path, dict]:
     return folder, refs
 
 
+def release_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """A TSV as CoVoST's get_covost_splits.py writes it: pandas to_csv(sep="\\t", quoting=QUOTE_NONE,
+    escapechar="\\\\"), which is Python's csv writer with these settings and "\\n" line ends (a quote,
+    backslash, tab or newline in a field gets a backslash before it; checked byte for byte against pandas)."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
 def covost2(root: Path) -> tuple[Path, dict]:
     folder = root / "cv-corpus-4" / "en"
-    refs = {"en-de:a.mp3": "Das ist ein Test.", "en-de:b.mp3": "Guten Morgen, Welt.", "en-zh:a.mp3": "这是一个测试。"}
+    refs = {"en-de:a.mp3": 'Er sagte "ja".', "en-de:b.mp3": "Der Pfad ist C:\\Daten\\neu, sagte sie.",
+            "en-zh:a.mp3": "这是一个测试。"}
     folder.mkdir(parents=True)
     for pair, tgt in (("en_de", "de"), ("en_zh-CN", "zh")):
-        with open(folder / f"covost_v2.{pair}.test.tsv", "w", newline="") as f:
-            w = csv.writer(f, delimiter="\t")
-            w.writerow(["path", "sentence", "translation", "client_id"])
-            for key, text in refs.items():
-                if key.startswith(f"en-{tgt}:"):
-                    w.writerow([key.split(":")[1], "source sentence", text, "c"])
+        rows = [[key.split(":")[1], 'a "source" sentence', text, "c"] for key, text in refs.items()
+                if key.startswith(f"en-{tgt}:")]
+        release_tsv(folder / f"covost_v2.{pair}.test.tsv", ["path", "sentence", "translation", "client_id"], rows)
     write(folder / "clips" / "a.mp3", seed=1)
     write(folder / "clips" / "b.mp3", seed=2)
     return folder, refs
@@ -354,6 +362,24 @@ def test_prompts_are_the_official_ones(tmp_path):
     zh = [r for r in records if r["source"] == "en-zh"]
     expected = sacrebleu.corpus_bleu([r["hypothesis"] for r in zh], [[r["reference"] for r in zh]], tokenize="zh").score
     assert results["subsets"]["en-zh"]["score"] == pytest.approx(expected)
+
+
+def test_covost2_split_files_are_read_as_the_release_tool_writes_them(tmp_path, echo):
+    data, refs = covost2(tmp_path)
+    records, results = run_eval("covost2", data, tmp_path / "out")
+    assert {r["id"]: r["reference"] for r in records} == refs  # no escape backslashes left in
+    assert {r["transcript"] for r in records} == {'a "source" sentence'}
+    assert results["subsets"]["en-de"]["score"] == pytest.approx(100.0)
+    # --data may name the split file itself; the clips folder is beside it
+    records, results = run_eval("covost2", data / "covost_v2.en_de.test.tsv", tmp_path / "one")
+    assert {r["id"]: r["reference"] for r in records} == {k: v for k, v in refs.items() if k.startswith("en-de:")}
+    assert list(results["subsets"]) == ["en-de"] and results["skipped"] == 0
+
+
+def test_common_voice_sentences_are_read_verbatim(tmp_path, echo):
+    data, refs = commonvoice(tmp_path)
+    records, _ = run_eval("commonvoice", data, tmp_path / "out")
+    assert {r["id"]: r["reference"] for r in records} == refs
 
 
 def test_airbench_foundation_prompt_uses_the_chat_template(tmp_path, echo):
