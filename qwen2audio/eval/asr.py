@@ -8,7 +8,8 @@ Layouts (`--data` is the split's folder):
     commonvoice  cv-corpus-15.0-2023-09-08/LANG/ with test.tsv (header: client_id path sentence ...) + clips/*.mp3
     fleurs       fleurs/data/LANG_DIR/ (e.g. cmn_hans_cn) with test.tsv (no header: id file_name raw_transcription
                  transcription ...) + audio/test/*.wav (unpacked from audio/test.tar.gz)
-    aishell2     AISHELL-DEV-TEST-SET/iOS/test/ with wav.scp (ID relative/path.wav) + trans.txt (ID text)
+    aishell2     AISHELL-DEV-TEST-SET/iOS/test/ with wav.scp (ID relative/path.wav) + trans.txt (ID text), unpacked
+                 from iOS/test.tar.gz (likewise Mic/ and Android/)
 Any of them may instead be given the official list (a .jsonl file, see qwen2audio.eval.jsonl).
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ..api import ASR_PROMPT
 from .jsonl import read_official
-from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, unpack_hint, use_chat
 
 LANGUAGE_TAG = re.compile(r"<\|([a-zA-Z-]+)\|>")
 # Common Voice locale -> the language tag of the prompt and of the normaliser.
@@ -101,8 +102,7 @@ def read_fleurs(path: Path, options: Options) -> list[EvalItem]:
     tsv = require_file(path / f"{options.split}.tsv", "give a Fleurs language folder, e.g. fleurs/data/cmn_hans_cn")
     audio_dir = path / "audio" / options.split
     if not audio_dir.is_dir():
-        hint = f" (unpack {audio_dir}.tar.gz there: tar xzf {audio_dir}.tar.gz -C {audio_dir.parent})"
-        raise DatasetError(f"{audio_dir} not found{hint if Path(f'{audio_dir}.tar.gz').exists() else ''}")
+        raise DatasetError(f"{audio_dir} not found{unpack_hint(audio_dir)}")
     prefix = path.name.split("_")[0]
     language = options.language or FLEURS_LANGUAGES.get(prefix, prefix[:2])
     items = []
@@ -123,6 +123,7 @@ def read_aishell2(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official_list(path, options, "zh")
     what = "give an AISHELL-2 test folder such as AISHELL-DEV-TEST-SET/iOS/test (with wav.scp and trans.txt)"
+    require_dir(path, what)
     scp = require_file(path / "wav.scp", what)
     trans = require_file(path / "trans.txt", what)
     texts = dict(_kaldi_lines(trans))
