@@ -7,6 +7,8 @@ resume, bad audio skipped; and a stub model that echoes the reference scores per
 
 import csv
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import av
@@ -67,15 +69,15 @@ def librispeech(root: Path) -> tuple[Path, dict]:
 
 def commonvoice(root: Path, locale="zh-CN") -> tuple[Path, dict]:
     folder = root / "cv-corpus-15.0-2023-09-08" / locale
-    refs = {"common_voice_zh-CN_1.mp3": "今天天气很好。", "common_voice_zh-CN_2.mp3": "我有123个苹果"}
+    refs = {"common_voice_zh-CN_1.mp3": '他说"今天天气很好"。', "common_voice_zh-CN_2.mp3": "我有123个苹果\\"}
     folder.mkdir(parents=True)
-    with open(folder / "test.tsv", "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accents",
-                    "variant", "locale", "segment"])
-        for i, (path, text) in enumerate(refs.items()):
-            w.writerow([f"c{i}", path, text, 2, 0, "", "", "", "", locale, ""])
-            write(folder / "clips" / path, seed=i)
+    # Common Voice writes its TSVs plainly: no quoting, no escapes (a sentence's quotes are just characters).
+    lines = ["\t".join(["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accents",
+                        "variant", "locale", "segment"])]
+    for i, (path, text) in enumerate(refs.items()):
+        lines.append("\t".join([f"c{i}", path, text, "2", "0", "", "", "", "", locale, ""]))
+        write(folder / "clips" / path, seed=i)
+    (folder / "test.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder, refs
 
 
@@ -102,17 +104,25 @@ def aishell2(root: Path) -> tuple[Path, dict]:
     return folder, refs
 
 
+def release_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """A TSV as CoVoST's get_covost_splits.py writes it: pandas to_csv(sep="\\t", quoting=QUOTE_NONE,
+    escapechar="\\\\"), which is Python's csv writer with these settings and "\\n" line ends (a quote,
+    backslash, tab or newline in a field gets a backslash before it; checked byte for byte against pandas)."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
 def covost2(root: Path) -> tuple[Path, dict]:
     folder = root / "cv-corpus-4" / "en"
-    refs = {"en-de:a.mp3": "Das ist ein Test.", "en-de:b.mp3": "Guten Morgen, Welt.", "en-zh:a.mp3": "这是一个测试。"}
+    refs = {"en-de:a.mp3": 'Er sagte "ja".', "en-de:b.mp3": "Der Pfad ist C:\\Daten\\neu, sagte sie.",
+            "en-zh:a.mp3": "这是一个测试。"}
     folder.mkdir(parents=True)
     for pair, tgt in (("en_de", "de"), ("en_zh-CN", "zh")):
-        with open(folder / f"covost_v2.{pair}.test.tsv", "w", newline="") as f:
-            w = csv.writer(f, delimiter="\t")
-            w.writerow(["path", "sentence", "translation", "client_id"])
-            for key, text in refs.items():
-                if key.startswith(f"en-{tgt}:"):
-                    w.writerow([key.split(":")[1], "source sentence", text, "c"])
+        rows = [[key.split(":")[1], 'a "source" sentence', text, "c"] for key, text in refs.items()
+                if key.startswith(f"en-{tgt}:")]
+        release_tsv(folder / f"covost_v2.{pair}.test.tsv", ["path", "sentence", "translation", "client_id"], rows)
     write(folder / "clips" / "a.mp3", seed=1)
     write(folder / "clips" / "b.mp3", seed=2)
     return folder, refs
@@ -194,8 +204,9 @@ def echo(monkeypatch):
     """A stub model whose answer is the reference; records the generation settings it was given."""
     calls = []
 
-    def fake(model, batch, max_new_tokens):
-        calls.append({"n": len(batch), "max_new_tokens": max_new_tokens})
+    def fake(model, batch, settings):
+        calls.append({"n": len(batch), "max_new_tokens": settings.max_new_tokens,
+                      "min_new_tokens": settings.min_new_tokens})
         return [item.reference for item, _ in batch]
 
     monkeypatch.setattr(runner, "generate_batch", fake)
@@ -244,11 +255,67 @@ def test_resume_skips_done_items_and_bad_audio_is_reported_and_skipped(tmp_path,
     assert results["items"] == 1 and len(records) == 3  # a smaller --limit reports less but keeps the work
 
 
-def test_resuming_with_other_settings_warns(tmp_path, echo, capsys):
+def test_resume_reuses_only_answers_made_the_same_way(tmp_path, echo, capsys):
     data, _ = librispeech(tmp_path)
-    run_eval("librispeech", data, tmp_path / "out")
-    run_eval("librispeech", data, tmp_path / "out", "--prompt-style", "chat")
-    assert "prompt_style: auto -> chat" in capsys.readouterr().err
+    out = tmp_path / "out"
+    run_eval("librispeech", data, out)
+    capsys.readouterr()
+    echo.clear()
+    run_eval("librispeech", data, out, "--prompt-style", "chat")  # another prompt: every answer is stale
+    assert sum(c["n"] for c in echo) == 3
+    assert "reusing 0 answers, generating 3; stored answers generated again: 3 were for a different prompt" in capsys.readouterr().err
+    echo.clear()
+    run_eval("librispeech", data, out, "--prompt-style", "chat", "--max-new-tokens", "5")
+    assert sum(c["n"] for c in echo) == 3 and "3 were made with another --max-new-tokens" in capsys.readouterr().err
+    echo.clear()
+    clip = data / "121" / "121726" / "121-121726-0000.flac"
+    write(clip, seed=99)  # the audio changed
+    run_eval("librispeech", data, out, "--prompt-style", "chat", "--max-new-tokens", "5")
+    assert [c["n"] for c in echo] == [1]
+    assert "reusing 2 answers, generating 1; stored answers generated again: 1 were for other audio" in capsys.readouterr().err
+    echo.clear()
+    run_eval("librispeech", data, out, "--prompt-style", "chat", "--max-new-tokens", "5", "--dtype", "float32")
+    assert sum(c["n"] for c in echo) == 3 and "3 were made with another --dtype" in capsys.readouterr().err
+
+
+def test_resume_rescores_stored_answers_with_the_current_references(tmp_path, echo, capsys):
+    data, refs = librispeech(tmp_path)
+    out = tmp_path / "out"
+    run_eval("librispeech", data, out)
+    # a corrected reference, and statistics tampered with on disk: neither the old score nor the stored
+    # statistics may survive; the stored answer (the old reference, echoed) is scored against the new one
+    trans = data / "1089" / "134686" / "1089-134686.trans.txt"
+    trans.write_text(trans.read_text().replace("TURNIPS AND CARROTS", "TURNIPS AND BEANS"))
+    lines = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    for rec in lines:
+        rec["stats"], rec["score"] = [0.0, 99.0], 0.0
+    (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    echo.clear()
+    records, results = run_eval("librispeech", data, out)
+    assert echo == []  # the prompt, audio, model and decoding are unchanged: every answer is reused
+    assert "reusing 3 answers, generating 0" in capsys.readouterr().err
+    changed = next(r for r in records if r["id"] == "1089-134686-0001")
+    assert changed["reference"] == "TURNIPS AND BEANS" and changed["hypothesis"] == "TURNIPS AND CARROTS"
+    words = sum(len(wer_units(r["reference"], "en")) for r in records)
+    assert results["subsets"]["test-clean"]["score"] == pytest.approx(100 / words)
+
+
+def test_answers_are_on_disk_before_scoring_can_fail(tmp_path, echo, monkeypatch):
+    data, _ = librispeech(tmp_path)
+    out = tmp_path / "out"
+
+    def broken(self, reference, hypothesis):
+        raise RuntimeError("scorer bug")
+
+    with monkeypatch.context() as m:
+        m.setattr("qwen2audio.eval.metrics.ErrorRate.stats", broken)
+        with pytest.raises(RuntimeError, match="scorer bug"):
+            main(["eval", "--task", "librispeech", "--data", str(data), "--out", str(out), *FAST])
+    stored = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(stored) == 3 and all(isinstance(r["hypothesis"], str) for r in stored)
+    echo.clear()
+    records, results = run_eval("librispeech", data, out)
+    assert echo == [] and results["subsets"]["test-clean"]["score"] == 0.0
 
 
 def test_progress_bar_shows_items_speed_and_running_metric(tmp_path, echo, capsys):
@@ -264,7 +331,7 @@ def test_an_item_the_model_cannot_take_is_skipped_alone(tmp_path, monkeypatch):
     data, _ = librispeech(tmp_path)
     monkeypatch.setattr("qwen2audio.eval.cli._load", lambda args: object())
 
-    def fussy(model, batch, max_new_tokens):
+    def fussy(model, batch, settings):
         if any(item.id == "1089-134686-0001" for item, _ in batch):
             raise ValueError("the audio is too long for the context")
         return [item.reference for item, _ in batch]
@@ -277,7 +344,7 @@ def test_an_item_the_model_cannot_take_is_skipped_alone(tmp_path, monkeypatch):
 def test_official_decoding_settings_are_the_defaults(tmp_path, echo):
     data, _ = librispeech(tmp_path)
     assert main(["eval", "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
-    assert echo[0]["max_new_tokens"] == 256 and echo[0]["n"] == 3
+    assert echo[0]["max_new_tokens"] == 256 and echo[0]["min_new_tokens"] == 1 and echo[0]["n"] == 3
 
 
 def independent_score(records, source):
@@ -356,6 +423,24 @@ def test_prompts_are_the_official_ones(tmp_path):
     assert results["subsets"]["en-zh"]["score"] == pytest.approx(expected)
 
 
+def test_covost2_split_files_are_read_as_the_release_tool_writes_them(tmp_path, echo):
+    data, refs = covost2(tmp_path)
+    records, results = run_eval("covost2", data, tmp_path / "out")
+    assert {r["id"]: r["reference"] for r in records} == refs  # no escape backslashes left in
+    assert {r["transcript"] for r in records} == {'a "source" sentence'}
+    assert results["subsets"]["en-de"]["score"] == pytest.approx(100.0)
+    # --data may name the split file itself; the clips folder is beside it
+    records, results = run_eval("covost2", data / "covost_v2.en_de.test.tsv", tmp_path / "one")
+    assert {r["id"]: r["reference"] for r in records} == {k: v for k, v in refs.items() if k.startswith("en-de:")}
+    assert list(results["subsets"]) == ["en-de"] and results["skipped"] == 0
+
+
+def test_common_voice_sentences_are_read_verbatim(tmp_path, echo):
+    data, refs = commonvoice(tmp_path)
+    records, _ = run_eval("commonvoice", data, tmp_path / "out")
+    assert {r["id"]: r["reference"] for r in records} == refs
+
+
 def test_airbench_foundation_prompt_uses_the_chat_template(tmp_path, echo):
     data, _ = airbench_foundation(tmp_path)
     records, _ = run_eval("airbench-foundation", data, tmp_path / "out")
@@ -389,3 +474,91 @@ def test_a_missing_dataset_layout_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["eval", "--task", "librispeech", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "trans.txt" in capsys.readouterr().err
+
+
+def test_a_foundation_run_with_no_readable_answer_says_so(tmp_path, monkeypatch):
+    data, _ = airbench_foundation(tmp_path)
+    monkeypatch.setattr("qwen2audio.eval.cli._load", lambda args: object())
+    monkeypatch.setattr(runner, "generate_batch", lambda model, batch, settings: ["I cannot tell." for _ in batch])
+    records, results = run_eval("airbench-foundation", data, tmp_path / "out")
+    assert results["scored"] == 0 and results["unreadable"] == 2 and results["skipped"] == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "2 items: 0 scored, 2 with an unreadable answer (left out of the score), 0 skipped" in report
+    assert "of 2 items scored" not in report
+
+
+def test_a_missing_eval_module_is_one_clear_line_before_any_work(tmp_path, monkeypatch, capsys):
+    from qwen2audio.eval.cli import EVAL_MODULES
+
+    data, _ = librispeech(tmp_path)
+    loaded = []
+    monkeypatch.setattr("qwen2audio.eval.cli._load", lambda args: loaded.append(1))
+    monkeypatch.setitem(sys.modules, EVAL_MODULES[0], None)  # `import NAME` now fails as if not installed
+    assert main(["eval", "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{EVAL_MODULES[0]}'" in err and "pip install -e '.[eval]'" in err
+    assert loaded == [] and not (tmp_path / "o").exists()
+
+
+def covost2_en_ja(root: Path) -> Path:
+    folder = root / "cv-corpus-4" / "en"
+    folder.mkdir(parents=True)
+    release_tsv(folder / "covost_v2.en_ja.test.tsv", ["path", "sentence", "translation", "client_id"],
+                [["a.mp3", "The weather is nice today.", "今日は良い天気です。", "c"]])
+    write(folder / "clips" / "a.mp3", seed=1)
+    return folder
+
+
+def test_japanese_bleu_without_its_modules_is_a_clear_error_before_any_work(tmp_path, echo, monkeypatch, capsys):
+    data = covost2_en_ja(tmp_path)
+    monkeypatch.setitem(sys.modules, "MeCab", None)
+    assert main(["eval", "--task", "covost2", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "scoring bleu:ja needs the Python module 'MeCab'" in err and "pip install -e '.[eval]'" in err
+    assert echo == []
+
+
+def test_japanese_bleu_is_scored_with_mecab(tmp_path, echo):
+    pytest.importorskip("MeCab")
+    pytest.importorskip("ipadic")
+    data = covost2_en_ja(tmp_path)
+    records, results = run_eval("covost2", data, tmp_path / "out")
+    assert records[0]["prompt"] == RAW + "Detect the language and translate the speech into Japanese: <|en|>"
+    assert results["subsets"]["en-ja"]["score"] == pytest.approx(100.0)
+    hyps, refs = ["今日はいい天気です。"], ["今日は良い天気です。"]
+    expected = sacrebleu.corpus_bleu(hyps, [refs], tokenize="ja-mecab").score
+    from qwen2audio.eval.metrics import corpus_score, get_metric
+    metric = get_metric("bleu:ja")
+    assert corpus_score(metric, np.array([metric.stats(refs[0], hyps[0])])) == pytest.approx(expected)
+
+
+def test_vocalsound_without_its_split_file_is_an_error_unless_every_clip_is_asked_for(tmp_path, echo, capsys):
+    data, refs = vocalsound(tmp_path)
+    (data / "datafiles" / "te.json").unlink()
+    assert main(["eval", "--task", "vocalsound", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "te.json not found" in err and "--split all" in err and echo == []
+    records, results = run_eval("vocalsound", data, tmp_path / "all", "--split", "all")
+    assert {r["id"]: r["reference"] for r in records} == refs and results["subsets"]["all"]["score"] == 1.0
+
+
+def test_aishell2_still_packed_gets_an_unpack_hint(tmp_path, capsys):
+    channel = tmp_path / "AISHELL-DEV-TEST-SET" / "iOS"
+    channel.mkdir(parents=True)
+    (channel / "test.tar.gz").write_bytes(b"\x1f\x8b")
+    assert main(["eval", "--task", "aishell2", "--data", str(channel / "test")]) == 2
+    assert f"unpack test.tar.gz first: tar xzf {channel / 'test.tar.gz'} -C {channel}" in capsys.readouterr().err
+    assert main(["eval", "--task", "aishell2", "--data", str(channel / "test.tar.gz")]) == 2
+    assert "is an archive; unpack it first" in capsys.readouterr().err
+
+
+def test_each_aishell2_channel_has_its_own_default_output_folder(tmp_path, echo, monkeypatch):
+    data, _ = aishell2(tmp_path)
+    mic = tmp_path / "AISHELL-DEV-TEST-SET" / "Mic"
+    shutil.copytree(data.parent, mic)
+    monkeypatch.chdir(tmp_path)
+    for folder in (data, mic / "test"):
+        assert main(["eval", "--task", "aishell2", "--data", str(folder), *FAST]) == 0
+    results = {p.name: json.loads((p / "results.json").read_text()) for p in (tmp_path / "eval-results").iterdir()}
+    assert sorted(results) == ["aishell2-Mic-test", "aishell2-iOS-test"]
+    assert list(results["aishell2-Mic-test"]["subsets"]) == ["Mic"]

@@ -12,7 +12,7 @@ from qwen2audio.eval import runner
 from qwen2audio.eval.airbench import JUDGE_TEMPLATE, judge_prompt, parse_scores
 from qwen2audio.eval.judge import Judge, JudgeError
 
-from test_eval_e2e import FAST, airbench_chat
+from test_eval_e2e import FAST, airbench_chat, write
 
 # (answer when the reference is Assistant 1, answer when the model's answer is Assistant 1), per question
 ANSWERS = {
@@ -25,7 +25,7 @@ ANSWERS = {
 
 
 class FakeJudge:
-    def __init__(self):
+    def __init__(self, answers=ANSWERS):
         self.requests = []
         self.fail_next = 0  # answer HTTP 500 this many times first
 
@@ -43,7 +43,7 @@ class FakeJudge:
                 content = body["messages"][0]["content"]
                 i = int(re.search(r"\[Question\]\nQuestion (\d)\?", content).group(1))
                 reference_first = "[The Start of Assistant 1s Answer]\nAnswer" in content
-                answer = ANSWERS[i][0 if reference_first else 1]
+                answer = answers[i][0 if reference_first else 1]
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer},
                                                 "finish_reason": "stop"}]}).encode()
                 self.send_response(200)
@@ -76,7 +76,7 @@ def fake_judge():
 def model_answers(monkeypatch, default_home):
     calls = []
 
-    def fake(model, batch, max_new_tokens):
+    def fake(model, batch, settings):
         calls.append(len(batch))
         return [f"Model answer {item.id}." for item, _ in batch]
 
@@ -86,8 +86,8 @@ def model_answers(monkeypatch, default_home):
 
 
 @pytest.mark.parametrize("answer, scores", [("8 7", (8, 7)), (" 8 7\n", (8, 7)), ("8\n7", None), ("8, 7", None),
-                                            ("8 7 6", None), ("11 3", None), ("0 5", None), ("eight 7", None),
-                                            ("8.5 7", None), ("", None)])
+                                            ("8 7 6", None), ("11 3", None), ("0 5", (0, 5)), ("10 0", (10, 0)),
+                                            ("eight 7", None), ("8.5 7", None), ("", None)])
 def test_parse_scores_follows_airbench(answer, scores):
     assert parse_scores(answer) == scores
 
@@ -125,12 +125,16 @@ def test_airbench_chat_scored_by_judge_in_both_orders_with_cache(tmp_path, fake_
     assert subsets["speech_and_sound"]["score"] == pytest.approx(6.0)
     assert subsets["speech_and_music"]["score"] == pytest.approx(10.0)
     assert subsets["mixed"]["score"] == pytest.approx(8.0)
-    assert results["judge"]["parse_failures"] == 2 and results["judge"]["errors"] == 0
+    assert subsets["average"]["score"] == pytest.approx((6.5 + 8.0 + 4.0 + 8.0) / 4)
+    assert results["overall"] is None  # AIR-Bench's overall number is the average of the categories
+    assert results["judge"]["unreadable_verdicts"] == 2 and results["judge"]["items_without_verdict"] == 0
     report = (out / "report.md").read_text()
     assert "| speech | 1 | judge score 1-10 | 6.50 |" in report and "| 7.18 | 7.24 |" in report
+    assert "| average | 5 | judge score 1-10 | 6.62 | - | 6.93 | - |" in report
+    assert "| speech_and_sound | 1 | judge score 1-10 | 6.00 | - | - | - |" in report
     records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     assert {r["id"]: r["reference"] for r in records} == refs
-    assert records[2]["judge"]["answers"][0] == "Assistant 2 scores 5"
+    assert records[2]["judge"]["verdicts"]["reference first"] == "Assistant 2 scores 5"
 
     # A rerun costs nothing: answers and judge verdicts are both cached.
     model_answers.clear()
@@ -165,3 +169,51 @@ def test_judge_retries_server_errors_and_reports_unreachable(tmp_path, fake_judg
     dead = Judge("http://127.0.0.1:9/v1", "m", retries=1, retry_sleep_s=0, timeout_s=2)
     with pytest.raises(JudgeError, match="cannot reach"):
         dead.ask("hello")
+
+
+# Two speech items; verdicts per order. cal_score.py averages each order over the verdicts that parse:
+# reference first (model's score second): 8 and 0 -> 4; model first (model's score first): 2 only -> 2; mean 3.
+# (The mean of per-item means would be (5 + 0) / 2 = 2.5.)
+PER_ORDER = {0: ("9 8", "2 9"), 1: ("9 0", "no idea")}
+
+
+def two_speech_items(root):
+    folder = root / "Chat"
+    rows = [{"path": f"{i}.wav", "question": f"Question {i}?", "answer_gt": f"Answer {i}.", "meta_info": "speech",
+             "task_name": "speech_QA", "dataset_name": "d", "uniq_id": i} for i in (0, 1)]
+    for row in rows:
+        write(folder / "speech_QA_d" / row["path"], seed=row["uniq_id"])
+    (folder / "Chat_meta.json").write_text(json.dumps(rows))
+    return folder
+
+
+def test_chat_category_score_is_the_mean_of_per_order_means_as_cal_score(tmp_path, model_answers):
+    judge = FakeJudge(PER_ORDER)
+    try:
+        data = two_speech_items(tmp_path)
+        assert main(["eval", "--task", "airbench-chat", "--data", str(data), "--out", str(tmp_path / "o"), *FAST,
+                     "--judge-url", judge.url]) == 0
+    finally:
+        judge.close()
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["subsets"]["speech"]["score"] == pytest.approx(3.0)
+    assert results["subsets"]["speech"]["n"] == 2 and results["judge"]["unreadable_verdicts"] == 1
+
+
+def test_an_unreachable_judge_is_an_error_and_a_rerun_only_judges(tmp_path, fake_judge, model_answers, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setattr("qwen2audio.eval.judge.time.sleep", lambda seconds: None)
+    data, _ = airbench_chat(tmp_path)
+    out = tmp_path / "out"
+    dead = "http://127.0.0.1:9/v1"
+    argv = ["eval", "--task", "airbench-chat", "--data", str(data), "--out", str(out), *FAST]
+    assert main(argv + ["--judge-url", dead]) == 1
+    err = capsys.readouterr().err
+    assert "qwen2audio: error: the judge at http://127.0.0.1:9/v1/chat/completions failed" in err
+    assert "run the same command again" in err and not (out / "results.json").exists()
+    stored = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert [r["hypothesis"] for r in stored] == [f"Model answer {i}." for i in range(5)]
+    model_answers.clear()
+    assert main(argv + ["--judge-url", fake_judge.url]) == 0
+    assert model_answers == [] and len(fake_judge.requests) == 10
+    assert json.loads((out / "results.json").read_text())["subsets"]["speech"]["score"] == pytest.approx(6.5)

@@ -10,11 +10,14 @@ Both are asked through the chat template (Instruct model): the audio, then the q
 
 Chat scoring (AIR-Bench's score_chat.py / cal_score.py): the judge sees the audio description, the question,
 the reference as "Assistant 1" and the model's answer as "Assistant 2" and answers "S1 S2"; we ask again
-with the two answers swapped. An answer that is not two integers 1-10 separated by a space counts as a parse
-failure. An item's score is the mean of the model's scores over the orders that parsed; a category's score
-is the mean over its items: speech (speech_QA, speech_dialogue_QA), sound (sound_QA, sound_generation_QA),
-music (music_QA, music_generation_analysis_QA), speech_and_sound, speech_and_music, and mixed = mean of
-the last two.
+with the two answers swapped. A verdict is read as cal_score.py reads it: two integers separated by one
+space (0 is a score); anything else is unreadable. cal_score.py scores each order on its own, as the mean
+of the model's scores over the verdicts of that order that parsed, per category; a category's score is the
+mean of its two order means. Categories: speech (speech_QA, speech_dialogue_QA), sound (sound_QA,
+sound_generation_QA), music (music_QA, music_generation_analysis_QA), speech_and_sound, speech_and_music;
+mixed = mean of the last two, and the leaderboard's Average = mean of speech, sound, music and mixed.
+A judge that cannot be reached stops the scoring with an error; the model's answers stay in items.jsonl and
+the verdicts so far in the judge cache, so the same command run again only asks the judge what is left.
 Foundation scoring (score_foundation.py): the letter read by metrics.choice_letter against the letter of
 the choice equal to answer_gt; unreadable answers are failures, left out of the accuracy and counted.
 """
@@ -23,18 +26,20 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .tasks import DatasetError, Item, Options, Task, require_dir, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, use_chat
 
 CHAT_CATEGORIES = {"speech_QA": "speech", "speech_dialogue_QA": "speech", "sound_QA": "sound",
                    "sound_generation_QA": "sound", "music_QA": "music", "music_generation_analysis_QA": "music",
                    "speech_and_sound_QA": "speech_and_sound", "speech_and_music_QA": "speech_and_music"}
 MIXED_PARTS = ("speech_and_sound", "speech_and_music")
-SCORE_RANGE = (1, 10)
+AVERAGE_PARTS = ("speech", "sound", "music", "mixed")  # the AIR-Bench chat leaderboard's Average
+SCORE_MAX = 10  # cal_score.py stops at a verdict above 10 (here: unreadable); it sets no lower bound
+# The two orders the judge is asked in: (Assistant 1, Assistant 2, which of the verdict's scores is the model's).
+REFERENCE_FIRST, MODEL_FIRST = "reference first", "model first"
 # AIR-Bench's judge prompt, word for word (score_chat.py).
 JUDGE_TEMPLATE = (
     "You are a helpful and precise assistant for checking the quality of the answer.\n"
@@ -77,13 +82,13 @@ def _audio(path: Path, row: dict, grounding_flac: bool = False) -> Path:
 
 
 # ---- chat ---------------------------------------------------------------------------------------------
-def read_chat(path: Path, options: Options) -> list[Item]:
+def read_chat(path: Path, options: Options) -> list[EvalItem]:
     items = []
     for row in _meta(path, "Chat_meta.json"):
         category = CHAT_CATEGORIES.get(row["task_name"])
         if category is None:
             raise DatasetError(f"unknown AIR-Bench chat task {row['task_name']!r}; known: {', '.join(CHAT_CATEGORIES)}")
-        items.append(Item(
+        items.append(EvalItem(
             id=str(row.get("uniq_id", row["path"])), audio=str(_audio(path, row)), prompt=row["question"],
             reference=row["answer_gt"], source=category, metric="judge", chat=use_chat(options, True),
             extra={"question": row["question"], "meta_info": row.get("meta_info"), "task_name": row["task_name"], "dataset_name": row["dataset_name"]},
@@ -92,7 +97,8 @@ def read_chat(path: Path, options: Options) -> list[Item]:
 
 
 def parse_scores(answer: str) -> tuple[int, int] | None:
-    """AIR-Bench's reading of a judge answer: two integers separated by a space (newlines dropped first)."""
+    """cal_score.py's reading of a verdict: newlines dropped, split on single spaces, two parts that int()
+    reads; None when it is unreadable (cal_score.py counts it as a failure, or stops above 10)."""
     parts = answer.strip().replace("\n", "").split(" ")
     if len(parts) != 2:
         return None
@@ -100,7 +106,7 @@ def parse_scores(answer: str) -> tuple[int, int] | None:
         scores = int(parts[0]), int(parts[1])
     except ValueError:
         return None
-    if not all(SCORE_RANGE[0] <= s <= SCORE_RANGE[1] for s in scores):
+    if any(s > SCORE_MAX for s in scores):
         return None
     return scores
 
@@ -111,70 +117,74 @@ def judge_prompt(meta_info: str, question: str, first: str, second: str) -> str:
 
 
 def score_chat(records: list[dict], judge, workers: int = DEFAULT_JUDGE_WORKERS) -> dict:
-    """Ask the judge about every generated record (both orders); fills each record's stats and score."""
+    """Ask the judge about every answered record, in both orders; fills each record's judge verdicts, stats
+    ([score sum, verdicts read] per order) and score. Raises JudgeError when the judge cannot be reached."""
     from .judge import JudgeError
 
     if judge is None:
-        for rec in records:
-            rec.pop("stats", None)
         return {"judged": False, "note": "no judge configured (--judge-url or QWEN2AUDIO_JUDGE_URL): answers not scored"}
-    counts = {"parse_failures": 0, "errors": 0, "requests": 0}
-    lock = threading.Lock()
-
-    def count(key: str) -> None:
-        with lock:
-            counts[key] += 1
+    stop = threading.Event()  # the judge failed: ask nothing more
 
     def one(rec: dict) -> None:
+        if stop.is_set():
+            return
         meta = rec.get("meta_info") or ""
-        orders = [(rec["reference"], rec["hypothesis"], 1), (rec["hypothesis"], rec["reference"], 0)]
-        answers, model_scores = [], []
-        for first, second, model_index in orders:
-            count("requests")
+        orders = {REFERENCE_FIRST: (rec["reference"], rec["hypothesis"], 1),
+                  MODEL_FIRST: (rec["hypothesis"], rec["reference"], 0)}
+        verdicts, model_scores, stats = {}, {}, []
+        for order, (first, second, model_index) in orders.items():
             try:
-                answer = judge.ask(judge_prompt(meta, rec["question"], first, second))
-            except JudgeError as err:
-                count("errors")
-                answers.append(None)
-                print(f"qwen2audio eval: judge error for {rec['id']}: {err}", file=sys.stderr)
-                continue
-            answers.append(answer)
-            parsed = parse_scores(answer)
-            if parsed is None:
-                count("parse_failures")
-            else:
-                model_scores.append(parsed[model_index])
-        rec["judge"] = {"answers": answers, "model_scores": model_scores}
-        if model_scores:
-            rec["score"] = sum(model_scores) / len(model_scores)
-            rec["stats"] = [rec["score"], 1.0]
-        else:
-            rec["score"] = None
-            rec["stats"] = [0.0, 0.0]
+                verdicts[order] = judge.ask(judge_prompt(meta, rec["question"], first, second))
+            except JudgeError:
+                stop.set()
+                raise
+            parsed = parse_scores(verdicts[order])
+            model_scores[order] = None if parsed is None else parsed[model_index]
+            stats += [0.0, 0.0] if parsed is None else [float(parsed[model_index]), 1.0]
+        read = [v for v in model_scores.values() if v is not None]
+        rec["judge"] = {"verdicts": verdicts, "model_scores": model_scores}
+        rec["stats"] = stats
+        rec["score"] = sum(read) / len(read) if read else None
 
     todo = [r for r in records if "error" not in r]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(one, todo))
-    return {"judged": True, "model": judge.model, "url": judge.url, "requests": counts["requests"],
-            "sent": judge.calls, "parse_failures": counts["parse_failures"], "errors": counts["errors"],
-            "unjudged_items": sum(1 for r in todo if not r["judge"]["model_scores"])}
+        futures = [pool.submit(one, rec) for rec in todo]
+    for future in futures:
+        if future.exception() is not None:
+            raise future.exception()
+    verdicts = [v for r in todo for v in r["judge"]["model_scores"].values()]
+    return {"judged": True, "model": judge.model, "url": judge.url, "verdicts": len(verdicts),
+            "unreadable_verdicts": sum(v is None for v in verdicts), "requests_sent": judge.calls,
+            "items_without_verdict": sum(1 for r in todo if r["score"] is None)}
 
 
-def mixed_row(subsets: dict[str, dict]) -> dict[str, dict]:
-    parts = [subsets[p]["score"] for p in MIXED_PARTS if p in subsets and not math.isnan(subsets[p]["score"])]
-    if len(parts) != len(MIXED_PARTS):
-        return {}
-    return {"mixed": {"score": sum(parts) / len(parts), "ci": None, "n": sum(subsets[p]["n"] for p in MIXED_PARTS),
-                      "label": subsets[MIXED_PARTS[0]].get("label", ""),
-                      "note": "mean of speech_and_sound and speech_and_music"}}
+def _mean_row(subsets: dict[str, dict], parts: tuple[str, ...], note: str) -> dict | None:
+    scores = [subsets[p]["score"] for p in parts if p in subsets and not math.isnan(subsets[p]["score"])]
+    if len(scores) != len(parts):
+        return None
+    return {"score": sum(scores) / len(scores), "ci": None, "n": sum(subsets[p]["n"] for p in parts),
+            "label": subsets[parts[0]].get("label", ""), "note": note}
+
+
+def summary_rows(subsets: dict[str, dict]) -> dict[str, dict]:
+    """AIR-Bench's own summary rows: mixed (cal_score.py's note) and the leaderboard's Average."""
+    rows = {}
+    mixed = _mean_row(subsets, MIXED_PARTS, "mean of speech_and_sound and speech_and_music")
+    if mixed:
+        rows["mixed"] = mixed
+    average = _mean_row({**subsets, **rows}, AVERAGE_PARTS, "mean of speech, sound, music and mixed")
+    if average:
+        rows["average"] = average
+    return rows
 
 
 def chat() -> Task:
-    return Task(name="airbench-chat", read=read_chat, score=score_chat, derived=mixed_row)
+    # no pooled "overall" row: AIR-Bench's overall number is the Average of the categories
+    return Task(name="airbench-chat", read=read_chat, score=score_chat, derived=summary_rows, overall=False)
 
 
 # ---- foundation ---------------------------------------------------------------------------------------
-def read_foundation(path: Path, options: Options) -> list[Item]:
+def read_foundation(path: Path, options: Options) -> list[EvalItem]:
     items = []
     for row in _meta(path, "Foundation_meta.json"):
         choices = [row.get(f"choice_{c}") for c in "abcd"]
@@ -183,7 +193,7 @@ def read_foundation(path: Path, options: Options) -> list[Item]:
             raise DatasetError(f"AIR-Bench item {row.get('uniq_id')}: answer_gt {row['answer_gt']!r} is none of its choices")
         question = (f"{FOUNDATION_INSTRUCTION}\n{row['question']}\n"
                     f"A. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\nD. {choices[3]}")
-        items.append(Item(
+        items.append(EvalItem(
             id=str(row.get("uniq_id", row["path"])), audio=str(_audio(path, row, grounding_flac=True)), prompt=question,
             reference=letters[0], source=f"{row['task_name']}_{row['dataset_name']}", metric="choice",
             chat=use_chat(options, True), extra={"task_name": row["task_name"], "dataset_name": row["dataset_name"]},

@@ -8,7 +8,8 @@ Layouts (`--data` is the split's folder):
     commonvoice  cv-corpus-15.0-2023-09-08/LANG/ with test.tsv (header: client_id path sentence ...) + clips/*.mp3
     fleurs       fleurs/data/LANG_DIR/ (e.g. cmn_hans_cn) with test.tsv (no header: id file_name raw_transcription
                  transcription ...) + audio/test/*.wav (unpacked from audio/test.tar.gz)
-    aishell2     AISHELL-DEV-TEST-SET/iOS/test/ with wav.scp (ID relative/path.wav) + trans.txt (ID text)
+    aishell2     AISHELL-DEV-TEST-SET/iOS/test/ with wav.scp (ID relative/path.wav) + trans.txt (ID text), unpacked
+                 from iOS/test.tar.gz (likewise Mic/ and Android/)
 Any of them may instead be given the official list (a .jsonl file, see qwen2audio.eval.jsonl).
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from ..api import ASR_PROMPT
 from ..text.tags import LANGUAGE_TAG
 from .jsonl import read_official
-from .tasks import DatasetError, Item, Options, Task, require_dir, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, unpack_hint, use_chat
 
 # Common Voice locale -> the language tag of the prompt and of the normaliser.
 COMMONVOICE_LANGUAGES = {"zh-CN": "zh", "zh-TW": "zh", "zh-HK": "yue", "yue": "yue"}
@@ -29,12 +30,12 @@ COMMONVOICE_LANGUAGES = {"zh-CN": "zh", "zh-TW": "zh", "zh-HK": "yue", "yue": "y
 FLEURS_LANGUAGES = {"cmn": "zh", "yue": "yue"}
 
 
-def asr_item(id: str, audio: Path | str, reference: str, source: str, language: str, options: Options) -> Item:
-    return Item(id=id, audio=str(audio), prompt=ASR_PROMPT.format(language=language), reference=reference,
+def asr_item(id: str, audio: Path | str, reference: str, source: str, language: str, options: Options) -> EvalItem:
+    return EvalItem(id=id, audio=str(audio), prompt=ASR_PROMPT.format(language=language), reference=reference,
                 source=source, metric=f"wer:{language}", chat=use_chat(options, False))
 
 
-def _official_list(path: Path, options: Options, default_language: str | None) -> list[Item]:
+def _official_list(path: Path, options: Options, default_language: str | None) -> list[EvalItem]:
     def metric_for(row: dict) -> str:
         tags = LANGUAGE_TAG.findall(row.get("prompt", ""))
         language = options.language or (tags[-1] if tags else default_language)
@@ -46,7 +47,7 @@ def _official_list(path: Path, options: Options, default_language: str | None) -
 
 
 # ---- LibriSpeech ------------------------------------------------------------------------------------
-def read_librispeech(path: Path, options: Options) -> list[Item]:
+def read_librispeech(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official_list(path, options, "en")
     require_dir(path, "give a LibriSpeech split folder, e.g. LibriSpeech/test-clean")
@@ -69,7 +70,7 @@ def librispeech() -> Task:
 
 
 # ---- Common Voice -------------------------------------------------------------------------------------
-def read_commonvoice(path: Path, options: Options) -> list[Item]:
+def read_commonvoice(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official_list(path, options, None)
     tsv = path if path.suffix == ".tsv" else path / f"{options.split}.tsv"
@@ -95,14 +96,13 @@ def commonvoice() -> Task:
 FLEURS_COLUMNS = ("id", "file_name", "raw_transcription", "transcription", "words", "num_samples", "gender")
 
 
-def read_fleurs(path: Path, options: Options) -> list[Item]:
+def read_fleurs(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official_list(path, options, None)
     tsv = require_file(path / f"{options.split}.tsv", "give a Fleurs language folder, e.g. fleurs/data/cmn_hans_cn")
     audio_dir = path / "audio" / options.split
     if not audio_dir.is_dir():
-        hint = f" (unpack {audio_dir}.tar.gz there: tar xzf {audio_dir}.tar.gz -C {audio_dir.parent})"
-        raise DatasetError(f"{audio_dir} not found{hint if Path(f'{audio_dir}.tar.gz').exists() else ''}")
+        raise DatasetError(f"{audio_dir} not found{unpack_hint(audio_dir)}")
     prefix = path.name.split("_")[0]
     language = options.language or FLEURS_LANGUAGES.get(prefix, prefix[:2])
     items = []
@@ -119,10 +119,11 @@ def fleurs() -> Task:
 
 
 # ---- AISHELL-2 ----------------------------------------------------------------------------------------
-def read_aishell2(path: Path, options: Options) -> list[Item]:
+def read_aishell2(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official_list(path, options, "zh")
     what = "give an AISHELL-2 test folder such as AISHELL-DEV-TEST-SET/iOS/test (with wav.scp and trans.txt)"
+    require_dir(path, what)
     scp = require_file(path / "wav.scp", what)
     trans = require_file(path / "trans.txt", what)
     texts = dict(_kaldi_lines(trans))

@@ -8,8 +8,8 @@ Layouts (`--data`):
     meld        MELD.Raw/ with test_sent_emo.csv and output_repeated_splits_test/diaD_uttU.mp4
                 (dev: dev_sent_emo.csv + dev_splits_complete/, train: train_sent_emo.csv + train_splits/)
     vocalsound  vocalsound_16k/ with audio_16k/*.wav, datafiles/te.json (the test split) and
-                class_labels_indices_vs.csv; without datafiles/ every clip is read, its label taken from
-                its file name (f0001_0_cough.wav -> Cough)
+                class_labels_indices_vs.csv; a missing split file is an error. `--split all` reads every
+                clip instead, its label taken from its file name (f0001_0_cough.wav -> Cough)
 Both also take the official lists (meld_eval.jsonl, vocalsound_eval.jsonl).
 """
 
@@ -20,12 +20,13 @@ import json
 from pathlib import Path
 
 from .jsonl import read_official
-from .tasks import DatasetError, Item, Options, Task, require_dir, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, use_chat
 
 EMOTION_PROMPT = "Recognize the emotion with keywords in English:"
 VOCAL_SOUND_PROMPT = "Classify the human vocal sound to VocalSound in English:"
 MELD_CLIP_FOLDERS = {"test": "output_repeated_splits_test", "dev": "dev_splits_complete", "train": "train_splits"}
 VOCALSOUND_SPLIT_FILES = {"test": "te.json", "dev": "val.json", "validation": "val.json", "train": "tr.json"}
+ALL_CLIPS = "all"  # --split all: every clip of audio_16k/, not a released split
 # VocalSound's class_labels_indices_vs.csv: mid -> display name; the file-name token -> display name.
 VOCALSOUND_CLASSES = {"/m/01j3sz": "Laughter", "/m/07plz5l": "Sigh", "/m/01b_21": "Cough",
                       "/m/0dl9sf8": "Throat clearing", "/m/01hsr_": "Sneeze", "/m/07ppn3j": "Sniff"}
@@ -33,12 +34,12 @@ VOCALSOUND_FILE_LABELS = {"laughter": "Laughter", "sigh": "Sigh", "cough": "Coug
                           "throatclearing": "Throat clearing", "sneeze": "Sneeze", "sniff": "Sniff"}
 
 
-def _official(path: Path, options: Options) -> list[Item]:
+def _official(path: Path, options: Options) -> list[EvalItem]:
     return read_official(path, lambda row: "acc", chat=use_chat(options, False))
 
 
 # ---- MELD ---------------------------------------------------------------------------------------------
-def read_meld(path: Path, options: Options) -> list[Item]:
+def read_meld(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official(path, options)
     if path.name in MELD_CLIP_FOLDERS.values():  # given the clip folder: the CSV sits beside it
@@ -56,7 +57,7 @@ def read_meld(path: Path, options: Options) -> list[Item]:
             raise DatasetError(f"{table}: expected MELD columns {sorted(needed)}, got {reader.fieldnames}")
         for row in reader:
             name = f"dia{row['Dialogue_ID']}_utt{row['Utterance_ID']}"
-            items.append(Item(id=name, audio=str(clips / f"{name}.mp4"), prompt=EMOTION_PROMPT,
+            items.append(EvalItem(id=name, audio=str(clips / f"{name}.mp4"), prompt=EMOTION_PROMPT,
                               reference=row["Emotion"].strip().lower(), source=options.split, metric="acc",
                               chat=use_chat(options, False), extra={"utterance": row.get("Utterance")}))
     return items
@@ -67,7 +68,7 @@ def meld() -> Task:
 
 
 # ---- VocalSound ---------------------------------------------------------------------------------------
-def read_vocalsound(path: Path, options: Options) -> list[Item]:
+def read_vocalsound(path: Path, options: Options) -> list[EvalItem]:
     if path.suffix == ".jsonl":
         return _official(path, options)
     require_dir(path, "give the vocalsound_16k folder")
@@ -77,20 +78,22 @@ def read_vocalsound(path: Path, options: Options) -> list[Item]:
     if labels_csv.is_file():
         with open(labels_csv, encoding="utf-8", newline="") as f:
             classes.update({row["mid"]: row["display_name"] for row in csv.DictReader(f)})
-    split_file = path / "datafiles" / VOCALSOUND_SPLIT_FILES.get(options.split, f"{options.split}.json")
     entries: list[tuple[str, str]] = []  # (file name, label)
-    if split_file.is_file():
+    if options.split == ALL_CLIPS:  # asked for explicitly: every clip, labelled by its file name
+        entries = [(wav.name, _label_from_name(wav.name)) for wav in sorted(audio_dir.glob("*.wav"))]
+    else:
+        split_file = require_file(
+            path / "datafiles" / VOCALSOUND_SPLIT_FILES.get(options.split, f"{options.split}.json"),
+            f"the VocalSound release lists its {options.split} split there (datafiles/te.json, val.json, tr.json); "
+            f"--split {ALL_CLIPS} evaluates every clip in audio_16k/ instead, labelled by file name")
         for entry in json.loads(split_file.read_text(encoding="utf-8"))["data"]:
             mid = entry["labels"].split(",")[0]
             if mid not in classes:
                 raise DatasetError(f"{split_file}: unknown label {mid!r}")
             entries.append((Path(entry["wav"]).name, classes[mid]))  # paths in the file are the authors' own
-    else:
-        for wav in sorted(audio_dir.glob("*.wav")):
-            entries.append((wav.name, _label_from_name(wav.name)))
     if not entries:
-        raise DatasetError(f"{path}: no clips found (expected datafiles/{split_file.name} or audio_16k/*.wav)")
-    return [Item(id=name, audio=str(audio_dir / name), prompt=VOCAL_SOUND_PROMPT, reference=label,
+        raise DatasetError(f"{path}: no clips found")
+    return [EvalItem(id=name, audio=str(audio_dir / name), prompt=VOCAL_SOUND_PROMPT, reference=label,
                  source=options.split, metric="acc", chat=use_chat(options, False)) for name, label in entries]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -39,42 +40,82 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
+# The modules of the [eval] extra (pyproject.toml) that every evaluation imports, checked before any work so
+# that a missing one is one clear line, not a traceback after the model has run. Metrics that need more
+# (Japanese BLEU) name theirs in Metric.modules.
+EVAL_MODULES = ("whisper_normalizer", "jiwer", "sacrebleu", "zhconv", "cn2an")
+INSTALL_HINT = "pip install -e '.[eval]'"
+# Folder names that say only which split a folder is: the default output name takes the parent's name too
+# (AISHELL-2: Mic/test, iOS/test and Android/test must not share eval-results/aishell2-test).
+SPLIT_FOLDER_NAMES = {"test", "dev", "train", "eval", "validation"}
+EXIT_JUDGE_FAILED = 1
+
+
+class MissingModule(ValueError):
+    """A Python module the evaluation needs is not installed."""
+
+
+def require_modules(modules, what: str) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise MissingModule(f"{what} needs the Python module {name!r}, which is not installed; "
+                                f"install the evaluation extra: {INSTALL_HINT}") from None
+
+
+def default_out(task: str, data: Path) -> Path:
+    name = data.stem
+    if name.lower() in SPLIT_FOLDER_NAMES and data.parent.name:
+        name = f"{data.parent.name}-{name}"
+    return Path("eval-results") / f"{task}-{name}"
+
+
 def run(args: argparse.Namespace) -> int:
+    require_modules(EVAL_MODULES, "qwen2audio eval")
+    from .judge import JudgeError
+    from .metrics import get_metric
     from .report import summarize, write_report, write_results
-    from .runner import ITEMS_FILE, run_items, write_records
-    from .tasks import Options, get_task
+    from .runner import ITEMS_FILE, AnswerSettings, model_identity, run_items, score_records, write_records
+    from .tasks import Options, check_data, get_task
 
     task = get_task(args.task)
-    if not args.data.exists():
-        raise FileNotFoundError(f"{args.data} does not exist; give the split's folder as the dataset ships it "
-                                f"(see docs/evaluation.md)")
+    check_data(args.data)
     options = Options(language=args.language, split=args.split, pair=args.pair, prompt_style=args.prompt_style)
     items = task.read(args.data, options)
     if args.limit is not None:
         items = items[: max(0, args.limit)]
     if not items:
         raise ValueError(f"no items found in {args.data}")
-    out = args.out or Path("eval-results") / f"{args.task}-{args.data.stem}"
+    for metric in sorted({item.metric for item in items}):
+        require_modules(get_metric(metric).modules, f"scoring {metric}")
+    out = args.out or default_out(args.task, args.data)
     model_name = str(args.model_dir) if args.model_dir else "embedded default model"
+    settings = AnswerSettings(model=model_identity(args.model_dir), dtype=args.dtype,
+                              max_new_tokens=args.max_new_tokens)
     print(f"qwen2audio eval: {len(items)} items from {args.data} -> {out}", file=sys.stderr)
-
-    _check_settings(out, {"model": model_name, "task": args.task, "prompt_style": args.prompt_style,
-                          "max_new_tokens": args.max_new_tokens, "dtype": args.dtype})
     try:
-        records = run_items(items, out, lambda: _load(args), batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+        records = run_items(items, out, lambda: _load(args), settings, batch_size=args.batch_size,
+                            progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"\nqwen2audio eval: interrupted; the answers so far are in {out / ITEMS_FILE}; "
               "run the same command again to resume", file=sys.stderr)
         return 130
+    score_records(records)
     judge_info = None
     if task.score is not None:
-        judge_info = task.score(records, _judge(args, out), workers=args.judge_workers)
-        write_records(out / ITEMS_FILE, records)
-    results = summarize(args.task, records, task.derived, bootstrap=args.bootstrap)
+        try:
+            judge_info = task.score(records, _judge(args, out), workers=args.judge_workers)
+        except JudgeError as err:
+            print(f"qwen2audio: error: {err}; the model's answers are kept in {out / ITEMS_FILE}: run the same "
+                  "command again to judge them (verdicts already given are cached)", file=sys.stderr)
+            return EXIT_JUDGE_FAILED
+    write_records(out / ITEMS_FILE, records)
+    results = summarize(args.task, records, task.derived, bootstrap=args.bootstrap, overall=task.overall)
     results.update(model=model_name, data=str(args.data), settings={
-        "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens, "decoding": "greedy",
-        "batch_size": args.batch_size, "limit": args.limit})
+        "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": settings.min_new_tokens, "dtype": args.dtype, "decoding": "greedy",
+        "batch_size": args.batch_size, "limit": args.limit, "model_identity": settings.model})
     if judge_info is not None:
         results["judge"] = judge_info
     write_results(out, results)
@@ -82,20 +123,6 @@ def run(args: argparse.Namespace) -> int:
     print(report.read_text(encoding="utf-8"))
     print(json.dumps({"results": str(out / "results.json"), "report": str(report)}))
     return 0
-
-
-def _check_settings(out: Path, settings: dict) -> None:
-    """Remember what produced the answers in OUT; warn when a resumed run would mix settings."""
-    path = out / "run.json"
-    if path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if changed:
-            print("qwen2audio eval: warning: this folder holds answers made with other settings ("
-                  + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
-                  + "); the old answers are kept, use a new --out to start afresh", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
 def _load(args):

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .tasks import DatasetError, Item, Options, Task, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_file, use_chat
 
 
 def read_lines(path: Path) -> list[tuple[int, dict]]:
@@ -52,12 +52,12 @@ def _field(path: Path, number: int, row: dict, key: str) -> str:
     return value
 
 
-def read_official(path: Path, metric_for: Callable[[dict], str], chat: bool = False) -> list[Item]:
+def read_official(path: Path, metric_for: Callable[[dict], str], chat: bool = False) -> list[EvalItem]:
     """An official evaluation list {audio, prompt, source, gt}; metric_for(row) names each row's metric."""
     items = []
     for number, row in read_lines(path):
         audio = _field(path, number, row, "audio")
-        items.append(Item(
+        items.append(EvalItem(
             id=str(row.get("id", f"{number}:{audio}")), audio=resolve_audio(path, audio),
             prompt=_field(path, number, row, "prompt"), reference=_field(path, number, row, "gt"),
             source=str(row.get("source", path.stem)), metric=metric_for(row), chat=chat,
@@ -65,7 +65,7 @@ def read_official(path: Path, metric_for: Callable[[dict], str], chat: bool = Fa
     return items
 
 
-def read_generic(path: Path, options: Options) -> list[Item]:
+def read_generic(path: Path, options: Options) -> list[EvalItem]:
     if path.is_dir():
         raise DatasetError(f"{path} is a folder; the jsonl task reads one JSONL file (see docs/evaluation.md)")
     items = []
@@ -77,7 +77,7 @@ def read_generic(path: Path, options: Options) -> list[Item]:
         metric = row.get("metric") or (f"wer:{options.language}" if options.language else None)
         if not isinstance(metric, str):
             raise DatasetError(f"{path}:{number}: missing field 'metric' (wer:LANG, bleu:LANG, acc or choice)")
-        items.append(Item(
+        items.append(EvalItem(
             id=str(row.get("id", f"{number}:{audio}")), audio=resolve_audio(path, audio),
             prompt=_field(path, number, row, "prompt"), reference=reference,
             source=str(row.get("source", "all")), metric=metric,

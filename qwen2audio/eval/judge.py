@@ -94,10 +94,10 @@ class Judge:
                 if err.code not in RETRYABLE_STATUS:
                     break
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                error = f"cannot reach {self.url}: {err}"
+                error = f"cannot reach it: {err}"
             except (ValueError, KeyError, IndexError, TypeError) as err:
                 error = f"not a chat completion: {err!r}"
-        raise JudgeError(f"judge request failed after {attempt + 1} tries: {error}")
+        raise JudgeError(f"the judge at {self.url} failed after {attempt + 1} tries: {error}")
 
 
 def _read_cache(path: Path) -> dict[str, str]:

@@ -5,13 +5,17 @@ score is computed from the sum of the vectors. That makes corpus-level scores (W
 reference words; BLEU from summed n-gram counts) exact, per-subset scores trivial, and the bootstrap
 cheap: resample items, add their vectors, score.
 
-Metric names (`Item.metric`):
+Metric names (`EvalItem.metric`):
     wer:LANG    corpus error rate in %, normalised for LANG (see normalizers); zh and yue per character
     bleu:LANG   sacrebleu corpus BLEU for target language LANG (tokenizer zh for zh, 13a otherwise)
     acc         exact match of the left-stripped answer with the label (the official SER / VSC scoring)
     choice      AIR-Bench foundation: the letter A-D read from the answer as AIR-Bench does; unreadable
                 answers are counted as failures and left out of the accuracy
-    judge       AIR-Bench chat: mean judge score 1-10 (statistics come from the judge, see airbench)
+    judge       AIR-Bench chat: judge scores 0-10, averaged per answer order over the verdicts that parse,
+                then over the two orders, as AIR-Bench's cal_score.py (statistics come from the judge, see airbench)
+
+A metric may need modules beyond the [eval] extra's common ones (`Metric.modules`, checked before a run), and
+may find some answers unreadable (`Metric.readable`): those are counted, and left out of the score.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE = 0.95
 BOOTSTRAP_CHUNK = 100  # resamples drawn at once (memory: chunk x items counts)
 CHOICE_LETTERS = "ABCD"
+# Modules a sacrebleu tokenizer needs beyond sacrebleu itself (the sacrebleu[ja] extra).
+TOKENIZER_MODULES = {"ja-mecab": ("MeCab", "ipadic")}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,15 @@ class Metric:
     def score(self, total: Sequence[float]) -> float:
         """The corpus score from the summed statistics (nan when nothing was scored)."""
         raise NotImplementedError
+
+    def readable(self, stats: Sequence[float]) -> bool:
+        """Whether an item's answer could be read at all (unreadable ones are left out of the score)."""
+        return True
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Python modules this metric imports beyond the common ones of the [eval] extra."""
+        return ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,10 @@ class Bleu(Metric):
             return math.nan
         return float(_bleu(self.tokenize)._compute_score_from_stats([int(round(x)) for x in total]).score)
 
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return TOKENIZER_MODULES.get(self.tokenize, ())
+
 
 @dataclass(frozen=True)
 class Accuracy(Metric):
@@ -94,14 +113,25 @@ class Choice(Metric):
     def score(self, total: Sequence[float]) -> float:
         return total[0] / total[1] if total[1] else math.nan
 
+    def readable(self, stats: Sequence[float]) -> bool:
+        return stats[1] > 0
+
 
 @dataclass(frozen=True)
 class JudgeScore(Metric):
+    """Statistics: [score sum, verdicts read] for each answer order (reference first, model's answer first)."""
+
     def stats(self, reference: str, hypothesis: str) -> list[float]:
         raise ValueError("judge statistics come from the judge (qwen2audio.eval.airbench.score_chat)")
 
     def score(self, total: Sequence[float]) -> float:
-        return total[0] / total[1] if total[1] else math.nan  # [score sum, judged items]
+        # cal_score.py runs once per order file: a mean over the verdicts that parsed in that order; the
+        # score is the mean of the two (an order with nothing parsed is left out: cal_score divides by zero)
+        means = [total[i] / total[i + 1] for i in range(0, len(total), 2) if total[i + 1]]
+        return sum(means) / len(means) if means else math.nan
+
+    def readable(self, stats: Sequence[float]) -> bool:
+        return any(stats[i + 1] for i in range(0, len(stats), 2))
 
 
 def choice_letter(response: str) -> str | None:

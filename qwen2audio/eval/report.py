@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path, atomic_write_text
 from .metrics import BOOTSTRAP_SAMPLES, CONFIDENCE, bootstrap_interval, corpus_score, get_metric
 from .published import published
 
@@ -20,12 +21,17 @@ def _clean(value):
     return None if isinstance(value, float) and (math.isnan(value) or math.isinf(value)) else value
 
 
-def summarize(task: str, records: list[dict], derived=None, bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict:
-    """Per-subset and overall corpus scores with bootstrap intervals, from the records' statistics."""
-    scored = [r for r in records if "stats" in r and "error" not in r]
-    metrics = sorted({r["metric"] for r in scored})
+def summarize(task: str, records: list[dict], derived=None, bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+              overall: bool = True) -> dict:
+    """Per-subset and overall corpus scores with bootstrap intervals, from the records' statistics.
+
+    "scored" counts the answers that went into a score; "unreadable" the answers that could not be read
+    (no letter, no judge verdict that parses), left out and counted; "skipped" the items whose audio failed.
+    """
+    answered = [r for r in records if "stats" in r and "error" not in r]
+    metrics = sorted({r["metric"] for r in answered})
     by_source: dict[str, list[dict]] = {}
-    for rec in scored:
+    for rec in answered:
         by_source.setdefault(rec["source"], []).append(rec)
 
     def block(recs: list[dict]) -> dict:
@@ -34,21 +40,23 @@ def summarize(task: str, records: list[dict], derived=None, bootstrap: int = BOO
             return {"score": math.nan, "ci": None, "n": len(recs), "metric": "mixed"}
         metric = get_metric(names.pop())
         stats = np.array([r["stats"] for r in recs], dtype=np.float64)
-        counted = [r for r in recs if not (r["metric"] in ("choice", "judge") and r["stats"][1] == 0)]
+        readable = sum(bool(metric.readable(s)) for s in stats)
         out = {"score": corpus_score(metric, stats), "ci": bootstrap_interval(metric, stats, bootstrap, seed=seed),
-               "n": len(counted), "metric": metric.name, "label": metric.label}
-        if metric.name in ("choice", "judge"):
-            out["failed"] = len(recs) - len(counted)
+               "n": readable, "metric": metric.name, "label": metric.label}
+        if readable < len(recs):
+            out["failed"] = len(recs) - readable
         return out
 
     subsets = {source: block(recs) for source, recs in sorted(by_source.items())}
     if derived:
         subsets.update(derived(subsets))
     errors = [{"id": r["id"], "audio": r["audio"], "error": r["error"]} for r in records if "error" in r]
+    unreadable = sum(1 for r in answered if not get_metric(r["metric"]).readable(r["stats"]))
     return {
-        "task": task, "items": len(records), "scored": len(scored), "skipped": len(errors), "skipped_items": errors,
-        "metrics": metrics, "confidence": CONFIDENCE, "bootstrap_samples": bootstrap,
-        "overall": block(scored) if scored else None, "subsets": subsets,
+        "task": task, "items": len(records), "scored": len(answered) - unreadable, "unreadable": unreadable,
+        "skipped": len(errors), "skipped_items": errors, "metrics": metrics, "confidence": CONFIDENCE,
+        "bootstrap_samples": bootstrap, "overall": block(answered) if answered and overall else None,
+        "subsets": subsets,
     }
 
 
@@ -62,7 +70,7 @@ def write_results(out_dir: Path, results: dict) -> Path:
             return [clean(v) for v in obj]
         return _clean(obj)
 
-    path.write_text(json.dumps(clean(results), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(clean(results), indent=2, ensure_ascii=False) + "\n")
     return path
 
 
@@ -87,7 +95,8 @@ def rows(results: dict) -> list[dict]:
 def write_report(out_dir: Path, results: dict, model: str, data: str) -> Path:
     table = rows(results)
     lines = [f"# {results['task']} — {model}", "", f"Data: `{data}`", "",
-             f"{results['scored']} of {results['items']} items scored; {results['skipped']} skipped (unreadable audio).",
+             f"{results['items']} items: {results['scored']} scored, {results['unreadable']} with an unreadable answer "
+             f"(left out of the score), {results['skipped']} skipped (unreadable audio).",
              "", "| subset | n | metric | ours | 95% CI | paper | transformers |", "|---|---|---|---|---|---|---|"]
     for row in table:
         ci = f"{_fmt(row['ci'][0])} – {_fmt(row['ci'][1])}" if row["ci"] else "-"
@@ -97,8 +106,8 @@ def write_report(out_dir: Path, results: dict, model: str, data: str) -> Path:
     if failed:
         lines += ["", "Answers that could not be read (left out of the score): "
                   + ", ".join(f"{name} {n}" for name, n in failed.items())]
-    lines += ["", "paper: the Qwen2-Audio paper; transformers: measured after the Hugging Face transformers "
-              "conversion. CI: percentile bootstrap over items."]
+    lines += ["", "paper: the Qwen2-Audio paper (AIR-Bench chat average: the AIR-Bench leaderboard); transformers: "
+              "measured after the Hugging Face transformers conversion. CI: percentile bootstrap over items."]
     judge = results.get("judge")
     if judge:
         lines += ["", "Judge: " + ", ".join(f"{k} {v}" for k, v in judge.items())]
@@ -107,7 +116,7 @@ def write_report(out_dir: Path, results: dict, model: str, data: str) -> Path:
     if _plot(out_dir / PLOT_FILE, results["task"], table):
         lines += ["", f"![{results['task']}]({PLOT_FILE})"]
     path = out_dir / REPORT_FILE
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -138,6 +147,7 @@ def _plot(path: Path, task: str, table: list[dict]) -> bool:
     ax.set_title(task)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return True

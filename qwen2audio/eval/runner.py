@@ -1,18 +1,31 @@
 """Running a task: batched generation with the official decoding, resumable, with a progress bar.
 
-- Items already answered in OUT/items.jsonl are not generated again (resume); items that failed before
-  (unreadable audio) are tried again. The model is loaded only when something is left to generate, so a
-  finished run is re-scored at no cost.
-- Audio that is missing or unreadable is reported and skipped: its line in items.jsonl carries "error".
-- Decoding: greedy, max_new_tokens 256, left-padded batches (qwen2audio.generation.engine).
+- Answers are kept in OUT/items.jsonl. A stored answer is reused only when all that determines it is
+  unchanged: the model (see `model_identity`), the exact prompt the model sees, the audio file (path, size
+  and modification time) and the decoding settings (dtype, max_new_tokens, min_new_tokens). Any other
+  stored answer is generated again, and the run says how many it reused and why it did not reuse others.
+  The audio is identified by its file's metadata, not a hash of its content: a hash would read the whole
+  dataset (tens of GB for Common Voice or AIR-Bench) on every resume, and a file rewritten with the same
+  size and modification time is not a case worth that cost.
+- Answers are written to disk as they are generated, before anything is scored, so that a scorer that
+  fails loses no work. Every run scores every answer afresh (`score_records`), from its hypothesis, with
+  the current reference and metric code: stored statistics are never trusted.
+- The model is loaded only when something is left to generate, so a finished run is re-scored at no cost.
+- Audio that is missing or unreadable is reported and skipped: its line in items.jsonl carries "error";
+  such items are tried again by the next run.
+- Decoding: greedy, max_new_tokens 256, min_new_tokens 1, left-padded batches (qwen2audio.generation.engine).
 - The progress bar shows items, speed and the running corpus metric.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,18 +33,62 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from .metrics import get_metric
-from .tasks import Item
+from .tasks import EvalItem
 
 ITEMS_FILE = "items.jsonl"
 OFFICIAL_MAX_NEW_TOKENS = 256
+OFFICIAL_MIN_NEW_TOKENS = 1  # generate(..., min_new_tokens=1) in every official evaluation script
+ANSWER_KEY = "answered_with"  # the record field that says what made its answer
+# Why a stored answer is not reused: the first field of ANSWER_KEY (or the prompt) that differs, in words.
+STALE_REASONS = {"prompt": "were for a different prompt", "model": "were made by another model",
+                 "audio": "were for other audio", "dtype": "were made with another --dtype",
+                 "max_new_tokens": "were made with another --max-new-tokens",
+                 "min_new_tokens": "were made with another min_new_tokens"}
+FAILED = "had failed (see their error)"
+UNRECORDED = "had no record of what made them"
 
 
-def chat_messages(item: Item, audio) -> list[dict]:
+@dataclass(frozen=True)
+class AnswerSettings:
+    """What, besides the prompt and the audio, determines an answer."""
+
+    model: str  # model_identity()
+    dtype: str = "auto"
+    max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS
+    min_new_tokens: int = OFFICIAL_MIN_NEW_TOKENS
+
+
+def model_identity(model_dir: str | Path | None) -> str:
+    """The checkpoint folder and a digest of its files' names, sizes and modification times (weights
+    rewritten in place make another model), or the embedded default model and its version."""
+    if model_dir is None:
+        from ..default_model import DEFAULT_MODEL_NAME
+
+        return f"embedded default model {DEFAULT_MODEL_NAME}"
+    folder = Path(model_dir).resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {model_dir} does not exist; give the folder that holds "
+                                "config.json, or leave it out for the embedded default model")
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return f"{folder} ({hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]})"
+
+
+def audio_identity(audio: str) -> dict | None:
+    """Path, size and modification time of an audio file; None when it cannot be read."""
+    path = os.path.abspath(audio)
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def chat_messages(item: EvalItem, audio) -> list[dict]:
     """An Instruct-model item as one user turn: the audio, then the task text."""
     return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": item.prompt}]}]
 
 
-def model_prompt(item: Item) -> str:
+def model_prompt(item: EvalItem) -> str:
     """The text the model sees, before the <|AUDIO|> expansion: the raw base prompt or the chat template."""
     from ..text.chat import raw_prompt, render_chat
 
@@ -40,7 +97,27 @@ def model_prompt(item: Item) -> str:
     return raw_prompt(item.prompt, 1)
 
 
-def generate_batch(model, batch: Sequence[tuple[Item, np.ndarray]], max_new_tokens: int) -> list[str]:
+def answer_basis(item: EvalItem, settings: AnswerSettings) -> dict:
+    """Everything an item's answer depends on besides the prompt (stored under ANSWER_KEY)."""
+    return {**asdict(settings), "audio": audio_identity(item.audio)}
+
+
+def stale_reason(record: dict, prompt: str, basis: dict) -> str | None:
+    """Why a stored record's answer cannot be reused for an item (None: it can)."""
+    if "error" in record:
+        return FAILED
+    made = record.get(ANSWER_KEY)
+    if not isinstance(made, dict) or not isinstance(record.get("hypothesis"), str):
+        return UNRECORDED
+    if record.get("prompt") != prompt:
+        return STALE_REASONS["prompt"]
+    for key, value in basis.items():
+        if made.get(key) != value:
+            return STALE_REASONS.get(key, f"differ in {key}")
+    return None
+
+
+def generate_batch(model, batch: Sequence[tuple[EvalItem, np.ndarray]], settings: AnswerSettings) -> list[str]:
     """Answers for (item, 16 kHz samples) pairs in one left-padded greedy batch."""
     from ..generation.sampling import SamplingParams
 
@@ -50,7 +127,8 @@ def generate_batch(model, batch: Sequence[tuple[Item, np.ndarray]], max_new_toke
             prepared.append(model.prepare_chat(chat_messages(item, audio)))
         else:
             prepared.append(model.prepare_raw(item.prompt, [audio]))
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+                            temperature=0.0)
     return [g.text for g in model.engine.generate(prepared, params)]
 
 
@@ -74,48 +152,78 @@ def write_records(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records + others))
 
 
-def make_record(item: Item, hypothesis: str | None = None, error: str | None = None) -> dict:
-    rec = {"id": item.id, "audio": item.audio, "prompt": model_prompt(item), "reference": item.reference,
-           "hypothesis": hypothesis, "source": item.source, "metric": item.metric, **item.extra}
+def make_record(item: EvalItem, prompt: str, basis: dict, hypothesis: str | None = None,
+                error: str | None = None) -> dict:
+    """An item's line in items.jsonl, unscored: what was asked, what made the answer, the answer."""
+    rec = {"id": item.id, "audio": item.audio, "prompt": prompt, "reference": item.reference,
+           "hypothesis": hypothesis, "source": item.source, "metric": item.metric, **item.extra, ANSWER_KEY: basis}
     if error is not None:
         rec["error"] = error
-        return rec
-    metric = get_metric(item.metric)
-    if item.metric != "judge":
-        rec["stats"] = metric.stats(item.reference, hypothesis or "")
-        rec["score"] = metric.score(rec["stats"])
     return rec
 
 
-def running_score(records: list[dict]) -> str:
-    scored = [r for r in records if "stats" in r]
-    if not scored:
+def score_records(records: list[dict]) -> list[dict]:
+    """Each answered record gets its statistics and score from its hypothesis, its reference and the current
+    metric code (AIR-Bench chat: from the judge, later); whatever an earlier run stored is replaced."""
+    for rec in records:
+        for key in ("stats", "score", "judge"):
+            rec.pop(key, None)
+        if "error" in rec or rec["metric"] == "judge":
+            continue
+        metric = get_metric(rec["metric"])
+        rec["stats"] = metric.stats(rec["reference"], rec["hypothesis"] or "")
+        rec["score"] = metric.score(rec["stats"])
+    return records
+
+
+def running_score(stats: list[list[float]], metric_name: str) -> str:
+    if not stats:
         return "-"
-    metric = get_metric(scored[0]["metric"])
-    if any(r["metric"] != metric.name for r in scored):
-        return "-"
-    value = metric.score(list(np.sum([r["stats"] for r in scored], axis=0)))
+    value = get_metric(metric_name).score(list(np.sum(stats, axis=0)))
     return "nan" if math.isnan(value) else f"{value:.4g}"
 
 
-def _generate(model, batch: list[tuple[Item, np.ndarray]], max_new_tokens: int) -> list[dict]:
+def _generate(model, batch: list[tuple[EvalItem, np.ndarray]], settings: AnswerSettings,
+              record: Callable[..., dict]) -> list[dict]:
     """Records for a batch; when the batch fails (e.g. one clip too long for the context), item by item,
     so that only the items at fault are skipped."""
     if not batch:
         return []
     try:
-        texts = generate_batch(model, batch, max_new_tokens)
-        return [make_record(item, text) for (item, _), text in zip(batch, texts)]
+        texts = generate_batch(model, batch, settings)
+        return [record(item, hypothesis=text) for (item, _), text in zip(batch, texts)]
     except ValueError as err:
         if len(batch) == 1:
             print(f"qwen2audio eval: skipping {batch[0][0].id}: {err}", file=sys.stderr)
-            return [make_record(batch[0][0], error=str(err))]
-    return [rec for pair in batch for rec in _generate(model, [pair], max_new_tokens)]
+            return [record(batch[0][0], error=str(err))]
+    return [rec for pair in batch for rec in _generate(model, [pair], settings, record)]
 
 
-def run_items(items: list[Item], out_dir: Path, load_model: Callable[[], object], batch_size: int = 8,
-              max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS, progress: bool = True) -> list[dict]:
-    """Generate what is not done yet; returns one record per item, in the items' order."""
+def plan(items: list[EvalItem], stored: dict[str, dict], settings: AnswerSettings
+         ) -> tuple[dict[str, dict], list[EvalItem], dict[str, tuple[str, dict]]]:
+    """Reusable records by id, the items to generate, and (prompt, basis) per item id."""
+    keys = {item.id: (model_prompt(item), answer_basis(item, settings)) for item in items}
+    reused, todo, why = {}, [], Counter()
+    for item in items:
+        rec = stored.get(item.id)
+        reason = None if rec is None else stale_reason(rec, *keys[item.id])
+        if rec is not None and reason is None:
+            reused[item.id] = rec
+        else:
+            todo.append(item)
+            if reason:
+                why[reason] += 1
+    if stored.keys() & keys.keys():
+        note = f"qwen2audio eval: reusing {len(reused)} answers, generating {len(todo)}"
+        if why:
+            note += "; stored answers generated again: " + ", ".join(f"{n} {reason}" for reason, n in why.items())
+        print(note, file=sys.stderr)
+    return reused, todo, keys
+
+
+def run_items(items: list[EvalItem], out_dir: Path, load_model: Callable[[], object], settings: AnswerSettings,
+              batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """Generate what has no reusable answer yet; returns one unscored record per item, in the items' order."""
     from tqdm import tqdm
 
     from ..audio import load_audio
@@ -127,14 +235,18 @@ def run_items(items: list[Item], out_dir: Path, load_model: Callable[[], object]
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
         raise ValueError("the dataset lists an item id twice; ids must be unique for resuming")
-    records = read_records(path)
-    todo = [item for item in items if item.id not in records or "error" in records[item.id]]
-    done = len(items) - len(todo)
-    if done:
-        print(f"qwen2audio eval: resuming: {done} of {len(items)} items already done", file=sys.stderr)
+    reused, todo, keys = plan(items, read_records(path), settings)
+    current = {item.id: item for item in items}
+
+    def record(item: EvalItem, **answer) -> dict:
+        return make_record(item, *keys[item.id], **answer)
+
+    # Reused answers are rebuilt around the current item: its reference, source and metric are today's.
+    records = {i: record(current[i], hypothesis=rec["hypothesis"]) for i, rec in reused.items()}
     model = load_model() if todo else None
-    bar = tqdm(total=len(items), initial=done, unit="item", disable=not progress, dynamic_ncols=True)
-    finished = [records[i] for i in ids if i in records and "error" not in records[i]]
+    bar = tqdm(total=len(items), initial=len(reused), unit="item", disable=not progress, dynamic_ncols=True)
+    metric = todo[0].metric if todo else None
+    shown = []  # statistics of the answers generated now, for the running metric
     with open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
             batch, new = [], []
@@ -143,18 +255,17 @@ def run_items(items: list[Item], out_dir: Path, load_model: Callable[[], object]
                     batch.append((item, load_audio(item.audio)))
                 except (ValueError, OSError) as err:  # AudioError is a ValueError
                     print(f"qwen2audio eval: skipping {item.id}: {err}", file=sys.stderr)
-                    new.append(make_record(item, error=str(err)))
-            new += _generate(model, batch, max_new_tokens)
+                    new.append(record(item, error=str(err)))
+            new += _generate(model, batch, settings, record)
             for rec in new:
                 records[rec["id"]] = rec
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                if "error" not in rec:
-                    finished.append(rec)
-            f.flush()
+            f.flush()  # on disk before anything is scored
+            shown += [get_metric(r["metric"]).stats(r["reference"], r["hypothesis"] or "") for r in new
+                      if "error" not in r and r["metric"] == metric and metric != "judge"]
             bar.update(len(new))
-            bar.set_postfix_str(f"{get_metric(todo[0].metric).label}={running_score(finished)}")
+            bar.set_postfix_str(f"{get_metric(metric).label}={running_score(shown, metric)}")
     bar.close()
     ordered = [records[i] for i in ids]
-    write_records(path, ordered)  # one line per item, in dataset order, without the old lines of retried items
+    write_records(path, ordered)  # one line per item, in dataset order, without the old lines of regenerated items
     return ordered
-

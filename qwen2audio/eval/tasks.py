@@ -1,6 +1,6 @@
 """What an evaluation item is, what a task is, and the registry of task names.
 
-A task reads a dataset folder in its released layout into `Item`s; each item carries its model prompt
+A task reads a dataset folder in its released layout into `EvalItem`s; each item carries its model prompt
 (without the audio placeholder or chat template: the runner adds those), its reference, the subset it
 belongs to (`source`, reported separately) and the name of its metric.
 """
@@ -33,7 +33,7 @@ class DatasetError(ValueError):
 
 
 @dataclass
-class Item:
+class EvalItem:
     id: str  # unique within the run (resume key)
     audio: str  # path of the audio file
     prompt: str  # the task text; the runner adds <|audio_bos|><|AUDIO|><|audio_eos|> or the chat template
@@ -57,11 +57,12 @@ class Options:
 @dataclass(frozen=True)
 class Task:
     name: str
-    read: Callable[[Path, Options], list[Item]]
+    read: Callable[[Path, Options], list[EvalItem]]
     # Optional: turn the generated records into scored records (AIR-Bench chat: ask the judge).
     score: Callable[..., None] | None = None
-    # Optional: extra summary rows from the per-source results (AIR-Bench chat: mixed = mean of two).
+    # Optional: extra summary rows from the per-source results (AIR-Bench chat: mixed, average).
     derived: Callable[[dict[str, dict]], dict[str, dict]] | None = None
+    overall: bool = True  # report a pooled score over all items (False where the benchmark defines its own)
 
 
 def get_task(name: str) -> Task:
@@ -90,3 +91,25 @@ def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DatasetError(f"{path} is not a folder: {what}")
     return path
+
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")  # how these datasets ship their folders
+
+
+def unpack_hint(folder: Path) -> str:
+    """A hint when `folder` is missing but its archive lies beside it (e.g. AISHELL-2's iOS/test.tar.gz)."""
+    for suffix in ARCHIVE_SUFFIXES:
+        archive = folder.with_name(folder.name + suffix)
+        if archive.is_file():
+            return f"; unpack {archive.name} first: tar xzf {archive} -C {folder.parent}"
+    return ""
+
+
+def check_data(path: Path) -> None:
+    """--data exists and is not a dataset archive still to unpack."""
+    if path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
+        raise DatasetError(f"{path} is an archive; unpack it first (tar xzf {path} -C {path.parent}) and give "
+                           "the folder it holds")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist{unpack_hint(path)}; give the split's folder as the "
+                                "dataset ships it (see docs/evaluation.md)")

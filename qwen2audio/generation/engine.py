@@ -25,7 +25,7 @@ from ..model import KVCache, Qwen2AudioModel
 from ..model.llm import padded_causal_mask
 from ..text.chat import expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
-from .sampling import SamplingParams, next_tokens
+from .sampling import SamplingParams, hold_back_stop_tokens, next_tokens
 
 ENCODE_BATCH = 8  # 30 s windows encoded together
 
@@ -234,7 +234,9 @@ class Engine:
         gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         active = list(range(len(batch)))
         next_pos = positions[:, -1:] + 1  # (B, 1)
+        stop_ids = frozenset() if params.ignore_eos else self.tokenizer.stop_ids
         for step in range(max_new):
+            logits = hold_back_stop_tokens(logits, stop_ids, step, params.min_new_tokens)
             tokens = next_tokens(logits, params, seen, gen)  # (B,)
             keep = []
             for j, (r, t) in enumerate(zip(active, tokens.tolist())):

@@ -1,12 +1,13 @@
 """Choosing the next token: pure functions over a batch of logits (B, vocab).
 
-The order is that of transformers' generate(): repetition penalty, temperature, top-k, top-p, then a
-draw (or argmax when temperature is 0).
+The order is that of transformers' generate(): stop tokens held back until min_new_tokens, repetition
+penalty, temperature, top-k, top-p, then a draw (or argmax when temperature is 0).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection
 
 import torch
 
@@ -21,10 +22,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, not included in the output
     ignore_eos: bool = False  # keep going past stop tokens (benchmarks: a fixed number of tokens)
+    min_new_tokens: int = 0  # stop tokens cannot end the reply before this many tokens (transformers' meaning)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0 (0 = off), got {self.min_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
@@ -39,6 +43,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def hold_back_stop_tokens(logits: torch.Tensor, stop_ids: Collection[int], generated: int,
+                          min_new_tokens: int) -> torch.Tensor:
+    """transformers' MinNewTokensLengthLogitsProcessor: while fewer than ``min_new_tokens`` tokens have been
+    generated, the stop tokens get -inf, so a reply cannot end (or be empty) before then."""
+    if generated >= min_new_tokens or not stop_ids:
+        return logits
+    return logits.index_fill(-1, torch.tensor(sorted(stop_ids), device=logits.device), float("-inf"))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
