@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 # The modules of the [eval] extra (pyproject.toml) that every evaluation imports, checked before any work so
 # that a missing one is one clear line, not a traceback after the model has run. Metrics that need more
 # (Japanese BLEU) name theirs in Metric.modules.
-EVAL_MODULES = ("whisper_normalizer", "jiwer", "sacrebleu", "zhconv", "cn2an")
+EVAL_MODULES = ("regex", "more_itertools", "jiwer", "sacrebleu", "zhconv")  # the [eval] extra, by import name
 INSTALL_HINT = "pip install -e '.[eval]'"
 # Folder names that say only which split a folder is: the default output name takes the parent's name too
 # (AISHELL-2: Mic/test, iOS/test and Android/test must not share eval-results/aishell2-test).
