@@ -108,7 +108,6 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                               "Check config.json, or load with strict=False to ignore them.")
     if config.text.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-    model.language_model.store_wide_weights_column_major()
     return model.eval()
 
 

@@ -26,6 +26,7 @@ from ..model.llm import padded_causal_mask
 from ..text.chat import expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams, next_tokens
+from .weights import prepare_for_inference
 
 ENCODE_BATCH = 8  # 30 s windows encoded together
 
@@ -117,8 +118,11 @@ def audio_key(audio: np.ndarray) -> str:
 
 
 class Engine:
+    """Runs one model for inference. It takes the model over: at construction its weights get the
+    layout that decodes fastest on their device (``generation.weights``; same values)."""
+
     def __init__(self, model: Qwen2AudioModel, tokenizer: Tokenizer, encode_batch: int = ENCODE_BATCH):
-        self.model = model
+        self.model = prepare_for_inference(model)
         self.tokenizer = tokenizer
         self.encode_batch = encode_batch
         if tokenizer.audio_id != model.config.audio_token_index:
