@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -177,6 +178,14 @@ class Engine:
         return Prepared(ids, embeds, keys)
 
     # -- generation ----------------------------------------------------------------------------------
+    def _room_to_generate(self, max_new_tokens: int, prompt_tokens: int) -> int:
+        """max_new_tokens, capped by what the context leaves after the prompt, with a warning when capped."""
+        room = self.max_positions - prompt_tokens
+        if max_new_tokens > room:
+            warnings.warn(f"max_new_tokens {max_new_tokens} does not fit: the prompt takes {prompt_tokens} of the "
+                          f"model's {self.max_positions} positions, so at most {room} new tokens", stacklevel=2)
+        return min(max_new_tokens, room)
+
     def generate(self, batch: Sequence[Prepared], params: SamplingParams) -> list[Generation]:
         results, events = self.stream_batch(batch, params)
         for _ in events:
@@ -205,7 +214,7 @@ class Engine:
         device = model.device
         lengths = [len(p.token_ids) for p in batch]
         width = max(lengths)
-        max_new = min(params.max_new_tokens, self.max_positions - width)
+        max_new = self._room_to_generate(params.max_new_tokens, width)
         pad = self.tokenizer.pad_id
         ids = torch.tensor([[pad] * (width - n) + p.token_ids for n, p in zip(lengths, batch)], device=device)
         key_valid = torch.zeros(len(batch), width + max_new, dtype=torch.bool, device=device)
