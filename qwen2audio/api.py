@@ -46,6 +46,32 @@ def decode_audio(source: Any) -> np.ndarray:
     return load_audio(source)
 
 
+DEVICE_CHOICES = "cpu, cuda, cuda:N or mps"
+
+
+def device_problem(device: str | torch.device) -> str | None:
+    """What keeps ``device`` from running a model here (one sentence), or None when it can."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"not a torch device; use {DEVICE_CHOICES}"
+    if dev.type == "cpu":
+        return None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            return (f"this PyTorch build has no CUDA support (torch {torch.__version__}); "
+                    "install a CUDA build of PyTorch, see README")
+        count = torch.cuda.device_count()
+        if count == 0:
+            return "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+        if dev.index is not None and dev.index >= count:
+            return f"there {'is' if count == 1 else 'are'} only {count} CUDA GPU(s), numbered from 0"
+        return None
+    if dev.type == "mps":
+        return None if torch.backends.mps.is_available() else "MPS (Apple GPU) is not available in this PyTorch"
+    return f"not supported for running a model; use {DEVICE_CHOICES}"
+
+
 class Qwen2Audio:
     def __init__(self, engine: Engine, directory: Path, generation_defaults: Mapping[str, Any] | None = None):
         self.engine = engine
@@ -57,6 +83,9 @@ class Qwen2Audio:
     def load(cls, directory: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
              device: str | torch.device = "cpu") -> "Qwen2Audio":
         """Load a Qwen2-Audio checkpoint directory; None loads the embedded default (tiny, random) model."""
+        problem = device_problem(device)
+        if problem:
+            raise ValueError(f"device {str(device)!r}: {problem}")
         if directory is None:
             from .default_model import NOTICE, default_model_dir
 

@@ -1,5 +1,5 @@
 """A checkpoint's generation_config.json sets the default decoding of chat replies (Python API and
-and, next, `qwen2audio chat`), as transformers applies it; arguments and flags override it; transcription and
+`qwen2audio chat`), as transformers applies it; arguments and flags override it; transcription and
 evaluation stay greedy; and the file we write reads back as our defaults."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 
-from qwen2audio import Qwen2Audio
+from qwen2audio import CheckpointError, Qwen2Audio
 from qwen2audio.checkpoint.files import GENERATION_FILE, write_generation_config
-from qwen2audio.errors import CheckpointError
+from qwen2audio.cli import build_parser
 from qwen2audio.generation.params import (
     SamplingParams,
     from_generation_config,
@@ -20,6 +20,7 @@ from qwen2audio.generation.params import (
     to_generation_config,
 )
 from reference import TOKENIZER, clip
+from test_cli import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,6 +141,41 @@ def test_transcribe_and_complete_stay_greedy(instruct):
                              max_new_tokens=NEW).token_ids == greedy.token_ids
     assert instruct.transcribe(audio, max_new_tokens=NEW) == instruct.transcribe(audio, max_new_tokens=NEW,
                                                                                 temperature=0.0)
+
+
+def test_the_command_line_applies_them_too(instruct, instruct_dir, capsys, monkeypatch):
+    def chat_json(*flags):
+        rc, out, err = cli(capsys, monkeypatch, ["chat", str(instruct_dir), "--prompt", "Hi.", "--json",
+                                                 "--max-new-tokens", str(NEW), *flags])
+        assert rc == 0, err
+        return json.loads(out)["token_ids"]
+
+    hi = [{"role": "user", "content": [{"type": "text", "text": "Hi."}]}]
+    assert chat_json("--seed", "5") == instruct.chat(hi, seed=5, max_new_tokens=NEW).token_ids
+    assert chat_json("--temperature", "0") == instruct.chat(hi, temperature=0, max_new_tokens=NEW).token_ids
+
+
+def test_help_says_where_the_defaults_come_from(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "--help"])
+    chat_help = " ".join(capsys.readouterr().out.split())
+    assert "generation_config.json" in chat_help and "--temperature 0 is greedy" in chat_help
+    with pytest.raises(SystemExit):
+        parser.parse_args(["transcribe", "--help"])
+    assert "Greedy by default" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_sampling_field_is_a_flag_with_the_fields_default(capsys):
+    from dataclasses import fields
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "--help"])
+    chat_help = capsys.readouterr().out
+    for f in fields(SamplingParams):
+        assert "--" + f.name.replace("_", "-") in chat_help
+    assert "(default 256)" in " ".join(chat_help.split())
 
 
 def test_the_files_other_keys_load_without_warnings(instruct_dir):
