@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -32,6 +33,7 @@ from typing import Sequence
 from .errors import AudioError, CheckpointError
 from .generation.params import SamplingParams
 
+PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # Modules that add commands: each has register(subparsers), which adds its parser(s) with
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+        warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
         try:
             if getattr(args, "handler", None) is not None:  # a command registered by COMMAND_MODULES
                 return int(args.handler(args) or 0)
@@ -138,9 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings (a capped --max-new-tokens, a truncated audio file) as one line each, no source path."""
-    print(f"qwen2audio: warning: {message}", file=sys.stderr)
+def _show_warning(show_other, message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings (a capped --max-new-tokens, an audio file cut short) as one line each, without a
+    source path; those of the libraries underneath as Python shows them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+        print(f"qwen2audio: warning: {message}", file=sys.stderr)
+    else:
+        show_other(message, category, filename, lineno, file, line)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -431,3 +431,15 @@ def test_the_top_level_help_describes_every_command():
     for name in commands:
         described = [line for line in lines if line.strip().startswith(f"qwen2audio {name} ")]
         assert len(described) == 1, f"`qwen2audio {name}` is not described in one line of the top-level help"
+
+
+def test_only_our_own_warnings_are_shortened(capsys):
+    """One 'qwen2audio: warning:' line for ours; a library's warning keeps Python's form (it names its source)."""
+    from qwen2audio import cli as cli_module
+
+    shown = []
+    ours = str(cli_module.PACKAGE_DIR / "generation" / "engine.py")
+    cli_module._show_warning(lambda *a: shown.append(a), UserWarning("capped"), UserWarning, ours, 1)
+    cli_module._show_warning(lambda *a: shown.append(a), UserWarning("deprecated"), UserWarning, "/lib/torch/x.py", 7)
+    assert capsys.readouterr().err == "qwen2audio: warning: capped\n"
+    assert [(str(a[0]), a[2], a[3]) for a in shown] == [("deprecated", "/lib/torch/x.py", 7)]

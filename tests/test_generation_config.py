@@ -63,6 +63,8 @@ def test_missing_keys_take_the_defaults_of_the_pinned_transformers():
     ('{"do_sample": "yes"}', "do_sample must be true or false"),
     ('{"do_sample": true, "top_k": 2.5}', "top_k must be an integer"),
     ('{"do_sample": true, "top_p": 0}', "top_p must be in"),
+    ('{"do_sample": true, "temperature": NaN}', "temperature must be a number"),
+    ('{"max_new_tokens": Infinity}', "max_new_tokens must be an integer"),
 ])
 def test_a_bad_file_is_a_checkpoint_error_naming_it(tmp_path, text, message):
     path = tmp_path / GENERATION_FILE

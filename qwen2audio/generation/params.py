@@ -4,6 +4,7 @@ into it. No torch here: the command line builds its flags from these fields befo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -75,7 +76,8 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
         value = settings.get(key, HF_DEFAULTS.get(key))
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or (kind is int and not float(value).is_integer()):
             raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
         kwargs[key] = kind(value)
     return kwargs
