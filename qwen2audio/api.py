@@ -7,6 +7,11 @@
     print(reply.text)
     for delta in model.stream(messages): print(delta, end="")
     conv = model.conversation(); conv.say(audio="question.wav").text; conv.stream("And in French?")
+
+Chat replies (chat, stream, chat_batch, conversations) decode with the checkpoint's own defaults from
+its generation_config.json, as transformers does (the official Instruct model samples); keyword
+arguments override them, and temperature=0 is greedy. ``complete`` and ``transcribe`` are greedy unless
+told otherwise, as the official evaluation decodes.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import torch
 
 from .audio import SAMPLE_RATE, load_audio
 from .checkpoint import load_model
+from .checkpoint.files import GENERATION_FILE
 from .generation.engine import Engine, Generation, Prepared, TextStream
-from .generation.sampling import SamplingParams
+from .generation.params import SamplingParams, load_generation_config
 from .text import Tokenizer, raw_prompt, render_chat
 from .text.tags import TAG  # language / task tags the base model writes, e.g. <|en|>
 
@@ -39,15 +45,46 @@ def decode_audio(source: Any) -> np.ndarray:
     return load_audio(source)
 
 
+DEVICE_CHOICES = "cpu, cuda, cuda:N or mps"
+
+
+def device_problem(device: str | torch.device) -> str | None:
+    """What keeps ``device`` from running a model here (one sentence), or None when it can."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"not a torch device; use {DEVICE_CHOICES}"
+    if dev.type == "cpu":
+        return None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            return (f"this PyTorch build has no CUDA support (torch {torch.__version__}); "
+                    "install a CUDA build of PyTorch, see README")
+        count = torch.cuda.device_count()
+        if count == 0:
+            return "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+        if dev.index is not None and dev.index >= count:
+            return f"there {'is' if count == 1 else 'are'} only {count} CUDA GPU(s), numbered from 0"
+        return None
+    if dev.type == "mps":
+        return None if torch.backends.mps.is_available() else "MPS (Apple GPU) is not available in this PyTorch"
+    return f"not supported for running a model; use {DEVICE_CHOICES}"
+
+
 class Qwen2Audio:
-    def __init__(self, engine: Engine, directory: Path):
+    def __init__(self, engine: Engine, directory: Path, generation_defaults: Mapping[str, Any] | None = None):
         self.engine = engine
         self.directory = directory
+        # SamplingParams keyword arguments from the checkpoint's generation_config.json, for chat replies
+        self.generation_defaults: dict[str, Any] = dict(generation_defaults or {})
 
     @classmethod
     def load(cls, directory: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
              device: str | torch.device = "cpu") -> "Qwen2Audio":
         """Load a Qwen2-Audio checkpoint directory; None loads the embedded default (tiny, random) model."""
+        problem = device_problem(device)
+        if problem:
+            raise ValueError(f"device {str(device)!r}: {problem}")
         if directory is None:
             from .default_model import NOTICE, default_model_dir
 
@@ -55,7 +92,8 @@ class Qwen2Audio:
             directory = default_model_dir()
         directory = Path(directory)
         model = load_model(directory, dtype=dtype, device=device)
-        return cls(Engine(model, Tokenizer.from_dir(directory)), directory)
+        defaults = load_generation_config(directory / GENERATION_FILE)
+        return cls(Engine(model, Tokenizer.from_dir(directory)), directory, defaults)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -71,16 +109,20 @@ class Qwen2Audio:
         return self.engine.prepare(raw_prompt(prompt, len(audios)), [decode_audio(a) for a in audios])
 
     # -- generation ------------------------------------------------------------------------------
+    def chat_sampling(self, **sampling) -> SamplingParams:
+        """The settings of a chat reply: the checkpoint's defaults, overridden by ``sampling``."""
+        return SamplingParams(**{**self.generation_defaults, **sampling})
+
     def chat(self, messages: Messages, **sampling) -> Generation:
-        return self.engine.generate([self.prepare_chat(messages)], SamplingParams(**sampling))[0]
+        return self.engine.generate([self.prepare_chat(messages)], self.chat_sampling(**sampling))[0]
 
     def stream(self, messages: Messages, **sampling) -> TextStream:
         """Iterate over the reply's text deltas; the stream's ``result`` is the whole Generation."""
-        return self.engine.stream(self.prepare_chat(messages), SamplingParams(**sampling))
+        return self.engine.stream(self.prepare_chat(messages), self.chat_sampling(**sampling))
 
     def chat_batch(self, conversations: Sequence[Messages], **sampling) -> list[Generation]:
         """Several conversations in one left-padded batch; greedy results equal running each alone."""
-        return self.engine.generate([self.prepare_chat(m) for m in conversations], SamplingParams(**sampling))
+        return self.engine.generate([self.prepare_chat(m) for m in conversations], self.chat_sampling(**sampling))
 
     def complete(self, prompt: str, audios: Sequence[Any] = (), **sampling) -> Generation:
         return self.engine.generate([self.prepare_raw(prompt, audios)], SamplingParams(**sampling))[0]
@@ -144,7 +186,7 @@ class Conversation:
             parts.append({"type": "text", "text": text})
         if not parts:
             raise ValueError("a turn needs text, audio or both")
-        params = SamplingParams(**sampling)
+        params = self.model.chat_sampling(**sampling)
         self.messages.append({"role": "user", "content": parts})
         self._pending = self._reply(params)
         return self._pending

@@ -1,110 +1,190 @@
-"""`qwen2audio <command>`: chat with a model about audio, or transcribe audio files.
+"""`qwen2audio <command>`: talk to a Qwen2-Audio model about audio, transcribe it, evaluate, train, or
+assemble a new checkpoint.
 
-    qwen2audio chat [MODEL_DIR] --audio FILE [--audio FILE ...] [--prompt TEXT]
-    qwen2audio transcribe [MODEL_DIR] FILE [FILE ...]
+    qwen2audio chat [MODEL_DIR] [--audio FILE ...] [--prompt TEXT]  talk to the model about audio
+    qwen2audio transcribe [MODEL_DIR] FILE [FILE ...]                print plain transcripts of audio files
+    qwen2audio eval [MODEL_DIR] --task TASK --data PATH              run a benchmark, report it beside the paper
+    qwen2audio train {pretrain,sft,dpo} CONFIG [KEY=VALUE ...]       run one training stage from a YAML config
+    qwen2audio init --encoder WHISPER --llm QWEN2 --out DIR          a new checkpoint from Whisper and Qwen2
 
 MODEL_DIR is a Qwen2-Audio checkpoint directory (Hugging Face layout); left out, the embedded default
 model is used (tiny and random: it shows the pipeline works, its words mean nothing).
+`qwen2audio COMMAND --help` describes each command.
 """
 
+# Importing this module must stay light (`qwen2audio --help` in well under a second): torch and the
+# model code are imported by the commands that run, never here or by COMMAND_MODULES at import.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import importlib
 import json
+import os
 import re
+import shlex
 import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .audio import AudioError
-from .checkpoint import CheckpointError
+from .errors import AudioError, CheckpointError
+from .generation.params import SamplingParams
 
+PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 # Modules that add commands: each has register(subparsers), which adds its parser(s) with
 # set_defaults(handler=function(args) -> exit code). Their heavy imports belong inside the handler.
 COMMAND_MODULES: list[str] = ["qwen2audio.checkpoint.init", "qwen2audio.training.cli", "qwen2audio.eval.cli"]
+USER_ERRORS = (AudioError, CheckpointError, FileNotFoundError, ValueError)  # one line on stderr, exit 2
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but \t and \n, and DEL
 
+CHAT_SAMPLING_NOTE = ("Defaults come from the checkpoint's generation_config.json, applied as transformers "
+                      "applies it (Qwen2-Audio-7B-Instruct's asks for sampling); what it leaves out takes the "
+                      "default shown. --temperature 0 is greedy (the file's repetition penalty still applies "
+                      "unless --repetition-penalty 1).")
+TRANSCRIBE_SAMPLING_NOTE = ("Greedy by default, as the official evaluation decodes; the checkpoint's "
+                            "generation_config.json is not applied.")
+CHAT_HELP = (("/audio PATH [TEXT]", "send an audio file, with optional text; quote a path with spaces"),
+             ("/help", "show this list"),
+             ("Ctrl-D", "end the chat"))
 
-def _model_arg(parser: argparse.ArgumentParser) -> None:
+
+# -- parser ---------------------------------------------------------------------------------------------
+def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
                         help="checkpoint directory; omitted: the embedded default model")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (auto: as stored in the files)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default cpu)")
 
 
-def _sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+def _sampling_args(parser: argparse.ArgumentParser, note: str) -> None:
+    """One flag per SamplingParams field, its help and default taken from the field."""
+    group = parser.add_argument_group("sampling", note)
+    hints = typing.get_type_hints(SamplingParams)
+    for f in dataclasses.fields(SamplingParams):
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help", f.name.replace("_", " "))
+        metavar = f.metadata.get("metavar")
+        kind = hints[f.name]
+        if kind is bool:
+            group.add_argument(flag, action="store_true", default=None, help=text)
+        elif typing.get_origin(kind) is tuple:  # a repeatable flag
+            group.add_argument(flag, action="append", type=typing.get_args(kind)[0], default=None,
+                               metavar=metavar, help=text)
+        else:
+            scalar = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # int | None -> int
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = f" (default {default})" if default is not None else ""
+            group.add_argument(flag, type=scalar, default=None, metavar=metavar, help=text + shown)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling flags the user gave (None = not given: the defaults decide)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2audio", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    chat = sub.add_parser("chat", help="talk to the model about audio (voice chat or audio analysis)")
-    _model_arg(chat)
+    chat = sub.add_parser("chat", help="talk to the model about audio (voice chat or audio analysis)",
+                          description="Talk to the model about audio. On a terminal the conversation goes on "
+                                      "after the first answer; type /help there for its commands.")
+    _model_args(chat)
     chat.add_argument("--audio", action="append", default=[], metavar="FILE",
                       help="audio file for the first turn (repeatable)")
     chat.add_argument("--prompt", default=None,
                       help="text of the first turn; without it the audio alone is the turn (voice chat)")
     chat.add_argument("--system", default=None, help="system prompt (default: the official one)")
     chat.add_argument("--json", action="store_true",
-                      help='print one JSON object {"text": ..., "token_ids": [...]} instead of streaming')
+                      help="print one JSON object (text, token_ids, finish_reason, prompt_tokens, "
+                           "completion_tokens) instead of streaming")
     chat.add_argument("--interactive", action=argparse.BooleanOptionalAction, default=None,
                       help="keep the conversation going after the first answer (default: when stdin is a terminal)")
-    _sampling_args(chat)
+    _sampling_args(chat, CHAT_SAMPLING_NOTE)
 
-    tr = sub.add_parser("transcribe", help="print plain transcripts of audio files")
-    _model_arg(tr)
+    tr = sub.add_parser("transcribe", help="print plain transcripts of audio files",
+                        description="Transcribe audio files with the official ASR prompt (a base model).")
+    _model_args(tr)
     tr.add_argument("files", nargs="+", metavar="FILE")
     tr.add_argument("--language", default="en", help="language tag of the speech (e.g. en, zh, fr)")
     tr.add_argument("--json", action="store_true", help="one JSON line per file")
-    _sampling_args(tr)
+    _sampling_args(tr, TRANSCRIBE_SAMPLING_NOTE)
 
     for module in COMMAND_MODULES:  # further commands live beside the code they run
         importlib.import_module(module).register(sub)
     return parser
 
 
+# -- running --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "handler", None) is not None:  # a command registered by COMMAND_MODULES
+    with warnings.catch_warnings():
+        warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
         try:
-            return int(args.handler(args) or 0)
-        except (AudioError, CheckpointError, FileNotFoundError, ValueError) as err:
+            if getattr(args, "handler", None) is not None:  # a command registered by COMMAND_MODULES
+                return int(args.handler(args) or 0)
+            return _run(args)
+        except USER_ERRORS as err:
             print(f"qwen2audio: error: {err}", file=sys.stderr)
             return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _show_warning(show_other, message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings (a capped --max-new-tokens, an audio file cut short) as one line each, without a
+    source path; those of the libraries underneath as Python shows them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+        print(f"qwen2audio: warning: {message}", file=sys.stderr)
+    else:
+        show_other(message, category, filename, lineno, file, line)
+
+
+def _run(args: argparse.Namespace) -> int:
     # `qwen2audio transcribe FILE` without MODEL_DIR: argparse gives the first file to model_dir.
     if args.command == "transcribe" and args.model_dir and Path(args.model_dir).is_file():
         args.files.insert(0, args.model_dir)
         args.model_dir = None
-    try:
-        if args.model_dir is not None and not Path(args.model_dir).is_dir():
-            raise FileNotFoundError(f"checkpoint directory {args.model_dir} does not exist (nor is it an audio file); "
-                                    "give the directory that holds config.json, or leave it out for the default model")
-        model = _load(args)
-        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                        stop=tuple(args.stop))
-        if args.command == "chat":
-            return _chat(model, args, sampling)
-        return _transcribe(model, args, sampling)
-    except (AudioError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"qwen2audio: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    _check_model_dir(args)
+    _check_device(args.device)
+    model = _load(args)
+    sampling = _sampling_kwargs(args)
+    if args.command == "chat":
+        return _chat(model, args, sampling)
+    return _transcribe(model, args, sampling)
+
+
+def _check_model_dir(args: argparse.Namespace) -> None:
+    if args.model_dir is None or Path(args.model_dir).is_dir():
+        return
+    path = args.model_dir
+    if Path(path).is_file():
+        from .audio.io import AUDIO_SUFFIXES
+
+        if Path(path).suffix.lower() in AUDIO_SUFFIXES:
+            raise ValueError(f"{path} is an audio file, not a model directory: use --audio {shlex.quote(path)}")
+        raise ValueError(f"{path} is a file, not a model directory; give the directory that holds config.json")
+    also = " (nor is it an audio file)" if args.command == "transcribe" else ""
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist{also}; give the directory that holds "
+                            "config.json, or leave it out for the default model")
+
+
+def _check_device(device: str) -> None:
+    """A device this PyTorch cannot use is one line now, not a traceback after loading."""
+    from .api import device_problem
+
+    problem = device_problem(device)
+    if problem:
+        raise ValueError(f"--device {device}: {problem}")
 
 
 def _load(args):
@@ -118,6 +198,11 @@ def _load(args):
         return Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device)
 
 
+def visible(text: str) -> str:
+    """Control characters spelled out (ESC -> \\x1b): model output must not drive the user's terminal."""
+    return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _chat(model, args, sampling) -> int:
     if not args.audio and not args.prompt:
         raise ValueError("give the first turn: --audio FILE (voice chat), --prompt TEXT, or both")
@@ -125,47 +210,94 @@ def _chat(model, args, sampling) -> int:
     deltas = conv.stream(args.prompt, audio=list(args.audio), **sampling)
     if args.json:
         text = "".join(deltas)
-        print(json.dumps({"text": text, "token_ids": conv.last.token_ids}, ensure_ascii=False))
+        reply = conv.last
+        print(json.dumps({"text": text, "token_ids": reply.token_ids, "finish_reason": reply.finish_reason,
+                          "prompt_tokens": reply.prompt_tokens, "completion_tokens": len(reply.token_ids)},
+                         ensure_ascii=False))
         return 0
     _print_stream(deltas)
-    interactive = sys.stdin.isatty() if args.interactive is None else args.interactive
-    while interactive:
-        turn = _read_turn()
-        if turn is None:
-            break
-        text, audios = turn
-        if text or audios:
-            _print_stream(conv.stream(text or None, audio=audios, **sampling))
+    if sys.stdin.isatty() if args.interactive is None else args.interactive:
+        _converse(conv, sampling)
     return 0
 
 
-def _print_stream(deltas) -> None:
-    tty = sys.stdout.isatty()
-    for delta in deltas:
-        if tty:  # a model's stray escape sequence must not take over the user's terminal
-            delta = CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", delta)
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-
-def _read_turn() -> tuple[str, list[str]] | None:
-    """One user turn from stdin: text, with `/audio PATH` lines attaching audio. None at end of input."""
+def _converse(conv, sampling) -> None:
+    """Further turns from stdin until end of input. A line that cannot be sent (a mistyped path, an
+    unknown command) is reported on stderr and the conversation goes on as it was."""
     if sys.stdin.isatty():
+        print("qwen2audio: /help lists the commands; Ctrl-D ends the chat", file=sys.stderr)
+    while (line := _read_line()) is not None:
+        try:
+            turn = parse_turn(line)
+            if turn is None:
+                print("\n".join(f"  {name:<20} {what}" for name, what in CHAT_HELP), file=sys.stderr)
+                continue
+            text, audios = turn
+            if text or audios:
+                _print_stream(conv.stream(text or None, audio=audios, **sampling))
+        except USER_ERRORS as err:
+            print(f"qwen2audio: error: {err} (nothing was sent; the conversation goes on)", file=sys.stderr)
+
+
+def _read_line() -> str | None:
+    """One line from stdin, after a prompt on a terminal; None at end of input (Ctrl-D)."""
+    tty = sys.stdin.isatty()
+    if tty:
         sys.stderr.write("you> ")
         sys.stderr.flush()
     line = sys.stdin.readline()
     if not line:
+        if tty:  # the shell's prompt then starts on a line of its own
+            sys.stderr.write("\n")
+            sys.stderr.flush()
         return None
+    return line
+
+
+def parse_turn(line: str) -> tuple[str, list[str]] | None:
+    """A typed line -> (text, audio paths), or None for /help. Raises ValueError for a line that is
+    not a turn. `/audio PATH [TEXT]` attaches a file; PATH is read as a shell word (quotes, ~)."""
     line = line.strip()
-    if line.startswith("/audio "):
-        path, _, text = line[len("/audio "):].strip().partition(" ")
-        return text.strip(), [path]
-    return line, []
+    if not line.startswith("/"):
+        return line, []
+    command, _, rest = line.partition(" ")
+    if command == "/help":
+        return None
+    if command != "/audio":
+        raise ValueError(f"unknown command {command}; /help lists the commands")
+    lexer = shlex.shlex(rest, posix=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
+    try:
+        path = lexer.get_token()
+    except ValueError as err:  # shlex: "No closing quotation"
+        raise ValueError(f"/audio {rest}: {str(err).lower()}") from None
+    if not path:
+        raise ValueError("/audio needs a file: /audio PATH [TEXT] (quote a path with spaces)")
+    return lexer.instream.read().strip(), [os.path.expanduser(path)]
+
+
+def _print_stream(deltas) -> None:
+    tty = sys.stdout.isatty()
+    wrote = False
+    try:
+        for delta in deltas:
+            sys.stdout.write(visible(delta) if tty else delta)
+            sys.stdout.flush()
+            wrote = True
+    except BaseException:
+        if wrote:  # a reply cut off (an error, Ctrl-C) still ends its line
+            _end_line()
+        raise
+    _end_line()
+
+
+def _end_line() -> None:
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def _transcribe(model, args, sampling) -> int:
+    tty = sys.stdout.isatty()
     failed = 0
     for path in args.files:
         try:
@@ -174,12 +306,11 @@ def _transcribe(model, args, sampling) -> int:
             print(f"qwen2audio: error: {err}", file=sys.stderr)
             failed += 1
             continue
-        if args.json:
+        if args.json:  # JSON escapes control characters itself
             print(json.dumps({"file": path, "text": text}, ensure_ascii=False))
-        elif len(args.files) > 1:
-            print(f"{path}\t{text}")
-        else:
-            print(text)
+            continue
+        line = f"{path}\t{text}" if len(args.files) > 1 else text
+        print(visible(line) if tty else line)
     return EXIT_USAGE if failed else 0
 
 

@@ -261,3 +261,47 @@ def test_video_without_an_audio_stream():
             output.mux(packet)
     with pytest.raises(AudioError, match=r"video\.mp4: the file holds no audio stream"):
         load_audio(buffer.getvalue(), name="video.mp4")
+
+
+FLAC_FRAME_SYNC = re.compile(rb"\xff[\xf8\xf9]")  # the first bytes of every FLAC frame
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.75, 0.999, "frame boundary"])
+def test_a_flac_file_cut_short_decodes_as_far_as_it_goes_with_a_warning(tmp_path, keep):
+    """An interrupted download or recording: the header (STREAMINFO) promises 10 s; the decoded start
+    is used, and a warning names the file and the frames promised and read. Cut inside a frame, both
+    decoders used to fail on the last, broken frame; cut between frames, FFmpeg decoded the rest
+    without a word."""
+    import warnings
+
+    from qwen2audio import AudioWarning
+
+    full = tmp_path / "full.flac"
+    noise = np.random.default_rng(0).standard_normal(10 * SAMPLE_RATE).astype(np.float32)
+    soundfile.write(full, 0.1 * noise + sine(TONE_HZ, 10.0, SAMPLE_RATE, channels=1)[:, 0], SAMPLE_RATE,
+                    subtype="PCM_16")
+    data = full.read_bytes()
+    cut = tmp_path / "cut.flac"
+    if keep == "frame boundary":
+        end = next(m.start() for m in FLAC_FRAME_SYNC.finditer(data) if m.start() > len(data) // 2)
+    else:
+        end = int(len(data) * keep)
+    cut.write_bytes(data[:end])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole file: no warning
+        whole = load_audio(full)
+
+    with pytest.warns(AudioWarning) as caught:
+        samples = load_audio(cut)
+    assert 0 < len(samples) < len(whole)
+    assert np.array_equal(samples, whole[: len(samples)])  # the start of the recording, exactly
+    message = str(caught[0].message)
+    assert message.startswith(f"{cut}: the file is cut short")
+    assert f"promises {len(whole)} frames (10.00 s)" in message and f"only {len(samples)} could be decoded" in message
+
+    with pytest.warns(AudioWarning, match=r"<bytes: \d+ bytes>: the file is cut short"):
+        assert np.array_equal(load_audio(cut.read_bytes()), samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AudioWarning)  # where partial audio must not pass
+        with pytest.raises(AudioWarning):
+            load_audio(cut)

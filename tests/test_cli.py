@@ -4,6 +4,7 @@ with status 2 and one clear line on stderr, never a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -103,8 +104,9 @@ def test_chat_json_equals_the_api(which, audio, capsys, monkeypatch):
     assert rc == 0, err
     got = json.loads(out)  # exactly one JSON object and nothing else
     expected = model.chat(user_turn([audio["wav"]], "What is this?"), max_new_tokens=int(NEW))
-    assert got == {"text": expected.text, "token_ids": expected.token_ids}
-    assert len(expected.token_ids) >= 8
+    assert got == {"text": expected.text, "token_ids": expected.token_ids, "finish_reason": expected.finish_reason,
+                   "prompt_tokens": expected.prompt_tokens, "completion_tokens": len(expected.token_ids)}
+    assert len(expected.token_ids) >= 8 and got["finish_reason"] in ("stop", "length")
 
 
 def test_chat_with_several_audios_and_a_resampled_file(which, audio, capsys, monkeypatch):
@@ -251,15 +253,193 @@ def test_transcribe_with_a_missing_model_dir_says_so(tmp_path, audio, capsys, mo
 
 def test_escape_sequences_are_made_visible_on_a_terminal(monkeypatch):
     """A random or misbehaving model must not be able to send terminal control sequences."""
-    import io
-
     from qwen2audio import cli as cli_module
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
     screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
     cli_module._print_stream(["ok \x1b[2J", "\tline\r\n", "\x07end"])
     assert screen.getvalue() == "ok \\x1b[2J\tline\\x0d\n\\x07end\n"
+
+
+def test_transcripts_on_a_terminal_make_control_characters_visible(monkeypatch):
+    """`transcribe` prints model text too: the same escaping as `chat` (piped output stays raw)."""
+    import argparse
+
+    from qwen2audio import cli as cli_module
+
+    class Model:
+        def transcribe(self, path, language, **sampling):
+            return "ok \x1b[2J\x07end"
+
+    args = argparse.Namespace(files=["a.wav"], language="en", json=False)
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    assert cli_module._transcribe(Model(), args, {}) == 0
+    assert screen.getvalue() == "ok \\x1b[2J\\x07end\n"
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", piped)
+    cli_module._transcribe(Model(), args, {})
+    assert piped.getvalue() == "ok \x1b[2J\x07end\n"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+# -- interactive chat -------------------------------------------------------------------------------------
+def converse(api, first: dict, turns: list[dict]) -> str:
+    """What the CLI should print: the replies of an API conversation, one line each."""
+    conv = api["default"].conversation()
+    replies = ["".join(conv.stream(**first, max_new_tokens=int(NEW)))]
+    replies += ["".join(conv.stream(**turn, max_new_tokens=int(NEW))) for turn in turns]
+    return "".join(r + "\n" for r in replies)
+
+
+def test_a_mistyped_audio_path_is_reported_and_the_conversation_goes_on(api, audio, tmp_path, capsys, monkeypatch):
+    missing = str(tmp_path / "typo.wav")
+    stdin = f"/audio {missing} What is it?\nTell me more.\n"
+    rc, out, err = cli(capsys, monkeypatch, ["chat", "--prompt", "Hi.", "--interactive", "--max-new-tokens", NEW], stdin)
+    assert rc == 0, err
+    assert missing in err and "does not exist" in err and "conversation goes on" in err
+    assert "Traceback" not in err
+    # the bad turn was never sent: the next turn follows the first reply directly
+    assert out == converse(api, dict(text="Hi."), [dict(text="Tell me more.")])
+
+
+def test_a_quoted_audio_path_with_spaces(api, audio, tmp_path, capsys, monkeypatch):
+    spaced = tmp_path / "my recording.wav"
+    spaced.write_bytes(open(audio["wav"], "rb").read())
+    stdin = f'/audio "{spaced}" what\'s this?\n'
+    rc, out, err = cli(capsys, monkeypatch, ["chat", "--prompt", "Hi.", "--interactive", "--max-new-tokens", NEW], stdin)
+    assert rc == 0, err
+    assert out == converse(api, dict(text="Hi."), [dict(text="what's this?", audio=[str(spaced)])])
+
+
+def test_help_lists_the_commands_and_an_unknown_command_is_not_sent(api, capsys, monkeypatch):
+    stdin = "/help\n/adio clip.wav\n/audio\n/audio \"unclosed.wav\n"
+    rc, out, err = cli(capsys, monkeypatch, ["chat", "--prompt", "Hi.", "--interactive", "--max-new-tokens", NEW], stdin)
+    assert rc == 0, err
+    assert "/audio PATH [TEXT]" in err and "/help" in err and "Ctrl-D" in err
+    assert "unknown command /adio" in err
+    assert "/audio needs a file" in err and "no closing quotation" in err
+    assert out == converse(api, dict(text="Hi."), [])  # nothing but the first reply
+
+
+def test_end_of_input_on_a_terminal_leaves_a_clean_line(api, capsys, monkeypatch):
+    """Ctrl-D at the `you> ` prompt: a newline on stderr (the shell prompt starts on its own line), exit 0."""
+    monkeypatch.setattr(sys, "stdin", Terminal("Tell me more.\n"))
+    rc = main(["chat", "--prompt", "Hi.", "--max-new-tokens", NEW])  # a terminal: interactive by default
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert err.endswith("you> you> \n")
+    assert out == converse(api, dict(text="Hi."), [dict(text="Tell me more.")])
+
+
+@pytest.mark.parametrize("line,turn", [
+    ("plain text\n", ("plain text", [])),
+    ('/audio "my file.wav" what\'s this?\n', ("what's this?", ["my file.wav"])),
+    ("/audio 'a b.flac'\n", ("", ["a b.flac"])),
+    ("/audio clip.wav  Describe it.  \n", ("Describe it.", ["clip.wav"])),
+    ("/help\n", None),
+])
+def test_parse_turn(line, turn):
+    from qwen2audio.cli import parse_turn
+
+    assert parse_turn(line) == turn
+
+
+# -- devices and misplaced arguments ------------------------------------------------------------------------
+def test_a_device_that_is_not_one(capsys, monkeypatch):
+    rc, out, err = cli(capsys, monkeypatch, ["chat", "--prompt", "x", "--device", "banana"])
+    assert rc == 2 and out == ""
+    assert err == "qwen2audio: error: --device banana: not a torch device; use cpu, cuda, cuda:N or mps\n"
+
+
+def test_cuda_on_a_pytorch_without_cuda(capsys, monkeypatch):
+    """Checked before loading: no default-model notice, one line, exit 2."""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    rc, out, err = cli(capsys, monkeypatch, ["chat", "--prompt", "x", "--device", "cuda"])
+    assert rc == 2 and out == ""
+    assert err == (f"qwen2audio: error: --device cuda: this PyTorch build has no CUDA support (torch "
+                   f"{torch.__version__}); install a CUDA build of PyTorch, see README\n")
+
+
+def test_cuda_without_a_visible_gpu(audio, capsys, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    rc, _, err = cli(capsys, monkeypatch, ["transcribe", audio["wav"], "--device", "cuda:0"])
+    assert rc == 2 and err.startswith("qwen2audio: error: --device cuda:0: no CUDA GPU is visible")
+
+
+def test_the_api_checks_the_device_too():
+    with pytest.raises(ValueError, match="device 'banana': not a torch device"):
+        Qwen2Audio.load(device="banana")
+
+
+def test_an_audio_file_where_the_model_directory_goes(audio, capsys, monkeypatch):
+    rc, out, err = cli(capsys, monkeypatch, ["chat", audio["wav"]])
+    assert rc == 2 and out == ""
+    assert err == f"qwen2audio: error: {audio['wav']} is an audio file, not a model directory: use --audio {audio['wav']}\n"
+
+
+# -- the context limit ------------------------------------------------------------------------------------
+def test_max_new_tokens_beyond_the_context_warns_and_names_the_cap(model_dir, tmp_path, capsys, monkeypatch):
+    """75 s of audio is 1875 of the test model's 2048 positions: fewer new tokens than asked fit."""
+    long = tmp_path / "long.wav"
+    soundfile.write(long, clip(75.0, 4), 16000, subtype="PCM_16")
+    rc, out, err = cli(capsys, monkeypatch, ["chat", str(model_dir), "--audio", str(long), "--json",
+                                             "--max-new-tokens", "5000"])
+    assert rc == 0, err
+    got = json.loads(out)
+    room = 2048 - got["prompt_tokens"]
+    assert err == (f"qwen2audio: warning: max_new_tokens 5000 does not fit: the prompt takes {got['prompt_tokens']} "
+                   f"of the model's 2048 positions, so at most {room} new tokens\n")
+    assert got["completion_tokens"] <= room
+
+
+# -- startup ---------------------------------------------------------------------------------------------
+def test_the_parser_is_built_without_torch():
+    """`qwen2audio --help` must not pay for importing torch (about a second)."""
+    code = ("import sys, qwen2audio, qwen2audio.cli; qwen2audio.cli.build_parser(); "
+            "from qwen2audio import AudioError, CheckpointError; print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_the_package_still_offers_the_model_classes():
+    import qwen2audio
+    from qwen2audio.api import Conversation
+    from qwen2audio.generation.sampling import SamplingParams
+
+    assert qwen2audio.Qwen2Audio is Qwen2Audio and qwen2audio.Conversation is Conversation
+    assert qwen2audio.SamplingParams is SamplingParams
+    assert {"Qwen2Audio", "Conversation", "SamplingParams", "AudioError"} <= set(dir(qwen2audio))
+    with pytest.raises(AttributeError):
+        qwen2audio.NoSuchThing  # noqa: B018
+
+
+def test_the_top_level_help_describes_every_command():
+    from qwen2audio.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) >= {"chat", "transcribe", "eval", "train", "init"}
+    lines = parser.description.splitlines()
+    for name in commands:
+        described = [line for line in lines if line.strip().startswith(f"qwen2audio {name} ")]
+        assert len(described) == 1, f"`qwen2audio {name}` is not described in one line of the top-level help"
+
+
+def test_only_our_own_warnings_are_shortened(capsys):
+    """One 'qwen2audio: warning:' line for ours; a library's warning keeps Python's form (it names its source)."""
+    from qwen2audio import cli as cli_module
+
+    shown = []
+    ours = str(cli_module.PACKAGE_DIR / "generation" / "engine.py")
+    cli_module._show_warning(lambda *a: shown.append(a), UserWarning("capped"), UserWarning, ours, 1)
+    cli_module._show_warning(lambda *a: shown.append(a), UserWarning("deprecated"), UserWarning, "/lib/torch/x.py", 7)
+    assert capsys.readouterr().err == "qwen2audio: warning: capped\n"
+    assert [(str(a[0]), a[2], a[3]) for a in shown] == [("deprecated", "/lib/torch/x.py", 7)]

@@ -311,3 +311,16 @@ def test_a_stream_never_read_is_withdrawn_too(model):
     assert [m["role"] for m in conv.messages] == ["user", "assistant"]
     assert conv.messages[0]["content"][0]["text"] == "Hello."
     assert reply.token_ids == model.chat(conv.messages[:-1], max_new_tokens=4).token_ids
+
+
+def test_max_new_tokens_beyond_the_context_is_capped_with_a_warning(models):
+    model = models["reference"]  # 2048 positions; 75 s of audio takes 1875 of them
+    messages = ask(clip(75.0, 4), "Describe it.")
+    room = model.engine.max_positions - len(model.prepare_chat(messages).token_ids)
+    with pytest.warns(UserWarning, match=rf"max_new_tokens 5000 does not fit: the prompt takes {2048 - room} of "
+                                         rf"the model's 2048 positions, so at most {room} new tokens"):
+        out = model.chat(messages, max_new_tokens=5000)
+    assert len(out.token_ids) <= room
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly what fits: no warning
+        model.chat(messages, max_new_tokens=room)

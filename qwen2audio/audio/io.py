@@ -12,6 +12,11 @@ to mono, and the rate is converted to 16 kHz with soxr's high-quality polyphase 
 anti-aliasing filter; linear interpolation would fold everything above 8 kHz back into the speech
 band). Every failure raises `AudioError`, naming the source, the problem and what to do about it.
 
+A file cut short (an interrupted download or recording) whose header states its length (FLAC) is
+decoded as far as it goes, with an `AudioWarning` naming the file and the frames promised and read:
+what is there is the start of the recording, which is usually what the user wants (the transcript of
+the first 55 of 60 seconds); `warnings.simplefilter("error", AudioWarning)` makes it an error instead.
+
 This module depends on numpy, soundfile, soxr and av only (torch just to accept tensors): the
 dependency direction is audio -> model, never back.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Union
 
@@ -30,20 +36,23 @@ import soxr
 import torch
 
 from qwen2audio.audio.features import SAMPLE_RATE
+from qwen2audio.errors import AudioError, AudioWarning
 
 SUPPORTED_FORMATS = (
     "wav, flac, ogg (vorbis or opus) and mp3 through libsndfile, and m4a/aac, mp4, webm/opus and "
     "other FFmpeg-readable audio through PyAV"
 )
+# File name endings of audio (to tell a user who passed one where a directory belongs)
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".mp4", ".webm",
+                            ".aif", ".aiff", ".wma", ".mka", ".caf", ".amr"})
+# Containers whose header states the exact number of frames (FLAC's STREAMINFO; 0 there means unknown).
+# libsndfile clamps a WAV's count to the bytes present, and MP3 counts may be estimates: not checked.
+EXACT_LENGTH_FORMATS = frozenset({"FLAC"})
 MAX_CHANNELS = 8  # a 2-D array with more "channels" than this is almost surely a batch of clips
 RESAMPLE_QUALITY = "HQ"  # soxr high quality: 20-bit precision, passband flat to 91 % of Nyquist
 CONVERT_HINT = "convert it to 16-bit wav, e.g. `ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav`"
 
 AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray, torch.Tensor]
-
-
-class AudioError(ValueError):
-    """Audio that cannot be used: the message names the source, the problem and what to do."""
 
 
 def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str | None = None) -> np.ndarray:
@@ -184,6 +193,14 @@ class _NoAudioStream(Exception):
     """A container that FFmpeg opened but that holds no audio (e.g. a silent video)."""
 
 
+class _CutShort(Exception):
+    """Decoding stopped at damaged data after some audio; carries the audio decoded before it."""
+
+    def __init__(self, samples: np.ndarray, rate: int, reason: str):
+        super().__init__(reason)
+        self.samples, self.rate = samples, rate
+
+
 def _read_with_soundfile(file) -> tuple[np.ndarray, int]:
     samples, rate = soundfile.read(file, dtype="float32", always_2d=True)  # (n, channels), PCM scaled
     return samples, rate
@@ -195,15 +212,32 @@ def _read_with_pyav(file) -> tuple[np.ndarray, int]:
             raise _NoAudioStream()
         stream = container.streams.audio[0]
         to_planar_float = av.AudioResampler(format="fltp")  # keeps the layout and the rate
-        chunks, rate = [], None
-        for frame in container.decode(stream):
-            rate = rate or frame.sample_rate
-            chunks += [out.to_ndarray() for out in to_planar_float.resample(frame)]  # (channels, n) each
+        chunks, rate, damage = [], None, None
+        try:
+            for frame in container.decode(stream):
+                rate = rate or frame.sample_rate
+                chunks += [out.to_ndarray() for out in to_planar_float.resample(frame)]  # (channels, n) each
+        except av.error.FFmpegError as err:
+            if not chunks:
+                raise
+            damage = str(err)  # a cut-off or damaged end: what came before it is still audio
         if rate is not None:
             chunks += [out.to_ndarray() for out in to_planar_float.resample(None)]  # flush
     if not chunks:
         return np.zeros((0, 1), dtype=np.float32), rate or SAMPLE_RATE
-    return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), rate  # (n, channels)
+    samples = np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False)  # (n, channels)
+    if damage:
+        raise _CutShort(samples, rate, damage)
+    return samples, rate
+
+
+def _declared_frames(open_file: Callable[[], Any]) -> int | None:
+    """The number of frames the file's header promises, where that number is exact; else None."""
+    try:
+        info = soundfile.info(open_file())
+    except Exception:  # noqa: BLE001 - a header libsndfile cannot read promises nothing we can check
+        return None
+    return info.frames if info.format in EXACT_LENGTH_FORMATS and info.frames > 0 else None
 
 
 # libsndfile first (exact, light, the common formats), FFmpeg for everything it cannot read.
@@ -213,15 +247,23 @@ DECODERS = (("libsndfile", _read_with_soundfile), ("ffmpeg", _read_with_pyav))
 def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.ndarray, int]:
     """Try each decoder on a fresh handle; one that decodes zero samples counts as failing too."""
     failures = []
+    declared = _declared_frames(open_file)
     for decoder_name, read in DECODERS:
         try:
             samples, rate = read(open_file())
         except _NoAudioStream:
             raise AudioError(f"{label}: the file holds no audio stream; pass a file with sound in it") from None
+        except _CutShort as cut:
+            if declared is None:  # nothing says how much is missing: count it as unreadable, as before
+                failures.append(f"{decoder_name}: {cut}")
+                continue
+            samples, rate = cut.samples, cut.rate
         except Exception as exc:  # any failure inside a decoder means "not readable by this one"
             failures.append(f"{decoder_name}: {exc}")
             continue
         if samples.size > 0:
+            if declared is not None and samples.shape[0] < declared:
+                _warn_cut_short(label, declared, samples.shape[0], rate)
             return samples, rate
         failures.append(f"{decoder_name}: no samples")
     if all(failure.endswith(": no samples") for failure in failures):
@@ -231,3 +273,10 @@ def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.
         f"Supported formats: {SUPPORTED_FORMATS}. Otherwise {CONVERT_HINT}. "
         f"(Decoder errors: {'; '.join(failures)})"
     )
+
+
+def _warn_cut_short(label: str, declared: int, read: int, rate: int) -> None:
+    warnings.warn(
+        f"{label}: the file is cut short: its header promises {declared} frames ({declared / rate:.2f} s) but "
+        f"only {read} could be decoded ({read / rate:.2f} s); using those. Copy or download the file again "
+        "for the rest", AudioWarning, stacklevel=5)  # the caller of load_audio

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..audio.features import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE, WINDOW_SECONDS
+from ..generation.params import SamplingParams, to_generation_config
 from ..text import Tokenizer
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -32,7 +33,9 @@ def write_preprocessor_config(directory: str | Path, n_mels: int) -> None:
 
 
 def write_generation_config(directory: str | Path, pad_id: int, eos_ids: list[int]) -> None:
-    config = {"pad_token_id": pad_id, "eos_token_id": eos_ids, "do_sample": False, "max_new_tokens": 256}
+    """Padding and stop ids, and our default decoding (greedy, 256 new tokens) in the keys that
+    qwen2audio and transformers both read back."""
+    config = {"pad_token_id": pad_id, "eos_token_id": eos_ids, **to_generation_config(SamplingParams())}
     Path(directory, GENERATION_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_path, atomic_write_text
 from ..config import CONFIG_FILE, Qwen2AudioConfig
+from ..errors import CheckpointError  # defined without torch, for the command line
 from ..model import Qwen2AudioModel
 
 SINGLE_FILE = "model.safetensors"
@@ -27,10 +28,6 @@ TIED_HEAD_KEY = "language_model.lm_head.weight"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-class CheckpointError(ValueError):
-    """The checkpoint directory does not hold what a Qwen2-Audio model needs."""
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -108,7 +105,6 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                               "Check config.json, or load with strict=False to ignore them.")
     if config.text.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-    model.language_model.store_wide_weights_column_major()
     return model.eval()
 
 

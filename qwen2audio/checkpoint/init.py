@@ -31,11 +31,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from ..errors import CheckpointError
 from ..text.special_tokens import AUDIO, AUDIO_BOS, AUDIO_EOS, ENDOFTEXT, IM_END, IM_START
-from .hf import CheckpointError, resolve_dtype
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that `qwen2audio --help` stays fast
+    import torch
 
 AUDIO_TOKENS = (AUDIO, AUDIO_BOS, AUDIO_EOS)  # appended in this order, as in Qwen2-Audio's tokenizer
 REQUIRED_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # a Qwen2 tokenizer has these; chat and stopping need them
@@ -100,6 +102,8 @@ def add_audio_tokens(tokenizer):
 
 def _grow_rows(weight: torch.Tensor, rows: int, new_ids: list[int], n_known: int) -> torch.Tensor:
     """(V, hidden) -> (rows, hidden); the rows of ``new_ids`` set to the mean of rows [0, n_known)."""
+    import torch
+
     mean = weight[:n_known].float().mean(dim=0)  # (hidden,)
     grown = torch.empty(rows, weight.shape[1], dtype=weight.dtype)
     grown[: weight.shape[0]] = weight
@@ -124,10 +128,12 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
     ``dtype`` "auto" keeps the LLM's stored dtype (float32 for GGUF, whose tensors are dequantised to
     float32) and casts the encoder and projector to it: one dtype for the whole checkpoint.
     """
+    import torch
+
     from ..config import Qwen2AudioConfig
     from ..model import Qwen2AudioModel
     from .files import write_processor_files
-    from .hf import save_model
+    from .hf import resolve_dtype, save_model
     from .importers import is_gguf_path, load_encoder, load_llm
 
     out = Path(out)

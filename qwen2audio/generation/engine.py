@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -26,6 +27,7 @@ from ..model.llm import padded_causal_mask
 from ..text.chat import expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams, hold_back_stop_tokens, next_tokens
+from .weights import prepare_for_inference
 
 ENCODE_BATCH = 8  # 30 s windows encoded together
 
@@ -117,8 +119,11 @@ def audio_key(audio: np.ndarray) -> str:
 
 
 class Engine:
+    """Runs one model for inference. It takes the model over: at construction its weights get the
+    layout that decodes fastest on their device (``generation.weights``; same values)."""
+
     def __init__(self, model: Qwen2AudioModel, tokenizer: Tokenizer, encode_batch: int = ENCODE_BATCH):
-        self.model = model
+        self.model = prepare_for_inference(model)
         self.tokenizer = tokenizer
         self.encode_batch = encode_batch
         if tokenizer.audio_id != model.config.audio_token_index:
@@ -173,6 +178,14 @@ class Engine:
         return Prepared(ids, embeds, keys)
 
     # -- generation ----------------------------------------------------------------------------------
+    def _room_to_generate(self, max_new_tokens: int, prompt_tokens: int) -> int:
+        """max_new_tokens, capped by what the context leaves after the prompt, with a warning when capped."""
+        room = self.max_positions - prompt_tokens
+        if max_new_tokens > room:
+            warnings.warn(f"max_new_tokens {max_new_tokens} does not fit: the prompt takes {prompt_tokens} of the "
+                          f"model's {self.max_positions} positions, so at most {room} new tokens", stacklevel=2)
+        return min(max_new_tokens, room)
+
     def generate(self, batch: Sequence[Prepared], params: SamplingParams) -> list[Generation]:
         results, events = self.stream_batch(batch, params)
         for _ in events:
@@ -201,7 +214,7 @@ class Engine:
         device = model.device
         lengths = [len(p.token_ids) for p in batch]
         width = max(lengths)
-        max_new = min(params.max_new_tokens, self.max_positions - width)
+        max_new = self._room_to_generate(params.max_new_tokens, width)
         pad = self.tokenizer.pad_id
         ids = torch.tensor([[pad] * (width - n) + p.token_ids for n, p in zip(lengths, batch)], device=device)
         key_valid = torch.zeros(len(batch), width + max_new, dtype=torch.bool, device=device)

@@ -6,43 +6,11 @@ penalty, temperature, top-k, top-p, then a draw (or argmax when temperature is 0
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Collection
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 means off
-    top_p: float = 1.0  # 1 means off
-    repetition_penalty: float = 1.0  # 1 means off; > 1 discourages tokens already in the sequence
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, not included in the output
-    ignore_eos: bool = False  # keep going past stop tokens (benchmarks: a fixed number of tokens)
-    min_new_tokens: int = 0  # stop tokens cannot end the reply before this many tokens (transformers' meaning)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be >= 0 (0 = off), got {self.min_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from .params import SamplingParams  # re-exported: its home is params.py, which needs no torch
 
 
 def hold_back_stop_tokens(logits: torch.Tensor, stop_ids: Collection[int], generated: int,

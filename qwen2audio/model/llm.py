@@ -125,22 +125,6 @@ class Qwen2ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def store_wide_weights_column_major(self) -> None:
-        """Keep the bias-free linear weights that widen (out > in: gate_proj, up_proj and an untied
-        lm_head) in column-major memory, as transposed views of the same shape and name.
-
-        Decoding reads every weight once per token; on CPU, BLAS reads a wide (out, in) matrix for a
-        (1, in) x (in, out) product up to 1.9x faster in this layout (the lm_head: 22 -> 12 ms at
-        151936 x 512), while narrowing matrices and large prefill products gain nothing.
-        """
-        wide = [m for layer in self.model.layers for m in (layer.mlp.gate_proj, layer.mlp.up_proj)]
-        if not self.config.tie_word_embeddings:
-            wide.append(self.lm_head)
-        for linear in wide:
-            w = linear.weight
-            if w.device.type == "cpu" and linear.bias is None and w.shape[0] > w.shape[1] and not w.t().is_contiguous():
-                linear.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
-
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         w = self.model.embed_tokens.weight
         c = self.config

@@ -75,10 +75,7 @@ def replace_parameters(model: nn.Module, should_replace: Callable[[nn.Parameter]
 
 
 def load_for_training(path: str, dtype: str, device: torch.device) -> nn.Module:
-    model = load_model(path, dtype=dtype, device=device)
-    # undo inference's column-major weight views: sharding wants contiguous tensors
-    replace_parameters(model, lambda p: not p.is_contiguous(), lambda t: t.contiguous())
-    return model
+    return load_model(path, dtype=dtype, device=device)
 
 
 def select_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:

@@ -1,0 +1,17 @@
+"""The errors a user can cause, importable without torch (the command line catches them before it
+has loaded anything heavy). Each message names the input, the problem and what to do."""
+
+from __future__ import annotations
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: the message names the source, the problem and what to do."""
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory does not hold what a Qwen2-Audio model needs."""
+
+
+class AudioWarning(UserWarning):
+    """Audio that was used but is not what its file promised (e.g. a file cut short). Turn it into an
+    error with ``warnings.simplefilter("error", AudioWarning)`` where partial audio must not pass."""

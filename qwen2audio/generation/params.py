@@ -1,0 +1,113 @@
+"""What a request asks of the decoder (SamplingParams), and a checkpoint's generation_config.json read
+into it. No torch here: the command line builds its flags from these fields before loading anything."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings. Each field's metadata["help"] is its command-line help (`--max-new-tokens`, ...)."""
+
+    max_new_tokens: int = field(default=256, metadata={
+        "help": "most tokens to generate (new tokens only; the prompt and audio never count)", "metavar": "N"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; higher = more varied", "metavar": "T"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens (0 = off)", "metavar": "K"})
+    top_p: float = field(default=1.0, metadata={
+        "help": "sample from the most likely tokens that reach this probability mass (1 = off)", "metavar": "P"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "> 1 discourages tokens already in the sequence (1 = off)", "metavar": "R"})
+    seed: int | None = field(default=None, metadata={"help": "random seed of the sampling", "metavar": "S"})
+    stop: tuple[str, ...] = field(default_factory=tuple, metadata={
+        "help": "stop string, left out of the reply (repeatable)", "metavar": "TEXT"})
+    ignore_eos: bool = field(default=False, metadata={
+        "help": "keep going past stop tokens (benchmarks: a fixed number of tokens)"})
+    min_new_tokens: int = field(default=0, metadata={
+        "help": "stop tokens cannot end the reply before this many tokens (0 = off)", "metavar": "N"})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0 (0 = off), got {self.min_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# transformers' GenerationConfig defaults, which apply to a key a generation_config.json leaves out.
+HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float}  # used only when do_sample is true
+ALWAYS_KEYS = {"repetition_penalty": float, "max_new_tokens": int}  # used whatever do_sample says
+
+
+def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A generation_config.json's settings -> SamplingParams keyword arguments, as transformers'
+    generate() applies them.
+
+    do_sample false (or absent): greedy, and the file's temperature / top_k / top_p are not used;
+    do_sample true: those three, each with transformers' default where the file leaves it out (so a
+    file that says only do_sample true samples with top_k 50, as transformers does). repetition_penalty
+    and max_new_tokens apply either way. Other keys are not ours to apply: stop tokens come from the
+    tokenizer, max_length (prompt + reply, and an audio prompt alone can exceed it) gives way to
+    max_new_tokens, and keys of methods not implemented here (beams, n-gram blocking) are ignored.
+    """
+    settings = {k: v for k, v in config.items() if v is not None}
+    sampling = settings.get("do_sample", HF_DEFAULTS["do_sample"])
+    if not isinstance(sampling, bool):
+        raise ValueError(f"do_sample must be true or false, got {sampling!r}")
+    kwargs: dict[str, Any] = {"temperature": 0.0}
+    wanted = dict(ALWAYS_KEYS, **SAMPLING_KEYS) if sampling else ALWAYS_KEYS
+    for key, kind in wanted.items():
+        value = settings.get(key, HF_DEFAULTS.get(key))
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or (kind is int and not float(value).is_integer()):
+            raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        kwargs[key] = kind(value)
+    return kwargs
+
+
+def to_generation_config(params: SamplingParams) -> dict[str, Any]:
+    """SamplingParams -> the generation_config.json keys that ``from_generation_config`` reads back."""
+    config: dict[str, Any] = {"do_sample": not params.greedy, "max_new_tokens": params.max_new_tokens}
+    if not params.greedy:
+        config.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    if params.repetition_penalty != 1.0:
+        config["repetition_penalty"] = params.repetition_penalty
+    return config
+
+
+def load_generation_config(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's generation_config.json -> SamplingParams keyword arguments; {} when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("it is not a JSON object")
+        kwargs = from_generation_config(config)
+        SamplingParams(**kwargs)  # the values must make sense together, now rather than at the first reply
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: {err}; fix the file or delete it (then decoding is greedy)") from None
+    return kwargs

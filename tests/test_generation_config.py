@@ -1,0 +1,186 @@
+"""A checkpoint's generation_config.json sets the default decoding of chat replies (Python API and
+`qwen2audio chat`), as transformers applies it; arguments and flags override it; transcription and
+evaluation stay greedy; and the file we write reads back as our defaults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+
+from qwen2audio import CheckpointError, Qwen2Audio
+from qwen2audio.checkpoint.files import GENERATION_FILE, write_generation_config
+from qwen2audio.cli import build_parser
+from qwen2audio.generation.params import (
+    SamplingParams,
+    from_generation_config,
+    load_generation_config,
+    to_generation_config,
+)
+from reference import TOKENIZER, clip
+from test_cli import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The sampling settings of Qwen2-Audio-7B-Instruct's generation_config.json, with the keys that are
+# not sampling settings (ids, versions) that such a file also holds.
+INSTRUCT_FILE = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151643, 151645],
+                 "do_sample": True, "top_k": 20, "top_p": 0.5, "temperature": 0.7, "repetition_penalty": 1.1,
+                 "transformers_version": "4.45.0.dev0"}
+INSTRUCT = {"temperature": 0.7, "top_k": 20, "top_p": 0.5, "repetition_penalty": 1.1}
+NEW = 12
+
+
+# -- reading the file -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config,expected", [
+    (INSTRUCT_FILE, INSTRUCT),
+    ({"do_sample": False, "temperature": 0.7, "top_k": 20, "max_new_tokens": 64},  # sampling keys unused
+     {"temperature": 0.0, "max_new_tokens": 64}),
+    ({"temperature": 0.7}, {"temperature": 0.0}),  # do_sample absent: greedy, as transformers decodes
+    ({"do_sample": True}, {"temperature": 1.0, "top_k": 50, "top_p": 1.0}),  # transformers' own defaults
+    ({"do_sample": False, "repetition_penalty": 1.05, "max_length": 20, "num_beams": 1, "chat_format": "chatml"},
+     {"temperature": 0.0, "repetition_penalty": 1.05}),  # other keys are not ours to apply
+    ({"do_sample": True, "top_k": None, "temperature": 0.5}, {"temperature": 0.5, "top_k": 50, "top_p": 1.0}),
+])
+def test_settings_from_a_generation_config(config, expected):
+    assert from_generation_config(config) == expected
+    SamplingParams(**expected)
+
+
+def test_missing_keys_take_the_defaults_of_the_pinned_transformers():
+    from transformers import GenerationConfig
+
+    hf = GenerationConfig.from_dict({"do_sample": True})
+    assert from_generation_config({"do_sample": True}) == {
+        "temperature": hf.temperature, "top_k": hf.top_k, "top_p": hf.top_p}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{not json", "Expecting property name"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"do_sample": "yes"}', "do_sample must be true or false"),
+    ('{"do_sample": true, "top_k": 2.5}', "top_k must be an integer"),
+    ('{"do_sample": true, "top_p": 0}', "top_p must be in"),
+    ('{"do_sample": true, "temperature": NaN}', "temperature must be a number"),
+    ('{"max_new_tokens": Infinity}', "max_new_tokens must be an integer"),
+])
+def test_a_bad_file_is_a_checkpoint_error_naming_it(tmp_path, text, message):
+    path = tmp_path / GENERATION_FILE
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_generation_config(path)
+    assert str(path) in str(info.value) and "delete it" in str(info.value)
+
+
+def test_no_file_means_our_defaults(tmp_path):
+    assert load_generation_config(tmp_path / GENERATION_FILE) == {}
+
+
+def test_the_file_we_write_reads_back_as_our_defaults(tmp_path):
+    write_generation_config(tmp_path, TOKENIZER.pad_id, sorted(TOKENIZER.stop_ids))
+    written = json.loads((tmp_path / GENERATION_FILE).read_text())
+    assert written["do_sample"] is False and written["max_new_tokens"] == SamplingParams().max_new_tokens
+    assert SamplingParams(**load_generation_config(tmp_path / GENERATION_FILE)) == SamplingParams()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=20, top_p=0.5,
+                                                                     repetition_penalty=1.1, max_new_tokens=99)])
+def test_settings_round_trip(params):
+    assert SamplingParams(**from_generation_config(to_generation_config(params))) == params
+
+
+# -- applying it ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def instruct_dir(default_home, tmp_path_factory):
+    """The embedded default model with the Instruct model's generation_config.json."""
+    from qwen2audio.default_model import default_model_dir
+
+    path = tmp_path_factory.mktemp("instruct")
+    for file in default_model_dir().iterdir():
+        shutil.copy(file, path / file.name)
+    (path / GENERATION_FILE).write_text(json.dumps(INSTRUCT_FILE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def instruct(instruct_dir) -> Qwen2Audio:
+    return Qwen2Audio.load(instruct_dir)
+
+
+def ask(text="What is it?"):
+    return [{"role": "user", "content": [{"type": "audio", "audio": clip(2.0, 1)}, {"type": "text", "text": text}]}]
+
+
+def test_chat_decodes_with_the_checkpoints_defaults(instruct):
+    assert instruct.generation_defaults == INSTRUCT
+    request = instruct.prepare_chat(ask())
+    sampled = instruct.engine.generate([request], SamplingParams(**INSTRUCT, seed=3, max_new_tokens=NEW))[0]
+    greedy = instruct.engine.generate([request], SamplingParams(max_new_tokens=NEW))[0]
+    assert sampled.token_ids != greedy.token_ids, "the settings changed nothing: the test shows nothing"
+
+    assert instruct.chat(ask(), seed=3, max_new_tokens=NEW).token_ids == sampled.token_ids
+    assert "".join(instruct.stream(ask(), seed=3, max_new_tokens=NEW)) == sampled.text
+    conv = instruct.conversation()
+    assert conv.say(audio=clip(2.0, 1), text="What is it?", seed=3, max_new_tokens=NEW).token_ids == sampled.token_ids
+
+
+def test_arguments_override_the_defaults_and_temperature_zero_is_greedy(instruct):
+    request = instruct.prepare_chat(ask())
+    expected = instruct.engine.generate([request], SamplingParams(temperature=0.0, repetition_penalty=1.1,
+                                                                  max_new_tokens=NEW))[0]
+    assert instruct.chat(ask(), temperature=0, max_new_tokens=NEW).token_ids == expected.token_ids
+    plain = instruct.engine.generate([request], SamplingParams(max_new_tokens=NEW))[0]
+    assert instruct.chat(ask(), temperature=0, repetition_penalty=1.0, max_new_tokens=NEW).token_ids == plain.token_ids
+
+
+def test_transcribe_and_complete_stay_greedy(instruct):
+    audio = clip(2.0, 2)
+    request = instruct.prepare_raw("Detect the language and recognize the speech: <|en|>", [audio])
+    greedy = instruct.engine.generate([request], SamplingParams(max_new_tokens=NEW))[0]
+    assert instruct.complete("Detect the language and recognize the speech: <|en|>", [audio],
+                             max_new_tokens=NEW).token_ids == greedy.token_ids
+    assert instruct.transcribe(audio, max_new_tokens=NEW) == instruct.transcribe(audio, max_new_tokens=NEW,
+                                                                                temperature=0.0)
+
+
+def test_the_command_line_applies_them_too(instruct, instruct_dir, capsys, monkeypatch):
+    def chat_json(*flags):
+        rc, out, err = cli(capsys, monkeypatch, ["chat", str(instruct_dir), "--prompt", "Hi.", "--json",
+                                                 "--max-new-tokens", str(NEW), *flags])
+        assert rc == 0, err
+        return json.loads(out)["token_ids"]
+
+    hi = [{"role": "user", "content": [{"type": "text", "text": "Hi."}]}]
+    assert chat_json("--seed", "5") == instruct.chat(hi, seed=5, max_new_tokens=NEW).token_ids
+    assert chat_json("--temperature", "0") == instruct.chat(hi, temperature=0, max_new_tokens=NEW).token_ids
+
+
+def test_help_says_where_the_defaults_come_from(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "--help"])
+    chat_help = " ".join(capsys.readouterr().out.split())
+    assert "generation_config.json" in chat_help and "--temperature 0 is greedy" in chat_help
+    with pytest.raises(SystemExit):
+        parser.parse_args(["transcribe", "--help"])
+    assert "Greedy by default" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_sampling_field_is_a_flag_with_the_fields_default(capsys):
+    from dataclasses import fields
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "--help"])
+    chat_help = capsys.readouterr().out
+    for f in fields(SamplingParams):
+        assert "--" + f.name.replace("_", "-") in chat_help
+    assert "(default 256)" in " ".join(chat_help.split())
+
+
+def test_the_files_other_keys_load_without_warnings(instruct_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Qwen2Audio.load(instruct_dir)
