@@ -106,10 +106,25 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     if unexpected and strict:
         raise CheckpointError(f"{directory} has {len(unexpected)} weight(s) this model does not use: {_names(unexpected)}. "
                               "Check config.json, or load with strict=False to ignore them.")
-    if config.text.tie_word_embeddings:
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model.tie_weights()
     model.language_model.store_wide_weights_column_major()
     return model.eval()
+
+
+def model_from_state_dict(config: Qwen2AudioConfig, state: dict[str, torch.Tensor]) -> Qwen2AudioModel:
+    """A model that holds ``state``'s tensors themselves (no copy, no random initialisation): built on the
+    ``meta`` device, the tensors assigned, a tied LM head re-tied. ``state`` names every weight of the
+    model; a tied head may be left out."""
+    with torch.device("meta"):
+        model = Qwen2AudioModel(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if config.text.tie_word_embeddings and TIED_HEAD_KEY in missing:
+        missing.remove(TIED_HEAD_KEY)
+    if missing or unexpected:
+        raise CheckpointError(f"the weights do not fit the config: missing {_names(sorted(missing))}; "
+                              f"not in the model {_names(sorted(unexpected))}")
+    model.tie_weights()
+    return model
 
 
 def save_model(model: Qwen2AudioModel, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:

@@ -25,8 +25,8 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..checkpoint import save_model
+from ..checkpoint.hf import model_from_state_dict
 from ..config import Qwen2AudioConfig
-from ..model import Qwen2AudioModel
 from .distributed import Dist
 from .lora import merge_lora_state_dict
 
@@ -69,11 +69,7 @@ def export_model(state: dict[str, torch.Tensor], config: Qwen2AudioConfig, lora_
     if lora_scale is not None:
         state = merge_lora_state_dict(state, lora_scale)
     dtype = dtype or next(iter(state.values())).dtype
-    with torch.device("meta"):
-        model = Qwen2AudioModel(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    if config.text.tie_word_embeddings:
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model = model_from_state_dict(config, {k: v.to(dtype) for k, v in state.items()})
     save_model(model, directory)
     for f in Path(source_dir).iterdir():  # tokenizer, preprocessor and generation configs, chat template
         if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".tmp"):
