@@ -25,12 +25,13 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..checkpoint import save_model
-from ..checkpoint.hf import model_from_state_dict
+from ..checkpoint.hf import check_safetensors, model_from_state_dict
 from ..config import Qwen2AudioConfig
 from .distributed import Dist
 from .lora import merge_lora_state_dict
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+FINAL_DIR = "final"  # output_dir/final: the last checkpoint's model, published at the end of a run
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.pt"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
@@ -61,6 +62,11 @@ def _step_dirs(root: Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     steps = _step_dirs(Path(output_dir) / "checkpoints")
     return steps[-1] if steps else None
+
+
+def checkpoint_step(directory: Path) -> int:
+    """The optimizer step a checkpoint directory (step-N) was saved at."""
+    return int(STEP_DIR.match(directory.name).group(1))
 
 
 def export_model(state: dict[str, torch.Tensor], config: Qwen2AudioConfig, lora_scale: float | None,
@@ -104,6 +110,7 @@ def _prune(root: Path, keep: int) -> None:
 
 def load_trainable(model: nn.Module, directory: Path) -> None:
     """Put the trained tensors of a checkpoint into the (unwrapped, not yet sharded) model."""
+    check_safetensors(directory / TRAINABLE_FILE)
     tensors = load_file(str(directory / TRAINABLE_FILE))
     params = dict(model.named_parameters())
     missing = [k for k in params if params[k].requires_grad and k not in tensors]
