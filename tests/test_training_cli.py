@@ -68,6 +68,29 @@ def test_ctrl_c_while_the_first_checkpoint_is_written_leaves_nothing_half_writte
     assert list((out / "checkpoints").iterdir()) == [] and not (out / "final").exists()
 
 
+def test_ctrl_c_while_resuming_keeps_the_logged_metrics(ws, tmp_path, capsys, monkeypatch):
+    """Resuming rewrites metrics.jsonl (the steps after the checkpoint are dropped); stopped half-way
+    through that, the log is as it was."""
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=4", "save_every=2", "max_steps_this_run=3") == 0
+    logged = (out / "metrics.jsonl").read_text()
+    real_write_text = Path.write_text
+
+    def write_half_then_stop(self, text, *args, **kwargs):
+        if self.name.startswith("metrics.jsonl"):
+            real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_stop)
+    assert train_cli(ws, out, "max_steps=4", "save_every=2") == 130
+    assert (out / "metrics.jsonl").read_text() == logged
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("resumes from the last checkpoint, at step 2 "
+                                                                     f"({out / 'checkpoints' / 'step-00000002'})")
+
+
 @pytest.mark.parametrize("case", ["missing", "no config.json"])
 def test_a_missing_starting_model_says_so_and_how_to_make_one(ws, tmp_path, capsys, case):
     model = tmp_path / "models" / "tiny"

@@ -21,7 +21,7 @@ class MetricsLog:
             # "final" record is not kept: the run's end is still to come and will log it once)
             kept = [line for line in self.path.read_text().splitlines()
                     if (r := _parse(line)) is not None and r.get("step", 0) <= resume_step and not r.get("final")]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a Ctrl-C here loses nothing
         self.tb = None
         if tensorboard:
             try:
