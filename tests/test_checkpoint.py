@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -298,6 +299,120 @@ def test_directory_without_weights_says_what_is_expected(saved, tmp_path):
     save_file({k: tensors[k] for k in keys[5:]}, tmp_path / "b.safetensors")
     with pytest.raises(CheckpointError, match=r"found a\.safetensors, b\.safetensors without an index"):
         load_model(tmp_path)
+
+
+# -- damaged files (an interrupted download, a bad copy) --------------------------------------------------
+def _cut(path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _header_length(path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _garble_header(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:24] = b"\xff" * 16  # the start of the JSON header: no longer JSON (nor UTF-8)
+    path.write_bytes(bytes(data))
+
+
+def _change_a_dtype(path) -> None:
+    """A header that still parses and whose sizes add up, but describes an F32 tensor as F16."""
+    data = path.read_bytes()
+    n = _header_length(path)
+    header = data[8:8 + n].replace(b'"F32"', b'"F16"', 1)
+    path.write_bytes(data[:8] + header + data[8 + n:])
+
+
+DAMAGES = {  # name -> (damage the file, the message; every message names the file and says re-download)
+    "cut in the tensors": (lambda p: _cut(p, p.stat().st_size // 2),
+                           r"is truncated: its header says (\d+) bytes, the file has (\d+); re-download it"),
+    "cut in the header": (lambda p: _cut(p, 40), r"is truncated: its header alone should be \d+ bytes, the file has 40"),
+    "cut before the header": (lambda p: _cut(p, 5), r"is truncated: 5 bytes, too short for a safetensors header"),
+    "garbled header": (_garble_header, r"has a garbled header .*the file is corrupt; re-download it"),
+    "bytes appended": (lambda p: p.write_bytes(p.read_bytes() + b"\0" * 10), r"is corrupt: its header says \d+ bytes"),
+    "inconsistent header": (_change_a_dtype, r"could not be read \(.*\): the file is corrupt; re-download it"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_weight_file_is_named_before_any_tensor_is_read(damage, saved, tmp_path, monkeypatch):
+    import qwen2audio.checkpoint.hf as hf
+
+    ref, _ = saved["mha_untied_80"]
+    ref.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    victim = shards[-1]
+    damage_file, message = DAMAGES[damage]
+    damage_file(victim)
+    opened = []
+    real_safe_open = hf.safe_open
+    monkeypatch.setattr(hf, "safe_open", lambda *a, **k: opened.append(a[0]) or real_safe_open(*a, **k))
+    with pytest.raises(CheckpointError, match=re.escape(str(victim)) + " " + message) as err:
+        load_model(tmp_path)
+    assert "\n" not in str(err.value)
+    if damage != "inconsistent header":  # found from the header alone, before any shard is opened
+        assert opened == []
+
+
+def test_truncated_size_figures_are_the_files(saved, tmp_path):
+    _, path = saved["mha_untied_80"]
+    copy_config(path, tmp_path)
+    data = (path / SINGLE).read_bytes()
+    (tmp_path / SINGLE).write_bytes(data[:10000])  # past the header, inside the tensors
+    with pytest.raises(CheckpointError, match=rf"header says {len(data)} bytes, the file has 10000;"):
+        load_model(tmp_path)
+
+
+def test_a_garbled_index_is_named(saved, tmp_path):
+    ref, _ = saved["mha_untied_80"]
+    ref.save_pretrained(tmp_path, max_shard_size="200KB")
+    (tmp_path / INDEX).write_text('{"weight_map": {"a": ')  # cut short
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / INDEX)) + " is not a readable safetensors index"):
+        load_model(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from qwen2audio.default_model import write_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny")
+    write_tiny_model(path)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["cut in the tensors", "garbled header"])
+def test_cli_says_which_file_is_damaged_in_one_line(damage, tiny_dir, tmp_path, capsys):
+    import shutil
+
+    from qwen2audio.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    damage_file, message = DAMAGES[damage]
+    damage_file(model / SINGLE)
+    capsys.readouterr()
+    assert main(["chat", str(model), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.match("qwen2audio: error: " + re.escape(str(model / SINGLE)) + " " + message,
+                                        lines[0]), lines
+
+
+def test_model_from_state_dict_ties_the_head_and_names_what_does_not_fit(saved):
+    from qwen2audio.checkpoint.hf import model_from_state_dict
+
+    _, path = saved["gqa_tied_128"]
+    config = Qwen2AudioConfig.from_file(path)
+    tensors = load_file(path / SINGLE)
+    assert "language_model.lm_head.weight" not in tensors
+    model = model_from_state_dict(config, dict(tensors))
+    lm = model.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    assert lm.model.embed_tokens.weight.data_ptr() == tensors["language_model.model.embed_tokens.weight"].data_ptr()
+    del tensors["multi_modal_projector.linear.bias"]
+    tensors["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"missing multi_modal_projector\.linear\.bias; not in the model extra\.weight"):
+        model_from_state_dict(config, tensors)
 
 
 # -- peak memory ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ forward returned, so the hook sees exactly the production path.
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -413,6 +414,78 @@ def test_unknown_missing_and_misshapen_keys_are_named(whisper, whisper_dir, qwen
     write_ctranslate2(tmp_path / "bad.bin", variables, {})
     with pytest.raises(WeightImportError, match=r"encoder/layer_1/ffn/linear_0/bias.*\(255,\).*\(256,\)"):
         init_checkpoint(tmp_path / "bad.bin", llm, tmp_path / "o3")
+
+
+# ---- damaged files (an interrupted download) --------------------------------------------------------
+
+def _cut_copy(src, dst, keep: int):
+    """dst: the first ``keep`` bytes of src (negative: all but the last -keep)."""
+    dst.write_bytes(src.read_bytes()[:keep])
+    return dst
+
+
+def _init_cli(capsys, *args) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    code = main(["init", *map(str, args)])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_truncated_gguf_names_the_file_and_the_cut_tensor(qwen2_tied, whisper_dir, tmp_path, capsys):
+    import gguf
+
+    full = tmp_path / "llm.gguf"
+    write_gguf(full, qwen2_tied[0])
+    reader = gguf.GGUFReader(str(full))
+    last = max(reader.tensors, key=lambda t: t.data_offset)
+    size = full.stat().st_size
+    cut = _cut_copy(full, tmp_path / "cut.gguf", last.data_offset + 8)  # inside the last tensor's data
+    expected = (re.escape(f"{cut} is truncated: its header says the tensor data runs to byte ")
+                + rf"\d+, the file has {last.data_offset + 8} \(tensor {re.escape(last.name)} is cut\); re-download it")
+    with pytest.raises(WeightImportError, match=expected):
+        init_checkpoint(whisper_dir, cut, tmp_path / "o", tokenizer=qwen2_tied[1])
+    code, lines = _init_cli(capsys, "--encoder", whisper_dir, "--llm", cut, "--tokenizer", qwen2_tied[1],
+                            "--out", tmp_path / "o")
+    assert code == 2 and len(lines) == 1 and re.match("qwen2audio: error: " + expected, lines[0]), lines
+    assert size > last.data_offset + 8 and not (tmp_path / "o").exists()
+    # cut inside the header (the metadata): named too, though no tensor can be
+    header_cut = _cut_copy(full, tmp_path / "header.gguf", 100)
+    code, lines = _init_cli(capsys, "--encoder", whisper_dir, "--llm", header_cut, "--tokenizer", qwen2_tied[1],
+                            "--out", tmp_path / "o")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"{header_cut} could not be read as GGUF" in lines[0] and "truncated or corrupt; re-download it" in lines[0]
+
+
+def test_a_truncated_ctranslate2_model_bin_is_named(ct2_bin, qwen2_tied, tmp_path, capsys):
+    cut = _cut_copy(ct2_bin, tmp_path / "model.bin", ct2_bin.stat().st_size // 2)
+    expected = re.escape(str(cut)) + r" is truncated: its header says variable \S+ runs to byte \d+, the file has " \
+        + rf"{cut.stat().st_size}; re-download it"
+    with pytest.raises(WeightImportError, match=expected):
+        init_checkpoint(cut, qwen2_tied[1], tmp_path / "o")
+    code, lines = _init_cli(capsys, "--encoder", cut, "--llm", qwen2_tied[1], "--out", tmp_path / "o")
+    assert code == 2 and len(lines) == 1 and re.match("qwen2audio: error: " + expected, lines[0]), lines
+
+
+def test_a_truncated_openai_pt_is_named(openai_pt, qwen2_tied, tmp_path, capsys):
+    cut = _cut_copy(openai_pt, tmp_path / "tiny.pt", -100)
+    expected = re.escape(f"{cut} is truncated: it starts as a torch.save zip archive but lacks the archive's directory")
+    with pytest.raises(WeightImportError, match=expected):
+        init_checkpoint(cut, qwen2_tied[1], tmp_path / "o")
+    code, lines = _init_cli(capsys, "--encoder", cut, "--llm", qwen2_tied[1], "--out", tmp_path / "o")
+    assert code == 2 and len(lines) == 1 and re.match("qwen2audio: error: " + expected, lines[0]), lines
+    assert lines[0].endswith("re-download it")
+
+
+def test_a_truncated_shard_of_the_llm_is_named(qwen2_tied, whisper_dir, tmp_path, capsys):
+    import shutil
+
+    llm = tmp_path / "llm"
+    shutil.copytree(qwen2_tied[1], llm)
+    shard = sorted(llm.glob("model-*.safetensors"))[-1]
+    size = shard.stat().st_size
+    _cut_copy(shard, shard, size - 16)
+    expected = re.escape(f"{shard} is truncated: its header says {size} bytes, the file has {size - 16}; re-download")
+    code, lines = _init_cli(capsys, "--encoder", whisper_dir, "--llm", llm, "--out", tmp_path / "o")
+    assert code == 2 and len(lines) == 1 and re.match("qwen2audio: error: " + expected, lines[0]), lines
 
 
 def test_gguf_without_tokenizer_asks_for_one(qwen2_tied, whisper_dir, tmp_path, capsys):

@@ -186,3 +186,16 @@ def test_dtype_aliases_train_and_export(tmp_path, one_thread):
     train("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), output_dir=str(tmp_path / "run"), max_steps=1,
           dtype="fp32")
     assert load_model(tmp_path / "run" / "final").language_model.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("trainable,every_row_has_audio,may_go_unused", [
+    (["encoder", "projector", "llm"], True, False),  # every micro-batch runs the encoder and projector
+    (["encoder", "projector", "llm"], False, True),  # a text-only micro-batch skips them
+    (["projector"], False, True),
+    (["llm"], False, False),  # the LLM (or its LoRA adapters) takes part in every batch
+])
+def test_ddp_looks_for_unused_parameters_only_when_a_batch_can_skip_a_trained_part(trainable, every_row_has_audio,
+                                                                                    may_go_unused):
+    from qwen2audio.training.loop import audio_parts_may_go_unused
+
+    assert audio_parts_may_go_unused(trainable, every_row_has_audio) is may_go_unused

@@ -5,16 +5,21 @@ each tensor from the memory-mapped safetensors files, converted to the requested
 one shard at a time: peak memory stays near the size of the weights. Module names equal the
 checkpoint keys (see ``qwen2audio.model.qwen2audio``), so the key map is the identity; what the
 files must hold is exactly what the model's state dict names, less a tied LM head.
+
+Every weight file's header is checked against the file's size before anything is loaded, so a cut
+download is named as such, file by file, instead of failing somewhere inside the load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path, atomic_write_text
@@ -26,6 +31,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TIED_HEAD_KEY = "language_model.lm_head.weight"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+HEADER_SIZE_BYTES = 8  # a safetensors file starts with the length of its JSON header (u64, little-endian)
+MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit: a larger length means the file is not one
+METADATA_KEY = "__metadata__"  # the header entry that is not a tensor
+REDOWNLOAD = "re-download it (or copy it again)"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -42,10 +51,23 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the shards named by the index, or the single file."""
+    """The safetensors files of a checkpoint (the shards named by the index, or the single file), each
+    checked to be whole (``check_safetensors``)."""
+    files = _weight_file_names(directory)
+    for path in files:
+        check_safetensors(path)
+    return files
+
+
+def _weight_file_names(directory: Path) -> list[Path]:
     index = directory / INDEX_FILE
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad JSON, no weight_map, wrong types
+            raise CheckpointError(f"{index} is not a readable safetensors index (a JSON object with a "
+                                  f"\"weight_map\" of key -> shard file; {type(err).__name__}: {err}); "
+                                  f"{REDOWNLOAD}") from err
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
             raise CheckpointError(f"{index} names shards that are not in {directory}: {', '.join(missing)}; "
@@ -61,6 +83,52 @@ def weight_files(directory: Path) -> list[Path]:
                           + (f" (found {', '.join(found)} without an index)" if found else ""))
 
 
+def check_safetensors(path: Path) -> None:
+    """Raise CheckpointError, naming ``path``, unless its header parses and its tensors' bytes end exactly
+    where the file ends. Reads the header only: an interrupted download is found before any work."""
+    size = path.stat().st_size
+    if size < HEADER_SIZE_BYTES:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, too short for a safetensors header; {REDOWNLOAD}")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(HEADER_SIZE_BYTES), "little")
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path} is not a safetensors file (its first bytes give a header of {n} bytes): "
+                                  f"the file is corrupt; {REDOWNLOAD}")
+        if HEADER_SIZE_BYTES + n > size:
+            raise CheckpointError(f"{path} is truncated: its header alone should be {n} bytes, the file has "
+                                  f"{size}; {REDOWNLOAD}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        data_bytes = max((int(info["data_offsets"][1]) for key, info in header.items() if key != METADATA_KEY),
+                         default=0)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:  # not JSON, not the schema
+        raise CheckpointError(f"{path} has a garbled header ({type(err).__name__}: {err}): the file is corrupt; "
+                              f"{REDOWNLOAD}") from err
+    expected = HEADER_SIZE_BYTES + n + data_bytes
+    if expected > size:
+        raise CheckpointError(f"{path} is truncated: its header says {expected} bytes, the file has {size}; "
+                              f"{REDOWNLOAD}")
+    if expected < size:
+        raise CheckpointError(f"{path} is corrupt: its header says {expected} bytes, the file has {size}; "
+                              f"{REDOWNLOAD}")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """``safe_open`` on the CPU, its errors (a file damaged in a way the header check cannot see) turned
+    into a CheckpointError that names the file."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as err:
+        raise unreadable_safetensors(path, err) from err
+
+
+def unreadable_safetensors(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} could not be read ({err}): the file is corrupt; {REDOWNLOAD}")
+
+
 def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                strict: bool = True) -> Qwen2AudioModel:
     """Load a Qwen2-Audio checkpoint directory (config.json + safetensors) onto ``device``.
@@ -72,6 +140,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = Qwen2AudioConfig.from_file(directory)
     target_dtype = resolve_dtype(dtype)
+    files = weight_files(directory)  # every file checked before any is read
     with torch.device("meta"):
         model = Qwen2AudioModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -79,9 +148,9 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
         expected.pop(TIED_HEAD_KEY)
     seen: set[str] = set()
     unexpected: list[str] = []
-    for path in weight_files(directory):
+    for path in files:
         shard: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 if key not in expected:
                     unexpected.append(key)
@@ -103,9 +172,24 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     if unexpected and strict:
         raise CheckpointError(f"{directory} has {len(unexpected)} weight(s) this model does not use: {_names(unexpected)}. "
                               "Check config.json, or load with strict=False to ignore them.")
-    if config.text.tie_word_embeddings:
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model.tie_weights()
     return model.eval()
+
+
+def model_from_state_dict(config: Qwen2AudioConfig, state: dict[str, torch.Tensor]) -> Qwen2AudioModel:
+    """A model that holds ``state``'s tensors themselves (no copy, no random initialisation): built on the
+    ``meta`` device, the tensors assigned, a tied LM head re-tied. ``state`` names every weight of the
+    model; a tied head may be left out."""
+    with torch.device("meta"):
+        model = Qwen2AudioModel(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if config.text.tie_word_embeddings and TIED_HEAD_KEY in missing:
+        missing.remove(TIED_HEAD_KEY)
+    if missing or unexpected:
+        raise CheckpointError(f"the weights do not fit the config: missing {_names(sorted(missing))}; "
+                              f"not in the model {_names(sorted(unexpected))}")
+    model.tie_weights()
+    return model
 
 
 def save_model(model: Qwen2AudioModel, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:

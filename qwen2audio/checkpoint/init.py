@@ -131,9 +131,8 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
     import torch
 
     from ..config import Qwen2AudioConfig
-    from ..model import Qwen2AudioModel
     from .files import write_processor_files
-    from .hf import resolve_dtype, save_model
+    from .hf import model_from_state_dict, resolve_dtype, save_model
     from .importers import is_gguf_path, load_encoder, load_llm
 
     out = Path(out)
@@ -183,13 +182,7 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
     state = ({f"audio_tower.{k}": v for k, v in audio_state.items()}
              | {f"multi_modal_projector.{k}": v for k, v in projector.items()}
              | {f"language_model.{k}": v for k, v in text_state.items()})
-    with torch.device("meta"):
-        model = Qwen2AudioModel(config)
-    if text_cfg.tie_word_embeddings:
-        state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if text_cfg.tie_word_embeddings:
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model = model_from_state_dict(config, state)
 
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out)

@@ -122,8 +122,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False  # training: recompute each layer in backward to save memory
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         w = self.model.embed_tokens.weight
@@ -156,3 +155,11 @@ class Qwen2ForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, make the LM head the embedding's Parameter: one tensor, two names.
+
+        Call it again after ``load_state_dict(..., assign=True)``, which gives each name its own tensor.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight

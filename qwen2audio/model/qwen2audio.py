@@ -35,6 +35,10 @@ class Qwen2AudioModel(nn.Module):
         self.multi_modal_projector = MultiModalProjector(cfg)
         self.language_model = Qwen2ForCausalLM(cfg.text)
 
+    def tie_weights(self) -> None:
+        """Re-tie a tied LM head to the embedding (see ``Qwen2ForCausalLM.tie_weights``)."""
+        self.language_model.tie_weights()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.language_model.model.embed_tokens.weight.dtype

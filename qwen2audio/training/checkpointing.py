@@ -25,12 +25,13 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..checkpoint import save_model
+from ..checkpoint.hf import check_safetensors, model_from_state_dict
 from ..config import Qwen2AudioConfig
-from ..model import Qwen2AudioModel
 from .distributed import Dist
 from .lora import merge_lora_state_dict
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+FINAL_DIR = "final"  # output_dir/final: the last checkpoint's model, published at the end of a run
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.pt"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
@@ -63,17 +64,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def checkpoint_step(directory: Path) -> int:
+    """The optimizer step a checkpoint directory (step-N) was saved at."""
+    return int(STEP_DIR.match(directory.name).group(1))
+
+
 def export_model(state: dict[str, torch.Tensor], config: Qwen2AudioConfig, lora_scale: float | None,
                  source_dir: str | Path, directory: Path, dtype: torch.dtype | None = None) -> None:
     """Write an HF-layout checkpoint from a full state dict: LoRA merged, tokenizer and configs copied."""
     if lora_scale is not None:
         state = merge_lora_state_dict(state, lora_scale)
     dtype = dtype or next(iter(state.values())).dtype
-    with torch.device("meta"):
-        model = Qwen2AudioModel(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    if config.text.tie_word_embeddings:
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model = model_from_state_dict(config, {k: v.to(dtype) for k, v in state.items()})
     save_model(model, directory)
     for f in Path(source_dir).iterdir():  # tokenizer, preprocessor and generation configs, chat template
         if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".tmp"):
@@ -108,6 +110,7 @@ def _prune(root: Path, keep: int) -> None:
 
 def load_trainable(model: nn.Module, directory: Path) -> None:
     """Put the trained tensors of a checkpoint into the (unwrapped, not yet sharded) model."""
+    check_safetensors(directory / TRAINABLE_FILE)
     tensors = load_file(str(directory / TRAINABLE_FILE))
     params = dict(model.named_parameters())
     missing = [k for k in params if params[k].requires_grad and k not in tensors]

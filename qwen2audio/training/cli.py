@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from . import RECIPES
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped with Ctrl-C
 
 
 def register(subparsers) -> None:
@@ -27,6 +31,23 @@ def _handle(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config, args.overrides, stage=args.stage)
     try:
         run_stage(args.stage, cfg)
+    except KeyboardInterrupt:  # checkpoints are written atomically: only whole ones are on disk
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process gets the Ctrl-C
+            print(f"qwen2audio: interrupted; {how_to_resume(cfg)}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         teardown()
     return 0
+
+
+def how_to_resume(cfg) -> str:
+    """What running the same command again does, after a run was stopped."""
+    from .checkpointing import checkpoint_step, latest_checkpoint
+
+    last = latest_checkpoint(cfg.output_dir)
+    if last is None:
+        return "no checkpoint yet: the same command starts over"
+    step = checkpoint_step(last)
+    if not cfg.resume:
+        return f"the last checkpoint is at step {step} ({last}); resume=false starts over, resume=true resumes from it"
+    return f"the same command resumes from the last checkpoint, at step {step} ({last})"

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import distributed
 from .config import TrainConfig
-from .loop import Run, load_for_training, log, setup, to_device, train
+from .loop import Run, check_model_dir, load_for_training, log, setup, to_device, train
 from .losses import DPOLoss, label_logps, sequence_logps
 from ..data import Collator
 
@@ -125,6 +125,8 @@ def evaluate_pairs(run: Run, reference: ReferenceLogps) -> dict[str, float]:
 
 
 def main(cfg: TrainConfig) -> dict:
+    if cfg.reference_model:  # checked before the long set-up, as the starting model is
+        check_model_dir(cfg.reference_model, "reference_model")
     run = setup(cfg)
     reference = ReferenceLogps(run)
     return train(run, DPOStep(cfg.beta, reference), on_end=lambda r: evaluate_pairs(r, reference))

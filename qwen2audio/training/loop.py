@@ -19,18 +19,20 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from ..checkpoint import load_model, resolve_dtype
+from ..checkpoint import CheckpointError, load_model, resolve_dtype
+from ..config import CONFIG_FILE
 from ..data import Collator, ManifestDataset, global_batches, rank_micro_batches
 from ..text import Tokenizer
 from . import distributed
-from .checkpointing import (STATE_FILE, TRAINABLE_FILE, latest_checkpoint, load_trainable, load_trainer_state,
-                            save_checkpoint)
+from .checkpointing import (FINAL_DIR, STATE_FILE, TRAINABLE_FILE, checkpoint_step, latest_checkpoint, load_trainable,
+                            load_trainer_state, save_checkpoint)
 from .config import TrainConfig
 from .lora import apply_lora
 from .metrics import MetricsLog, plot_loss
 from .optim import build_optimizer, build_scheduler
 
 PART_PREFIXES = {"encoder": "audio_tower.", "projector": "multi_modal_projector.", "llm": "language_model."}
+AUDIO_PARTS = {"encoder", "projector"}  # the parts a micro-batch without audio leaves out of the graph
 FROZEN_ALWAYS = ("audio_tower.embed_positions.weight",)  # fixed sinusoids, never trained
 LORA_PREFIX = "language_model.model.layers."
 
@@ -102,16 +104,52 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def check_model_dir(path: str, option: str = "model") -> None:
+    """A starting (or reference) model must be a checkpoint folder; say how to get one if it is not."""
+    how = ("a checkpoint folder (config.json, safetensors weights, tokenizer), e.g. a run's final/, or one "
+           "made with `qwen2audio init --encoder WHISPER --llm QWEN2 --out DIR`")
+    if not path:
+        raise CheckpointError(f"no starting model: set {option}=DIR, {how}")
+    if not Path(path).is_dir():
+        raise CheckpointError(f"the model folder {option}={path} does not exist: give {how}")
+    if not (Path(path) / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{option}={path} is not a checkpoint folder (it has no {CONFIG_FILE}): give {how}")
+
+
+def refuse_finished_run(cfg: TrainConfig, resume: Path | None, total: int) -> None:
+    """A run whose newest checkpoint is at (or past) its last step and whose final/ is published has
+    nothing left to do: say so rather than train 0 steps. (Without final/, the run was stopped while
+    publishing it: resuming finishes that.)"""
+    if resume is None or not (Path(cfg.output_dir) / FINAL_DIR).is_dir():
+        return
+    step = checkpoint_step(resume)
+    if step >= total:
+        knob = "max_steps" if cfg.max_steps > 0 else "epochs"
+        raise ValueError(f"{cfg.output_dir} already finished at step {step} ({knob} gives {total} steps): nothing to "
+                         f"train; use a new output_dir= or raise {knob}")
+
+
+def audio_parts_may_go_unused(trainable: list[str], every_row_has_audio: bool) -> bool:
+    """Whether some trained parameter can be left out of a micro-batch's graph, which DDP must then look
+    for (find_unused_parameters: a graph traversal every step, and a warning on every rank whenever
+    nothing was unused). Only the encoder and projector can be: a micro-batch without audio skips them.
+    The LLM (or its LoRA adapters) takes part in every batch."""
+    return bool(AUDIO_PARTS & set(trainable)) and not every_row_has_audio
+
+
 def setup(cfg: TrainConfig) -> Run:
     d = distributed.setup(cfg.distributed, cfg.device)
     torch.manual_seed(cfg.seed)
+    check_model_dir(cfg.model)
+    resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if cfg.max_steps > 0:  # known before any loading; with epochs, once the data set is read (below)
+        refuse_finished_run(cfg, resume, cfg.max_steps)
     tokenizer = Tokenizer.from_dir(cfg.model)
     model = load_for_training(cfg.model, cfg.dtype, d.device)
     trainable = select_trainable(model, cfg)
     if cfg.gradient_checkpointing:
         model.language_model.gradient_checkpointing = True
         model.audio_tower.gradient_checkpointing = True
-    resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if resume is not None:
         load_trainable(model, resume)
         log(d, f"resuming from {resume}")
@@ -129,18 +167,24 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.global_batch_size % (cfg.micro_batch_size * d.world):
         raise ValueError(f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size="
                          f"{cfg.micro_batch_size} x {d.world} processes")
+    refuse_finished_run(cfg, resume, _total_steps(cfg, len(dataset)))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(d, f"training {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
            f"({', '.join(cfg.trainable)}{', LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else ''}) "
            f"on {d.world} x {d.device.type}")
-    # rows without audio leave the encoder and projector out of the graph: DDP must then look for unused ones
-    wrapped = distributed.wrap(model, cfg.distributed, d, find_unused=bool({"encoder", "projector"} & set(cfg.trainable)))
+    every_row_has_audio = all(ex.audios for ex in dataset.examples)
+    wrapped = distributed.wrap(model, cfg.distributed, d,
+                               find_unused=audio_parts_may_go_unused(cfg.trainable, every_row_has_audio))
     return Run(cfg, d, tokenizer, wrapped, model, dataset, trainable, resume, autocast_context(cfg, d.device))
 
 
 def total_steps(run: Run) -> tuple[int, int]:
-    per_epoch = len(run.dataset) // run.cfg.global_batch_size
-    return per_epoch, (run.cfg.max_steps if run.cfg.max_steps > 0 else run.cfg.epochs * per_epoch)
+    """(optimizer steps per epoch, optimizer steps of the whole run)."""
+    return len(run.dataset) // run.cfg.global_batch_size, _total_steps(run.cfg, len(run.dataset))
+
+
+def _total_steps(cfg: TrainConfig, n_rows: int) -> int:
+    return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (n_rows // cfg.global_batch_size)
 
 
 def micro_batch_stream(run: Run, start: int, end: int):
@@ -186,7 +230,6 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total, cfg.min_lr_ratio)
     start = load_trainer_state(model, optimizer, scheduler, run.resume_from) if run.resume_from else 0
     metrics = MetricsLog(Path(cfg.output_dir), start, cfg.tensorboard) if d.main else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
     stop = min(total, start + cfg.max_steps_this_run) if cfg.max_steps_this_run > 0 else total
     bar = None
     if d.main and cfg.progress:
@@ -196,72 +239,87 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
     record: dict = {}
     last_saved = start
     t0 = time.perf_counter()  # step time includes loading its data
-    for step, micro in micro_batch_stream(run, start, stop):
-        torch.manual_seed(cfg.seed + 1_000_003 * step + d.rank)  # dropout: per step and rank, the same on resume
-        units = d.all_sum([float(sum(step_loss.units(b) for b in micro))])[0]
-        sums: dict[str, float] = {}
-        n_tokens = 0
-        for i, batch in enumerate(micro):
-            batch = to_device(batch, d.device)
-            n_tokens += int(batch["attention_mask"].sum())
-            with _sync_gradients(model, i == len(micro) - 1):
-                with run.autocast():
-                    loss_sum, stats = step_loss(model, batch)
-                # gradients are averaged over ranks, so scale by world / units for the step's true mean
-                (loss_sum * (d.world / max(units, 1.0))).backward()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-        keys = sorted(sums)
-        reduced = d.all_sum([sums[k] for k in keys] + [float(n_tokens)])
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds, t0 = time.perf_counter() - t0, time.perf_counter()
-        record = {"step": step + 1, "epoch": step // per_epoch, "lr": lr, "units": units,
-                  "tokens_per_s": reduced[-1] / max(seconds, 1e-9)}
-        record.update({k: v / max(units, 1.0) for k, v in zip(keys, reduced[:-1])})
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
-            metrics.log(record)
+    try:
+        for step, micro in micro_batch_stream(run, start, stop):
+            stats, n_tokens = optimizer_step(run, step_loss, optimizer, scheduler, step, micro)
+            seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+            record = {"step": step + 1, "epoch": step // per_epoch, "tokens_per_s": n_tokens / max(seconds, 1e-9),
+                      **stats}
+            if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+                metrics.log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+                save_checkpoint(model, optimizer, scheduler, step + 1, cfg, run.raw_model.config, run.trainable_names,
+                                _lora_scale(cfg), d, export_dtype=resolve_dtype(cfg.dtype))
+                last_saved = step + 1
+    finally:  # on Ctrl-C too: the bar's line ends before whatever is printed next
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-            save_checkpoint(model, optimizer, scheduler, step + 1, cfg, run.raw_model.config, run.trainable_names,
-                            _lora_scale(cfg), d, export_dtype=resolve_dtype(cfg.dtype))
-            last_saved = step + 1
-    if bar is not None:
-        bar.close()
+            bar.close()
     if stop < total:  # max_steps_this_run: stop as a crash would, without a final checkpoint
         log(d, f"stopping at step {stop} of {total} (max_steps_this_run); resume with the same command")
         return record
-    if on_end is not None:
-        record.update(on_end(run))
+    end_metrics = on_end(run) if on_end is not None else {}
+    record.update(end_metrics)
     if d.main:
-        if on_end is not None:
-            metrics.log({**record, "final": True})
+        if end_metrics:  # only what is new: the last step's own line is logged already
+            metrics.log({"step": last_saved, "final": True, **end_metrics})
         plot_loss([r for r in metrics.records() if not r.get("final")], Path(cfg.output_dir) / "loss.svg")
         metrics.close()
-        _publish_final(Path(cfg.output_dir), last_saved)
+        final = _publish_final(Path(cfg.output_dir), last_saved)
+        print(f"final model: {final} (load it with qwen2audio chat {final})", flush=True)
     d.barrier()
     return record
+
+
+def optimizer_step(run: Run, step_loss: StepLoss, optimizer, scheduler, step: int,
+                   micro: list[dict]) -> tuple[dict[str, float], float]:
+    """Forward and backward over this rank's micro-batches (gradients reduced on the last), clip, step.
+    Returns ({lr, units, each statistic's mean over the step's units, grad_norm}, tokens read by all ranks)."""
+    cfg, d, model = run.cfg, run.dist, run.model
+    torch.manual_seed(cfg.seed + 1_000_003 * step + d.rank)  # dropout: per step and rank, the same on resume
+    units = d.all_sum([float(sum(step_loss.units(b) for b in micro))])[0]
+    sums: dict[str, float] = {}
+    n_tokens = 0
+    for i, batch in enumerate(micro):
+        batch = to_device(batch, d.device)
+        n_tokens += int(batch["attention_mask"].sum())
+        with _sync_gradients(model, i == len(micro) - 1):
+            with run.autocast():
+                loss_sum, stats = step_loss(model, batch)
+            # gradients are averaged over ranks, so scale by world / units for the step's true mean
+            (loss_sum * (d.world / max(units, 1.0))).backward()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+    keys = sorted(sums)
+    reduced = d.all_sum([sums[k] for k in keys] + [float(n_tokens)])
+    grad_norm = None
+    if cfg.grad_clip > 0:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats = {"lr": lr, "units": units, **{k: v / max(units, 1.0) for k, v in zip(keys, reduced[:-1])}}
+    if grad_norm is not None:
+        stats["grad_norm"] = grad_norm
+    return stats, reduced[-1]
 
 
 def _lora_scale(cfg: TrainConfig) -> float | None:
     return cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank > 0 and "llm" in cfg.trainable else None
 
 
-def _publish_final(output_dir: Path, step: int) -> None:
+def _publish_final(output_dir: Path, step: int) -> Path:
     """output_dir/final: the last checkpoint's model files (HF layout, LoRA merged), written atomically."""
     src = output_dir / "checkpoints" / f"step-{step:08d}"
-    with atomic_path(output_dir / "final", directory=True) as tmp:
+    final = output_dir / FINAL_DIR
+    with atomic_path(final, directory=True) as tmp:
         for f in src.iterdir():
             if f.name not in (TRAINABLE_FILE, STATE_FILE):
                 shutil.copy2(f, tmp / f.name)
+    return final

@@ -17,10 +17,11 @@ class MetricsLog:
     def __init__(self, output_dir: Path, resume_step: int, tensorboard: bool):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # keep what was logged up to the checkpoint we resume from
+        if self.path.exists():  # keep the steps logged up to the checkpoint we resume from (an end-of-run
+            # "final" record is not kept: the run's end is still to come and will log it once)
             kept = [line for line in self.path.read_text().splitlines()
-                    if (r := _parse(line)) is not None and r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+                    if (r := _parse(line)) is not None and r.get("step", 0) <= resume_step and not r.get("final")]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a Ctrl-C here loses nothing
         self.tb = None
         if tensorboard:
             try:

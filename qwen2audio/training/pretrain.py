@@ -8,11 +8,4 @@ Rows: {"audio": path, "prompt": "Transcribe this English speech.", "target": "..
 
 from __future__ import annotations
 
-from .config import TrainConfig
-from .lm_loss import NextTokenLoss
-from .loop import setup, train
-
-
-def main(cfg: TrainConfig) -> dict:
-    run = setup(cfg)
-    return train(run, NextTokenLoss())
+from .lm_loss import next_token_recipe as main  # noqa: F401 - the recipe's entry point (see RECIPES)

@@ -15,8 +15,8 @@ import torch
 
 from ...config import EncoderConfig, TextConfig
 from .keymap import From, TensorSource, WeightImportError, apply_key_map
+from .whisper import ZIP_MAGIC
 
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container
 PICKLE_MAGIC = b"\x80"  # torch.save's legacy pickle (protocol >= 2)
 ENCODER_FORMATS = ("a Hugging Face Whisper directory (config.json + safetensors), an OpenAI Whisper .pt, "
                    "or a CTranslate2 Whisper model.bin (or its directory)")

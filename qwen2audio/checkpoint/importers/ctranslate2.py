@@ -40,8 +40,8 @@ class _Reader:
     def take(self, fmt: str):
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.data):
-            raise WeightImportError(f"{self.origin} ends early (at byte {self.pos}): the file is truncated; "
-                                    "re-assemble it and check its sha256")
+            raise WeightImportError(f"{self.origin} is truncated: its header goes on past byte {self.pos}, the file "
+                                    f"has {len(self.data)} bytes; re-download it")
         values = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += size
         return values[0] if len(values) == 1 else values
@@ -72,7 +72,8 @@ def read_ctranslate2(path: Path) -> tuple[str, dict[str, np.ndarray]]:
         if dtype_id not in CT2_DTYPES:
             raise WeightImportError(f"{path}: variable {name} has an unknown dtype id {dtype_id}")
         if r.pos + nbytes > len(raw):
-            raise WeightImportError(f"{path} ends inside variable {name}: the file is truncated")
+            raise WeightImportError(f"{path} is truncated: its header says variable {name} runs to byte "
+                                    f"{r.pos + nbytes}, the file has {len(raw)}; re-download it")
         array = np.frombuffer(raw[r.pos:r.pos + nbytes], dtype=CT2_DTYPES[dtype_id]).reshape(shape)
         if dtype_id == BFLOAT16_ID:
             array = (array.astype(np.uint32) << 16).view(np.float32)

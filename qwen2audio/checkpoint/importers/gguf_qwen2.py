@@ -100,15 +100,55 @@ def is_gguf(path: Path) -> bool:
         return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
+def _tensor_extents(fields, data_start: int) -> list[tuple[int, int, str]]:
+    """(first byte, end byte, name) of each tensor, from the tensor-info fields of a GGUF header (as
+    ``GGUFReader`` parses them: name length, name, n_dims, dims, type, offset in the data section)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    extents = []
+    for field in fields:
+        _, name, _, dims, raw_type, offset = field.parts
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+        start = data_start + int(offset[0])
+        extents.append((start, start + int(np.prod(dims)) * type_size // block_size, bytes(name).decode("utf-8")))
+    return sorted(extents)
+
+
+def read_gguf(path: Path):
+    """A ``GGUFReader`` of ``path``, or a WeightImportError naming the file and, when the file is cut inside
+    the tensor data, the first tensor that is cut (checked from the header, before any tensor is mapped)."""
+    from gguf import GGUFReader
+
+    class CheckedReader(GGUFReader):
+        # GGUFReader maps every tensor while it reads the header and fails on a cut file with a bare
+        # numpy error; this hook (a private method: if a gguf release renames it, only the tensor's name
+        # is lost from the message) checks the extents against the file first.
+        def _build_tensors(self, start_offs, fields):
+            size = len(self.data)
+            cut = [(start, end, name) for start, end, name in _tensor_extents(fields, start_offs) if end > size]
+            if cut:
+                end = max(e for _, e, _ in cut)
+                raise WeightImportError(f"{path} is truncated: its header says the tensor data runs to byte {end}, "
+                                        f"the file has {size} (tensor {cut[0][2]} is cut); re-download it")
+            super()._build_tensors(start_offs, fields)
+
+    try:
+        return CheckedReader(str(path))
+    except WeightImportError:
+        raise
+    except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as err:  # numpy / parsing errors
+        raise WeightImportError(f"{path} could not be read as GGUF ({err}; the file has {path.stat().st_size} "
+                                "bytes): it is truncated or corrupt; re-download it") from err
+
+
 def load_gguf_qwen2(path: Path, dtype: torch.dtype | None = None) -> tuple[TextConfig, dict[str, torch.Tensor]]:
     """A qwen2 GGUF file -> (text config, ``language_model`` state dict), every tensor dequantised to
     float32 (then ``dtype``)."""
     try:
-        from gguf import GGUFReader
         from gguf.quants import dequantize
     except ImportError as err:
         raise WeightImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from err
-    reader = GGUFReader(str(path))
+    reader = read_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     if EMBED not in tensors:
         raise WeightImportError(f"{path} has no {EMBED}: not a complete qwen2 GGUF")

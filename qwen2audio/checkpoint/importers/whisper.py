@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ...config import EncoderConfig
 from ...model import AudioEncoder
-from ..hf import weight_files
+from ..hf import open_safetensors, unreadable_safetensors, weight_files
 from .keymap import From, TensorSource, WeightImportError, apply_key_map, expected_shapes
 
 WHISPER_SOURCE_POSITIONS = 1500  # encoder frames of one 30 s window: Qwen2-Audio's window
@@ -95,21 +97,22 @@ def load_hf_whisper(directory: Path, dtype: torch.dtype | None = None) -> tuple[
 
 def safetensors_source(directory: Path) -> TensorSource:
     """Every tensor of a directory's safetensors file(s), read lazily (memory-mapped)."""
-    from safetensors import safe_open
-
     files = weight_files(directory)
     where: dict[str, Path] = {}
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 where[key] = path
     handles: dict[Path, object] = {}
 
     def get(key: str) -> torch.Tensor:
         path = where[key]
-        if path not in handles:
-            handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return handles[path].get_tensor(key)
+        try:
+            if path not in handles:
+                handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            return handles[path].get_tensor(key)
+        except SafetensorError as err:
+            raise unreadable_safetensors(path, err) from err
 
     return TensorSource(where, get, str(directory))
 
@@ -117,6 +120,14 @@ def safetensors_source(directory: Path) -> TensorSource:
 # ---- OpenAI Whisper .pt --------------------------------------------------------------------------
 
 OPENAI_POSITIONS_KEY = "encoder.positional_embedding"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container
+
+
+def _cut_zip(path: Path) -> bool:
+    """A file that begins like a zip archive (torch.save's container) but has no end-of-archive record."""
+    with open(path, "rb") as f:
+        starts_as_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    return starts_as_zip and not zipfile.is_zipfile(path)
 
 
 def openai_whisper_key_map(cfg: EncoderConfig) -> dict[str, From]:
@@ -149,10 +160,15 @@ def openai_whisper_key_map(cfg: EncoderConfig) -> dict[str, From]:
 
 def load_openai_whisper(path: Path, dtype: torch.dtype | None = None) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
     """An openai/whisper checkpoint (``torch.load`` gives {"dims": ..., "model_state_dict": ...})."""
+    if _cut_zip(path):
+        raise WeightImportError(f"{path} is truncated: it starts as a torch.save zip archive but lacks the "
+                                f"archive's directory, written last (the file has {path.stat().st_size} bytes); "
+                                "re-download it")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from the file
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not this format"
-        raise WeightImportError(f"{path} is not a readable OpenAI Whisper checkpoint ({err})") from err
+        raise WeightImportError(f"{path} is not a readable OpenAI Whisper checkpoint ({err}); if it is one, "
+                                "it is truncated or corrupt: re-download it") from err
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         raise WeightImportError(f"{path}: an OpenAI Whisper .pt holds a dict with 'dims' and 'model_state_dict'")
     dims, weights = checkpoint["dims"], dict(checkpoint["model_state_dict"])

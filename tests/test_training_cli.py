@@ -1,0 +1,196 @@
+"""`qwen2audio train` as a user meets it: Ctrl-C, a missing starting model, a finished run run again, and
+where the result is."""
+
+import json
+
+import pytest
+
+from qwen2audio.cli import main
+from qwen2audio.training.lm_loss import NextTokenLoss
+from training_helpers import CONFIGS, make_workspace
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("train_cli"))
+
+
+def train_cli(ws, out, *overrides) -> int:
+    args = ["train", "sft", str(CONFIGS / "tiny" / "sft.yaml"), f"model={ws['tiny']}", f"train_data={ws['sft']}",
+            f"output_dir={out}", "progress=false", "tensorboard=false", "micro_batch_size=4", *overrides]
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped `qwen2audio train` (a traceback and exit status 1)")
+
+
+def interrupt_call(monkeypatch, target, name: str, at: int) -> None:
+    """Make target.name raise KeyboardInterrupt (as Ctrl-C does) on its ``at``-th call (1-based)."""
+    real = getattr(target, name)
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, fake)
+
+
+def test_ctrl_c_between_checkpoints_exits_130_and_the_same_command_resumes(ws, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    # one micro-batch per step: the 3rd loss call is step 3, after the checkpoint of step 2
+    interrupt_call(monkeypatch, NextTokenLoss, "__call__", at=3)
+    assert train_cli(ws, out, "max_steps=4", "save_every=2") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("qwen2audio: interrupted; the same command resumes from the last checkpoint, at step 2 "
+                       f"({out / 'checkpoints' / 'step-00000002'})")
+    assert "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert not (out / "final").exists() and not list(out.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert train_cli(ws, out, "max_steps=4", "save_every=2") == 0
+    assert "resuming from" in capsys.readouterr().err and (out / "final" / "model.safetensors").is_file()
+
+
+def test_ctrl_c_while_the_first_checkpoint_is_written_leaves_nothing_half_written(ws, tmp_path, capsys, monkeypatch):
+    import qwen2audio.training.checkpointing as checkpointing
+
+    out = tmp_path / "run"
+    # trainable.safetensors is written after the model files: the step folder is half full then
+    interrupt_call(monkeypatch, checkpointing, "save_file", at=1)
+    assert train_cli(ws, out, "max_steps=2", "save_every=1") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "qwen2audio: interrupted; no checkpoint yet: the same command starts over"
+    assert list((out / "checkpoints").iterdir()) == [] and not (out / "final").exists()
+
+
+def test_ctrl_c_while_resuming_keeps_the_logged_metrics(ws, tmp_path, capsys, monkeypatch):
+    """Resuming rewrites metrics.jsonl (the steps after the checkpoint are dropped); stopped half-way
+    through that, the log is as it was."""
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=4", "save_every=2", "max_steps_this_run=3") == 0
+    logged = (out / "metrics.jsonl").read_text()
+    real_write_text = Path.write_text
+
+    def write_half_then_stop(self, text, *args, **kwargs):
+        if self.name.startswith("metrics.jsonl"):
+            real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_stop)
+    assert train_cli(ws, out, "max_steps=4", "save_every=2") == 130
+    assert (out / "metrics.jsonl").read_text() == logged
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("resumes from the last checkpoint, at step 2 "
+                                                                     f"({out / 'checkpoints' / 'step-00000002'})")
+
+
+@pytest.mark.parametrize("case", ["missing", "no config.json"])
+def test_a_missing_starting_model_says_so_and_how_to_make_one(ws, tmp_path, capsys, case):
+    model = tmp_path / "models" / "tiny"
+    if case == "no config.json":
+        model.mkdir(parents=True)
+    capsys.readouterr()
+    code = main(["train", "sft", str(CONFIGS / "tiny" / "sft.yaml"), f"model={model}", f"train_data={ws['sft']}",
+                 f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    if case == "missing":
+        assert err[0].startswith(f"qwen2audio: error: the model folder model={model} does not exist: give ")
+    else:
+        assert err[0].startswith(f"qwen2audio: error: model={model} is not a checkpoint folder (it has no config.json)")
+    assert "`qwen2audio init --encoder WHISPER --llm QWEN2 --out DIR`" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_says_where_its_model_is(ws, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=1") == 0
+    final = out / "final"
+    assert capsys.readouterr().out.splitlines() == [f"final model: {final} (load it with qwen2audio chat {final})"]
+
+
+def test_a_finished_run_is_not_run_again(ws, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=2") == 0
+    capsys.readouterr()
+    # the same command again: nothing to train, and it says so
+    assert train_cli(ws, out, "max_steps=2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"qwen2audio: error: {out} already finished at step 2 (max_steps gives 2 steps): nothing to "
+                   "train; use a new output_dir= or raise max_steps"]
+    # counted in epochs, known once the data set is read: the same
+    assert train_cli(ws, out, "max_steps=0", "epochs=1", "global_batch_size=6", "micro_batch_size=3") == 2
+    assert "already finished at step 2 (epochs gives 2 steps)" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_publishing_final_publishes_it_when_run_again(ws, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=2") == 0
+    metrics = (out / "metrics.jsonl").read_text()
+    (out / "final" / "model.safetensors").unlink()
+    (out / "final").rename(out / "gone")
+    assert train_cli(ws, out, "max_steps=2") == 0
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "metrics.jsonl").read_text() == metrics  # no step trained or logged twice
+
+
+def test_dpo_logs_its_end_of_run_evaluation_once_without_repeating_the_last_step(ws, tmp_path):
+    def records():
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    out = tmp_path / "dpo"
+    args = ["train", "dpo", str(CONFIGS / "tiny" / "dpo.yaml"), f"model={ws['tiny']}", f"train_data={ws['dpo']}",
+            f"output_dir={out}", "progress=false", "tensorboard=false", "max_steps=2"]
+    assert main(args) == 0
+    steps, end = records()[:-1], records()[-1]
+    assert [r["step"] for r in steps] == [1, 2] and all("loss" in r for r in steps)
+    assert end["final"] and end["step"] == 2 and set(end) == {"step", "final", "final_reward_accuracy",
+                                                              "final_reward_margin"}
+    # stopped after logging its end but before final/ was published: run again, the end is logged once
+    (out / "final" / "model.safetensors").unlink()
+    (out / "final").rename(out / "gone")
+    assert main(args) == 0
+    assert [r.get("final", False) for r in records()] == [False, False, True]
+
+
+def test_a_truncated_checkpoint_is_named_on_resume(ws, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=2", "save_every=1", "max_steps_this_run=1") == 0
+    trainable = out / "checkpoints" / "step-00000001" / "trainable.safetensors"
+    size = trainable.stat().st_size
+    trainable.write_bytes(trainable.read_bytes()[: size // 2])
+    capsys.readouterr()
+    assert train_cli(ws, out, "max_steps=2", "save_every=1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"qwen2audio: error: {trainable} is truncated: its header says {size} bytes, the file has "
+                       f"{size // 2}; re-download it (or copy it again)")
+
+
+def test_pretrain_and_sft_share_one_recipe():
+    from qwen2audio.training import pretrain, sft
+
+    assert pretrain.main is sft.main
+
+
+def test_raising_max_steps_continues_a_finished_run(ws, tmp_path):
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=1") == 0
+    assert train_cli(ws, out, "max_steps=2") == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_the_tiny_walkthrough_commands_write_separate_runs():
+    """Each launch command of the tiny pre-training config names its own output_dir: run one after the
+    other (docs/training.md), the second must not find the first's finished run."""
+    header = " ".join(line[1:].strip() for line in (CONFIGS / "tiny" / "pretrain.yaml").read_text().splitlines()
+                      if line.startswith("#")).replace("\\ ", "")  # continuation lines joined
+    runs = [part.split()[0] for part in header.split("output_dir=")[1:]]
+    assert header.count("train pretrain") == len(runs) == len(set(runs)) == 2, header
