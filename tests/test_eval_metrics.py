@@ -79,6 +79,23 @@ def test_accuracy_is_exact_match_after_left_strip():
     assert corpus("acc", ["sad", "neutral", "joy"], [" sad", "Neutral", "joy"]) == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("reference, answer, correct", [
+    ("dog|bark|puppy", "I hear a dog barking.", 1.0),            # one accepted word is enough
+    ("dog|bark|puppy", "It sounds like a cat.", 0.0),
+    ("dog|bark", "Hot dogs!", 0.0),                              # whole words only: dogs is not dog
+    ("hi-hat|cymbal", "A HI HAT, played softly", 1.0),           # case and punctuation ignored
+    ("no speech|nobody is speaking", "<|en|>There is no speech in this audio.", 1.0),  # phrases, tags removed
+    ("17|seventeen", "Five and twelve make 17.", 1.0),
+    ("17|seventeen", "It is 170.", 0.0),
+])
+def test_contains_accepts_any_listed_answer_as_whole_words(reference, answer, correct):
+    assert get_metric("contains").stats(reference, answer) == [correct, 1.0]
+
+
+def test_contains_scores_the_share_of_correct_answers():
+    assert corpus("contains", ["dog|bark", "piano", "rain"], ["a dog", "a guitar", "rain falling"]) == pytest.approx(2 / 3)
+
+
 @pytest.mark.parametrize("answer, letter", [("A", "A"), ("B.", "B"), ("The answer is C.", "C"), ("D\n", "D"),
                                             ("I do not know", None), ("", None), ("None", None)])
 def test_choice_letter_reads_answers_as_airbench(answer, letter):

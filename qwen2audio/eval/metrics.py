@@ -9,6 +9,8 @@ Metric names (`EvalItem.metric`):
     wer:LANG    corpus error rate in %, normalised for LANG (see normalizers); zh and yue per character
     bleu:LANG   sacrebleu corpus BLEU for target language LANG (tokenizer zh for zh, 13a otherwise)
     acc         exact match of the left-stripped answer with the label (the official SER / VSC scoring)
+    contains    free answers: correct when any accepted answer (the reference lists them separated by "|")
+                appears in the answer as whole words, case and punctuation ignored ("a dog|bark|puppy")
     choice      AIR-Bench foundation: the letter A-D read from the answer as AIR-Bench does; unreadable
                 answers are counted as failures and left out of the accuracy
     judge       AIR-Bench chat: judge scores 0-10, averaged per answer order over the verdicts that parse,
@@ -21,18 +23,20 @@ may find some answers unreadable (`Metric.readable`): those are counted, and lef
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 
-from .normalizers import CHARACTER_LANGUAGES, wer_units
+from .normalizers import CHARACTER_LANGUAGES, TAG, wer_units
 
 BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE = 0.95
 BOOTSTRAP_CHUNK = 100  # resamples drawn at once (memory: chunk x items counts)
 CHOICE_LETTERS = "ABCD"
+CONTAINS_SEPARATOR = "|"  # between the accepted answers of a "contains" reference
 # Modules a sacrebleu tokenizer needs beyond sacrebleu itself (the sacrebleu[ja] extra).
 TOKENIZER_MODULES = {"ja-mecab": ("MeCab", "ipadic")}
 
@@ -100,6 +104,22 @@ class Accuracy(Metric):
 
     def score(self, total: Sequence[float]) -> float:
         return total[0] / total[1] if total[1] else math.nan
+
+
+@dataclass(frozen=True)
+class Contains(Metric):
+    def stats(self, reference: str, hypothesis: str) -> list[float]:
+        answer = f" {_plain_words(hypothesis)} "
+        accepted = [_plain_words(a) for a in reference.split(CONTAINS_SEPARATOR)]
+        return [float(any(a and f" {a} " in answer for a in accepted)), 1.0]  # [correct, counted]
+
+    def score(self, total: Sequence[float]) -> float:
+        return total[0] / total[1] if total[1] else math.nan
+
+
+def _plain_words(text: str) -> str:
+    """Tags out, lower case, anything but letters and digits a space ("Hi-hat!" -> "hi hat")."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", TAG.sub(" ", text).lower()).split())
 
 
 @dataclass(frozen=True)
@@ -186,11 +206,13 @@ def get_metric(name: str) -> Metric:
         return Bleu(name=f"bleu:{language}", label="BLEU", higher_is_better=True, tokenize=bleu_tokenizer(language))
     if name == "acc":
         return Accuracy(name="acc", label="ACC", higher_is_better=True)
+    if name == "contains":
+        return Contains(name="contains", label="ACC", higher_is_better=True)
     if name == "choice":
         return Choice(name="choice", label="ACC", higher_is_better=True)
     if name == "judge":
         return JudgeScore(name="judge", label="judge score 1-10", higher_is_better=True)
-    raise ValueError(f"unknown metric {name!r}; use wer:LANG, bleu:LANG, acc, choice or judge")
+    raise ValueError(f"unknown metric {name!r}; use wer:LANG, bleu:LANG, acc, contains, choice or judge")
 
 
 def bleu_tokenizer(target_language: str) -> str:
