@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 
 import numpy as np
 import pytest
@@ -30,57 +29,21 @@ from qwen2audio.cli import main
 from qwen2audio.text import Tokenizer
 from qwen2audio.text.special_tokens import AUDIO, AUDIO_BOS, AUDIO_EOS
 from reference import TOKENIZER, VOCAB, clip, hf_features
+from source_models import (N_MELS, WHISPER, ctranslate2_variables, tiny_qwen2, tiny_whisper,
+                           tokenizer_without_audio_tokens, write_ctranslate2, write_gguf, write_whisper_ct2)
 
 TOL = 1e-4
-N_MELS = 80
 N_FRAMES = 3000  # one 30 s window: what transformers' WhisperEncoder insists on
-WHISPER = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256, num_mel_bins=N_MELS,
-               decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, vocab_size=96,
-               max_target_positions=32, max_source_positions=1500, pad_token_id=1, bos_token_id=2,
-               eos_token_id=2, decoder_start_token_id=3)
-QWEN2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-6)
 N_AUDIO_TOKENS = 3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _randomise(model, seed: int, skip=()):
-    """Spread-out random weights (norm gains near 1), rounded to float16 so that a float16 file (the
-    CTranslate2 one) holds them exactly."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(s in name for s in skip):
-                continue
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            p.copy_(p.half().float())
-    return model.eval()
-
-
-def _tokenizer_without_audio_tokens() -> Tokenizer:
-    """The test tokenizer as a plain Qwen2 LLM has it: <|endoftext|>, <|im_start|>, <|im_end|> only."""
-    import tokenizers
-
-    raw = json.loads(TOKENIZER.backend.to_str())
-    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] not in (AUDIO, AUDIO_BOS, AUDIO_EOS)]
-    return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(raw)))
 
 
 # ---- sources --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def whisper():
-    from transformers import WhisperConfig, WhisperModel
-
-    torch.manual_seed(0)
-    model = WhisperModel(WhisperConfig(**WHISPER))
-    with torch.no_grad():  # sinusoids in float16 precision, so every format stores them exactly
-        model.encoder.embed_positions.weight.copy_(model.encoder.embed_positions.weight.half().float())
-    return _randomise(model, seed=1, skip=("embed_positions",))
+    return tiny_whisper()
 
 
 @pytest.fixture(scope="module")
@@ -125,141 +88,32 @@ def openai_pt(whisper, tmp_path_factory):
     return path
 
 
-def write_ctranslate2(path, variables: dict[str, np.ndarray], aliases: dict[str, str], spec="WhisperSpec"):
-    """CTranslate2's model.bin layout (binary version 6), as its ModelSpec._serialize writes it."""
-    dtype_ids = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
-                 np.dtype(np.float16): 4}
-
-    def string(s: str) -> bytes:
-        return struct.pack("<H", len(s) + 1) + s.encode() + b"\0"
-
-    parts = [struct.pack("<I", 6), string(spec), struct.pack("<I", 3), struct.pack("<I", len(variables))]
-    for name, value in variables.items():
-        value = np.asarray(value, order="C")  # (ascontiguousarray would make a rank-0 scalar rank 1)
-        parts += [string(name), struct.pack("<B", value.ndim), *(struct.pack("<I", d) for d in value.shape),
-                  struct.pack("<B", dtype_ids[value.dtype]), struct.pack("<I", value.nbytes), value.tobytes()]
-    parts.append(struct.pack("<I", len(aliases)))
-    for alias, target in aliases.items():
-        parts += [string(alias), string(target)]
-    path.write_bytes(b"".join(parts))
-
-
-def ctranslate2_variables(whisper) -> dict[str, np.ndarray]:
-    sd = {k: v.numpy().astype(np.float16) for k, v in whisper.state_dict().items()}
-    d = WHISPER["d_model"]
-    out = {
-        "encoder/num_heads": np.array(WHISPER["encoder_attention_heads"], dtype=np.int16),
-        "encoder/conv1/weight": sd["encoder.conv1.weight"], "encoder/conv1/bias": sd["encoder.conv1.bias"],
-        "encoder/conv2/weight": sd["encoder.conv2.weight"], "encoder/conv2/bias": sd["encoder.conv2.bias"],
-        "encoder/position_encodings/encodings": sd["encoder.embed_positions.weight"],
-        "encoder/layer_norm/gamma": sd["encoder.layer_norm.weight"], "encoder/layer_norm/beta": sd["encoder.layer_norm.bias"],
-        "decoder/embeddings/weight": sd["decoder.embed_tokens.weight"],
-    }
-    for i in range(WHISPER["encoder_layers"]):
-        hf, ct = f"encoder.layers.{i}.", f"encoder/layer_{i}/"
-        a = hf + "self_attn."
-        out[ct + "self_attention/linear_0/weight"] = np.concatenate(
-            [sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]])
-        out[ct + "self_attention/linear_0/bias"] = np.concatenate(
-            [sd[a + "q_proj.bias"], np.zeros(d, np.float16), sd[a + "v_proj.bias"]])
-        out[ct + "self_attention/linear_1/weight"] = sd[a + "out_proj.weight"]
-        out[ct + "self_attention/linear_1/bias"] = sd[a + "out_proj.bias"]
-        out[ct + "self_attention/layer_norm/gamma"] = sd[hf + "self_attn_layer_norm.weight"]
-        out[ct + "self_attention/layer_norm/beta"] = sd[hf + "self_attn_layer_norm.bias"]
-        out[ct + "ffn/linear_0/weight"], out[ct + "ffn/linear_0/bias"] = sd[hf + "fc1.weight"], sd[hf + "fc1.bias"]
-        out[ct + "ffn/linear_1/weight"], out[ct + "ffn/linear_1/bias"] = sd[hf + "fc2.weight"], sd[hf + "fc2.bias"]
-        out[ct + "ffn/layer_norm/gamma"] = sd[hf + "final_layer_norm.weight"]
-        out[ct + "ffn/layer_norm/beta"] = sd[hf + "final_layer_norm.bias"]
-    return out
-
-
 @pytest.fixture(scope="module")
 def ct2_bin(whisper, tmp_path_factory):
     path = tmp_path_factory.mktemp("whisper_ct2") / "model.bin"
-    write_ctranslate2(path, ctranslate2_variables(whisper), {"decoder/projection/weight": "decoder/embeddings/weight"})
+    write_whisper_ct2(path, whisper)
     return path
-
-
-def _qwen2(tied: bool, vocab: int, seed: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=vocab, tie_word_embeddings=tied, **QWEN2)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = _randomise(Qwen2ForCausalLM(cfg), seed=seed)
-    model.tie_weights()
-    return model
 
 
 @pytest.fixture(scope="module")
 def qwen2_untied(tmp_path_factory):
     """Untied, its tokenizer without the audio tokens and exactly as many rows as tokens: init must grow it."""
-    model = _qwen2(tied=False, vocab=VOCAB - N_AUDIO_TOKENS, seed=2)
+    model = tiny_qwen2(tied=False, vocab=VOCAB - N_AUDIO_TOKENS, seed=2)
     path = tmp_path_factory.mktemp("qwen2_untied")
     model.save_pretrained(path)
-    _tokenizer_without_audio_tokens().save(path)
+    tokenizer_without_audio_tokens().save(path)
     return model, path
 
 
 @pytest.fixture(scope="module")
 def qwen2_tied(tmp_path_factory):
     """Tied, sharded, spare embedding rows, and a tokenizer that already has the audio tokens."""
-    model = _qwen2(tied=True, vocab=VOCAB + 10, seed=3)
+    model = tiny_qwen2(tied=True, vocab=VOCAB + 10, seed=3)
     path = tmp_path_factory.mktemp("qwen2_tied")
     model.save_pretrained(path, max_shard_size="40KB")
     assert (path / "model.safetensors.index.json").is_file()
     TOKENIZER.save(path)
     return model, path
-
-
-GGUF_NAMES = [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output"),
-              ("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down"),
-              ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")]
-
-
-def write_gguf(path, model, qtype=None) -> dict[str, np.ndarray]:
-    """A qwen2 GGUF of ``model`` as llama.cpp writes one: 2-D weights in ``qtype`` (default F32), 1-D in
-    F32. Returns the dequantised values the file holds, by GGUF name."""
-    import gguf
-    from gguf.quants import dequantize, quantize
-
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    sd = model.state_dict()
-    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
-    if not c.tie_word_embeddings:
-        names["output.weight"] = "lm_head.weight"
-    for i in range(c.num_hidden_layers):
-        for hf, gg in GGUF_NAMES:
-            for kind in ("weight", "bias"):
-                key = f"model.layers.{i}.{'mlp' if 'proj' in hf and hf[0] in 'gud' else 'self_attn'}.{hf}.{kind}"
-                if "layernorm" in hf:
-                    key = f"model.layers.{i}.{hf}.{kind}"
-                if key in sd:
-                    names[f"blk.{i}.{gg}.{kind}"] = key
-    held = {}
-    for name, key in names.items():
-        value = sd[key].numpy().astype(np.float32)
-        if qtype is not None and value.ndim == 2:
-            data = quantize(value, qtype)
-            w.add_tensor(name, data, raw_dtype=qtype)
-            held[name] = dequantize(data, qtype).reshape(value.shape)
-        else:
-            w.add_tensor(name, value)
-            held[name] = value
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return held
 
 
 # ---- the checks -----------------------------------------------------------------------------------
@@ -488,12 +342,45 @@ def test_a_truncated_shard_of_the_llm_is_named(qwen2_tied, whisper_dir, tmp_path
     assert code == 2 and len(lines) == 1 and re.match("qwen2audio: error: " + expected, lines[0]), lines
 
 
-def test_gguf_without_tokenizer_asks_for_one(qwen2_tied, whisper_dir, tmp_path, capsys):
-    write_gguf(tmp_path / "llm.gguf", qwen2_tied[0])
+def test_gguf_without_tokenizer_metadata_asks_for_one(qwen2_tied, whisper_dir, tmp_path, capsys):
+    write_gguf(tmp_path / "llm.gguf", qwen2_tied[0])  # no tokenizer.ggml.* keys
     code = main(["init", "--encoder", str(whisper_dir), "--llm", str(tmp_path / "llm.gguf"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and "--tokenizer" in err and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (f"qwen2audio: error: --llm {tmp_path / 'llm.gguf'} is a GGUF file without a tokenizer in "
+                           "its metadata; pass the LLM's tokenizer with --tokenizer DIR_OR_FILE")
     assert not (tmp_path / "o").exists()
+
+
+def test_gguf_tokenizer_metadata_replaces_the_tokenizer_flag(ct2_bin, qwen2_untied, tmp_path):
+    """A GGUF that carries its tokenizer (as llama.cpp writes one) needs no --tokenizer: the checkpoint is the
+    one --tokenizer with the LLM's tokenizer.json gives, weights and token ids alike."""
+    qwen2, llm_dir = qwen2_untied
+    write_gguf(tmp_path / "llm.gguf", qwen2, tokenizer_json=(llm_dir / "tokenizer.json").read_text())
+    report = init_checkpoint(ct2_bin, tmp_path / "llm.gguf", tmp_path / "own")
+    init_checkpoint(ct2_bin, tmp_path / "llm.gguf", tmp_path / "given", tokenizer=llm_dir / "tokenizer.json")
+    assert report.added_tokens == [AUDIO, AUDIO_BOS, AUDIO_EOS]
+    own, given = tokens_of(tmp_path / "own"), tokens_of(tmp_path / "given")
+    text = "<|im_start|>user\nSay hi<|im_end|>\n<|audio_bos|><|AUDIO|><|audio_eos|> héllo, wörld 42!"
+    assert own.encode(text) == given.encode(text)
+    assert own.backend.get_added_tokens_decoder() == given.backend.get_added_tokens_decoder()
+    a, b = load_model(tmp_path / "own").state_dict(), load_model(tmp_path / "given").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_audio_tokens_take_spare_embedding_rows(ct2_bin, tmp_path):
+    """A GGUF with more embedding rows than tokens (as llama.cpp pads Qwen2's): the audio tokens land on the
+    first spare rows, which become the mean of the original tokens' rows; the other rows stay as they were."""
+    n, spare = VOCAB - N_AUDIO_TOKENS, 5
+    qwen2 = tiny_qwen2(tied=False, vocab=n + spare, seed=4)
+    write_gguf(tmp_path / "llm.gguf", qwen2, tokenizer_json=tokenizer_without_audio_tokens().backend.to_str())
+    report = init_checkpoint(ct2_bin, tmp_path / "llm.gguf", tmp_path / "out")
+    assert report.vocab_rows == (n + spare, n + spare) and report.audio_token_ids[AUDIO] == n
+    ours = load_model(tmp_path / "out").language_model
+    for weight, source in ((ours.model.embed_tokens.weight, qwen2.model.embed_tokens.weight),
+                           (ours.lm_head.weight, qwen2.lm_head.weight)):
+        assert torch.equal(weight[:n], source[:n]) and torch.equal(weight[n + N_AUDIO_TOKENS:], source[n + N_AUDIO_TOKENS:])
+        assert torch.allclose(weight[n:n + N_AUDIO_TOKENS], source[:n].mean(0).expand(N_AUDIO_TOKENS, -1), atol=1e-6)
 
 
 def test_refuses_a_non_empty_out_dir(whisper_dir, qwen2_tied, tmp_path):

@@ -15,10 +15,11 @@ What is written to DIR, loadable by ``qwen2audio chat DIR`` and by transformers'
   ends in a LayerNorm (about unit variance per channel), so a d_model -> hidden map with
   std = rms(embedding) / sqrt(d_model) gives outputs with the embeddings' rms (``--projector-std``
   overrides it);
-- the LLM's tokenizer with ``<|AUDIO|>``, ``<|audio_bos|>``, ``<|audio_eos|>`` (existing ids are
-  reused, missing ones appended as special added tokens; each new token's embedding and LM-head row
-  starts at the mean of the LLM's rows for its original tokens); ``audio_token_index`` is the
-  tokenizer's id of ``<|AUDIO|>``;
+- the LLM's tokenizer (``--tokenizer``, else the --llm directory's, else built from a GGUF's own
+  metadata: ``importers/gguf_tokenizer.py``) with ``<|AUDIO|>``, ``<|audio_bos|>``, ``<|audio_eos|>``
+  (existing ids are reused, missing ones appended as special added tokens; each new token's embedding
+  and LM-head row starts at the mean of the LLM's rows for its original tokens); ``audio_token_index``
+  is the tokenizer's id of ``<|AUDIO|>``;
 - config.json, generation_config.json, preprocessor_config.json (mel bins of the encoder).
 """
 
@@ -38,6 +39,9 @@ from ..text.special_tokens import AUDIO, AUDIO_BOS, AUDIO_EOS, ENDOFTEXT, IM_END
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that `qwen2audio --help` stays fast
     import torch
+
+    from ..config import Qwen2AudioConfig
+    from ..text import Tokenizer
 
 AUDIO_TOKENS = (AUDIO, AUDIO_BOS, AUDIO_EOS)  # appended in this order, as in Qwen2-Audio's tokenizer
 REQUIRED_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # a Qwen2 tokenizer has these; chat and stopping need them
@@ -101,10 +105,14 @@ def add_audio_tokens(tokenizer):
 
 
 def _grow_rows(weight: torch.Tensor, rows: int, new_ids: list[int], n_known: int) -> torch.Tensor:
-    """(V, hidden) -> (rows, hidden); the rows of ``new_ids`` set to the mean of rows [0, n_known)."""
+    """(V, hidden) -> (rows, hidden); the rows of ``new_ids`` set to the mean of rows [0, n_known). When no
+    row is added, ``weight`` itself is changed (it is the importer's own copy): no second vocabulary matrix."""
     import torch
 
     mean = weight[:n_known].float().mean(dim=0)  # (hidden,)
+    if rows == weight.shape[0]:
+        weight[new_ids] = mean.to(weight.dtype)
+        return weight
     grown = torch.empty(rows, weight.shape[1], dtype=weight.dtype)
     grown[: weight.shape[0]] = weight
     grown[weight.shape[0]:] = mean.to(weight.dtype)
@@ -120,42 +128,64 @@ def default_projector_std(embedding: torch.Tensor, n_known: int, d_model: int) -
     return rms / math.sqrt(d_model)
 
 
-def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, tokenizer: str | Path | None = None,
-                    dtype: str | torch.dtype | None = "auto", seed: int = DEFAULT_SEED,
-                    projector_std: float | None = None, force: bool = False) -> InitReport:
-    """Write a Qwen2-Audio checkpoint directory ``out`` from a Whisper ``encoder`` and a Qwen2 ``llm``.
+@dataclass
+class Assembled:
+    """A new checkpoint in memory: what ``init_checkpoint`` writes (``state`` may still be changed)."""
 
-    ``dtype`` "auto" keeps the LLM's stored dtype (float32 for GGUF, whose tensors are dequantised to
-    float32) and casts the encoder and projector to it: one dtype for the whole checkpoint.
-    """
-    import torch
+    config: Qwen2AudioConfig
+    state: dict[str, torch.Tensor]  # our checkpoint keys -> tensors
+    tokenizer: Tokenizer  # the audio tokens included
+    added_tokens: list[str]
+    vocab_rows: tuple[int, int]
+    projector_std: float
 
-    from ..config import Qwen2AudioConfig
-    from .files import write_processor_files
-    from .hf import model_from_state_dict, resolve_dtype, save_model
-    from .importers import is_gguf_path, load_encoder, load_llm
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory or pass --force")
-    for flag, src in (("--encoder", encoder), ("--llm", llm)):
-        if not Path(src).exists():
-            raise FileNotFoundError(f"{flag} {src} does not exist")
+def _read_tokenizer(tokenizer: str | Path | None, llm: str | Path):
+    """(the LLM's tokenizer, an open GGUFReader of ``llm`` when the tokenizer came from its metadata)."""
+    from .importers import is_gguf_path
+
     if tokenizer is None and is_gguf_path(llm):
-        raise CheckpointError(f"--llm {llm} is a GGUF file, which carries no tokenizer.json: pass the LLM's "
-                              "tokenizer with --tokenizer DIR_OR_FILE (a directory with tokenizer.json, or the file)")
-    try:  # read first: fail before the big loads
-        tok = load_tokenizer(tokenizer if tokenizer is not None else llm)
+        from .importers.gguf_qwen2 import read_gguf
+        from .importers.gguf_tokenizer import drop_tokenizer_fields, tokenizer_from_gguf
+
+        reader = read_gguf(Path(llm))  # kept: the weights are read from the same parsed header
+        tok = tokenizer_from_gguf(reader, llm)
+        drop_tokenizer_fields(reader)  # a third of a GB less while the weights are dequantised
+        return tok, reader
+    try:
+        return load_tokenizer(tokenizer if tokenizer is not None else llm), None
     except FileNotFoundError as err:
         if tokenizer is not None:
             raise
         raise CheckpointError(f"--llm {llm} holds no tokenizer ({err}); pass the LLM's tokenizer with "
                               "--tokenizer DIR_OR_FILE") from err
+
+
+def assemble_checkpoint(encoder: str | Path, llm: str | Path, tokenizer: str | Path | None = None,
+                        dtype: str | torch.dtype | None = "auto", seed: int = DEFAULT_SEED,
+                        projector_std: float | None = None) -> Assembled:
+    """The checkpoint ``init_checkpoint`` writes, in memory (see the module's docstring).
+
+    ``dtype`` "auto" keeps the LLM's stored dtype (float32 for GGUF, whose tensors are dequantised to
+    float32) and casts the encoder and projector to it: one dtype for the whole checkpoint. Without
+    ``tokenizer``, a GGUF LLM's tokenizer is built from the file's own metadata.
+    """
+    import torch
+
+    from ..config import Qwen2AudioConfig
+    from .hf import resolve_dtype
+    from .importers import load_encoder, load_llm
+
+    for flag, src in (("--encoder", encoder), ("--llm", llm)):
+        if not Path(src).exists():
+            raise FileNotFoundError(f"{flag} {src} does not exist")
+    tok, gguf_reader = _read_tokenizer(tokenizer, llm)  # read first: fail before the big loads
     n_known = tok.vocab_size
     tok, added = add_audio_tokens(tok)
 
     target = resolve_dtype(dtype)
-    text_cfg, text_state = load_llm(llm, target)
+    text_cfg, text_state = load_llm(llm, target, gguf_reader=gguf_reader)
+    del gguf_reader  # unmaps the file
     embed = text_state["model.embed_tokens.weight"]  # (V, hidden)
     target = target or embed.dtype
     audio_cfg, audio_state = load_encoder(encoder, target)
@@ -164,6 +194,8 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
     if n_known > rows_before:
         raise CheckpointError(f"the tokenizer has {n_known} tokens but the LLM's embedding only {rows_before} rows: "
                               "the tokenizer does not belong to this LLM (pass the LLM's own with --tokenizer)")
+    std = projector_std if projector_std is not None else default_projector_std(embed, n_known, audio_cfg.d_model)
+    del embed  # the grown copy replaces it: do not hold both
     rows = max(rows_before, tok.vocab_size)
     new_ids = [tok.token_to_id(t) for t in added]
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -171,7 +203,6 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
             text_state[key] = _grow_rows(text_state[key], rows, new_ids, n_known)
     text_cfg = dataclasses.replace(text_cfg, vocab_size=rows)
 
-    std = projector_std if projector_std is not None else default_projector_std(embed, n_known, audio_cfg.d_model)
     gen = torch.Generator().manual_seed(seed)
     projector = {
         "linear.weight": (std * torch.randn(text_cfg.hidden_size, audio_cfg.d_model, generator=gen)).to(target),
@@ -182,16 +213,37 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
     state = ({f"audio_tower.{k}": v for k, v in audio_state.items()}
              | {f"multi_modal_projector.{k}": v for k, v in projector.items()}
              | {f"language_model.{k}": v for k, v in text_state.items()})
-    model = model_from_state_dict(config, state)
+    return Assembled(config=config, state=state, tokenizer=tok, added_tokens=added,
+                     vocab_rows=(rows_before, rows), projector_std=std)
 
+
+def write_checkpoint(assembled: Assembled, out: Path) -> None:
+    """Weights, config and the processor files of ``assembled`` into the directory ``out``."""
+    from .files import write_processor_files
+    from .hf import model_from_state_dict, save_model
+
+    model = model_from_state_dict(assembled.config, assembled.state)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
-    write_processor_files(out, tok, audio_cfg.num_mel_bins)
+    write_processor_files(out, assembled.tokenizer, assembled.config.audio.num_mel_bins)
+
+
+def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, tokenizer: str | Path | None = None,
+                    dtype: str | torch.dtype | None = "auto", seed: int = DEFAULT_SEED,
+                    projector_std: float | None = None, force: bool = False) -> InitReport:
+    """Write a Qwen2-Audio checkpoint directory ``out`` from a Whisper ``encoder`` and a Qwen2 ``llm``
+    (``assemble_checkpoint`` says what each argument does)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory or pass --force")
+    built = assemble_checkpoint(encoder, llm, tokenizer=tokenizer, dtype=dtype, seed=seed, projector_std=projector_std)
+    write_checkpoint(built, out)
+    tok, cfg = built.tokenizer, built.config
     return InitReport(
-        out=out, encoder=dataclasses.asdict(audio_cfg), text=dataclasses.asdict(text_cfg),
-        dtype=str(target).removeprefix("torch."),
-        audio_token_ids={t: tok.token_to_id(t) for t in AUDIO_TOKENS}, added_tokens=added,
-        vocab_rows=(rows_before, rows), projector_std=std, seed=seed,
+        out=out, encoder=dataclasses.asdict(cfg.audio), text=dataclasses.asdict(cfg.text),
+        dtype=str(built.state["multi_modal_projector.linear.weight"].dtype).removeprefix("torch."),
+        audio_token_ids={t: tok.token_to_id(t) for t in AUDIO_TOKENS}, added_tokens=built.added_tokens,
+        vocab_rows=built.vocab_rows, projector_std=built.projector_std, seed=seed,
     )
 
 
@@ -206,7 +258,7 @@ def register(subparsers) -> None:
                    help="Whisper: HF directory, OpenAI .pt, or CTranslate2 model.bin (or its directory)")
     p.add_argument("--llm", required=True, metavar="SRC", help="Qwen2: HF directory or GGUF file")
     p.add_argument("--tokenizer", default=None, metavar="DIR_OR_FILE",
-                   help="the LLM's tokenizer (default: the one in the --llm directory; required for GGUF)")
+                   help="the LLM's tokenizer (default: the one in the --llm directory, or in a GGUF's metadata)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights dtype (auto: the LLM's stored dtype; float32 for GGUF)")

@@ -50,8 +50,12 @@ def load_encoder(src: str | Path, dtype: torch.dtype | None = None) -> tuple[Enc
     raise WeightImportError(f"--encoder {path}: not a format this command reads; give {ENCODER_FORMATS}")
 
 
-def load_llm(src: str | Path, dtype: torch.dtype | None = None) -> tuple[TextConfig, dict[str, torch.Tensor]]:
-    """Any supported Qwen2 checkpoint -> (text config, ``language_model`` state dict without a tied head)."""
+def load_llm(src: str | Path, dtype: torch.dtype | None = None,
+             gguf_reader=None) -> tuple[TextConfig, dict[str, torch.Tensor]]:
+    """Any supported Qwen2 checkpoint -> (text config, ``language_model`` state dict without a tied head).
+
+    ``gguf_reader``: a ``GGUFReader`` of ``src`` already open (parsing a large GGUF's header takes
+    seconds: the tokenizer and the weights are read from one)."""
     from .gguf_qwen2 import is_gguf, load_gguf_qwen2
     from .qwen2 import load_hf_qwen2
 
@@ -63,7 +67,7 @@ def load_llm(src: str | Path, dtype: torch.dtype | None = None) -> tuple[TextCon
             return load_hf_qwen2(path, dtype)
         raise WeightImportError(f"--llm {path} has no config.json; give {LLM_FORMATS}")
     if is_gguf(path):
-        return load_gguf_qwen2(path, dtype)
+        return load_gguf_qwen2(path, dtype, reader=gguf_reader)
     raise WeightImportError(f"--llm {path}: not a format this command reads; give {LLM_FORMATS}")
 
 

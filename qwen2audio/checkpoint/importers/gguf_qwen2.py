@@ -117,7 +117,10 @@ def _tensor_extents(fields, data_start: int) -> list[tuple[int, int, str]]:
 def read_gguf(path: Path):
     """A ``GGUFReader`` of ``path``, or a WeightImportError naming the file and, when the file is cut inside
     the tensor data, the first tensor that is cut (checked from the header, before any tensor is mapped)."""
-    from gguf import GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ImportError as err:
+        raise WeightImportError(f"reading {path} needs the 'gguf' package: pip install 'qwen2audio[init]'") from err
 
     class CheckedReader(GGUFReader):
         # GGUFReader maps every tensor while it reads the header and fails on a cut file with a bare
@@ -141,14 +144,13 @@ def read_gguf(path: Path):
                                 "bytes): it is truncated or corrupt; re-download it") from err
 
 
-def load_gguf_qwen2(path: Path, dtype: torch.dtype | None = None) -> tuple[TextConfig, dict[str, torch.Tensor]]:
+def load_gguf_qwen2(path: Path, dtype: torch.dtype | None = None,
+                    reader=None) -> tuple[TextConfig, dict[str, torch.Tensor]]:
     """A qwen2 GGUF file -> (text config, ``language_model`` state dict), every tensor dequantised to
-    float32 (then ``dtype``)."""
-    try:
-        from gguf.quants import dequantize
-    except ImportError as err:
-        raise WeightImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from err
-    reader = read_gguf(path)
+    float32 (then ``dtype``). ``reader``: a ``read_gguf(path)`` already made."""
+    reader = reader if reader is not None else read_gguf(path)  # names the gguf package if it is missing
+    from gguf.quants import dequantize
+
     tensors = {t.name: t for t in reader.tensors}
     if EMBED not in tensors:
         raise WeightImportError(f"{path} has no {EMBED}: not a complete qwen2 GGUF")
