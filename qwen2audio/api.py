@@ -81,14 +81,14 @@ class Qwen2Audio:
     @classmethod
     def load(cls, directory: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
              device: str | torch.device = "cpu") -> "Qwen2Audio":
-        """Load a Qwen2-Audio checkpoint directory; None loads the embedded default (tiny, random) model."""
+        """Load a Qwen2-Audio checkpoint directory; None loads the default model (qwen2audio.default_model)."""
         problem = device_problem(device)
         if problem:
             raise ValueError(f"device {str(device)!r}: {problem}")
         if directory is None:
-            from .default_model import NOTICE, default_model_dir
+            from .default_model import default_model_dir, default_notice
 
-            warnings.warn(NOTICE, stacklevel=2)
+            warnings.warn(default_notice(), stacklevel=2)
             directory = default_model_dir()
         directory = Path(directory)
         model = load_model(directory, dtype=dtype, device=device)

@@ -189,10 +189,10 @@ def _check_device(device: str) -> None:
 
 def _load(args):
     from .api import Qwen2Audio
-    from .default_model import NOTICE
+    from .default_model import default_notice
 
     if args.model_dir is None:
-        print(f"qwen2audio: {NOTICE}", file=sys.stderr)
+        print(f"qwen2audio: {default_notice()}", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device)

@@ -1,50 +1,166 @@
-"""The embedded default model: a tiny Qwen2-Audio generated deterministically on first use.
+"""The default model: what qwen2audio runs when no checkpoint directory is given.
 
-It has the real architecture, file layout and tokenizer machinery of Qwen2-Audio at a size that runs
-anywhere in a second, but its weights are random: it exercises every code path and produces
-meaningless text. Pass a checkpoint directory (e.g. Qwen2-Audio-7B-Instruct) for real answers.
+Which model that is, in this order:
+
+1. ``$QWEN2AUDIO_DEFAULT_MODEL``: a checkpoint directory, or ``tiny-random`` for the tiny random model
+   (tests set it, so that they never need the demo model's parts);
+2. the demo model, once its trained weights ship with the package (``qwen2audio/demo/``): a small real
+   Qwen2-Audio assembled on first use from pretrained parts that the ``demo`` extra installs;
+3. until then, the tiny random model: generated deterministically on first use, with the real
+   architecture, file layout and tokenizer machinery at a size that runs anywhere in a second, but
+   random weights that produce meaningless text.
+
+Generated and assembled models are written once into ``$QWEN2AUDIO_HOME`` (default
+``~/.cache/qwen2audio``), atomically and under a lock file, so that processes started together do the
+work once and never see half a model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-
 from .atomic import atomic_path
-from .checkpoint import save_model
-from .checkpoint.files import write_processor_files
-from .config import CONFIG_FILE, EncoderConfig, Qwen2AudioConfig, TextConfig
-from .model import Qwen2AudioModel
-from .text import build_byte_level_tokenizer
+from .config import CONFIG_FILE
 
-DEFAULT_MODEL_NAME = "tiny-random-v1"  # bump when the generated model changes
+TINY_MODEL_NAME = "tiny-random-v1"  # bump when the generated model changes
+TINY_KEYWORD = "tiny-random"  # $QWEN2AUDIO_DEFAULT_MODEL value that selects the tiny random model
+OVERRIDE_ENV = "QWEN2AUDIO_DEFAULT_MODEL"
+HOME_ENV = "QWEN2AUDIO_HOME"
+LOCK_SUFFIX = ".lock"
 SEED = 20240715
 INIT_STD = 0.02
-NOTICE = ("using the embedded default model: a tiny randomly initialised Qwen2-Audio (no download, "
-          "meaningless output); pass a checkpoint directory for real answers")
+TINY_NOTICE = ("using the embedded default model: a tiny randomly initialised Qwen2-Audio (no download, "
+               "meaningless output); pass a checkpoint directory for real answers")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("QWEN2AUDIO_HOME", Path.home() / ".cache" / "qwen2audio"))
+    return Path(os.environ.get(HOME_ENV, Path.home() / ".cache" / "qwen2audio"))
+
+
+def _override() -> str | None:
+    return os.environ.get(OVERRIDE_ENV) or None
+
+
+def _override_dir(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{OVERRIDE_ENV}={value}: no checkpoint there ({CONFIG_FILE} is missing); give a "
+                                f"checkpoint directory, or {TINY_KEYWORD} for the tiny random model, or unset it")
+    return path
+
+
+def _demo_deltas() -> Path | None:
+    from .demo import shipped_deltas
+
+    return shipped_deltas()
 
 
 def default_model_dir() -> Path:
-    """The directory of the embedded default model, written on first use (atomically)."""
-    target = cache_root() / DEFAULT_MODEL_NAME
+    """The directory of the default model (see the module's docstring), written on first use."""
+    override = _override()
+    if override == TINY_KEYWORD:
+        return tiny_model_dir()
+    if override is not None:
+        return _override_dir(override)
+    deltas = _demo_deltas()
+    if deltas is None:
+        return tiny_model_dir()
+    from .demo.assemble import demo_model_dir
+
+    return demo_model_dir(deltas)
+
+
+def default_model_name() -> str:
+    """What the default model is, in a few words that change when it changes (a results file's key)."""
+    override = _override()
+    if override == TINY_KEYWORD:
+        return TINY_MODEL_NAME
+    if override is not None:
+        return str(Path(override).expanduser().resolve())
+    deltas = _demo_deltas()
+    if deltas is None:
+        return TINY_MODEL_NAME
+    from .demo.assemble import demo_model_name
+
+    return demo_model_name(deltas)
+
+
+def default_notice() -> str:
+    """The line that tells the user which model answers when they gave none."""
+    override = _override()
+    if override == TINY_KEYWORD:
+        return TINY_NOTICE
+    if override is not None:
+        return f"using the default model from ${OVERRIDE_ENV}: {override}"
+    if _demo_deltas() is None:
+        return TINY_NOTICE
+    from .demo import DEMO_NOTICE
+
+    return DEMO_NOTICE
+
+
+# ---- writing once -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (flock: released by the kernel if the process dies).
+    Saying ``waiting`` on stderr first when another process holds it. Where there is no fcntl
+    (Windows), no lock: the atomic rename still keeps readers from half-written models."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"qwen2audio: {waiting}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_once(target: Path, write: Callable[[Path], None], what: str) -> Path:
+    """``target``, a model directory that ``write(tmp_dir)`` fills, written if it is not there yet.
+
+    One process writes, under ``target.lock``; others wait for it, then use its result. The folder
+    appears complete under its name or not at all (an interrupted write leaves only ``target.tmp``,
+    removed by the next attempt).
+    """
     if (target / CONFIG_FILE).is_file():
         return target
-    try:
-        with atomic_path(target, directory=True) as tmp:
-            write_tiny_model(tmp)
-    except OSError:  # another process was writing it at the same time: theirs will do
+    with _exclusive(target.with_name(target.name + LOCK_SUFFIX),
+                    waiting=f"another process is writing {what} into {target}; waiting for it"):
         if not (target / CONFIG_FILE).is_file():
-            raise
+            with atomic_path(target, directory=True) as tmp:
+                write(tmp)
     return target
 
 
+# ---- the tiny random model ------------------------------------------------------------------------
+
+def tiny_model_dir() -> Path:
+    """The tiny random model's directory, generated on first use."""
+    return build_once(cache_root() / TINY_MODEL_NAME, write_tiny_model, "the tiny random model")
+
+
 def write_tiny_model(directory: Path) -> None:
+    import torch
+
+    from .checkpoint import save_model
+    from .checkpoint.files import write_processor_files
+    from .config import EncoderConfig, Qwen2AudioConfig, TextConfig
+    from .model import Qwen2AudioModel
+    from .text import build_byte_level_tokenizer
+
     tokenizer = build_byte_level_tokenizer()
     config = Qwen2AudioConfig(
         audio=EncoderConfig(num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256),

