@@ -147,7 +147,8 @@ def test_assembled_is_init_plus_projector_plus_merged_lora(installed, base, tmp_
     assert not torch.equal(got[LAYER.format(1) + "mlp.down_proj.weight"],
                            base_state[LAYER.format(1) + "mlp.down_proj.weight"].to(dtype))  # the merge did something
     # config, tokenizer and processor files are init's; the scratch files are gone
-    assert json.loads((tmp_path / "demo" / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert config["torch_dtype"] == str(dtype).removeprefix("torch.")
     for name in ("tokenizer.json", "preprocessor_config.json", "generation_config.json"):
         assert (tmp_path / "demo" / name).read_text() == (base / name).read_text()
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == sorted(
@@ -229,7 +230,8 @@ def test_another_version_of_a_part_is_named(tiny_parts, monkeypatch, base, tmp_p
 
 def test_deltas_for_other_parts_or_shapes_are_refused_before_any_work(installed, base, tmp_path):
     base_state = _state(base)
-    other = {part: PretrainedFile(spec.name, spec.what, spec.size, "0" * 64, spec.pieces) for part, spec in installed.items()}
+    other = {part: PretrainedFile(spec.name, spec.what, spec.size, "0" * 64, spec.pieces)
+             for part, spec in installed.items()}
     write_synthetic_deltas(tmp_path / "other.safetensors", base_state, other)
     with pytest.raises(DeltasError, match="was trained on other pretrained parts"):
         assemble.assemble_demo(tmp_path / "other.safetensors", tmp_path / "o1", progress=False)
@@ -237,8 +239,9 @@ def test_deltas_for_other_parts_or_shapes_are_refused_before_any_work(installed,
     bad = dict(base_state)
     bad[PROJECTOR[0]] = torch.zeros(3, 3)
     write_synthetic_deltas(tmp_path / "bad.safetensors", bad, installed)
-    with pytest.raises(DeltasError, match=re.escape(f"does not fit the assembled model: {PROJECTOR[0]} has shape (3, 3), "
-                                                    f"the model's {tuple(base_state[PROJECTOR[0]].shape)}")):
+    expected = (f"does not fit the assembled model: {PROJECTOR[0]} has shape (3, 3), the model's "
+                f"{tuple(base_state[PROJECTOR[0]].shape)}")
+    with pytest.raises(DeltasError, match=re.escape(expected)):
         assemble.assemble_demo(tmp_path / "bad.safetensors", tmp_path / "o2", progress=False)
 
 
@@ -299,12 +302,13 @@ def test_concurrent_first_runs_assemble_once(installed, base, tmp_path, monkeypa
     deltas = tmp_path / "deltas.safetensors"
     write_synthetic_deltas(deltas, _state(base), installed)
     _ship(monkeypatch, deltas, tmp_path / "home")
-    calls = []
+    calls, entered = [], threading.Event()
     real = assemble.assemble_demo
 
     def slow_assemble(*args, **kwargs):
         calls.append(threading.get_ident())
-        time.sleep(0.5)  # long enough for the other run to find the lock taken
+        entered.set()
+        time.sleep(0.5)  # long enough for the other run, started now, to find the lock taken
         return real(*args, **kwargs)
 
     monkeypatch.setattr(assemble, "assemble_demo", slow_assemble)
@@ -317,8 +321,9 @@ def test_concurrent_first_runs_assemble_once(installed, base, tmp_path, monkeypa
             errors.append(err)
 
     threads = [threading.Thread(target=first_run) for _ in range(2)]
-    for t in threads:
-        t.start()
+    threads[0].start()
+    assert entered.wait(timeout=60)  # the first run holds the lock and is assembling
+    threads[1].start()
     for t in threads:
         t.join()
     assert errors == [] and len(calls) == 1 and len(results) == 2 and results[0] == results[1]
@@ -358,7 +363,8 @@ def runs(base, tmp_path_factory):
 def test_exported_deltas_reassemble_the_runs_final_model(installed, runs, tmp_path, capsys):
     one, _ = runs
     assert demo_cli.main(["export-deltas", str(one), str(tmp_path / "d.safetensors"), "--dtype", "float32"]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'd.safetensors'}: 2 full tensor(s), 14 LoRA adapter(s)")
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {tmp_path / 'd.safetensors'}: 2 full tensor(s), 14 LoRA adapter(s)")
     deltas = load_deltas(tmp_path / "d.safetensors")
     assert deltas.scale == 2.0 and deltas.info["base"]["llm"]["sha256"] == installed["llm"].sha256
     assert deltas.info["provenance"]["runs"][0]["step"] == 2 and deltas.info["lora_rank"] == [2]
@@ -374,7 +380,8 @@ def test_chained_runs_stack_their_adapters(installed, runs, tmp_path):
         export_deltas([two], tmp_path / "alone.safetensors")
     with pytest.raises(DeltasError, match="give the runs in the order they were trained"):
         export_deltas([one, one], tmp_path / "twice.safetensors")
-    assert demo_cli.main(["export-deltas", str(one), str(two), str(tmp_path / "d.safetensors"), "--dtype", "float32"]) == 0
+    assert demo_cli.main(["export-deltas", str(one), str(two), str(tmp_path / "d.safetensors"),
+                          "--dtype", "float32"]) == 0
     deltas = load_deltas(tmp_path / "d.safetensors")
     q = LAYER.format(0) + "self_attn.q_proj"
     assert deltas.scale == 1.0 and deltas.lora[q][0].shape[0] == 2 + 4  # the scales differ: folded into B

