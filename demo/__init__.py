@@ -1,0 +1,8 @@
+"""Data for the demo model: a generator of training, validation and held-out evaluation data made from
+synthetic speech and the labelled sounds that ship in Debian, PyPI and npm packages.
+
+    python -m demo.make_data --out data/demo --seed 0 --scale small
+    python -m demo.llm_answers --data data/demo --model MODEL_DIR
+
+Not part of the installed qwen2audio package; see docs/demo-model.md ("Data").
+"""

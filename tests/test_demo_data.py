@@ -1,0 +1,192 @@
+"""The demo data generator (demo/, run as python -m demo.make_data) at its tiny scale, and its parts."""
+
+import hashlib
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+for _module in ("num2words", "mido"):  # the generator's own dependencies (docs/demo-model.md, "Data")
+    pytest.importorskip(_module, reason=f"{_module} is not installed: pip install num2words mido")
+
+from demo import make_data  # noqa: E402
+from demo.rcc import RccBundle, RccError  # noqa: E402
+from demo.textclean import is_speakable, phrases, spell_numbers  # noqa: E402
+from qwen2audio.audio import load_audio  # noqa: E402
+from qwen2audio.data.manifest import read_manifest  # noqa: E402
+from qwen2audio.eval.jsonl import read_generic  # noqa: E402
+from qwen2audio.eval.metrics import get_metric  # noqa: E402
+from qwen2audio.eval.tasks import Options  # noqa: E402
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
+SAMPLE_RATE = 16_000
+
+
+# ---- the Qt resource reader, on a bundle written here ----
+
+def _rcc(files: dict[str, bytes], compress: set[str], version: int = 2) -> bytes:
+    """A bundle with the files in one folder "res" under the root, as Qt's rcc lays it out."""
+    names, name_offsets = b"", {}
+    for name in ["res", *files]:
+        name_offsets[name] = len(names)
+        encoded = name.encode("utf-16-be")
+        names += struct.pack(">HI", len(name), 0) + encoded
+    data, data_offsets, flags = b"", {}, {}
+    for name, blob in files.items():
+        data_offsets[name] = len(data)
+        if name in compress:
+            blob, flags[name] = struct.pack(">I", len(blob)) + zlib.compress(blob), 1
+        data += struct.pack(">I", len(blob)) + blob
+    tail = b"\0" * 8 if version >= 2 else b""
+    tree = struct.pack(">IHII", 0, 2, 1, 1) + tail  # root: one child, node 1
+    tree += struct.pack(">IHII", name_offsets["res"], 2, len(files), 2) + tail  # "res": its files from node 2
+    for name in files:
+        tree += struct.pack(">IHHHI", name_offsets[name], flags.get(name, 0), 0, 0, data_offsets[name]) + tail
+    header_size = 20 + (4 if version >= 3 else 0)
+    tree_at = header_size
+    data_at = tree_at + len(tree)
+    names_at = data_at + len(data)
+    header = struct.pack(">4sIIII", b"qres", version, tree_at, data_at, names_at) + (b"\0" * 4 if version >= 3 else b"")
+    return header + tree + data + names
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_rcc_reader_lists_and_extracts_plain_and_zlib_files(version):
+    files = {"bark.ogg": b"OggS" + bytes(range(200)), "notes.txt": b"hello " * 50}
+    bundle = RccBundle(_rcc(files, compress={"notes.txt"}, version=version))
+    assert bundle.names() == ["res/bark.ogg", "res/notes.txt"]
+    assert bundle.read("res/bark.ogg") == files["bark.ogg"]
+    assert bundle.read("res/notes.txt") == files["notes.txt"]
+
+
+def test_rcc_reader_refuses_other_files():
+    with pytest.raises(RccError, match="not a Qt resource bundle"):
+        RccBundle(b"RIFF....WAVEfmt ")
+
+
+# ---- texts ----
+
+def test_numbers_are_written_as_they_are_spoken():
+    assert spell_numbers("In 1987 he paid $5 for 3 apples, 12% more than the 2nd time.") == (
+        "In nineteen eighty-seven he paid five dollars for three apples, twelve percent more than the second time.")
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("The cat sat on the mat.", True),
+    ("Call the NASA office.", False),          # an acronym: spelled out or read as a word
+    ("Use os.path to join names.", False),     # code
+    ("Version 3.11 is out.", False),           # a number read in more than one way
+    ("Mr. Smith went home.", True),
+])
+def test_only_texts_read_one_way_are_kept(text, ok):
+    assert is_speakable(text) is ok
+
+
+def test_long_sentences_are_split_into_phrases_of_at_most_twenty_words():
+    long = ", ".join(["the quick brown fox jumps over the lazy dog"] * 5) + "."
+    pieces = phrases(long)
+    assert pieces and all(len(p.split()) <= 20 for p in pieces)
+
+
+# ---- the generator at its tiny scale ----
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    out = tmp_path_factory.mktemp("demo") / "data"
+    assert make_data.main(["--out", str(out), "--seed", "0", "--scale", "tiny", "--jobs", "2"]) == 0
+    return out
+
+
+def _recipes(out: Path) -> list[tuple[str, dict]]:
+    """(part name, clip recipe) for every clip written."""
+    rows = []
+    for path in sorted((out / "parts" / "meta").glob("*.json")):
+        rows += [(path.stem.replace("__", "/"), c) for c in json.loads(path.read_text())["recipes"]]
+    return rows
+
+
+def _tree_digest(out: Path) -> dict[str, str]:
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != "summary.json"]  # the summary has a wall time
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@needs_espeak
+def test_same_seed_same_data_and_a_rerun_keeps_finished_work(tiny, tmp_path):
+    again = tmp_path / "again"
+    assert make_data.main(["--out", str(again), "--seed", "0", "--scale", "tiny", "--jobs", "1"]) == 0
+    assert _tree_digest(again) == _tree_digest(tiny)  # every manifest and audio file, whatever the jobs
+    clip = next((again / "audio").rglob("*.flac"))
+    before = clip.stat().st_mtime_ns
+    assert make_data.main(["--out", str(again), "--seed", "0", "--scale", "tiny"]) == 0
+    assert clip.stat().st_mtime_ns == before  # resumed: nothing made again
+    assert _tree_digest(again) == _tree_digest(tiny)
+
+
+@needs_espeak
+def test_another_seed_into_the_same_folder_is_refused(tiny, capsys):
+    assert make_data.main(["--out", str(tiny), "--seed", "1", "--scale", "tiny"]) == 2
+    assert "give another --out" in capsys.readouterr().err
+
+
+@needs_espeak
+def test_training_manifests_pass_our_own_validation(tiny):
+    for name, stage in (("pretrain.jsonl", "pretrain"), ("pretrain_val.jsonl", "pretrain"),
+                        ("sft.jsonl", "sft"), ("sft_val.jsonl", "sft")):
+        examples, report = read_manifest(tiny / name, stage)
+        assert report.bad == [] and examples, name
+    summary = json.loads((tiny / "summary.json").read_text())
+    tasks = summary["rows"]["pretrain.jsonl"]
+    assert {"asr", "sound", "speech_and_sound", "sound_question", "no_speech", "speech_detection"} <= set(tasks)
+
+
+@needs_espeak
+def test_evaluation_manifests_read_as_generic_jsonl_tasks(tiny):
+    for task in ("asr", "sounds", "sound_question", "voice_chat", "no_speech"):
+        items = read_generic(tiny / "eval" / f"{task}.jsonl", Options())
+        assert items, task
+        for item in items:
+            get_metric(item.metric)  # a metric the harness knows
+            assert Path(item.audio).is_file()
+    asr = read_generic(tiny / "eval" / "asr.jsonl", Options())
+    assert {i.prompt for i in asr} == {"Detect the language and recognize the speech: <|en|>"}
+    assert {i.metric for i in asr} == {"wer:en"}
+
+
+@needs_espeak
+def test_no_spoken_text_twice_within_a_training_stage(tiny):
+    for stage in ("pretrain", "sft"):
+        texts = [c["speech"]["text"] for part, c in _recipes(tiny)
+                 if part.startswith(stage) and c["kind"] == "speech"]
+        assert texts and len(texts) == len(set(texts)), stage
+
+
+@needs_espeak
+def test_held_out_texts_voices_and_recordings_are_never_trained_on(tiny):
+    train = [c for part, c in _recipes(tiny) if not part.startswith("eval")]
+    held = {part: [c for p, c in _recipes(tiny) if p == part] for part in ("eval/asr", "eval/sounds")}
+    train_texts = {c["speech"]["text"] for c in train if "speech" in c}
+    train_voices = {c["speech"]["voice"] for c in train if "speech" in c}
+    train_recordings = {c["sound"]["entry"] for c in train if "sound" in c} | {
+        c["fx"]["background"]["entry"] for c in train if "background" in c.get("fx", {})}
+    assert not train_texts & {c["speech"]["text"] for c in held["eval/asr"]}
+    unseen = {c["speech"]["voice"] for c in held["eval/asr"]} - {"piper:joe"}  # joe: reported as a seen voice
+    assert unseen and not unseen & train_voices
+    assert not train_recordings & {c["sound"]["entry"] for c in held["eval/sounds"]}
+    bank = {e["path"]: e for e in json.loads((tiny / "bank.json").read_text())}
+    assert {bank[p]["split"] for p in train_recordings} == {"train"}
+    assert {bank[c["sound"]["entry"]]["split"] for c in held["eval/sounds"]} == {"heldout"}
+
+
+@needs_espeak
+def test_every_clip_decodes_and_lasts_one_to_eight_seconds(tiny):
+    clips = sorted((tiny / "audio").rglob("*.flac"))
+    assert clips
+    for clip in clips:
+        seconds = len(load_audio(str(clip))) / SAMPLE_RATE
+        assert 1.0 <= seconds <= 8.0, (clip, seconds)
