@@ -120,10 +120,12 @@ def audio_key(audio: np.ndarray) -> str:
 
 class Engine:
     """Runs one model for inference. It takes the model over: at construction its weights get the
-    layout that decodes fastest on their device (``generation.weights``; same values)."""
+    layout that decodes fastest on their device (``generation.weights``; same values), unless
+    ``transform_weights`` is false (a model still being trained, decoded for validation)."""
 
-    def __init__(self, model: Qwen2AudioModel, tokenizer: Tokenizer, encode_batch: int = ENCODE_BATCH):
-        self.model = prepare_for_inference(model)
+    def __init__(self, model: Qwen2AudioModel, tokenizer: Tokenizer, encode_batch: int = ENCODE_BATCH,
+                 transform_weights: bool = True):
+        self.model = prepare_for_inference(model) if transform_weights else model
         self.tokenizer = tokenizer
         self.encode_batch = encode_batch
         if tokenizer.audio_id != model.config.audio_token_index:

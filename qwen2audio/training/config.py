@@ -50,7 +50,17 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    lr_by_part: dict[str, float] = field(default_factory=dict)  # e.g. {projector: 1.0e-3}: a part's own peak
+    # lr (the schedule scales it as it scales lr); LoRA adapters are part "llm"
     seed: int = 0
+    # --- validation (logged in metrics.jsonl and plotted beside the training loss) --------------------
+    val_data: str = ""  # a manifest in the stage's row format: its loss is logged as val_loss
+    val_every: int = 0  # optimizer steps between validations (0: only at the end of the run)
+    val_max_rows: int = 0  # > 0: only the first N rows of val_data
+    val_generate: str = ""  # an evaluation JSONL (`qwen2audio eval --task jsonl` format): greedy answers scored
+    # with each row's metric, logged as val_<metric> (e.g. val_wer), samples in val_samples.jsonl
+    val_generate_rows: int = 64  # the first N rows of val_generate
+    val_max_new_tokens: int = 64
     # --- DPO ----------------------------------------------------------------------------------------------
     beta: float = 0.1
     reference_model: str = ""  # frozen reference; empty: the starting model
@@ -81,6 +91,8 @@ class TrainConfig:
                     setattr(self, f.name, int(value))
                 elif f.type == "list[float]" and isinstance(value, list):
                     setattr(self, f.name, [float(v) for v in value])
+                elif f.type == "dict[str, float]" and isinstance(value, dict):
+                    setattr(self, f.name, {k: float(v) for k, v in value.items()})
             except ValueError:
                 raise ValueError(f"option {f.name} must be a {f.type}, got {value!r}") from None
 
@@ -94,6 +106,17 @@ class TrainConfig:
             raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
+        bad = sorted(set(self.lr_by_part) - set(PARTS))
+        if bad:
+            raise ValueError(f"lr_by_part names unknown parts {bad}; choose from {', '.join(PARTS)}")
+        if self.val_every < 0 or self.val_max_rows < 0 or self.val_generate_rows < 1 or self.val_max_new_tokens < 1:
+            raise ValueError("val_every and val_max_rows must be >= 0, val_generate_rows and val_max_new_tokens >= 1")
+        if self.val_data and self.stage == "dpo" and self.precompute_reference:
+            raise ValueError("val_data with precompute_reference: the precomputed reference covers train_data only; "
+                             "set precompute_reference=false to validate DPO, or use val_generate")
+        if self.val_generate and self.distributed == "fsdp":
+            raise ValueError("val_generate decodes on one process, which FSDP's sharded weights do not allow; "
+                             "use val_data (a loss) or distributed=ddp")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
 

@@ -11,34 +11,18 @@ Logged: loss, reward_accuracy (chosen reward > rejected reward) and reward_margi
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from . import distributed
 from .config import TrainConfig
-from .loop import Run, check_model_dir, load_for_training, log, setup, to_device, train
+from .loop import Run, check_model_dir, load_for_training, log, over_dataset, setup, to_device, train
 from .losses import DPOLoss, label_logps, sequence_logps
-from ..data import Collator
 
 
 def pair_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     """(2B,) summed log-probs of the trained spans: the B chosen rows, then the B rejected rows."""
     return sequence_logps(label_logps(model, batch))
-
-
-def over_dataset(run: Run, fn, micro_batch_size: int) -> None:
-    """Call fn(batch, n_real) over this rank's share of the dataset. Every rank makes the same number
-    of calls (FSDP forwards are collective): a rank with nothing left repeats its first batch (n_real=0)."""
-    d = run.dist
-    mine = list(range(d.rank, len(run.dataset), d.world))
-    n_calls = math.ceil(math.ceil(len(run.dataset) / d.world) / micro_batch_size)
-    collate = Collator(run.tokenizer.pad_id)
-    for j in range(n_calls):
-        ids = mine[j * micro_batch_size:(j + 1) * micro_batch_size]
-        batch = to_device(collate([run.dataset[i] for i in (ids or mine[:1] or [0])]), d.device)
-        fn(batch, len(ids))
 
 
 class ReferenceLogps:

@@ -8,6 +8,7 @@ for every stage: accumulation, data parallelism, clipping, the schedule, logging
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import sys
 import time
@@ -28,7 +29,7 @@ from .checkpointing import (FINAL_DIR, STATE_FILE, TRAINABLE_FILE, checkpoint_st
                             load_trainer_state, save_checkpoint)
 from .config import TrainConfig
 from .lora import apply_lora
-from .metrics import MetricsLog, plot_loss
+from .metrics import MetricsLog, plot_metrics
 from .optim import build_optimizer, build_scheduler
 
 PART_PREFIXES = {"encoder": "audio_tower.", "projector": "multi_modal_projector.", "llm": "language_model."}
@@ -95,6 +96,18 @@ def select_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
     # master copies of trained tensors in float32, whatever the frozen weights are in
     replace_parameters(model, lambda p: p.requires_grad and p.dtype != torch.float32, lambda t: t.float())
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def part_lr(cfg: TrainConfig) -> Callable[[str], float]:
+    """Parameter name -> its peak lr: lr_by_part[its part] where given, else lr. Names may carry a
+    wrapper's prefix (DDP's "module.", FSDP's none); LoRA adapters belong to the llm."""
+    def lr_of(name: str) -> float:
+        name = name.removeprefix("module.")
+        for part, prefix in PART_PREFIXES.items():
+            if name.startswith(prefix):
+                return cfg.lr_by_part.get(part, cfg.lr)
+        return cfg.lr
+    return lr_of
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):
@@ -209,6 +222,23 @@ def micro_batch_stream(run: Run, start: int, end: int):
             step += 1
 
 
+def over_dataset(run: Run, fn, micro_batch_size: int, dataset: ManifestDataset | None = None,
+                 rows: int | None = None) -> None:
+    """Call fn(batch, n_real) over this rank's share of the first ``rows`` rows of ``dataset`` (default: the
+    training set, all rows). Every rank makes the same number of calls (FSDP forwards are collective): a
+    rank with nothing left repeats its first batch (n_real=0)."""
+    d = run.dist
+    dataset = run.dataset if dataset is None else dataset
+    n = len(dataset) if rows is None else min(rows, len(dataset))
+    mine = list(range(d.rank, n, d.world))
+    n_calls = math.ceil(math.ceil(n / d.world) / micro_batch_size)
+    collate = Collator(run.tokenizer.pad_id)
+    for j in range(n_calls):
+        ids = mine[j * micro_batch_size:(j + 1) * micro_batch_size]
+        batch = to_device(collate([dataset[i] for i in (ids or mine[:1] or [0])]), d.device)
+        fn(batch, len(ids))
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -226,7 +256,7 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
     """The optimizer-step loop shared by every stage; returns the last logged record."""
     cfg, d, model = run.cfg, run.dist, run.model
     per_epoch, total = total_steps(run)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, lr_of=part_lr(cfg))
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total, cfg.min_lr_ratio)
     start = load_trainer_state(model, optimizer, scheduler, run.resume_from) if run.resume_from else 0
     metrics = MetricsLog(Path(cfg.output_dir), start, cfg.tensorboard) if d.main else None
@@ -236,6 +266,9 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
+    from .validation import Validator
+
+    validator = Validator(run)
     record: dict = {}
     last_saved = start
     t0 = time.perf_counter()  # step time includes loading its data
@@ -245,8 +278,14 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
             seconds, t0 = time.perf_counter() - t0, time.perf_counter()
             record = {"step": step + 1, "epoch": step // per_epoch, "tokens_per_s": n_tokens / max(seconds, 1e-9),
                       **stats}
-            if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+            validated = validator.due(step + 1, total)
+            if validated:
+                record.update(validator(step_loss, step + 1))
+                t0 = time.perf_counter()  # validation time is not the next step's
+            if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total or validated):
                 metrics.log(record)
+                if validated:  # the plots follow the run, not just its end
+                    plot_metrics(metrics.records(), Path(cfg.output_dir))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}",
@@ -266,7 +305,7 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
     if d.main:
         if end_metrics:  # only what is new: the last step's own line is logged already
             metrics.log({"step": last_saved, "final": True, **end_metrics})
-        plot_loss([r for r in metrics.records() if not r.get("final")], Path(cfg.output_dir) / "loss.svg")
+        plot_metrics(metrics.records(), Path(cfg.output_dir))
         metrics.close()
         final = _publish_final(Path(cfg.output_dir), last_saved)
         print(f"final model: {final} (load it with qwen2audio chat {final})", flush=True)
@@ -300,7 +339,7 @@ def optimizer_step(run: Run, step_loss: StepLoss, optimizer, scheduler, step: in
         trainable = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    lr = scheduler.get_last_lr()[0]
+    lr = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the schedule at `lr` (lr_by_part scales alike)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

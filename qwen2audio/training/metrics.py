@@ -55,24 +55,59 @@ def _parse(line: str) -> dict | None:
         return None
 
 
-def plot_loss(records: list[dict], path: Path, key: str = "loss") -> None:
-    """Write an SVG line chart of ``key`` against step."""
-    points = [(r["step"], r[key]) for r in records if key in r]
-    if not points:
+LOSS_PLOT, VAL_PLOT = "loss.svg", "val.svg"
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+
+
+def plot_metrics(records: list[dict], output_dir: Path) -> None:
+    """loss.svg: the training loss with the validation loss beside it; val.svg: the validation scores of
+    generated answers (val_wer, val_acc, ...), when there are any."""
+    steps = [r for r in records if not r.get("final")]
+    plot_series(steps, Path(output_dir) / LOSS_PLOT, ["loss", "val_loss"])
+    scores = sorted({k for r in steps for k in r if k.startswith("val_") and k != "val_loss"
+                     and isinstance(r[k], (int, float))})
+    if scores:
+        plot_series(steps, Path(output_dir) / VAL_PLOT, scores)
+
+
+def plot_series(records: list[dict], path: Path, keys: list[str]) -> None:
+    """Write an SVG line chart of ``keys`` against step on one y axis (a series with one point is a dot)."""
+    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and r[k] == r[k]]
+              for k in keys}
+    series = {k: pts for k, pts in series.items() if pts}
+    if not series:
         return
+    points = [p for pts in series.values() for p in pts]
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
     sx = (PLOT_W - 2 * MARGIN) / max(1e-9, x1 - x0)
     sy = (PLOT_H - 2 * MARGIN) / max(1e-9, y1 - y0)
-    xy = " ".join(f"{MARGIN + (x - x0) * sx:.1f},{PLOT_H - MARGIN - (y - y0) * sy:.1f}" for x, y in points)
-    svg = f"""<svg xmlns="http://www.w3.org/2000/svg" width="{PLOT_W}" height="{PLOT_H}" font-family="sans-serif" font-size="12">
+
+    def xy(x: float, y: float) -> str:
+        return f"{MARGIN + (x - x0) * sx:.1f},{PLOT_H - MARGIN - (y - y0) * sy:.1f}"
+
+    lines = []
+    for i, (key, pts) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(xy(*p) for p in pts)}"/>')
+        if len(pts) <= 50:  # sparse series (validations) get a dot per point
+            lines += [f'<circle cx="{xy(*p).split(",")[0]}" cy="{xy(*p).split(",")[1]}" r="3" fill="{colour}"/>'
+                      for p in pts]
+        last = pts[-1][1]
+        lines.append(f'<text x="{PLOT_W - MARGIN}" y="{MARGIN - 8 - 14 * i}" text-anchor="end" fill="{colour}">'
+                     f"{key} (last {last:.4g})</text>")
+    body = "\n".join(lines)
+    svg = f"""<svg xmlns="http://www.w3.org/2000/svg" width="{PLOT_W}" height="{PLOT_H + 14 * len(series)}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
+<g transform="translate(0,{14 * (len(series) - 1)})">
 <line x1="{MARGIN}" y1="{PLOT_H - MARGIN}" x2="{PLOT_W - MARGIN}" y2="{PLOT_H - MARGIN}" stroke="black"/>
 <line x1="{MARGIN}" y1="{MARGIN}" x2="{MARGIN}" y2="{PLOT_H - MARGIN}" stroke="black"/>
-<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{xy}"/>
-<text x="{MARGIN}" y="{MARGIN - 8}">{key}: {y1:.4g} (max) .. {y0:.4g} (min)</text>
+{body}
+<text x="{MARGIN - 4}" y="{MARGIN + 4}" text-anchor="end">{y1:.3g}</text>
+<text x="{MARGIN - 4}" y="{PLOT_H - MARGIN}" text-anchor="end">{y0:.3g}</text>
 <text x="{MARGIN}" y="{PLOT_H - MARGIN + 16}">step {x0}</text>
 <text x="{PLOT_W - MARGIN}" y="{PLOT_H - MARGIN + 16}" text-anchor="end">step {x1}</text>
+</g>
 </svg>
 """
     atomic_write_text(path, svg)

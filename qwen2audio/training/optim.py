@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
+                    lr_of: Callable[[str], float] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; decay on tensors with ndim >= 2 (weights, embeddings), not on
-    biases and norm gains (as nanoGPT). Groups keep the model's parameter order: reproducible state."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    biases and norm gains (as nanoGPT). ``lr_of(name)`` gives a parameter its own peak lr (default: lr).
+    Groups keep the model's parameter order: reproducible state."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("nothing to train: every parameter is frozen; set `trainable` or `lora_rank` in the config")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=False)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}  # (lr, decayed) -> parameters, first-seen order
+    for name, p in named:
+        groups.setdefault((lr_of(name) if lr_of else lr, p.ndim >= 2), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": group_lr, "weight_decay": weight_decay if decayed else 0.0}
+                              for (group_lr, decayed), ps in groups.items()],
+                             lr=lr, betas=tuple(betas), eps=eps, foreach=False)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

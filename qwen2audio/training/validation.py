@@ -1,0 +1,133 @@
+"""Validation during training: the loss on held-out rows, and greedy answers to held-out prompts scored
+with the evaluation harness's metrics (what a model is for, where a loss can mislead: a model that
+memorises its training texts lowers the loss and not the held-out word error rate).
+
+    val_data: data/val.jsonl            -> val_loss (the stage's own loss, per trained token or pair)
+    val_generate: data/eval/asr.jsonl   -> val_wer (or val_acc, val_bleu ... : each row's metric)
+
+Both run every ``val_every`` optimizer steps and at the end; the model is put in eval mode (no dropout)
+and back. Generation runs on the main process only (DDP ranks hold the same weights) with the training
+weights as they are: no inference-only layouts, which would change the parameters being trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import ManifestDataset
+from .loop import Run, StepLoss, over_dataset
+
+SAMPLES_FILE = "val_samples.jsonl"
+SAMPLES_KEPT = 8  # answers written to val_samples.jsonl per validation
+
+
+class Validator:
+    def __init__(self, run: Run):
+        cfg = run.cfg
+        self.run = run
+        self.loss_set: ManifestDataset | None = None
+        if cfg.val_data:
+            self.loss_set = ManifestDataset(cfg.val_data, cfg.stage, run.tokenizer,
+                                            run.raw_model.config.audio.num_mel_bins,
+                                            max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
+                                            decode_audio=cfg.decode_audio, cache_features=True)
+            if len(self.loss_set) == 0:
+                raise ValueError(f"val_data {cfg.val_data} has no usable rows: {self.loss_set.report.summary()}")
+        self.items = []
+        if cfg.val_generate:
+            from ..eval.jsonl import read_generic
+            from ..eval.tasks import Options
+
+            self.items = read_generic(Path(cfg.val_generate), Options())[: cfg.val_generate_rows]
+        self._api = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.loss_set is not None or bool(self.items)
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether to validate after optimizer step ``step`` (1-based)."""
+        every = self.run.cfg.val_every
+        return self.enabled and (step == total or (every > 0 and step % every == 0))
+
+    def __call__(self, step_loss: StepLoss, step: int) -> dict[str, float]:
+        model = self.run.model
+        was_training = model.training
+        model.eval()
+        try:
+            out = self.loss(step_loss) if self.loss_set is not None else {}
+            if self.items:
+                out.update(self.generation_scores(step))
+        finally:
+            model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def loss(self, step_loss: StepLoss) -> dict[str, float]:
+        """The stage's loss (and its other statistics) over the validation rows, per unit, all ranks."""
+        run = self.run
+        sums: dict[str, float] = {}
+        units = [0.0]
+
+        def add(batch: dict, n_real: int) -> None:
+            with run.autocast():
+                _, stats = step_loss(run.model, batch)
+            if n_real:  # a rank with no rows left runs a batch for FSDP's sake and adds nothing
+                units[0] += step_loss.units(batch)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+
+        over_dataset(run, add, run.cfg.micro_batch_size, self.loss_set, run.cfg.val_max_rows or None)
+        keys = sorted(sums)
+        reduced = run.dist.all_sum([sums[k] for k in keys] + [units[0]])
+        return {f"val_{k}": v / max(reduced[-1], 1.0) for k, v in zip(keys, reduced[:-1])}
+
+    def generation_scores(self, step: int) -> dict[str, float]:
+        """Greedy answers to the val_generate rows, scored per metric (main process; others wait)."""
+        run, d = self.run, self.run.dist
+        scores: dict[str, float] = {}
+        if d.main:
+            scores = self._generate_and_score(step)
+        d.barrier()
+        return scores
+
+    def _generate_and_score(self, step: int) -> dict[str, float]:
+        from ..audio import load_audio
+        from ..eval.metrics import get_metric
+        from ..eval.runner import AnswerSettings, generate_batch
+
+        cfg = self.run.cfg
+        settings = AnswerSettings(model="training", max_new_tokens=cfg.val_max_new_tokens)
+        answers: list[str] = []
+        with self.run.autocast():
+            for s in range(0, len(self.items), cfg.micro_batch_size):
+                batch = [(item, load_audio(item.audio)) for item in self.items[s:s + cfg.micro_batch_size]]
+                answers += generate_batch(self.api(), batch, settings)
+        stats: dict[str, list[list[float]]] = {}
+        for item, answer in zip(self.items, answers):
+            stats.setdefault(item.metric, []).append(get_metric(item.metric).stats(item.reference, answer))
+        scores = {}
+        for name, rows in stats.items():
+            metric = get_metric(name)
+            value = metric.score(list(np.sum(rows, axis=0)))
+            scores[f"val_{name.split(':')[0]}"] = value if not math.isinf(value) else float("nan")
+        samples = [{"step": step, "prompt": item.prompt, "reference": item.reference, "answer": answer}
+                   for item, answer in list(zip(self.items, answers))[:SAMPLES_KEPT]]
+        with open(Path(cfg.output_dir) / SAMPLES_FILE, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in samples)
+        return scores
+
+    def api(self):
+        """The Python API over the model being trained (its weights as they are, decoded in eval mode)."""
+        if self._api is None:
+            from ..api import Qwen2Audio
+            from ..generation.engine import Engine
+
+            self._api = Qwen2Audio(Engine(self.run.raw_model, self.run.tokenizer, transform_weights=False),
+                                   Path(self.run.cfg.model))
+        return self._api
