@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile
@@ -80,18 +80,27 @@ class Item:
     features: list[torch.Tensor]  # per 30 s window, (n_mels, frames) trimmed to what the encoder reads
     frame_lengths: list[int]
     index: int = -1  # position in the dataset
+    states: list[torch.Tensor] = field(default_factory=list)  # instead of features: per window, the
+    # frozen encoder's outputs (n_tokens, d_model) from an EncoderStateCache
 
 
 class ManifestDataset(torch.utils.data.Dataset):
     """A validated manifest; items carry token ids, labels and log-mel features of their windows."""
 
     def __init__(self, path, stage: str, tokenizer: Tokenizer, n_mels: int, max_audio_seconds: float = 30.0,
-                 max_seq_len: int = 2048, decode_audio: bool = True, cache_features: bool = False):
+                 max_seq_len: int = 2048, decode_audio: bool = True, cache_features: bool = False,
+                 encoder_states=None):
+        """``encoder_states``: an EncoderStateCache; items then carry the encoder's outputs, not features."""
         examples, self.report = read_manifest(path, stage)
         self.examples = validate(examples, self.report, tokenizer, max_audio_seconds, max_seq_len, decode_audio)
         self.tokenizer, self.n_mels, self.stage = tokenizer, n_mels, stage
         self.cache: dict[int, Item] | None = {} if cache_features else None
+        self.encoder_states = encoder_states
         self.lengths = [ex.n_tokens for ex in self.examples]
+
+    def audio_files(self) -> list[str]:
+        """Every audio file the rows use (those given as paths), once."""
+        return sorted({a for ex in self.examples for a in ex.audios if isinstance(a, str)})
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -100,6 +109,10 @@ class ManifestDataset(torch.utils.data.Dataset):
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         ex = self.examples[index]
+        if self.encoder_states is not None and all(isinstance(a, str) for a in ex.audios):
+            cached = [self.encoder_states.get(source) for source in ex.audios]  # [(windows, n_samples)]
+            sequences = tokenize_example(ex, self.tokenizer, [n for _, n in cached])
+            return Item(sequences, [], [], index, [s for windows, _ in cached for s in windows])
         waves = [load_audio(source) for source in ex.audios]
         windows = [w for wave in waves for w in split_into_windows(wave)]
         features, lengths = [], []
@@ -135,6 +148,16 @@ class Collator:
             attention_mask[i, : len(r)] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                  "index": torch.tensor([item.index for item in items], dtype=torch.long)}  # (B items,)
+        states = [s for _ in range(n_seq) for item in items for s in item.states]
+        if states:
+            if feats:
+                raise ValueError("a batch mixes encoder states and log-mel features; cache every clip or none")
+            N = max(s.shape[0] for s in states)
+            audio_states = torch.zeros(len(states), N, states[0].shape[1], dtype=states[0].dtype)  # (n_windows, N, d)
+            for i, s in enumerate(states):
+                audio_states[i, : s.shape[0]] = s
+            batch["audio_states"] = audio_states
+            batch["audio_lengths"] = torch.tensor([s.shape[0] for s in states], dtype=torch.long)  # (n_windows,)
         if feats:
             F = max(f.shape[-1] for f in feats)
             features = torch.zeros(len(feats), feats[0].shape[0], F)  # (n_windows, n_mels, F)

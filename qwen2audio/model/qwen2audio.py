@@ -53,8 +53,15 @@ class Qwen2AudioModel(nn.Module):
         T = encoder_input_frames(int(frame_lengths.max()), self.audio_tower.max_mel_frames)
         features = features[:, :, :T].to(self.device)
         states, counts = self.audio_tower(features, frame_lengths)  # (B, N, d_model), (B,)
-        projected = self.multi_modal_projector(states)  # (B, N, hidden)
-        return [projected[i, : int(n)] for i, n in enumerate(counts)]
+        return self.project_states(states, counts)
+
+    def project_states(self, states: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder outputs computed earlier (B, N, d_model) with their token counts (B,) -> one
+        (n_tokens_i, hidden) tensor per window: the projector alone (a frozen encoder's states can be
+        computed once per clip and kept)."""
+        weight = self.multi_modal_projector.linear.weight
+        projected = self.multi_modal_projector(states.to(device=weight.device, dtype=weight.dtype))  # (B, N, hidden)
+        return [projected[i, : int(n)] for i, n in enumerate(lengths.tolist())]
 
     def embed(self, input_ids: torch.Tensor, audio_embeds: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings (B, T, hidden) with the <|AUDIO|> positions replaced by audio vectors.
@@ -78,19 +85,24 @@ class Qwen2AudioModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
                 frame_lengths: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, audio_states: torch.Tensor | None = None,
+                audio_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence logits (B, T, vocab), no cache: for training and for checking against a reference.
 
         input_ids (B, T) with expanded <|AUDIO|> runs; features (n_clips, n_mels, frames) and
-        frame_lengths (n_clips,) for the clips in reading order; attention_mask (B, T) 1 for real
-        tokens (left or right padding).
+        frame_lengths (n_clips,) for the clips in reading order — or, instead, the encoder's outputs
+        for them, audio_states (n_clips, N, d_model) with audio_lengths (n_clips,) tokens each;
+        attention_mask (B, T) 1 for real tokens (left or right padding).
 
         With ``labels`` (B, T) (token ids, IGNORE_INDEX where not trained), returns instead the float32
         log-probabilities (B, T) of each label given the tokens before it (0 where ignored and at
         t = 0). Only the labelled positions go through the LM head, so the (B, T, vocab) logits are
         never built: training with a 150k vocabulary needs this.
         """
-        audio = self.encode_audio(features, frame_lengths) if features is not None else None
+        if audio_states is not None:
+            audio = self.project_states(audio_states, audio_lengths)
+        else:
+            audio = self.encode_audio(features, frame_lengths) if features is not None else None
         embeds = self.embed(input_ids, audio)
         if attention_mask is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)

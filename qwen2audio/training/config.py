@@ -36,6 +36,7 @@ class TrainConfig:
     max_audio_seconds: float = 30.0  # longer clips are skipped and reported (longer than 30 s: split in windows)
     decode_audio: bool = True  # validation decodes every clip (finds corrupt files); false: headers only
     cache_features: bool = False  # keep log-mel features in memory after first use (small sets)
+    encoder_cache: str = ""  # a folder: a frozen encoder's outputs are computed once per clip and kept there
     group_by_length: bool = True
     num_workers: int = 0
     # --- optimisation ---------------------------------------------------------------------------------
@@ -106,6 +107,9 @@ class TrainConfig:
             raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
+        if self.encoder_cache and "encoder" in self.trainable:
+            raise ValueError("encoder_cache keeps a frozen encoder's outputs; it cannot be used while the encoder "
+                             "is trained (drop encoder from trainable, or encoder_cache)")
         bad = sorted(set(self.lr_by_part) - set(PARTS))
         if bad:
             raise ValueError(f"lr_by_part names unknown parts {bad}; choose from {', '.join(PARTS)}")

@@ -23,6 +23,7 @@ from ..atomic import atomic_path
 from ..checkpoint import CheckpointError, load_model, resolve_dtype
 from ..config import CONFIG_FILE
 from ..data import Collator, ManifestDataset, global_batches, rank_micro_batches
+from ..data.encoder_states import EncoderStateCache
 from ..text import Tokenizer
 from . import distributed
 from .checkpointing import (FINAL_DIR, STATE_FILE, TRAINABLE_FILE, checkpoint_step, latest_checkpoint, load_trainable,
@@ -57,6 +58,7 @@ class Run:
     trainable_names: list[str]
     resume_from: Path | None
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    encoder_states: EncoderStateCache | None = None  # a frozen encoder's outputs, computed once per clip
 
 
 def log(d: distributed.Dist, message: str) -> None:
@@ -167,10 +169,15 @@ def setup(cfg: TrainConfig) -> Run:
         load_trainable(model, resume)
         log(d, f"resuming from {resume}")
     model.train()
+    encoder_states = EncoderStateCache(cfg.encoder_cache, model.audio_tower,
+                                       model.config.audio.num_mel_bins) if cfg.encoder_cache else None
     dataset = ManifestDataset(cfg.train_data, cfg.stage, tokenizer, model.config.audio.num_mel_bins,
                               max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
-                              decode_audio=cfg.decode_audio, cache_features=cfg.cache_features)
+                              decode_audio=cfg.decode_audio, cache_features=cfg.cache_features,
+                              encoder_states=encoder_states)
     log(d, dataset.report.summary())
+    if encoder_states is not None:  # each rank computes its share of what is missing, then all read all
+        fill_encoder_states(encoder_states, dataset, d, cfg.progress, autocast_context(cfg, d.device))
     if d.main:  # every skipped row, not just the first ones printed
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "data_report.txt").write_text(dataset.report.summary(limit=len(dataset.report.bad)) + "\n")
@@ -188,7 +195,18 @@ def setup(cfg: TrainConfig) -> Run:
     every_row_has_audio = all(ex.audios for ex in dataset.examples)
     wrapped = distributed.wrap(model, cfg.distributed, d,
                                find_unused=audio_parts_may_go_unused(cfg.trainable, every_row_has_audio))
-    return Run(cfg, d, tokenizer, wrapped, model, dataset, trainable, resume, autocast_context(cfg, d.device))
+    return Run(cfg, d, tokenizer, wrapped, model, dataset, trainable, resume, autocast_context(cfg, d.device),
+               encoder_states)
+
+
+def fill_encoder_states(cache: EncoderStateCache, dataset: ManifestDataset, d: distributed.Dist, progress: bool,
+                        autocast) -> None:
+    """Compute the encoder outputs a data set still lacks, the work shared over ranks."""
+    files = dataset.audio_files()
+    with autocast():
+        computed = cache.fill(files[d.rank::d.world], progress=progress and d.main)
+    d.barrier()
+    log(d, f"encoder states of {len(files)} clips in {cache.root} ({computed} computed by this process)")
 
 
 def total_steps(run: Run) -> tuple[int, int]:

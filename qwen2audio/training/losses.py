@@ -19,7 +19,7 @@ def label_token_count(labels: torch.Tensor) -> int:
 def label_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     """(B, T) log-prob of each label under ``model`` (0 where not trained), for a collated batch."""
     return model(batch["input_ids"], batch.get("features"), batch.get("frame_lengths"), batch["attention_mask"],
-                 labels=batch["labels"])
+                 labels=batch["labels"], audio_states=batch.get("audio_states"), audio_lengths=batch.get("audio_lengths"))
 
 
 def token_nll_sum(token_logps: torch.Tensor) -> torch.Tensor:

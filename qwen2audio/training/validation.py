@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data import ManifestDataset
-from .loop import Run, StepLoss, over_dataset
+from .loop import Run, StepLoss, fill_encoder_states, over_dataset
 
 SAMPLES_FILE = "val_samples.jsonl"
 SAMPLES_KEPT = 8  # answers written to val_samples.jsonl per validation
@@ -35,7 +35,10 @@ class Validator:
             self.loss_set = ManifestDataset(cfg.val_data, cfg.stage, run.tokenizer,
                                             run.raw_model.config.audio.num_mel_bins,
                                             max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
-                                            decode_audio=cfg.decode_audio, cache_features=True)
+                                            decode_audio=cfg.decode_audio, cache_features=True,
+                                            encoder_states=run.encoder_states)
+            if run.encoder_states is not None:
+                fill_encoder_states(run.encoder_states, self.loss_set, run.dist, False, run.autocast)
             if len(self.loss_set) == 0:
                 raise ValueError(f"val_data {cfg.val_data} has no usable rows: {self.loss_set.report.summary()}")
         self.items = []

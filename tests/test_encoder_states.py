@@ -1,0 +1,66 @@
+"""The disk cache of a frozen encoder's outputs: what it stores, when it recomputes, and that training
+from it learns what training from the audio learns."""
+
+import os
+
+import pytest
+import torch
+
+from qwen2audio.audio import load_audio
+from qwen2audio.audio.features import log_mel_spectrogram
+from qwen2audio.checkpoint import load_model
+from qwen2audio.data.encoder_states import EncoderStateCache
+from training_helpers import losses, make_workspace, tiny_config, train
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("states"))
+
+
+def clips(ws) -> list[str]:
+    return sorted(str(p) for p in (ws["pretrain"].parent / "audio").glob("*.wav"))[:3]
+
+
+def test_cached_states_are_the_encoders_outputs(workspace, tmp_path):
+    model = load_model(workspace["tiny"])
+    cache = EncoderStateCache(tmp_path, model.audio_tower, model.config.audio.num_mel_bins)
+    assert cache.fill(clips(workspace), progress=False) == 3
+    assert cache.fill(clips(workspace), progress=False) == 0  # all there: nothing computed
+    for clip in clips(workspace):
+        windows, n_samples = cache.get(clip)
+        wave = load_audio(clip)
+        feats, mask = log_mel_spectrogram([wave], n_mels=model.config.audio.num_mel_bins)
+        with torch.no_grad():
+            states, counts = model.audio_tower(feats, mask.sum(-1))
+        assert n_samples == len(wave) and len(windows) == 1
+        torch.testing.assert_close(windows[0].float(), states[0, : int(counts[0])], rtol=1e-3, atol=1e-3)  # float16
+
+
+def test_a_rewritten_clip_or_another_encoder_is_computed_again(workspace, tmp_path):
+    model = load_model(workspace["tiny"])
+    clip = clips(workspace)[0]
+    cache = EncoderStateCache(tmp_path, model.audio_tower, model.config.audio.num_mel_bins)
+    cache.fill([clip], progress=False)
+    stat = os.stat(clip)
+    os.utime(clip, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert cache.fill([clip], progress=False) == 1
+    with torch.no_grad():
+        model.audio_tower.layer_norm.bias.add_(0.5)
+    other = EncoderStateCache(tmp_path, model.audio_tower, model.config.audio.num_mel_bins)
+    assert other.root != cache.root and other.fill([clip], progress=False) == 1
+    torch.testing.assert_close(other.get(clip)[0][0].float(), cache.get(clip)[0][0].float() + 0.5, rtol=0, atol=2e-3)
+
+
+def test_training_from_cached_states_equals_training_from_audio(workspace, tmp_path, one_thread):
+    common = dict(model=str(workspace["tiny"]), train_data=str(workspace["pretrain"]), trainable=["projector", "llm"],
+                  max_steps=8, save_every=8)
+    train("pretrain", output_dir=str(tmp_path / "audio"), **common)
+    train("pretrain", output_dir=str(tmp_path / "cached"), encoder_cache=str(tmp_path / "cache"), **common)
+    assert list((tmp_path / "cache").rglob("*.safetensors"))
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "audio"), rel=2e-3)
+
+
+def test_the_cache_needs_a_frozen_encoder():
+    with pytest.raises(ValueError, match="encoder_cache keeps a frozen encoder"):
+        tiny_config("pretrain", encoder_cache="cache", trainable=["encoder", "projector"])
