@@ -19,6 +19,7 @@ once `python -m demo.llm_answers --data OUT --model MODEL_DIR` has written their
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import sys
@@ -293,6 +294,17 @@ def check_config(out: Path, seed: int, scale: str) -> None:
     atomic_write_text(path, json.dumps(config) + "\n")
 
 
+def check_plan(out: Path, parts: list[Part]) -> None:
+    """A folder resumes only the plan it was started with: clips already made must match their recipes.
+    (The plan changes with the inputs found: a speech engine, corpus or sound package added or removed.)"""
+    digest = hashlib.sha256(json.dumps([p.clips for p in parts], sort_keys=True).encode()).hexdigest()
+    path = out / "plan.sha256"
+    if path.is_file() and path.read_text().strip() != digest:
+        raise UsageError(f"the inputs changed since {out} was started (a speech engine, text corpus or sound "
+                         "package was added or removed), so its clips no longer match the plan: give another --out")
+    atomic_write_text(path, digest + "\n")
+
+
 def plan(out: Path, scale: Scale, seed: int, entries: list[B.BankEntry]) -> tuple[list[Part], Context]:
     voices = available_voices()
     if not voices:
@@ -361,6 +373,7 @@ def generate(out: Path, seed: int, scale_name: str, jobs: int, assets: Path) -> 
     check_config(out, seed, scale_name)
     entries = build_bank(out, scale, seed, assets, jobs)
     parts, ctx = plan(out, scale, seed, entries)
+    check_plan(out, parts)
     progress = Progress()
     run_parts(out, parts, jobs, progress)
     write_questions(out, parts)

@@ -135,6 +135,16 @@ def test_another_seed_into_the_same_folder_is_refused(tiny, capsys):
 
 
 @needs_espeak
+def test_a_folder_whose_inputs_changed_is_not_resumed(tiny, monkeypatch, capsys):
+    voices = [v for v in make_data.available_voices() if v.engine == "espeak"]  # as if flite and piper went away
+    monkeypatch.setattr(make_data, "available_voices", lambda: voices)
+    before = _tree_digest(tiny)
+    assert make_data.main(["--out", str(tiny), "--seed", "0", "--scale", "tiny"]) == 2
+    assert "the inputs changed" in capsys.readouterr().err
+    assert _tree_digest(tiny) == before
+
+
+@needs_espeak
 def test_training_manifests_pass_our_own_validation(tiny):
     for name, stage in (("pretrain.jsonl", "pretrain"), ("pretrain_val.jsonl", "pretrain"),
                         ("sft.jsonl", "sft"), ("sft_val.jsonl", "sft")):
