@@ -6,13 +6,14 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 for _module in ("num2words", "mido"):  # the generator's own dependencies (docs/demo-model.md, "Data")
     pytest.importorskip(_module, reason=f"{_module} is not installed: pip install num2words mido")
 
-from demo import make_data  # noqa: E402
+from demo import llm_answers, make_data  # noqa: E402
 from demo.rcc import RccBundle, RccError  # noqa: E402
 from demo.textclean import is_speakable, phrases, spell_numbers  # noqa: E402
 from qwen2audio.audio import load_audio  # noqa: E402
@@ -200,3 +201,52 @@ def test_every_clip_decodes_and_lasts_one_to_eight_seconds(tiny):
     for clip in clips:
         seconds = len(load_audio(str(clip))) / SAMPLE_RATE
         assert 1.0 <= seconds <= 8.0, (clip, seconds)
+
+
+# ---- voice-chat answers from the LLM ----
+
+@pytest.mark.parametrize("reply, cut_off, target", [
+    ("  Paris is the capital\nof France. ", False, "Paris is the capital of France."),
+    ("It is seven. Seven is also a prime number and", True, "It is seven."),  # cut off: last full sentence
+    ("A bloom is a flower that", True, None),                                 # no full sentence: unusable
+])
+def test_llm_replies_become_targets_of_whole_sentences(reply, cut_off, target):
+    assert llm_answers.usable(reply, cut_off) == target
+
+
+class _FakeLLM:
+    """chat_batch as qwen2audio.Qwen2Audio has it: one reply per conversation, "length" when cut off."""
+
+    def __init__(self):
+        self.asked = []
+
+    def chat_batch(self, conversations, **sampling):
+        self.asked += [c[0]["content"] for c in conversations]
+        return [SimpleNamespace(text=f"The answer to {c[0]['content']!r}.", finish_reason="stop")
+                for c in conversations]
+
+
+@needs_espeak
+def test_answers_fill_the_voice_chat_rows_and_a_rerun_asks_only_the_rest(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    questions = llm_answers.pending_questions(data)
+    assert questions and not any(r.get("task") == "voice_chat" for r in _rows(data / "pretrain.jsonl"))
+    first = _FakeLLM()
+    llm_answers.answer_all(first, questions[:3], data / make_data.ANSWERS, batch_size=2, max_new_tokens=8)
+    assert llm_answers.pending_questions(data) == questions[3:]  # resumes where it stopped
+    second = _FakeLLM()
+    llm_answers.answer_all(second, llm_answers.pending_questions(data), data / make_data.ANSWERS, 2, 8)
+    assert sorted(first.asked + second.asked) == sorted(questions)
+    make_data.assemble(data, seed=0)
+    chat = [r for r in _rows(data / "pretrain.jsonl") if r.get("task") == "voice_chat"]
+    assert chat and all(r["target"].startswith("The answer to") for r in chat)
+    sft_chat = [r for r in _rows(data / "sft.jsonl") if r["messages"][-1]["role"] == "assistant"
+                and r["messages"][-1]["content"].startswith("The answer to")]
+    assert sft_chat
+    for name, stage in (("pretrain.jsonl", "pretrain"), ("sft.jsonl", "sft")):
+        assert read_manifest(data / name, stage)[1].bad == []
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
