@@ -52,6 +52,7 @@ MANIFESTS = {("pretrain", "train"): "pretrain.jsonl", ("sft", "train"): "sft.jso
 ANSWERS = "voice_chat/answers.jsonl"
 QUESTIONS = "voice_chat/questions.jsonl"
 HELDOUT_QUESTION_FRAC = 0.2
+GENERATED_SHARE = 0.08  # of spoken texts: sentences full of numbers, dates, times, money and names
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,9 @@ def corpus(name: str) -> tuple[TextItem, ...]:
 
 
 def text_pools(rng: np.random.Generator, n_generated: int) -> dict[str, list[TextItem]]:
-    """Train and held-out texts, each text once (by its words), none on both sides, shuffled."""
+    """Train and held-out texts, each text once (by its words), none on both sides, shuffled; the
+    generated number / date / money sentences make up GENERATED_SHARE of each pool's first texts (corpus
+    prose has few of them)."""
     items = [i for name in SOURCES for i in corpus(name)] + generated(rng, n_generated)
     heldout_keys = {text_key(i.text) for i in items if i.heldout}
     pools, seen = {TRAIN: [], HELDOUT: []}, set()
@@ -109,12 +112,19 @@ def text_pools(rng: np.random.Generator, n_generated: int) -> dict[str, list[Tex
         if key in seen or not key:
             continue
         seen.add(key)
-        split = HELDOUT if key in heldout_keys else TRAIN
-        pools[split].append(item)
-    for split in pools:
-        order = rng.permutation(len(pools[split]))
-        pools[split] = [pools[split][i] for i in order]
-    return pools
+        pools[HELDOUT if key in heldout_keys else TRAIN].append(item)
+    return {split: _interleave(pool, rng) for split, pool in pools.items()}
+
+
+def _interleave(pool: list[TextItem], rng: np.random.Generator) -> list[TextItem]:
+    shuffled = [pool[i] for i in rng.permutation(len(pool))]
+    made = [i for i in shuffled if i.source == "generated"][::-1]
+    prose = [i for i in shuffled if i.source != "generated"][::-1]
+    out = []
+    while made or prose:
+        take_made = made and (not prose or rng.random() < GENERATED_SHARE)
+        out.append((made if take_made else prose).pop())
+    return out
 
 
 def question_pools(rng: np.random.Generator) -> dict[str, list]:
@@ -361,6 +371,10 @@ def print_summary(summary: dict) -> None:
     for split, v in summary["voices"].items():
         print(f"  voices ({split}): {v['count']} " + str(v["engines"]))
     print(f"  sound bank: {summary['sound_bank']['recordings']} recordings " + str(summary["sound_bank"]["by_source"]))
+    texts = Counter()
+    for key, n in summary["text_sources"].items():
+        texts[key.split(":", 1)[1]] += n
+    print("  texts spoken: " + ", ".join(f"{k} {v}" for k, v in sorted(texts.items())))
     vc = summary["voice_chat"]
     if vc["questions_to_answer"]:
         print(f"  voice chat: {vc['questions_to_answer']} rows wait for answers: "

