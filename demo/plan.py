@@ -59,14 +59,14 @@ class Context:
     _used: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def take_text(self, split: str) -> TextItem | None:
-        return self._take(self.texts, split)
+        return self._take("text", self.texts.get(split, []), split)
 
     def take_question(self, split: str) -> Question | None:
-        return self._take(self.questions, split)
+        return self._take("question", self.questions.get(split, []), split)
 
-    def _take(self, pools: dict, split: str):
-        key = f"{id(pools)}/{split}"
-        pool = pools.get(split, [])
+    def _take(self, kind: str, pool: list, split: str):
+        """The next unused item of a pool (None when it is used up): nothing is handed out twice."""
+        key = f"{kind}/{split}"
         if self._used[key] >= len(pool):
             return None
         self._used[key] += 1
@@ -193,7 +193,9 @@ def sound(part: Part, ctx: Context, n: int, rng: np.random.Generator, strength: 
         by_class[e.cls].append(e)
     classes = sorted(by_class)
     for i in range(n):
-        cls = CLASSES[classes[i % len(classes)] if i < len(classes) or rng.random() < 0.5 else _pick(rng, classes)]
+        # every class once; after that, half the time the next class in turn, half the time a random one
+        key = classes[i % len(classes)] if i < len(classes) or rng.random() < 0.5 else _pick(rng, classes)
+        cls = CLASSES[key]
         entry = _pick(rng, by_class[cls.key])
         audio = _clip(part, "sound", rng, sound=sound_recipe(rng, entry),
                       fx=quiet_if_silent(effects(rng, strength), entry), entry=entry.id)
