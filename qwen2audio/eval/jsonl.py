@@ -6,7 +6,7 @@ Official lists (eval_audio/ of QwenLM/Qwen2-Audio, e.g. librispeech_eval.jsonl, 
 Any task given a .jsonl file as --data reads it this way; the task decides the metric.
 
 Generic task (`--task jsonl`), one item per line:
-    {"audio": "clip.wav", "prompt": "...", "reference": "...", "metric": "wer:en" | "bleu:de" | "acc" | "choice",
+    {"audio": "clip.wav", "prompt": "...", "reference": "...", "metric": "wer:en" | "bleu:de" | "acc" | "contains" | "choice",
      "source": "optional subset", "id": "optional", "chat": false}
 Relative audio paths are read relative to the JSONL file's folder, then to the working directory.
 """
@@ -76,7 +76,7 @@ def read_generic(path: Path, options: Options) -> list[EvalItem]:
             raise DatasetError(f"{path}:{number}: missing field 'reference'")
         metric = row.get("metric") or (f"wer:{options.language}" if options.language else None)
         if not isinstance(metric, str):
-            raise DatasetError(f"{path}:{number}: missing field 'metric' (wer:LANG, bleu:LANG, acc or choice)")
+            raise DatasetError(f"{path}:{number}: missing field 'metric' (wer:LANG, bleu:LANG, acc, contains or choice)")
         items.append(EvalItem(
             id=str(row.get("id", f"{number}:{audio}")), audio=resolve_audio(path, audio),
             prompt=_field(path, number, row, "prompt"), reference=reference,
