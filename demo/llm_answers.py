@@ -1,12 +1,15 @@
 """Answer the demo data's spoken questions with the language model itself, in text.
 
-    python -m demo.llm_answers --data data/demo --model MODEL_DIR [--batch-size 8] [--max-new-tokens 60] [--limit N]
+    python -m demo.llm_answers --data data/demo --model MODEL_DIR [--stage sft] [--batch-size 8] [--max-new-tokens 60] [--limit N]
 
 Each question in DATA/voice_chat/questions.jsonl is put to MODEL_DIR as a typed user message (greedy
 decoding, batched); the reply becomes the target of the voice-chat rows that speak that question, so the
 audio model learns to answer a spoken question as its LLM answers a typed one. Answers are appended to
 DATA/voice_chat/answers.jsonl as they come (a rerun asks only what is still unanswered), then the
 training manifests are rewritten with the answered rows.
+
+--stage answers only the questions of one training stage's rows (pre-training or SFT): the other
+stage's manifest is then rewritten with exactly the rows it had.
 
 A reply cut off by --max-new-tokens is shortened to its last full sentence; one without a full sentence
 is recorded as unusable (null) and its rows are left out.
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .make_data import ANSWERS, QUESTIONS, assemble
+from .make_data import ANSWERS, QUESTIONS, STAGES, assemble
 
 DEFAULT_MAX_NEW_TOKENS = 60
 DEFAULT_BATCH = 8
@@ -39,7 +42,18 @@ def usable(text: str, cut_off: bool) -> str | None:
     return text or None
 
 
-def pending_questions(data: Path) -> list[str]:
+def stage_questions(data: Path, stage: str) -> set[str]:
+    """The questions that one stage's voice-chat rows speak (train and validation)."""
+    questions = set()
+    for path in sorted((data / "parts" / stage).glob("*/voice_chat.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                questions.add(json.loads(line)["question"])
+    return questions
+
+
+def pending_questions(data: Path, stage: str | None = None) -> list[str]:
+    """Questions without an answer yet, in the order of the questions file (only ``stage``'s if given)."""
     path = data / QUESTIONS
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run python -m demo.make_data --out {data} first")
@@ -49,7 +63,8 @@ def pending_questions(data: Path) -> list[str]:
     if answers.is_file():
         lines = answers.read_text(encoding="utf-8").splitlines()
         done = {json.loads(line)["question"] for line in lines if line.strip()}
-    return [q for q in questions if q not in done]
+    wanted = stage_questions(data, stage) if stage else None
+    return [q for q in questions if q not in done and (wanted is None or q in wanted)]
 
 
 def answer_all(model, questions: list[str], out_path: Path, batch_size: int, max_new_tokens: int) -> int:
@@ -75,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.llm_answers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="the folder demo.make_data wrote")
     parser.add_argument("--model", type=Path, required=True, help="a qwen2audio checkpoint folder")
+    parser.add_argument("--stage", choices=STAGES, default=None,
+                        help="answer only the questions of this stage's rows (default: all)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--limit", type=int, default=None, help="answer at most N questions this time")
@@ -87,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{args.model} is not a checkpoint folder (no config.json)")
         if args.batch_size < 1 or args.max_new_tokens < 1:
             raise ValueError("--batch-size and --max-new-tokens must be at least 1")
-        questions = pending_questions(args.data)
+        questions = pending_questions(args.data, args.stage)
     except (FileNotFoundError, ValueError) as err:
         print(f"demo.llm_answers: error: {err}", file=sys.stderr)
         return 2

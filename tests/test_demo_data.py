@@ -257,3 +257,17 @@ def test_answers_fill_the_voice_chat_rows_and_a_rerun_asks_only_the_rest(tiny, t
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@needs_espeak
+def test_answering_one_stage_leaves_the_other_stages_manifest_as_it_was(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    pretrain_before = (data / "pretrain.jsonl").read_bytes()
+    sft_questions = llm_answers.pending_questions(data, "sft")
+    assert sft_questions and set(sft_questions) < set(llm_answers.pending_questions(data))
+    llm_answers.answer_all(_FakeLLM(), sft_questions, data / make_data.ANSWERS, 2, 8)
+    assert llm_answers.pending_questions(data, "sft") == []
+    make_data.assemble(data, seed=0)
+    assert (data / "pretrain.jsonl").read_bytes() == pretrain_before  # a run training on it is not disturbed
+    assert any(r["messages"][-1]["content"].startswith("The answer to") for r in _rows(data / "sft.jsonl"))
