@@ -155,6 +155,19 @@ def test_assembled_is_init_plus_projector_plus_merged_lora(installed, base, tmp_
         [p.name for p in base.iterdir()] + [assemble.INFO_FILE])
 
 
+def test_base_command_writes_what_init_writes(installed, base, tmp_path, capsys):
+    """The training base of the demo model, assembled from the installed parts, is `qwen2audio init`'s output."""
+    assert demo_cli.main(["base", "--out", str(tmp_path / "base")]) == 0
+    got, expected = _state(tmp_path / "base"), _state(base)
+    assert got.keys() == expected.keys()
+    assert [k for k in got if not torch.equal(got[k], expected[k])] == []
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == sorted(p.name for p in base.iterdir())
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "generation_config.json"):
+        assert (tmp_path / "base" / name).read_text() == (base / name).read_text()
+    assert demo_cli.main(["base", "--out", str(tmp_path / "base")]) == 2  # not over a finished folder
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
 @torch.no_grad()
 def test_transformers_loads_the_assembled_model(installed, base, tmp_path):
     from transformers import Qwen2AudioForConditionalGeneration

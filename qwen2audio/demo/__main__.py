@@ -2,11 +2,14 @@
 
     python -m qwen2audio.demo export-deltas RUN_CHECKPOINT [RUN_CHECKPOINT ...] OUT.safetensors
     python -m qwen2audio.demo assemble [--deltas FILE] --out DIR
+    python -m qwen2audio.demo base --out DIR
+
 
 RUN_CHECKPOINT is a training checkpoint folder (output_dir/checkpoints/step-N) or a run's output_dir (its
 newest checkpoint). The runs must have started from ``qwen2audio init --encoder model.bin --llm
 the.gguf --out BASE`` of the demo parts (the assembly rebuilds exactly that base); give chained runs
-(pre-training, then SFT from its final/) in the order they were trained. Ship the result as
+(pre-training, then SFT from its final/) in the order they were trained. `base` writes that base
+itself (float32), from the same pinned parts: the demo model's training starts there. Ship the result as
 qwen2audio/demo/deltas.safetensors: the default model then becomes the demo model.
 """
 
@@ -38,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("--deltas", type=Path, default=DELTAS_FILE, help="deltas file (default: the shipped one)")
     assemble.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (new or empty)")
     assemble.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights dtype")
+    base = sub.add_parser("base", help="write the untrained base (float32) that the demo model's training starts from")
+    base.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (new or empty)")
     return parser
 
 
@@ -52,15 +57,19 @@ def _export(args) -> int:
 def _assemble(args) -> int:
     import torch
 
-    from ..atomic import atomic_path
-    from .assemble import assemble_demo
+    from .assemble import assemble_base, assemble_demo
 
-    if not args.deltas.is_file():
+    if args.command == "assemble" and not args.deltas.is_file():
         raise FileNotFoundError(f"--deltas {args.deltas} does not exist")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise CheckpointError(f"--out {args.out} exists and is not empty; choose a new directory")
+    from ..atomic import atomic_path
+
     with atomic_path(args.out, directory=True) as tmp:
-        assemble_demo(args.deltas, tmp, dtype=getattr(torch, args.dtype), progress=True)
+        if args.command == "assemble":
+            assemble_demo(args.deltas, tmp, dtype=getattr(torch, args.dtype), progress=True)
+        else:
+            assemble_base(tmp, progress=True)
     print(f"wrote {args.out}")
     return 0
 

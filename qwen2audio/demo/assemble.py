@@ -81,27 +81,41 @@ def _mention_older(current: Path) -> None:
               file=sys.stderr)
 
 
+def assemble_base(out: str | Path, files: dict[str, PretrainedFile] | None = None, dtype: torch.dtype = torch.float32,
+                  progress: bool | None = None) -> None:
+    """Write the untrained base into ``out``: the pinned parts joined and converted, nothing applied. This
+    is what the demo model's training starts from (configs/demo/pretrain.yaml ``model``)."""
+    _assemble(None, Path(out), files or parts.DEMO_PARTS, dtype, progress, None)
+
+
 def assemble_demo(deltas_path: str | Path, out: str | Path, files: dict[str, PretrainedFile] | None = None,
                   dtype: torch.dtype = DEMO_DTYPE, progress: bool | None = None, announce: str | None = None) -> None:
     """Write the demo model into the (empty or new) folder ``out``: the parts ``files`` (default: the pinned
     demo parts, installed by the ``demo`` extra) joined and converted, ``deltas_path`` applied.
     ``announce`` is said on stderr once the inputs are checked, before the long work."""
+    files = files or parts.DEMO_PARTS
+    deltas_path = Path(deltas_path)
+    deltas = load_deltas(deltas_path)  # the cheap checks first: a wrong file fails before minutes of work
+    check_base(deltas, files, deltas_path)
+    _assemble((deltas_path, deltas), Path(out), files, dtype, progress, announce)
+
+
+def _assemble(trained, out: Path, files: dict[str, PretrainedFile], dtype: torch.dtype, progress: bool | None,
+              announce: str | None) -> None:
+    """Join and convert the parts, apply ``trained`` = (deltas path, deltas) if given, write ``out``."""
     from tqdm import tqdm
 
     from ..checkpoint.init import assemble_checkpoint, write_checkpoint
 
-    files = files or parts.DEMO_PARTS
-    deltas_path, out = Path(deltas_path), Path(out)
-    deltas = load_deltas(deltas_path)  # the cheap checks first: a wrong file fails before minutes of work
-    check_base(deltas, files, deltas_path)
     sources = locate_all(files)
     if announce:
         print(f"qwen2audio: {announce}", file=sys.stderr, flush=True)
-    steps = [f"join {spec.what}" for spec in files.values()] + ["convert", "apply the trained deltas", "write"]
+    steps = [f"join {spec.what}" for spec in files.values()] + ["convert"] + (
+        ["apply the trained deltas"] if trained else []) + ["write"]
     scratch = out / SCRATCH_DIR
     scratch.mkdir(parents=True, exist_ok=True)
     disable = None if progress is None else not progress  # None: shown on a terminal only
-    with tqdm(total=len(steps), unit="step", desc="assembling the default model", disable=disable,
+    with tqdm(total=len(steps), unit="step", desc="assembling the default model" if trained else "assembling the base", disable=disable,
               file=sys.stderr) as bar:
         step = iter(steps)
         joined = {}
@@ -113,12 +127,17 @@ def assemble_demo(deltas_path: str | Path, out: str | Path, files: dict[str, Pre
         built = assemble_checkpoint(joined["encoder"], joined["llm"], dtype="float32")  # deltas merge in float32
         shutil.rmtree(scratch)  # the joined files are read: free their disk before the weights are written
         bar.update()
-        bar.set_postfix_str(next(step))
-        apply_deltas(built.state, deltas, deltas_path, dtype=dtype)
-        bar.update()
+        if trained:
+            deltas_path, deltas = trained
+            bar.set_postfix_str(next(step))
+            apply_deltas(built.state, deltas, deltas_path, dtype=dtype)
+            bar.update()
+        else:
+            built.state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in built.state.items()}
         bar.set_postfix_str(next(step))
         write_checkpoint(built, out)
-        info = {"assembly_version": ASSEMBLY_VERSION, "deltas_sha256": file_sha256(deltas_path),
-                "deltas": deltas.info, "summary": describe(deltas)}
-        (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if trained:
+            info = {"assembly_version": ASSEMBLY_VERSION, "deltas_sha256": file_sha256(deltas_path),
+                    "deltas": deltas.info, "summary": describe(deltas)}
+            (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         bar.update()
