@@ -1,8 +1,21 @@
-"""DPO pairs of the demo model: the judges of a wrong answer."""
+"""DPO pairs of the demo model (python -m demo.dpo_pairs): the judges of a wrong answer, and the command on
+the tiny data set with a tiny random model (which gets everything wrong: that tests the mechanics)."""
+
+import json
+import shutil
+from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 
 from demo.mistakes import is_mistake, word_error_rate
+from qwen2audio import Qwen2Audio
+from qwen2audio.data.manifest import read_manifest
+from qwen2audio.default_model import write_tiny_model
+
+HAVE_DEPS = all(find_spec(m) is not None for m in ("num2words", "mido"))
+if HAVE_DEPS:
+    from demo import dpo_pairs, make_data
 
 SOUND = "I hear a dog barking."
 
@@ -56,3 +69,138 @@ def test_judges_find_mistakes(task, answer, right, wrong):
 def test_word_error_rate_counts_edits_per_reference_word():
     assert word_error_rate("birds sing every morning", "Birds sang every.") == pytest.approx(0.5)
     assert word_error_rate("", "") == 0.0
+
+
+# ---- the command ----
+
+needs_deps = pytest.mark.skipif(not HAVE_DEPS, reason="num2words or mido is not installed: pip install num2words mido")
+UNANSWERED = 0  # the voice-chat question whose answer is unusable (null): its rows are never asked
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_demo_data, tmp_path_factory):
+    """The tiny data with answers to its voice-chat questions (one unusable), and a tiny random model."""
+    root = tmp_path_factory.mktemp("dpo")
+    data = root / "data"
+    shutil.copytree(tiny_demo_data, data)
+    questions = [json.loads(line)["question"] for line in (data / make_data.QUESTIONS).read_text().splitlines()]
+    answers = [{"question": q, "answer": None if i == UNANSWERED else f"The answer to {q}"}
+               for i, q in enumerate(questions)]
+    (data / make_data.ANSWERS).write_text("".join(json.dumps(a) + "\n" for a in answers))
+    write_tiny_model(root / "model")
+    return data, root / "model"
+
+
+def _copy(workspace, tmp_path) -> tuple[Path, Path]:
+    data, model = workspace
+    shutil.copytree(data, tmp_path / "data")
+    return tmp_path / "data", model
+
+
+def _args(data: Path, model: Path, *more: str) -> list[str]:
+    return ["--data", str(data), "--model", str(model), "--batch-size", "4", "--max-new-tokens", "8", *more]
+
+
+def _records(data: Path) -> list[dict]:
+    return [json.loads(line) for line in (data / dpo_pairs.GENERATED).read_text().splitlines()]
+
+
+class _Counting:
+    """Qwen2Audio.chat_batch, counting the conversations asked; raises KeyboardInterrupt at call ``stop``."""
+
+    def __init__(self, monkeypatch, stop: int | None = None):
+        self.asked, self.calls, self.stop = 0, 0, stop
+        real = Qwen2Audio.chat_batch
+
+        def chat_batch(model, conversations, **sampling):
+            self.calls += 1
+            if self.calls == self.stop:
+                raise KeyboardInterrupt
+            self.asked += len(conversations)
+            return real(model, conversations, **sampling)
+
+        monkeypatch.setattr(Qwen2Audio, "chat_batch", chat_batch)
+
+
+@needs_deps
+def test_pairs_load_as_dpo_rows_and_a_rerun_asks_nothing(workspace, tmp_path, monkeypatch, one_thread):
+    data, model = _copy(workspace, tmp_path)
+    assert dpo_pairs.main(_args(data, model, "--per-task", "3")) == 0
+    pairs = []
+    for name in (dpo_pairs.TRAIN_FILE, dpo_pairs.VAL_FILE):
+        examples, report = read_manifest(data / name, "dpo")
+        assert report.bad == [] and examples, name
+        pairs += examples
+    for pair in pairs:
+        assert pair.chosen != pair.rejected
+        assert [m["role"] for m in pair.messages] == ["user"]
+        assert all(Path(a).is_file() for a in pair.audios)
+    summary = json.loads((data / dpo_pairs.SUMMARY_FILE).read_text())
+    assert {t: c["prompts"] for t, c in summary["tasks"].items()} == {t: 3 for t in make_data.TASKS}
+    assert summary["pairs"]["train"] + summary["pairs"]["val"] == len(pairs)
+    assert sum(c["pairs"] for c in summary["tasks"].values()) == len(pairs) > 0
+    unanswered = json.loads((data / make_data.QUESTIONS).read_text().splitlines()[UNANSWERED])["question"]
+    assert not any(r["right"] is None or unanswered in r["right"] for r in _records(data))
+
+    generated, written = (data / dpo_pairs.GENERATED).read_bytes(), (data / dpo_pairs.TRAIN_FILE).read_bytes()
+    monkeypatch.setattr(Qwen2Audio, "load", lambda *a, **k: pytest.fail("a finished run loaded the model again"))
+    assert dpo_pairs.main(_args(data, model, "--per-task", "3")) == 0
+    assert (data / dpo_pairs.GENERATED).read_bytes() == generated
+    assert (data / dpo_pairs.TRAIN_FILE).read_bytes() == written
+
+
+@needs_deps
+def test_an_interrupted_run_keeps_its_answers_and_goes_on(workspace, tmp_path, monkeypatch, one_thread, capsys):
+    data, model = _copy(workspace, tmp_path)
+    args = _args(data, model, "--per-task", "2", "--samples", "1")  # one call per batch of 4
+    _Counting(monkeypatch, stop=2)
+    assert dpo_pairs.main(args) == 130
+    assert "run the same command again" in capsys.readouterr().err
+    assert len(_records(data)) == 4  # the first batch
+    with open(data / dpo_pairs.GENERATED, "a") as f:
+        f.write('{"key": "audio/sft/tr')  # a line cut short by a crash
+    counting = _Counting(monkeypatch)
+    assert dpo_pairs.main(args) == 0
+    total = 2 * len(make_data.TASKS)
+    assert counting.asked == total - 4
+    assert len({r["key"] for r in _records(data)}) == len(_records(data)) == total
+    counting = _Counting(monkeypatch)
+    assert dpo_pairs.main(_args(data, model, "--per-task", "3", "--samples", "1")) == 0  # the first two kept
+    assert counting.asked == len(make_data.TASKS)
+    counting = _Counting(monkeypatch)
+    assert dpo_pairs.main(_args(data, model, "--per-task", "2", "--samples", "1", "--seed", "1")) == 0
+    assert counting.asked == total  # other settings: asked anew
+
+
+@needs_deps
+@pytest.mark.parametrize("case, more, message", [
+    ("no data", [], "config.json not found: run python -m demo.make_data"),
+    ("no model", [], "is not a checkpoint folder"),
+    ("unfinished data", [], "the data is unfinished"),
+    ("numbers", ["--per-task", "0"], "--per-task must be at least 1, got 0"),
+    ("numbers", ["--samples", "0"], "--samples must be at least 1"),
+    ("numbers", ["--batch-size", "-2"], "--batch-size must be at least 1"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, case, more, message):
+    data, model = tmp_path / "data", tmp_path / "model"
+    model.mkdir()
+    if case != "no data":
+        data.mkdir()
+        (data / "config.json").write_text('{"seed": 0}')
+    if case != "no model":
+        (model / "config.json").write_text("{}")
+    assert dpo_pairs.main(["--data", str(data), "--model", str(model), *more]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("demo.dpo_pairs: error: ") and message in err and err.count("\n") == 1
+    assert not (data / dpo_pairs.GENERATED).exists()
+
+
+@needs_deps
+def test_a_folder_that_is_no_model_is_refused_before_anything_is_asked(workspace, tmp_path, capsys):
+    data, _ = _copy(workspace, tmp_path)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert dpo_pairs.main(_args(data, model)) == 2
+    assert capsys.readouterr().err.startswith("demo.dpo_pairs: error: ")
+    assert not (data / dpo_pairs.GENERATED).exists()
