@@ -1,0 +1,62 @@
+"""python -m demo.build: the demo model's end-to-end rebuild runs its steps in order, skips finished ones
+and says how to go on after a failure."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from demo import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_steps_run_in_the_documented_order():
+    assert build.NAMES == ["sources", "data", "base", "answers", "pretrain", "sft", "dpo-pairs", "dpo", "export",
+                           "report"]
+    for step in build.STEPS:  # every step says in the module's docstring what it does
+        assert f"\n    {step.name} " in build.__doc__
+    assert [s.name for s in build.select("sft", "dpo")] == ["sft", "dpo-pairs", "dpo"]
+    with pytest.raises(ValueError, match="comes after"):
+        build.select("dpo", "sft")
+
+
+def test_every_training_step_runs_a_shipped_config():
+    for step in build.STEPS:
+        configs = [a for a in step.argv if a.startswith("configs/")]
+        for config in configs:
+            assert (ROOT / config).is_file(), config
+
+
+def test_dry_run_prints_commands_and_skips_finished_steps(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs/demo").mkdir(parents=True)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / build.BASE).mkdir(parents=True)
+    (tmp_path / build.BASE / "config.json").write_text("{}")
+    assert build.main(["--from", "base", "--until", "pretrain", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[base] done already: skipped" in out
+    assert "[answers] python -m demo.llm_answers --data data/demo --model assets/demo-base --stage sft" in out
+    assert "[pretrain] python -m qwen2audio.cli train pretrain configs/demo/pretrain.yaml" in out
+    assert "[sft]" not in out
+
+
+def test_a_failing_step_stops_the_build_and_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    steps = [build.Step("one", [sys.executable, "-c", "print('one')"], lambda: False),
+             build.Step("two", [sys.executable, "-c", "import sys; sys.exit(3)"], lambda: False),
+             build.Step("three", [sys.executable, "-c", "print('three')"], lambda: ran.append(3) or False)]
+    assert build.run(steps) == 3
+    assert ran == []  # never reached
+    assert "python -m demo.build --from two" in capsys.readouterr().err
+    times = [json.loads(line) for line in (tmp_path / build.TIMES).read_text().splitlines()]
+    assert [(t["step"], t["exit"]) for t in times] == [("one", 0), ("two", 3)]
+
+
+def test_outside_the_repository_root_it_says_where_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert build.main(["--dry-run"]) == 2
+    assert "repository root" in capsys.readouterr().err
