@@ -1,6 +1,8 @@
 import os
+import shutil
 import sys
 import tempfile
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,16 @@ def default_home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QWEN2AUDIO_HOME", str(home))
         yield home
+
+
+@pytest.fixture(scope="session")
+def demo_tiny_data(tmp_path_factory):
+    """The demo data at its tiny scale (python -m demo.make_data --scale tiny), made once per test run; tests
+    read it and never change it (copy it first)."""
+    if shutil.which("espeak-ng") is None or any(find_spec(m) is None for m in ("num2words", "mido")):
+        pytest.skip("espeak-ng, num2words or mido is not installed")
+    from demo import make_data
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    assert make_data.main(["--out", str(out), "--seed", "0", "--scale", "tiny", "--jobs", "2"]) == 0
+    return out

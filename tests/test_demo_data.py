@@ -102,12 +102,8 @@ def test_long_sentences_are_split_into_phrases_of_at_most_twenty_words():
 # ---- the generator at its tiny scale ----
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    if shutil.which("espeak-ng") is None or not HAVE_DEPS:
-        pytest.skip("espeak-ng, num2words or mido is not installed")
-    out = tmp_path_factory.mktemp("demo") / "data"
-    assert make_data.main(["--out", str(out), "--seed", "0", "--scale", "tiny", "--jobs", "2"]) == 0
-    return out
+def tiny(demo_tiny_data):
+    return demo_tiny_data  # tests/conftest.py: shared with the report's tests
 
 
 def _recipes(out: Path) -> list[tuple[str, dict]]:
