@@ -3,6 +3,7 @@ synthetic speech and the labelled sounds that ship in Debian, PyPI and npm packa
 
     python -m demo.make_data --out data/demo --seed 0 --scale small
     python -m demo.llm_answers --data data/demo --model MODEL_DIR
+    python -m demo.report --data data/demo --model MODEL_DIR      # the trained model against its targets
 
 Not part of the installed qwen2audio package; see docs/demo-model.md ("Data").
 """
