@@ -54,6 +54,9 @@ class EvalSet:
     questions: dict[str, str]  # item id -> the question its audio speaks (voice_chat, sound_question)
 
 
+DEFAULT_MODEL = "default"  # --model default: what qwen2audio runs without a model folder
+
+
 def check_inputs(args: argparse.Namespace) -> None:
     """Every path the report needs, before any work."""
     if not args.data.is_dir():
@@ -412,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="the folder demo.make_data wrote (e.g. data/demo)")
-    parser.add_argument("--model", type=Path, required=True, help="the demo model's checkpoint folder")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="the demo model's checkpoint folder, or 'default': the default model as users get it "
+                             "(assembled into the cache from the shipped deltas on first use)")
     parser.add_argument("--llm", type=Path, default=None,
                         help="checkpoint whose LLM answers the typed questions (default: --model, without audio)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -424,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device for the evaluation and the speed (default cpu)")
     args = parser.parse_args(argv)
     try:
+        if str(args.model) == DEFAULT_MODEL:
+            from qwen2audio.default_model import default_model_dir
+
+            args.model = default_model_dir()
         report = run(args, argv)
     except (UsageError, FileNotFoundError, ValueError) as err:  # ValueError: DatasetError, CheckpointError, ...
         print(f"{PROG}: error: {err}", file=sys.stderr)

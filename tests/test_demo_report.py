@@ -87,6 +87,16 @@ def test_no_data_folder_is_refused(tmp_path, capsys):
     assert "nowhere is not a folder" in err
 
 
+def test_model_default_is_the_default_model_users_get(tmp_path, monkeypatch):
+    from qwen2audio.default_model import default_model_dir
+
+    seen = []
+    monkeypatch.setattr(report, "run", lambda args, argv: seen.append(args.model) or (_ for _ in ()).throw(
+        report.UsageError("stop here")))
+    assert report.main(["--data", str(tmp_path), "--model", "default", "--out", str(tmp_path / "r")]) == 2
+    assert seen == [default_model_dir()]  # the tests' default: the tiny random model (conftest.py)
+
+
 def test_a_model_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     err = _refused(["--data", str(_data(tmp_path / "d")), "--model", str(tmp_path / "m")], tmp_path, capsys)
