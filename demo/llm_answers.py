@@ -1,6 +1,6 @@
 """Answer the demo data's spoken questions with the language model itself, in text.
 
-    python -m demo.llm_answers --data data/demo --model MODEL_DIR [--stage sft] [--batch-size 8] [--max-new-tokens 60] [--limit N]
+    python -m demo.llm_answers --data data/demo --model MODEL_DIR [--stage sft] [--dtype bfloat16] [--batch-size 8] [--max-new-tokens 60] [--limit N]
 
 Each question in DATA/voice_chat/questions.jsonl is put to MODEL_DIR as a typed user message (greedy
 decoding, batched); the reply becomes the target of the voice-chat rows that speak that question, so the
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="answer only the questions of this stage's rows (default: all)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="weights dtype (auto: as stored; bfloat16 is 2-3x faster on CPUs with AVX-512 BF16)")
     parser.add_argument("--limit", type=int, default=None, help="answer at most N questions this time")
     args = parser.parse_args(argv)
     config = args.data / "config.json"
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if questions:
         from qwen2audio import Qwen2Audio
 
-        model = Qwen2Audio.load(args.model)
+        model = Qwen2Audio.load(args.model, dtype=args.dtype)
         try:
             answer_all(model, questions, args.data / ANSWERS, args.batch_size, args.max_new_tokens)
         except KeyboardInterrupt:
