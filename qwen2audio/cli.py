@@ -6,6 +6,7 @@ assemble a new checkpoint.
     qwen2audio eval [MODEL_DIR] --task TASK --data PATH              run a benchmark, report it beside the paper
     qwen2audio train {pretrain,sft,dpo} CONFIG [KEY=VALUE ...]       run one training stage from a YAML config
     qwen2audio init --encoder WHISPER --llm QWEN2 --out DIR          a new checkpoint from Whisper and Qwen2
+    qwen2audio serve [MODEL_DIR] [--port 8000]                       an OpenAI-compatible HTTP server
 
 MODEL_DIR is a Qwen2-Audio checkpoint directory (Hugging Face layout); left out, the embedded default
 model is used (tiny and random: it shows the pipeline works, its words mean nothing).
@@ -38,7 +39,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # Modules that add commands: each has register(subparsers), which adds its parser(s) with
 # set_defaults(handler=function(args) -> exit code). Their heavy imports belong inside the handler.
-COMMAND_MODULES: list[str] = ["qwen2audio.checkpoint.init", "qwen2audio.training.cli", "qwen2audio.eval.cli"]
+COMMAND_MODULES: list[str] = ["qwen2audio.checkpoint.init", "qwen2audio.training.cli", "qwen2audio.eval.cli",
+                              "qwen2audio.serve.cli"]
 USER_ERRORS = (AudioError, CheckpointError, FileNotFoundError, ValueError)  # one line on stderr, exit 2
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but \t and \n, and DEL
 

@@ -1,0 +1,182 @@
+"""Audio in a request -> checked 16 kHz mono samples, or a 400 that says what was wrong.
+
+Where audio may come from:
+- base64 (an ``input_audio`` part, or a ``data:audio/...;base64,...`` URL): always;
+- an http(s) URL: only on the hosts the operator allowed (download.py keeps it from reaching others);
+- a local file (an absolute path, a ``file://`` URL, or a path relative to an allowed folder): only
+  inside the folders given with ``--allow-local-audio``, after resolving symbolic links and ``..``.
+
+Limits: the bytes (``max_bytes``, the body limit) and the duration (``max_seconds``, per request). The
+duration is read from the file's header before decoding (libsndfile, else FFmpeg's container), or,
+where the header does not say, counted while decoding without keeping the samples and stopped at the
+limit, so that a two-hour clip is refused without decoding two hours of audio. Decoding itself is
+qwen2audio.audio.io's ``load_audio`` (one home for formats, mono mixing and resampling).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+import numpy as np
+
+from ..audio.features import SAMPLE_RATE
+from ..errors import AudioError
+from . import defaults
+from .download import DownloadRefused, UrlPolicy, fetch
+from .errors import APIError, bad_request
+
+
+@dataclass(frozen=True)
+class AudioPolicy:
+    """What a request's audio may be and where it may come from."""
+
+    max_bytes: int
+    max_seconds: float = defaults.MAX_AUDIO_SECONDS
+    urls: UrlPolicy = field(default_factory=UrlPolicy)
+    local_dirs: tuple[Path, ...] = ()  # resolved folders whose files may be read
+
+
+def allowed_folders(folders) -> tuple[Path, ...]:
+    """``--allow-local-audio`` values -> resolved folders; ValueError for one that is not a folder."""
+    out = []
+    for folder in folders:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"--allow-local-audio {folder}: not a directory")
+        out.append(path.resolve())
+    return tuple(out)
+
+
+# -- sources -> bytes ---------------------------------------------------------------------------------------
+def b64_bytes(data: str, param: str) -> bytes:
+    try:
+        decoded = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise bad_request(f"{param}: the audio is not valid base64 ({err})", param, "invalid_base64") from None
+    if not decoded:
+        raise bad_request(f"{param}: the audio is empty (no base64 data)", param, "invalid_audio")
+    return decoded
+
+
+def url_bytes(url: str, policy: AudioPolicy, param: str) -> bytes:
+    """The bytes an audio URL names: a data: URL, an allowed http(s) URL or an allowed local file."""
+    if url.startswith("data:"):
+        header, comma, payload = url[len("data:"):].partition(",")
+        if not comma or "base64" not in header.split(";")[1:]:
+            raise bad_request(f"{param}: a data URL must look like data:audio/wav;base64,<base64>", param)
+        return b64_bytes(payload, param)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("http", "https"):
+        if not policy.urls.enabled:
+            raise bad_request(f"{param}: this server does not fetch audio URLs; send the audio as input_audio "
+                              "(base64) or a data: URL", param, "url_not_allowed")
+        try:
+            return fetch(url, policy.urls, policy.max_bytes)
+        except DownloadRefused as err:
+            raise bad_request(f"{param}: {err}", param, "url_not_allowed") from None
+    if scheme == "file" or (not scheme or len(scheme) == 1):  # a path ("C:" is a drive, not a scheme)
+        return _local_bytes(url, policy, param)
+    raise bad_request(f"{param}: audio URLs with scheme {scheme!r} are not read; send the audio as input_audio "
+                      "(base64) or a data: URL", param, "url_not_allowed")
+
+
+def _local_bytes(url: str, policy: AudioPolicy, param: str) -> bytes:
+    if not policy.local_dirs:
+        raise bad_request(f"{param}: this server does not read local files; send the audio as input_audio "
+                          "(base64) or a data: URL", param, "local_file_not_allowed")
+    if url.startswith("file:"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise bad_request(f"{param}: file URLs must name a local file (file:///path)", param)
+        url = url2pathname(unquote(parts.path))
+    path = _inside_allowed(Path(url), policy.local_dirs)
+    if path is None:
+        raise bad_request(f"{param}: the file is not inside a folder this server reads audio from, or does not "
+                          "exist", param, "local_file_not_allowed")
+    if path.stat().st_size > policy.max_bytes:
+        raise APIError(413, f"{param}: the file is more than the {policy.max_bytes} bytes this server takes",
+                       param=param, code="audio_too_large")
+    return path.read_bytes()
+
+
+def _inside_allowed(path: Path, folders: tuple[Path, ...]) -> Path | None:
+    """The resolved regular file ``path`` names inside one of ``folders`` (a relative path is tried in
+    each folder in turn), or None: after symbolic links and ``..`` are resolved it must still be inside."""
+    candidates = [path] if path.is_absolute() else [folder / path for folder in folders]
+    for candidate in candidates:
+        try:
+            resolved = candidate.resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, or a symbolic link loop
+            continue
+        if resolved.is_file() and any(resolved.is_relative_to(folder) for folder in folders):
+            return resolved
+    return None
+
+
+# -- bytes -> samples ---------------------------------------------------------------------------------------
+def decode(data: bytes, param: str, seconds_left: float, max_seconds: float) -> np.ndarray:
+    """Encoded audio -> (n,) float32 at 16 kHz, at most ``seconds_left`` long (what the request's
+    earlier clips left of ``max_seconds``); a 400 otherwise."""
+    seconds = probe_seconds(data, seconds_left)
+    if seconds is not None and seconds > seconds_left:
+        raise _too_long(param, seconds, seconds_left, max_seconds)
+    from ..audio.io import load_audio  # soundfile, soxr and PyAV: only once audio arrives
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a file cut short is used as far as it goes
+            wave = load_audio(data, name=param)
+    except AudioError as err:
+        raise bad_request(str(err), param, "invalid_audio") from None
+    if wave.shape[0] / SAMPLE_RATE > seconds_left:  # a header that said less than there was
+        raise _too_long(param, wave.shape[0] / SAMPLE_RATE, seconds_left, max_seconds)
+    return wave
+
+
+def _too_long(param: str, seconds: float, seconds_left: float, max_seconds: float) -> APIError:
+    earlier = f" ({seconds_left:.1f} s after the request's other audio)" if seconds_left < max_seconds else ""
+    return bad_request(f"{param}: the audio is {seconds:.1f} s long; this server takes at most {max_seconds:g} s of "
+                       f"audio per request{earlier}", param, "audio_too_long")
+
+
+def probe_seconds(data: bytes, limit: float) -> float | None:
+    """The duration of encoded audio without decoding it all: from the header (libsndfile, else FFmpeg's
+    container), else counted while decoding and stopped once past ``limit``; None if unreadable."""
+    import soundfile
+
+    try:
+        info = soundfile.info(io.BytesIO(data))
+        if info.frames > 0 and info.samplerate > 0:
+            return info.frames / info.samplerate
+    except Exception:  # noqa: BLE001 - not a format libsndfile reads: ask FFmpeg
+        pass
+    return _container_seconds(data, limit)
+
+
+def _container_seconds(data: bytes, limit: float) -> float | None:
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if container.duration:
+                return container.duration / av.time_base
+            seconds = 0.0
+            for frame in container.decode(stream):  # no length in the header (a browser's webm): count
+                seconds += frame.samples / frame.sample_rate
+                if seconds > limit:
+                    break
+            return seconds
+    except Exception:  # noqa: BLE001 - load_audio will say what is wrong with it
+        return None

@@ -1,0 +1,258 @@
+"""POST /v1/chat/completions: an OpenAI chat request -> the backend's chat, answered whole or streamed.
+
+Sampling: the checkpoint's generation_config.json decides what the request leaves out (as
+``Qwen2Audio.chat`` does), the request overrides it. ``n`` > 1 with greedy decoding gives n copies of
+one completion (greedy decoding has one answer), generated once; sampled, n independent completions
+(seeds seed, seed+1, ... when a seed is given). Streamed, the choices come one after another, each
+whole before the next (every chunk names its choice's index, as OpenAI's do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Sequence
+
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..audio.features import SAMPLE_RATE
+from ..generation.params import SamplingParams
+from . import openai_format as fmt
+from .audio_input import AudioPolicy, b64_bytes, decode, url_bytes
+from .backend import ABORTED, Backend, Handle, QueueFull, Unavailable
+from .errors import SERVER_ERROR, APIError, bad_request, error_body, retry_later
+from .handles import Reader, watching
+from .metrics import Metrics
+
+ENDPOINT = "/v1/chat/completions"
+SHUTTING_DOWN_RETRY_SECONDS = 5
+log = logging.getLogger("qwen2audio.serve")
+
+
+async def chat_completions(request: Request, backend: Backend, policy: AudioPolicy, max_tokens: int,
+                           metrics: Metrics, arrived: float) -> Response:
+    body = await request.body()
+    try:
+        req = fmt.ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as err:
+        raise fmt.validation_error(err) from None
+    check_model(req.model, backend.model_id)
+    _refuse_unsupported(req)
+    params, copies = sampling(req, backend.chat_defaults, max_tokens)
+    messages = await run_in_threadpool(to_messages, req.messages, policy)
+    handles = submit(lambda p: backend.chat(messages, p), params)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    done = _Done(metrics, arrived, handles)
+    if req.stream:
+        return await _streamed(request, backend.model_id, handles, copies, include_usage, done)
+    return await _whole(request, backend.model_id, handles, copies, done)
+
+
+# -- checking ---------------------------------------------------------------------------------------------
+def check_model(name: str, model_id: str) -> None:
+    if name not in (model_id, "default"):
+        raise APIError(404, f"The model `{name}` does not exist: this server serves `{model_id}` (also called "
+                       "`default`)", param="model", code="model_not_found")
+
+
+def _refuse_unsupported(req: fmt.ChatCompletionRequest) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise bad_request(f"{name} is not supported (only 0); repetition_penalty (> 1) discourages "
+                              "repeating instead", name, "unsupported_parameter")
+    if req.logprobs:
+        raise bad_request("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
+    if req.tools:
+        raise bad_request("tools are not supported by this server", "tools", "unsupported_parameter")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format",
+                          "unsupported_parameter")
+    if req.modalities and set(req.modalities) != {"text"}:
+        raise bad_request("this model answers in text only: modalities must be [\"text\"]", "modalities",
+                          "unsupported_parameter")
+
+
+def sampling(req: fmt.ChatCompletionRequest, checkpoint: dict[str, Any], cap: int) -> tuple[list[SamplingParams], int]:
+    """The SamplingParams of each generation to run, and how many choices each stands for."""
+    asked = req.max_completion_tokens or req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    if asked is not None and asked > cap:
+        raise bad_request(f"{name} is {asked}, more than this server's limit of {cap} tokens", name)
+    given = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
+             "repetition_penalty": req.repetition_penalty,
+             "top_k": None if req.top_k is None else max(req.top_k, 0),
+             "stop": (req.stop,) if isinstance(req.stop, str) else tuple(req.stop) if req.stop else None,
+             "max_new_tokens": asked or min(checkpoint.get("max_new_tokens", cap), cap)}
+    try:
+        base = SamplingParams(**{**checkpoint, **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as err:
+        raise bad_request(str(err)) from None
+    n = req.n or 1
+    if n == 1 or base.greedy:
+        return [base], n
+    seeds = [None] * n if base.seed is None else [(base.seed + i) % (fmt.MAX_SEED + 1) for i in range(n)]
+    return [dataclasses.replace(base, seed=s) for s in seeds], 1
+
+
+def to_messages(messages: Sequence[fmt.ChatMessage], policy: AudioPolicy) -> list[dict[str, Any]]:
+    """OpenAI messages -> the model's messages, audio decoded and checked (total duration included)."""
+    out, seconds_left = [], policy.max_seconds
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if message.content is None or isinstance(message.content, str):
+            out.append({"role": role, "content": message.content or ""})
+            continue
+        parts = []
+        for j, part in enumerate(message.content):
+            where = f"messages[{i}].content[{j}]"
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+                continue
+            if part.type == "input_audio":
+                data = b64_bytes(part.input_audio.data, f"{where}.input_audio.data")
+            else:
+                url = part.audio_url if isinstance(part.audio_url, str) else part.audio_url.url
+                data = url_bytes(url, policy, f"{where}.audio_url")
+            wave = decode(data, where, seconds_left, policy.max_seconds)
+            seconds_left -= wave.shape[0] / SAMPLE_RATE
+            parts.append({"type": "audio", "audio": wave})
+        out.append({"role": role, "content": parts})
+    return out
+
+
+def submit(start, params: Sequence[SamplingParams]) -> list[Handle]:
+    """Submit one generation per params; all or none (a full queue cancels those already in)."""
+    handles: list[Handle] = []
+    try:
+        for p in params:
+            handles.append(start(p))
+    except QueueFull as err:
+        for handle in handles:
+            handle.cancel()
+        raise retry_later(429, str(err), "queue_full", err.retry_after) from None
+    except Unavailable as err:
+        for handle in handles:
+            handle.cancel()
+        raise retry_later(503, str(err), "shutting_down", SHUTTING_DOWN_RETRY_SECONDS) from None
+    return handles
+
+
+def request_error(err: Exception) -> APIError:
+    """An error a generation raised -> its answer: ValueError is the request's fault (a prompt longer
+    than the context), anything else the server's."""
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, ValueError):
+        return bad_request(str(err), code="context_length_exceeded" if "context" in str(err) else None)
+    log.exception("generation failed", exc_info=err)
+    return APIError(500, f"the generation failed ({type(err).__name__}); see the server's log", SERVER_ERROR)
+
+
+# -- answering ------------------------------------------------------------------------------------------------
+class _Done:
+    """Records each generation's tokens and timings in the metrics, once."""
+
+    def __init__(self, metrics: Metrics, arrived: float, handles: Sequence[Handle]):
+        self.metrics, self.arrived, self.handles = metrics, arrived, handles
+
+    def __call__(self, readers: Sequence[Reader]) -> None:
+        ended = time.monotonic()
+        firsts = [r.first_at for r in readers if r.first_at is not None]
+        if firsts:
+            self.metrics.first_token.observe(min(firsts) - self.arrived, ENDPOINT)
+        for reader in readers:
+            result = reader.handle.result
+            self.metrics.generation_done(result.prompt_tokens, len(result.token_ids), reader.first_at, ended,
+                                         result.finish_reason == ABORTED)
+
+
+async def _whole(request: Request, model_id: str, handles: list[Handle], copies: int, done: _Done) -> Response:
+    readers = [Reader(h) for h in handles]
+
+    async def read_all() -> list[str]:
+        return [await reader.rest() for reader in readers]
+
+    try:
+        texts = await watching(request, handles, read_all)
+    except Exception as err:  # noqa: BLE001 - mapped to its answer
+        raise request_error(err) from None
+    finally:
+        done(readers)
+    results = [h.result for h in handles]
+    choices = [(text, r.finish_reason) for text, r in zip(texts, results) for _ in range(copies)]
+    completion_tokens = sum(len(r.token_ids) for r in results) * copies
+    body = fmt.chat_completion(fmt.completion_id(), fmt.now(), model_id, choices, results[0].prompt_tokens,
+                               completion_tokens)
+    return JSONResponse(body)
+
+
+async def _streamed(request: Request, model_id: str, handles: list[Handle], copies: int, include_usage: bool,
+                    done: _Done) -> Response:
+    readers = [Reader(h) for h in handles]
+    try:  # the first text (or the request's error) before the response starts: errors get their status
+        first = await watching(request, handles, readers[0].next)
+    except Exception as err:  # noqa: BLE001
+        for handle in handles:
+            handle.cancel()
+        done(readers)
+        raise request_error(err) from None
+    events = _events(model_id, readers, first, copies, include_usage, done)
+    return _CancellingStream(handles, events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _CancellingStream(StreamingResponse):
+    """A stream whose generations are cancelled however it ends, even before its first chunk."""
+
+    def __init__(self, handles: Sequence[Handle], *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handles = handles
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for handle in self.handles:
+                handle.cancel()
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _events(model_id: str, readers: list[Reader], first: str | None, copies: int, include_usage: bool,
+                  done: _Done) -> AsyncIterator[str]:
+    """The SSE stream: per choice a role chunk, content chunks and a finish chunk; then the usage chunk
+    (when asked for) and [DONE]."""
+    id, created = fmt.completion_id(), fmt.now()
+
+    def chunk(index: int, delta: dict[str, str], finish: str | None = None) -> str:
+        return _sse(fmt.chunk(id, created, model_id, index, delta, finish, include_usage))
+
+    try:
+        for k, reader in enumerate(readers):
+            indices = range(k * copies, (k + 1) * copies)
+            for i in indices:
+                yield chunk(i, {"role": "assistant", "content": ""})
+            delta = first if k == 0 else await reader.next()
+            while delta is not None:
+                for i in indices:
+                    yield chunk(i, {"content": delta})
+                delta = await reader.next()
+            for i in indices:
+                yield chunk(i, {}, reader.handle.result.finish_reason)
+        if include_usage:
+            results = [r.handle.result for r in readers]
+            yield _sse(fmt.usage_chunk(id, created, model_id, results[0].prompt_tokens,
+                                       sum(len(r.token_ids) for r in results) * copies))
+        yield "data: [DONE]\n\n"
+    except Exception as err:  # noqa: BLE001 - a generation that failed after the stream began
+        error = request_error(err)
+        yield _sse(error_body(error.message, error.type, error.param, error.code))
+    finally:
+        done(readers)  # _CancellingStream cancels what is still running

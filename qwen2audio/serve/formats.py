@@ -1,0 +1,84 @@
+"""Transcripts in the response formats of OpenAI's audio endpoints: json, text, srt, vtt, verbose_json.
+
+A transcript is a list of segments, one per window of the audio (transcription.py), with start and
+end times in seconds. Subtitle cues get a line of text each: line breaks inside a segment would end
+the cue early, and ``-->`` would read as a timing line, so both are replaced; WebVTT also needs
+``&`` and ``<`` escaped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+MEDIA_TYPES = {"json": "application/json", "verbose_json": "application/json", "text": "text/plain; charset=utf-8",
+               "srt": "application/x-subrip; charset=utf-8", "vtt": "text/vtt; charset=utf-8"}
+HOP_SECONDS = 0.01  # Whisper's mel hop (10 ms): a segment's "seek" is its start in these frames
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float  # seconds from the start of the audio
+    end: float
+    text: str
+    tokens: list[int] = field(default_factory=list)  # generated token ids
+
+
+def full_text(segments: list[Segment]) -> str:
+    return " ".join(s.text for s in segments if s.text)
+
+
+def render(fmt: str, segments: list[Segment], *, task: str, language: str, duration: float,
+           temperature: float) -> tuple[str, str]:
+    """(body, media type) of a transcript in format ``fmt`` (one of FORMATS)."""
+    if fmt == "json":
+        body = json.dumps({"text": full_text(segments)}, ensure_ascii=False)
+    elif fmt == "text":
+        body = full_text(segments) + "\n"
+    elif fmt == "srt":
+        body = srt(segments)
+    elif fmt == "vtt":
+        body = vtt(segments)
+    elif fmt == "verbose_json":
+        body = json.dumps(verbose_json(segments, task, language, duration, temperature), ensure_ascii=False)
+    else:
+        raise ValueError(f"unknown response format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return body, MEDIA_TYPES[fmt]
+
+
+def verbose_json(segments: list[Segment], task: str, language: str, duration: float,
+                 temperature: float) -> dict[str, Any]:
+    """OpenAI's verbose_json, without the fields this model does not compute (avg_logprob,
+    compression_ratio, no_speech_prob, words)."""
+    return {"task": task, "language": language, "duration": round(duration, 3), "text": full_text(segments),
+            "segments": [{"id": i, "seek": round(s.start / HOP_SECONDS), "start": round(s.start, 3),
+                          "end": round(s.end, 3), "text": s.text, "tokens": s.tokens, "temperature": temperature}
+                         for i, s in enumerate(segments)]}
+
+
+def timestamp(seconds: float, decimal: str) -> str:
+    """12.5 -> 00:00:12,500 (srt: decimal ",") or 00:00:12.500 (vtt: decimal ".")."""
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
+
+
+def _cue_text(text: str) -> str:
+    return " ".join(text.split()).replace("-->", "->")
+
+
+def srt(segments: list[Segment]) -> str:
+    cues = [s for s in segments if _cue_text(s.text)]
+    return "".join(f"{i}\n{timestamp(s.start, ',')} --> {timestamp(s.end, ',')}\n{_cue_text(s.text)}\n\n"
+                   for i, s in enumerate(cues, 1))
+
+
+def vtt(segments: list[Segment]) -> str:
+    cues = [s for s in segments if _cue_text(s.text)]
+    escaped = (_cue_text(s.text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") for s in cues)
+    return "WEBVTT\n\n" + "".join(f"{timestamp(s.start, '.')} --> {timestamp(s.end, '.')}\n{text}\n\n"
+                                  for s, text in zip(cues, escaped))

@@ -1,0 +1,151 @@
+"""OpenAI's shapes: the chat request as pydantic models, and the response bodies built from results.
+
+Requests are validated strictly (a string where a number belongs is an error, not a conversion), as
+JSON, and fields this server does not know are ignored, as OpenAI's API ignores them. A validation
+error becomes a 400 in OpenAI's error shape (``validation_error``), never FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import APIError, bad_request
+
+MAX_N = 16  # completions one request may ask for
+MAX_STOP = 16  # stop strings one request may give
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range, non-negative part
+TYPE_WORDS = {"str", "int", "float", "bool", "list", "dict", "none"}  # pydantic's union branch names in a loc
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class InputAudio(_Model):
+    data: str  # base64 of the file's bytes
+    format: str | None = None  # "wav", "mp3", ...: a hint only; the bytes say what they are
+
+
+class InputAudioPart(_Model):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioUrl(_Model):
+    url: str  # data:audio/...;base64,...; http(s) and file URLs only where the server allows them
+
+
+class AudioUrlPart(_Model):
+    type: Literal["audio_url"]
+    audio_url: AudioUrl | str
+
+
+StopString = Annotated[str, Field(min_length=1)]
+ContentPart = Annotated[Union[TextPart, InputAudioPart, AudioUrlPart], Field(discriminator="type")]
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool | None = False
+
+
+class ChatCompletionRequest(_Model):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # extension; 0 or -1 (vLLM's spelling): off
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float | None = None  # only 0 is supported (chat.py)
+    frequency_penalty: float | None = None  # only 0 is supported
+    repetition_penalty: float | None = Field(None, gt=0)  # extension, as transformers applies it
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None  # not supported: true is refused
+    tools: list[Any] | None = None  # not supported: a non-empty list is refused
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    modalities: list[str] | None = None  # only ["text"]
+
+
+def validation_error(err: ValidationError) -> APIError:
+    """pydantic's errors -> one 400 naming the most specific field at fault."""
+    errors = err.errors(include_url=False)
+    first = max(errors, key=lambda e: len(e["loc"]))  # a union's deepest branch says the most
+    param = _param(first["loc"])
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    if first["type"] == "json_invalid":
+        return bad_request(f"the request body is not valid JSON: {first['msg']}", None, "invalid_json")
+    where = f"{param}: " if param else "the request body: "
+    return bad_request(f"{where}{first['msg']}{more}", param or None)
+
+
+def _param(loc: tuple) -> str:
+    """('messages', 0, 'content', 'list[...]', 0, 'text') -> 'messages[0].content[0].text'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier() and part.lower() not in TYPE_WORDS:
+            out += f".{part}" if out else part
+    return out
+
+
+# -- responses --------------------------------------------------------------------------------------------
+def completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(id: str, created: int, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:
+    """A chat.completion from (text, finish_reason) per choice."""
+    return {"id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish} for i, (text, finish) in enumerate(choices)],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk(id: str, created: int, model: str, index: int, delta: dict[str, str], finish_reason: str | None = None,
+          with_usage_field: bool = False) -> dict[str, Any]:
+    """One chat.completion.chunk with one choice; ``usage`` is null on every chunk when the client
+    asked for usage (it then comes in a last chunk of its own, ``usage_chunk``)."""
+    body = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if with_usage_field:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk(id: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def model_list(model_id: str, created: int) -> dict[str, Any]:
+    return {"object": "list",
+            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "qwen2audio"}]}

@@ -1,0 +1,138 @@
+"""POST /v1/audio/transcriptions and /v1/audio/translations: OpenAI's multipart audio uploads.
+
+Form fields: ``file`` and ``model`` (required), ``language``, ``prompt``, ``response_format`` (json, text,
+srt, vtt, verbose_json), ``temperature`` (default 0: greedy, as the official evaluation decodes), and
+``timestamp_granularities[]`` (segment only). ``prompt`` is accepted and not used: the model's task
+prompt is fixed. Other fields are ignored.
+
+- Transcription asks with the base model's official ASR prompt (``Qwen2Audio.transcribe``'s), and
+  translation with the official speech-translation prompt of the evaluation (CoVoST 2), into English.
+  Both read ``language`` as the language spoken (ISO 639-1, default en; an extension on /translations,
+  where OpenAI's API has no such field): the prompts name it.
+- The audio is cut into windows of at most 30 s (``split_into_windows``: near-equal lengths, nothing
+  dropped), each answered on its own as one segment with its start and end times; the model's
+  <|...|> tags are removed from the text, as ``Qwen2Audio.transcribe`` removes them.
+- The windows go to the backend one after another. Only the first can be refused for a full queue
+  (429); each later one waits for room, joining the back of the line (another client's request may
+  run between two windows).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import anyio
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..api import ASR_PROMPT
+from ..audio.features import SAMPLE_RATE, split_into_windows
+from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
+from ..generation.params import SamplingParams
+from ..text.tags import TAG
+from .audio_input import AudioPolicy, decode
+from .backend import ABORTED, Backend, Handle, QueueFull, Unavailable
+from .chat import SHUTTING_DOWN_RETRY_SECONDS, check_model, request_error
+from .errors import bad_request, retry_later
+from .formats import FORMATS, Segment, render
+from .handles import ClientGone, Reader, watching
+from .metrics import Metrics
+
+TRANSCRIBE, TRANSLATE = "transcribe", "translate"
+TARGET_LANGUAGE = "en"  # /v1/audio/translations translates into English, as OpenAI's does
+DEFAULT_LANGUAGE = "en"
+LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?$")  # en, yue, zh-TW
+MAX_FORM_FIELDS = 16
+RESUBMIT_SECONDS = 0.05  # how often a later window asks again for room in a full queue
+WINDOW_MAX_TOKENS = SamplingParams().max_new_tokens  # per window: the official evaluation's 256
+
+
+async def audio_endpoint(request: Request, task: str, backend: Backend, policy: AudioPolicy, max_tokens: int,
+                         metrics: Metrics, arrived: float, endpoint: str) -> Response:
+    form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise bad_request("send the audio as a multipart/form-data file field named 'file'", "file")
+    check_model(_field(form, "model", required=True), backend.model_id)
+    language = _field(form, "language") or DEFAULT_LANGUAGE
+    if not LANGUAGE_CODE.match(language):
+        raise bad_request(f"language {language!r} is not a language code such as en, zh or yue", "language")
+    response_format = _field(form, "response_format") or "json"
+    if response_format not in FORMATS:
+        raise bad_request(f"response_format {response_format!r} is not one of {', '.join(FORMATS)}",
+                          "response_format")
+    if "word" in form.getlist("timestamp_granularities[]"):
+        raise bad_request("word timestamps are not supported; segment timestamps come with verbose_json",
+                          "timestamp_granularities")
+    params = SamplingParams(temperature=_temperature(form), max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens))
+
+    data = await upload.read()
+    wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
+    prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
+              TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[TARGET_LANGUAGE], source=language))
+    segments, start = [], 0
+    for k, window in enumerate(split_into_windows(wave)):
+        handle = await _submit(request, backend, prompt, window, params, first=(k == 0))
+        reader = Reader(handle)
+        try:
+            text = await watching(request, [handle], reader.rest)
+        except Exception as err:  # noqa: BLE001
+            raise request_error(err) from None
+        finally:
+            _record(metrics, reader, arrived if k == 0 else None, endpoint)
+        end = start + window.shape[0]
+        segments.append(Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, TAG.sub("", text).strip(),
+                                list(handle.result.token_ids)))
+        start = end
+    language_name = LANGUAGE_NAMES.get(language.split("-")[0].lower(), language).lower()
+    body, media_type = render(response_format, segments, task=task, language=language_name,
+                              duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature)
+    return Response(body, media_type=media_type)
+
+
+def _field(form, name: str, required: bool = False) -> str | None:
+    value = form.get(name)
+    if value is None or value == "":
+        if required:
+            raise bad_request(f"the form field {name!r} is missing", name)
+        return None
+    if not isinstance(value, str):
+        raise bad_request(f"the form field {name!r} must be text, not a file", name)
+    return value.strip()
+
+
+def _temperature(form) -> float:
+    value = _field(form, "temperature")
+    try:
+        temperature = 0.0 if value is None else float(value)
+    except ValueError:
+        raise bad_request(f"temperature {value!r} is not a number", "temperature") from None
+    if not 0 <= temperature < float("inf"):
+        raise bad_request(f"temperature must be >= 0 (0 = greedy), got {value}", "temperature")
+    return temperature
+
+
+async def _submit(request: Request, backend: Backend, prompt: str, window, params: SamplingParams,
+                  first: bool) -> Handle:
+    while True:
+        try:
+            return backend.complete(prompt, [window], params)
+        except QueueFull as err:
+            if first:
+                raise retry_later(429, str(err), "queue_full", err.retry_after) from None
+        except Unavailable as err:
+            raise retry_later(503, str(err), "shutting_down", SHUTTING_DOWN_RETRY_SECONDS) from None
+        if await request.is_disconnected():
+            raise ClientGone()
+        await anyio.sleep(RESUBMIT_SECONDS)
+
+
+def _record(metrics: Metrics, reader: Reader, arrived: float | None, endpoint: str) -> None:
+    result = reader.handle.result
+    if arrived is not None and reader.first_at is not None:
+        metrics.first_token.observe(reader.first_at - arrived, endpoint)
+    metrics.generation_done(result.prompt_tokens, len(result.token_ids), reader.first_at, time.monotonic(),
+                            result.finish_reason == ABORTED)

@@ -1,0 +1,154 @@
+"""Shared by the server's tests: a real uvicorn server on a free loopback port, in a thread, and a fake
+backend whose speed and answers the test decides."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import socket
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+import soundfile
+
+from qwen2audio.generation.engine import Generation
+from qwen2audio.serve.app import ServerState, Settings, create_app
+from qwen2audio.serve.audio_input import AudioPolicy
+from qwen2audio.serve.backend import Handle, QueueFull, Unavailable
+from reference import clip
+
+START_TIMEOUT = 60.0
+
+
+def wav_bytes(seconds: float, seed: int = 0, sr: int = 16000) -> bytes:
+    out = io.BytesIO()
+    soundfile.write(out, clip(seconds, seed, sr=sr), sr, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def settings(**overrides) -> Settings:
+    audio = overrides.pop("audio", None) or AudioPolicy(max_bytes=overrides.get("max_body_bytes", 8 << 20),
+                                                        max_seconds=overrides.pop("max_seconds", 60.0))
+    return Settings(audio=audio, **overrides)
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 at a free port in a thread; yields its base URL; stops it after."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+class FakeBackend:
+    """A Backend that answers every request with ``words``, one per ``delay`` seconds, one request at a
+    time; it records what it was asked and which handles were cancelled."""
+
+    def __init__(self, words=("hello", " world"), delay: float = 0.0, max_queue: int = 4, model_id: str = "fake"):
+        self.words, self.delay, self.max_queue, self.model_id = list(words), delay, max_queue, model_id
+        self.chat_defaults: dict = {}
+        self.requests: list[tuple] = []
+        self.cancelled: list[Handle] = []
+        self._waiting: list[Handle] = []
+        self._lock = threading.Lock()
+        self._turn = threading.Lock()
+        self._closed = False
+        self._running = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def chat(self, messages, params) -> Handle:
+        return self._submit(("chat", messages, params))
+
+    def complete(self, prompt, audios, params) -> Handle:
+        return self._submit(("complete", prompt, audios, params))
+
+    def close(self, timeout=None) -> None:
+        self._closed = True
+        with self._lock:
+            handles = list(self._waiting)
+        for handle in handles:
+            handle.cancel()
+
+    def _submit(self, request) -> Handle:
+        if self._closed:
+            raise Unavailable("closed")
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(len(self._waiting))
+            handle = Handle()
+            handle._on_cancel = self.cancelled.append
+            self._waiting.append(handle)
+            self.requests.append(request)
+        threading.Thread(target=self._answer, args=(handle,), daemon=True).start()
+        return handle
+
+    def _answer(self, handle: Handle) -> None:
+        result = Generation(prompt_tokens=3)
+        with self._turn:  # one request at a time, like ThreadBackend: the others wait in line
+            with self._lock:
+                self._waiting.remove(handle)
+            self._running += 1
+            try:
+                for i, word in enumerate(self.words):
+                    time.sleep(self.delay)
+                    if handle.cancelled:
+                        break
+                    result.text += word
+                    result.token_ids.append(i)
+                    handle.put(word)
+                else:
+                    result.finish_reason = "stop"
+            finally:
+                self._running -= 1
+        handle.finish(result)
+
+
+def fake_app(backend, **overrides):
+    state = ServerState()
+    state.ready(backend)
+    return create_app(state, settings(**overrides)), state
+
+
+def silent_flac_claiming(seconds: float, sr: int = 16000) -> bytes:
+    """A short FLAC file whose header (STREAMINFO) claims ``seconds`` of audio."""
+    out = io.BytesIO()
+    soundfile.write(out, np.zeros(sr, dtype=np.float32), sr, format="FLAC")
+    data = bytearray(out.getvalue())
+    # STREAMINFO starts at byte 8 (after "fLaC" and the block header); its total-samples field is the
+    # low 36 bits of the 8 bytes at offset 10 of the block: 20 bits rate, 3 channels, 5 bits per sample.
+    start = 8 + 10
+    packed = int.from_bytes(data[start:start + 8], "big")
+    packed = (packed & ~((1 << 36) - 1)) | int(seconds * sr)
+    data[start:start + 8] = packed.to_bytes(8, "big")
+    return bytes(data)

@@ -1,0 +1,225 @@
+"""`qwen2audio serve` end to end: the official openai client against a real uvicorn server running the
+tiny random model. What the server answers equals what the Python API answers for the same input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+
+from qwen2audio import Qwen2Audio
+from qwen2audio.api import ASR_PROMPT
+from qwen2audio.audio import load_audio, split_into_windows
+from qwen2audio.eval.translation import TRANSLATION_PROMPT
+from qwen2audio.serve.app import ServerState, create_app
+from qwen2audio.serve.backend import ThreadBackend
+from qwen2audio.text.tags import TAG
+from serve_helpers import b64, running, settings, wav_bytes
+
+openai = pytest.importorskip("openai")
+
+MODEL_ID = "tiny-test"
+MAX_TOKENS = 8  # the server's limit: short answers keep the tests fast
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model(default_home):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Qwen2Audio.load()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    state = ServerState()
+    state.ready(ThreadBackend(model, MODEL_ID))
+    with running(create_app(state, settings(max_tokens=MAX_TOKENS))) as url:
+        yield SimpleNamespace(url=url, state=state)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def wav():
+    return wav_bytes(2.0, seed=1)
+
+
+def audio_turn(wav: bytes, text: str = "What is this sound?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(wav), "format": "wav"}},
+                                         {"type": "text", "text": text}]}]
+
+
+def api_turn(wav: bytes, text: str = "What is this sound?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "audio", "audio": wav}, {"type": "text", "text": text}]}]
+
+
+def test_greedy_chat_equals_the_python_api(client, model, wav):
+    reply = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0,
+                                           max_tokens=MAX_TOKENS)
+    expected = model.chat(api_turn(wav), temperature=0, max_new_tokens=MAX_TOKENS)
+    assert expected.text  # the comparison below means something
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.usage.total_tokens == expected.prompt_tokens + len(expected.token_ids)
+    assert reply.model == MODEL_ID and reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+
+
+def test_audio_url_data_url_and_default_model_name_answer_as_input_audio(client, wav):
+    data_url = {"role": "user", "content": [
+        {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + b64(wav)}},
+        {"type": "text", "text": "What is this sound?"}]}
+    a = client.chat.completions.create(model="default", messages=[data_url], temperature=0, max_tokens=MAX_TOKENS)
+    b = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0, max_tokens=MAX_TOKENS)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_conversation_with_system_and_assistant_turns_equals_the_python_api(client, model, wav):
+    history = [{"role": "system", "content": "Answer briefly."}, *audio_turn(wav),
+               {"role": "assistant", "content": "A bell."}, {"role": "user", "content": "Are you sure?"}]
+    api_history = [history[0], *api_turn(wav), *history[2:]]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=history, temperature=0, max_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == model.chat(api_history, temperature=0, max_new_tokens=MAX_TOKENS).text
+
+
+def test_stream_sends_role_then_content_then_finish_then_usage(client, model, wav):
+    stream = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0,
+                                            max_tokens=MAX_TOKENS, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    expected = model.chat(api_turn(wav), temperature=0, max_new_tokens=MAX_TOKENS)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content for c in chunks[1:-2]]
+    assert all(content) and "".join(content) == expected.text
+    assert chunks[-2].choices[0].finish_reason == expected.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert chunks[-1].usage.prompt_tokens == expected.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    assert {c.id for c in chunks} == {chunks[0].id} and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_stream_ends_with_done_and_has_no_usage_unless_asked(server, wav):
+    body = {"model": MODEL_ID, "messages": audio_turn(wav), "temperature": 0, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all("usage" not in e for e in events) and events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_n_greedy_gives_copies_and_sampled_n_gives_each_seed(client, model, wav):
+    greedy = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0, n=2,
+                                            max_tokens=MAX_TOKENS)
+    assert [c.index for c in greedy.choices] == [0, 1]
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    sampled = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=1.5, n=2,
+                                             seed=7, max_tokens=MAX_TOKENS)
+    for i, choice in enumerate(sampled.choices):
+        expected = model.chat(api_turn(wav), temperature=1.5, seed=7 + i, max_new_tokens=MAX_TOKENS)
+        assert choice.message.content == expected.text
+    assert sampled.choices[0].message.content != sampled.choices[1].message.content
+
+
+def test_stop_string_ends_the_reply_before_it(client, model, wav):
+    full = model.chat(api_turn(wav), temperature=0, max_new_tokens=MAX_TOKENS).text
+    stop = full[2:4]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0, stop=[stop],
+                                           max_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == full[:full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def transcript(model, wav):
+    return model.transcribe(wav, language="en", max_new_tokens=MAX_TOKENS)
+
+
+def test_transcription_json_and_text_equal_the_python_api(client, transcript, wav):
+    assert transcript
+    result = client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", wav), language="en")
+    assert result.text == transcript
+    text = client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", wav), response_format="text")
+    assert text == transcript + "\n"
+
+
+def test_transcription_subtitles_and_verbose_json(client, transcript, wav):
+    cue = " ".join(transcript.split())
+    srt = client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", wav), response_format="srt")
+    assert srt == f"1\n00:00:00,000 --> 00:00:02,000\n{cue}\n\n"
+    vtt = client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", wav), response_format="vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:02.000\n")
+    verbose = client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", wav),
+                                                 response_format="verbose_json")
+    assert verbose.text == transcript and verbose.duration == 2.0 and verbose.language == "english"
+    [segment] = verbose.segments
+    assert (segment.start, segment.end, segment.text) == (0.0, 2.0, transcript)
+
+
+def test_long_audio_is_transcribed_window_by_window(client, model):
+    long = wav_bytes(35.0, seed=2)  # two windows of 17.5 s
+    verbose = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long),
+                                                 response_format="verbose_json")
+    windows = split_into_windows(load_audio(long))
+    assert [(s.start, s.end) for s in verbose.segments] == [(0.0, 17.5), (17.5, 35.0)]
+    expected = [model.transcribe(w, max_new_tokens=MAX_TOKENS) for w in windows]
+    assert [s.text for s in verbose.segments] == expected
+    srt = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), response_format="srt")
+    assert "2\n00:00:17,500 --> 00:00:35,000\n" in srt
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks translations deprecated
+def test_translation_asks_for_english_with_the_official_prompt(client, model, wav):
+    result = client.audio.translations.create(model=MODEL_ID, file=("clip.wav", wav), extra_body={"language": "fr"})
+    prompt = TRANSLATION_PROMPT.format(target="English", source="fr")
+    assert prompt != ASR_PROMPT.format(language="fr")
+    expected = model.complete(prompt, [wav], max_new_tokens=MAX_TOKENS).text
+    assert result.text == TAG.sub("", expected).strip()
+
+
+def test_models_health_and_metrics(client, server, wav):
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "model": MODEL_ID}
+    before = httpx.get(server.url + "/metrics").text
+    reply = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0, max_tokens=3)
+    after = httpx.get(server.url + "/metrics")
+    assert after.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert _sample(after.text, 'qwen2audio_requests_total{endpoint="/v1/chat/completions",status="200"}') == \
+        _sample(before, 'qwen2audio_requests_total{endpoint="/v1/chat/completions",status="200"}') + 1
+    assert _sample(after.text, "qwen2audio_generated_tokens_total") == \
+        _sample(before, "qwen2audio_generated_tokens_total") + reply.usage.completion_tokens
+    assert _sample(after.text, 'qwen2audio_time_to_first_token_seconds_count{endpoint="/v1/chat/completions"}') > 0
+    assert _sample(after.text, "qwen2audio_queue_depth") == 0
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_decoded_audio_reaches_the_model_unchanged(server, wav):
+    """The server decodes the upload itself; the model sees exactly load_audio's samples."""
+    seen = []
+    backend = server.state.backend
+    original = backend.model.prepare_chat
+    backend.model.prepare_chat = lambda messages: seen.append(messages) or original(messages)
+    try:
+        httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL_ID, "messages": audio_turn(wav), "max_tokens": 1}).raise_for_status()
+    finally:
+        backend.model.prepare_chat = original
+    samples = seen[0][0]["content"][0]["audio"]
+    np.testing.assert_array_equal(samples, load_audio(wav))
