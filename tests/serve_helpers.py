@@ -71,6 +71,7 @@ class FakeBackend:
     def __init__(self, words=("hello", " world"), delay: float = 0.0, max_queue: int = 4, model_id: str = "fake"):
         self.words, self.delay, self.max_queue, self.model_id = list(words), delay, max_queue, model_id
         self.chat_defaults: dict = {}
+        self.error: Exception | None = None  # raised by every request while set
         self.requests: list[tuple] = []
         self.cancelled: list[Handle] = []
         self._waiting: list[Handle] = []
@@ -118,6 +119,9 @@ class FakeBackend:
         with self._turn:  # one request at a time, like ThreadBackend: the others wait in line
             with self._lock:
                 self._waiting.remove(handle)
+            if self.error is not None:
+                handle.fail(self.error)
+                return
             self._running += 1
             try:
                 for i, word in enumerate(self.words):

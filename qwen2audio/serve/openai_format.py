@@ -97,11 +97,18 @@ def validation_error(err: ValidationError) -> APIError:
 
 
 def _param(loc: tuple) -> str:
-    """('messages', 0, 'content', 'list[...]', 0, 'text') -> 'messages[0].content[0].text'."""
-    out = ""
+    """('messages', 0, 'content', 'list[tagged-union[...]]', 0, 'text', 'text') -> 'messages[0].content[0].text':
+    the names of union branches and the tag of a tagged union's member are not fields."""
+    out, tag_follows = "", False
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+            continue
+        if tag_follows and part.isidentifier():  # the part's "type", naming the union member
+            tag_follows = False
+            continue
+        if "tagged-union" in part:
+            tag_follows = True
         elif part.isidentifier() and part.lower() not in TYPE_WORDS:
             out += f".{part}" if out else part
     return out

@@ -1,0 +1,213 @@
+"""Bad input to the server: each gets its 4xx with an error in OpenAI's shape, and the server answers
+the next good request as before. A fake backend answers, so that these tests need no model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+
+import qwen2audio.audio.io
+from serve_helpers import FakeBackend, b64, fake_app, running, silent_flac_claiming, wav_bytes
+
+MAX_SECONDS = 5.0
+MAX_BODY = 1 << 20  # 1 MiB
+MAX_TOKENS = 64
+WAV = wav_bytes(1.0)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return FakeBackend()
+
+
+@pytest.fixture(scope="module")
+def url(backend):
+    app, _ = fake_app(backend, max_seconds=MAX_SECONDS, max_body_bytes=MAX_BODY, max_tokens=MAX_TOKENS)
+    with running(app) as url:
+        yield url
+
+
+def chat_body(*parts, **fields) -> dict:
+    content = list(parts) or [{"type": "text", "text": "hi"}]
+    return {"model": "fake", "messages": [{"role": "user", "content": content}], **fields}
+
+
+def input_audio(data: str, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": data, "format": fmt}}
+
+
+def audio_url(url: str) -> dict:
+    return {"type": "audio_url", "audio_url": {"url": url}}
+
+
+def empty_wav() -> bytes:
+    out = io.BytesIO()
+    soundfile.write(out, np.zeros(0, dtype=np.float32), 16000, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def assert_still_serving(url: str) -> None:
+    assert httpx.get(url + "/health").status_code == 200
+    reply = httpx.post(url + "/v1/chat/completions", json=chat_body(input_audio(b64(WAV))), timeout=30)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "hello world"
+
+
+BAD_CHATS = {
+    "corrupt base64": (chat_body(input_audio("not base64 at all!!")), 400, "invalid_base64",
+                       "messages[0].content[0].input_audio.data"),
+    "empty base64": (chat_body(input_audio("")), 400, "invalid_audio", "messages[0].content[0].input_audio.data"),
+    "bytes that are not audio": (chat_body(input_audio(b64(b"just some text, not audio " * 40))), 400,
+                                 "invalid_audio", "messages[0].content[0]"),
+    "empty audio": (chat_body(input_audio(b64(empty_wav()))), 400, "invalid_audio", "messages[0].content[0]"),
+    "audio longer than the limit": (chat_body(input_audio(b64(wav_bytes(MAX_SECONDS + 1)))), 400, "audio_too_long",
+                                    "messages[0].content[0]"),
+    "two clips longer than the limit together": (
+        chat_body(input_audio(b64(wav_bytes(3.0))), input_audio(b64(wav_bytes(3.0)))), 400, "audio_too_long",
+        "messages[0].content[1]"),
+    "bad data URL": (chat_body(audio_url("data:audio/wav," + b64(WAV))), 400, None, "messages[0].content[0].audio_url"),
+    "messages not a list": ({"model": "fake", "messages": "hello"}, 400, None, "messages"),
+    "no messages": ({"model": "fake", "messages": []}, 400, None, "messages"),
+    "no model": ({"messages": [{"role": "user", "content": "hi"}]}, 400, None, "model"),
+    "unknown role": ({"model": "fake", "messages": [{"role": "tool", "content": "hi"}]}, 400, None,
+                     "messages[0].role"),
+    "image part": (chat_body({"type": "image_url", "image_url": {"url": "x"}}), 400, None, "messages[0].content[0]"),
+    "text part without text": (chat_body({"type": "text"}), 400, None, "messages[0].content[0].text"),
+    "temperature as a word": (chat_body(temperature="hot"), 400, None, "temperature"),
+    "negative temperature": (chat_body(temperature=-1), 400, None, "temperature"),
+    "max_tokens as a string": (chat_body(max_tokens="12"), 400, None, "max_tokens"),
+    "max_tokens 0": (chat_body(max_tokens=0), 400, None, "max_tokens"),
+    "max_tokens above the limit": (chat_body(max_tokens=MAX_TOKENS + 1), 400, None, "max_tokens"),
+    "top_p 0": (chat_body(top_p=0), 400, None, "top_p"),
+    "n 0": (chat_body(n=0), 400, None, "n"),
+    "stop not strings": (chat_body(stop=[1, 2]), 400, None, "stop[0]"),
+    "presence penalty": (chat_body(presence_penalty=0.5), 400, "unsupported_parameter", "presence_penalty"),
+    "logprobs": (chat_body(logprobs=True), 400, "unsupported_parameter", "logprobs"),
+    "json response format": (chat_body(response_format={"type": "json_object"}), 400, "unsupported_parameter",
+                             "response_format"),
+    "unknown model": ({**chat_body(), "model": "gpt-4o"}, 404, "model_not_found", "model"),
+    "a local file": (chat_body(audio_url("file:///etc/passwd")), 400, "local_file_not_allowed",
+                     "messages[0].content[0].audio_url"),
+    "a local path": (chat_body(audio_url("/etc/passwd")), 400, "local_file_not_allowed", None),
+    "loopback URL": (chat_body(audio_url("http://127.0.0.1:1/clip.wav")), 400, "url_not_allowed", None),
+    "cloud metadata URL": (chat_body(audio_url("http://169.254.169.254/latest/meta-data/")), 400, "url_not_allowed",
+                           None),
+    "private network URL": (chat_body(audio_url("https://10.0.0.1/clip.wav")), 400, "url_not_allowed", None),
+    "ftp URL": (chat_body(audio_url("ftp://example.com/clip.wav")), 400, "url_not_allowed", None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHATS))
+def test_bad_chat_request_is_a_4xx_in_openai_shape(url, case):
+    body, status, code, param = BAD_CHATS[case]
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert_openai_error(response, status, code, param)
+    assert_still_serving(url)
+
+
+def test_unknown_fields_are_ignored(url):
+    response = httpx.post(url + "/v1/chat/completions", json=chat_body(user="me", metadata={"a": 1},
+                                                                        frequency_penalty=0, temperature=None))
+    assert response.status_code == 200
+
+
+def test_invalid_json_and_wrong_content_type(url):
+    response = httpx.post(url + "/v1/chat/completions", content=b'{"model": "fake", "messages": [',
+                          headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, "invalid_json")
+    response = httpx.post(url + "/v1/chat/completions", content=b"model=fake",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert_openai_error(response, 400)
+    assert_still_serving(url)
+
+
+def test_a_two_hour_clip_is_refused_from_its_header_without_decoding(url, monkeypatch):
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError("the audio was decoded")
+
+    monkeypatch.setattr(qwen2audio.audio.io, "load_audio", must_not_decode)
+    flac = silent_flac_claiming(2 * 3600)
+    assert len(flac) < 10_000  # small on the wire: only the header says two hours
+    response = httpx.post(url + "/v1/chat/completions", json=chat_body(input_audio(b64(flac), "flac")), timeout=30)
+    error = assert_openai_error(response, 400, "audio_too_long")
+    assert "7200.0 s" in error["message"]
+    monkeypatch.undo()
+    assert_still_serving(url)
+
+
+def test_a_body_over_the_limit_is_413_declared_or_streamed(url):
+    big = {"model": "fake", "messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]}
+    response = httpx.post(url + "/v1/chat/completions", json=big, timeout=30)
+    assert_openai_error(response, 413, "request_too_large")
+    payload = json.dumps(big).encode()
+
+    def chunks():  # no Content-Length: the server counts while it reads
+        for i in range(0, len(payload), 65536):
+            yield payload[i:i + 65536]
+
+    response = httpx.post(url + "/v1/chat/completions", content=chunks(), timeout=30,
+                          headers={"content-type": "application/json"})
+    assert_openai_error(response, 413, "request_too_large")
+    upload = httpx.post(url + "/v1/audio/transcriptions", data={"model": "fake"}, timeout=30,
+                        files={"file": ("big.wav", b"\0" * (MAX_BODY + 10))})
+    assert_openai_error(upload, 413, "request_too_large")
+    assert_still_serving(url)
+
+
+BAD_UPLOADS = {
+    "no file": ({"model": "fake"}, None, 400, "file"),
+    "no model": ({}, ("a.wav", WAV), 400, "model"),
+    "unknown model": ({"model": "whisper-1"}, ("a.wav", WAV), 404, "model"),
+    "unknown response format": ({"model": "fake", "response_format": "docx"}, ("a.wav", WAV), 400, "response_format"),
+    "temperature not a number": ({"model": "fake", "temperature": "warm"}, ("a.wav", WAV), 400, "temperature"),
+    "not a language code": ({"model": "fake", "language": "<|en|>"}, ("a.wav", WAV), 400, "language"),
+    "word timestamps": ({"model": "fake", "timestamp_granularities[]": "word"}, ("a.wav", WAV), 400,
+                        "timestamp_granularities"),
+    "not audio": ({"model": "fake"}, ("a.wav", b"<html>not audio</html>" * 20), 400, "file"),
+    "empty file": ({"model": "fake"}, ("a.wav", b""), 400, "file"),
+    "too long": ({"model": "fake"}, ("a.wav", wav_bytes(MAX_SECONDS + 1)), 400, "file"),
+}
+
+
+@pytest.mark.parametrize("endpoint", ["transcriptions", "translations"])
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_upload_is_a_4xx_in_openai_shape(url, endpoint, case):
+    form, file, status, param = BAD_UPLOADS[case]
+    response = httpx.post(f"{url}/v1/audio/{endpoint}", data=form, files={"file": file} if file else None,
+                          timeout=30)
+    assert_openai_error(response, status, param=param)
+    assert_still_serving(url)
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(url):
+    assert_openai_error(httpx.get(url + "/v1/completions"), 404)
+    assert_openai_error(httpx.get(url + "/"), 404)
+    assert_openai_error(httpx.get(url + "/v1/chat/completions"), 405)
+    assert_openai_error(httpx.get(url + "/v1/models/other"), 404, "model_not_found")
+
+
+def test_an_error_raised_by_the_model_is_a_400(url, backend):
+    backend.error = ValueError("the prompt is 9000 tokens but the model's context holds 8192")
+    try:
+        response = httpx.post(url + "/v1/chat/completions", json=chat_body(), timeout=30)
+        assert_openai_error(response, 400, "context_length_exceeded")
+        streamed = httpx.post(url + "/v1/chat/completions", json=chat_body(stream=True), timeout=30)
+        assert_openai_error(streamed, 400, "context_length_exceeded")
+    finally:
+        backend.error = None
+    assert_still_serving(url)
