@@ -66,15 +66,21 @@ def running(app) -> Iterator[str]:
 
 class FakeBackend:
     """A Backend that answers every request with ``words``, one per ``delay`` seconds, one request at a
-    time; it records what it was asked and which handles were cancelled."""
+    time; it records what it was asked and which handles were cancelled. ``hold``: the words wait until
+    ``gate`` is set (a request that runs until the test lets it go)."""
 
-    def __init__(self, words=("hello", " world"), delay: float = 0.0, max_queue: int = 4, model_id: str = "fake"):
+    def __init__(self, words=("hello", " world"), delay: float = 0.0, max_queue: int = 4, model_id: str = "fake",
+                 hold: bool = False):
         self.words, self.delay, self.max_queue, self.model_id = list(words), delay, max_queue, model_id
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
         self.chat_defaults: dict = {}
         self.error: Exception | None = None  # raised by every request while set
         self.requests: list[tuple] = []
         self.cancelled: list[Handle] = []
         self._waiting: list[Handle] = []
+        self._live: set[Handle] = set()  # submitted, not finished
         self._lock = threading.Lock()
         self._turn = threading.Lock()
         self._closed = False
@@ -97,7 +103,7 @@ class FakeBackend:
     def close(self, timeout=None) -> None:
         self._closed = True
         with self._lock:
-            handles = list(self._waiting)
+            handles = list(self._live)
         for handle in handles:
             handle.cancel()
 
@@ -110,6 +116,7 @@ class FakeBackend:
             handle = Handle()
             handle._on_cancel = self.cancelled.append
             self._waiting.append(handle)
+            self._live.add(handle)
             self.requests.append(request)
         threading.Thread(target=self._answer, args=(handle,), daemon=True).start()
         return handle
@@ -120,11 +127,13 @@ class FakeBackend:
             with self._lock:
                 self._waiting.remove(handle)
             if self.error is not None:
+                self._live.discard(handle)
                 handle.fail(self.error)
                 return
             self._running += 1
             try:
                 for i, word in enumerate(self.words):
+                    self.gate.wait()
                     time.sleep(self.delay)
                     if handle.cancelled:
                         break
@@ -135,6 +144,8 @@ class FakeBackend:
                     result.finish_reason = "stop"
             finally:
                 self._running -= 1
+        with self._lock:
+            self._live.discard(handle)
         handle.finish(result)
 
 

@@ -61,6 +61,7 @@ class Handle:
         self.result = Generation()
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._ended = threading.Event()  # finished or failed: cancelling it changes nothing
         self._on_cancel: Callable[["Handle"], None] | None = None  # set by the backend that owns it
 
     # -- the consumer's side -----------------------------------------------------------------------
@@ -76,8 +77,9 @@ class Handle:
             return
 
     def cancel(self) -> None:
-        """Stop this request (idempotent): the iteration then ends with finish_reason "abort"."""
-        if self._cancelled.is_set():
+        """Stop this request (idempotent; nothing happens once it has ended): the iteration then ends
+        with finish_reason "abort"."""
+        if self._cancelled.is_set() or self._ended.is_set():
             return
         self._cancelled.set()
         if self._on_cancel is not None:
@@ -96,9 +98,11 @@ class Handle:
             self.result = result
         if self.result.finish_reason is None:  # stopped before a stop token or the length limit
             self.result.finish_reason = ABORTED
+        self._ended.set()
         self._events.put((self._END, None))
 
     def fail(self, error: BaseException) -> None:
+        self._ended.set()
         self._events.put((self._ERROR, error))
 
 

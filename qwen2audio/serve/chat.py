@@ -24,7 +24,7 @@ from ..audio.features import SAMPLE_RATE
 from ..generation.params import SamplingParams
 from . import openai_format as fmt
 from .audio_input import AudioPolicy, b64_bytes, decode, url_bytes
-from .backend import ABORTED, Backend, Handle, QueueFull, Unavailable
+from .backend import Backend, Handle, QueueFull, Unavailable
 from .errors import SERVER_ERROR, APIError, bad_request, error_body, retry_later
 from .handles import Reader, watching
 from .metrics import Metrics
@@ -168,7 +168,7 @@ class _Done:
         for reader in readers:
             result = reader.handle.result
             self.metrics.generation_done(result.prompt_tokens, len(result.token_ids), reader.first_at, ended,
-                                         result.finish_reason == ABORTED)
+                                         reader.stopped_early)
 
 
 async def _whole(request: Request, model_id: str, handles: list[Handle], copies: int, done: _Done) -> Response:
@@ -254,5 +254,7 @@ async def _events(model_id: str, readers: list[Reader], first: str | None, copie
     except Exception as err:  # noqa: BLE001 - a generation that failed after the stream began
         error = request_error(err)
         yield _sse(error_body(error.message, error.type, error.param, error.code))
-    finally:
-        done(readers)  # _CancellingStream cancels what is still running
+    finally:  # also when the client left: the task is cancelled at its await
+        for reader in readers:
+            reader.handle.cancel()  # changes nothing for a generation that ended
+        done(readers)

@@ -15,7 +15,7 @@ import anyio
 import anyio.to_thread
 from starlette.requests import Request
 
-from .backend import Handle
+from .backend import ABORTED, Handle
 from .errors import CLIENT_CLOSED, APIError
 
 WAIT_THREADS = 256
@@ -41,6 +41,11 @@ class Reader:
         self.handle = handle
         self._deltas = iter(handle)
         self.first_at: float | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        """Cancelled before it ended (the client left, the server stopped), or ended as aborted."""
+        return self.handle.cancelled or self.handle.result.finish_reason == ABORTED
 
     async def next(self) -> str | None:
         """The next delta, None at the end; raises the request's error."""

@@ -34,7 +34,7 @@ from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
 from ..generation.params import SamplingParams
 from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
-from .backend import ABORTED, Backend, Handle, QueueFull, Unavailable
+from .backend import Backend, Handle, QueueFull, Unavailable
 from .chat import SHUTTING_DOWN_RETRY_SECONDS, check_model, request_error
 from .errors import bad_request, retry_later
 from .formats import FORMATS, Segment, render
@@ -135,4 +135,4 @@ def _record(metrics: Metrics, reader: Reader, arrived: float | None, endpoint: s
     if arrived is not None and reader.first_at is not None:
         metrics.first_token.observe(reader.first_at - arrived, endpoint)
     metrics.generation_done(result.prompt_tokens, len(result.token_ids), reader.first_at, time.monotonic(),
-                            result.finish_reason == ABORTED)
+                            reader.stopped_early)

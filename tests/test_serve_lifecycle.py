@@ -1,0 +1,201 @@
+"""The server under load and through its life: a full queue (429), a client that leaves (its generation
+is cancelled), the API key, loading (503), graceful shutdown, CORS. A fake backend sets the pace."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from qwen2audio.serve.app import ServerState, create_app
+from qwen2audio.serve.cli import begin_shutdown
+from serve_helpers import FakeBackend, fake_app, running, settings
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+WAIT = 10.0  # seconds a test waits for something that should take milliseconds
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def post_in_background(url: str, body: dict) -> dict:
+    """Send a request from a thread; the returned dict gets its "response" when it is answered."""
+    box: dict = {}
+
+    def send() -> None:
+        box["response"] = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+
+    box["thread"] = threading.Thread(target=send, daemon=True)
+    box["thread"].start()
+    return box
+
+
+def test_full_queue_is_429_with_retry_after_and_the_queued_requests_are_answered():
+    backend = FakeBackend(words=["a", "b", "c"], max_queue=1, hold=True)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        first = post_in_background(url, CHAT)
+        wait_until(lambda: backend.running == 1, "the first request to run")
+        second = post_in_background(url, CHAT)
+        wait_until(lambda: backend.queue_depth == 1, "the second request to wait")
+        metrics = httpx.get(url + "/metrics").text
+        assert "qwen2audio_queue_depth 1.0" in metrics and "qwen2audio_running_requests 1.0" in metrics
+        refused = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "queue_full"
+        backend.gate.set()
+        for box in (first, second):
+            box["thread"].join(WAIT)
+            assert box["response"].json()["choices"][0]["message"]["content"] == "abc"
+        assert httpx.get(url + "/health").status_code == 200
+        assert 'qwen2audio_requests_total{endpoint="/v1/chat/completions",status="429"} 1.0' in \
+            httpx.get(url + "/metrics").text
+
+
+def test_n_choices_that_do_not_fit_the_queue_are_all_refused():
+    backend = FakeBackend(max_queue=1, hold=True)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        refused = httpx.post(url + "/v1/chat/completions", json={**CHAT, "n": 3, "temperature": 1.0}, timeout=30)
+        assert refused.status_code == 429
+        backend.gate.set()
+        wait_until(lambda: backend.queue_depth == 0 and backend.running == 0, "the admitted choice to be dropped")
+        assert backend.cancelled  # the choice admitted before the queue filled was withdrawn
+
+
+def test_a_client_leaving_mid_stream_cancels_its_generation():
+    backend = FakeBackend(words=[f"w{i} " for i in range(200)], delay=0.02)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30) as r:
+            lines = r.iter_lines()
+            assert json.loads(next(lines).removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+            next(line for line in lines if "w0" in line)
+        # the connection is closed here, after a few of the 200 words
+        wait_until(lambda: backend.cancelled, "the generation to be cancelled")
+        [handle] = backend.cancelled
+        wait_until(lambda: handle.result.finish_reason is not None, "the generation to stop")
+        assert handle.result.finish_reason == "abort" and len(handle.result.token_ids) < 100
+        wait_until(lambda: "qwen2audio_cancelled_generations_total 1.0" in httpx.get(url + "/metrics").text,
+                   "the metrics to count it")
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_client_leaving_before_a_whole_answer_cancels_its_generation():
+    backend = FakeBackend(words=[f"w{i} " for i in range(200)], delay=0.02)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=0.5)
+        wait_until(lambda: backend.cancelled, "the generation to be cancelled")
+        [handle] = backend.cancelled
+        wait_until(lambda: handle.result.finish_reason is not None, "the generation to stop")
+        assert handle.result.finish_reason == "abort" and len(handle.result.token_ids) < 100
+
+
+def test_api_key_guards_v1_but_not_health_or_metrics():
+    app, _ = fake_app(FakeBackend(), api_key="s3cret")
+    with running(app) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = httpx.post(url + "/v1/chat/completions", json=CHAT, headers=headers)
+            assert response.status_code == 401, headers
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/v1/models").status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(url + "/v1/chat/completions", json=CHAT, headers=good).status_code == 200
+        assert httpx.get(url + "/v1/models", headers=good).json()["data"][0]["id"] == "fake"
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/metrics").status_code == 200
+
+
+def test_openai_client_sends_the_key():
+    openai = pytest.importorskip("openai")
+    app, _ = fake_app(FakeBackend(), api_key="s3cret")
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert client.chat.completions.create(model="fake", messages=CHAT["messages"]).choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_503_with_retry_after_while_loading_then_ready():
+    state = ServerState()
+    with running(create_app(state, settings())) as url:
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.json() == {"status": "loading"} and health.headers["retry-after"]
+        loading = httpx.post(url + "/v1/chat/completions", json=CHAT)
+        assert loading.status_code == 503 and loading.json()["error"]["code"] == "model_loading"
+        assert loading.headers["retry-after"]
+        state.ready(FakeBackend())
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.post(url + "/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def stream_in_background(url: str) -> dict:
+    box: dict = {"lines": []}
+
+    def read() -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30) as r:
+            for line in r.iter_lines():
+                if line:
+                    box["lines"].append(line)
+
+    box["thread"] = threading.Thread(target=read, daemon=True)
+    box["thread"].start()
+    return box
+
+
+def finish_reason(lines: list[str]) -> str:
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    return [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1]
+
+
+def test_shutdown_refuses_new_requests_and_lets_the_running_one_finish():
+    backend = FakeBackend(words=["a", "b", "c", "d"], delay=0.1)
+    app, state = fake_app(backend)
+    with running(app) as url:
+        box = stream_in_background(url)
+        wait_until(lambda: backend.running == 1, "the stream to start")
+        begin_shutdown(state, shutdown_timeout=WAIT)
+        refused = httpx.post(url + "/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(url + "/health").status_code == 503
+        box["thread"].join(WAIT)
+        assert box["lines"][-1] == "data: [DONE]" and finish_reason(box["lines"]) == "stop"
+
+
+def test_shutdown_timeout_ends_the_running_stream_with_abort():
+    backend = FakeBackend(words=[f"w{i} " for i in range(500)], delay=0.02)
+    app, state = fake_app(backend)
+    with running(app) as url:
+        box = stream_in_background(url)
+        wait_until(lambda: len(box["lines"]) > 2, "the stream to start")
+        begin_shutdown(state, shutdown_timeout=0.1)
+        box["thread"].join(WAIT)
+        assert not box["thread"].is_alive()
+        assert box["lines"][-1] == "data: [DONE]" and finish_reason(box["lines"]) == "abort"
+        assert len(box["lines"]) < 400
+
+
+def test_cors_is_off_unless_an_origin_is_allowed():
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    app, _ = fake_app(FakeBackend())
+    with running(app) as url:
+        response = httpx.options(url + "/v1/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+    app, _ = fake_app(FakeBackend(), api_key="k", cors_origins=("https://app.example",))
+    with running(app) as url:
+        response = httpx.options(url + "/v1/chat/completions", headers=preflight)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.options(url + "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+        assert other.headers.get("access-control-allow-origin") != "https://evil.example"
