@@ -18,7 +18,7 @@ from .errors import APIError, bad_request
 MAX_N = 16  # completions one request may ask for
 MAX_STOP = 16  # stop strings one request may give
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range, non-negative part
-TYPE_WORDS = {"str", "int", "float", "bool", "list", "dict", "none"}  # pydantic's union branch names in a loc
+TYPE_WORDS = {"str", "int", "float", "bool", "list", "dict", "none"}  # union branches of built-in types, in a loc
 
 
 class _Model(BaseModel):
@@ -98,7 +98,7 @@ def validation_error(err: ValidationError) -> APIError:
 
 def _param(loc: tuple) -> str:
     """('messages', 0, 'content', 'list[tagged-union[...]]', 0, 'text', 'text') -> 'messages[0].content[0].text':
-    the names of union branches and the tag of a tagged union's member are not fields."""
+    the names of union branches (types, models) and the tag of a tagged union's member are not fields."""
     out, tag_follows = "", False
     for part in loc:
         if isinstance(part, int):
@@ -109,7 +109,7 @@ def _param(loc: tuple) -> str:
             continue
         if "tagged-union" in part:
             tag_follows = True
-        elif part.isidentifier() and part.lower() not in TYPE_WORDS:
+        elif part.isidentifier() and part.islower() and part not in TYPE_WORDS:  # not a branch (AudioUrl, str)
             out += f".{part}" if out else part
     return out
 

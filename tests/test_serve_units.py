@@ -1,0 +1,128 @@
+"""The server's small pieces on their own: subtitle formats, the Prometheus text, how a chat request
+becomes sampling settings, and how a validation error names its field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from qwen2audio.serve import formats
+from qwen2audio.serve.chat import sampling
+from qwen2audio.serve.errors import APIError
+from qwen2audio.serve.metrics import Metrics
+from qwen2audio.serve.openai_format import ChatCompletionRequest, validation_error
+
+SEGMENTS = [formats.Segment(0.0, 17.5, "first  line\nwith a break", [1, 2]),
+            formats.Segment(17.5, 35.0, "", [3]),
+            formats.Segment(35.0, 3725.25, "a --> b & <c>", [4])]
+
+
+def test_timestamps():
+    assert formats.timestamp(3725.25, ",") == "01:02:05,250"
+    assert formats.timestamp(0.0005, ".") == "00:00:00.000"
+    assert formats.timestamp(59.9996, ".") == "00:01:00.000"
+
+
+def test_srt_numbers_cues_keeps_one_line_each_and_skips_empty_windows():
+    assert formats.srt(SEGMENTS) == ("1\n00:00:00,000 --> 00:00:17,500\nfirst line with a break\n\n"
+                                     "2\n00:00:35,000 --> 01:02:05,250\na -> b & <c>\n\n")
+
+
+def test_vtt_escapes_markup():
+    assert formats.vtt(SEGMENTS) == ("WEBVTT\n\n00:00:00.000 --> 00:00:17.500\nfirst line with a break\n\n"
+                                     "00:00:35.000 --> 01:02:05.250\na -&gt; b &amp; &lt;c&gt;\n\n")
+
+
+def test_json_text_and_verbose_json():
+    body, media = formats.render("json", SEGMENTS, task="transcribe", language="english", duration=3725.25,
+                                 temperature=0.0)
+    assert json.loads(body) == {"text": "first  line\nwith a break a --> b & <c>"} and media == "application/json"
+    body, media = formats.render("text", SEGMENTS, task="transcribe", language="english", duration=1, temperature=0)
+    assert body == "first  line\nwith a break a --> b & <c>\n" and media.startswith("text/plain")
+    body, _ = formats.render("verbose_json", SEGMENTS, task="translate", language="french", duration=3725.25,
+                             temperature=0.2)
+    verbose = json.loads(body)
+    assert (verbose["task"], verbose["language"], verbose["duration"]) == ("translate", "french", 3725.25)
+    assert [(s["id"], s["seek"], s["start"], s["end"], s["tokens"]) for s in verbose["segments"]] == [
+        (0, 0, 0.0, 17.5, [1, 2]), (1, 1750, 17.5, 35.0, [3]), (2, 3500, 35.0, 3725.25, [4])]
+    with pytest.raises(ValueError, match="docx"):
+        formats.render("docx", SEGMENTS, task="transcribe", language="en", duration=1, temperature=0)
+
+
+def test_prometheus_text():
+    metrics = Metrics(lambda: 2, lambda: 1)
+    metrics.requests.inc("/v1/chat/completions", "200")
+    metrics.requests.inc("/v1/chat/completions", "200")
+    metrics.requests.inc('/odd"path\\', "404")
+    metrics.latency.observe(0.3, "/v1/chat/completions")
+    metrics.latency.observe(7.0, "/v1/chat/completions")
+    metrics.generation_done(prompt_tokens=10, generated=21, first_token_at=1.0, ended_at=3.0, cancelled=True)
+    lines = metrics.render().splitlines()
+    assert 'qwen2audio_requests_total{endpoint="/v1/chat/completions",status="200"} 2.0' in lines
+    assert 'qwen2audio_requests_total{endpoint="/odd\\"path\\\\",status="404"} 1.0' in lines
+    assert "# TYPE qwen2audio_request_duration_seconds histogram" in lines
+    bucket = 'qwen2audio_request_duration_seconds_bucket{endpoint="/v1/chat/completions",le="%s"} %s'
+    assert bucket % ("0.25", "0.0") in lines and bucket % ("0.5", "1.0") in lines
+    assert bucket % ("5.0", "1.0") in lines and bucket % ("10.0", "2.0") in lines and bucket % ("+Inf", "2.0") in lines
+    assert 'qwen2audio_request_duration_seconds_sum{endpoint="/v1/chat/completions"} 7.3' in lines
+    assert 'qwen2audio_request_duration_seconds_count{endpoint="/v1/chat/completions"} 2.0' in lines
+    assert "qwen2audio_generated_tokens_total 21.0" in lines and "qwen2audio_prompt_tokens_total 10.0" in lines
+    assert "qwen2audio_generation_tokens_per_second_sum 10.0" in lines  # 20 tokens after the first, in 2 s
+    assert "qwen2audio_cancelled_generations_total 1.0" in lines
+    assert "qwen2audio_queue_depth 2.0" in lines and "qwen2audio_running_requests 1.0" in lines
+    names = {line.split()[2] for line in lines if line.startswith("# TYPE")}
+    for line in lines:
+        if not line.startswith("#"):
+            metric = line.split("{")[0].split()[0]
+            assert any(metric == n or metric.startswith(n + "_") for n in names), line
+
+
+def request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                 **fields})
+
+
+def test_sampling_defaults_come_from_the_checkpoint_and_the_request_overrides():
+    checkpoint = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+    [params], copies = sampling(request(), checkpoint, cap=100)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.8, 20, 1.1)
+    assert params.max_new_tokens == 100 and copies == 1
+    [params], _ = sampling(request(temperature=0, top_k=-1, max_completion_tokens=5, stop="x", seed=3), checkpoint,
+                           cap=100)
+    assert (params.temperature, params.top_k, params.max_new_tokens, params.stop, params.seed) == (0, 0, 5, ("x",), 3)
+    [params], _ = sampling(request(), {"max_new_tokens": 40}, cap=100)
+    assert params.max_new_tokens == 40
+    [params], _ = sampling(request(), {"max_new_tokens": 4000}, cap=100)
+    assert params.max_new_tokens == 100
+
+
+def test_n_is_copies_when_greedy_and_seeded_generations_when_sampled():
+    params, copies = sampling(request(n=3, temperature=0), {}, cap=10)
+    assert len(params) == 1 and copies == 3
+    params, copies = sampling(request(n=3, temperature=1.0, seed=5), {}, cap=10)
+    assert [p.seed for p in params] == [5, 6, 7] and copies == 1
+    params, _ = sampling(request(n=2, temperature=1.0), {}, cap=10)
+    assert [p.seed for p in params] == [None, None]
+
+
+def test_max_tokens_over_the_cap_is_refused():
+    with pytest.raises(APIError, match="limit of 10"):
+        sampling(request(max_tokens=11), {}, cap=10)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": 5}}]}]},
+     "messages[0].content[0].input_audio.data"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"uri": "x"}}]}]},
+     "messages[0].content[0].audio_url.url"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+])
+def test_validation_errors_name_the_field(body, param):
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate_json(json.dumps({"model": "m", **body}))
+    error = validation_error(err.value)
+    assert error.status == 400 and error.param == param and error.message.startswith(param + ": ")
