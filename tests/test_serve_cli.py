@@ -1,0 +1,120 @@
+"""`qwen2audio serve` as a command: its help stays light, bad flags and a busy port are one line and
+exit status 2, and the real process serves the default model and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qwen2audio.cli import main
+from qwen2audio.serve import cli as serve_cli
+
+REPO = Path(__file__).resolve().parents[1]
+START_SECONDS = 180  # importing torch and loading the model, on a busy machine
+STOP_SECONDS = 60
+LISTENING = re.compile(r"serving (\S+) on (http://\S+)/v1")
+
+
+def test_help_lists_the_flags_and_imports_no_server_or_model_code():
+    code = ("import sys; from qwen2audio.cli import build_parser; p = build_parser(); "
+            "p.parse_args(['serve', '--port', '1']); "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--host", "--port", "--api-key", "--max-body-mb", "--max-audio-seconds", "--max-tokens",
+                 "--max-queue", "--cors-origin", "--allow-audio-url-host", "--allow-local-audio",
+                 "--shutdown-timeout", "QWEN2AUDIO_API_KEY", "127.0.0.1"):
+        assert flag in help_text
+
+
+def test_missing_extra_names_the_install_command(monkeypatch, capsys):
+    monkeypatch.setitem(serve_cli.SERVE_MODULES, "a_module_that_is_not_installed", "fastapi")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("qwen2audio: error: qwen2audio serve needs fastapi, which is not installed; install the serve "
+                   "extra: pip install 'qwen2audio[serve]'")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-queue", "0"], "--max-queue must be more than 0"),
+    (["--max-body-mb", "-1"], "--max-body-mb must be more than 0"),
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+    (["--allow-audio-url-host", "http://example.com"], "--allow-audio-url-host 'http://example.com'"),
+    (["--allow-local-audio", "/no/such/folder"], "--allow-local-audio /no/such/folder: not a directory"),
+    (["/no/such/checkpoint"], "checkpoint directory /no/such/checkpoint does not exist"),
+])
+def test_bad_flags_are_one_line(args, message, capsys):
+    assert main(["serve", "--port", "0", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qwen2audio: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_port_in_use_is_one_line(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qwen2audio: error: cannot listen on 127.0.0.1:{port}") and "--port" in err
+
+
+def read_until(process: subprocess.Popen, pattern: re.Pattern, seconds: float) -> tuple[re.Match, str]:
+    seen = ""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stderr], [], [], 0.5)
+        if ready:
+            line = process.stderr.readline()
+            if not line and process.poll() is not None:
+                break
+            seen += line
+            if match := pattern.search(line):
+                return match, seen
+    raise AssertionError(f"the server did not print {pattern.pattern!r}; it printed:\n{seen}")
+
+
+def test_the_command_serves_the_default_model_and_stops_on_sigterm(default_home):
+    openai = pytest.importorskip("openai")
+    command = [sys.executable, "-m", "qwen2audio.cli", "serve", "--port", "0", "--max-tokens", "4",
+               "--served-model-name", "tiny"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QWEN2AUDIO_API_KEY": "k"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)
+    try:
+        match, _ = read_until(process, LISTENING, START_SECONDS)
+        assert match.group(1) == "tiny"
+        url = match.group(2)
+        deadline = time.monotonic() + START_SECONDS
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline and process.poll() is None, "the model did not load"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert reply.usage.completion_tokens <= 4
+        process.send_signal(signal.SIGTERM)
+        process.wait(STOP_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read()
+    assert process.returncode in (0, -signal.SIGTERM), stderr
+    assert "Traceback" not in stderr
