@@ -199,3 +199,29 @@ def test_cors_is_off_unless_an_origin_is_allowed():
         assert response.headers["access-control-allow-origin"] == "https://app.example"
         other = httpx.options(url + "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def sse_events(url: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_streamed_n_choices_each_have_their_index_role_content_and_finish():
+    backend = FakeBackend(words=["a", "b"])
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        for fields, generations in (({"n": 2, "temperature": 0}, 1), ({"n": 3, "temperature": 1.0}, 3)):
+            backend.requests.clear()
+            events = sse_events(url, {**CHAT, "stream": True, **fields})
+            assert len(backend.requests) == generations  # greedy: one generation, copied
+            by_index: dict[int, list] = {}
+            for event in events:
+                [choice] = event["choices"]
+                by_index.setdefault(choice["index"], []).append(choice)
+            assert sorted(by_index) == list(range(fields["n"]))
+            for choices in by_index.values():
+                assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+                assert "".join(c["delta"].get("content", "") for c in choices) == "ab"
+                assert choices[-1]["finish_reason"] == "stop" and choices[-1]["delta"] == {}

@@ -39,6 +39,7 @@ from .openai_format import model_list
 
 MIB = 1024 * 1024
 LOADING_RETRY_SECONDS = 10
+CLOSE_WAIT_SECONDS = 5  # at exit, for the worker to stop (a prefill cannot be interrupted; it is a daemon)
 STOPPING_RETRY_SECONDS = 5
 API_PREFIX = "/v1/"
 TRANSCRIPTIONS, TRANSLATIONS = "/v1/audio/transcriptions", "/v1/audio/translations"
@@ -94,7 +95,7 @@ def create_app(state: ServerState, settings: Settings) -> FastAPI:
         widen_thread_pool()
         yield
         state.stop()
-        state.close_backend()
+        state.close_backend(CLOSE_WAIT_SECONDS)
 
     app = FastAPI(title="qwen2audio", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics

@@ -14,7 +14,6 @@ import os
 import socket
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 from . import defaults
@@ -167,13 +166,13 @@ def load_backend(args: argparse.Namespace, name: str, state, server, failed: lis
     from .backend import ThreadBackend
 
     try:
-        if args.model_dir is None:
-            from ..default_model import default_notice
+        directory = args.model_dir
+        if directory is None:  # said here, not as Qwen2Audio.load's warning
+            from ..default_model import default_model_dir, default_notice
 
             print(f"qwen2audio: {default_notice()}", file=sys.stderr)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device)
+            directory = default_model_dir()
+        model = Qwen2Audio.load(directory, dtype=args.dtype, device=args.device)
         state.ready(ThreadBackend(model, name, max_queue=args.max_queue))
         print(f"qwen2audio: {name} is ready", file=sys.stderr, flush=True)
     except Exception as err:  # noqa: BLE001 - reported by run() as one line, after the server stopped
