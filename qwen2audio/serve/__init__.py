@@ -12,6 +12,7 @@
     handles.py        waiting on a backend's handles from async code, cancelling when the client leaves
     formats.py        transcripts as json, text, srt, vtt and verbose_json
     metrics.py        counters and histograms in Prometheus' text format
+    defaults.py       the default limits (light: the command's --help shows them)
     cli.py            the `serve` command
 
 Importing this package is light: FastAPI, uvicorn and torch are imported by the modules that use them,

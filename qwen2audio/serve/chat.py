@@ -47,7 +47,7 @@ async def chat_completions(request: Request, backend: Backend, policy: AudioPoli
     messages = await run_in_threadpool(to_messages, req.messages, policy)
     handles = submit(lambda p: backend.chat(messages, p), params)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    done = _Done(metrics, arrived, handles)
+    done = _Done(metrics, arrived)
     if req.stream:
         return await _streamed(request, backend.model_id, handles, copies, include_usage, done)
     return await _whole(request, backend.model_id, handles, copies, done)
@@ -147,7 +147,7 @@ def request_error(err: Exception) -> APIError:
     than the context), anything else the server's."""
     if isinstance(err, APIError):
         return err
-    if isinstance(err, ValueError):
+    if isinstance(err, ValueError):  # the engine's refusal of a prompt too long names the model's context
         return bad_request(str(err), code="context_length_exceeded" if "context" in str(err) else None)
     log.exception("generation failed", exc_info=err)
     return APIError(500, f"the generation failed ({type(err).__name__}); see the server's log", SERVER_ERROR)
@@ -155,10 +155,10 @@ def request_error(err: Exception) -> APIError:
 
 # -- answering ------------------------------------------------------------------------------------------------
 class _Done:
-    """Records each generation's tokens and timings in the metrics, once."""
+    """Records a request's generations (tokens, timings) in the metrics, when its answer has ended."""
 
-    def __init__(self, metrics: Metrics, arrived: float, handles: Sequence[Handle]):
-        self.metrics, self.arrived, self.handles = metrics, arrived, handles
+    def __init__(self, metrics: Metrics, arrived: float):
+        self.metrics, self.arrived = metrics, arrived
 
     def __call__(self, readers: Sequence[Reader]) -> None:
         ended = time.monotonic()
