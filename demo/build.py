@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -44,6 +45,11 @@ REPORT = Path("docs/demo-results")
 TIMES = RUNS / "build_times.jsonl"
 SEED, SCALE, JOBS = 0, "full", 2
 PY = sys.executable
+# glibc's allocator fragments under the varying batch shapes of training: a pre-training run's resident
+# memory grew ~15 MB a step (6 -> 11 GB in 330 steps, on course to run out). jemalloc returns memory (flat
+# at 2.8-4 GB). Debian/Ubuntu: apt-get install libjemalloc2.
+JEMALLOC = [Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"), Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"),
+            Path("/usr/lib64/libjemalloc.so.2"), Path("/usr/lib/libjemalloc.so.2")]
 
 
 def _final(stage: str) -> Path:
@@ -64,6 +70,24 @@ class Step:
     name: str
     argv: list[str]
     done: Callable[[], bool]  # its result is there: skip it
+    long_running: bool = False  # hours of varying shapes: run with jemalloc where there is one
+
+
+def jemalloc() -> Path | None:
+    return next((p for p in JEMALLOC if p.is_file()), None)
+
+
+def step_env(step: Step) -> dict[str, str] | None:
+    """The environment of a step: a long-running one gets jemalloc preloaded where it is installed."""
+    if not step.long_running:
+        return None
+    lib = jemalloc()
+    if lib is None:
+        print(f"[{step.name}] note: libjemalloc2 is not installed; with glibc's allocator a long run's memory "
+              "grows step after step (apt-get install libjemalloc2)", file=sys.stderr, flush=True)
+        return None
+    preload = " ".join(filter(None, [str(lib), os.environ.get("LD_PRELOAD", "")]))
+    return {**os.environ, "LD_PRELOAD": preload}
 
 
 def _qwen2audio(*args: str) -> list[str]:
@@ -78,11 +102,13 @@ STEPS = [
     Step("answers", [PY, "-m", "demo.llm_answers", "--data", str(DATA), "--model", str(BASE), "--stage", "sft",
                      "--dtype", "bfloat16", "--batch-size", "16"], lambda: False),  # asks only what is unanswered
     Step("pretrain", _qwen2audio("train", "pretrain", "configs/demo/pretrain.yaml"),
-         lambda: _has_checkpoint(_final("pretrain"))),
-    Step("sft", _qwen2audio("train", "sft", "configs/demo/sft.yaml"), lambda: _has_checkpoint(_final("sft"))),
+         lambda: _has_checkpoint(_final("pretrain")), long_running=True),
+    Step("sft", _qwen2audio("train", "sft", "configs/demo/sft.yaml"), lambda: _has_checkpoint(_final("sft")),
+         long_running=True),
     Step("dpo-pairs", [PY, "-m", "demo.dpo_pairs", "--data", str(DATA), "--model", str(_final("sft"))],
          lambda: _newer(DATA / "dpo.jsonl", _final("sft") / "config.json")),
-    Step("dpo", _qwen2audio("train", "dpo", "configs/demo/dpo.yaml"), lambda: _has_checkpoint(_final("dpo"))),
+    Step("dpo", _qwen2audio("train", "dpo", "configs/demo/dpo.yaml"), lambda: _has_checkpoint(_final("dpo")),
+         long_running=True),
     Step("export", [PY, "-m", "qwen2audio.demo", "export-deltas", str(RUNS / "pretrain"), str(RUNS / "sft"),
                     str(RUNS / "dpo"), str(DELTAS)],
          lambda: _newer(DELTAS, *(_final(s) / "config.json" for s in ("pretrain", "sft", "dpo")))),
@@ -110,7 +136,7 @@ def run(steps: list[Step], dry_run: bool = False, force: frozenset[str] = frozen
         if dry_run:
             continue
         start = time.monotonic()
-        code = subprocess.run(step.argv).returncode
+        code = subprocess.run(step.argv, env=step_env(step)).returncode
         seconds = time.monotonic() - start
         _record(step.name, seconds, code)
         if code != 0:

@@ -60,3 +60,18 @@ def test_outside_the_repository_root_it_says_where_to_run(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     assert build.main(["--dry-run"]) == 2
     assert "repository root" in capsys.readouterr().err
+
+
+def test_training_steps_run_with_jemalloc_where_it_is_installed(tmp_path, monkeypatch, capsys):
+    train = next(s for s in build.STEPS if s.name == "pretrain")
+    data = next(s for s in build.STEPS if s.name == "data")
+    assert train.long_running and not data.long_running
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(build, "JEMALLOC", [tmp_path / "missing.so", lib])
+    monkeypatch.setenv("LD_PRELOAD", "/other.so")
+    assert build.step_env(train)["LD_PRELOAD"] == f"{lib} /other.so"
+    assert build.step_env(data) is None
+    monkeypatch.setattr(build, "JEMALLOC", [tmp_path / "missing.so"])
+    assert build.step_env(train) is None
+    assert "apt-get install libjemalloc2" in capsys.readouterr().err
