@@ -156,6 +156,18 @@ def shared_prefix(cached_ids: Sequence[int], cached_audio: Sequence[str], reques
     return min(n, len(ids) - 1)
 
 
+@dataclass(frozen=True)
+class SchedulerStatus:
+    """A snapshot of the scheduler's load (for a server's health check and for tests)."""
+
+    waiting: int  # requests waiting for a slot
+    prefilling: int  # requests whose prompt is being run
+    decoding: int  # requests generating
+    idle_sessions: int  # conversations holding a slot between turns
+    free_slots: int
+    kv_bytes_allocated: int  # KV cache storage taken now (it grows on demand up to kv_bytes)
+
+
 class _End:
     """The last item of a request's queue."""
 
@@ -280,6 +292,7 @@ class Scheduler:
         self._prefilling: list[_Request] = []  # admission order
         self._decoding: list[_Request] = []
         self._sessions: dict[Hashable, _Session] = {}
+        self._moves = 0  # admissions, prefill chunks, steps and endings so far (a stalled loop shows)
         self._step_lock = threading.Lock()  # one runner of _iterate at a time (inline readers)
         self._thread: threading.Thread | None = None
         if background:
@@ -321,6 +334,13 @@ class Scheduler:
         return self.max_slots * self.max_len * self.bytes_per_position(self.engine)
 
     # -- the public side (any thread) ------------------------------------------------------------
+    def status(self) -> SchedulerStatus:
+        with self._lock:
+            waiting = len(self._waiting)
+        owners = list(self._owner)
+        return SchedulerStatus(waiting, len(self._prefilling), len(self._decoding),
+                               sum(isinstance(o, _Session) for o in owners), owners.count(None), self.cache.nbytes)
+
     def submit(self, request: "Prepared", params: SamplingParams, *, deadline: float | None = None,
                session: Hashable | None = None) -> RequestStream:
         """Queue a request; returns its stream at once. ``deadline``: a time of ``clock`` (by default
@@ -412,19 +432,21 @@ class Scheduler:
                         self._wakeup.wait()
                 with self._step_lock:
                     if not self._iterate() and self._closed:
-                        return
+                        return  # closed, and nothing left
         except BaseException as err:  # a bug in the loop: no reader may hang on it
             self._fail(list(self._waiting) + self._prefilling + self._decoding, err)
             raise
 
     def _iterate(self) -> bool:
         """One round: end what was cancelled or timed out, admit waiting requests, prefill up to
-        ``prefill_chunk`` prompt tokens, one decode step. Returns False if there was nothing to do."""
+        ``prefill_chunk`` prompt tokens, one decode step. Returns False if there was nothing to do.
+        (Every round with requests moves one of them on; one that cannot fails them all.)"""
         with self._lock:
             busy = bool(self._waiting or self._prefilling or self._decoding)
         if not busy:
             self._drop_ended_sessions()
             return False
+        moves = self._moves
         with torch.inference_mode():
             now = self._clock()
             self._drop_ended_sessions()
@@ -432,6 +454,11 @@ class Scheduler:
             self._admit(now)
             self._prefill()
             self._decode()
+        if self._moves == moves:  # nothing could move: a bug, not a wait, and no reader may hang on it
+            with self._lock:
+                stuck = list(self._waiting)
+            self._fail(stuck + self._prefilling + self._decoding,
+                       RuntimeError("the scheduler could not run any of its requests"))
         if not any(self._owner) and not self.preallocated:
             self.cache.release()  # idle: give the memory back (the next request allocates again)
         return True
@@ -506,6 +533,7 @@ class Scheduler:
         elif session is not None:
             session.slot = slot
         r.slot, self._owner[slot], self._lengths[slot] = slot, r, reuse
+        self._moves += 1
         r.reply.out.cached_tokens = reuse
         if r.params.seed is not None:
             r.generator = torch.Generator(device=self.engine.model.device).manual_seed(r.params.seed)
@@ -539,6 +567,7 @@ class Scheduler:
                 continue
             self._lengths[r.slot] += chunk.shape[1]
             r.fed += chunk.shape[1]
+            self._moves += 1
             budget -= chunk.shape[1]
             if last:
                 self._prefilling.remove(r)
@@ -565,6 +594,7 @@ class Scheduler:
         except Exception as err:
             self._fail(rows, err)
             return
+        self._moves += 1
         for r, token in zip(rows, picked):
             self._lengths[r.slot] += 1  # the token fed in this step is cached now
             self._emit(r, token)
@@ -608,6 +638,7 @@ class Scheduler:
             self._release_slot(r, keep=error is None)
         r.done = True
         r.events.put(_End(error))
+        self._moves += 1
 
     def _release_slot(self, r: _Request, keep: bool) -> None:
         """A finished request's slot: the session's again (holding what was cached), or free."""
