@@ -71,6 +71,7 @@ class Engine:
         self.model = prepare_for_inference(model) if transform_weights else model
         self.tokenizer = tokenizer
         self.encode_batch = encode_batch
+        self._scheduler: Scheduler | None = None
         if tokenizer.audio_id != model.config.audio_token_index:
             raise ValueError(f"the tokenizer's <|AUDIO|> id {tokenizer.audio_id} differs from the config's "
                              f"audio_token_index {model.config.audio_token_index}: they come from different checkpoints")
@@ -168,7 +169,7 @@ class Engine:
     @property
     def scheduler(self) -> Scheduler:
         """The engine's own scheduler (created on first use): no thread, it runs in the reader's."""
-        if getattr(self, "_scheduler", None) is None:
+        if self._scheduler is None:
             self._scheduler = Scheduler(self, max_slots=ENGINE_MAX_SLOTS, max_waiting=None, background=False)
         return self._scheduler
 

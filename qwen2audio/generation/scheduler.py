@@ -61,8 +61,6 @@ DEFAULT_MAX_WAITING = 128  # requests waiting for a slot before submit refuses m
 PREFILL_CHUNK = 256  # prompt tokens run between two decode steps (a long prompt takes several steps)
 POLL_S = 0.5  # how often a blocked reader checks that the background thread is still alive
 
-FINISH_REASONS = ("stop", "length", "timeout", "cancelled")
-
 
 class QueueFull(RuntimeError):
     """The scheduler's waiting queue is full: try again later (an HTTP server answers 429)."""
@@ -82,7 +80,7 @@ class Generation:
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)  # generated ids, including a final stop token
-    finish_reason: str | None = None  # one of FINISH_REASONS
+    finish_reason: str | None = None  # "stop", "length", "timeout" or "cancelled"
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the session's cache, not run again
 
