@@ -8,6 +8,7 @@ ids can be compared exactly.
 
 from __future__ import annotations
 
+import gc
 import re
 import threading
 from pathlib import Path
@@ -305,6 +306,30 @@ class Clock:
         return self.now
 
 
+def test_a_session_idle_too_long_is_dropped_and_a_forgotten_conversation_frees_its_slot(engine):
+    clock = Clock()
+    sched = inline(engine, session_idle_s=60.0, clock=clock)
+    sched.submit(prepare(engine, messages("Hi.")), greedy(2), session="s").wait()
+    clock.now = 59.0
+    sched.submit(prepare(engine, messages("What?")), greedy(1)).wait()
+    assert sched.status().idle_sessions == 1
+    clock.now = 61.0
+    sched.submit(prepare(engine, messages("What?")), greedy(1)).wait()
+    assert sched.status().idle_sessions == 0
+
+    from qwen2audio.api import Qwen2Audio
+
+    model = Qwen2Audio(engine, Path("."))
+    before = model.scheduler.status().idle_sessions
+    conv = model.conversation()
+    conv.say("Hello.", max_new_tokens=2)
+    assert model.scheduler.status().idle_sessions == before + 1
+    del conv
+    gc.collect()
+    model.complete("Hi.", max_new_tokens=1)
+    assert model.scheduler.status().idle_sessions == before
+
+
 def test_cancelling_frees_the_slot_and_a_waiting_request_never_runs_if_cancelled(engine, monkeypatch):
     first, second, third = (prepare(engine, messages(q)) for q in ("Hi.", "What is it?", "Describe."))
     expected = alone(engine, second, greedy(6)).token_ids
@@ -373,6 +398,9 @@ def test_the_kv_cache_is_budgeted_and_a_prompt_that_can_never_fit_is_refused(eng
         got = sched.submit(short, greedy(1000, ignore_eos=True)).wait()
     assert len(got.token_ids) == 256 - len(short.token_ids)
     assert sched.status().kv_bytes_allocated == 0, "an idle scheduler gives its memory back"
+    held = inline(engine, max_slots=2, max_len=256, preallocate=True)
+    held.submit(short, greedy(2)).wait()
+    assert held.status().kv_bytes_allocated == held.kv_bytes == 2 * 256 * per_position
 
 
 def test_a_failing_request_raises_in_its_own_stream_only(engine):
