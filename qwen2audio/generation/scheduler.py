@@ -283,6 +283,7 @@ class Scheduler:
         self._wakeup = threading.Condition(self._lock)
         self._waiting: deque[_Request] = deque()
         self._closed = False
+        self._cancel_all = False  # close() without wait: every request in flight ends "cancelled"
         self._ending: queue.SimpleQueue = queue.SimpleQueue()  # session keys to drop (safe from finalizers)
         # The loop's own state.
         self._lengths = [0] * self.max_slots  # positions cached per slot
@@ -381,9 +382,7 @@ class Scheduler:
         then stop the thread and free the cache. Returns once nothing is left."""
         with self._lock:
             self._closed = True
-            if not wait:
-                for r in list(self._waiting) + self._prefilling + self._decoding:
-                    r.cancelled = True
+            self._cancel_all = self._cancel_all or not wait
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join()
@@ -464,7 +463,7 @@ class Scheduler:
     def _expire(self, now: float) -> None:
         """Finish the requests cancelled or past their deadline, waiting or running."""
         def reason(r: _Request) -> str | None:
-            if r.cancelled:
+            if r.cancelled or self._cancel_all:
                 return "cancelled"
             return "timeout" if r.deadline is not None and now >= r.deadline else None
         with self._lock:
