@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qwen2audio.checkpoint import load_model  # noqa: E402
 from qwen2audio.generation.engine import Engine, Prepared  # noqa: E402
 from qwen2audio.generation.sampling import SamplingParams  # noqa: E402
-from qwen2audio.generation.scheduler import ReplyText, Scheduler  # noqa: E402
+from qwen2audio.generation.reply import ReplyText  # noqa: E402
+from qwen2audio.generation.scheduler import Scheduler  # noqa: E402
 from qwen2audio.model.llm import padded_causal_mask  # noqa: E402
 from qwen2audio.text import Tokenizer, render_chat  # noqa: E402
 

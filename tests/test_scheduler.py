@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from qwen2audio.checkpoint import load_model
 from qwen2audio.generation.engine import Engine, Prepared
