@@ -17,7 +17,9 @@ told otherwise, as the official evaluation decodes.
 from __future__ import annotations
 
 import inspect
+import itertools
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -27,7 +29,8 @@ import torch
 from .audio import SAMPLE_RATE, load_audio
 from .checkpoint import load_model
 from .checkpoint.files import GENERATION_FILE
-from .generation.engine import Engine, Generation, Prepared, TextStream
+from .generation.engine import Engine, Generation, Prepared, RequestStream
+from .generation.scheduler import Scheduler
 from .generation.params import SamplingParams, load_generation_config
 from .text import Tokenizer, raw_prompt, render_chat
 from .text.tags import TAG  # language / task tags the base model writes, e.g. <|en|>
@@ -99,6 +102,12 @@ class Qwen2Audio:
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler every call here goes through (the engine's own, run in the caller's thread).
+        A server builds its own instead: ``Scheduler(model.engine, max_slots=..., max_waiting=...)``."""
+        return self.engine.scheduler
+
     # -- requests --------------------------------------------------------------------------------
     def prepare_chat(self, messages: Messages) -> Prepared:
         rendered = render_chat(messages)
@@ -116,12 +125,12 @@ class Qwen2Audio:
     def chat(self, messages: Messages, **sampling) -> Generation:
         return self.engine.generate([self.prepare_chat(messages)], self.chat_sampling(**sampling))[0]
 
-    def stream(self, messages: Messages, **sampling) -> TextStream:
+    def stream(self, messages: Messages, **sampling) -> RequestStream:
         """Iterate over the reply's text deltas; the stream's ``result`` is the whole Generation."""
         return self.engine.stream(self.prepare_chat(messages), self.chat_sampling(**sampling))
 
     def chat_batch(self, conversations: Sequence[Messages], **sampling) -> list[Generation]:
-        """Several conversations in one left-padded batch; greedy results equal running each alone."""
+        """Several conversations decoded together; greedy results equal running each alone."""
         return self.engine.generate([self.prepare_chat(m) for m in conversations], self.chat_sampling(**sampling))
 
     def complete(self, prompt: str, audios: Sequence[Any] = (), **sampling) -> Generation:
@@ -137,22 +146,23 @@ class Qwen2Audio:
 
 
 class Conversation:
-    """A multi-turn chat that keeps its KV cache and audio vectors between turns.
+    """A multi-turn chat whose history stays in the scheduler's KV cache between turns (a session).
 
     Each turn renders the whole conversation with the official template (so the model sees exactly
-    what a stateless call would give it), but only the tokens past the longest cached prefix are run,
-    and audio already heard is not encoded again.
+    what a stateless call would give it); the scheduler runs only the tokens past the longest prefix
+    its cache holds for this conversation, and audio already heard is not encoded again.
     """
+
+    _ids = itertools.count()
 
     def __init__(self, model: Qwen2Audio, system: str | None = None):
         self.model = model
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self._audio_vectors: dict[str, torch.Tensor] = {}
-        self._cache = None
         self.last: Generation | None = None  # the latest reply, complete once its stream is consumed
         self._pending: Iterator[str] | None = None  # a reply still being streamed
-        self._cached_ids: list[int] = []
-        self._cached_audio: list[str] = []
+        self.session = ("conversation", next(self._ids))  # the scheduler's key for this history
+        weakref.finalize(self, model.scheduler.end_session, self.session)  # its cache goes with it
 
     def say(self, text: str | None = None, audio: Any = None, **sampling) -> Generation:
         """Add a user turn (text, one audio or a list of audios, or both); return the whole reply."""
@@ -192,42 +202,23 @@ class Conversation:
         return self._pending
 
     def _reply(self, params: SamplingParams) -> Iterator[str]:
-        engine = self.model.engine
-        finished = False
+        stream, answered = None, False
         try:
             rendered = render_chat(self.messages)
-            request = engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios], self._audio_vectors)
-            reuse = self._shared_prefix(request)
-            self._cached_ids = self._cached_ids[:reuse]  # the cache past `reuse` is about to be overwritten
-            if self._cache is None:
-                self._cache = engine.model.language_model.new_cache(1, len(request.token_ids) + params.max_new_tokens)
-            stream = engine.stream(request, params, self._cache, reuse)
+            request = self.model.engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios],
+                                                self._audio_vectors)
+            stream = self.model.scheduler.submit(request, params, session=self.session)
             yield from stream
-            finished = True
+            answered = stream.result.finish_reason in ("stop", "length")
         finally:
             self._pending = None
-            if not finished:
+            if not answered:
+                if stream is not None:
+                    stream.cancel()  # a reader gone: free the slot at the next step
                 self.messages.pop()  # the turn was not answered
+        if not answered:
+            return
         reply = self.last = stream.result
         self.messages.append({"role": "assistant", "content": reply.text})
-        # The cache holds the prompt and every generated token but the last (never fed back).
-        self._cached_ids = (request.token_ids + reply.token_ids)[: self._cache.length]
-        self._cached_audio = request.audio_keys
-
-    def _shared_prefix(self, request: Prepared) -> int:
-        """Positions of the cache that hold exactly the start of this request (same tokens, same audio)."""
-        n = 0
-        for a, b in zip(self._cached_ids, request.token_ids):
-            if a != b:
-                break
-            n += 1
-        # Audio runs must match clip for clip; stop before the first clip that differs.
-        audio_id = self.model.tokenizer.audio_id
-        clip, i = 0, 0
-        while i < n:
-            if request.token_ids[i] == audio_id and (i == 0 or request.token_ids[i - 1] != audio_id):
-                if clip >= len(self._cached_audio) or self._cached_audio[clip] != request.audio_keys[clip]:
-                    return i
-                clip += 1
-            i += 1
-        return min(n, len(request.token_ids) - 1)  # always run at least one token to get logits
+        for key, vectors in zip(request.audio_keys, request.audio_embeds):
+            self._audio_vectors[key] = vectors

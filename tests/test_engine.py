@@ -170,7 +170,10 @@ def test_long_audio_is_windowed_and_nothing_is_dropped(model):
     assert torch.allclose(whole, torch.cat(alone), atol=1e-5, rtol=1e-5)
 
     request = model.prepare_chat(ask(audio, "Summarise."))
-    assert request.token_ids.count(model.tokenizer.audio_id) == 1875
+    assert request.token_ids.count(model.tokenizer.audio_id) == 1875  # counted before encoding
+    assert request.pending == [0]
+    model.engine.encode([request])
+    assert request.pending == [] and request.waveforms == [None]
     assert len(request.audio_embeds) == 1 and torch.equal(request.audio_embeds[0], whole)
     out = model.engine.generate([request], SamplingParams(max_new_tokens=3))[0]
     assert len(out.token_ids) >= 1

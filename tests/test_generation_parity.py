@@ -1,4 +1,4 @@
-"""Greedy generation against transformers' generate(), alone and in left-padded batches."""
+"""Greedy generation against transformers' generate(), alone and batched (transformers left-pads its batch)."""
 
 from __future__ import annotations
 

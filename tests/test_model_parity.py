@@ -74,7 +74,7 @@ def test_logits_match(pair):
 
 @torch.no_grad()
 def test_batched_left_padded_logits_match(pair):
-    """Three clips of different lengths in one left-padded batch, as batched generation runs them."""
+    """Three clips of different lengths in one left-padded batch, as transformers' batched generation runs them."""
     name, ref, ours = pair
     n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
     audios = [clip(s, i) for i, s in enumerate((1.7, 12.0, 30.0))]

@@ -258,6 +258,11 @@ def window_lengths(n_samples: int, window_samples: int = N_SAMPLES) -> list[int]
     return [n_samples // k + (1 if i < n_samples % k else 0) for i in range(k)]
 
 
+def clip_token_count(n_samples: int) -> int:
+    """Audio tokens of a clip of ``n_samples``: the sum over its windows (one <|AUDIO|> run per clip)."""
+    return sum(audio_token_count(num_valid_frames(n)) for n in window_lengths(n_samples))
+
+
 def split_into_windows(audio, window_samples: int = N_SAMPLES) -> list[np.ndarray]:
     """Split a 1-D clip into ceil(n / window_samples) consecutive windows of near-equal length.
 

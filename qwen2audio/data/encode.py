@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..audio.features import audio_token_count, num_valid_frames, window_lengths
+from ..audio.features import clip_token_count
 from ..model.qwen2audio import IGNORE_INDEX
 from ..text.chat import expand_audio_placeholders, raw_prompt, render_chat
 from ..text.special_tokens import ENDOFTEXT, IM_END
@@ -33,11 +33,6 @@ class TokenizedSequence:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-def clip_token_count(n_samples: int) -> int:
-    """Audio tokens of a clip: the sum over its windows (one <|AUDIO|> run per clip, as at inference)."""
-    return sum(audio_token_count(num_valid_frames(n)) for n in window_lengths(n_samples))
 
 
 def pretrain_segments(example: Example) -> list[Segment]:

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, type=Path, help="the split's folder as the dataset ships it, or a JSONL list")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: eval-results/TASK-DATANAME)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    p.add_argument("--batch-size", type=int, default=8, help="items generated together (left-padded)")
+    p.add_argument("--batch-size", type=int, default=8, help="items generated together")
     p.add_argument("--max-new-tokens", type=int, default=256, help="official: 256")
     p.add_argument("--prompt-style", default="auto", choices=["auto", "raw", "chat"],
                    help="auto: the official one (raw base prompts; chat template for AIR-Bench)")

@@ -13,7 +13,7 @@
 - The model is loaded only when something is left to generate, so a finished run is re-scored at no cost.
 - Audio that is missing or unreadable is reported and skipped: its line in items.jsonl carries "error";
   such items are tried again by the next run.
-- Decoding: greedy, max_new_tokens 256, min_new_tokens 1, left-padded batches (qwen2audio.generation.engine).
+- Decoding: greedy, max_new_tokens 256, min_new_tokens 1, batched (qwen2audio.generation.scheduler).
 - The progress bar shows items, speed and the running corpus metric.
 """
 
@@ -118,7 +118,7 @@ def stale_reason(record: dict, prompt: str, basis: dict) -> str | None:
 
 
 def generate_batch(model, batch: Sequence[tuple[EvalItem, np.ndarray]], settings: AnswerSettings) -> list[str]:
-    """Answers for (item, 16 kHz samples) pairs in one left-padded greedy batch."""
+    """Answers for (item, 16 kHz samples) pairs, decoded greedily together."""
     from ..generation.sampling import SamplingParams
 
     prepared = []

@@ -1,117 +1,60 @@
-"""The inference engine: audio -> vectors, prompt -> prefill, then one decode step per new token.
+"""The inference engine: the model's arithmetic for serving requests.
 
-- Prefill runs the whole prompt once; each decode step runs only the new token against the KV cache,
-  which is allocated once for prompt + max_new_tokens.
-- Batches are left-padded so that every row's next token sits in the same column; each row keeps its
-  own positions (0 at its first real token) and padded keys are masked, so a row's greedy output is
-  the same as running it alone. Finished rows leave the batch.
-- Long audio is split into windows of at most 30 s (``qwen2audio.audio.features.split_into_windows``);
-  each window is encoded on its own and their vectors are fed, in order, at the clip's one
-  <|AUDIO|> placeholder. Nothing is dropped; audio that does not fit the model's context is an error
-  that says how much fits.
+- ``prepare``: a prompt with one <|AUDIO|> per clip -> a Prepared request, its placeholders expanded
+  to each clip's audio-token count (known from the clip's length, before it is encoded).
+- ``encode``: the clips that requests still lack -> vectors, in one batch across requests. Long audio
+  is split into windows of at most 30 s (``qwen2audio.audio.features.split_into_windows``); each
+  window is encoded on its own and their vectors are fed, in order, at the clip's one <|AUDIO|>
+  placeholder. Nothing is dropped; audio that does not fit the model's context is an error that says
+  how much fits.
+- ``prefill``: a chunk of one prompt into its slot of the KV cache; ``step``: one new token for each
+  of the slots 0 .. n - 1, each at its own length, its attention masked to its own cached positions.
+  These two are all the decoding arithmetic there is; the step is what a compiled path would wrap
+  (called with n = every slot and width = the slot size, its shapes never change).
+
+What runs when is the scheduler's (``generation.scheduler``): continuous batching, sessions,
+cancellation. ``generate`` and ``stream`` are conveniences over the engine's own scheduler, which
+runs inline in the caller's thread.
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..audio.features import AUDIO_TOKENS_PER_SECOND, log_mel_spectrogram, split_into_windows
+from ..audio.features import AUDIO_TOKENS_PER_SECOND, clip_token_count, log_mel_spectrogram, split_into_windows
 from ..model import KVCache, Qwen2AudioModel
-from ..model.llm import padded_causal_mask
+from ..model.llm import causal_mask
 from ..text.chat import expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
-from .sampling import SamplingParams, hold_back_stop_tokens, next_tokens
+from .sampling import SamplingParams
+from .scheduler import Generation, RequestStream, Scheduler
 from .weights import prepare_for_inference
 
 ENCODE_BATCH = 8  # 30 s windows encoded together
+ENGINE_MAX_SLOTS = 16  # requests the engine's own scheduler decodes together (its storage grows as needed)
+
+__all__ = ["Engine", "Generation", "Prepared", "RequestStream", "audio_key"]
 
 
 @dataclass
 class Prepared:
-    """One request ready for the model: expanded token ids and the audio vectors for its <|AUDIO|> runs."""
+    """One request ready for the model: expanded token ids and, per clip in reading order, its audio
+    vectors (n_tokens, hidden) or, until it is encoded, None and its 16 kHz waveform."""
 
     token_ids: list[int]
-    audio_embeds: list[torch.Tensor]  # one (n_tokens, hidden) per clip, in reading order
-    audio_keys: list[str] = field(default_factory=list)  # identity of each clip, for conversation reuse
+    audio_embeds: list[torch.Tensor | None]
+    audio_keys: list[str] = field(default_factory=list)  # identity of each clip (conversation reuse)
+    waveforms: list[np.ndarray | None] = field(default_factory=list)  # the clips still to encode
 
-
-@dataclass
-class Generation:
-    """What one request produced."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)  # generated ids, including a final stop token
-    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
-    prompt_tokens: int = 0
-
-
-class TextStream:
-    """The text deltas of one request, as an iterator; ``result`` is its Generation, complete once
-    the iterator is exhausted."""
-
-    def __init__(self, result: Generation, events: Iterator[tuple[int, str]]):
-        self.result = result
-        self._events = events
-
-    def __iter__(self) -> Iterator[str]:
-        for _, delta in self._events:
-            if delta:
-                yield delta
-
-
-class _Row:
-    """Per-request decoding state: detokeniser, stop-string handling, the text not yet released."""
-
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_tokens: int):
-        self.out = Generation(prompt_tokens=prompt_tokens)
-        self.decoder = tokenizer.stream()
-        self.stop_ids = frozenset() if params.ignore_eos else tokenizer.stop_ids
-        self.stops = params.stop
-        self.pending = ""  # decoded text held back while it could still start a stop string
-        self.released = 0
-
-    def push(self, token: int) -> str:
-        """Add a token; return the text delta that is now safe to show."""
-        self.out.token_ids.append(token)
-        if token in self.stop_ids:
-            self.out.finish_reason = "stop"
-            return self._release(self.pending + self.decoder.flush(), final=True)
-        return self._release(self.pending + self.decoder.push(token), final=False)
-
-    def finish_length(self) -> str:
-        self.out.finish_reason = "length"
-        return self._release(self.pending + self.decoder.flush(), final=True)
-
-    def _release(self, text: str, final: bool) -> str:
-        for stop in self.stops:
-            cut = (self.out.text + text).find(stop, max(0, len(self.out.text) - len(stop)))
-            if cut >= 0:
-                delta = (self.out.text + text)[len(self.out.text):cut]
-                self.out.text += delta
-                self.out.finish_reason = "stop"
-                self.pending = ""
-                return delta
-        hold = 0 if final else _longest_stop_prefix(text, self.stops)
-        delta, self.pending = text[: len(text) - hold], text[len(text) - hold:]
-        self.out.text += delta
-        return delta
-
-
-def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of text that begins some stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if stop.startswith(text[-n:]):
-                best = n
-                break
-    return best
+    @property
+    def pending(self) -> list[int]:
+        """Indices of the clips not encoded yet."""
+        return [i for i, v in enumerate(self.audio_embeds) if v is None]
 
 
 def audio_key(audio: np.ndarray) -> str:
@@ -128,6 +71,7 @@ class Engine:
         self.model = prepare_for_inference(model) if transform_weights else model
         self.tokenizer = tokenizer
         self.encode_batch = encode_batch
+        self._scheduler: Scheduler | None = None
         if tokenizer.audio_id != model.config.audio_token_index:
             raise ValueError(f"the tokenizer's <|AUDIO|> id {tokenizer.audio_id} differs from the config's "
                              f"audio_token_index {model.config.audio_token_index}: they come from different checkpoints")
@@ -158,122 +102,91 @@ class Engine:
             per_clip[i].append(vectors[j])
         return [torch.cat(parts) for parts in per_clip]
 
+    def encode(self, requests: Sequence[Prepared]) -> None:
+        """Encode the clips the requests still lack, all in one batch (a clip shared by several
+        requests once), and put the vectors in place."""
+        todo: dict[str, np.ndarray] = {}
+        for r in requests:
+            for i in r.pending:
+                todo.setdefault(r.audio_keys[i], r.waveforms[i])
+        if not todo:
+            return
+        vectors = dict(zip(todo, self.encode_audios(list(todo.values()))))
+        for r in requests:
+            for i in r.pending:
+                r.audio_embeds[i], r.waveforms[i] = vectors[r.audio_keys[i]], None
+
     def prepare(self, prompt: str, audios: Sequence[np.ndarray], cached: dict[str, torch.Tensor] | None = None) -> Prepared:
-        """A prompt with one <|AUDIO|> per clip and the decoded clips -> a Prepared request.
+        """A prompt with one <|AUDIO|> per clip and the decoded clips -> a Prepared request. Its clips
+        are encoded later, together with other requests' (``encode``; the scheduler calls it).
 
         ``cached`` maps audio keys to vectors already computed (earlier turns of a conversation).
         """
         keys = [audio_key(a) for a in audios]
         cached = cached if cached is not None else {}
-        todo = [i for i, k in enumerate(keys) if k not in cached]
-        for i, v in zip(todo, self.encode_audios([audios[i] for i in todo])):
-            cached[keys[i]] = v
-        embeds = [cached[k] for k in keys]
-        ids = expand_audio_placeholders(self.tokenizer.encode(prompt), self.tokenizer.audio_id,
-                                        [int(e.shape[0]) for e in embeds])
+        embeds = [cached.get(k) for k in keys]
+        counts = [clip_token_count(len(a)) if e is None else int(e.shape[0]) for a, e in zip(audios, embeds)]
+        ids = expand_audio_placeholders(self.tokenizer.encode(prompt), self.tokenizer.audio_id, counts)
         if len(ids) >= self.max_positions:
-            audio_tokens = sum(int(e.shape[0]) for e in embeds)
+            audio_tokens = sum(counts)
             raise ValueError(
                 f"the prompt is {len(ids)} tokens ({audio_tokens} of them audio, {AUDIO_TOKENS_PER_SECOND} per second) "
                 f"but the model's context holds {self.max_positions}; shorten the audio to about "
                 f"{max(0, self.max_positions - 256 - (len(ids) - audio_tokens)) // AUDIO_TOKENS_PER_SECOND} s in all")
-        return Prepared(ids, embeds, keys)
+        waveforms = [a if e is None else None for a, e in zip(audios, embeds)]
+        return Prepared(ids, embeds, keys, waveforms)
 
-    # -- generation ----------------------------------------------------------------------------------
-    def _room_to_generate(self, max_new_tokens: int, prompt_tokens: int) -> int:
-        """max_new_tokens, capped by what the context leaves after the prompt, with a warning when capped."""
-        room = self.max_positions - prompt_tokens
-        if max_new_tokens > room:
-            warnings.warn(f"max_new_tokens {max_new_tokens} does not fit: the prompt takes {prompt_tokens} of the "
-                          f"model's {self.max_positions} positions, so at most {room} new tokens", stacklevel=2)
-        return min(max_new_tokens, room)
-
-    def generate(self, batch: Sequence[Prepared], params: SamplingParams) -> list[Generation]:
-        results, events = self.stream_batch(batch, params)
-        for _ in events:
-            pass
-        return results
-
-    def stream_batch(self, batch: Sequence[Prepared], params: SamplingParams
-                     ) -> tuple[list[Generation], Iterator[tuple[int, str]]]:
-        """Decode a batch step by step: the iterator yields (row, text delta) for every row at every
-        step (deltas may be empty); the Generations fill in as it runs and are final at its end."""
-        rows = [_Row(self.tokenizer, params, len(p.token_ids)) for p in batch]
-        return [r.out for r in rows], self._decode(batch, params, rows)
-
-    def stream(self, request: Prepared, params: SamplingParams, cache: KVCache | None = None,
-               reuse: int = 0) -> "TextStream":
-        """Text deltas of one request as they are decoded. ``cache``/``reuse``: see ``_decode``."""
-        row = _Row(self.tokenizer, params, len(request.token_ids))
-        return TextStream(row.out, self._decode([request], params, [row], cache, reuse))
+    # -- the decoding arithmetic ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, cache: KVCache, slot: int, embeds: torch.Tensor, start: int,
+                logits: bool = True) -> torch.Tensor | None:
+        """Run a chunk of one prompt, embeds (1, T, hidden), at positions [start, start + T) of ``slot``,
+        whose first ``start`` positions hold the prompt's beginning. Returns the logits (vocab,) that
+        follow the chunk's last token, or None without ``logits`` (a chunk that is not the last)."""
+        lm = self.model.language_model
+        T = embeds.shape[1]
+        positions = torch.arange(start, start + T, device=embeds.device)[None]  # (1, T)
+        mask = causal_mask(start, T, embeds.device) if start else None  # (1, 1, T, start + T)
+        hidden = lm.hidden_states(embeds, positions, mask, cache.chunk(slice(slot, slot + 1), start))
+        return lm.logits(hidden[0, -1]) if logits else None
 
     @torch.inference_mode()
-    def _decode(self, batch: Sequence[Prepared], params: SamplingParams, rows: list[_Row],
-                cache: KVCache | None = None, reuse: int = 0) -> Iterator[tuple[int, str]]:
-        """Prefill and decode; yields (row index, text delta). A single request may pass a ``cache``
-        whose first ``reuse`` positions already hold its prompt's first ``reuse`` tokens."""
-        model, lm = self.model, self.model.language_model
-        device = model.device
-        lengths = [len(p.token_ids) for p in batch]
-        width = max(lengths)
-        max_new = self._room_to_generate(params.max_new_tokens, width)
-        pad = self.tokenizer.pad_id
-        ids = torch.tensor([[pad] * (width - n) + p.token_ids for n, p in zip(lengths, batch)], device=device)
-        key_valid = torch.zeros(len(batch), width + max_new, dtype=torch.bool, device=device)
-        for i, n in enumerate(lengths):
-            key_valid[i, width - n:] = True
-        padded = len(set(lengths)) > 1
-        positions = (key_valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)  # (B, width)
+    def step(self, cache: KVCache, tokens: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        """One decode step over slots 0 .. n - 1: slot r feeds tokens[r] at position lengths[r] (the
+        positions it holds) and attends to its first lengths[r] + 1 positions, read from the first
+        ``width`` of each slot. tokens, lengths (n,) -> logits (n, vocab).
 
-        if cache is None:
-            cache = lm.new_cache(len(batch), width + max_new)
-            reuse = 0
-        else:
-            cache.truncate(reuse)
-            cache.grow(width + max_new)
-        audio = [a for p in batch for a in p.audio_embeds]
-        if reuse:  # only the tail of the prompt is new; skip the audio vectors of the reused prefix
-            n_prefix_audio = int((ids[:, :reuse] == self.tokenizer.audio_id).sum())
-            flat = torch.cat(audio) if audio else None
-            audio = [flat[n_prefix_audio:]] if flat is not None else []
-        embeds = model.embed(ids[:, reuse:], audio)
-        mask = padded_causal_mask(key_valid[:, :width], width) if padded else None
-        hidden = lm.hidden_states(embeds, positions[:, reuse:], mask, cache)
-        logits = lm.logits(hidden[:, -1])  # (B, vocab)
+        A slot with nothing to decode may run along (its row is ignored): it writes only at its own
+        length, past what it holds, which the next write there replaces.
+        """
+        lm = self.model.language_model
+        key_valid = torch.arange(width, device=lengths.device)[None, :] <= lengths[:, None]  # (n, width)
+        embeds = lm.model.embed_tokens(tokens[:, None])  # (n, 1, hidden)
+        hidden = lm.hidden_states(embeds, lengths[:, None], key_valid[:, None, None, :], cache.step(lengths, width))
+        return lm.logits(hidden[:, -1])  # (n, vocab)
 
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(len(batch), logits.shape[-1], dtype=torch.bool, device=device)
-            for i, p in enumerate(batch):  # the row's own tokens, not its padding
-                seen[i, p.token_ids] = True
-        gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-        active = list(range(len(batch)))
-        next_pos = positions[:, -1:] + 1  # (B, 1)
-        stop_ids = frozenset() if params.ignore_eos else self.tokenizer.stop_ids
-        for step in range(max_new):
-            logits = hold_back_stop_tokens(logits, stop_ids, step, params.min_new_tokens)
-            tokens = next_tokens(logits, params, seen, gen)  # (B,)
-            keep = []
-            for j, (r, t) in enumerate(zip(active, tokens.tolist())):
-                delta = rows[r].push(t)
-                if rows[r].out.finish_reason is None and step == max_new - 1:
-                    delta += rows[r].finish_length()
-                yield r, delta
-                if rows[r].out.finish_reason is None:
-                    keep.append(j)
-            if not keep:
-                return
-            if len(keep) < len(active):
-                sel = torch.tensor(keep, device=device)
-                cache.select(sel)
-                tokens, next_pos, key_valid = tokens[sel], next_pos[sel], key_valid[sel]
-                seen = seen[sel] if seen is not None else None
-                active = [active[j] for j in keep]
-                padded = padded and bool((~key_valid[:, :width]).any())
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            S = cache.length + 1
-            mask = key_valid[:, None, None, :S] if padded else None  # (B, 1, 1, S)
-            embeds = lm.model.embed_tokens(tokens[:, None])  # (B, 1, hidden)
-            logits = lm.logits(lm.hidden_states(embeds, next_pos, mask, cache)[:, -1])
-            next_pos = next_pos + 1
+    # -- conveniences over the engine's own scheduler --------------------------------------------------
+    @property
+    def scheduler(self) -> Scheduler:
+        """The engine's own scheduler (created on first use): no thread, it runs in the reader's."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self, max_slots=ENGINE_MAX_SLOTS, max_waiting=None, background=False)
+        return self._scheduler
+
+    def generate(self, batch: Sequence[Prepared], params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
+        """Run requests together (each with its own settings, or all with the same); their Generations.
+        A request's greedy output is the same as running it alone."""
+        per_request = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
+        if len(per_request) != len(batch):
+            raise ValueError(f"{len(batch)} requests but {len(per_request)} SamplingParams")
+        streams = [self.scheduler.submit(p, s) for p, s in zip(batch, per_request)]
+        try:
+            return [s.wait() for s in streams]
+        finally:
+            for s in streams:  # an error or an interrupt: the others stop too
+                if not s.done:
+                    s.cancel()
+
+    def stream(self, request: Prepared, params: SamplingParams) -> RequestStream:
+        """Text deltas of one request as they are decoded; ``result`` is complete at the end."""
+        return self.scheduler.submit(request, params)

@@ -1,61 +1,118 @@
-"""A key/value cache allocated once, up front, and written in place by position."""
+"""A key/value cache of fixed-size slots, one sequence per slot, written in place by position."""
 
 from __future__ import annotations
 
 import torch
 
+GROW_POSITIONS = 256  # the positions dimension grows in steps of this many (rounded up), never past max_len
+
 
 class KVCache:
-    """Per-layer keys and values, (B, n_kv_heads, max_len, head_dim), filled left to right.
+    """Per-layer keys and values, (n_slots, n_kv_heads, max_len, head_dim): a pool of ``max_slots``
+    slots of ``max_len`` positions. Each slot holds one sequence from position 0; how much of it is
+    filled is the caller's to track (the scheduler keeps one length per slot), and positions past a
+    slot's length are masked, never cleared.
 
-    All rows share one write position (``length``): batched prompts are left-padded so that they end
-    together, and padded slots are excluded by the attention mask, never by the cache.
+    The storage grows on demand (``reserve``) up to that ceiling, so a pool sized for a server costs
+    nothing until requests fill it; ``preallocate`` takes it all at once (fail at start, not later).
+    Growing copies what is cached; a slot keeps its index.
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_slots: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.max_len = max_len
-        self.length = 0  # positions filled so far
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.max_slots, self.max_len = max_slots, max_len
+        self.dtype, self.device = dtype, torch.device(device)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.release()
+
+    @staticmethod
+    def bytes_per_position(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one cached position takes over all layers (keys and values)."""
+        return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
+    def n_slots(self) -> int:
+        """Slots allocated so far (0 .. max_slots)."""
+        return self.k[0].shape[0] if self.k else 0
+
+    @property
+    def allocated_len(self) -> int:
+        """Positions per slot allocated so far (0 .. max_len)."""
+        return self.k[0].shape[2] if self.k else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def release(self) -> None:
+        """Free the storage (what is cached is forgotten)."""
+        self.k, self.v = [], []
+
+    def preallocate(self) -> None:
+        self.reserve(self.max_slots, self.max_len)
+
+    def reserve(self, n_slots: int, length: int) -> None:
+        """Make slots 0 .. n_slots - 1 hold ``length`` positions each, keeping what is cached."""
+        if n_slots > self.max_slots or length > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_slots} slots of {self.max_len} positions; "
+                             f"{n_slots} slots of {length} were asked for")
+        if n_slots <= self.n_slots and length <= self.allocated_len:
+            return
+        slots = max(n_slots, self.n_slots)
+        positions = max(self.allocated_len, min(self.max_len, -(-length // GROW_POSITIONS) * GROW_POSITIONS))
+        shape = (slots, self.n_kv_heads, positions, self.head_dim)
+        # Zeros, not empty: masked positions are still read, and 0 * NaN would poison the attention.
+        def bigger(old: torch.Tensor | None) -> torch.Tensor:
+            new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if old is not None:
+                new[: old.shape[0], :, : old.shape[2]] = old
+            return new
+        olds_k = self.k or [None] * self.n_layers
+        olds_v = self.v or [None] * self.n_layers
+        self.k = [bigger(t) for t in olds_k]
+        self.v = [bigger(t) for t in olds_v]
+
+    def chunk(self, rows: slice, start: int) -> "ChunkWrite":
+        """A writer for T new positions [start, start + T) of each slot in ``rows`` (a prompt chunk)."""
+        return ChunkWrite(self, rows, start)
+
+    def step(self, lengths: torch.Tensor, width: int) -> "StepWrite":
+        """A writer for one new position of each slot 0 .. n - 1, at ``lengths`` (n,) (a decode step),
+        reading the first ``width`` positions of each."""
+        return StepWrite(self, lengths, width)
+
+
+class ChunkWrite:
+    """What attention sees during a prefill chunk: writes k, v (B, n_kv, T, hs) at positions
+    [start, start + T) of slots ``rows`` and returns their first start + T positions."""
+
+    def __init__(self, cache: KVCache, rows: slice, start: int):
+        self.cache, self.rows, self.start = cache, rows, start
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hs) at [length, length + T) and return the filled prefix."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; {end} were asked for. "
-                             "Lower max_new_tokens or shorten the conversation.")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        end = self.start + k.shape[2]
+        if end > self.cache.allocated_len:
+            raise ValueError(f"the KV cache slot holds {self.cache.allocated_len} positions; {end} were asked for")
+        keys, values = self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]  # views
+        keys[:, :, self.start:end] = k
+        values[:, :, self.start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
-    def advance(self, n: int) -> None:
-        self.length += n
 
-    def truncate(self, length: int) -> None:
-        """Forget everything past ``length`` (used to reuse a shared conversation prefix)."""
-        if length > self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        self.length = length
+class StepWrite:
+    """What attention sees during a decode step: writes row r's k, v (n, n_kv, 1, hs) at position
+    lengths[r] of slot r and returns the first ``width`` positions of slots 0 .. n - 1."""
 
-    def grow(self, max_len: int) -> None:
-        """Make room for ``max_len`` positions, keeping what is cached (a conversation's next turn)."""
-        if max_len <= self.max_len:
-            return
-        def bigger(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros(t.shape[0], t.shape[1], max_len, t.shape[3])
-            out[:, :, : self.length] = t[:, :, : self.length]
-            return out
-        self.k = [bigger(t) for t in self.k]
-        self.v = [bigger(t) for t in self.v]
-        self.max_len = max_len
+    def __init__(self, cache: KVCache, lengths: torch.Tensor, width: int):
+        self.cache, self.lengths, self.width = cache, lengths, width
+        self.rows = torch.arange(lengths.shape[0], device=lengths.device)
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (finished requests leave a batch)."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[0]
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        # index_put wants one dtype (training's autocast computes k in bfloat16 over a float32 cache)
+        keys[self.rows, :, self.lengths] = k[:, :, 0].to(keys.dtype)  # (n, n_kv, hs)
+        values[self.rows, :, self.lengths] = v[:, :, 0].to(values.dtype)
+        return keys[:n, :, : self.width], values[:n, :, : self.width]

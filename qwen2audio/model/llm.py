@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
-from .kv_cache import KVCache
+from .kv_cache import ChunkWrite, KVCache, StepWrite
 
 
 class RMSNorm(nn.Module):
@@ -65,14 +65,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hs, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.hs, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: ChunkWrite | StepWrite | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = cached + T
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = the cached positions read
         causal = mask is None and T > 1 and k.shape[2] == T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)
@@ -124,23 +124,22 @@ class Qwen2ForCausalLM(nn.Module):
         self.gradient_checkpointing = False  # training: recompute each layer in backward to save memory
         self.tie_weights()
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+    def new_cache(self, max_slots: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """A pool of ``max_slots`` sequences of up to ``max_len`` positions (storage grows on demand)."""
         w = self.model.embed_tokens.weight
         c = self.config
-        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim,
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_slots, max_len,
                        dtype or w.dtype, device or w.device)
 
     def hidden_states(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
+                      cache: ChunkWrite | StepWrite | None = None) -> torch.Tensor:
         """embeds (B, T, hidden), positions (B, T) -> final-normed hidden states (B, T, hidden).
 
-        ``mask`` is a boolean (B, 1, T, S) "may attend" mask over the cached + new positions, or None for
-        plain causal attention over a prefix with no padding. With a cache, the new keys are written at
-        ``cache.length`` and the cache is advanced.
+        ``mask`` is a boolean (B, 1, T, S) "may attend" mask over the S keys attention sees (the cached
+        ones a ``cache`` writer returns, new ones included), or None for plain causal attention over the
+        T new positions alone. With a cache writer, each layer's new keys and values are written into
+        the KV cache where the writer says (``KVCache.chunk`` / ``KVCache.step``).
         """
-        T = embeds.shape[1]
-        if mask is None and T > 1 and cache is not None and cache.length > 0:
-            mask = causal_mask(cache.length, T, embeds.device)  # a chunk appended to a cached prefix
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
         x = embeds
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
@@ -149,8 +148,6 @@ class Qwen2ForCausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.advance(embeds.shape[1])
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""A reply as its tokens arrive: the text safe to show so far, stop strings, and what it came to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .params import SamplingParams
+
+
+@dataclass
+class Generation:
+    """What one request produced."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # generated ids, including a final stop token
+    finish_reason: str | None = None  # "stop", "length", "timeout" or "cancelled"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the session's cache, not run again
+
+
+class ReplyText:
+    """The text of one reply as its tokens arrive: detokenising, stop strings, text held back while
+    it could still be the start of a stop string."""
+
+    def __init__(self, tokenizer, params: SamplingParams, prompt_tokens: int):
+        self.out = Generation(prompt_tokens=prompt_tokens)
+        self.decoder = tokenizer.stream()
+        self.stop_ids = frozenset() if params.ignore_eos else tokenizer.stop_ids
+        self.stops = params.stop
+        self.pending = ""  # decoded text held back while it could still start a stop string
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text delta that is now safe to show."""
+        self.out.token_ids.append(token)
+        if token in self.stop_ids:
+            self.out.finish_reason = "stop"
+            return self._release(self.pending + self.decoder.flush(), final=True)
+        return self._release(self.pending + self.decoder.push(token), final=False)
+
+    def finish(self, reason: str) -> str:
+        """End the reply for ``reason`` (not a stop); return the text still held back."""
+        self.out.finish_reason = reason
+        return self._release(self.pending + self.decoder.flush(), final=True)
+
+    def _release(self, text: str, final: bool) -> str:
+        for stop in self.stops:
+            cut = (self.out.text + text).find(stop, max(0, len(self.out.text) - len(stop)))
+            if cut >= 0:
+                delta = (self.out.text + text)[len(self.out.text):cut]
+                self.out.text += delta
+                self.out.finish_reason = "stop"
+                self.pending = ""
+                return delta
+        hold = 0 if final else _longest_stop_prefix(text, self.stops)
+        delta, self.pending = text[: len(text) - hold], text[len(text) - hold:]
+        self.out.text += delta
+        return delta
+
+
+def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of text that begins some stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-n:]):
+                best = n
+                break
+    return best

@@ -1,0 +1,451 @@
+"""The request scheduler: continuous batching whose greedy output equals running each request alone,
+chunked prefill between decode steps, sessions that reuse exactly the shared prefix, cancellation,
+deadlines, limits, and the background thread.
+
+All on a small model built by transformers with decisive logits (tests/reference.py), so that token
+ids can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen2audio.checkpoint import load_model
+from qwen2audio.generation.engine import Engine, Prepared
+from qwen2audio.generation.sampling import SamplingParams
+from qwen2audio.generation.scheduler import (
+    QueueFull, RequestTooLarge, Scheduler, SchedulerClosed, shared_prefix)
+from qwen2audio.text import render_chat
+from reference import TOKENIZER, clip, hf_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NAME = "mha_untied_80"  # its greedy outputs vary from token to token: a wrong row shows
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    path = tmp_path_factory.mktemp(NAME)
+    hf_model(NAME).save_pretrained(path)
+    TOKENIZER.save(path)
+    return Engine(load_model(path), TOKENIZER)
+
+
+def messages(text: str, audio: np.ndarray | None = None) -> list[dict]:
+    parts = [{"type": "audio", "audio": audio}] if audio is not None else []
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def prepare(engine: Engine, history: list[dict]) -> Prepared:
+    rendered = render_chat(history)
+    return engine.prepare(rendered.text, list(rendered.audios))
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, **kw)
+
+
+def inline(engine: Engine, **kw) -> Scheduler:
+    return Scheduler(engine, background=False, **{"max_waiting": None, **kw})
+
+
+def alone(engine: Engine, request: Prepared, params: SamplingParams):
+    return inline(engine, max_slots=1).submit(request, params).wait()
+
+
+class Calls:
+    """Records the engine's prefill chunks, decode steps and audio batches, in order."""
+
+    def __init__(self, engine: Engine, monkeypatch):
+        self.log: list[tuple] = []
+        prefill, step, encode = engine.prefill, engine.step, engine.encode_audios
+
+        def spy_prefill(cache, slot, embeds, start, logits=True):
+            self.log.append(("prefill", slot, embeds.shape[1]))
+            return prefill(cache, slot, embeds, start, logits)
+
+        def spy_step(cache, tokens, lengths, width):
+            self.log.append(("step", tokens.shape[0]))
+            return step(cache, tokens, lengths, width)
+
+        def spy_encode(waveforms):
+            self.log.append(("encode", len(waveforms)))
+            return encode(waveforms)
+
+        monkeypatch.setattr(engine, "prefill", spy_prefill)
+        monkeypatch.setattr(engine, "step", spy_step)
+        monkeypatch.setattr(engine, "encode_audios", spy_encode)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for c in self.log if c[0] == kind)
+
+
+class ExtraStop:
+    """The test tokenizer with one more stop token (so that a reply ends on a stop token)."""
+
+    def __init__(self, tokenizer, token: int):
+        self._tokenizer, self.stop_ids = tokenizer, tokenizer.stop_ids | {token}
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+# -- exactness -------------------------------------------------------------------------------------------
+def test_greedy_output_is_the_same_alone_and_among_staggered_others(engine):
+    requests = [prepare(engine, messages("Hi.")),
+                prepare(engine, messages("Tell me more about this sound.", clip(2.0, 1))),
+                prepare(engine, messages("What is it?", clip(1.0, 2))),
+                prepare(engine, messages("Describe.", clip(12.0, 3))),  # a long prompt, prefilled in chunks
+                prepare(engine, messages("Go on."))]
+    free = [alone(engine, r, greedy(24)) for r in requests]
+    # The last request ends on a stop token: one it says a few tokens in, and no other request says.
+    said = free[4].token_ids
+    others = {t for f in free[:4] for t in f.token_ids}
+    stop_token = next(t for i, t in enumerate(said) if i >= 4 and t not in said[:i] and t not in others)
+    stopping = Engine(engine.model, ExtraStop(TOKENIZER, stop_token), transform_weights=False)
+    # The first ends on a stop string from the middle of its reply (U+FFFD is held back on its own).
+    text = free[0].text
+    at = next(i for i in range(len(text) // 2, len(text) - 2) if "\ufffd" not in text[i:i + 2])
+    params = [greedy(24, stop=[text[at:at + 2]]), greedy(8), greedy(24), greedy(24), greedy(24)]
+    cases = list(zip(requests, params))
+    expected = [alone(stopping, r, p) for r, p in cases]
+    assert [e.finish_reason for e in expected] == ["stop", "length", "length", "length", "stop"]
+    assert expected[4].token_ids[-1] == stop_token and len(expected[0].token_ids) < 24
+
+    sched = inline(stopping, max_slots=3, prefill_chunk=32)
+    streams = [sched.submit(*cases[0])]
+    reader = streams[0].events()
+    next(reader)
+    streams.append(sched.submit(*cases[1]))
+    dropped = sched.submit(requests[0], greedy(24))
+    while len(dropped.result.token_ids) < 2:
+        next(reader)
+    streams += [sched.submit(*cases[2]), sched.submit(*cases[3]), sched.submit(*cases[4])]
+    next(reader)
+    assert sched.status().waiting == 3, "all slots taken: the late requests wait"
+    dropped.cancel()  # mid-reply: its slot goes to a waiting request
+    got = [s.wait() for s in streams]
+
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.token_ids == e.token_ids, f"request {i}"
+        assert (g.text, g.finish_reason) == (e.text, e.finish_reason), f"request {i}"
+    cut = dropped.wait()
+    assert cut.finish_reason == "cancelled"
+    assert 0 < len(cut.token_ids) < 24 and cut.token_ids == free[0].token_ids[: len(cut.token_ids)]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(engine, monkeypatch):
+    short, long = prepare(engine, messages("Hi.")), prepare(engine, messages("Describe.", clip(6.0, 4)))
+    expected = [alone(engine, short, greedy(40)), alone(engine, long, greedy(4))]
+    calls = Calls(engine, monkeypatch)
+    sched = inline(engine, prefill_chunk=16)
+    running = sched.submit(short, greedy(40))
+    reader = running.events()
+    next(reader)
+    calls.log.clear()
+    late = sched.submit(long, greedy(4))
+    assert [running.wait().token_ids, late.wait().token_ids] == [e.token_ids for e in expected]
+
+    chunks = [c for c in calls.log if c[0] == "prefill"]
+    n_new = len(long.token_ids)
+    assert [c[2] for c in chunks] == [16] * (n_new // 16) + ([n_new % 16] if n_new % 16 else [])
+    # One decode step between every two chunks: the running reply never waits for the whole prompt.
+    kinds = [c[0] for c in calls.log if c[0] != "encode"]
+    first, last = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
+    assert kinds[first:last + 1] == ["prefill", "step"] * (len(chunks) - 1) + ["prefill"]
+
+
+def test_a_finished_request_frees_its_slot_for_a_waiting_one(engine):
+    requests = [prepare(engine, messages(q)) for q in ("Hi.", "What is it?", "Describe.")]
+    expected = [alone(engine, r, greedy(n)).token_ids for r, n in zip(requests, (5, 9, 7))]
+    sched = inline(engine, max_slots=1)
+    streams = [sched.submit(r, greedy(n)) for r, n in zip(requests, (5, 9, 7))]
+    next(iter(streams[0].events()))
+    assert (sched.status().waiting, sched.status().free_slots, sched.cache.n_slots) == (2, 0, 1)
+    assert [s.wait().token_ids for s in streams] == expected
+
+
+def test_each_request_samples_with_its_own_settings_and_seed(engine):
+    audio = clip(2.0, 5)
+    requests = [prepare(engine, messages(q, audio)) for q in ("What is it?", "Describe.", "Hi.")]
+    params = [greedy(10), SamplingParams(max_new_tokens=16, temperature=1.0, top_k=40, seed=5),
+              SamplingParams(max_new_tokens=12, temperature=0.8, seed=9, repetition_penalty=1.3)]
+    expected = [alone(engine, r, p) for r, p in zip(requests, params)]
+    together = engine.generate(requests, params)
+    assert [g.token_ids for g in together] == [e.token_ids for e in expected]
+    assert [len(g.token_ids) for g in together] == [10, 16, 12]
+    assert alone(engine, requests[1], greedy(16)).token_ids != expected[1].token_ids, "the sampling did nothing"
+
+
+def test_eight_requests_decode_in_about_the_steps_of_one(engine, monkeypatch):
+    requests = [prepare(engine, messages(f"Question {i}?")) for i in range(8)]
+    calls = Calls(engine, monkeypatch)
+    results = engine.generate(requests, greedy(12, ignore_eos=True))
+    assert all(len(r.token_ids) == 12 for r in results)
+    steps = [c[1] for c in calls.log if c[0] == "step"]
+    assert len(steps) < 2 * 12, f"{len(steps)} decode steps for 8 x 12 tokens: the requests did not share steps"
+    assert max(steps) == 8
+
+
+# -- audio ---------------------------------------------------------------------------------------------
+def test_clips_of_requests_admitted_together_are_encoded_in_one_batch(engine, monkeypatch):
+    a, b, c = clip(1.0, 6), clip(1.5, 7), clip(2.0, 8)
+    requests = [prepare(engine, messages(q, x)) for q, x in (("Hi.", a), ("What?", b), ("Again?", a))]
+    expected = [alone(engine, r, greedy(4)).token_ids for r in
+                [prepare(engine, messages(q, x)) for q, x in (("Hi.", a), ("What?", b), ("Again?", a))]]
+    calls = Calls(engine, monkeypatch)
+    sched = inline(engine)
+    streams = [sched.submit(r, greedy(4)) for r in requests]
+    assert [s.wait().token_ids for s in streams] == expected
+    assert [x for x in calls.log if x[0] == "encode"] == [("encode", 2)]  # a and b, a once
+    sched.submit(prepare(engine, messages("And?", c)), greedy(2)).wait()
+    assert [x for x in calls.log if x[0] == "encode"] == [("encode", 2), ("encode", 1)]
+
+
+# -- sessions ------------------------------------------------------------------------------------------
+def conversation(first_text: str, first_audio: np.ndarray, reply: str, second: str) -> list[dict]:
+    return [*messages(first_text, first_audio), {"role": "assistant", "content": reply},
+            {"role": "user", "content": second}]
+
+
+def test_a_session_reuses_exactly_the_shared_prefix(engine):
+    sched = inline(engine)
+    audio = clip(2.0, 9)
+    turn1 = prepare(engine, messages("What is it?", audio))
+    reply = sched.submit(turn1, greedy(8), session="s").wait()
+    assert reply.cached_tokens == 0
+
+    def next_turn(history, expect_cached):
+        request = prepare(engine, history)
+        got = sched.submit(request, greedy(12), session="s").wait()
+        assert got.cached_tokens == expect_cached
+        assert got.token_ids == alone(engine, prepare(engine, history), greedy(12)).token_ids
+        return got
+
+    # The history as it was: everything cached is reused (the reply's tokens re-encode to themselves
+    # here only up to the first character that does not round-trip).
+    history = conversation("What is it?", audio, reply.text, "And then?")
+    ids = prepare(engine, history).token_ids
+    cached = turn1.token_ids + reply.token_ids[:-1]
+    common = next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b), len(cached))
+    assert common >= len(turn1.token_ids)
+    next_turn(history, min(common, len(ids) - 1))
+
+    # An earlier turn edited: reuse stops at the edit.
+    edited = conversation("What is this?", audio, reply.text, "And then?")
+    edit_at = next(i for i, (a, b) in enumerate(zip(ids, prepare(engine, edited).token_ids)) if a != b)
+    next_turn(edited, edit_at)
+
+    # An earlier clip changed for one of the same length: the token ids are the same, the audio is not.
+    other = clip(2.0, 10)
+    changed = conversation("What is this?", other, reply.text, "And then?")
+    changed_ids = prepare(engine, changed).token_ids
+    assert changed_ids == prepare(engine, edited).token_ids
+    next_turn(changed, changed_ids.index(TOKENIZER.audio_id))
+
+
+def test_shared_prefix_stops_at_the_first_differing_clip():
+    a = TOKENIZER.audio_id
+    request = Prepared([1, a, a, 2, a, a, 3, 4], [None, None], ["x", "y"])
+    assert shared_prefix([1, a, a, 2, a, a, 3, 4, 5], ["x", "y"], request, a) == 7  # one token left to run
+    assert shared_prefix([1, a, a, 2, a, a, 3, 4], ["x", "z"], request, a) == 4
+    assert shared_prefix([1, a, a, 2, a, a, 3, 4], ["w", "y"], request, a) == 1
+    assert shared_prefix([1, a, a, 2, 9], ["x", "y"], request, a) == 4
+    assert shared_prefix([1, a, a, 2, a, a, 3, 4], [], request, a) == 1
+
+
+def test_idle_sessions_are_evicted_least_recently_used_first(engine):
+    sched = inline(engine, max_slots=2)
+    turns = {}
+    for key in ("a", "b"):
+        history = messages(f"Hello from {key}.")
+        turns[key] = (history, sched.submit(prepare(engine, history), greedy(6), session=key).wait())
+    assert sched.status().idle_sessions == 2 and sched.status().free_slots == 0
+    sched.submit(prepare(engine, messages("No session.")), greedy(3)).wait()  # needs a slot: "a" goes
+    assert sched.status().idle_sessions == 1
+
+    for key, reused in (("a", False), ("b", True)):
+        history, reply = turns[key]
+        follow = [*history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "More."}]
+        got = sched.submit(prepare(engine, follow), greedy(6), session=key).wait()
+        assert (got.cached_tokens > 0) == reused, key
+        assert got.token_ids == alone(engine, prepare(engine, follow), greedy(6)).token_ids
+
+    sched.end_session("a")
+    sched.end_session("b")
+    sched.submit(prepare(engine, messages("Hi.")), greedy(1)).wait()
+    assert sched.status().idle_sessions == 0
+
+
+def test_a_conversation_with_an_earlier_clip_replaced_recomputes_from_that_clip(engine):
+    """Through the Python API: the conversation's history edited in place must not reuse stale audio."""
+    from qwen2audio.api import Qwen2Audio
+
+    model = Qwen2Audio(engine, Path("."))
+    conv = model.conversation()
+    conv.say("What is it?", audio=clip(2.0, 11), max_new_tokens=4)
+    conv.messages[0]["content"][0]["audio"] = clip(2.0, 12)  # same length, another sound
+    reply = conv.say("And now?", max_new_tokens=8)
+    assert reply.token_ids == model.chat(conv.messages[:-1], max_new_tokens=8).token_ids
+    first_audio = model.prepare_chat(conv.messages[:-1]).token_ids.index(model.tokenizer.audio_id)
+    assert reply.cached_tokens == first_audio
+
+
+# -- cancellation, deadlines, limits ---------------------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_session_idle_too_long_is_dropped_and_a_forgotten_conversation_frees_its_slot(engine):
+    clock = Clock()
+    sched = inline(engine, session_idle_s=60.0, clock=clock)
+    sched.submit(prepare(engine, messages("Hi.")), greedy(2), session="s").wait()
+    clock.now = 59.0
+    sched.submit(prepare(engine, messages("What?")), greedy(1)).wait()
+    assert sched.status().idle_sessions == 1
+    clock.now = 61.0
+    sched.submit(prepare(engine, messages("What?")), greedy(1)).wait()
+    assert sched.status().idle_sessions == 0
+
+    from qwen2audio.api import Qwen2Audio
+
+    model = Qwen2Audio(Engine(engine.model, TOKENIZER, transform_weights=False), Path("."))  # its own scheduler
+    conv = model.conversation()
+    conv.say("Hello.", max_new_tokens=2)
+    assert model.scheduler.status().idle_sessions == 1
+    del conv
+    gc.collect()
+    model.complete("Hi.", max_new_tokens=1)
+    assert model.scheduler.status().idle_sessions == 0
+
+
+def test_cancelling_frees_the_slot_and_a_waiting_request_never_runs_if_cancelled(engine, monkeypatch):
+    first, second, third = (prepare(engine, messages(q)) for q in ("Hi.", "What is it?", "Describe."))
+    expected = alone(engine, second, greedy(6)).token_ids
+    calls = Calls(engine, monkeypatch)
+    sched = inline(engine, max_slots=1)
+    running = sched.submit(first, greedy(30))
+    waiting, never = sched.submit(second, greedy(6)), sched.submit(third, greedy(6))
+    reader = running.events()
+    next(reader)
+    never.cancel()
+    running.cancel()
+    assert waiting.wait().token_ids == expected  # it got the slot
+    assert running.wait().finish_reason == "cancelled" and len(running.result.token_ids) < 30
+    assert never.wait().finish_reason == "cancelled" and never.result.token_ids == []
+    assert calls.count("prefill") == 2  # first and second; third never ran
+    assert sched.status().free_slots == 1
+
+
+def test_a_deadline_ends_a_request_with_timeout_running_or_waiting(engine):
+    clock = Clock()
+    sched = inline(engine, max_slots=1, clock=clock)
+    request = prepare(engine, messages("Hi."))
+    expected = alone(engine, request, greedy(30)).token_ids
+    running = sched.submit(request, greedy(30), deadline=10.0)
+    queued = sched.submit(prepare(engine, messages("What?")), greedy(5), deadline=5.0)
+    reader = running.events()
+    for _ in range(4):
+        next(reader)
+    clock.now = 7.0  # past the waiting one's deadline: it never starts
+    assert queued.wait().finish_reason == "timeout" and queued.result.token_ids == []
+    clock.now = 10.0
+    got = running.wait()
+    assert got.finish_reason == "timeout"
+    assert 4 <= len(got.token_ids) < 30 and got.token_ids == expected[: len(got.token_ids)]
+
+
+def test_the_waiting_queue_is_bounded(engine):
+    sched = inline(engine, max_waiting=2)
+    request = prepare(engine, messages("Hi."))
+    streams = [sched.submit(request, greedy(2)) for _ in range(2)]
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+        sched.submit(request, greedy(2))
+    for s in streams:
+        s.wait()
+    sched.submit(request, greedy(2)).wait()  # room again
+
+
+def test_the_kv_cache_is_budgeted_and_a_prompt_that_can_never_fit_is_refused(engine):
+    per_position = Scheduler.bytes_per_position(engine)
+    assert per_position == 2 * 2 * 4 * 16 * 4  # k and v, 2 layers, 4 heads of 16, float32
+    sched = inline(engine, max_len=256, kv_bytes=3 * 256 * per_position + 100)
+    assert (sched.max_slots, sched.max_len, sched.kv_bytes) == (3, 256, 3 * 256 * per_position)
+    with pytest.raises(ValueError, match="holds less than one slot of 2048 positions"):
+        inline(engine, kv_bytes=1000)
+    with pytest.raises(ValueError, match="at most 3 fit"):
+        inline(engine, max_len=256, max_slots=4, kv_bytes=3 * 256 * per_position)
+    with pytest.raises(ValueError, match="model's context of 2048 positions, got 4096"):
+        inline(engine, max_len=4096)
+
+    long = prepare(engine, messages("Describe.", clip(10.0, 1)))  # about 300 tokens
+    with pytest.raises(RequestTooLarge, match=rf"the prompt is {len(long.token_ids)} tokens but a request may hold "
+                                              r"at most 256 positions"):
+        sched.submit(long, greedy(4))
+    short = prepare(engine, messages("Hi."))
+    with pytest.warns(UserWarning, match=rf"takes {len(short.token_ids)} of the scheduler's max_len of 256 "):
+        got = sched.submit(short, greedy(1000, ignore_eos=True)).wait()
+    assert len(got.token_ids) == 256 - len(short.token_ids)
+    assert sched.status().kv_bytes_allocated == 0, "an idle scheduler gives its memory back"
+    held = inline(engine, max_slots=2, max_len=256, preallocate=True)
+    held.submit(short, greedy(2)).wait()
+    assert held.status().kv_bytes_allocated == held.kv_bytes == 2 * 256 * per_position
+
+
+def test_a_failing_request_raises_in_its_own_stream_only(engine):
+    good = prepare(engine, messages("Hi."))
+    broken = prepare(engine, messages("What?", clip(1.0, 2)))
+    engine.encode([broken])
+    broken.audio_embeds[0] = broken.audio_embeds[0][:-3]  # fewer vectors than <|AUDIO|> tokens
+    sched = inline(engine)
+    ok, bad = sched.submit(good, greedy(6)), sched.submit(broken, greedy(6))
+    with pytest.raises(ValueError, match=re.escape("<|AUDIO|> tokens but the audio gives")):
+        bad.wait()
+    assert ok.wait().token_ids == alone(engine, good, greedy(6)).token_ids
+
+
+# -- the background thread -------------------------------------------------------------------------------
+def test_requests_from_several_threads_and_a_clean_close(engine):
+    requests = [prepare(engine, messages(q)) for q in ("Hi.", "What is it?", "Describe.", "Go on.")]
+    expected = [alone(engine, r, greedy(10)).token_ids for r in requests]
+    sched = Scheduler(engine, max_slots=3)
+    got: dict[int, list[int]] = {}
+
+    def client(i: int) -> None:
+        got[i] = sched.submit(requests[i], greedy(10)).wait().token_ids
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert got == dict(enumerate(expected))
+
+    in_flight = sched.submit(requests[0], greedy(1500, ignore_eos=True))
+    next(iter(in_flight.events()))
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    closer.join(timeout=60)
+    assert not closer.is_alive(), "close() hung"
+    assert not sched._thread.is_alive()
+    assert in_flight.wait().finish_reason == "cancelled"
+    with pytest.raises(SchedulerClosed):
+        sched.submit(requests[0], greedy(2))
+
+
+def test_close_with_wait_lets_requests_finish(engine):
+    request = prepare(engine, messages("Hi."))
+    sched = Scheduler(engine, max_slots=1)
+    streams = [sched.submit(request, greedy(6)) for _ in range(3)]
+    sched.close(wait=True)
+    assert [s.wait().finish_reason for s in streams] == ["length"] * 3
+    assert sched.status().kv_bytes_allocated == 0
