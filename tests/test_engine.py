@@ -19,6 +19,7 @@ from qwen2audio import Qwen2Audio
 from qwen2audio.audio.features import AUDIO_TOKENS_PER_SECOND, SAMPLE_RATE, split_into_windows
 from qwen2audio.generation.engine import Engine
 from qwen2audio.generation.sampling import SamplingParams
+from qwen2audio.generation.scheduler import RequestTooLarge
 from qwen2audio.model import Qwen2AudioModel
 from reference import CONFIGS, TOKENIZER, clip, hf_features, hf_model
 
@@ -183,7 +184,7 @@ def test_audio_too_long_for_the_context_says_how_much_fits(models):
     model = models["reference"]  # 2048 positions: 90 s of audio is 2250 tokens
     context = model.engine.max_positions
     assert context == 2048
-    with pytest.raises(ValueError, match=r"context holds 2048.*about (\d+) s") as info:
+    with pytest.raises(RequestTooLarge, match=r"context holds 2048.*about (\d+) s") as info:
         model.prepare_chat(ask(clip(90.0, 5), "Summarise."))
     seconds = int(info.value.args[0].rsplit("about ", 1)[1].split(" s")[0])
     assert 40 <= seconds < 2048 // AUDIO_TOKENS_PER_SECOND

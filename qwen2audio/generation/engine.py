@@ -32,7 +32,7 @@ from ..model.llm import causal_mask
 from ..text.chat import expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
-from .scheduler import Generation, RequestStream, Scheduler
+from .scheduler import Generation, RequestStream, RequestTooLarge, Scheduler
 from .weights import prepare_for_inference
 
 ENCODE_BATCH = 8  # 30 s windows encoded together
@@ -129,7 +129,7 @@ class Engine:
         ids = expand_audio_placeholders(self.tokenizer.encode(prompt), self.tokenizer.audio_id, counts)
         if len(ids) >= self.max_positions:
             audio_tokens = sum(counts)
-            raise ValueError(
+            raise RequestTooLarge(
                 f"the prompt is {len(ids)} tokens ({audio_tokens} of them audio, {AUDIO_TOKENS_PER_SECOND} per second) "
                 f"but the model's context holds {self.max_positions}; shorten the audio to about "
                 f"{max(0, self.max_positions - 256 - (len(ids) - audio_tokens)) // AUDIO_TOKENS_PER_SECOND} s in all")
