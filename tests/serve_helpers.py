@@ -123,7 +123,7 @@ class FakeBackend:
 
     def _answer(self, handle: Handle) -> None:
         result = Generation(prompt_tokens=3)
-        with self._turn:  # one request at a time, like ThreadBackend: the others wait in line
+        with self._turn:  # one request at a time: the others wait in line
             with self._lock:
                 self._waiting.remove(handle)
             if self.error is not None:

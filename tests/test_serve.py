@@ -4,7 +4,10 @@ tiny random model. What the server answers equals what the Python API answers fo
 from __future__ import annotations
 
 import json
+import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import httpx
@@ -16,7 +19,7 @@ from qwen2audio.api import ASR_PROMPT
 from qwen2audio.audio import load_audio, split_into_windows
 from qwen2audio.eval.translation import TRANSLATION_PROMPT
 from qwen2audio.serve.app import ServerState, create_app
-from qwen2audio.serve.backend import ThreadBackend
+from qwen2audio.serve.backend import SchedulerBackend
 from qwen2audio.text.tags import TAG
 from serve_helpers import b64, running, settings, wav_bytes
 
@@ -37,7 +40,7 @@ def model(default_home):
 @pytest.fixture(scope="module")
 def server(model):
     state = ServerState()
-    state.ready(ThreadBackend(model, MODEL_ID))
+    state.ready(SchedulerBackend(model, MODEL_ID))
     with running(create_app(state, settings(max_tokens=MAX_TOKENS))) as url:
         yield SimpleNamespace(url=url, state=state)
 
@@ -129,6 +132,48 @@ def test_n_greedy_gives_copies_and_sampled_n_gives_each_seed(client, model, wav)
         expected = model.chat(api_turn(wav), temperature=1.5, seed=7 + i, max_new_tokens=MAX_TOKENS)
         assert choice.message.content == expected.text
     assert sampled.choices[0].message.content != sampled.choices[1].message.content
+
+
+def test_concurrent_streams_decode_in_one_batch_each_as_alone(client, server, model, wav, monkeypatch):
+    """Two streamed requests run in the same decode steps (the running batch /metrics shows is 2 while
+    both stream), and each answer equals its greedy answer alone."""
+    turns = [audio_turn(wav), audio_turn(wav, "Describe it in one word.")]
+    alone = [model.chat(api_turn(wav, t[0]["content"][1]["text"]), temperature=0, max_new_tokens=MAX_TOKENS)
+             for t in turns]
+    assert all(len(a.token_ids) > 2 for a in alone)  # the first is still decoding when the second joins
+    scheduler, step = server.state.backend.scheduler, model.engine.step
+    second_waits, both_seen = threading.Event(), threading.Event()
+
+    def held_step(*args, **kwargs):
+        """Steps of the first alone wait until the second has arrived; steps of both wait until the test
+        has seen the batch in /metrics."""
+        status = scheduler.status()
+        (both_seen if status.decoding >= 2 else second_waits).wait(60)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(model.engine, "step", held_step)
+
+    def stream(messages) -> str:
+        chunks = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0,
+                                                max_tokens=MAX_TOKENS, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(stream, turns[0])
+        wait_until(lambda: scheduler.status().decoding == 1)
+        second = pool.submit(stream, turns[1])
+        wait_until(lambda: scheduler.status().waiting == 1)
+        second_waits.set()
+        wait_until(lambda: _sample(httpx.get(server.url + "/metrics").text, "qwen2audio_running_requests") == 2)
+        both_seen.set()
+        assert [first.result(60), second.result(60)] == [a.text for a in alone]
+
+
+def wait_until(condition) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def test_stop_string_ends_the_reply_before_it(client, model, wav):

@@ -1,5 +1,6 @@
-"""ThreadBackend, the server's model adapter, on the tiny random model: answers equal the Python API's,
-a bounded waiting line, cancelling before and during a generation, errors, closing."""
+"""SchedulerBackend, the server's model adapter, on the tiny random model: answers equal the Python
+API's, concurrent requests decode in one batch, a bounded waiting line, cancelling before and during a
+generation, errors (a prompt too long by its type), closing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import warnings
 import pytest
 
 from qwen2audio import Qwen2Audio, SamplingParams
-from qwen2audio.serve.backend import ABORTED, QueueFull, ThreadBackend, Unavailable
+from qwen2audio.generation.scheduler import RequestTooLarge
+from qwen2audio.serve.backend import ABORTED, QueueFull, SchedulerBackend, Unavailable
 from reference import clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +29,8 @@ def model(default_home):
 
 @pytest.fixture
 def backend(model):
-    backend = ThreadBackend(model, "tiny", max_queue=2)
+    """One request runs at a time, so that the others wait in line."""
+    backend = SchedulerBackend(model, "tiny", max_batch=1, max_queue=2)
     yield backend
     backend.close(timeout=30)
 
@@ -50,30 +53,48 @@ def test_answers_equal_the_python_api(backend, model):
     assert "".join(complete) == model.complete("Describe: ", [audio], max_new_tokens=SHORT.max_new_tokens).text
 
 
+def test_concurrent_requests_decode_in_one_batch_with_their_lone_answers(model):
+    backend = SchedulerBackend(model, "tiny", max_batch=2)
+    try:
+        prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "tell me more"}]]
+        alone = [model.chat(p, max_new_tokens=LONG.max_new_tokens, ignore_eos=True, temperature=0) for p in prompts]
+        handles = [backend.chat(p, LONG) for p in prompts]
+        wait_until(lambda: backend.running == 2)
+        assert backend.queue_depth == 0
+        for handle, expected in zip(handles, alone):
+            assert "".join(handle) == expected.text
+            assert handle.result.token_ids == expected.token_ids
+    finally:
+        backend.close(timeout=30)
+
+
 def test_a_running_generation_stops_at_the_next_token_when_cancelled(backend):
     handle = backend.chat(HI, LONG)
     deltas = iter(handle)
     next(deltas)
     handle.cancel()
     list(deltas)
-    assert handle.result.finish_reason == ABORTED
+    assert handle.result.finish_reason == ABORTED and handle.cancelled
     assert len(handle.result.token_ids) < LONG.max_new_tokens
 
 
-def test_a_waiting_request_cancelled_is_dropped_without_running(backend, model, monkeypatch):
-    prepared = []
-    original = model.prepare_chat
-    monkeypatch.setattr(model, "prepare_chat", lambda m: prepared.append(m) or original(m))
+def test_a_waiting_request_cancelled_ends_without_running(backend):
     first = backend.chat(HI, LONG)
     wait_until(lambda: backend.running == 1)
     waiting = backend.chat([{"role": "user", "content": "second"}], SHORT)
     assert backend.queue_depth == 1
     waiting.cancel()
-    assert backend.queue_depth == 0
     assert list(waiting) == [] and waiting.result.finish_reason == ABORTED
+    assert waiting.result.token_ids == [] and backend.queue_depth == 0
     first.cancel()
     list(first)
-    assert [m[0]["content"] for m in prepared] == ["hi"]  # the second was never prepared
+
+
+def test_cancelling_a_finished_request_changes_nothing(backend):
+    handle = backend.chat(HI, SHORT)
+    text = "".join(handle)
+    handle.cancel()
+    assert not handle.cancelled and handle.result.finish_reason in ("stop", "length") and handle.result.text == text
 
 
 def test_a_full_line_refuses_at_once(backend):
@@ -99,8 +120,15 @@ def test_an_error_reaches_its_consumer_and_the_next_request_is_answered(backend)
     assert "".join(good) == good.result.text and good.result.finish_reason in ("stop", "length")
 
 
+def test_a_prompt_longer_than_the_context_ends_as_request_too_large(backend, model):
+    words = model.engine.max_positions  # at least one token each
+    handle = backend.complete("word " * words, [], SHORT)
+    with pytest.raises(RequestTooLarge, match="context"):
+        list(handle)
+
+
 def test_close_ends_waiting_and_running_requests_and_refuses_new_ones(model):
-    backend = ThreadBackend(model, "tiny", max_queue=2)
+    backend = SchedulerBackend(model, "tiny", max_batch=1, max_queue=2)
     running = backend.chat(HI, LONG)
     wait_until(lambda: backend.running == 1)
     waiting = backend.chat(HI, SHORT)

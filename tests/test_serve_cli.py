@@ -42,7 +42,7 @@ def test_help_text(capsys):
         main(["serve", "--help"])
     help_text = capsys.readouterr().out
     for flag in ("--host", "--port", "--api-key", "--max-body-mb", "--max-audio-seconds", "--max-tokens",
-                 "--max-queue", "--cors-origin", "--allow-audio-url-host", "--allow-local-audio",
+                 "--max-batch", "--max-queue", "--cors-origin", "--allow-audio-url-host", "--allow-local-audio",
                  "--shutdown-timeout", "QWEN2AUDIO_API_KEY", "127.0.0.1"):
         assert flag in help_text
 
@@ -57,6 +57,7 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--max-queue", "0"], "--max-queue must be more than 0"),
+    (["--max-batch", "0"], "--max-batch must be more than 0"),
     (["--max-body-mb", "-1"], "--max-body-mb must be more than 0"),
     (["--port", "70000"], "--port must be between 0 and 65535"),
     (["--allow-audio-url-host", "http://example.com"], "--allow-audio-url-host 'http://example.com'"),

@@ -12,6 +12,7 @@ import pytest
 import soundfile
 
 import qwen2audio.audio.io
+from qwen2audio.generation.scheduler import RequestTooLarge
 from serve_helpers import FakeBackend, b64, fake_app, running, silent_flac_claiming, wav_bytes
 
 MAX_SECONDS = 5.0
@@ -202,7 +203,7 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(url):
 
 
 def test_an_error_raised_by_the_model_is_a_400(url, backend):
-    backend.error = ValueError("the prompt is 9000 tokens but the model's context holds 8192")
+    backend.error = RequestTooLarge("the prompt is 9000 tokens but a request may hold at most 8192 positions")
     try:
         response = httpx.post(url + "/v1/chat/completions", json=chat_body(), timeout=30)
         assert_openai_error(response, 400, "context_length_exceeded")

@@ -1,7 +1,7 @@
 """`qwen2audio serve`: an OpenAI-compatible HTTP server over a model (docs/serving.md).
 
     backend.py        what the HTTP layer needs from a model (Backend, Handle, QueueFull), and
-                      ThreadBackend: a loaded Qwen2Audio answering one request at a time
+                      SchedulerBackend: a loaded Qwen2Audio decoding concurrent requests in one batch
     app.py            the FastAPI application: limits, API key, errors, /health, /v1/models, /metrics
     chat.py           POST /v1/chat/completions (plain and streamed)
     transcription.py  POST /v1/audio/transcriptions and /v1/audio/translations

@@ -1,7 +1,8 @@
-"""What the HTTP layer needs from a model, and ThreadBackend: a loaded Qwen2Audio in one worker thread.
+"""What the HTTP layer needs from a model, and SchedulerBackend: a loaded Qwen2Audio behind a Scheduler
+that decodes concurrent requests in one batch.
 
-The HTTP layer (app.py, chat.py, transcription.py) sees only the ``Backend`` protocol below, so a
-scheduler that batches requests can take ThreadBackend's place without touching it:
+The HTTP layer (app.py, chat.py, transcription.py) sees only the ``Backend`` protocol below (the
+tests' fake backend implements it too):
 
     handle = backend.chat(messages, params)           # or backend.complete(prompt, audios, params)
     for delta in handle: ...                          # text deltas, blocking; raises the request's error
@@ -13,22 +14,22 @@ scheduler that batches requests can take ThreadBackend's place without touching 
     backend.close()                                   # refuse new requests, cancel the rest
 
 ``chat`` and ``complete`` raise ``QueueFull`` at once when no more requests can wait, and
-``Unavailable`` once the backend is closing. Errors of the request itself (a prompt longer than the
-context) come out of the handle's iteration as ValueError. Audio arrives decoded: 16 kHz mono float32
-arrays (audio_input.py checks it first), in the messages as {"type": "audio", "audio": array}.
+``Unavailable`` once the backend is closing. Errors of the request itself come out of the handle's
+iteration as ValueError (a prompt longer than the context: RequestTooLarge). Audio arrives decoded: 16 kHz
+mono float32 arrays (audio_input.py checks it first), in the messages as {"type": "audio", "audio": array}.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from ..generation.engine import Generation
 from ..generation.params import SamplingParams
+from ..generation import scheduler as sched
 from . import defaults
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ..generation.engine import Prepared
 
 ABORTED = "abort"  # finish_reason of a request cancelled before it finished (as vLLM reports it)
+STOPPED_EARLY = ("cancelled", "timeout")  # the scheduler's endings that the server reports as ABORTED
 RETRY_AFTER_SECONDS = 1  # what a refused client is told to wait before trying again
 
 
@@ -125,111 +127,89 @@ class Backend(Protocol):
     def close(self, timeout: float | None = None) -> None: ...
 
 
-class ThreadBackend:
-    """A loaded Qwen2Audio answering one request at a time, in submission order, in a worker thread.
+class StreamHandle:
+    """A request submitted to the scheduler, seen as a Handle: its RequestStream, whose "cancelled" and
+    "timeout" endings read as ABORTED (what the server reports for a request stopped early). A request
+    refused before it could run (its prompt cannot fit, or cannot be rendered) ends with that error."""
 
-    A thin adapter kept so that a batching scheduler can replace it: the waiting line is a bounded
-    deque, and cancelling is checked at every decoded token.
+    def __init__(self, stream: sched.RequestStream | None = None, error: BaseException | None = None):
+        self._stream, self._error = stream, error
+        self._cancelled = False
+        self._result = stream.result if stream is not None else Generation()
+
+    def __iter__(self) -> Iterator[str]:
+        if self._error is not None:
+            raise self._error
+        yield from self._stream
+
+    @property
+    def result(self) -> Generation:
+        if self._result.finish_reason in STOPPED_EARLY:
+            self._result.finish_reason = ABORTED
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop this request (idempotent; nothing happens once it has ended)."""
+        if self._stream is None or self._stream.done or self._cancelled:
+            return
+        self._cancelled = True
+        self._stream.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
+class SchedulerBackend:
+    """A loaded Qwen2Audio behind a background Scheduler: concurrent requests decode together in one
+    batch of up to ``max_batch`` (continuous batching: each joins and leaves between decode steps), and
+    up to ``max_queue`` more wait for a slot.
+
+    Requests are prepared (tokenized) in the caller's thread, which is cheap: the scheduler encodes
+    the audio, batched across the requests it admits together.
     """
 
-    def __init__(self, model: "Qwen2Audio", model_id: str, max_queue: int = defaults.MAX_QUEUE):
+    def __init__(self, model: "Qwen2Audio", model_id: str, max_batch: int = defaults.MAX_BATCH,
+                 max_queue: int = defaults.MAX_QUEUE):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.model = model
         self.model_id = model_id
         self.chat_defaults = dict(model.generation_defaults)
-        self.max_queue = max_queue
-        self._waiting: deque[tuple[Handle, Callable[[], "Prepared"], SamplingParams]] = deque()
-        self._running: Handle | None = None
-        self._closed = False
-        self._lock = threading.Condition()
-        self._worker = threading.Thread(target=self._work, name="qwen2audio-serve-worker", daemon=True)
-        self._worker.start()
+        self.scheduler = sched.Scheduler(model.engine, max_slots=max_batch, max_waiting=max_queue)
 
     # -- Backend -------------------------------------------------------------------------------------
-    def chat(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams) -> Handle:
+    def chat(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams) -> StreamHandle:
         return self._submit(lambda: self.model.prepare_chat(messages), params)
 
-    def complete(self, prompt: str, audios: Sequence[np.ndarray], params: SamplingParams) -> Handle:
+    def complete(self, prompt: str, audios: Sequence[np.ndarray], params: SamplingParams) -> StreamHandle:
         return self._submit(lambda: self.model.prepare_raw(prompt, audios), params)
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return self.scheduler.status().waiting
 
     @property
     def running(self) -> int:
-        return int(self._running is not None)
+        """Requests in the running batch: prefilling or decoding."""
+        status = self.scheduler.status()
+        return status.prefilling + status.decoding
 
     def close(self, timeout: float | None = None) -> None:
-        """Take no more requests, end the waiting ones and stop the running one; wait for the worker."""
-        with self._lock:
-            self._closed = True
-            dropped = list(self._waiting)
-            self._waiting.clear()
-            running = self._running
-            self._lock.notify_all()
-        for handle, _, _ in dropped:
-            handle.finish()
-        if running is not None:
-            running.cancel()
-        if self._worker is not threading.current_thread():
-            self._worker.join(timeout)
+        """Take no more requests and end those waiting or running (ABORTED). Waits at most ``timeout``
+        for the scheduler's thread: a prefill in progress cannot be interrupted, and the thread is a
+        daemon."""
+        closer = threading.Thread(target=self.scheduler.close, name="qwen2audio-serve-close", daemon=True)
+        closer.start()
+        closer.join(timeout)
 
-    # -- the waiting line ------------------------------------------------------------------------------
-    def _submit(self, prepare: Callable[[], "Prepared"], params: SamplingParams) -> Handle:
-        handle = Handle()
-        with self._lock:
-            if self._closed:
-                raise Unavailable("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(len(self._waiting))
-            handle._on_cancel = self._drop
-            self._waiting.append((handle, prepare, params))
-            self._lock.notify()
-        return handle
-
-    def _drop(self, handle: Handle) -> None:
-        """A cancelled request that has not started leaves the line now (a running one stops itself)."""
-        with self._lock:
-            for job in self._waiting:
-                if job[0] is handle:
-                    self._waiting.remove(job)
-                    break
-            else:
-                return
-        handle.finish()
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                while not self._waiting and not self._closed:
-                    self._lock.wait()
-                if not self._waiting:
-                    return
-                handle, prepare, params = self._waiting.popleft()
-                self._running = handle
-            try:
-                self._run(handle, prepare, params)
-            finally:
-                with self._lock:
-                    self._running = None
-
-    def _run(self, handle: Handle, prepare: Callable[[], "Prepared"], params: SamplingParams) -> None:
+    def _submit(self, prepare: Callable[[], "Prepared"], params: SamplingParams) -> StreamHandle:
         try:
-            request = prepare()  # decodes nothing (audio arrives as arrays); encodes the audio
-            if handle.cancelled:
-                handle.finish()
-                return
-            results, events = self.model.engine.stream_batch([request], params)
-            handle.result = results[0]
-            for _, delta in events:  # every decoded token, with an empty delta where no text is ready
-                if handle.cancelled:
-                    events.close()
-                    break
-                if delta:
-                    handle.put(delta)
-        except Exception as err:  # noqa: BLE001 - the request's error, raised to its consumer
-            handle.fail(err)
-            return
-        handle.finish()
+            request = prepare()
+            return StreamHandle(self.scheduler.submit(request, params))
+        except sched.QueueFull:
+            raise QueueFull(self.scheduler.status().waiting) from None
+        except sched.SchedulerClosed:
+            raise Unavailable("the server is shutting down") from None
+        except ValueError as err:  # RequestTooLarge, or messages the chat template refuses: the request's fault
+            return StreamHandle(error=err)

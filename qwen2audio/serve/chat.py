@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..audio.features import SAMPLE_RATE
 from ..generation.params import SamplingParams
+from ..generation.scheduler import RequestTooLarge
 from . import openai_format as fmt
 from .audio_input import AudioPolicy, b64_bytes, decode, url_bytes
 from .backend import Backend, Handle, QueueFull, Unavailable
@@ -45,7 +46,8 @@ async def chat_completions(request: Request, backend: Backend, policy: AudioPoli
     _refuse_unsupported(req)
     params, copies = sampling(req, backend.chat_defaults, max_tokens)
     messages = await run_in_threadpool(to_messages, req.messages, policy)
-    handles = submit(lambda p: backend.chat(messages, p), params)
+    # In a worker thread: preparing tokenizes the prompt and fingerprints its audio.
+    handles = await run_in_threadpool(submit, lambda p: backend.chat(messages, p), params)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     done = _Done(metrics, arrived)
     if req.stream:
@@ -147,8 +149,8 @@ def request_error(err: Exception) -> APIError:
     than the context), anything else the server's."""
     if isinstance(err, APIError):
         return err
-    if isinstance(err, ValueError):  # the engine's refusal of a prompt too long names the model's context
-        return bad_request(str(err), code="context_length_exceeded" if "context" in str(err) else None)
+    if isinstance(err, ValueError):
+        return bad_request(str(err), code="context_length_exceeded" if isinstance(err, RequestTooLarge) else None)
     log.exception("generation failed", exc_info=err)
     return APIError(500, f"the generation failed ({type(err).__name__}); see the server's log", SERVER_ERROR)
 

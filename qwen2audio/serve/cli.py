@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, metavar="N",
                    help="most new tokens a request may ask for, and what it gets when it does not say (default "
                         f"{defaults.MAX_TOKENS}, or the checkpoint's max_new_tokens when smaller)")
+    p.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH, metavar="N",
+                   help="requests decoded together in one batch; more wait in the queue (default "
+                        f"{defaults.MAX_BATCH})")
     p.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE, metavar="N",
                    help=f"requests that may wait for the model; more are answered 429 (default {defaults.MAX_QUEUE})")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -73,7 +76,8 @@ def require_serve_extra() -> None:
 
 def check_limits(args: argparse.Namespace) -> None:
     for flag, value in (("--max-body-mb", args.max_body_mb), ("--max-audio-seconds", args.max_audio_seconds),
-                        ("--max-tokens", args.max_tokens), ("--max-queue", args.max_queue)):
+                        ("--max-tokens", args.max_tokens), ("--max-batch", args.max_batch),
+                        ("--max-queue", args.max_queue)):
         if not value > 0:
             raise ValueError(f"{flag} must be more than 0, got {value:g}")
     if args.shutdown_timeout < 0:
@@ -163,7 +167,7 @@ def load_backend(args: argparse.Namespace, name: str, state, server, failed: lis
     """Load the model (in a thread, while the port already answers 503), then open the API; a model
     that cannot be loaded stops the server."""
     from ..api import Qwen2Audio
-    from .backend import ThreadBackend
+    from .backend import SchedulerBackend
 
     try:
         directory = args.model_dir
@@ -173,7 +177,7 @@ def load_backend(args: argparse.Namespace, name: str, state, server, failed: lis
             print(f"qwen2audio: {default_notice()}", file=sys.stderr)
             directory = default_model_dir()
         model = Qwen2Audio.load(directory, dtype=args.dtype, device=args.device)
-        state.ready(ThreadBackend(model, name, max_queue=args.max_queue))
+        state.ready(SchedulerBackend(model, name, max_batch=args.max_batch, max_queue=args.max_queue))
         print(f"qwen2audio: {name} is ready", file=sys.stderr, flush=True)
     except Exception as err:  # noqa: BLE001 - reported by run() as one line, after the server stopped
         failed.append(err)

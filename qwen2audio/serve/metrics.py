@@ -122,8 +122,9 @@ class Metrics:
                                     "first token.", TOKEN_RATE_BUCKETS)
         self.cancelled = Counter("cancelled_generations_total", "Generations stopped early: the client left, or "
                                  "the server shut down.")
-        self.queue_depth = Gauge("queue_depth", "Requests waiting for the model.", queue_depth)
-        self.running = Gauge("running_requests", "Requests the model is generating for now.", running)
+        self.queue_depth = Gauge("queue_depth", "Requests waiting for a place in the running batch.", queue_depth)
+        self.running = Gauge("running_requests", "Requests in the running batch (prefilling or decoding together).",
+                             running)
         self._families = (self.requests, self.latency, self.first_token, self.prompt_tokens, self.generated_tokens,
                           self.token_rate, self.cancelled, self.queue_depth, self.running)
 
