@@ -4,7 +4,6 @@
     python -m qwen2audio.demo assemble [--deltas FILE] --out DIR
     python -m qwen2audio.demo base --out DIR
 
-
 RUN_CHECKPOINT is a training checkpoint folder (output_dir/checkpoints/step-N) or a run's output_dir (its
 newest checkpoint). The runs must have started from ``qwen2audio init --encoder model.bin --llm
 the.gguf --out BASE`` of the demo parts (the assembly rebuilds exactly that base); give chained runs

@@ -81,11 +81,10 @@ def _mention_older(current: Path) -> None:
               file=sys.stderr)
 
 
-def assemble_base(out: str | Path, files: dict[str, PretrainedFile] | None = None, dtype: torch.dtype = torch.float32,
-                  progress: bool | None = None) -> None:
-    """Write the untrained base into ``out``: the pinned parts joined and converted, nothing applied. This
-    is what the demo model's training starts from (configs/demo/pretrain.yaml ``model``)."""
-    _assemble(None, Path(out), files or parts.DEMO_PARTS, dtype, progress, None)
+def assemble_base(out: str | Path, files: dict[str, PretrainedFile] | None = None, progress: bool | None = None) -> None:
+    """Write the untrained base into ``out`` (float32): the pinned parts joined and converted, nothing applied.
+    This is what the demo model's training starts from (configs/demo/pretrain.yaml ``model``)."""
+    _assemble(None, Path(out), files or parts.DEMO_PARTS, torch.float32, progress, None)
 
 
 def assemble_demo(deltas_path: str | Path, out: str | Path, files: dict[str, PretrainedFile] | None = None,
@@ -115,8 +114,8 @@ def _assemble(trained, out: Path, files: dict[str, PretrainedFile], dtype: torch
     scratch = out / SCRATCH_DIR
     scratch.mkdir(parents=True, exist_ok=True)
     disable = None if progress is None else not progress  # None: shown on a terminal only
-    with tqdm(total=len(steps), unit="step", desc="assembling the default model" if trained else "assembling the base", disable=disable,
-              file=sys.stderr) as bar:
+    desc = "assembling the default model" if trained else "assembling the base"
+    with tqdm(total=len(steps), unit="step", desc=desc, disable=disable, file=sys.stderr) as bar:
         step = iter(steps)
         joined = {}
         for part, spec in files.items():
@@ -132,8 +131,6 @@ def _assemble(trained, out: Path, files: dict[str, PretrainedFile], dtype: torch
             bar.set_postfix_str(next(step))
             apply_deltas(built.state, deltas, deltas_path, dtype=dtype)
             bar.update()
-        else:
-            built.state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in built.state.items()}
         bar.set_postfix_str(next(step))
         write_checkpoint(built, out)
         if trained:
