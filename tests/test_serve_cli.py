@@ -125,6 +125,7 @@ def test_the_command_serves_the_default_model_and_stops_on_sigterm(default_home)
         while httpx.get(url + "/health").status_code != 200:
             assert time.monotonic() < deadline and process.poll() is None, "the model did not load"
             time.sleep(0.2)
+        assert httpx.get(url + "/").headers["content-type"].startswith("text/html")  # the web page
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=4)

@@ -6,6 +6,7 @@
     GET  /v1/models, /v1/models/ID  the one model served
     GET  /health                    200 once the model is loaded; 503 (Retry-After) while loading or stopping
     GET  /metrics                   Prometheus text format (metrics.py)
+    GET  /, /web/*                  the web page for voice chat and audio analysis (page.py; off with --no-web)
 
 Every request first passes ``Guard``: outside /v1/ nothing is checked; under it, the API key (when one
 is set), the server's phase (503 while loading or shutting down) and the body size (413: a declared
@@ -28,7 +29,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import chat, defaults, transcription
+from . import chat, defaults, page, transcription
 from .audio_input import AudioPolicy
 from .backend import Backend
 from .errors import (AUTHENTICATION, CLIENT_CLOSED, INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, APIError, error_body,
@@ -56,6 +57,7 @@ class Settings:
     max_body_bytes: int = defaults.MAX_BODY_MB * MIB
     max_tokens: int = defaults.MAX_TOKENS  # the most new tokens a request may ask for, and the default
     cors_origins: tuple[str, ...] = ()
+    web: bool = True  # the page at /
 
 
 @dataclass
@@ -101,11 +103,29 @@ def create_app(state: ServerState, settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     _add_error_handlers(app)
     _add_routes(app, state, settings, metrics)
+    if settings.web:
+        page.add_routes(app, lambda: web_config(state, settings))
     app.add_middleware(Guard, state=state, settings=settings, metrics=metrics)
     if settings.cors_origins:  # outside Guard: preflight requests carry no API key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     return app
+
+
+WEB_SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def web_config(state: ServerState, settings: Settings) -> dict:
+    """What the web page needs: the model's id, the limits, and the checkpoint's sampling defaults
+    (None where decoding leaves a setting unused: greedy decoding has no top_p)."""
+    backend = state.backend
+    defaults = dict(backend.chat_defaults) if backend is not None else {}
+    sampling = {name: defaults.get(name) for name in WEB_SAMPLING}
+    sampling["max_tokens"] = min(defaults.get("max_new_tokens", settings.max_tokens), settings.max_tokens)
+    return {"model": backend.model_id if backend is not None else "default",
+            "max_audio_seconds": settings.audio.max_seconds, "max_body_bytes": settings.max_body_bytes,
+            "max_tokens": settings.max_tokens, "api_key_required": settings.api_key is not None,
+            "defaults": sampling}
 
 
 def _arrived(request: Request) -> float:

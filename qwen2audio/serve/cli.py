@@ -61,6 +61,8 @@ def register(subparsers) -> None:
                         "10.0.0.0/8; repeatable). Non-public addresses are reached only when listed")
     p.add_argument("--allow-local-audio", action="append", default=[], metavar="DIR",
                    help="read audio_url paths and file:// URLs inside DIR (repeatable)")
+    p.add_argument("--no-web", dest="web", action="store_false",
+                   help="serve the API only, not the web page at / (voice chat and audio analysis in a browser)")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.SHUTDOWN_SECONDS, metavar="S",
                    help="on SIGINT/SIGTERM, how long requests in flight may go on (default "
                         f"{defaults.SHUTDOWN_SECONDS:g})")
@@ -125,7 +127,7 @@ def settings_from(args: argparse.Namespace):
                         local_dirs=allowed_folders(args.allow_local_audio))
     return Settings(audio=audio, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                     max_body_bytes=audio.max_bytes, max_tokens=args.max_tokens,
-                    cors_origins=tuple(args.cors_origin))
+                    cors_origins=tuple(args.cors_origin), web=args.web)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,8 +151,11 @@ def run(args: argparse.Namespace) -> int:
     if settings.api_key is None and args.host not in LOOPBACK_HOSTS:
         print(f"qwen2audio: warning: serving {args.host} without an API key: anyone who can reach it may use it "
               f"(set ${API_KEY_ENV})", file=sys.stderr)
-    print(f"qwen2audio: serving {name} on http://{_url_host(host)}:{port}/v1 (loading the model; GET /health "
-          "answers 200 once it is ready)", file=sys.stderr, flush=True)
+    base = f"http://{_url_host(host)}:{port}"
+    print(f"qwen2audio: serving {name} on {base}/v1 (loading the model; GET /health answers 200 once it is ready)",
+          file=sys.stderr, flush=True)
+    if settings.web:
+        print(f"qwen2audio: web page on {base}/", file=sys.stderr, flush=True)
     loader.start()
     server.run(sockets=[sock])
     if failed:

@@ -1,0 +1,523 @@
+// The voice-chat and audio-analysis page of `qwen2audio serve`. It speaks only the server's public API:
+// POST /v1/chat/completions (streamed), GET /health, and GET /web/config for the limits and defaults.
+// No framework and nothing from another site: the page works offline beside the server.
+
+const $ = (id) => document.getElementById(id);
+const SAMPLE_RATE = 16000; // recordings are sent as 16 kHz mono WAV, what the model hears
+const MIN_RECORDING_SECONDS = 0.2;
+const HEALTH_RETRY_MS = 2000;
+const SETTINGS_KEY = "qwen2audio.settings";
+const NUMBER_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed"];
+
+const state = {
+  config: { model: "default", max_audio_seconds: 600, max_body_bytes: 25 << 20, max_tokens: 1024,
+            api_key_required: false, defaults: {} },
+  history: [],       // {role: "user", text, audio?: {b64, format, url, seconds}} | {role: "assistant", text}
+  attachment: null,  // the audio of the turn being composed
+  recorder: null,    // {ctx, stream, chunks, samples, timer}
+  controller: null,  // AbortController of the answer being streamed
+};
+
+// -- start --------------------------------------------------------------------------------------------------
+document.addEventListener("DOMContentLoaded", () => {
+  wire();
+  loadSettings();
+  loadConfig().then(watchHealth);
+});
+
+function wire() {
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  $("text").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+  });
+  $("text").addEventListener("input", autoGrow);
+  $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+  $("mic").addEventListener("click", () => (state.recorder ? finishRecording(true) : startRecording()));
+  $("recording-cancel").addEventListener("click", () => finishRecording(false));
+  $("file").addEventListener("change", (e) => { attachFile(e.target.files[0]); e.target.value = ""; });
+  $("attachment-remove").addEventListener("click", () => setAttachment(null));
+  $("new-chat").addEventListener("click", newChat);
+  $("error-close").addEventListener("click", hideError);
+  $("open-settings").addEventListener("click", () => toggleSettings());
+  $("close-settings").addEventListener("click", () => toggleSettings(false));
+  $("reset-settings").addEventListener("click", resetSettings);
+  $("settings-form").addEventListener("input", saveSettings);
+  $("settings-form").addEventListener("submit", (e) => { e.preventDefault(); toggleSettings(false); });
+  wireDrop();
+}
+
+async function loadConfig() {
+  try {
+    const res = await fetch("/web/config");
+    if (res.ok) state.config = await res.json();
+  } catch (_) { /* the health check says the server is unreachable */ }
+  const defaults = state.config.defaults || {};
+  for (const name of NUMBER_FIELDS) {
+    const value = name === "max_tokens" ? defaults.max_tokens ?? state.config.max_tokens : defaults[name];
+    field(name).placeholder = value === undefined || value === null ? "model default" : String(value);
+  }
+  field("max_tokens").max = String(state.config.max_tokens);
+  if (state.config.api_key_required && !field("api_key").value) {
+    showError("This server needs an API key: enter it in Settings.");
+    toggleSettings(true);
+  }
+}
+
+async function watchHealth() {
+  const status = $("status");
+  try {
+    const res = await fetch("/health", { cache: "no-store" });
+    const body = await res.json().catch(() => ({}));
+    if (res.ok) {
+      status.textContent = `${body.model || state.config.model} · ready`;
+      status.className = "status ok";
+      return;
+    }
+    status.textContent = body.status === "stopping" ? "the server is shutting down" : "loading the model…";
+    status.className = "status";
+  } catch (_) {
+    status.textContent = "server unreachable";
+    status.className = "status bad";
+  }
+  setTimeout(watchHealth, HEALTH_RETRY_MS);
+}
+
+// -- settings -----------------------------------------------------------------------------------------------
+function field(name) { return $("settings-form").elements.namedItem(name); }
+
+function loadSettings() {
+  let saved = {};
+  try { saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}"); } catch (_) { /* start afresh */ }
+  for (const [name, value] of Object.entries(saved)) if (field(name)) field(name).value = value;
+}
+
+function saveSettings() {
+  const values = {};
+  for (const el of $("settings-form").elements) if (el.name) values[el.name] = el.value;
+  try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(values)); } catch (_) { /* private mode: not kept */ }
+}
+
+function resetSettings() {
+  for (const name of NUMBER_FIELDS) field(name).value = "";
+  field("system").value = "";
+  saveSettings();
+}
+
+function toggleSettings(open) {
+  const panel = $("settings");
+  const show = open === undefined ? panel.hidden : open;
+  panel.hidden = !show;
+  $("open-settings").setAttribute("aria-expanded", String(show));
+}
+
+/** The sampling fields the user set (empty ones are left to the model's generation config). */
+function sampling() {
+  const out = {};
+  for (const name of NUMBER_FIELDS) {
+    const el = field(name);
+    if (el.value.trim() === "") continue;
+    const value = Number(el.value);
+    if (!Number.isFinite(value)) throw new UserError(`Settings: ${name.replace("_", " ")} must be a number.`);
+    out[name] = ["top_k", "max_tokens", "seed"].includes(name) ? Math.round(value) : value;
+  }
+  return out;
+}
+
+// -- audio in -----------------------------------------------------------------------------------------------
+async function attachFile(file) {
+  if (!file) return;
+  hideError();
+  try {
+    if (file.size === 0) throw new UserError(`"${file.name}" is empty.`);
+    if (file.size * 4 / 3 > state.config.max_body_bytes) {
+      throw new UserError(`"${file.name}" is ${mb(file.size)}; this server takes requests of at most ` +
+                          `${mb(state.config.max_body_bytes)}. Upload a shorter or compressed file.`);
+    }
+    const bytes = new Uint8Array(await file.arrayBuffer());
+    const seconds = await duration(bytes); // null: the browser cannot decode it; the server will judge
+    if (seconds !== null && seconds === 0) throw new UserError(`"${file.name}" holds no audio.`);
+    if (seconds !== null) checkLength(seconds, `"${file.name}"`);
+    setAttachment({ b64: base64(bytes), format: formatOf(file), url: URL.createObjectURL(file), name: file.name,
+                    seconds });
+    $("text").focus();
+  } catch (err) {
+    showError(err instanceof UserError ? err.message : `Could not read "${file.name}": ${err.message}`);
+  }
+}
+
+async function duration(bytes) {
+  try {
+    const ctx = new OfflineAudioContext(1, 1, SAMPLE_RATE);
+    const buffer = await ctx.decodeAudioData(bytes.slice().buffer);
+    return buffer.duration;
+  } catch (_) {
+    return null;
+  }
+}
+
+/** A UserError if this much audio would take the conversation past the server's limit per request. */
+function checkLength(seconds, what) {
+  const limit = state.config.max_audio_seconds;
+  const earlier = state.history.reduce((sum, t) => sum + (t.audio && t.audio.seconds ? t.audio.seconds : 0), 0);
+  if (seconds > limit) {
+    throw new UserError(`${what} is ${clock(seconds)} long; this server takes at most ${clock(limit)} of audio.`);
+  }
+  if (earlier + seconds > limit) {
+    throw new UserError(`${what} (${clock(seconds)}) with the conversation's earlier audio (${clock(earlier)}) is ` +
+                        `more than the ${clock(limit)} this server takes: start a new chat.`);
+  }
+}
+
+function formatOf(file) {
+  const ext = (file.name.split(".").pop() || "").toLowerCase();
+  if (ext && ext !== file.name.toLowerCase()) return ext;
+  return (file.type.split("/")[1] || "wav").split(";")[0];
+}
+
+function setAttachment(audio) {
+  if (state.attachment && state.attachment !== audio && !state.history.some((t) => t.audio === state.attachment)) {
+    URL.revokeObjectURL(state.attachment.url);
+  }
+  state.attachment = audio;
+  $("attachment").hidden = !audio;
+  $("attachment-audio").src = audio ? audio.url : "";
+  $("attachment-name").textContent = audio ? `${audio.name}${audio.seconds ? ` · ${clock(audio.seconds)}` : ""}` : "";
+}
+
+function wireDrop() {
+  let depth = 0;
+  const overlay = $("drop");
+  const hasFiles = (e) => e.dataTransfer && Array.from(e.dataTransfer.types).includes("Files");
+  window.addEventListener("dragenter", (e) => { if (hasFiles(e)) { depth++; overlay.hidden = false; } });
+  window.addEventListener("dragleave", () => { if (--depth <= 0) { depth = 0; overlay.hidden = true; } });
+  window.addEventListener("dragover", (e) => { if (hasFiles(e)) e.preventDefault(); });
+  window.addEventListener("drop", (e) => {
+    if (!hasFiles(e)) return;
+    e.preventDefault();
+    depth = 0;
+    overlay.hidden = true;
+    attachFile(e.dataTransfer.files[0]);
+  });
+}
+
+// -- the microphone -----------------------------------------------------------------------------------------
+async function startRecording() {
+  hideError();
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    showError("The browser allows the microphone only on a secure page: open this page as " +
+              `http://localhost:${location.port || 80}/ on the server's machine, or serve it over HTTPS.`);
+    return;
+  }
+  let stream;
+  try {
+    // Raw sound: the model was trained on unprocessed audio, and nothing plays while recording.
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
+  } catch (err) {
+    const refused = err.name === "NotAllowedError" || err.name === "SecurityError";
+    const missing = err.name === "NotFoundError" || err.name === "OverconstrainedError";
+    showError(refused ? "Microphone access was refused: allow it in the browser's site settings, or upload a file."
+              : missing ? "No microphone was found: connect one, or upload a file."
+              : `The microphone could not be opened (${err.name}): ${err.message}`);
+    return;
+  }
+  const ctx = new AudioContext();
+  try {
+    await ctx.audioWorklet.addModule("/web/recorder-worklet.js");
+  } catch (err) {
+    stream.getTracks().forEach((t) => t.stop());
+    ctx.close();
+    showError(`Recording is not available in this browser (${err.message}); upload a file instead.`);
+    return;
+  }
+  const node = new AudioWorkletNode(ctx, "recorder");
+  const rec = { ctx, stream, node, chunks: [], samples: 0 };
+  node.port.onmessage = (e) => onAudio(rec, e.data);
+  ctx.createMediaStreamSource(stream).connect(node);
+  node.connect(ctx.destination); // it writes silence; connected so that the browser keeps it running
+  state.recorder = rec;
+  $("recording").hidden = false;
+  $("mic").setAttribute("aria-pressed", "true");
+  $("mic").title = "Stop and send";
+}
+
+function onAudio(rec, block) {
+  if (state.recorder !== rec) return;
+  rec.chunks.push(block);
+  rec.samples += block.length;
+  let sum = 0;
+  for (let i = 0; i < block.length; i++) sum += block[i] * block[i];
+  $("recording-level").value = Math.min(1, Math.sqrt(sum / block.length) * 4);
+  const seconds = rec.samples / rec.ctx.sampleRate;
+  $("recording-time").textContent = clock(seconds);
+  if (seconds >= state.config.max_audio_seconds) finishRecording(true);
+}
+
+async function finishRecording(andSend) {
+  const rec = state.recorder;
+  if (!rec) return;
+  state.recorder = null;
+  rec.stream.getTracks().forEach((t) => t.stop());
+  rec.node.port.onmessage = null;
+  const rate = rec.ctx.sampleRate;
+  await rec.ctx.close();
+  $("recording").hidden = true;
+  $("mic").setAttribute("aria-pressed", "false");
+  $("mic").title = "Record (press again to send)";
+  if (!andSend) return;
+  const seconds = rec.samples / rate;
+  try {
+    if (seconds < MIN_RECORDING_SECONDS) throw new UserError("The recording is too short: hold on a little longer.");
+    checkLength(seconds, "The recording");
+    const pcm = await resample(concat(rec.chunks, rec.samples), rate, SAMPLE_RATE);
+    const wav = new Blob([encodeWav(pcm, SAMPLE_RATE)], { type: "audio/wav" });
+    const bytes = new Uint8Array(await wav.arrayBuffer());
+    setAttachment({ b64: base64(bytes), format: "wav", url: URL.createObjectURL(wav), name: "recording", seconds });
+  } catch (err) {
+    showError(err instanceof UserError ? err.message : `The recording could not be prepared: ${err.message}`);
+    return;
+  }
+  send(); // voice chat: the recording is the turn (with whatever was typed beside it)
+}
+
+function concat(chunks, total) {
+  const out = new Float32Array(total);
+  let at = 0;
+  for (const c of chunks) { out.set(c, at); at += c.length; }
+  return out;
+}
+
+async function resample(pcm, from, to) {
+  if (from === to) return pcm;
+  const ctx = new OfflineAudioContext(1, Math.max(1, Math.ceil(pcm.length * to / from)), to);
+  const buffer = ctx.createBuffer(1, pcm.length, from);
+  buffer.copyToChannel(pcm, 0);
+  const source = ctx.createBufferSource();
+  source.buffer = buffer;
+  source.connect(ctx.destination);
+  source.start();
+  return (await ctx.startRendering()).getChannelData(0);
+}
+
+function encodeWav(pcm, rate) {
+  const view = new DataView(new ArrayBuffer(44 + pcm.length * 2));
+  const text = (at, s) => { for (let i = 0; i < s.length; i++) view.setUint8(at + i, s.charCodeAt(i)); };
+  text(0, "RIFF"); view.setUint32(4, 36 + pcm.length * 2, true); text(8, "WAVE");
+  text(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+  view.setUint32(24, rate, true); view.setUint32(28, rate * 2, true); view.setUint16(32, 2, true);
+  view.setUint16(34, 16, true); text(36, "data"); view.setUint32(40, pcm.length * 2, true);
+  for (let i = 0; i < pcm.length; i++) {
+    const s = Math.max(-1, Math.min(1, pcm[i]));
+    view.setInt16(44 + i * 2, s < 0 ? s * 0x8000 : s * 0x7fff, true);
+  }
+  return view.buffer;
+}
+
+// -- a turn -------------------------------------------------------------------------------------------------
+async function send() {
+  if (state.controller || state.recorder) return;
+  const text = $("text").value.trim();
+  const audio = state.attachment;
+  if (!text && !audio) return;
+  hideError();
+  let body;
+  const user = { role: "user", text, audio };
+  try {
+    body = JSON.stringify(request([...state.history, user]));
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
+  state.history.push(user);
+  const userView = renderTurn(user);
+  $("text").value = "";
+  autoGrow();
+  setAttachment(null);
+  const answer = { role: "assistant", text: "" };
+  const answerView = renderTurn(answer);
+  const bubble = answerView.querySelector(".bubble");
+  bubble.classList.add("pending");
+  const controller = new AbortController();
+  setBusy(controller);
+  const started = performance.now();
+  let first = null;
+  let usage = null;
+  try {
+    const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body,
+                                                       signal: controller.signal });
+    if (!res.ok) throw await responseError(res);
+    for await (const event of events(res.body)) {
+      if (event.error) throw new UserError(`The answer broke off: ${event.error.message}`);
+      if (event.usage) usage = event.usage;
+      const delta = event.choices && event.choices[0] && event.choices[0].delta && event.choices[0].delta.content;
+      if (delta) {
+        if (first === null) first = performance.now();
+        answer.text += delta;
+        bubble.textContent = answer.text;
+        scrollDown();
+      }
+    }
+    state.history.push(answer);
+    meta(answerView, usage, started, first);
+  } catch (err) {
+    const stopped = err.name === "AbortError";
+    if (answer.text) { // keep what was said: it is part of the conversation now
+      state.history.push(answer);
+      bubble.classList.add(stopped ? "stopped" : "failed");
+    } else { // nothing came: undo the turn and give its text and audio back
+      state.history.pop();
+      userView.remove();
+      answerView.remove();
+      if (!$("text").value) { $("text").value = text; autoGrow(); }
+      if (audio && !state.attachment) setAttachment(audio);
+    }
+    if (!stopped) showError(err instanceof UserError ? err.message : unreachable(err));
+  } finally {
+    bubble.classList.remove("pending");
+    setBusy(null);
+  }
+}
+
+function request(turns) {
+  const messages = [];
+  const system = field("system").value.trim();
+  if (system) messages.push({ role: "system", content: system });
+  for (const turn of turns) {
+    if (turn.role === "assistant") { messages.push({ role: "assistant", content: turn.text }); continue; }
+    const content = [];
+    if (turn.audio) content.push({ type: "input_audio", input_audio: { data: turn.audio.b64, format: turn.audio.format } });
+    if (turn.text) content.push({ type: "text", text: turn.text });
+    messages.push({ role: "user", content });
+  }
+  return { model: state.config.model, messages, stream: true, stream_options: { include_usage: true }, ...sampling() };
+}
+
+function headers() {
+  const out = { "Content-Type": "application/json" };
+  const key = field("api_key").value.trim();
+  if (key) out.Authorization = `Bearer ${key}`;
+  return out;
+}
+
+/** Server-sent events -> their JSON payloads, until [DONE]. */
+async function* events(stream) {
+  const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      yield JSON.parse(data);
+    }
+  }
+}
+
+async function responseError(res) {
+  const body = await res.json().catch(() => null);
+  const message = (body && body.error && body.error.message) || `${res.status} ${res.statusText}`;
+  const retry = res.headers.get("Retry-After");
+  switch (res.status) {
+    case 401:
+      toggleSettings(true);
+      return new UserError(`The server needs a valid API key: enter it in Settings (${message}).`);
+    case 413:
+      return new UserError(`Too much for this server: ${message}. Send shorter audio, or start a new chat.`);
+    case 429:
+      return new UserError(`The server is busy (${message}). Try again${retry ? ` in ${retry} s` : " shortly"}.`);
+    case 503:
+      return new UserError(`The server is not ready (${message}). Try again${retry ? ` in ${retry} s` : " shortly"}.`);
+    default:
+      return new UserError(res.status >= 500 ? `The server failed: ${message}` : message);
+  }
+}
+
+function unreachable(err) {
+  return `Cannot reach the server (${err.message}): is qwen2audio serve still running?`;
+}
+
+// -- the page -----------------------------------------------------------------------------------------------
+function renderTurn(turn) {
+  $("intro").hidden = true;
+  const view = document.createElement("section");
+  view.className = `turn ${turn.role}`;
+  if (turn.audio) {
+    const player = document.createElement("audio");
+    player.controls = true;
+    player.preload = "metadata";
+    player.src = turn.audio.url;
+    view.append(player);
+  }
+  if (turn.text || turn.role === "assistant") {
+    const bubble = document.createElement("div");
+    bubble.className = "bubble";
+    bubble.textContent = turn.text; // text, never HTML
+    view.append(bubble);
+  }
+  $("conversation").append(view);
+  scrollDown();
+  return view;
+}
+
+function meta(view, usage, started, first) {
+  if (!usage) return;
+  const line = document.createElement("div");
+  line.className = "meta";
+  const end = performance.now();
+  const perSecond = first !== null && usage.completion_tokens > 1 && end > first
+    ? ` · ${((usage.completion_tokens - 1) / ((end - first) / 1000)).toFixed(1)} tokens/s` : "";
+  const firstToken = first !== null ? ` · first token ${((first - started) / 1000).toFixed(2)} s` : "";
+  line.textContent = `${usage.completion_tokens} tokens${firstToken}${perSecond}`;
+  view.append(line);
+}
+
+function setBusy(controller) {
+  state.controller = controller;
+  $("send").hidden = !!controller;
+  $("stop").hidden = !controller;
+  $("mic").disabled = !!controller;
+}
+
+function newChat() {
+  if (state.controller) state.controller.abort();
+  if (state.recorder) finishRecording(false);
+  for (const turn of state.history) if (turn.audio) URL.revokeObjectURL(turn.audio.url);
+  state.history = [];
+  for (const view of document.querySelectorAll(".turn")) view.remove();
+  $("intro").hidden = false;
+  hideError();
+}
+
+function showError(message) {
+  $("error-text").textContent = message;
+  $("error").hidden = false;
+}
+
+function hideError() { $("error").hidden = true; }
+
+function scrollDown() { const c = $("conversation"); c.scrollTop = c.scrollHeight; }
+
+function autoGrow() { const t = $("text"); t.style.height = "auto"; t.style.height = `${t.scrollHeight}px`; }
+
+class UserError extends Error {}
+
+// -- small helpers ------------------------------------------------------------------------------------------
+function base64(bytes) {
+  let binary = "";
+  const step = 0x8000;
+  for (let i = 0; i < bytes.length; i += step) binary += String.fromCharCode.apply(null, bytes.subarray(i, i + step));
+  return btoa(binary);
+}
+
+function clock(seconds) {
+  const s = Math.round(seconds);
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
+
+function mb(bytes) { return `${(bytes / (1 << 20)).toFixed(1)} MB`; }

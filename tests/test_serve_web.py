@@ -1,0 +1,397 @@
+"""The web page of `qwen2audio serve`, in a real browser: Debian's Chromium driven by Playwright.
+
+The page uploads a file and streams the answer, records from Chromium's fake microphone (fed from a wav
+file with --use-file-for-fake-audio-capture), stops an answer, and says what went wrong (server busy,
+file too long, microphone refused). With the tiny random model, its greedy answer equals the API's.
+
+Without Chromium (or the playwright package) the browser tests skip, unless QWEN2AUDIO_REQUIRE_BROWSER
+is set (CI sets it: there a missing browser is a failure, not a skip).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import tomllib
+import warnings
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+
+from qwen2audio.serve import page
+from qwen2audio.serve.app import ServerState, create_app
+from serve_helpers import FakeBackend, b64, fake_app, running, settings, wav_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+TONE_HZ = 440.0
+ANSWER = ["The ", "sound ", "is ", "a ", "steady ", "tone."]
+WAIT_MS = 30_000
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+REQUIRE_BROWSER = bool(os.environ.get("QWEN2AUDIO_REQUIRE_BROWSER"))
+# What a sandboxed machine without a network needs: no sandbox (root), no GPU, no calls home.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+# -- without a browser --------------------------------------------------------------------------------------
+def test_page_and_its_files_are_served_with_a_strict_policy():
+    app, _ = fake_app(FakeBackend())
+    with running(app) as url:
+        index = httpx.get(url + "/")
+        assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in index.headers["content-security-policy"]
+        assert index.headers["x-content-type-options"] == "nosniff"
+        for name in ("app.js", "style.css", "recorder-worklet.js", "icon.svg"):
+            assert httpx.get(f"{url}/web/{name}").status_code == 200, name
+        assert "javascript" in httpx.get(url + "/web/app.js").headers["content-type"]
+        for path in ("/web/nothing.js", "/web/..%2fapp.py", "/web/%2e%2e/page.py"):
+            missing = httpx.get(url + path)
+            assert missing.status_code == 404 and "error" in missing.json(), path
+
+
+def test_page_loads_nothing_from_another_site():
+    """No CDN: no script, style sheet, font or request that leaves the server."""
+    external = re.compile(r"""(?:src|href)\s*=\s*["'](?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import|"""
+                          r"""fetch\(\s*["'`](?:https?:)?//|import\s[^;]*from\s*["'](?:https?:)?//""")
+    for path in page.WEB_DIR.iterdir():
+        assert not external.search(path.read_text()), path.name
+
+
+def test_every_page_file_ships_in_the_package():
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = patterns["qwen2audio.serve"]
+    for path in page.WEB_DIR.iterdir():
+        assert any(path.match(pattern) for pattern in shipped), f"{path.name} is not in the package data"
+
+
+def test_web_config_gives_the_limits_and_the_checkpoint_defaults():
+    backend = FakeBackend(model_id="m")
+    backend.chat_defaults = {"temperature": 0.7, "top_p": 0.5, "top_k": 20, "max_new_tokens": 64}
+    app, _ = fake_app(backend, max_tokens=100, max_seconds=30.0, api_key="k", max_body_bytes=4 << 20)
+    with running(app) as url:
+        config = httpx.get(url + "/web/config").json()  # no key needed: the page itself asks for it
+    assert config == {"model": "m", "max_audio_seconds": 30.0, "max_body_bytes": 4 << 20, "max_tokens": 100,
+                      "api_key_required": True,
+                      "defaults": {"temperature": 0.7, "top_p": 0.5, "top_k": 20, "repetition_penalty": None,
+                                   "max_tokens": 64}}
+
+
+def test_no_web_serves_the_api_only():
+    app, _ = fake_app(FakeBackend(), web=False)
+    with running(app) as url:
+        assert httpx.get(url + "/").status_code == 404
+        assert httpx.get(url + "/web/app.js").status_code == 404
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def test_no_web_flag_reaches_the_settings():
+    from qwen2audio.cli import build_parser
+    from qwen2audio.serve.cli import settings_from
+
+    assert settings_from(build_parser().parse_args(["serve"])).web is True
+    assert settings_from(build_parser().parse_args(["serve", "--no-web"])).web is False
+
+
+# -- in Chromium ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tone_wav(tmp_path_factory) -> Path:
+    """What the fake microphone hears: a 440 Hz tone."""
+    path = tmp_path_factory.mktemp("mic") / "tone.wav"
+    t = np.arange(48000) / 48000
+    soundfile.write(path, (0.5 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32), 48000, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def playwright():
+    if CHROMIUM is None and not REQUIRE_BROWSER:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+    if REQUIRE_BROWSER:
+        assert CHROMIUM is not None, "QWEN2AUDIO_REQUIRE_BROWSER is set but chromium is not installed"
+        from playwright.sync_api import sync_playwright
+    else:
+        sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, tone_wav):
+    """Chromium whose microphone is the tone file, granted without asking."""
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + [
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-audio-capture={tone_wav}"])
+    yield b
+    b.close()
+
+
+def open_page(browser, url: str, **context):
+    # bypass_csp: Playwright's own waiting code evaluates strings, which the page's policy forbids
+    page_ = browser.new_context(bypass_csp=True, **context).new_page()
+    errors: list[str] = []
+    page_.on("pageerror", lambda err: errors.append(str(err)))
+    page_.goto(url + "/")
+    page_.wait_for_selector("#status.ok", timeout=WAIT_MS)
+    page_.errors = errors
+    return page_
+
+
+def answers(page_) -> list[str]:
+    return page_.locator(".turn.assistant .bubble").all_inner_texts()
+
+
+def wait_answers(page_, n: int) -> None:
+    page_.wait_for_function(f"document.querySelectorAll('.turn.assistant .meta').length >= {n}", timeout=WAIT_MS)
+
+
+def sent_audio(request) -> list[np.ndarray]:
+    return [part["audio"] for message in request[1] if isinstance(message["content"], list)
+            for part in message["content"] if part["type"] == "audio"]
+
+
+def sent_text(request) -> list[str]:
+    return [part["text"] for message in request[1] if isinstance(message["content"], list)
+            for part in message["content"] if part["type"] == "text"]
+
+
+def test_upload_a_file_ask_about_it_and_the_answer_streams_in(browser, tmp_path):
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(2.0, seed=3))
+    backend = FakeBackend(words=ANSWER, delay=0.25)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(clip))
+        page_.wait_for_selector("#attachment:not([hidden])")
+        page_.fill("#text", "What is this sound?")
+        page_.click("#send")
+        # streamed: the first words are on the page while the answer is still coming (Stop shown)
+        page_.wait_for_function("document.querySelector('.turn.assistant .bubble').textContent.startsWith('The ')",
+                                timeout=WAIT_MS)
+        partial = answers(page_)[0]
+        assert page_.is_visible("#stop") and partial != "".join(ANSWER)
+        wait_answers(page_, 1)
+        assert answers(page_) == ["".join(ANSWER)]
+        assert page_.is_visible("#send") and not page_.is_visible("#stop")
+        assert "6 tokens" in page_.inner_text(".turn.assistant .meta")
+        assert page_.locator(".turn.user audio").count() == 1  # the clip can be played back
+        assert page_.input_value("#text") == "" and page_.is_hidden("#attachment")
+        # a second turn carries the whole conversation
+        page_.fill("#text", "And how long is it?")
+        page_.keyboard.press("Enter")
+        wait_answers(page_, 2)
+        assert page_.errors == []
+    first, second = backend.requests
+    expected, _ = soundfile.read(clip, dtype="float32")
+    (heard,) = sent_audio(first)
+    np.testing.assert_array_equal(heard, expected)  # the file's own bytes: nothing re-encoded
+    assert sent_text(first) == ["What is this sound?"]
+    assert [m["role"] for m in second[1]] == ["user", "assistant", "user"]
+    assert second[1][1]["content"] == "".join(ANSWER)
+    assert sent_text(second) == ["What is this sound?", "And how long is it?"]
+
+
+def dominant_hz(wave: np.ndarray, sr: int = 16000) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return float(np.fft.rfftfreq(len(wave), 1 / sr)[spectrum.argmax()])
+
+
+def test_microphone_recording_is_the_turn(browser):
+    backend = FakeBackend(words=ANSWER)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.click("#mic")
+        page_.wait_for_selector("#recording:not([hidden])")
+        page_.wait_for_function("document.querySelector('#recording-time').textContent === '0:01'",
+                                timeout=WAIT_MS)
+        page_.click("#mic")  # stop: the recording is sent at once, with no typed text
+        wait_answers(page_, 1)
+        assert page_.locator(".turn.user audio").count() == 1
+        assert page_.errors == []
+    (request,) = backend.requests
+    (heard,) = sent_audio(request)
+    assert sent_text(request) == []
+    assert 0.5 <= len(heard) / 16000 <= 5.0
+    assert np.abs(heard).max() > 0.2  # the tone, not silence
+    assert abs(dominant_hz(heard) - TONE_HZ) < 10
+
+
+def test_stop_keeps_what_was_said_and_cancels_the_generation(browser):
+    backend = FakeBackend(words=["word "] * 40, delay=0.2)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.fill("#text", "Count for me.")
+        page_.click("#send")
+        page_.wait_for_function("document.querySelector('.turn.assistant .bubble').textContent.length >= 10",
+                                timeout=WAIT_MS)
+        page_.click("#stop")
+        page_.wait_for_selector(".turn.assistant .bubble.stopped", timeout=WAIT_MS)
+        assert page_.is_visible("#send")
+        _wait(lambda: backend.cancelled, "the server's generation was not cancelled")
+        kept = answers(page_)[0]
+        assert kept.startswith("word word") and kept.count("word") < 40
+
+
+def test_stop_before_any_answer_gives_the_turn_back(browser):
+    backend = FakeBackend(hold=True)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.fill("#text", "Are you there?")
+        page_.click("#send")
+        page_.wait_for_selector("#stop:not([hidden])")
+        page_.click("#stop")
+        page_.wait_for_selector("#send:not([hidden])")
+        assert page_.locator(".turn").count() == 0
+        assert page_.input_value("#text") == "Are you there?"  # nothing typed is lost
+        _wait(lambda: backend.cancelled, "the server's generation was not cancelled")
+        backend.gate.set()
+
+
+def test_a_busy_server_is_said_and_the_turn_kept(browser, tmp_path):
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(1.0))
+    app, _ = fake_app(FakeBackend(max_queue=0))
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(clip))
+        page_.fill("#text", "Hello?")
+        page_.click("#send")
+        page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+        message = page_.inner_text("#error-text")
+        assert "busy" in message and re.search(r"Try again in \d+ s", message), message
+        assert page_.locator(".turn").count() == 0
+        assert page_.input_value("#text") == "Hello?" and page_.is_visible("#attachment")
+
+
+def test_a_file_longer_than_the_server_takes_is_refused_before_sending(browser, tmp_path):
+    clip = tmp_path / "long.wav"
+    clip.write_bytes(wav_bytes(3.0))
+    backend = FakeBackend()
+    app, _ = fake_app(backend, max_seconds=2.0)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(clip))
+        page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+        message = page_.inner_text("#error-text")
+        assert '"long.wav" is 0:03 long' in message and "at most 0:02" in message, message
+        assert page_.is_hidden("#attachment") and backend.requests == []
+
+
+def test_errors_the_server_finds_in_the_audio_are_shown(browser, tmp_path):
+    junk = tmp_path / "notes.wav"
+    junk.write_bytes(b"this is not audio at all" * 10)
+    app, _ = fake_app(FakeBackend())
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(junk))  # the browser cannot decode it either: the server judges
+        page_.click("#send")
+        page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+        assert "audio" in page_.inner_text("#error-text").lower()
+        assert page_.locator(".turn").count() == 0
+
+
+def test_a_refused_microphone_is_explained(playwright):
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + [
+        "--use-fake-device-for-media-stream", "--deny-permission-prompts"])
+    try:
+        app, _ = fake_app(FakeBackend())
+        with running(app) as url:
+            page_ = open_page(b, url)
+            page_.click("#mic")
+            page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+            assert "Microphone access was refused" in page_.inner_text("#error-text")
+            assert page_.is_hidden("#recording")
+    finally:
+        b.close()
+
+
+def test_the_page_fits_a_phone(browser):
+    app, _ = fake_app(FakeBackend(words=["A long answer that has to wrap on a narrow screen. "] * 6))
+    with running(app) as url:
+        page_ = open_page(browser, url, viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True)
+        page_.fill("#text", "Tell me something long.")
+        page_.click("#send")
+        wait_answers(page_, 1)
+        assert page_.evaluate("document.documentElement.scrollWidth") <= 360  # nothing wider than the screen
+        for selector in ("#mic", "#send", "#text", ".upload", "#open-settings"):
+            box = page_.locator(selector).bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= 360 and box["y"] + box["height"] <= 740, selector
+        page_.click("#open-settings")
+        assert page_.is_visible("#settings")
+
+
+def test_settings_reach_the_request(browser):
+    backend = FakeBackend()
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.click("#open-settings")
+        page_.fill("input[name=temperature]", "0.6")
+        page_.fill("input[name=max_tokens]", "5")
+        page_.fill("input[name=seed]", "7")
+        page_.fill("textarea[name=system]", "Be brief.")
+        page_.click("#close-settings")
+        page_.fill("#text", "Hi")
+        page_.click("#send")
+        wait_answers(page_, 1)
+        page_.reload()  # the settings are kept
+        page_.wait_for_selector("#status.ok")
+        assert page_.input_value("input[name=temperature]") == "0.6"
+    (_, messages, params) = backend.requests[0]
+    assert (params.temperature, params.max_new_tokens, params.seed) == (0.6, 5, 7)
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+
+
+def _wait(condition, message: str, seconds: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)
+
+
+# -- with the model --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_server(default_home):
+    from qwen2audio import Qwen2Audio
+    from qwen2audio.serve.backend import SchedulerBackend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Qwen2Audio.load()
+    state = ServerState()
+    state.ready(SchedulerBackend(model, "tiny-test"))
+    with running(create_app(state, settings(max_tokens=8))) as url:
+        yield url
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_page_answers_what_the_api_answers(browser, model_server, tmp_path):
+    openai = pytest.importorskip("openai")
+    data = wav_bytes(1.5, seed=5)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(data)
+    question = "What is this sound?"
+    client = openai.OpenAI(base_url=model_server + "/v1", api_key="unused", max_retries=0)
+    expected = client.chat.completions.create(model="default", temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(data), "format": "wav"}},
+                                     {"type": "text", "text": question}]}]).choices[0].message.content
+    assert expected
+    page_ = open_page(browser, model_server)
+    page_.click("#open-settings")
+    page_.fill("input[name=temperature]", "0")
+    page_.click("#close-settings")
+    page_.set_input_files("#file", str(clip))
+    page_.fill("#text", question)
+    page_.click("#send")
+    wait_answers(page_, 1)
+    assert page_.evaluate("document.querySelector('.turn.assistant .bubble').textContent") == expected
