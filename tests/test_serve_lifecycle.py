@@ -225,3 +225,27 @@ def test_streamed_n_choices_each_have_their_index_role_content_and_finish():
                 assert choices[0]["delta"] == {"role": "assistant", "content": ""}
                 assert "".join(c["delta"].get("content", "") for c in choices) == "ab"
                 assert choices[-1]["finish_reason"] == "stop" and choices[-1]["delta"] == {}
+
+
+def test_a_long_files_windows_decode_together_and_come_back_in_order():
+    """A 95 s file is four windows: all four are in the backend before the first is answered."""
+    from serve_helpers import wav_bytes
+
+    backend = FakeBackend(words=["w"], max_queue=8, hold=True)
+    app, _ = fake_app(backend, max_seconds=120.0)
+    box: dict = {}
+
+    def send(url: str) -> None:
+        box["response"] = httpx.post(url + "/v1/audio/transcriptions", data={"model": "fake",
+                                     "response_format": "verbose_json"}, files={"file": ("a.wav", wav_bytes(95.0))},
+                                     timeout=30)
+
+    with running(app) as url:
+        thread = threading.Thread(target=send, args=(url,), daemon=True)
+        thread.start()
+        wait_until(lambda: len(backend.requests) == 4, "the four windows to be submitted together")
+        backend.gate.set()
+        thread.join(WAIT)
+    segments = box["response"].json()["segments"]
+    assert [(s["start"], s["end"]) for s in segments] == [(0.0, 23.75), (23.75, 47.5), (47.5, 71.25), (71.25, 95.0)]
+    assert [window[2][0].shape[0] for window in backend.requests] == [380000] * 4

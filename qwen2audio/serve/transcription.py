@@ -12,9 +12,9 @@ prompt is fixed. Other fields are ignored.
 - The audio is cut into windows of at most 30 s (``split_into_windows``: near-equal lengths, nothing
   dropped), each answered on its own as one segment with its start and end times; the model's
   <|...|> tags are removed from the text, as ``Qwen2Audio.transcribe`` removes them.
-- The windows go to the backend one after another. Only the first can be refused for a full queue
-  (429); each later one waits for room, joining the back of the line (another client's request may
-  run between two windows).
+- Up to four windows at a time go to the backend (they decode together in one batch; more would crowd
+  out other clients). Only the first can be refused for a full queue (429); each later one waits for
+  room, joining the back of the line (another client's request may run between two windows).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?$")  # en, yue, z
 MAX_FORM_FIELDS = 16
 RESUBMIT_SECONDS = 0.05  # how often a later window asks again for room in a full queue
 WINDOW_MAX_TOKENS = SamplingParams().max_new_tokens  # per window: the official evaluation's 256
+WINDOWS_AT_ONCE = 4  # of one file, in the backend together: they share a batch and leave room for others
 
 
 async def audio_endpoint(request: Request, task: str, backend: Backend, policy: AudioPolicy, max_tokens: int,
@@ -73,24 +74,40 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
               TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[TARGET_LANGUAGE], source=language))
-    segments, start = [], 0
-    for k, window in enumerate(split_into_windows(wave)):
-        handle = await _submit(request, backend, prompt, window, params, first=(k == 0))
-        reader = Reader(handle)
-        try:
-            text = await watching(request, [handle], reader.rest)
-        except Exception as err:  # noqa: BLE001
-            raise request_error(err) from None
-        finally:
-            _record(metrics, reader, arrived if k == 0 else None, endpoint)
-        end = start + window.shape[0]
-        segments.append(Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, TAG.sub("", text).strip(),
-                                list(handle.result.token_ids)))
-        start = end
+    segments = await _windows(request, backend, prompt, split_into_windows(wave), params, metrics, arrived, endpoint)
     language_name = LANGUAGE_NAMES.get(language.split("-")[0].lower(), language).lower()
     body, media_type = render(response_format, segments, task=task, language=language_name,
                               duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature)
     return Response(body, media_type=media_type)
+
+
+async def _windows(request: Request, backend: Backend, prompt: str, windows, params: SamplingParams,
+                   metrics: Metrics, arrived: float, endpoint: str) -> list[Segment]:
+    """Each window's answer as a segment, in order. Up to WINDOWS_AT_ONCE windows are in the backend at
+    a time, so a long file's windows decode together in one batch; a window's answer is read while the
+    next ones are already decoding."""
+    handles: list[Handle] = []
+    segments, start = [], 0
+    try:
+        for k, window in enumerate(windows):
+            while len(handles) < min(k + WINDOWS_AT_ONCE, len(windows)):
+                handles.append(await _submit(request, backend, prompt, windows[len(handles)], params,
+                                             first=not handles))
+            reader = Reader(handles[k])
+            try:
+                text = await watching(request, [handles[k]], reader.rest)
+            except Exception as err:  # noqa: BLE001
+                raise request_error(err) from None
+            finally:
+                _record(metrics, reader, arrived if k == 0 else None, endpoint)
+            end = start + window.shape[0]
+            segments.append(Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, TAG.sub("", text).strip(),
+                                    list(handles[k].result.token_ids)))
+            start = end
+    finally:  # an error or a client gone: the windows still decoding stop (a finished one is not changed)
+        for handle in handles:
+            handle.cancel()
+    return segments
 
 
 def _field(form, name: str, required: bool = False) -> str | None:
