@@ -60,7 +60,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
                         help="checkpoint directory; omitted: the embedded default model")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype (auto: as stored in the files)")
+                        help="weights dtype (auto: as stored in the files; float32 for bfloat16/float16 weights on a CPU that "
+                             "does not compute them natively)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default cpu)")
 
 

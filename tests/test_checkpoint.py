@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen2audio.checkpoint import CheckpointError, load_model, save_model
+from qwen2audio.checkpoint import CheckpointError, hf, load_model, save_model
 from qwen2audio.config import EncoderConfig, Qwen2AudioConfig, TextConfig
 from qwen2audio.model import Qwen2AudioModel
 from reference import AUDIO_TOKEN, CONFIGS, hf_model
@@ -176,7 +176,8 @@ def assert_same_weights(a, b) -> None:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("stored", [torch.float32, torch.float16, torch.bfloat16])
-def test_dtype_auto_keeps_the_stored_dtype_and_named_dtypes_convert(name, stored, saved, tmp_path):
+def test_dtype_auto_keeps_the_stored_dtype_and_named_dtypes_convert(name, stored, saved, tmp_path, monkeypatch):
+    monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: True)  # the fallback: the test below
     ref, _ = saved[name]
     copy.deepcopy(ref).to(stored).save_pretrained(tmp_path)  # the fixture's model is shared: not in place
     stored_name = str(stored).removeprefix("torch.")
@@ -199,6 +200,33 @@ def test_dtype_auto_keeps_the_stored_dtype_and_named_dtypes_convert(name, stored
                 assert torch.equal(v, files[k].to(target)), k
     if CONFIGS[name]["text_config"]["tie_word_embeddings"]:
         assert auto.language_model.lm_head.weight is auto.language_model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_dtype_auto_loads_half_precision_as_float32_on_a_cpu_without_it(stored, saved, tmp_path, monkeypatch):
+    """bfloat16 matmuls on a CPU without AVX-512 BF16 / AMX are converted on the fly, several times slower
+    than float32: "auto" gives float32 there (exactly the stored values), and the stored dtype elsewhere."""
+    ref, _ = saved["gqa_tied_128"]
+    copy.deepcopy(ref).to(stored).save_pretrained(tmp_path)
+    files = load_file(tmp_path / SINGLE)
+    monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: dtype not in (torch.float16, torch.bfloat16))
+    slow_cpu = load_model(tmp_path, dtype="auto")
+    for k, v in state(slow_cpu).items():
+        assert v.dtype == torch.float32, k
+        if k in files:
+            assert torch.equal(v, files[k].float()), k
+    assert load_model(tmp_path, dtype=stored).dtype == stored  # asked for by name: as asked
+    monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: True)
+    assert load_model(tmp_path, dtype="auto").dtype == stored
+
+
+def test_native_half_precision_check_answers_on_this_cpu():
+    assert hf.cpu_computes_natively(torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert isinstance(hf.cpu_computes_natively(dtype), bool)
+    expected = torch.float32 if not hf.cpu_computes_natively(torch.bfloat16) else torch.bfloat16
+    assert hf.auto_dtype(torch.bfloat16, "cpu") == expected
+    assert hf.auto_dtype(torch.int64, "cpu") == torch.int64
 
 
 def test_unknown_dtype_is_rejected(saved):

@@ -50,6 +50,32 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+# Half-precision dtypes and whether this CPU multiplies them natively (oneDNN: AVX-512 BF16 / AMX for
+# bfloat16, AVX-512 FP16 / AMX-FP16 for float16). Without it, every half-precision matmul is converted
+# on the fly and runs several times slower than float32.
+_CPU_HALF_SUPPORT = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+
+
+def cpu_computes_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes ``dtype`` at full speed (always for float32)."""
+    check = _CPU_HALF_SUPPORT.get(dtype)
+    if check is None:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def auto_dtype(stored: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """What ``dtype="auto"`` loads a tensor stored as ``stored`` in: the stored dtype, except half
+    precision on a CPU that does not compute it natively, which loads as float32 (faster there, and
+    exact: every bfloat16 or float16 value is a float32 value)."""
+    if torch.device(device).type == "cpu" and stored.is_floating_point and not cpu_computes_natively(stored):
+        return torch.float32
+    return stored
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint (the shards named by the index, or the single file), each
     checked to be whole (``check_safetensors``)."""
@@ -133,7 +159,9 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                strict: bool = True) -> Qwen2AudioModel:
     """Load a Qwen2-Audio checkpoint directory (config.json + safetensors) onto ``device``.
 
-    Missing keys always raise, naming them; unexpected keys raise when ``strict``.
+    ``dtype`` None or "auto": each tensor as stored (``auto_dtype``: float32 for half precision on a CPU
+    without native support for it). Missing keys always raise, naming them; unexpected keys raise when
+    ``strict``.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -159,7 +187,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                 if tuple(tensor.shape) != tuple(expected[key]):
                     raise CheckpointError(f"{path.name}: {key} has shape {tuple(tensor.shape)}, the config implies "
                                           f"{tuple(expected[key])}; config.json and the weights disagree")
-                shard[key] = tensor.to(device=device, dtype=target_dtype or tensor.dtype)
+                shard[key] = tensor.to(device=device, dtype=target_dtype or auto_dtype(tensor.dtype, device))
                 seen.add(key)
         model.load_state_dict(shard, strict=False, assign=True)
         del shard
