@@ -196,6 +196,30 @@ def test_upload_a_file_ask_about_it_and_the_answer_streams_in(browser, tmp_path)
     assert sent_text(second) == ["What is this sound?", "And how long is it?"]
 
 
+def test_a_file_dropped_on_the_page_is_attached(browser):
+    backend = FakeBackend(words=ANSWER)
+    app, _ = fake_app(backend)
+    data = wav_bytes(1.0, seed=4)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.evaluate("""(b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], "dropped.wav", {type: "audio/wav"}));
+            for (const type of ["dragenter", "dragover", "drop"]) {
+              document.body.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
+            }
+        }""", b64(data))
+        page_.wait_for_selector("#attachment:not([hidden])", timeout=WAIT_MS)
+        assert "dropped.wav" in page_.inner_text("#attachment-name") and page_.is_hidden("#drop")
+        page_.click("#send")  # audio alone: the question may be in the audio
+        wait_answers(page_, 1)
+    (request,) = backend.requests
+    (heard,) = sent_audio(request)
+    np.testing.assert_array_equal(heard, soundfile.read(io.BytesIO(data), dtype="float32")[0])
+    assert sent_text(request) == []
+
+
 def dominant_hz(wave: np.ndarray, sr: int = 16000) -> float:
     spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
     return float(np.fft.rfftfreq(len(wave), 1 / sr)[spectrum.argmax()])
