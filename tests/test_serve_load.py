@@ -76,6 +76,11 @@ def answers(*statuses: int):
     return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test")
 
 
+@pytest.fixture
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(serve_load, "RETRY_BACKOFF", 0.0)
+
+
 def send_one(statuses: tuple[int, ...], retries: int = 2):
     spec = serve_load.LoadSpec(model=Path("unused"), retries=retries)
     body = serve_load.request_body(0, ["AAAA"], MAX_TOKENS)  # request 0: not streamed
@@ -87,17 +92,23 @@ def send_one(statuses: tuple[int, ...], retries: int = 2):
     return asyncio.run(go())
 
 
-def test_a_client_retries_after_429_then_counts_its_answer():
+def test_a_client_retries_after_429_then_counts_its_answer(no_backoff):
     outcome = send_one((429, 429, 200))
     assert (outcome.status, outcome.refusals, outcome.tokens) == (serve_load.OK, 2, 3)
 
 
-def test_a_client_gives_up_after_its_retries_and_that_is_not_an_error():
+def test_a_client_gives_up_after_its_retries_and_that_is_not_an_error(no_backoff):
     outcome = send_one((429, 429, 429), retries=2)
     assert (outcome.status, outcome.refusals) == (serve_load.GAVE_UP, 3)
 
 
-def test_any_other_status_is_an_error():
+def test_any_other_status_is_an_error(no_backoff):
     outcome = send_one((429, 500))
     assert (outcome.status, outcome.refusals) == (serve_load.ERROR, 1)
     assert "HTTP 500" in outcome.error
+
+
+def test_a_refused_client_backs_off_exponentially_but_never_less_than_retry_after():
+    waits = [serve_load.retry_wait(k, retry_after=1.0) for k in range(1, 8)]
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 16.0, 16.0]
+    assert serve_load.retry_wait(1, retry_after=5.0) == 5.0
