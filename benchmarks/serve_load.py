@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -284,12 +283,12 @@ async def one_request(client: httpx.AsyncClient, body: dict, spec: LoadSpec) -> 
     return Outcome(OK, refusals, time.perf_counter() - started, first, answer.tokens)
 
 
-# -- the server ---------------------------------------------------------------------------------------------
 def retry_wait(refusals: int, retry_after: float) -> float:
     """Seconds to wait after the ``refusals``-th 429 in a row."""
     return min(max(retry_after, RETRY_BACKOFF * 2 ** (refusals - 1)), RETRY_WAIT_CAP)
 
 
+# -- the server ---------------------------------------------------------------------------------------------
 class ServerFailed(RuntimeError):
     pass
 
