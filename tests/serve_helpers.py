@@ -94,6 +94,10 @@ class FakeBackend:
     def running(self) -> int:
         return self._running
 
+    @property
+    def full(self) -> bool:
+        return len(self._waiting) >= self.max_queue
+
     def chat(self, messages, params) -> Handle:
         return self._submit(("chat", messages, params))
 

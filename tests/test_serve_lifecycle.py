@@ -249,3 +249,36 @@ def test_a_long_files_windows_decode_together_and_come_back_in_order():
     segments = box["response"].json()["segments"]
     assert [(s["start"], s["end"]) for s in segments] == [(0.0, 23.75), (23.75, 47.5), (47.5, 71.25), (71.25, 95.0)]
     assert [window[2][0].shape[0] for window in backend.requests] == [380000] * 4
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "transcriptions"])
+def test_a_full_queue_refuses_before_decoding_the_audio(endpoint, monkeypatch):
+    """Under overload a refused request costs little: its audio is never decoded."""
+    from qwen2audio.serve import chat, transcription
+    from serve_helpers import b64, wav_bytes
+
+    def decode(*args, **kwargs):
+        raise AssertionError("the audio of a refused request was decoded")
+
+    monkeypatch.setattr(chat, "decode", decode)
+    monkeypatch.setattr(transcription, "decode", decode)
+    backend = FakeBackend(max_queue=1, hold=True)
+    app, _ = fake_app(backend)
+    audio = wav_bytes(1.0)
+    with running(app) as url:
+        first = post_in_background(url, CHAT)
+        wait_until(lambda: backend.running == 1, "the first request to run")
+        second = post_in_background(url, CHAT)
+        wait_until(lambda: backend.queue_depth == 1, "the second request to wait")
+        if endpoint == "chat":
+            refused = httpx.post(url + "/v1/chat/completions", timeout=30, json={"model": "fake", "messages": [
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(audio)}}]}]})
+        else:
+            refused = httpx.post(url + "/v1/audio/transcriptions", data={"model": "fake"},
+                                 files={"file": ("a.wav", audio)}, timeout=30)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["retry-after"]) >= 1
+        backend.gate.set()
+        for box in (first, second):
+            box["thread"].join(WAIT)
+            assert box["response"].status_code == 200

@@ -124,6 +124,11 @@ class Backend(Protocol):
     @property
     def running(self) -> int: ...
 
+    @property
+    def full(self) -> bool:
+        """No room in the queue now: a request submitted now would be refused (checked again on submit)."""
+        ...
+
     def close(self, timeout: float | None = None) -> None: ...
 
 
@@ -176,6 +181,7 @@ class SchedulerBackend:
         self.model = model
         self.model_id = model_id
         self.chat_defaults = dict(model.generation_defaults)
+        self.max_queue = max_queue
         self.scheduler = sched.Scheduler(model.engine, max_slots=max_batch, max_waiting=max_queue)
 
     # -- Backend -------------------------------------------------------------------------------------
@@ -194,6 +200,10 @@ class SchedulerBackend:
         """Requests in the running batch: prefilling or decoding."""
         status = self.scheduler.status()
         return status.prefilling + status.decoding
+
+    @property
+    def full(self) -> bool:
+        return self.scheduler.status().waiting >= self.max_queue
 
     def close(self, timeout: float | None = None) -> None:
         """Take no more requests and end those waiting or running (ABORTED). Waits at most ``timeout``

@@ -45,6 +45,7 @@ async def chat_completions(request: Request, backend: Backend, policy: AudioPoli
     check_model(req.model, backend.model_id)
     _refuse_unsupported(req)
     params, copies = sampling(req, backend.chat_defaults, max_tokens)
+    refuse_if_full(backend)  # before the audio is decoded: a refused request should cost little
     messages = await run_in_threadpool(to_messages, req.messages, policy)
     # In a worker thread: preparing tokenizes the prompt and fingerprints its audio.
     handles = await run_in_threadpool(submit, lambda p: backend.chat(messages, p), params)
@@ -125,6 +126,13 @@ def to_messages(messages: Sequence[fmt.ChatMessage], policy: AudioPolicy) -> lis
             parts.append({"type": "audio", "audio": wave})
         out.append({"role": role, "content": parts})
     return out
+
+
+def refuse_if_full(backend: Backend) -> None:
+    """429 at once when the queue has no room (``submit`` checks again: the queue may fill meanwhile)."""
+    if backend.full:
+        err = QueueFull(backend.queue_depth)
+        raise retry_later(429, str(err), "queue_full", err.retry_after)
 
 
 def submit(start, params: Sequence[SamplingParams]) -> list[Handle]:

@@ -35,7 +35,7 @@ from ..generation.params import SamplingParams
 from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
-from .chat import SHUTTING_DOWN_RETRY_SECONDS, check_model, request_error
+from .chat import SHUTTING_DOWN_RETRY_SECONDS, check_model, refuse_if_full, request_error
 from .errors import bad_request, retry_later
 from .formats import FORMATS, Segment, render
 from .handles import ClientGone, Reader, watching
@@ -70,6 +70,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
                           "timestamp_granularities")
     params = SamplingParams(temperature=_temperature(form), max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens))
 
+    refuse_if_full(backend)  # before the audio is decoded
     data = await upload.read()
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
