@@ -197,7 +197,8 @@ def test_bad_upload_is_a_4xx_in_openai_shape(url, endpoint, case):
 
 def test_unknown_routes_and_methods_answer_in_openai_shape(url):
     assert_openai_error(httpx.get(url + "/v1/completions"), 404)
-    assert_openai_error(httpx.get(url + "/"), 404)
+    assert_openai_error(httpx.get(url + "/nothing/here"), 404)
+    assert_openai_error(httpx.post(url + "/"), 405)  # the web page is GET only
     assert_openai_error(httpx.get(url + "/v1/chat/completions"), 405)
     assert_openai_error(httpx.get(url + "/v1/models/other"), 404, "model_not_found")
 
