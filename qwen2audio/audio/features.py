@@ -241,10 +241,11 @@ def log_mel_spectrogram(
 
     # Frames past each clip's last transformed one hold zero power: the floor, log10(LOG_MEL_FLOOR).
     floor = torch.zeros((), device=power.device).clamp(min=LOG_MEL_FLOOR).log10()
-    features = power.new_empty(len(clips), n_mels, N_FRAMES).fill_(floor)  # (B, n_mels, 3000)
+    features = power.new_empty(len(clips), n_mels, N_FRAMES)  # (B, n_mels, 3000)
     start = 0
     for row, count in zip(features, frame_counts):
         row[:, :count] = log_mel[:, start : start + count]
+        row[:, count:] = floor
         start += count
     clip_max = features.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1): per clip, over the padded 30 s
     features = torch.maximum(features, clip_max - DYNAMIC_RANGE, out=features)
@@ -270,9 +271,10 @@ def _reflect_padded(clip: torch.Tensor, n_frames: int) -> torch.Tensor:
     to 30 s and then reflect-padded by N_FFT // 2 at both ends, cut at (n_frames - 1) * HOP + N_FFT."""
     half = N_FFT // 2
     length = (n_frames - 1) * HOP_LENGTH + N_FFT
-    padded = clip.new_zeros(length)
+    padded = clip.new_empty(length)
     n = min(clip.shape[0], length - half)
     padded[half : half + n] = clip[:n]
+    padded[half + n :].zero_()  # the zero padding up to 30 s
     padded[:half] = padded[half + 1 : 2 * half + 1].flip(0)  # x[200], ..., x[1]
     end = half + N_SAMPLES  # where the reflection past the end of the 30 s window starts
     if length > end:  # only the last frames of a 30 s window read it
