@@ -422,8 +422,8 @@ def test_help_imports_only_what_it_prints():
             "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
             "        main(argv.split())\n"
             "    print(argv, sorted(m for m in %r if m in sys.modules))\n" % (NOT_FOR_HELP,))
-    commands = ["--help", "chat --help", "transcribe --help", "eval --help", "train --help", "init --help",
-                "serve --help"]
+    commands = ["--help", "chat --help", "transcribe --help", "eval --help", "train --help", "train sft --help",
+                "init --help", "serve --help"]
     proc = subprocess.run([sys.executable, "-c", code, *commands], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"{argv} []" for argv in commands]
