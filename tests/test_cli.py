@@ -409,6 +409,26 @@ def test_the_parser_is_built_without_torch():
     assert proc.stdout.strip() == "False"
 
 
+# What printing help may not import: torch, numpy and the model libraries (about a second between them), the
+# server, and the tokenizer and chat template with what they pull in (tokenizers, urllib.request's http/ssl).
+NOT_FOR_HELP = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "soundfile", "fastapi", "uvicorn",
+                "urllib.request", "qwen2audio.api", "qwen2audio.text.chat", "qwen2audio.text.tokenizer")
+
+
+def test_help_imports_only_what_it_prints():
+    """`qwen2audio --help` and `qwen2audio COMMAND --help` import no model, server or tokenizer code."""
+    code = ("import sys, contextlib, io; from qwen2audio.cli import main\n"
+            "for argv in sys.argv[1:]:\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        main(argv.split())\n"
+            "    print(argv, sorted(m for m in %r if m in sys.modules))\n" % (NOT_FOR_HELP,))
+    commands = ["--help", "chat --help", "transcribe --help", "eval --help", "train --help", "train sft --help",
+                "init --help", "serve --help"]
+    proc = subprocess.run([sys.executable, "-c", code, *commands], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{argv} []" for argv in commands]
+
+
 def test_the_package_still_offers_the_model_classes():
     import qwen2audio
     from qwen2audio.api import Conversation

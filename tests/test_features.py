@@ -109,6 +109,36 @@ def test_silence_is_the_floor():
     assert frame_mask.sum().item() == 100
 
 
+# Lengths at the edges of the frames the front end transforms: a frame is centred every 160 samples
+# and reads 200 on each side, and the first and last frames read reflected samples.
+EDGE_LENGTHS = [1, 2, 3, 159, 160, 161, 199, 200, 201, 202, 399, 400, 401, 16001,
+                N_SAMPLES - 241, N_SAMPLES - 240, N_SAMPLES - 201, N_SAMPLES - 200, N_SAMPLES - 199, N_SAMPLES - 1]
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_log_mel_matches_transformers_when_only_the_last_samples_sound(n_mels):
+    # All the energy in a clip's last samples: the frames that read past its end must still be computed.
+    rng = np.random.default_rng(0)
+    clips = []
+    for n in EDGE_LENGTHS:
+        clip = np.zeros(n, dtype=np.float32)
+        clip[-3:] = rng.uniform(-1, 1, size=min(3, n))
+        clips.append(clip)
+    assert_matches_reference(clips, n_mels)
+
+
+def test_a_batch_gives_each_clip_what_it_gets_alone():
+    rng = np.random.default_rng(1)
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (N_SAMPLES, 1, 7777, 201, 16000 * 5 + 3)]
+    batch, batch_mask = log_mel_spectrogram(clips, n_mels=80)
+    for i, clip in enumerate(clips):
+        alone, alone_mask = log_mel_spectrogram([clip], n_mels=80)
+        torch.testing.assert_close(alone[0], batch[i], rtol=0, atol=1e-6)
+        assert torch.equal(alone_mask[0], batch_mask[i])
+    on_device, _ = log_mel_spectrogram(clips, n_mels=80, device="cpu")
+    torch.testing.assert_close(on_device, batch, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_mel_filters_match_transformers(n_mels):
     from transformers.audio_utils import mel_filter_bank
@@ -190,8 +220,9 @@ def test_log_mel_errors():
         log_mel_spectrogram([tone(1.0), np.zeros(0, dtype=np.float32)])
     with pytest.raises(ValueError, match="split_into_windows"):
         log_mel_spectrogram([np.zeros(N_SAMPLES + 1, dtype=np.float32)])
-    with pytest.raises(ValueError, match="NaN"):
-        log_mel_spectrogram([np.full(100, np.nan, dtype=np.float32)])
+    for bad in (np.nan, np.inf, -np.inf):  # one bad sample among good ones
+        with pytest.raises(ValueError, match="clip 0 contains NaN or infinite samples"):
+            log_mel_spectrogram([np.concatenate([tone(1.0), np.array([bad], dtype=np.float32), tone(1.0)])])
     with pytest.raises(ValueError, match="load_audio"):
         log_mel_spectrogram([np.zeros(100, dtype=np.int16)])
     with pytest.raises(ValueError, match="1-D"):

@@ -205,7 +205,8 @@ def _as_clip(audio, index: int) -> torch.Tensor:
             f"{where} has {n} samples ({n / SAMPLE_RATE:.2f} s), more than one {WINDOW_SECONDS} s window "
             f"({N_SAMPLES} samples); split it first with qwen2audio.audio.split_into_windows"
         )
-    if not bool(torch.isfinite(audio).all()):
+    # min and max are NaN if any sample is, and infinite if any is: one pass, ten times faster than isfinite
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(audio))).all()):
         raise ValueError(f"{where} contains NaN or infinite samples")
     return audio
 
@@ -222,32 +223,116 @@ def log_mel_spectrogram(
     Each clip is zero-padded to 30 s, then: centred STFT (periodic Hann, reflect padding) -> drop the
     last frame -> power -> mel -> log10 -> floor at the clip's own max - 8 -> (x + 4) / 4.
     Matches transformers' WhisperFeatureExtractor (padding="max_length") to float32 rounding.
+
+    Only the frames whose window reaches into a clip are transformed (`_stft_frame_count`): every
+    later frame of the 30 s window sees only zero padding, so its mel power is exactly 0 and its
+    feature is the log floor, written without computing it. A 5 s clip costs about a sixth of a 30 s one.
     """
     if isinstance(audios, (np.ndarray, torch.Tensor)) and audios.ndim == 1:
         raise TypeError("log_mel_spectrogram takes a batch: pass a list of clips, e.g. log_mel_spectrogram([audio])")
     clips = [_as_clip(audio, i) for i, audio in enumerate(audios)]
     if not clips:
         raise ValueError("log_mel_spectrogram got an empty batch; pass at least one clip")
+    mel_filters(n_mels)  # checks n_mels before any work
 
-    batch = torch.zeros(len(clips), N_SAMPLES, dtype=torch.float32, device=device)  # (B, 480000)
-    for row, clip in zip(batch, clips):
-        row[: clip.shape[0]] = clip
+    frame_counts = [_stft_frame_count(clip.shape[0]) for clip in clips]
+    power = _power_spectra(clips, frame_counts, torch.device(device) if device is not None else None)
+    log_mel = _mel(power, n_mels).clamp_(min=LOG_MEL_FLOOR).log10_()  # (n_mels, total frames)
 
-    filters = mel_filters(n_mels, batch.device)  # (n_mels, 201)
-    window = torch.hann_window(N_FFT, device=batch.device)  # periodic
-    stft = torch.stft(batch, N_FFT, HOP_LENGTH, window=window, return_complex=True)  # (B, 201, 3001)
-    power = stft[..., :-1].abs() ** 2  # (B, 201, 3000): the last frame only sees padding
-    mel = filters @ power  # (B, n_mels, 3000)
+    # Frames past each clip's last transformed one hold zero power: the floor, log10(LOG_MEL_FLOOR).
+    floor = torch.zeros((), device=power.device).clamp(min=LOG_MEL_FLOOR).log10()
+    features = power.new_empty(len(clips), n_mels, N_FRAMES)  # (B, n_mels, 3000)
+    start = 0
+    for row, count in zip(features, frame_counts):
+        row[:, :count] = log_mel[:, start : start + count]
+        row[:, count:] = floor
+        start += count
+    clip_max = features.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1): per clip, over the padded 30 s
+    features = torch.maximum(features, clip_max - DYNAMIC_RANGE, out=features)
+    features.add_(LOG_MEL_OFFSET).div_(LOG_MEL_SCALE)  # (B, n_mels, 3000)
 
-    log_mel = torch.clamp(mel, min=LOG_MEL_FLOOR).log10()  # (B, n_mels, 3000)
-    clip_max = log_mel.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1): per clip, over the padded 30 s
-    log_mel = torch.maximum(log_mel, clip_max - DYNAMIC_RANGE)
-    features = (log_mel + LOG_MEL_OFFSET) / LOG_MEL_SCALE  # (B, n_mels, 3000)
-
-    n_valid = torch.tensor([num_valid_frames(clip.shape[0]) for clip in clips], device=batch.device)  # (B,)
-    frame_index = torch.arange(N_FRAMES, device=batch.device)  # (3000,)
+    n_valid = torch.tensor([num_valid_frames(clip.shape[0]) for clip in clips], device=features.device)  # (B,)
+    frame_index = torch.arange(N_FRAMES, device=features.device)  # (3000,)
     frame_mask = (frame_index[None, :] < n_valid[:, None]).long()  # (B, 3000)
     return features, frame_mask
+
+
+def _stft_frame_count(n_samples: int) -> int:
+    """Frames of a 30 s window's STFT that read any of a clip's `n_samples` samples.
+
+    Frame t is centred on sample t * HOP_LENGTH and reads the N_FFT samples around it, so it reads the
+    clip while t * HOP_LENGTH - N_FFT // 2 < n_samples; every later frame reads only zero padding.
+    """
+    return min(N_FRAMES, -(-(n_samples + N_FFT // 2) // HOP_LENGTH))  # ceil, at most the 3000 kept
+
+
+def _reflect_padded(clip: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """The first `n_frames` STFT frames' worth of the signal a centred STFT reads: the clip, zero-padded
+    to 30 s and then reflect-padded by N_FFT // 2 at both ends, cut at (n_frames - 1) * HOP + N_FFT."""
+    half = N_FFT // 2
+    length = (n_frames - 1) * HOP_LENGTH + N_FFT
+    padded = clip.new_empty(length)
+    n = min(clip.shape[0], length - half)
+    padded[half : half + n] = clip[:n]
+    padded[half + n :].zero_()  # the zero padding up to 30 s
+    padded[:half] = padded[half + 1 : 2 * half + 1].flip(0)  # x[200], ..., x[1]
+    end = half + N_SAMPLES  # where the reflection past the end of the 30 s window starts
+    if length > end:  # only the last frames of a 30 s window read it
+        padded[end:] = padded[2 * end - length - 1 : end - 1].flip(0)  # x[N - 2], x[N - 3], ...
+    return padded
+
+
+@lru_cache(maxsize=None)
+def _hann_window(device: Union[torch.device, None]) -> torch.Tensor:
+    return torch.hann_window(N_FFT, device=device)  # periodic, as Whisper's STFT uses
+
+
+def _power_spectra(clips: list[torch.Tensor], frame_counts: list[int], device) -> torch.Tensor:
+    """(sum(frame_counts), 2 * N_FREQ_BINS) float32: each clip's first frames, one row per frame, clip
+    after clip; per frequency bin the squared real and imaginary parts, side by side.
+
+    All clips' frames go through one rfft. The two squares of a bin are summed by the mel product
+    (`_mel`): measured, that is faster than any way of forming |X|^2 first (abs() ** 2 takes a square
+    root; adding the strided halves is a slow extra pass).
+    """
+    window = _hann_window(device)
+    frames = torch.empty(sum(frame_counts), N_FFT, device=window.device)  # windowed frames, clip after clip
+    start = 0
+    for clip, count in zip(clips, frame_counts):
+        framed = _reflect_padded(clip.to(window.device), count).unfold(0, N_FFT, HOP_LENGTH)  # (count, 400) view
+        torch.mul(framed, window, out=frames[start : start + count])
+        start += count
+    spectrum = torch.fft.rfft(frames)  # (frames, 201) complex
+    return torch.view_as_real(spectrum).square_().flatten(1)  # (frames, 402): re^2, im^2 of each bin
+
+
+# Each FFT bin feeds at most two neighbouring triangular filters, so the (n_mels, 201) filter bank is
+# about 98 % zeros (394 non-zero weights of 25,728 for 128 mels). Applied as this many blocks of
+# consecutive filters, each over just the bins its filters cover, the mel product does about 1/15 of
+# the multiply-adds of one dense product; more blocks save little more and cost a call each.
+MEL_BLOCKS = 16
+
+
+@lru_cache(maxsize=None)
+def _mel_blocks(n_mels: int, device: Union[torch.device, None]) -> tuple[tuple[slice, slice, torch.Tensor], ...]:
+    """(filter rows, power columns, weights) per block of consecutive filters, for `_power_spectra`'s
+    layout: bin k's weight for filter m applies to both columns 2k (re^2) and 2k + 1 (im^2)."""
+    weights = mel_filters(n_mels, device).repeat_interleave(2, dim=1)  # (n_mels, 402)
+    blocks = []
+    for rows in np.array_split(np.arange(n_mels), min(MEL_BLOCKS, n_mels)):
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        used = np.flatnonzero(_mel_filters_numpy(n_mels)[r0:r1].any(axis=0))  # bins these filters cover
+        c0, c1 = (2 * int(used[0]), 2 * int(used[-1]) + 2) if used.size else (0, 0)
+        blocks.append((slice(r0, r1), slice(c0, c1), weights[r0:r1, c0:c1].contiguous()))
+    return tuple(blocks)
+
+
+def _mel(power: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """(n_mels, frames) mel power of `_power_spectra`'s (frames, 402) squared spectra."""
+    mel = power.new_empty(n_mels, power.shape[0])
+    for rows, cols, weights in _mel_blocks(n_mels, power.device):
+        torch.mm(weights, power[:, cols].t(), out=mel[rows])
+    return mel
 
 
 # --- Long audio ------------------------------------------------------------------------------------
