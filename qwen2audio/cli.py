@@ -63,6 +63,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype (auto: as stored in the files; float32 for bfloat16/float16 weights on a CPU that "
                              "does not compute them natively)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for the model's matrix products (default: torch's choice, one per core); "
+                             "1 when other work shares the cores")
 
 
 def _sampling_args(parser: argparse.ArgumentParser, note: str) -> None:
@@ -132,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
         try:
+            _apply_threads(getattr(args, "threads", None))
             if getattr(args, "handler", None) is not None:  # a command registered by COMMAND_MODULES
                 return int(args.handler(args) or 0)
             return _run(args)
@@ -141,6 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return EXIT_INTERRUPTED
+
+
+def _apply_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _show_warning(show_other, message, category, filename, lineno, file=None, line=None) -> None:

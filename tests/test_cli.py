@@ -463,3 +463,17 @@ def test_only_our_own_warnings_are_shortened(capsys):
     cli_module._show_warning(lambda *a: shown.append(a), UserWarning("deprecated"), UserWarning, "/lib/torch/x.py", 7)
     assert capsys.readouterr().err == "qwen2audio: warning: capped\n"
     assert [(str(a[0]), a[2], a[3]) for a in shown] == [("deprecated", "/lib/torch/x.py", 7)]
+
+
+def test_threads_sets_torch_threads_and_refuses_zero(model_dir, capsys, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        rc, out, _ = cli(capsys, monkeypatch, ["chat", str(model_dir), "--prompt", "x", "--max-new-tokens", "2",
+                                               "--threads", "1"])
+        assert rc == 0 and out and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    rc, out, err = cli(capsys, monkeypatch, ["chat", str(model_dir), "--prompt", "x", "--threads", "0"])
+    assert rc == 2 and out == "" and "--threads must be at least 1, got 0" in err
