@@ -12,15 +12,6 @@ __all__ = ["AudioError", "AudioWarning", "CheckpointError", "Conversation", "Qwe
            "__version__"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+from ._lazy import lazy_attributes  # noqa: E402
 
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
