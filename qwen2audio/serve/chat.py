@@ -128,11 +128,17 @@ def to_messages(messages: Sequence[fmt.ChatMessage], policy: AudioPolicy) -> lis
     return out
 
 
+def refusal(err: QueueFull | Unavailable) -> APIError:
+    """A backend's refusal -> its answer: 429 for a full queue, 503 while shutting down (both Retry-After)."""
+    if isinstance(err, QueueFull):
+        return retry_later(429, str(err), "queue_full", err.retry_after)
+    return retry_later(503, str(err), "shutting_down", SHUTTING_DOWN_RETRY_SECONDS)
+
+
 def refuse_if_full(backend: Backend) -> None:
     """429 at once when the queue has no room (``submit`` checks again: the queue may fill meanwhile)."""
     if backend.full:
-        err = QueueFull(backend.queue_depth)
-        raise retry_later(429, str(err), "queue_full", err.retry_after)
+        raise refusal(QueueFull(backend.queue_depth))
 
 
 def submit(start, params: Sequence[SamplingParams]) -> list[Handle]:
@@ -141,14 +147,10 @@ def submit(start, params: Sequence[SamplingParams]) -> list[Handle]:
     try:
         for p in params:
             handles.append(start(p))
-    except QueueFull as err:
+    except (QueueFull, Unavailable) as err:
         for handle in handles:
             handle.cancel()
-        raise retry_later(429, str(err), "queue_full", err.retry_after) from None
-    except Unavailable as err:
-        for handle in handles:
-            handle.cancel()
-        raise retry_later(503, str(err), "shutting_down", SHUTTING_DOWN_RETRY_SECONDS) from None
+        raise refusal(err) from None
     return handles
 
 

@@ -35,8 +35,8 @@ from ..generation.params import SamplingParams
 from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
-from .chat import SHUTTING_DOWN_RETRY_SECONDS, check_model, refuse_if_full, request_error
-from .errors import bad_request, retry_later
+from .chat import check_model, refusal, refuse_if_full, request_error
+from .errors import bad_request
 from .formats import FORMATS, Segment, render
 from .handles import ClientGone, Reader, watching
 from .metrics import Metrics
@@ -140,9 +140,9 @@ async def _submit(request: Request, backend: Backend, prompt: str, window, param
             return backend.complete(prompt, [window], params)
         except QueueFull as err:
             if first:
-                raise retry_later(429, str(err), "queue_full", err.retry_after) from None
+                raise refusal(err) from None
         except Unavailable as err:
-            raise retry_later(503, str(err), "shutting_down", SHUTTING_DOWN_RETRY_SECONDS) from None
+            raise refusal(err) from None
         if await request.is_disconnected():
             raise ClientGone()
         await anyio.sleep(RESUBMIT_SECONDS)
