@@ -449,3 +449,34 @@ def test_close_with_wait_lets_requests_finish(engine):
     sched.close(wait=True)
     assert [s.wait().finish_reason for s in streams] == ["length"] * 3
     assert sched.status().kv_bytes_allocated == 0
+
+
+def test_a_reader_polls_without_blocking_and_is_woken_at_each_event_or_only_at_the_end(engine):
+    request = prepare(engine, messages("Describe."))
+    expected = alone(engine, request, greedy(8, ignore_eos=True))
+    sched = Scheduler(engine, max_slots=2)
+    try:
+        stream = sched.submit(request, greedy(8, ignore_eos=True))
+        woken = threading.Event()
+        wakes: list[str] = []
+
+        def wake(kind: str):
+            return lambda: (wakes.append(kind), woken.set())
+
+        text, ended = stream.poll()  # nothing to block on: returns at once
+        assert not ended
+        parts = [text]
+        stream.on_event(wake("token"))
+        assert woken.wait(30), "no wake-up at the next token"
+        woken.clear()
+        stream.on_event(wake("end"), end_only=True)
+        assert woken.wait(30), "no wake-up at the end"
+        while not ended:
+            text, ended = stream.poll()
+            parts.append(text)
+        assert "".join(parts) == expected.text
+        assert wakes[:2] == ["token", "end"] and stream.done
+        stream.on_event(wake("after"))  # an ended stream wakes its reader at once
+        assert wakes[-1] == "after"
+    finally:
+        sched.close()

@@ -126,3 +126,48 @@ def test_validation_errors_name_the_field(body, param):
         ChatCompletionRequest.model_validate_json(json.dumps({"model": "m", **body}))
     error = validation_error(err.value)
     assert error.status == 400 and error.param == param and error.message.startswith(param + ": ")
+
+
+def test_a_reader_waits_on_the_event_loop_and_takes_what_has_come_in_one_read(monkeypatch):
+    import asyncio
+    import threading
+
+    import anyio.to_thread
+
+    from qwen2audio.serve.backend import Handle
+    from qwen2audio.serve.handles import Reader
+
+    def no_threads(*args, **kwargs):
+        raise AssertionError("a reader took a worker thread")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", no_threads)
+
+    async def read() -> tuple[str | None, str, str, str | None]:
+        handle = Handle()
+        for word in ("one", " two", " three"):
+            handle.put(word)
+        reader = Reader(handle)
+        first = await reader.next()  # what had come: all of it, at once
+        later = threading.Timer(0.05, handle.put, args=(" four",))
+        later.start()
+        second = await reader.next()  # woken by the producer's thread
+        threading.Timer(0.05, lambda: (handle.put(" five"), handle.put(" six"), handle.finish())).start()
+        rest = await reader.rest()
+        return first, second, rest, await reader.next()
+
+    first, second, rest, end = asyncio.run(read())
+    assert (first, second, rest, end) == ("one two three", " four", " five six", None)
+
+
+def test_a_reader_raises_the_generations_error():
+    import asyncio
+
+    from qwen2audio.serve.backend import Handle
+    from qwen2audio.serve.handles import Reader
+
+    handle = Handle()
+    handle.put("partial")
+    handle.fail(ValueError("the model failed"))
+    reader = Reader(handle)
+    with pytest.raises(ValueError, match="the model failed"):
+        asyncio.run(reader.rest())

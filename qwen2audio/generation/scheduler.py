@@ -132,6 +132,10 @@ class _Request:
         self.prepared, self.params, self.max_new, self.reply = prepared, params, max_new, reply
         self.deadline, self.session_key = deadline, session
         self.events: queue.SimpleQueue = queue.SimpleQueue()
+        # A reader's one-shot wake-up (RequestStream.on_event): called by the loop's thread after it
+        # posts an event (only the end when ``wake_at_end_only``), so an async reader needs no thread.
+        self.listener: Callable[[], None] | None = None
+        self.wake_at_end_only = False
         self.cancelled = False
         self.done = False
         self.slot: int | None = None
@@ -145,6 +149,14 @@ class _Request:
     @property
     def generated(self) -> int:
         return len(self.reply.out.token_ids)
+
+    def post(self, item: Any) -> None:
+        """Give the reader an event (a (token, delta) pair, or the _End) and wake its listener."""
+        self.events.put(item)
+        listener = self.listener
+        if listener is not None and (isinstance(item, _End) or not self.wake_at_end_only):
+            self.listener = None
+            listener()
 
 
 class RequestStream:
@@ -173,6 +185,34 @@ class RequestStream:
             yield item
         if self._end.error is not None:
             raise self._end.error
+
+    def poll(self) -> tuple[str, bool]:
+        """Without blocking: the text of the events that have come since the last read, and whether the
+        request has ended (then its failure, if it failed, is raised)."""
+        parts = []
+        while self._end is None:
+            try:
+                item = self._request.events.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _End):
+                self._end = item
+            else:
+                parts.append(item[1])
+        if self._end is not None and self._end.error is not None:
+            raise self._end.error
+        return "".join(parts), self._end is not None
+
+    def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:
+        """Call ``callback()`` once, from the scheduler's thread, when the next event is posted (with
+        ``end_only``: when the request ends); at once, here, if one is already waiting to be read. It may
+        be called twice (when the event lands as it is set): it must be idempotent. Needs the scheduler's
+        background thread (nothing else would post the event)."""
+        r = self._request
+        r.wake_at_end_only, r.listener = end_only, callback
+        if self._end is not None or (r.done if end_only else not r.events.empty()):
+            r.listener = None
+            callback()
 
     def wait(self) -> Generation:
         """Read to the end; the whole Generation."""
@@ -557,7 +597,7 @@ class Scheduler:
         if r.seen is not None:
             r.seen[token] = True
         r.last = token
-        r.events.put((token, delta))
+        r.post((token, delta))
         if r.reply.out.finish_reason is not None:
             self._finish(r)
 
@@ -566,7 +606,7 @@ class Scheduler:
         if reason is not None and r.reply.out.finish_reason is None:
             tail = r.reply.finish(reason)
             if tail:
-                r.events.put((None, tail))
+                r.post((None, tail))
         for group in (self._prefilling, self._decoding):
             if r in group:
                 group.remove(r)
@@ -574,7 +614,7 @@ class Scheduler:
         if r.slot is not None:
             self._release_slot(r, keep=error is None)
         r.done = True
-        r.events.put(_End(error))
+        r.post(_End(error))
         self._moves += 1
 
     def _release_slot(self, r: _Request, keep: bool) -> None:

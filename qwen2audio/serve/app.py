@@ -34,7 +34,6 @@ from .audio_input import AudioPolicy
 from .backend import Backend
 from .errors import (AUTHENTICATION, CLIENT_CLOSED, INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, APIError, error_body,
                      retry_later)
-from .handles import widen_thread_pool
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_format import model_list
 
@@ -94,7 +93,6 @@ def create_app(state: ServerState, settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        widen_thread_pool()
         yield
         state.stop()
         state.close_backend(CLOSE_WAIT_SECONDS)

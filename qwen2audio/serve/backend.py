@@ -6,6 +6,8 @@ tests' fake backend implements it too):
 
     handle = backend.chat(messages, params)           # or backend.complete(prompt, audios, params)
     for delta in handle: ...                          # text deltas, blocking; raises the request's error
+    text, ended = handle.poll()                       # or without blocking: the text so far unread
+    handle.on_event(callback, end_only=False)         # callback() once at the next event (any thread)
     handle.result                                     # Generation: text, token_ids, finish_reason,
                                                       #   prompt_tokens; complete once iteration ends
     handle.cancel()                                   # any thread, any time: a queued request is dropped,
@@ -65,6 +67,9 @@ class Handle:
         self._cancelled = threading.Event()
         self._ended = threading.Event()  # finished or failed: cancelling it changes nothing
         self._on_cancel: Callable[["Handle"], None] | None = None  # set by the backend that owns it
+        self._listener: Callable[[], None] | None = None
+        self._wake_at_end_only = False
+        self._end: tuple[str, Any] | None = None  # the END or ERROR event, once poll has read it
 
     # -- the consumer's side -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[str]:
@@ -77,6 +82,31 @@ class Handle:
             if kind == self._ERROR:
                 raise value
             return
+
+    def poll(self) -> tuple[str, bool]:
+        """Without blocking: the text that has come since the last read, and whether the request has
+        ended (then its error, if it failed, is raised). Not to be mixed with iteration."""
+        parts = []
+        while self._end is None:
+            try:
+                kind, value = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == self._DELTA:
+                parts.append(value)
+            else:
+                self._end = (kind, value)
+        if self._end is not None and self._end[0] == self._ERROR:
+            raise self._end[1]
+        return "".join(parts), self._end is not None
+
+    def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:
+        """Call ``callback()`` once, from the producer's thread, at the next event (with ``end_only``: at
+        the end); at once if one is already waiting to be read. It may come twice: it must be idempotent."""
+        self._wake_at_end_only, self._listener = end_only, callback
+        if self._end is not None or (self._ended.is_set() if end_only else not self._events.empty()):
+            self._listener = None
+            callback()
 
     def cancel(self) -> None:
         """Stop this request (idempotent; nothing happens once it has ended): the iteration then ends
@@ -93,7 +123,7 @@ class Handle:
 
     # -- the producer's side -----------------------------------------------------------------------
     def put(self, delta: str) -> None:
-        self._events.put((self._DELTA, delta))
+        self._post(self._DELTA, delta)
 
     def finish(self, result: Generation | None = None) -> None:
         if result is not None:
@@ -101,11 +131,18 @@ class Handle:
         if self.result.finish_reason is None:  # stopped before a stop token or the length limit
             self.result.finish_reason = ABORTED
         self._ended.set()
-        self._events.put((self._END, None))
+        self._post(self._END, None)
 
     def fail(self, error: BaseException) -> None:
         self._ended.set()
-        self._events.put((self._ERROR, error))
+        self._post(self._ERROR, error)
+
+    def _post(self, kind: str, value: Any) -> None:
+        self._events.put((kind, value))
+        listener = self._listener
+        if listener is not None and (kind != self._DELTA or not self._wake_at_end_only):
+            self._listener = None
+            listener()
 
 
 class Backend(Protocol):
@@ -146,6 +183,17 @@ class StreamHandle:
         if self._error is not None:
             raise self._error
         yield from self._stream
+
+    def poll(self) -> tuple[str, bool]:
+        if self._error is not None:
+            raise self._error
+        return self._stream.poll()
+
+    def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:
+        if self._stream is None:  # refused before it ran: poll raises at once
+            callback()
+        else:
+            self._stream.on_event(callback, end_only)
 
     @property
     def result(self) -> Generation:

@@ -1,24 +1,21 @@
 """Waiting on a backend's handles from async code, and cancelling them when the client leaves.
 
-A handle's iteration blocks (backend.py), so each wait runs in a worker thread of anyio's pool; a
-wait that is cancelled (the client left, the stream was closed) abandons its thread, which ends
-as soon as the handle is cancelled. ``WAIT_THREADS`` sizes the pool: every waiting request holds one
-thread, which costs little while it sleeps on the handle's queue.
+A Reader waits on the event loop itself: the handle's producer wakes it (``Handle.on_event``), so no
+worker thread is held per request (anyio's pool is left for decoding audio and preparing prompts).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 import anyio
-import anyio.to_thread
 from starlette.requests import Request
 
 from .backend import ABORTED, Handle
 from .errors import CLIENT_CLOSED, APIError
 
-WAIT_THREADS = 256
 T = TypeVar("T")
 
 
@@ -29,18 +26,18 @@ class ClientGone(APIError):
         super().__init__(CLIENT_CLOSED, "the client closed the connection", code="client_closed")
 
 
-def widen_thread_pool() -> None:
-    """Called once in the server's event loop, at startup."""
-    anyio.to_thread.current_default_thread_limiter().total_tokens = WAIT_THREADS
-
-
 class Reader:
-    """A handle's text deltas for async code; ``first_at`` is when the first one came (monotonic)."""
+    """A handle's text deltas for async code; ``first_at`` is when the first one came (monotonic).
+
+    Reads never block the event loop and take no worker thread: the handle's producer wakes the loop
+    (``on_event``, a thread-safe call) and the reader takes what has come. A stream's chunk carries all
+    the text that came since the last one (several tokens when the loop falls behind); a whole answer
+    wakes the loop twice (its first text, its end), not once per token."""
 
     def __init__(self, handle: Handle):
         self.handle = handle
-        self._deltas = iter(handle)
         self.first_at: float | None = None
+        self._ended = False
 
     @property
     def stopped_early(self) -> bool:
@@ -48,23 +45,49 @@ class Reader:
         return self.handle.cancelled or self.handle.result.finish_reason == ABORTED
 
     async def next(self) -> str | None:
-        """The next delta, None at the end; raises the request's error."""
-        delta = await anyio.to_thread.run_sync(next, self._deltas, None, abandon_on_cancel=True)
-        if delta is not None and self.first_at is None:
-            self.first_at = time.monotonic()
-        return delta
+        """The text that came since the last read (waiting for some), None at the end; raises the
+        request's error."""
+        while True:
+            text, self._ended = self.handle.poll()
+            if text:
+                if self.first_at is None:
+                    self.first_at = time.monotonic()
+                return text
+            if self._ended:
+                return None
+            await self._event(end_only=False)
 
     async def rest(self) -> str:
-        """All the deltas still to come, joined."""
-        return await anyio.to_thread.run_sync(self._join, abandon_on_cancel=True)
-
-    def _join(self) -> str:
+        """All the text still to come, joined."""
         parts = []
-        for delta in self._deltas:
-            if self.first_at is None:
-                self.first_at = time.monotonic()
-            parts.append(delta)
-        return "".join(parts)
+        while True:
+            text, self._ended = self.handle.poll()
+            if text:
+                parts.append(text)
+                if self.first_at is None:
+                    self.first_at = time.monotonic()
+            if self._ended:
+                return "".join(parts)
+            await self._event(end_only=self.first_at is not None)
+
+    async def _event(self, end_only: bool) -> None:
+        """Until the handle's producer posts the next event (or its end)."""
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+
+        def wake() -> None:  # the producer's thread; possibly twice, possibly after the loop has closed
+            try:
+                loop.call_soon_threadsafe(_settle, woken)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        self.handle.on_event(wake, end_only)
+        await woken
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def until_disconnected(request: Request) -> None:
