@@ -33,7 +33,13 @@ def test_the_loader_returns_the_weights_as_stored(checkpoint):
     assert all(p.is_contiguous() for p in model.parameters())
 
 
-def test_the_engine_stores_wide_cpu_weights_column_major_with_the_same_values(checkpoint):
+def no_onednn(monkeypatch):
+    """The path of a CPU or dtype where oneDNN is not used: wide weights stored column-major."""
+    monkeypatch.setattr(weights, "onednn_usable", lambda dtype: False)
+
+
+def test_the_engine_stores_wide_cpu_weights_column_major_with_the_same_values(checkpoint, monkeypatch):
+    no_onednn(monkeypatch)
     model = load_model(checkpoint)
     before = {id(w): w.detach().clone() for w in wide_weights(model)}
     lm = model.language_model
@@ -50,20 +56,58 @@ def test_the_engine_stores_wide_cpu_weights_column_major_with_the_same_values(ch
         assert lm.lm_head.weight is lm.model.embed_tokens.weight and lm.lm_head.weight.is_contiguous()
 
 
-def test_greedy_tokens_do_not_depend_on_the_layout(checkpoint, monkeypatch):
+@pytest.mark.skipif(not weights.onednn_usable(torch.float32), reason="this torch build has no oneDNN")
+def test_float32_cpu_linears_of_the_llm_go_to_onednn_with_the_same_values(checkpoint):
+    model = load_model(checkpoint)
+    lm = model.language_model
+    names = [n for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
+    before = {n: m.weight.detach().clone() for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    tied = lm.config.tie_word_embeddings
+    if tied:
+        before["lm_head"] = lm.model.embed_tokens.weight.detach().clone()
+    projector = model.multi_modal_projector.linear
+
+    Engine(model, TOKENIZER)
+    packed = {n: m for n, m in lm.named_modules() if isinstance(m, weights.OneDNNLinear)}
+    assert sorted(packed) == sorted(set(names) | {"lm_head"}) and not any(
+        isinstance(m, torch.nn.Linear) for m in lm.modules())
+    for name, module in packed.items():
+        assert torch.equal(module.weight, before[name]), name
+    assert isinstance(model.multi_modal_projector.linear, torch.nn.Linear) and model.multi_modal_projector.linear is projector
+    x = torch.randn(2, 3, lm.config.hidden_size)
+    head = packed["lm_head"]
+    assert torch.allclose(head(x), x @ before["lm_head"].t(), atol=1e-5, rtol=1e-5)
+    q = packed["model.layers.0.self_attn.q_proj"]
+    assert torch.allclose(q(x), torch.nn.functional.linear(x, before["model.layers.0.self_attn.q_proj"], q.bias),
+                          atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_tokens_and_logits_do_not_depend_on_the_layout(checkpoint, monkeypatch):
     messages_audio = clip(3.0, 1)
     params = SamplingParams(max_new_tokens=24)
 
-    def greedy(engine: Engine) -> list[int]:
+    def run(engine: Engine) -> tuple[list[int], torch.Tensor]:
         from qwen2audio.text import render_chat
 
         rendered = render_chat([{"role": "user", "content": [{"type": "audio", "audio": messages_audio},
                                                              {"type": "text", "text": "What is it?"}]}])
-        return engine.generate([engine.prepare(rendered.text, rendered.audios)], params)[0].token_ids
+        prepared = engine.prepare(rendered.text, rendered.audios)
+        tokens = engine.generate([prepared], params)[0].token_ids
+        ids = torch.tensor([prepared.token_ids + tokens])
+        lm = engine.model.language_model
+        with torch.inference_mode():  # every position's logits, prompt and reply, in one pass
+            embeds = engine.model.embed(ids, prepared.audio_embeds)
+            logits = lm.logits(lm.hidden_states(embeds, torch.arange(ids.shape[1])[None]))
+        return tokens, logits[0]
 
-    column_major = greedy(Engine(load_model(checkpoint), TOKENIZER))
+    fast = run(Engine(load_model(checkpoint), TOKENIZER))
+    no_onednn(monkeypatch)
+    column_major = run(Engine(load_model(checkpoint), TOKENIZER))
     monkeypatch.setattr("qwen2audio.generation.engine.prepare_for_inference", lambda model: model)
     plain_engine = Engine(load_model(checkpoint), TOKENIZER)
     assert all(w.is_contiguous() for w in wide_weights(plain_engine.model))
-    assert greedy(plain_engine) == column_major
-    assert len(column_major) >= 8
+    plain = run(plain_engine)
+    assert fast[0] == plain[0] and column_major[0] == plain[0]
+    assert len(plain[0]) >= 8
+    for other in (fast, column_major):  # float32 sums in another order: rounding-level differences only
+        assert torch.allclose(other[1], plain[1], atol=1e-4, rtol=1e-4)
