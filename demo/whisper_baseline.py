@@ -201,7 +201,7 @@ def model_dir(vocab: Vocabulary) -> Path:
 class Answer:
     text: str
     no_speech_prob: float
-    avg_logprob: float  # CTranslate2's length-normalised score of the greedy hypothesis
+    avg_logprob: float  # the answer's mean token log-probability, its end token counted, as openai-whisper's
 
 
 def transcribe(model, vocab: Vocabulary, clips: list) -> list[Answer]:
@@ -225,7 +225,15 @@ def transcribe(model, vocab: Vocabulary, clips: list) -> list[Answer]:
         parts[index].append(result)
     return [Answer(text=" ".join(vocab.decode(r.sequences_ids[0]) for r in parts[i]).strip(),
                    no_speech_prob=max(r.no_speech_prob for r in parts[i]),
-                   avg_logprob=min(r.scores[0] for r in parts[i])) for i in range(len(clips))]
+                   avg_logprob=min(mean_logprob(r) for r in parts[i])) for i in range(len(clips))]
+
+
+def mean_logprob(result) -> float:
+    """openai-whisper's avg_logprob from a CTranslate2 result: CTranslate2's score is the summed log-probability
+    (the end token's included) over n, the tokens before the end token (length penalty 1); Whisper divides the
+    sum by n + 1."""
+    n = len(result.sequences_ids[0])
+    return result.scores[0] * n / (n + 1)
 
 
 def silent_by_whisper(no_speech_prob: float, avg_logprob: float) -> bool:
