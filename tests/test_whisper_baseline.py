@@ -130,3 +130,10 @@ def test_stored_answers_are_reused_only_when_made_the_same_way_and_not_failed():
     assert not wb.reusable({ANSWER_KEY: {**basis, "decoding": "beam 5"}, "hypothesis": "hi"}, basis)
     assert not wb.reusable({ANSWER_KEY: basis, "error": "unreadable audio"}, basis)
     assert not wb.reusable(None, basis)
+
+
+def test_mean_log_probability_counts_the_end_token_as_openai_whisper():
+    from types import SimpleNamespace
+
+    result = SimpleNamespace(sequences_ids=[[11, 12, 13]], scores=[-0.4])  # summed -1.2 over 3 tokens
+    assert math.isclose(wb.mean_logprob(result), -1.2 / 4)
