@@ -77,7 +77,7 @@ WORD_START_SYMBOLS = (" -", " '")  # allowed inside words, not at their start
 # ---- decoding ----
 LANGUAGE = "en"
 PROMPT = (SOT, f"<|{LANGUAGE}|>", TRANSCRIBE, NO_TIMESTAMPS)
-MAX_LENGTH = 448  # Whisper's text context (n_text_ctx)
+MAX_LENGTH = 448  # Whisper's text context (n_text_ctx); at most half of it is generated, as openai-whisper
 # openai-whisper's transcribe() drops a window as silent when both hold (its defaults).
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
