@@ -6,6 +6,7 @@ synthetic speech and the labelled sounds that ship in Debian, PyPI and npm packa
     python -m demo.llm_answers --data data/demo --model MODEL_DIR
     python -m demo.dpo_pairs --data data/demo --model runs/demo/sft/final
     python -m demo.report --data data/demo --model MODEL_DIR      # the trained model against its targets
+    python -m demo.whisper_baseline --data data/demo --whisper-assets DIR   # Whisper base itself, the ASR reference
 
 Not part of the installed qwen2audio package; see docs/demo-model.md ("Data").
 """
