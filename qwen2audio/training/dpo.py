@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .config import TrainConfig
-from .loop import Run, check_model_dir, load_for_training, log, over_dataset, setup, to_device, train
+from .loop import Run, check_model_dir, load_for_training, log, over_dataset, setup, train
 from .losses import DPOLoss, label_logps, sequence_logps
 
 

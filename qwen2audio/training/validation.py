@@ -92,7 +92,7 @@ class Validator:
 
     def generation_scores(self, step: int) -> dict[str, float]:
         """Greedy answers to the val_generate rows, scored per metric (main process; others wait)."""
-        run, d = self.run, self.run.dist
+        d = self.run.dist
         scores: dict[str, float] = {}
         if d.main:
             scores = self._generate_and_score(step)
