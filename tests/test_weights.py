@@ -56,8 +56,12 @@ def test_the_engine_stores_wide_cpu_weights_column_major_with_the_same_values(ch
         assert lm.lm_head.weight is lm.model.embed_tokens.weight and lm.lm_head.weight.is_contiguous()
 
 
-@pytest.mark.skipif(not weights.onednn_usable(torch.float32), reason="this torch build has no oneDNN")
-def test_float32_cpu_linears_of_the_llm_go_to_onednn_with_the_same_values(checkpoint):
+needs_onednn = pytest.mark.skipif(not weights.onednn_usable(torch.float32), reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+def test_float32_cpu_linears_of_the_llm_go_to_onednn_with_the_same_values(checkpoint, monkeypatch):
+    monkeypatch.setattr(weights, "ONEDNN_MIN_WEIGHTS", 0)  # the test models' products are all small
     model = load_model(checkpoint)
     lm = model.language_model
     names = [n for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -100,6 +104,7 @@ def test_greedy_tokens_and_logits_do_not_depend_on_the_layout(checkpoint, monkey
             logits = lm.logits(lm.hidden_states(embeds, torch.arange(ids.shape[1])[None]))
         return tokens, logits[0]
 
+    monkeypatch.setattr(weights, "ONEDNN_MIN_WEIGHTS", 0)
     fast = run(Engine(load_model(checkpoint), TOKENIZER))
     no_onednn(monkeypatch)
     column_major = run(Engine(load_model(checkpoint), TOKENIZER))
@@ -111,3 +116,25 @@ def test_greedy_tokens_and_logits_do_not_depend_on_the_layout(checkpoint, monkey
     assert len(plain[0]) >= 8
     for other in (fast, column_major):  # float32 sums in another order: rounding-level differences only
         assert torch.allclose(other[1], plain[1], atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_small_products_stay_with_torchs_default(checkpoint, monkeypatch):
+    """Only products of at least ONEDNN_MIN_WEIGHTS weights go to oneDNN (a call costs more fixed time)."""
+    model = load_model(checkpoint)
+    layer = model.language_model.model.layers[0]
+    bound = layer.mlp.up_proj.weight.numel()
+    assert layer.self_attn.q_proj.weight.numel() < bound  # hidden x hidden < hidden x intermediate
+    monkeypatch.setattr(weights, "ONEDNN_MIN_WEIGHTS", bound)
+    Engine(model, TOKENIZER)
+    assert all(isinstance(m, weights.OneDNNLinear) for m in (layer.mlp.up_proj, layer.mlp.gate_proj))
+    assert type(layer.self_attn.q_proj) is torch.nn.Linear
+    assert all(type(m) is torch.nn.Linear for m in weights.wide_linears(model))
+
+
+def test_the_default_bound_leaves_a_64_wide_model_to_torch():
+    from qwen2audio.default_model import tiny_model_dir
+
+    model = load_model(tiny_model_dir())
+    Engine(model, TOKENIZER)
+    assert not any(isinstance(m, weights.OneDNNLinear) for m in model.modules())

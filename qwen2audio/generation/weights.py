@@ -12,6 +12,9 @@ from torch import nn
 from ..model import Qwen2AudioModel
 
 ONEDNN_DTYPES = (torch.float32,)  # where oneDNN's products beat the default CPU path (benchmarks/README.md)
+# Smaller products stay with torch's default: a oneDNN call costs more fixed time (converting the input
+# and output), which a 64-wide model's products do not repay (serving it got 2.9x slower).
+ONEDNN_MIN_WEIGHTS = 1 << 16
 
 
 def prepare_for_inference(model: Qwen2AudioModel) -> Qwen2AudioModel:
@@ -19,8 +22,7 @@ def prepare_for_inference(model: Qwen2AudioModel) -> Qwen2AudioModel:
     if model.device.type == "cpu":
         if onednn_usable(model.dtype):
             hand_linears_to_onednn(model)
-        else:
-            store_wide_weights_column_major(model)
+        store_wide_weights_column_major(model)  # the wide linears left to torch's default product
     return model
 
 
@@ -57,26 +59,29 @@ class OneDNNLinear(nn.Module):
 
 
 def hand_linears_to_onednn(model: Qwen2AudioModel) -> None:
-    """Every linear of the LLM's layers, and its head, becomes a OneDNNLinear (fp32 CPU decoding).
+    """Every linear of the LLM's layers, and its head, with at least ONEDNN_MIN_WEIGHTS weights becomes a
+    OneDNNLinear (fp32 CPU decoding).
 
     A tied head gets its own copy of the embedding table (the table stays for lookups): vocab x hidden
     more bytes of memory, for the product that reads the most bytes per token."""
     lm = model.language_model
-    for layer in lm.model.layers:
-        for block in (layer.self_attn, layer.mlp):
-            for name, child in list(block.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(block, name, OneDNNLinear(child))
-    lm.lm_head = OneDNNLinear(lm.lm_head)
+    blocks = [(block, name) for layer in lm.model.layers for block in (layer.self_attn, layer.mlp)
+              for name, _ in block.named_children()] + [(lm, "lm_head")]
+    for block, name in blocks:
+        child = getattr(block, name)
+        if isinstance(child, nn.Linear) and child.weight.numel() >= ONEDNN_MIN_WEIGHTS:
+            setattr(block, name, OneDNNLinear(child))
 
 
 def wide_linears(model: Qwen2AudioModel) -> list[nn.Linear]:
-    """The LLM's bias-free linears that widen (out > in): gate_proj, up_proj and an untied lm_head."""
+    """The LLM's bias-free nn.Linear layers that widen (out > in): gate_proj, up_proj and an untied lm_head
+    (not those handed to oneDNN)."""
     lm = model.language_model
-    wide = [m for layer in lm.model.layers for m in (layer.mlp.gate_proj, layer.mlp.up_proj)]
-    if lm.lm_head.weight is not lm.model.embed_tokens.weight:  # a tied head is the embedding table: rows stay rows
-        wide.append(lm.lm_head)
-    return [m for m in wide if m.bias is None and m.weight.shape[0] > m.weight.shape[1]]
+    wide = [m for layer in lm.model.layers for m in (layer.mlp.gate_proj, layer.mlp.up_proj)] + [lm.lm_head]
+    wide = [m for m in wide if isinstance(m, nn.Linear)]
+    # a tied head is the embedding table: rows stay rows
+    return [m for m in wide if m.weight is not lm.model.embed_tokens.weight and m.bias is None
+            and m.weight.shape[0] > m.weight.shape[1]]
 
 
 def store_wide_weights_column_major(model: Qwen2AudioModel) -> None:
