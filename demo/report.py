@@ -29,9 +29,11 @@ from qwen2audio.atomic import atomic_write_text
 
 from . import speed
 from . import targets as T
+from . import whisper_baseline as WB
 
 DEFAULT_OUT = Path("docs/demo-results")
 DEFAULT_ANSWERS = Path("eval-results/demo")
+WHISPER_BASE = WB.DEFAULT_OUT_DIR / f"asr{WB.SUMMARY_SUFFIX}"  # python -m demo.whisper_baseline's summary
 SETS = ("asr", "sounds", "sound_question", "voice_chat", "no_speech")  # DATA/eval/SET.jsonl
 TYPED = "voice_chat_typed"  # the answers folder of the voice-chat questions put as text to the LLM
 DEFAULT_BATCH = 8  # as `qwen2audio eval`
@@ -283,7 +285,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "qwen2audio": __version__,
         "targets": target_rows(measured(sets, chat, no_speech, speed_figures)),
         "sets": sets, "voice_chat": chat, "no_speech": no_speech, "speed": speed_figures,
+        "whisper_base": whisper_base(args.whisper_base, args.limit),
     }
+
+
+def whisper_base(path: Path, limit: int | None) -> dict | None:
+    """Whisper base's own WER on the ASR set, per source and in all (demo.whisper_baseline's summary), or
+    None when it has not been measured (or the report covers only part of the set)."""
+    if limit is not None or not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return {"file": str(path), "all": summary["overall"]["score"],
+            "by_source": {name: block["score"] for name, block in summary.get("subsets", {}).items()}}
 
 
 # ---- writing ----
@@ -330,9 +343,15 @@ def md_examples(shown: dict, limit: int = 160) -> list[str]:
     return lines or ["- (no answers)"]
 
 
-def md_sources(by_source: dict, label: str) -> list[str]:
-    return ["", f"| source | n | {label} |", "|---|---|---|"] + [
-        f"| {md_cell(name)} | {b['n']} | {fmt(b['score'], '%')} |" for name, b in by_source.items()]
+def md_sources(by_source: dict, label: str, reference: dict | None = None) -> list[str]:
+    """Per source: n and the score; with ``reference`` (Whisper base's WER), a column for it."""
+    if reference is None:
+        return ["", f"| source | n | {label} |", "|---|---|---|"] + [
+            f"| {md_cell(name)} | {b['n']} | {fmt(b['score'], '%')} |" for name, b in by_source.items()]
+    ref = reference["by_source"]
+    return ["", f"| source | n | {label} | Whisper base's own {label} |", "|---|---|---|---|"] + [
+        f"| {md_cell(name)} | {b['n']} | {fmt(b['score'], '%')} | {fmt(ref.get(name), '%')} |"
+        for name, b in by_source.items()] + [f"| all | | | {fmt(reference['all'], '%')} |"]
 
 
 SECTIONS = {"asr": ("Transcription", "WER"), "sounds": ("Naming sounds", "accuracy"),
@@ -368,7 +387,12 @@ def markdown(report: dict) -> str:
         if name == "no_speech":
             lines += ["", "| prompt | n | \"no speech\" | invented transcripts |", "|---|---|---|---|"] + [
                 f"| {kind} | {b['n']} | {fmt(b['score'], '%')} | {b['invented']} |" for kind, b in no_speech.items()]
-        lines += md_sources(figures["by_source"], label) + ["", "Examples:", ""] + md_examples(figures["examples"])
+        reference = report.get("whisper_base") if name == "asr" else None
+        lines += md_sources(figures["by_source"], label, reference)
+        if reference is not None:
+            lines += ["", f"Whisper base with its own decoder, on the same items: `{reference['file']}` "
+                      "(`python -m demo.whisper_baseline`)."]
+        lines += ["", "Examples:", ""] + md_examples(figures["examples"])
         if name == "voice_chat":
             lines += ["", "Typed to the LLM alone:", ""] + md_examples(chat["typed_examples"])
     lines += ["", "## Speed", ""] + md_speed(report["speed"])
@@ -425,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answers", type=Path, default=DEFAULT_ANSWERS,
                         help="folder of the cached answers, one sub-folder per set (default %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each set")
+    parser.add_argument("--whisper-base", type=Path, default=WHISPER_BASE,
+                        help="Whisper base's own scores on the ASR set, shown beside the model's when the file "
+                             "exists (python -m demo.whisper_baseline; default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="items generated together")
     parser.add_argument("--device", default="cpu", help="torch device for the evaluation and the speed (default cpu)")
     args = parser.parse_args(argv)

@@ -207,3 +207,22 @@ def test_a_rerun_reuses_the_answers_and_a_limit_is_reported_as_partial(first_rep
     rows = _targets(out / "again.json")
     assert rows["load_seconds"]["met"] is None and rows["first_token_seconds"]["value"] is None
     assert "**Partial**" in (out / "again.md").read_text() and "boom" in capsys.readouterr().out
+
+
+def test_whisper_bases_own_wer_stands_beside_the_models_when_it_was_measured(first_report, tmp_path, monkeypatch):
+    out, args = first_report
+    monkeypatch.setattr(report.speed, "measure", lambda *_, **__: {"error": "not measured here"})
+    sources = list(json.loads((out / "r.json").read_text())["sets"]["asr"]["by_source"])
+    summary = tmp_path / "asr.summary.json"  # as python -m demo.whisper_baseline writes it
+    summary.write_text(json.dumps({"overall": {"score": 37.25},
+                                   "subsets": {name: {"score": 10.0 + i} for i, name in enumerate(sources)}}))
+    assert report.main([*args, "--out", str(tmp_path / "with"), "--whisper-base", str(summary)]) == 0
+    saved = json.loads((tmp_path / "with.json").read_text())["whisper_base"]
+    assert saved["all"] == 37.25 and saved["by_source"] == {name: 10.0 + i for i, name in enumerate(sources)}
+    markdown = (tmp_path / "with.md").read_text()
+    assert "| source | n | WER | Whisper base's own WER |" in markdown
+    assert f"| {sources[0]} |" in markdown and "| 10.0 % |" in markdown and "| all | | | 37.2 % |" in markdown
+
+    assert report.main([*args, "--out", str(tmp_path / "without"), "--whisper-base", str(tmp_path / "none")]) == 0
+    assert json.loads((tmp_path / "without.json").read_text())["whisper_base"] is None
+    assert "Whisper base" not in (tmp_path / "without.md").read_text()
