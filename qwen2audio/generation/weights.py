@@ -12,9 +12,10 @@ from torch import nn
 from ..model import Qwen2AudioModel
 
 ONEDNN_DTYPES = (torch.float32,)  # where oneDNN's products beat the default CPU path (benchmarks/README.md)
-# Smaller products stay with torch's default: a oneDNN call costs more fixed time (converting the input
-# and output), which a 64-wide model's products do not repay (serving it got 2.9x slower).
-ONEDNN_MIN_WEIGHTS = 1 << 16
+# Smaller products stay with torch's default: a oneDNN call costs more fixed time, which products under
+# about half a million weights do not repay (measured per shape at 1 and 8 rows: 512 x 512 breaks even,
+# 896 x 128 takes twice as long in oneDNN, 1408 x 512 and larger gain 1.2-3x).
+ONEDNN_MIN_WEIGHTS = 1 << 19
 
 
 def prepare_for_inference(model: Qwen2AudioModel) -> Qwen2AudioModel:
@@ -27,7 +28,8 @@ def prepare_for_inference(model: Qwen2AudioModel) -> Qwen2AudioModel:
 
 
 def onednn_usable(dtype: torch.dtype) -> bool:
-    return dtype in ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+    return (dtype in ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 class OneDNNLinear(nn.Module):
@@ -46,8 +48,9 @@ class OneDNNLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch._C._nn.mkldnn_linear(x.reshape(-1, self.in_features).to_mkldnn(), self.packed, self.bias)
-        return y.to_dense().view(*lead, self.out_features)
+        # oneDNN's linear on a plain input and output (the op torch's own compiler emits for CPU linears)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], "")
+        return y.view(*lead, self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:
