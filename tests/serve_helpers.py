@@ -64,6 +64,15 @@ def running(app) -> Iterator[str]:
         sock.close()
 
 
+def wait_until(condition, what: str = "the condition", seconds: float = 30.0, poll: float = 0.005) -> None:
+    """Poll ``condition()`` until it is true; fail the test after ``seconds`` naming ``what`` it waited for."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(poll)
+
+
 class FakeBackend:
     """A Backend that answers every request with ``words``, one per ``delay`` seconds, one request at a
     time; it records what it was asked and which handles were cancelled. ``hold``: the words wait until

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ from qwen2audio.eval.translation import TRANSLATION_PROMPT
 from qwen2audio.serve.app import ServerState, create_app
 from qwen2audio.serve.backend import SchedulerBackend
 from qwen2audio.text.tags import TAG
-from serve_helpers import b64, running, settings, wav_bytes
+from serve_helpers import b64, running, settings, wait_until, wav_bytes
 
 openai = pytest.importorskip("openai")
 
@@ -167,13 +166,6 @@ def test_concurrent_streams_decode_in_one_batch_each_as_alone(client, server, mo
         wait_until(lambda: _sample(httpx.get(server.url + "/metrics").text, "qwen2audio_running_requests") == 2)
         both_seen.set()
         assert [first.result(60), second.result(60)] == [a.text for a in alone]
-
-
-def wait_until(condition) -> None:
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_stop_string_ends_the_reply_before_it(client, model, wav):

@@ -4,7 +4,6 @@ generation, errors (a prompt too long by its type), closing."""
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import pytest
@@ -13,6 +12,7 @@ from qwen2audio import Qwen2Audio, SamplingParams
 from qwen2audio.generation.scheduler import RequestTooLarge
 from qwen2audio.serve.backend import ABORTED, QueueFull, SchedulerBackend, Unavailable
 from reference import clip
+from serve_helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LONG = SamplingParams(max_new_tokens=400, ignore_eos=True)  # runs until cancelled, in practice
@@ -33,13 +33,6 @@ def backend(model):
     backend = SchedulerBackend(model, "tiny", max_batch=1, max_queue=2)
     yield backend
     backend.close(timeout=30)
-
-
-def wait_until(condition) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_answers_equal_the_python_api(backend, model):

@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
 
 from qwen2audio.serve.app import ServerState, create_app
 from qwen2audio.serve.cli import begin_shutdown
-from serve_helpers import FakeBackend, fake_app, running, settings
+from serve_helpers import FakeBackend, fake_app, running, settings, wait_until
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 WAIT = 10.0  # seconds a test waits for something that should take milliseconds
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def post_in_background(url: str, body: dict) -> dict:

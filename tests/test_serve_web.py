@@ -25,7 +25,7 @@ import soundfile
 
 from qwen2audio.serve import page
 from qwen2audio.serve.app import ServerState, create_app
-from serve_helpers import FakeBackend, b64, fake_app, running, settings, wav_bytes
+from serve_helpers import FakeBackend, b64, fake_app, running, settings, wait_until, wav_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TONE_HZ = 440.0
@@ -258,7 +258,7 @@ def test_stop_keeps_what_was_said_and_cancels_the_generation(browser):
         page_.click("#stop")
         page_.wait_for_selector(".turn.assistant .bubble.stopped", timeout=WAIT_MS)
         assert page_.is_visible("#send")
-        _wait(lambda: backend.cancelled, "the server's generation was not cancelled")
+        wait_until(lambda: backend.cancelled, "the server's generation to be cancelled", seconds=10)
         kept = answers(page_)[0]
         assert kept.startswith("word word") and kept.count("word") < 40
 
@@ -275,7 +275,7 @@ def test_stop_before_any_answer_gives_the_turn_back(browser):
         page_.wait_for_selector("#send:not([hidden])")
         assert page_.locator(".turn").count() == 0
         assert page_.input_value("#text") == "Are you there?"  # nothing typed is lost
-        _wait(lambda: backend.cancelled, "the server's generation was not cancelled")
+        wait_until(lambda: backend.cancelled, "the server's generation to be cancelled", seconds=10)
         backend.gate.set()
 
 
@@ -372,15 +372,6 @@ def test_settings_reach_the_request(browser):
     (_, messages, params) = backend.requests[0]
     assert (params.temperature, params.max_new_tokens, params.seed) == (0.6, 5, 7)
     assert messages[0] == {"role": "system", "content": "Be brief."}
-
-
-def _wait(condition, message: str, seconds: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.05)
 
 
 # -- with the model --------------------------------------------------------------------------------------------
