@@ -112,6 +112,7 @@ class LoadSpec:
     max_batch: int = 8
     max_queue: int = 16
     threads: int | None = None  # the server's torch threads (OMP_NUM_THREADS); None: torch's default
+    dtype: str = "auto"  # the server's --dtype
     retries: int = RETRIES
     request_timeout: float = REQUEST_TIMEOUT
     deadline: float = DEADLINE
@@ -309,7 +310,7 @@ def server(spec: LoadSpec, log_path: Path, started: float) -> Iterator[tuple[str
     once GET /health answers 200; stopped on the way out, whatever happened."""
     cmd = [sys.executable, "-m", "qwen2audio.cli", "serve", str(spec.model), "--port", "0",
            "--max-tokens", str(spec.max_tokens), "--max-batch", str(spec.max_batch),
-           "--max-queue", str(spec.max_queue), "--shutdown-timeout", str(SERVER_SHUTDOWN)]
+           "--max-queue", str(spec.max_queue), "--shutdown-timeout", str(SERVER_SHUTDOWN), "--dtype", spec.dtype]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if spec.threads:
         env["OMP_NUM_THREADS"] = str(spec.threads)
@@ -475,7 +476,7 @@ def _pair(values: list[float]) -> str:
 def table(report: Report, model_label: str) -> str:
     spec = report.spec
     threads = spec.threads or _default_threads()
-    lines = [f"**serve load | {model_label} | torch {_torch_version()} | {threads} threads | "
+    lines = [f"**serve load | {model_label} | --dtype {spec.dtype} | torch {_torch_version()} | {threads} threads | "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs | max_tokens {spec.max_tokens}, "
              f"greedy, half streamed | --max-batch {spec.max_batch} --max-queue {spec.max_queue} | "
              f"RSS after load {report.rss_loaded / MIB:.0f} MiB**", "",
@@ -549,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-queue", type=int, default=LoadSpec.max_queue,
                     help="the server's --max-queue (below 64 - max-batch, some of 64 clients are answered 429)")
     ap.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
+    ap.add_argument("--dtype", default=LoadSpec.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the server's --dtype (default %(default)s: as the checkpoint stores its weights)")
     ap.add_argument("--retries", type=int, default=RETRIES, help="retries after a 429, per request")
     ap.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S")
     ap.add_argument("--deadline", type=float, default=DEADLINE, metavar="S", help="for the whole run")
@@ -573,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             model = tiny_model_dir()
             label = f"tiny random model ({_weights_mb(model):.1f} MB of weights)"
         spec = LoadSpec(model=model, phases=phases(counts), max_tokens=args.max_tokens, max_batch=args.max_batch,
-                        max_queue=args.max_queue, threads=args.threads, retries=args.retries,
+                        max_queue=args.max_queue, threads=args.threads, dtype=args.dtype, retries=args.retries,
                         request_timeout=args.request_timeout, deadline=args.deadline)
         try:
             report = run_load(spec, args.server_log)
