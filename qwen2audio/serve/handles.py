@@ -37,7 +37,6 @@ class Reader:
     def __init__(self, handle: Handle):
         self.handle = handle
         self.first_at: float | None = None
-        self._ended = False
 
     @property
     def stopped_early(self) -> bool:
@@ -48,12 +47,12 @@ class Reader:
         """The text that came since the last read (waiting for some), None at the end; raises the
         request's error."""
         while True:
-            text, self._ended = self.handle.poll()
+            text, ended = self.handle.poll()
             if text:
                 if self.first_at is None:
                     self.first_at = time.monotonic()
                 return text
-            if self._ended:
+            if ended:
                 return None
             await self._event(end_only=False)
 
@@ -61,12 +60,12 @@ class Reader:
         """All the text still to come, joined."""
         parts = []
         while True:
-            text, self._ended = self.handle.poll()
+            text, ended = self.handle.poll()
             if text:
                 parts.append(text)
                 if self.first_at is None:
                     self.first_at = time.monotonic()
-            if self._ended:
+            if ended:
                 return "".join(parts)
             await self._event(end_only=self.first_at is not None)
 
