@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Sequence
 import torch
 
 from ..model import KVCache
+from .events import Events
 from .reply import Generation, ReplyText
 from .sampling import SamplingParams, hold_back_stop_tokens, next_tokens
 
@@ -106,13 +107,6 @@ class SchedulerStatus:
     kv_bytes_allocated: int  # KV cache storage taken now (it grows on demand up to kv_bytes)
 
 
-class _End:
-    """The last item of a request's queue."""
-
-    def __init__(self, error: BaseException | None = None):
-        self.error = error
-
-
 @dataclass(eq=False)
 class _Session:
     key: Hashable
@@ -131,11 +125,7 @@ class _Request:
                  deadline: float | None, session: Hashable | None):
         self.prepared, self.params, self.max_new, self.reply = prepared, params, max_new, reply
         self.deadline, self.session_key = deadline, session
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
-        # A reader's one-shot wake-up (RequestStream.on_event): called by the loop's thread after it
-        # posts an event (only the end when ``wake_at_end_only``), so an async reader needs no thread.
-        self.listener: Callable[[], None] | None = None
-        self.wake_at_end_only = False
+        self.events = Events()  # (token, delta) pairs, then the End; a reader's wake-up (on_event)
         self.cancelled = False
         self.done = False
         self.slot: int | None = None
@@ -151,12 +141,8 @@ class _Request:
         return len(self.reply.out.token_ids)
 
     def post(self, item: Any) -> None:
-        """Give the reader an event (a (token, delta) pair, or the _End) and wake its listener."""
-        self.events.put(item)
-        listener = self.listener
-        if listener is not None and (isinstance(item, _End) or not self.wake_at_end_only):
-            self.listener = None
-            listener()
+        """Give the reader an event (a (token, delta) pair) and wake its listener."""
+        self.events.post(item)
 
 
 class RequestStream:
@@ -167,7 +153,6 @@ class RequestStream:
     def __init__(self, scheduler: "Scheduler", request: _Request):
         self._scheduler, self._request = scheduler, request
         self.result: Generation = request.reply.out
-        self._end: _End | None = None
 
     def __iter__(self) -> Iterator[str]:
         for _, delta in self.events():
@@ -177,42 +162,28 @@ class RequestStream:
     def events(self) -> Iterator[tuple[int | None, str]]:
         """(token id, text delta) per generated token as it comes (the delta may be empty), and a last
         (None, text) when the request ends between tokens (timeout, cancel) with text held back."""
-        while self._end is None:
-            item = self._scheduler._next_event(self._request)
-            if isinstance(item, _End):
-                self._end = item
+        while True:
+            item, end = self._scheduler._next_event(self._request)
+            if end:
                 break
             yield item
-        if self._end.error is not None:
-            raise self._end.error
+        if item.error is not None:
+            raise item.error
 
     def poll(self) -> tuple[str, bool]:
         """Without blocking: the text of the events that have come since the last read, and whether the
         request has ended (then its failure, if it failed, is raised)."""
-        parts = []
-        while self._end is None:
-            try:
-                item = self._request.events.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _End):
-                self._end = item
-            else:
-                parts.append(item[1])
-        if self._end is not None and self._end.error is not None:
-            raise self._end.error
-        return "".join(parts), self._end is not None
+        items, end = self._request.events.poll()
+        if end is not None and end.error is not None:
+            raise end.error
+        return "".join(delta for _, delta in items), end is not None
 
     def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:
         """Call ``callback()`` once, from the scheduler's thread, when the next event is posted (with
         ``end_only``: when the request ends); at once, here, if one is already waiting to be read. It may
         be called twice (when the event lands as it is set): it must be idempotent. Needs the scheduler's
         background thread (nothing else would post the event)."""
-        r = self._request
-        r.wake_at_end_only, r.listener = end_only, callback
-        if self._end is not None or (r.done if end_only else not r.events.empty()):
-            r.listener = None
-            callback()
+        self._request.events.on_event(callback, end_only)
 
     def wait(self) -> Generation:
         """Read to the end; the whole Generation."""
@@ -386,10 +357,11 @@ class Scheduler:
             self._wakeup.notify()
 
     def _next_event(self, r: _Request) -> Any:
-        """The request's next queue item, running the loop inline when there is no thread."""
+        """The request's next queue item and whether it is the end, running the loop inline when there
+        is no thread."""
         while True:
             try:
-                return r.events.get(timeout=POLL_S) if self._thread is not None else r.events.get_nowait()
+                return r.events.get(timeout=POLL_S) if self._thread is not None else r.events.get(block=False)
             except queue.Empty:
                 pass
             if self._thread is not None:
@@ -614,7 +586,7 @@ class Scheduler:
         if r.slot is not None:
             self._release_slot(r, keep=error is None)
         r.done = True
-        r.post(_End(error))
+        r.events.finish(error)
         self._moves += 1
 
     def _release_slot(self, r: _Request, keep: bool) -> None:

@@ -23,13 +23,13 @@ mono float32 arrays (audio_input.py checks it first), in the messages as {"type"
 
 from __future__ import annotations
 
-import queue
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from ..generation.engine import Generation
+from ..generation.events import Events
 from ..generation.params import SamplingParams
 from ..generation import scheduler as sched
 from . import defaults
@@ -59,54 +59,36 @@ class Handle:
     """One submitted request. The consumer iterates over its text deltas (blocking) and reads ``result``
     once iteration has ended; the producer (a backend's worker) calls ``put``, ``finish`` or ``fail``."""
 
-    _DELTA, _END, _ERROR = "delta", "end", "error"
-
     def __init__(self) -> None:
         self.result = Generation()
-        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._events = Events()  # text deltas, then the End (with the error if it failed)
         self._cancelled = threading.Event()
         self._ended = threading.Event()  # finished or failed: cancelling it changes nothing
         self._on_cancel: Callable[["Handle"], None] | None = None  # set by the backend that owns it
-        self._listener: Callable[[], None] | None = None
-        self._wake_at_end_only = False
-        self._end: tuple[str, Any] | None = None  # the END or ERROR event, once poll has read it
 
     # -- the consumer's side -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[str]:
         while True:
-            kind, value = self._events.get()
-            if kind == self._DELTA:
-                yield value
+            item, end = self._events.get()
+            if not end:
+                yield item
                 continue
-            self._events.put((kind, value))  # a second iteration ends (or raises) the same way
-            if kind == self._ERROR:
-                raise value
+            if item.error is not None:  # a second iteration ends (or raises) the same way
+                raise item.error
             return
 
     def poll(self) -> tuple[str, bool]:
         """Without blocking: the text that has come since the last read, and whether the request has
         ended (then its error, if it failed, is raised). Not to be mixed with iteration."""
-        parts = []
-        while self._end is None:
-            try:
-                kind, value = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if kind == self._DELTA:
-                parts.append(value)
-            else:
-                self._end = (kind, value)
-        if self._end is not None and self._end[0] == self._ERROR:
-            raise self._end[1]
-        return "".join(parts), self._end is not None
+        deltas, end = self._events.poll()
+        if end is not None and end.error is not None:
+            raise end.error
+        return "".join(deltas), end is not None
 
     def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:
         """Call ``callback()`` once, from the producer's thread, at the next event (with ``end_only``: at
         the end); at once if one is already waiting to be read. It may come twice: it must be idempotent."""
-        self._wake_at_end_only, self._listener = end_only, callback
-        if self._end is not None or (self._ended.is_set() if end_only else not self._events.empty()):
-            self._listener = None
-            callback()
+        self._events.on_event(callback, end_only)
 
     def cancel(self) -> None:
         """Stop this request (idempotent; nothing happens once it has ended): the iteration then ends
@@ -123,7 +105,7 @@ class Handle:
 
     # -- the producer's side -----------------------------------------------------------------------
     def put(self, delta: str) -> None:
-        self._post(self._DELTA, delta)
+        self._events.post(delta)
 
     def finish(self, result: Generation | None = None) -> None:
         if result is not None:
@@ -131,18 +113,11 @@ class Handle:
         if self.result.finish_reason is None:  # stopped before a stop token or the length limit
             self.result.finish_reason = ABORTED
         self._ended.set()
-        self._post(self._END, None)
+        self._events.finish()
 
     def fail(self, error: BaseException) -> None:
         self._ended.set()
-        self._post(self._ERROR, error)
-
-    def _post(self, kind: str, value: Any) -> None:
-        self._events.put((kind, value))
-        listener = self._listener
-        if listener is not None and (kind != self._DELTA or not self._wake_at_end_only):
-            self._listener = None
-            listener()
+        self._events.finish(error)
 
 
 class Backend(Protocol):
