@@ -31,7 +31,7 @@ from .checkpoint import load_model
 from .checkpoint.files import GENERATION_FILE
 from .generation.engine import Engine, Generation, Prepared, RequestStream
 from .generation.scheduler import Scheduler
-from .generation.params import SamplingParams, load_generation_config
+from .generation.params import QUANTIZE_CHOICES, SamplingParams, load_generation_config
 from .text import Tokenizer, raw_prompt, render_chat
 from .text.tags import TAG  # language / task tags the base model writes, e.g. <|en|>
 
@@ -83,8 +83,15 @@ class Qwen2Audio:
 
     @classmethod
     def load(cls, directory: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
-             device: str | torch.device = "cpu") -> "Qwen2Audio":
-        """Load a Qwen2-Audio checkpoint directory; None loads the default model (qwen2audio.default_model)."""
+             device: str | torch.device = "cpu", quantize: str | None = None) -> "Qwen2Audio":
+        """Load a Qwen2-Audio checkpoint directory; None loads the default model (qwen2audio.default_model).
+        ``quantize="int8"``: weight-only int8 for the LLM's products (CPU; faster decoding, slightly
+        different numbers)."""
+        if quantize not in (None, *QUANTIZE_CHOICES):
+            raise ValueError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+        if quantize == "int8" and torch.device(device).type != "cpu":
+            raise ValueError(f"quantize='int8' runs on CPU only (its kernel is a CPU one); got device "
+                             f"{str(device)!r}: drop quantize or use device='cpu'")
         problem = device_problem(device)
         if problem:
             raise ValueError(f"device {str(device)!r}: {problem}")
@@ -96,7 +103,7 @@ class Qwen2Audio:
         directory = Path(directory)
         model = load_model(directory, dtype=dtype, device=device)
         defaults = load_generation_config(directory / GENERATION_FILE)
-        return cls(Engine(model, Tokenizer.from_dir(directory)), directory, defaults)
+        return cls(Engine(model, Tokenizer.from_dir(directory), quantize=quantize), directory, defaults)
 
     @property
     def tokenizer(self) -> Tokenizer:

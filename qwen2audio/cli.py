@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import AudioError, CheckpointError
-from .generation.params import SamplingParams
+from .generation.params import QUANTIZE_CHOICES, SamplingParams
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_USAGE = 2
@@ -63,6 +63,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype (auto: as stored in the files; float32 for bfloat16/float16 weights on a CPU that "
                              "does not compute them natively)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default cpu)")
+    parser.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
+                        help="int8: weight-only int8 for the language model's products (CPU): faster decoding, "
+                             "slightly different numbers (its measured cost: benchmarks/README.md)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for the model's matrix products (default: torch's choice, one per core); "
                              "1 when other work shares the cores")
@@ -212,7 +215,7 @@ def _load(args):
         print(f"qwen2audio: {default_notice()}", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device)
+        return Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
 def visible(text: str) -> str:

@@ -276,6 +276,21 @@ def test_resume_reuses_only_answers_made_the_same_way(tmp_path, echo, capsys):
     echo.clear()
     run_eval("librispeech", data, out, "--prompt-style", "chat", "--max-new-tokens", "5", "--dtype", "float32")
     assert sum(c["n"] for c in echo) == 3 and "3 were made with another --dtype" in capsys.readouterr().err
+    echo.clear()
+    same = ("--prompt-style", "chat", "--max-new-tokens", "5", "--dtype", "float32")
+    run_eval("librispeech", data, out, *same, "--quantize", "int8")
+    assert sum(c["n"] for c in echo) == 3 and "3 were made with another --quantize" in capsys.readouterr().err
+    echo.clear()
+    run_eval("librispeech", data, out, *same)  # back to float weights: generated again
+    assert sum(c["n"] for c in echo) == 3
+    items = out / runner.ITEMS_FILE  # answers recorded before --quantize existed count as made without it
+    rows = [json.loads(line) for line in items.read_text().splitlines()]
+    for row in rows:
+        del row[runner.ANSWER_KEY]["quantize"]
+    items.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    echo.clear()
+    run_eval("librispeech", data, out, *same)
+    assert echo == []
 
 
 def test_resume_rescores_stored_answers_with_the_current_references(tmp_path, echo, capsys):

@@ -108,7 +108,7 @@ def test_greedy_tokens_and_logits_do_not_depend_on_the_layout(checkpoint, monkey
     fast = run(Engine(load_model(checkpoint), TOKENIZER))
     no_onednn(monkeypatch)
     column_major = run(Engine(load_model(checkpoint), TOKENIZER))
-    monkeypatch.setattr("qwen2audio.generation.engine.prepare_for_inference", lambda model: model)
+    monkeypatch.setattr("qwen2audio.generation.engine.prepare_for_inference", lambda model, quantize=None: model)
     plain_engine = Engine(load_model(checkpoint), TOKENIZER)
     assert all(w.is_contiguous() for w in wide_weights(plain_engine.model))
     plain = run(plain_engine)

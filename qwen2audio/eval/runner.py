@@ -2,7 +2,7 @@
 
 - Answers are kept in OUT/items.jsonl. A stored answer is reused only when all that determines it is
   unchanged: the model (see `model_identity`), the exact prompt the model sees, the audio file (path, size
-  and modification time) and the decoding settings (dtype, max_new_tokens, min_new_tokens). Any other
+  and modification time) and the decoding settings (dtype, quantize, max_new_tokens, min_new_tokens). Any other
   stored answer is generated again, and the run says how many it reused and why it did not reuse others.
   The audio is identified by its file's metadata, not a hash of its content: a hash would read the whole
   dataset (tens of GB for Common Voice or AIR-Bench) on every resume, and a file rewritten with the same
@@ -25,7 +25,7 @@ import math
 import os
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,6 +42,7 @@ ANSWER_KEY = "answered_with"  # the record field that says what made its answer
 # Why a stored answer is not reused: the first field of ANSWER_KEY (or the prompt) that differs, in words.
 STALE_REASONS = {"prompt": "were for a different prompt", "model": "were made by another model",
                  "audio": "were for other audio", "dtype": "were made with another --dtype",
+                 "quantize": "were made with another --quantize",
                  "max_new_tokens": "were made with another --max-new-tokens",
                  "min_new_tokens": "were made with another min_new_tokens"}
 FAILED = "had failed (see their error)"
@@ -54,8 +55,12 @@ class AnswerSettings:
 
     model: str  # model_identity()
     dtype: str = "auto"
+    quantize: str = "none"
     max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS
     min_new_tokens: int = OFFICIAL_MIN_NEW_TOKENS
+
+
+SETTING_DEFAULTS = {f.name: f.default for f in fields(AnswerSettings)}
 
 
 def model_identity(model_dir: str | Path | None) -> str:
@@ -111,8 +116,8 @@ def stale_reason(record: dict, prompt: str, basis: dict) -> str | None:
         return UNRECORDED
     if record.get("prompt") != prompt:
         return STALE_REASONS["prompt"]
-    for key, value in basis.items():
-        if made.get(key) != value:
+    for key, value in basis.items():  # a setting added since the record was made had its default then
+        if made.get(key, SETTING_DEFAULTS.get(key)) != value:
             return STALE_REASONS.get(key, f"differ in {key}")
     return None
 

@@ -64,11 +64,16 @@ def audio_key(audio: np.ndarray) -> str:
 class Engine:
     """Runs one model for inference. It takes the model over: at construction its weights get the
     layout that decodes fastest on their device (``generation.weights``; same values), unless
-    ``transform_weights`` is false (a model still being trained, decoded for validation)."""
+    ``transform_weights`` is false (a model still being trained, decoded for validation).
+    ``quantize="int8"``: the LLM's products use weight-only int8 (CPU; not the same values: its cost
+    is measured in benchmarks/README.md)."""
 
     def __init__(self, model: Qwen2AudioModel, tokenizer: Tokenizer, encode_batch: int = ENCODE_BATCH,
-                 transform_weights: bool = True):
-        self.model = prepare_for_inference(model) if transform_weights else model
+                 transform_weights: bool = True, quantize: str | None = None):
+        if quantize not in (None, "none") and not transform_weights:
+            raise ValueError("quantize needs transform_weights=True (a model being trained is not quantised)")
+        self.model = prepare_for_inference(model, quantize) if transform_weights else model
+        self.quantize = quantize or "none"
         self.tokenizer = tokenizer
         self.encode_batch = encode_batch
         self._scheduler: Scheduler | None = None

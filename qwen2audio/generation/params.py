@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 from ..errors import CheckpointError
 
+QUANTIZE_CHOICES = ("none", "int8")  # --quantize: weight-only int8 for the LLM (generation.weights)
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -1,0 +1,161 @@
+"""Weight-only int8 (``--quantize int8``): the compiled kernel computes what the dequantised product
+does, the Engine quantises exactly the LLM's products, and the model stays close to float32."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwen2audio.checkpoint import load_model
+from qwen2audio.generation import kernels, weights
+from qwen2audio.generation.engine import Engine
+from qwen2audio.generation.sampling import SamplingParams
+from reference import TOKENIZER, clip, hf_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler: the int8 kernel cannot be built here")
+
+
+@pytest.fixture(scope="module", params=["mha_untied_80", "gqa_tied_128"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model(request.param).save_pretrained(path)
+    TOKENIZER.save(path)
+    return path
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("n, k, bias", [(36, 96, True), (64, 64, False), (132, 208, True)])
+def test_the_kernel_computes_the_dequantised_product(rows, n, k, bias):
+    op = kernels.int8_linear_op()
+    assert op is not None, f"the int8 kernel was not built: {kernels.build_problem()}"
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 100
+    b = torch.randn(n, generator=gen) if bias else None
+    expected = torch.nn.functional.linear(x.double(), (w.double() * scale.double()[:, None]),
+                                          None if b is None else b.double())
+    packed = weights.int8_pack(w)
+    assert torch.equal(weights.int8_unpack(packed), w)
+    got = op(x, packed, scale, b)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+@needs_compiler
+def test_the_kernel_refuses_what_it_cannot_compute():
+    op = kernels.int8_linear_op()
+    w = weights.int8_pack(torch.zeros(4, 16, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="float32"):
+        op(torch.zeros(1, 16, dtype=torch.float64), w, torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="shapes"):
+        op(torch.zeros(1, 32), w, torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="packed"):
+        op(torch.zeros(1, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None)
+
+
+@pytest.mark.parametrize("out_features, in_features", [(40, 96), (37, 100)])  # packed for the kernel; not
+def test_an_int8_linear_rounds_each_weight_to_its_rows_grid_and_every_path_agrees(monkeypatch, out_features,
+                                                                                  in_features):
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen)
+                            * torch.linspace(0.01, 2, out_features)[:, None])
+    q = weights.Int8Linear(linear)
+    assert q.packed == (out_features % 4 == 0 and kernels.int8_linear_op() is not None)
+    w8 = q.int8_weight()
+    assert w8.dtype == torch.int8 and w8.shape == (out_features, in_features) and w8.abs().max() == 127
+    error = (q.dequantized() - linear.weight).abs()
+    assert (error <= q.scale[:, None] / 2 + 1e-7).all()  # round to nearest, per output row's scale
+    for rows in (1, 7, weights.INT8_MAX_KERNEL_ROWS + 5):  # kernel (or its fallback), and the GEMM path
+        x = torch.randn(2, rows, in_features, generator=gen)
+        expected = torch.nn.functional.linear(x, q.dequantized(), linear.bias)
+        torch.testing.assert_close(q(x), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(q(x.bfloat16()).float(), expected, atol=0.1, rtol=0.02)
+        assert q(x.bfloat16()).dtype == torch.bfloat16
+    monkeypatch.setattr(q, "_op", None)  # no compiler: the plain path gives the same numbers
+    x = torch.randn(3, in_features, generator=gen)
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantized(), linear.bias), atol=1e-5, rtol=1e-5)
+
+
+def _prepared(engine: Engine):
+    from qwen2audio.text import render_chat
+
+    rendered = render_chat([{"role": "user", "content": [{"type": "audio", "audio": clip(3.0, 1)},
+                                                         {"type": "text", "text": "What is it?"}]}])
+    prepared = engine.prepare(rendered.text, rendered.audios)
+    engine.encode([prepared])
+    return prepared
+
+
+def _logits(engine: Engine, prepared, tokens: list[int]) -> torch.Tensor:
+    """Every position's logits over the prompt and ``tokens``, in one pass."""
+    ids = torch.tensor([prepared.token_ids + tokens])
+    lm = engine.model.language_model
+    with torch.inference_mode():
+        embeds = engine.model.embed(ids, prepared.audio_embeds)
+        return lm.logits(lm.hidden_states(embeds, torch.arange(ids.shape[1])[None]))[0]
+
+
+def test_the_engine_quantises_the_llms_products_and_stays_close_to_float32(checkpoint):
+    plain = Engine(load_model(checkpoint), TOKENIZER)
+    model = load_model(checkpoint)
+    engine = Engine(model, TOKENIZER, quantize="int8")
+    lm = model.language_model
+    assert engine.quantize == "int8"
+    quantized = [n for n, m in lm.named_modules() if isinstance(m, weights.Int8Linear)]
+    assert len(quantized) == 7 * len(lm.model.layers) + 1 and "lm_head" in quantized
+    assert not any(isinstance(m, torch.nn.Linear) for m in lm.modules())
+    projector = model.multi_modal_projector.linear
+    assert isinstance(projector, torch.nn.Linear)  # the audio side is untouched
+    assert torch.equal(projector.weight, plain.model.multi_modal_projector.linear.weight)
+    assert isinstance(lm.model.embed_tokens, torch.nn.Embedding)  # lookups stay float
+
+    params = SamplingParams(max_new_tokens=24)
+    fp32_prepared, int8_prepared = _prepared(plain), _prepared(engine)
+    fp32_tokens = plain.generate([fp32_prepared], params)[0].token_ids
+    int8_tokens = engine.generate([int8_prepared], params)[0].token_ids
+    assert len(fp32_tokens) >= 8 and len(int8_tokens) >= 8
+    # the same prompt and float32's reply through both: logits close, the next-token choice mostly equal
+    fp32_logits = _logits(plain, fp32_prepared, fp32_tokens)
+    int8_logits = _logits(engine, int8_prepared, fp32_tokens)
+    assert (int8_logits - fp32_logits).abs().max() < 0.05 * fp32_logits.abs().max()
+    assert (int8_logits.argmax(-1) == fp32_logits.argmax(-1)).float().mean() >= 0.9
+
+
+def test_quantize_is_checked_where_it_is_asked_for(checkpoint):
+    from qwen2audio.api import Qwen2Audio
+
+    with pytest.raises(ValueError, match="int8"):
+        Engine(load_model(checkpoint), TOKENIZER, quantize="int4")
+    with pytest.raises(ValueError, match="CPU only"):
+        Qwen2Audio.load(checkpoint, quantize="int8", device="cuda")
+    with pytest.raises(ValueError, match="transform_weights"):
+        Engine(load_model(checkpoint), TOKENIZER, quantize="int8", transform_weights=False)
+    api = Qwen2Audio.load(checkpoint, quantize="int8")
+    assert isinstance(api.engine.model.language_model.lm_head, weights.Int8Linear)
+
+
+def test_the_cli_answers_with_int8_weights(checkpoint, tmp_path):
+    import soundfile as sf
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, clip(2.0, 3), 16000)
+    out = subprocess.run([sys.executable, "-m", "qwen2audio.cli", "chat", str(checkpoint), "--audio", str(wav),
+                          "--quantize", "int8", "--max-new-tokens", "4", "--json", "--no-interactive"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["completion_tokens"] >= 1
+    bad = subprocess.run([sys.executable, "-m", "qwen2audio.cli", "transcribe", str(checkpoint), str(wav),
+                          "--quantize", "int4"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
