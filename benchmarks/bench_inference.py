@@ -1,6 +1,7 @@
 """Side-by-side inference speed: qwen2audio vs transformers on the same random weights and inputs.
 
     python benchmarks/bench_inference.py [--size small|medium] [--threads N] [--decode-tokens 64]
+                                         [--ours float32,bfloat16,int8]
 
 Both models are built from one config with one set of random weights (transformers builds and saves
 them, qwen2audio loads the saved directory), run on the CPU in --dtype, greedy, with the stop tokens
@@ -10,6 +11,11 @@ ignored so that both produce exactly the same number of tokens. Measured:
   new token to the last, timed inside the loop (a streamer for transformers, the engine's own step
   stream for ours), so prefill noise stays out of it.
 Each figure is the best of --repeats runs. Results are printed as a markdown table with ratios.
+
+``--ours`` runs qwen2audio in several forms against the same transformers run (in --dtype): float32,
+bfloat16 (the weights rounded to bfloat16) and int8 (``--quantize int8`` on the float32 weights). Each
+decode row also says how many bytes of LLM weights a step reads per second, as a fraction of the
+memory's read speed measured in the same run (``torch.sum`` over 1 GiB).
 """
 
 from __future__ import annotations
@@ -43,6 +49,29 @@ SIZES = {
                              num_key_value_heads=2)),
 }
 VOCAB = 151936
+FORMS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.float32, "int8")}
+
+
+def read_bandwidth() -> float:
+    """GB/s of a plain read: torch.sum over 1 GiB of float32, best of 5."""
+    big = torch.ones(1 << 28)
+    return big.numel() * 4 / best(lambda: big.sum(), 5) / 1e9
+
+
+def llm_weight_bytes(model) -> int:
+    """Bytes of weights a decoding step reads: the LLM's products and its head, as stored."""
+    from qwen2audio.generation import weights
+
+    total = 0
+    for block, name in weights.llm_linears(model):
+        m = getattr(block, name)
+        if isinstance(m, weights.PackedLinear):
+            total += m.stored.numel() * m.stored.element_size() + (0 if m.scale is None else m.scale.numel() * 4)
+        elif isinstance(m, weights.OneDNNLinear):
+            total += m.in_features * m.out_features * 4
+        else:
+            total += m.weight.numel() * m.weight.element_size()
+    return total
 
 
 def build_reference(size: str, tokenizer):
@@ -83,8 +112,14 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="weights dtype for both (the released checkpoint is bfloat16)")
+                    help="weights dtype of transformers (and of ours unless --ours says otherwise)")
+    ap.add_argument("--ours", default=None,
+                    help="comma-separated forms of qwen2audio to run: float32, bfloat16, int8 (default: --dtype)")
     args = ap.parse_args()
+    forms = (args.ours or args.dtype).split(",")
+    unknown = sorted(set(forms) - set(FORMS))
+    if unknown:
+        ap.error(f"--ours: unknown form(s) {', '.join(unknown)}; choose from {', '.join(FORMS)}")
     torch.set_num_threads(args.threads)
 
     from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
@@ -97,25 +132,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     ref.save_pretrained(tmp)
     tokenizer.save(tmp)
-    engine = Engine(load_model(tmp, dtype=dtype), tokenizer)
     hf_tok = __import__("transformers").AutoTokenizer.from_pretrained(tmp)
     processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=hf_tok)
 
     def prompt(i: int) -> str:
         return render_chat([{"role": "user", "content": [{"type": "audio", "audio": "x"},
                                                          {"type": "text", "text": f"What is in clip {i}?"}]}]).text
-
-    # Every prompt prefilled before the first decode step, so that the rows decode in step as one batch.
-    scheduler = Scheduler(engine, max_slots=8, max_waiting=None, prefill_chunk=1 << 20, background=False)
-
-    def ours(audios, n_new, stamps=None):
-        reqs = [engine.prepare(prompt(i), [a]) for i, a in enumerate(audios)]
-        params = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
-        streams = [scheduler.submit(r, params) for r in reqs]
-        for _ in streams[0].events():
-            if stamps is not None:  # one stamp per decode step
-                stamps.append(time.perf_counter())
-        return [s.wait() for s in streams]
 
     class Stamps(BaseStreamer):
         def __init__(self):
@@ -151,28 +173,61 @@ def main() -> None:
     one = [clip(30.0, 0)]
     eight = [clip(5.0, i) for i in range(8)]
     n = args.decode_tokens
-    # Same tokens from both (the point of comparing speed is doing the same work).
-    a = ours(one, 8)[0].token_ids
-    b = theirs(one, 8)[0, -8:].tolist()
-    same = "identical" if a == b else f"DIFFERENT ({a} vs {b})"
+    measures = ["prefill, one 30 s clip (s)", "decode, batch 1 (tokens/s)", "decode, batch 8 (tokens/s)"]
+    reference_tokens = theirs(one, 8)[0, -8:].tolist()
+    table = {measures[0]: {"transformers": best(lambda: theirs(one, 1), args.repeats)}}
+    for label, audios in zip(measures[1:], (one, eight)):
+        table[label] = {"transformers": decode_rate(theirs, audios, n + 1)}
 
-    rows = []
-    for name, fn_ours, fn_theirs, per in [
-        ("prefill, one 30 s clip (s)", lambda: ours(one, 1), lambda: theirs(one, 1), None),
-    ]:
-        rows.append((name, best(fn_ours, args.repeats), best(fn_theirs, args.repeats), "lower"))
-    for label, audios in (("decode, batch 1 (tokens/s)", one), ("decode, batch 8 (tokens/s)", eight)):
-        rows.append((label, decode_rate(ours, audios, n + 1), decode_rate(theirs, audios, n + 1), "higher"))
+    agreement, read_rates = {}, {}
+    for form in forms:
+        form_dtype, quantize = FORMS[form]
+        engine = Engine(load_model(tmp, dtype=form_dtype), tokenizer, quantize=quantize)
+        # Every prompt prefilled before the first decode step, so that the rows decode in step as one batch.
+        scheduler = Scheduler(engine, max_slots=8, max_waiting=None, prefill_chunk=1 << 20, background=False)
+
+        def ours(audios, n_new, stamps=None):
+            reqs = [engine.prepare(prompt(i), [a]) for i, a in enumerate(audios)]
+            params = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+            streams = [scheduler.submit(r, params) for r in reqs]
+            for _ in streams[0].events():
+                if stamps is not None:  # one stamp per decode step
+                    stamps.append(time.perf_counter())
+            return [s.wait() for s in streams]
+
+        tokens = ours(one, 8)[0].token_ids
+        agreement[form] = sum(a == b for a, b in zip(tokens, reference_tokens))
+        table[measures[0]][form] = best(lambda: ours(one, 1), args.repeats)
+        for label, audios in zip(measures[1:], (one, eight)):
+            table[label][form] = decode_rate(ours, audios, n + 1)
+        step_bytes = llm_weight_bytes(engine.model)
+        read_rates[form] = {label: step_bytes * table[label][form] / len(audios) / 1e9
+                            for label, audios in zip(measures[1:], (one, eight))}
+        engine = scheduler = None  # free this form's weights before the next is loaded
+    bandwidth = read_bandwidth()
 
     params = sum(p.numel() for p in ref.parameters()) / 1e6
-    print(f"\nqwen2audio vs transformers {hf_version} | size {args.size} ({params:.0f} M params, {args.dtype}) | "
-          f"torch {torch.__version__} | {args.threads} threads | {platform.processor() or platform.machine()} | "
-          f"greedy tokens: {same}\n")
-    print("| measure | qwen2audio | transformers | ratio (ours vs theirs) |")
-    print("|---|---|---|---|")
-    for name, o, t, better in rows:
-        ratio = t / o if better == "lower" else o / t
-        print(f"| {name} | {o:.3f} | {t:.3f} | {ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} |")
+    same = ", ".join(f"{form} {agreement[form]}/8" for form in forms)
+    print(f"\nqwen2audio vs transformers {hf_version} | size {args.size} ({params:.0f} M params, transformers in "
+          f"{args.dtype}) | torch {torch.__version__} | {args.threads} threads | "
+          f"{platform.processor() or platform.machine()} | memory read {bandwidth:.1f} GB/s | "
+          f"greedy tokens equal to transformers': {same}\n")
+    print("| measure | transformers | " + " | ".join(f"qwen2audio {f}" for f in forms) + " |")
+    print("|---|---|" + "---|" * len(forms))
+    for label in measures:
+        theirs_value = table[label]["transformers"]
+        cells = []
+        for form in forms:
+            value = table[label][form]
+            ratio = theirs_value / value if label == measures[0] else value / theirs_value
+            cell = f"{value:.3f} ({ratio:.2f}x)"
+            if form in read_rates and label in read_rates[form]:
+                gbs = read_rates[form][label]
+                cell += f", {gbs:.1f} GB/s = {gbs / bandwidth:.2f} of memory"
+            cells.append(cell)
+        print(f"| {label} | {theirs_value:.3f} | " + " | ".join(cells) + " |")
+    print("\nratios: ours vs transformers (higher is faster); GB/s: bytes of LLM weights read per second by the "
+          "decode steps (8 rows share one read).")
 
 
 if __name__ == "__main__":

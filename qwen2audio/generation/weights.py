@@ -19,7 +19,6 @@ ONEDNN_DTYPES = (torch.float32,)  # where oneDNN's products beat the default CPU
 ONEDNN_MIN_WEIGHTS = 1 << 19
 
 
-INT8_MAX_KERNEL_ROWS = 16  # more rows (a prefill): dequantise the weight and let torch's GEMM run at full speed
 
 
 def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -> Qwen2AudioModel:
@@ -28,16 +27,25 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
     quantize = quantize or "none"
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    if quantize == "int8":
-        if model.device.type != "cpu":
-            raise ValueError(f"quantize='int8' runs on CPU only (its kernel is a CPU one); the model is on "
-                             f"{model.device.type}: drop --quantize or use --device cpu")
-        quantize_linears_int8(model)
+    if quantize == "int8" and model.device.type != "cpu":
+        raise ValueError(f"quantize='int8' runs on CPU only (its kernel is a CPU one); the model is on "
+                         f"{model.device.type}: drop --quantize or use --device cpu")
     if model.device.type == "cpu":
-        if onednn_usable(model.dtype):
+        if quantize == "int8":
+            quantize_linears_int8(model)
+        elif model.dtype == torch.bfloat16 and kernel_usable():
+            pack_bf16_linears(model)
+        elif onednn_usable(model.dtype):
             hand_linears_to_onednn(model)
         store_wide_weights_column_major(model)  # the wide linears left to torch's default product
     return model
+
+
+def kernel_usable() -> bool:
+    """Our packed-weight kernel is built (or can be: the first call builds it)."""
+    from .kernels import packed_linear_op
+
+    return packed_linear_op() is not None
 
 
 def onednn_usable(dtype: torch.dtype) -> bool:
@@ -93,71 +101,114 @@ def hand_linears_to_onednn(model: Qwen2AudioModel) -> None:
             setattr(block, name, OneDNNLinear(child))
 
 
-INT8_BLOCK = (4, 16)  # the kernel's packing: rows of the weight per block, weights of a row per chunk
+PACK_BLOCK = (4, 16)  # the kernel's packing: rows of the weight per block, weights of a row per chunk
 
 
-def int8_pack(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) int8 -> (N/4, K/16, 4, 16): each block of 4 rows chunk by chunk, so that the kernel reads
-    one sequential stream of memory per thread."""
-    (r, c), (n, k) = INT8_BLOCK, q.shape
-    return q.view(n // r, r, k // c, c).permute(0, 2, 1, 3).contiguous()
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N/4, K/16, 4, 16): each block of 4 rows chunk by chunk, so that the kernel reads one
+    sequential stream of memory per thread."""
+    (r, c), (n, k) = PACK_BLOCK, w.shape
+    return w.view(n // r, r, k // c, c).permute(0, 2, 1, 3).contiguous()
 
 
-def int8_unpack(packed: torch.Tensor) -> torch.Tensor:
+def unpack(packed: torch.Tensor) -> torch.Tensor:
     blocks, chunks, r, c = packed.shape
     return packed.permute(0, 2, 1, 3).reshape(blocks * r, chunks * c)
 
 
-class Int8Linear(nn.Module):
-    """An inference-only nn.Linear with weight-only int8: each output row's weights rounded to 255
-    levels of one float32 scale (symmetric, per channel: scale = max |w| / 127); the activations stay
-    in floating point. A decoding step (a few rows) runs in our compiled kernel (``kernels``), which
-    reads the int8 weights once for up to 4 rows of activations and multiplies in float32; a prefill
-    (more than INT8_MAX_KERNEL_ROWS rows) dequantises the weight and uses torch's GEMM. Without the
-    kernel (no compiler), or for a shape it does not take (out not a multiple of 4, in not of 16),
-    every product dequantises: the same numbers, slower. Output in the input's dtype."""
+def packable(linear: nn.Linear) -> bool:
+    rows, cols = PACK_BLOCK
+    return linear.out_features % rows == 0 and linear.in_features % cols == 0
 
-    def __init__(self, linear: nn.Linear):
+
+class PackedLinear(nn.Module):
+    """An inference-only nn.Linear whose decoding products run in our compiled kernel (``kernels``) on
+    a weight stored small: int8 with one float32 scale per output row (``Int8Linear``), or bfloat16 as
+    a bfloat16 model holds it (``BF16Linear``). The kernel reads the weight once for up to 4 rows of
+    activations, widens it to float32 in registers and multiplies in float32. More than
+    MAX_KERNEL_ROWS rows (a prefill) run in torch on the weight unpacked. Without the kernel (no
+    compiler), or for a shape it does not take (out not a multiple of 4, in not of 16), the weight is
+    kept unpacked and every product runs in torch. Output in the input's dtype."""
+
+    MAX_KERNEL_ROWS = 16
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
-        from .kernels import int8_linear_op
+        from .kernels import packed_linear_op
 
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        self.scale = scale.contiguous()
-        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
-        rows, cols = INT8_BLOCK
-        packable = self.out_features % rows == 0 and self.in_features % cols == 0
-        self._op = int8_linear_op() if packable else None
+        self.out_features, self.in_features = weight.shape
+        rows, cols = PACK_BLOCK
+        fits = self.out_features % rows == 0 and self.in_features % cols == 0
+        self._op = packed_linear_op() if fits else None
         self.packed = self._op is not None
-        self.qweight = int8_pack(q) if self.packed else q.contiguous()
+        self.stored = pack(weight) if self.packed else weight.contiguous()
+        self.scale = None if scale is None else scale.float().contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
 
-    def int8_weight(self) -> torch.Tensor:
-        """The int8 weight as (out, in)."""
-        return int8_unpack(self.qweight) if self.packed else self.qweight
+    def stored_weight(self) -> torch.Tensor:
+        """The weight as stored (int8 or bfloat16), as (out, in)."""
+        return unpack(self.stored) if self.packed else self.stored
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as the products see it, (out, in)."""
-        return (self.int8_weight().to(torch.float32) * self.scale[:, None]).to(dtype)
+        w = self.stored_weight()
+        if self.scale is None:
+            return w.to(dtype)
+        return (w.to(torch.float32) * self.scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
-        if self._op is not None and x2.shape[0] <= INT8_MAX_KERNEL_ROWS:
-            y = self._op(x2.to(torch.float32).contiguous(), self.qweight, self.scale, self.bias)
-        else:
-            y = torch.nn.functional.linear(x2.to(torch.float32), self.dequantized(), self.bias)
+        if self._op is not None and x2.shape[0] <= self.MAX_KERNEL_ROWS:
+            y = self._op(x2.to(torch.float32).contiguous(), self.stored, self.scale, self.bias)
+        else:  # int8: in float32; bfloat16: in torch's bfloat16 product, as the model would run unpacked
+            compute = torch.float32 if self.scale is not None else self.stored.dtype
+            bias = None if self.bias is None else self.bias.to(compute)
+            y = torch.nn.functional.linear(x2.to(compute), self.dequantized(compute), bias)
         return y.to(dtype).view(*lead, self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantised weight (a copy: for inspection, not for the hot path)."""
+        """The weight as the products see it (a copy: for inspection, not for the hot path)."""
         return self.dequantized()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"kernel={self._op is not None}")
+                f"stored={self.stored.dtype}, kernel={self._op is not None}")
+
+
+class Int8Linear(PackedLinear):
+    """Weight-only int8: each output row's weights rounded to 255 levels of one float32 scale
+    (symmetric, per channel: scale = max |w| / 127); the activations stay in floating point."""
+
+    def __init__(self, linear: nn.Linear):
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        super().__init__(q, scale, linear.bias)
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weight as (out, in)."""
+        return self.stored_weight()
+
+
+class BF16Linear(PackedLinear):
+    """A bfloat16 linear as it is (the same weights), its decoding products in the kernel."""
+
+    def __init__(self, linear: nn.Linear):
+        if linear.weight.dtype != torch.bfloat16:
+            raise ValueError(f"BF16Linear takes a bfloat16 linear, got {linear.weight.dtype}")
+        super().__init__(linear.weight.detach(), None, linear.bias)
+
+
+def pack_bf16_linears(model: Qwen2AudioModel) -> None:
+    """Every bfloat16 product of the LLM's layers, and its head, becomes a BF16Linear (bfloat16 CPU
+    decoding: torch's own bfloat16 product reads the weights at a fraction of the memory's speed). A
+    tied head gets its own packed copy of the table (vocab x hidden x 2 bytes)."""
+    for block, name in llm_linears(model):
+        child = getattr(block, name)
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
+            setattr(block, name, BF16Linear(child))
 
 
 def quantize_linears_int8(model: Qwen2AudioModel) -> None:

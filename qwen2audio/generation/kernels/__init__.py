@@ -1,6 +1,7 @@
 """Small CPU kernels of our own, compiled on first use with the compiler torch's C++ extensions use.
 
-    op = int8_linear_op()   # torch.ops.qwen2audio.int8_linear, or None (then ``build_problem()`` says why)
+    op = packed_linear_op()   # torch.ops.qwen2audio.packed_linear, or None (``build_problem()`` says why)
+    y = op(x, w_packed, scale, bias)   # x float32 (M, K); w int8 (with scale) or bfloat16, packed (weights.pack)
 
 The build (g++ and ninja, ~30 s, once) lands in ``$QWEN2AUDIO_KERNEL_CACHE`` (default
 ``~/.cache/qwen2audio/kernels``) in a folder named after the source, the torch version and this CPU's
@@ -20,7 +21,7 @@ from typing import Callable
 
 import torch
 
-SOURCE = Path(__file__).with_name("int8_linear.cpp")
+SOURCE = Path(__file__).with_name("packed_linear.cpp")
 CACHE_ENV = "QWEN2AUDIO_KERNEL_CACHE"
 DISABLE_ENV = "QWEN2AUDIO_NO_KERNELS"  # set (to anything but 0): never build, use the plain torch paths
 
@@ -42,7 +43,7 @@ def build_dir() -> Path:
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen2audio" / "kernels")
     key = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + torch.__version__.encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
-    return root / f"int8_linear-{key}"
+    return root / f"packed_linear-{key}"
 
 
 def _build() -> None:
@@ -50,14 +51,15 @@ def _build() -> None:
 
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name="qwen2audio_int8_linear", sources=[str(SOURCE)], build_directory=str(directory),
+    cpp_extension.load(name="qwen2audio_packed_linear", sources=[str(SOURCE)], build_directory=str(directory),
                        # -fopenmp: at::parallel_for is inline OpenMP code, serial without it
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=False)
 
 
-def int8_linear_op() -> Callable | None:
-    """The compiled int8 linear (built and loaded once per process), or None where it cannot be built:
+def packed_linear_op() -> Callable | None:
+    """The compiled linear on packed int8 / bfloat16 weights (built and loaded once per process), or
+    None where it cannot be built:
     no C++ compiler or ninja, not a CPU torch can build for, or ``QWEN2AUDIO_NO_KERNELS`` set."""
     with _lock:
         if "op" not in _state:
@@ -67,15 +69,15 @@ def int8_linear_op() -> Callable | None:
             else:
                 try:
                     _build()
-                    _state["op"] = torch.ops.qwen2audio.int8_linear
+                    _state["op"] = torch.ops.qwen2audio.packed_linear
                 except Exception as err:  # a missing compiler or ninja, a failed compile: the plain path works
                     _state["problem"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-                    warnings.warn(f"the int8 kernel could not be built ({_state['problem']}); int8 products run "
-                                  "in plain torch, correct but several times slower (pip install ninja, and a C++ "
-                                  "compiler: apt-get install g++)", stacklevel=3)
+                    warnings.warn(f"the packed-weight kernel could not be built ({_state['problem']}); int8 and "
+                                  "bfloat16 decoding products run in plain torch, correct but slower (pip install "
+                                  "ninja, and a C++ compiler: apt-get install g++)", stacklevel=3)
         return _state["op"]  # type: ignore[return-value]
 
 
 def build_problem() -> str | None:
-    """Why ``int8_linear_op()`` answered None (None when it was built or has not been asked for)."""
+    """Why ``packed_linear_op()`` answered None (None when it was built or has not been asked for)."""
     return _state.get("problem")  # type: ignore[return-value]

@@ -1,5 +1,6 @@
-"""Weight-only int8 (``--quantize int8``): the compiled kernel computes what the dequantised product
-does, the Engine quantises exactly the LLM's products, and the model stays close to float32."""
+"""The packed-weight kernel and its two uses: weight-only int8 (``--quantize int8``) and bfloat16 CPU
+decoding. The kernel computes what the dequantised product does, the Engine converts exactly the LLM's
+products, and the model stays close to the plain one."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def checkpoint(request, tmp_path_factory):
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize("n, k, bias", [(36, 96, True), (64, 64, False), (132, 208, True)])
 def test_the_kernel_computes_the_dequantised_product(rows, n, k, bias):
-    op = kernels.int8_linear_op()
+    op = kernels.packed_linear_op()
     assert op is not None, f"the int8 kernel was not built: {kernels.build_problem()}"
     gen = torch.Generator().manual_seed(rows * 1000 + n)
     x = torch.randn(rows, k, generator=gen)
@@ -44,23 +45,31 @@ def test_the_kernel_computes_the_dequantised_product(rows, n, k, bias):
     b = torch.randn(n, generator=gen) if bias else None
     expected = torch.nn.functional.linear(x.double(), (w.double() * scale.double()[:, None]),
                                           None if b is None else b.double())
-    packed = weights.int8_pack(w)
-    assert torch.equal(weights.int8_unpack(packed), w)
+    packed = weights.pack(w)
+    assert torch.equal(weights.unpack(packed), w)
     got = op(x, packed, scale, b)
     assert got.shape == (rows, n) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+    # bfloat16 weights (no scale): widened exactly, multiplied in float32
+    wb = torch.randn(n, k, generator=gen).bfloat16()
+    expected = torch.nn.functional.linear(x.double(), wb.double(), None if b is None else b.double())
+    torch.testing.assert_close(op(x, weights.pack(wb), None, b).double(), expected, atol=1e-4, rtol=1e-5)
 
 
 @needs_compiler
 def test_the_kernel_refuses_what_it_cannot_compute():
-    op = kernels.int8_linear_op()
-    w = weights.int8_pack(torch.zeros(4, 16, dtype=torch.int8))
+    op = kernels.packed_linear_op()
+    w = weights.pack(torch.zeros(4, 16, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="float32"):
         op(torch.zeros(1, 16, dtype=torch.float64), w, torch.ones(4), None)
     with pytest.raises(RuntimeError, match="shapes"):
         op(torch.zeros(1, 32), w, torch.ones(4), None)
     with pytest.raises(RuntimeError, match="packed"):
         op(torch.zeros(1, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="need their scale"):
+        op(torch.zeros(1, 16), w, None, None)
+    with pytest.raises(RuntimeError, match="int8 or bfloat16"):
+        op(torch.zeros(1, 16), w.float(), None, None)
 
 
 @pytest.mark.parametrize("out_features, in_features", [(40, 96), (37, 100)])  # packed for the kernel; not
@@ -72,12 +81,12 @@ def test_an_int8_linear_rounds_each_weight_to_its_rows_grid_and_every_path_agree
         linear.weight.copy_(torch.randn(out_features, in_features, generator=gen)
                             * torch.linspace(0.01, 2, out_features)[:, None])
     q = weights.Int8Linear(linear)
-    assert q.packed == (out_features % 4 == 0 and kernels.int8_linear_op() is not None)
+    assert q.packed == (out_features % 4 == 0 and kernels.packed_linear_op() is not None)
     w8 = q.int8_weight()
     assert w8.dtype == torch.int8 and w8.shape == (out_features, in_features) and w8.abs().max() == 127
     error = (q.dequantized() - linear.weight).abs()
     assert (error <= q.scale[:, None] / 2 + 1e-7).all()  # round to nearest, per output row's scale
-    for rows in (1, 7, weights.INT8_MAX_KERNEL_ROWS + 5):  # kernel (or its fallback), and the GEMM path
+    for rows in (1, 7, weights.PackedLinear.MAX_KERNEL_ROWS + 5):  # kernel (or its fallback), and the GEMM path
         x = torch.randn(2, rows, in_features, generator=gen)
         expected = torch.nn.functional.linear(x, q.dequantized(), linear.bias)
         torch.testing.assert_close(q(x), expected, atol=1e-4, rtol=1e-4)
@@ -159,3 +168,34 @@ def test_the_cli_answers_with_int8_weights(checkpoint, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qwen2audio.cli", "transcribe", str(checkpoint), str(wav),
                           "--quantize", "int4"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_a_bfloat16_cpu_engine_decodes_with_packed_weights_close_to_torchs_bfloat16(checkpoint, monkeypatch):
+    if kernels.packed_linear_op() is None:
+        pytest.skip(f"the kernel cannot be built here: {kernels.build_problem()}")
+    model = load_model(checkpoint, dtype=torch.bfloat16)
+    engine = Engine(model, TOKENIZER)
+    lm = model.language_model
+    packed = [m for m in lm.modules() if isinstance(m, weights.BF16Linear)]
+    assert len(packed) == 7 * len(lm.model.layers) + 1 and all(m.stored.dtype == torch.bfloat16 for m in packed)
+    assert torch.equal(lm.lm_head.stored_weight(), load_model(checkpoint, dtype=torch.bfloat16)
+                       .language_model.lm_head.weight)  # the same weights, only packed
+    monkeypatch.setattr(weights, "kernel_usable", lambda: False)
+    plain = Engine(load_model(checkpoint, dtype=torch.bfloat16), TOKENIZER)
+    assert not any(isinstance(m, weights.PackedLinear) for m in plain.model.modules())
+
+    params = SamplingParams(max_new_tokens=24)
+    fast_prepared, plain_prepared = _prepared(engine), _prepared(plain)
+    plain_tokens = plain.generate([plain_prepared], params)[0].token_ids
+    fast_tokens = engine.generate([fast_prepared], params)[0].token_ids
+    assert len(plain_tokens) >= 8 and len(fast_tokens) >= 8
+    # float32 accumulation of the same bfloat16 weights vs torch's bfloat16 product: rounding-level
+    plain_logits = _logits(plain, plain_prepared, plain_tokens).float()
+    fast_logits = _logits(engine, fast_prepared, plain_tokens).float()
+    assert (fast_logits - plain_logits).abs().max() < 0.05 * plain_logits.abs().max()
+    assert (fast_logits.argmax(-1) == plain_logits.argmax(-1)).float().mean() >= 0.9
+
+
+def test_bfloat16_linear_takes_only_bfloat16():
+    with pytest.raises(ValueError, match="bfloat16"):
+        weights.BF16Linear(torch.nn.Linear(16, 4))

@@ -1,0 +1,194 @@
+// Linear products for CPU decoding with weights stored small: y = x @ (w * scale[:, None]).T + bias, for
+// x float32 (M, K) with few rows (a decoding step) and w (N, K) in int8 (with one float32 scale per
+// output row: weight-only int8) or bfloat16 (no scale), packed as described below.
+//
+// A decoding step reads every weight once per token, so its speed is the speed at which the weights are
+// read: int8 weights are a quarter of float32's bytes, bfloat16 half. Each weight is read once for up to
+// 4 rows of x, widened to float32 in registers (AVX-512: 16 at a time, AVX2: 8) and multiplied in
+// float32, so the only loss is the weight's own rounding. Blocks of rows are shared over torch's own
+// threads (at::parallel_for: the same pool and thread count as torch's products).
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define Q2A_AVX2 1
+#endif
+#if defined(Q2A_AVX2) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t NB = 4;   // rows of w per block
+constexpr int64_t KB = 16;  // weights of a row per chunk
+// w is packed as (N / NB, K / KB, NB, KB): a block's rows chunk by chunk, so that each thread reads
+// one sequential stream of memory (the layout pack() in generation/weights.py makes).
+
+// Widening loads: 16 or 8 weights -> float32 lanes; one weight -> float.
+struct Int8 {
+  using T = int8_t;
+#if defined(__AVX512F__)
+  static __m512 v16(const T* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+#endif
+#ifdef Q2A_AVX2
+  static __m256 v8(const T* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+#endif
+  static float one(T v) { return float(v); }
+};
+
+struct BF16 {  // the upper half of a float32: widening is a 16-bit shift
+  using T = uint16_t;
+#if defined(__AVX512F__)
+  static __m512 v16(const T* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+#endif
+#ifdef Q2A_AVX2
+  static __m256 v8(const T* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+#endif
+  static float one(T v) {
+    const uint32_t bits = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+#ifdef Q2A_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// One block of NB rows of w (packed, from wb) times MB rows of x (from row m): raw dot products.
+template <typename L, int MB>
+inline void dots(const typename L::T* wb, const float* x, int64_t K, int64_t m, float out[NB][MB]) {
+  const typename L::T* p = wb;
+  // a few cache lines ahead of the stream (the hardware prefetcher alone left the reads short of the
+  // memory's speed)
+  constexpr int64_t ahead = 1024 / sizeof(typename L::T);
+#if defined(__AVX512F__)
+  __m512 acc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += KB, p += NB * KB) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+    __m512 xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(x + (m + i) * K + k);
+    for (int j = 0; j < NB; ++j) {
+      const __m512 wv = L::v16(p + j * KB);
+      for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+#elif defined(Q2A_AVX2)
+  __m256 acc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) acc[j][i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += KB, p += NB * KB) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+    for (int h = 0; h < KB; h += 8) {
+      __m256 xv[MB];
+      for (int i = 0; i < MB; ++i) xv[i] = _mm256_loadu_ps(x + (m + i) * K + k + h);
+      for (int j = 0; j < NB; ++j) {
+        const __m256 wv = L::v8(p + j * KB + h);
+        for (int i = 0; i < MB; ++i) acc[j][i] = _mm256_fmadd_ps(wv, xv[i], acc[j][i]);
+      }
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) out[j][i] = hsum(acc[j][i]);
+#else
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) out[j][i] = 0.f;
+  for (int64_t k = 0; k < K; k += KB, p += NB * KB)
+    for (int j = 0; j < NB; ++j)
+      for (int h = 0; h < KB; ++h)
+        for (int i = 0; i < MB; ++i) out[j][i] += L::one(p[j * KB + h]) * x[(m + i) * K + k + h];
+#endif
+}
+
+template <typename L, int MB>
+inline void block(const typename L::T* wb, const float* x, const float* scale, const float* bias, float* y,
+                  int64_t K, int64_t N, int64_t n, int64_t m) {
+  float out[NB][MB];
+  dots<L, MB>(wb, x, K, m, out);
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i)
+      y[(m + i) * N + n + j] = out[j][i] * (scale ? scale[n + j] : 1.f) + (bias ? bias[n + j] : 0.f);
+}
+
+template <typename L>
+void run(const typename L::T* wp, const float* xp, const float* sp, const float* bp, float* yp, int64_t M,
+         int64_t K, int64_t N) {
+  at::parallel_for(0, N / NB, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const typename L::T* wb = wp + blk * NB * K;
+      const int64_t n = blk * NB;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) block<L, 4>(wb, xp, sp, bp, yp, K, N, n, m);
+      switch (M - m) {
+        case 3: block<L, 3>(wb, xp, sp, bp, yp, K, N, n, m); break;
+        case 2: block<L, 2>(wb, xp, sp, bp, yp, K, N, n, m); break;
+        case 1: block<L, 1>(wb, xp, sp, bp, yp, K, N, n, m); break;
+        default: break;
+      }
+    }
+  });
+}
+
+const float* optional_floats(const c10::optional<at::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n && t->device().is_cpu(),
+              "packed_linear: ", what, " must be a contiguous float32 CPU tensor of the output size");
+  return t->data_ptr<float>();
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                         const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 4, "packed_linear: x (M, K), w packed (N/4, K/16, 4, 16)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "packed_linear: x must be float32");
+  TORCH_CHECK(w.scalar_type() == at::kChar || w.scalar_type() == at::kBFloat16,
+              "packed_linear: w must be int8 or bfloat16");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "packed_linear: contiguous inputs");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "packed_linear: CPU tensors");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * NB;
+  TORCH_CHECK(w.size(1) * KB == K && w.size(2) == NB && w.size(3) == KB, "packed_linear: shapes do not match");
+  const float* sp = optional_floats(scale, N, "scale");
+  const float* bp = optional_floats(bias, N, "bias");
+  TORCH_CHECK(w.scalar_type() != at::kChar || sp != nullptr, "packed_linear: int8 weights need their scale");
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (w.scalar_type() == at::kChar)
+    run<Int8>(w.data_ptr<int8_t>(), x.data_ptr<float>(), sp, bp, y.data_ptr<float>(), M, K, N);
+  else
+    run<BF16>(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), x.data_ptr<float>(), sp, bp,
+              y.data_ptr<float>(), M, K, N);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qwen2audio, m) {
+  m.def("packed_linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qwen2audio, CPU, m) {
+  m.impl("packed_linear", &packed_linear);
+}
