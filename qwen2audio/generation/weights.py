@@ -101,11 +101,11 @@ def hand_linears_to_onednn(model: Qwen2AudioModel) -> None:
             setattr(block, name, OneDNNLinear(child))
 
 
-PACK_BLOCK = (4, 16)  # the kernel's packing: rows of the weight per block, weights of a row per chunk
+PACK_BLOCK = (4, 32)  # the kernel's packing: rows of the weight per block, weights of a row per chunk
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """(N, K) -> (N/4, K/16, 4, 16): each block of 4 rows chunk by chunk, so that the kernel reads one
+    """(N, K) -> (N/4, K/32, 4, 32): each block of 4 rows chunk by chunk, so that the kernel reads one
     sequential stream of memory per thread."""
     (r, c), (n, k) = PACK_BLOCK, w.shape
     return w.view(n // r, r, k // c, c).permute(0, 2, 1, 3).contiguous()
@@ -127,7 +127,7 @@ class PackedLinear(nn.Module):
     a bfloat16 model holds it (``BF16Linear``). The kernel reads the weight once for up to 4 rows of
     activations, widens it to float32 in registers and multiplies in float32. More than
     MAX_KERNEL_ROWS rows (a prefill) run in torch on the weight unpacked. Without the kernel (no
-    compiler), or for a shape it does not take (out not a multiple of 4, in not of 16), the weight is
+    compiler), or for a shape it does not take (out not a multiple of 4, in not of 32), the weight is
     kept unpacked and every product runs in torch. Output in the input's dtype."""
 
     MAX_KERNEL_ROWS = 16

@@ -12,8 +12,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define Q2A_AVX2 1
@@ -25,7 +28,7 @@
 namespace {
 
 constexpr int64_t NB = 4;   // rows of w per block
-constexpr int64_t KB = 16;  // weights of a row per chunk
+constexpr int64_t KB = 32;  // weights of a row per chunk
 // w is packed as (N / NB, K / KB, NB, KB): a block's rows chunk by chunk, so that each thread reads
 // one sequential stream of memory (the layout pack() in generation/weights.py makes).
 
@@ -89,11 +92,13 @@ inline void dots(const typename L::T* wb, const float* x, int64_t K, int64_t m, 
     for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += KB, p += NB * KB) {
     _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
-    __m512 xv[MB];
-    for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(x + (m + i) * K + k);
-    for (int j = 0; j < NB; ++j) {
-      const __m512 wv = L::v16(p + j * KB);
-      for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
+    for (int h = 0; h < KB; h += 16) {
+      __m512 xv[MB];
+      for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(x + (m + i) * K + k + h);
+      for (int j = 0; j < NB; ++j) {
+        const __m512 wv = L::v16(p + j * KB + h);
+        for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
+      }
     }
   }
   for (int j = 0; j < NB; ++j)
@@ -122,6 +127,98 @@ inline void dots(const typename L::T* wb, const float* x, int64_t K, int64_t m, 
     for (int j = 0; j < NB; ++j)
       for (int h = 0; h < KB; ++h)
         for (int i = 0; i < MB; ++i) out[j][i] += L::one(p[j * KB + h]) * x[(m + i) * K + k + h];
+#endif
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define Q2A_VNNI 1
+// int8 weights with AVX-512 VNNI: the activations are rounded to 16-bit integers per block of XB (each
+// block with its own scale: relative error at most 2^-16 of the block's largest, two orders below
+// bfloat16's rounding), so that one instruction multiplies 32 weights, widened to 16 bits, and adds
+// them in pairs into 32-bit sums (vpdpwssd): 3 instructions per 32 weights instead of 6 per 16. The
+// block's integer sums (at most 8 x 127 x 32767 per lane: no overflow) are scaled into float32 sums.
+constexpr int64_t XB = 128;
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+  const int64_t blocks = K / XB;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* v = x + m * K + b * XB;
+      float amax = 0.f;
+      for (int64_t t = 0; t < XB; ++t) amax = std::max(amax, std::fabs(v[t]));
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      xs[m * blocks + b] = amax / 32767.f;
+      int16_t* q = xq + m * K + b * XB;
+      for (int64_t t = 0; t < XB; ++t) q[t] = int16_t(std::nearbyint(v[t] * inv));
+    }
+}
+
+template <int MB>
+inline void dots_vnni(const int8_t* wb, const int16_t* xq, const float* xs, int64_t K, int64_t m,
+                      float out[NB][MB]) {
+  const int64_t blocks = K / XB;
+  __m512 facc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) facc[j][i] = _mm512_setzero_ps();
+  const int8_t* p = wb;
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i iacc[NB][MB];
+    for (int j = 0; j < NB; ++j)
+      for (int i = 0; i < MB; ++i) iacc[j][i] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < XB / KB; ++c, p += NB * KB) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
+      const int64_t k = b * XB + c * KB;
+      __m512i xv[MB];
+      for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(xq + (m + i) * K + k);
+      for (int j = 0; j < NB; ++j) {
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j * KB)));
+        for (int i = 0; i < MB; ++i) iacc[j][i] = _mm512_dpwssd_epi32(iacc[j][i], wv, xv[i]);
+      }
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512 scale = _mm512_set1_ps(xs[(m + i) * blocks + b]);
+      for (int j = 0; j < NB; ++j) facc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[j][i]), scale, facc[j][i]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) out[j][i] = _mm512_reduce_add_ps(facc[j][i]);
+}
+
+template <int MB>
+inline void block_vnni(const int8_t* wb, const int16_t* xq, const float* xs, const float* scale, const float* bias,
+                       float* y, int64_t K, int64_t N, int64_t n, int64_t m) {
+  float out[NB][MB];
+  dots_vnni<MB>(wb, xq, xs, K, m, out);
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) y[(m + i) * N + n + j] = out[j][i] * scale[n + j] + (bias ? bias[n + j] : 0.f);
+}
+
+void run_vnni(const int8_t* wp, const float* xp, const float* sp, const float* bp, float* yp, int64_t M,
+              int64_t K, int64_t N) {
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xs(M * (K / XB));
+  quantize_rows(xp, M, K, xq.data(), xs.data());
+  const int16_t* q = xq.data();
+  const float* qs = xs.data();
+  at::parallel_for(0, N / NB, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int8_t* wb = wp + blk * NB * K;
+      const int64_t n = blk * NB;
+      int64_t m = 0;  // two rows of x at a time: 2 x 4 integer and float sums fit the 32 registers
+      for (; m + 2 <= M; m += 2) block_vnni<2>(wb, q, qs, sp, bp, yp, K, N, n, m);
+      if (m < M) block_vnni<1>(wb, q, qs, sp, bp, yp, K, N, n, m);
+    }
+  });
+}
+#endif
+
+// Whether int8 products take the VNNI path (the activations then rounded to 16 bits per block).
+bool vnni_for(int64_t K) {
+#ifdef Q2A_VNNI
+  return K % XB == 0;
+#else
+  (void)K;
+  return false;
 #endif
 }
 
@@ -163,7 +260,7 @@ const float* optional_floats(const c10::optional<at::Tensor>& t, int64_t n, cons
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                          const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 4, "packed_linear: x (M, K), w packed (N/4, K/16, 4, 16)");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 4, "packed_linear: x (M, K), w packed (N/4, K/32, 4, 32)");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "packed_linear: x must be float32");
   TORCH_CHECK(w.scalar_type() == at::kChar || w.scalar_type() == at::kBFloat16,
               "packed_linear: w must be int8 or bfloat16");
@@ -175,7 +272,11 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
   const float* bp = optional_floats(bias, N, "bias");
   TORCH_CHECK(w.scalar_type() != at::kChar || sp != nullptr, "packed_linear: int8 weights need their scale");
   at::Tensor y = at::empty({M, N}, x.options());
-  if (w.scalar_type() == at::kChar)
+  if (w.scalar_type() == at::kChar && vnni_for(K)) {
+#ifdef Q2A_VNNI
+    run_vnni(w.data_ptr<int8_t>(), x.data_ptr<float>(), sp, bp, y.data_ptr<float>(), M, K, N);
+#endif
+  } else if (w.scalar_type() == at::kChar)
     run<Int8>(w.data_ptr<int8_t>(), x.data_ptr<float>(), sp, bp, y.data_ptr<float>(), M, K, N);
   else
     run<BF16>(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), x.data_ptr<float>(), sp, bp,
@@ -191,4 +292,15 @@ TORCH_LIBRARY(qwen2audio, m) {
 
 TORCH_LIBRARY_IMPL(qwen2audio, CPU, m) {
   m.impl("packed_linear", &packed_linear);
+}
+
+// For the tests and the docs: whether this build rounds int8 products' activations to 16 bits (VNNI).
+TORCH_LIBRARY_FRAGMENT(qwen2audio, m) {
+  m.def("int8_rounds_activations() -> bool", []() -> bool {
+#ifdef Q2A_VNNI
+    return true;
+#else
+    return false;
+#endif
+  });
 }
