@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Sequence
 import torch
 
 from ..model import KVCache
+from ..model.llm import kv_cache_dtype
 from .events import Events
 from .reply import Generation, ReplyText
 from .sampling import SamplingParams, hold_back_stop_tokens, next_tokens
@@ -276,7 +277,8 @@ class Scheduler:
     def bytes_per_position(engine: "Engine") -> int:
         """KV cache bytes of one position of one slot, for the engine's model."""
         c = engine.model.config.text
-        return KVCache.bytes_per_position(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, engine.model.dtype)
+        dtype = kv_cache_dtype(engine.model.dtype, engine.model.device)
+        return KVCache.bytes_per_position(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype)
 
     @property
     def kv_bytes(self) -> int:

@@ -56,6 +56,15 @@ def padded_causal_mask(key_valid: torch.Tensor, T: int) -> torch.Tensor:
     return mask | diag[None, None]
 
 
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a KV cache keeps for a model in ``dtype``: float32 for half precision on a CPU, where
+    torch's attention in bfloat16 took 888 us for one query over 840 cached positions against 137 us in
+    float32 (20 ms of a 0.5B model's 80 ms decoding step); otherwise the model's dtype."""
+    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -74,8 +83,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = the cached positions read
         causal = mask is None and T > 1 and k.shape[2] == T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        # the cache may hold keys and values in another dtype than the layer's (kv_cache_dtype)
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, hidden)
 
 
@@ -128,8 +138,9 @@ class Qwen2ForCausalLM(nn.Module):
         """A pool of ``max_slots`` sequences of up to ``max_len`` positions (storage grows on demand)."""
         w = self.model.embed_tokens.weight
         c = self.config
+        device = device or w.device
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_slots, max_len,
-                       dtype or w.dtype, device or w.device)
+                       dtype or kv_cache_dtype(w.dtype, device), device)
 
     def hidden_states(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
                       cache: ChunkWrite | StepWrite | None = None) -> torch.Tensor:
