@@ -58,6 +58,20 @@ def read_bandwidth() -> float:
     return big.numel() * 4 / best(lambda: big.sum(), 5) / 1e9
 
 
+def prefill_gflop(cfg, n_tokens: int) -> float:
+    """Multiply-adds x 2 of the prefill of one 30 s clip and a prompt of ``n_tokens`` (audio included):
+    the encoder's convolutions, projections and attention over 1,500 frames, the projector, the LLM's
+    products and causal attention over the prompt, and the head for the last position."""
+    a, t = cfg.audio_config, cfg.text_config
+    d, frames = a.d_model, 1500
+    enc = 2 * 3 * a.num_mel_bins * d * 2 * frames + 2 * 3 * d * d * frames
+    enc += a.encoder_layers * (2 * (4 * d * d + 2 * d * a.encoder_ffn_dim) * frames + 4 * frames * frames * d)
+    h, kv = t.hidden_size, t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    per_token = 2 * (2 * h * h + 2 * h * kv + 3 * h * t.intermediate_size)
+    llm = t.num_hidden_layers * (per_token * n_tokens + 2 * n_tokens * n_tokens * h)  # causal: half of 4 T^2 h
+    return (enc + 2 * d * h * frames // 2 + llm + 2 * h * t.vocab_size) / 1e9
+
+
 def llm_weight_bytes(model) -> int:
     """Bytes of weights a decoding step reads: the LLM's products and its head, as stored."""
     from qwen2audio.generation import weights
@@ -175,6 +189,8 @@ def main() -> None:
     n = args.decode_tokens
     measures = ["prefill, one 30 s clip (s)", "decode, batch 1 (tokens/s)", "decode, batch 8 (tokens/s)"]
     reference_tokens = theirs(one, 8)[0, -8:].tolist()
+    n_prompt = int(processor(text=[prompt(0)], audio=one, sampling_rate=16000, return_tensors="pt")["input_ids"].shape[1])
+    gflop = prefill_gflop(ref.config, n_prompt)
     table = {measures[0]: {"transformers": best(lambda: theirs(one, 1), args.repeats)}}
     for label, audios in zip(measures[1:], (one, eight)):
         table[label] = {"transformers": decode_rate(theirs, audios, n + 1)}
@@ -216,18 +232,22 @@ def main() -> None:
     print("|---|---|" + "---|" * len(forms))
     for label in measures:
         theirs_value = table[label]["transformers"]
+        theirs_cell = f"{theirs_value:.3f}" + (f", {gflop / theirs_value:.0f} GFLOP/s" if label == measures[0] else "")
         cells = []
         for form in forms:
             value = table[label][form]
             ratio = theirs_value / value if label == measures[0] else value / theirs_value
             cell = f"{value:.3f} ({ratio:.2f}x)"
+            if label == measures[0]:
+                cell += f", {gflop / value:.0f} GFLOP/s"
             if form in read_rates and label in read_rates[form]:
                 gbs = read_rates[form][label]
                 cell += f", {gbs:.1f} GB/s = {gbs / bandwidth:.2f} of memory"
             cells.append(cell)
-        print(f"| {label} | {theirs_value:.3f} | " + " | ".join(cells) + " |")
-    print("\nratios: ours vs transformers (higher is faster); GB/s: bytes of LLM weights read per second by the "
-          "decode steps (8 rows share one read).")
+        print(f"| {label} | {theirs_cell} | " + " | ".join(cells) + " |")
+    print(f"\nratios: ours vs transformers (higher is faster); GFLOP/s: the prefill's {gflop:.0f} GFLOP ({n_prompt} "
+          "prompt tokens) per second; GB/s: bytes of LLM weights read per second by the decode steps (8 rows "
+          "share one read).")
 
 
 if __name__ == "__main__":
