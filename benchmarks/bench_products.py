@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_inference import best, read_bandwidth  # noqa: E402  (this folder)
 from qwen2audio.generation import weights  # noqa: E402
 from qwen2audio.generation.kernels import packed_linear_op  # noqa: E402
 
@@ -29,19 +29,8 @@ SHAPES = [(1152, 896, "qkv"), (896, 896, "o"), (9728, 896, "gate+up"), (896, 486
 
 
 def best_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def read_bandwidth(repeats: int) -> float:
-    """GB/s of a plain read: torch.sum over 1 GiB of float32."""
-    big = torch.ones(1 << 28)
-    return big.numel() * 4 / best_seconds(lambda: big.sum(), max(3, repeats // 4)) / 1e9
+    fn()  # warm: the first call may allocate or fault pages in
+    return best(fn, repeats)
 
 
 def main() -> None:
@@ -53,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows_list = [int(r) for r in args.rows.split(",")]
     op = packed_linear_op()
-    bandwidth = read_bandwidth(args.repeats)
+    bandwidth = read_bandwidth()
     print(f"\n{platform.processor() or platform.machine()} | torch {torch.__version__} | {args.threads} threads | "
           f"memory read (torch.sum, 1 GiB): {bandwidth:.1f} GB/s | packed-weight kernel: {'built' if op else 'NOT built'}\n")
     print("| weight (out x in) | rows | float32 torch | float32 oneDNN | bfloat16 torch | bfloat16 qwen2audio | "

@@ -46,3 +46,15 @@ def tiny_demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "data"
     assert make_data.main(["--out", str(out), "--seed", "0", "--scale", "tiny", "--jobs", "2"]) == 0
     return out
+
+
+@pytest.fixture(scope="module", params=["mha_untied_80", "gqa_tied_128"])
+def reference_checkpoint(request, tmp_path_factory):
+    """Each of the two reference model shapes (tests/reference.py) saved as a checkpoint directory."""
+    from reference import TOKENIZER, hf_model
+
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model(request.param).save_pretrained(path)
+    TOKENIZER.save(path)
+    return path
+

@@ -10,17 +10,14 @@ from qwen2audio.checkpoint import load_model
 from qwen2audio.generation import weights
 from qwen2audio.generation.engine import Engine
 from qwen2audio.generation.sampling import SamplingParams
-from reference import TOKENIZER, clip, hf_model
+from reference import TOKENIZER, clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=["mha_untied_80", "gqa_tied_128"])
-def checkpoint(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    hf_model(request.param).save_pretrained(path)
-    TOKENIZER.save(path)
-    return path
+@pytest.fixture(scope="module")
+def checkpoint(reference_checkpoint):
+    return reference_checkpoint
 
 
 def wide_weights(model) -> list[torch.Tensor]:
