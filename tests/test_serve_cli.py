@@ -110,10 +110,11 @@ def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, list[s
 
 def test_the_command_serves_the_default_model_and_stops_on_sigterm(default_home):
     """SIGTERM with a stream in flight: the port closes, the stream goes on for --shutdown-timeout, then
-    ends with finish_reason "abort" and [DONE]; the process exits without a traceback."""
+    ends with finish_reason "abort" and [DONE]; the process exits without a traceback. (Served with
+    weight-only int8, so that the server's --quantize path runs end to end too.)"""
     openai = pytest.importorskip("openai")
     command = [sys.executable, "-m", "qwen2audio.cli", "serve", "--port", "0", "--max-tokens", str(LONG),
-               "--served-model-name", "tiny", "--shutdown-timeout", "0.5"]
+               "--served-model-name", "tiny", "--shutdown-timeout", "0.5", "--quantize", "int8"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "QWEN2AUDIO_API_KEY": "k"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, text=True)
