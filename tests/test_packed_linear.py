@@ -68,6 +68,12 @@ def test_the_kernel_computes_the_dequantised_product(rows, n, k, bias):
     wb = torch.randn(n, k, generator=gen).bfloat16()
     expected = torch.nn.functional.linear(x.double(), wb.double(), None if b is None else b.double())
     torch.testing.assert_close(op(x, weights.pack(wb), None, b).double(), expected, atol=1e-4, rtol=1e-5)
+    # and bfloat16 activations (a bfloat16 model's): the same products, exact, summed in float32
+    xb = x.bfloat16()
+    expected = torch.nn.functional.linear(xb.double(), wb.double(), None if b is None else b.double())
+    got = op(xb, weights.pack(wb), None, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
 
 
 @needs_compiler
@@ -84,6 +90,10 @@ def test_the_kernel_refuses_what_it_cannot_compute():
         op(torch.zeros(1, 32), w, None, None)
     with pytest.raises(RuntimeError, match="int8 or bfloat16"):
         op(torch.zeros(1, 32), w.float(), None, None)
+    with pytest.raises(RuntimeError, match="bfloat16 with bfloat16 weights"):
+        op(torch.zeros(1, 32, dtype=torch.bfloat16), w, torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="take no scale"):
+        op(torch.zeros(1, 32, dtype=torch.bfloat16), w.bfloat16(), torch.ones(4), None)
 
 
 @pytest.mark.parametrize("out_features, in_features", [(40, 96), (37, 100)])  # packed for the kernel; not

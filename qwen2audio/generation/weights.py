@@ -160,7 +160,11 @@ class PackedLinear(nn.Module):
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
         if self._op is not None and x2.shape[0] <= self.MAX_KERNEL_ROWS:
-            y = self._op(x2.to(torch.float32).contiguous(), self.stored, self.scale, self.bias)
+            # bfloat16 activations go in as they are when the weights are bfloat16 (the kernel multiplies
+            # them exactly, in pairs, on AVX-512 BF16); otherwise in float32
+            if not (dtype == torch.bfloat16 and self.stored.dtype == torch.bfloat16):
+                x2 = x2.to(torch.float32)
+            y = self._op(x2.contiguous(), self.stored, self.scale, self.bias)
         else:  # int8: in float32; bfloat16: in torch's bfloat16 product, as the model would run unpacked
             compute = torch.float32 if self.scale is not None else self.stored.dtype
             bias = None if self.bias is None else self.bias.to(compute)

@@ -1,6 +1,7 @@
-// Linear products for CPU decoding with weights stored small: y = x @ (w * scale[:, None]).T + bias, for
-// x float32 (M, K) with few rows (a decoding step) and w (N, K) in int8 (with one float32 scale per
-// output row: weight-only int8) or bfloat16 (no scale), packed as described below.
+// Linear products for CPU decoding with weights stored small: y = x @ (w * scale[:, None]).T + bias
+// (float32), for x (M, K) with few rows (a decoding step) and w (N, K) in int8 (with one float32 scale
+// per output row: weight-only int8; x float32) or bfloat16 (no scale; x float32 or bfloat16), packed
+// as described below.
 //
 // A decoding step reads every weight once per token, so its speed is the speed at which the weights are
 // read: int8 weights are a quarter of float32's bytes, bfloat16 half. Each weight is read once for up to
@@ -212,6 +213,56 @@ void run_vnni(const int8_t* wp, const float* xp, const float* sp, const float* b
 }
 #endif
 
+#if defined(__AVX512BF16__)
+#define Q2A_BF16DP 1
+// bfloat16 weights with bfloat16 activations (a bfloat16 model's) on AVX-512 BF16: vdpbf16ps multiplies
+// 32 pairs of bfloat16 values exactly and adds them into 16 float32 sums, with no widening of the weights.
+template <int MB>
+inline void dots_bf16(const uint16_t* wb, const uint16_t* x, int64_t K, int64_t m, float out[NB][MB]) {
+  __m512 acc[NB][MB];
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_setzero_ps();
+  const uint16_t* p = wb;
+  for (int64_t k = 0; k < K; k += KB, p += NB * KB) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + 512), _MM_HINT_T0);
+    __m512bh xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = (__m512bh)_mm512_loadu_si512(x + (m + i) * K + k);
+    for (int j = 0; j < NB; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(p + j * KB);
+      for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv, xv[i]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+}
+
+template <int MB>
+inline void block_bf16(const uint16_t* wb, const uint16_t* x, const float* bias, float* y, int64_t K, int64_t N,
+                       int64_t n, int64_t m) {
+  float out[NB][MB];
+  dots_bf16<MB>(wb, x, K, m, out);
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i) y[(m + i) * N + n + j] = out[j][i] + (bias ? bias[n + j] : 0.f);
+}
+
+void run_bf16(const uint16_t* wp, const uint16_t* xp, const float* bp, float* yp, int64_t M, int64_t K, int64_t N) {
+  at::parallel_for(0, N / NB, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const uint16_t* wb = wp + blk * NB * K;
+      const int64_t n = blk * NB;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) block_bf16<4>(wb, xp, bp, yp, K, N, n, m);
+      switch (M - m) {
+        case 3: block_bf16<3>(wb, xp, bp, yp, K, N, n, m); break;
+        case 2: block_bf16<2>(wb, xp, bp, yp, K, N, n, m); break;
+        case 1: block_bf16<1>(wb, xp, bp, yp, K, N, n, m); break;
+        default: break;
+      }
+    }
+  });
+}
+#endif
+
 // Whether int8 products take the VNNI path (the activations then rounded to 16 bits per block).
 bool vnni_for(int64_t K) {
 #ifdef Q2A_VNNI
@@ -261,7 +312,8 @@ const float* optional_floats(const c10::optional<at::Tensor>& t, int64_t n, cons
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                          const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 4, "packed_linear: x (M, K), w packed (N/4, K/32, 4, 32)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "packed_linear: x must be float32");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16),
+              "packed_linear: x must be float32 (or bfloat16 with bfloat16 weights)");
   TORCH_CHECK(w.scalar_type() == at::kChar || w.scalar_type() == at::kBFloat16,
               "packed_linear: w must be int8 or bfloat16");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "packed_linear: contiguous inputs");
@@ -269,9 +321,22 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * NB;
   TORCH_CHECK(w.size(1) * KB == K && w.size(2) == NB && w.size(3) == KB, "packed_linear: shapes do not match");
   const float* sp = optional_floats(scale, N, "scale");
+  TORCH_CHECK(x.scalar_type() != at::kBFloat16 || sp == nullptr, "packed_linear: bfloat16 weights take no scale");
   const float* bp = optional_floats(bias, N, "bias");
   TORCH_CHECK(w.scalar_type() != at::kChar || sp != nullptr, "packed_linear: int8 weights need their scale");
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kBFloat16) {
+#ifdef Q2A_BF16DP
+    run_bf16(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+             reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), bp, y.data_ptr<float>(), M, K, N);
+    return y;
+#else
+    const at::Tensor xf = x.to(at::kFloat);
+    run<BF16>(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), xf.data_ptr<float>(), sp, bp,
+              y.data_ptr<float>(), M, K, N);
+    return y;
+#endif
+  }
   if (w.scalar_type() == at::kChar && vnni_for(K)) {
 #ifdef Q2A_VNNI
     run_vnni(w.data_ptr<int8_t>(), x.data_ptr<float>(), sp, bp, y.data_ptr<float>(), M, K, N);
