@@ -110,7 +110,7 @@ def test_an_int8_linear_rounds_each_weight_to_its_rows_grid_and_every_path_agree
     assert w8.dtype == torch.int8 and w8.shape == (out_features, in_features) and w8.abs().max() == 127
     error = (q.dequantized() - linear.weight).abs()
     assert (error <= q.scale[:, None] / 2 + 1e-7).all()  # round to nearest, per output row's scale
-    for rows in (1, 7, weights.PackedLinear.MAX_KERNEL_ROWS + 5):  # kernel (or its fallback), and the GEMM path
+    for rows in (1, 7, 300):  # int8 runs every size in the kernel (or its fallback)
         x = torch.randn(2, rows, in_features, generator=gen)
         expected = torch.nn.functional.linear(x, q.dequantized(), linear.bias)
         torch.testing.assert_close(q(x), expected, atol=1e-4, rtol=1e-4)
@@ -218,6 +218,19 @@ def test_a_bfloat16_cpu_engine_decodes_with_packed_weights_close_to_torchs_bfloa
     fast_logits = _logits(engine, fast_prepared, plain_tokens).float()
     assert (fast_logits - plain_logits).abs().max() < 0.05 * plain_logits.abs().max()
     assert (fast_logits.argmax(-1) == plain_logits.argmax(-1)).float().mean() >= 0.9
+
+
+def test_a_bfloat16_linear_keeps_its_weights_and_every_path_agrees():
+    gen = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(64, 40, bias=True).bfloat16()
+    packed = weights.BF16Linear(linear)
+    assert torch.equal(packed.stored_weight(), linear.weight)
+    for rows in (1, 7, weights.BF16Linear.MAX_KERNEL_ROWS + 1):  # the kernel, and unpacked for torch's GEMM
+        x = torch.randn(rows, 64, generator=gen).bfloat16()
+        expected = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+        got = packed(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), expected, atol=0.05, rtol=0.02)  # bfloat16 output rounding
 
 
 def test_bfloat16_linear_takes_only_bfloat16():
