@@ -58,3 +58,13 @@ def reference_checkpoint(request, tmp_path_factory):
     TOKENIZER.save(path)
     return path
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def packed_kernel():
+    """Build the packed-weight kernel (or find it cached) once, before any test: otherwise the first
+    bfloat16 or int8 model would build it inside whatever test loads it, a server's start-up timeout
+    included."""
+    from qwen2audio.generation.kernels import packed_linear_op
+
+    return packed_linear_op()
