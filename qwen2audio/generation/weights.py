@@ -19,8 +19,6 @@ ONEDNN_DTYPES = (torch.float32,)  # where oneDNN's products beat the default CPU
 ONEDNN_MIN_WEIGHTS = 1 << 19
 
 
-
-
 def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -> Qwen2AudioModel:
     """Apply every inference-only transform that suits the model's device (and ``quantize="int8"``:
     weight-only int8 for the LLM's products); returns the same model."""
@@ -116,16 +114,11 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return packed.permute(0, 2, 1, 3).reshape(blocks * r, chunks * c)
 
 
-def packable(linear: nn.Linear) -> bool:
-    rows, cols = PACK_BLOCK
-    return linear.out_features % rows == 0 and linear.in_features % cols == 0
-
-
 class PackedLinear(nn.Module):
     """An inference-only nn.Linear whose decoding products run in our compiled kernel (``kernels``) on
     a weight stored small: int8 with one float32 scale per output row (``Int8Linear``), or bfloat16 as
     a bfloat16 model holds it (``BF16Linear``). The kernel reads the weight once for up to 4 rows of
-    activations, widens it to float32 in registers and multiplies in float32. More than
+    activations and multiplies with float32 sums (packed_linear.cpp says how, per instruction set). More than
     MAX_KERNEL_ROWS rows (a long prefill chunk) run in torch on the weight unpacked. Without the kernel (no
     compiler), or for a shape it does not take (out not a multiple of 4, in not of 32), the weight is
     kept unpacked and every product runs in torch. Output in the input's dtype."""
