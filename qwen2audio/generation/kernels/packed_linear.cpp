@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -131,6 +132,38 @@ inline void dots(const typename L::T* wb, const float* x, int64_t K, int64_t m, 
 #endif
 }
 
+// A block's raw sums (weight rows n.., x rows m..) into y: times the row's scale (if any), plus its bias.
+template <int MB>
+inline void store(const float (&out)[NB][MB], const float* scale, const float* bias, float* y, int64_t N,
+                  int64_t n, int64_t m) {
+  for (int j = 0; j < NB; ++j)
+    for (int i = 0; i < MB; ++i)
+      y[(m + i) * N + n + j] = out[j][i] * (scale ? scale[n + j] : 1.f) + (bias ? bias[n + j] : 0.f);
+}
+
+template <int MB, typename F>
+inline void rows_left(int64_t rest, F& f, int64_t blk, int64_t m) {
+  if constexpr (MB > 0) {
+    if (rest == MB)
+      f(blk, m, std::integral_constant<int, MB>{});
+    else
+      rows_left<MB - 1>(rest, f, blk, m);
+  }
+}
+
+// Every block of NB weight rows, shared over torch's threads; within a block the rows of x MAX_MB at a
+// time (the rest in one smaller group): f(block, first x row, std::integral_constant<int, rows>).
+template <int MAX_MB, typename F>
+void for_each_block(int64_t M, int64_t N, F&& f) {
+  at::parallel_for(0, N / NB, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      int64_t m = 0;
+      for (; m + MAX_MB <= M; m += MAX_MB) f(blk, m, std::integral_constant<int, MAX_MB>{});
+      rows_left<MAX_MB - 1>(M - m, f, blk, m);
+    }
+  });
+}
+
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define Q2A_VNNI 1
 // int8 weights with AVX-512 VNNI: the activations are rounded to 16-bit integers per block of XB (each
@@ -185,30 +218,17 @@ inline void dots_vnni(const int8_t* wb, const int16_t* xq, const float* xs, int6
     for (int i = 0; i < MB; ++i) out[j][i] = _mm512_reduce_add_ps(facc[j][i]);
 }
 
-template <int MB>
-inline void block_vnni(const int8_t* wb, const int16_t* xq, const float* xs, const float* scale, const float* bias,
-                       float* y, int64_t K, int64_t N, int64_t n, int64_t m) {
-  float out[NB][MB];
-  dots_vnni<MB>(wb, xq, xs, K, m, out);
-  for (int j = 0; j < NB; ++j)
-    for (int i = 0; i < MB; ++i) y[(m + i) * N + n + j] = out[j][i] * scale[n + j] + (bias ? bias[n + j] : 0.f);
-}
-
 void run_vnni(const int8_t* wp, const float* xp, const float* sp, const float* bp, float* yp, int64_t M,
               int64_t K, int64_t N) {
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * (K / XB));
   quantize_rows(xp, M, K, xq.data(), xs.data());
-  const int16_t* q = xq.data();
-  const float* qs = xs.data();
-  at::parallel_for(0, N / NB, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int8_t* wb = wp + blk * NB * K;
-      const int64_t n = blk * NB;
-      int64_t m = 0;  // two rows of x at a time: 2 x 4 integer and float sums fit the 32 registers
-      for (; m + 2 <= M; m += 2) block_vnni<2>(wb, q, qs, sp, bp, yp, K, N, n, m);
-      if (m < M) block_vnni<1>(wb, q, qs, sp, bp, yp, K, N, n, m);
-    }
+  // two rows of x at a time: 2 x 4 integer and float sums fit the 32 registers
+  for_each_block<2>(M, N, [&](int64_t blk, int64_t m, auto mb) {
+    constexpr int MB = decltype(mb)::value;
+    float out[NB][MB];
+    dots_vnni<MB>(wp + blk * NB * K, xq.data(), xs.data(), K, m, out);
+    store<MB>(out, sp, bp, yp, N, blk * NB, m);
   });
 }
 #endif
@@ -236,29 +256,12 @@ inline void dots_bf16(const uint16_t* wb, const uint16_t* x, int64_t K, int64_t 
     for (int i = 0; i < MB; ++i) out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
 }
 
-template <int MB>
-inline void block_bf16(const uint16_t* wb, const uint16_t* x, const float* bias, float* y, int64_t K, int64_t N,
-                       int64_t n, int64_t m) {
-  float out[NB][MB];
-  dots_bf16<MB>(wb, x, K, m, out);
-  for (int j = 0; j < NB; ++j)
-    for (int i = 0; i < MB; ++i) y[(m + i) * N + n + j] = out[j][i] + (bias ? bias[n + j] : 0.f);
-}
-
 void run_bf16(const uint16_t* wp, const uint16_t* xp, const float* bp, float* yp, int64_t M, int64_t K, int64_t N) {
-  at::parallel_for(0, N / NB, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const uint16_t* wb = wp + blk * NB * K;
-      const int64_t n = blk * NB;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) block_bf16<4>(wb, xp, bp, yp, K, N, n, m);
-      switch (M - m) {
-        case 3: block_bf16<3>(wb, xp, bp, yp, K, N, n, m); break;
-        case 2: block_bf16<2>(wb, xp, bp, yp, K, N, n, m); break;
-        case 1: block_bf16<1>(wb, xp, bp, yp, K, N, n, m); break;
-        default: break;
-      }
-    }
+  for_each_block<4>(M, N, [&](int64_t blk, int64_t m, auto mb) {
+    constexpr int MB = decltype(mb)::value;
+    float out[NB][MB];
+    dots_bf16<MB>(wp + blk * NB * K, xp, K, m, out);
+    store<MB>(out, nullptr, bp, yp, N, blk * NB, m);
   });
 }
 #endif
@@ -273,32 +276,14 @@ bool vnni_for(int64_t K) {
 #endif
 }
 
-template <typename L, int MB>
-inline void block(const typename L::T* wb, const float* x, const float* scale, const float* bias, float* y,
-                  int64_t K, int64_t N, int64_t n, int64_t m) {
-  float out[NB][MB];
-  dots<L, MB>(wb, x, K, m, out);
-  for (int j = 0; j < NB; ++j)
-    for (int i = 0; i < MB; ++i)
-      y[(m + i) * N + n + j] = out[j][i] * (scale ? scale[n + j] : 1.f) + (bias ? bias[n + j] : 0.f);
-}
-
 template <typename L>
 void run(const typename L::T* wp, const float* xp, const float* sp, const float* bp, float* yp, int64_t M,
          int64_t K, int64_t N) {
-  at::parallel_for(0, N / NB, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const typename L::T* wb = wp + blk * NB * K;
-      const int64_t n = blk * NB;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) block<L, 4>(wb, xp, sp, bp, yp, K, N, n, m);
-      switch (M - m) {
-        case 3: block<L, 3>(wb, xp, sp, bp, yp, K, N, n, m); break;
-        case 2: block<L, 2>(wb, xp, sp, bp, yp, K, N, n, m); break;
-        case 1: block<L, 1>(wb, xp, sp, bp, yp, K, N, n, m); break;
-        default: break;
-      }
-    }
+  for_each_block<4>(M, N, [&](int64_t blk, int64_t m, auto mb) {
+    constexpr int MB = decltype(mb)::value;
+    float out[NB][MB];
+    dots<L, MB>(wp + blk * NB * K, xp, K, m, out);
+    store<MB>(out, sp, bp, yp, N, blk * NB, m);
   });
 }
 
