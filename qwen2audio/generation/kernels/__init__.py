@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 SOURCE = Path(__file__).with_name("packed_linear.cpp")
+NAME = "qwen2audio_packed_linear"  # the library's file name, without .so
 CACHE_ENV = "QWEN2AUDIO_KERNEL_CACHE"
 DISABLE_ENV = "QWEN2AUDIO_NO_KERNELS"  # set (to anything but 0): never build, use the plain torch paths
 
@@ -46,12 +47,21 @@ def build_dir() -> Path:
     return root / f"packed_linear-{key}"
 
 
-def _build() -> None:
+def _load() -> None:
+    """Load the library built for this source, torch and CPU; build it first where there is none. A
+    finished build is loaded as it is: asking the builder again costs ~0.2 s of ninja at every start."""
+    directory = build_dir()
+    library = directory / f"{NAME}.so"
+    if library.is_file():
+        try:
+            torch.ops.load_library(str(library))
+            return
+        except OSError:  # the loader refused it (a missing symbol, say): let the builder look at it
+            pass
     from torch.utils import cpp_extension
 
-    directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name="qwen2audio_packed_linear", sources=[str(SOURCE)], build_directory=str(directory),
+    cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
                        # -fopenmp: at::parallel_for is inline OpenMP code, serial without it
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=False)
@@ -68,10 +78,11 @@ def packed_linear_op() -> Callable | None:
                 _state["problem"] = f"{DISABLE_ENV} is set"
             else:
                 try:
-                    _build()
+                    _load()
                     _state["op"] = torch.ops.qwen2audio.packed_linear
                 except Exception as err:  # a missing compiler or ninja, a failed compile: the plain path works
-                    _state["problem"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+                    last_line = (str(err).strip().splitlines() or [""])[-1]
+                    _state["problem"] = f"{type(err).__name__}: {last_line}"
                     warnings.warn(f"the packed-weight kernel could not be built ({_state['problem']}); int8 and "
                                   "bfloat16 decoding products run in plain torch, correct but slower (pip install "
                                   "ninja, and a C++ compiler: apt-get install g++)", stacklevel=3)
