@@ -22,6 +22,16 @@ def test_poll_takes_what_has_come_and_keeps_the_end():
     assert items == ["c"] and isinstance(end, End) and end.error is err
     assert ev.poll() == ([], end)  # the End is answered again, nothing else
     assert ev.get(block=False) == (end, True)
+    with pytest.raises(ValueError, match="boom"):  # read: the same, with the producer's failure raised
+        ev.read()
+
+
+def test_read_says_whether_the_end_has_come():
+    ev = Events()
+    ev.post("a")
+    assert ev.read() == (["a"], False)
+    ev.finish()
+    assert ev.read() == ([], True)
 
 
 def test_get_blocks_until_an_item_and_raises_empty_when_none_comes():

@@ -5,7 +5,7 @@ one-shot wake-up so that a reader on an event loop needs no thread of its own.
     item, is_end = events.get()        # the reader, blocking (timeout=...: queue.Empty); the End is the
                                        #   last item, answered again once taken
     items, end = events.poll()         # or without blocking: the items so far unread, and the End (None
-                                       #   until it has come)
+                                       #   until it has come); events.read(): whether it came, its error raised
     events.on_event(callback)          # callback() once, from the producer's thread, after its next post
 """
 
@@ -82,6 +82,14 @@ class Events:
             else:
                 items.append(item)
         return items, self.end
+
+    def read(self) -> tuple[list[Any], bool]:
+        """``poll`` for a reader that wants the producer's failure raised: the items that have come since
+        the last read, and whether the End has come (its error, if any, is raised instead)."""
+        items, end = self.poll()
+        if end is not None and end.error is not None:
+            raise end.error
+        return items, end is not None
 
     def empty(self) -> bool:
         """Nothing is waiting to be read (an End already taken does not count)."""

@@ -174,10 +174,8 @@ class RequestStream:
     def poll(self) -> tuple[str, bool]:
         """Without blocking: the text of the events that have come since the last read, and whether the
         request has ended (then its failure, if it failed, is raised)."""
-        items, end = self._request.events.poll()
-        if end is not None and end.error is not None:
-            raise end.error
-        return "".join(delta for _, delta in items), end is not None
+        items, ended = self._request.events.read()
+        return "".join(delta for _, delta in items), ended
 
     def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:
         """Call ``callback()`` once, from the scheduler's thread, when the next event is posted (with

@@ -80,10 +80,8 @@ class Handle:
     def poll(self) -> tuple[str, bool]:
         """Without blocking: the text that has come since the last read, and whether the request has
         ended (then its error, if it failed, is raised). Not to be mixed with iteration."""
-        deltas, end = self._events.poll()
-        if end is not None and end.error is not None:
-            raise end.error
-        return "".join(deltas), end is not None
+        deltas, ended = self._events.read()
+        return "".join(deltas), ended
 
     def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:
         """Call ``callback()`` once, from the producer's thread, at the next event (with ``end_only``: at
