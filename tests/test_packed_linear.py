@@ -58,26 +58,30 @@ def test_the_kernel_computes_the_dequantised_product(rows, n, k, bias):
     expected = torch.nn.functional.linear(x.double(), w_real, None if b is None else b.double())
     packed = weights.pack(w)
     assert torch.equal(weights.unpack(packed), w)
-    got = op(x, packed, scale, b)
-    assert got.shape == (rows, n) and got.dtype == torch.float32
-    error = (got.double() - expected).abs()
     float_rounding = 1e-5 * (x.abs().double() @ w_real.abs().t()) + 1e-5
-    if k % 128 == 0 and torch.ops.qwen2audio.int8_rounds_activations():
-        bound = activation_rounding_bound(x, w_real.abs()) + float_rounding
-        assert (error <= bound).all(), (error / bound).max()
-        assert error.max() > 0  # the rounding happened (the bound is what is being tested)
-    else:
-        assert (error <= float_rounding).all(), (error / float_rounding).max()
-    # bfloat16 weights (no scale): widened exactly, multiplied in float32
-    wb = torch.randn(n, k, generator=gen).bfloat16()
-    expected = torch.nn.functional.linear(x.double(), wb.double(), None if b is None else b.double())
-    torch.testing.assert_close(op(x, weights.pack(wb), None, b).double(), expected, atol=1e-4, rtol=1e-5)
+    for stored in (packed, w):  # the kernel reads either layout: packed, or plain (N, K) as torch holds it
+        got = op(x, stored, scale, b)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        error = (got.double() - expected).abs()
+        if k % 128 == 0 and torch.ops.qwen2audio.int8_rounds_activations():
+            bound = activation_rounding_bound(x, w_real.abs()) + float_rounding
+            assert (error <= bound).all(), (error / bound).max()
+            assert error.max() > 0  # the rounding happened (the bound is what is being tested)
+        else:
+            assert (error <= float_rounding).all(), (error / float_rounding).max()
+    assert torch.equal(op(x, packed, scale, b), op(x, w, scale, b))  # the same sums in the same order
+    # bfloat16 and float32 weights (no scale): widened exactly, multiplied in float32
+    for wf in (torch.randn(n, k, generator=gen).bfloat16(), torch.randn(n, k, generator=gen)):
+        expected = torch.nn.functional.linear(x.double(), wf.double(), None if b is None else b.double())
+        for stored in (weights.pack(wf), wf):
+            torch.testing.assert_close(op(x, stored, None, b).double(), expected, atol=1e-4, rtol=1e-5)
     # and bfloat16 activations (a bfloat16 model's): the same products, exact, summed in float32
-    xb = x.bfloat16()
+    xb, wb = x.bfloat16(), torch.randn(n, k, generator=gen).bfloat16()
     expected = torch.nn.functional.linear(xb.double(), wb.double(), None if b is None else b.double())
-    got = op(xb, weights.pack(wb), None, b)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+    for stored in (weights.pack(wb), wb):
+        got = op(xb, stored, None, b)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
 
 
 @needs_compiler
@@ -88,12 +92,16 @@ def test_the_kernel_refuses_what_it_cannot_compute():
         op(torch.zeros(1, 32, dtype=torch.float64), w, torch.ones(4), None)
     with pytest.raises(RuntimeError, match="shapes"):
         op(torch.zeros(1, 64), w, torch.ones(4), None)
-    with pytest.raises(RuntimeError, match="packed"):
-        op(torch.zeros(1, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="plain"):
+        op(torch.zeros(1, 32), torch.zeros(4, 1, 32, dtype=torch.int8), torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="shapes"):
+        op(torch.zeros(1, 32), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        op(torch.zeros(1, 32), torch.zeros(6, 32), None, None)
     with pytest.raises(RuntimeError, match="need their scale"):
         op(torch.zeros(1, 32), w, None, None)
-    with pytest.raises(RuntimeError, match="int8 or bfloat16"):
-        op(torch.zeros(1, 32), w.float(), None, None)
+    with pytest.raises(RuntimeError, match="int8, bfloat16 or float32"):
+        op(torch.zeros(1, 32), w.double(), None, None)
     with pytest.raises(RuntimeError, match="bfloat16 with bfloat16 weights"):
         op(torch.zeros(1, 32, dtype=torch.bfloat16), w, torch.ones(4), None)
     with pytest.raises(RuntimeError, match="take no scale"):
@@ -241,3 +249,21 @@ def test_a_bfloat16_linear_keeps_its_weights_and_every_path_agrees():
 def test_bfloat16_linear_takes_only_bfloat16():
     with pytest.raises(ValueError, match="bfloat16"):
         weights.BF16Linear(torch.nn.Linear(16, 4))
+
+
+def test_a_float32_linear_keeps_the_very_same_weight_and_every_path_agrees():
+    """No copy: the kernel reads the weight as torch holds it (a tied head keeps sharing its table); past
+    MAX_KERNEL_ROWS rows the product runs in oneDNN (or torch) on that same tensor."""
+    gen = torch.Generator().manual_seed(2)
+    linear = torch.nn.Linear(96, 40, bias=True)
+    fast = weights.FP32Linear(linear)
+    assert fast.stored.data_ptr() == linear.weight.data_ptr() and not fast.packed
+    assert fast._op is not None or not os.environ.get("QWEN2AUDIO_REQUIRE_KERNEL")
+    for rows in (1, 5, weights.FP32Linear.MAX_KERNEL_ROWS, weights.FP32Linear.MAX_KERNEL_ROWS + 1, 300):
+        x = torch.randn(2, rows, 96, generator=gen)
+        expected = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+        got = fast(x)
+        assert got.dtype == torch.float32 and got.shape == (2, rows, 40)
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        weights.FP32Linear(torch.nn.Linear(32, 4).bfloat16())

@@ -79,7 +79,7 @@ def test_decoding_for_validation_leaves_the_weights_layout_alone(validated_run):
     """The validator decodes with the weights being trained: no inference-only layout may replace them."""
     from qwen2audio.checkpoint import load_model
     from qwen2audio.generation.engine import Engine
-    from qwen2audio.generation.weights import OneDNNLinear
+    from qwen2audio.generation.weights import FP32Linear, OneDNNLinear
 
     _, _, out, _ = validated_run
     tokenizer = Tokenizer.from_dir(out / "final")
@@ -88,8 +88,8 @@ def test_decoding_for_validation_leaves_the_weights_layout_alone(validated_run):
     Engine(kept, tokenizer, transform_weights=False)
     Engine(moved, tokenizer)
     assert all(p is before[n] and p.is_contiguous() for n, p in kept.named_parameters())
-    gate = moved.language_model.model.layers[0].mlp.gate_proj  # what it skips: oneDNN's, or column-major
-    assert isinstance(gate, OneDNNLinear) or not gate.weight.is_contiguous()
+    gate = moved.language_model.model.layers[0].mlp.gate_proj  # what it skips: the kernel's, oneDNN's, or column-major
+    assert isinstance(gate, (FP32Linear, OneDNNLinear)) or not gate.weight.is_contiguous()
 
 
 def test_each_part_can_have_its_own_peak_lr(tmp_path, one_thread):

@@ -3,6 +3,8 @@ them the CPU decoding layout once, and the numbers do not change."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -30,12 +32,18 @@ def test_the_loader_returns_the_weights_as_stored(checkpoint):
     assert all(p.is_contiguous() for p in model.parameters())
 
 
+def no_kernel(monkeypatch):
+    """The path of a machine where our kernel cannot be built (no compiler)."""
+    monkeypatch.setattr(weights, "kernel_usable", lambda: False)
+
+
 def no_onednn(monkeypatch):
     """The path of a CPU or dtype where oneDNN is not used: wide weights stored column-major."""
     monkeypatch.setattr(weights, "onednn_usable", lambda dtype: False)
 
 
 def test_the_engine_stores_wide_cpu_weights_column_major_with_the_same_values(checkpoint, monkeypatch):
+    no_kernel(monkeypatch)
     no_onednn(monkeypatch)
     model = load_model(checkpoint)
     before = {id(w): w.detach().clone() for w in wide_weights(model)}
@@ -56,8 +64,33 @@ def test_the_engine_stores_wide_cpu_weights_column_major_with_the_same_values(ch
 needs_onednn = pytest.mark.skipif(not weights.onednn_usable(torch.float32), reason="this torch build has no oneDNN")
 
 
+needs_kernel = pytest.mark.skipif(not weights.kernel_usable() and not os.environ.get("QWEN2AUDIO_REQUIRE_KERNEL"),
+                                  reason="the kernel cannot be built here (no C++ compiler)")
+
+
+@needs_kernel
+def test_float32_cpu_linears_of_the_llm_go_to_the_kernel_on_the_same_tensors(checkpoint):
+    model = load_model(checkpoint)
+    lm = model.language_model
+    linears = {n: m for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    pointers = {n: m.weight.data_ptr() for n, m in linears.items()}
+    if lm.config.tie_word_embeddings:
+        pointers["lm_head"] = lm.model.embed_tokens.weight.data_ptr()
+    Engine(model, TOKENIZER)
+    fast = {n: m for n, m in lm.named_modules() if isinstance(m, weights.FP32Linear)}
+    assert sorted(fast) == sorted(pointers) and not any(isinstance(m, torch.nn.Linear) for m in lm.modules())
+    for name, module in fast.items():  # no copies: the loaded weights themselves
+        assert module.stored.data_ptr() == pointers[name], name
+        fits = module.out_features % 4 == 0 and module.in_features % 32 == 0  # else oneDNN takes every product
+        assert (module._op is not None) == fits, name
+    assert any(m._op is not None for m in fast.values())
+    assert type(model.multi_modal_projector.linear) is torch.nn.Linear
+
+
 @needs_onednn
 def test_float32_cpu_linears_of_the_llm_go_to_onednn_with_the_same_values(checkpoint, monkeypatch):
+    """Without our kernel, float32 products go to oneDNN."""
+    no_kernel(monkeypatch)
     monkeypatch.setattr(weights, "ONEDNN_MIN_WEIGHTS", 0)  # the test models' products are all small
     model = load_model(checkpoint)
     lm = model.language_model
@@ -101,6 +134,8 @@ def test_greedy_tokens_and_logits_do_not_depend_on_the_layout(checkpoint, monkey
             logits = lm.logits(lm.hidden_states(embeds, torch.arange(ids.shape[1])[None]))
         return tokens, logits[0]
 
+    kernel = run(Engine(load_model(checkpoint), TOKENIZER))
+    no_kernel(monkeypatch)
     monkeypatch.setattr(weights, "ONEDNN_MIN_WEIGHTS", 0)
     fast = run(Engine(load_model(checkpoint), TOKENIZER))
     no_onednn(monkeypatch)
@@ -109,15 +144,16 @@ def test_greedy_tokens_and_logits_do_not_depend_on_the_layout(checkpoint, monkey
     plain_engine = Engine(load_model(checkpoint), TOKENIZER)
     assert all(w.is_contiguous() for w in wide_weights(plain_engine.model))
     plain = run(plain_engine)
-    assert fast[0] == plain[0] and column_major[0] == plain[0]
+    assert kernel[0] == plain[0] and fast[0] == plain[0] and column_major[0] == plain[0]
     assert len(plain[0]) >= 8
-    for other in (fast, column_major):  # float32 sums in another order: rounding-level differences only
+    for other in (kernel, fast, column_major):  # float32 sums in another order: rounding-level differences only
         assert torch.allclose(other[1], plain[1], atol=1e-4, rtol=1e-4)
 
 
 @needs_onednn
 def test_small_products_stay_with_torchs_default(checkpoint, monkeypatch):
     """Only products of at least ONEDNN_MIN_WEIGHTS weights go to oneDNN (a call costs more fixed time)."""
+    no_kernel(monkeypatch)
     model = load_model(checkpoint)
     layer = model.language_model.model.layers[0]
     bound = layer.mlp.up_proj.weight.numel()

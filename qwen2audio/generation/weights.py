@@ -33,6 +33,8 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
             quantize_linears_int8(model)
         elif model.dtype == torch.bfloat16 and kernel_usable():
             pack_bf16_linears(model)
+        elif model.dtype == torch.float32 and kernel_usable():
+            kernel_linears_fp32(model)
         elif onednn_usable(model.dtype):
             hand_linears_to_onednn(model)
         store_wide_weights_column_major(model)  # the wide linears left to torch's default product
@@ -127,6 +129,7 @@ class PackedLinear(nn.Module):
     # 64 rows 3.9 vs 5.3 ms, 128 rows 7.1 vs 8.1, 256 rows 14.4 vs 13.5); the scheduler's prefill chunks
     # are at most 256 tokens.
     MAX_KERNEL_ROWS: int | None = 256
+    PACK = True  # store the weight packed for the kernel (False: the kernel reads it as torch holds it)
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
@@ -136,8 +139,8 @@ class PackedLinear(nn.Module):
         rows, cols = PACK_BLOCK
         fits = self.out_features % rows == 0 and self.in_features % cols == 0
         self._op = packed_linear_op() if fits else None
-        self.packed = self._op is not None
-        self.stored = pack(weight) if self.packed else weight.contiguous()
+        self.packed = self._op is not None and self.PACK
+        self.stored = pack(weight) if self.packed else weight.detach().contiguous()
         self.scale = None if scale is None else scale.float().contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
@@ -161,11 +164,16 @@ class PackedLinear(nn.Module):
             if not (dtype == torch.bfloat16 and self.stored.dtype == torch.bfloat16):
                 x2 = x2.to(torch.float32)
             y = self._op(x2.contiguous(), self.stored, self.scale, self.bias)
-        else:  # int8: in float32; bfloat16: in torch's bfloat16 product, as the model would run unpacked
-            compute = torch.float32 if self.scale is not None else self.stored.dtype
-            bias = None if self.bias is None else self.bias.to(compute)
-            y = torch.nn.functional.linear(x2.to(compute), self.dequantized(compute), bias)
+        else:
+            y = self._torch_product(x2)
         return y.to(dtype).view(*lead, self.out_features)
+
+    def _torch_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """Products the kernel does not take. int8: in float32; bfloat16: in torch's bfloat16 product, as
+        the model would run unpacked."""
+        compute = torch.float32 if self.scale is not None else self.stored.dtype
+        bias = None if self.bias is None else self.bias.to(compute)
+        return torch.nn.functional.linear(x2.to(compute), self.dequantized(compute), bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -205,6 +213,40 @@ class BF16Linear(PackedLinear):
         if linear.weight.dtype != torch.bfloat16:
             raise ValueError(f"BF16Linear takes a bfloat16 linear, got {linear.weight.dtype}")
         super().__init__(linear.weight.detach(), None, linear.bias)
+
+
+class FP32Linear(PackedLinear):
+    """A float32 linear with the same weight tensor (no copy: a tied head shares the embedding table):
+    decoding products (up to MAX_KERNEL_ROWS rows) in our kernel, which reads the weight as torch holds
+    it, row-major; longer ones (prefill) in oneDNN where torch has it, else torch's default product.
+
+    At one row the kernel read 24 layers of Qwen2.5-0.5B products at 29-30 GB/s against oneDNN's 20 and
+    the head (151936 x 896) at 24 against 20 GB/s; past 16 rows oneDNN's blocked GEMM is faster
+    (benchmarks/README.md)."""
+
+    MAX_KERNEL_ROWS = 16
+    PACK = False
+
+    def __init__(self, linear: nn.Linear):
+        if linear.weight.dtype != torch.float32:
+            raise ValueError(f"FP32Linear takes a float32 linear, got {linear.weight.dtype}")
+        super().__init__(linear.weight, None, linear.bias)
+        self._onednn = onednn_usable(torch.float32)
+
+    def _torch_product(self, x2: torch.Tensor) -> torch.Tensor:
+        x2 = x2.to(torch.float32)
+        if self._onednn:  # oneDNN takes the plain weight as it is (as fast as its own format, measured)
+            return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.stored, self.bias, "none", [], "")
+        return torch.nn.functional.linear(x2, self.stored, self.bias)
+
+
+def kernel_linears_fp32(model: Qwen2AudioModel) -> None:
+    """Every float32 product of the LLM's layers, and its head, becomes an FP32Linear over the same
+    weight (float32 CPU decoding)."""
+    for block, name in llm_linears(model):
+        child = getattr(block, name)
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
+            setattr(block, name, FP32Linear(child))
 
 
 def pack_bf16_linears(model: Qwen2AudioModel) -> None:

@@ -1,7 +1,7 @@
 """Small CPU kernels of our own, compiled on first use with the compiler torch's C++ extensions use.
 
     op = packed_linear_op()   # torch.ops.qwen2audio.packed_linear, or None (``build_problem()`` says why)
-    y = op(x, w_packed, scale, bias)   # x float32 (M, K); w int8 (with scale) or bfloat16, packed (weights.pack)
+    y = op(x, w, scale, bias)   # x float32 (M, K); w int8 (with scale), bfloat16 or float32; (N, K) or packed
 
 The build (g++ and ninja, ~30 s, once) lands in ``$QWEN2AUDIO_KERNEL_CACHE`` (default
 ``~/.cache/qwen2audio/kernels``) in a folder named after the source, the torch version and this CPU's
@@ -68,7 +68,7 @@ def _load() -> None:
 
 
 def packed_linear_op() -> Callable | None:
-    """The compiled linear on packed int8 / bfloat16 weights (built and loaded once per process), or
+    """The compiled linear on int8 / bfloat16 / float32 weights (built and loaded once per process), or
     None where it cannot be built:
     no C++ compiler or ninja, not a CPU torch can build for, or ``QWEN2AUDIO_NO_KERNELS`` set."""
     with _lock:
