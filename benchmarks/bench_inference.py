@@ -1,7 +1,7 @@
 """Side-by-side inference speed: qwen2audio vs transformers on the same random weights and inputs.
 
     python benchmarks/bench_inference.py [--size small|medium] [--threads N] [--decode-tokens 64]
-                                         [--ours float32,bfloat16,int8]
+                                         [--ours float32,bfloat16,int8] [--plot FILE.svg]
 
 Both models are built from one config with one set of random weights (transformers builds and saves
 them, qwen2audio loads the saved directory), run on the CPU in --dtype, greedy, with the stop tokens
@@ -15,7 +15,8 @@ Each figure is the best of --repeats runs. Results are printed as a markdown tab
 ``--ours`` runs qwen2audio in several forms against the same transformers run (in --dtype): float32,
 bfloat16 (the weights rounded to bfloat16) and int8 (``--quantize int8`` on the float32 weights). Each
 decode row also says how many bytes of LLM weights a step reads per second, as a fraction of the
-memory's read speed measured in the same run (``torch.sum`` over 1 GiB).
+memory's read speed measured in the same run (``torch.sum`` over 1 GiB). ``--plot`` draws the ratios
+as bars against the issue's targets (needs matplotlib: the ``eval`` extra).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights dtype of transformers (and of ours unless --ours says otherwise)")
+    ap.add_argument("--plot", type=Path, default=None, help="also draw the ratios to this SVG file")
     ap.add_argument("--ours", default=None,
                     help="comma-separated forms of qwen2audio to run: float32, bfloat16, int8 (default: --dtype)")
     args = ap.parse_args()
@@ -248,6 +250,49 @@ def main() -> None:
     print(f"\nratios: ours vs transformers (higher is faster); GFLOP/s: the prefill's {gflop:.0f} GFLOP ({n_prompt} "
           "prompt tokens) per second; GB/s: bytes of LLM weights read per second by the decode steps (8 rows "
           "share one read).")
+    if args.plot is not None:
+        ratios = {label: {form: (table[label]["transformers"] / table[label][form] if label == measures[0]
+                                 else table[label][form] / table[label]["transformers"]) for form in forms}
+                  for label in measures}
+        plot_ratios(ratios, forms, args.plot, f"qwen2audio vs transformers {hf_version} ({args.dtype}), size "
+                    f"{args.size}, {args.threads} threads, torch {torch.__version__}")
+        print(f"plot: {args.plot}")
+
+
+# The issue's targets, per measure and form of ours (ratios to transformers in float32).
+TARGETS = {("prefill", "float32"): 1.5, ("batch 1", "float32"): 2.0, ("batch 1", "bfloat16"): 3.0,
+           ("batch 1", "int8"): 4.0, ("batch 8", "float32"): 2.0}
+
+
+def plot_ratios(ratios: dict, forms: list[str], path: Path, title: str) -> None:
+    """Grouped bars: per measure, each form's ratio to transformers, its target as a tick, 1x as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text: a small file
+    labels = list(ratios)
+    width = 0.8 / len(forms)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for f, form in enumerate(forms):
+        xs = [i - 0.4 + width * (f + 0.5) for i in range(len(labels))]
+        values = [ratios[label][form] for label in labels]
+        bars = ax.bar(xs, values, width * 0.9, label=f"qwen2audio {form}")
+        ax.bar_label(bars, [f"{v:.2f}x" for v in values], fontsize=8)
+        for x, label in zip(xs, labels):
+            target = next((t for (key, tf), t in TARGETS.items() if key in label and tf == form), None)
+            if target is not None:
+                ax.plot([x - width * 0.45, x + width * 0.45], [target, target], color="black", linewidth=2)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="transformers (1x)")
+    ax.plot([], [], color="black", linewidth=2, label="target")
+    ax.set_xticks(range(len(labels)), [label.split(" (")[0] for label in labels])
+    ax.set_ylabel("speed vs transformers (higher is faster)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

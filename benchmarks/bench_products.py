@@ -3,8 +3,9 @@
     python benchmarks/bench_products.py [--threads N] [--rows 1,8] [--repeats 20]
 
 For the Qwen2.5-0.5B shapes (attention, MLP, a quarter of the head) and 1 or 8 rows of activations:
-GB/s of weight bytes read by torch's default float32 product, oneDNN's (the float32 decoding path),
-torch's bfloat16 product, and qwen2audio's kernel (generation/kernels) on bfloat16 and int8 weights, with the memory's own read
+GB/s of weight bytes read by torch's default float32 product, oneDNN's (float32 prefill, and decoding
+where the kernel cannot be built), torch's bfloat16 product, and qwen2audio's kernel (generation/kernels)
+on float32, bfloat16 and int8 weights, with the memory's own read
 speed (``torch.sum`` over 1 GiB) measured in the same run. Best of --repeats. Cache-sized weights
 (all but the head) may read faster than the memory when a repeat finds them still in cache.
 """
@@ -45,14 +46,15 @@ def main() -> None:
     bandwidth = read_bandwidth()
     print(f"\n{platform.processor() or platform.machine()} | torch {torch.__version__} | {args.threads} threads | "
           f"memory read (torch.sum, 1 GiB): {bandwidth:.1f} GB/s | packed-weight kernel: {'built' if op else 'NOT built'}\n")
-    print("| weight (out x in) | rows | float32 torch | float32 oneDNN | bfloat16 torch | bfloat16 qwen2audio | "
-          "int8 qwen2audio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| weight (out x in) | rows | float32 torch | float32 oneDNN | float32 qwen2audio | bfloat16 torch | "
+          "bfloat16 qwen2audio | int8 qwen2audio |")
+    print("|---|---|---|---|---|---|---|---|")
     for out_f, in_f, name in SHAPES:
         linear = torch.nn.Linear(in_f, out_f, bias=False)
         fp32 = linear.weight.detach().contiguous()
         bf16 = fp32.bfloat16()
         onednn = weights.OneDNNLinear(linear) if weights.onednn_usable(torch.float32) else None
+        f = weights.FP32Linear(linear)
         q = weights.Int8Linear(linear)
         b = weights.BF16Linear(torch.nn.Linear(in_f, out_f, bias=False).bfloat16())
         for rows in rows_list:
@@ -62,6 +64,7 @@ def main() -> None:
             with torch.inference_mode():
                 for fn, nbytes in ((lambda: torch.nn.functional.linear(x, fp32), fp32.numel() * 4),
                                    (lambda: onednn(x), fp32.numel() * 4) if onednn else (None, 0),
+                                   (lambda: f(x), fp32.numel() * 4),
                                    (lambda: torch.nn.functional.linear(xb, bf16), bf16.numel() * 2),
                                    (lambda: b(xb), bf16.numel() * 2),
                                    (lambda: q(x), q.stored.numel() + q.scale.numel() * 4)):
