@@ -267,3 +267,42 @@ def test_a_float32_linear_keeps_the_very_same_weight_and_every_path_agrees():
         torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="float32"):
         weights.FP32Linear(torch.nn.Linear(32, 4).bfloat16())
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows, heads, groups, dim, length", [(1, 14, 2, 64, 840), (3, 4, 4, 16, 9), (2, 6, 1, 80, 33),
+                                                              (5, 8, 2, 24, 1)])
+def test_decode_attention_equals_torchs_over_views_of_a_cache(rows, heads, groups, dim, length):
+    """One query per row over keys and values that are views of a larger cache (as the KV cache hands
+    them out), with and without a mask of the keys each row may see; GQA groups share their keys."""
+    attend = kernels.decode_attention_op()
+    assert attend is not None, kernels.build_problem()
+    gen = torch.Generator().manual_seed(rows * 100 + length)
+    cache_k = torch.randn(rows + 2, groups, length + 7, dim, generator=gen)
+    cache_v = torch.randn(rows + 2, groups, length + 7, dim, generator=gen)
+    k, v = cache_k[:rows, :, :length], cache_v[:rows, :, :length]
+    q = torch.randn(rows, heads, 1, dim, generator=gen) * 3
+    mask = torch.rand(rows, length, generator=gen) > 0.3
+    mask[:, -1] = True  # a row always sees its own new token
+    for m in (None, mask):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), attn_mask=None if m is None else m[:, None, None, :],
+            enable_gqa=groups != heads)
+        got = attend(q, k, v, m, dim ** -0.5)
+        assert got.shape == (rows, heads, 1, dim) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_compiler
+def test_decode_attention_refuses_what_it_cannot_compute():
+    attend = kernels.decode_attention_op()
+    q, k = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="float32"):
+        attend(q.double(), k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match="shapes"):
+        attend(torch.zeros(1, 3, 1, 8), k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"mask \(B, S\) bool"):
+        attend(q, k, k, torch.ones(1, 4, dtype=torch.bool), 1.0)
+    with pytest.raises(RuntimeError, match="rows must be contiguous"):
+        strided = torch.zeros(1, 2, 8, 5).transpose(2, 3)  # (1, 2, 5, 8), each row's values 5 apart
+        attend(q, strided, strided, None, 1.0)

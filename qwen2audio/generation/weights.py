@@ -38,7 +38,20 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
         elif onednn_usable(model.dtype):
             hand_linears_to_onednn(model)
         store_wide_weights_column_major(model)  # the wide linears left to torch's default product
+        if kernel_usable():
+            attend_with_kernel(model)
     return model
+
+
+def attend_with_kernel(model: Qwen2AudioModel) -> None:
+    """Decoding steps' attention (one new token per row over a float32 KV cache) in our kernel: it reads
+    each row's cached keys and values once for all the query heads that share them; torch's CPU attention
+    took 200-300 us per layer for one token over 840 positions, mostly waiting on memory."""
+    from .kernels import decode_attention_op
+
+    op = decode_attention_op()
+    for layer in model.language_model.model.layers:
+        layer.self_attn.decode_attention = op
 
 
 def kernel_usable() -> bool:

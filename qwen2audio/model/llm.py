@@ -73,6 +73,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hs, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hs, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.hs, cfg.hidden_size, bias=False)
+        # An inference-only attention for one new token per row over a float32 cache, set by the
+        # generation engine where it has one (generation/weights.py): attend(q, k, v, mask (B, S), scale).
+        self.decode_attention = None
 
     def forward(self, x, cos, sin, mask, cache: ChunkWrite | StepWrite | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -83,9 +86,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = the cached positions read
         causal = mask is None and T > 1 and k.shape[2] == T
-        # the cache may hold keys and values in another dtype than the layer's (kv_cache_dtype)
-        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads).to(x.dtype)
+        if (T == 1 and self.decode_attention is not None and k.dtype == torch.float32
+                and not torch.is_grad_enabled()):
+            keys_mask = None if mask is None else mask.expand(B, 1, 1, k.shape[2]).reshape(B, k.shape[2])
+            y = self.decode_attention(q.float(), k, v, keys_mask, self.hs ** -0.5).to(x.dtype)
+        else:  # the cache may hold keys and values in another dtype than the layer's (kv_cache_dtype)
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.n_kv != self.n_heads).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, hidden)
 
 

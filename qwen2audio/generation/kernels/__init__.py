@@ -2,6 +2,7 @@
 
     op = packed_linear_op()   # torch.ops.qwen2audio.packed_linear, or None (``build_problem()`` says why)
     y = op(x, w, scale, bias)   # x float32 (M, K); w int8 (with scale), bfloat16 or float32; (N, K) or packed
+    attend = decode_attention_op()   # attend(q, k, v, mask, scale): one query per row over the KV cache
 
 The build (g++ and ninja, ~30 s, once) lands in ``$QWEN2AUDIO_KERNEL_CACHE`` (default
 ``~/.cache/qwen2audio/kernels``) in a folder named after the source, the torch version and this CPU's
@@ -83,10 +84,16 @@ def packed_linear_op() -> Callable | None:
                 except Exception as err:  # a missing compiler or ninja, a failed compile: the plain path works
                     last_line = (str(err).strip().splitlines() or [""])[-1]
                     _state["problem"] = f"{type(err).__name__}: {last_line}"
-                    warnings.warn(f"the packed-weight kernel could not be built ({_state['problem']}); int8 and "
-                                  "bfloat16 decoding products run in plain torch, correct but slower (pip install "
+                    warnings.warn(f"the decoding kernels could not be built ({_state['problem']}); decoding "
+                                  "products and attention run in plain torch, correct but slower (pip install "
                                   "ninja, and a C++ compiler: apt-get install g++)", stacklevel=3)
         return _state["op"]  # type: ignore[return-value]
+
+
+def decode_attention_op() -> Callable | None:
+    """torch.ops.qwen2audio.decode_attention (one new token's attention over a float32 KV cache), built
+    with the packed linear, or None where the kernels cannot be built."""
+    return None if packed_linear_op() is None else torch.ops.qwen2audio.decode_attention
 
 
 def build_problem() -> str | None:
