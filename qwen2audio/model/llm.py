@@ -87,7 +87,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = the cached positions read
         causal = mask is None and T > 1 and k.shape[2] == T
         if (T == 1 and self.decode_attention is not None and k.dtype == torch.float32
-                and not torch.is_grad_enabled()):
+                and k.device.type == "cpu" and not torch.is_grad_enabled()):
             keys_mask = None if mask is None else mask.expand(B, 1, 1, k.shape[2]).reshape(B, k.shape[2])
             y = self.decode_attention(q.float(), k, v, keys_mask, self.hs ** -0.5).to(x.dtype)
         else:  # the cache may hold keys and values in another dtype than the layer's (kv_cache_dtype)
