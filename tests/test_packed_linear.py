@@ -233,12 +233,18 @@ def test_a_bfloat16_cpu_engine_decodes_with_packed_weights_close_to_torchs_bfloa
     assert (fast_logits.argmax(-1) == plain_logits.argmax(-1)).float().mean() >= 0.9
 
 
-def test_a_bfloat16_linear_keeps_its_weights_and_every_path_agrees():
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_bfloat16_linear_keeps_its_weights_and_every_path_agrees(amx, monkeypatch):
+    """Packed for the kernel (no AMX), or as torch holds it and only a few rows in the kernel (AMX)."""
+    monkeypatch.setattr(weights, "amx_bf16", lambda: amx)
     gen = torch.Generator().manual_seed(1)
     linear = torch.nn.Linear(64, 40, bias=True).bfloat16()
     packed = weights.BF16Linear(linear)
     assert torch.equal(packed.stored_weight(), linear.weight)
-    for rows in (1, 7, weights.BF16Linear.MAX_KERNEL_ROWS + 1):  # the kernel, and unpacked for torch's GEMM
+    if packed._op is not None:
+        assert packed.packed == (not amx)
+        assert packed.MAX_KERNEL_ROWS == (weights.BF16Linear.AMX_KERNEL_ROWS if amx else 256)
+    for rows in (1, 7, packed.MAX_KERNEL_ROWS + 1):  # the kernel, and torch's GEMM (unpacked where packed)
         x = torch.randn(rows, 64, generator=gen).bfloat16()
         expected = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
         got = packed(x)
