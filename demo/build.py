@@ -100,7 +100,7 @@ STEPS = [
                   "--jobs", str(JOBS)], lambda: False),  # resumes; a finished folder takes seconds
     Step("base", [PY, "-m", "qwen2audio.demo", "base", "--out", str(BASE)], lambda: _has_checkpoint(BASE)),
     Step("answers", [PY, "-m", "demo.llm_answers", "--data", str(DATA), "--model", str(BASE), "--stage", "sft",
-                     "--dtype", "bfloat16", "--batch-size", "16"], lambda: False),  # asks only what is unanswered
+                     "--dtype", "bfloat16", "--batch-size", "64"], lambda: False),  # asks only what is unanswered
     Step("pretrain", _qwen2audio("train", "pretrain", "configs/demo/pretrain.yaml"),
          lambda: _has_checkpoint(_final("pretrain")), long_running=True),
     Step("sft", _qwen2audio("train", "sft", "configs/demo/sft.yaml"), lambda: _has_checkpoint(_final("sft")),
