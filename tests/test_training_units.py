@@ -1,6 +1,7 @@
 """The training components: label log-probs, gradient checkpointing, LoRA, optimizer groups, schedule,
 DPO loss, token-weighted accumulation, the shipped configs and the command line."""
 
+import json
 import math
 
 import pytest
@@ -121,6 +122,32 @@ def test_accumulation_is_token_weighted(tmp_path, one_thread):
         train("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), output_dir=str(tmp_path / f"m{micro}"),
               max_steps=4, micro_batch_size=micro)
     torch.testing.assert_close(losses(tmp_path / "m1"), losses(tmp_path / "m4"), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_decoder_layers_train_as_the_eager_ones(tmp_path, one_thread):
+    """compile=true: the same losses (inductor's fused elementwise work, float32 rounding apart), the same
+    trained tensors, and the layers run as they are without gradients (validation)."""
+    from torch._dynamo.utils import counters
+
+    ws = make_workspace(tmp_path)
+    graphs = []
+    for flag in (False, True):
+        before = counters["stats"]["unique_graphs"]
+        train("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), output_dir=str(tmp_path / f"c{flag}"),
+              max_steps=3, lora_rank=4, compile=flag, val_data=str(ws["sft"]), val_every=2, val_max_rows=4)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs[0] == 0 and graphs[1] >= 1  # the compiled run really went through torch.compile
+    torch.testing.assert_close(losses(tmp_path / "cTrue"), losses(tmp_path / "cFalse"), rtol=1e-4, atol=1e-5)
+    val = [[json.loads(line)["val_loss"] for line in (tmp_path / f"c{flag}" / "metrics.jsonl").read_text().splitlines()
+            if "val_loss" in line] for flag in (False, True)]
+    assert len(val[0]) >= 2
+    torch.testing.assert_close(val[1], val[0], rtol=1e-4, atol=1e-5)
+    eager, compiled = (load_model(tmp_path / f"c{flag}" / "final").state_dict() for flag in (False, True))
+    assert eager.keys() == compiled.keys()
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-5, msg=k)
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile=True, distributed="fsdp")
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))

@@ -30,6 +30,7 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                              "gate_proj", "up_proj", "down_proj"])
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the LLM's decoder layers for training steps (needs a C++ compiler on CPU)
     autocast: str = "auto"  # auto (bf16 on GPUs that support it) | bf16 | none
     # --- data ----------------------------------------------------------------------------------------
     max_seq_len: int = 2048  # rows with more tokens (audio included) are skipped and reported
@@ -121,6 +122,9 @@ class TrainConfig:
         if self.val_generate and self.distributed == "fsdp":
             raise ValueError("val_generate decodes on one process, which FSDP's sharded weights do not allow; "
                              "use val_data (a loss) or distributed=ddp")
+        if self.compile and self.distributed == "fsdp":
+            raise ValueError("compile is not supported with distributed=fsdp here; use distributed=ddp or none, "
+                             "or compile=false")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
 
