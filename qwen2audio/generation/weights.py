@@ -132,7 +132,8 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 class PackedLinear(nn.Module):
     """An inference-only nn.Linear whose decoding products run in our compiled kernel (``kernels``):
     int8 with one float32 scale per output row (``Int8Linear``), bfloat16 as a bfloat16 model holds it
-    (``BF16Linear``), both packed, or float32 read in place (``FP32Linear``). The kernel reads the
+    (``BF16Linear``), both packed (bfloat16 stays in torch's layout on AMX CPUs), or float32 read in
+    place (``FP32Linear``). The kernel reads the
     weight once for up to 4 rows of activations and multiplies with float32 sums (packed_linear.cpp says
     how, per instruction set). More than MAX_KERNEL_ROWS rows (a long prefill chunk) run in torch (or
     oneDNN) on the weight unpacked. Without the kernel (no
