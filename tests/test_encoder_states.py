@@ -37,6 +37,20 @@ def test_cached_states_are_the_encoders_outputs(workspace, tmp_path):
         torch.testing.assert_close(windows[0].float(), states[0, : int(counts[0])], rtol=1e-3, atol=1e-3)  # float16
 
 
+def test_a_clip_reached_through_a_link_is_the_same_entry(workspace, tmp_path):
+    """A data folder reached through a symbolic link (a second checkout pointing at the same data) reads the
+    states already computed, instead of encoding every clip again."""
+    model = load_model(workspace["tiny"])
+    cache = EncoderStateCache(tmp_path / "cache", model.audio_tower, model.config.audio.num_mel_bins)
+    real = clips(workspace)
+    assert cache.fill(real, progress=False) == 3
+    linked = tmp_path / "linked"
+    linked.symlink_to(os.path.dirname(real[0]), target_is_directory=True)
+    through_link = [str(linked / os.path.basename(c)) for c in real]
+    assert [cache.path(c) for c in through_link] == [cache.path(c) for c in real]
+    assert cache.fill(through_link, progress=False) == 0
+
+
 def test_a_rewritten_clip_or_another_encoder_is_computed_again(workspace, tmp_path):
     model = load_model(workspace["tiny"])
     clip = clips(workspace)[0]

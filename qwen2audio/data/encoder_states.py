@@ -8,7 +8,7 @@ clips is a fifth of a LoRA step on a 0.5B LLM, and the log-mel front end with it
     cache.fill(paths)                  # computes what is missing, batched, with a progress bar
     windows, n = cache.get(path)       # [(n_tokens, d_model) per 30 s window] float16, 16 kHz samples
 
-A file is keyed by the clip (absolute path, size, modification time) under a folder named by a digest
+A file is keyed by the clip (its real path, links resolved, size, modification time) under a folder named by a digest
 of the encoder's weights, so another encoder or a rewritten file is never served stale states.
 """
 
@@ -50,7 +50,7 @@ class EncoderStateCache:
 
     def path(self, source: str) -> Path:
         stat = os.stat(source)
-        key = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}"
+        key = f"{os.path.realpath(source)}|{stat.st_size}|{stat.st_mtime_ns}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         return self.root / digest[:2] / f"{digest}.safetensors"
 
