@@ -108,24 +108,34 @@ def test_the_kernel_refuses_what_it_cannot_compute():
         op(torch.zeros(1, 32, dtype=torch.bfloat16), w.bfloat16(), torch.ones(4), None)
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("out_features, in_features", [(40, 96), (37, 100)])  # packed for the kernel; not
 def test_an_int8_linear_rounds_each_weight_to_its_rows_grid_and_every_path_agrees(monkeypatch, out_features,
-                                                                                  in_features):
+                                                                                  in_features, amx):
+    """Without AMX every size runs in the kernel (or its float32 fallback); with AMX, more than
+    AMX_KERNEL_ROWS rows run in torch's bfloat16 GEMM on the exactly widened int8 weight."""
+    monkeypatch.setattr(weights, "amx_bf16", lambda: amx)
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features, bias=True)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out_features, in_features, generator=gen)
                             * torch.linspace(0.01, 2, out_features)[:, None])
     q = weights.Int8Linear(linear)
-    assert q.packed == (out_features % 4 == 0 and kernels.packed_linear_op() is not None)
+    assert q.packed == (out_features % 4 == 0 and kernels.packed_linear_op() is not None and not amx)
+    assert q.MAX_KERNEL_ROWS == (weights.Int8Linear.AMX_KERNEL_ROWS if amx else None)
     w8 = q.int8_weight()
     assert w8.dtype == torch.int8 and w8.shape == (out_features, in_features) and w8.abs().max() == 127
     error = (q.dequantized() - linear.weight).abs()
     assert (error <= q.scale[:, None] / 2 + 1e-7).all()  # round to nearest, per output row's scale
-    for rows in (1, 7, 300):  # int8 runs every size in the kernel (or its fallback)
+    for rows in (1, 7, 300):
         x = torch.randn(2, rows, in_features, generator=gen)
         expected = torch.nn.functional.linear(x, q.dequantized(), linear.bias)
-        torch.testing.assert_close(q(x), expected, atol=1e-4, rtol=1e-4)
+        if amx and 2 * rows > weights.Int8Linear.AMX_KERNEL_ROWS:  # activations and products in bfloat16
+            bf16 = torch.nn.functional.linear(x.bfloat16().double(), q.int8_weight().double()).bfloat16()
+            torch.testing.assert_close(q(x), bf16.float() * q.scale + linear.bias, atol=1e-3, rtol=2 ** -7)  # ≤ 1 ulp
+            torch.testing.assert_close(q(x), expected, atol=0.1, rtol=0.02)
+        else:
+            torch.testing.assert_close(q(x), expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(q(x.bfloat16()).float(), expected, atol=0.1, rtol=0.02)
         assert q(x.bfloat16()).dtype == torch.bfloat16
     monkeypatch.setattr(q, "_op", None)  # no compiler: the plain path gives the same numbers

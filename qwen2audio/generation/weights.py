@@ -205,16 +205,35 @@ class Int8Linear(PackedLinear):
     (symmetric, per channel: scale = max |w| / 127). The activations stay in floating point, except
     that on CPUs with AVX-512 VNNI the kernel rounds them to 16-bit integers per block of 128 (at most
     2^-16 of the block's largest value: far below bfloat16's rounding) to multiply 32 weights at once.
-    Every product runs in the kernel: dequantising for torch's GEMM cost more at every size measured
-    (9728 x 896, 2 threads: 16 rows 1.3 vs 31 ms, 256 rows 21.7 vs 73.9 ms)."""
+    Every product runs in the kernel: dequantising for torch's float32 GEMM cost more at every size
+    measured (9728 x 896, 2 threads: 16 rows 1.3 vs 31 ms, 256 rows 21.7 vs 73.9 ms).
+
+    Except where the CPU has AMX: there the kernel's time grows with the rows (24 products of 4864 x 896,
+    2 threads: 16 rows 14 ms, 64 rows 51, 256 rows 218) while torch's bfloat16 GEMM on AMX tiles barely
+    does, so products of more than AMX_KERNEL_ROWS rows (prefill chunks) widen the int8 weight to bfloat16
+    (exactly: int8 values are bfloat16 integers; 16 ms for the 24), multiply the activations rounded to
+    bfloat16, and scale the product per output row in float32 (32 rows 24 ms, 64 rows 35, 256 rows 56).
+    Those products round like a bfloat16 model's; decoding steps stay in the kernel. The weight is kept
+    as torch holds it there (the kernel reads it as fast: 1 row 2.5 vs 2.7 ms packed)."""
 
     MAX_KERNEL_ROWS = None
+    AMX_KERNEL_ROWS = 24
 
     def __init__(self, linear: nn.Linear):
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.amx = amx_bf16()
+        if self.amx:
+            self.PACK, self.MAX_KERNEL_ROWS = False, self.AMX_KERNEL_ROWS
         super().__init__(q, scale, linear.bias)
+
+    def _torch_product(self, x2: torch.Tensor) -> torch.Tensor:
+        if not self.amx or x2.shape[0] <= self.AMX_KERNEL_ROWS:  # (no kernel: float32, as without AMX)
+            return super()._torch_product(x2)
+        y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.stored_weight().to(torch.bfloat16))
+        y = y.float() * self.scale
+        return y if self.bias is None else y + self.bias
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weight as (out, in)."""
