@@ -8,8 +8,9 @@ clips is a fifth of a LoRA step on a 0.5B LLM, and the log-mel front end with it
     cache.fill(paths)                  # computes what is missing, batched, with a progress bar
     windows, n = cache.get(path)       # [(n_tokens, d_model) per 30 s window] float16, 16 kHz samples
 
-A file is keyed by the clip (its real path, links resolved, size, modification time) under a folder named by a digest
-of the encoder's weights, so another encoder or a rewritten file is never served stale states.
+A file is keyed by the clip (its real path, links resolved, size, modification time) under a folder
+named by a digest of the encoder's weights, so another encoder or a rewritten file is never served stale
+states.
 """
 
 from __future__ import annotations

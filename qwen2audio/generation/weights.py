@@ -145,10 +145,17 @@ class PackedLinear(nn.Module):
     # are at most 256 tokens.
     MAX_KERNEL_ROWS: int | None = 256
     PACK = True  # store the weight packed for the kernel (False: the kernel reads it as torch holds it)
+    # Where the CPU has AMX and this is set, torch's bfloat16 GEMM takes the products of more rows than
+    # this, and the weight stays as torch holds it (the kernel reads it as fast there).
+    AMX_KERNEL_ROWS: int | None = None
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
         from .kernels import packed_linear_op
+
+        self.amx = self.AMX_KERNEL_ROWS is not None and amx_bf16()
+        if self.amx:
+            self.PACK, self.MAX_KERNEL_ROWS = False, self.AMX_KERNEL_ROWS
 
         self.out_features, self.in_features = weight.shape
         rows, cols = PACK_BLOCK
@@ -223,9 +230,6 @@ class Int8Linear(PackedLinear):
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        self.amx = amx_bf16()
-        if self.amx:
-            self.PACK, self.MAX_KERNEL_ROWS = False, self.AMX_KERNEL_ROWS
         super().__init__(q, scale, linear.bias)
 
     def _torch_product(self, x2: torch.Tensor) -> torch.Tensor:
@@ -261,8 +265,6 @@ class BF16Linear(PackedLinear):
     def __init__(self, linear: nn.Linear):
         if linear.weight.dtype != torch.bfloat16:
             raise ValueError(f"BF16Linear takes a bfloat16 linear, got {linear.weight.dtype}")
-        if amx_bf16():
-            self.PACK, self.MAX_KERNEL_ROWS = False, self.AMX_KERNEL_ROWS
         super().__init__(linear.weight.detach(), None, linear.bias)
 
 
