@@ -57,7 +57,7 @@ class ReferenceLogps:
             for k in range(n_real):
                 table[int(batch["index"][k])] = torch.stack([logps[k], logps[B + k]])
 
-        over_dataset(run, fill, run.cfg.micro_batch_size)
+        over_dataset(run, fill, run.cfg.micro_batch_size, desc="reference log-probabilities")
         if run.dist.enabled:
             import torch.distributed as dist
 
@@ -102,7 +102,7 @@ def evaluate_pairs(run: Run, reference: ReferenceLogps) -> dict[str, float]:
             sums[1] += stats["reward_margin"]
             sums[2] += n_real
 
-    over_dataset(run, add, run.cfg.micro_batch_size)
+    over_dataset(run, add, run.cfg.micro_batch_size, desc="reward accuracy on the training pairs")
     run.model.train()
     acc, margin, n = run.dist.all_sum(sums)
     return {"final_reward_accuracy": acc / n, "final_reward_margin": margin / n}

@@ -266,17 +266,23 @@ def micro_batch_stream(run: Run, start: int, end: int):
 
 
 def over_dataset(run: Run, fn, micro_batch_size: int, dataset: ManifestDataset | None = None,
-                 rows: int | None = None) -> None:
+                 rows: int | None = None, desc: str | None = None) -> None:
     """Call fn(batch, n_real) over this rank's share of the first ``rows`` rows of ``dataset`` (default: the
     training set, all rows). Every rank makes the same number of calls (FSDP forwards are collective): a
-    rank with nothing left repeats its first batch (n_real=0)."""
+    rank with nothing left repeats its first batch (n_real=0). ``desc``: a progress bar of that name (main
+    rank, where the config shows progress), for passes over a whole training set that take minutes."""
     d = run.dist
     dataset = run.dataset if dataset is None else dataset
     n = len(dataset) if rows is None else min(rows, len(dataset))
     mine = list(range(d.rank, n, d.world))
     n_calls = math.ceil(math.ceil(n / d.world) / micro_batch_size)
     collate = Collator(run.tokenizer.pad_id)
-    for j in range(n_calls):
+    calls = range(n_calls)
+    if desc is not None and d.main and run.cfg.progress:
+        from tqdm import tqdm
+
+        calls = tqdm(calls, desc=desc, unit="batch", dynamic_ncols=True)
+    for j in calls:
         ids = mine[j * micro_batch_size:(j + 1) * micro_batch_size]
         batch = to_device(collate([dataset[i] for i in (ids or mine[:1] or [0])]), d.device)
         fn(batch, len(ids))
