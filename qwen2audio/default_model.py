@@ -4,9 +4,10 @@ Which model that is, in this order:
 
 1. ``$QWEN2AUDIO_DEFAULT_MODEL``: a checkpoint directory, or ``tiny-random`` for the tiny random model
    (tests set it, so that they never need the demo model's parts);
-2. the demo model, once its trained weights ship with the package (``qwen2audio/demo/``): a small real
-   Qwen2-Audio assembled on first use from pretrained parts that the ``demo`` extra installs;
-3. until then, the tiny random model: generated deterministically on first use, with the real
+2. the demo model, when this installation has its trained weights (``qwen2audio/demo/deltas.safetensors``,
+   which the repository ships): a small real Qwen2-Audio assembled on first use from pretrained parts that
+   the ``demo`` extra installs;
+3. otherwise, the tiny random model: generated deterministically on first use, with the real
    architecture, file layout and tokenizer machinery at a size that runs anywhere in a second, but
    random weights that produce meaningless text.
 

@@ -1,5 +1,5 @@
-"""The default model: the tiny random model until the demo model's trained deltas ship, then the demo model,
-assembled on first use from pretrained parts in pinned packages (qwen2audio/demo/).
+"""The default model: the demo model, assembled on first use from pretrained parts in pinned packages and the
+trained deltas that ship in qwen2audio/demo/ (the tiny random model where an installation has no deltas).
 
 Everything runs on tiny stand-ins: a tiny Whisper as a CTranslate2 model.bin and a tiny Qwen2 as a GGUF
 with its tokenizer (written as llama.cpp writes them), each cut into pieces and laid out as installed
@@ -434,3 +434,27 @@ def test_the_demo_extra_pins_the_parts_the_code_pins():
     assert pins == {piece.requirement for spec in parts.DEMO_PARTS.values() for piece in spec.pieces}
     assert sum(p.size for p in parts.WHISPER_BASE.pieces) == parts.WHISPER_BASE.size == 145_217_532
     assert sum(p.size for p in parts.QWEN25_CODER.pieces) == parts.QWEN25_CODER.size == 491_400_064
+
+
+def test_the_shipped_deltas_fit_the_package_the_pinned_parts_and_the_three_stages():
+    """The trained weights in the repository are what the default model is assembled from: within the package's
+    budget, made for the parts the demo extra pins, shaped for Whisper base + Qwen2.5-Coder-0.5B, from the
+    pre-training, SFT and DPO runs in that order."""
+    import qwen2audio.demo
+    from qwen2audio.demo.deltas import MAX_BYTES, check_base
+
+    path = qwen2audio.demo.shipped_deltas()
+    assert path is not None and path == qwen2audio.demo.DELTAS_FILE
+    assert path.stat().st_size <= MAX_BYTES
+    deltas = load_deltas(path)
+    check_base(deltas, parts.DEMO_PARTS, path)
+    assert deltas.tensors["multi_modal_projector.linear.weight"].shape == (896, 512)  # Whisper base -> Qwen2.5-0.5B
+    assert deltas.tensors["multi_modal_projector.linear.bias"].shape == (896,)
+    out_dims = {"q_proj": 896, "k_proj": 128, "v_proj": 128, "o_proj": 896, "gate_proj": 4864, "up_proj": 4864,
+                "down_proj": 896}
+    assert len(deltas.lora) == 24 * len(out_dims)
+    for stem, (a, b) in deltas.lora.items():
+        name = stem.rsplit(".", 1)[1]
+        assert b.shape == (out_dims[name], a.shape[0]) and a.shape[1] == (4864 if name == "down_proj" else 896), stem
+    runs = [run["output_dir"] for run in deltas.info["provenance"]["runs"]]
+    assert runs == ["runs/demo/pretrain", "runs/demo/sft", "runs/demo/dpo"]
