@@ -20,7 +20,7 @@ configs/demo/. Wall time per step is appended to runs/demo/build_times.jsonl.
     report      held-out quality and speed against the targets -> docs/demo-results.{md,json}
 
 Needs the `demo`, `demo-data` and `init` extras and the Debian packages docs/demo-model.md lists. About
-a day on two cores (docs/demo-model.md has the measured times).
+6-7 hours on two cores with AMX, longer without bfloat16 hardware (docs/demo-model.md has the measured times).
 """
 
 from __future__ import annotations
