@@ -79,8 +79,9 @@ def model_identity(model_dir: str | Path | None) -> str:
 
 
 def audio_identity(audio: str) -> dict | None:
-    """Path, size and modification time of an audio file; None when it cannot be read."""
-    path = os.path.abspath(audio)
+    """Real path, size and modification time of an audio file; None when it cannot be read. The real path:
+    the same files reached through a linked folder (another checkout of the data) are the same audio."""
+    path = os.path.realpath(audio)
     try:
         stat = os.stat(path)
     except OSError:
