@@ -1,4 +1,5 @@
-"""Audio effects on float32 mono 16 kHz arrays: speed, noise, reverberation, mixing, band limits, level.
+"""Audio effects on float32 mono 16 kHz arrays: speed, noise, reverberation, mixing, band limits,
+equalisation, level.
 
 Each takes its randomness from the numpy Generator it is given, so a clip is a pure function of its
 recipe and seed.
@@ -80,6 +81,37 @@ def reverb(x: np.ndarray, rt60: float, wet: float, rng: np.random.Generator) -> 
     size = len(x) + len(ir) - 1
     fft = 1 << (size - 1).bit_length()
     y = np.fft.irfft(np.fft.rfft(x, fft) * np.fft.rfft(ir, fft), fft)[: len(x)]
+    return (y * rms(x) / rms(y)).astype(np.float32)
+
+
+def eq_recipe(rng: np.random.Generator) -> dict:
+    """A random equaliser: a spectral tilt, one or two bell bands and sometimes a roll-off above a cutoff.
+    Another instrument sample set, microphone or room colours a sound this way; training on it teaches the
+    timbre of a class, not the colour of its one source."""
+    bands = [[round(float(np.exp(rng.uniform(np.log(150), np.log(6000)))), 1), round(float(rng.uniform(-10, 10)), 2),
+              round(float(rng.uniform(0.3, 1.5)), 3)] for _ in range(int(rng.integers(1, 3)))]
+    recipe = {"tilt": round(float(rng.uniform(-2.5, 2.5)), 2), "bands": bands}
+    if rng.random() < 0.3:
+        recipe["cutoff"] = round(float(rng.uniform(2500, 7000)), 1)
+    return recipe
+
+
+def equalize(x: np.ndarray, tilt: float, bands: list, cutoff: float | None = None) -> np.ndarray:
+    """Apply an equaliser (see eq_recipe) in the frequency domain, keeping the RMS level.
+
+    tilt: dB per octave around 1 kHz; bands: [centre Hz, gain dB, width in octaves] (Gaussian bells on a
+    log-frequency axis); cutoff: 12 dB per octave of roll-off above it."""
+    if len(x) < 2:
+        return x
+    spectrum = np.fft.rfft(x)
+    f = np.maximum(np.fft.rfftfreq(len(x), 1 / SAMPLE_RATE), 20.0)
+    octaves = np.log2(f / 1000.0)
+    gain_db = np.clip(tilt * octaves, -18, 18)
+    for centre, gain, width in bands:
+        gain_db += gain * np.exp(-0.5 * (np.log2(f / centre) / width) ** 2)
+    if cutoff is not None:
+        gain_db -= 12.0 * np.maximum(np.log2(f / cutoff), 0.0)
+    y = np.fft.irfft(spectrum * 10 ** (gain_db / 20), len(x))
     return (y * rms(x) / rms(y)).astype(np.float32)
 
 

@@ -2,8 +2,10 @@
 plus General MIDI renders and synthesised noise, listed in bank.json. Clips are cut from it later.
 
 Rendered and synthesised recordings get several variants (other melodies, other noise), as many as the
-scale asks for. Two recordings whose audio is identical keep only the first (freedesktop ships the same
-sound under several names; a copy on both sides of the train / held-out line would leak).
+scale asks for; training renders may get more variants than held-out ones, each in another room (random
+reverb and chorus), so that the model hears many players of an instrument, not a few recordings. Two
+recordings whose audio is identical keep only the first (freedesktop ships the same sound under several
+names; a copy on both sides of the train / held-out line would leak).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from qwen2audio.audio import load_audio
 
 from . import augment, midi
 from .sounds import RECORDINGS, Recording
+from .voices import TRAIN
 from .sources import Sources, soundfont
 
 BANK_DIR = "bank"
 PEAK_DB = -1.0
 SYNTHETIC_SECONDS = 8.0
+VARIED_FROM = 6  # training renders from this variant on get random reverb and chorus (see midi.player_settings)
 SILENCE_DB = -65.0  # "silence" is a very faint noise floor, as a quiet room records
 
 
@@ -54,7 +58,8 @@ def _safe(name: str) -> str:
 def bank_jobs(sources: Sources, variants: dict[str, int], rendered: bool, per_class: int | None,
               seed: int) -> list[BankJob]:
     """What to put in the bank: recordings whose source is here; variants per kind ("rendered",
-    "synthetic"); rendered=False leaves General MIDI out; per_class caps the recordings per class and split
+    "synthetic", and "rendered_train" for training renders, default as many as "rendered");
+    rendered=False leaves General MIDI out; per_class caps the recordings per class and split
     (recorded ones first)."""
     jobs, count = [], {}
     ordered = sorted(RECORDINGS, key=lambda r: (r.source.startswith("fluidsynth"), r.id))
@@ -68,7 +73,10 @@ def bank_jobs(sources: Sources, variants: dict[str, int], rendered: bool, per_cl
         if per_class is not None and count.get(key, 0) >= per_class:
             continue
         count[key] = count.get(key, 0) + 1
-        n = variants["rendered"] if is_rendered else variants["synthetic"] if rec.source == "synthetic" else 1
+        if is_rendered:
+            n = variants.get("rendered_train", variants["rendered"]) if rec.split == TRAIN else variants["rendered"]
+        else:
+            n = variants["synthetic"] if rec.source == "synthetic" else 1
         for v in range(n):
             digest = hashlib.sha256(f"{seed}/{rec.id}/{v}".encode()).digest()
             jobs.append(BankJob(rec, v, f"{BANK_DIR}/{_safe(rec.id)}-{v}.flac", int.from_bytes(digest[:8], "little")))
@@ -89,7 +97,9 @@ def make_entry(job: BankJob, out: Path, sources: Sources) -> np.ndarray:
             return augment.colored_noise(n, "pink", rng) * 10 ** (SILENCE_DB / 20)
         return augment.level(x, PEAK_DB)
     if rec.source.startswith("fluidsynth"):
-        x = midi.render(midi.piece(rec.locator, rng), soundfont(rec.source))
+        piece = midi.piece(rec.locator, rng)
+        settings = midi.player_settings(rng) if rec.split == TRAIN and job.variant >= VARIED_FROM else None
+        x = midi.render(piece, soundfont(rec.source), settings)
     else:
         x = load_audio(sources.read(rec.source, rec.locator), name=f"{rec.source}:{rec.locator}")
     return augment.level(augment.trim(x), PEAK_DB)

@@ -81,11 +81,12 @@ SCALES = {
                    val={"pretrain": _tasks(20, 20, 10, 10, 10, 10), "sft": _tasks(10, 10, 5, 5, 10, 5)},
                    eval={"asr": 100, "sounds": 100, "sound_question": 50, "voice_chat": 80, "no_speech": 60},
                    variants={"rendered": 2, "synthetic": 2}, rendered=True, per_class=3, generated_texts=500),
-    "full": Scale(train={"pretrain": _tasks(30000, 9000, 5000, 3000, 4000, 4000),
-                         "sft": _tasks(4000, 2500, 1500, 2000, 4000, 1000)},
+    "full": Scale(train={"pretrain": _tasks(30000, 20000, 5000, 3000, 4000, 4000),
+                         "sft": _tasks(4000, 4000, 1500, 2000, 4000, 1000)},
                   val={"pretrain": _tasks(300, 100, 60, 40, 60, 40), "sft": _tasks(60, 60, 30, 30, 60, 30)},
                   eval={"asr": 400, "sounds": 600, "sound_question": 300, "voice_chat": 400, "no_speech": 300},
-                  variants={"rendered": 6, "synthetic": 4}, rendered=True, per_class=None, generated_texts=4000),
+                  variants={"rendered": 6, "rendered_train": 24, "synthetic": 4}, rendered=True, per_class=None,
+                  generated_texts=4000),
 }
 
 

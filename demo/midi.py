@@ -113,8 +113,19 @@ def piece(locator: str, rng: np.random.Generator) -> mido.MidiFile:
     raise ValueError(f"unknown rendered recording {locator!r}")
 
 
-def render(mid: mido.MidiFile, soundfont: Path) -> np.ndarray:
-    """Mono float32 at 16 kHz (fluidsynth's own reverb and chorus on, as a player would have them)."""
+def player_settings(rng: np.random.Generator) -> dict[str, float]:
+    """Random fluidsynth reverb and chorus settings: the same notes as different rooms and players would
+    give them (training renders; a model that knows one soundfont's one room learns the room)."""
+    return {"synth.reverb.room-size": round(float(rng.uniform(0.0, 0.95)), 3),
+            "synth.reverb.damp": round(float(rng.uniform(0.0, 1.0)), 3),
+            "synth.reverb.level": round(float(rng.uniform(0.0, 1.0)), 3),
+            "synth.chorus.depth": round(float(rng.uniform(0.0, 20.0)), 2),
+            "synth.chorus.level": round(float(rng.uniform(0.0, 3.0)), 2)}
+
+
+def render(mid: mido.MidiFile, soundfont: Path, settings: dict[str, float] | None = None) -> np.ndarray:
+    """Mono float32 at 16 kHz (fluidsynth's own reverb and chorus on, as a player would have them;
+    ``settings``: other fluidsynth settings, e.g. from player_settings)."""
     if shutil.which("fluidsynth") is None:
         raise RuntimeError("fluidsynth is not installed (apt-get install fluidsynth)")
     import soundfile
@@ -122,8 +133,9 @@ def render(mid: mido.MidiFile, soundfont: Path) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="demo-midi-") as tmp:
         src, out = Path(tmp) / "piece.mid", Path(tmp) / "piece.wav"
         mid.save(str(src))
-        subprocess.run(["fluidsynth", "-ni", "-q", "-g", "0.6", "-r", str(RENDER_RATE), "-F", str(out), str(soundfont),
-                        str(src)], check=True, capture_output=True, timeout=FLUIDSYNTH_TIMEOUT_S)
+        options = [arg for key, value in (settings or {}).items() for arg in ("-o", f"{key}={value}")]
+        subprocess.run(["fluidsynth", "-ni", "-q", "-g", "0.6", "-r", str(RENDER_RATE), *options, "-F", str(out),
+                        str(soundfont), str(src)], check=True, capture_output=True, timeout=FLUIDSYNTH_TIMEOUT_S)
         audio, rate = soundfile.read(out, dtype="float32", always_2d=True)
     assert rate == RENDER_RATE, rate
     return audio.mean(axis=1)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import augment as A
 from . import prompts as P
 from .bank import BankEntry
 from .corpora import TextItem
@@ -127,6 +128,18 @@ def quiet_if_silent(fx: dict, entry: BankEntry) -> dict:
     return fx
 
 
+EQ_SHARE = 0.5  # of training sound clips (naming a sound), an equaliser colours the recording
+
+
+def coloured(fx: dict, entry: BankEntry, strength: str, rng: np.random.Generator) -> dict:
+    """Half the training clips of a sound to be named get a random equaliser (augment.eq_recipe): the
+    held-out recordings come from other sample sets and microphones, which colour the same instrument.
+    Noise is left alone: coloured white noise would be another class (a rumble)."""
+    if strength == "train" and CLASSES[entry.cls].category != NOISE and rng.random() < EQ_SHARE:
+        fx["eq"] = A.eq_recipe(rng)
+    return fx
+
+
 def _clip(part: Part, kind: str, rng: np.random.Generator, **recipe) -> str:
     folder = f"eval/{part.task}" if part.stage == "eval" else f"{part.stage}/{part.split}/{part.task}"
     path = f"audio/{folder}/{len(part.clips):06d}.flac"
@@ -198,7 +211,7 @@ def sound(part: Part, ctx: Context, n: int, rng: np.random.Generator, strength: 
         cls = CLASSES[key]
         entry = _pick(rng, by_class[cls.key])
         audio = _clip(part, "sound", rng, sound=sound_recipe(rng, entry),
-                      fx=quiet_if_silent(effects(rng, strength), entry), entry=entry.id)
+                      fx=coloured(quiet_if_silent(effects(rng, strength), entry), entry, strength, rng), entry=entry.id)
         roll = rng.random()
         if cls.category == ANIMAL and roll < 0.25:
             prompt, answer = _pick(rng, P.NAME_ANIMAL), sentence(cls.thing)

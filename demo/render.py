@@ -63,6 +63,8 @@ def render(out: Path, clip: dict) -> np.ndarray:
 def effects(out: Path, x: np.ndarray, fx: dict, rng: np.random.Generator) -> np.ndarray:
     if "speed" in fx:
         x = A.speed(x, fx["speed"])
+    if "eq" in fx:
+        x = A.equalize(x, fx["eq"]["tilt"], fx["eq"]["bands"], fx["eq"].get("cutoff"))
     if "reverb" in fx:
         x = A.reverb(x, fx["reverb"]["rt60"], fx["reverb"]["wet"], rng)
     if fx.get("phone"):

@@ -267,3 +267,56 @@ def test_answering_one_stage_leaves_the_other_stages_manifest_as_it_was(tiny, tm
     make_data.assemble(data, seed=0)
     assert (data / "pretrain.jsonl").read_bytes() == pretrain_before  # a run training on it is not disturbed
     assert any(r["messages"][-1]["content"].startswith("The answer to") for r in _rows(data / "sft.jsonl"))
+
+
+# ---- timbre: equalised training sounds, more and varied training renders ----
+
+@needs_deps
+def test_the_equaliser_boosts_its_band_cuts_above_its_cutoff_and_keeps_the_level():
+    import numpy as np
+
+    from demo import augment
+
+    rng = np.random.default_rng(0)
+    x = augment.colored_noise(SAMPLE_RATE * 2, "white", rng)
+    f = np.fft.rfftfreq(len(x), 1 / SAMPLE_RATE)
+
+    def band_db(y, low, high):
+        power = np.abs(np.fft.rfft(y)) ** 2
+        return 10 * np.log10(power[(f >= low) & (f < high)].mean())
+
+    y = augment.equalize(x, tilt=0.0, bands=[[1000.0, 9.0, 0.3]])
+    boost = (band_db(y, 900, 1100) - band_db(y, 200, 300)) - (band_db(x, 900, 1100) - band_db(x, 200, 300))
+    assert 7.0 < boost < 10.0  # the bell's gain at its centre, against a band two octaves away
+    assert augment.rms(y) == pytest.approx(augment.rms(x), rel=1e-3)
+    z = augment.equalize(x, tilt=0.0, bands=[], cutoff=2000.0)
+    drop = (band_db(z, 500, 1000) - band_db(z, 3800, 4200)) - (band_db(x, 500, 1000) - band_db(x, 3800, 4200))
+    assert 10.0 < drop < 14.0  # around one octave above the cutoff: 12 dB down
+    recipe = augment.eq_recipe(np.random.default_rng(1))
+    assert recipe == augment.eq_recipe(np.random.default_rng(1)) and 1 <= len(recipe["bands"]) <= 2
+
+
+@needs_deps
+def test_training_renders_get_more_variants_than_held_out_ones(tmp_path):
+    from demo import bank
+    from demo.sources import Sources
+
+    jobs = bank.bank_jobs(Sources(tmp_path), {"rendered": 2, "rendered_train": 5, "synthetic": 1}, True, None, 0)
+    count = {}
+    for job in jobs:
+        if job.recording.source.startswith("fluidsynth"):
+            count.setdefault((job.recording.id, job.recording.split), set()).add(job.variant)
+    assert count and all(v == set(range(5 if split == "train" else 2)) for (_, split), v in count.items())
+    assert {split for _, split in count} == {"train", "heldout"}
+    old = bank.bank_jobs(Sources(tmp_path), {"rendered": 2, "synthetic": 1}, True, None, 0)
+    assert {j.path for j in old} <= {j.path for j in jobs}  # the first variants keep their names and seeds
+    assert all(j.variant < 2 for j in old if j.recording.source.startswith("fluidsynth"))
+
+
+@needs_espeak
+def test_only_training_sounds_to_be_named_are_equalised(tiny):
+    recipes = _recipes(tiny)
+    eq = [(part, c) for part, c in recipes if "eq" in c.get("fx", {})]
+    named = [c for part, c in recipes if part.endswith("train/sound")]
+    assert eq and {part for part, _ in eq} <= {"pretrain/train/sound", "sft/train/sound"}
+    assert 0 < len(eq) < len(named)
