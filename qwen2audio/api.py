@@ -143,9 +143,17 @@ class Qwen2Audio:
     def complete(self, prompt: str, audios: Sequence[Any] = (), **sampling) -> Generation:
         return self.engine.generate([self.prepare_raw(prompt, audios)], SamplingParams(**sampling))[0]
 
-    def transcribe(self, audio: Any, language: str = "en", **sampling) -> str:
-        """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed."""
-        out = self.complete(ASR_PROMPT.format(language=language), [audio], **sampling)
+    def transcribe(self, audio: Any, language: str = "en", fallback: bool = False, **sampling) -> str:
+        """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed.
+        ``fallback``: a repetitive answer is decoded again at rising temperatures (Whisper's guard against
+        loops; qwen2audio.generation.fallback)."""
+        prepared = self.prepare_raw(ASR_PROMPT.format(language=language), [audio])
+        if fallback:
+            from .generation.fallback import generate_with_fallback
+
+            out = generate_with_fallback(self.engine, [prepared], SamplingParams(**sampling))[0]
+        else:
+            out = self.engine.generate([prepared], SamplingParams(**sampling))[0]
         return TAG.sub("", out.text).strip()
 
     def conversation(self, system: str | None = None) -> "Conversation":

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("files", nargs="+", metavar="FILE")
     tr.add_argument("--language", default="en", help="language tag of the speech (e.g. en, zh, fr)")
     tr.add_argument("--json", action="store_true", help="one JSON line per file")
+    tr.add_argument("--fallback", action="store_true",
+                    help="decode a repetitive transcript again at rising temperatures (Whisper's guard against "
+                         "loops); off: greedy only, as the official evaluation decodes")
     _sampling_args(tr, TRANSCRIBE_SAMPLING_NOTE)
 
     for module in COMMAND_MODULES:  # further commands live beside the code they run
@@ -321,7 +324,8 @@ def _transcribe(model, args, sampling) -> int:
     failed = 0
     for path in args.files:
         try:
-            text = model.transcribe(path, language=args.language, **sampling)
+            text = model.transcribe(path, language=args.language, fallback=args.fallback,
+                                    **sampling)
         except AudioError as err:  # one bad file does not stop the others
             print(f"qwen2audio: error: {err}", file=sys.stderr)
             failed += 1

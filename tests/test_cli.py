@@ -271,7 +271,7 @@ def test_transcripts_on_a_terminal_make_control_characters_visible(monkeypatch):
         def transcribe(self, path, language, **sampling):
             return "ok \x1b[2J\x07end"
 
-    args = argparse.Namespace(files=["a.wav"], language="en", json=False)
+    args = argparse.Namespace(files=["a.wav"], language="en", json=False, fallback=False)
     screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
     assert cli_module._transcribe(Model(), args, {}) == 0

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
                    help="int8: weight-only int8 for the LLM's products (CPU; faster, slightly different answers)")
+    p.add_argument("--fallback", action="store_true",
+                   help="decode a repetitive answer again at rising temperatures (Whisper's guard against loops; "
+                        "not the official decoding, which is greedy only)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (env QWEN2AUDIO_JUDGE_URL)")
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out(args.task, args.data)
     model_name = str(args.model_dir) if args.model_dir else "embedded default model"
     settings = AnswerSettings(model=model_identity(args.model_dir), dtype=args.dtype, quantize=args.quantize,
-                              max_new_tokens=args.max_new_tokens)
+                              max_new_tokens=args.max_new_tokens, fallback=args.fallback)
     print(f"qwen2audio eval: {len(items)} items from {args.data} -> {out}", file=sys.stderr)
     try:
         records = run_items(items, out, lambda: _load(args), settings, batch_size=args.batch_size,
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     results.update(model=model_name, data=str(args.data), settings={
         "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens,
         "min_new_tokens": settings.min_new_tokens, "dtype": args.dtype, "quantize": args.quantize,
-        "decoding": "greedy",
+        "decoding": "greedy, repetitive answers again at rising temperatures" if args.fallback else "greedy",
         "batch_size": args.batch_size, "limit": args.limit, "model_identity": settings.model})
     if judge_info is not None:
         results["judge"] = judge_info

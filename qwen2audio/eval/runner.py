@@ -2,7 +2,8 @@
 
 - Answers are kept in OUT/items.jsonl. A stored answer is reused only when all that determines it is
   unchanged: the model (see `model_identity`), the exact prompt the model sees, the audio file (path, size
-  and modification time) and the decoding settings (dtype, quantize, max_new_tokens, min_new_tokens). Any other
+  and modification time) and the decoding settings (dtype, quantize, max_new_tokens, min_new_tokens,
+  fallback). Any other
   stored answer is generated again, and the run says how many it reused and why it did not reuse others.
   The audio is identified by its file's metadata, not a hash of its content: a hash would read the whole
   dataset (tens of GB for Common Voice or AIR-Bench) on every resume, and a file rewritten with the same
@@ -14,6 +15,8 @@
 - Audio that is missing or unreadable is reported and skipped: its line in items.jsonl carries "error";
   such items are tried again by the next run.
 - Decoding: greedy, max_new_tokens 256, min_new_tokens 1, batched (qwen2audio.generation.scheduler).
+  ``fallback`` (`--fallback`, not official) decodes repetitive answers again at rising temperatures
+  (qwen2audio.generation.fallback).
 - The progress bar shows items, speed and the running corpus metric.
 """
 
@@ -44,7 +47,8 @@ STALE_REASONS = {"prompt": "were for a different prompt", "model": "were made by
                  "audio": "were for other audio", "dtype": "were made with another --dtype",
                  "quantize": "were made with another --quantize",
                  "max_new_tokens": "were made with another --max-new-tokens",
-                 "min_new_tokens": "were made with another min_new_tokens"}
+                 "min_new_tokens": "were made with another min_new_tokens",
+                 "fallback": "were made with another --fallback"}
 FAILED = "had failed (see their error)"
 UNRECORDED = "had no record of what made them"
 
@@ -58,6 +62,7 @@ class AnswerSettings:
     quantize: str = "none"
     max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS
     min_new_tokens: int = OFFICIAL_MIN_NEW_TOKENS
+    fallback: bool = False  # repetitive answers decoded again at rising temperatures (not official)
 
 
 SETTING_DEFAULTS = {f.name: f.default for f in fields(AnswerSettings)}
@@ -135,6 +140,10 @@ def generate_batch(model, batch: Sequence[tuple[EvalItem, np.ndarray]], settings
             prepared.append(model.prepare_raw(item.prompt, [audio]))
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
                             temperature=0.0)
+    if settings.fallback:
+        from ..generation.fallback import generate_with_fallback
+
+        return [g.text for g in generate_with_fallback(model.engine, prepared, params)]
     return [g.text for g in model.engine.generate(prepared, params)]
 
 

@@ -1,0 +1,62 @@
+"""Decoding again at rising temperatures when a greedy answer repeats itself (Whisper's fallback).
+
+A speech model decoding greedily can fall into a loop ("the fictional creatures of the fictional
+creatures of ...") until its token budget runs out. Whisper's `transcribe` guards against that: an
+answer whose text compresses too well (zlib compression ratio above 2.4) is decoded again with sampling
+at temperature 0.2, then 0.4, ... 1.0, and the first answer that is not repetitive is kept. So does
+``generate_with_fallback``; where every attempt repeats itself, the least repetitive one is kept
+(Whisper keeps the last).
+
+Off by default (`Qwen2Audio.transcribe(..., fallback=True)`, `qwen2audio transcribe --fallback`,
+`qwen2audio eval --fallback`): the official evaluation decodes greedily and nothing else. Sampling is
+seeded, so an answer is still reproducible.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import replace
+from typing import Sequence
+
+from .params import SamplingParams
+from .reply import Generation
+
+TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)  # Whisper's schedule after greedy
+MAX_COMPRESSION_RATIO = 2.4  # Whisper's compression_ratio_threshold
+SEED = 0  # the first sampled attempt's seed; each later temperature adds one
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of the UTF-8 text over bytes of its zlib compression (long loops compress far better than
+    speech does); 0 for empty text."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+def repetitive(text: str, threshold: float | None = None) -> bool:
+    """Whether the text compresses past the threshold (default MAX_COMPRESSION_RATIO)."""
+    return compression_ratio(text) > (MAX_COMPRESSION_RATIO if threshold is None else threshold)
+
+
+def generate_with_fallback(engine, batch: Sequence, params: SamplingParams,
+                           temperatures: Sequence[float] = TEMPERATURES,
+                           threshold: float | None = None, seed: int = SEED) -> list[Generation]:
+    """``engine.generate(batch, params)``, then the repetitive answers decoded again (together) at each
+    temperature in turn until they are not. ``params`` is the first attempt's (greedy, as a rule)."""
+    results = list(engine.generate(batch, params))
+    todo = [i for i, g in enumerate(results) if repetitive(g.text, threshold)]
+    for step, temperature in enumerate(temperatures):
+        if not todo:
+            break
+        again = replace(params, temperature=temperature, seed=seed + step)
+        retried = engine.generate([batch[i] for i in todo], again)
+        still = []
+        for i, g in zip(todo, retried):
+            if compression_ratio(g.text) < compression_ratio(results[i].text):
+                results[i] = g  # the least repetitive attempt so far
+            if repetitive(g.text, threshold):
+                still.append(i)
+            else:
+                results[i] = g
+        todo = still
+    return results
