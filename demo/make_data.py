@@ -277,6 +277,24 @@ def assemble(out: Path, seed: int) -> dict:
             "voice_chat_answers": sum(a is not None for a in answers.values())}
 
 
+WATCH = "eval/watch.jsonl"  # what pre-training validates on (val_generate): held-out speech and sounds
+WATCH_ROWS = 48  # of each of eval/asr.jsonl and eval/sounds.jsonl
+
+
+def write_watch(out: Path) -> int:
+    """The first WATCH_ROWS held-out transcription items and as many sound-naming ones, alternating, the
+    sound ones asked with a raw prompt as pre-training asks: pre-training's validation then reports a
+    held-out word error rate (val_wer) and sound accuracy (val_contains) side by side."""
+    sets = []
+    for name in ("asr", "sounds"):
+        path = out / "eval" / f"{name}.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:WATCH_ROWS]]
+        sets.append([{**row, "chat": False} for row in rows])
+    rows = [row for pair in zip(*sets) for row in pair]
+    atomic_write_text(out / WATCH, "".join(json.dumps(row) + "\n" for row in rows))
+    return len(rows)
+
+
 def _sft_kind(row: dict) -> str:
     user = row["messages"][0]["content"]
     kind = "voice_chat" if all(p.get("type") == "audio" for p in user) else "audio_analysis"
@@ -393,6 +411,7 @@ def generate(out: Path, seed: int, scale_name: str, jobs: int, assets: Path) -> 
     run_parts(out, parts, jobs, progress)
     write_questions(out, parts)
     assembled = assemble(out, seed)
+    write_watch(out)
     summary = summarize(out, parts, ctx, entries, progress, assembled, seed, scale_name, time.time() - start)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

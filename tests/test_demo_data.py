@@ -169,6 +169,12 @@ def test_evaluation_manifests_read_as_generic_jsonl_tasks(tiny):
     asr = read_generic(tiny / "eval" / "asr.jsonl", Options())
     assert {i.prompt for i in asr} == {"Detect the language and recognize the speech: <|en|>"}
     assert {i.metric for i in asr} == {"wer:en"}
+    # pre-training's validation set: held-out speech and sounds alternating, all with raw prompts
+    watch = read_generic(tiny / "eval" / "watch.jsonl", Options())
+    sounds = read_generic(tiny / "eval" / "sounds.jsonl", Options())
+    n = min(len(asr), len(sounds), make_data.WATCH_ROWS)
+    assert [i.id for i in watch] == [x.id for pair in zip(asr[:n], sounds[:n]) for x in pair]
+    assert not any(i.chat for i in watch) and {i.metric for i in watch[:2]} == {"wer:en", "contains"}
 
 
 @needs_espeak
