@@ -57,6 +57,7 @@ class Settings:
     max_tokens: int = defaults.MAX_TOKENS  # the most new tokens a request may ask for, and the default
     cors_origins: tuple[str, ...] = ()
     web: bool = True  # the page at /
+    fallback: bool = False  # transcriptions: a repetitive greedy window decoded again at rising temperatures
 
 
 @dataclass
@@ -159,12 +160,14 @@ def _add_routes(app: FastAPI, state: ServerState, settings: Settings, metrics: M
     @app.post(TRANSCRIPTIONS)
     async def transcriptions(request: Request) -> Response:
         return await transcription.audio_endpoint(request, transcription.TRANSCRIBE, state.backend, settings.audio,
-                                                  settings.max_tokens, metrics, _arrived(request), TRANSCRIPTIONS)
+                                                  settings.max_tokens, metrics, _arrived(request), TRANSCRIPTIONS,
+                                                  fallback=settings.fallback)
 
     @app.post(TRANSLATIONS)
     async def translations(request: Request) -> Response:
         return await transcription.audio_endpoint(request, transcription.TRANSLATE, state.backend, settings.audio,
-                                                  settings.max_tokens, metrics, _arrived(request), TRANSLATIONS)
+                                                  settings.max_tokens, metrics, _arrived(request), TRANSLATIONS,
+                                                  fallback=settings.fallback)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

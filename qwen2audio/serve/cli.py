@@ -61,6 +61,9 @@ def register(subparsers) -> None:
                         "10.0.0.0/8; repeatable). Non-public addresses are reached only when listed")
     p.add_argument("--allow-local-audio", action="append", default=[], metavar="DIR",
                    help="read audio_url paths and file:// URLs inside DIR (repeatable)")
+    p.add_argument("--fallback", action="store_true",
+                   help="transcriptions and translations: decode a repetitive greedy window again at rising "
+                        "temperatures (Whisper's guard against loops)")
     p.add_argument("--no-web", dest="web", action="store_false",
                    help="serve the API only, not the web page at / (voice chat and audio analysis in a browser)")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.SHUTDOWN_SECONDS, metavar="S",
@@ -127,7 +130,7 @@ def settings_from(args: argparse.Namespace):
                         local_dirs=allowed_folders(args.allow_local_audio))
     return Settings(audio=audio, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                     max_body_bytes=audio.max_bytes, max_tokens=args.max_tokens,
-                    cors_origins=tuple(args.cors_origin), web=args.web)
+                    cors_origins=tuple(args.cors_origin), web=args.web, fallback=args.fallback)
 
 
 def run(args: argparse.Namespace) -> int:

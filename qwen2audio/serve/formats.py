@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..generation.fallback import compression_ratio
+
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 MEDIA_TYPES = {"json": "application/json", "verbose_json": "application/json", "text": "text/plain; charset=utf-8",
                "srt": "application/x-subrip; charset=utf-8", "vtt": "text/vtt; charset=utf-8"}
@@ -24,6 +26,7 @@ class Segment:
     end: float
     text: str
     tokens: list[int] = field(default_factory=list)  # generated token ids
+    temperature: float | None = None  # the one its text was decoded at, when not the request's (fallback)
 
 
 def full_text(segments: list[Segment]) -> str:
@@ -50,11 +53,14 @@ def render(fmt: str, segments: list[Segment], *, task: str, language: str, durat
 
 def verbose_json(segments: list[Segment], task: str, language: str, duration: float,
                  temperature: float) -> dict[str, Any]:
-    """OpenAI's verbose_json, without the fields this model does not compute (avg_logprob,
-    compression_ratio, no_speech_prob, words)."""
+    """OpenAI's verbose_json, without the fields this model does not compute (avg_logprob, no_speech_prob,
+    words). A segment's temperature is the one its text was decoded at (higher than the request's where
+    the server's --fallback decoded a repetitive window again)."""
     return {"task": task, "language": language, "duration": round(duration, 3), "text": full_text(segments),
             "segments": [{"id": i, "seek": round(s.start / HOP_SECONDS), "start": round(s.start, 3),
-                          "end": round(s.end, 3), "text": s.text, "tokens": s.tokens, "temperature": temperature}
+                          "end": round(s.end, 3), "text": s.text, "tokens": s.tokens,
+                          "temperature": temperature if s.temperature is None else s.temperature,
+                          "compression_ratio": round(compression_ratio(s.text), 3)}
                          for i, s in enumerate(segments)]}
 
 

@@ -12,6 +12,10 @@ prompt is fixed. Other fields are ignored.
 - The audio is cut into windows of at most 30 s (``split_into_windows``: near-equal lengths, nothing
   dropped), each answered on its own as one segment with its start and end times; the model's
   <|...|> tags are removed from the text, as ``Qwen2Audio.transcribe`` removes them.
+- With the server's ``--fallback``, a greedy window whose text is repetitive (a zlib compression ratio past
+  2.4: a decoding loop) is decoded again with seeded sampling at temperature 0.2, 0.4, ... 1.0 until one is
+  not, as Whisper does (qwen2audio.generation.fallback); verbose_json gives each segment the temperature
+  its text came from, and its compression ratio.
 - Up to four windows at a time go to the backend (they decode together in one batch; more would crowd
   out other clients). Only the first can be refused for a full queue (429); each later one waits for
   room, joining the back of the line (another client's request may run between two windows).
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 
 import anyio
 from starlette.concurrency import run_in_threadpool
@@ -31,6 +36,7 @@ from starlette.responses import Response
 from ..api import ASR_PROMPT
 from ..audio.features import SAMPLE_RATE, split_into_windows
 from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
+from ..generation import fallback as F
 from ..generation.params import SamplingParams
 from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
@@ -52,7 +58,7 @@ WINDOWS_AT_ONCE = 4  # of one file, in the backend together: they share a batch 
 
 
 async def audio_endpoint(request: Request, task: str, backend: Backend, policy: AudioPolicy, max_tokens: int,
-                         metrics: Metrics, arrived: float, endpoint: str) -> Response:
+                         metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False) -> Response:
     form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
@@ -75,7 +81,8 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
               TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[TARGET_LANGUAGE], source=language))
-    segments = await _windows(request, backend, prompt, split_into_windows(wave), params, metrics, arrived, endpoint)
+    segments = await _windows(request, backend, prompt, split_into_windows(wave), params, metrics, arrived, endpoint,
+                              fallback=fallback and params.greedy)
     language_name = LANGUAGE_NAMES.get(language.split("-")[0].lower(), language).lower()
     body, media_type = render(response_format, segments, task=task, language=language_name,
                               duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature)
@@ -83,7 +90,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
 
 
 async def _windows(request: Request, backend: Backend, prompt: str, windows, params: SamplingParams,
-                   metrics: Metrics, arrived: float, endpoint: str) -> list[Segment]:
+                   metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False) -> list[Segment]:
     """Each window's answer as a segment, in order. Up to WINDOWS_AT_ONCE windows are in the backend at
     a time, so a long file's windows decode together in one batch; a window's answer is read while the
     next ones are already decoding."""
@@ -102,13 +109,40 @@ async def _windows(request: Request, backend: Backend, prompt: str, windows, par
             finally:
                 _record(metrics, reader, arrived if k == 0 else None, endpoint)
             end = start + window.shape[0]
+            result, temperature = handles[k].result, None
+            if fallback and F.repetitive(text):
+                text, result, temperature = await _again(request, backend, prompt, window, params, metrics,
+                                                         endpoint, text, result)
             segments.append(Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, TAG.sub("", text).strip(),
-                                    list(handles[k].result.token_ids)))
+                                    list(result.token_ids), temperature))
             start = end
     finally:  # an error or a client gone: the windows still decoding stop (a finished one is not changed)
         for handle in handles:
             handle.cancel()
     return segments
+
+
+async def _again(request: Request, backend: Backend, prompt: str, window, params: SamplingParams, metrics: Metrics,
+                 endpoint: str, text: str, result):
+    """A repetitive window decoded again at each fallback temperature until its text is not repetitive
+    (generate_with_fallback's rule, one window at a time): (text, result, temperature used)."""
+    best = (text, result, params.temperature)
+    for step, temperature in enumerate(F.TEMPERATURES):
+        again = replace(params, temperature=temperature, seed=F.SEED + step)
+        handle = await _submit(request, backend, prompt, window, again, first=False)
+        reader = Reader(handle)
+        try:
+            text = await watching(request, [handle], reader.rest)
+        except Exception as err:  # noqa: BLE001
+            raise request_error(err) from None
+        finally:
+            handle.cancel()  # a finished one is not changed
+            _record(metrics, reader, None, endpoint)
+        if F.compression_ratio(text) < F.compression_ratio(best[0]):
+            best = (text, handle.result, temperature)
+        if not F.repetitive(text):
+            return text, handle.result, temperature
+    return best
 
 
 def _field(form, name: str, required: bool = False) -> str | None:
