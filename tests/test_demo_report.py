@@ -147,7 +147,13 @@ def test_the_report_writes_every_target_to_both_files(first_report):
     saved = json.loads((out / "r.json").read_text())
     assert saved["partial"] is False and saved["speed"]["machine"]["torch"]
     assert set(saved["sets"]["sounds"]["by_source"]) and saved["sets"]["asr"]["examples"]["wrong"]
+    # the transcription set again with --fallback: its own answers, made that way, and a line in the report
+    again = saved["sets"][report.FALLBACK]
+    assert again["items"] == saved["sets"]["asr"]["items"] and again["overall"]["score"] is not None
+    made = [json.loads(line)["answered_with"] for line in Path(again["answers"]).read_text().splitlines()]
+    assert made and all(m["fallback"] is True for m in made)
     markdown = (out / "r.md").read_text()
+    assert "Decoded with `--fallback`" in markdown and again["answers"] in markdown
     for target in T.TARGETS:
         assert f"| {target.what} | {target.text()} |" in markdown
 
@@ -187,6 +193,11 @@ def test_the_figures_are_what_qwen2audio_eval_reports(first_report, tiny_demo_da
                     "--no-progress", "--bootstrap", "0"]) == 0
         overall = json.loads((folder / "results.json").read_text())["overall"]
         assert rows[key]["value"] == pytest.approx(overall["score"] * percent) and rows[key]["n"] == overall["n"]
+    folder = answers / report.FALLBACK  # the same answers, reused by `qwen2audio eval --fallback`
+    assert cli(["eval", str(tiny_model), "--task", "jsonl", "--data", str(tiny_demo_data / "eval" / "asr.jsonl"),
+                "--out", str(folder), "--fallback", "--no-progress", "--bootstrap", "0"]) == 0
+    overall = json.loads((folder / "results.json").read_text())["overall"]
+    assert saved["sets"][report.FALLBACK]["overall"]["score"] == pytest.approx(overall["score"])
     assert rows["sounds_accuracy"]["value"] == 50.0
 
 
