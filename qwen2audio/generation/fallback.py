@@ -8,7 +8,8 @@ at temperature 0.2, then 0.4, ... 1.0, and the first answer that is not repetiti
 (Whisper keeps the last).
 
 Off by default (`Qwen2Audio.transcribe(..., fallback=True)`, `qwen2audio transcribe --fallback`,
-`qwen2audio eval --fallback`): the official evaluation decodes greedily and nothing else. Sampling is
+`qwen2audio eval --fallback`, `qwen2audio serve --fallback` for its transcriptions): the official
+evaluation decodes greedily and nothing else. Sampling is
 seeded, so an answer is still reproducible.
 """
 
