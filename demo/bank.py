@@ -23,8 +23,8 @@ from qwen2audio.audio import load_audio
 
 from . import augment, midi
 from .sounds import RECORDINGS, Recording
-from .voices import TRAIN
 from .sources import Sources, soundfont
+from .voices import TRAIN
 
 BANK_DIR = "bank"
 PEAK_DB = -1.0

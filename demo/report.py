@@ -143,7 +143,7 @@ def finish(out_dir: Path, records: list[dict], data: Path, model: Path, settings
     results.update(model=str(model), data=str(data), settings={
         "prompt_style": "auto", "max_new_tokens": settings.max_new_tokens, "min_new_tokens": settings.min_new_tokens,
         "dtype": settings.dtype, "batch_size": args.batch_size, "limit": args.limit,
-        "decoding": "greedy, repetitive answers again at rising temperatures" if settings.fallback else "greedy",
+        "decoding": settings.decoding,
         "model_identity": settings.model})
     write_results(out_dir, results)
     return results

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     results.update(model=model_name, data=str(args.data), settings={
         "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens,
         "min_new_tokens": settings.min_new_tokens, "dtype": args.dtype, "quantize": args.quantize,
-        "decoding": "greedy, repetitive answers again at rising temperatures" if args.fallback else "greedy",
+        "decoding": settings.decoding,
         "batch_size": args.batch_size, "limit": args.limit, "model_identity": settings.model})
     if judge_info is not None:
         results["judge"] = judge_info

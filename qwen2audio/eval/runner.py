@@ -64,6 +64,11 @@ class AnswerSettings:
     min_new_tokens: int = OFFICIAL_MIN_NEW_TOKENS
     fallback: bool = False  # repetitive answers decoded again at rising temperatures (not official)
 
+    @property
+    def decoding(self) -> str:
+        """How answers are decoded, in words (results.json's settings)."""
+        return "greedy, repetitive answers again at rising temperatures" if self.fallback else "greedy"
+
 
 SETTING_DEFAULTS = {f.name: f.default for f in fields(AnswerSettings)}
 
