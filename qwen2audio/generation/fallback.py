@@ -39,25 +39,40 @@ def repetitive(text: str, threshold: float | None = None) -> bool:
     return compression_ratio(text) > (MAX_COMPRESSION_RATIO if threshold is None else threshold)
 
 
+def retries(params: SamplingParams, temperatures: Sequence[float] = TEMPERATURES,
+            seed: int = SEED) -> list[SamplingParams]:
+    """The attempts after the first: ``params`` at each fallback temperature, each with its own seed."""
+    return [replace(params, temperature=t, seed=seed + step) for step, t in enumerate(temperatures)]
+
+
+class Pick:
+    """The fallback's rule for one answer: of the attempts offered in turn, the first that is not
+    repetitive is kept (and ends the retries); until then the least repetitive one so far."""
+
+    def __init__(self, text: str, value, threshold: float | None = None):
+        self.threshold = threshold
+        self.text, self.value = text, value
+        self.done = not repetitive(text, threshold)
+
+    def offer(self, text: str, value) -> bool:
+        """Take one more attempt into account; whether the retries can stop."""
+        if (not repetitive(text, self.threshold)
+                or compression_ratio(text) < compression_ratio(self.text)):
+            self.text, self.value = text, value
+        self.done = not repetitive(text, self.threshold)
+        return self.done
+
+
 def generate_with_fallback(engine, batch: Sequence, params: SamplingParams,
                            temperatures: Sequence[float] = TEMPERATURES,
                            threshold: float | None = None, seed: int = SEED) -> list[Generation]:
     """``engine.generate(batch, params)``, then the repetitive answers decoded again (together) at each
     temperature in turn until they are not. ``params`` is the first attempt's (greedy, as a rule)."""
-    results = list(engine.generate(batch, params))
-    todo = [i for i, g in enumerate(results) if repetitive(g.text, threshold)]
-    for step, temperature in enumerate(temperatures):
+    picks = [Pick(g.text, g, threshold) for g in engine.generate(batch, params)]
+    for again in retries(params, temperatures, seed):
+        todo = [i for i, pick in enumerate(picks) if not pick.done]
         if not todo:
             break
-        again = replace(params, temperature=temperature, seed=seed + step)
-        retried = engine.generate([batch[i] for i in todo], again)
-        still = []
-        for i, g in zip(todo, retried):
-            if compression_ratio(g.text) < compression_ratio(results[i].text):
-                results[i] = g  # the least repetitive attempt so far
-            if repetitive(g.text, threshold):
-                still.append(i)
-            else:
-                results[i] = g
-        todo = still
-    return results
+        for i, g in zip(todo, engine.generate([batch[i] for i in todo], again)):
+            picks[i].offer(g.text, g)
+    return [pick.value for pick in picks]

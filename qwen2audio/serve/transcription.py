@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import replace
 
 import anyio
 from starlette.concurrency import run_in_threadpool
@@ -126,9 +125,8 @@ async def _again(request: Request, backend: Backend, prompt: str, window, params
                  endpoint: str, text: str, result):
     """A repetitive window decoded again at each fallback temperature until its text is not repetitive
     (generate_with_fallback's rule, one window at a time): (text, result, temperature used)."""
-    best = (text, result, params.temperature)
-    for step, temperature in enumerate(F.TEMPERATURES):
-        again = replace(params, temperature=temperature, seed=F.SEED + step)
+    pick = F.Pick(text, (result, params.temperature))
+    for again in F.retries(params):
         handle = await _submit(request, backend, prompt, window, again, first=False)
         reader = Reader(handle)
         try:
@@ -138,11 +136,9 @@ async def _again(request: Request, backend: Backend, prompt: str, window, params
         finally:
             handle.cancel()  # a finished one is not changed
             _record(metrics, reader, None, endpoint)
-        if F.compression_ratio(text) < F.compression_ratio(best[0]):
-            best = (text, handle.result, temperature)
-        if not F.repetitive(text):
-            return text, handle.result, temperature
-    return best
+        if pick.offer(text, (handle.result, again.temperature)):
+            break
+    return pick.text, *pick.value
 
 
 def _field(form, name: str, required: bool = False) -> str | None:
