@@ -160,6 +160,16 @@ def test_dpo_logs_its_end_of_run_evaluation_once_without_repeating_the_last_step
     assert [r.get("final", False) for r in records()] == [False, False, True]
 
 
+def test_dpo_without_the_final_reward_pass_logs_no_end_record(ws, tmp_path):
+    out = tmp_path / "dpo"
+    args = ["train", "dpo", str(CONFIGS / "tiny" / "dpo.yaml"), f"model={ws['tiny']}", f"train_data={ws['dpo']}",
+            f"output_dir={out}", "progress=false", "tensorboard=false", "max_steps=2", "final_reward_pass=false"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and not any("final_reward_accuracy" in r for r in records)
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def test_a_truncated_checkpoint_is_named_on_resume(ws, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_cli(ws, out, "max_steps=2", "save_every=1", "max_steps_this_run=1") == 0

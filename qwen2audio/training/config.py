@@ -67,6 +67,8 @@ class TrainConfig:
     beta: float = 0.1
     reference_model: str = ""  # frozen reference; empty: the starting model
     precompute_reference: bool = False  # compute reference log-probs once up front, then free the model
+    final_reward_pass: bool = True  # at the end, reward accuracy/margin over all training pairs (one more
+    # forward pass of policy and reference over train_data; false saves that time)
     # --- runs -----------------------------------------------------------------------------------------
     distributed: str = "none"  # none | ddp | fsdp (launch with torchrun for ddp / fsdp)
     device: str = "auto"  # auto | cpu | cuda

@@ -113,4 +113,5 @@ def main(cfg: TrainConfig) -> dict:
         check_model_dir(cfg.reference_model, "reference_model")
     run = setup(cfg)
     reference = ReferenceLogps(run)
-    return train(run, DPOStep(cfg.beta, reference), on_end=lambda r: evaluate_pairs(r, reference))
+    on_end = (lambda r: evaluate_pairs(r, reference)) if cfg.final_reward_pass else None
+    return train(run, DPOStep(cfg.beta, reference), on_end=on_end)
