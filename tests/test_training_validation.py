@@ -75,6 +75,36 @@ def test_the_plots_show_validation_beside_training(validated_run):
     assert "val_wer" in (out / "val.svg").read_text()
 
 
+def test_several_val_generate_files_are_each_scored_under_their_own_name(validated_run, tmp_path):
+    ws, gen, _, _ = validated_run
+    rows = [json.loads(line) for line in gen.read_text().splitlines()]
+    words = gen.parent / "words.jsonl"  # another task on the same clips: does the answer contain the first word
+    words.write_text("".join(json.dumps({**r, "reference": r["reference"].split()[0], "metric": "contains"}) + "\n"
+                             for r in rows))
+    out = tmp_path / "run"
+    train("pretrain", model=str(ws["tiny"]), train_data=str(ws["pretrain"]), output_dir=str(out), max_steps=2,
+          save_every=2, val_generate=[str(gen), str(words)], val_generate_rows=3, val_max_new_tokens=6)
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {k for k in last if k.startswith("val_")} == {"val_val_generate_wer", "val_words_contains"}
+    model = Qwen2Audio.load(out / "final")
+    answers = [model.complete(r["prompt"], [str(gen.parent / r["audio"])], max_new_tokens=6, min_new_tokens=1).text
+               for r in rows[:3]]
+    for key, path in (("val_val_generate_wer", gen), ("val_words_contains", words)):
+        items = [json.loads(line) for line in path.read_text().splitlines()][:3]
+        metric = get_metric(items[0]["metric"])
+        expected = metric.score(list(np.sum([metric.stats(r["reference"], a) for r, a in zip(items, answers)],
+                                            axis=0)))
+        assert last[key] == pytest.approx(expected)
+    samples = [json.loads(line) for line in (out / "val_samples.jsonl").read_text().splitlines()]
+    assert [(s["set"], s["answer"]) for s in samples] == [("val_generate", a) for a in answers] + [
+        ("words", a) for a in answers]
+
+
+def test_val_generate_files_need_different_names(tmp_path):
+    with pytest.raises(ValueError, match="same name"):
+        tiny_config("pretrain", val_generate=[str(tmp_path / "a" / "x.jsonl"), str(tmp_path / "b" / "x.jsonl")])
+
+
 def test_decoding_for_validation_leaves_the_weights_layout_alone(validated_run):
     """The validator decodes with the weights being trained: no inference-only layout may replace them."""
     from qwen2audio.checkpoint import load_model

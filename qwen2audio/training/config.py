@@ -59,9 +59,10 @@ class TrainConfig:
     val_data: str = ""  # a manifest in the stage's row format: its loss is logged as val_loss
     val_every: int = 0  # optimizer steps between validations (0: only at the end of the run)
     val_max_rows: int = 0  # > 0: only the first N rows of val_data
-    val_generate: str = ""  # an evaluation JSONL (`qwen2audio eval --task jsonl` format): greedy answers scored
-    # with each row's metric, logged as val_<metric> (e.g. val_wer), samples in val_samples.jsonl
-    val_generate_rows: int = 64  # the first N rows of val_generate
+    val_generate: str | list[str] = ""  # an evaluation JSONL (`qwen2audio eval --task jsonl` format): greedy
+    # answers scored with each row's metric, logged as val_<metric> (e.g. val_wer), samples in val_samples.jsonl;
+    # or a list of them, each scored on its own as val_<file stem>_<metric> (e.g. val_sounds_contains)
+    val_generate_rows: int = 64  # the first N rows of val_generate (of each file)
     val_max_new_tokens: int = 64
     # --- DPO ----------------------------------------------------------------------------------------------
     beta: float = 0.1
@@ -121,6 +122,15 @@ class TrainConfig:
         if self.val_data and self.stage == "dpo" and self.precompute_reference:
             raise ValueError("val_data with precompute_reference: the precomputed reference covers train_data only; "
                              "set precompute_reference=false to validate DPO, or use val_generate")
+        if isinstance(self.val_generate, list):
+            if not all(isinstance(p, str) and p for p in self.val_generate):
+                raise ValueError(f"val_generate must be a path or a list of paths, got {self.val_generate!r}")
+            stems = [Path(p).stem for p in self.val_generate]
+            if len(set(stems)) < len(stems):
+                raise ValueError(f"val_generate lists files of the same name {stems}: each file's scores are "
+                                 "logged under its name, so give them different names")
+        elif not isinstance(self.val_generate, str):
+            raise ValueError(f"val_generate must be a path or a list of paths, got {self.val_generate!r}")
         if self.val_generate and self.distributed == "fsdp":
             raise ValueError("val_generate decodes on one process, which FSDP's sharded weights do not allow; "
                              "use val_data (a loss) or distributed=ddp")

@@ -4,6 +4,7 @@ memorises its training texts lowers the loss and not the held-out word error rat
 
     val_data: data/val.jsonl            -> val_loss (the stage's own loss, per trained token or pair)
     val_generate: data/eval/asr.jsonl   -> val_wer (or val_acc, val_bleu ... : each row's metric)
+    val_generate: [data/eval/asr.jsonl, data/eval/sounds.jsonl]  -> val_asr_wer, val_sounds_contains
 
 Both run every ``val_every`` optimizer steps and at the end; the model is put in eval mode (no dropout)
 and back. Generation runs on the main process only (DDP ranks hold the same weights) with the training
@@ -42,11 +43,17 @@ class Validator:
             if len(self.loss_set) == 0:
                 raise ValueError(f"val_data {cfg.val_data} has no usable rows: {self.loss_set.report.summary()}")
         self.items = []
-        if cfg.val_generate:
+        self.sets: list[str] = []  # per item: its file's name where val_generate lists several, else ""
+        paths = [cfg.val_generate] if isinstance(cfg.val_generate, str) else list(cfg.val_generate)
+        paths = [p for p in paths if p]
+        if paths:
             from ..eval.jsonl import read_generic
             from ..eval.tasks import Options
 
-            self.items = read_generic(Path(cfg.val_generate), Options())[: cfg.val_generate_rows]
+            for path in paths:
+                items = read_generic(Path(path), Options())[: cfg.val_generate_rows]
+                self.items += items
+                self.sets += [Path(path).stem if len(paths) > 1 else ""] * len(items)
         self._api = None
 
     @property
@@ -111,16 +118,21 @@ class Validator:
             for s in range(0, len(self.items), cfg.micro_batch_size):
                 batch = [(item, load_audio(item.audio)) for item in self.items[s:s + cfg.micro_batch_size]]
                 answers += generate_batch(self.api(), batch, settings)
-        stats: dict[str, list[list[float]]] = {}
-        for item, answer in zip(self.items, answers):
-            stats.setdefault(item.metric, []).append(get_metric(item.metric).stats(item.reference, answer))
+        stats: dict[tuple[str, str], list[list[float]]] = {}
+        for item, group, answer in zip(self.items, self.sets, answers):
+            stats.setdefault((group, item.metric), []).append(get_metric(item.metric).stats(item.reference, answer))
         scores = {}
-        for name, rows in stats.items():
+        for (group, name), rows in stats.items():
             metric = get_metric(name)
             value = metric.score(list(np.sum(rows, axis=0)))
-            scores[f"val_{name.split(':')[0]}"] = value if not math.isinf(value) else float("nan")
-        samples = [{"step": step, "prompt": item.prompt, "reference": item.reference, "answer": answer}
-                   for item, answer in list(zip(self.items, answers))[:SAMPLES_KEPT]]
+            key = "_".join(filter(None, ("val", group, name.split(":")[0])))
+            scores[key] = value if not math.isinf(value) else float("nan")
+        samples, kept = [], {}
+        for item, group, answer in zip(self.items, self.sets, answers):
+            if kept.setdefault(group, 0) < SAMPLES_KEPT:  # the first ones of each file
+                kept[group] += 1
+                samples.append({"step": step, **({"set": group} if group else {}), "prompt": item.prompt,
+                                "reference": item.reference, "answer": answer})
         with open(Path(cfg.output_dir) / SAMPLES_FILE, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in samples)
         return scores
