@@ -56,10 +56,9 @@ class Pick:
 
     def offer(self, text: str, value) -> bool:
         """Take one more attempt into account; whether the retries can stop."""
-        if (not repetitive(text, self.threshold)
-                or compression_ratio(text) < compression_ratio(self.text)):
-            self.text, self.value = text, value
         self.done = not repetitive(text, self.threshold)
+        if self.done or compression_ratio(text) < compression_ratio(self.text):
+            self.text, self.value = text, value
         return self.done
 
 

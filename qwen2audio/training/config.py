@@ -122,15 +122,13 @@ class TrainConfig:
         if self.val_data and self.stage == "dpo" and self.precompute_reference:
             raise ValueError("val_data with precompute_reference: the precomputed reference covers train_data only; "
                              "set precompute_reference=false to validate DPO, or use val_generate")
-        if isinstance(self.val_generate, list):
-            if not all(isinstance(p, str) and p for p in self.val_generate):
-                raise ValueError(f"val_generate must be a path or a list of paths, got {self.val_generate!r}")
-            stems = [Path(p).stem for p in self.val_generate]
-            if len(set(stems)) < len(stems):
-                raise ValueError(f"val_generate lists files of the same name {stems}: each file's scores are "
-                                 "logged under its name, so give them different names")
-        elif not isinstance(self.val_generate, str):
+        files = self.val_generate_files
+        if not all(isinstance(p, str) and p for p in files):
             raise ValueError(f"val_generate must be a path or a list of paths, got {self.val_generate!r}")
+        stems = [Path(p).stem for p in files]
+        if len(set(stems)) < len(stems):
+            raise ValueError(f"val_generate lists files of the same name {stems}: each file's scores are "
+                             "logged under its name, so give them different names")
         if self.val_generate and self.distributed == "fsdp":
             raise ValueError("val_generate decodes on one process, which FSDP's sharded weights do not allow; "
                              "use val_data (a loss) or distributed=ddp")
@@ -139,6 +137,13 @@ class TrainConfig:
                              "or compile=false")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
+
+    @property
+    def val_generate_files(self) -> list:
+        """val_generate as a list of paths (none when empty)."""
+        if isinstance(self.val_generate, list):
+            return self.val_generate
+        return [self.val_generate] if self.val_generate else []
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] = (), stage: str | None = None) -> TrainConfig:

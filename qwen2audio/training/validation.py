@@ -44,8 +44,7 @@ class Validator:
                 raise ValueError(f"val_data {cfg.val_data} has no usable rows: {self.loss_set.report.summary()}")
         self.items = []
         self.sets: list[str] = []  # per item: its file's name where val_generate lists several, else ""
-        paths = [cfg.val_generate] if isinstance(cfg.val_generate, str) else list(cfg.val_generate)
-        paths = [p for p in paths if p]
+        paths = cfg.val_generate_files
         if paths:
             from ..eval.jsonl import read_generic
             from ..eval.tasks import Options
