@@ -89,9 +89,19 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def __init__(self, path, stage: str, tokenizer: Tokenizer, n_mels: int, max_audio_seconds: float = 30.0,
                  max_seq_len: int = 2048, decode_audio: bool = True, cache_features: bool = False,
-                 encoder_states=None):
-        """``encoder_states``: an EncoderStateCache; items then carry the encoder's outputs, not features."""
+                 encoder_states=None, tasks: list[str] | None = None):
+        """``encoder_states``: an EncoderStateCache; items then carry the encoder's outputs, not features.
+        ``tasks``: keep only the rows of these tasks (pre-training rows' "task"); the others are not read
+        further and not reported as bad."""
         examples, self.report = read_manifest(path, stage)
+        if tasks:
+            kept = [ex for ex in examples if ex.task in tasks]
+            if examples and not kept:
+                present = sorted({str(ex.task) for ex in examples})
+                raise ValueError(f"{path}: no rows of the tasks {list(tasks)} (its rows' tasks: {', '.join(present)}); "
+                                 "name tasks that the manifest has, or leave tasks empty for all rows")
+            self.report.n_rows -= len(examples) - len(kept)
+            examples = kept
         self.examples = validate(examples, self.report, tokenizer, max_audio_seconds, max_seq_len, decode_audio)
         self.tokenizer, self.n_mels, self.stage = tokenizer, n_mels, stage
         self.cache: dict[int, Item] | None = {} if cache_features else None

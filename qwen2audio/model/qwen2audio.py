@@ -49,11 +49,14 @@ class Qwen2AudioModel(nn.Module):
 
     def encode_audio(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> list[torch.Tensor]:
         """Log-mel windows (B, n_mels, T) and valid frames (B,) -> one (n_tokens_i, hidden) tensor per window."""
+        return self.project_states(*self.encoder_states(features, frame_lengths))
+
+    def encoder_states(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel windows (B, n_mels, T) and valid frames (B,) -> the encoder's pooled outputs (B, N, d_model)
+        and their token counts (B,): the audio before the projector."""
         frame_lengths = frame_lengths.to(torch.long).cpu()
         T = encoder_input_frames(int(frame_lengths.max()), self.audio_tower.max_mel_frames)
-        features = features[:, :, :T].to(self.device)
-        states, counts = self.audio_tower(features, frame_lengths)  # (B, N, d_model), (B,)
-        return self.project_states(states, counts)
+        return self.audio_tower(features[:, :, :T].to(self.device), frame_lengths)
 
     def project_states(self, states: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """Encoder outputs computed earlier (B, N, d_model) with their token counts (B,) -> one
@@ -86,7 +89,7 @@ class Qwen2AudioModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
                 frame_lengths: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, audio_states: torch.Tensor | None = None,
-                audio_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                audio_lengths: torch.Tensor | None = None, audio_only: bool = False) -> torch.Tensor:
         """Full-sequence logits (B, T, vocab), no cache: for training and for checking against a reference.
 
         input_ids (B, T) with expanded <|AUDIO|> runs; features (n_clips, n_mels, frames) and
@@ -98,11 +101,19 @@ class Qwen2AudioModel(nn.Module):
         log-probabilities (B, T) of each label given the tokens before it (0 where ignored and at
         t = 0). Only the labelled positions go through the LM head, so the (B, T, vocab) logits are
         never built: training with a 150k vocabulary needs this.
+
+        With ``audio_only``, returns instead the audio vectors of all clips, concatenated in reading order
+        (n_vectors, hidden), without running the LLM (what the align stage trains, through a DDP wrapper).
         """
         if audio_states is not None:
             audio = self.project_states(audio_states, audio_lengths)
         else:
             audio = self.encode_audio(features, frame_lengths) if features is not None else None
+        if audio_only:
+            if audio is None:
+                raise ValueError("audio_only needs audio: features with frame_lengths, or audio_states with "
+                                 "audio_lengths")
+            return torch.cat(audio, dim=0)
         embeds = self.embed(input_ids, audio)
         if attention_mask is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)

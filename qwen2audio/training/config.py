@@ -18,7 +18,7 @@ DISTRIBUTED = ("none", "ddp", "fsdp")
 @dataclass
 class TrainConfig:
     # --- what to train, from what -------------------------------------------------------------------
-    stage: str = "sft"  # pretrain | sft | dpo (the command's stage wins)
+    stage: str = "sft"  # align | pretrain | sft | dpo (the command's stage wins)
     model: str = ""  # checkpoint directory (HF layout) to start from
     output_dir: str = "runs/run"  # checkpoints, metrics.jsonl, loss.svg, final/
     train_data: str = ""  # JSONL manifest (schema: qwen2audio.data.manifest)
@@ -38,6 +38,7 @@ class TrainConfig:
     decode_audio: bool = True  # validation decodes every clip (finds corrupt files); false: headers only
     cache_features: bool = False  # keep log-mel features in memory after first use (small sets)
     encoder_cache: str = ""  # a folder: a frozen encoder's outputs are computed once per clip and kept there
+    tasks: list[str] = field(default_factory=list)  # pretrain / align rows: only those of these tasks ("task")
     group_by_length: bool = True
     num_workers: int = 0
     # --- optimisation ---------------------------------------------------------------------------------
@@ -70,6 +71,10 @@ class TrainConfig:
     precompute_reference: bool = False  # compute reference log-probs once up front, then free the model
     final_reward_pass: bool = True  # at the end, reward accuracy/margin over all training pairs (one more
     # forward pass of policy and reference over train_data; false saves that time)
+    # --- align (before pre-training: the projector alone, CTC against the LLM's frozen token embeddings) ---
+    ctc_scale: float = 25.0  # cosine similarity x this = the CTC logits
+    ctc_negatives: int = 2048  # tokens of the training transcripts sampled each micro-batch besides its own
+    ctc_metric: str = "wer:en"  # validation: greedy CTC transcripts scored with this metric (wer:LANG)
     # --- runs -----------------------------------------------------------------------------------------
     distributed: str = "none"  # none | ddp | fsdp (launch with torchrun for ddp / fsdp)
     device: str = "auto"  # auto | cpu | cuda
@@ -135,8 +140,23 @@ class TrainConfig:
         if self.compile and self.distributed == "fsdp":
             raise ValueError("compile is not supported with distributed=fsdp here; use distributed=ddp or none, "
                              "or compile=false")
+        if self.tasks and self.rows != "pretrain":
+            raise ValueError(f"tasks selects pre-training rows by their task; {self.stage} rows have none")
+        if self.stage == "align":
+            if self.trainable != ["projector"]:
+                raise ValueError(f"the align stage trains the projector alone (trainable: [projector]), got "
+                                 f"{self.trainable}")
+            if self.distributed == "fsdp":
+                raise ValueError("the align stage trains only the small projector: use distributed=ddp or none")
+            if self.ctc_scale <= 0 or self.ctc_negatives < 0:
+                raise ValueError("ctc_scale must be > 0 and ctc_negatives >= 0")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
+
+    @property
+    def rows(self) -> str:
+        """The manifest format the stage reads (qwen2audio.data.manifest): align reads pre-training rows."""
+        return "pretrain" if self.stage == "align" else self.stage
 
     @property
     def val_generate_files(self) -> list:

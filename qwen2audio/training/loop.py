@@ -41,6 +41,11 @@ LORA_PREFIX = "language_model.model.layers."
 
 
 class StepLoss(Protocol):
+    """Optionally also: ``finish(run)``, called once after the last optimizer step, before the final
+    checkpoint is written (align rescales its projector there); ``validation_scores(sums)``: scores made
+    from the validation statistics' sums over all rows (e.g. a word error rate from errors and words),
+    with ``count_stats`` naming the statistics that are such counts rather than sums per unit."""
+
     def units(self, batch: dict) -> int: ...
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -196,10 +201,10 @@ def setup(cfg: TrainConfig) -> Run:
     model.train()
     encoder_states = EncoderStateCache(cfg.encoder_cache, model.audio_tower,
                                        model.config.audio.num_mel_bins) if cfg.encoder_cache else None
-    dataset = ManifestDataset(cfg.train_data, cfg.stage, tokenizer, model.config.audio.num_mel_bins,
+    dataset = ManifestDataset(cfg.train_data, cfg.rows, tokenizer, model.config.audio.num_mel_bins,
                               max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
                               decode_audio=cfg.decode_audio, cache_features=cfg.cache_features,
-                              encoder_states=encoder_states)
+                              encoder_states=encoder_states, tasks=cfg.tasks)
     log(d, dataset.report.summary())
     if encoder_states is not None:  # each rank computes its share of what is missing, then all read all
         fill_encoder_states(encoder_states, dataset, d, cfg.progress, autocast_context(cfg, d.device))
@@ -339,6 +344,8 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
                 bar.update(1)
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            if step + 1 == total and hasattr(step_loss, "finish"):
+                step_loss.finish(run)
             if (step + 1) % cfg.save_every == 0 or step + 1 == total:
                 save_checkpoint(model, optimizer, scheduler, step + 1, cfg, run.raw_model.config, run.trainable_names,
                                 _lora_scale(cfg), d, export_dtype=resolve_dtype(cfg.dtype))

@@ -33,11 +33,11 @@ class Validator:
         self.run = run
         self.loss_set: ManifestDataset | None = None
         if cfg.val_data:
-            self.loss_set = ManifestDataset(cfg.val_data, cfg.stage, run.tokenizer,
+            self.loss_set = ManifestDataset(cfg.val_data, cfg.rows, run.tokenizer,
                                             run.raw_model.config.audio.num_mel_bins,
                                             max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
                                             decode_audio=cfg.decode_audio, cache_features=True,
-                                            encoder_states=run.encoder_states)
+                                            encoder_states=run.encoder_states, tasks=cfg.tasks)
             if run.encoder_states is not None:
                 fill_encoder_states(run.encoder_states, self.loss_set, run.dist, False, run.autocast)
             if len(self.loss_set) == 0:
@@ -94,7 +94,12 @@ class Validator:
         over_dataset(run, add, run.cfg.micro_batch_size, self.loss_set, run.cfg.val_max_rows or None)
         keys = sorted(sums)
         reduced = run.dist.all_sum([sums[k] for k in keys] + [units[0]])
-        return {f"val_{k}": v / max(reduced[-1], 1.0) for k, v in zip(keys, reduced[:-1])}
+        totals = dict(zip(keys, reduced[:-1]))
+        counts = getattr(step_loss, "count_stats", ())  # sums that only feed validation_scores
+        out = {f"val_{k}": v / max(reduced[-1], 1.0) for k, v in totals.items() if k not in counts}
+        if hasattr(step_loss, "validation_scores"):
+            out.update({f"val_{k}": v for k, v in step_loss.validation_scores(totals).items()})
+        return out
 
     def generation_scores(self, step: int) -> dict[str, float]:
         """Greedy answers to the val_generate rows, scored per metric (main process; others wait)."""
