@@ -12,6 +12,7 @@ configs/demo/. Wall time per step is appended to runs/demo/build_times.jsonl.
     data        clips and manifests into data/demo/ (seed 0, full scale)  python -m demo.make_data
     base        the untrained model: Whisper-base + Qwen2.5-Coder-0.5B     python -m qwen2audio.demo base
     answers     the LLM's text answers to the SFT stage's spoken questions python -m demo.llm_answers
+    align       the projector alone, CTC against the LLM's word embeddings qwen2audio train align
     pretrain    stage 1, multi-task pre-training                          qwen2audio train pretrain
     sft         stage 2, voice chat and audio analysis                    qwen2audio train sft
     dpo-pairs   chosen = right answer, rejected = the SFT model's mistake python -m demo.dpo_pairs
@@ -105,6 +106,8 @@ STEPS = [
     Step("base", [PY, "-m", "qwen2audio.demo", "base", "--out", str(BASE)], lambda: _has_checkpoint(BASE)),
     Step("answers", [PY, "-m", "demo.llm_answers", "--data", str(DATA), "--model", str(BASE), "--stage", "sft",
                      "--dtype", "bfloat16", "--batch-size", "64"], lambda: False),  # asks only what is unanswered
+    Step("align", _qwen2audio("train", "align", "configs/demo/align.yaml"), lambda: _has_checkpoint(_final("align")),
+         long_running=True),
     Step("pretrain", _qwen2audio("train", "pretrain", "configs/demo/pretrain.yaml"),
          lambda: _has_checkpoint(_final("pretrain")), long_running=True),
     Step("sft", _qwen2audio("train", "sft", "configs/demo/sft.yaml"), lambda: _has_checkpoint(_final("sft")),
@@ -114,9 +117,9 @@ STEPS = [
          lambda: _newer(DATA / "dpo.jsonl", _final("sft") / "config.json")),
     Step("dpo", _qwen2audio("train", "dpo", "configs/demo/dpo.yaml"), lambda: _has_checkpoint(_final("dpo")),
          long_running=True),
-    Step("export", [PY, "-m", "qwen2audio.demo", "export-deltas", str(RUNS / "pretrain"), str(RUNS / "sft"),
+    Step("export", [PY, "-m", "qwen2audio.demo", "export-deltas", str(RUNS / "align"), str(RUNS / "pretrain"), str(RUNS / "sft"),
                     str(RUNS / "dpo"), str(DELTAS)],
-         lambda: _newer(DELTAS, *(_final(s) / "config.json" for s in ("pretrain", "sft", "dpo")))),
+         lambda: _newer(DELTAS, *(_final(s) / "config.json" for s in ("align", "pretrain", "sft", "dpo")))),
     Step("report", [PY, "-m", "demo.report", "--data", str(DATA), "--model", "default", "--llm", str(BASE),
                     "--out", str(REPORT), "--batch-size", str(GENERATE_BATCH)],
          lambda: _newer(REPORT.with_suffix(".json"), DELTAS)),

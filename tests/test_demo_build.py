@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_steps_run_in_the_documented_order():
-    assert build.NAMES == ["sources", "data", "base", "answers", "pretrain", "sft", "dpo-pairs", "dpo", "export",
-                           "report"]
+    assert build.NAMES == ["sources", "data", "base", "answers", "align", "pretrain", "sft", "dpo-pairs", "dpo",
+                           "export", "report"]
     for step in build.STEPS:  # every step says in the module's docstring what it does
         assert f"\n    {step.name} " in build.__doc__
     assert [s.name for s in build.select("sft", "dpo")] == ["sft", "dpo-pairs", "dpo"]
@@ -27,6 +27,22 @@ def test_every_training_step_runs_a_shipped_config():
         configs = [a for a in step.argv if a.startswith("configs/")]
         for config in configs:
             assert (ROOT / config).is_file(), config
+
+
+def test_each_stage_starts_where_the_one_before_ended_and_all_are_exported():
+    """The shipped configs chain align -> pretrain -> sft -> dpo, and export gives the runs in that order
+    (export-deltas refuses a broken chain, so a mismatch would only show at the end of a build)."""
+    import yaml
+
+    trained = [s for s in build.STEPS if any(a.startswith("configs/demo/") for a in s.argv)]
+    configs = [yaml.safe_load((ROOT / next(a for a in s.argv if a.startswith("configs/"))).read_text())
+               for s in trained]
+    assert [s.name for s in trained] == ["align", "pretrain", "sft", "dpo"]
+    assert configs[0]["model"] == str(build.BASE)
+    for before, after in zip(configs, configs[1:]):
+        assert after["model"] == f"{before['output_dir']}/final"
+    export = next(s for s in build.STEPS if s.name == "export")
+    assert export.argv[-5:-1] == [c["output_dir"] for c in configs]
 
 
 def test_dry_run_prints_commands_and_skips_finished_steps(tmp_path, monkeypatch, capsys):
