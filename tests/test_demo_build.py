@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_steps_run_in_the_documented_order():
-    assert build.NAMES == ["sources", "data", "base", "answers", "align", "pretrain", "sft", "dpo-pairs", "dpo",
+    assert build.NAMES == ["sources", "data", "base", "align", "answers", "pretrain", "sft", "dpo-pairs", "dpo",
                            "export", "report"]
     for step in build.STEPS:  # every step says in the module's docstring what it does
         assert f"\n    {step.name} " in build.__doc__
