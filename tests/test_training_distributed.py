@@ -73,3 +73,23 @@ def test_ddp_searches_for_unused_parameters_only_when_there_can_be_some(two_proc
     DDP is not asked to search for unused parameters, and does not warn on every rank that it found none."""
     _, stderr = two_processes("ddp")
     assert DDP_UNUSED_WARNING not in stderr
+
+
+def test_align_under_ddp_matches_one_process(single):
+    """The align stage's forward returns only audio vectors (the LLM does not run): DDP wraps it the same way.
+    The tiny transcripts use fewer tokens than ctc_negatives, so every process scores all of them."""
+    ws, root = single
+    common = [f"model={ws['tiny']}", f"train_data={ws['pretrain']}", "max_steps=6", "micro_batch_size=2",
+              "progress=false", "tensorboard=false"]
+    train("align", **dict(a.split("=", 1) for a in common + [f"output_dir={root / 'align1'}"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "qwen2audio.cli", "train", "align", str(CONFIGS / "tiny" / "align.yaml"), *common,
+           f"output_dir={root / 'align2'}", "distributed=ddp"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    torch.testing.assert_close(losses(root / "align2"), losses(root / "align1"), rtol=1e-5, atol=1e-6)
+    a = load_file(str(root / "align2" / "final" / "model.safetensors"))
+    b = load_file(str(root / "align1" / "final" / "model.safetensors"))
+    for k in ("multi_modal_projector.linear.weight", "multi_modal_projector.linear.bias"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
