@@ -61,13 +61,6 @@ def test_the_final_projector_speaks_at_the_embeddings_size(aligned):
     with torch.no_grad():
         vectors = torch.cat(model.encode_audio(batch["features"], batch["frame_lengths"]))
     torch.testing.assert_close(vectors.norm(dim=-1).mean(), embed_norm, rtol=1e-4, atol=0)
-    # the last checkpoint kept for resuming holds the projector as trained, before the rescale
-    last = sorted((out / "checkpoints").iterdir())[-1]
-    trained = load_file(str(last / "trainable.safetensors"))
-    final = load_file(str(out / "final" / "model.safetensors"))
-    key = "multi_modal_projector.linear.weight"
-    ratio = final[key] / trained[key]
-    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.flatten()[0])), rtol=1e-4, atol=1e-6)
 
 
 def test_pretraining_starts_from_the_aligned_projector(aligned, tmp_path):
