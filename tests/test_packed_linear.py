@@ -169,7 +169,7 @@ def test_the_engine_quantises_the_llms_products_and_stays_close_to_float32(check
     lm = model.language_model
     assert engine.quantize == "int8"
     quantized = [n for n, m in lm.named_modules() if isinstance(m, weights.Int8Linear)]
-    assert len(quantized) == 7 * len(lm.model.layers) + 1 and "lm_head" in quantized
+    assert len(quantized) == 4 * len(lm.model.layers) + 1 and "lm_head" in quantized  # qkv, o, gate_up, down
     assert not any(isinstance(m, torch.nn.Linear) for m in lm.modules())
     projector = model.multi_modal_projector.linear
     assert isinstance(projector, torch.nn.Linear)  # the audio side is untouched
@@ -224,7 +224,7 @@ def test_a_bfloat16_cpu_engine_decodes_with_packed_weights_close_to_torchs_bfloa
     engine = Engine(model, TOKENIZER)
     lm = model.language_model
     packed = [m for m in lm.modules() if isinstance(m, weights.BF16Linear)]
-    assert len(packed) == 7 * len(lm.model.layers) + 1 and all(m.stored.dtype == torch.bfloat16 for m in packed)
+    assert len(packed) == 4 * len(lm.model.layers) + 1 and all(m.stored.dtype == torch.bfloat16 for m in packed)
     assert torch.equal(lm.lm_head.stored_weight(), load_model(checkpoint, dtype=torch.bfloat16)
                        .language_model.lm_head.weight)  # the same weights, only packed
     monkeypatch.setattr(weights, "kernel_usable", lambda: False)
@@ -322,3 +322,66 @@ def test_decode_attention_refuses_what_it_cannot_compute():
     with pytest.raises(RuntimeError, match="rows must be contiguous"):
         strided = torch.zeros(1, 2, 8, 5).transpose(2, 3)  # (1, 2, 5, 8), each row's values 5 apart
         attend(q, strided, strided, None, 1.0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 7, 64), (2, 40, 80)])
+def test_rms_norm_equals_the_models(dtype, shape):
+    """Bit for bit in bfloat16 (each row's result rounded to bfloat16, as torch rounds it); in float32
+    within the last bits (torch sums the squares in another order)."""
+    from qwen2audio.model.llm import RMSNorm
+
+    norm = kernels.rms_norm_op()
+    assert norm is not None, kernels.build_problem()
+    gen = torch.Generator().manual_seed(shape[1])
+    module = RMSNorm(shape[-1], 1e-6).to(dtype)
+    module.weight.data = torch.randn(shape[-1], generator=gen).to(dtype)
+    x = (torch.randn(shape, generator=gen) * 5).to(dtype)
+    with torch.inference_mode():
+        expected, got = module(x), norm(x, module.weight, module.eps)
+        strided = norm(x.transpose(0, 1).contiguous().transpose(0, 1), module.weight, module.eps)  # non-contiguous x
+    assert got.dtype == dtype and got.shape == x.shape and torch.equal(strided, got)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=3e-6)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        norm(x.double(), module.weight, module.eps)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, heads, groups, length", [(1, 14, 2, 1), (3, 4, 2, 5), (1, 6, 6, 33)])
+def test_rope_in_place_equals_the_models(dtype, rows, heads, groups, length):
+    """On q and k as the attention holds them (transposed views of one stacked product), bit for bit."""
+    from qwen2audio.model.llm import apply_rope, rope_cos_sin
+
+    rope = kernels.rope_op()
+    assert rope is not None, kernels.build_problem()
+    gen = torch.Generator().manual_seed(rows * 10 + length)
+    dim = 16
+    qkv = (torch.randn(rows, length, (heads + 2 * groups) * dim, generator=gen) * 4).to(dtype)
+    q, k, _ = qkv.split((heads * dim, groups * dim, groups * dim), dim=-1)
+    q = q.view(rows, length, heads, dim).transpose(1, 2)
+    k = k.view(rows, length, groups, dim).transpose(1, 2)
+    cos, sin = rope_cos_sin(torch.randint(0, 5000, (rows, length), generator=gen), dim, 1e6, dtype)
+    expected_q, expected_k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    with torch.inference_mode():
+        rope(q, k, cos, sin)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        rope(q, k, cos[..., :-2], sin[..., :-2])
+
+
+def test_the_engine_normalises_and_rotates_in_the_kernel_where_it_has_one(checkpoint):
+    model = load_model(checkpoint)
+    Engine(model, TOKENIZER)
+    inner = model.language_model.model
+    norms = [inner.norm] + [n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if weights.kernel_usable():
+        assert all(isinstance(n, weights.KernelRMSNorm) for n in norms)
+        assert all(layer.self_attn.rope is kernels.rope_op() for layer in inner.layers)
+    else:
+        assert not any(isinstance(n, weights.KernelRMSNorm) for n in norms)
+        assert all(layer.self_attn.rope is None for layer in inner.layers)

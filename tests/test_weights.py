@@ -42,19 +42,64 @@ def no_onednn(monkeypatch):
     monkeypatch.setattr(weights, "onednn_usable", lambda dtype: False)
 
 
+def stacked_products(lm) -> dict[str, torch.Tensor]:
+    """What the Engine's fused products of a plain model must hold: name -> the stacked weight (and bias)."""
+    out = {}
+    for i, layer in enumerate(lm.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        out[f"model.layers.{i}.self_attn.qkv"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().clone()
+        out[f"model.layers.{i}.self_attn.qkv.bias"] = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach().clone()
+        out[f"model.layers.{i}.mlp.gate_up"] = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().clone()
+    return out
+
+
+def products_after_fusion(names: list[str]) -> list[str]:
+    """The LLM's product names once q/k/v and gate/up are stacked."""
+    renamed = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+    return sorted({n.rsplit(".", 1)[0] + "." + renamed[n.rsplit(".", 1)[1]] if n.rsplit(".", 1)[-1] in renamed else n
+                   for n in names})
+
+
+def test_the_engine_stacks_q_k_v_and_gate_up_with_the_same_values(checkpoint):
+    model = load_model(checkpoint)
+    lm = model.language_model
+    expected = stacked_products(lm)
+    Engine(model, TOKENIZER)
+    for i, layer in enumerate(lm.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        assert a.q_proj is None and a.k_proj is None and a.v_proj is None and m.gate_proj is None and m.up_proj is None
+        assert torch.equal(a.qkv.weight, expected[f"model.layers.{i}.self_attn.qkv"])
+        assert torch.equal(a.qkv.bias, expected[f"model.layers.{i}.self_attn.qkv.bias"])
+        assert torch.equal(m.gate_up.weight, expected[f"model.layers.{i}.mlp.gate_up"])
+        # the untouched products stay what they were
+        assert a.o_proj is not None and m.down_proj is not None
+
+
+def test_a_lora_layer_keeps_its_products_apart(checkpoint):
+    """Fusing is for plain weights: adapters being trained keep q, k, v (and gate, up) as they are."""
+    from qwen2audio.training.lora import apply_lora
+
+    model = load_model(checkpoint)
+    apply_lora(model, "language_model.model.layers.", ["q_proj", "up_proj"], rank=2, alpha=4, dropout=0.0)
+    weights.fuse_projections(model)
+    layer = model.language_model.model.layers[0]
+    assert layer.self_attn.qkv is None and layer.self_attn.q_proj is not None
+    assert layer.mlp.gate_up is None and layer.mlp.up_proj is not None
+
+
 def test_the_engine_stores_wide_cpu_weights_column_major_with_the_same_values(checkpoint, monkeypatch):
     no_kernel(monkeypatch)
     no_onednn(monkeypatch)
     model = load_model(checkpoint)
-    before = {id(w): w.detach().clone() for w in wide_weights(model)}
     lm = model.language_model
-    n_wide = 2 * len(lm.model.layers) + (0 if lm.config.tie_word_embeddings else 1)
-    assert len(before) == n_wide
+    expected = [stacked_products(lm)[f"model.layers.{i}.mlp.gate_up"] for i in range(len(lm.model.layers))]
+    if not lm.config.tie_word_embeddings:
+        expected.append(lm.lm_head.weight.detach().clone())
 
     Engine(model, TOKENIZER)
     after = wide_weights(model)
-    assert len(after) == n_wide
-    for w, original in zip(after, before.values()):
+    assert len(after) == len(expected)  # one stacked gate/up per layer, and an untied head
+    for w, original in zip(after, expected):
         assert w.t().is_contiguous() and not w.is_contiguous()  # (out, in) stored column by column
         assert torch.equal(w, original)
     if lm.config.tie_word_embeddings:  # the shared embedding table keeps its rows
@@ -76,11 +121,15 @@ def test_float32_cpu_linears_of_the_llm_go_to_the_kernel_on_the_same_tensors(che
     pointers = {n: m.weight.data_ptr() for n, m in linears.items()}
     if lm.config.tie_word_embeddings:
         pointers["lm_head"] = lm.model.embed_tokens.weight.data_ptr()
+    stacked = stacked_products(lm)
     Engine(model, TOKENIZER)
     fast = {n: m for n, m in lm.named_modules() if isinstance(m, weights.FP32Linear)}
-    assert sorted(fast) == sorted(pointers) and not any(isinstance(m, torch.nn.Linear) for m in lm.modules())
-    for name, module in fast.items():  # no copies: the loaded weights themselves
-        assert module.stored.data_ptr() == pointers[name], name
+    assert sorted(fast) == products_after_fusion(list(pointers)) and not any(isinstance(m, torch.nn.Linear) for m in lm.modules())
+    for name, module in fast.items():
+        if name in stacked:  # the stacked products: their weights side by side
+            assert torch.equal(module.stored, stacked[name]), name
+        else:  # no copies: the loaded weights themselves
+            assert module.stored.data_ptr() == pointers[name], name
         fits = module.out_features % 4 == 0 and module.in_features % 32 == 0  # else oneDNN takes every product
         assert (module._op is not None) == fits, name
     assert any(m._op is not None for m in fast.values())
@@ -101,9 +150,10 @@ def test_float32_cpu_linears_of_the_llm_go_to_onednn_with_the_same_values(checkp
         before["lm_head"] = lm.model.embed_tokens.weight.detach().clone()
     projector = model.multi_modal_projector.linear
 
+    before.update({n: w for n, w in stacked_products(lm).items() if not n.endswith(".bias")})
     Engine(model, TOKENIZER)
     packed = {n: m for n, m in lm.named_modules() if isinstance(m, weights.OneDNNLinear)}
-    assert sorted(packed) == sorted(set(names) | {"lm_head"}) and not any(
+    assert sorted(packed) == products_after_fusion(names + ["lm_head"]) and not any(
         isinstance(m, torch.nn.Linear) for m in lm.modules())
     for name, module in packed.items():
         assert torch.equal(module.weight, before[name]), name
@@ -111,8 +161,10 @@ def test_float32_cpu_linears_of_the_llm_go_to_onednn_with_the_same_values(checkp
     x = torch.randn(2, 3, lm.config.hidden_size)
     head = packed["lm_head"]
     assert torch.allclose(head(x), x @ before["lm_head"].t(), atol=1e-5, rtol=1e-5)
-    q = packed["model.layers.0.self_attn.q_proj"]
-    assert torch.allclose(q(x), torch.nn.functional.linear(x, before["model.layers.0.self_attn.q_proj"], q.bias),
+    qkv = packed["model.layers.0.self_attn.qkv"]
+    q_out = before["model.layers.0.self_attn.q_proj"].shape[0]
+    q_bias = qkv.bias[:q_out]
+    assert torch.allclose(qkv(x)[..., :q_out], torch.nn.functional.linear(x, before["model.layers.0.self_attn.q_proj"], q_bias),
                           atol=1e-5, rtol=1e-5)
 
 
@@ -156,12 +208,13 @@ def test_small_products_stay_with_torchs_default(checkpoint, monkeypatch):
     no_kernel(monkeypatch)
     model = load_model(checkpoint)
     layer = model.language_model.model.layers[0]
-    bound = layer.mlp.up_proj.weight.numel()
-    assert layer.self_attn.q_proj.weight.numel() < bound  # hidden x hidden < hidden x intermediate
+    bound = 2 * layer.mlp.up_proj.weight.numel()  # the stacked gate and up
+    a = layer.self_attn
+    assert sum(p.weight.numel() for p in (a.q_proj, a.k_proj, a.v_proj)) < bound  # q, k, v stacked: smaller
     monkeypatch.setattr(weights, "ONEDNN_MIN_WEIGHTS", bound)
     Engine(model, TOKENIZER)
-    assert all(isinstance(m, weights.OneDNNLinear) for m in (layer.mlp.up_proj, layer.mlp.gate_proj))
-    assert type(layer.self_attn.q_proj) is torch.nn.Linear
+    assert isinstance(layer.mlp.gate_up, weights.OneDNNLinear)
+    assert type(layer.self_attn.qkv) is torch.nn.Linear
     assert all(type(m) is torch.nn.Linear for m in weights.wide_linears(model))
 
 

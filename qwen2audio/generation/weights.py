@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..model import Qwen2AudioModel
+from ..model.llm import RMSNorm
 from .params import QUANTIZE_CHOICES
 
 ONEDNN_DTYPES = (torch.float32,)  # where oneDNN's products beat the default CPU path (benchmarks/README.md)
@@ -28,6 +29,7 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
     if quantize == "int8" and model.device.type != "cpu":
         raise ValueError(f"quantize='int8' runs on CPU only (its kernel is a CPU one); the model is on "
                          f"{model.device.type}: drop --quantize or use --device cpu")
+    fuse_projections(model)
     if model.device.type == "cpu":
         if quantize == "int8":
             quantize_linears_int8(model)
@@ -40,7 +42,71 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
         store_wide_weights_column_major(model)  # the wide linears left to torch's default product
         if kernel_usable():
             attend_with_kernel(model)
+            norms_and_rope_in_kernel(model)
     return model
+
+
+def fuse_projections(model: Qwen2AudioModel) -> None:
+    """Each layer's q, k and v products become one (``Attention.qkv``), and its gate and up products one
+    (``MLP.gate_up``): the same weights, stacked, so a decoding step makes 4 product calls a layer instead
+    of 7 and each reads one longer stream. Layers whose products are not plain nn.Linear (LoRA adapters
+    being trained) keep them apart."""
+    for layer in model.language_model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv is None and _plain(attn.q_proj, attn.k_proj, attn.v_proj):
+            attn.qkv = _stacked(attn.q_proj, attn.k_proj, attn.v_proj)
+            attn.q_proj = attn.k_proj = attn.v_proj = None
+        if mlp.gate_up is None and _plain(mlp.gate_proj, mlp.up_proj):
+            mlp.gate_up = _stacked(mlp.gate_proj, mlp.up_proj)
+            mlp.gate_proj = mlp.up_proj = None
+
+
+def _plain(*linears: nn.Module) -> bool:
+    first = linears[0]
+    return all(type(m) is nn.Linear and m.in_features == first.in_features and m.weight.dtype == first.weight.dtype
+               and m.weight.device == first.weight.device and (m.bias is None) == (first.bias is None)
+               for m in linears)
+
+
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    """One nn.Linear whose output is the linears' outputs side by side."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if linears[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+    return fused
+
+
+class KernelRMSNorm(RMSNorm):
+    """The model's RMSNorm on the same weight, computed in one call of our kernel library
+    (``rms_norm``: the same arithmetic and roundings) where the plain form runs ~8 small torch ops; a
+    24-layer model normalises 49 times a decoding step."""
+
+    def __init__(self, norm: RMSNorm, op):
+        nn.Module.__init__(self)
+        self.weight, self.eps, self._op = norm.weight, norm.eps, op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return self._op(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+def norms_and_rope_in_kernel(model: Qwen2AudioModel) -> None:
+    """The LLM's RMSNorms and its layers' RoPE in our kernel library (CPU inference): what a decoding step
+    spends between its products is mostly these small ops' fixed costs (benchmarks/README.md)."""
+    from .kernels import rms_norm_op, rope_op
+
+    norm, rope = rms_norm_op(), rope_op()
+    if norm is None or rope is None:
+        return
+    inner = model.language_model.model
+    for layer in inner.layers:
+        layer.self_attn.rope = rope
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            setattr(layer, name, KernelRMSNorm(getattr(layer, name), norm))
+    inner.norm = KernelRMSNorm(inner.norm, norm)
 
 
 def attend_with_kernel(model: Qwen2AudioModel) -> None:
@@ -323,10 +389,12 @@ def quantize_linears_int8(model: Qwen2AudioModel) -> None:
 
 
 def wide_linears(model: Qwen2AudioModel) -> list[nn.Linear]:
-    """The LLM's bias-free nn.Linear layers that widen (out > in): gate_proj, up_proj and an untied lm_head
+    """The LLM's bias-free nn.Linear layers that widen (out > in): gate_up (or gate_proj and up_proj) and an untied lm_head
     (not those handed to oneDNN)."""
     lm = model.language_model
-    wide = [m for layer in lm.model.layers for m in (layer.mlp.gate_proj, layer.mlp.up_proj)] + [lm.lm_head]
+    mlps = [layer.mlp for layer in lm.model.layers]
+    wide = [m for mlp in mlps for m in ((mlp.gate_up,) if mlp.gate_up is not None else (mlp.gate_proj, mlp.up_proj))]
+    wide.append(lm.lm_head)
     wide = [m for m in wide if isinstance(m, nn.Linear)]
     # a tied head is the embedding table: rows stay rows
     return [m for m in wide if m.weight is not lm.model.embed_tokens.weight and m.bias is None

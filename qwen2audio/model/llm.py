@@ -73,16 +73,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hs, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hs, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.hs, cfg.hidden_size, bias=False)
-        # An inference-only attention for one new token per row over a float32 cache, set by the
-        # generation engine where it has one (generation/weights.py): attend(q, k, v, mask (B, S), scale).
+        # Inference-only, set by the generation engine where it has them (generation/weights.py): q, k and
+        # v as one product (qkv: hidden -> (n_heads + 2 n_kv) x hs; q_proj, k_proj, v_proj are then
+        # None); RoPE on q and k in place, rope(q, k, cos, sin); an attention for one new token per row
+        # over a float32 cache, attend(q, k, v, mask (B, S), scale).
+        self.qkv = None
+        self.rope = None
         self.decode_attention = None
 
     def forward(self, x, cos, sin, mask, cache: ChunkWrite | StepWrite | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split((self.n_heads * self.hs, self.n_kv * self.hs, self.n_kv * self.hs), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.rope is not None and not torch.is_grad_enabled() and q.device.type == "cpu" and q.dtype == cos.dtype:
+            self.rope(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = the cached positions read
         causal = mask is None and T > 1 and k.shape[2] == T
@@ -102,9 +113,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        # Inference-only (generation/weights.py): gate and up as one product (gate_proj, up_proj then None).
+        self.gate_up = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

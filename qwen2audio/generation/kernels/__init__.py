@@ -3,6 +3,8 @@
     op = packed_linear_op()   # torch.ops.qwen2audio.packed_linear, or None (``build_problem()`` says why)
     y = op(x, w, scale, bias)   # x float32 (M, K); w int8 (with scale), bfloat16 or float32; (N, K) or packed
     attend = decode_attention_op()   # attend(q, k, v, mask, scale): one query per row over the KV cache
+    norm = rms_norm_op()   # norm(x, weight, eps): the model's RMSNorm in one pass (float32 or bfloat16)
+    rope = rope_op()   # rope(q, k, cos, sin): rotate-half RoPE on q and k, in place
 
 The build (g++ and ninja, ~30 s, once) lands in ``$QWEN2AUDIO_KERNEL_CACHE`` (default
 ``~/.cache/qwen2audio/kernels``) in a folder named after the source, the torch version and this CPU's
@@ -63,8 +65,9 @@ def _load() -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
-                       # -fopenmp: at::parallel_for is inline OpenMP code, serial without it
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                       # -fopenmp: at::parallel_for is inline OpenMP code, serial without it;
+                       # -ffp-contract=off: no product fused into a sum where torch rounds in between
+                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=False)
 
 
@@ -94,6 +97,16 @@ def decode_attention_op() -> Callable | None:
     """torch.ops.qwen2audio.decode_attention (one new token's attention over a float32 KV cache), built
     with the packed linear, or None where the kernels cannot be built."""
     return None if packed_linear_op() is None else torch.ops.qwen2audio.decode_attention
+
+
+def rms_norm_op() -> Callable | None:
+    """torch.ops.qwen2audio.rms_norm (x, weight, eps), or None where the kernels cannot be built."""
+    return None if packed_linear_op() is None else torch.ops.qwen2audio.rms_norm
+
+
+def rope_op() -> Callable | None:
+    """torch.ops.qwen2audio.rope_ (q, k, cos, sin; in place), or None where the kernels cannot be built."""
+    return None if packed_linear_op() is None else torch.ops.qwen2audio.rope_
 
 
 def build_problem() -> str | None:
