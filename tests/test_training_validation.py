@@ -118,7 +118,10 @@ def test_decoding_for_validation_leaves_the_weights_layout_alone(validated_run):
     Engine(kept, tokenizer, transform_weights=False)
     Engine(moved, tokenizer)
     assert all(p is before[n] and p.is_contiguous() for n, p in kept.named_parameters())
-    gate = moved.language_model.model.layers[0].mlp.gate_proj  # what it skips: the kernel's, oneDNN's, or column-major
+    assert kept.language_model.model.layers[0].mlp.gate_up is None  # not stacked either
+    mlp = moved.language_model.model.layers[0].mlp
+    gate = mlp.gate_up if mlp.gate_up is not None else mlp.gate_proj  # stacked with up_proj where it is plain
+    # what it skips: the kernel's, oneDNN's, or column-major
     assert isinstance(gate, (FP32Linear, OneDNNLinear)) or not gate.weight.is_contiguous()
 
 
