@@ -47,6 +47,21 @@ def test_align_changes_only_the_projector(aligned):
     assert changed and all(k.startswith("multi_modal_projector.") for k in changed), changed
 
 
+def test_align_may_fine_tune_the_encoder_with_the_projector(aligned, tmp_path):
+    """trainable [projector, encoder]: the encoder's layers change too (at their own rate), the LLM never."""
+    ws, _ = aligned
+    out = tmp_path / "align-encoder"
+    train("align", model=str(ws["tiny"]), train_data=str(ws["pretrain"]), output_dir=str(out),
+          trainable=["projector", "encoder"], lr_by_part={"encoder": 1e-4}, max_steps=3)
+    start = load_file(str(ws["tiny"] / "model.safetensors"))
+    final = load_file(str(out / "final" / "model.safetensors"))
+    changed = {k for k in start if not torch.equal(start[k], final[k])}
+    assert any(k.startswith("audio_tower.layers.") for k in changed), changed
+    assert any(k.startswith("multi_modal_projector.") for k in changed), changed
+    assert not any(k.startswith("language_model.") for k in changed), changed
+    assert "audio_tower.embed_positions.weight" not in changed  # fixed sinusoids
+
+
 def test_the_final_projector_speaks_at_the_embeddings_size(aligned):
     """After the last step the projector is rescaled: its outputs on the training audio have the mean norm of
     the embeddings of the tokens the transcripts use (what the LLM is used to at its input)."""
@@ -97,7 +112,8 @@ def test_audio_only_returns_the_projected_vectors(aligned):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"trainable": ["projector", "llm"]}, "trains the projector alone"),
+    ({"trainable": ["projector", "llm"]}, "never the LLM"),
+    ({"trainable": ["encoder"]}, "trains the projector"),
     ({"distributed": "fsdp"}, "use distributed=ddp or none"),
     ({"ctc_scale": 0.0}, "ctc_scale must be > 0"),
 ])

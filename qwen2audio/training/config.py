@@ -143,9 +143,9 @@ class TrainConfig:
         if self.tasks and self.rows != "pretrain":
             raise ValueError(f"tasks selects pre-training rows by their task; {self.stage} rows have none")
         if self.stage == "align":
-            if self.trainable != ["projector"]:
-                raise ValueError(f"the align stage trains the projector alone (trainable: [projector]), got "
-                                 f"{self.trainable}")
+            if "projector" not in self.trainable or "llm" in self.trainable:
+                raise ValueError(f"the align stage trains the projector (and may train the encoder), never the LLM "
+                                 f"(trainable: [projector] or [projector, encoder]), got {self.trainable}")
             if self.distributed == "fsdp":
                 raise ValueError("the align stage trains only the small projector: use distributed=ddp or none")
             if self.ctc_scale <= 0 or self.ctc_negatives < 0:
