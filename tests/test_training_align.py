@@ -62,6 +62,42 @@ def test_align_may_fine_tune_the_encoder_with_the_projector(aligned, tmp_path):
     assert "audio_tower.embed_positions.weight" not in changed  # fixed sinusoids
 
 
+def test_align_may_put_lora_on_the_encoder(aligned, tmp_path):
+    """encoder_lora: adapters on the encoder's layers (merged into its weights in the final model and kept as
+    LoRA factors in the trained tensors, which the deltas export reads with the run's scale)."""
+    from qwen2audio.demo.deltas import combine_stages
+    from qwen2audio.training.loop import ENCODER_LORA_TARGETS
+
+    ws, _ = aligned
+    out = tmp_path / "align-encoder-lora"
+    train("align", model=str(ws["tiny"]), train_data=str(ws["pretrain"]), output_dir=str(out),
+          trainable=["projector", "encoder"], encoder_lora=True, lora_rank=4, lora_alpha=8.0,
+          lr_by_part={"encoder": 1e-2}, max_steps=3)
+    trained = load_file(str(out / "checkpoints" / "step-00000003" / "trainable.safetensors"))
+    stems = {k[: -len(".lora_A")] for k in trained if k.endswith(".lora_A")}
+    assert stems and all(s.startswith("audio_tower.layers.") for s in stems)
+    assert {s.rsplit(".", 1)[-1] for s in stems} == set(ENCODER_LORA_TARGETS)
+    assert not any(k.startswith("audio_tower.") and ".lora_" not in k for k in trained)  # no full encoder tensor
+    start = load_file(str(ws["tiny"] / "model.safetensors"))
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert set(start) == set(final)
+    changed = {k for k in start if not torch.equal(start[k], final[k])}
+    assert {s + ".weight" for s in stems} <= changed  # merged: W + scale B A
+    assert not any(k.startswith("language_model.") for k in changed), changed
+    key = sorted(stems)[0]
+    merged = combine_stages([(trained, 8.0 / 4)])
+    a, b = merged.lora[key]
+    expected = start[key + ".weight"].float() + merged.scale * (b @ a)
+    torch.testing.assert_close(final[key + ".weight"].float(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_encoder_lora_needs_a_trained_encoder_and_a_rank():
+    with pytest.raises(ValueError, match="encoder_lora puts LoRA"):
+        tiny_config("align", encoder_lora=True, lora_rank=4)
+    with pytest.raises(ValueError, match="encoder_lora puts LoRA"):
+        tiny_config("align", trainable=["projector", "encoder"], encoder_lora=True, lora_rank=0)
+
+
 def test_the_final_projector_speaks_at_the_embeddings_size(aligned):
     """After the last step the projector is rescaled: its outputs on the training audio have the mean norm of
     the embeddings of the tokens the transcripts use (what the LLM is used to at its input)."""

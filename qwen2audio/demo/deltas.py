@@ -233,7 +233,7 @@ def export_deltas(checkpoints: list[str | Path], out: str | Path, dtype: str = D
     stages = []
     for path, cfg in zip(paths, configs):
         check_safetensors(path / TRAINABLE_FILE)
-        lora = cfg.get("lora_rank", 0) > 0 and "llm" in cfg.get("trainable", [])
+        lora = cfg.get("lora_rank", 0) > 0 and ("llm" in cfg.get("trainable", []) or bool(cfg.get("encoder_lora")))
         stages.append((load_file(str(path / TRAINABLE_FILE)), cfg["lora_alpha"] / cfg["lora_rank"] if lora else None))
     deltas = combine_stages(stages)
     target = EXPORT_DTYPES[dtype]

@@ -29,6 +29,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                              "gate_proj", "up_proj", "down_proj"])
+    encoder_lora: bool = False  # with lora_rank > 0 and encoder trainable: LoRA on its layers instead of all of it
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the LLM's decoder layers for training steps (needs a C++ compiler on CPU)
     autocast: str = "auto"  # auto (bf16 on GPUs that support it) | bf16 | none
@@ -119,6 +120,9 @@ class TrainConfig:
         if self.encoder_cache and "encoder" in self.trainable:
             raise ValueError("encoder_cache keeps a frozen encoder's outputs; it cannot be used while the encoder "
                              "is trained (drop encoder from trainable, or encoder_cache)")
+        if self.encoder_lora and (self.lora_rank <= 0 or "encoder" not in self.trainable):
+            raise ValueError("encoder_lora puts LoRA adapters on a trained encoder: it needs encoder in trainable "
+                             "and lora_rank > 0")
         bad = sorted(set(self.lr_by_part) - set(PARTS))
         if bad:
             raise ValueError(f"lr_by_part names unknown parts {bad}; choose from {', '.join(PARTS)}")
@@ -152,6 +156,13 @@ class TrainConfig:
                 raise ValueError("ctc_scale must be > 0 and ctc_negatives >= 0")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
+
+    @property
+    def lora_parts(self) -> set[str]:
+        """The trained parts that get LoRA adapters rather than being trained in full."""
+        if self.lora_rank <= 0:
+            return set()
+        return ({"llm"} & set(self.trainable)) | ({"encoder"} if self.encoder_lora else set())
 
     @property
     def rows(self) -> str:

@@ -38,6 +38,8 @@ PART_PREFIXES = {"encoder": "audio_tower.", "projector": "multi_modal_projector.
 AUDIO_PARTS = {"encoder", "projector"}  # the parts a micro-batch without audio leaves out of the graph
 FROZEN_ALWAYS = ("audio_tower.embed_positions.weight",)  # fixed sinusoids, never trained
 LORA_PREFIX = "language_model.model.layers."
+ENCODER_LORA_PREFIX = "audio_tower.layers."
+ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 class StepLoss(Protocol):
@@ -92,14 +94,18 @@ def load_for_training(path: str, dtype: str, device: torch.device) -> nn.Module:
 def select_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
     """Freeze everything, then unfreeze the configured parts (LoRA adapters instead of the LLM's linears)."""
     model.requires_grad_(False)
-    if cfg.lora_rank > 0 and "llm" in cfg.trainable:
+    lora_parts = cfg.lora_parts
+    if lora_parts:
         torch.manual_seed(cfg.seed)  # the adapters' initialisation is part of the run's reproducibility
+    if "llm" in lora_parts:
         apply_lora(model, LORA_PREFIX, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    if "encoder" in lora_parts:
+        apply_lora(model, ENCODER_LORA_PREFIX, ENCODER_LORA_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     for name, p in model.named_parameters():
         if name in FROZEN_ALWAYS:
             continue
         if ".lora_" in name or any(name.startswith(PART_PREFIXES[part]) for part in cfg.trainable
-                                   if not (part == "llm" and cfg.lora_rank > 0)):
+                                   if part not in lora_parts):
             p.requires_grad_(True)
     # master copies of trained tensors in float32, whatever the frozen weights are in
     replace_parameters(model, lambda p: p.requires_grad and p.dtype != torch.float32, lambda t: t.float())
@@ -406,7 +412,7 @@ def optimizer_step(run: Run, step_loss: StepLoss, optimizer, scheduler, step: in
 
 
 def _lora_scale(cfg: TrainConfig) -> float | None:
-    return cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank > 0 and "llm" in cfg.trainable else None
+    return cfg.lora_alpha / cfg.lora_rank if cfg.lora_parts else None
 
 
 def _publish_final(output_dir: Path, step: int) -> Path:
