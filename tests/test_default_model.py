@@ -439,7 +439,7 @@ def test_the_demo_extra_pins_the_parts_the_code_pins():
 def test_the_shipped_deltas_fit_the_package_the_pinned_parts_and_the_three_stages():
     """The trained weights in the repository are what the default model is assembled from: within the package's
     budget, made for the parts the demo extra pins, shaped for Whisper base + Qwen2.5-Coder-0.5B, from the
-    pre-training, SFT and DPO runs in that order."""
+    align, pre-training, SFT and DPO runs in that order."""
     import qwen2audio.demo
     from qwen2audio.demo.deltas import MAX_BYTES, check_base
 
@@ -457,4 +457,4 @@ def test_the_shipped_deltas_fit_the_package_the_pinned_parts_and_the_three_stage
         name = stem.rsplit(".", 1)[1]
         assert b.shape == (out_dims[name], a.shape[0]) and a.shape[1] == (4864 if name == "down_proj" else 896), stem
     runs = [run["output_dir"] for run in deltas.info["provenance"]["runs"]]
-    assert runs == ["runs/demo/pretrain", "runs/demo/sft", "runs/demo/dpo"]
+    assert runs == ["runs/demo/align", "runs/demo/pretrain", "runs/demo/sft", "runs/demo/dpo"]
