@@ -233,8 +233,9 @@ def export_deltas(checkpoints: list[str | Path], out: str | Path, dtype: str = D
     stages = []
     for path, cfg in zip(paths, configs):
         check_safetensors(path / TRAINABLE_FILE)
-        lora = cfg.get("lora_rank", 0) > 0 and ("llm" in cfg.get("trainable", []) or bool(cfg.get("encoder_lora")))
-        stages.append((load_file(str(path / TRAINABLE_FILE)), cfg["lora_alpha"] / cfg["lora_rank"] if lora else None))
+        trained = load_file(str(path / TRAINABLE_FILE))
+        lora = any(k.endswith(LORA_A) for k in trained)  # adapters on whichever parts the run put them
+        stages.append((trained, cfg["lora_alpha"] / cfg["lora_rank"] if lora else None))
     deltas = combine_stages(stages)
     target = EXPORT_DTYPES[dtype]
     deltas.tensors = {k: _cast(v, target, k) for k, v in deltas.tensors.items()}
