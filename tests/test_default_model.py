@@ -405,6 +405,30 @@ def test_chained_runs_stack_their_adapters(installed, runs, tmp_path):
         torch.testing.assert_close(got[key], final[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_with_encoder_and_llm_adapters_exports_both(installed, base, tmp_path):
+    """LoRA on the encoder beside the LLM's (configs/demo/pretrain.yaml): the deltas carry both sets of adapters,
+    and applying them to the base gives the run's final model."""
+    from qwen2audio.data.synthetic import write_synthetic_set
+    from qwen2audio.training.config import TrainConfig
+    from qwen2audio.training.loop import ENCODER_LORA_TARGETS
+
+    data = write_synthetic_set(tmp_path / "data")
+    train("sft", model=str(base), output_dir=str(tmp_path / "run"), train_data=str(data["sft"]),
+          trainable=["projector", "llm", "encoder"], encoder_lora=True, lora_rank=2, lora_alpha=4.0,
+          lr_by_part={"encoder": 1e-2}, max_steps=2, save_every=2)
+    export_deltas([tmp_path / "run"], tmp_path / "d.safetensors", dtype="float32")
+    deltas = load_deltas(tmp_path / "d.safetensors")
+    encoder = {s for s in deltas.lora if s.startswith("audio_tower.layers.")}
+    assert {s.rsplit(".", 1)[-1] for s in encoder} == set(ENCODER_LORA_TARGETS)
+    llm = set(deltas.lora) - encoder
+    assert all(s.startswith("language_model.") for s in llm)
+    assert {s.rsplit(".", 1)[-1] for s in llm} == set(TrainConfig.__dataclass_fields__["lora_targets"].default_factory())
+    assemble.assemble_demo(tmp_path / "d.safetensors", tmp_path / "demo", dtype=torch.float32, progress=False)
+    got, final, start = _state(tmp_path / "demo"), _state(tmp_path / "run" / "final"), _state(base)
+    assert any(not torch.equal(final[s + ".weight"], start[s + ".weight"]) for s in encoder)  # the encoder trained
+    assert [k for k in final if not torch.equal(got[k], final[k])] == []
+
+
 def test_combining_stages_is_their_sum():
     gen = torch.Generator().manual_seed(0)
     a1, b1, a2, b2 = (torch.randn(shape, generator=gen) for shape in [(2, 6), (5, 2), (3, 6), (5, 3)])
