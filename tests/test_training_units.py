@@ -226,3 +226,14 @@ def test_ddp_looks_for_unused_parameters_only_when_a_batch_can_skip_a_trained_pa
     from qwen2audio.training.loop import audio_parts_may_go_unused
 
     assert audio_parts_may_go_unused(trainable, every_row_has_audio) is may_go_unused
+
+
+def test_each_part_and_its_adapters_take_their_own_learning_rate():
+    from qwen2audio.training.loop import part_lr
+
+    lr_of = part_lr(TrainConfig(stage="pretrain", model="m", output_dir="o", train_data="d", lr=1e-4,
+                                lr_by_part={"encoder": 5e-4, "projector": 1e-3}))
+    assert lr_of("audio_tower.layers.0.fc1.lora_A") == 5e-4  # the encoder's adapters go with the encoder
+    assert lr_of("module.audio_tower.layers.3.self_attn.q_proj.lora_B") == 5e-4  # DDP's prefix
+    assert lr_of("multi_modal_projector.linear.weight") == 1e-3
+    assert lr_of("language_model.model.layers.0.self_attn.q_proj.lora_A") == 1e-4  # llm: the default

@@ -136,7 +136,7 @@ def compile_decoder_layers(model: nn.Module) -> None:
 
 def part_lr(cfg: TrainConfig) -> Callable[[str], float]:
     """Parameter name -> its peak lr: lr_by_part[its part] where given, else lr. Names may carry a
-    wrapper's prefix (DDP's "module.", FSDP's none); LoRA adapters belong to the llm."""
+    wrapper's prefix (DDP's "module.", FSDP's none); LoRA adapters belong to the part whose layers they adapt."""
     def lr_of(name: str) -> float:
         name = name.removeprefix("module.")
         for part, prefix in PART_PREFIXES.items():
