@@ -1,7 +1,7 @@
 """Side-by-side inference speed: qwen2audio vs transformers on the same random weights and inputs.
 
     python benchmarks/bench_inference.py [--size small|medium] [--threads N] [--decode-tokens 64]
-                                         [--ours float32,bfloat16,int8] [--plot FILE.svg]
+                                         [--ours float32,bfloat16,int8,int8+compile] [--plot FILE.svg]
 
 Both models are built from one config with one set of random weights (transformers builds and saves
 them, qwen2audio loads the saved directory), run on the CPU in --dtype, greedy, with the stop tokens
@@ -13,8 +13,9 @@ ignored so that both produce exactly the same number of tokens. Measured:
 Each figure is the best of --repeats runs. Results are printed as a markdown table with ratios.
 
 ``--ours`` runs qwen2audio in several forms against the same transformers run (in --dtype): float32,
-bfloat16 (the weights rounded to bfloat16) and int8 (``--quantize int8`` on the float32 weights). Each
-decode row also says how many bytes of LLM weights a step reads per second, as a fraction of the
+bfloat16 (the weights rounded to bfloat16) and int8 (``--quantize int8`` on the float32 weights); a form
+with ``+compile`` (e.g. ``int8+compile``) runs its decoding steps through torch.compile (``--compile``),
+compiled before the timing starts (the compile's wall time is printed apart). Each decode row also says how many bytes of LLM weights a step reads per second, as a fraction of the
 memory's read speed measured in the same run (``torch.sum`` over 1 GiB). ``--plot`` draws the ratios
 as bars against the issue's targets (needs matplotlib: the ``eval`` extra).
 """
@@ -133,7 +134,7 @@ def main() -> None:
                     help="comma-separated forms of qwen2audio to run: float32, bfloat16, int8 (default: --dtype)")
     args = ap.parse_args()
     forms = (args.ours or args.dtype).split(",")
-    unknown = sorted(set(forms) - set(FORMS))
+    unknown = sorted({f for f in forms if f.removesuffix("+compile") not in FORMS})
     if unknown:
         ap.error(f"--ours: unknown form(s) {', '.join(unknown)}; choose from {', '.join(FORMS)}")
     torch.set_num_threads(args.threads)
@@ -197,10 +198,16 @@ def main() -> None:
     for label, audios in zip(measures[1:], (one, eight)):
         table[label] = {"transformers": decode_rate(theirs, audios, n + 1)}
 
-    agreement, read_rates = {}, {}
+    agreement, read_rates, compile_s = {}, {}, {}
     for form in forms:
-        form_dtype, quantize = FORMS[form]
-        engine = Engine(load_model(tmp, dtype=form_dtype), tokenizer, quantize=quantize)
+        form_dtype, quantize = FORMS[form.removesuffix("+compile")]
+        compiled = form.endswith("+compile")
+        engine = Engine(load_model(tmp, dtype=form_dtype), tokenizer, quantize=quantize, compile=compiled)
+        if compiled:
+            start = time.perf_counter()
+            engine.warm_up()
+            compile_s[form] = time.perf_counter() - start
+            assert engine.compiled, f"{form}: torch.compile failed (see the warning above)"
         # Every prompt prefilled before the first decode step, so that the rows decode in step as one batch.
         scheduler = Scheduler(engine, max_slots=8, max_waiting=None, prefill_chunk=1 << 20, background=False)
 
@@ -229,7 +236,8 @@ def main() -> None:
     print(f"\nqwen2audio vs transformers {hf_version} | size {args.size} ({params:.0f} M params, transformers in "
           f"{args.dtype}) | torch {torch.__version__} | {args.threads} threads | "
           f"{platform.processor() or platform.machine()} | memory read {bandwidth:.1f} GB/s | "
-          f"greedy tokens equal to transformers': {same}\n")
+          f"greedy tokens equal to transformers': {same}"
+          + "".join(f" | {form}: compiled in {s:.0f} s" for form, s in compile_s.items()) + "\n")
     print("| measure | transformers | " + " | ".join(f"qwen2audio {f}" for f in forms) + " |")
     print("|---|---|" + "---|" * len(forms))
     for label in measures:
@@ -281,7 +289,8 @@ def plot_ratios(ratios: dict, forms: list[str], path: Path, title: str) -> None:
         bars = ax.bar(xs, values, width * 0.9, label=f"qwen2audio {form}")
         ax.bar_label(bars, [f"{v:.2f}x" for v in values], fontsize=8)
         for x, label in zip(xs, labels):
-            target = next((t for (key, tf), t in TARGETS.items() if key in label and tf == form), None)
+            target = next((t for (key, tf), t in TARGETS.items()
+                           if key in label and tf == form.removesuffix("+compile")), None)
             if target is not None:
                 ax.plot([x - width * 0.45, x + width * 0.45], [target, target], color="black", linewidth=2)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="transformers (1x)")

@@ -83,10 +83,12 @@ class Qwen2Audio:
 
     @classmethod
     def load(cls, directory: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
-             device: str | torch.device = "cpu", quantize: str | None = None) -> "Qwen2Audio":
+             device: str | torch.device = "cpu", quantize: str | None = None,
+             compile: bool = False) -> "Qwen2Audio":
         """Load a Qwen2-Audio checkpoint directory; None loads the default model (qwen2audio.default_model).
         ``quantize="int8"``: weight-only int8 for the LLM's products (CPU; faster decoding, slightly
-        different numbers)."""
+        different numbers). ``compile=True``: decoding steps through torch.compile (faster steps; the
+        first reply waits for the compile)."""
         if quantize not in (None, *QUANTIZE_CHOICES):
             raise ValueError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
         if quantize == "int8" and torch.device(device).type != "cpu":
@@ -103,7 +105,9 @@ class Qwen2Audio:
         directory = Path(directory)
         model = load_model(directory, dtype=dtype, device=device)
         defaults = load_generation_config(directory / GENERATION_FILE)
-        return cls(Engine(model, Tokenizer.from_dir(directory), quantize=quantize), directory, defaults)
+        engine = Engine(model, Tokenizer.from_dir(directory), quantize=quantize, compile=compile)
+        engine.warm_up()
+        return cls(engine, directory, defaults)
 
     @property
     def tokenizer(self) -> Tokenizer:

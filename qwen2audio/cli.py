@@ -68,6 +68,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
                         help="int8: weight-only int8 for the language model's products (CPU): faster decoding, "
                              "slightly different numbers (its measured cost: benchmarks/README.md)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run decoding steps through torch.compile: faster steps (benchmarks/README.md), "
+                             "the first reply waits for the compile (cached on disk for later runs)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for the model's matrix products (default: torch's choice, one per core); "
                              "1 when other work shares the cores")
@@ -220,7 +223,11 @@ def _load(args):
         print(f"qwen2audio: {default_notice()}", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        model = Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                compile=args.compile)
+    if model.engine.compile_error:  # torch's warnings are hidden above: say this one
+        print(f"qwen2audio: {model.engine.compile_error}", file=sys.stderr)
+    return model
 
 
 def visible(text: str) -> str:

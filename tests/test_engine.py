@@ -328,3 +328,46 @@ def test_max_new_tokens_beyond_the_context_is_capped_with_a_warning(models):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exactly what fits: no warning
         model.chat(messages, max_new_tokens=room)
+
+
+# -- compiled decoding steps ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decoding_steps_decode_what_the_plain_ones_do(reference, quantize):
+    """compile=True runs each decoding step through torch.compile, our kernels' ops included: the same
+    greedy tokens for one request and for a batch of requests of different lengths (which join the
+    compiled step at other widths), and the same logits but for float rounding."""
+    plain = Qwen2Audio.load(reference[1], quantize=quantize)
+    compiled = Qwen2Audio.load(reference[1], quantize=quantize, compile=True)
+    engine = compiled.engine
+    assert engine.compiled  # compiled at load (warm_up), not fallen back
+    batch = [ask(clip(1.5, 0), "What is it?"), ask(clip(3.0, 1), "Describe it."), ask(None, "Hello there")]
+    for conversations in (batch[:1], batch):
+        want = plain.chat_batch(conversations, max_new_tokens=24)
+        with torch.compiler.set_stance("fail_on_recompile"):  # warm_up compiled every graph decoding needs
+            got = compiled.chat_batch(conversations, max_new_tokens=24)
+        assert engine.compiled, engine.compile_error
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert all(len(w.token_ids) >= 10 for w in want), "the model stopped too early to show anything"
+    cache = engine.model.language_model.new_cache(2, 64)
+    cache.reserve(2, 64)
+    tokens, lengths = torch.tensor([5, 9]), torch.tensor([20, 33])
+    expected = engine._step_eager(cache, tokens, lengths, 40)
+    torch.testing.assert_close(engine.step(cache, tokens, lengths, 40), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_that_cannot_be_compiled_runs_plain_with_a_warning(reference, monkeypatch):
+    from torch._inductor.exc import CppCompileError
+
+    def no_compiler(fn, **kwargs):
+        def compiled(*args):
+            raise CppCompileError(["g++", "step.cpp"], "g++: command not found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.warns(UserWarning, match="torch.compile of the decoding step failed.*decoding runs uncompiled"):
+        model = Qwen2Audio.load(reference[1], compile=True)
+    assert not model.engine.compiled
+    assert "CppCompileError" in model.engine.compile_error and "g++" in model.engine.compile_error  # the CLIs print it
+    messages = ask(clip(1.5, 0), "What is it?")
+    assert model.chat(messages, max_new_tokens=12).token_ids == Qwen2Audio.load(reference[1]).chat(
+        messages, max_new_tokens=12).token_ids

@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
                    help="int8: weight-only int8 for the LLM's products (CPU; faster, slightly different answers)")
+    p.add_argument("--compile", action="store_true",
+                   help="decoding steps through torch.compile (faster steps; the first answer waits for the compile)")
     p.add_argument("--fallback", action="store_true",
                    help="decode a repetitive answer again at rising temperatures (Whisper's guard against loops; "
                         "not the official decoding, which is greedy only)")
@@ -139,7 +141,11 @@ def _load(args):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        model = Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                compile=args.compile)
+    if model.engine.compile_error:  # the CLI hides torch's warnings: say this one
+        print(f"qwen2audio: {model.engine.compile_error}", file=sys.stderr)
+    return model
 
 
 def _judge(args, out: Path):

@@ -9,8 +9,8 @@
   how much fits.
 - ``prefill``: a chunk of one prompt into its slot of the KV cache; ``step``: one new token for each
   of the slots 0 .. n - 1, each at its own length, its attention masked to its own cached positions.
-  These two are all the decoding arithmetic there is; the step is what a compiled path would wrap
-  (called with n = every slot and width = the slot size, its shapes never change).
+  These two are all the decoding arithmetic there is. ``Engine(compile=True)`` runs the step through
+  ``torch.compile`` (inductor; shapes dynamic, so a growing width or batch does not compile again).
 
 What runs when is the scheduler's (``generation.scheduler``): continuous batching, sessions,
 cancellation. ``generate`` and ``stream`` are conveniences over the engine's own scheduler, which
@@ -20,6 +20,8 @@ runs inline in the caller's thread.
 from __future__ import annotations
 
 import hashlib
+import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -66,10 +68,12 @@ class Engine:
     layout that decodes fastest on their device (``generation.weights``; same values), unless
     ``transform_weights`` is false (a model still being trained, decoded for validation).
     ``quantize="int8"``: the LLM's products use weight-only int8 (CPU; not the same values: its cost
-    is measured in benchmarks/README.md)."""
+    is measured in benchmarks/README.md). ``compile=True``: decoding steps run through torch.compile
+    (the same arithmetic, fewer and fused calls between the products; the first step waits for the
+    compile, which inductor caches on disk; where it fails the steps run uncompiled, with a warning)."""
 
     def __init__(self, model: Qwen2AudioModel, tokenizer: Tokenizer, encode_batch: int = ENCODE_BATCH,
-                 transform_weights: bool = True, quantize: str | None = None):
+                 transform_weights: bool = True, quantize: str | None = None, compile: bool = False):
         if quantize not in (None, "none") and not transform_weights:
             raise ValueError("quantize needs transform_weights=True (a model being trained is not quantised)")
         self.model = prepare_for_inference(model, quantize) if transform_weights else model
@@ -77,6 +81,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.encode_batch = encode_batch
         self._scheduler: Scheduler | None = None
+        self.compiled = compile  # decoding steps through torch.compile (False again if compiling fails)
+        self.compile_error: str | None = None  # why compiling failed, where it did
+        self._step = self._compiled_step() if compile else self._step_eager
         if tokenizer.audio_id != model.config.audio_token_index:
             raise ValueError(f"the tokenizer's <|AUDIO|> id {tokenizer.audio_id} differs from the config's "
                              f"audio_token_index {model.config.audio_token_index}: they come from different checkpoints")
@@ -164,6 +171,62 @@ class Engine:
         A slot with nothing to decode may run along (its row is ignored): it writes only at its own
         length, past what it holds, which the next write there replaces.
         """
+        if self.compiled:
+            try:
+                return self._step(cache, tokens, lengths, width)
+            except Exception as err:  # no C++ compiler for inductor, an op it cannot trace: run uncompiled
+                from torch._dynamo.exc import TorchDynamoException
+                from torch._inductor.exc import CppCompileError
+
+                if not isinstance(err, (TorchDynamoException, CppCompileError)):
+                    raise
+                self.compile_error = (f"torch.compile of the decoding step failed ({type(err).__name__}: "
+                                      f"{(str(err).strip().splitlines() or [''])[0][:200]}); decoding runs "
+                                      "uncompiled (inductor needs a C++ compiler, e.g. apt-get install g++)")
+                warnings.warn(self.compile_error, stacklevel=2)
+                self.compiled, self._step = False, self._step_eager
+        return self._step_eager(cache, tokens, lengths, width)
+
+    def _compiled_step(self):
+        """torch.compile of this engine's own copy of ``_step_eager``: dynamo keeps its compiled graphs
+        per code object, so engines sharing one (several models in a process, one after another) would
+        pile their graphs, guarded on each model's weights, into one list, and past its limit of 8 run
+        uncompiled without a word."""
+        fn = Engine._step_eager
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                 fn.__closure__)
+        return torch.compile(types.MethodType(own, self), dynamic=True)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """With ``compile``: compile the decoding step now, so that the first request does not wait for
+        it. torch.compile specialises sizes of 1, so three graphs: one row in a one-slot cache, one row in
+        a wider one and several rows; any later width, row count or slot count reuses them. Run in
+        inference mode, as the scheduler runs the steps (a guard tells the two kinds of tensor apart).
+        The sizes differ from each other and from the model's KV heads and head size: torch.compile
+        ties sizes that are equal when it traces ("duck sizing"), and would compile again when they
+        are not (tracing with that turned off took many times as long: a symbol for every size of
+        every layer's cache)."""
+        if not self.compiled:
+            return
+        lm = self.model.language_model
+        taken = {1, lm.config.num_key_value_heads, lm.config.head_dim}
+
+        def fresh(size: int) -> int:
+            while size in taken:
+                size += 1
+            taken.add(size)
+            return size
+
+        rows, slots, width = fresh(2), fresh(3), fresh(9)
+        length = fresh(width + 8)
+        for slots, n in ((1, 1), (slots, 1), (slots, rows)):
+            cache = lm.new_cache(slots, length)
+            cache.reserve(slots, length)
+            self.step(cache, torch.zeros(n, dtype=torch.long, device=cache.device),
+                      torch.full((n,), width - 2, dtype=torch.long, device=cache.device), width)
+
+    def _step_eager(self, cache: KVCache, tokens: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
         lm = self.model.language_model
         key_valid = torch.arange(width, device=lengths.device)[None, :] <= lengths[:, None]  # (n, width)
         embeds = lm.model.embed_tokens(tokens[:, None])  # (n, 1, hidden)

@@ -354,7 +354,10 @@ class FP32Linear(PackedLinear):
 
     def _torch_product(self, x2: torch.Tensor) -> torch.Tensor:
         x2 = x2.to(torch.float32)
-        if self._onednn:  # oneDNN takes the plain weight as it is (as fast as its own format, measured)
+        # oneDNN takes the plain weight as it is (as fast as its own format, measured); a compiled step
+        # (Engine(compile=True)) leaves the product to torch's compiler, whose lowering of this op wants
+        # a weight it packed itself
+        if self._onednn and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.stored, self.bias, "none", [], "")
         return torch.nn.functional.linear(x2, self.stored, self.bias)
 

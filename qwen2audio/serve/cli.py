@@ -184,7 +184,8 @@ def load_backend(args: argparse.Namespace, name: str, state, server, failed: lis
 
             print(f"qwen2audio: {default_notice()}", file=sys.stderr)
             directory = default_model_dir()
-        model = Qwen2Audio.load(directory, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        model = Qwen2Audio.load(directory, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                compile=args.compile)
         state.ready(SchedulerBackend(model, name, max_batch=args.max_batch, max_queue=args.max_queue))
         print(f"qwen2audio: {name} is ready", file=sys.stderr, flush=True)
     except Exception as err:  # noqa: BLE001 - reported by run() as one line, after the server stopped

@@ -83,6 +83,7 @@ def packed_linear_op() -> Callable | None:
             else:
                 try:
                     _load()
+                    _register_fakes()
                     _state["op"] = torch.ops.qwen2audio.packed_linear
                 except Exception as err:  # a missing compiler or ninja, a failed compile: the plain path works
                     last_line = (str(err).strip().splitlines() or [""])[-1]
@@ -91,6 +92,27 @@ def packed_linear_op() -> Callable | None:
                                   "products and attention run in plain torch, correct but slower (pip install "
                                   "ninja, and a C++ compiler: apt-get install g++)", stacklevel=3)
         return _state["op"]  # type: ignore[return-value]
+
+
+def _register_fakes() -> None:
+    """Shapes and dtypes of the ops' results without running them, which torch.compile needs to trace a
+    decoding step through them (``Engine(compile=True)``); the C++ code is what runs."""
+    @torch.library.register_fake("qwen2audio::packed_linear")
+    def _packed_linear(x, w, scale, bias):
+        out = w.shape[0] * w.shape[2] if w.dim() == 4 else w.shape[0]  # packed: (N/4, K/32, 4, 32)
+        return x.new_empty((x.shape[0], out), dtype=torch.float32)
+
+    @torch.library.register_fake("qwen2audio::decode_attention")
+    def _decode_attention(q, k, v, mask, scale):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("qwen2audio::rms_norm")
+    def _rms_norm(x, weight, eps):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("qwen2audio::rope_")
+    def _rope(q, k, cos, sin):
+        return None
 
 
 def decode_attention_op() -> Callable | None:
