@@ -15,9 +15,10 @@ Each figure is the best of --repeats runs. Results are printed as a markdown tab
 ``--ours`` runs qwen2audio in several forms against the same transformers run (in --dtype): float32,
 bfloat16 (the weights rounded to bfloat16) and int8 (``--quantize int8`` on the float32 weights); a form
 with ``+compile`` (e.g. ``int8+compile``) runs its decoding steps through torch.compile (``--compile``),
-compiled before the timing starts (the compile's wall time is printed apart). Each decode row also says how many bytes of LLM weights a step reads per second, as a fraction of the
-memory's read speed measured in the same run (``torch.sum`` over 1 GiB). ``--plot`` draws the ratios
-as bars against the issue's targets (needs matplotlib: the ``eval`` extra).
+compiled before the timing starts (the compile's wall time is printed apart). Each decode row also
+says how many bytes of LLM weights a step reads per second, as a fraction of the memory's read speed
+measured in the same run (``torch.sum`` over 1 GiB). ``--plot`` draws the ratios as bars against the
+issue's targets (needs matplotlib: the ``eval`` extra).
 """
 
 from __future__ import annotations

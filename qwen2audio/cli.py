@@ -216,16 +216,23 @@ def _check_device(device: str) -> None:
 
 
 def _load(args):
-    from .api import Qwen2Audio
     from .default_model import default_notice
 
     if args.model_dir is None:
         print(f"qwen2audio: {default_notice()}", file=sys.stderr)
+    return load_quietly(args)
+
+
+def load_quietly(args):
+    """Qwen2Audio.load with the model options (``_model_args``), torch's warnings hidden; a compile that
+    failed is said on stderr all the same."""
+    from .api import Qwen2Audio
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize,
                                 compile=args.compile)
-    if model.engine.compile_error:  # torch's warnings are hidden above: say this one
+    if model.engine.compile_error:
         print(f"qwen2audio: {model.engine.compile_error}", file=sys.stderr)
     return model
 

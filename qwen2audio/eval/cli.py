@@ -135,17 +135,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(args):
-    import warnings
+    from ..cli import load_quietly
 
-    from ..api import Qwen2Audio
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                compile=args.compile)
-    if model.engine.compile_error:  # the CLI hides torch's warnings: say this one
-        print(f"qwen2audio: {model.engine.compile_error}", file=sys.stderr)
-    return model
+    return load_quietly(args)
 
 
 def _judge(args, out: Path):

@@ -218,9 +218,9 @@ class Engine:
             taken.add(size)
             return size
 
-        rows, slots, width = fresh(2), fresh(3), fresh(9)
+        rows, wide, width = fresh(2), fresh(3), fresh(9)
         length = fresh(width + 8)
-        for slots, n in ((1, 1), (slots, 1), (slots, rows)):
+        for slots, n in ((1, 1), (wide, 1), (wide, rows)):
             cache = lm.new_cache(slots, length)
             cache.reserve(slots, length)
             self.step(cache, torch.zeros(n, dtype=torch.long, device=cache.device),
