@@ -101,7 +101,7 @@ def make_entry(job: BankJob, out: Path, sources: Sources) -> np.ndarray:
         settings = midi.player_settings(rng) if rec.split == TRAIN and job.variant >= VARIED_FROM else None
         x = midi.render(piece, soundfont(rec.source), settings)
     else:
-        x = load_audio(sources.read(rec.source, rec.locator), name=f"{rec.source}:{rec.locator}")
+        x = load_audio(sources.read(rec.source, rec.locator), name=f"{rec.source}:{rec.locator}", min_samples=1)
     return augment.level(augment.trim(x), PEAK_DB)
 
 

@@ -16,6 +16,7 @@ import soundfile
 import torch
 
 from qwen2audio.audio import SAMPLE_RATE, AudioError, load_audio
+from qwen2audio.audio.features import MIN_SAMPLES
 from qwen2audio.audio.io import SUPPORTED_FORMATS
 
 TONE_HZ = 440.0
@@ -150,8 +151,8 @@ def test_array_layouts_are_mixed_to_the_same_mono_signal():
 
 def test_integer_pcm_arrays_are_scaled_to_unit_range():
     pcm = np.array([0, 16384, -32768, 32767], dtype=np.int16)
-    np.testing.assert_allclose(load_audio(pcm, sample_rate=SAMPLE_RATE), [0.0, 0.5, -1.0, 32767 / 32768])
-    assert load_audio(np.array([128, 255, 0], dtype=np.uint8), sample_rate=SAMPLE_RATE)[0] == 0.0
+    np.testing.assert_allclose(load_audio(pcm, sample_rate=SAMPLE_RATE, min_samples=1), [0.0, 0.5, -1.0, 32767 / 32768])
+    assert load_audio(np.array([128, 255, 0], dtype=np.uint8), sample_rate=SAMPLE_RATE, min_samples=1)[0] == 0.0
 
 
 def test_array_without_sample_rate_is_refused():
@@ -305,3 +306,29 @@ def test_a_flac_file_cut_short_decodes_as_far_as_it_goes_with_a_warning(tmp_path
         warnings.simplefilter("error", AudioWarning)  # where partial audio must not pass
         with pytest.raises(AudioWarning):
             load_audio(cut)
+
+
+def test_a_wav_file_cut_short_is_used_with_a_warning(tmp_path):
+    """libsndfile reads what a truncated WAV holds without a word; its data chunk says how much was promised."""
+    from qwen2audio import AudioWarning
+
+    full = tmp_path / "full.wav"
+    soundfile.write(full, sine(TONE_HZ, 2.0, SAMPLE_RATE, channels=1)[:, 0], SAMPLE_RATE, subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[:30000])
+    with pytest.warns(AudioWarning, match=r"cut\.wav: the file is cut short: its header promises 32000 frames"):
+        samples = load_audio(cut)
+    assert len(samples) == (30000 - 44) // 2
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_audio(full)) == 32000
+
+
+@pytest.mark.parametrize("n", [1, 100, MIN_SAMPLES - 1])
+def test_a_clip_too_short_for_one_audio_token_is_refused(n):
+    """Up to 20 ms of audio makes no audio token; the encoder's pooling used to fail on it with a bare RuntimeError."""
+    with pytest.raises(AudioError, match=rf"too short: {n} samples .* at least {MIN_SAMPLES} \(20\.1 ms\)"):
+        load_audio(np.zeros(n, dtype=np.float32), sample_rate=SAMPLE_RATE)
+    assert len(load_audio(np.zeros(MIN_SAMPLES, dtype=np.float32), sample_rate=SAMPLE_RATE)) == MIN_SAMPLES
+    assert len(load_audio(np.zeros(n, dtype=np.float32), sample_rate=SAMPLE_RATE, min_samples=1)) == n

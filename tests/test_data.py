@@ -165,3 +165,16 @@ def test_global_batches_are_deterministic_grouped_and_split_over_ranks():
         parts = [rank_micro_batches(batch, r, 2, 2) for r in range(2)]
         assert all(len(p) == 2 for p in parts)
         assert sorted(i for p in parts for m in p for i in m) == sorted(batch)
+
+
+@pytest.mark.parametrize("decode_audio", [False, True])
+def test_a_clip_too_short_for_an_audio_token_is_skipped_and_named(tmp_path, decode_audio):
+    """A 6 ms clip gives the encoder nothing to pool: such a row is reported, not left to fail mid-run."""
+    soundfile.write(tmp_path / "click.wav", np.zeros(100, dtype=np.float32), 16000)
+    _wav(tmp_path / "a.wav")
+    rows = [{"audio": str(tmp_path / name), "prompt": "Transcribe.", "target": "hello", "task": "asr"}
+            for name in ("a.wav", "click.wav")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = ManifestDataset(tmp_path / "m.jsonl", "pretrain", TOK, N_MELS, decode_audio=decode_audio)
+    assert len(ds) == 1 and [line for line, _ in ds.report.bad] == [2]
+    assert "too short" in ds.report.bad[0][1] and "click.wav" in ds.report.bad[0][1]

@@ -413,6 +413,20 @@ def test_a_failing_request_raises_in_its_own_stream_only(engine):
     assert ok.wait().token_ids == alone(engine, good, greedy(6)).token_ids
 
 
+def test_a_clip_that_cannot_be_encoded_fails_only_its_own_request(engine):
+    """Clips of requests admitted together are encoded in one batch; a clip the encoder refuses (here 100
+    samples, too short for one audio token, as if it came round load_audio) must not fail the others."""
+    good = [prepare(engine, messages("What is it?", clip(1.0, 3))), prepare(engine, messages("Hi."))]
+    broken = prepare(engine, messages("What?", np.zeros(100, dtype=np.float32)))
+    expected = [alone(engine, r, greedy(6)).token_ids for r in
+                (prepare(engine, messages("What is it?", clip(1.0, 3))), prepare(engine, messages("Hi.")))]
+    sched = inline(engine, max_slots=4)
+    first, bad, second = (sched.submit(r, greedy(6)) for r in (good[0], broken, good[1]))
+    with pytest.raises(ValueError, match=r"fewer than 3 mel frames: a clip needs at least 321 samples"):
+        bad.wait()
+    assert [first.wait().token_ids, second.wait().token_ids] == expected
+
+
 # -- the background thread -------------------------------------------------------------------------------
 def test_requests_from_several_threads_and_a_clean_close(engine):
     requests = [prepare(engine, messages(q)) for q in ("Hi.", "What is it?", "Describe.", "Go on.")]

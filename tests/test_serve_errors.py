@@ -46,9 +46,9 @@ def audio_url(url: str) -> dict:
     return {"type": "audio_url", "audio_url": {"url": url}}
 
 
-def empty_wav() -> bytes:
+def empty_wav(samples: int = 0) -> bytes:
     out = io.BytesIO()
-    soundfile.write(out, np.zeros(0, dtype=np.float32), 16000, format="WAV", subtype="PCM_16")
+    soundfile.write(out, np.zeros(samples, dtype=np.float32), 16000, format="WAV", subtype="PCM_16")
     return out.getvalue()
 
 
@@ -76,6 +76,7 @@ BAD_CHATS = {
     "bytes that are not audio": (chat_body(input_audio(b64(b"just some text, not audio " * 40))), 400,
                                  "invalid_audio", "messages[0].content[0]"),
     "empty audio": (chat_body(input_audio(b64(empty_wav()))), 400, "invalid_audio", "messages[0].content[0]"),
+    "a 6 ms click": (chat_body(input_audio(b64(empty_wav(100)))), 400, "invalid_audio", "messages[0].content[0]"),
     "audio longer than the limit": (chat_body(input_audio(b64(wav_bytes(MAX_SECONDS + 1)))), 400, "audio_too_long",
                                     "messages[0].content[0]"),
     "two clips longer than the limit together": (

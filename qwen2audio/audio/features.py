@@ -114,6 +114,9 @@ def audio_token_count(n_frames: IntOrTensor) -> IntOrTensor:
 
 
 N_ENCODER_FRAMES = encoder_frame_count(N_FRAMES)  # 1500 encoder frames per window (20 ms each)
+# The shortest clip that gives an audio token: 3 mel frames (2 encoder frames, one pooled token).
+MIN_SAMPLES = 2 * HOP_LENGTH + 1  # 321 samples, 20.06 ms
+assert audio_token_count(num_valid_frames(MIN_SAMPLES)) == 1 and audio_token_count(num_valid_frames(MIN_SAMPLES - 1)) == 0
 N_AUDIO_TOKENS_PER_WINDOW = audio_token_count(N_FRAMES)  # 750 audio tokens per window (40 ms each)
 AUDIO_TOKENS_PER_SECOND = exact_div(N_AUDIO_TOKENS_PER_WINDOW, WINDOW_SECONDS)  # 25 tokens per second
 assert (N_ENCODER_FRAMES, N_AUDIO_TOKENS_PER_WINDOW) == (1500, 750)

@@ -12,7 +12,7 @@ to mono, and the rate is converted to 16 kHz with soxr's high-quality polyphase 
 anti-aliasing filter; linear interpolation would fold everything above 8 kHz back into the speech
 band). Every failure raises `AudioError`, naming the source, the problem and what to do about it.
 
-A file cut short (an interrupted download or recording) whose header states its length (FLAC) is
+A file cut short (an interrupted download or recording) whose header states its length (FLAC, WAV) is
 decoded as far as it goes, with an `AudioWarning` naming the file and the frames promised and read:
 what is there is the start of the recording, which is usually what the user wants (the transcript of
 the first 55 of 60 seconds); `warnings.simplefilter("error", AudioWarning)` makes it an error instead.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Union
@@ -35,7 +36,7 @@ import soundfile
 import soxr
 import torch
 
-from qwen2audio.audio.features import SAMPLE_RATE
+from qwen2audio.audio.features import MIN_SAMPLES, SAMPLE_RATE
 from qwen2audio.errors import AudioError, AudioWarning
 
 SUPPORTED_FORMATS = (
@@ -55,7 +56,8 @@ CONVERT_HINT = "convert it to 16-bit wav, e.g. `ffmpeg -i INPUT -ac 1 -ar 16000 
 AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray, torch.Tensor]
 
 
-def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str | None = None) -> np.ndarray:
+def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str | None = None,
+               min_samples: int = MIN_SAMPLES) -> np.ndarray:
     """Decode `source` into a (n,) float32 numpy array of mono samples at 16 kHz, roughly in [-1, 1].
 
     source: a path, the bytes of an encoded file, a binary file object with .read(), or samples in a
@@ -67,6 +69,8 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
         their own rate, so passing one with a file is an error.
     name: what to call the source in error messages (e.g. the uploaded file's name), instead of the
         path, "<bytes: N bytes>" or "<array>".
+    min_samples: refuse audio shorter than this at 16 kHz (default: the 321 samples, ~20 ms, that give the
+        model one audio token; 1 to decode any non-empty clip, e.g. to cut and mix recordings).
     """
     if isinstance(source, (np.ndarray, torch.Tensor)):
         label = name or "<array>"
@@ -95,6 +99,12 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)  # (n * 16000 / rate,)
     if mono.shape[0] == 0:
         raise AudioError(f"{label}: the audio is too short to hold a single sample at {SAMPLE_RATE} Hz")
+    if mono.shape[0] < min_samples:
+        raise AudioError(
+            f"{label}: the audio is too short: {mono.shape[0]} samples at {SAMPLE_RATE} Hz "
+            f"({1000 * mono.shape[0] / SAMPLE_RATE:.1f} ms); the model needs at least {MIN_SAMPLES} "
+            f"({1000 * MIN_SAMPLES / SAMPLE_RATE:.1f} ms) to hear anything. Pass a longer recording"
+        )
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
@@ -189,6 +199,9 @@ def _decode(source, label: str) -> tuple[np.ndarray, int]:
     return _decode_with_fallback(lambda: io.BytesIO(data), label)
 
 
+_IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # what decoders call bytes in memory
+
+
 class _NoAudioStream(Exception):
     """A container that FFmpeg opened but that holds no audio (e.g. a silent video)."""
 
@@ -237,7 +250,30 @@ def _declared_frames(open_file: Callable[[], Any]) -> int | None:
         info = soundfile.info(open_file())
     except Exception:  # noqa: BLE001 - a header libsndfile cannot read promises nothing we can check
         return None
+    if info.format == "WAV":
+        return _wav_declared_frames(open_file())
     return info.frames if info.format in EXACT_LENGTH_FORMATS and info.frames > 0 else None
+
+
+def _wav_declared_frames(file) -> int | None:
+    """Frames a RIFF/WAVE header's data chunk promises (libsndfile reports what the file holds instead);
+    None where the header leaves the length open (0 or 0xFFFFFFFF, as streaming writers leave it)."""
+    if isinstance(file, str):
+        with open(file, "rb") as handle:
+            head = handle.read(1 << 16)
+    else:
+        head = file.read(1 << 16)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block_align = 12, None
+    while pos + 8 <= len(head):
+        chunk, size = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if chunk == b"fmt " and pos + 22 <= len(head):
+            block_align = int.from_bytes(head[pos + 20:pos + 22], "little")  # bytes per frame, all channels
+        elif chunk == b"data":
+            return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+        pos += 8 + size + (size & 1)
+    return None
 
 
 # libsndfile first (exact, light, the common formats), FFmpeg for everything it cannot read.
@@ -259,7 +295,7 @@ def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.
                 continue
             samples, rate = cut.samples, cut.rate
         except Exception as exc:  # any failure inside a decoder means "not readable by this one"
-            failures.append(f"{decoder_name}: {exc}")
+            failures.append(f"{decoder_name}: {_IN_MEMORY.sub('the data', str(exc))}")
             continue
         if samples.size > 0:
             if declared is not None and samples.shape[0] < declared:

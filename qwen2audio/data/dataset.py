@@ -9,7 +9,7 @@ from pathlib import Path
 import soundfile
 import torch
 
-from ..audio.features import SAMPLE_RATE, log_mel_spectrogram, split_into_windows
+from ..audio.features import MIN_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, split_into_windows
 from ..audio.io import load_audio
 from ..model.encoder import CONV_RECEPTIVE_MARGIN
 from ..model.qwen2audio import IGNORE_INDEX
@@ -49,7 +49,10 @@ def validate(examples: list[Example], report: Report, tokenizer: Tokenizer, max_
             except Exception as err:  # AudioError, soundfile errors, ...
                 reason = f"unreadable audio: {str(err).splitlines()[0][:200]}"
             else:
-                if n > max_audio_seconds * SAMPLE_RATE:
+                if n < MIN_SAMPLES:
+                    reason = (f"too short: audio {source} is {1000 * n / SAMPLE_RATE:.1f} ms, less than the "
+                              f"{1000 * MIN_SAMPLES / SAMPLE_RATE:.1f} ms that make one audio token")
+                elif n > max_audio_seconds * SAMPLE_RATE:
                     reason = f"too long: audio {source} is {n / SAMPLE_RATE:.1f} s, more than max_audio_seconds={max_audio_seconds}"
                 lengths.append(n)
             if reason:

@@ -445,10 +445,16 @@ class Scheduler:
         try:
             self.cache.reserve(max(r.slot for r in admitted) + 1,
                                max(len(r.prepared.token_ids) + r.max_new for r in admitted))
-            self.engine.encode([r.prepared for r in admitted])  # every new clip in one batch
         except Exception as err:
             self._fail(admitted, err)
             return
+        try:
+            self.engine.encode([r.prepared for r in admitted])  # every new clip in one batch
+        except Exception as err:
+            if len(admitted) == 1:
+                self._fail(admitted, err)
+                return
+            admitted = self._encode_one_by_one(admitted)  # fail only the requests whose clips fail
         for r in admitted:
             try:
                 r.embeds = self._new_embeddings(r)
@@ -456,6 +462,18 @@ class Scheduler:
                 self._fail([r], err)
                 continue
             self._prefilling.append(r)
+
+    def _encode_one_by_one(self, requests: list[_Request]) -> list[_Request]:
+        """After a batch encode failed: encode each request's clips alone, fail those that fail, keep the rest."""
+        encoded = []
+        for r in requests:
+            try:
+                self.engine.encode([r.prepared])
+            except Exception as err:
+                self._fail([r], err)
+            else:
+                encoded.append(r)
+        return encoded
 
     def _free_slot(self) -> int | None:
         """The lowest free slot (steps run slots 0 .. highest in use), evicting the least recently used

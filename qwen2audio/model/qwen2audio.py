@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..audio.features import MIN_SAMPLES, SAMPLE_RATE, num_valid_frames
 from ..config import Qwen2AudioConfig
 from .encoder import AudioEncoder, encoder_input_frames
 from .llm import Qwen2ForCausalLM, padded_causal_mask
+
+MIN_FRAMES = num_valid_frames(MIN_SAMPLES)  # 3 mel frames: one audio token
 
 IGNORE_INDEX = -100  # a label that is not trained on (prompt, audio, padding), as in PyTorch and HF
 
@@ -55,6 +58,11 @@ class Qwen2AudioModel(nn.Module):
         """Log-mel windows (B, n_mels, T) and valid frames (B,) -> the encoder's pooled outputs (B, N, d_model)
         and their token counts (B,): the audio before the projector."""
         frame_lengths = frame_lengths.to(torch.long).cpu()
+        if bool((frame_lengths < MIN_FRAMES).any()):
+            short = [i for i, n in enumerate(frame_lengths.tolist()) if n < MIN_FRAMES]
+            raise ValueError(f"audio window(s) {short} have fewer than {MIN_FRAMES} mel frames: a clip needs at least "
+                             f"{MIN_SAMPLES} samples ({1000 * MIN_SAMPLES / SAMPLE_RATE:.1f} ms) to make one audio "
+                             "token; load audio with qwen2audio.audio.load_audio, which refuses shorter clips")
         T = encoder_input_frames(int(frame_lengths.max()), self.audio_tower.max_mel_frames)
         return self.audio_tower(features[:, :, :T].to(self.device), frame_lengths)
 
