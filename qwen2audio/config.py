@@ -96,10 +96,15 @@ class Qwen2AudioConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Qwen2AudioConfig":
+        if not isinstance(raw, dict):
+            raise ValueError(f"config.json must hold a JSON object of settings, got {type(raw).__name__}")
         model_type = raw.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"config.json has model_type {model_type!r}; expected {MODEL_TYPE!r} (a Qwen2-Audio checkpoint)")
-        text_raw = dict(raw.get("text_config") or {})
+        text_raw = raw.get("text_config") or {}
+        if not isinstance(text_raw, dict):
+            raise ValueError(f"config.json: text_config must be an object of settings, got {type(text_raw).__name__}")
+        text_raw = dict(text_raw)
         _reject_unsupported_text_options(text_raw)
         # Older transformers wrote tie_word_embeddings only at the top level.
         if "tie_word_embeddings" not in text_raw and "tie_word_embeddings" in raw and raw.get("text_config") is None:
@@ -107,8 +112,8 @@ class Qwen2AudioConfig:
         if "num_key_value_heads" in text_raw and text_raw["num_key_value_heads"] is None:  # as transformers: MHA
             text_raw["num_key_value_heads"] = text_raw.get("num_attention_heads", TextConfig.num_attention_heads)
         return cls(
-            audio=_build(EncoderConfig, raw.get("audio_config") or {}),
-            text=_build(TextConfig, text_raw),
+            audio=_build(EncoderConfig, raw.get("audio_config") or {}, "audio_config"),
+            text=_build(TextConfig, text_raw, "text_config"),
             audio_token_index=int(raw.get("audio_token_index", raw.get("audio_token_id", DEFAULT_AUDIO_TOKEN_INDEX))),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         )
@@ -148,9 +153,19 @@ class Qwen2AudioConfig:
         Path(directory, CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _build(cls, raw: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in raw.items() if k in names})
+_PLAIN_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _build(cls, raw: dict[str, Any], section: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"config.json: {section} must be an object of settings, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        want = _PLAIN_TYPES.get(str(fields[key].type)) if key in fields else None
+        if want and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
+            raise ValueError(f"config.json: {section}.{key} must be {fields[key].type}, got {value!r}; "
+                             "fix the value or copy config.json again from the model's release")
+    return cls(**{k: v for k, v in raw.items() if k in fields})
 
 
 def _reject_unsupported_text_options(text_raw: dict[str, Any]) -> None:

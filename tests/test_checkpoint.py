@@ -123,6 +123,11 @@ def test_partial_config_takes_transformers_defaults(name, tmp_path):
         ({"model_type": "llava", "text_config": {}}, "model_type 'llava'"),
         ({"model_type": "qwen2_audio", "text_config": {"hidden_size": 60, "num_attention_heads": 8}}, "divisible"),
         ({"model_type": "qwen2_audio", "audio_config": {"activation_function": "relu"}}, "gelu"),
+        ({"model_type": "qwen2_audio", "text_config": {"hidden_size": "sixty-four"}},
+         r"text_config\.hidden_size must be int, got 'sixty-four'"),
+        ({"model_type": "qwen2_audio", "audio_config": {"d_model": True}}, r"audio_config\.d_model must be int"),
+        ({"model_type": "qwen2_audio", "text_config": [1, 2]}, "text_config must be an object"),
+        ([1, 2], "config.json must hold a JSON object"),
     ],
 )
 def test_unsupported_configs_are_rejected_clearly(raw, message, tmp_path):

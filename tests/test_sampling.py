@@ -182,4 +182,7 @@ def test_sampling_params_validation(kwargs, message):
 def test_sampling_params_stop_string_becomes_a_tuple():
     assert SamplingParams(stop="###").stop == ("###",)
     assert SamplingParams(stop=("a", "b")).stop == ("a", "b")
+    for empty in ("", ("a", "")):  # would end every reply before its first word
+        with pytest.raises(ValueError, match="stop strings must be non-empty"):
+            SamplingParams(stop=empty)
     assert SamplingParams().greedy and not SamplingParams(temperature=0.5).greedy

@@ -160,6 +160,14 @@ def test_missing_tokenizer_json_names_the_file_and_directory(tmp_path):
         Tokenizer.from_dir(tmp_path / "nope")
 
 
+def test_a_tokenizer_json_that_is_not_one_names_the_file(tmp_path):
+    from qwen2audio.errors import CheckpointError
+
+    (tmp_path / "tokenizer.json").write_text("garbage")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json is not a tokenizer file .*copy it again"):
+        Tokenizer.from_dir(tmp_path)
+
+
 def test_missing_special_token_is_named():
     backend = tokenizers.Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
     backend.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])

@@ -73,3 +73,17 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(ws, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert losses(tmp_path / "whole") == losses(tmp_path / "cut")
+
+
+def test_a_damaged_trainer_state_names_the_checkpoint_and_the_way_out(ws, tmp_path, one_thread):
+    """A checkpoint whose trainer_state.pt was cut short (a full disk, a copy interrupted) is not torch's
+    zip-reader error: the message names the file and says to delete that checkpoint or start over."""
+    from qwen2audio.errors import CheckpointError
+
+    common = dict(model=str(ws["tiny"]), train_data=str(ws["sft"]), output_dir=str(tmp_path / "run"), save_every=2)
+    train("sft", max_steps=2, **common)
+    state = tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"step-00000002/trainer_state\.pt cannot be read .*delete .*step-00000002 "
+                                              r"to resume from the checkpoint before it, or set resume=false"):
+        train("sft", max_steps=4, **common)

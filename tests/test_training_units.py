@@ -166,6 +166,25 @@ def test_config_overrides_and_errors(tmp_path):
         TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["learning_rate=1"])
     with pytest.raises(ValueError, match="trainable"):
         TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["trainable=[decoder]"])
+    assert TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["trainable=projector"]).trainable == ["projector"]
+    (tmp_path / "file").write_text("x")
+    for override, message in [("save_every=0", "save_every, log_every and keep_checkpoints must be >= 1"),
+                              ("max_steps=1.5", "option max_steps must be a whole number, got 1.5"),
+                              ("lr=[1]", r"option lr must be a number, got \[1\]"),
+                              ("model=5", "option model must be a string, got 5"),
+                              ("trainable=5", "option trainable must be a list of names, got 5"),
+                              ("resume=maybe", "option resume must be a true or false"),
+                              ("epochs=0", "epochs must be >= 1"),
+                              (f"output_dir={tmp_path / 'file'}", "is a file, not a folder"),
+                              ("lr=[", "the value is not valid YAML")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", [override])
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    with pytest.raises(ValueError, match="broken.yaml is not valid YAML"):
+        TrainConfig.from_yaml(tmp_path / "broken.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xfa\xfb\x00fLaC")
+    with pytest.raises(ValueError, match="binary.yaml is not a text file"):
+        TrainConfig.from_yaml(tmp_path / "binary.yaml")
 
 
 def test_train_command(capsys, tmp_path):

@@ -49,6 +49,9 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if any(not isinstance(t, str) or not t for t in self.stop):
+            raise ValueError(f"stop strings must be non-empty text, got {list(self.stop)!r}: an empty one would end "
+                             "every reply before its first word")
 
     @property
     def greedy(self) -> bool:

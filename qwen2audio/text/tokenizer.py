@@ -21,6 +21,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from qwen2audio.errors import CheckpointError
 from qwen2audio.text.special_tokens import (
     AUDIO,
     AUDIO_BOS,
@@ -132,7 +133,13 @@ class Tokenizer:
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
         if (directory / TOKENIZER_FILE).is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE)))
+            try:
+                return cls(tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE)))
+            except Exception as err:  # the tokenizers library raises a bare Exception on a bad file
+                raise CheckpointError(
+                    f"{directory / TOKENIZER_FILE} is not a tokenizer file the tokenizers library can read "
+                    f"({str(err).splitlines()[0][:200]}); copy it again from the model's release"
+                ) from err
         have_vocab = (directory / VOCAB_FILE).is_file()
         have_merges = (directory / MERGES_FILE).is_file()
         if have_vocab and have_merges:

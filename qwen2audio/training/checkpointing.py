@@ -27,6 +27,7 @@ from ..atomic import atomic_path
 from ..checkpoint import save_model
 from ..checkpoint.hf import check_safetensors, model_from_state_dict
 from ..config import Qwen2AudioConfig
+from ..errors import CheckpointError
 from .distributed import Dist
 from .lora import merge_lora_state_dict
 
@@ -126,7 +127,15 @@ def load_trainer_state(model: nn.Module, optimizer, scheduler, directory: Path) 
     """Restore optimizer (full state dict, on any world size), schedule and RNG; returns the step."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= set(state):
+            raise ValueError("it does not hold a trainer state")
+    except Exception as err:  # a file cut short (a crash while saving, a full disk) or not ours
+        raise CheckpointError(
+            f"{directory / STATE_FILE} cannot be read ({str(err).splitlines()[0][:160]}): delete {directory} to "
+            "resume from the checkpoint before it, or set resume=false to start the run over"
+        ) from err
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

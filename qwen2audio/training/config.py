@@ -12,6 +12,46 @@ import yaml
 from . import RECIPES
 
 PARTS = ("encoder", "projector", "llm")
+_TYPE_WORDS = {"int": "whole number", "float": "number", "str": "string", "bool": "true or false",
+               "list[str]": "list of names", "list[float]": "list of numbers",
+               "dict[str, float]": "mapping of names to numbers", "str | list[str]": "path or a list of paths"}
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    """``value`` as the option type ``kind`` (a dataclass field's annotation); TypeError / ValueError if it is not one."""
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise TypeError(kind)
+        return float(value)
+    if kind == "int":
+        if isinstance(value, str):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(kind)
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(kind)
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise TypeError(kind)
+        return value
+    if kind == "list[str]":
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError(kind)
+        return value
+    if kind == "list[float]":
+        if not isinstance(value, list):
+            raise TypeError(kind)
+        return [_coerce(v, "float") for v in value]
+    if kind == "dict[str, float]":
+        if not isinstance(value, dict):
+            raise TypeError(kind)
+        return {str(k): _coerce(v, "float") for k, v in value.items()}
+    return value
+
 DISTRIBUTED = ("none", "ddp", "fsdp")
 
 
@@ -55,7 +95,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
     lr_by_part: dict[str, float] = field(default_factory=dict)  # e.g. {projector: 1.0e-3}: a part's own peak
-    # lr (the schedule scales it as it scales lr); LoRA adapters are part "llm"
+    # lr (the schedule scales it as it scales lr); LoRA adapters belong to the part they adapt (llm or encoder)
     seed: int = 0
     # --- validation (logged in metrics.jsonl and plotted beside the training loss) --------------------
     val_data: str = ""  # a manifest in the stage's row format: its loss is logged as val_loss
@@ -92,20 +132,14 @@ class TrainConfig:
         self.check()
 
     def _coerce_numbers(self) -> None:
-        """YAML reads 1e-4 (no dot) as a string; turn such values into the field's number type."""
+        """Check each option's type, turning what YAML reads loosely into the field's type: 1e-4 (no dot) is a
+        string to YAML, ``lr=3`` an int; a single name where a list of names goes is a one-item list."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             try:
-                if f.type == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
-                    setattr(self, f.name, float(value))
-                elif f.type == "int" and isinstance(value, str):
-                    setattr(self, f.name, int(value))
-                elif f.type == "list[float]" and isinstance(value, list):
-                    setattr(self, f.name, [float(v) for v in value])
-                elif f.type == "dict[str, float]" and isinstance(value, dict):
-                    setattr(self, f.name, {k: float(v) for k, v in value.items()})
-            except ValueError:
-                raise ValueError(f"option {f.name} must be a {f.type}, got {value!r}") from None
+                setattr(self, f.name, _coerce(value, f.type))
+            except (TypeError, ValueError):
+                raise ValueError(f"option {f.name} must be a {_TYPE_WORDS.get(f.type, f.type)}, got {value!r}") from None
 
     def check(self) -> None:
         if self.stage not in RECIPES:
@@ -156,6 +190,12 @@ class TrainConfig:
                 raise ValueError("ctc_scale must be > 0 and ctc_negatives >= 0")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
+        if self.save_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("save_every, log_every and keep_checkpoints must be >= 1")
+        if self.epochs < 1 or self.max_steps < 0 or self.warmup_steps < 0 or self.max_steps_this_run < 0:
+            raise ValueError("epochs must be >= 1, and max_steps, warmup_steps and max_steps_this_run >= 0")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"output_dir {self.output_dir} is a file, not a folder: choose another output_dir")
 
     @property
     def lora_parts(self) -> set[str]:
@@ -183,14 +223,22 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a text file; pass the stage's YAML config (e.g. configs/demo/sft.yaml)") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of option: value")
         for item in overrides:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"override {item!r} must look like key=value, e.g. lr=1e-4")
-            raw[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            try:
+                raw[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ValueError(f"override {item!r}: the value is not valid YAML ({err})") from None
         if stage is not None:
             raw["stage"] = stage
         known = {f.name for f in dataclasses.fields(cls)}
