@@ -171,3 +171,21 @@ def test_a_reader_raises_the_generations_error():
     reader = Reader(handle)
     with pytest.raises(ValueError, match="the model failed"):
         asyncio.run(reader.rest())
+
+
+def test_an_upload_cut_short_is_used_and_said_in_the_server_log(caplog):
+    """The client gets the answer to what arrived; the operator's log says the file was cut short."""
+    import io
+    import logging
+
+    import numpy as np
+    import soundfile
+
+    from qwen2audio.serve.audio_input import decode
+
+    out = io.BytesIO()
+    soundfile.write(out, np.full(32000, 0.1, dtype=np.float32), 16000, format="WAV", subtype="PCM_16")
+    with caplog.at_level(logging.WARNING, logger="qwen2audio.serve"):
+        wave = decode(out.getvalue()[:30000], "file", 60.0, 60.0)
+    assert len(wave) == (30000 - 44) // 2
+    assert any("file: the file is cut short: its header promises 32000 frames" in r.getMessage() for r in caplog.records)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from ..errors import AudioError
 from . import defaults
 from .download import DownloadRefused, UrlPolicy, fetch
 from .errors import APIError, bad_request
+
+log = logging.getLogger("qwen2audio.serve")
 
 
 @dataclass(frozen=True)
@@ -130,9 +133,11 @@ def decode(data: bytes, param: str, seconds_left: float, max_seconds: float) -> 
     from ..audio.io import load_audio  # soundfile, soxr and PyAV: only once audio arrives
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a file cut short is used as far as it goes
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # a file cut short is used as far as it goes: said in the log
             wave = load_audio(data, name=param)
+        for warning in caught:
+            log.warning("%s", warning.message)
     except AudioError as err:
         raise bad_request(str(err), param, "invalid_audio") from None
     if wave.shape[0] / SAMPLE_RATE > seconds_left:  # a header that said less than there was
