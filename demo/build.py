@@ -53,10 +53,6 @@ PY = sys.executable
 # glibc's allocator fragments under the varying batch shapes of training: a pre-training run's resident
 # memory grew ~15 MB a step (6 -> 11 GB in 330 steps, on course to run out). jemalloc returns memory (flat
 # at 2.8-4 GB). Debian/Ubuntu: apt-get install libjemalloc2.
-# jemalloc hands freed memory back to the kernel after a while (large blocks at once), and every step then
-# faults it in again, zeroed: 150,000 page faults a second and a quarter of the time in the kernel in the align
-# stage. Keeping what was freed for reuse (never decayed) takes that away; the process stays at its peak size.
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 JEMALLOC = [Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"), Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"),
             Path("/usr/lib64/libjemalloc.so.2"), Path("/usr/lib/libjemalloc.so.2")]
 
@@ -96,7 +92,7 @@ def step_env(step: Step) -> dict[str, str] | None:
               "grows step after step (apt-get install libjemalloc2)", file=sys.stderr, flush=True)
         return None
     preload = " ".join(filter(None, [str(lib), os.environ.get("LD_PRELOAD", "")]))
-    return {**os.environ, "LD_PRELOAD": preload, "MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF)}
+    return {**os.environ, "LD_PRELOAD": preload}
 
 
 def _qwen2audio(*args: str) -> list[str]:

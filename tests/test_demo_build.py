@@ -87,9 +87,6 @@ def test_training_steps_run_with_jemalloc_where_it_is_installed(tmp_path, monkey
     monkeypatch.setattr(build, "JEMALLOC", [tmp_path / "missing.so", lib])
     monkeypatch.setenv("LD_PRELOAD", "/other.so")
     assert build.step_env(train)["LD_PRELOAD"] == f"{lib} /other.so"
-    assert build.step_env(train)["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # no purge-and-refault
-    monkeypatch.setenv("MALLOC_CONF", "narenas:1")
-    assert build.step_env(train)["MALLOC_CONF"] == "narenas:1"  # the user's own settings win
     assert build.step_env(data) is None
     monkeypatch.setattr(build, "JEMALLOC", [tmp_path / "missing.so"])
     assert build.step_env(train) is None
