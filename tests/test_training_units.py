@@ -173,7 +173,7 @@ def test_config_overrides_and_errors(tmp_path):
                               ("lr=[1]", r"option lr must be a number, got \[1\]"),
                               ("model=5", "option model must be a string, got 5"),
                               ("trainable=5", "option trainable must be a list of names, got 5"),
-                              ("resume=maybe", "option resume must be a true or false"),
+                              ("resume=maybe", "option resume must be true or false"),
                               ("epochs=0", "epochs must be >= 1"),
                               (f"output_dir={tmp_path / 'file'}", "is a file, not a folder"),
                               ("lr=[", "the value is not valid YAML")]:

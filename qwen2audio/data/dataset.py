@@ -26,7 +26,7 @@ def audio_length(source) -> int:
             return int(round(info.frames * SAMPLE_RATE / info.samplerate))
         except Exception:  # not a format libsndfile reads from its header: decode it fully
             pass
-    return int(load_audio(source).shape[0])
+    return int(load_audio(source, min_samples=1).shape[0])  # validate() says when it is too short
 
 
 def validate(examples: list[Example], report: Report, tokenizer: Tokenizer, max_audio_seconds: float,
@@ -45,7 +45,7 @@ def validate(examples: list[Example], report: Report, tokenizer: Tokenizer, max_
                 reason = f"missing audio: {source} not found"
                 break
             try:
-                n = int(load_audio(source).shape[0]) if decode_audio else audio_length(source)
+                n = int(load_audio(source, min_samples=1).shape[0]) if decode_audio else audio_length(source)
             except Exception as err:  # AudioError, soundfile errors, ...
                 reason = f"unreadable audio: {str(err).splitlines()[0][:200]}"
             else:

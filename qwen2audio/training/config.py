@@ -12,9 +12,11 @@ import yaml
 from . import RECIPES
 
 PARTS = ("encoder", "projector", "llm")
-_TYPE_WORDS = {"int": "whole number", "float": "number", "str": "string", "bool": "true or false",
-               "list[str]": "list of names", "list[float]": "list of numbers",
-               "dict[str, float]": "mapping of names to numbers", "str | list[str]": "path or a list of paths"}
+DISTRIBUTED = ("none", "ddp", "fsdp")
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
+               "list[str]": "a list of names", "list[float]": "a list of numbers",
+               "dict[str, float]": "a mapping of names to numbers", "str | list[str]": "a path or a list of paths"}
+_EXACT_TYPES = {"bool": bool, "str": str}  # taken as they are
 
 
 def _coerce(value: Any, kind: str) -> Any:
@@ -29,12 +31,8 @@ def _coerce(value: Any, kind: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(kind)
         return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise TypeError(kind)
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
+    if kind in _EXACT_TYPES:
+        if not isinstance(value, _EXACT_TYPES[kind]):
             raise TypeError(kind)
         return value
     if kind == "list[str]":
@@ -51,8 +49,6 @@ def _coerce(value: Any, kind: str) -> Any:
             raise TypeError(kind)
         return {str(k): _coerce(v, "float") for k, v in value.items()}
     return value
-
-DISTRIBUTED = ("none", "ddp", "fsdp")
 
 
 @dataclass
@@ -139,7 +135,7 @@ class TrainConfig:
             try:
                 setattr(self, f.name, _coerce(value, f.type))
             except (TypeError, ValueError):
-                raise ValueError(f"option {f.name} must be a {_TYPE_WORDS.get(f.type, f.type)}, got {value!r}") from None
+                raise ValueError(f"option {f.name} must be {_TYPE_WORDS.get(f.type, f.type)}, got {value!r}") from None
 
     def check(self) -> None:
         if self.stage not in RECIPES:
