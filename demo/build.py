@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from qwen2audio.training.allocator import FAST_CONF
+
 DATA = Path("data/demo")
 RUNS = Path("runs/demo")
 BASE = Path("assets/demo-base")
@@ -92,7 +94,9 @@ def step_env(step: Step) -> dict[str, str] | None:
               "grows step after step (apt-get install libjemalloc2)", file=sys.stderr, flush=True)
         return None
     preload = " ".join(filter(None, [str(lib), os.environ.get("LD_PRELOAD", "")]))
-    return {**os.environ, "LD_PRELOAD": preload}
+    # freed memory kept for reuse; the training loop hands back what is not reused once a minute
+    # (qwen2audio/training/allocator.py)
+    return {**os.environ, "LD_PRELOAD": preload, "MALLOC_CONF": os.environ.get("MALLOC_CONF", FAST_CONF)}
 
 
 def _qwen2audio(*args: str) -> list[str]:

@@ -86,7 +86,11 @@ def test_training_steps_run_with_jemalloc_where_it_is_installed(tmp_path, monkey
     lib.write_bytes(b"")
     monkeypatch.setattr(build, "JEMALLOC", [tmp_path / "missing.so", lib])
     monkeypatch.setenv("LD_PRELOAD", "/other.so")
-    assert build.step_env(train)["LD_PRELOAD"] == f"{lib} /other.so"
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    env = build.step_env(train)
+    assert env["LD_PRELOAD"] == f"{lib} /other.so" and env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:0"
+    monkeypatch.setenv("MALLOC_CONF", "narenas:1")  # a setting of the user's own is kept
+    assert build.step_env(train)["MALLOC_CONF"] == "narenas:1"
     assert build.step_env(data) is None
     monkeypatch.setattr(build, "JEMALLOC", [tmp_path / "missing.so"])
     assert build.step_env(train) is None

@@ -27,6 +27,7 @@ from ..data import Collator, ManifestDataset, global_batches, rank_micro_batches
 from ..data.encoder_states import EncoderStateCache
 from ..text import Tokenizer
 from . import distributed
+from .allocator import Purger
 from .checkpointing import (FINAL_DIR, STATE_FILE, TRAINABLE_FILE, checkpoint_step, latest_checkpoint, load_trainable,
                             load_trainer_state, save_checkpoint)
 from .config import TrainConfig
@@ -329,6 +330,7 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
     from .validation import Validator
 
     validator = Validator(run)
+    purge = Purger()  # where jemalloc is the allocator: what it keeps for reuse goes back once a minute
     record: dict = {}
     last_saved = start
     t0 = time.perf_counter()  # step time includes loading its data
@@ -356,6 +358,7 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
                 save_checkpoint(model, optimizer, scheduler, step + 1, cfg, run.raw_model.config, run.trainable_names,
                                 _lora_scale(cfg), d, export_dtype=resolve_dtype(cfg.dtype))
                 last_saved = step + 1
+            purge()
     finally:  # on Ctrl-C too: the bar's line ends before whatever is printed next
         if bar is not None:
             bar.close()
