@@ -120,6 +120,23 @@ def test_stream_ends_with_done_and_has_no_usage_unless_asked(server, wav):
     assert all("usage" not in e for e in events) and events[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_an_upload_cut_short_is_answered_and_the_response_says_so(server, client, wav):
+    """What arrived is answered; the X-Audio-Warning header names the part and what is missing, on whole and
+    streamed replies and on transcriptions; a whole file gets no such header."""
+    short = wav[: len(wav) // 2]
+    body = {"model": MODEL_ID, "messages": audio_turn(short), "temperature": 0, "max_tokens": 4}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"] is not None
+    warning = whole.headers["x-audio-warning"]
+    assert warning.startswith("messages[0].content[0]: the file is cut short: its header promises 32000 frames")
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.headers["x-audio-warning"] == warning and [x for x in r.iter_lines() if x][-1] == "data: [DONE]"
+    raw = client.audio.transcriptions.with_raw_response.create(model=MODEL_ID, file=("clip.wav", short))
+    assert raw.http_response.status_code == 200 and "the file is cut short" in raw.headers["x-audio-warning"]
+    fine = httpx.post(server.url + "/v1/chat/completions", json={**body, "messages": audio_turn(wav)}, timeout=60)
+    assert fine.status_code == 200 and "x-audio-warning" not in fine.headers
+
+
 def test_n_greedy_gives_copies_and_sampled_n_gives_each_seed(client, model, wav):
     greedy = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0, n=2,
                                             max_tokens=MAX_TOKENS)

@@ -190,6 +190,8 @@ def test_cors_is_off_unless_an_origin_is_allowed():
         assert response.headers["access-control-allow-origin"] == "https://app.example"
         other = httpx.options(url + "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+        listed = httpx.get(url + "/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+        assert listed.headers["access-control-expose-headers"] == "X-Audio-Warning"  # a page there may read it
 
 
 def sse_events(url: str, body: dict) -> list[dict]:

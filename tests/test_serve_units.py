@@ -189,3 +189,17 @@ def test_an_upload_cut_short_is_used_and_said_in_the_server_log(caplog):
         wave = decode(out.getvalue()[:30000], "file", 60.0, 60.0)
     assert len(wave) == (30000 - 44) // 2
     assert any("file: the file is cut short: its header promises 32000 frames" in r.getMessage() for r in caplog.records)
+
+
+def test_audio_warnings_reach_the_header_as_printable_ascii_and_only_within_their_request():
+    from starlette.responses import Response
+
+    from qwen2audio.serve.audio_input import _request_warnings, collect_warnings, with_warnings
+
+    with collect_warnings() as caught:
+        _request_warnings.get().append("a: caf\u00e9\r\nSet-Cookie: x")
+        _request_warnings.get().append("b: cut short")
+    assert _request_warnings.get() is None  # the request's list is gone with it
+    response = with_warnings(Response("ok"), caught)
+    assert response.headers["x-audio-warning"] == "a: caf???Set-Cookie: x | b: cut short"
+    assert "x-audio-warning" not in with_warnings(Response("ok"), []).headers

@@ -322,6 +322,25 @@ def test_errors_the_server_finds_in_the_audio_are_shown(browser, tmp_path):
         assert page_.locator(".turn").count() == 0
 
 
+def test_a_file_cut_short_is_answered_and_the_page_says_so(browser, tmp_path):
+    clip = tmp_path / "short.wav"
+    whole = wav_bytes(2.0, seed=4)
+    clip.write_bytes(whole[: len(whole) // 2])  # its header still promises 2 s
+    backend = FakeBackend(words=ANSWER)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(clip))
+        page_.click("#send")
+        wait_answers(page_, 1)
+        assert answers(page_) == ["".join(ANSWER)]
+        message = page_.inner_text("#error-text")
+        assert page_.is_visible("#error") and "Answered from the part of the audio that arrived" in message
+        assert "the file is cut short: its header promises 32000 frames" in message, message
+    (heard,) = sent_audio(backend.requests[0])
+    assert 0 < len(heard) < 16000
+
+
 def test_a_refused_microphone_is_explained(playwright):
     b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + [
         "--use-fake-device-for-media-stream", "--deny-permission-prompts"])

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import chat, defaults, page, transcription
-from .audio_input import AudioPolicy
+from .audio_input import WARNING_HEADER, AudioPolicy, collect_warnings, with_warnings
 from .backend import Backend
 from .errors import (AUTHENTICATION, CLIENT_CLOSED, INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, APIError, error_body,
                      retry_later)
@@ -107,7 +107,7 @@ def create_app(state: ServerState, settings: Settings) -> FastAPI:
     app.add_middleware(Guard, state=state, settings=settings, metrics=metrics)
     if settings.cors_origins:  # outside Guard: preflight requests carry no API key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=[WARNING_HEADER])
     return app
 
 
@@ -154,20 +154,23 @@ def _add_routes(app: FastAPI, state: ServerState, settings: Settings, metrics: M
 
     @app.post(chat.ENDPOINT)
     async def chat_completions(request: Request) -> Response:
-        return await chat.chat_completions(request, state.backend, settings.audio, settings.max_tokens, metrics,
-                                           _arrived(request))
+        with collect_warnings() as caught:
+            return with_warnings(await chat.chat_completions(request, state.backend, settings.audio,
+                                                              settings.max_tokens, metrics, _arrived(request)), caught)
 
     @app.post(TRANSCRIPTIONS)
     async def transcriptions(request: Request) -> Response:
-        return await transcription.audio_endpoint(request, transcription.TRANSCRIBE, state.backend, settings.audio,
-                                                  settings.max_tokens, metrics, _arrived(request), TRANSCRIPTIONS,
-                                                  fallback=settings.fallback)
+        with collect_warnings() as caught:
+            return with_warnings(await transcription.audio_endpoint(
+                request, transcription.TRANSCRIBE, state.backend, settings.audio, settings.max_tokens, metrics,
+                _arrived(request), TRANSCRIPTIONS, fallback=settings.fallback), caught)
 
     @app.post(TRANSLATIONS)
     async def translations(request: Request) -> Response:
-        return await transcription.audio_endpoint(request, transcription.TRANSLATE, state.backend, settings.audio,
-                                                  settings.max_tokens, metrics, _arrived(request), TRANSLATIONS,
-                                                  fallback=settings.fallback)
+        with collect_warnings() as caught:
+            return with_warnings(await transcription.audio_endpoint(
+                request, transcription.TRANSLATE, state.backend, settings.audio, settings.max_tokens, metrics,
+                _arrived(request), TRANSLATIONS, fallback=settings.fallback), caught)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -10,16 +10,20 @@ Limits: the bytes (``max_bytes``, the body limit) and the duration (``max_second
 duration is read from the file's header before decoding (libsndfile, else FFmpeg's container), or,
 where the header does not say, counted while decoding without keeping the samples and stopped at the
 limit, so that a two-hour clip is refused without decoding two hours of audio. Decoding itself is
-qwen2audio.audio.io's ``load_audio`` (one home for formats, mono mixing and resampling).
+qwen2audio.audio.io's ``load_audio`` (one home for formats, mono mixing and resampling). A file cut short is
+answered from what arrived; the server's log and the response's ``X-Audio-Warning`` header say so.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
+import re
 import logging
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -34,6 +38,27 @@ from .download import DownloadRefused, UrlPolicy, fetch
 from .errors import APIError, bad_request
 
 log = logging.getLogger("qwen2audio.serve")
+WARNING_HEADER = "X-Audio-Warning"
+_request_warnings: ContextVar[list[str] | None] = ContextVar("audio_warnings", default=None)
+
+
+@contextlib.contextmanager
+def collect_warnings():
+    """The audio warnings of one request (decode appends to the list; worker threads share it)."""
+    caught: list[str] = []
+    token = _request_warnings.set(caught)
+    try:
+        yield caught
+    finally:
+        _request_warnings.reset(token)
+
+
+def with_warnings(response, caught: list[str]):
+    """``response`` with the request's audio warnings in its ``X-Audio-Warning`` header (printable ASCII: a
+    file name may be anything)."""
+    if caught:
+        response.headers[WARNING_HEADER] = re.sub(r"[^\x20-\x7e]", "?", " | ".join(caught))
+    return response
 
 
 @dataclass(frozen=True)
@@ -136,8 +161,11 @@ def decode(data: bytes, param: str, seconds_left: float, max_seconds: float) -> 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # a file cut short is used as far as it goes: said in the log
             wave = load_audio(data, name=param)
+        sink = _request_warnings.get()
         for warning in caught:
             log.warning("%s", warning.message)
+            if sink is not None:
+                sink.append(str(warning.message))
     except AudioError as err:
         raise bad_request(str(err), param, "invalid_audio") from None
     if wave.shape[0] / SAMPLE_RATE > seconds_left:  # a header that said less than there was

@@ -346,6 +346,8 @@ async function send() {
     const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body,
                                                        signal: controller.signal });
     if (!res.ok) throw await responseError(res);
+    const warning = res.headers.get("X-Audio-Warning"); // e.g. a file cut short: answered from what arrived
+    if (warning) showError(`Answered from the part of the audio that arrived: ${warning}`);
     for await (const event of events(res.body)) {
       if (event.error) throw new UserError(`The answer broke off: ${event.error.message}`);
       if (event.usage) usage = event.usage;
