@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\ninterrupted: the answers so far are kept; run the same command again to go on", file=sys.stderr)
             return 130
     result = assemble(args.data, json.loads(config.read_text())["seed"])
+    other = f" (--stage {args.stage} asks only that stage's questions)" if args.stage and result["voice_chat_pending"] else ""
     print(f"{result['voice_chat_answers']} questions answered; {result['voice_chat_pending']} voice-chat rows still "
-          "wait for an answer")
+          f"wait for an answer{other}")
     for name, counts in result["manifests"].items():
         print(f"  {name}: {sum(counts.values())} rows")
     return 0

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -262,7 +263,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 @needs_espeak
-def test_answering_one_stage_leaves_the_other_stages_manifest_as_it_was(tiny, tmp_path):
+def test_answering_one_stage_leaves_the_other_stages_manifest_as_it_was(tiny, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiny, data)
     pretrain_before = (data / "pretrain.jsonl").read_bytes()
@@ -273,6 +274,11 @@ def test_answering_one_stage_leaves_the_other_stages_manifest_as_it_was(tiny, tm
     make_data.assemble(data, seed=0)
     assert (data / "pretrain.jsonl").read_bytes() == pretrain_before  # a run training on it is not disturbed
     assert any(r["messages"][-1]["content"].startswith("The answer to") for r in _rows(data / "sft.jsonl"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # nothing is left to ask: the model is not loaded
+    assert llm_answers.main(["--data", str(data), "--model", str(tmp_path / "model"), "--stage", "sft"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"; [1-9]\d* voice-chat rows still wait for an answer \(--stage sft asks only that stage's", out)
 
 
 # ---- timbre: equalised training sounds, more and varied training renders ----
