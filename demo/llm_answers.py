@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\ninterrupted: the answers so far are kept; run the same command again to go on", file=sys.stderr)
             return 130
     result = assemble(args.data, json.loads(config.read_text())["seed"])
-    other = f" (--stage {args.stage} asks only that stage's questions)" if args.stage and result["voice_chat_pending"] else ""
+    other = ""
+    if args.stage and result["voice_chat_pending"]:
+        other = f" (--stage {args.stage} asks only that stage's questions)"
     print(f"{result['voice_chat_answers']} questions answered; {result['voice_chat_pending']} voice-chat rows still "
           f"wait for an answer{other}")
     for name, counts in result["manifests"].items():
