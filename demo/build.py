@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from qwen2audio.training.allocator import FAST_CONF
+from qwen2audio.training.allocator import FAST_CONF, JEMALLOC_PATHS, find_jemalloc
 
 DATA = Path("data/demo")
 RUNS = Path("runs/demo")
@@ -55,8 +55,7 @@ PY = sys.executable
 # glibc's allocator fragments under the varying batch shapes of training: a pre-training run's resident
 # memory grew ~15 MB a step (6 -> 11 GB in 330 steps, on course to run out). jemalloc returns memory (flat
 # at 2.8-4 GB). Debian/Ubuntu: apt-get install libjemalloc2.
-JEMALLOC = [Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"), Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"),
-            Path("/usr/lib64/libjemalloc.so.2"), Path("/usr/lib/libjemalloc.so.2")]
+JEMALLOC = JEMALLOC_PATHS
 
 
 def _final(stage: str) -> Path:
@@ -81,7 +80,7 @@ class Step:
 
 
 def jemalloc() -> Path | None:
-    return next((p for p in JEMALLOC if p.is_file()), None)
+    return find_jemalloc(JEMALLOC)
 
 
 def step_env(step: Step) -> dict[str, str] | None:

@@ -3,15 +3,13 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from qwen2audio.training import allocator
-from qwen2audio.training.allocator import FAST_CONF, Purger, purge
+from qwen2audio.training.allocator import FAST_CONF, Purger, find_jemalloc, purge
 
-JEMALLOC = next((p for p in ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-                             "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2"] if Path(p).is_file()), None)
+JEMALLOC = find_jemalloc()
 
 # 256 MiB written, freed, then purged; resident MiB after each
 PROBE = """
@@ -57,7 +55,20 @@ def test_glibc_has_no_mallctl_and_the_probe_is_not_fooled():
 
 @pytest.mark.skipif(JEMALLOC is None, reason="libjemalloc2 is not installed")
 def test_with_jemalloc_freed_memory_stays_until_the_purge_returns_it():
-    ok, held, freed, purged = _probe({"LD_PRELOAD": JEMALLOC, "MALLOC_CONF": FAST_CONF})
+    ok, held, freed, purged = _probe({"LD_PRELOAD": str(JEMALLOC), "MALLOC_CONF": FAST_CONF})
     assert ok == "True" and int(held) >= 250
     assert int(freed) >= 250  # kept for reuse: no page faults when the next step allocates it again
     assert int(purged) < 32  # and handed back by the purge
+
+
+def test_a_long_cpu_run_without_jemalloc_is_told_how_to_keep_its_memory_flat(monkeypatch):
+    from qwen2audio.training.allocator import advice
+
+    monkeypatch.setattr(allocator, "jemalloc_mallctl", lambda: None)
+    note = advice("cpu", 1500, platform="linux")
+    assert note.startswith("note: 1500 steps on the CPU with glibc's allocator")
+    assert "MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:0" in note and "apt-get install libjemalloc2" in note
+    assert advice("cpu", 200, platform="linux") is None  # short runs, GPUs and other systems: nothing to say
+    assert advice("cuda", 1500, platform="linux") is None and advice("cpu", 1500, platform="darwin") is None
+    monkeypatch.setattr(allocator, "jemalloc_mallctl", lambda: object())
+    assert advice("cpu", 1500, platform="linux") is None  # jemalloc is there already

@@ -13,11 +13,23 @@ seconds, which costs one step's page faults a minute. Without jemalloc it does n
 from __future__ import annotations
 
 import ctypes
+import sys
 import time
+from pathlib import Path
 
 ALL_ARENAS = 4096  # MALLCTL_ARENAS_ALL
 PURGE_EVERY_S = 60.0
 FAST_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:0"  # the MALLOC_CONF that Purger keeps bounded
+# where Debian/Ubuntu (apt-get install libjemalloc2) and other distributions put it
+JEMALLOC_PATHS = [Path(p) for p in ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                                     "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
+                                     "/usr/lib/libjemalloc.so.2")]
+LONG_RUN_STEPS = 200  # a CPU run of more steps than this is told about jemalloc where it runs without
+
+
+def find_jemalloc(paths: list[Path] = JEMALLOC_PATHS) -> Path | None:
+    """The jemalloc library to preload, where one is installed."""
+    return next((p for p in paths if p.is_file()), None)
 
 
 def jemalloc_mallctl():
@@ -52,3 +64,12 @@ class Purger:
             return False
         self.last = self.clock()
         return purge(self.mallctl)
+
+
+def advice(device_type: str, steps: int, platform: str = sys.platform) -> str | None:
+    """A note for a long CPU run on Linux without jemalloc: glibc's heap grows under varying batch shapes."""
+    if device_type != "cpu" or steps <= LONG_RUN_STEPS or not platform.startswith("linux") or jemalloc_mallctl():
+        return None
+    return (f"note: {steps} steps on the CPU with glibc's allocator, whose memory can grow step after step under "
+            "varying batch shapes; for runs of hours preload jemalloc with MALLOC_CONF="
+            f"{FAST_CONF} (apt-get install libjemalloc2; docs/training.md, 'Long runs on a CPU')")

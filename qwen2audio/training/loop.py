@@ -28,6 +28,7 @@ from ..data.encoder_states import EncoderStateCache
 from ..text import Tokenizer
 from . import distributed
 from .allocator import Purger
+from .allocator import advice as allocator_advice
 from .checkpointing import (FINAL_DIR, STATE_FILE, TRAINABLE_FILE, checkpoint_step, latest_checkpoint, load_trainable,
                             load_trainer_state, save_checkpoint)
 from .config import TrainConfig
@@ -229,6 +230,9 @@ def setup(cfg: TrainConfig) -> Run:
     log(d, f"training {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
            f"({', '.join(cfg.trainable)}{', LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else ''}) "
            f"on {d.world} x {d.device.type}")
+    note = allocator_advice(d.device.type, _total_steps(cfg, len(dataset)))
+    if note:
+        log(d, note)
     every_row_has_audio = all(ex.audios for ex in dataset.examples)
     wrapped = distributed.wrap(model, cfg.distributed, d,
                                find_unused=audio_parts_may_go_unused(cfg.trainable, every_row_has_audio))
