@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import chat, defaults, page, transcription
-from .audio_input import WARNING_HEADER, AudioPolicy, collect_warnings, with_warnings
+from .audio_input import WARNING_HEADER, AudioPolicy, answer_with_warnings
 from .backend import Backend
 from .errors import (AUTHENTICATION, CLIENT_CLOSED, INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, APIError, error_body,
                      retry_later)
@@ -154,23 +154,20 @@ def _add_routes(app: FastAPI, state: ServerState, settings: Settings, metrics: M
 
     @app.post(chat.ENDPOINT)
     async def chat_completions(request: Request) -> Response:
-        with collect_warnings() as caught:
-            return with_warnings(await chat.chat_completions(request, state.backend, settings.audio,
-                                                              settings.max_tokens, metrics, _arrived(request)), caught)
+        return await answer_with_warnings(chat.chat_completions(request, state.backend, settings.audio,
+                                                                settings.max_tokens, metrics, _arrived(request)))
 
     @app.post(TRANSCRIPTIONS)
     async def transcriptions(request: Request) -> Response:
-        with collect_warnings() as caught:
-            return with_warnings(await transcription.audio_endpoint(
-                request, transcription.TRANSCRIBE, state.backend, settings.audio, settings.max_tokens, metrics,
-                _arrived(request), TRANSCRIPTIONS, fallback=settings.fallback), caught)
+        return await answer_with_warnings(transcription.audio_endpoint(
+            request, transcription.TRANSCRIBE, state.backend, settings.audio, settings.max_tokens, metrics,
+            _arrived(request), TRANSCRIPTIONS, fallback=settings.fallback))
 
     @app.post(TRANSLATIONS)
     async def translations(request: Request) -> Response:
-        with collect_warnings() as caught:
-            return with_warnings(await transcription.audio_endpoint(
-                request, transcription.TRANSLATE, state.backend, settings.audio, settings.max_tokens, metrics,
-                _arrived(request), TRANSLATIONS, fallback=settings.fallback), caught)
+        return await answer_with_warnings(transcription.audio_endpoint(
+            request, transcription.TRANSLATE, state.backend, settings.audio, settings.max_tokens, metrics,
+            _arrived(request), TRANSLATIONS, fallback=settings.fallback))
 
 
 def _add_error_handlers(app: FastAPI) -> None:

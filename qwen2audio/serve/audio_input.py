@@ -20,12 +20,13 @@ import base64
 import binascii
 import contextlib
 import io
-import re
 import logging
+import re
 import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
@@ -59,6 +60,12 @@ def with_warnings(response, caught: list[str]):
     if caught:
         response.headers[WARNING_HEADER] = re.sub(r"[^\x20-\x7e]", "?", " | ".join(caught))
     return response
+
+
+async def answer_with_warnings(answer: Awaitable):
+    """Await an endpoint's answer with the audio warnings its decoding raises collected into its header."""
+    with collect_warnings() as caught:
+        return with_warnings(await answer, caught)
 
 
 @dataclass(frozen=True)

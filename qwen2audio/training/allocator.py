@@ -60,9 +60,10 @@ class Purger:
         self.last = clock()
 
     def __call__(self) -> bool:
-        if self.mallctl is None or self.clock() - self.last < self.every_s:
+        now = self.clock()
+        if self.mallctl is None or now - self.last < self.every_s:
             return False
-        self.last = self.clock()
+        self.last = now
         return purge(self.mallctl)
 
 

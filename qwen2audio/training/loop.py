@@ -225,12 +225,13 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.global_batch_size % (cfg.micro_batch_size * d.world):
         raise ValueError(f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size="
                          f"{cfg.micro_batch_size} x {d.world} processes")
-    refuse_finished_run(cfg, resume, _total_steps(cfg, len(dataset)))
+    steps = _total_steps(cfg, len(dataset))
+    refuse_finished_run(cfg, resume, steps)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(d, f"training {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
            f"({', '.join(cfg.trainable)}{', LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else ''}) "
            f"on {d.world} x {d.device.type}")
-    note = allocator_advice(d.device.type, _total_steps(cfg, len(dataset)))
+    note = allocator_advice(d.device.type, steps)
     if note:
         log(d, note)
     every_row_has_audio = all(ex.audios for ex in dataset.examples)
