@@ -88,9 +88,7 @@ def step_env(step: Step) -> dict[str, str] | None:
     if not step.long_running:
         return None
     lib = jemalloc()
-    if lib is None:
-        print(f"[{step.name}] note: libjemalloc2 is not installed; with glibc's allocator a long run's memory "
-              "grows step after step (apt-get install libjemalloc2)", file=sys.stderr, flush=True)
+    if lib is None:  # the training loop itself says how to preload it (qwen2audio/training/allocator.py)
         return None
     preload = " ".join(filter(None, [str(lib), os.environ.get("LD_PRELOAD", "")]))
     # freed memory kept for reuse; the training loop hands back what is not reused once a minute

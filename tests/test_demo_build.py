@@ -94,4 +94,4 @@ def test_training_steps_run_with_jemalloc_where_it_is_installed(tmp_path, monkey
     assert build.step_env(data) is None
     monkeypatch.setattr(build, "JEMALLOC", [tmp_path / "missing.so"])
     assert build.step_env(train) is None
-    assert "apt-get install libjemalloc2" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # one note, not two: the training loop's own (test_training_allocator.py)
