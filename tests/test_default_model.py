@@ -474,11 +474,18 @@ def test_the_shipped_deltas_fit_the_package_the_pinned_parts_and_the_three_stage
     check_base(deltas, parts.DEMO_PARTS, path)
     assert deltas.tensors["multi_modal_projector.linear.weight"].shape == (896, 512)  # Whisper base -> Qwen2.5-0.5B
     assert deltas.tensors["multi_modal_projector.linear.bias"].shape == (896,)
-    out_dims = {"q_proj": 896, "k_proj": 128, "v_proj": 128, "o_proj": 896, "gate_proj": 4864, "up_proj": 4864,
-                "down_proj": 896}
-    assert len(deltas.lora) == 24 * len(out_dims)
-    for stem, (a, b) in deltas.lora.items():
+    llm_out = {"q_proj": 896, "k_proj": 128, "v_proj": 128, "o_proj": 896, "gate_proj": 4864, "up_proj": 4864,
+               "down_proj": 896}
+    enc_shape = {"q_proj": (512, 512), "k_proj": (512, 512), "v_proj": (512, 512), "out_proj": (512, 512),
+                 "fc1": (2048, 512), "fc2": (512, 2048)}  # (out, in) of Whisper base's layers
+    llm = {s: ab for s, ab in deltas.lora.items() if s.startswith("language_model.")}
+    enc = {s: ab for s, ab in deltas.lora.items() if s.startswith("audio_tower.")}
+    assert len(llm) == 24 * len(llm_out) and len(enc) == 6 * len(enc_shape) and len(llm) + len(enc) == len(deltas.lora)
+    for stem, (a, b) in llm.items():
         name = stem.rsplit(".", 1)[1]
-        assert b.shape == (out_dims[name], a.shape[0]) and a.shape[1] == (4864 if name == "down_proj" else 896), stem
+        assert b.shape == (llm_out[name], a.shape[0]) and a.shape[1] == (4864 if name == "down_proj" else 896), stem
+    for stem, (a, b) in enc.items():
+        out, inp = enc_shape[stem.rsplit(".", 1)[1]]
+        assert b.shape == (out, a.shape[0]) and a.shape[1] == inp, stem
     runs = [run["output_dir"] for run in deltas.info["provenance"]["runs"]]
     assert runs == ["runs/demo/align", "runs/demo/pretrain", "runs/demo/sft", "runs/demo/dpo"]
