@@ -474,18 +474,18 @@ def test_the_shipped_deltas_fit_the_package_the_pinned_parts_and_the_three_stage
     check_base(deltas, parts.DEMO_PARTS, path)
     assert deltas.tensors["multi_modal_projector.linear.weight"].shape == (896, 512)  # Whisper base -> Qwen2.5-0.5B
     assert deltas.tensors["multi_modal_projector.linear.bias"].shape == (896,)
-    llm_out = {"q_proj": 896, "k_proj": 128, "v_proj": 128, "o_proj": 896, "gate_proj": 4864, "up_proj": 4864,
-               "down_proj": 896}
-    enc_shape = {"q_proj": (512, 512), "k_proj": (512, 512), "v_proj": (512, 512), "out_proj": (512, 512),
-                 "fc1": (2048, 512), "fc2": (512, 2048)}  # (out, in) of Whisper base's layers
-    llm = {s: ab for s, ab in deltas.lora.items() if s.startswith("language_model.")}
-    enc = {s: ab for s, ab in deltas.lora.items() if s.startswith("audio_tower.")}
-    assert len(llm) == 24 * len(llm_out) and len(enc) == 6 * len(enc_shape) and len(llm) + len(enc) == len(deltas.lora)
-    for stem, (a, b) in llm.items():
-        name = stem.rsplit(".", 1)[1]
-        assert b.shape == (llm_out[name], a.shape[0]) and a.shape[1] == (4864 if name == "down_proj" else 896), stem
-    for stem, (a, b) in enc.items():
-        out, inp = enc_shape[stem.rsplit(".", 1)[1]]
-        assert b.shape == (out, a.shape[0]) and a.shape[1] == inp, stem
+    # (out, in) of each adapted layer: Qwen2.5-0.5B's 24 decoder layers, Whisper base's 6 encoder layers
+    shapes = {"language_model.": (24, {"q_proj": (896, 896), "k_proj": (128, 896), "v_proj": (128, 896),
+                                       "o_proj": (896, 896), "gate_proj": (4864, 896), "up_proj": (4864, 896),
+                                       "down_proj": (896, 4864)}),
+              "audio_tower.": (6, {"q_proj": (512, 512), "k_proj": (512, 512), "v_proj": (512, 512),
+                                   "out_proj": (512, 512), "fc1": (2048, 512), "fc2": (512, 2048)})}
+    for prefix, (layers, layer_shapes) in shapes.items():
+        adapters = {s: ab for s, ab in deltas.lora.items() if s.startswith(prefix)}
+        assert len(adapters) == layers * len(layer_shapes), prefix
+        for stem, (a, b) in adapters.items():
+            out, inp = layer_shapes[stem.rsplit(".", 1)[1]]
+            assert b.shape == (out, a.shape[0]) and a.shape[1] == inp, stem
+    assert sum(layers * len(layer_shapes) for layers, layer_shapes in shapes.values()) == len(deltas.lora)
     runs = [run["output_dir"] for run in deltas.info["provenance"]["runs"]]
     assert runs == ["runs/demo/align", "runs/demo/pretrain", "runs/demo/sft", "runs/demo/dpo"]
