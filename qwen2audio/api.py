@@ -240,4 +240,5 @@ class Conversation:
         reply = self.last = stream.result
         self.messages.append({"role": "assistant", "content": reply.text})
         for key, vectors in zip(request.audio_keys, request.audio_embeds):
-            self._audio_vectors[key] = vectors
+            if vectors is not None:  # None: a clip the cache held already, so never encoded
+                self._audio_vectors[key] = vectors

@@ -266,20 +266,74 @@ def test_idle_sessions_are_evicted_least_recently_used_first(engine):
         history = messages(f"Hello from {key}.")
         turns[key] = (history, sched.submit(prepare(engine, history), greedy(6), session=key).wait())
     assert sched.status().idle_sessions == 2 and sched.status().free_slots == 0
-    sched.submit(prepare(engine, messages("No session.")), greedy(3)).wait()  # needs a slot: "a" goes
+    other = prepare(engine, messages("No session."))
+    sched.submit(other, greedy(3)).wait()  # needs a slot: "a" goes
     assert sched.status().idle_sessions == 1
 
-    for key, reused in (("a", False), ("b", True)):
+    for key in ("a", "b"):
         history, reply = turns[key]
         follow = [*history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "More."}]
         got = sched.submit(prepare(engine, follow), greedy(6), session=key).wait()
-        assert (got.cached_tokens > 0) == reused, key
+        if key == "b":  # its own turn is still cached
+            assert got.cached_tokens >= len(prepare(engine, history).token_ids)
+        else:  # gone: only what the slot it gets shares with it (the other request's chat template)
+            audio_id = engine.tokenizer.audio_id
+            common = shared_prefix(other.token_ids, other.audio_keys, prepare(engine, follow), audio_id)
+            assert 0 < got.cached_tokens == common < len(prepare(engine, history).token_ids)
         assert got.token_ids == alone(engine, prepare(engine, follow), greedy(6)).token_ids
 
     sched.end_session("a")
     sched.end_session("b")
     sched.submit(prepare(engine, messages("Hi.")), greedy(1)).wait()
     assert sched.status().idle_sessions == 0
+
+
+def test_a_request_reuses_the_prefix_a_finished_one_left_and_skips_encoding_its_clip(engine, monkeypatch):
+    """Several questions about one clip: the second runs only its own question, and its clip is not
+    encoded again; the answers are those of a fresh cache."""
+    sound = clip(2.0, 21)
+    first, second = prepare(engine, messages("What is it?", sound)), prepare(engine, messages("How loud?", sound))
+    want = alone(engine, prepare(engine, messages("How loud?", sound)), greedy(6)).token_ids
+    sched = inline(engine, max_slots=2)
+    busy = sched.submit(prepare(engine, messages("Keep talking.")), greedy(40))  # the cache stays in use
+    sched.submit(first, greedy(4)).wait()
+    calls = Calls(engine, monkeypatch)
+    got = sched.submit(second, greedy(6)).wait()
+    busy.cancel()
+    shared = shared_prefix(first.token_ids, first.audio_keys, second, engine.tokenizer.audio_id)
+    audio_end = max(i for i, t in enumerate(second.token_ids) if t == engine.tokenizer.audio_id) + 1
+    assert shared > audio_end  # the system turn, the clip and the text up to the question
+    assert got.cached_tokens == shared
+    assert calls.count("encode") == 0  # the clip is wholly in the reused prefix
+    assert [c for c in calls.log if c[0] == "prefill"] == [("prefill", 1, len(second.token_ids) - shared)]
+    assert got.token_ids == want
+
+
+def test_the_free_slot_with_the_longest_shared_prefix_is_taken(engine):
+    a, b = clip(1.0, 31), clip(1.0, 32)
+    sched = inline(engine, max_slots=3)
+    busy = sched.submit(prepare(engine, messages("Keep talking.")), greedy(40))  # slot 0, the cache in use
+    streams = [sched.submit(prepare(engine, messages("Say it.", x)), greedy(3)) for x in (a, b)]
+    for s in streams:
+        s.wait()
+    again = prepare(engine, messages("Once more.", b))
+    got = sched.submit(again, greedy(3)).wait()
+    busy.cancel()
+    held_b = prepare(engine, messages("Say it.", b))
+    assert got.cached_tokens == shared_prefix(held_b.token_ids, held_b.audio_keys, again, engine.tokenizer.audio_id)
+    assert got.token_ids == alone(engine, prepare(engine, messages("Once more.", b)), greedy(3)).token_ids
+
+
+def test_prefix_reuse_can_be_turned_off_and_the_idle_cache_forgets(engine):
+    history = messages("Hello there.")
+    off = inline(engine, max_slots=2, reuse_prefixes=False)
+    off.submit(prepare(engine, history), greedy(3)).wait()
+    assert off.submit(prepare(engine, history), greedy(3)).wait().cached_tokens == 0
+    on = inline(engine, max_slots=2)
+    on.submit(prepare(engine, history), greedy(3)).wait()
+    # idle between the two: the cache's memory went back, and what it held with it
+    assert on.status().kv_bytes_allocated == 0
+    assert on.submit(prepare(engine, history), greedy(3)).wait().cached_tokens == 0
 
 
 def test_a_conversation_with_an_earlier_clip_replaced_recomputes_from_that_clip(engine):

@@ -31,7 +31,7 @@ import torch
 from ..audio.features import AUDIO_TOKENS_PER_SECOND, clip_token_count, log_mel_spectrogram, split_into_windows
 from ..model import KVCache, Qwen2AudioModel
 from ..model.llm import causal_mask
-from ..text.chat import expand_audio_placeholders
+from ..text.chat import clip_spans, expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
 from .scheduler import Generation, RequestStream, RequestTooLarge, Scheduler
@@ -114,19 +114,28 @@ class Engine:
             per_clip[i].append(vectors[j])
         return [torch.cat(parts) for parts in per_clip]
 
-    def encode(self, requests: Sequence[Prepared]) -> None:
+    def encode(self, requests: Sequence[Prepared], cached: Sequence[int] | None = None) -> None:
         """Encode the clips the requests still lack, all in one batch (a clip shared by several
-        requests once), and put the vectors in place."""
+        requests once), and put the vectors in place. ``cached``: per request, how many leading prompt
+        positions a KV cache holds already; the clips wholly inside them are not needed, so not encoded."""
+        needed = [self._needed(r, n) for r, n in zip(requests, cached or [0] * len(requests))]
         todo: dict[str, np.ndarray] = {}
-        for r in requests:
-            for i in r.pending:
+        for r, clips in zip(requests, needed):
+            for i in clips:
                 todo.setdefault(r.audio_keys[i], r.waveforms[i])
         if not todo:
             return
         vectors = dict(zip(todo, self.encode_audios(list(todo.values()))))
-        for r in requests:
-            for i in r.pending:
+        for r, clips in zip(requests, needed):
+            for i in clips:
                 r.audio_embeds[i], r.waveforms[i] = vectors[r.audio_keys[i]], None
+
+    def _needed(self, r: Prepared, cached: int) -> list[int]:
+        """The clips of ``r`` still to encode when its first ``cached`` positions need no vectors."""
+        if not cached:
+            return r.pending
+        spans = clip_spans(r.token_ids, self.tokenizer.audio_id)
+        return [i for i in r.pending if spans[i][0] + spans[i][1] > cached]
 
     def prepare(self, prompt: str, audios: Sequence[np.ndarray], cached: dict[str, torch.Tensor] | None = None) -> Prepared:
         """A prompt with one <|AUDIO|> per clip and the decoded clips -> a Prepared request. Its clips

@@ -16,7 +16,7 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)  # generated ids, including a final stop token
     finish_reason: str | None = None  # "stop", "length", "timeout" or "cancelled"
     prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens reused from the session's cache, not run again
+    cached_tokens: int = 0  # prompt tokens reused from the cache (a session's or an earlier request's), not run again
 
 
 class ReplyText:

@@ -31,6 +31,12 @@ same clips (compared by audio key), never more, so an edited history is recomput
 difference. Idle sessions hold their slots until the slots are needed (the least recently used goes
 first) or until idle for ``session_idle_s``.
 
+Prefix reuse (``reuse_prefixes``, on by default): a slot that a request leaves keeps what it cached until
+another request takes it, and a new request takes the free slot whose content shares the longest prefix
+with its own prompt (the same rule: equal token ids and equal clips), so it runs only the rest: the chat
+template's system turn that every request starts with, or a clip that several questions are about. The
+cache memory is still given back whenever no slot is in use, and what the slots held goes with it.
+
 Threading: with ``background=True`` one thread owns the model and runs the loop; ``submit`` and
 ``cancel`` are thread-safe and return at once, and a stream's iteration blocks on that request's
 queue. With ``background=False`` (the Python API's engine) there is no thread: iterating any stream
@@ -52,6 +58,7 @@ import torch
 
 from ..model import KVCache
 from ..model.llm import kv_cache_dtype
+from ..text.chat import clip_spans
 from .events import Events
 from .reply import Generation, ReplyText
 from .sampling import SamplingParams, hold_back_stop_tokens, next_tokens
@@ -206,13 +213,14 @@ class Scheduler:
     ``kv_bytes`` budget (default ``max_len``: the model's context). ``max_waiting``: the waiting
     queue's length (None: unbounded). ``preallocate``: take the whole cache now (a server fails at
     start rather than later); otherwise its storage grows as requests need it and is freed when no
-    slot is in use. ``clock``: the time deadlines and idle sessions are measured in.
+    slot is in use. ``reuse_prefixes``: free slots keep what they cached for a request that starts the
+    same way. ``clock``: the time deadlines and idle sessions are measured in.
     """
 
     def __init__(self, engine: "Engine", *, max_slots: int | None = None, max_len: int | None = None,
                  kv_bytes: int | None = None, max_waiting: int | None = DEFAULT_MAX_WAITING,
                  prefill_chunk: int = PREFILL_CHUNK, session_idle_s: float | None = None,
-                 background: bool = True, preallocate: bool = False,
+                 background: bool = True, preallocate: bool = False, reuse_prefixes: bool = True,
                  clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         lm = engine.model.language_model
@@ -222,6 +230,7 @@ class Scheduler:
         if max_waiting is not None and max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0 (None: unbounded), got {max_waiting}")
         self.max_waiting, self.prefill_chunk, self.session_idle_s = max_waiting, prefill_chunk, session_idle_s
+        self.reuse_prefixes = reuse_prefixes
         self.cache = lm.new_cache(self.max_slots, self.max_len)
         self.preallocated = preallocate
         if preallocate:
@@ -238,6 +247,9 @@ class Scheduler:
         # The loop's own state.
         self._lengths = [0] * self.max_slots  # positions cached per slot
         self._owner: list[_Request | _Session | None] = [None] * self.max_slots
+        # What a free slot still holds (token ids, audio keys) for prefix reuse; its _lengths entry stays at
+        # their count, so that the harmless rows of decode steps write past them.
+        self._held: list[tuple[list[int], list[str]] | None] = [None] * self.max_slots
         self._prefilling: list[_Request] = []  # admission order
         self._decoding: list[_Request] = []
         self._sessions: dict[Hashable, _Session] = {}
@@ -343,7 +355,7 @@ class Scheduler:
                     pass
         for key in list(self._sessions):
             self._drop_session(self._sessions[key])
-        self.cache.release()
+        self._release_cache()
 
     def __enter__(self) -> "Scheduler":
         return self
@@ -409,8 +421,15 @@ class Scheduler:
             self._fail(stuck + self._prefilling + self._decoding,
                        RuntimeError("the scheduler could not run any of its requests"))
         if not any(self._owner) and not self.preallocated:
-            self.cache.release()  # idle: give the memory back (the next request allocates again)
+            self._release_cache()  # idle: give the memory back (the next request allocates again)
         return True
+
+    def _release_cache(self) -> None:
+        """Give the KV cache's memory back; what free slots held for prefix reuse goes with it."""
+        self.cache.release()
+        for slot in range(self.max_slots):
+            if self._owner[slot] is None:
+                self._forget(slot)
 
     def _expire(self, now: float) -> None:
         """Finish the requests cancelled or past their deadline, waiting or running."""
@@ -434,7 +453,7 @@ class Scheduler:
                 session = self._sessions.get(r.session_key) if r.session_key is not None else None
                 if session is not None and session.busy:
                     continue  # the session's previous request is still running
-                slot = session.slot if session is not None else self._free_slot()
+                slot = session.slot if session is not None and session.slot is not None else self._free_slot(r)
                 if slot is None:
                     break  # no slot for it: later requests wait behind it
                 self._waiting.remove(r)
@@ -449,7 +468,8 @@ class Scheduler:
             self._fail(admitted, err)
             return
         try:
-            self.engine.encode([r.prepared for r in admitted])  # every new clip in one batch
+            # every new clip in one batch, but those wholly inside a reused prefix
+            self.engine.encode([r.prepared for r in admitted], [self._lengths[r.slot] for r in admitted])
         except Exception as err:
             if len(admitted) == 1:
                 self._fail(admitted, err)
@@ -468,19 +488,19 @@ class Scheduler:
         encoded = []
         for r in requests:
             try:
-                self.engine.encode([r.prepared])
+                self.engine.encode([r.prepared], [self._lengths[r.slot]])
             except Exception as err:
                 self._fail([r], err)
             else:
                 encoded.append(r)
         return encoded
 
-    def _free_slot(self) -> int | None:
-        """The lowest free slot (steps run slots 0 .. highest in use), evicting the least recently used
-        idle session if there is none."""
-        for slot, owner in enumerate(self._owner):
-            if owner is None:
-                return slot
+    def _free_slot(self, r: _Request) -> int | None:
+        """The free slot whose held content shares the longest prefix with ``r``'s prompt, else the lowest
+        (steps run slots 0 .. highest in use); evicting the least recently used idle session if none is free."""
+        free = [slot for slot, owner in enumerate(self._owner) if owner is None]
+        if free:
+            return max(free, key=lambda slot: (self._reusable(slot, r.prepared), -slot))
         idle = [o for o in self._owner if isinstance(o, _Session)]
         if not idle:
             return None
@@ -489,16 +509,25 @@ class Scheduler:
         self._drop_session(oldest)
         return slot
 
+    def _reusable(self, slot: int, prepared: "Prepared") -> int:
+        """Positions of a free slot's held content that ``prepared`` may reuse."""
+        held = self._held[slot]
+        if held is None or not self.reuse_prefixes:
+            return 0
+        return shared_prefix(held[0], held[1], prepared, self.engine.tokenizer.audio_id)
+
     def _take_slot(self, r: _Request, session: _Session | None, slot: int, now: float) -> None:
         if r.session_key is not None:
             if session is None:
                 session = self._sessions[r.session_key] = _Session(r.session_key)
             session.busy, session.last_used, r.session = True, now, session
-        reuse = 0
         if session is not None and session.slot == slot:
             reuse = shared_prefix(session.ids, session.audio_keys, r.prepared, self.engine.tokenizer.audio_id)
-        elif session is not None:
-            session.slot = slot
+        else:
+            reuse = self._reusable(slot, r.prepared)
+            if session is not None:
+                session.slot = slot
+        self._held[slot] = None
         r.slot, self._owner[slot], self._lengths[slot] = slot, r, reuse
         self._moves += 1
         r.reply.out.cached_tokens = reuse
@@ -513,10 +542,9 @@ class Scheduler:
         """(1, T, hidden) embeddings of the prompt tokens past what the slot already holds."""
         reuse, p = self._lengths[r.slot], r.prepared
         ids = torch.tensor([p.token_ids[reuse:]], device=self.engine.model.device)
-        audio = list(p.audio_embeds)
-        if reuse:  # skip the audio vectors of the reused prefix
-            skip = p.token_ids[:reuse].count(self.engine.tokenizer.audio_id)
-            audio = [torch.cat(audio)[skip:]] if audio else []
+        # the audio vectors past the reused prefix (a clip wholly inside it was not even encoded)
+        audio = [vectors[max(0, reuse - start):] for vectors, (start, n)
+                 in zip(p.audio_embeds, clip_spans(p.token_ids, self.engine.tokenizer.audio_id)) if start + n > reuse]
         return self.engine.model.embed(ids, audio)
 
     def _prefill(self) -> None:
@@ -610,12 +638,16 @@ class Scheduler:
     def _release_slot(self, r: _Request, keep: bool) -> None:
         """A finished request's slot: the session's again (holding what was cached), or free."""
         slot, session = r.slot, r.session
+        tokens = r.prepared.token_ids + r.reply.out.token_ids
         if session is None or not keep or session.ended:
             if session is not None:
                 self._sessions.pop(session.key, None)
-            self._owner[slot], self._lengths[slot] = None, 0
+            self._owner[slot] = None
+            if keep:
+                self._hold(slot, tokens[: self._lengths[slot]], r.prepared.audio_keys)
+            else:
+                self._forget(slot)
             return
-        tokens = r.prepared.token_ids + r.reply.out.token_ids
         session.ids, session.audio_keys = tokens[: self._lengths[slot]], list(r.prepared.audio_keys)
         session.busy, session.last_used = False, self._clock()
         self._owner[slot] = session
@@ -629,11 +661,22 @@ class Scheduler:
                 self._finish(r, error=err)
 
     def _drop_session(self, session: _Session) -> None:
-        """Forget an idle session and free its slot."""
+        """Forget an idle session and free its slot (what it cached stays there for prefix reuse)."""
         self._sessions.pop(session.key, None)
         if session.slot is not None and self._owner[session.slot] is session:
-            self._owner[session.slot], self._lengths[session.slot] = None, 0
+            self._owner[session.slot] = None
+            self._hold(session.slot, session.ids, session.audio_keys)
         session.slot = None
+
+    def _hold(self, slot: int, ids: list[int], audio_keys: Sequence[str]) -> None:
+        """A free slot keeps ``ids`` (cached at its first len(ids) positions) for a later request."""
+        if not self.reuse_prefixes or not ids:
+            self._forget(slot)
+            return
+        self._held[slot], self._lengths[slot] = (list(ids), list(audio_keys)), len(ids)
+
+    def _forget(self, slot: int) -> None:
+        self._held[slot], self._lengths[slot] = None, 0
 
     def _drop_ended_sessions(self) -> None:
         while True:

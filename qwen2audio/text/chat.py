@@ -112,6 +112,20 @@ def raw_prompt(task_prompt: str, n_audios: int = 1) -> str:
     return AUDIO_SPAN * n_audios + task_prompt
 
 
+def clip_spans(token_ids: Sequence[int], audio_id: int) -> list[tuple[int, int]]:
+    """(start, length) of each clip's run of <|AUDIO|> ids in a prompt, in reading order."""
+    spans: list[tuple[int, int]] = []
+    for i, t in enumerate(token_ids):
+        if t != audio_id:
+            continue
+        if i and token_ids[i - 1] == audio_id:
+            start, n = spans[-1]
+            spans[-1] = (start, n + 1)
+        else:
+            spans.append((i, 1))
+    return spans
+
+
 def expand_audio_placeholders(token_ids: Sequence[int], audio_token_id: int, counts: Sequence[int]) -> list[int]:
     """Replaces the k-th <|AUDIO|> id in `token_ids` with `counts[k]` copies of it.
 
