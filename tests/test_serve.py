@@ -74,6 +74,7 @@ def test_greedy_chat_equals_the_python_api(client, model, wav):
     assert reply.usage.prompt_tokens == expected.prompt_tokens
     assert reply.usage.completion_tokens == len(expected.token_ids)
     assert reply.usage.total_tokens == expected.prompt_tokens + len(expected.token_ids)
+    assert reply.usage.prompt_tokens_details.cached_tokens == expected.cached_tokens == 0  # nothing ran beside it
     assert reply.model == MODEL_ID and reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
 
 

@@ -196,14 +196,15 @@ class SchedulerBackend:
     """
 
     def __init__(self, model: "Qwen2Audio", model_id: str, max_batch: int = defaults.MAX_BATCH,
-                 max_queue: int = defaults.MAX_QUEUE):
+                 max_queue: int = defaults.MAX_QUEUE, reuse_prefixes: bool = True):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.model = model
         self.model_id = model_id
         self.chat_defaults = dict(model.generation_defaults)
         self.max_queue = max_queue
-        self.scheduler = sched.Scheduler(model.engine, max_slots=max_batch, max_waiting=max_queue)
+        self.scheduler = sched.Scheduler(model.engine, max_slots=max_batch, max_waiting=max_queue,
+                                         reuse_prefixes=reuse_prefixes)
 
     # -- Backend -------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams) -> StreamHandle:

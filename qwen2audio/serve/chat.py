@@ -199,7 +199,7 @@ async def _whole(request: Request, model_id: str, handles: list[Handle], copies:
     choices = [(text, r.finish_reason) for text, r in zip(texts, results) for _ in range(copies)]
     completion_tokens = sum(len(r.token_ids) for r in results) * copies
     body = fmt.chat_completion(fmt.completion_id(), fmt.now(), model_id, choices, results[0].prompt_tokens,
-                               completion_tokens)
+                               completion_tokens, results[0].cached_tokens)
     return JSONResponse(body)
 
 
@@ -261,7 +261,7 @@ async def _events(model_id: str, readers: list[Reader], first: str | None, copie
         if include_usage:
             results = [r.handle.result for r in readers]
             yield _sse(fmt.usage_chunk(id, created, model_id, results[0].prompt_tokens,
-                                       sum(len(r.token_ids) for r in results) * copies))
+                                       sum(len(r.token_ids) for r in results) * copies, results[0].cached_tokens))
         yield "data: [DONE]\n\n"
     except Exception as err:  # noqa: BLE001 - a generation that failed after the stream began
         error = request_error(err)

@@ -54,6 +54,11 @@ def register(subparsers) -> None:
                         f"{defaults.MAX_BATCH})")
     p.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE, metavar="N",
                    help=f"requests that may wait for the model; more are answered 429 (default {defaults.MAX_QUEUE})")
+    p.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                   help="run every prompt whole: by default a request reuses the cached keys and values of the "
+                        "prefix it shares with one that finished while others ran (the chat template's system "
+                        "turn, a clip several questions are about); usage.prompt_tokens_details.cached_tokens "
+                        "says how many")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; default: none)")
     p.add_argument("--allow-audio-url-host", action="append", default=[], metavar="HOST",
@@ -186,7 +191,8 @@ def load_backend(args: argparse.Namespace, name: str, state, server, failed: lis
             directory = default_model_dir()
         model = Qwen2Audio.load(directory, dtype=args.dtype, device=args.device, quantize=args.quantize,
                                 compile=args.compile)
-        state.ready(SchedulerBackend(model, name, max_batch=args.max_batch, max_queue=args.max_queue))
+        state.ready(SchedulerBackend(model, name, max_batch=args.max_batch, max_queue=args.max_queue,
+                                     reuse_prefixes=args.prefix_reuse))
         print(f"qwen2audio: {name} is ready", file=sys.stderr, flush=True)
     except Exception as err:  # noqa: BLE001 - reported by run() as one line, after the server stopped
         failed.append(err)

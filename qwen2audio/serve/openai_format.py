@@ -123,18 +123,21 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens: the prompt tokens whose keys and values the server's cache held
+    already (a conversation's earlier turns, or a prefix another request left), so were not run again."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chat_completion(id: str, created: int, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
-                    completion_tokens: int) -> dict[str, Any]:
+                    completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     """A chat.completion from (text, finish_reason) per choice."""
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": finish} for i, (text, finish) in enumerate(choices)],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chunk(id: str, created: int, model: str, index: int, delta: dict[str, str], finish_reason: str | None = None,
@@ -148,9 +151,10 @@ def chunk(id: str, created: int, model: str, index: int, delta: dict[str, str], 
     return body
 
 
-def usage_chunk(id: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_chunk(id: str, created: int, model: str, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int = 0) -> dict[str, Any]:
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def model_list(model_id: str, created: int) -> dict[str, Any]:
