@@ -1,6 +1,7 @@
 """Load test of `qwen2audio serve` over loopback: the real server in a subprocess, many clients at once.
 
     python benchmarks/serve_load.py [--model DIR | --size small|medium] [--max-tokens 32] [--quick]
+                                    [--clips 4] [--no-prefix-reuse]
 
 The script starts `python -m qwen2audio.cli serve MODEL --port 0` (waits for GET /health), drives it
 with concurrent asyncio + httpx clients, and stops it at the end, whatever happened (SIGTERM, then
@@ -8,7 +9,8 @@ SIGKILL). Default model: the tiny random one (qwen2audio.default_model); --model
 directory; --size writes a random checkpoint of benchmarks/bench_inference.py's sizes to a temporary
 directory (removed after).
 
-Every request is a chat completion with a 2 s wav clip (input_audio, base64) and a question, greedy,
+Every request is a chat completion with a 2 s wav clip (input_audio, base64; one of --clips different
+clips, default 4, so that several questions are about the same clip) and a question, greedy,
 --max-tokens new tokens at most; every second one is streamed (SSE, usage included). The server has no
 way to ignore stop tokens, so tokens are what the server reports in `usage.completion_tokens`.
 Phases, in one run:
@@ -27,8 +29,9 @@ included), time to first token p50/p95 (streamed requests: first attempt to the 
 the server's resident memory (RSS) at the phase's start, its peak and its end, and the CPU seconds
 the server and the clients spent (tokens per server CPU second is the measure to compare when other
 processes hold the cores: it counts work, not waiting). Printed as a markdown table, with the ratio
-of 8 concurrent clients' tokens/s to one at a time's. Exit status 1 when anything went wrong other than
-the intended 429s.
+of 8 concurrent clients' tokens/s to one at a time's, and the share of prompt tokens the server's cache
+held already (`usage.prompt_tokens_details.cached_tokens`: prefix reuse, which --no-prefix-reuse turns off
+in the server). Exit status 1 when anything went wrong other than the intended 429s.
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ class LoadSpec:
     retries: int = RETRIES
     request_timeout: float = REQUEST_TIMEOUT
     deadline: float = DEADLINE
+    clips: int = N_CLIPS  # different clips the requests take in turn
+    prefix_reuse: bool = True  # the server's default; False passes --no-prefix-reuse
 
 
 @dataclass
@@ -128,6 +133,8 @@ class Outcome:
     first_token: float | None = None  # streamed requests only
     tokens: int = 0
     error: str = ""
+    prompt: int = 0  # prompt tokens, and of them those the server's cache held already
+    cached: int = 0
 
 
 @dataclass
@@ -153,6 +160,12 @@ class PhaseResult:
     def tokens_per_server_cpu_s(self) -> float:
         """Tokens per CPU second the server spent: less at the mercy of other processes than tokens/s."""
         return sum(o.tokens for o in self.outcomes if o.status == OK) / self.cpu[0] if self.cpu[0] else 0.0
+
+    @property
+    def cached_share(self) -> float:
+        """Of the ok requests' prompt tokens, the share the server did not run (its cache held them)."""
+        prompt = sum(o.prompt for o in self.outcomes if o.status == OK)
+        return sum(o.cached for o in self.outcomes if o.status == OK) / prompt if prompt else 0.0
 
     def latencies(self) -> list[float]:
         return [o.latency for o in self.outcomes if o.status == OK]
@@ -217,6 +230,8 @@ class Answer:
 
     status: int
     tokens: int = 0
+    prompt: int = 0
+    cached: int = 0
     first_token_at: float | None = None  # time.perf_counter() of the first content chunk
     retry_after: float = 0.0
     error: str = ""
@@ -228,14 +243,19 @@ async def send(client: httpx.AsyncClient, body: dict) -> Answer:
     r = await client.post("/v1/chat/completions", json=body)
     if r.status_code != 200:
         return _refused(r.status_code, r.headers, r.text)
-    return Answer(200, tokens=r.json()["usage"]["completion_tokens"])
+    return Answer(200, **_usage(r.json()["usage"]))
+
+
+def _usage(usage: dict) -> dict:
+    return {"tokens": usage["completion_tokens"], "prompt": usage.get("prompt_tokens", 0),
+            "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)}
 
 
 async def _send_streamed(client: httpx.AsyncClient, body: dict) -> Answer:
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             return _refused(r.status_code, r.headers, (await r.aread()).decode(errors="replace"))
-        first, tokens = None, None
+        first, usage = None, None
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
@@ -247,10 +267,10 @@ async def _send_streamed(client: httpx.AsyncClient, body: dict) -> Answer:
             if first is None and any(c["delta"].get("content") for c in event["choices"]):
                 first = time.perf_counter()
             if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    if tokens is None:
+                usage = _usage(event["usage"])
+    if usage is None:
         return Answer(200, error="the stream ended without its usage chunk")
-    return Answer(200, tokens=tokens, first_token_at=first)
+    return Answer(200, first_token_at=first, **usage)
 
 
 def _refused(status: int, headers: httpx.Headers, text: str) -> Answer:
@@ -281,7 +301,8 @@ async def one_request(client: httpx.AsyncClient, body: dict, spec: LoadSpec) -> 
     if answer.status != 200 or answer.error:
         return Outcome(ERROR, refusals, error=answer.error)
     first = None if answer.first_token_at is None else answer.first_token_at - started
-    return Outcome(OK, refusals, time.perf_counter() - started, first, answer.tokens)
+    return Outcome(OK, refusals, time.perf_counter() - started, first, answer.tokens, prompt=answer.prompt,
+                   cached=answer.cached)
 
 
 def retry_wait(refusals: int, retry_after: float) -> float:
@@ -311,6 +332,8 @@ def server(spec: LoadSpec, log_path: Path, started: float) -> Iterator[tuple[str
     cmd = [sys.executable, "-m", "qwen2audio.cli", "serve", str(spec.model), "--port", "0",
            "--max-tokens", str(spec.max_tokens), "--max-batch", str(spec.max_batch),
            "--max-queue", str(spec.max_queue), "--shutdown-timeout", str(SERVER_SHUTDOWN), "--dtype", spec.dtype]
+    if not spec.prefix_reuse:
+        cmd.append("--no-prefix-reuse")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if spec.threads:
         env["OMP_NUM_THREADS"] = str(spec.threads)
@@ -430,9 +453,9 @@ async def run_phase(client: httpx.AsyncClient, phase: Phase, bodies: list[dict],
 
 
 async def drive(url: str, pid: int, spec: LoadSpec, report: Report, started: float) -> None:
-    clips = [base64.b64encode(clip_wav(seed)).decode() for seed in range(N_CLIPS)]
+    clips = [base64.b64encode(clip_wav(seed)).decode() for seed in range(spec.clips)]
     most = max(p.requests for p in spec.phases)
-    bodies = [request_body(i, clips, spec.max_tokens) for i in range(min(most, N_CLIPS * len(QUESTIONS)))]
+    bodies = [request_body(i, clips, spec.max_tokens) for i in range(min(most, spec.clips * len(QUESTIONS)))]
     rss = RssWatch(pid)
     report.rss_loaded = rss.restart()
     watcher = asyncio.create_task(rss.run())
@@ -478,18 +501,19 @@ def table(report: Report, model_label: str) -> str:
     threads = spec.threads or _default_threads()
     lines = [f"**serve load | {model_label} | --dtype {spec.dtype} | torch {_torch_version()} | {threads} threads | "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs | max_tokens {spec.max_tokens}, "
-             f"greedy, half streamed | --max-batch {spec.max_batch} --max-queue {spec.max_queue} | "
+             f"greedy, half streamed | {spec.clips} clips | --max-batch {spec.max_batch} --max-queue {spec.max_queue}"
+             f"{'' if spec.prefix_reuse else ' --no-prefix-reuse'} | "
              f"RSS after load {report.rss_loaded / MIB:.0f} MiB**", "",
              "| phase | clients | requests | ok | 429 answers | gave up | errors | wall (s) | tokens/s "
              "| latency p50 / p95 (s) | TTFT p50 / p95 (s) | RSS start / peak / end (MiB) "
-             "| CPU s server / clients | tokens per server CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU s server / clients | tokens per server CPU s | prompt tokens cached |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.results:
         lines.append(f"| {r.phase.name} | {r.phase.clients} | {r.phase.requests} | {r.count(OK)} | {r.refusals} | "
                      f"{r.count(GAVE_UP)} | {r.count(ERROR)} | {r.seconds:.1f} | {r.tokens_per_s:.1f} | "
                      f"{_pair(r.latencies())} | {_pair(r.first_tokens())} | "
                      + " / ".join(f"{b / MIB:.0f}" for b in r.rss)
-                     + f" | {r.cpu[0]:.1f} / {r.cpu[1]:.1f} | {r.tokens_per_server_cpu_s:.1f} |")
+                     + f" | {r.cpu[0]:.1f} / {r.cpu[1]:.1f} | {r.tokens_per_server_cpu_s:.1f} | {r.cached_share:.0%} |")
     lines.append("")
     gain, work = report.concurrency_gain(), report.concurrency_gain("tokens_per_server_cpu_s")
     if gain is not None:
@@ -547,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"{','.join(map(str, DEFAULT_REQUESTS))})")
     ap.add_argument("--max-tokens", type=int, default=LoadSpec.max_tokens, help="new tokens per request, at most")
     ap.add_argument("--max-batch", type=int, default=LoadSpec.max_batch, help="the server's --max-batch")
+    ap.add_argument("--clips", type=int, default=N_CLIPS,
+                    help="different clips the requests take in turn (default %(default)s; as many as the requests: "
+                         "no two requests about one clip)")
+    ap.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                    help="start the server with --no-prefix-reuse (every prompt run whole)")
     ap.add_argument("--max-queue", type=int, default=LoadSpec.max_queue,
                     help="the server's --max-queue (below 64 - max-batch, some of 64 clients are answered 429)")
     ap.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
@@ -561,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = QUICK_REQUESTS if args.quick else _counts(args.requests) if args.requests else DEFAULT_REQUESTS
     except ValueError as err:
         ap.error(str(err))
+    if args.clips < 1:
+        ap.error(f"--clips must be at least 1, got {args.clips}")
 
     with contextlib.ExitStack() as stack:
         if args.size:
@@ -577,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
             label = f"tiny random model ({_weights_mb(model):.1f} MB of weights)"
         spec = LoadSpec(model=model, phases=phases(counts), max_tokens=args.max_tokens, max_batch=args.max_batch,
                         max_queue=args.max_queue, threads=args.threads, dtype=args.dtype, retries=args.retries,
-                        request_timeout=args.request_timeout, deadline=args.deadline)
+                        request_timeout=args.request_timeout, deadline=args.deadline, clips=args.clips,
+                        prefix_reuse=args.prefix_reuse)
         try:
             report = run_load(spec, args.server_log)
         except ServerFailed as err:
