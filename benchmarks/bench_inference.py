@@ -61,6 +61,13 @@ def read_bandwidth() -> float:
     return big.numel() * 4 / best(lambda: big.sum(), 5) / 1e9
 
 
+def gemm_peak() -> float:
+    """GFLOP/s of a float32 product the size of the prefill's (2048 x 2048 x 2048), best of 5: the most a
+    float32 prefill can reach on this machine, whoever runs it."""
+    a = torch.randn(2048, 2048)
+    return 2 * 2048**3 / best(lambda: a @ a, 5) / 1e9
+
+
 def prefill_gflop(cfg, n_tokens: int) -> float:
     """Multiply-adds x 2 of the prefill of one 30 s clip and a prompt of ``n_tokens`` (audio included):
     the encoder's convolutions, projections and attention over 1,500 frames, the projector, the LLM's
@@ -231,12 +238,14 @@ def main() -> None:
                             for label, audios in zip(measures[1:], (one, eight))}
         engine = scheduler = None  # free this form's weights before the next is loaded
     bandwidth = read_bandwidth()
+    peak = gemm_peak()
 
     params = sum(p.numel() for p in ref.parameters()) / 1e6
     same = ", ".join(f"{form} {agreement[form]}/8" for form in forms)
     print(f"\nqwen2audio vs transformers {hf_version} | size {args.size} ({params:.0f} M params, transformers in "
           f"{args.dtype}) | torch {torch.__version__} | {args.threads} threads | "
           f"{platform.processor() or platform.machine()} | memory read {bandwidth:.1f} GB/s | "
+          f"float32 product {peak:.0f} GFLOP/s | "
           f"greedy tokens equal to transformers': {same}"
           + "".join(f" | {form}: compiled in {s:.0f} s" for form, s in compile_s.items()) + "\n")
     print("| measure | transformers | " + " | ".join(f"qwen2audio {f}" for f in forms) + " |")
@@ -257,7 +266,7 @@ def main() -> None:
             cells.append(cell)
         print(f"| {label} | {theirs_cell} | " + " | ".join(cells) + " |")
     print(f"\nratios: ours vs transformers (higher is faster); GFLOP/s: the prefill's {gflop:.0f} GFLOP ({n_prompt} "
-          "prompt tokens) per second; GB/s: bytes of LLM weights read per second by the decode steps (8 rows "
+          "prompt tokens) per second, against the float32 product's rate in the header; GB/s: bytes of LLM weights read per second by the decode steps (8 rows "
           "share one read).")
     if args.plot is not None:
         ratios = {label: {form: (table[label]["transformers"] / table[label][form] if label == measures[0]
