@@ -226,7 +226,10 @@ class Conversation:
             rendered = render_chat(self.messages)
             request = self.model.engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios],
                                                 self._audio_vectors)
-            stream = self.model.scheduler.submit(request, params, session=self.session)
+            if params.beams:  # its beams run alone, outside the scheduler (and its session cache)
+                stream = self.model.engine.stream(request, params)
+            else:
+                stream = self.model.scheduler.submit(request, params, session=self.session)
             yield from stream
             answered = stream.result.finish_reason in ("stop", "length")
         finally:

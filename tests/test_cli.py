@@ -151,6 +151,36 @@ def test_not_interactive_when_stdin_is_not_a_terminal(api, model_dir, capsys, mo
     assert out == api["saved"].chat(user_turn([], "Hi."), max_new_tokens=int(NEW)).text + "\n"
 
 
+def test_beam_search_from_the_command_line(model_dir, api, audio, capsys, monkeypatch):
+    """--num-beams: the JSON reply and the printed one are the API's beam search, which is not greedy's."""
+    model, turn = api["saved"], user_turn([audio["wav"]], "What is this?")
+    expected = model.chat(turn, max_new_tokens=int(NEW), num_beams=3)
+    assert expected.token_ids != model.chat(turn, max_new_tokens=int(NEW)).token_ids
+    base = ["chat", str(model_dir), "--audio", audio["wav"], "--prompt", "What is this?", "--max-new-tokens", NEW,
+            "--num-beams", "3"]
+    rc, out, err = cli(capsys, monkeypatch, [*base, "--json"])
+    assert rc == 0, err
+    assert json.loads(out)["token_ids"] == expected.token_ids
+    rc, out, err = cli(capsys, monkeypatch, base)
+    assert rc == 0, err
+    assert out == expected.text + "\n"
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), audio["wav"], "--max-new-tokens", NEW,
+                                             "--num-beams", "2"])
+    assert rc == 0, err
+    assert out == model.transcribe(audio["wav"], max_new_tokens=int(NEW), num_beams=2) + "\n"  # one file: no name
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-beams", "0"], "num_beams must be at least 1"),
+    (["--num-beams", "2", "--temperature", "0.7"], "does not sample"),
+    (["--num-beams", "2", "--stop", "x"], "stop strings are not supported with beam search"),
+])
+def test_beam_search_settings_that_cannot_work(model_dir, flags, message, capsys, monkeypatch):
+    rc, out, err = cli(capsys, monkeypatch, ["chat", str(model_dir), "--prompt", "x", *flags])
+    assert rc == 2 and out == ""
+    assert err.startswith("qwen2audio: error: ") and message in err
+
+
 # -- transcribe ---------------------------------------------------------------------------------------
 def test_transcribe_prints_one_line_per_file(which, audio, capsys, monkeypatch):
     args, model = which

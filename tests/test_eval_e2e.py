@@ -291,6 +291,28 @@ def test_resume_reuses_only_answers_made_the_same_way(tmp_path, echo, capsys):
     echo.clear()
     run_eval("librispeech", data, out, *same)
     assert echo == []
+    _, results = run_eval("librispeech", data, out, *same, "--num-beams", "2")
+    assert sum(c["n"] for c in echo) == 3 and "3 were made with another --num-beams" in capsys.readouterr().err
+    assert results["settings"]["decoding"] == "beam search (2 beams)"
+
+
+def test_beam_search_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    """--num-beams decodes each item as the API's beam search does (the raw base prompt, min_new_tokens 1)."""
+    from qwen2audio import Qwen2Audio
+
+    data, _ = librispeech(tmp_path)
+    records, results = run_eval("librispeech", data, tmp_path / "out", "--num-beams", "3", "--max-new-tokens", "8")
+    assert results["settings"]["decoding"] == "beam search (3 beams)"
+    model = Qwen2Audio.load()
+    for r in records:
+        expected = model.complete(r["prompt"].removeprefix(RAW), [r["audio"]], max_new_tokens=8, min_new_tokens=1,
+                                  num_beams=3)
+        assert r["hypothesis"] == expected.text
+    capsys.readouterr()
+    code = main(["eval", "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "o"), *FAST,
+                 "--num-beams", "0"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--num-beams must be at least 1" in err and "Traceback" not in err
 
 
 def test_the_same_audio_through_a_linked_folder_reuses_the_answers(tmp_path, echo):

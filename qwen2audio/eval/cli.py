@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--fallback", action="store_true",
                    help="decode a repetitive answer again at rising temperatures (Whisper's guard against loops; "
                         "not the official decoding, which is greedy only)")
+    p.add_argument("--num-beams", type=int, default=1, metavar="N",
+                   help="decode by beam search over N beams (not the official decoding, which is greedy; "
+                        "each item's beams run alone, so N times the decoding work and no batching across items)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (env QWEN2AUDIO_JUDGE_URL)")
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out(args.task, args.data)
     model_name = str(args.model_dir) if args.model_dir else "embedded default model"
     settings = AnswerSettings(model=model_identity(args.model_dir), dtype=args.dtype, quantize=args.quantize,
-                              max_new_tokens=args.max_new_tokens, fallback=args.fallback)
+                              max_new_tokens=args.max_new_tokens, fallback=args.fallback, num_beams=args.num_beams)
     print(f"qwen2audio eval: {len(items)} items from {args.data} -> {out}", file=sys.stderr)
     try:
         records = run_items(items, out, lambda: _load(args), settings, batch_size=args.batch_size,

@@ -3,7 +3,7 @@
 - Answers are kept in OUT/items.jsonl. A stored answer is reused only when all that determines it is
   unchanged: the model (see `model_identity`), the exact prompt the model sees, the audio file (path, size
   and modification time) and the decoding settings (dtype, quantize, max_new_tokens, min_new_tokens,
-  fallback). Any other
+  fallback, num_beams). Any other
   stored answer is generated again, and the run says how many it reused and why it did not reuse others.
   The audio is identified by its file's metadata, not a hash of its content: a hash would read the whole
   dataset (tens of GB for Common Voice or AIR-Bench) on every resume, and a file rewritten with the same
@@ -16,7 +16,8 @@
   such items are tried again by the next run.
 - Decoding: greedy, max_new_tokens 256, min_new_tokens 1, batched (qwen2audio.generation.scheduler).
   ``fallback`` (`--fallback`, not official) decodes repetitive answers again at rising temperatures
-  (qwen2audio.generation.fallback).
+  (qwen2audio.generation.fallback); ``num_beams`` (`--num-beams`, not official) decodes by beam search
+  (qwen2audio.generation.beam).
 - The progress bar shows items, speed and the running corpus metric.
 """
 
@@ -48,7 +49,8 @@ STALE_REASONS = {"prompt": "were for a different prompt", "model": "were made by
                  "quantize": "were made with another --quantize",
                  "max_new_tokens": "were made with another --max-new-tokens",
                  "min_new_tokens": "were made with another min_new_tokens",
-                 "fallback": "were made with another --fallback"}
+                 "fallback": "were made with another --fallback",
+                 "num_beams": "were made with another --num-beams"}
 FAILED = "had failed (see their error)"
 UNRECORDED = "had no record of what made them"
 
@@ -63,11 +65,17 @@ class AnswerSettings:
     max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS
     min_new_tokens: int = OFFICIAL_MIN_NEW_TOKENS
     fallback: bool = False  # repetitive answers decoded again at rising temperatures (not official)
+    num_beams: int = 1  # beam search over this many beams (not official; 1 = greedy)
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"--num-beams must be at least 1 (1 = greedy decoding), got {self.num_beams}")
 
     @property
     def decoding(self) -> str:
         """How answers are decoded, in words (results.json's settings)."""
-        return "greedy, repetitive answers again at rising temperatures" if self.fallback else "greedy"
+        first = f"beam search ({self.num_beams} beams)" if self.num_beams > 1 else "greedy"
+        return f"{first}, repetitive answers again at rising temperatures" if self.fallback else first
 
 
 SETTING_DEFAULTS = {f.name: f.default for f in fields(AnswerSettings)}
@@ -144,7 +152,7 @@ def generate_batch(model, batch: Sequence[tuple[EvalItem, np.ndarray]], settings
         else:
             prepared.append(model.prepare_raw(item.prompt, [audio]))
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                            temperature=0.0)
+                            temperature=0.0, num_beams=settings.num_beams)
     if settings.fallback:
         from ..generation.fallback import generate_with_fallback
 

@@ -33,6 +33,7 @@ from ..model import KVCache, Qwen2AudioModel
 from ..model.llm import causal_mask
 from ..text.chat import clip_spans, expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
+from .beam import BeamStream
 from .sampling import SamplingParams
 from .scheduler import Generation, RequestStream, RequestTooLarge, Scheduler
 from .weights import prepare_for_inference
@@ -252,11 +253,13 @@ class Engine:
 
     def generate(self, batch: Sequence[Prepared], params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
         """Run requests together (each with its own settings, or all with the same); their Generations.
-        A request's greedy output is the same as running it alone."""
+        A request's greedy output is the same as running it alone. Beam searches (``num_beams`` > 1)
+        run one at a time, each alone (``generation.beam``)."""
         per_request = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(per_request) != len(batch):
             raise ValueError(f"{len(batch)} requests but {len(per_request)} SamplingParams")
-        streams = [self.scheduler.submit(p, s) for p, s in zip(batch, per_request)]
+        streams = [BeamStream(self, p, s) if s.beams else self.scheduler.submit(p, s)
+                   for p, s in zip(batch, per_request)]
         try:
             return [s.wait() for s in streams]
         finally:
@@ -264,6 +267,9 @@ class Engine:
                 if not s.done:
                     s.cancel()
 
-    def stream(self, request: Prepared, params: SamplingParams) -> RequestStream:
-        """Text deltas of one request as they are decoded; ``result`` is complete at the end."""
+    def stream(self, request: Prepared, params: SamplingParams) -> RequestStream | BeamStream:
+        """Text deltas of one request as they are decoded; ``result`` is complete at the end. A beam
+        search (``params.num_beams`` > 1) knows its reply only at its end: one delta, the whole text."""
+        if params.beams:
+            return BeamStream(self, request, params)
         return self.scheduler.submit(request, params)

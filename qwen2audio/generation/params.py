@@ -33,6 +33,12 @@ class SamplingParams:
         "help": "keep going past stop tokens (benchmarks: a fixed number of tokens)"})
     min_new_tokens: int = field(default=0, metadata={
         "help": "stop tokens cannot end the reply before this many tokens (0 = off)", "metavar": "N"})
+    num_beams: int = field(default=1, metadata={
+        "help": "beam search over this many beams (1 = off): the most likely reply as a whole, not token by token; "
+                "greedy (temperature 0), the reply comes at its end", "metavar": "N"})
+    length_penalty: float = field(default=1.0, metadata={
+        "help": "beam search: a finished reply's log-probability is divided by its length to this power "
+                "(> 0 favours longer replies, < 0 shorter)", "metavar": "L"})
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,6 +53,16 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1 (1 = no beam search), got {self.num_beams}")
+        if self.num_beams > 1 and not self.greedy:
+            raise ValueError(f"beam search (num_beams {self.num_beams}) keeps the most likely replies: it does not "
+                             f"sample; give temperature 0 (got {self.temperature}) or num_beams 1")
+        if self.num_beams > 1 and self.stop:
+            raise ValueError("stop strings are not supported with beam search; end the reply with stop tokens "
+                             "or use num_beams 1")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(t, str) or not t for t in self.stop):
@@ -56,6 +72,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def beams(self) -> bool:
+        """Whether this is a beam search (``generation.beam``), which the scheduler does not run."""
+        return self.num_beams > 1
 
 
 # transformers' GenerationConfig defaults, which apply to a key a generation_config.json leaves out.
@@ -73,7 +94,9 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
     file that says only do_sample true samples with top_k 50, as transformers does). repetition_penalty
     and max_new_tokens apply either way. Other keys are not ours to apply: stop tokens come from the
     tokenizer, max_length (prompt + reply, and an audio prompt alone can exceed it) gives way to
-    max_new_tokens, and keys of methods not implemented here (beams, n-gram blocking) are ignored.
+    max_new_tokens, and keys of methods not implemented here (n-gram blocking) are ignored. So are
+    num_beams and length_penalty: beam search runs only when asked for (``--num-beams``), since the
+    scheduler, and so the server, does not run it.
     """
     settings = {k: v for k, v in config.items() if v is not None}
     sampling = settings.get("do_sample", HF_DEFAULTS["do_sample"])

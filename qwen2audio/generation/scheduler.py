@@ -311,6 +311,9 @@ class Scheduler:
         n = len(request.token_ids)
         if n == 0:
             raise ValueError("the request has no prompt tokens")
+        if params.beams:
+            raise ValueError(f"beam search (num_beams {params.num_beams}) is not scheduled: a request's beams run "
+                             "alone, through Engine.generate or Engine.stream")
         if n >= self.max_len:
             raise RequestTooLarge(f"the prompt is {n} tokens but a request may hold at most {self.max_len} "
                                   f"positions (prompt and reply); shorten the prompt or audio")

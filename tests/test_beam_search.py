@@ -1,0 +1,133 @@
+"""Beam search against transformers' generate(num_beams=N, do_sample=False) on the same random weights."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from qwen2audio.checkpoint import load_model
+from qwen2audio.generation.engine import Engine
+from qwen2audio.generation.sampling import SamplingParams
+from qwen2audio.text import render_chat
+from reference import CONFIGS, TOKENIZER, clip, hf_features, hf_model
+
+
+class FrequentStops:
+    """The test tokenizer with stop tokens that random weights pick often, so that beams finish at
+    different lengths and the finished-reply bookkeeping is exercised (with the real stop tokens a
+    random model rarely stops)."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self._tokenizer = tokenizer
+        self.stop_ids = frozenset(stop_ids)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def models(request, tmp_path_factory):
+    ref = hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(path)
+    TOKENIZER.save(path)
+    model = load_model(path)
+    return request.param, ref, model
+
+
+def conversation(question: str) -> str:
+    return render_chat([{"role": "user", "content": [{"type": "audio", "audio": "x.wav"},
+                                                     {"type": "text", "text": question}]}]).text
+
+
+def frequent_tokens(engine, prepared, n: int) -> list[int]:
+    """The tokens greedy decoding picks most often in this prompt's reply: stop tokens that end beams."""
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    counts: dict[int, int] = {}
+    for t in engine.generate([prepared], params)[0].token_ids:
+        counts[t] = counts.get(t, 0) + 1
+    return sorted(counts, key=lambda t: -counts[t])[:n]
+
+
+def reference_beams(ref, prepared, audio, n_mels, stop_ids, **kwargs) -> list[int]:
+    ids = torch.tensor([prepared.token_ids])
+    feats, fmask = hf_features([audio], n_mels)
+    out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,
+                       feature_attention_mask=fmask, do_sample=False, eos_token_id=sorted(stop_ids),
+                       pad_token_id=TOKENIZER.pad_id, **kwargs)
+    row = out[0, ids.shape[1]:].tolist()
+    ended = [i for i, t in enumerate(row) if t in stop_ids]
+    return row[: ended[0] + 1] if ended else row
+
+
+CASES = [
+    dict(num_beams=2, max_new_tokens=24),
+    dict(num_beams=4, max_new_tokens=24),
+    dict(num_beams=3, max_new_tokens=24, length_penalty=2.0),
+    dict(num_beams=3, max_new_tokens=24, length_penalty=-1.0),
+    dict(num_beams=4, max_new_tokens=20, min_new_tokens=6),
+    dict(num_beams=3, max_new_tokens=20, repetition_penalty=1.3),
+    dict(num_beams=5, max_new_tokens=7),
+]
+
+
+@torch.no_grad()
+def test_beam_search_equals_transformers(models):
+    name, ref, model = models
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    engine = Engine(model, TOKENIZER, transform_weights=False)
+    ends, unlike_greedy = set(), 0
+    for q, (seconds, seed) in enumerate(((3.1, 11), (1.2, 4), (7.5, 2))):
+        audio = clip(seconds, seed)
+        prepared = engine.prepare(conversation(("What do you hear?", "Say it.", "Who speaks?")[q]), [audio])
+        stops = set(frequent_tokens(engine, copy.deepcopy(prepared), 2)) | set(TOKENIZER.stop_ids)
+        beam_engine = Engine(model, FrequentStops(TOKENIZER, stops), transform_weights=False)
+        for case in CASES:
+            params = SamplingParams(**case)
+            got = beam_engine.generate([copy.deepcopy(prepared)], params)[0]
+            expected = reference_beams(ref, prepared, audio, n_mels, stops, **case)
+            assert got.token_ids == expected, f"prompt {q}, {case}"
+            ends.add(got.finish_reason)
+            greedy = beam_engine.generate([copy.deepcopy(prepared)], dataclasses.replace(params, num_beams=1))[0]
+            unlike_greedy += got.token_ids != greedy.token_ids
+            assert got.text == TOKENIZER.decode([t for t in got.token_ids if t not in stops])
+    assert ends == {"stop", "length"}, "the cases should end both ways"
+    assert unlike_greedy >= len(CASES), f"only {unlike_greedy} replies differ from greedy decoding's"
+
+
+@torch.no_grad()
+def test_one_beam_params_and_errors(models):
+    name, ref, model = models
+    engine = Engine(model, TOKENIZER, transform_weights=False)
+    prepared = engine.prepare(conversation("What do you hear?"), [clip(2.0, 1)])
+    # Beam search differs from greedy decoding here and is at least as likely as a whole.
+    greedy = engine.generate([copy.deepcopy(prepared)], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    beams = engine.generate([copy.deepcopy(prepared)], SamplingParams(max_new_tokens=16, ignore_eos=True,
+                                                                      num_beams=4))[0]
+    assert len(beams.token_ids) == len(greedy.token_ids) == 16
+    assert beams.finish_reason == "length"
+
+    def log_prob(tokens):
+        ids = torch.tensor([prepared.token_ids + tokens])
+        logits = model.language_model.logits(model.language_model.hidden_states(
+            model.embed(ids, engine.encode_audios([clip(2.0, 1)])), torch.arange(ids.shape[1])[None]))
+        lp = torch.log_softmax(logits[0, len(prepared.token_ids) - 1:-1].float(), -1)
+        return lp.gather(-1, torch.tensor(tokens)[:, None]).sum().item()
+
+    assert log_prob(beams.token_ids) >= log_prob(greedy.token_ids) - 1e-4
+    # A stream of a beam search: one delta, the whole reply.
+    stream = engine.stream(copy.deepcopy(prepared), SamplingParams(max_new_tokens=8, num_beams=2))
+    assert list(stream) == ([stream.result.text] if stream.result.text else [])
+    assert stream.result.finish_reason in ("stop", "length")
+    # The scheduler refuses beams; the settings that beam search cannot honour are refused up front.
+    with pytest.raises(ValueError, match="not scheduled"):
+        engine.scheduler.submit(copy.deepcopy(prepared), SamplingParams(num_beams=2))
+    with pytest.raises(ValueError, match="does not\\s+sample"):
+        SamplingParams(num_beams=2, temperature=0.7)
+    with pytest.raises(ValueError, match="stop strings"):
+        SamplingParams(num_beams=2, stop=("x",))
+    with pytest.raises(ValueError, match="at least 1"):
+        SamplingParams(num_beams=0)
