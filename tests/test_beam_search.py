@@ -99,6 +99,27 @@ def test_beam_search_equals_transformers(models):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("max_rows", [16, 5])
+def test_requests_decoded_together_equal_their_single_runs(models, max_rows, monkeypatch):
+    """Beam searches of different prompts and settings share decoding steps (in groups of at most
+    MAX_ROWS beams) beside a greedy request; each reply is what the request gets alone."""
+    from qwen2audio.generation import beam
+
+    name, ref, model = models
+    engine = Engine(model, TOKENIZER, transform_weights=False)
+    prepared = [engine.prepare(conversation(q), [clip(s, i)])
+                for i, (q, s) in enumerate((("What do you hear?", 3.1), ("Say it.", 1.2), ("Who speaks?", 7.5),
+                                            ("And now?", 2.2)))]
+    params = [SamplingParams(max_new_tokens=20, num_beams=2), SamplingParams(max_new_tokens=12, num_beams=4),
+              SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=16, num_beams=3, repetition_penalty=1.3)]
+    singles = [engine.generate([copy.deepcopy(p)], s)[0] for p, s in zip(prepared, params)]
+    monkeypatch.setattr(beam, "MAX_ROWS", max_rows)
+    together = engine.generate([copy.deepcopy(p) for p in prepared], params)
+    assert [g.token_ids for g in together] == [g.token_ids for g in singles]
+    assert [g.text for g in together] == [g.text for g in singles]
+
+
+@torch.no_grad()
 def test_one_beam_params_and_errors(models):
     name, ref, model = models
     engine = Engine(model, TOKENIZER, transform_weights=False)

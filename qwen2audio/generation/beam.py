@@ -14,14 +14,15 @@ False, length_penalty 1.0): the same candidates, the same stopping rule, so the 
 (tests/test_beam_search.py compares the two). Processors act on the log-probabilities, as there:
 stop tokens held back until min_new_tokens, then the repetition penalty.
 
-A request runs alone (its beams are its batch) and its reply comes whole at the end: ``BeamStream``
-gives a stream's interface to code that reads replies as streams.
+Requests are decoded together, their beams the rows of one decoding step (up to MAX_ROWS rows), each
+request's reply the same as alone; a reply comes whole at the end: ``BeamStream`` gives a stream's
+interface to code that reads replies as streams.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -33,105 +34,163 @@ if TYPE_CHECKING:
     from .engine import Engine, Prepared
 
 FINISHED_OFF = -1.0e9  # transformers' score of "not a candidate"
+MAX_ROWS = 16  # beams decoded together: requests join a group while their beams fit
 
 
-def beam_search(engine: "Engine", request: "Prepared", params: SamplingParams) -> Generation:
-    """The best reply to one prepared request by beam search over ``params.num_beams`` beams."""
-    if not params.greedy:
-        raise ValueError("beam search does not sample: temperature must be 0")
-    model, tokenizer = engine.model, engine.tokenizer
-    n = params.num_beams
-    stop_ids = frozenset() if params.ignore_eos else frozenset(tokenizer.stop_ids)
-    keep = max(2, 1 + len(stop_ids)) * n  # candidates looked at per step (transformers' beams_to_keep)
-    prompt_len = len(request.token_ids)
-    if prompt_len == 0:
-        raise ValueError("the request has no prompt tokens")
-    room = engine.max_positions - prompt_len
-    if room < 1:
-        raise RequestTooLarge(f"the prompt is {prompt_len} tokens but the model's context holds "
-                              f"{engine.max_positions}; shorten the prompt or audio")
-    if params.max_new_tokens > room:
-        warnings.warn(f"max_new_tokens {params.max_new_tokens} does not fit: the prompt takes {prompt_len} of the "
-                      f"model's {engine.max_positions} positions, so at most {room} new tokens", stacklevel=2)
-    max_new = min(params.max_new_tokens, room)
+class _Search:
+    """One request's beam search: its running beams, in slots ``slot`` .. ``slot + num_beams - 1`` of the
+    group's cache, and its finished replies."""
 
-    with torch.inference_mode():
-        engine.encode([request])
-        device = model.device
-        embeds = model.embed(torch.tensor([request.token_ids], device=device), request.audio_embeds)
-        cache = model.language_model.new_cache(n, prompt_len + max_new)
-        cache.reserve(n, prompt_len + max_new)
-        for start in range(0, prompt_len, PREFILL_CHUNK):
-            last = start + PREFILL_CHUNK >= prompt_len
-            logits = engine.prefill(cache, 0, embeds[:, start:start + PREFILL_CHUNK], start, logits=last)
-        logits = logits[None]  # (1, vocab): only beam 0 exists before the first step
+    def __init__(self, engine: "Engine", request: "Prepared", params: SamplingParams, slot: int):
+        if not params.greedy:
+            raise ValueError("beam search does not sample: temperature must be 0")
+        self.request, self.params, self.slot = request, params, slot
+        self.n = params.num_beams
+        self.stop_ids = frozenset() if params.ignore_eos else frozenset(engine.tokenizer.stop_ids)
+        self.keep = max(2, 1 + len(self.stop_ids)) * self.n  # candidates per step (transformers' beams_to_keep)
+        self.prompt_len = len(request.token_ids)
+        if self.prompt_len == 0:
+            raise ValueError("the request has no prompt tokens")
+        room = engine.max_positions - self.prompt_len
+        if room < 1:
+            raise RequestTooLarge(f"the prompt is {self.prompt_len} tokens but the model's context holds "
+                                  f"{engine.max_positions}; shorten the prompt or audio")
+        if params.max_new_tokens > room:
+            warnings.warn(f"max_new_tokens {params.max_new_tokens} does not fit: the prompt takes {self.prompt_len} "
+                          f"of the model's {engine.max_positions} positions, so at most {room} new tokens",
+                          stacklevel=4)
+        self.max_new = min(params.max_new_tokens, room)
+        self.scores: torch.Tensor | None = None  # running beams' summed log-probabilities (after the first step)
+        self.beams: list[list[int]] = [[]]  # running beams' tokens
+        self.finished: list[tuple[float, list[int]]] = []  # (normalised score, tokens), best first, at most n
+        self.generated = 0  # tokens each running beam has
+        self.seen: torch.Tensor | None = None  # (beams, vocab): tokens each has seen (repetition penalty)
+        self.done = False
+        self.origins: list[int] = []  # after a step: the beam each next beam continues
+        self.tokens: list[int] = []  # after a step: the token each next beam feeds
+
+    @property
+    def cached(self) -> int:
+        """Positions each running beam holds in the cache (the prompt and all but its last token)."""
+        return self.prompt_len + self.generated - 1
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """One step from the running beams' logits (beams, vocab): the candidates that end join the finished
+        replies, the best that go on become the beams (``origins``, ``tokens``), or the search is done."""
+        params, n = self.params, self.n
         vocab = logits.shape[-1]
-
-        seen = None
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = hold_back_stop_tokens(log_probs, self.stop_ids, self.generated, params.min_new_tokens)
         if params.repetition_penalty != 1.0:
-            seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
-            seen[0, request.token_ids] = True
-        scores = torch.zeros(1, device=device)  # running beams' summed log-probabilities
-        beams: list[list[int]] = [[]]  # running beams' tokens
-        finished: list[tuple[float, list[int]]] = []  # (normalised score, tokens), best first, at most n
-        generated = 0
+            if self.seen is None:
+                self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=logits.device)
+                self.seen[0, self.request.token_ids] = True
+            log_probs = apply_repetition_penalty(log_probs, self.seen, params.repetition_penalty)
+        if self.scores is not None:
+            log_probs = log_probs + self.scores[:, None]
+        total = log_probs.reshape(-1)
+        top_scores, top_index = torch.topk(total, k=min(self.keep, total.numel()))
+        origin, token, top = (top_index // vocab).tolist(), (top_index % vocab).tolist(), top_scores.tolist()
+        ends = [t in self.stop_ids or self.generated + 1 >= self.max_new for t in token]
+        going = [s + (FINISHED_OFF if e else 0.0) for s, e in zip(top, ends)]  # an ending candidate cannot go on
+
+        # the first n candidates that end become finished replies (where they beat the worst kept)
+        for rank in range(min(n, len(token))):
+            if ends[rank]:
+                score = top[rank] / ((self.generated + 1) ** params.length_penalty)
+                self.finished.append((score, self.beams[origin[rank]] + [token[rank]]))
+        self.finished.sort(key=lambda f: -f[0])
+        del self.finished[n:]
+
+        # the best n that go on are the next beams
+        order = sorted(range(len(token)), key=lambda i: -going[i])[:n]
+        self.generated += 1
+        best_running = going[order[0]] / (self.generated ** params.length_penalty)
+        if all(ends) or (len(self.finished) == n and best_running <= self.finished[-1][0]):
+            self.done = True
+            return
+        self.origins = [origin[i] for i in order]
+        self.tokens = [token[i] for i in order]
+        self.beams = [self.beams[origin[i]] + [token[i]] for i in order]
+        self.scores = torch.tensor([going[i] for i in order], device=logits.device)
+        if self.seen is not None:
+            self.seen = self.seen[self.origins].clone()
+            device = self.seen.device
+            self.seen[torch.arange(len(order), device=device), torch.tensor(self.tokens, device=device)] = True
+
+    def result(self, tokenizer) -> Generation:
+        reply = ReplyText(tokenizer, self.params, self.prompt_len)
+        for t in self.finished[0][1]:
+            reply.push(t)
+            if reply.out.finish_reason is not None:
+                break
+        if reply.out.finish_reason is None:
+            reply.finish("length")
+        return reply.out
+
+
+def beam_search(engine: "Engine", requests: Sequence["Prepared"], params: Sequence[SamplingParams]) -> list[Generation]:
+    """The best reply to each prepared request by beam search over its ``num_beams`` beams. Requests are
+    decoded in groups of at most MAX_ROWS beams (each alone when it has more), every beam a row of one
+    decoding step; a request's reply does not depend on the others in its group."""
+    if len(requests) != len(params):
+        raise ValueError(f"{len(requests)} requests but {len(params)} SamplingParams")
+    results: list[Generation | None] = [None] * len(requests)
+    group: list[int] = []
+    for i in range(len(requests) + 1):
+        rows = sum(params[j].num_beams for j in group)
+        if group and (i == len(requests) or rows + params[i].num_beams > MAX_ROWS):
+            for j, out in zip(group, _search_group(engine, [requests[j] for j in group], [params[j] for j in group])):
+                results[j] = out
+            group = []
+        if i < len(requests):
+            group.append(i)
+    return results
+
+
+def _search_group(engine: "Engine", requests: Sequence["Prepared"], params: Sequence[SamplingParams]) -> list[Generation]:
+    model = engine.model
+    searches, slot = [], 0
+    for request, p in zip(requests, params):
+        searches.append(_Search(engine, request, p, slot))
+        slot += p.num_beams
+    with torch.inference_mode():
+        engine.encode(list(requests))  # every clip of the group in one batch
+        device = model.device
+        length = max(s.prompt_len + s.max_new for s in searches)
+        cache = model.language_model.new_cache(slot, length)
+        cache.reserve(slot, length)
+        for s in searches:  # each prompt into its first slot, chunk by chunk as the scheduler runs it
+            embeds = model.embed(torch.tensor([s.request.token_ids], device=device), s.request.audio_embeds)
+            for start in range(0, s.prompt_len, PREFILL_CHUNK):
+                last = start + PREFILL_CHUNK >= s.prompt_len
+                logits = engine.prefill(cache, s.slot, embeds[:, start:start + PREFILL_CHUNK], start, logits=last)
+            s.advance(logits[None])  # only beam 0 exists before the first step
         while True:
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            log_probs = hold_back_stop_tokens(log_probs, stop_ids, generated, params.min_new_tokens)
-            if seen is not None:
-                log_probs = apply_repetition_penalty(log_probs, seen, params.repetition_penalty)
-            total = (log_probs + scores[:, None]).reshape(-1)
-            top_scores, top_index = torch.topk(total, k=min(keep, total.numel()))
-            origin = (top_index // vocab).tolist()
-            token = (top_index % vocab).tolist()
-            top = top_scores.tolist()
-            ends = [t in stop_ids or generated + 1 >= max_new for t in token]
-
-            # the first n candidates that end become finished replies (if they beat the worst kept)
-            for rank in range(min(n, len(token))):
-                if ends[rank]:
-                    score = top[rank] / ((generated + 1) ** params.length_penalty)
-                    finished.append((score, beams[origin[rank]] + [token[rank]]))
-            finished.sort(key=lambda f: -f[0])
-            del finished[n:]
-
-            # the best n that go on are the next beams
-            going = sorted(range(len(token)), key=lambda i: -(top[i] + (FINISHED_OFF if ends[i] else 0.0)))[:n]
-            generated += 1
-            if all(ends):
+            running = [s for s in searches if not s.done]
+            if not running:
                 break
-            best_running = top[going[0]] + (FINISHED_OFF if ends[going[0]] else 0.0)
-            if len(finished) == n and best_running / (generated ** params.length_penalty) <= finished[-1][0]:
-                break
-            rows = torch.tensor([origin[i] for i in going], device=device)
-            _reorder(cache, rows, prompt_len + generated - 1)
-            beams = [beams[origin[i]] + [token[i]] for i in going]
-            scores = torch.tensor([top[i] + (FINISHED_OFF if ends[i] else 0.0) for i in going], device=device)
-            fed = torch.tensor([token[i] for i in going], device=device)
-            if seen is not None:
-                seen = seen[rows].clone()
-                seen[torch.arange(len(going), device=device), fed] = True
-            lengths = torch.full((len(going),), prompt_len + generated - 1, dtype=torch.long, device=device)
-            logits = engine.step(cache, fed, lengths, prompt_len + generated)
-
-    reply = ReplyText(tokenizer, params, prompt_len)
-    best = finished[0][1]
-    for t in best:
-        reply.push(t)
-        if reply.out.finish_reason is not None:
-            break
-    if reply.out.finish_reason is None:
-        reply.finish("length")
-    return reply.out
+            rows = max(s.slot + s.n for s in running)
+            tokens = torch.full((rows,), engine.tokenizer.pad_id, dtype=torch.long, device=device)
+            lengths = torch.zeros(rows, dtype=torch.long, device=device)  # a finished request's rows: harmless
+            for s in running:
+                _reorder(cache, s.slot, s.origins, s.cached)
+                tokens[s.slot:s.slot + s.n] = torch.tensor(s.tokens, device=device)
+                lengths[s.slot:s.slot + s.n] = s.cached
+            logits = engine.step(cache, tokens, lengths, max(s.cached for s in running) + 1)
+            for s in running:
+                s.advance(logits[s.slot:s.slot + s.n])
+    return [s.result(engine.tokenizer) for s in searches]
 
 
-def _reorder(cache, rows: torch.Tensor, length: int) -> None:
-    """Slots 0 .. len(rows) - 1 take the first ``length`` cached positions of slots ``rows``."""
-    if torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+def _reorder(cache, slot: int, origins: list[int], length: int) -> None:
+    """Slots slot .. slot + n - 1 take the first ``length`` cached positions of slots slot + origins."""
+    if origins == list(range(len(origins))):
         return
-    for layer in range(len(cache.k)):
-        for store in (cache.k, cache.v):
-            store[layer][: len(rows), :, :length] = store[layer][rows, :, :length]
+    rows = torch.tensor([slot + o for o in origins], device=cache.device)
+    for store in (cache.k, cache.v):
+        for layer in store:
+            layer[slot:slot + len(origins), :, :length] = layer[rows, :, :length]
 
 
 class BeamStream:
@@ -146,7 +205,7 @@ class BeamStream:
     def __iter__(self) -> Iterator[str]:
         if self.done:
             return
-        self.result = beam_search(self.engine, self.request, self.params)
+        self.result = beam_search(self.engine, [self.request], [self.params])[0]
         self.done = True
         if self.result.text:
             yield self.result.text

@@ -33,7 +33,7 @@ from ..model import KVCache, Qwen2AudioModel
 from ..model.llm import causal_mask
 from ..text.chat import clip_spans, expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
-from .beam import BeamStream
+from .beam import BeamStream, beam_search
 from .sampling import SamplingParams
 from .scheduler import Generation, RequestStream, RequestTooLarge, Scheduler
 from .weights import prepare_for_inference
@@ -254,18 +254,23 @@ class Engine:
     def generate(self, batch: Sequence[Prepared], params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
         """Run requests together (each with its own settings, or all with the same); their Generations.
         A request's greedy output is the same as running it alone. Beam searches (``num_beams`` > 1)
-        run one at a time, each alone (``generation.beam``)."""
+        run first, together (``generation.beam``)."""
         per_request = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(per_request) != len(batch):
             raise ValueError(f"{len(batch)} requests but {len(per_request)} SamplingParams")
-        streams = [BeamStream(self, p, s) if s.beams else self.scheduler.submit(p, s)
-                   for p, s in zip(batch, per_request)]
+        streams = {i: self.scheduler.submit(p, s) for i, (p, s) in enumerate(zip(batch, per_request)) if not s.beams}
+        beams = [i for i, s in enumerate(per_request) if s.beams]
+        out: list[Generation | None] = [None] * len(batch)
         try:
-            return [s.wait() for s in streams]
+            for i, g in zip(beams, beam_search(self, [batch[i] for i in beams], [per_request[i] for i in beams])):
+                out[i] = g
+            for i, stream in streams.items():
+                out[i] = stream.wait()
+            return out
         finally:
-            for s in streams:  # an error or an interrupt: the others stop too
-                if not s.done:
-                    s.cancel()
+            for stream in streams.values():  # an error or an interrupt: the others stop too
+                if not stream.done:
+                    stream.cancel()
 
     def stream(self, request: Prepared, params: SamplingParams) -> RequestStream | BeamStream:
         """Text deltas of one request as they are decoded; ``result`` is complete at the end. A beam
