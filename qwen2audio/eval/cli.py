@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                         "not the official decoding, which is greedy only)")
     p.add_argument("--num-beams", type=int, default=1, metavar="N",
                    help="decode by beam search over N beams (not the official decoding, which is greedy; "
-                        "each item's beams run alone, so N times the decoding work and no batching across items)")
+                        "about N times the decoding work)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (env QWEN2AUDIO_JUDGE_URL)")
