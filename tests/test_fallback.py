@@ -48,6 +48,13 @@ def test_only_repetitive_answers_are_decoded_again_until_one_is_not():
     assert all(p.max_new_tokens == 32 for _, p in engine.calls)  # the other settings are kept
 
 
+def test_a_beam_search_falls_back_to_sampling_with_one_beam():
+    engine = ScriptedEngine({"loops": {0.0: LOOP, 0.2: SPEECH}})
+    [out] = generate_with_fallback(engine, ["loops"], SamplingParams(max_new_tokens=32, num_beams=4))
+    assert out.text == SPEECH
+    assert [(p.temperature, p.num_beams) for _, p in engine.calls] == [(0.0, 4), (0.2, 1)]
+
+
 def test_when_every_attempt_repeats_itself_the_least_repetitive_is_kept():
     attempts = {0.0: LOOP, **{t: "ab " * (20 + int(t * 100)) for t in TEMPERATURES}}
     attempts[0.6] = LOOP + "and then it stopped"  # the least repetitive, still over the threshold
