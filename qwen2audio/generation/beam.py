@@ -14,9 +14,13 @@ False, length_penalty 1.0): the same candidates, the same stopping rule, so the 
 (tests/test_beam_search.py compares the two). Processors act on the log-probabilities, as there:
 stop tokens held back until min_new_tokens, then the repetition penalty.
 
-Requests are decoded together, their beams the rows of one decoding step (up to MAX_ROWS rows), each
-request's reply the same as alone; a reply comes whole at the end: ``BeamStream`` gives a stream's
-interface to code that reads replies as streams.
+Requests are decoded together, their beams the rows of one decoding step (up to MAX_ROWS rows); on a CPU a
+row's logits are bit for bit those it gets alone. Their clips are encoded in one batch, as the scheduler encodes
+the clips of requests admitted together, and a clip's vectors can round differently in another batch
+(padding changes the encoder's shapes): beam search, which compares sums of log-probabilities across
+beams, turns such a difference into another reply now and then, where greedy decoding rarely does. A
+reply comes whole at the end: ``BeamStream`` gives a stream's interface to code that reads replies as
+streams.
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ class _Search:
 def beam_search(engine: "Engine", requests: Sequence["Prepared"], params: Sequence[SamplingParams]) -> list[Generation]:
     """The best reply to each prepared request by beam search over its ``num_beams`` beams. Requests are
     decoded in groups of at most MAX_ROWS beams (each alone when it has more), every beam a row of one
-    decoding step; a request's reply does not depend on the others in its group."""
+    decoding step (what that changes: see the module's note)."""
     if len(requests) != len(params):
         raise ValueError(f"{len(requests)} requests but {len(params)} SamplingParams")
     results: list[Generation | None] = [None] * len(requests)
