@@ -58,6 +58,18 @@ def hf_model(name: str, seed: int = 0):
     return model
 
 
+def saved_pair(name: str, tmp_path_factory):
+    """(reference model, our model loaded from the checkpoint folder the reference and the tokenizer were
+    saved to)."""
+    from qwen2audio.checkpoint import load_model
+
+    ref = hf_model(name)
+    path = tmp_path_factory.mktemp(name)
+    ref.save_pretrained(path)
+    TOKENIZER.save(path)
+    return ref, load_model(path)
+
+
 def clip(seconds: float, seed: int, sr: int = 16000) -> np.ndarray:
     """Speech-like test audio: a harmonic tone with a moving pitch, amplitude modulation and noise."""
     rng = np.random.default_rng(seed)

@@ -8,11 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from qwen2audio.checkpoint import load_model
 from qwen2audio.generation.engine import Engine
 from qwen2audio.generation.sampling import SamplingParams
 from qwen2audio.text import render_chat
-from reference import CONFIGS, TOKENIZER, clip, hf_features, hf_model
+from reference import CONFIGS, TOKENIZER, clip, hf_features, saved_pair
 
 
 class FrequentStops:
@@ -30,12 +29,7 @@ class FrequentStops:
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def models(request, tmp_path_factory):
-    ref = hf_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(path)
-    TOKENIZER.save(path)
-    model = load_model(path)
-    return request.param, ref, model
+    return request.param, *saved_pair(request.param, tmp_path_factory)
 
 
 def conversation(question: str) -> str:

@@ -5,23 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen2audio.checkpoint import load_model
 from qwen2audio.generation.engine import Engine
 from qwen2audio.generation.sampling import SamplingParams
 from qwen2audio.text import render_chat
-from reference import CONFIGS, TOKENIZER, clip, hf_features, hf_model
+from reference import CONFIGS, TOKENIZER, clip, hf_features, saved_pair
 
 N_NEW = 32
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def models(request, tmp_path_factory):
-    ref = hf_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(path)
-    TOKENIZER.save(path)
-    engine = Engine(load_model(path), TOKENIZER)
-    return request.param, ref, engine
+    ref, model = saved_pair(request.param, tmp_path_factory)
+    return request.param, ref, Engine(model, TOKENIZER)
 
 
 def conversation(question: str) -> str:
