@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen2audio import Qwen2Audio  # noqa: E402
-from qwen2audio.api import decode_audio  # noqa: E402
 from qwen2audio.audio.features import log_mel_spectrogram  # noqa: E402
 from qwen2audio.default_model import default_model_dir  # noqa: E402
 from qwen2audio.generation.sampling import SamplingParams  # noqa: E402
@@ -63,11 +62,11 @@ def main() -> None:
     ours_alone, theirs_alone, ours_tokens, their_tokens = 0.0, 0.0, [], []
     for i in range(len(rows)):
         p = prepared(i)
+        ids = torch.tensor([p.token_ids])
+        feats, mask = log_mel_spectrogram([p.waveforms[0]], n_mels=n_mels)  # the samples the engine encodes
         t0 = time.perf_counter()
         ours_tokens.append(ours.engine.generate([p], params)[0].token_ids)
         ours_alone += time.perf_counter() - t0
-        feats, mask = log_mel_spectrogram([decode_audio(audios[i])], n_mels=n_mels)
-        ids = torch.tensor([prepared(i).token_ids])
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,

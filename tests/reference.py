@@ -70,6 +70,14 @@ def saved_pair(name: str, tmp_path_factory):
     return ref, load_model(path)
 
 
+def conversation(question: str) -> str:
+    """The chat template's text of one user turn: a clip, then the question."""
+    from qwen2audio.text import render_chat
+
+    return render_chat([{"role": "user", "content": [{"type": "audio", "audio": "x.wav"},
+                                                     {"type": "text", "text": question}]}]).text
+
+
 def clip(seconds: float, seed: int, sr: int = 16000) -> np.ndarray:
     """Speech-like test audio: a harmonic tone with a moving pitch, amplitude modulation and noise."""
     rng = np.random.default_rng(seed)

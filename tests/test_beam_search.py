@@ -10,8 +10,7 @@ import torch
 
 from qwen2audio.generation.engine import Engine
 from qwen2audio.generation.sampling import SamplingParams
-from qwen2audio.text import render_chat
-from reference import CONFIGS, TOKENIZER, clip, hf_features, saved_pair
+from reference import CONFIGS, TOKENIZER, clip, conversation, hf_features, saved_pair
 
 
 class FrequentStops:
@@ -30,11 +29,6 @@ class FrequentStops:
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def models(request, tmp_path_factory):
     return request.param, *saved_pair(request.param, tmp_path_factory)
-
-
-def conversation(question: str) -> str:
-    return render_chat([{"role": "user", "content": [{"type": "audio", "audio": "x.wav"},
-                                                     {"type": "text", "text": question}]}]).text
 
 
 def frequent_tokens(engine, prepared, n: int) -> list[int]:

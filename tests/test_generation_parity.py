@@ -7,8 +7,7 @@ import torch
 
 from qwen2audio.generation.engine import Engine
 from qwen2audio.generation.sampling import SamplingParams
-from qwen2audio.text import render_chat
-from reference import CONFIGS, TOKENIZER, clip, hf_features, saved_pair
+from reference import CONFIGS, TOKENIZER, clip, conversation, hf_features, saved_pair
 
 N_NEW = 32
 
@@ -17,11 +16,6 @@ N_NEW = 32
 def models(request, tmp_path_factory):
     ref, model = saved_pair(request.param, tmp_path_factory)
     return request.param, ref, Engine(model, TOKENIZER)
-
-
-def conversation(question: str) -> str:
-    return render_chat([{"role": "user", "content": [{"type": "audio", "audio": "x.wav"},
-                                                     {"type": "text", "text": question}]}]).text
 
 
 def reference_generate(ref, engine, prompts, audios, n_mels):

@@ -25,14 +25,13 @@ streams.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from .reply import Generation, ReplyText
 from .sampling import SamplingParams, apply_repetition_penalty, hold_back_stop_tokens
-from .scheduler import PREFILL_CHUNK, RequestTooLarge
+from .scheduler import PREFILL_CHUNK, RequestTooLarge, new_token_room
 
 if TYPE_CHECKING:
     from .engine import Engine, Prepared
@@ -46,8 +45,6 @@ class _Search:
     group's cache, and its finished replies."""
 
     def __init__(self, engine: "Engine", request: "Prepared", params: SamplingParams, slot: int):
-        if not params.greedy:
-            raise ValueError("beam search does not sample: temperature must be 0")
         self.request, self.params, self.slot = request, params, slot
         self.n = params.num_beams
         self.stop_ids = frozenset() if params.ignore_eos else frozenset(engine.tokenizer.stop_ids)
@@ -55,15 +52,11 @@ class _Search:
         self.prompt_len = len(request.token_ids)
         if self.prompt_len == 0:
             raise ValueError("the request has no prompt tokens")
-        room = engine.max_positions - self.prompt_len
-        if room < 1:
+        if self.prompt_len >= engine.max_positions:
             raise RequestTooLarge(f"the prompt is {self.prompt_len} tokens but the model's context holds "
                                   f"{engine.max_positions}; shorten the prompt or audio")
-        if params.max_new_tokens > room:
-            warnings.warn(f"max_new_tokens {params.max_new_tokens} does not fit: the prompt takes {self.prompt_len} "
-                          f"of the model's {engine.max_positions} positions, so at most {room} new tokens",
-                          stacklevel=4)
-        self.max_new = min(params.max_new_tokens, room)
+        self.max_new = new_token_room(params.max_new_tokens, self.prompt_len, engine.max_positions, "the model's",
+                                      stacklevel=6)
         self.scores: torch.Tensor | None = None  # running beams' summed log-probabilities (after the first step)
         self.beams: list[list[int]] = [[]]  # running beams' tokens
         self.finished: list[tuple[float, list[int]]] = []  # (normalised score, tokens), best first, at most n
@@ -71,7 +64,11 @@ class _Search:
         self.seen: torch.Tensor | None = None  # (beams, vocab): tokens each has seen (repetition penalty)
         self.done = False
         self.origins: list[int] = []  # after a step: the beam each next beam continues
-        self.tokens: list[int] = []  # after a step: the token each next beam feeds
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token each running beam feeds next: its last."""
+        return [b[-1] for b in self.beams]
 
     @property
     def cached(self) -> int:
@@ -114,7 +111,6 @@ class _Search:
             self.done = True
             return
         self.origins = [origin[i] for i in order]
-        self.tokens = [token[i] for i in order]
         self.beams = [self.beams[origin[i]] + [token[i]] for i in order]
         self.scores = torch.tensor([going[i] for i in order], device=logits.device)
         if self.seen is not None:
@@ -139,20 +135,23 @@ def beam_search(engine: "Engine", requests: Sequence["Prepared"], params: Sequen
     decoding step (what that changes: see the module's note)."""
     if len(requests) != len(params):
         raise ValueError(f"{len(requests)} requests but {len(params)} SamplingParams")
+    groups: list[list[int]] = []
+    rows = 0  # beams in the last group
+    for i, p in enumerate(params):
+        if not groups or rows + p.num_beams > MAX_ROWS:
+            groups.append([])
+            rows = 0
+        groups[-1].append(i)
+        rows += p.num_beams
     results: list[Generation | None] = [None] * len(requests)
-    group: list[int] = []
-    for i in range(len(requests) + 1):
-        rows = sum(params[j].num_beams for j in group)
-        if group and (i == len(requests) or rows + params[i].num_beams > MAX_ROWS):
-            for j, out in zip(group, _search_group(engine, [requests[j] for j in group], [params[j] for j in group])):
-                results[j] = out
-            group = []
-        if i < len(requests):
-            group.append(i)
+    for group in groups:
+        for i, out in zip(group, _search_group(engine, [requests[i] for i in group], [params[i] for i in group])):
+            results[i] = out
     return results
 
 
-def _search_group(engine: "Engine", requests: Sequence["Prepared"], params: Sequence[SamplingParams]) -> list[Generation]:
+def _search_group(engine: "Engine", requests: Sequence["Prepared"],
+                  params: Sequence[SamplingParams]) -> list[Generation]:
     model = engine.model
     searches, slot = [], 0
     for request, p in zip(requests, params):

@@ -103,6 +103,16 @@ def shared_prefix(cached_ids: Sequence[int], cached_audio: Sequence[str], reques
     return min(n, len(ids) - 1)
 
 
+def new_token_room(max_new_tokens: int, prompt_tokens: int, max_len: int, whose: str, stacklevel: int) -> int:
+    """max_new_tokens, capped by what ``max_len`` positions leave after the prompt, with a warning when
+    capped (``whose``: whose limit max_len is, in words; ``stacklevel``: the warning's, from here)."""
+    room = max_len - prompt_tokens
+    if max_new_tokens > room:
+        warnings.warn(f"max_new_tokens {max_new_tokens} does not fit: the prompt takes {prompt_tokens} of "
+                      f"{whose} {max_len} positions, so at most {room} new tokens", stacklevel=stacklevel)
+    return min(max_new_tokens, room)
+
+
 @dataclass(frozen=True)
 class SchedulerStatus:
     """A snapshot of the scheduler's load (for a server's health check and for tests)."""
@@ -312,8 +322,8 @@ class Scheduler:
         if n == 0:
             raise ValueError("the request has no prompt tokens")
         if params.beams:
-            raise ValueError(f"beam search (num_beams {params.num_beams}) is not scheduled: a request's beams run "
-                             "alone, through Engine.generate or Engine.stream")
+            raise ValueError(f"beam search (num_beams {params.num_beams}) is not scheduled: it runs through "
+                             "Engine.generate or Engine.stream (generation.beam)")
         if n >= self.max_len:
             raise RequestTooLarge(f"the prompt is {n} tokens but a request may hold at most {self.max_len} "
                                   f"positions (prompt and reply); shorten the prompt or audio")
@@ -330,14 +340,8 @@ class Scheduler:
         return RequestStream(self, r)
 
     def _room(self, max_new_tokens: int, prompt_tokens: int) -> int:
-        """max_new_tokens, capped by what a slot leaves after the prompt, with a warning when capped."""
-        room = self.max_len - prompt_tokens
-        if max_new_tokens > room:
-            whose = ("the model's" if self.max_len == self.engine.max_positions
-                     else "the scheduler's max_len of")
-            warnings.warn(f"max_new_tokens {max_new_tokens} does not fit: the prompt takes {prompt_tokens} of "
-                          f"{whose} {self.max_len} positions, so at most {room} new tokens", stacklevel=3)
-        return min(max_new_tokens, room)
+        whose = "the model's" if self.max_len == self.engine.max_positions else "the scheduler's max_len of"
+        return new_token_room(max_new_tokens, prompt_tokens, self.max_len, whose, stacklevel=4)
 
     def end_session(self, key: Hashable) -> None:
         """Forget a session: its slot is freed once its running request (if any) ends."""
