@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from ..errors import CheckpointError
 
 QUANTIZE_CHOICES = ("none", "int8")  # --quantize: weight-only int8 for the LLM (generation.weights)
+MAX_TOP_LOGPROBS = 20  # most likely alternatives reported per token (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class SamplingParams:
     length_penalty: float = field(default=1.0, metadata={
         "help": "beam search: a finished reply's log-probability is divided by its length to this power "
                 "(> 0 favours longer replies, < 0 shorter)", "metavar": "L"})
+    logprobs: int | None = field(default=None, metadata={
+        "help": "report each generated token's log-probability under the model (its logits before temperature, "
+                f"top-k/top-p and penalties) and the N most likely tokens in its place (0-{MAX_TOP_LOGPROBS}); "
+                "shown by --json", "metavar": "N"})
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +66,12 @@ class SamplingParams:
         if self.num_beams > 1 and self.stop:
             raise ValueError("stop strings are not supported with beam search; end the reply with stop tokens "
                              "or use num_beams 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS} (the most likely tokens reported "
+                             f"beside each generated one), got {self.logprobs}")
+        if self.logprobs is not None and self.beams:
+            raise ValueError("logprobs are not reported by beam search (its tokens are chosen for the reply as a "
+                             "whole); use num_beams 1")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if isinstance(self.stop, str):

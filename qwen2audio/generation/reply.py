@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely tokens in its place
+    (``SamplingParams.logprobs`` of them, most likely first; the token itself may be among them)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability)
 
 
 @dataclass
@@ -17,6 +27,19 @@ class Generation:
     finish_reason: str | None = None  # "stop", "length", "timeout" or "cancelled"
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the cache (a session's or an earlier request's), not run again
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked for them
+
+
+def logprob_entries(logprobs: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes]) -> list[dict[str, Any]]:
+    """Generated tokens' log-probabilities in OpenAI's shape (a chat completion's ``logprobs.content``):
+    per token its text, log-probability, UTF-8 bytes (a token may hold part of a character: its text
+    then shows U+FFFD) and ``top_logprobs``, the likeliest tokens in its place, each in the same shape."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        data = token_bytes(token)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+    return [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]
 
 
 class ReplyText:
@@ -24,15 +47,20 @@ class ReplyText:
     it could still be the start of a stop string."""
 
     def __init__(self, tokenizer, params: SamplingParams, prompt_tokens: int):
-        self.out = Generation(prompt_tokens=prompt_tokens)
+        self.out = Generation(prompt_tokens=prompt_tokens, logprobs=None if params.logprobs is None else [])
         self.decoder = tokenizer.stream()
         self.stop_ids = frozenset() if params.ignore_eos else tokenizer.stop_ids
         self.stops = params.stop
         self.pending = ""  # decoded text held back while it could still start a stop string
 
-    def push(self, token: int) -> str:
-        """Add a token; return the text delta that is now safe to show."""
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> str:
+        """Add a token (and its log-probability, when the request asked for them); return the text delta
+        that is now safe to show."""
         self.out.token_ids.append(token)
+        if self.out.logprobs is not None:
+            if logprob is None or logprob.token != token:
+                raise ValueError(f"token {token} came without its log-probability, which this request asked for")
+            self.out.logprobs.append(logprob)
         if token in self.stop_ids:
             self.out.finish_reason = "stop"
             return self._release(self.pending + self.decoder.flush(), final=True)

@@ -60,7 +60,7 @@ from ..model import KVCache
 from ..model.llm import kv_cache_dtype
 from ..text.chat import clip_spans
 from .events import Events
-from .reply import Generation, ReplyText
+from .reply import Generation, ReplyText, TokenLogprob
 from .sampling import SamplingParams, hold_back_stop_tokens, next_tokens
 
 if TYPE_CHECKING:
@@ -111,6 +111,25 @@ def new_token_room(max_new_tokens: int, prompt_tokens: int, max_len: int, whose:
         warnings.warn(f"max_new_tokens {max_new_tokens} does not fit: the prompt takes {prompt_tokens} of "
                       f"{whose} {max_len} positions, so at most {room} new tokens", stacklevel=stacklevel)
     return min(max_new_tokens, room)
+
+
+def token_logprobs(logits: torch.Tensor, wanted: Sequence[int | None],
+                   tokens: Sequence[int]) -> list[TokenLogprob | None]:
+    """Each row's chosen token's log-probability under the model's own distribution (the raw logits (m,
+    vocab), before temperature, top-k/top-p and penalties) and its ``wanted`` most likely tokens; None for
+    the rows that did not ask (``wanted`` None). Nothing is computed when no row asks."""
+    asking = [i for i, k in enumerate(wanted) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    if not asking:
+        return out
+    logp = torch.log_softmax(logits[asking].float(), dim=-1)  # (a, vocab)
+    chosen = logp.gather(1, torch.tensor([tokens[i] for i in asking], device=logp.device)[:, None])[:, 0].tolist()
+    k = max(wanted[i] for i in asking)
+    top_values, top_ids = (t.tolist() for t in logp.topk(k, dim=-1))  # (a, k), most likely first
+    for j, i in enumerate(asking):
+        top = tuple(zip(top_ids[j][: wanted[i]], top_values[j][: wanted[i]]))
+        out[i] = TokenLogprob(tokens[i], chosen[j], top)
+    return out
 
 
 @dataclass(frozen=True)
@@ -575,7 +594,8 @@ class Scheduler:
                 self._prefilling.remove(r)
                 r.embeds = None
                 self._decoding.append(r)
-                self._emit(r, self._choose(logits[None], [r])[0])
+                token = self._choose(logits[None], [r])[0]
+                self._emit(r, token, token_logprobs(logits[None], [r.params.logprobs], [token])[0])
 
     def _decode(self) -> None:
         """One step of every decoding request: slots 0 .. n - 1 run, those not decoding as harmless
@@ -592,14 +612,16 @@ class Scheduler:
         try:
             logits = self.engine.step(self.cache, torch.tensor(tokens, device=device),
                                       torch.tensor(self._lengths[:n], device=device), width)
-            picked = self._choose(logits[[r.slot for r in rows]], rows)
+            logits = logits[[r.slot for r in rows]]
+            picked = self._choose(logits, rows)
+            logprobs = token_logprobs(logits, [r.params.logprobs for r in rows], picked)
         except Exception as err:
             self._fail(rows, err)
             return
         self._moves += 1
-        for r, token in zip(rows, picked):
+        for r, token, logprob in zip(rows, picked, logprobs):
             self._lengths[r.slot] += 1  # the token fed in this step is cached now
-            self._emit(r, token)
+            self._emit(r, token, logprob)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
         """The next token of each request from its row of logits (m, vocab), by its own settings."""
@@ -614,9 +636,9 @@ class Scheduler:
             tokens[i] = int(next_tokens(row, p, seen, r.generator)[0])
         return tokens
 
-    def _emit(self, r: _Request, token: int) -> None:
+    def _emit(self, r: _Request, token: int, logprob: TokenLogprob | None = None) -> None:
         """Give a request its new token: text to its reader; the end if it is done."""
-        delta = r.reply.push(token)
+        delta = r.reply.push(token, logprob)
         if r.reply.out.finish_reason is None and r.generated >= r.max_new:
             delta += r.reply.finish("length")
         if r.seen is not None:

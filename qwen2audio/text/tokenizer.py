@@ -110,6 +110,9 @@ def _add_tokens_at_ids(tok: tokenizers.Tokenizer, added: Sequence[tuple[int, Add
             )
 
 
+_BYTE_OF_SYMBOL = {c: b for b, c in bytes_to_unicode().items()}  # "Ġ" -> 32
+
+
 class Tokenizer:
     """Qwen2-Audio's tokenizer: encode, decode, stream, and the special tokens by name."""
 
@@ -298,6 +301,14 @@ class Tokenizer:
         if token is None:
             raise ValueError(f"id {token_id} is outside the tokenizer's vocabulary (size {self.vocab_size})")
         return token
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (its UTF-8 text for a special or added token). A token may hold
+        part of a character: join the bytes of consecutive tokens before decoding them."""
+        token = self.id_to_token(token_id)
+        if int(token_id) in self._added_ids:
+            return token.encode("utf-8")
+        return bytes(_BYTE_OF_SYMBOL[c] for c in token)
 
     def stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
         """A new incremental decoder for one generated sequence."""
