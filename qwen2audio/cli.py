@@ -35,6 +35,7 @@ from typing import Sequence
 
 from .errors import AudioError, CheckpointError
 from .generation.params import QUANTIZE_CHOICES, SamplingParams
+from .generation.reply import logprob_entries
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_USAGE = 2
@@ -76,11 +77,13 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                              "1 when other work shares the cores")
 
 
-def _sampling_args(parser: argparse.ArgumentParser, note: str) -> None:
-    """One flag per SamplingParams field, its help and default taken from the field."""
+def _sampling_args(parser: argparse.ArgumentParser, note: str, leave_out: Sequence[str] = ()) -> None:
+    """One flag per SamplingParams field (but those left out), its help and default taken from the field."""
     group = parser.add_argument_group("sampling", note)
     hints = typing.get_type_hints(SamplingParams)
     for f in dataclasses.fields(SamplingParams):
+        if f.name in leave_out:
+            continue
         flag = "--" + f.name.replace("_", "-")
         text = f.metadata.get("help", f.name.replace("_", " "))
         metavar = f.metadata.get("metavar")
@@ -99,7 +102,7 @@ def _sampling_args(parser: argparse.ArgumentParser, note: str) -> None:
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     """The sampling flags the user gave (None = not given: the defaults decide)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)}
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SamplingParams)}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
 
 
@@ -119,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt (default: the official one)")
     chat.add_argument("--json", action="store_true",
                       help="print one JSON object (text, token_ids, finish_reason, prompt_tokens, "
-                           "completion_tokens) instead of streaming")
+                           "completion_tokens; with --logprobs N, logprobs: per token its text, log-probability, "
+                           "bytes and top_logprobs, as OpenAI's API gives them) instead of streaming")
     chat.add_argument("--interactive", action=argparse.BooleanOptionalAction, default=None,
                       help="keep the conversation going after the first answer (default: when stdin is a terminal)")
     _sampling_args(chat, CHAT_SAMPLING_NOTE)
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fallback", action="store_true",
                     help="decode a repetitive transcript again at rising temperatures (Whisper's guard against "
                          "loops); off: greedy only, as the official evaluation decodes")
-    _sampling_args(tr, TRANSCRIBE_SAMPLING_NOTE)
+    _sampling_args(tr, TRANSCRIBE_SAMPLING_NOTE, leave_out=("logprobs",))  # a transcript is text only
 
     for module in COMMAND_MODULES:  # further commands live beside the code they run
         importlib.import_module(module).register(sub)
@@ -182,6 +186,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "transcribe" and args.model_dir and Path(args.model_dir).is_file():
         args.files.insert(0, args.model_dir)
         args.model_dir = None
+    if getattr(args, "logprobs", None) is not None and not args.json:
+        raise ValueError("--logprobs: the log-probabilities are part of the --json output; add --json")
     _check_model_dir(args)
     _check_device(args.device)
     model = _load(args)
@@ -250,9 +256,11 @@ def _chat(model, args, sampling) -> int:
     if args.json:
         text = "".join(deltas)
         reply = conv.last
-        print(json.dumps({"text": text, "token_ids": reply.token_ids, "finish_reason": reply.finish_reason,
-                          "prompt_tokens": reply.prompt_tokens, "completion_tokens": len(reply.token_ids)},
-                         ensure_ascii=False))
+        out = {"text": text, "token_ids": reply.token_ids, "finish_reason": reply.finish_reason,
+               "prompt_tokens": reply.prompt_tokens, "completion_tokens": len(reply.token_ids)}
+        if reply.logprobs is not None:
+            out["logprobs"] = logprob_entries(reply.logprobs, model.tokenizer.token_bytes)
+        print(json.dumps(out, ensure_ascii=False))
         return 0
     _print_stream(deltas)
     if sys.stdin.isatty() if args.interactive is None else args.interactive:

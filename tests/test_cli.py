@@ -109,6 +109,25 @@ def test_chat_json_equals_the_api(which, audio, capsys, monkeypatch):
     assert len(expected.token_ids) >= 8 and got["finish_reason"] in ("stop", "length")
 
 
+def test_chat_json_logprobs_equal_the_api(model_dir, api, audio, capsys, monkeypatch):
+    """--logprobs N adds the API's log-probabilities in OpenAI's shape; without --json it is refused before
+    the model loads; transcribe, whose output is text, has no such flag."""
+    from qwen2audio.generation.reply import logprob_entries
+
+    rc, out, err = cli(capsys, monkeypatch, ["chat", str(model_dir), "--audio", audio["wav"], "--json",
+                                             "--logprobs", "2", "--max-new-tokens", NEW])
+    assert rc == 0, err
+    expected = api["saved"].chat(user_turn([audio["wav"]]), max_new_tokens=int(NEW), logprobs=2)
+    got = json.loads(out)
+    assert got["token_ids"] == expected.token_ids and len(got["logprobs"]) == len(expected.token_ids)
+    assert got["logprobs"] == logprob_entries(expected.logprobs, TOKENIZER.token_bytes)
+    assert all(len(e["top_logprobs"]) == 2 for e in got["logprobs"])
+    rc, out, err = cli(capsys, monkeypatch, ["chat", "/no/such/model", "--audio", audio["wav"], "--logprobs", "2"])
+    assert rc == 2 and "add --json" in err and out == ""
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), audio["wav"], "--logprobs", "2"])
+    assert rc == 2 and "--logprobs" in err
+
+
 def test_chat_with_several_audios_and_a_resampled_file(which, audio, capsys, monkeypatch):
     args, model = which
     rc, out, err = cli(capsys, monkeypatch, ["chat", *args, "--audio", audio["wav"], "--audio", audio["flac"],
