@@ -113,6 +113,9 @@ class FakeBackend:
     def complete(self, prompt, audios, params) -> Handle:
         return self._submit(("complete", prompt, audios, params))
 
+    def token_bytes(self, token_id) -> bytes:
+        raise AssertionError("the fake backend's results carry no logprobs: nothing should ask for a token's bytes")
+
     def close(self, timeout=None) -> None:
         self._closed = True
         with self._lock:

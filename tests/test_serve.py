@@ -16,6 +16,7 @@ import pytest
 from qwen2audio import Qwen2Audio
 from qwen2audio.api import ASR_PROMPT
 from qwen2audio.audio import load_audio, split_into_windows
+from qwen2audio.generation.reply import logprob_entries
 from qwen2audio.eval.translation import TRANSLATION_PROMPT
 from qwen2audio.serve.app import ServerState, create_app
 from qwen2audio.serve.backend import SchedulerBackend
@@ -193,6 +194,29 @@ def test_stop_string_ends_the_reply_before_it(client, model, wav):
                                            max_tokens=MAX_TOKENS)
     assert reply.choices[0].message.content == full[:full.index(stop)]
     assert reply.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_whole_and_streamed_equal_the_python_api(client, model, wav):
+    """logprobs: true with top_logprobs: per token (the stop token too) what Qwen2Audio.chat(logprobs=N)
+    gives, in OpenAI's shape, whole and spread over the streamed chunks; a choice asked without them has
+    none."""
+    expected = model.chat(api_turn(wav), temperature=0, max_new_tokens=MAX_TOKENS, logprobs=3)
+    want = logprob_entries(expected.logprobs, model.tokenizer.token_bytes)
+    assert len(want) == len(expected.token_ids) > 1 and all(len(e["top_logprobs"]) == 3 for e in want)
+    reply = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0, n=2,
+                                           max_tokens=MAX_TOKENS, logprobs=True, top_logprobs=3)
+    for choice in reply.choices:
+        assert [e.model_dump() for e in choice.logprobs.content] == want
+    assert reply.usage.completion_tokens == 2 * len(want)
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0,
+                                                 max_tokens=MAX_TOKENS, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e.model_dump() for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == want
+    assert all(c.choices[0].logprobs is None for c in chunks if not c.choices[0].delta.content
+               and c.choices[0].finish_reason is None)  # the role chunk brings no token
+    plain = client.chat.completions.create(model=MODEL_ID, messages=audio_turn(wav), temperature=0,
+                                           max_tokens=MAX_TOKENS)
+    assert plain.choices[0].logprobs is None
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ tests' fake backend implements it too):
     text, ended = handle.poll()                       # or without blocking: the text so far unread
     handle.on_event(callback, end_only=False)         # callback() once at the next event (any thread)
     handle.result                                     # Generation: text, token_ids, finish_reason,
-                                                      #   prompt_tokens; complete once iteration ends
+                                                      #   prompt_tokens, logprobs (when asked for);
+                                                      #   complete once iteration ends
+    backend.token_bytes(token_id)                     # what a token of result.logprobs stands for
     handle.cancel()                                   # any thread, any time: a queued request is dropped,
                                                       #   a running one stops at its next token
     backend.queue_depth, backend.running              # for /metrics
@@ -128,6 +130,10 @@ class Backend(Protocol):
 
     def complete(self, prompt: str, audios: Sequence[np.ndarray], params: SamplingParams) -> Handle: ...
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a generated token stands for (for the logprobs of a result that has them)."""
+        ...
+
     @property
     def queue_depth(self) -> int: ...
 
@@ -212,6 +218,9 @@ class SchedulerBackend:
 
     def complete(self, prompt: str, audios: Sequence[np.ndarray], params: SamplingParams) -> StreamHandle:
         return self._submit(lambda: self.model.prepare_raw(prompt, audios), params)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.model.tokenizer.token_bytes(token_id)
 
     @property
     def queue_depth(self) -> int:

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..audio.features import SAMPLE_RATE
 from ..generation.params import SamplingParams
+from ..generation.reply import Generation, logprob_entries
 from ..generation.scheduler import RequestTooLarge
 from . import openai_format as fmt
 from .audio_input import AudioPolicy, b64_bytes, decode, url_bytes
@@ -51,9 +52,10 @@ async def chat_completions(request: Request, backend: Backend, policy: AudioPoli
     handles = await run_in_threadpool(submit, lambda p: backend.chat(messages, p), params)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     done = _Done(metrics, arrived)
+    answer = _Answer(backend, copies, done)
     if req.stream:
-        return await _streamed(request, backend.model_id, handles, copies, include_usage, done)
-    return await _whole(request, backend.model_id, handles, copies, done)
+        return await _streamed(request, answer, handles, include_usage)
+    return await _whole(request, answer, handles)
 
 
 # -- checking ---------------------------------------------------------------------------------------------
@@ -68,8 +70,8 @@ def _refuse_unsupported(req: fmt.ChatCompletionRequest) -> None:
         if getattr(req, name):
             raise bad_request(f"{name} is not supported (only 0); repetition_penalty (> 1) discourages "
                               "repeating instead", name, "unsupported_parameter")
-    if req.logprobs:
-        raise bad_request("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     if req.tools:
         raise bad_request("tools are not supported by this server", "tools", "unsupported_parameter")
     if req.response_format and req.response_format.get("type", "text") != "text":
@@ -89,6 +91,7 @@ def sampling(req: fmt.ChatCompletionRequest, checkpoint: dict[str, Any], cap: in
     given = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
              "repetition_penalty": req.repetition_penalty,
              "top_k": None if req.top_k is None else max(req.top_k, 0),
+             "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
              "stop": (req.stop,) if isinstance(req.stop, str) else tuple(req.stop) if req.stop else None,
              "max_new_tokens": asked or min(checkpoint.get("max_new_tokens", cap), cap)}
     try:
@@ -166,6 +169,23 @@ def request_error(err: Exception) -> APIError:
 
 
 # -- answering ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Answer:
+    """What shapes a request's answer: the backend (its model's name, its tokens' bytes), how many choices
+    each generation stands for, and what records it when it has ended."""
+
+    backend: Backend
+    copies: int
+    done: "_Done"
+
+    def entries(self, result: Generation, start: int = 0) -> list[dict[str, Any]] | None:
+        """The logprob entries of ``result``'s tokens from ``start`` on (those that have come so far); None
+        when the request did not ask for them."""
+        if result.logprobs is None:
+            return None
+        return logprob_entries(result.logprobs[start:], self.backend.token_bytes)
+
+
 class _Done:
     """Records a request's generations (tokens, timings) in the metrics, when its answer has ended."""
 
@@ -183,7 +203,7 @@ class _Done:
                                          reader.stopped_early)
 
 
-async def _whole(request: Request, model_id: str, handles: list[Handle], copies: int, done: _Done) -> Response:
+async def _whole(request: Request, answer: _Answer, handles: list[Handle]) -> Response:
     readers = [Reader(h) for h in handles]
 
     async def read_all() -> list[str]:
@@ -194,26 +214,26 @@ async def _whole(request: Request, model_id: str, handles: list[Handle], copies:
     except Exception as err:  # noqa: BLE001 - mapped to its answer
         raise request_error(err) from None
     finally:
-        done(readers)
+        answer.done(readers)
     results = [h.result for h in handles]
-    choices = [(text, r.finish_reason) for text, r in zip(texts, results) for _ in range(copies)]
-    completion_tokens = sum(len(r.token_ids) for r in results) * copies
-    body = fmt.chat_completion(fmt.completion_id(), fmt.now(), model_id, choices, results[0].prompt_tokens,
-                               completion_tokens, results[0].cached_tokens)
+    choices = [(text, r.finish_reason, answer.entries(r)) for text, r in zip(texts, results)
+               for _ in range(answer.copies)]
+    completion_tokens = sum(len(r.token_ids) for r in results) * answer.copies
+    body = fmt.chat_completion(fmt.completion_id(), fmt.now(), answer.backend.model_id, choices,
+                               results[0].prompt_tokens, completion_tokens, results[0].cached_tokens)
     return JSONResponse(body)
 
 
-async def _streamed(request: Request, model_id: str, handles: list[Handle], copies: int, include_usage: bool,
-                    done: _Done) -> Response:
+async def _streamed(request: Request, answer: _Answer, handles: list[Handle], include_usage: bool) -> Response:
     readers = [Reader(h) for h in handles]
     try:  # the first text (or the request's error) before the response starts: errors get their status
         first = await watching(request, handles, readers[0].next)
     except Exception as err:  # noqa: BLE001
         for handle in handles:
             handle.cancel()
-        done(readers)
+        answer.done(readers)
         raise request_error(err) from None
-    events = _events(model_id, readers, first, copies, include_usage, done)
+    events = _events(answer, readers, first, include_usage)
     return _CancellingStream(handles, events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -237,14 +257,15 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(model_id: str, readers: list[Reader], first: str | None, copies: int, include_usage: bool,
-                  done: _Done) -> AsyncIterator[str]:
+async def _events(answer: _Answer, readers: list[Reader], first: str | None, include_usage: bool
+                  ) -> AsyncIterator[str]:
     """The SSE stream: per choice a role chunk, content chunks and a finish chunk; then the usage chunk
-    (when asked for) and [DONE]."""
-    id, created = fmt.completion_id(), fmt.now()
+    (when asked for) and [DONE]. With logprobs, each chunk carries those of the tokens that have come since
+    the one before (a token whose text is still held back is in the chunk that has its log-probability)."""
+    id, created, copies, model_id = fmt.completion_id(), fmt.now(), answer.copies, answer.backend.model_id
 
-    def chunk(index: int, delta: dict[str, str], finish: str | None = None) -> str:
-        return _sse(fmt.chunk(id, created, model_id, index, delta, finish, include_usage))
+    def chunk(index: int, delta: dict[str, str], finish: str | None = None, entries: list | None = None) -> str:
+        return _sse(fmt.chunk(id, created, model_id, index, delta, finish, include_usage, entries))
 
     try:
         for k, reader in enumerate(readers):
@@ -252,12 +273,16 @@ async def _events(model_id: str, readers: list[Reader], first: str | None, copie
             for i in indices:
                 yield chunk(i, {"role": "assistant", "content": ""})
             delta = first if k == 0 else await reader.next()
+            sent = 0  # tokens whose logprobs went out
             while delta is not None:
+                entries = answer.entries(reader.handle.result, sent)
+                sent += len(entries or ())
                 for i in indices:
-                    yield chunk(i, {"content": delta})
+                    yield chunk(i, {"content": delta}, entries=entries)
                 delta = await reader.next()
+            entries = answer.entries(reader.handle.result, sent)  # a stop token's, say
             for i in indices:
-                yield chunk(i, {}, reader.handle.result.finish_reason)
+                yield chunk(i, {}, reader.handle.result.finish_reason, entries)
         if include_usage:
             results = [r.handle.result for r in readers]
             yield _sse(fmt.usage_chunk(id, created, model_id, results[0].prompt_tokens,
@@ -269,4 +294,4 @@ async def _events(model_id: str, readers: list[Reader], first: str | None, copie
     finally:  # also when the client left: the task is cancelled at its await
         for reader in readers:
             reader.handle.cancel()  # changes nothing for a generation that ended
-        done(readers)
+        answer.done(readers)

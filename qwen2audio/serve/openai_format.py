@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..generation.params import MAX_TOP_LOGPROBS
 from .errors import APIError, bad_request
 
 MAX_N = 16  # completions one request may ask for
@@ -78,7 +79,8 @@ class ChatCompletionRequest(_Model):
     repetition_penalty: float | None = Field(None, gt=0)  # extension, as transformers applies it
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | None = None  # not supported: true is refused
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # needs logprobs true
     tools: list[Any] | None = None  # not supported: a non-empty list is refused
     response_format: dict[str, Any] | None = None  # only {"type": "text"}
     modalities: list[str] | None = None  # only ["text"]
@@ -131,21 +133,30 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_completion(id: str, created: int, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
-                    completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """A chat.completion from (text, finish_reason) per choice."""
+def logprobs(content: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A choice's ``logprobs``: null when not asked for, else its tokens' entries
+    (``generation.reply.logprob_entries``)."""
+    return None if content is None else {"content": content, "refusal": None}
+
+
+def chat_completion(id: str, created: int, model: str, choices: list[tuple[str, str, list | None]],
+                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """A chat.completion from (text, finish_reason, logprob entries or None) per choice."""
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish} for i, (text, finish) in enumerate(choices)],
+                         "logprobs": logprobs(entries), "finish_reason": finish}
+                        for i, (text, finish, entries) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chunk(id: str, created: int, model: str, index: int, delta: dict[str, str], finish_reason: str | None = None,
-          with_usage_field: bool = False) -> dict[str, Any]:
-    """One chat.completion.chunk with one choice; ``usage`` is null on every chunk when the client
-    asked for usage (it then comes in a last chunk of its own, ``usage_chunk``)."""
+          with_usage_field: bool = False, entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One chat.completion.chunk with one choice (``entries``: the logprobs of the tokens it brings, when
+    asked for); ``usage`` is null on every chunk when the client asked for usage (it then comes in a last
+    chunk of its own, ``usage_chunk``)."""
     body = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs(entries),
+                         "finish_reason": finish_reason}]}
     if with_usage_field:
         body["usage"] = None
     return body
