@@ -257,6 +257,27 @@ def test_long_audio_is_transcribed_window_by_window(client, model):
     assert "2\n00:00:17,500 --> 00:00:35,000\n" in srt
 
 
+def test_transcription_logprobs_are_every_windows_tokens(client, model):
+    """include[]=logprobs (json): each window's generated tokens with their log-probabilities, in order, as
+    Qwen2Audio.complete gives them with the ASR prompt (the client reads the bytes as numbers); other formats
+    refuse it."""
+    long = wav_bytes(35.0, seed=2)  # two windows
+    result = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), include=["logprobs"])
+    expected = [model.complete(ASR_PROMPT.format(language="en"), [w], max_new_tokens=MAX_TOKENS, logprobs=0)
+                for w in split_into_windows(load_audio(long))]
+    want = [{k: e[k] for k in ("token", "logprob", "bytes")}
+            for g in expected for e in logprob_entries(g.logprobs, model.tokenizer.token_bytes)]
+    assert len(want) == sum(len(g.token_ids) for g in expected) > 2
+    got = result.logprobs
+    assert [(e.token, [int(b) for b in e.bytes]) for e in got] == [(e["token"], e["bytes"]) for e in want]
+    # the server encodes the two windows in one batch, which rounds their vectors a little differently
+    assert [e.logprob for e in got] == pytest.approx([e["logprob"] for e in want], abs=1e-5)
+    assert client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long)).logprobs is None
+    with pytest.raises(openai.BadRequestError, match="response_format json"):
+        client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", long), include=["logprobs"],
+                                           response_format="verbose_json")
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks translations deprecated
 def test_translation_asks_for_english_with_the_official_prompt(client, model, wav):
     result = client.audio.translations.create(model=MODEL_ID, file=("clip.wav", wav), extra_body={"language": "fr"})

@@ -27,6 +27,7 @@ class Segment:
     text: str
     tokens: list[int] = field(default_factory=list)  # generated token ids
     temperature: float | None = None  # the one its text was decoded at, when not the request's (fallback)
+    logprobs: list | None = None  # its tokens' TokenLogprob, when the request asked for them
 
 
 def full_text(segments: list[Segment]) -> str:
@@ -34,10 +35,14 @@ def full_text(segments: list[Segment]) -> str:
 
 
 def render(fmt: str, segments: list[Segment], *, task: str, language: str, duration: float,
-           temperature: float) -> tuple[str, str]:
-    """(body, media type) of a transcript in format ``fmt`` (one of FORMATS)."""
+           temperature: float, logprobs: list[dict[str, Any]] | None = None) -> tuple[str, str]:
+    """(body, media type) of a transcript in format ``fmt`` (one of FORMATS); ``logprobs``: the generated
+    tokens' entries (token, logprob, bytes) that the json format carries when the client asked for them."""
+    if logprobs is not None and fmt != "json":
+        raise ValueError(f"logprobs come with the json response format only, not {fmt!r}")
     if fmt == "json":
-        body = json.dumps({"text": full_text(segments)}, ensure_ascii=False)
+        body = json.dumps({"text": full_text(segments), **({} if logprobs is None else {"logprobs": logprobs})},
+                          ensure_ascii=False)
     elif fmt == "text":
         body = full_text(segments) + "\n"
     elif fmt == "srt":

@@ -1,9 +1,10 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations: OpenAI's multipart audio uploads.
 
 Form fields: ``file`` and ``model`` (required), ``language``, ``prompt``, ``response_format`` (json, text,
-srt, vtt, verbose_json), ``temperature`` (default 0: greedy, as the official evaluation decodes), and
-``timestamp_granularities[]`` (segment only). ``prompt`` is accepted and not used: the model's task
-prompt is fixed. Other fields are ignored.
+srt, vtt, verbose_json), ``temperature`` (default 0: greedy, as the official evaluation decodes),
+``timestamp_granularities[]`` (segment only) and ``include[]`` (``logprobs``, with json: each generated
+token's text, log-probability and bytes, every window's in order). ``prompt`` is accepted and not used:
+the model's task prompt is fixed. Other fields are ignored.
 
 - Transcription asks with the base model's official ASR prompt (``Qwen2Audio.transcribe``'s), and
   translation with the official speech-translation prompt of the evaluation (CoVoST 2), into English.
@@ -37,6 +38,7 @@ from ..audio.features import SAMPLE_RATE, split_into_windows
 from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
 from ..generation import fallback as F
 from ..generation.params import SamplingParams
+from ..generation.reply import logprob_entries
 from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
@@ -73,7 +75,9 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     if "word" in form.getlist("timestamp_granularities[]"):
         raise bad_request("word timestamps are not supported; segment timestamps come with verbose_json",
                           "timestamp_granularities")
-    params = SamplingParams(temperature=_temperature(form), max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens))
+    with_logprobs = _include_logprobs(form, response_format)
+    params = SamplingParams(temperature=_temperature(form), max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
+                            logprobs=0 if with_logprobs else None)
 
     refuse_if_full(backend)  # before the audio is decoded
     data = await upload.read()
@@ -83,8 +87,13 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     segments = await _windows(request, backend, prompt, split_into_windows(wave), params, metrics, arrived, endpoint,
                               fallback=fallback and params.greedy)
     language_name = LANGUAGE_NAMES.get(language.split("-")[0].lower(), language).lower()
+    logprobs = None
+    if with_logprobs:  # OpenAI's transcription entries have no top_logprobs
+        logprobs = [{k: e[k] for k in ("token", "logprob", "bytes")} for s in segments
+                    for e in logprob_entries(s.logprobs, backend.token_bytes)]
     body, media_type = render(response_format, segments, task=task, language=language_name,
-                              duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature)
+                              duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature,
+                              logprobs=logprobs)
     return Response(body, media_type=media_type)
 
 
@@ -113,7 +122,7 @@ async def _windows(request: Request, backend: Backend, prompt: str, windows, par
                 text, result, temperature = await _again(request, backend, prompt, window, params, metrics,
                                                          endpoint, text, result)
             segments.append(Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, TAG.sub("", text).strip(),
-                                    list(result.token_ids), temperature))
+                                    list(result.token_ids), temperature, result.logprobs))
             start = end
     finally:  # an error or a client gone: the windows still decoding stop (a finished one is not changed)
         for handle in handles:
@@ -150,6 +159,18 @@ def _field(form, name: str, required: bool = False) -> str | None:
     if not isinstance(value, str):
         raise bad_request(f"the form field {name!r} must be text, not a file", name)
     return value.strip()
+
+
+def _include_logprobs(form, response_format: str) -> bool:
+    """Whether ``include[]`` asks for the tokens' logprobs (the one thing it can ask for), which only the
+    json format carries."""
+    include = [v.strip() if isinstance(v, str) else v for v in form.getlist("include[]")]
+    unknown = [v for v in include if v != "logprobs"]
+    if unknown:
+        raise bad_request(f"include[] may only name logprobs, got {unknown[0]!r}", "include")
+    if include and response_format != "json":
+        raise bad_request(f"include[]=logprobs comes with response_format json, not {response_format!r}", "include")
+    return bool(include)
 
 
 def _temperature(form) -> float:
