@@ -260,7 +260,7 @@ def test_long_audio_is_transcribed_window_by_window(client, model):
 def test_transcription_logprobs_are_every_windows_tokens(client, model):
     """include[]=logprobs (json): each window's generated tokens with their log-probabilities, in order, as
     Qwen2Audio.complete gives them with the ASR prompt (the client reads the bytes as numbers); other formats
-    refuse it."""
+    refuse it. verbose_json's avg_logprob is each window's mean of them."""
     long = wav_bytes(35.0, seed=2)  # two windows
     result = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), include=["logprobs"])
     expected = [model.complete(ASR_PROMPT.format(language="en"), [w], max_new_tokens=MAX_TOKENS, logprobs=0)
@@ -273,6 +273,10 @@ def test_transcription_logprobs_are_every_windows_tokens(client, model):
     # the server encodes the two windows in one batch, which rounds their vectors a little differently
     assert [e.logprob for e in got] == pytest.approx([e["logprob"] for e in want], abs=1e-5)
     assert client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long)).logprobs is None
+    verbose = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long),
+                                                 response_format="verbose_json")
+    means = [sum(lp.logprob for lp in g.logprobs) / len(g.logprobs) for g in expected]  # Whisper's avg_logprob
+    assert [s.avg_logprob for s in verbose.segments] == pytest.approx(means, abs=1e-4)
     with pytest.raises(openai.BadRequestError, match="response_format json"):
         client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", long), include=["logprobs"],
                                            response_format="verbose_json")

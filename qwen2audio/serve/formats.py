@@ -58,15 +58,22 @@ def render(fmt: str, segments: list[Segment], *, task: str, language: str, durat
 
 def verbose_json(segments: list[Segment], task: str, language: str, duration: float,
                  temperature: float) -> dict[str, Any]:
-    """OpenAI's verbose_json, without the fields this model does not compute (avg_logprob, no_speech_prob,
-    words). A segment's temperature is the one its text was decoded at (higher than the request's where
-    the server's --fallback decoded a repetitive window again)."""
+    """OpenAI's verbose_json, without the fields this model does not compute (no_speech_prob, words). A
+    segment's temperature is the one its text was decoded at (higher than the request's where the server's
+    --fallback decoded a repetitive window again); its avg_logprob, as Whisper's, the mean log-probability
+    of its generated tokens, the stop token included (when its logprobs were computed)."""
     return {"task": task, "language": language, "duration": round(duration, 3), "text": full_text(segments),
             "segments": [{"id": i, "seek": round(s.start / HOP_SECONDS), "start": round(s.start, 3),
                           "end": round(s.end, 3), "text": s.text, "tokens": s.tokens,
                           "temperature": temperature if s.temperature is None else s.temperature,
-                          "compression_ratio": round(compression_ratio(s.text), 3)}
+                          "compression_ratio": round(compression_ratio(s.text), 3),
+                          **({} if not s.logprobs else {"avg_logprob": avg_logprob(s.logprobs)})}
                          for i, s in enumerate(segments)]}
+
+
+def avg_logprob(logprobs: list) -> float:
+    """Whisper's avg_logprob of a segment: its tokens' summed log-probability over their number."""
+    return round(sum(lp.logprob for lp in logprobs) / len(logprobs), 4)
 
 
 def timestamp(seconds: float, decimal: str) -> str:

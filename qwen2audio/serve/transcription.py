@@ -77,7 +77,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
                           "timestamp_granularities")
     with_logprobs = _include_logprobs(form, response_format)
     params = SamplingParams(temperature=_temperature(form), max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
-                            logprobs=0 if with_logprobs else None)
+                            logprobs=0 if with_logprobs or response_format == "verbose_json" else None)
 
     refuse_if_full(backend)  # before the audio is decoded
     data = await upload.read()
