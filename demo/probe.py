@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         entries, clips = load_bank(args.data)
         extra_clips, extra_labels = [], []
         for font in args.train_font:
-            c, l = font_renders(font, args.seed)
-            extra_clips += c
-            extra_labels += l
+            font_clips, font_labels = font_renders(font, args.seed)
+            extra_clips += font_clips
+            extra_labels += font_labels
     except UsageError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2
