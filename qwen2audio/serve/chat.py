@@ -216,8 +216,8 @@ async def _whole(request: Request, answer: _Answer, handles: list[Handle]) -> Re
     finally:
         answer.done(readers)
     results = [h.result for h in handles]
-    choices = [(text, r.finish_reason, answer.entries(r)) for text, r in zip(texts, results)
-               for _ in range(answer.copies)]
+    per_result = [(text, r.finish_reason, answer.entries(r)) for text, r in zip(texts, results)]
+    choices = [choice for choice in per_result for _ in range(answer.copies)]  # greedy n: copies of one
     completion_tokens = sum(len(r.token_ids) for r in results) * answer.copies
     body = fmt.chat_completion(fmt.completion_id(), fmt.now(), answer.backend.model_id, choices,
                                results[0].prompt_tokens, completion_tokens, results[0].cached_tokens)
