@@ -226,7 +226,7 @@ class Conversation:
             rendered = render_chat(self.messages)
             request = self.model.engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios],
                                                 self._audio_vectors)
-            if params.beams:  # beam search runs outside the scheduler (and its session cache)
+            if params.beams:  # a beam search does not continue the session (its history is prefilled again)
                 stream = self.model.engine.stream(request, params)
             else:
                 stream = self.model.scheduler.submit(request, params, session=self.session)

@@ -10,6 +10,7 @@ import torch
 
 from qwen2audio.generation.engine import Engine
 from qwen2audio.generation.sampling import SamplingParams
+from qwen2audio.generation.scheduler import RequestTooLarge, Scheduler
 from reference import CONFIGS, TOKENIZER, clip, conversation, hf_features, saved_pair
 
 
@@ -87,12 +88,11 @@ def test_beam_search_equals_transformers(models):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("max_rows", [16, 5])
-def test_requests_decoded_together_equal_their_single_runs(models, max_rows, monkeypatch):
-    """Beam searches of different prompts and settings share decoding steps (in groups of at most
-    MAX_ROWS beams) beside a greedy request; each reply is what the request gets alone."""
-    from qwen2audio.generation import beam
-
+@pytest.mark.parametrize("max_slots", [16, 5])
+def test_requests_decoded_together_equal_their_single_runs(models, max_slots):
+    """Beam searches of different prompts and settings share decoding steps beside a greedy request, each
+    beam in a KV cache slot of its own; with 5 slots some wait for others to end. Each reply is what the
+    request gets alone."""
     name, ref, model = models
     engine = Engine(model, TOKENIZER, transform_weights=False)
     prepared = [engine.prepare(conversation(q), [clip(s, i)])
@@ -101,10 +101,11 @@ def test_requests_decoded_together_equal_their_single_runs(models, max_rows, mon
     params = [SamplingParams(max_new_tokens=20, num_beams=2), SamplingParams(max_new_tokens=12, num_beams=4),
               SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=16, num_beams=3, repetition_penalty=1.3)]
     singles = [engine.generate([copy.deepcopy(p)], s)[0] for p, s in zip(prepared, params)]
-    monkeypatch.setattr(beam, "MAX_ROWS", max_rows)
+    engine._scheduler = Scheduler(engine, max_slots=max_slots, max_waiting=None, background=False)
     together = engine.generate([copy.deepcopy(p) for p in prepared], params)
     assert [g.token_ids for g in together] == [g.token_ids for g in singles]
     assert [g.text for g in together] == [g.text for g in singles]
+    assert engine.scheduler.status().free_slots == max_slots
 
 
 @torch.no_grad()
@@ -127,13 +128,16 @@ def test_one_beam_params_and_errors(models):
         return lp.gather(-1, torch.tensor(tokens)[:, None]).sum().item()
 
     assert log_prob(beams.token_ids) >= log_prob(greedy.token_ids) - 1e-4
-    # A stream of a beam search: one delta, the whole reply.
+    # A stream of a beam search: the reply's deltas, all at its end.
     stream = engine.stream(copy.deepcopy(prepared), SamplingParams(max_new_tokens=8, num_beams=2))
-    assert list(stream) == ([stream.result.text] if stream.result.text else [])
+    assert "".join(stream) == stream.result.text
     assert stream.result.finish_reason in ("stop", "length")
-    # The scheduler refuses beams; the settings that beam search cannot honour are refused up front.
-    with pytest.raises(ValueError, match="not scheduled"):
-        engine.scheduler.submit(copy.deepcopy(prepared), SamplingParams(num_beams=2))
+    # More beams than the scheduler has slots, or a session, are refused; so are the settings that beam
+    # search cannot honour.
+    with pytest.raises(RequestTooLarge, match="17 KV cache slots"):
+        engine.scheduler.submit(copy.deepcopy(prepared), SamplingParams(num_beams=17))
+    with pytest.raises(ValueError, match="does not continue a session"):
+        engine.scheduler.submit(copy.deepcopy(prepared), SamplingParams(num_beams=2), session="talk")
     with pytest.raises(ValueError, match="does not\\s+sample"):
         SamplingParams(num_beams=2, temperature=0.7)
     with pytest.raises(ValueError, match="stop strings"):

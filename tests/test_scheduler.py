@@ -400,6 +400,60 @@ def test_cancelling_frees_the_slot_and_a_waiting_request_never_runs_if_cancelled
     assert sched.status().free_slots == 1
 
 
+# -- beam search ------------------------------------------------------------------------------------------
+def beams(n: int, k: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, num_beams=k, **kw)
+
+
+def test_a_beam_search_runs_beside_greedy_requests_in_slots_of_its_own(engine, monkeypatch):
+    """Its beams are rows of the same steps as a greedy request's; both replies are those they get alone;
+    it evicts an idle session for its slots; the slots it leaves hold its prompt for the next request."""
+    sound = clip(1.5, 41)
+    question = prepare(engine, messages("What is it?", sound))
+    want_beams = inline(engine, max_slots=4).submit(question, beams(10, 3)).wait()
+    want_greedy = alone(engine, prepare(engine, messages("Keep talking.")), greedy(40)).token_ids
+    assert len(want_beams.token_ids) > 0
+
+    sched = inline(engine, max_slots=4)
+    sched.submit(prepare(engine, messages("Remember me.")), greedy(2), session="idle").wait()
+    talk = sched.submit(prepare(engine, messages("Keep talking.")), greedy(40))  # keeps the cache in use
+    next(talk.events())  # decoding in slot 0, the session idle in slot 1
+    calls = Calls(engine, monkeypatch)
+    search = sched.submit(prepare(engine, messages("What is it?", sound)), beams(10, 3))
+    got = search.wait()
+    assert sched.status().idle_sessions == 0  # three beams took slots 1-3
+    assert got.token_ids == want_beams.token_ids and got.text == want_beams.text
+    assert got.finish_reason in ("stop", "length")
+    assert max(c[1] for c in calls.log if c[0] == "step") == 4  # the greedy row and three beams, together
+    assert [c[0] for c in calls.log].count("prefill") == 1  # the prompt runs once, for all beams
+
+    again = sched.submit(prepare(engine, messages("What is it?", sound)), greedy(4)).wait()
+    assert again.cached_tokens == len(question.token_ids) - 1  # all of the prompt but the token that is run
+    assert again.token_ids == alone(engine, prepare(engine, messages("What is it?", sound)), greedy(4)).token_ids
+    assert talk.wait().token_ids == want_greedy
+    assert sched.status().free_slots == 4
+
+
+def test_a_beam_search_waits_for_enough_slots_and_cancelling_it_frees_them_all(engine):
+    first, second = prepare(engine, messages("Hi.")), prepare(engine, messages("Describe."))
+    want = inline(engine, max_slots=3).submit(second, beams(6, 3)).wait().token_ids
+    sched = inline(engine, max_slots=3)
+    running = sched.submit(first, beams(30, 2, min_new_tokens=30))
+    waiting = sched.submit(prepare(engine, messages("Describe.")), beams(6, 3))  # 3 slots: only 1 is free
+    while sched.status().decoding == 0:  # run until the first search decodes
+        sched._iterate()
+    for _ in range(3):
+        sched._iterate()
+    assert sched.status().waiting == 1 and sched.status().free_slots == 1
+    assert running.poll() == ("", False)  # a beam search says nothing before its end
+    running.cancel()
+    assert running.wait().finish_reason == "cancelled" and running.result.token_ids == []
+    assert waiting.wait().token_ids == want
+    assert sched.status().free_slots == 3
+    with pytest.raises(RequestTooLarge, match="4 KV cache slots"):
+        sched.submit(first, beams(6, 4))
+
+
 def test_a_deadline_ends_a_request_with_timeout_running_or_waiting(engine):
     clock = Clock()
     sched = inline(engine, max_slots=1, clock=clock)

@@ -33,7 +33,6 @@ from ..model import KVCache, Qwen2AudioModel
 from ..model.llm import causal_mask
 from ..text.chat import clip_spans, expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
-from .beam import BeamStream, beam_search
 from .sampling import SamplingParams
 from .scheduler import Generation, RequestStream, RequestTooLarge, Scheduler
 from .weights import prepare_for_inference
@@ -253,28 +252,20 @@ class Engine:
 
     def generate(self, batch: Sequence[Prepared], params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
         """Run requests together (each with its own settings, or all with the same); their Generations.
-        A request's greedy output is the same as running it alone. Beam searches (``num_beams`` > 1)
-        run first, together (``generation.beam``)."""
+        A request's greedy output is the same as running it alone. A beam search (``num_beams`` > 1)
+        decodes its beams in as many slots, beside the other requests (``generation.beam``)."""
         per_request = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(per_request) != len(batch):
             raise ValueError(f"{len(batch)} requests but {len(per_request)} SamplingParams")
-        streams = {i: self.scheduler.submit(p, s) for i, (p, s) in enumerate(zip(batch, per_request)) if not s.beams}
-        beams = [i for i, s in enumerate(per_request) if s.beams]
-        out: list[Generation | None] = [None] * len(batch)
+        streams = [self.scheduler.submit(p, s) for p, s in zip(batch, per_request)]
         try:
-            for i, g in zip(beams, beam_search(self, [batch[i] for i in beams], [per_request[i] for i in beams])):
-                out[i] = g
-            for i, stream in streams.items():
-                out[i] = stream.wait()
-            return out
+            return [stream.wait() for stream in streams]
         finally:
-            for stream in streams.values():  # an error or an interrupt: the others stop too
+            for stream in streams:  # an error or an interrupt: the others stop too
                 if not stream.done:
                     stream.cancel()
 
-    def stream(self, request: Prepared, params: SamplingParams) -> RequestStream | BeamStream:
+    def stream(self, request: Prepared, params: SamplingParams) -> RequestStream:
         """Text deltas of one request as they are decoded; ``result`` is complete at the end. A beam
-        search (``params.num_beams`` > 1) knows its reply only at its end: one delta, the whole text."""
-        if params.beams:
-            return BeamStream(self, request, params)
+        search (``params.num_beams`` > 1) knows its reply only at its end: it comes all at once."""
         return self.scheduler.submit(request, params)

@@ -25,6 +25,12 @@ A request's life:
   waiting or running) or "cancelled" (``RequestStream.cancel()``, ``close()``). Its slot is free at
   once; a waiting request takes it at the next step.
 
+Beam search (``num_beams`` > 1, generation/beam.py): a request takes num_beams slots at once (it waits
+until that many are free, evicting idle sessions as needed; more beams than the scheduler has slots is
+refused at ``submit``). Its prompt is prefilled into the first; at each step every beam is a row of the
+decoding step beside the other requests' rows, and the slots are reordered to follow the beams that go
+on. Its reply reaches the reader whole, at the end. It cannot continue a session.
+
 Sessions (conversations): a request submitted with ``session=KEY`` leaves its tokens in its slot when
 it ends, and the session's next request reuses exactly the shared prefix: the same token ids and the
 same clips (compared by audio key), never more, so an edited history is recomputed from the first
@@ -59,6 +65,7 @@ import torch
 from ..model import KVCache
 from ..model.llm import kv_cache_dtype
 from ..text.chat import clip_spans
+from .beam import BeamSearch
 from .events import Events
 from .reply import Generation, ReplyText, TokenLogprob
 from .sampling import SamplingParams, hold_back_stop_tokens, next_tokens
@@ -172,6 +179,13 @@ class _Request:
         self.last = 0  # the token to feed at the next step
         self.seen: torch.Tensor | None = None  # (vocab,) bool, for the repetition penalty
         self.generator: torch.Generator | None = None
+        self.search: BeamSearch | None = None  # a beam search: its beams, one per slot of ``slots``
+        self.slots: list[int] = []  # every slot it holds: [slot], or a beam search's num_beams slots
+
+    @property
+    def slots_needed(self) -> int:
+        """One, or one per beam."""
+        return self.params.num_beams
 
     @property
     def generated(self) -> int:
@@ -341,13 +355,19 @@ class Scheduler:
         if n == 0:
             raise ValueError("the request has no prompt tokens")
         if params.beams:
-            raise ValueError(f"beam search (num_beams {params.num_beams}) is not scheduled: it runs through "
-                             "Engine.generate or Engine.stream (generation.beam)")
+            if params.num_beams > self.max_slots:
+                raise RequestTooLarge(f"beam search over {params.num_beams} beams takes {params.num_beams} KV "
+                                      f"cache slots, but this scheduler has {self.max_slots}; use fewer beams")
+            if session is not None:
+                raise ValueError("a beam search does not continue a session (its beams leave no one reply in "
+                                 "the cache); submit it without session, or use num_beams 1")
         if n >= self.max_len:
             raise RequestTooLarge(f"the prompt is {n} tokens but a request may hold at most {self.max_len} "
                                   f"positions (prompt and reply); shorten the prompt or audio")
         reply = ReplyText(self.engine.tokenizer, params, n)
         r = _Request(request, params, self._room(params.max_new_tokens, n), reply, deadline, session)
+        if params.beams:
+            r.search = BeamSearch(request, params, reply.stop_ids, r.max_new)
         with self._lock:
             if self._closed:
                 raise SchedulerClosed("the scheduler is closed; it takes no more requests")
@@ -479,16 +499,23 @@ class Scheduler:
                 session = self._sessions.get(r.session_key) if r.session_key is not None else None
                 if session is not None and session.busy:
                     continue  # the session's previous request is still running
-                slot = session.slot if session is not None and session.slot is not None else self._free_slot(r)
-                if slot is None:
-                    break  # no slot for it: later requests wait behind it
+                if r.search is not None:
+                    slots = self._beam_slots(r)
+                else:
+                    slot = session.slot if session is not None and session.slot is not None else self._free_slot(r)
+                    slots = None if slot is None else [slot]
+                if slots is None:
+                    break  # no room for it: later requests wait behind it
                 self._waiting.remove(r)
-                self._take_slot(r, session, slot, now)
+                self._take_slot(r, session, slots[0], now)
+                for extra in slots[1:]:  # a beam search's other beams: filled from its first at its first step
+                    self._held[extra], self._owner[extra], self._lengths[extra] = None, r, 0
+                r.slots = slots
                 admitted.append(r)
         if not admitted:
             return
         try:
-            self.cache.reserve(max(r.slot for r in admitted) + 1,
+            self.cache.reserve(max(max(r.slots) for r in admitted) + 1,
                                max(len(r.prepared.token_ids) + r.max_new for r in admitted))
         except Exception as err:
             self._fail(admitted, err)
@@ -534,6 +561,19 @@ class Scheduler:
         slot = oldest.slot
         self._drop_session(oldest)
         return slot
+
+    def _beam_slots(self, r: _Request) -> list[int] | None:
+        """num_beams slots for a beam search (the first the best for prefix reuse, the others the lowest
+        free), evicting least recently used idle sessions as needed; None while too few can be had."""
+        free = [slot for slot, owner in enumerate(self._owner) if owner is None]
+        idle = sorted((o for o in self._owner if isinstance(o, _Session)), key=lambda s: s.last_used)
+        if len(free) + len(idle) < r.slots_needed:
+            return None
+        for session in idle[: max(0, r.slots_needed - len(free))]:
+            free.append(session.slot)
+            self._drop_session(session)
+        first = max(free, key=lambda slot: (self._reusable(slot, r.prepared), -slot))
+        return [first] + sorted(slot for slot in free if slot != first)[: r.slots_needed - 1]
 
     def _reusable(self, slot: int, prepared: "Prepared") -> int:
         """Positions of a free slot's held content that ``prepared`` may reuse."""
@@ -594,34 +634,64 @@ class Scheduler:
                 self._prefilling.remove(r)
                 r.embeds = None
                 self._decoding.append(r)
+                if r.search is not None:
+                    self._advance(r, logits[None])  # only beam 0 exists before the first step
+                    continue
                 token = self._choose(logits[None], [r])[0]
                 self._emit(r, token, token_logprobs(logits[None], [r.params.logprobs], [token])[0])
 
     def _decode(self) -> None:
-        """One step of every decoding request: slots 0 .. n - 1 run, those not decoding as harmless
-        rows (each writes only at its own length, past what it holds)."""
-        rows = list(self._decoding)
-        if not rows:
+        """One step of every decoding request (a beam search: of each of its beams): slots 0 .. n - 1 run,
+        those not decoding as harmless rows (each writes only at its own length, past what it holds)."""
+        decoding = list(self._decoding)
+        if not decoding:
             return
-        n = max(r.slot for r in rows) + 1
+        rows = [r for r in decoding if r.search is None]
+        searches = [r for r in decoding if r.search is not None]
+        n = max(max(r.slots) for r in decoding) + 1
         tokens = [self.engine.tokenizer.pad_id] * n
         for r in rows:
             tokens[r.slot] = r.last
         device = self.engine.model.device
-        width = max(self._lengths[r.slot] for r in rows) + 1
         try:
+            for r in searches:  # each beam's slot takes the cache of the beam it continues, and its next token
+                search = r.search
+                self.cache.copy_slots(r.slots, [r.slots[o] for o in search.origins], search.cached)
+                for slot, token in zip(r.slots, search.tokens):
+                    tokens[slot], self._lengths[slot] = token, search.cached
+            width = max(self._lengths[slot] for r in decoding for slot in r.slots) + 1
             logits = self.engine.step(self.cache, torch.tensor(tokens, device=device),
                                       torch.tensor(self._lengths[:n], device=device), width)
+            beam_logits = [logits[r.slots] for r in searches]
             logits = logits[[r.slot for r in rows]]
             picked = self._choose(logits, rows)
             logprobs = token_logprobs(logits, [r.params.logprobs for r in rows], picked)
         except Exception as err:
-            self._fail(rows, err)
+            self._fail(decoding, err)
             return
         self._moves += 1
         for r, token, logprob in zip(rows, picked, logprobs):
             self._lengths[r.slot] += 1  # the token fed in this step is cached now
             self._emit(r, token, logprob)
+        for r, row_logits in zip(searches, beam_logits):
+            for slot in r.slots:
+                self._lengths[slot] += 1
+            self._advance(r, row_logits)
+
+    def _advance(self, r: _Request, logits: torch.Tensor) -> None:
+        """A beam search's step from its beams' logits (beams, vocab); at its end, its reply to the reader,
+        all at once."""
+        try:
+            r.search.advance(logits)
+        except Exception as err:
+            self._fail([r], err)
+            return
+        if r.search.done:
+            for token in r.search.best:
+                self._emit(r, token)
+                if r.done:
+                    return
+            self._finish(r, "length")  # (the best reply ends with a stop token or at max_new: not reached)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
         """The next token of each request from its row of logits (m, vocab), by its own settings."""
@@ -665,7 +735,17 @@ class Scheduler:
         self._moves += 1
 
     def _release_slot(self, r: _Request, keep: bool) -> None:
-        """A finished request's slot: the session's again (holding what was cached), or free."""
+        """A finished request's slot: the session's again (holding what was cached), or free. A beam
+        search's slots are freed, each holding the prompt (which every beam's slot starts with)."""
+        if r.search is not None:
+            for slot in r.slots:
+                self._owner[slot] = None
+                held = min(self._lengths[slot], len(r.prepared.token_ids))
+                if keep:  # (a beam's slot holds the prompt once the first step has filled it)
+                    self._hold(slot, r.prepared.token_ids[:held], r.prepared.audio_keys)
+                else:
+                    self._forget(slot)
+            return
         slot, session = r.slot, r.session
         tokens = r.prepared.token_ids + r.reply.out.token_ids
         if session is None or not keep or session.ended:

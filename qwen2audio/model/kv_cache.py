@@ -74,6 +74,17 @@ class KVCache:
         self.k = [bigger(t) for t in olds_k]
         self.v = [bigger(t) for t in olds_v]
 
+    def copy_slots(self, dst: list[int], src: list[int], length: int) -> None:
+        """Slot ``dst[i]`` takes the first ``length`` cached positions of slot ``src[i]``, all at once (a slot
+        may be both a source and a destination: beam search's reordering)."""
+        pairs = [(d, s) for d, s in zip(dst, src) if d != s]
+        if not pairs or length == 0:
+            return
+        to = torch.tensor([d for d, _ in pairs], device=self.device)
+        frm = torch.tensor([s for _, s in pairs], device=self.device)
+        for layer in self.k + self.v:
+            layer[to, :, :length] = layer[frm, :, :length]
+
     def chunk(self, rows: slice, start: int) -> "ChunkWrite":
         """A writer for T new positions [start, start + T) of each slot in ``rows`` (a prompt chunk)."""
         return ChunkWrite(self, rows, start)
