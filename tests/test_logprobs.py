@@ -85,6 +85,31 @@ def test_asking_for_logprobs_changes_no_token_and_no_other_request(models):
     assert all(lp.token in {t for t, _ in lp.top} for lp in after[2].logprobs)
 
 
+@torch.no_grad()
+def test_a_beam_searchs_logprobs_are_those_of_its_reply_under_transformers(models):
+    """With beam search each token of the reply the search chose gets its log-probability (and top
+    alternatives) in its own beam's context: transformers' forward pass over the prompt and that reply.
+    Asking for them changes no token."""
+    name, ref, _, engine = models
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    audio = clip(2.4, 7)
+    prepared = engine.prepare(conversation("What do you hear?"), [audio])
+    plain = engine.generate([copy.deepcopy(prepared)], SamplingParams(max_new_tokens=12, num_beams=3))[0]
+    got = engine.generate([copy.deepcopy(prepared)], SamplingParams(max_new_tokens=12, num_beams=3, logprobs=TOP))[0]
+    assert got.token_ids == plain.token_ids and plain.logprobs is None
+    ids = torch.tensor([prepared.token_ids + got.token_ids])
+    feats, fmask = hf_features([audio], n_mels)
+    logits = ref(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,
+                 feature_attention_mask=fmask).logits[0, len(prepared.token_ids) - 1:-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    assert [lp.token for lp in got.logprobs] == got.token_ids
+    for step, lp in enumerate(got.logprobs):
+        assert lp.logprob == pytest.approx(logp[step, lp.token].item(), abs=ATOL)
+        values, top_ids = logp[step].topk(TOP)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=ATOL)
+
+
 def test_entries_give_each_tokens_text_and_bytes():
     """OpenAI's shape; a character split over two tokens is whole only in their joined bytes; a special
     token is its text."""
@@ -101,7 +126,6 @@ def test_entries_give_each_tokens_text_and_bytes():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(logprobs=MAX_TOP_LOGPROBS + 1), "between 0 and 20"),
     (dict(logprobs=-1), "between 0 and 20"),
-    (dict(logprobs=2, num_beams=3), "not reported by beam search"),
 ])
 def test_logprob_settings_out_of_range_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

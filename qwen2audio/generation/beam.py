@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Collection
 
 import torch
 
+from .reply import TokenLogprob
 from .sampling import SamplingParams, apply_repetition_penalty, hold_back_stop_tokens
 
 if TYPE_CHECKING:
@@ -49,7 +50,9 @@ class BeamSearch:
         self.prompt_len = len(request.token_ids)
         self.scores: torch.Tensor | None = None  # running beams' summed log-probabilities (after the first step)
         self.beams: list[list[int]] = [[]]  # running beams' tokens
-        self.finished: list[tuple[float, list[int]]] = []  # (normalised score, tokens), best first, at most n
+        self.finished: list[tuple[float, list[int], list]] = []  # (normalised score, tokens, logprobs), best
+        # first, at most n
+        self.logprobs: list[list[TokenLogprob]] = [[]]  # running beams' TokenLogprobs (when params.logprobs asks)
         self.generated = 0  # tokens each running beam has
         self.seen: torch.Tensor | None = None  # (beams, vocab): tokens each has seen (repetition penalty)
         self.done = False
@@ -71,6 +74,7 @@ class BeamSearch:
         params, n = self.params, self.n
         vocab = logits.shape[-1]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
+        raw = log_probs  # the model's own distribution, before the processors: what logprobs report
         log_probs = hold_back_stop_tokens(log_probs, self.stop_ids, self.generated, params.min_new_tokens)
         if params.repetition_penalty != 1.0:
             if self.seen is None:
@@ -82,6 +86,7 @@ class BeamSearch:
         total = log_probs.reshape(-1)
         top_scores, top_index = torch.topk(total, k=min(self.keep, total.numel()))
         origin, token, top = (top_index // vocab).tolist(), (top_index % vocab).tolist(), top_scores.tolist()
+        chosen = self._logprobs(raw, origin, token)
         ends = [t in self.stop_ids or self.generated + 1 >= self.max_new for t in token]
         going = [s + (FINISHED_OFF if e else 0.0) for s, e in zip(top, ends)]  # an ending candidate cannot go on
 
@@ -89,7 +94,8 @@ class BeamSearch:
         for rank in range(min(n, len(token))):
             if ends[rank]:
                 score = top[rank] / ((self.generated + 1) ** params.length_penalty)
-                self.finished.append((score, self.beams[origin[rank]] + [token[rank]]))
+                self.finished.append((score, self.beams[origin[rank]] + [token[rank]],
+                                      self.logprobs[origin[rank]] + chosen[rank]))
         self.finished.sort(key=lambda f: -f[0])
         del self.finished[n:]
 
@@ -102,13 +108,26 @@ class BeamSearch:
             return
         self.origins = [origin[i] for i in order]
         self.beams = [self.beams[origin[i]] + [token[i]] for i in order]
+        self.logprobs = [self.logprobs[origin[i]] + chosen[i] for i in order]
         self.scores = torch.tensor([going[i] for i in order], device=logits.device)
         if self.seen is not None:
             self.seen = self.seen[self.origins].clone()
             device = self.seen.device
             self.seen[torch.arange(len(order), device=device), torch.tensor(self.tokens, device=device)] = True
 
+    def _logprobs(self, raw: torch.Tensor, origin: list[int], token: list[int]) -> list[list[TokenLogprob]]:
+        """Each candidate's TokenLogprob as a one-item list (empty lists when the request did not ask):
+        its token's log-probability in its beam's row of ``raw`` and that row's ``params.logprobs`` likeliest."""
+        k = self.params.logprobs
+        if k is None:
+            return [[] for _ in token]
+        values = raw[origin, token].tolist()
+        top_values, top_ids = (t.tolist() for t in raw.topk(k, dim=-1)) if k else ([[]] * raw.shape[0],) * 2
+        return [[TokenLogprob(t, v, tuple(zip(top_ids[o], top_values[o])))] for o, t, v in zip(origin, token, values)]
+
     @property
-    def best(self) -> list[int]:
-        """The reply: the best finished beam's tokens (once ``done``)."""
-        return self.finished[0][1]
+    def best(self) -> tuple[list[int], list[TokenLogprob] | list[None]]:
+        """The reply (once ``done``): the best finished beam's tokens and their TokenLogprobs (Nones when the
+        request did not ask)."""
+        _, tokens, logprobs = self.finished[0]
+        return tokens, logprobs or [None] * len(tokens)

@@ -69,9 +69,6 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS} (the most likely tokens reported "
                              f"beside each generated one), got {self.logprobs}")
-        if self.logprobs is not None and self.beams:
-            raise ValueError("logprobs are not reported by beam search (its tokens are chosen for the reply as a "
-                             "whole); use num_beams 1")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if isinstance(self.stop, str):

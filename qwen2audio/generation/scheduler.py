@@ -687,8 +687,8 @@ class Scheduler:
             self._fail([r], err)
             return
         if r.search.done:
-            for token in r.search.best:
-                self._emit(r, token)
+            for token, logprob in zip(*r.search.best):
+                self._emit(r, token, logprob)
                 if r.done:
                     return
             self._finish(r, "length")  # (the best reply ends with a stop token or at max_new: not reached)
