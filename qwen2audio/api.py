@@ -10,7 +10,8 @@
 
 Chat replies (chat, stream, chat_batch, conversations) decode with the checkpoint's own defaults from
 its generation_config.json, as transformers does (the official Instruct model samples); keyword
-arguments override them, and temperature=0 is greedy. ``complete`` and ``transcribe`` are greedy unless
+arguments override them, and temperature=0 is greedy (so is beam search, num_beams=N, unless a
+temperature is given). ``complete`` and ``transcribe`` are greedy unless
 told otherwise, as the official evaluation decodes.
 """
 
@@ -130,8 +131,13 @@ class Qwen2Audio:
 
     # -- generation ------------------------------------------------------------------------------
     def chat_sampling(self, **sampling) -> SamplingParams:
-        """The settings of a chat reply: the checkpoint's defaults, overridden by ``sampling``."""
-        return SamplingParams(**{**self.generation_defaults, **sampling})
+        """The settings of a chat reply: the checkpoint's defaults, overridden by ``sampling``. A beam search
+        (num_beams > 1) is greedy unless ``sampling`` gives a temperature: the checkpoint's sampling settings
+        are for one sampled reply."""
+        settings = {**self.generation_defaults, **sampling}
+        if settings.get("num_beams", 1) > 1 and "temperature" not in sampling:
+            settings["temperature"] = 0.0
+        return SamplingParams(**settings)
 
     def chat(self, messages: Messages, **sampling) -> Generation:
         return self.engine.generate([self.prepare_chat(messages)], self.chat_sampling(**sampling))[0]

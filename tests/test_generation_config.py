@@ -135,6 +135,17 @@ def test_arguments_override_the_defaults_and_temperature_zero_is_greedy(instruct
     assert instruct.chat(ask(), temperature=0, repetition_penalty=1.0, max_new_tokens=NEW).token_ids == plain.token_ids
 
 
+def test_a_beam_search_is_greedy_unless_told_to_sample(instruct):
+    """The checkpoint samples, but num_beams alone means beam search (greedy); a temperature given with it
+    is refused."""
+    request = instruct.prepare_chat(ask())
+    expected = instruct.engine.generate([request], SamplingParams(temperature=0.0, repetition_penalty=1.1,
+                                                                  num_beams=3, max_new_tokens=NEW))[0]
+    assert instruct.chat(ask(), num_beams=3, max_new_tokens=NEW).token_ids == expected.token_ids
+    with pytest.raises(ValueError, match="does not sample"):
+        instruct.chat(ask(), num_beams=3, temperature=0.7, max_new_tokens=NEW)
+
+
 def test_transcribe_and_complete_stay_greedy(instruct):
     audio = clip(2.0, 2)
     request = instruct.prepare_raw("Detect the language and recognize the speech: <|en|>", [audio])

@@ -87,6 +87,10 @@ class RequestTooLarge(ValueError):
     """A request that can never fit a KV cache slot, however long it waits."""
 
 
+class TooManyBeams(RequestTooLarge):
+    """A beam search over more beams than the scheduler has KV cache slots."""
+
+
 class SchedulerClosed(RuntimeError):
     """The scheduler was closed: it takes no more requests."""
 
@@ -356,7 +360,7 @@ class Scheduler:
             raise ValueError("the request has no prompt tokens")
         if params.beams:
             if params.num_beams > self.max_slots:
-                raise RequestTooLarge(f"beam search over {params.num_beams} beams takes {params.num_beams} KV "
+                raise TooManyBeams(f"beam search over {params.num_beams} beams takes {params.num_beams} KV "
                                       f"cache slots, but this scheduler has {self.max_slots}; use fewer beams")
             if session is not None:
                 raise ValueError("a beam search does not continue a session (its beams leave no one reply in "

@@ -1,7 +1,9 @@
 """POST /v1/chat/completions: an OpenAI chat request -> the backend's chat, answered whole or streamed.
 
 Sampling: the checkpoint's generation_config.json decides what the request leaves out (as
-``Qwen2Audio.chat`` does), the request overrides it. ``n`` > 1 with greedy decoding gives n copies of
+``Qwen2Audio.chat`` does), the request overrides it. ``num_beams`` > 1 (an extension, with
+``length_penalty``) decodes by beam search (greedy: temperature 0 unless the request gives another, which
+is refused); streamed, its text comes at its end. ``n`` > 1 with greedy decoding gives n copies of
 one completion (greedy decoding has one answer), generated once; sampled, n independent completions
 (seeds seed, seed+1, ... when a seed is given). Streamed, the choices come one after another, each
 whole before the next (every chunk names its choice's index, as OpenAI's do).
@@ -23,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..audio.features import SAMPLE_RATE
 from ..generation.params import SamplingParams
 from ..generation.reply import Generation, logprob_entries
-from ..generation.scheduler import RequestTooLarge
+from ..generation.scheduler import RequestTooLarge, TooManyBeams
 from . import openai_format as fmt
 from .audio_input import AudioPolicy, b64_bytes, decode, url_bytes
 from .backend import Backend, Handle, QueueFull, Unavailable
@@ -93,7 +95,10 @@ def sampling(req: fmt.ChatCompletionRequest, checkpoint: dict[str, Any], cap: in
              "top_k": None if req.top_k is None else max(req.top_k, 0),
              "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
              "stop": (req.stop,) if isinstance(req.stop, str) else tuple(req.stop) if req.stop else None,
-             "max_new_tokens": asked or min(checkpoint.get("max_new_tokens", cap), cap)}
+             "max_new_tokens": asked or min(checkpoint.get("max_new_tokens", cap), cap),
+             "num_beams": req.num_beams, "length_penalty": req.length_penalty}
+    if (req.num_beams or 1) > 1 and req.temperature is None:
+        given["temperature"] = 0.0  # the checkpoint's sampling settings are for one sampled reply, not beams
     try:
         base = SamplingParams(**{**checkpoint, **{k: v for k, v in given.items() if v is not None}})
     except ValueError as err:
@@ -162,6 +167,8 @@ def request_error(err: Exception) -> APIError:
     than the context), anything else the server's."""
     if isinstance(err, APIError):
         return err
+    if isinstance(err, TooManyBeams):
+        return bad_request(str(err), "num_beams")
     if isinstance(err, ValueError):
         return bad_request(str(err), code="context_length_exceeded" if isinstance(err, RequestTooLarge) else None)
     log.exception("generation failed", exc_info=err)

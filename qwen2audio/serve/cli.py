@@ -69,6 +69,10 @@ def register(subparsers) -> None:
     p.add_argument("--fallback", action="store_true",
                    help="transcriptions and translations: decode a repetitive greedy window again at rising "
                         "temperatures (Whisper's guard against loops)")
+    p.add_argument("--num-beams", type=int, default=1, metavar="N",
+                   help="transcriptions and translations at temperature 0: decode each window by beam search over "
+                        "N beams (default 1: greedy; a request's num_beams field overrides it). The beams take N "
+                        "of the --max-batch slots")
     p.add_argument("--no-web", dest="web", action="store_false",
                    help="serve the API only, not the web page at / (voice chat and audio analysis in a browser)")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.SHUTDOWN_SECONDS, metavar="S",
@@ -90,6 +94,9 @@ def check_limits(args: argparse.Namespace) -> None:
                         ("--max-queue", args.max_queue)):
         if not value > 0:
             raise ValueError(f"{flag} must be more than 0, got {value:g}")
+    if not 1 <= args.num_beams <= args.max_batch:
+        raise ValueError(f"--num-beams must be between 1 and --max-batch ({args.max_batch}: each beam takes one of "
+                         f"its slots), got {args.num_beams}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
     if not 0 <= args.port <= 65535:
@@ -135,7 +142,8 @@ def settings_from(args: argparse.Namespace):
                         local_dirs=allowed_folders(args.allow_local_audio))
     return Settings(audio=audio, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                     max_body_bytes=audio.max_bytes, max_tokens=args.max_tokens,
-                    cors_origins=tuple(args.cors_origin), web=args.web, fallback=args.fallback)
+                    cors_origins=tuple(args.cors_origin), web=args.web, fallback=args.fallback,
+                    num_beams=args.num_beams)
 
 
 def run(args: argparse.Namespace) -> int:

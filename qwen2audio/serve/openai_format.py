@@ -77,6 +77,8 @@ class ChatCompletionRequest(_Model):
     presence_penalty: float | None = None  # only 0 is supported (chat.py)
     frequency_penalty: float | None = None  # only 0 is supported
     repetition_penalty: float | None = Field(None, gt=0)  # extension, as transformers applies it
+    num_beams: int | None = Field(None, ge=1)  # extension: beam search (at most the server's --max-batch)
+    length_penalty: float | None = None  # extension: beam search's, as transformers applies it
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None

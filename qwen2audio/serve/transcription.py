@@ -2,8 +2,10 @@
 
 Form fields: ``file`` and ``model`` (required), ``language``, ``prompt``, ``response_format`` (json, text,
 srt, vtt, verbose_json), ``temperature`` (default 0: greedy, as the official evaluation decodes),
-``timestamp_granularities[]`` (segment only) and ``include[]`` (``logprobs``, with json: each generated
-token's text, log-probability and bytes, every window's in order). ``prompt`` is accepted and not used:
+``timestamp_granularities[]`` (segment only), ``include[]`` (``logprobs``, with json: each generated
+token's text, log-probability and bytes, every window's in order) and ``num_beams`` (an extension: beam
+search over that many beams, with temperature 0; at temperature 0 the server's ``--num-beams`` is the
+default, 1 unless set). ``prompt`` is accepted and not used:
 the model's task prompt is fixed. Other fields are ignored.
 
 - Transcription asks with the base model's official ASR prompt (``Qwen2Audio.transcribe``'s), and
@@ -13,7 +15,7 @@ the model's task prompt is fixed. Other fields are ignored.
 - The audio is cut into windows of at most 30 s (``split_into_windows``: near-equal lengths, nothing
   dropped), each answered on its own as one segment with its start and end times; the model's
   <|...|> tags are removed from the text, as ``Qwen2Audio.transcribe`` removes them.
-- With the server's ``--fallback``, a greedy window whose text is repetitive (a zlib compression ratio past
+- With the server's ``--fallback``, a window decoded at temperature 0 (greedy or by beam search) whose text is repetitive (a zlib compression ratio past
   2.4: a decoding loop) is decoded again with seeded sampling at temperature 0.2, 0.4, ... 1.0 until one is
   not, as Whisper does (qwen2audio.generation.fallback); verbose_json gives each segment the temperature
   its text came from, and its compression ratio.
@@ -59,7 +61,8 @@ WINDOWS_AT_ONCE = 4  # of one file, in the backend together: they share a batch 
 
 
 async def audio_endpoint(request: Request, task: str, backend: Backend, policy: AudioPolicy, max_tokens: int,
-                         metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False) -> Response:
+                         metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False,
+                         num_beams: int = 1) -> Response:
     form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
@@ -76,8 +79,14 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
         raise bad_request("word timestamps are not supported; segment timestamps come with verbose_json",
                           "timestamp_granularities")
     with_logprobs = _include_logprobs(form, response_format)
-    params = SamplingParams(temperature=_temperature(form), max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
-                            logprobs=0 if with_logprobs or response_format == "verbose_json" else None)
+    temperature = _temperature(form)
+    beams = _num_beams(form, num_beams if temperature == 0 else 1)  # the server's default: for temperature 0
+    if beams > 1 and temperature > 0:
+        raise bad_request(f"beam search (num_beams {beams}) does not sample: give temperature 0 or num_beams 1",
+                          "temperature")
+    params = SamplingParams(temperature=temperature, max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
+                            logprobs=0 if with_logprobs or response_format == "verbose_json" else None,
+                            num_beams=beams)
 
     refuse_if_full(backend)  # before the audio is decoded
     data = await upload.read()
@@ -182,6 +191,19 @@ def _temperature(form) -> float:
     if not 0 <= temperature < float("inf"):
         raise bad_request(f"temperature must be >= 0 (0 = greedy), got {value}", "temperature")
     return temperature
+
+
+def _num_beams(form, default: int) -> int:
+    value = _field(form, "num_beams")
+    if value is None:
+        return default
+    try:
+        beams = int(value)
+    except ValueError:
+        raise bad_request(f"num_beams {value!r} is not a whole number", "num_beams") from None
+    if beams < 1:
+        raise bad_request(f"num_beams must be at least 1 (1 = greedy decoding), got {beams}", "num_beams")
+    return beams
 
 
 async def _submit(request: Request, backend: Backend, prompt: str, window, params: SamplingParams,

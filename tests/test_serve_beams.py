@@ -1,0 +1,112 @@
+"""Beam search through the server: num_beams (an extension) on chat completions and transcriptions, and
+`qwen2audio serve --num-beams N` for transcriptions at temperature 0. The answers are the Python API's."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import httpx
+import pytest
+import soundfile
+
+from qwen2audio import Qwen2Audio
+from qwen2audio.serve.app import ServerState, create_app
+from qwen2audio.serve.backend import SchedulerBackend
+from serve_helpers import FakeBackend, b64, fake_app, running, settings, wav_bytes
+
+NEW = 12
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model(default_home):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Qwen2Audio.load()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """The embedded default model behind a real scheduler with 4 slots, serving with --num-beams 2."""
+    state = ServerState()
+    state.ready(SchedulerBackend(model, "demo", max_batch=4))
+    with running(create_app(state, settings(max_tokens=NEW, num_beams=2))) as url:
+        yield url
+    state.backend.close()
+
+
+def transcribe(url: str, wav: bytes, status: int = 200, **form) -> dict:
+    response = httpx.post(url + "/v1/audio/transcriptions", timeout=120, data={"model": "demo", **form},
+                          files={"file": ("a.wav", wav)})
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def test_transcriptions_decode_by_beam_search_as_the_python_api_does(server, model, tmp_path):
+    wav = tmp_path / "a.wav"
+    wav.write_bytes(wav_bytes(2.0, seed=3))
+    beams2, beams3, greedy = (model.transcribe(str(wav), max_new_tokens=NEW, num_beams=k) for k in (2, 3, 1))
+    assert len({beams2, beams3, greedy}) > 1, "the beams changed nothing: the test shows nothing"
+    assert transcribe(server, wav.read_bytes())["text"] == beams2  # the server's --num-beams 2
+    assert transcribe(server, wav.read_bytes(), num_beams="3")["text"] == beams3
+    assert transcribe(server, wav.read_bytes(), num_beams="1")["text"] == greedy
+    verbose = transcribe(server, wav.read_bytes(), response_format="verbose_json", num_beams="3")
+    [segment] = verbose["segments"]
+    assert segment["text"] == beams3 and segment["avg_logprob"] < 0  # beam search reports logprobs too
+
+
+def test_chat_completions_take_num_beams_whole_and_streamed(server, model):
+    audio = wav_bytes(1.5, seed=8)
+    content = [{"type": "input_audio", "input_audio": {"data": b64(audio), "format": "wav"}},
+               {"type": "text", "text": "What do you hear?"}]
+    body = {"model": "demo", "messages": [{"role": "user", "content": content}], "max_tokens": NEW,
+            "num_beams": 3, "logprobs": True}
+    wave, _ = soundfile.read(io.BytesIO(audio), dtype="float32")
+    expected = model.chat([{"role": "user", "content": [{"type": "audio", "audio": wave},
+                                                        {"type": "text", "text": "What do you hear?"}]}],
+                          max_new_tokens=NEW, num_beams=3, logprobs=0)
+    whole = httpx.post(server + "/v1/chat/completions", json=body, timeout=120)
+    assert whole.status_code == 200, whole.text
+    choice = whole.json()["choices"][0]
+    assert choice["message"]["content"] == expected.text
+    assert [e["logprob"] for e in choice["logprobs"]["content"]] == pytest.approx(
+        [lp.logprob for lp in expected.logprobs], abs=1e-4)
+    with httpx.stream("POST", server + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        lines = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in lines if c["choices"]) == expected.text
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"num_beams": 3, "temperature": 0.7}, None, "does not sample"),
+    ({"num_beams": 5}, "num_beams", "5 KV cache slots, but this scheduler has 4"),
+    ({"num_beams": 0}, "num_beams", "greater than or equal to 1"),
+])
+def test_chat_beam_settings_that_cannot_work_are_a_400(server, body, param, message):
+    response = httpx.post(server + "/v1/chat/completions", timeout=60, json={
+        "model": "demo", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == param
+
+
+@pytest.mark.parametrize("form, param, message", [
+    ({"num_beams": "2", "temperature": "0.5"}, "temperature", "does not sample"),
+    ({"num_beams": "two"}, "num_beams", "not a whole number"),
+    ({"num_beams": "0"}, "num_beams", "at least 1"),
+    ({"num_beams": "9"}, "num_beams", "9 KV cache slots"),
+])
+def test_transcription_beam_settings_that_cannot_work_are_a_400(server, form, param, message):
+    error = transcribe(server, wav_bytes(1.0), status=400, **form)["error"]
+    assert message in error["message"] and error["param"] == param
+
+
+def test_the_servers_default_beams_apply_at_temperature_zero_only():
+    backend = FakeBackend(model_id="demo")
+    app, _ = fake_app(backend, num_beams=3)
+    with running(app) as url:
+        transcribe(url, wav_bytes(1.0))
+        transcribe(url, wav_bytes(1.0), temperature="0.4")
+        transcribe(url, wav_bytes(1.0), num_beams="2")
+    assert [(r[3].num_beams, r[3].temperature) for r in backend.requests] == [(3, 0.0), (1, 0.4), (2, 0.0)]
