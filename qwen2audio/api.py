@@ -32,7 +32,7 @@ from .checkpoint import load_model
 from .checkpoint.files import GENERATION_FILE
 from .generation.engine import Engine, Generation, Prepared, RequestStream
 from .generation.scheduler import Scheduler
-from .generation.params import QUANTIZE_CHOICES, SamplingParams, load_generation_config
+from .generation.params import QUANTIZE_CHOICES, SamplingParams, chat_settings, load_generation_config
 from .text import Tokenizer, raw_prompt, render_chat
 from .text.tags import TAG  # language / task tags the base model writes, e.g. <|en|>
 
@@ -131,13 +131,10 @@ class Qwen2Audio:
 
     # -- generation ------------------------------------------------------------------------------
     def chat_sampling(self, **sampling) -> SamplingParams:
-        """The settings of a chat reply: the checkpoint's defaults, overridden by ``sampling``. A beam search
-        (num_beams > 1) is greedy unless ``sampling`` gives a temperature: the checkpoint's sampling settings
-        are for one sampled reply."""
-        settings = {**self.generation_defaults, **sampling}
-        if settings.get("num_beams", 1) > 1 and "temperature" not in sampling:
-            settings["temperature"] = 0.0
-        return SamplingParams(**settings)
+        """The settings of a chat reply: the checkpoint's defaults, overridden by ``sampling``
+        (``generation.params.chat_settings``: num_beams alone is greedy beam search; a temperature or stop
+        strings alone decode one beam)."""
+        return SamplingParams(**chat_settings(self.generation_defaults, sampling))
 
     def chat(self, messages: Messages, **sampling) -> Generation:
         return self.engine.generate([self.prepare_chat(messages)], self.chat_sampling(**sampling))[0]

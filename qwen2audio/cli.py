@@ -50,7 +50,8 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but \
 CHAT_SAMPLING_NOTE = ("Defaults come from the checkpoint's generation_config.json, applied as transformers "
                       "applies it (Qwen2-Audio-7B-Instruct's asks for sampling); what it leaves out takes the "
                       "default shown. --temperature 0 is greedy (the file's repetition penalty still applies "
-                      "unless --repetition-penalty 1).")
+                      "unless --repetition-penalty 1); --num-beams N alone is greedy beam search, and "
+                      "--temperature or --stop alone decode one beam, whatever beams the file asks for.")
 TRANSCRIBE_SAMPLING_NOTE = ("Greedy by default, as the official evaluation decodes; the checkpoint's "
                             "generation_config.json is not applied.")
 CHAT_HELP = (("/audio PATH [TEXT]", "send an audio file, with optional text; quote a path with spaces"),

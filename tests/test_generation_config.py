@@ -43,10 +43,33 @@ NEW = 12
     ({"do_sample": False, "repetition_penalty": 1.05, "max_length": 20, "num_beams": 1, "chat_format": "chatml"},
      {"temperature": 0.0, "repetition_penalty": 1.05}),  # other keys are not ours to apply
     ({"do_sample": True, "top_k": None, "temperature": 0.5}, {"temperature": 0.5, "top_k": 50, "top_p": 1.0}),
+    ({"num_beams": 4, "length_penalty": 0.5}, {"temperature": 0.0, "num_beams": 4, "length_penalty": 0.5}),
+    ({"num_beams": 3}, {"temperature": 0.0, "num_beams": 3}),  # transformers' length_penalty 1: ours too
+    ({"num_beams": 1, "length_penalty": 2.0}, {"temperature": 0.0}),  # one beam: no length penalty to apply
 ])
 def test_settings_from_a_generation_config(config, expected):
     assert from_generation_config(config) == expected
     SamplingParams(**expected)
+
+
+def test_beam_sampling_is_not_implemented_and_says_so():
+    with pytest.warns(UserWarning, match="beam sampling"):
+        assert from_generation_config({"do_sample": True, "num_beams": 4, "temperature": 0.5}) == {
+            "temperature": 0.5, "top_k": 50, "top_p": 1.0}
+
+
+@pytest.mark.parametrize("defaults, given, expected", [
+    ({"num_beams": 4}, {}, {"num_beams": 4, "temperature": 0.0}),  # the checkpoint's beam search
+    ({"num_beams": 4}, {"temperature": 0.7}, {"num_beams": 1, "temperature": 0.7}),  # asked to sample: one beam
+    ({"num_beams": 4, "temperature": 0.0}, {"stop": ("x",)}, {"num_beams": 1, "temperature": 0.0, "stop": ("x",)}),
+    ({"temperature": 0.7, "top_k": 20}, {"num_beams": 3}, {"num_beams": 3, "temperature": 0.0, "top_k": 20}),
+    ({"temperature": 0.7}, {"num_beams": 3, "temperature": 0.5}, {"num_beams": 3, "temperature": 0.5}),  # refused
+    ({"temperature": 0.7}, {"seed": 1}, {"temperature": 0.7, "seed": 1}),
+])
+def test_chat_settings_let_the_caller_choose_between_beams_and_sampling(defaults, given, expected):
+    from qwen2audio.generation.params import chat_settings
+
+    assert chat_settings(defaults, given) == expected
 
 
 def test_missing_keys_take_the_defaults_of_the_pinned_transformers():
@@ -86,7 +109,8 @@ def test_the_file_we_write_reads_back_as_our_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=20, top_p=0.5,
-                                                                     repetition_penalty=1.1, max_new_tokens=99)])
+                                                                     repetition_penalty=1.1, max_new_tokens=99),
+                                    SamplingParams(num_beams=4, length_penalty=0.8)])
 def test_settings_round_trip(params):
     assert SamplingParams(**from_generation_config(to_generation_config(params))) == params
 
@@ -144,6 +168,21 @@ def test_a_beam_search_is_greedy_unless_told_to_sample(instruct):
     assert instruct.chat(ask(), num_beams=3, max_new_tokens=NEW).token_ids == expected.token_ids
     with pytest.raises(ValueError, match="does not sample"):
         instruct.chat(ask(), num_beams=3, temperature=0.7, max_new_tokens=NEW)
+
+
+def test_a_checkpoint_that_asks_for_beams_gets_them_in_chat_replies(instruct_dir, tmp_path):
+    for file in instruct_dir.iterdir():
+        shutil.copy(file, tmp_path / file.name)
+    (tmp_path / GENERATION_FILE).write_text(json.dumps({"do_sample": False, "num_beams": 3}))
+    model = Qwen2Audio.load(tmp_path)
+    request = model.prepare_chat(ask())
+    beams = model.engine.generate([request], SamplingParams(num_beams=3, max_new_tokens=NEW))[0]
+    greedy = model.engine.generate([request], SamplingParams(max_new_tokens=NEW))[0]
+    sampled = model.engine.generate([request], SamplingParams(temperature=0.7, seed=3, max_new_tokens=NEW))[0]
+    assert beams.token_ids != greedy.token_ids, "the beams changed nothing: the test shows nothing"
+    assert model.chat(ask(), max_new_tokens=NEW).token_ids == beams.token_ids
+    assert model.chat(ask(), num_beams=1, max_new_tokens=NEW).token_ids == greedy.token_ids
+    assert model.chat(ask(), temperature=0.7, seed=3, max_new_tokens=NEW).token_ids == sampled.token_ids
 
 
 def test_transcribe_and_complete_stay_greedy(instruct):

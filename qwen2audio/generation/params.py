@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -90,6 +91,7 @@ class SamplingParams:
 # transformers' GenerationConfig defaults, which apply to a key a generation_config.json leaves out.
 HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float}  # used only when do_sample is true
+BEAM_KEYS = {"num_beams": int, "length_penalty": float}  # used only when do_sample is false
 ALWAYS_KEYS = {"repetition_penalty": float, "max_new_tokens": int}  # used whatever do_sample says
 
 
@@ -97,21 +99,24 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A generation_config.json's settings -> SamplingParams keyword arguments, as transformers'
     generate() applies them.
 
-    do_sample false (or absent): greedy, and the file's temperature / top_k / top_p are not used;
-    do_sample true: those three, each with transformers' default where the file leaves it out (so a
-    file that says only do_sample true samples with top_k 50, as transformers does). repetition_penalty
-    and max_new_tokens apply either way. Other keys are not ours to apply: stop tokens come from the
-    tokenizer, max_length (prompt + reply, and an audio prompt alone can exceed it) gives way to
-    max_new_tokens, and keys of methods not implemented here (n-gram blocking) are ignored. So are
-    num_beams and length_penalty: beam search runs only when asked for (``--num-beams``), since the
-    scheduler, and so the server, does not run it.
+    do_sample false (or absent): greedy, by beam search when num_beams > 1 (with length_penalty), and the
+    file's temperature / top_k / top_p are not used; do_sample true: those three, each with transformers'
+    default where the file leaves it out (so a file that says only do_sample true samples with top_k 50,
+    as transformers does), and one beam: transformers' beam sampling (do_sample with num_beams > 1) is not
+    implemented here, which a warning says. repetition_penalty and max_new_tokens apply either way. Other
+    keys are not ours to apply: stop tokens come from the tokenizer, max_length (prompt + reply, and an
+    audio prompt alone can exceed it) gives way to max_new_tokens, and keys of methods not implemented
+    here (n-gram blocking, beam search's early_stopping other than false) are ignored.
     """
     settings = {k: v for k, v in config.items() if v is not None}
     sampling = settings.get("do_sample", HF_DEFAULTS["do_sample"])
     if not isinstance(sampling, bool):
         raise ValueError(f"do_sample must be true or false, got {sampling!r}")
     kwargs: dict[str, Any] = {"temperature": 0.0}
-    wanted = dict(ALWAYS_KEYS, **SAMPLING_KEYS) if sampling else ALWAYS_KEYS
+    wanted = dict(ALWAYS_KEYS, **(SAMPLING_KEYS if sampling else BEAM_KEYS))
+    if sampling and settings.get("num_beams", 1) != 1:
+        warnings.warn(f"generation_config.json asks for sampling with num_beams {settings['num_beams']} (beam "
+                      "sampling), which is not implemented here: replies are sampled with one beam", stacklevel=3)
     for key, kind in wanted.items():
         value = settings.get(key, HF_DEFAULTS.get(key))
         if value is None:
@@ -120,7 +125,24 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
         if not number or (kind is int and not float(value).is_integer()):
             raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
         kwargs[key] = kind(value)
+    if kwargs.get("num_beams", 1) == 1:  # one beam: length_penalty means nothing
+        kwargs.pop("num_beams", None)
+        kwargs.pop("length_penalty", None)
     return kwargs
+
+
+def chat_settings(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """SamplingParams keyword arguments of a chat reply: the checkpoint's ``defaults``
+    (``from_generation_config``) under the caller's ``given`` ones. Beam search and sampling exclude each
+    other, and what the caller says wins over the checkpoint: num_beams > 1 given without a temperature
+    is greedy (the checkpoint's sampling is for one sampled reply); a temperature above 0 or stop strings
+    given without num_beams decode with one beam (whatever beams the checkpoint asks for)."""
+    settings = {**defaults, **given}
+    if "num_beams" not in given and ((given.get("temperature") or 0) > 0 or given.get("stop")):
+        settings["num_beams"] = 1
+    if settings.get("num_beams", 1) > 1 and "temperature" not in given:
+        settings["temperature"] = 0.0
+    return settings
 
 
 def to_generation_config(params: SamplingParams) -> dict[str, Any]:
@@ -130,6 +152,8 @@ def to_generation_config(params: SamplingParams) -> dict[str, Any]:
         config.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
     if params.repetition_penalty != 1.0:
         config["repetition_penalty"] = params.repetition_penalty
+    if params.beams:
+        config.update(num_beams=params.num_beams, length_penalty=params.length_penalty)
     return config
 
 

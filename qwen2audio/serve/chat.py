@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..audio.features import SAMPLE_RATE
-from ..generation.params import SamplingParams
+from ..generation.params import SamplingParams, chat_settings
 from ..generation.reply import Generation, logprob_entries
 from ..generation.scheduler import RequestTooLarge, TooManyBeams
 from . import openai_format as fmt
@@ -97,10 +97,8 @@ def sampling(req: fmt.ChatCompletionRequest, checkpoint: dict[str, Any], cap: in
              "stop": (req.stop,) if isinstance(req.stop, str) else tuple(req.stop) if req.stop else None,
              "max_new_tokens": asked or min(checkpoint.get("max_new_tokens", cap), cap),
              "num_beams": req.num_beams, "length_penalty": req.length_penalty}
-    if (req.num_beams or 1) > 1 and req.temperature is None:
-        given["temperature"] = 0.0  # the checkpoint's sampling settings are for one sampled reply, not beams
     try:
-        base = SamplingParams(**{**checkpoint, **{k: v for k, v in given.items() if v is not None}})
+        base = SamplingParams(**chat_settings(checkpoint, {k: v for k, v in given.items() if v is not None}))
     except ValueError as err:
         raise bad_request(str(err)) from None
     n = req.n or 1
