@@ -78,7 +78,7 @@ def test_web_config_gives_the_limits_and_the_checkpoint_defaults():
     assert config == {"model": "m", "max_audio_seconds": 30.0, "max_body_bytes": 4 << 20, "max_tokens": 100,
                       "api_key_required": True,
                       "defaults": {"temperature": 0.7, "top_p": 0.5, "top_k": 20, "repetition_penalty": None,
-                                   "max_tokens": 64}}
+                                   "num_beams": None, "max_tokens": 64}}
 
 
 def test_no_web_serves_the_api_only():
@@ -388,9 +388,18 @@ def test_settings_reach_the_request(browser):
         page_.reload()  # the settings are kept
         page_.wait_for_selector("#status.ok")
         assert page_.input_value("input[name=temperature]") == "0.6"
+        page_.click("#open-settings")  # beam search instead: greedy, the temperature left to the server
+        page_.fill("input[name=temperature]", "")
+        page_.fill("input[name=num_beams]", "3")
+        page_.click("#close-settings")
+        page_.fill("#text", "Again")
+        page_.click("#send")
+        wait_answers(page_, 1)  # (the reload began a new conversation)
     (_, messages, params) = backend.requests[0]
     assert (params.temperature, params.max_new_tokens, params.seed) == (0.6, 5, 7)
     assert messages[0] == {"role": "system", "content": "Be brief."}
+    beams = backend.requests[1][2]
+    assert (beams.num_beams, beams.temperature) == (3, 0.0)
 
 
 # -- with the model --------------------------------------------------------------------------------------------

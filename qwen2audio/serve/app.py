@@ -112,7 +112,7 @@ def create_app(state: ServerState, settings: Settings) -> FastAPI:
     return app
 
 
-WEB_SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty")
+WEB_SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty", "num_beams")
 
 
 def web_config(state: ServerState, settings: Settings) -> dict:

@@ -7,7 +7,7 @@ const SAMPLE_RATE = 16000; // recordings are sent as 16 kHz mono WAV, what the m
 const MIN_RECORDING_SECONDS = 0.2;
 const HEALTH_RETRY_MS = 2000;
 const SETTINGS_KEY = "qwen2audio.settings";
-const NUMBER_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed"];
+const NUMBER_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "num_beams", "max_tokens", "seed"];
 
 const state = {
   config: { model: "default", max_audio_seconds: 600, max_body_bytes: 25 << 20, max_tokens: 1024,
@@ -118,7 +118,7 @@ function sampling() {
     if (el.value.trim() === "") continue;
     const value = Number(el.value);
     if (!Number.isFinite(value)) throw new UserError(`Settings: ${name.replace("_", " ")} must be a number.`);
-    out[name] = ["top_k", "max_tokens", "seed"].includes(name) ? Math.round(value) : value;
+    out[name] = ["top_k", "num_beams", "max_tokens", "seed"].includes(name) ? Math.round(value) : value;
   }
   return out;
 }
