@@ -434,20 +434,23 @@ def test_a_beam_search_runs_beside_greedy_requests_in_slots_of_its_own(engine, m
     assert sched.status().free_slots == 4
 
 
-def test_a_beam_search_waits_for_enough_slots_and_cancelling_it_frees_them_all(engine):
+def test_a_beam_search_streams_what_its_beams_agree_on_waits_for_slots_and_frees_them_all(engine):
     first, second = prepare(engine, messages("Hi.")), prepare(engine, messages("Describe."))
+    whole = inline(engine, max_slots=3).submit(first, beams(30, 2, min_new_tokens=30)).wait()
     want = inline(engine, max_slots=3).submit(second, beams(6, 3)).wait().token_ids
     sched = inline(engine, max_slots=3)
-    running = sched.submit(first, beams(30, 2, min_new_tokens=30))
+    running = sched.submit(prepare(engine, messages("Hi.")), beams(30, 2, min_new_tokens=30))
     waiting = sched.submit(prepare(engine, messages("Describe.")), beams(6, 3))  # 3 slots: only 1 is free
-    while sched.status().decoding == 0:  # run until the first search decodes
+    said = ""
+    for _ in range(15):
         sched._iterate()
-    for _ in range(3):
-        sched._iterate()
+        said += running.poll()[0]
+    # before its end it has said the start of its reply: what every beam agreed on
+    assert not running.done and said and whole.text.startswith(said)
+    assert running.result.token_ids == whole.token_ids[: len(running.result.token_ids)]
     assert sched.status().waiting == 1 and sched.status().free_slots == 1
-    assert running.poll() == ("", False)  # a beam search says nothing before its end
     running.cancel()
-    assert running.wait().finish_reason == "cancelled" and running.result.token_ids == []
+    assert running.wait().finish_reason == "cancelled" and running.result.text == said
     assert waiting.wait().token_ids == want
     assert sched.status().free_slots == 3
     with pytest.raises(RequestTooLarge, match="4 KV cache slots"):

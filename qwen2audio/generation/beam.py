@@ -20,7 +20,9 @@ steps as every other request's, in slots of their own. On a CPU a row's logits a
 gets alone. Its clips are encoded with those of the requests admitted with it, and a clip's vectors can
 round differently in another batch (padding changes the encoder's shapes): beam search, which compares
 sums of log-probabilities across beams, turns such a difference into another reply now and then, where
-greedy decoding rarely does. A reply comes whole at the end: its reader gets all its text at once.
+greedy decoding rarely does. The reader gets the reply's tokens as they settle: those every running
+beam and every finished reply start with (``settled``), which no later step can change; the rest at the
+end.
 """
 
 from __future__ import annotations
@@ -114,6 +116,21 @@ class BeamSearch:
             self.seen = self.seen[self.origins].clone()
             device = self.seen.device
             self.seen[torch.arange(len(order), device=device), torch.tensor(self.tokens, device=device)] = True
+
+    def settled(self) -> tuple[list[int], list[TokenLogprob] | list[None]]:
+        """The tokens every running beam and every finished reply starts with, and their TokenLogprobs (Nones
+        when the request did not ask): the start of the reply whatever the search still finds, since every
+        later reply continues a running beam. Once ``done``: the whole reply (``best``)."""
+        if self.done:
+            return self.best
+        replies = self.beams + [tokens for _, tokens, _ in self.finished]
+        n = 0
+        for column in zip(*replies):
+            if any(t != column[0] for t in column):
+                break
+            n += 1
+        tokens, logprobs = self.beams[0][:n], self.logprobs[0][:n]
+        return tokens, logprobs or [None] * n
 
     def _logprobs(self, raw: torch.Tensor, origin: list[int], token: list[int]) -> list[list[TokenLogprob]]:
         """Each candidate's TokenLogprob as a one-item list (empty lists when the request did not ask):

@@ -267,5 +267,6 @@ class Engine:
 
     def stream(self, request: Prepared, params: SamplingParams) -> RequestStream:
         """Text deltas of one request as they are decoded; ``result`` is complete at the end. A beam
-        search (``params.num_beams`` > 1) knows its reply only at its end: it comes all at once."""
+        search (``params.num_beams`` > 1) gives the tokens every beam agrees on as they settle, and the
+        rest at its end."""
         return self.scheduler.submit(request, params)

@@ -37,7 +37,7 @@ class SamplingParams:
         "help": "stop tokens cannot end the reply before this many tokens (0 = off)", "metavar": "N"})
     num_beams: int = field(default=1, metadata={
         "help": "beam search over this many beams (1 = off): the most likely reply as a whole, not token by token; "
-                "greedy (temperature 0), the reply comes at its end", "metavar": "N"})
+                "greedy (temperature 0); the reply streams as far as every beam agrees", "metavar": "N"})
     length_penalty: float = field(default=1.0, metadata={
         "help": "beam search: a finished reply's log-probability is divided by its length to this power "
                 "(> 0 favours longer replies, < 0 shorter)", "metavar": "L"})

@@ -29,7 +29,8 @@ Beam search (``num_beams`` > 1, generation/beam.py): a request takes num_beams s
 until that many are free, evicting idle sessions as needed; more beams than the scheduler has slots is
 refused at ``submit``). Its prompt is prefilled into the first; at each step every beam is a row of the
 decoding step beside the other requests' rows, and the slots are reordered to follow the beams that go
-on. Its reply reaches the reader whole, at the end. It cannot continue a session.
+on. Its reader gets the tokens every beam agrees on as they settle, the rest at the end. It cannot
+continue a session.
 
 Sessions (conversations): a request submitted with ``session=KEY`` leaves its tokens in its slot when
 it ends, and the session's next request reuses exactly the shared prefix: the same token ids and the
@@ -683,18 +684,20 @@ class Scheduler:
             self._advance(r, row_logits)
 
     def _advance(self, r: _Request, logits: torch.Tensor) -> None:
-        """A beam search's step from its beams' logits (beams, vocab); at its end, its reply to the reader,
-        all at once."""
+        """A beam search's step from its beams' logits (beams, vocab). Its reader gets the tokens that every
+        beam and every finished reply now starts with (``BeamSearch.settled``: no later step can change
+        them), and at the end the rest of the reply."""
         try:
             r.search.advance(logits)
         except Exception as err:
             self._fail([r], err)
             return
+        tokens, logprobs = r.search.settled()
+        for token, logprob in zip(tokens[r.generated:], logprobs[r.generated:]):
+            self._emit(r, token, logprob)
+            if r.done:
+                return
         if r.search.done:
-            for token, logprob in zip(*r.search.best):
-                self._emit(r, token, logprob)
-                if r.done:
-                    return
             self._finish(r, "length")  # (the best reply ends with a stop token or at max_new: not reached)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
