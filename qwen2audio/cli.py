@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true",
                       help="print one JSON object (text, token_ids, finish_reason, prompt_tokens, "
                            "completion_tokens; with --logprobs N, logprobs: per token its text, log-probability, "
-                           "bytes and top_logprobs, as OpenAI's API gives them) instead of streaming")
+                           "bytes and top_logprobs, as OpenAI's API gives them; with --num-beams N, score and "
+                           "alternatives: the other finished replies, best first) instead of streaming")
     chat.add_argument("--interactive", action=argparse.BooleanOptionalAction, default=None,
                       help="keep the conversation going after the first answer (default: when stdin is a terminal)")
     _sampling_args(chat, CHAT_SAMPLING_NOTE)
@@ -261,6 +262,10 @@ def _chat(model, args, sampling) -> int:
                "prompt_tokens": reply.prompt_tokens, "completion_tokens": len(reply.token_ids)}
         if reply.logprobs is not None:
             out["logprobs"] = logprob_entries(reply.logprobs, model.tokenizer.token_bytes)
+        if reply.score is not None:  # beam search: its score, and the other finished replies, best first
+            out["score"] = reply.score
+            out["alternatives"] = [{"text": a.text, "token_ids": a.token_ids, "finish_reason": a.finish_reason,
+                                    "score": a.score} for a in reply.alternatives]
         print(json.dumps(out, ensure_ascii=False))
         return 0
     _print_stream(deltas)

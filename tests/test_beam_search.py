@@ -88,6 +88,38 @@ def test_beam_search_equals_transformers(models):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("case", [dict(num_beams=4, max_new_tokens=16), dict(num_beams=3, max_new_tokens=12,
+                                                                              length_penalty=0.5)])
+def test_the_other_finished_replies_and_scores_equal_transformers_n_best(models, case):
+    """Generation.score and .alternatives: transformers' num_return_sequences=num_beams sequences, in
+    order, and their sequences_scores."""
+    name, ref, model = models
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    engine = Engine(model, TOKENIZER, transform_weights=False)
+    audio = clip(3.1, 11)
+    prepared = engine.prepare(conversation("What do you hear?"), [audio])
+    stops = set(frequent_tokens(engine, copy.deepcopy(prepared), 2)) | set(TOKENIZER.stop_ids)
+    got = Engine(model, FrequentStops(TOKENIZER, stops), transform_weights=False).generate(
+        [copy.deepcopy(prepared)], SamplingParams(**case))[0]
+    ids = torch.tensor([prepared.token_ids])
+    feats, fmask = hf_features([audio], n_mels)
+    out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,
+                       feature_attention_mask=fmask, do_sample=False, eos_token_id=sorted(stops),
+                       pad_token_id=TOKENIZER.pad_id, num_return_sequences=case["num_beams"],
+                       output_scores=True, return_dict_in_generate=True, **case)
+    expected = []
+    for row in out.sequences[:, ids.shape[1]:].tolist():
+        ended = [i for i, t in enumerate(row) if t in stops]
+        expected.append(row[: ended[0] + 1] if ended else row)
+    replies = [got, *got.alternatives]
+    assert [g.token_ids for g in replies] == expected
+    assert [g.score for g in replies] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
+    assert len({tuple(g.token_ids) for g in replies}) == case["num_beams"]
+    assert all(g.text == TOKENIZER.decode([t for t in g.token_ids if t not in stops]) for g in replies)
+    assert all(g.finish_reason in ("stop", "length") and not g.alternatives for g in got.alternatives)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("max_slots", [16, 5])
 def test_requests_decoded_together_equal_their_single_runs(models, max_slots):
     """Beam searches of different prompts and settings share decoding steps beside a greedy request, each

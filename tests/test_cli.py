@@ -179,7 +179,10 @@ def test_beam_search_from_the_command_line(model_dir, api, audio, capsys, monkey
             "--num-beams", "3"]
     rc, out, err = cli(capsys, monkeypatch, [*base, "--json"])
     assert rc == 0, err
-    assert json.loads(out)["token_ids"] == expected.token_ids
+    body = json.loads(out)
+    assert body["token_ids"] == expected.token_ids and body["score"] == pytest.approx(expected.score)
+    assert [a["token_ids"] for a in body["alternatives"]] == [a.token_ids for a in expected.alternatives]
+    assert len(body["alternatives"]) == 2
     rc, out, err = cli(capsys, monkeypatch, base)
     assert rc == 0, err
     assert out == expected.text + "\n"

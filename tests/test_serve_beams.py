@@ -78,10 +78,39 @@ def test_chat_completions_take_num_beams_whole_and_streamed(server, model):
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in lines if c["choices"]) == expected.text
 
 
+def test_n_choices_of_a_beam_search_are_its_best_replies(server, model):
+    audio = wav_bytes(1.5, seed=8)
+    wave, _ = soundfile.read(io.BytesIO(audio), dtype="float32")
+    expected = model.chat([{"role": "user", "content": [{"type": "audio", "audio": wave},
+                                                        {"type": "text", "text": "Describe it."}]}],
+                          max_new_tokens=NEW, num_beams=3)
+    best = [expected, *expected.alternatives]
+    assert len(best) == 3 and len({g.text for g in best}) > 1, "the test needs distinct replies"
+    content = [{"type": "input_audio", "input_audio": {"data": b64(audio), "format": "wav"}},
+               {"type": "text", "text": "Describe it."}]
+    body = {"model": "demo", "messages": [{"role": "user", "content": content}], "max_tokens": NEW,
+            "num_beams": 3, "n": 3}
+    whole = httpx.post(server + "/v1/chat/completions", json=body, timeout=120).json()
+    assert [c["message"]["content"] for c in whole["choices"]] == [g.text for g in best]
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    assert whole["usage"]["completion_tokens"] == sum(len(g.token_ids) for g in best)
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=stream, timeout=120) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts, ends = ["", "", ""], [None, None, None]
+    for c in chunks:
+        for choice in c["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+            ends[choice["index"]] = choice["finish_reason"] or ends[choice["index"]]
+    assert texts == [g.text for g in best] and ends == [g.finish_reason for g in best]
+    assert chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+
+
 @pytest.mark.parametrize("body, param, message", [
     ({"num_beams": 3, "temperature": 0.7}, None, "does not sample"),
     ({"num_beams": 5}, "num_beams", "5 KV cache slots, but this scheduler has 4"),
     ({"num_beams": 0}, "num_beams", "greater than or equal to 1"),
+    ({"num_beams": 2, "n": 3}, "n", "finds at most 2 replies"),
 ])
 def test_chat_beam_settings_that_cannot_work_are_a_400(server, body, param, message):
     response = httpx.post(server + "/v1/chat/completions", timeout=60, json={

@@ -143,6 +143,12 @@ class BeamSearch:
         return [[TokenLogprob(t, v, tuple(zip(top_ids[o], top_values[o])))] for o, t, v in zip(origin, token, values)]
 
     @property
+    def ranked(self) -> list[tuple[float, list[int], list[TokenLogprob] | list[None]]]:
+        """The finished replies, best first (once ``done``): score, tokens, TokenLogprobs (Nones when the
+        request did not ask)."""
+        return [(score, tokens, logprobs or [None] * len(tokens)) for score, tokens, logprobs in self.finished]
+
+    @property
     def best(self) -> tuple[list[int], list[TokenLogprob] | list[None]]:
         """The reply (once ``done``): the best finished beam's tokens and their TokenLogprobs (Nones when the
         request did not ask)."""

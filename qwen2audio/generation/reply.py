@@ -28,6 +28,11 @@ class Generation:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the cache (a session's or an earlier request's), not run again
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked for them
+    # Beam search only: the reply's score (its summed log-probability over its length to the length_penalty,
+    # transformers' sequences_scores) and the other finished replies, best first (up to num_beams - 1),
+    # each a Generation with its own score.
+    score: float | None = None
+    alternatives: list["Generation"] = field(default_factory=list)
 
 
 def logprob_entries(logprobs: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes]) -> list[dict[str, Any]]:

@@ -692,6 +692,8 @@ class Scheduler:
         except Exception as err:
             self._fail([r], err)
             return
+        if r.search.done:
+            self._ranked(r)  # before the last tokens: the reader may see the end with them
         tokens, logprobs = r.search.settled()
         for token, logprob in zip(tokens[r.generated:], logprobs[r.generated:]):
             self._emit(r, token, logprob)
@@ -699,6 +701,20 @@ class Scheduler:
                 return
         if r.search.done:
             self._finish(r, "length")  # (the best reply ends with a stop token or at max_new: not reached)
+
+    def _ranked(self, r: _Request) -> None:
+        """A finished beam search's score and other finished replies, on its Generation."""
+        ranked = r.search.ranked
+        r.reply.out.score = ranked[0][0]
+        for score, tokens, logprobs in ranked[1:]:
+            reply = ReplyText(self.engine.tokenizer, r.params, len(r.prepared.token_ids))
+            for token, logprob in zip(tokens, logprobs):
+                reply.push(token, logprob)
+            if reply.out.finish_reason is None:
+                reply.finish("length")
+            reply.out.score = score
+            reply.out.cached_tokens = r.reply.out.cached_tokens
+            r.reply.out.alternatives.append(reply.out)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
         """The next token of each request from its row of logits (m, vocab), by its own settings."""

@@ -3,9 +3,10 @@
 Sampling: the checkpoint's generation_config.json decides what the request leaves out (as
 ``Qwen2Audio.chat`` does), the request overrides it. ``num_beams`` > 1 (an extension, with
 ``length_penalty``) decodes by beam search (greedy: temperature 0 unless the request gives another, which
-is refused); streamed, its text comes at its end. ``n`` > 1 with greedy decoding gives n copies of
-one completion (greedy decoding has one answer), generated once; sampled, n independent completions
-(seeds seed, seed+1, ... when a seed is given). Streamed, the choices come one after another, each
+is refused); streamed, its text comes as every beam agrees on it. ``n`` > 1 with greedy decoding gives
+n copies of one completion (greedy decoding has one answer), generated once; with beam search, the n
+best finished replies of one search (n at most num_beams), best first; sampled, n independent
+completions (seeds seed, seed+1, ... when a seed is given). Streamed, the choices come one after another, each
 whole before the next (every chunk names its choice's index, as OpenAI's do).
 """
 
@@ -54,7 +55,7 @@ async def chat_completions(request: Request, backend: Backend, policy: AudioPoli
     handles = await run_in_threadpool(submit, lambda p: backend.chat(messages, p), params)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     done = _Done(metrics, arrived)
-    answer = _Answer(backend, copies, done)
+    answer = _Answer(backend, copies, done, ranked=params[0].beams)
     if req.stream:
         return await _streamed(request, answer, handles, include_usage)
     return await _whole(request, answer, handles)
@@ -102,6 +103,9 @@ def sampling(req: fmt.ChatCompletionRequest, checkpoint: dict[str, Any], cap: in
     except ValueError as err:
         raise bad_request(str(err)) from None
     n = req.n or 1
+    if base.beams and n > base.num_beams:
+        raise bad_request(f"n is {n}, but beam search over {base.num_beams} beams finds at most {base.num_beams} "
+                          "replies; ask for fewer choices or more beams", "n")
     if n == 1 or base.greedy:
         return [base], n
     seeds = [None] * n if base.seed is None else [(base.seed + i) % (fmt.MAX_SEED + 1) for i in range(n)]
@@ -177,11 +181,20 @@ def request_error(err: Exception) -> APIError:
 @dataclasses.dataclass(frozen=True)
 class _Answer:
     """What shapes a request's answer: the backend (its model's name, its tokens' bytes), how many choices
-    each generation stands for, and what records it when it has ended."""
+    each generation stands for (``ranked``: a beam search's best replies, else copies of one), and what
+    records it when it has ended."""
 
     backend: Backend
     copies: int
     done: "_Done"
+    ranked: bool = False
+
+    def choices(self, result: Generation) -> list[Generation]:
+        """The choices one generation stands for: ``copies`` of it, or (ranked) it and its alternatives,
+        best first, as many as there are up to ``copies``."""
+        if self.ranked:
+            return [result, *result.alternatives][: self.copies]
+        return [result] * self.copies
 
     def entries(self, result: Generation, start: int = 0) -> list[dict[str, Any]] | None:
         """The logprob entries of ``result``'s tokens from ``start`` on (those that have come so far); None
@@ -221,9 +234,9 @@ async def _whole(request: Request, answer: _Answer, handles: list[Handle]) -> Re
     finally:
         answer.done(readers)
     results = [h.result for h in handles]
-    per_result = [(text, r.finish_reason, answer.entries(r)) for text, r in zip(texts, results)]
-    choices = [choice for choice in per_result for _ in range(answer.copies)]  # greedy n: copies of one
-    completion_tokens = sum(len(r.token_ids) for r in results) * answer.copies
+    choices = [(text if g is r else g.text, g.finish_reason, answer.entries(g))
+               for text, r in zip(texts, results) for g in answer.choices(r)]
+    completion_tokens = sum(len(g.token_ids) for r in results for g in answer.choices(r))
     body = fmt.chat_completion(fmt.completion_id(), fmt.now(), answer.backend.model_id, choices,
                                results[0].prompt_tokens, completion_tokens, results[0].cached_tokens)
     return JSONResponse(body)
@@ -274,7 +287,7 @@ async def _events(answer: _Answer, readers: list[Reader], first: str | None, inc
 
     try:
         for k, reader in enumerate(readers):
-            indices = range(k * copies, (k + 1) * copies)
+            indices = range(1) if answer.ranked else range(k * copies, (k + 1) * copies)
             for i in indices:
                 yield chunk(i, {"role": "assistant", "content": ""})
             delta = first if k == 0 else await reader.next()
@@ -288,10 +301,15 @@ async def _events(answer: _Answer, readers: list[Reader], first: str | None, inc
             entries = answer.entries(reader.handle.result, sent)  # a stop token's, say
             for i in indices:
                 yield chunk(i, {}, reader.handle.result.finish_reason, entries)
+        results = [r.handle.result for r in readers]
+        if answer.ranked:  # the other best replies, known at the end: each in one chunk
+            for i, other in enumerate(answer.choices(results[0])[1:], start=1):
+                yield chunk(i, {"role": "assistant", "content": other.text}, entries=answer.entries(other))
+                yield chunk(i, {}, other.finish_reason)
         if include_usage:
-            results = [r.handle.result for r in readers]
             yield _sse(fmt.usage_chunk(id, created, model_id, results[0].prompt_tokens,
-                                       sum(len(r.token_ids) for r in results) * copies, results[0].cached_tokens))
+                                       sum(len(g.token_ids) for r in results for g in answer.choices(r)),
+                                       results[0].cached_tokens))
         yield "data: [DONE]\n\n"
     except Exception as err:  # noqa: BLE001 - a generation that failed after the stream began
         error = request_error(err)
