@@ -11,6 +11,7 @@ is set (CI sets it: there a missing browser is a failure, not a skip).
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import shutil
@@ -438,3 +439,30 @@ def test_the_page_answers_what_the_api_answers(browser, model_server, tmp_path):
     page_.click("#send")
     wait_answers(page_, 1)
     assert page_.evaluate("document.querySelector('.turn.assistant .bubble').textContent") == expected
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_page_shades_each_token_by_the_apis_logprobs(browser, model_server):
+    """"Show how sure": the request asks for logprobs, and the answer is one span per token (the stop token
+    left out), each with the probability the API gives that token."""
+    body = {"model": "default", "temperature": 0, "max_tokens": 8, "logprobs": True,
+            "messages": [{"role": "user", "content": "Hello there."}]}
+    api = httpx.post(model_server + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    entries = api["logprobs"]["content"]
+    if api["finish_reason"] == "stop":
+        entries = entries[:-1]
+    page_ = open_page(browser, model_server)
+    page_.click("#open-settings")
+    page_.fill("input[name=temperature]", "0")
+    page_.check("input[name=confidence]")
+    page_.click("#close-settings")
+    page_.fill("#text", "Hello there.")
+    page_.click("#send")
+    wait_answers(page_, 1)
+    spans = page_.evaluate("[...document.querySelectorAll('.turn.assistant .bubble .tok')].map(s => s.title)")
+    assert spans == [f"p = {math.exp(e['logprob']):.3f}" for e in entries]
+    shown = page_.evaluate("document.querySelector('.turn.assistant .bubble').textContent")
+    assert shown == api["message"]["content"]
+    page_.reload()  # the setting is kept
+    page_.wait_for_selector("#status.ok")
+    assert page_.is_checked("input[name=confidence]")

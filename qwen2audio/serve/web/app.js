@@ -88,12 +88,16 @@ function field(name) { return $("settings-form").elements.namedItem(name); }
 function loadSettings() {
   let saved = {};
   try { saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}"); } catch (_) { /* start afresh */ }
-  for (const [name, value] of Object.entries(saved)) if (field(name)) field(name).value = value;
+  for (const [name, value] of Object.entries(saved)) {
+    const el = field(name);
+    if (!el) continue;
+    if (el.type === "checkbox") el.checked = value === true; else el.value = value;
+  }
 }
 
 function saveSettings() {
   const values = {};
-  for (const el of $("settings-form").elements) if (el.name) values[el.name] = el.value;
+  for (const el of $("settings-form").elements) if (el.name) values[el.name] = el.type === "checkbox" ? el.checked : el.value;
   try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(values)); } catch (_) { /* private mode: not kept */ }
 }
 
@@ -342,6 +346,8 @@ async function send() {
   const started = performance.now();
   let first = null;
   let usage = null;
+  const entries = []; // the tokens' logprobs, when "Show how sure" asked for them
+  let finish = null;
   try {
     const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body,
                                                        signal: controller.signal });
@@ -351,7 +357,10 @@ async function send() {
     for await (const event of events(res.body)) {
       if (event.error) throw new UserError(`The answer broke off: ${event.error.message}`);
       if (event.usage) usage = event.usage;
-      const delta = event.choices && event.choices[0] && event.choices[0].delta && event.choices[0].delta.content;
+      const choice = event.choices && event.choices[0];
+      if (choice && choice.logprobs && choice.logprobs.content) entries.push(...choice.logprobs.content);
+      if (choice && choice.finish_reason) finish = choice.finish_reason;
+      const delta = choice && choice.delta && choice.delta.content;
       if (delta) {
         if (first === null) first = performance.now();
         answer.text += delta;
@@ -360,6 +369,7 @@ async function send() {
       }
     }
     state.history.push(answer);
+    if (entries.length) shade(bubble, entries, finish, answer.text);
     meta(answerView, usage, started, first);
   } catch (err) {
     const stopped = err.name === "AbortError";
@@ -391,7 +401,9 @@ function request(turns) {
     if (turn.text) content.push({ type: "text", text: turn.text });
     messages.push({ role: "user", content });
   }
-  return { model: state.config.model, messages, stream: true, stream_options: { include_usage: true }, ...sampling() };
+  const confidence = field("confidence").checked ? { logprobs: true } : {};
+  return { model: state.config.model, messages, stream: true, stream_options: { include_usage: true }, ...confidence,
+           ...sampling() };
 }
 
 function headers() {
@@ -465,6 +477,27 @@ function renderTurn(turn) {
   $("conversation").append(view);
   scrollDown();
   return view;
+}
+
+/** The answer again as one span per token, shaded by how unlikely the model found it (its probability on
+ * hover). Tokens are decoded from their bytes (a character may span two); the stop token is left out. If
+ * the spans do not spell the answer exactly, it stays as plain text. */
+function shade(bubble, entries, finish, text) {
+  const tokens = finish === "stop" ? entries.slice(0, -1) : entries;
+  const decoder = new TextDecoder();
+  const spans = tokens.map((entry) => {
+    const span = document.createElement("span");
+    span.className = "tok";
+    span.textContent = decoder.decode(new Uint8Array(entry.bytes), { stream: true });
+    const p = Math.exp(entry.logprob);
+    span.style.setProperty("--doubt", (1 - p).toFixed(3));
+    span.title = `p = ${p.toFixed(3)}`;
+    return span;
+  });
+  const tail = decoder.decode();
+  if (tail && spans.length) spans[spans.length - 1].textContent += tail;
+  if (spans.map((s) => s.textContent).join("") !== text) return;
+  bubble.replaceChildren(...spans);
 }
 
 function meta(view, usage, started, first) {
