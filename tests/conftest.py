@@ -35,6 +35,18 @@ def default_home(tmp_path_factory):
         yield home
 
 
+@pytest.fixture(scope="module")
+def default_model(default_home):
+    """The default model the tests get (the tiny random one), loaded for each module that asks."""
+    import warnings
+
+    from qwen2audio import Qwen2Audio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "using the default model ..."
+        return Qwen2Audio.load()
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_data(tmp_path_factory):
     """The demo data generator's output at its tiny scale (python -m demo.make_data --scale tiny), made

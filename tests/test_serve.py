@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -13,7 +12,6 @@ import httpx
 import numpy as np
 import pytest
 
-from qwen2audio import Qwen2Audio
 from qwen2audio.api import ASR_PROMPT
 from qwen2audio.audio import load_audio, split_into_windows
 from qwen2audio.generation.reply import logprob_entries
@@ -31,10 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model(default_home):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Qwen2Audio.load()
+def model(default_model):
+    return default_model
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ generation, errors (a prompt too long by its type), closing."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 
-from qwen2audio import Qwen2Audio, SamplingParams
+from qwen2audio import SamplingParams
 from qwen2audio.generation.scheduler import RequestTooLarge
 from qwen2audio.serve.backend import ABORTED, QueueFull, SchedulerBackend, Unavailable
 from reference import clip
@@ -21,10 +20,8 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def model(default_home):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Qwen2Audio.load()
+def model(default_model):
+    return default_model
 
 
 @pytest.fixture

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 
 import httpx
 import pytest
 import soundfile
 
-from qwen2audio import Qwen2Audio
 from qwen2audio.serve.app import ServerState, create_app
 from qwen2audio.serve.backend import SchedulerBackend
 from serve_helpers import FakeBackend, b64, fake_app, running, settings, wav_bytes
@@ -21,10 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model(default_home):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Qwen2Audio.load()
+def model(default_model):
+    return default_model
 
 
 @pytest.fixture(scope="module")

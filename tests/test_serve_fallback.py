@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
 
 import httpx
 import pytest
 
-from qwen2audio import Qwen2Audio
 from qwen2audio.generation.fallback import SEED, TEMPERATURES
 from qwen2audio.serve.app import ServerState, create_app
 from qwen2audio.serve.backend import SchedulerBackend
@@ -78,10 +76,8 @@ def test_when_every_attempt_loops_the_least_repetitive_is_kept():
 
 
 @pytest.fixture(scope="module")
-def model(default_home):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Qwen2Audio.load()
+def model(default_model):
+    return default_model
 
 
 def test_the_server_and_the_python_api_fall_back_alike(model, monkeypatch, tmp_path):
