@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 
@@ -135,3 +136,30 @@ def test_the_servers_default_beams_apply_at_temperature_zero_only():
         transcribe(url, wav_bytes(1.0), temperature="0.4")
         transcribe(url, wav_bytes(1.0), num_beams="2")
     assert [(r[3].num_beams, r[3].temperature) for r in backend.requests] == [(3, 0.0), (1, 0.4), (2, 0.0)]
+
+
+def test_beam_searches_and_other_requests_at_once_get_their_lone_answers(server):
+    """Eight clients at once on 4 slots: greedy, sampled, 2, 3 and 4 beams, n best, streamed; each answer is
+    what the same request gets alone, and nothing is left running or waiting."""
+    bodies = [{"model": "demo", "messages": [{"role": "user", "content": f"Say {word}."}], "max_tokens": NEW, **extra}
+              for word, extra in (("one", {"temperature": 0}), ("two", {"num_beams": 2}),
+                                  ("three", {"num_beams": 3, "n": 2}), ("four", {"temperature": 0.8, "seed": 3}),
+                                  ("five", {"num_beams": 3}), ("six", {"temperature": 0}),
+                                  ("seven", {"num_beams": 2, "stream": True}), ("eight", {"num_beams": 4}))]
+
+    def ask(body: dict) -> list[str]:
+        if body.get("stream"):
+            with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=300) as r:
+                chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            return ["".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])]
+        response = httpx.post(server + "/v1/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return [c["message"]["content"] for c in response.json()["choices"]]
+
+    alone = [ask(body) for body in bodies]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(ask, bodies))
+    assert together == alone
+    assert len(alone[2]) == 2
+    metrics = httpx.get(server + "/metrics", timeout=30).text.splitlines()
+    assert "qwen2audio_running_requests 0.0" in metrics and "qwen2audio_queue_depth 0.0" in metrics
