@@ -278,6 +278,31 @@ def test_transcription_logprobs_are_every_windows_tokens(client, model):
                                            response_format="verbose_json")
 
 
+def test_a_streamed_transcription_sends_the_text_as_it_is_decoded(client, model):
+    """stream=true (OpenAI's events, read by its client): the deltas spell the text of the json answer, window
+    by window; the done event has the whole text, the logprobs when asked for, and the usage."""
+    long = wav_bytes(35.0, seed=2)  # two windows
+    whole = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), include=["logprobs"])
+    events = list(client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), stream=True,
+                                                     include=["logprobs"]))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    done = events[-1]
+    assert done.type == "transcript.text.done" and [e.type for e in events[:-1]] == ["transcript.text.delta"] * len(
+        deltas)
+    assert len(deltas) > 2 and "".join(deltas) == done.text == whole.text
+    assert [(e.token, e.logprob) for e in done.logprobs] == [(e.token, e.logprob) for e in whole.logprobs]
+    windows = [model.complete(ASR_PROMPT.format(language="en"), [w], max_new_tokens=MAX_TOKENS)
+               for w in split_into_windows(load_audio(long))]
+    assert done.usage.output_tokens == sum(len(g.token_ids) for g in windows)
+    assert done.usage.input_tokens == sum(g.prompt_tokens for g in windows)
+    text = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), stream=True,
+                                              response_format="text")
+    assert "".join(e.delta for e in text if e.type == "transcript.text.delta") == whole.text
+    with pytest.raises(openai.BadRequestError, match="response_format json or text"):
+        client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), stream=True,
+                                           response_format="verbose_json")
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks translations deprecated
 def test_translation_asks_for_english_with_the_official_prompt(client, model, wav):
     result = client.audio.translations.create(model=MODEL_ID, file=("clip.wav", wav), extra_body={"language": "fr"})

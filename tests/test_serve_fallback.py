@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import httpx
 import pytest
@@ -93,3 +94,16 @@ def test_the_server_and_the_python_api_fall_back_alike(model, monkeypatch, tmp_p
     state.backend.close()
     assert body["text"] == expected
     assert body["segments"][0]["temperature"] in TEMPERATURES
+
+
+def test_a_streamed_transcription_sends_only_the_text_the_fallback_keeps():
+    """With --fallback a window's text may be replaced, so it is sent once decided: the loop never goes out."""
+    backend = ByTemperature({0.4: CLEAN})
+    app, _ = fake_app(backend, fallback=True)
+    with running(app) as url:
+        response = httpx.post(url + "/v1/audio/transcriptions", timeout=60,
+                              data={"model": "fake", "stream": "true"}, files={"file": ("a.wav", wav_bytes(2.0))})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["transcript.text.delta", "transcript.text.done"]
+    assert events[0]["delta"] == events[1]["text"] == "".join(CLEAN)

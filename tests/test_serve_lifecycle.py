@@ -11,7 +11,7 @@ import pytest
 
 from qwen2audio.serve.app import ServerState, create_app
 from qwen2audio.serve.cli import begin_shutdown
-from serve_helpers import FakeBackend, fake_app, running, settings, wait_until
+from serve_helpers import FakeBackend, fake_app, running, settings, wait_until, wav_bytes
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 WAIT = 10.0  # seconds a test waits for something that should take milliseconds
@@ -78,6 +78,22 @@ def test_a_client_leaving_mid_stream_cancels_its_generation():
         wait_until(lambda: "qwen2audio_cancelled_generations_total 1.0" in httpx.get(url + "/metrics").text,
                    "the metrics to count it")
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_client_leaving_a_streamed_transcription_cancels_every_window():
+    backend = FakeBackend(words=[f"w{i} " for i in range(200)], delay=0.02)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        with httpx.stream("POST", url + "/v1/audio/transcriptions", data={"model": "fake", "stream": "true"},
+                          files={"file": ("long.wav", wav_bytes(55.0))}, timeout=30) as r:
+            assert r.status_code == 200
+            first = json.loads(next(r.iter_lines()).removeprefix("data: "))
+            assert first["type"] == "transcript.text.delta" and first["delta"].startswith("w0")
+        # the connection is closed here: the first window is decoding, the second waits behind it
+        wait_until(lambda: len(backend.cancelled) == 2, "both windows to be cancelled")
+        wait_until(lambda: all(h.result.finish_reason is not None for h in backend.cancelled), "them to stop")
+        assert all(h.result.finish_reason == "abort" for h in backend.cancelled)
+        assert len(backend.cancelled[0].result.token_ids) < 100
 
 
 def test_a_client_leaving_before_a_whole_answer_cancels_its_generation():

@@ -13,6 +13,7 @@ from qwen2audio.serve.chat import sampling
 from qwen2audio.serve.errors import APIError
 from qwen2audio.serve.metrics import Metrics
 from qwen2audio.serve.openai_format import ChatCompletionRequest, validation_error
+from qwen2audio.text.tags import TAG
 
 SEGMENTS = [formats.Segment(0.0, 17.5, "first  line\nwith a break", [1, 2]),
             formats.Segment(17.5, 35.0, "", [3]),
@@ -203,3 +204,23 @@ def test_audio_warnings_reach_the_header_as_printable_ascii_and_only_within_thei
     response = with_warnings(Response("ok"), caught)
     assert response.headers["x-audio-warning"] == "a: caf???Set-Cookie: x | b: cut short"
     assert "x-audio-warning" not in with_warnings(Response("ok"), []).headers
+
+
+def test_a_streamed_transcripts_text_is_what_the_whole_one_says():
+    """_LiveText: tags removed (one split over two deltas held back until it closes), each window stripped,
+    windows joined by one space, trailing whitespace held until more text comes; the deltas spell
+    full_text of the windows' final texts."""
+    from qwen2audio.serve.formats import Segment, full_text
+    from qwen2audio.serve.transcription import _LiveText
+
+    windows = [["<|en|>", " Hello", " there", "  ", "<|", "x|> friend", " "], ["", "   "], ["<|en|>Second", " one."],
+               ["Ends ", "<|", "x|>"]]
+    live, sent, finals = _LiveText(), [], []
+    for deltas in windows:
+        for delta in deltas:
+            sent.append(live.push(delta))
+        final = TAG.sub("", "".join(deltas)).strip()
+        finals.append(final)
+        sent.append(live.window_done(final))
+    assert sent[:7] == ["", "Hello", " there", "", "", "   friend", ""]
+    assert "".join(sent) == full_text([Segment(0, 1, t) for t in finals]) == "Hello there   friend Second one. Ends"

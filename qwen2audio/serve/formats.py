@@ -28,6 +28,7 @@ class Segment:
     tokens: list[int] = field(default_factory=list)  # generated token ids
     temperature: float | None = None  # the one its text was decoded at, when not the request's (fallback)
     logprobs: list | None = None  # its tokens' TokenLogprob, when the request asked for them
+    prompt_tokens: int = 0  # its prompt's tokens, audio included (a streamed transcript's usage)
 
 
 def full_text(segments: list[Segment]) -> str:

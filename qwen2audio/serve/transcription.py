@@ -2,7 +2,9 @@
 
 Form fields: ``file`` and ``model`` (required), ``language``, ``prompt``, ``response_format`` (json, text,
 srt, vtt, verbose_json), ``temperature`` (default 0: greedy, as the official evaluation decodes),
-``timestamp_granularities[]`` (segment only), ``include[]`` (``logprobs``, with json: each generated
+``timestamp_granularities[]`` (segment only), ``stream`` (true: OpenAI's server-sent events,
+``transcript.text.delta`` as the text is decoded, then ``transcript.text.done``; json and text only),
+``include[]`` (``logprobs``, with json: each generated
 token's text, log-probability and bytes, every window's in order) and ``num_beams`` (an extension: beam
 search over that many beams, with temperature 0; at temperature 0 the server's ``--num-beams`` is the
 default, 1 unless set). ``prompt`` is accepted and not used:
@@ -26,14 +28,16 @@ the model's task prompt is fixed. Other fields are ignored.
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from typing import AsyncIterator
 
 import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from ..api import ASR_PROMPT
 from ..audio.features import SAMPLE_RATE, split_into_windows
@@ -45,8 +49,8 @@ from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
 from .chat import check_model, refusal, refuse_if_full, request_error
-from .errors import bad_request
-from .formats import FORMATS, Segment, render
+from .errors import bad_request, error_body
+from .formats import FORMATS, Segment, full_text, render
 from .handles import ClientGone, Reader, watching
 from .metrics import Metrics
 
@@ -79,6 +83,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
         raise bad_request("word timestamps are not supported; segment timestamps come with verbose_json",
                           "timestamp_granularities")
     with_logprobs = _include_logprobs(form, response_format)
+    stream = _stream(form, response_format)
     temperature = _temperature(form)
     beams = _num_beams(form, num_beams if temperature == 0 else 1)  # the server's default: for temperature 0
     if beams > 1 and temperature > 0:
@@ -93,26 +98,114 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
               TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[TARGET_LANGUAGE], source=language))
-    segments = await _windows(request, backend, prompt, split_into_windows(wave), params, metrics, arrived, endpoint,
-                              fallback=fallback and params.greedy)
+    events = _window_events(request, backend, prompt, split_into_windows(wave), params, metrics, arrived, endpoint,
+                            fallback=fallback and params.greedy, live=stream)
+    if stream:
+        return await _streamed(events, backend, with_logprobs)
+    segments = [event async for event in events if isinstance(event, Segment)]
     language_name = LANGUAGE_NAMES.get(language.split("-")[0].lower(), language).lower()
-    logprobs = None
-    if with_logprobs:  # OpenAI's transcription entries have no top_logprobs
-        logprobs = [{k: e[k] for k in ("token", "logprob", "bytes")} for s in segments
-                    for e in logprob_entries(s.logprobs, backend.token_bytes)]
     body, media_type = render(response_format, segments, task=task, language=language_name,
                               duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature,
-                              logprobs=logprobs)
+                              logprobs=_entries(segments, backend) if with_logprobs else None)
     return Response(body, media_type=media_type)
 
 
-async def _windows(request: Request, backend: Backend, prompt: str, windows, params: SamplingParams,
-                   metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False) -> list[Segment]:
-    """Each window's answer as a segment, in order. Up to WINDOWS_AT_ONCE windows are in the backend at
-    a time, so a long file's windows decode together in one batch; a window's answer is read while the
-    next ones are already decoding."""
+def _entries(segments: list[Segment], backend: Backend) -> list[dict]:
+    """Every window's tokens' logprob entries, in order (OpenAI's transcription entries have no top_logprobs)."""
+    return [{k: e[k] for k in ("token", "logprob", "bytes")} for s in segments
+            for e in logprob_entries(s.logprobs, backend.token_bytes)]
+
+
+async def _streamed(events: AsyncIterator, backend: Backend, with_logprobs: bool) -> Response:
+    """``stream=true``: server-sent events as OpenAI's streamed transcriptions send them, a
+    ``transcript.text.delta`` per piece of text as it is decoded, then ``transcript.text.done`` with the
+    whole text (and the logprobs, when asked for) and the usage. The first window's first text (or the
+    request's error) comes before the response starts, so errors get their status."""
+    first = await anext(events, None)
+
+    async def body() -> AsyncIterator[str]:
+        segments, text = [], _LiveText()
+        try:
+            event = first
+            while event is not None:
+                if isinstance(event, Segment):
+                    segments.append(event)
+                    delta = text.window_done(event.text)
+                else:
+                    delta = text.push(event)
+                if delta:
+                    yield _sse({"type": "transcript.text.delta", "delta": delta})
+                event = await anext(events, None)
+            done = {"type": "transcript.text.done", "text": full_text(segments)}
+            if with_logprobs:
+                done["logprobs"] = _entries(segments, backend)
+            output = sum(len(s.tokens) for s in segments)
+            prompt = sum(s.prompt_tokens for s in segments)
+            done["usage"] = {"type": "tokens", "input_tokens": prompt, "output_tokens": output,
+                             "total_tokens": prompt + output}
+            yield _sse(done)
+        except Exception as err:  # noqa: BLE001 - a window that failed after the stream began
+            error = request_error(err)
+            yield _sse(error_body(error.message, error.type, error.param, error.code))
+        finally:  # the client left, or an error: the windows still decoding stop
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _LiveText:
+    """A streamed transcript's text as the windows' raw deltas come: the model's <|...|> tags removed, each
+    window's text stripped, windows joined by one space, as the whole transcript is (``full_text``). Text
+    that could still change is held back: trailing whitespace (stripped if the window ends there) and an
+    unfinished tag."""
+
+    def __init__(self) -> None:
+        self.raw = ""  # this window's decoded text so far
+        self.sent = 0  # of its cleaned text, the characters sent
+        self.any = False  # some earlier window had text (the next one's starts with a space)
+
+    def push(self, delta: str) -> str:
+        self.raw += delta
+        clean = TAG.sub("", self.raw).lstrip()
+        ready = len(clean.rstrip())
+        tag = clean.rfind("<|")
+        if tag >= 0 and "|>" not in clean[tag:]:
+            ready = min(ready, len(clean[:tag].rstrip()))  # the whitespace before it too: it may end the window
+        return self._send(clean, ready)
+
+    def window_done(self, text: str) -> str:
+        """The window's final text (after the fallback, perhaps another than what was streamed): the rest of
+        it. Streamed text is never taken back: with the fallback on, windows are not streamed live."""
+        delta = self._send(text, len(text))
+        self.any = self.any or bool(text)
+        self.raw, self.sent = "", 0
+        return delta
+
+    def _send(self, clean: str, ready: int) -> str:
+        if ready <= self.sent:
+            return ""
+        piece = clean[self.sent:ready]
+        if self.sent == 0 and self.any:
+            piece = " " + piece
+        self.sent = ready
+        return piece
+
+
+async def _window_events(request: Request, backend: Backend, prompt: str, windows, params: SamplingParams,
+                         metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False,
+                         live: bool = False) -> AsyncIterator[str | Segment]:
+    """Each window's answer as a Segment, in order; with ``live`` (a streamed response) also its text deltas
+    as they are decoded, before its Segment (not with the fallback, which may replace a window's text). Up
+    to WINDOWS_AT_ONCE windows are in the backend at a time, so a long file's windows decode together in
+    one batch; a window's answer is read while the next ones are already decoding. Until the first text,
+    a client that leaves is noticed here; once a streamed response has begun, its server notices."""
     handles: list[Handle] = []
-    segments, start = [], 0
+    start, started = 0, False
     try:
         for k, window in enumerate(windows):
             while len(handles) < min(k + WINDOWS_AT_ONCE, len(windows)):
@@ -120,7 +213,15 @@ async def _windows(request: Request, backend: Backend, prompt: str, windows, par
                                              first=not handles))
             reader = Reader(handles[k])
             try:
-                text = await watching(request, [handles[k]], reader.rest)
+                if live and not fallback:
+                    parts = []
+                    while (delta := await _read(request, handles[k], reader.next, watch=not started)) is not None:
+                        parts.append(delta)
+                        started = True
+                        yield delta
+                    text = "".join(parts)
+                else:
+                    text = await _read(request, handles[k], reader.rest, watch=not (live and started))
             except Exception as err:  # noqa: BLE001
                 raise request_error(err) from None
             finally:
@@ -130,13 +231,19 @@ async def _windows(request: Request, backend: Backend, prompt: str, windows, par
             if fallback and F.repetitive(text):
                 text, result, temperature = await _again(request, backend, prompt, window, params, metrics,
                                                          endpoint, text, result)
-            segments.append(Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, TAG.sub("", text).strip(),
-                                    list(result.token_ids), temperature, result.logprobs))
+            started = True
+            yield Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, TAG.sub("", text).strip(),
+                          list(result.token_ids), temperature, result.logprobs, result.prompt_tokens)
             start = end
-    finally:  # an error or a client gone: the windows still decoding stop (a finished one is not changed)
+    finally:  # an error, a client gone or a consumer that stopped: the windows still decoding stop
         for handle in handles:
             handle.cancel()
-    return segments
+
+
+async def _read(request: Request, handle: Handle, work, watch: bool):
+    """``await work()``, watching for the client to leave (``watching``) unless a streamed response has
+    begun: its server then receives the disconnect itself."""
+    return await watching(request, [handle], work) if watch else await work()
 
 
 async def _again(request: Request, backend: Backend, prompt: str, window, params: SamplingParams, metrics: Metrics,
@@ -180,6 +287,16 @@ def _include_logprobs(form, response_format: str) -> bool:
     if include and response_format != "json":
         raise bad_request(f"include[]=logprobs comes with response_format json, not {response_format!r}", "include")
     return bool(include)
+
+
+def _stream(form, response_format: str) -> bool:
+    value = (_field(form, "stream") or "false").lower()
+    if value not in ("true", "false"):
+        raise bad_request(f"stream must be true or false, got {value!r}", "stream")
+    if value == "true" and response_format not in ("json", "text"):
+        raise bad_request(f"stream=true sends the text as it is decoded; use response_format json or text, not "
+                          f"{response_format!r}", "stream")
+    return value == "true"
 
 
 def _temperature(form) -> float:
