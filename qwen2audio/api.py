@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, load_audio
+from .audio.features import CHUNK_SECONDS, chunk_samples, split_at_pauses
 from .checkpoint import load_model
 from .checkpoint.files import GENERATION_FILE
 from .generation.engine import Engine, Generation, Prepared, RequestStream
@@ -150,18 +151,26 @@ class Qwen2Audio:
     def complete(self, prompt: str, audios: Sequence[Any] = (), **sampling) -> Generation:
         return self.engine.generate([self.prepare_raw(prompt, audios)], SamplingParams(**sampling))[0]
 
-    def transcribe(self, audio: Any, language: str = "en", fallback: bool = False, **sampling) -> str:
+    def transcribe(self, audio: Any, language: str = "en", fallback: bool = False,
+                   chunk_seconds: float = CHUNK_SECONDS, **sampling) -> str:
         """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed.
-        ``fallback``: a repetitive answer is decoded again at rising temperatures (Whisper's guard against
-        loops; qwen2audio.generation.fallback)."""
-        prepared = self.prepare_raw(ASR_PROMPT.format(language=language), [audio])
+
+        Audio longer than ``chunk_seconds`` (at most 30, the encoder's window) is cut where it is quietest
+        into chunks of at most that length (``split_at_pauses``), transcribed together in one batch, each
+        with its own prompt, and their texts joined by a space, as the server's transcriptions are: the
+        model answers one window at a time, as it was trained (one prompt holding minutes of audio gets
+        a sentence or two back). ``fallback``: a repetitive answer is decoded again at rising temperatures
+        (Whisper's guard against loops; qwen2audio.generation.fallback)."""
+        chunks = split_at_pauses(decode_audio(audio), chunk_samples(chunk_seconds))
+        prompt = ASR_PROMPT.format(language=language)
+        prepared = [self.prepare_raw(prompt, [chunk]) for chunk in chunks]
         if fallback:
             from .generation.fallback import generate_with_fallback
 
-            out = generate_with_fallback(self.engine, [prepared], SamplingParams(**sampling))[0]
+            outs = generate_with_fallback(self.engine, prepared, SamplingParams(**sampling))
         else:
-            out = self.engine.generate([prepared], SamplingParams(**sampling))[0]
-        return TAG.sub("", out.text).strip()
+            outs = self.engine.generate(prepared, SamplingParams(**sampling))
+        return " ".join(text for text in (TAG.sub("", out.text).strip() for out in outs) if text)
 
     def conversation(self, system: str | None = None) -> "Conversation":
         return Conversation(self, system)

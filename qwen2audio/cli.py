@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fallback", action="store_true",
                     help="decode a repetitive transcript again at rising temperatures (Whisper's guard against "
                          "loops); off: greedy only, as the official evaluation decodes")
+    tr.add_argument("--chunk-seconds", type=float, default=30.0, metavar="S",
+                    help="audio longer than S seconds (1-30, default 30: the encoder's window) is cut where it is "
+                         "quietest into chunks of at most S, transcribed one by one in a batch and joined")
     _sampling_args(tr, TRANSCRIBE_SAMPLING_NOTE, leave_out=("logprobs",))  # a transcript is text only
 
     for module in COMMAND_MODULES:  # further commands live beside the code they run
@@ -190,6 +193,13 @@ def _run(args: argparse.Namespace) -> int:
         args.model_dir = None
     if getattr(args, "logprobs", None) is not None and not args.json:
         raise ValueError("--logprobs: the log-probabilities are part of the --json output; add --json")
+    if getattr(args, "chunk_seconds", None) is not None:
+        from .audio.features import chunk_samples
+
+        try:
+            chunk_samples(args.chunk_seconds)
+        except ValueError as err:
+            raise ValueError(f"--chunk-seconds: {err}") from None
     _check_model_dir(args)
     _check_device(args.device)
     model = _load(args)
@@ -355,7 +365,7 @@ def _transcribe(model, args, sampling) -> int:
     for path in args.files:
         try:
             text = model.transcribe(path, language=args.language, fallback=args.fallback,
-                                    **sampling)
+                                    chunk_seconds=args.chunk_seconds, **sampling)
         except AudioError as err:  # one bad file does not stop the others
             print(f"qwen2audio: error: {err}", file=sys.stderr)
             failed += 1

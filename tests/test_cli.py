@@ -12,11 +12,13 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import soundfile
 import torch
 
 from qwen2audio import Qwen2Audio
+from qwen2audio.audio import split_at_pauses
 from qwen2audio.cli import main
 from reference import TOKENIZER, clip, hf_model
 
@@ -204,6 +206,28 @@ def test_beam_search_settings_that_cannot_work(model_dir, flags, message, capsys
 
 
 # -- transcribe ---------------------------------------------------------------------------------------
+def test_long_audio_is_transcribed_chunk_by_chunk(api, model_dir, tmp_path, capsys, monkeypatch):
+    """A file longer than --chunk-seconds: cut where it is quietest (split_at_pauses), each chunk transcribed
+    with its own prompt in one batch, the texts joined by a space, the same as the API's."""
+    model = api["saved"]
+    wave = np.concatenate([clip(2.5, 3), np.zeros(8000, np.float32), clip(3.0, 4), np.zeros(8000, np.float32),
+                           clip(2.0, 5)])
+    path = tmp_path / "long.wav"
+    soundfile.write(path, wave, 16000, subtype="FLOAT")
+    chunks = split_at_pauses(wave, 4 * 16000)
+    cuts = np.cumsum([len(c) for c in chunks])[:-1]
+    assert len(chunks) == 3 and 40000 <= cuts[0] <= 48000 and 96000 <= cuts[1] <= 104000  # in the two pauses
+    each = [model.transcribe(c, max_new_tokens=int(NEW)) for c in chunks]
+    expected = " ".join(t for t in each if t)
+    assert model.transcribe(str(path), max_new_tokens=int(NEW), chunk_seconds=4) == expected
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(path), "--max-new-tokens", NEW,
+                                             "--chunk-seconds", "4"])
+    assert rc == 0, err
+    assert out == expected + "\n"
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(path), "--chunk-seconds", "0.5"])
+    assert rc == 2 and "--chunk-seconds: chunk_seconds must be between 1 and 30" in err
+
+
 def test_transcribe_prints_one_line_per_file(which, audio, capsys, monkeypatch):
     args, model = which
     files = [audio["wav"], audio["flac"]]

@@ -17,6 +17,7 @@ from qwen2audio.audio import (
     audio_token_count,
     log_mel_spectrogram,
     num_valid_frames,
+    split_at_pauses,
     split_into_windows,
 )
 from qwen2audio.audio.features import (
@@ -212,6 +213,43 @@ def test_split_into_windows_accepts_tensors_and_rejects_empty():
     assert [len(w) for w in windows] == [25 * SAMPLE_RATE] * 3
     with pytest.raises(ValueError, match="empty"):
         split_into_windows(np.zeros(0, dtype=np.float32))
+
+
+def with_pauses(pauses_at: list[float], seconds: float, seed: int = 0) -> np.ndarray:
+    """Noise bursts ("words") with 0.3 s near-silent pauses centred at ``pauses_at`` (seconds)."""
+    rng = np.random.default_rng(seed)
+    audio = rng.standard_normal(int(seconds * SAMPLE_RATE)).astype(np.float32) * 0.3
+    for t in pauses_at:
+        a, b = int((t - 0.15) * SAMPLE_RATE), int((t + 0.15) * SAMPLE_RATE)
+        audio[a:b] *= 0.001
+    return audio
+
+
+def test_split_at_pauses_cuts_in_the_pauses_and_keeps_every_sample():
+    pauses = [4.0, 12.0, 21.0, 26.0, 38.0, 51.0]
+    audio = with_pauses(pauses, 60.0)
+    windows = split_at_pauses(audio, 20 * SAMPLE_RATE)
+    np.testing.assert_array_equal(np.concatenate(windows), audio)
+    cuts = np.cumsum([len(w) for w in windows])[:-1] / SAMPLE_RATE
+    # from 0 the pause in [10, 20) s is at 12; from 12, in [22, 32): 26 (not 21); from 26, in [36, 46): 38;
+    # from 38, in [48, 58): 51; then 9 s are left
+    assert list(cuts) == pytest.approx([12.0, 26.0, 38.0, 51.0], abs=0.15)
+    assert all(len(w) <= 20 * SAMPLE_RATE for w in windows)
+
+
+def test_split_at_pauses_leaves_short_clips_whole_and_no_sliver_at_the_end():
+    audio = with_pauses([], 30.0)
+    assert len(split_at_pauses(audio)) == 1  # 30 s: one window
+    longer = with_pauses([], 30.2)  # no pause: the quietest span anywhere, but never a 0.2 s tail
+    windows = split_at_pauses(longer)
+    assert len(windows) == 2 and min(len(w) for w in windows) >= N_SAMPLES // 4
+    np.testing.assert_array_equal(np.concatenate(windows), longer)
+    silence = np.zeros(70 * SAMPLE_RATE, dtype=np.float32)  # all equally quiet: the latest cut, fewest windows
+    assert [len(w) for w in split_at_pauses(silence)] == [N_SAMPLES - 200, N_SAMPLES - 200, 10 * SAMPLE_RATE + 400]
+    with pytest.raises(ValueError, match="empty"):
+        split_at_pauses(np.zeros(0, dtype=np.float32))
+    with pytest.raises(ValueError, match="at least 800"):
+        split_at_pauses(audio, 100)
 
 
 # --- Errors ---------------------------------------------------------------------------------------------

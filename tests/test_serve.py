@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from qwen2audio.api import ASR_PROMPT
-from qwen2audio.audio import load_audio, split_into_windows
+from qwen2audio.audio import SAMPLE_RATE, load_audio, split_at_pauses
 from qwen2audio.generation.reply import logprob_entries
 from qwen2audio.eval.translation import TRANSLATION_PROMPT
 from qwen2audio.serve.app import ServerState, create_app
@@ -242,15 +242,20 @@ def test_transcription_subtitles_and_verbose_json(client, transcript, wav):
 
 
 def test_long_audio_is_transcribed_window_by_window(client, model):
-    long = wav_bytes(35.0, seed=2)  # two windows of 17.5 s
+    """35 s: two windows, cut where the audio is quietest (split_at_pauses), each a segment; the whole text is
+    what Qwen2Audio.transcribe gives for the whole file."""
+    long = wav_bytes(35.0, seed=2)
     verbose = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long),
                                                  response_format="verbose_json")
-    windows = split_into_windows(load_audio(long))
-    assert [(s.start, s.end) for s in verbose.segments] == [(0.0, 17.5), (17.5, 35.0)]
+    windows = split_at_pauses(load_audio(long))
+    cut = len(windows[0]) / SAMPLE_RATE
+    assert len(windows) == 2 and 15.0 <= cut <= 30.0
+    assert [t for s in verbose.segments for t in (s.start, s.end)] == pytest.approx([0.0, cut, cut, 35.0], abs=1e-3)
     expected = [model.transcribe(w, max_new_tokens=MAX_TOKENS) for w in windows]
     assert [s.text for s in verbose.segments] == expected
+    assert verbose.text == model.transcribe(long, max_new_tokens=MAX_TOKENS) == " ".join(t for t in expected if t)
     srt = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), response_format="srt")
-    assert "2\n00:00:17,500 --> 00:00:35,000\n" in srt
+    assert "\n2\n" in srt and "--> 00:00:35,000\n" in srt
 
 
 def test_transcription_logprobs_are_every_windows_tokens(client, model):
@@ -260,7 +265,7 @@ def test_transcription_logprobs_are_every_windows_tokens(client, model):
     long = wav_bytes(35.0, seed=2)  # two windows
     result = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), include=["logprobs"])
     expected = [model.complete(ASR_PROMPT.format(language="en"), [w], max_new_tokens=MAX_TOKENS, logprobs=0)
-                for w in split_into_windows(load_audio(long))]
+                for w in split_at_pauses(load_audio(long))]
     want = [{k: e[k] for k in ("token", "logprob", "bytes")}
             for g in expected for e in logprob_entries(g.logprobs, model.tokenizer.token_bytes)]
     assert len(want) == sum(len(g.token_ids) for g in expected) > 2
@@ -292,7 +297,7 @@ def test_a_streamed_transcription_sends_the_text_as_it_is_decoded(client, model)
     assert len(deltas) > 2 and "".join(deltas) == done.text == whole.text
     assert [(e.token, e.logprob) for e in done.logprobs] == [(e.token, e.logprob) for e in whole.logprobs]
     windows = [model.complete(ASR_PROMPT.format(language="en"), [w], max_new_tokens=MAX_TOKENS)
-               for w in split_into_windows(load_audio(long))]
+               for w in split_at_pauses(load_audio(long))]
     assert done.usage.output_tokens == sum(len(g.token_ids) for g in windows)
     assert done.usage.input_tokens == sum(g.prompt_tokens for g in windows)
     text = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), stream=True,

@@ -43,7 +43,7 @@ def test_help_text(capsys):
     help_text = capsys.readouterr().out
     for flag in ("--host", "--port", "--api-key", "--max-body-mb", "--max-audio-seconds", "--max-tokens",
                  "--max-batch", "--max-queue", "--cors-origin", "--allow-audio-url-host", "--allow-local-audio",
-                 "--shutdown-timeout", "--num-beams", "--fallback", "QWEN2AUDIO_API_KEY", "127.0.0.1"):
+                 "--shutdown-timeout", "--num-beams", "--fallback", "--chunk-seconds", "QWEN2AUDIO_API_KEY", "127.0.0.1"):
         assert flag in help_text
 
 
@@ -62,6 +62,7 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys):
     (["--port", "70000"], "--port must be between 0 and 65535"),
     (["--max-batch", "4", "--num-beams", "5"], "--num-beams must be between 1 and --max-batch (4"),
     (["--num-beams", "0"], "--num-beams must be between 1"),
+    (["--chunk-seconds", "45"], "--chunk-seconds: chunk_seconds must be between 1 and 30"),
     (["--allow-audio-url-host", "http://example.com"], "--allow-audio-url-host 'http://example.com'"),
     (["--allow-local-audio", "/no/such/folder"], "--allow-local-audio /no/such/folder: not a directory"),
     (["/no/such/checkpoint"], "checkpoint directory /no/such/checkpoint does not exist"),

@@ -7,6 +7,7 @@ from qwen2audio.audio.features import (
     audio_token_count,
     log_mel_spectrogram,
     num_valid_frames,
+    split_at_pauses,
     split_into_windows,
 )
 from qwen2audio.audio.io import AudioError, load_audio
@@ -18,6 +19,7 @@ __all__ = [
     "audio_token_count",
     "num_valid_frames",
     "split_into_windows",
+    "split_at_pauses",
     "SAMPLE_RATE",
     "N_SAMPLES",
     "N_FRAMES",

@@ -370,3 +370,56 @@ def split_into_windows(audio, window_samples: int = N_SAMPLES) -> list[np.ndarra
         raise ValueError(f"window_samples must be a positive int, got {window_samples!r}")
     ends = np.cumsum(window_lengths(audio.shape[0], window_samples))
     return np.split(audio, ends[:-1])
+
+
+CHUNK_SECONDS = 30.0  # a transcription's longest chunk, by default: the encoder's window
+MIN_CHUNK_SECONDS = 1.0
+
+
+def chunk_samples(seconds: float) -> int:
+    """Samples in a transcription chunk of ``seconds``, checked: 1 to 30 (the encoder's window)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+            MIN_CHUNK_SECONDS <= seconds <= CHUNK_SECONDS):
+        raise ValueError(f"chunk_seconds must be between {MIN_CHUNK_SECONDS:g} and {CHUNK_SECONDS:g} (the encoder's "
+                         f"window), got {seconds!r}")
+    return int(round(seconds * SAMPLE_RATE))
+
+
+PAUSE_FRAME = 400  # 25 ms: the span whose energy places a cut
+MIN_WINDOW_SHARE = 0.5  # a cut falls in the last half of the longest window allowed
+
+
+def split_at_pauses(audio, window_samples: int = N_SAMPLES) -> list[np.ndarray]:
+    """Split a 1-D clip into consecutive windows of at most ``window_samples`` that end where it is quietest.
+
+    A clip that fits stays whole. Otherwise each cut is placed in the middle of the 25 ms span of least
+    energy among the last half of the longest window allowed from where the previous one ended (the
+    latest such span, where several are equally quiet: digital silence), so that a window ends in a
+    pause between words rather than in one, whatever the model's window; no cut leaves the last window
+    shorter than a quarter of the longest (a sliver too short to hear). No overlap and nothing dropped:
+    the windows concatenate back to ``audio`` exactly. Returns numpy views of the input.
+    """
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"split_at_pauses expects 1-D mono samples, got shape {audio.shape}")
+    if audio.shape[0] == 0:
+        raise ValueError("split_at_pauses got an empty clip (0 samples)")
+    if not isinstance(window_samples, int) or window_samples < 2 * PAUSE_FRAME:
+        raise ValueError(f"window_samples must be an int of at least {2 * PAUSE_FRAME}, got {window_samples!r}")
+    n = audio.shape[0]
+    if n <= window_samples:
+        return [audio]
+    squares = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
+    energy = squares[PAUSE_FRAME:] - squares[:-PAUSE_FRAME]  # energy[i]: of samples i .. i + PAUSE_FRAME - 1
+    cuts, start = [], 0
+    while n - start > window_samples:
+        lo = start + int(window_samples * MIN_WINDOW_SHARE)
+        # the span must end inside the window, and leave the last window at least a quarter of one
+        hi = min(start + window_samples - PAUSE_FRAME, n - window_samples // 4 - PAUSE_FRAME // 2)
+        region = energy[lo:hi + 1]
+        quietest = lo + (len(region) - 1 - int(np.argmin(region[::-1])))  # the latest of the quietest
+        start = quietest + PAUSE_FRAME // 2
+        cuts.append(start)
+    return np.split(audio, cuts)

@@ -14,8 +14,8 @@ the model's task prompt is fixed. Other fields are ignored.
   translation with the official speech-translation prompt of the evaluation (CoVoST 2), into English.
   Both read ``language`` as the language spoken (ISO 639-1, default en; an extension on /translations,
   where OpenAI's API has no such field): the prompts name it.
-- The audio is cut into windows of at most 30 s (``split_into_windows``: near-equal lengths, nothing
-  dropped), each answered on its own as one segment with its start and end times; the model's
+- The audio is cut into windows of at most 30 s (the server's ``--chunk-seconds``) where it is quietest
+  (``split_at_pauses``: a cut in a pause between words, nothing dropped), each answered on its own as one segment with its start and end times; the model's
   <|...|> tags are removed from the text, as ``Qwen2Audio.transcribe`` removes them.
 - With the server's ``--fallback``, a window decoded at temperature 0 (greedy or by beam search) whose text is repetitive (a zlib compression ratio past
   2.4: a decoding loop) is decoded again with seeded sampling at temperature 0.2, 0.4, ... 1.0 until one is
@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..api import ASR_PROMPT
-from ..audio.features import SAMPLE_RATE, split_into_windows
+from ..audio.features import CHUNK_SECONDS, SAMPLE_RATE, chunk_samples, split_at_pauses
 from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
 from ..generation import fallback as F
 from ..generation.params import SamplingParams
@@ -66,7 +66,7 @@ WINDOWS_AT_ONCE = 4  # of one file, in the backend together: they share a batch 
 
 async def audio_endpoint(request: Request, task: str, backend: Backend, policy: AudioPolicy, max_tokens: int,
                          metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False,
-                         num_beams: int = 1) -> Response:
+                         num_beams: int = 1, chunk_seconds: float = CHUNK_SECONDS) -> Response:
     form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
@@ -98,7 +98,8 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
               TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[TARGET_LANGUAGE], source=language))
-    events = _window_events(request, backend, prompt, split_into_windows(wave), params, metrics, arrived, endpoint,
+    windows = split_at_pauses(wave, chunk_samples(chunk_seconds))
+    events = _window_events(request, backend, prompt, windows, params, metrics, arrived, endpoint,
                             fallback=fallback and params.greedy, live=stream)
     if stream:
         return await _streamed(events, backend, with_logprobs)
