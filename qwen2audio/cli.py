@@ -360,12 +360,14 @@ def _end_line() -> None:
 
 
 def _transcribe(model, args, sampling) -> int:
+    from .audio.features import CHUNK_SECONDS
+
     tty = sys.stdout.isatty()
     failed = 0
     for path in args.files:
         try:
             text = model.transcribe(path, language=args.language, fallback=args.fallback,
-                                    chunk_seconds=args.chunk_seconds, **sampling)
+                                    chunk_seconds=getattr(args, "chunk_seconds", CHUNK_SECONDS), **sampling)
         except AudioError as err:  # one bad file does not stop the others
             print(f"qwen2audio: error: {err}", file=sys.stderr)
             failed += 1

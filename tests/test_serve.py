@@ -295,7 +295,9 @@ def test_a_streamed_transcription_sends_the_text_as_it_is_decoded(client, model)
     assert done.type == "transcript.text.done" and [e.type for e in events[:-1]] == ["transcript.text.delta"] * len(
         deltas)
     assert len(deltas) > 2 and "".join(deltas) == done.text == whole.text
-    assert [(e.token, e.logprob) for e in done.logprobs] == [(e.token, e.logprob) for e in whole.logprobs]
+    assert [e.token for e in done.logprobs] == [e.token for e in whole.logprobs]
+    # (each request encodes its windows in its own batch: the vectors may round a little differently)
+    assert [e.logprob for e in done.logprobs] == pytest.approx([e.logprob for e in whole.logprobs], abs=1e-5)
     windows = [model.complete(ASR_PROMPT.format(language="en"), [w], max_new_tokens=MAX_TOKENS)
                for w in split_at_pauses(load_audio(long))]
     assert done.usage.output_tokens == sum(len(g.token_ids) for g in windows)

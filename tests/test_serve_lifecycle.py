@@ -7,8 +7,10 @@ import json
 import threading
 
 import httpx
+import numpy as np
 import pytest
 
+from qwen2audio.audio import SAMPLE_RATE, load_audio, split_at_pauses
 from qwen2audio.serve.app import ServerState, create_app
 from qwen2audio.serve.cli import begin_shutdown
 from serve_helpers import FakeBackend, fake_app, running, settings, wait_until, wav_bytes
@@ -89,8 +91,9 @@ def test_a_client_leaving_a_streamed_transcription_cancels_every_window():
             assert r.status_code == 200
             first = json.loads(next(r.iter_lines()).removeprefix("data: "))
             assert first["type"] == "transcript.text.delta" and first["delta"].startswith("w0")
-        # the connection is closed here: the first window is decoding, the second waits behind it
-        wait_until(lambda: len(backend.cancelled) == 2, "both windows to be cancelled")
+        # the connection is closed here: the first window is decoding, the others wait behind it
+        n = len(split_at_pauses(load_audio(wav_bytes(55.0))))
+        wait_until(lambda: len(backend.cancelled) == n, "every window to be cancelled")
         wait_until(lambda: all(h.result.finish_reason is not None for h in backend.cancelled), "them to stop")
         assert all(h.result.finish_reason == "abort" for h in backend.cancelled)
         assert len(backend.cancelled[0].result.token_ids) < 100
@@ -237,9 +240,12 @@ def test_streamed_n_choices_each_have_their_index_role_content_and_finish():
 
 
 def test_a_long_files_windows_decode_together_and_come_back_in_order():
-    """A 95 s file is four windows: all four are in the backend before the first is answered."""
+    """A 95 s file is four windows or more (split_at_pauses): four are in the backend before the first is
+    answered, and the segments follow the windows."""
     from serve_helpers import wav_bytes
 
+    windows = split_at_pauses(load_audio(wav_bytes(95.0)))
+    assert len(windows) >= 4
     backend = FakeBackend(words=["w"], max_queue=8, hold=True)
     app, _ = fake_app(backend, max_seconds=120.0)
     box: dict = {}
@@ -256,8 +262,10 @@ def test_a_long_files_windows_decode_together_and_come_back_in_order():
         backend.gate.set()
         thread.join(WAIT)
     segments = box["response"].json()["segments"]
-    assert [(s["start"], s["end"]) for s in segments] == [(0.0, 23.75), (23.75, 47.5), (47.5, 71.25), (71.25, 95.0)]
-    assert [window[2][0].shape[0] for window in backend.requests] == [380000] * 4
+    ends = np.cumsum([len(w) for w in windows]) / SAMPLE_RATE
+    assert [s["end"] for s in segments] == pytest.approx(list(ends), abs=1e-3)
+    assert [s["start"] for s in segments] == pytest.approx([0.0, *ends[:-1]], abs=1e-3)
+    assert [window[2][0].shape[0] for window in backend.requests] == [len(w) for w in windows]
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "transcriptions"])
