@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, load_audio
-from .audio.features import CHUNK_SECONDS, chunk_samples, split_at_pauses
+from .audio.features import CHUNK_SECONDS, chunk_samples, pause_samples, split_at_pauses
 from .checkpoint import load_model
 from .checkpoint.files import GENERATION_FILE
 from .generation.engine import Engine, Generation, Prepared, RequestStream
@@ -152,16 +152,18 @@ class Qwen2Audio:
         return self.engine.generate([self.prepare_raw(prompt, audios)], SamplingParams(**sampling))[0]
 
     def transcribe(self, audio: Any, language: str = "en", fallback: bool = False,
-                   chunk_seconds: float = CHUNK_SECONDS, **sampling) -> str:
+                   chunk_seconds: float = CHUNK_SECONDS, cut_at_pauses: float | None = None, **sampling) -> str:
         """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed.
 
         Audio longer than ``chunk_seconds`` (at most 30, the encoder's window) is cut where it is quietest
         into chunks of at most that length (``split_at_pauses``), transcribed together in one batch, each
         with its own prompt, and their texts joined by a space, as the server's transcriptions are: the
         model answers one window at a time, as it was trained (one prompt holding minutes of audio gets
-        a sentence or two back). ``fallback``: a repetitive answer is decoded again at rising temperatures
-        (Whisper's guard against loops; qwen2audio.generation.fallback)."""
-        chunks = split_at_pauses(decode_audio(audio), chunk_samples(chunk_seconds))
+        a sentence or two back). ``cut_at_pauses``: also cut in every pause of at least this many seconds
+        (0.3 suits speech), so that each chunk holds one stretch of speech: for a model trained on short
+        utterances, such as the demo model. ``fallback``: a repetitive answer is decoded again at rising
+        temperatures (Whisper's guard against loops; qwen2audio.generation.fallback)."""
+        chunks = split_at_pauses(decode_audio(audio), chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))
         prompt = ASR_PROMPT.format(language=language)
         prepared = [self.prepare_raw(prompt, [chunk]) for chunk in chunks]
         if fallback:

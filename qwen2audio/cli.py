@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--chunk-seconds", type=float, default=30.0, metavar="S",
                     help="audio longer than S seconds (1-30, default 30: the encoder's window) is cut where it is "
                          "quietest into chunks of at most S, transcribed one by one in a batch and joined")
+    tr.add_argument("--cut-at-pauses", type=float, default=None, metavar="S",
+                    help="also cut at every pause of at least S seconds (0.05-5; 0.3 suits speech), so that each "
+                         "chunk holds one stretch of speech: for models trained on short utterances, such as the "
+                         "demo model (default: cut only where a chunk must end)")
     _sampling_args(tr, TRANSCRIBE_SAMPLING_NOTE, leave_out=("logprobs",))  # a transcript is text only
 
     for module in COMMAND_MODULES:  # further commands live beside the code they run
@@ -200,6 +204,13 @@ def _run(args: argparse.Namespace) -> int:
             chunk_samples(args.chunk_seconds)
         except ValueError as err:
             raise ValueError(f"--chunk-seconds: {err}") from None
+    if getattr(args, "cut_at_pauses", None) is not None:
+        from .audio.features import pause_samples
+
+        try:
+            pause_samples(args.cut_at_pauses)
+        except ValueError as err:
+            raise ValueError(f"--cut-at-pauses: {err}") from None
     _check_model_dir(args)
     _check_device(args.device)
     model = _load(args)
@@ -367,7 +378,8 @@ def _transcribe(model, args, sampling) -> int:
     for path in args.files:
         try:
             text = model.transcribe(path, language=args.language, fallback=args.fallback,
-                                    chunk_seconds=getattr(args, "chunk_seconds", CHUNK_SECONDS), **sampling)
+                                    chunk_seconds=getattr(args, "chunk_seconds", CHUNK_SECONDS),
+                                    cut_at_pauses=getattr(args, "cut_at_pauses", None), **sampling)
         except AudioError as err:  # one bad file does not stop the others
             print(f"qwen2audio: error: {err}", file=sys.stderr)
             failed += 1

@@ -228,6 +228,30 @@ def test_long_audio_is_transcribed_chunk_by_chunk(api, model_dir, tmp_path, caps
     assert rc == 2 and "--chunk-seconds: chunk_seconds must be between 1 and 30" in err
 
 
+def test_cut_at_pauses_transcribes_each_stretch_between_pauses(api, model_dir, tmp_path, capsys, monkeypatch):
+    """--cut-at-pauses S: 7.5 s fit in one chunk, but the two 0.5 s pauses cut it in three, each transcribed
+    on its own, the same as the API's; a pause length out of range is refused before the model loads."""
+    model = api["saved"]
+    wave = np.concatenate([clip(2.5, 3), np.zeros(8000, np.float32), clip(3.0, 4), np.zeros(8000, np.float32),
+                           clip(2.0, 5)])
+    path = tmp_path / "three.wav"
+    soundfile.write(path, wave, 16000, subtype="FLOAT")
+    chunks = split_at_pauses(wave, 30 * 16000, 4800)
+    assert [len(c) for c in chunks] == pytest.approx([44000, 56000, 36000], abs=160)  # in the middle of each pause
+    expected = " ".join(t for t in (model.transcribe(c, max_new_tokens=int(NEW)) for c in chunks) if t)
+    assert model.transcribe(str(path), max_new_tokens=int(NEW), cut_at_pauses=0.3) == expected
+    assert model.transcribe(str(path), max_new_tokens=int(NEW)) == model.transcribe(wave, max_new_tokens=int(NEW))
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(path), "--max-new-tokens", NEW,
+                                             "--cut-at-pauses", "0.3"])
+    assert rc == 0, err
+    assert out == expected + "\n"
+    from qwen2audio import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_load", lambda args: pytest.fail("the model must not load"))
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(path), "--cut-at-pauses", "0"])
+    assert rc == 2 and "--cut-at-pauses: cut_at_pauses must be between 0.05 and 5 seconds" in err
+
+
 def test_transcribe_prints_one_line_per_file(which, audio, capsys, monkeypatch):
     args, model = which
     files = [audio["wav"], audio["flac"]]

@@ -25,7 +25,9 @@ from qwen2audio.audio.features import (
     N_AUDIO_TOKENS_PER_WINDOW,
     N_ENCODER_FRAMES,
     encoder_frame_count,
+    find_pauses,
     mel_filters,
+    pause_samples,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -250,6 +252,49 @@ def test_split_at_pauses_leaves_short_clips_whole_and_no_sliver_at_the_end():
         split_at_pauses(np.zeros(0, dtype=np.float32))
     with pytest.raises(ValueError, match="at least 800"):
         split_at_pauses(audio, 100)
+
+
+def test_cut_at_pauses_cuts_in_the_middle_of_every_pause_long_enough():
+    """min_pause_samples: a cut in the middle of each pause of at least that length (0.3 s pauses at 4, 12,
+    21, 26 s), none in shorter ones (0.1 s at 7 s) nor at the ends; a stretch longer than the window is still
+    cut where it is quietest; nothing dropped."""
+    audio = with_pauses([4.0, 12.0, 21.0, 26.0], 40.0)
+    audio[int(6.95 * SAMPLE_RATE):int(7.05 * SAMPLE_RATE)] *= 0.001  # a 0.1 s pause: too short to cut at
+    audio[:int(0.5 * SAMPLE_RATE)] *= 0.001  # quiet at the start and the end: no cut there
+    audio[-int(0.5 * SAMPLE_RATE):] *= 0.001
+    spans = [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in find_pauses(audio, int(0.25 * SAMPLE_RATE))]
+    assert spans == [(pytest.approx(t - 0.15, abs=0.03), pytest.approx(t + 0.15, abs=0.03)) for t in (4, 12, 21, 26)]
+    windows = split_at_pauses(audio, 10 * SAMPLE_RATE, int(0.25 * SAMPLE_RATE))
+    np.testing.assert_array_equal(np.concatenate(windows), audio)
+    cuts = np.cumsum([len(w) for w in windows])[:-1] / SAMPLE_RATE
+    # 26 -> 40 s is 14 s: one more cut where it is quietest in [31, 36) (no pause there: anywhere)
+    assert list(cuts[:4]) == pytest.approx([4.0, 12.0, 21.0, 26.0], abs=0.03) and len(cuts) == 5
+    assert 31.0 <= cuts[4] <= 36.0 and all(len(w) <= 10 * SAMPLE_RATE for w in windows)
+    assert len(split_at_pauses(audio, 30 * SAMPLE_RATE, int(0.5 * SAMPLE_RATE))) == 2  # pauses too short: 40 s > 30
+    assert len(split_at_pauses(audio, 30 * SAMPLE_RATE, int(0.25 * SAMPLE_RATE))) == 5
+    # a short clip with a pause is cut too: the cut does not wait for the window to fill
+    short = with_pauses([1.0], 2.5)
+    assert [len(w) for w in split_at_pauses(short, 30 * SAMPLE_RATE, int(0.25 * SAMPLE_RATE))] == [
+        pytest.approx(SAMPLE_RATE, abs=500), pytest.approx(1.5 * SAMPLE_RATE, abs=500)]
+
+
+def test_steady_noise_and_silence_have_no_pauses():
+    rng = np.random.default_rng(1)
+    assert find_pauses(rng.standard_normal(5 * SAMPLE_RATE).astype(np.float32), SAMPLE_RATE // 10) == []
+    assert find_pauses(np.zeros(5 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE // 10) == []
+    # speech-like bursts over loud noise: the gaps are 10 dB quieter, not quiet enough to be pauses
+    noisy = with_pauses([], 6.0) + 0.3 * 10 ** (-10 / 20) * rng.standard_normal(6 * SAMPLE_RATE).astype(np.float32)
+    noisy[2 * SAMPLE_RATE:3 * SAMPLE_RATE] = 0.3 * 10 ** (-10 / 20) * rng.standard_normal(SAMPLE_RATE)
+    assert find_pauses(noisy, SAMPLE_RATE // 10) == []
+
+
+def test_pause_seconds_are_checked():
+    assert pause_samples(None) is None and pause_samples(0.3) == 4800
+    for bad in (0.0, 0.01, 6.0, True, "0.3"):
+        with pytest.raises(ValueError, match="cut_at_pauses must be between 0.05 and 5"):
+            pause_samples(bad)
+    with pytest.raises(ValueError, match="min_pause_samples must be a positive int"):
+        split_at_pauses(with_pauses([], 2.0), N_SAMPLES, 0)
 
 
 # --- Errors ---------------------------------------------------------------------------------------------

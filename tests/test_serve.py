@@ -258,6 +258,42 @@ def test_long_audio_is_transcribed_window_by_window(client, model):
     assert "\n2\n" in srt and "--> 00:00:35,000\n" in srt
 
 
+def test_server_vad_chunking_cuts_at_every_pause(client, model):
+    """chunking_strategy (as OpenAI's): a server_vad object, sent by the openai client as bracketed form fields,
+    cuts 7.5 s of audio with two 0.5 s pauses in three segments, each what Qwen2Audio.transcribe gives for
+    it; "auto" and no field keep the server's own cuts (one window)."""
+    import io
+
+    import soundfile
+
+    from reference import clip
+
+    wave = np.concatenate([clip(2.5, 3), np.zeros(8000, np.float32), clip(3.0, 4), np.zeros(8000, np.float32),
+                           clip(2.0, 5)])
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    data = buffer.getvalue()
+    vad = client.audio.transcriptions.create(model=MODEL_ID, file=("three.wav", data), response_format="verbose_json",
+                                             chunking_strategy={"type": "server_vad", "silence_duration_ms": 300,
+                                                                "prefix_padding_ms": 300, "threshold": 0.5})
+    chunks = split_at_pauses(wave, 30 * SAMPLE_RATE, int(0.3 * SAMPLE_RATE))
+    assert len(chunks) == 3 and len(vad.segments) == 3
+    ends = np.cumsum([len(c) for c in chunks]) / SAMPLE_RATE
+    assert [s.end for s in vad.segments] == pytest.approx(list(ends), abs=1e-3)
+    assert [s.text for s in vad.segments] == [model.transcribe(c, max_new_tokens=MAX_TOKENS) for c in chunks]
+    assert vad.text == model.transcribe(wave, max_new_tokens=MAX_TOKENS, cut_at_pauses=0.3)
+    as_json = httpx.post(str(client.base_url).rstrip("/") + "/audio/transcriptions", timeout=30,
+                         data={"model": MODEL_ID, "response_format": "verbose_json",
+                               "chunking_strategy": json.dumps({"type": "server_vad", "silence_duration_ms": 300})},
+                         files={"file": ("three.wav", data)})
+    assert as_json.status_code == 200 and len(as_json.json()["segments"]) == 3
+    for strategy in ("auto", None):
+        extra = {"chunking_strategy": strategy} if strategy else {}
+        whole = client.audio.transcriptions.create(model=MODEL_ID, file=("three.wav", data),
+                                                   response_format="verbose_json", **extra)
+        assert len(whole.segments) == 1 and whole.text == model.transcribe(wave, max_new_tokens=MAX_TOKENS)
+
+
 def test_transcription_logprobs_are_every_windows_tokens(client, model):
     """include[]=logprobs (json): each window's generated tokens with their log-probabilities, in order, as
     Qwen2Audio.complete gives them with the ASR prompt (the client reads the bytes as numbers); other formats

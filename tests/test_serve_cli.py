@@ -3,6 +3,7 @@ exit status 2, and the real process serves the default model and stops cleanly o
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -43,7 +44,8 @@ def test_help_text(capsys):
     help_text = capsys.readouterr().out
     for flag in ("--host", "--port", "--api-key", "--max-body-mb", "--max-audio-seconds", "--max-tokens",
                  "--max-batch", "--max-queue", "--cors-origin", "--allow-audio-url-host", "--allow-local-audio",
-                 "--shutdown-timeout", "--num-beams", "--fallback", "--chunk-seconds", "QWEN2AUDIO_API_KEY", "127.0.0.1"):
+                 "--shutdown-timeout", "--num-beams", "--fallback", "--chunk-seconds", "--cut-at-pauses",
+                 "QWEN2AUDIO_API_KEY", "127.0.0.1"):
         assert flag in help_text
 
 
@@ -63,6 +65,7 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys):
     (["--max-batch", "4", "--num-beams", "5"], "--num-beams must be between 1 and --max-batch (4"),
     (["--num-beams", "0"], "--num-beams must be between 1"),
     (["--chunk-seconds", "45"], "--chunk-seconds: chunk_seconds must be between 1 and 30"),
+    (["--cut-at-pauses", "9"], "--cut-at-pauses: cut_at_pauses must be between 0.05 and 5 seconds"),
     (["--allow-audio-url-host", "http://example.com"], "--allow-audio-url-host 'http://example.com'"),
     (["--allow-local-audio", "/no/such/folder"], "--allow-local-audio /no/such/folder: not a directory"),
     (["/no/such/checkpoint"], "checkpoint directory /no/such/checkpoint does not exist"),
@@ -152,3 +155,13 @@ def test_the_command_serves_the_default_model_and_stops_on_sigterm(default_home)
     assert "Traceback" not in stderr and "Shutting down" in stderr
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "abort"
+
+
+def test_transcription_flags_reach_the_settings():
+    parser = argparse.ArgumentParser()
+    serve_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--chunk-seconds", "8", "--cut-at-pauses", "0.3", "--num-beams", "2",
+                              "--fallback"])
+    settings = serve_cli.settings_from(args)
+    assert (settings.chunk_seconds, settings.cut_at_pauses, settings.num_beams, settings.fallback) == (8.0, 0.3, 2, True)
+    assert serve_cli.settings_from(parser.parse_args(["serve"])).cut_at_pauses is None

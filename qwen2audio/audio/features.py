@@ -385,32 +385,63 @@ def chunk_samples(seconds: float) -> int:
     return int(round(seconds * SAMPLE_RATE))
 
 
+MIN_PAUSE_SECONDS, MAX_PAUSE_SECONDS = 0.05, 5.0
+
+
+def pause_samples(seconds: float | None) -> int | None:
+    """Samples in the shortest pause a transcription is cut at (``cut_at_pauses``), checked: 0.05 to 5 s;
+    None (cut only where a chunk must end) stays None."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+            MIN_PAUSE_SECONDS <= seconds <= MAX_PAUSE_SECONDS):
+        raise ValueError(f"cut_at_pauses must be between {MIN_PAUSE_SECONDS:g} and {MAX_PAUSE_SECONDS:g} seconds "
+                         f"(the shortest pause to cut at; 0.3 suits speech), got {seconds!r}")
+    return int(round(seconds * SAMPLE_RATE))
+
+
 PAUSE_FRAME = 400  # 25 ms: the span whose energy places a cut
 MIN_WINDOW_SHARE = 0.5  # a cut falls in the last half of the longest window allowed
 
 
-def split_at_pauses(audio, window_samples: int = N_SAMPLES) -> list[np.ndarray]:
-    """Split a 1-D clip into consecutive windows of at most ``window_samples`` that end where it is quietest.
+PAUSE_HOP = 160  # 10 ms between the frames that find pauses
+PAUSE_FLOOR_DB = 6.0  # a pause: within this of the clip's quiet level ...
+PAUSE_RANGE_DB = 45.0  # ... or this far below its loud level (digital silence has no floor) ...
+PAUSE_MAX_DB = 20.0  # ... and at least this far below its loud level (noise with no speech pauses)
 
-    A clip that fits stays whole. Otherwise each cut is placed in the middle of the 25 ms span of least
-    energy among the last half of the longest window allowed from where the previous one ended (the
-    latest such span, where several are equally quiet: digital silence), so that a window ends in a
-    pause between words rather than in one, whatever the model's window; no cut leaves the last window
-    shorter than a quarter of the longest (a sliver too short to hear). No overlap and nothing dropped:
-    the windows concatenate back to ``audio`` exactly. Returns numpy views of the input.
+
+def find_pauses(audio, min_samples: int) -> list[tuple[int, int]]:
+    """Quiet stretches of at least ``min_samples`` inside a 1-D clip: ``(start, end)`` sample spans.
+
+    Each 25 ms frame (every 10 ms) is quiet when its level is within 6 dB of the clip's quiet level (the
+    10th percentile of the frames) or 45 dB below its loud level (the 95th percentile), but never less than
+    20 dB below the loud level: so a clip of steady noise or of speech with no gap has no pause. Stretches
+    touching the start or the end of the clip are not pauses (nothing to separate there).
     """
-    if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
     audio = np.asarray(audio)
-    if audio.ndim != 1:
-        raise ValueError(f"split_at_pauses expects 1-D mono samples, got shape {audio.shape}")
-    if audio.shape[0] == 0:
-        raise ValueError("split_at_pauses got an empty clip (0 samples)")
-    if not isinstance(window_samples, int) or window_samples < 2 * PAUSE_FRAME:
-        raise ValueError(f"window_samples must be an int of at least {2 * PAUSE_FRAME}, got {window_samples!r}")
+    n = audio.shape[0]
+    if n < PAUSE_FRAME + PAUSE_HOP or min_samples >= n:
+        return []
+    squares = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
+    starts = np.arange(0, n - PAUSE_FRAME + 1, PAUSE_HOP)
+    level = 10 * np.log10((squares[starts + PAUSE_FRAME] - squares[starts]) / PAUSE_FRAME + 1e-12)
+    quiet_level, loud_level = np.percentile(level, 10), np.percentile(level, 95)
+    threshold = min(max(quiet_level + PAUSE_FLOOR_DB, loud_level - PAUSE_RANGE_DB), loud_level - PAUSE_MAX_DB)
+    quiet = np.concatenate([[False], level <= threshold, [False]])
+    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))  # alternating run starts and ends, in frames
+    pauses = []
+    for first, last in zip(edges[::2], edges[1::2]):  # frames first .. last - 1 are quiet
+        start, end = int(starts[first]), int(starts[last - 1]) + PAUSE_FRAME
+        if first > 0 and last < len(level) and end - start >= min_samples:
+            pauses.append((start, end))
+    return pauses
+
+
+def _window_cuts(audio: np.ndarray, window_samples: int) -> list[int]:
+    """Where split_at_pauses cuts a clip into windows of at most ``window_samples`` (none if it fits)."""
     n = audio.shape[0]
     if n <= window_samples:
-        return [audio]
+        return []
     squares = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
     energy = squares[PAUSE_FRAME:] - squares[:-PAUSE_FRAME]  # energy[i]: of samples i .. i + PAUSE_FRAME - 1
     cuts, start = [], 0
@@ -422,4 +453,41 @@ def split_at_pauses(audio, window_samples: int = N_SAMPLES) -> list[np.ndarray]:
         quietest = lo + (len(region) - 1 - int(np.argmin(region[::-1])))  # the latest of the quietest
         start = quietest + PAUSE_FRAME // 2
         cuts.append(start)
-    return np.split(audio, cuts)
+    return cuts
+
+
+def split_at_pauses(audio, window_samples: int = N_SAMPLES, min_pause_samples: int | None = None) -> list[np.ndarray]:
+    """Split a 1-D clip into consecutive windows of at most ``window_samples`` that end where it is quietest.
+
+    A clip that fits stays whole. Otherwise each cut is placed in the middle of the 25 ms span of least
+    energy among the last half of the longest window allowed from where the previous one ended (the
+    latest such span, where several are equally quiet: digital silence), so that a window ends in a
+    pause between words rather than in one, whatever the model's window; no cut leaves the last window
+    shorter than a quarter of the longest (a sliver too short to hear).
+
+    ``min_pause_samples``: also cut in the middle of every pause at least this long (``find_pauses``),
+    first, so that each window holds one stretch of speech between pauses, for a model trained on short
+    utterances; a stretch longer than ``window_samples`` is then cut as above.
+
+    No overlap and nothing dropped: the windows concatenate back to ``audio`` exactly. Returns numpy views
+    of the input.
+    """
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"split_at_pauses expects 1-D mono samples, got shape {audio.shape}")
+    if audio.shape[0] == 0:
+        raise ValueError("split_at_pauses got an empty clip (0 samples)")
+    if not isinstance(window_samples, int) or window_samples < 2 * PAUSE_FRAME:
+        raise ValueError(f"window_samples must be an int of at least {2 * PAUSE_FRAME}, got {window_samples!r}")
+    if min_pause_samples is None:
+        return np.split(audio, _window_cuts(audio, window_samples))
+    if isinstance(min_pause_samples, bool) or not isinstance(min_pause_samples, int) or min_pause_samples < 1:
+        raise ValueError(f"min_pause_samples must be a positive int, got {min_pause_samples!r}")
+    bounds = [0, *((start + end) // 2 for start, end in find_pauses(audio, min_pause_samples)), audio.shape[0]]
+    cuts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        cuts += [start + cut for cut in _window_cuts(audio[start:end], window_samples)]
+        cuts.append(end)
+    return np.split(audio, cuts[:-1])

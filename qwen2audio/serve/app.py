@@ -60,6 +60,7 @@ class Settings:
     fallback: bool = False  # transcriptions: a repetitive greedy window decoded again at rising temperatures
     num_beams: int = 1  # transcriptions at temperature 0: beam search over this many beams unless the request says
     chunk_seconds: float = 30.0  # transcriptions: the longest window, cut where the audio is quietest
+    cut_at_pauses: float | None = None  # transcriptions: also cut at every pause at least this long (seconds)
 
 
 @dataclass
@@ -164,14 +165,14 @@ def _add_routes(app: FastAPI, state: ServerState, settings: Settings, metrics: M
         return await answer_with_warnings(transcription.audio_endpoint(
             request, transcription.TRANSCRIBE, state.backend, settings.audio, settings.max_tokens, metrics,
             _arrived(request), TRANSCRIPTIONS, fallback=settings.fallback, num_beams=settings.num_beams,
-            chunk_seconds=settings.chunk_seconds))
+            chunk_seconds=settings.chunk_seconds, cut_at_pauses=settings.cut_at_pauses))
 
     @app.post(TRANSLATIONS)
     async def translations(request: Request) -> Response:
         return await answer_with_warnings(transcription.audio_endpoint(
             request, transcription.TRANSLATE, state.backend, settings.audio, settings.max_tokens, metrics,
             _arrived(request), TRANSLATIONS, fallback=settings.fallback, num_beams=settings.num_beams,
-            chunk_seconds=settings.chunk_seconds))
+            chunk_seconds=settings.chunk_seconds, cut_at_pauses=settings.cut_at_pauses))
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -77,6 +77,10 @@ def register(subparsers) -> None:
                    help="transcriptions and translations: audio longer than S seconds (1-30, default 30: the "
                         "encoder's window) is cut where it is quietest into windows of at most S, each answered "
                         "on its own as one segment")
+    p.add_argument("--cut-at-pauses", type=float, default=None, metavar="S",
+                   help="transcriptions and translations: also cut at every pause of at least S seconds (0.05-5; "
+                        "0.3 suits speech), one stretch of speech per window, for models trained on short "
+                        "utterances such as the demo model; a request's chunking_strategy overrides it")
     p.add_argument("--no-web", dest="web", action="store_false",
                    help="serve the API only, not the web page at / (voice chat and audio analysis in a browser)")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.SHUTDOWN_SECONDS, metavar="S",
@@ -101,12 +105,16 @@ def check_limits(args: argparse.Namespace) -> None:
     if not 1 <= args.num_beams <= args.max_batch:
         raise ValueError(f"--num-beams must be between 1 and --max-batch ({args.max_batch}: each beam takes one of "
                          f"its slots), got {args.num_beams}")
-    from ..audio.features import chunk_samples
+    from ..audio.features import chunk_samples, pause_samples
 
     try:
         chunk_samples(args.chunk_seconds)
     except ValueError as err:
         raise ValueError(f"--chunk-seconds: {err}") from None
+    try:
+        pause_samples(args.cut_at_pauses)
+    except ValueError as err:
+        raise ValueError(f"--cut-at-pauses: {err}") from None
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
     if not 0 <= args.port <= 65535:
@@ -153,7 +161,8 @@ def settings_from(args: argparse.Namespace):
     return Settings(audio=audio, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                     max_body_bytes=audio.max_bytes, max_tokens=args.max_tokens,
                     cors_origins=tuple(args.cors_origin), web=args.web, fallback=args.fallback,
-                    num_beams=args.num_beams, chunk_seconds=args.chunk_seconds)
+                    num_beams=args.num_beams, chunk_seconds=args.chunk_seconds,
+                    cut_at_pauses=args.cut_at_pauses)
 
 
 def run(args: argparse.Namespace) -> int:

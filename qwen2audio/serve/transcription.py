@@ -7,7 +7,9 @@ srt, vtt, verbose_json), ``temperature`` (default 0: greedy, as the official eva
 ``include[]`` (``logprobs``, with json: each generated
 token's text, log-probability and bytes, every window's in order) and ``num_beams`` (an extension: beam
 search over that many beams, with temperature 0; at temperature 0 the server's ``--num-beams`` is the
-default, 1 unless set). ``prompt`` is accepted and not used:
+default, 1 unless set) and ``chunking_strategy`` (as OpenAI's: ``auto``, the server's own cuts, or a JSON
+object ``{"type": "server_vad", "silence_duration_ms": 200}``: a cut in every pause at least that long;
+its ``prefix_padding_ms`` and ``threshold`` are accepted and not used). ``prompt`` is accepted and not used:
 the model's task prompt is fixed. Other fields are ignored.
 
 - Transcription asks with the base model's official ASR prompt (``Qwen2Audio.transcribe``'s), and
@@ -15,7 +17,9 @@ the model's task prompt is fixed. Other fields are ignored.
   Both read ``language`` as the language spoken (ISO 639-1, default en; an extension on /translations,
   where OpenAI's API has no such field): the prompts name it.
 - The audio is cut into windows of at most 30 s (the server's ``--chunk-seconds``) where it is quietest
-  (``split_at_pauses``: a cut in a pause between words, nothing dropped), each answered on its own as one segment with its start and end times; the model's
+  (``split_at_pauses``: a cut in a pause between words, nothing dropped), and with ``--cut-at-pauses S`` (or
+  a request's ``server_vad`` chunking) also in every pause of at least S seconds, so that each window holds
+  one stretch of speech; each window is answered on its own as one segment with its start and end times; the model's
   <|...|> tags are removed from the text, as ``Qwen2Audio.transcribe`` removes them.
 - With the server's ``--fallback``, a window decoded at temperature 0 (greedy or by beam search) whose text is repetitive (a zlib compression ratio past
   2.4: a decoding loop) is decoded again with seeded sampling at temperature 0.2, 0.4, ... 1.0 until one is
@@ -40,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..api import ASR_PROMPT
-from ..audio.features import CHUNK_SECONDS, SAMPLE_RATE, chunk_samples, split_at_pauses
+from ..audio.features import CHUNK_SECONDS, SAMPLE_RATE, chunk_samples, pause_samples, split_at_pauses
 from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
 from ..generation import fallback as F
 from ..generation.params import SamplingParams
@@ -66,7 +70,8 @@ WINDOWS_AT_ONCE = 4  # of one file, in the backend together: they share a batch 
 
 async def audio_endpoint(request: Request, task: str, backend: Backend, policy: AudioPolicy, max_tokens: int,
                          metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False,
-                         num_beams: int = 1, chunk_seconds: float = CHUNK_SECONDS) -> Response:
+                         num_beams: int = 1, chunk_seconds: float = CHUNK_SECONDS,
+                         cut_at_pauses: float | None = None) -> Response:
     form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
@@ -92,13 +97,14 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     params = SamplingParams(temperature=temperature, max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
                             logprobs=0 if with_logprobs or response_format == "verbose_json" else None,
                             num_beams=beams)
+    pause = _chunking(form, cut_at_pauses)
 
     refuse_if_full(backend)  # before the audio is decoded
     data = await upload.read()
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
               TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[TARGET_LANGUAGE], source=language))
-    windows = split_at_pauses(wave, chunk_samples(chunk_seconds))
+    windows = split_at_pauses(wave, chunk_samples(chunk_seconds), pause_samples(pause))
     events = _window_events(request, backend, prompt, windows, params, metrics, arrived, endpoint,
                             fallback=fallback and params.greedy, live=stream)
     if stream:
@@ -322,6 +328,62 @@ def _num_beams(form, default: int) -> int:
     if beams < 1:
         raise bad_request(f"num_beams must be at least 1 (1 = greedy decoding), got {beams}", "num_beams")
     return beams
+
+
+SERVER_VAD_SILENCE_MS = 200  # OpenAI's default silence_duration_ms
+
+
+def _chunking(form, default: float | None) -> float | None:
+    """``chunking_strategy`` -> the shortest pause to cut at, in seconds (None: only where a window must end).
+    Absent or ``auto``: the server's ``--cut-at-pauses``; a ``server_vad`` object: its silence_duration_ms."""
+    hint = 'give "auto" or a JSON object such as {"type": "server_vad", "silence_duration_ms": 300}'
+    value = _field(form, "chunking_strategy")
+    nested = {key[len("chunking_strategy["):-1]: _number(_field(form, key)) for key in form.keys()
+              if key.startswith("chunking_strategy[") and key.endswith("]")}  # the openai client's encoding
+    if nested and value is not None:
+        raise bad_request("give chunking_strategy once: as one field or as chunking_strategy[...] fields",
+                          "chunking_strategy")
+    if nested:
+        strategy = nested
+    elif value is None or value == "auto":
+        return default
+    else:
+        try:
+            strategy = json.loads(value)
+        except ValueError:
+            raise bad_request(f"chunking_strategy {value[:80]!r} is neither \"auto\" nor JSON: {hint}",
+                              "chunking_strategy") from None
+    if not isinstance(strategy, dict) or strategy.get("type") != "server_vad":
+        raise bad_request(f"chunking_strategy must be \"auto\" or an object of type \"server_vad\": {hint}",
+                          "chunking_strategy")
+    unknown = set(strategy) - {"type", "silence_duration_ms", "prefix_padding_ms", "threshold"}
+    if unknown:
+        raise bad_request(f"chunking_strategy has unknown fields {sorted(unknown)}: {hint}", "chunking_strategy")
+    for name in ("prefix_padding_ms", "threshold"):  # accepted, as OpenAI's; cuts go in the middle of pauses
+        if name in strategy and (isinstance(strategy[name], bool) or not isinstance(strategy[name], (int, float))):
+            raise bad_request(f"chunking_strategy.{name} must be a number, got {strategy[name]!r}", "chunking_strategy")
+    silence = strategy.get("silence_duration_ms", SERVER_VAD_SILENCE_MS)
+    if isinstance(silence, bool) or not isinstance(silence, (int, float)):
+        raise bad_request(f"chunking_strategy.silence_duration_ms must be a number of milliseconds, got {silence!r}",
+                          "chunking_strategy")
+    try:
+        pause_samples(silence / 1000)
+    except ValueError:
+        raise bad_request(f"chunking_strategy.silence_duration_ms must be between 50 and 5000, got {silence!r}",
+                          "chunking_strategy") from None
+    return silence / 1000
+
+
+def _number(text: str | None):
+    """A form field's text as the int or float it spells, else the text itself (for the error to quote)."""
+    if text is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 async def _submit(request: Request, backend: Backend, prompt: str, window, params: SamplingParams,
