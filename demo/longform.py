@@ -1,0 +1,94 @@
+"""Long recordings: how the chunking of `transcribe` changes the demo model's WER.
+
+    python -m demo.longform --data data/demo [--model default] [--clips 31] [--gap 0.5]
+        [--chunk-seconds 30 10 5] [--cut-at-pauses none 0.3] [--out FILE.json]
+
+Joins the first CLIPS held-out transcription clips (DATA/eval/asr.jsonl) into one recording, GAP seconds of
+silence after each, and transcribes it once in one prompt (the whole recording, no chunks) and once per
+combination of --chunk-seconds and --cut-at-pauses (``Qwen2Audio.transcribe``, greedy). Prints a table of the
+chunks each setting made, the words it wrote and its WER against the joined references (the evaluation's
+English normaliser); --out also writes the figures and transcripts as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qwen2audio.atomic import atomic_write_text
+from qwen2audio.audio import SAMPLE_RATE, load_audio
+from qwen2audio.audio.features import chunk_samples, pause_samples, split_at_pauses
+from qwen2audio.eval.metrics import corpus_score, get_metric
+
+
+def recording(data: Path, clips: int, gap: float) -> tuple[np.ndarray, str]:
+    """The first ``clips`` items of DATA/eval/asr.jsonl joined with ``gap`` s of silence after each, and
+    their references joined by spaces."""
+    manifest = data / "eval" / "asr.jsonl"
+    if not manifest.is_file():
+        raise SystemExit(f"demo.longform: {manifest} is missing; build the data first (python -m demo.build "
+                         "--until data)")
+    items = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()][:clips]
+    silence = np.zeros(int(round(gap * SAMPLE_RATE)), dtype=np.float32)
+    parts = []
+    for item in items:
+        parts += [load_audio(str(manifest.parent / item["audio"])), silence]
+    return np.concatenate(parts), " ".join(item["reference"] for item in items)
+
+
+def parse_pause(text: str) -> float | None:
+    return None if text == "none" else float(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo.longform", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("data/demo"))
+    parser.add_argument("--model", default="default", help="a checkpoint directory, or 'default' (the demo model)")
+    parser.add_argument("--clips", type=int, default=31)
+    parser.add_argument("--gap", type=float, default=0.5, help="seconds of silence after each clip")
+    parser.add_argument("--chunk-seconds", type=float, nargs="+", default=[30.0, 10.0, 5.0])
+    parser.add_argument("--cut-at-pauses", type=parse_pause, nargs="+", default=[None, 0.3],
+                        help="seconds, or 'none' for cuts only where a chunk must end")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    from qwen2audio import Qwen2Audio
+    from qwen2audio.api import ASR_PROMPT, TAG
+
+    audio, reference = recording(args.data, args.clips, args.gap)
+    model = Qwen2Audio.load(None if args.model == "default" else args.model)
+    metric = get_metric("wer:en")
+    rows = []
+
+    def add(setting: str, chunks: int, text: str, seconds: float) -> None:
+        stats = metric.stats(reference, text)
+        rows.append({"setting": setting, "chunks": chunks, "words": len(text.split()), "wer": corpus_score(metric, [stats]),
+                     "seconds": round(seconds, 1), "text": text})
+        print(f"{setting:>34} | {chunks:>6} | {rows[-1]['words']:>5} | {rows[-1]['wer']:6.1f} %", flush=True)
+
+    print(f"{len(audio) / SAMPLE_RATE:.1f} s of audio, {len(reference.split())} words; greedy", file=sys.stderr)
+    print(f"{'setting':>34} | chunks | words | WER")
+    start = time.perf_counter()
+    out = model.complete(ASR_PROMPT.format(language="en"), [audio], max_new_tokens=args.max_new_tokens)
+    add("whole recording in one prompt", 1, TAG.sub("", out.text).strip(), time.perf_counter() - start)
+    for pause in args.cut_at_pauses:
+        for seconds in args.chunk_seconds:
+            chunks = len(split_at_pauses(audio, chunk_samples(seconds), pause_samples(pause)))
+            start = time.perf_counter()
+            text = model.transcribe(audio, chunk_seconds=seconds, cut_at_pauses=pause, max_new_tokens=args.max_new_tokens)
+            setting = f"chunks of <= {seconds:g} s" + (f", cut at pauses >= {pause:g} s" if pause else "")
+            add(setting, chunks, text, time.perf_counter() - start)
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"reference": reference, "seconds": len(audio) / SAMPLE_RATE,
+                                                "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
