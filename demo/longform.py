@@ -1,13 +1,15 @@
 """Long recordings: how the chunking of `transcribe` changes the demo model's WER.
 
     python -m demo.longform --data data/demo [--model default] [--clips 31] [--gap 0.5]
-        [--chunk-seconds 30 10 5] [--cut-at-pauses none 0.3] [--out FILE.json]
+        [--chunk-seconds 30 10 5] [--cut-at-pauses none 0.3] [--noise-snr none 10] [--out FILE.json]
 
 Joins the first CLIPS held-out transcription clips (DATA/eval/asr.jsonl) into one recording, GAP seconds of
 silence after each, and transcribes it once in one prompt (the whole recording, no chunks) and once per
-combination of --chunk-seconds and --cut-at-pauses (``Qwen2Audio.transcribe``, greedy). Prints a table of the
-chunks each setting made, the words it wrote and its WER against the joined references (the evaluation's
-English normaliser); --out also writes the figures and transcripts as JSON.
+combination of --chunk-seconds and --cut-at-pauses (``Qwen2Audio.transcribe``, greedy); with --noise-snr, the
+same again with steady white noise over the whole recording at each level (dB below the speech; seeded),
+as in a recording with background noise, where the silences between the clips are no longer silent. Prints
+a table of the chunks each setting made, the words it wrote and its WER against the joined references (the
+evaluation's English normaliser); --out also writes the figures and transcripts as JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ def parse_pause(text: str) -> float | None:
     return None if text == "none" else float(text)
 
 
+def with_noise(audio: np.ndarray, snr_db: float | None, seed: int = 0) -> np.ndarray:
+    """White noise over all of ``audio``, ``snr_db`` below the level of its speech (its samples above 1e-4)."""
+    if snr_db is None:
+        return audio
+    speech = audio[np.abs(audio) > 1e-4]
+    level = np.sqrt(np.mean(speech.astype(np.float64) ** 2)) * 10 ** (-snr_db / 20)
+    noise = np.random.default_rng(seed).standard_normal(len(audio)) * level
+    return (audio + noise).astype(np.float32)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.longform", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/demo"))
@@ -54,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-seconds", type=float, nargs="+", default=[30.0, 10.0, 5.0])
     parser.add_argument("--cut-at-pauses", type=parse_pause, nargs="+", default=[None, 0.3],
                         help="seconds, or 'none' for cuts only where a chunk must end")
+    parser.add_argument("--noise-snr", type=parse_pause, nargs="+", default=[None],
+                        help="dB of speech over white noise added to the whole recording, or 'none' (clean)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -61,31 +75,35 @@ def main(argv: list[str] | None = None) -> int:
     from qwen2audio import Qwen2Audio
     from qwen2audio.api import ASR_PROMPT, TAG
 
-    audio, reference = recording(args.data, args.clips, args.gap)
+    clean, reference = recording(args.data, args.clips, args.gap)
     model = Qwen2Audio.load(None if args.model == "default" else args.model)
     metric = get_metric("wer:en")
     rows = []
 
-    def add(setting: str, chunks: int, text: str, seconds: float) -> None:
+    def add(noise: str, setting: str, chunks: int, text: str, seconds: float) -> None:
         stats = metric.stats(reference, text)
-        rows.append({"setting": setting, "chunks": chunks, "words": len(text.split()), "wer": corpus_score(metric, [stats]),
-                     "seconds": round(seconds, 1), "text": text})
-        print(f"{setting:>34} | {chunks:>6} | {rows[-1]['words']:>5} | {rows[-1]['wer']:6.1f} %", flush=True)
+        rows.append({"noise": noise, "setting": setting, "chunks": chunks, "words": len(text.split()),
+                     "wer": corpus_score(metric, [stats]), "seconds": round(seconds, 1), "text": text})
+        print(f"{noise:>10} | {setting:>41} | {chunks:>6} | {rows[-1]['words']:>5} | {rows[-1]['wer']:6.1f} %",
+              flush=True)
 
-    print(f"{len(audio) / SAMPLE_RATE:.1f} s of audio, {len(reference.split())} words; greedy", file=sys.stderr)
-    print(f"{'setting':>34} | chunks | words | WER")
-    start = time.perf_counter()
-    out = model.complete(ASR_PROMPT.format(language="en"), [audio], max_new_tokens=args.max_new_tokens)
-    add("whole recording in one prompt", 1, TAG.sub("", out.text).strip(), time.perf_counter() - start)
-    for pause in args.cut_at_pauses:
-        for seconds in args.chunk_seconds:
-            chunks = len(split_at_pauses(audio, chunk_samples(seconds), pause_samples(pause)))
-            start = time.perf_counter()
-            text = model.transcribe(audio, chunk_seconds=seconds, cut_at_pauses=pause, max_new_tokens=args.max_new_tokens)
-            setting = f"chunks of <= {seconds:g} s" + (f", cut at pauses >= {pause:g} s" if pause else "")
-            add(setting, chunks, text, time.perf_counter() - start)
+    print(f"{len(clean) / SAMPLE_RATE:.1f} s of audio, {len(reference.split())} words; greedy", file=sys.stderr)
+    print(f"{'noise':>10} | {'setting':>41} | chunks | words | WER")
+    for snr in args.noise_snr:
+        audio, noise = with_noise(clean, snr), ("none" if snr is None else f"{snr:g} dB SNR")
+        start = time.perf_counter()
+        out = model.complete(ASR_PROMPT.format(language="en"), [audio], max_new_tokens=args.max_new_tokens)
+        add(noise, "whole recording in one prompt", 1, TAG.sub("", out.text).strip(), time.perf_counter() - start)
+        for pause in args.cut_at_pauses:
+            for seconds in args.chunk_seconds:
+                chunks = len(split_at_pauses(audio, chunk_samples(seconds), pause_samples(pause)))
+                start = time.perf_counter()
+                text = model.transcribe(audio, chunk_seconds=seconds, cut_at_pauses=pause or 0,
+                                        max_new_tokens=args.max_new_tokens)
+                setting = f"chunks of <= {seconds:g} s" + (f", cut at pauses >= {pause:g} s" if pause else "")
+                add(noise, setting, chunks, text, time.perf_counter() - start)
     if args.out:
-        atomic_write_text(args.out, json.dumps({"reference": reference, "seconds": len(audio) / SAMPLE_RATE,
+        atomic_write_text(args.out, json.dumps({"reference": reference, "seconds": len(clean) / SAMPLE_RATE,
                                                 "rows": rows}, indent=1) + "\n")
     return 0
 

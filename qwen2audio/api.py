@@ -28,12 +28,18 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, load_audio
-from .audio.features import CHUNK_SECONDS, chunk_samples, pause_samples, split_at_pauses
+from .audio.features import chunk_samples, pause_samples, split_at_pauses
 from .checkpoint import load_model
 from .checkpoint.files import GENERATION_FILE
 from .generation.engine import Engine, Generation, Prepared, RequestStream
 from .generation.scheduler import Scheduler
-from .generation.params import QUANTIZE_CHOICES, SamplingParams, chat_settings, load_generation_config
+from .generation.params import (
+    QUANTIZE_CHOICES,
+    SamplingParams,
+    chat_settings,
+    load_generation_config,
+    transcription_defaults,
+)
 from .text import Tokenizer, raw_prompt, render_chat
 from .text.tags import TAG  # language / task tags the base model writes, e.g. <|en|>
 
@@ -82,6 +88,8 @@ class Qwen2Audio:
         self.directory = directory
         # SamplingParams keyword arguments from the checkpoint's generation_config.json, for chat replies
         self.generation_defaults: dict[str, Any] = dict(generation_defaults or {})
+        # how transcribe cuts long audio unless told: that file's "transcription" object, or 30 s windows
+        self.transcription_defaults: dict[str, Any] = transcription_defaults(directory / GENERATION_FILE)
 
     @classmethod
     def load(cls, directory: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
@@ -152,18 +160,24 @@ class Qwen2Audio:
         return self.engine.generate([self.prepare_raw(prompt, audios)], SamplingParams(**sampling))[0]
 
     def transcribe(self, audio: Any, language: str = "en", fallback: bool = False,
-                   chunk_seconds: float = CHUNK_SECONDS, cut_at_pauses: float | None = None, **sampling) -> str:
+                   chunk_seconds: float | None = None, cut_at_pauses: float | None = None, **sampling) -> str:
         """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed.
 
-        Audio longer than ``chunk_seconds`` (at most 30, the encoder's window) is cut where it is quietest
+        Audio longer than ``chunk_seconds`` (at most 30, the encoder's window; by default 30) is cut where it is quietest
         into chunks of at most that length (``split_at_pauses``), transcribed together in one batch, each
         with its own prompt, and their texts joined by a space, as the server's transcriptions are: the
         model answers one window at a time, as it was trained (one prompt holding minutes of audio gets
-        a sentence or two back). ``cut_at_pauses``: also cut in every pause of at least this many seconds
-        (0.3 suits speech), so that each chunk holds one stretch of speech: for a model trained on short
-        utterances, such as the demo model. ``fallback``: a repetitive answer is decoded again at rising
-        temperatures (Whisper's guard against loops; qwen2audio.generation.fallback)."""
-        chunks = split_at_pauses(decode_audio(audio), chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))
+        a sentence or two back). ``cut_at_pauses``: also cut in every pause between speech of at least this
+        many seconds (0.3 suits speech; 0: no such cuts), so that each chunk holds one stretch of speech: for a
+        model trained on short utterances, such as the demo model. Either left at None takes the checkpoint's
+        own setting (``transcription_defaults``: the "transcription" object of its generation_config.json;
+        the demo model cuts at pauses of 0.3 s), else 30 s windows and no pause cuts. ``fallback``: a
+        repetitive answer is decoded again at rising temperatures (Whisper's guard against loops;
+        qwen2audio.generation.fallback)."""
+        defaults = self.transcription_defaults
+        chunks = split_at_pauses(decode_audio(audio),
+                                 chunk_samples(defaults["chunk_seconds"] if chunk_seconds is None else chunk_seconds),
+                                 pause_samples(defaults["cut_at_pauses"] if cut_at_pauses is None else cut_at_pauses))
         prompt = ASR_PROMPT.format(language=language)
         prepared = [self.prepare_raw(prompt, [chunk]) for chunk in chunks]
         if fallback:

@@ -139,13 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fallback", action="store_true",
                     help="decode a repetitive transcript again at rising temperatures (Whisper's guard against "
                          "loops); off: greedy only, as the official evaluation decodes")
-    tr.add_argument("--chunk-seconds", type=float, default=30.0, metavar="S",
-                    help="audio longer than S seconds (1-30, default 30: the encoder's window) is cut where it is "
-                         "quietest into chunks of at most S, transcribed one by one in a batch and joined")
+    tr.add_argument("--chunk-seconds", type=float, default=None, metavar="S",
+                    help="audio longer than S seconds (1-30; default: the checkpoint's, else 30, the encoder's "
+                         "window) is cut where it is quietest into chunks of at most S, transcribed one by one in "
+                         "a batch and joined")
     tr.add_argument("--cut-at-pauses", type=float, default=None, metavar="S",
-                    help="also cut at every pause of at least S seconds (0.05-5; 0.3 suits speech), so that each "
-                         "chunk holds one stretch of speech: for models trained on short utterances, such as the "
-                         "demo model (default: cut only where a chunk must end)")
+                    help="also cut at every pause between speech of at least S seconds (0.05-5; 0.3 suits "
+                         "speech; 0: no such cuts), so that each chunk holds one stretch of speech, for models "
+                         "trained on short utterances; default: the checkpoint's (the demo model: 0.3), else 0")
     _sampling_args(tr, TRANSCRIBE_SAMPLING_NOTE, leave_out=("logprobs",))  # a transcript is text only
 
     for module in COMMAND_MODULES:  # further commands live beside the code they run
@@ -371,14 +372,12 @@ def _end_line() -> None:
 
 
 def _transcribe(model, args, sampling) -> int:
-    from .audio.features import CHUNK_SECONDS
-
     tty = sys.stdout.isatty()
     failed = 0
     for path in args.files:
         try:
             text = model.transcribe(path, language=args.language, fallback=args.fallback,
-                                    chunk_seconds=getattr(args, "chunk_seconds", CHUNK_SECONDS),
+                                    chunk_seconds=getattr(args, "chunk_seconds", None),
                                     cut_at_pauses=getattr(args, "cut_at_pauses", None), **sampling)
         except AudioError as err:  # one bad file does not stop the others
             print(f"qwen2audio: error: {err}", file=sys.stderr)

@@ -85,6 +85,7 @@ class FakeBackend:
         if not hold:
             self.gate.set()
         self.chat_defaults: dict = {}
+        self.transcription_defaults: dict = {"chunk_seconds": 30.0, "cut_at_pauses": 0}
         self.error: Exception | None = None  # raised by every request while set
         self.requests: list[tuple] = []
         self.cancelled: list[Handle] = []

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import soundfile
 import torch
 
 from qwen2audio import Qwen2Audio
-from qwen2audio.audio import split_at_pauses
+from qwen2audio.audio import load_audio, split_at_pauses
 from qwen2audio.cli import main
 from reference import TOKENIZER, clip, hf_model
 
@@ -229,15 +230,19 @@ def test_long_audio_is_transcribed_chunk_by_chunk(api, model_dir, tmp_path, caps
 
 
 def test_cut_at_pauses_transcribes_each_stretch_between_pauses(api, model_dir, tmp_path, capsys, monkeypatch):
-    """--cut-at-pauses S: 7.5 s fit in one chunk, but the two 0.5 s pauses cut it in three, each transcribed
-    on its own, the same as the API's; a pause length out of range is refused before the model loads."""
+    """--cut-at-pauses S: three spoken questions with 0.5 s of silence between fit in one chunk, but the
+    pauses cut them in three, each transcribed on its own, the same as the API's; a pause length out of range
+    is refused before the model loads."""
     model = api["saved"]
-    wave = np.concatenate([clip(2.5, 3), np.zeros(8000, np.float32), clip(3.0, 4), np.zeros(8000, np.float32),
-                           clip(2.0, 5)])
+    question = load_audio(str(Path(__file__).resolve().parents[1] / "examples" / "question.flac"))
+    gap = np.zeros(8000, np.float32)
+    wave = np.concatenate([question, gap, question, gap, question])
     path = tmp_path / "three.wav"
     soundfile.write(path, wave, 16000, subtype="FLOAT")
     chunks = split_at_pauses(wave, 30 * 16000, 4800)
-    assert [len(c) for c in chunks] == pytest.approx([44000, 56000, 36000], abs=160)  # in the middle of each pause
+    cuts = np.cumsum([len(c) for c in chunks])[:-1]
+    step = len(question) + len(gap)
+    assert len(chunks) == 3 and all(len(question) <= c - k * step <= step for k, c in enumerate(cuts))  # in the gaps
     expected = " ".join(t for t in (model.transcribe(c, max_new_tokens=int(NEW)) for c in chunks) if t)
     assert model.transcribe(str(path), max_new_tokens=int(NEW), cut_at_pauses=0.3) == expected
     assert model.transcribe(str(path), max_new_tokens=int(NEW)) == model.transcribe(wave, max_new_tokens=int(NEW))
@@ -248,8 +253,42 @@ def test_cut_at_pauses_transcribes_each_stretch_between_pauses(api, model_dir, t
     from qwen2audio import cli as cli_module
 
     monkeypatch.setattr(cli_module, "_load", lambda args: pytest.fail("the model must not load"))
-    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(path), "--cut-at-pauses", "0"])
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(path), "--cut-at-pauses", "0.01"])
     assert rc == 2 and "--cut-at-pauses: cut_at_pauses must be between 0.05 and 5 seconds" in err
+
+
+def test_a_checkpoint_can_say_how_to_cut_long_audio(api, model_dir, tmp_path, capsys, monkeypatch):
+    """generation_config.json's "transcription" object sets transcribe's defaults (the demo model's says
+    cut_at_pauses 0.3); the caller's values win, 0 turning pause cuts off; a bad object fails the load."""
+    import shutil
+
+    from qwen2audio.checkpoint import CheckpointError
+
+    question = load_audio(str(Path(__file__).resolve().parents[1] / "examples" / "question.flac"))
+    wave = np.concatenate([question, np.zeros(8000, np.float32), question])
+    path = tmp_path / "two.wav"
+    soundfile.write(path, wave, 16000, subtype="FLOAT")
+    cuts = tmp_path / "cuts"
+    shutil.copytree(model_dir, cuts)
+    config = json.loads((cuts / "generation_config.json").read_text())
+    (cuts / "generation_config.json").write_text(json.dumps({**config, "transcription": {"cut_at_pauses": 0.3}}))
+    model, plain = Qwen2Audio.load(cuts), api["saved"]
+    assert model.transcription_defaults == {"chunk_seconds": 30.0, "cut_at_pauses": 0.3}
+    assert plain.transcription_defaults == {"chunk_seconds": 30.0, "cut_at_pauses": 0}
+    by_pauses = plain.transcribe(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3)
+    whole = plain.transcribe(wave, max_new_tokens=int(NEW))
+    assert by_pauses != whole  # two chunks, two prompts
+    assert model.transcribe(wave, max_new_tokens=int(NEW)) == by_pauses
+    assert model.transcribe(wave, max_new_tokens=int(NEW), cut_at_pauses=0) == whole
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(cuts), str(path), "--max-new-tokens", NEW])
+    assert rc == 0 and out == by_pauses + "\n", err
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(cuts), str(path), "--max-new-tokens", NEW,
+                                             "--cut-at-pauses", "0"])
+    assert rc == 0 and out == whole + "\n", err
+    for bad in ({"cut_at_pauses": 9}, {"pauses": 0.3}, [0.3]):
+        (cuts / "generation_config.json").write_text(json.dumps({**config, "transcription": bad}))
+        with pytest.raises(CheckpointError, match="generation_config.json"):
+            Qwen2Audio.load(cuts)
 
 
 def test_transcribe_prints_one_line_per_file(which, audio, capsys, monkeypatch):

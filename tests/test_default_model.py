@@ -29,6 +29,7 @@ from qwen2audio.checkpoint.init import init_checkpoint
 from qwen2audio.cli import main as cli_main
 from qwen2audio.demo import DEMO_NOTICE, __main__ as demo_cli, assemble, parts
 from qwen2audio.demo.deltas import DeltasError, _cast, combine_stages, export_deltas, load_deltas
+from qwen2audio.generation.params import transcription_defaults
 from qwen2audio.demo.parts import PartsError, Piece, PretrainedFile
 from qwen2audio.text import Tokenizer
 from reference import VOCAB, clip, hf_features
@@ -149,8 +150,12 @@ def test_assembled_is_init_plus_projector_plus_merged_lora(installed, base, tmp_
     # config, tokenizer and processor files are init's; the scratch files are gone
     config = json.loads((tmp_path / "demo" / "config.json").read_text())
     assert config["torch_dtype"] == str(dtype).removeprefix("torch.")
-    for name in ("tokenizer.json", "preprocessor_config.json", "generation_config.json"):
+    for name in ("tokenizer.json", "preprocessor_config.json"):
         assert (tmp_path / "demo" / name).read_text() == (base / name).read_text()
+    # init's generation settings, and how the demo model cuts long audio for transcription
+    generation = json.loads((tmp_path / "demo" / "generation_config.json").read_text())
+    assert generation == {**json.loads((base / "generation_config.json").read_text()),
+                          "transcription": assemble.DEMO_TRANSCRIPTION}
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == sorted(
         [p.name for p in base.iterdir()] + [assemble.INFO_FILE])
 
@@ -286,6 +291,12 @@ def test_the_default_is_the_tiny_model_until_deltas_ship_then_the_demo(installed
     assert torch.equal(load_model(demo).multi_modal_projector.linear.bias, tensors[PROJECTOR[1]].to(torch.bfloat16))
     info = json.loads((demo / assemble.INFO_FILE).read_text())
     assert info["deltas_sha256"] == sha and info["assembly_version"] == assemble.ASSEMBLY_VERSION
+    # the demo model transcribes long audio one stretch of speech at a time, by its generation_config.json,
+    # which transformers still reads (it keeps the key and does not use it)
+    assert transcription_defaults(demo / "generation_config.json") == {"chunk_seconds": 30.0, "cut_at_pauses": 0.3}
+    transformers = pytest.importorskip("transformers")
+    generation = transformers.GenerationConfig.from_pretrained(demo)
+    assert generation.transcription == {"cut_at_pauses": 0.3} and generation.eos_token_id is not None
     assert sorted(p.name for p in home.iterdir()) == sorted(["tiny-random-v1", "tiny-random-v1.lock", demo.name,
                                                              demo.name + ".lock"])
 

@@ -9,7 +9,7 @@ import pytest
 
 from demo import longform
 from qwen2audio.audio import SAMPLE_RATE, load_audio
-from qwen2audio.audio.features import find_pauses
+from qwen2audio.audio.vad import find_pauses
 
 
 def test_the_recording_is_the_clips_with_silence_between(tiny_demo_data):
@@ -40,7 +40,7 @@ def test_every_setting_gets_a_row(tiny_demo_data, tmp_path, capsys, one_thread):
     assert rows["chunks of <= 30 s"]["chunks"] == 1 and rows["chunks of <= 30 s, cut at pauses >= 0.4 s"]["chunks"] >= 3
     assert rows["chunks of <= 2 s"]["chunks"] >= result["seconds"] / 2
     for row in result["rows"]:
-        assert row["words"] == len(row["text"].split()) and row["wer"] >= 0
+        assert row["words"] == len(row["text"].split()) and row["wer"] >= 0 and row["noise"] == "none"
     printed = capsys.readouterr().out
     assert all(setting in printed for setting in settings)
 
@@ -48,3 +48,14 @@ def test_every_setting_gets_a_row(tiny_demo_data, tmp_path, capsys, one_thread):
 def test_missing_data_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="asr.jsonl is missing"):
         longform.main(["--data", str(tmp_path), "--model", str(tmp_path)])
+
+
+def test_noise_is_added_at_the_level_asked_for():
+    speech = np.random.default_rng(3).uniform(-0.5, 0.5, 4 * SAMPLE_RATE).astype(np.float32)
+    audio = np.concatenate([speech, np.zeros(SAMPLE_RATE, dtype=np.float32)])
+    noisy = longform.with_noise(audio, 10.0)
+    noise = noisy - audio
+    ratio_db = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2))
+    assert ratio_db == pytest.approx(10.0, abs=0.1)
+    assert np.abs(noisy[-SAMPLE_RATE:]).max() > 0  # the silence is noisy too
+    assert longform.with_noise(audio, None) is audio

@@ -5,6 +5,7 @@ amplitude-modulated at a syllable rate, with breath noise), white noise and pure
 """
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from qwen2audio.audio import (
     N_SAMPLES,
     SAMPLE_RATE,
     audio_token_count,
+    load_audio,
     log_mel_spectrogram,
     num_valid_frames,
     split_at_pauses,
@@ -25,10 +27,10 @@ from qwen2audio.audio.features import (
     N_AUDIO_TOKENS_PER_WINDOW,
     N_ENCODER_FRAMES,
     encoder_frame_count,
-    find_pauses,
     mel_filters,
     pause_samples,
 )
+from qwen2audio.audio.vad import find_pauses
 
 transformers = pytest.importorskip("transformers")
 
@@ -254,43 +256,63 @@ def test_split_at_pauses_leaves_short_clips_whole_and_no_sliver_at_the_end():
         split_at_pauses(audio, 100)
 
 
-def test_cut_at_pauses_cuts_in_the_middle_of_every_pause_long_enough():
-    """min_pause_samples: a cut in the middle of each pause of at least that length (0.3 s pauses at 4, 12,
-    21, 26 s), none in shorter ones (0.1 s at 7 s) nor at the ends; a stretch longer than the window is still
-    cut where it is quietest; nothing dropped."""
-    audio = with_pauses([4.0, 12.0, 21.0, 26.0], 40.0)
-    audio[int(6.95 * SAMPLE_RATE):int(7.05 * SAMPLE_RATE)] *= 0.001  # a 0.1 s pause: too short to cut at
-    audio[:int(0.5 * SAMPLE_RATE)] *= 0.001  # quiet at the start and the end: no cut there
-    audio[-int(0.5 * SAMPLE_RATE):] *= 0.001
-    spans = [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in find_pauses(audio, int(0.25 * SAMPLE_RATE))]
-    assert spans == [(pytest.approx(t - 0.15, abs=0.03), pytest.approx(t + 0.15, abs=0.03)) for t in (4, 12, 21, 26)]
-    windows = split_at_pauses(audio, 10 * SAMPLE_RATE, int(0.25 * SAMPLE_RATE))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def two_questions(gap: float = 0.5, noise_snr_db: float | None = None, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """The bundled spoken question (2.06 s, speech from 0.26 s to its end), ``gap`` s of silence, the bundled
+    doorbell (1.6 s), the same silence, the question again, 0.5 s of silence; with ``noise_snr_db``, white
+    noise over all of it at that level below the speech. Returns it and where each piece starts."""
+    question, doorbell = load_audio(str(EXAMPLES / "question.flac")), load_audio(str(EXAMPLES / "doorbell.flac"))
+    silence = np.zeros(int(gap * SAMPLE_RATE), dtype=np.float32)
+    pieces = [question, silence, doorbell, silence, question, np.zeros(SAMPLE_RATE // 2, dtype=np.float32)]
+    starts = list(np.cumsum([0] + [len(x) for x in pieces[:-1]]))
+    audio = np.concatenate(pieces)
+    if noise_snr_db is not None:
+        level = np.sqrt(np.mean(question ** 2)) * 10 ** (-noise_snr_db / 20)
+        audio = audio + level * np.random.default_rng(seed).standard_normal(len(audio)).astype(np.float32)
+    return audio.astype(np.float32), starts
+
+
+@pytest.mark.parametrize("noise_snr_db", [None, 10.0])
+def test_a_pause_is_all_that_is_not_speech_between_speech(noise_snr_db):
+    """Silero VAD: between the two questions, the silence, the doorbell and the silence are one pause (the
+    doorbell is not speech); the silence before the first word and after the last are not pauses. In white
+    noise 10 dB under the speech too (an energy threshold finds no pause there)."""
+    audio, starts = two_questions(noise_snr_db=noise_snr_db)
+    [(start, end)] = find_pauses(audio, int(0.3 * SAMPLE_RATE))
+    assert starts[1] - 0.3 * SAMPLE_RATE <= start <= starts[1] + 0.1 * SAMPLE_RATE  # the first question ends
+    assert starts[4] + 0.1 * SAMPLE_RATE <= end <= starts[4] + 0.4 * SAMPLE_RATE  # the second starts to speak
+    windows = split_at_pauses(audio, N_SAMPLES, int(0.3 * SAMPLE_RATE))
     np.testing.assert_array_equal(np.concatenate(windows), audio)
-    cuts = np.cumsum([len(w) for w in windows])[:-1] / SAMPLE_RATE
-    # 26 -> 40 s is 14 s: one more cut where it is quietest in [31, 36) (no pause there: anywhere)
-    assert list(cuts[:4]) == pytest.approx([4.0, 12.0, 21.0, 26.0], abs=0.03) and len(cuts) == 5
-    assert 31.0 <= cuts[4] <= 36.0 and all(len(w) <= 10 * SAMPLE_RATE for w in windows)
-    assert len(split_at_pauses(audio, 30 * SAMPLE_RATE, int(0.5 * SAMPLE_RATE))) == 2  # pauses too short: 40 s > 30
-    assert len(split_at_pauses(audio, 30 * SAMPLE_RATE, int(0.25 * SAMPLE_RATE))) == 5
-    # a short clip with a pause is cut too: the cut does not wait for the window to fill
-    short = with_pauses([1.0], 2.5)
-    assert [len(w) for w in split_at_pauses(short, 30 * SAMPLE_RATE, int(0.25 * SAMPLE_RATE))] == [
-        pytest.approx(SAMPLE_RATE, abs=500), pytest.approx(1.5 * SAMPLE_RATE, abs=500)]
+    assert [len(w) for w in windows] == [(start + end) // 2, len(audio) - (start + end) // 2]
+    # a pause longer than asked for is not cut at
+    assert len(split_at_pauses(audio, N_SAMPLES, int(4.0 * SAMPLE_RATE))) == 1
 
 
-def test_steady_noise_and_silence_have_no_pauses():
+def test_cut_at_pauses_still_cuts_a_stretch_longer_than_the_window():
+    audio, _ = two_questions(gap=0.5)
+    whole = split_at_pauses(audio, 4 * SAMPLE_RATE)  # no pause cuts: 8.7 s in windows of at most 4 s
+    assert len(whole) == 3
+    audio = np.concatenate([audio[:2 * SAMPLE_RATE]] * 3)  # speech, no pause of 0.3 s: 6 s, cut where quietest
+    windows = split_at_pauses(audio, 4 * SAMPLE_RATE, int(0.3 * SAMPLE_RATE))
+    assert len(windows) >= 2 and all(len(w) <= 4 * SAMPLE_RATE for w in windows)
+    np.testing.assert_array_equal(np.concatenate(windows), audio)
+
+
+def test_noise_music_and_silence_have_no_pauses():
     rng = np.random.default_rng(1)
-    assert find_pauses(rng.standard_normal(5 * SAMPLE_RATE).astype(np.float32), SAMPLE_RATE // 10) == []
+    assert find_pauses(0.1 * rng.standard_normal(5 * SAMPLE_RATE).astype(np.float32), SAMPLE_RATE // 10) == []
     assert find_pauses(np.zeros(5 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE // 10) == []
-    # speech-like bursts over loud noise: the gaps are 10 dB quieter, not quiet enough to be pauses
-    noisy = with_pauses([], 6.0) + 0.3 * 10 ** (-10 / 20) * rng.standard_normal(6 * SAMPLE_RATE).astype(np.float32)
-    noisy[2 * SAMPLE_RATE:3 * SAMPLE_RATE] = 0.3 * 10 ** (-10 / 20) * rng.standard_normal(SAMPLE_RATE)
-    assert find_pauses(noisy, SAMPLE_RATE // 10) == []
+    bells = load_audio(str(EXAMPLES / "doorbell.flac"))
+    rings = np.concatenate([bells, np.zeros(SAMPLE_RATE, dtype=np.float32), bells])
+    assert find_pauses(rings, SAMPLE_RATE // 10) == []  # no speech: nothing to separate
+    assert len(split_at_pauses(rings, N_SAMPLES, SAMPLE_RATE // 10)) == 1
 
 
 def test_pause_seconds_are_checked():
-    assert pause_samples(None) is None and pause_samples(0.3) == 4800
-    for bad in (0.0, 0.01, 6.0, True, "0.3"):
+    assert pause_samples(None) is None and pause_samples(0) is None and pause_samples(0.3) == 4800  # 0: no cuts
+    for bad in (-1.0, 0.01, 6.0, True, False, "0.3"):
         with pytest.raises(ValueError, match="cut_at_pauses must be between 0.05 and 5"):
             pause_samples(bad)
     with pytest.raises(ValueError, match="min_pause_samples must be a positive int"):

@@ -258,18 +258,18 @@ def test_long_audio_is_transcribed_window_by_window(client, model):
     assert "\n2\n" in srt and "--> 00:00:35,000\n" in srt
 
 
-def test_server_vad_chunking_cuts_at_every_pause(client, model):
+def test_server_vad_chunking_cuts_at_every_pause(client, model, server, monkeypatch):
     """chunking_strategy (as OpenAI's): a server_vad object, sent by the openai client as bracketed form fields,
-    cuts 7.5 s of audio with two 0.5 s pauses in three segments, each what Qwen2Audio.transcribe gives for
-    it; "auto" and no field keep the server's own cuts (one window)."""
+    cuts three spoken questions with 0.5 s of silence between in three segments, each what
+    Qwen2Audio.transcribe gives for it; "auto" and no field keep the server's own cuts (one window)."""
     import io
+    from pathlib import Path
 
     import soundfile
 
-    from reference import clip
-
-    wave = np.concatenate([clip(2.5, 3), np.zeros(8000, np.float32), clip(3.0, 4), np.zeros(8000, np.float32),
-                           clip(2.0, 5)])
+    question = load_audio(str(Path(__file__).resolve().parents[1] / "examples" / "question.flac"))
+    gap = np.zeros(8000, np.float32)
+    wave = np.concatenate([question, gap, question, gap, question])
     buffer = io.BytesIO()
     soundfile.write(buffer, wave, SAMPLE_RATE, format="WAV", subtype="FLOAT")
     data = buffer.getvalue()
@@ -292,6 +292,14 @@ def test_server_vad_chunking_cuts_at_every_pause(client, model):
         whole = client.audio.transcriptions.create(model=MODEL_ID, file=("three.wav", data),
                                                    response_format="verbose_json", **extra)
         assert len(whole.segments) == 1 and whole.text == model.transcribe(wave, max_new_tokens=MAX_TOKENS)
+    # a checkpoint that says to cut at pauses (as the demo model's does): cut by default, and "auto" too
+    backend = server.state.backend
+    monkeypatch.setattr(backend, "transcription_defaults", {"chunk_seconds": 30.0, "cut_at_pauses": 0.3})
+    for strategy in ("auto", None):
+        extra = {"chunking_strategy": strategy} if strategy else {}
+        cut = client.audio.transcriptions.create(model=MODEL_ID, file=("three.wav", data),
+                                                 response_format="verbose_json", **extra)
+        assert [s.text for s in cut.segments] == [s.text for s in vad.segments]
 
 
 def test_transcription_logprobs_are_every_windows_tokens(client, model):

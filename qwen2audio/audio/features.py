@@ -390,51 +390,18 @@ MIN_PAUSE_SECONDS, MAX_PAUSE_SECONDS = 0.05, 5.0
 
 def pause_samples(seconds: float | None) -> int | None:
     """Samples in the shortest pause a transcription is cut at (``cut_at_pauses``), checked: 0.05 to 5 s;
-    None (cut only where a chunk must end) stays None."""
-    if seconds is None:
+    None or 0 (cut only where a chunk must end) give None."""
+    if seconds is None or (seconds == 0 and not isinstance(seconds, bool)):
         return None
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
             MIN_PAUSE_SECONDS <= seconds <= MAX_PAUSE_SECONDS):
         raise ValueError(f"cut_at_pauses must be between {MIN_PAUSE_SECONDS:g} and {MAX_PAUSE_SECONDS:g} seconds "
-                         f"(the shortest pause to cut at; 0.3 suits speech), got {seconds!r}")
+                         f"(the shortest pause to cut at; 0.3 suits speech), or 0 for no such cuts, got {seconds!r}")
     return int(round(seconds * SAMPLE_RATE))
 
 
 PAUSE_FRAME = 400  # 25 ms: the span whose energy places a cut
 MIN_WINDOW_SHARE = 0.5  # a cut falls in the last half of the longest window allowed
-
-
-PAUSE_HOP = 160  # 10 ms between the frames that find pauses
-PAUSE_FLOOR_DB = 6.0  # a pause: within this of the clip's quiet level ...
-PAUSE_RANGE_DB = 45.0  # ... or this far below its loud level (digital silence has no floor) ...
-PAUSE_MAX_DB = 20.0  # ... and at least this far below its loud level (noise with no speech pauses)
-
-
-def find_pauses(audio, min_samples: int) -> list[tuple[int, int]]:
-    """Quiet stretches of at least ``min_samples`` inside a 1-D clip: ``(start, end)`` sample spans.
-
-    Each 25 ms frame (every 10 ms) is quiet when its level is within 6 dB of the clip's quiet level (the
-    10th percentile of the frames) or 45 dB below its loud level (the 95th percentile), but never less than
-    20 dB below the loud level: so a clip of steady noise or of speech with no gap has no pause. Stretches
-    touching the start or the end of the clip are not pauses (nothing to separate there).
-    """
-    audio = np.asarray(audio)
-    n = audio.shape[0]
-    if n < PAUSE_FRAME + PAUSE_HOP or min_samples >= n:
-        return []
-    squares = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
-    starts = np.arange(0, n - PAUSE_FRAME + 1, PAUSE_HOP)
-    level = 10 * np.log10((squares[starts + PAUSE_FRAME] - squares[starts]) / PAUSE_FRAME + 1e-12)
-    quiet_level, loud_level = np.percentile(level, 10), np.percentile(level, 95)
-    threshold = min(max(quiet_level + PAUSE_FLOOR_DB, loud_level - PAUSE_RANGE_DB), loud_level - PAUSE_MAX_DB)
-    quiet = np.concatenate([[False], level <= threshold, [False]])
-    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))  # alternating run starts and ends, in frames
-    pauses = []
-    for first, last in zip(edges[::2], edges[1::2]):  # frames first .. last - 1 are quiet
-        start, end = int(starts[first]), int(starts[last - 1]) + PAUSE_FRAME
-        if first > 0 and last < len(level) and end - start >= min_samples:
-            pauses.append((start, end))
-    return pauses
 
 
 def _window_cuts(audio: np.ndarray, window_samples: int) -> list[int]:
@@ -465,9 +432,10 @@ def split_at_pauses(audio, window_samples: int = N_SAMPLES, min_pause_samples: i
     pause between words rather than in one, whatever the model's window; no cut leaves the last window
     shorter than a quarter of the longest (a sliver too short to hear).
 
-    ``min_pause_samples``: also cut in the middle of every pause at least this long (``find_pauses``),
-    first, so that each window holds one stretch of speech between pauses, for a model trained on short
-    utterances; a stretch longer than ``window_samples`` is then cut as above.
+    ``min_pause_samples``: first cut in the middle of every pause between speech at least this long (found
+    by a voice-activity detector: ``qwen2audio.audio.vad``), so that each window holds one stretch of
+    speech, for a model trained on short utterances; a stretch longer than ``window_samples`` is then cut
+    as above.
 
     No overlap and nothing dropped: the windows concatenate back to ``audio`` exactly. Returns numpy views
     of the input.
@@ -485,6 +453,8 @@ def split_at_pauses(audio, window_samples: int = N_SAMPLES, min_pause_samples: i
         return np.split(audio, _window_cuts(audio, window_samples))
     if isinstance(min_pause_samples, bool) or not isinstance(min_pause_samples, int) or min_pause_samples < 1:
         raise ValueError(f"min_pause_samples must be a positive int, got {min_pause_samples!r}")
+    from .vad import find_pauses
+
     bounds = [0, *((start + end) // 2 for start, end in find_pauses(audio, min_pause_samples)), audio.shape[0]]
     cuts = []
     for start, end in zip(bounds[:-1], bounds[1:]):

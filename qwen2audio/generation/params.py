@@ -157,6 +157,34 @@ def to_generation_config(params: SamplingParams) -> dict[str, Any]:
     return config
 
 
+TRANSCRIPTION_KEY = "transcription"  # generation_config.json's object of qwen2audio's transcription settings
+
+
+def transcription_defaults(path: str | Path) -> dict[str, Any]:
+    """How ``transcribe`` cuts long audio for this checkpoint: ``chunk_seconds`` (the longest chunk, 30 s
+    unless said) and ``cut_at_pauses`` (also cut at every pause at least this long; 0: never, unless said),
+    from the ``"transcription"`` object of its generation_config.json, e.g. ``{"cut_at_pauses": 0.3}`` for a
+    model trained on short utterances (transformers keeps such a key and does not use it)."""
+    from ..audio.features import CHUNK_SECONDS, chunk_samples, pause_samples
+
+    settings: dict[str, Any] = {"chunk_seconds": CHUNK_SECONDS, "cut_at_pauses": 0}
+    path = Path(path)
+    if not path.is_file():
+        return settings
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        given = config.get(TRANSCRIPTION_KEY, {}) if isinstance(config, dict) else {}
+        if not isinstance(given, dict) or set(given) - set(settings):
+            raise ValueError(f'"{TRANSCRIPTION_KEY}" must be an object with chunk_seconds and/or cut_at_pauses, '
+                             f"got {given!r}")
+        settings.update(given)
+        chunk_samples(settings["chunk_seconds"])
+        pause_samples(settings["cut_at_pauses"])
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}; fix the file or delete it") from None
+    return settings
+
+
 def load_generation_config(path: str | Path) -> dict[str, Any]:
     """A checkpoint's generation_config.json -> SamplingParams keyword arguments; {} when there is none."""
     path = Path(path)

@@ -73,14 +73,15 @@ def register(subparsers) -> None:
                    help="transcriptions and translations at temperature 0: decode each window by beam search over "
                         "N beams (default 1: greedy; a request's num_beams field overrides it). The beams take N "
                         "of the --max-batch slots")
-    p.add_argument("--chunk-seconds", type=float, default=30.0, metavar="S",
-                   help="transcriptions and translations: audio longer than S seconds (1-30, default 30: the "
-                        "encoder's window) is cut where it is quietest into windows of at most S, each answered "
-                        "on its own as one segment")
+    p.add_argument("--chunk-seconds", type=float, default=None, metavar="S",
+                   help="transcriptions and translations: audio longer than S seconds (1-30; default: the "
+                        "checkpoint's, else 30, the encoder's window) is cut where it is quietest into windows of "
+                        "at most S, each answered on its own as one segment")
     p.add_argument("--cut-at-pauses", type=float, default=None, metavar="S",
-                   help="transcriptions and translations: also cut at every pause of at least S seconds (0.05-5; "
-                        "0.3 suits speech), one stretch of speech per window, for models trained on short "
-                        "utterances such as the demo model; a request's chunking_strategy overrides it")
+                   help="transcriptions and translations: also cut at every pause between speech of at least S "
+                        "seconds (0.05-5; 0.3 suits speech; 0: no such cuts), one stretch of speech per window, "
+                        "for models trained on short utterances; default: the checkpoint's (the demo model: "
+                        "0.3), else 0; a request's chunking_strategy overrides it")
     p.add_argument("--no-web", dest="web", action="store_false",
                    help="serve the API only, not the web page at / (voice chat and audio analysis in a browser)")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.SHUTDOWN_SECONDS, metavar="S",
@@ -108,7 +109,8 @@ def check_limits(args: argparse.Namespace) -> None:
     from ..audio.features import chunk_samples, pause_samples
 
     try:
-        chunk_samples(args.chunk_seconds)
+        if args.chunk_seconds is not None:
+            chunk_samples(args.chunk_seconds)
     except ValueError as err:
         raise ValueError(f"--chunk-seconds: {err}") from None
     try:

@@ -16,9 +16,11 @@ the model's task prompt is fixed. Other fields are ignored.
   translation with the official speech-translation prompt of the evaluation (CoVoST 2), into English.
   Both read ``language`` as the language spoken (ISO 639-1, default en; an extension on /translations,
   where OpenAI's API has no such field): the prompts name it.
-- The audio is cut into windows of at most 30 s (the server's ``--chunk-seconds``) where it is quietest
+- The audio is cut into windows of at most 30 s (the server's ``--chunk-seconds``, else the checkpoint's
+  ``transcription_defaults``) where it is quietest
   (``split_at_pauses``: a cut in a pause between words, nothing dropped), and with ``--cut-at-pauses S`` (or
-  a request's ``server_vad`` chunking) also in every pause of at least S seconds, so that each window holds
+  the checkpoint's setting, or a request's ``server_vad`` chunking) also in every pause between speech of
+  at least S seconds (found by Silero VAD), so that each window holds
   one stretch of speech; each window is answered on its own as one segment with its start and end times; the model's
   <|...|> tags are removed from the text, as ``Qwen2Audio.transcribe`` removes them.
 - With the server's ``--fallback``, a window decoded at temperature 0 (greedy or by beam search) whose text is repetitive (a zlib compression ratio past
@@ -70,7 +72,7 @@ WINDOWS_AT_ONCE = 4  # of one file, in the backend together: they share a batch 
 
 async def audio_endpoint(request: Request, task: str, backend: Backend, policy: AudioPolicy, max_tokens: int,
                          metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False,
-                         num_beams: int = 1, chunk_seconds: float = CHUNK_SECONDS,
+                         num_beams: int = 1, chunk_seconds: float | None = None,
                          cut_at_pauses: float | None = None) -> Response:
     form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
     upload = form.get("file")
@@ -97,14 +99,16 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     params = SamplingParams(temperature=temperature, max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
                             logprobs=0 if with_logprobs or response_format == "verbose_json" else None,
                             num_beams=beams)
-    pause = _chunking(form, cut_at_pauses)
+    checkpoint = backend.transcription_defaults  # where the server's flags leave it to the model
+    chunk_seconds = checkpoint.get("chunk_seconds", CHUNK_SECONDS) if chunk_seconds is None else chunk_seconds
+    pause = _chunking(form, checkpoint.get("cut_at_pauses", 0) if cut_at_pauses is None else cut_at_pauses)
 
     refuse_if_full(backend)  # before the audio is decoded
     data = await upload.read()
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
               TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[TARGET_LANGUAGE], source=language))
-    windows = split_at_pauses(wave, chunk_samples(chunk_seconds), pause_samples(pause))
+    windows = await run_in_threadpool(split_at_pauses, wave, chunk_samples(chunk_seconds), pause_samples(pause))
     events = _window_events(request, backend, prompt, windows, params, metrics, arrived, endpoint,
                             fallback=fallback and params.greedy, live=stream)
     if stream:
@@ -333,9 +337,10 @@ def _num_beams(form, default: int) -> int:
 SERVER_VAD_SILENCE_MS = 200  # OpenAI's default silence_duration_ms
 
 
-def _chunking(form, default: float | None) -> float | None:
-    """``chunking_strategy`` -> the shortest pause to cut at, in seconds (None: only where a window must end).
-    Absent or ``auto``: the server's ``--cut-at-pauses``; a ``server_vad`` object: its silence_duration_ms."""
+def _chunking(form, default: float) -> float:
+    """``chunking_strategy`` -> the shortest pause to cut at, in seconds (0: only where a window must end).
+    Absent or ``auto``: ``default`` (the server's ``--cut-at-pauses``, else the checkpoint's); a
+    ``server_vad`` object: its silence_duration_ms."""
     hint = 'give "auto" or a JSON object such as {"type": "server_vad", "silence_duration_ms": 300}'
     value = _field(form, "chunking_strategy")
     nested = {key[len("chunking_strategy["):-1]: _number(_field(form, key)) for key in form.keys()
