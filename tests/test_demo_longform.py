@@ -13,12 +13,13 @@ from qwen2audio.audio.vad import find_pauses
 
 
 def test_the_recording_is_the_clips_with_silence_between(tiny_demo_data):
-    audio, reference = longform.recording(tiny_demo_data, 3, 0.5)
+    audio, reference, ends = longform.recording(tiny_demo_data, 3, 0.5)
     items = [json.loads(line) for line in (tiny_demo_data / "eval" / "asr.jsonl").read_text().splitlines()][:3]
     clips = [load_audio(str(tiny_demo_data / "eval" / item["audio"])) for item in items]
     gap = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
     np.testing.assert_array_equal(audio, np.concatenate([clips[0], gap, clips[1], gap, clips[2], gap]))
     assert reference == " ".join(item["reference"] for item in items)
+    assert ends == list(np.cumsum([len(c) + len(gap) for c in clips]))
     # the silences between the clips are pauses (the last one ends the recording: not a pause)
     pauses = find_pauses(audio, int(0.45 * SAMPLE_RATE))
     ends = np.cumsum([len(c) + len(gap) for c in clips])[:2]
@@ -34,10 +35,11 @@ def test_every_setting_gets_a_row(tiny_demo_data, tmp_path, capsys, one_thread):
                           "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     settings = [row["setting"] for row in result["rows"]]
-    assert settings == ["whole recording in one prompt", "chunks of <= 30 s", "chunks of <= 2 s",
+    assert settings == ["whole recording in one prompt", "cut where each clip ends (known)", "chunks of <= 30 s",
+                        "chunks of <= 2 s",
                         "chunks of <= 30 s, cut at pauses >= 0.4 s", "chunks of <= 2 s, cut at pauses >= 0.4 s"]
     rows = {row["setting"]: row for row in result["rows"]}
-    assert rows["chunks of <= 30 s"]["chunks"] == 1 and rows["chunks of <= 30 s, cut at pauses >= 0.4 s"]["chunks"] >= 3
+    assert rows["cut where each clip ends (known)"]["chunks"] == 3 and rows["chunks of <= 30 s"]["chunks"] == 1 and rows["chunks of <= 30 s, cut at pauses >= 0.4 s"]["chunks"] >= 3
     assert rows["chunks of <= 2 s"]["chunks"] >= result["seconds"] / 2
     for row in result["rows"]:
         assert row["words"] == len(row["text"].split()) and row["wer"] >= 0 and row["noise"] == "none"
