@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
 from .audio.features import chunk_samples, pause_samples, split_at_pauses
@@ -160,7 +162,8 @@ class Qwen2Audio:
         return self.engine.generate([self.prepare_raw(prompt, audios)], SamplingParams(**sampling))[0]
 
     def transcribe(self, audio: Any, language: str = "en", fallback: bool = False,
-                   chunk_seconds: float | None = None, cut_at_pauses: float | None = None, **sampling) -> str:
+                   chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
+                   progress: bool | None = None, **sampling) -> str:
         """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed.
 
         Audio longer than ``chunk_seconds`` (at most 30, the encoder's window; by default 30) is cut where it is quietest
@@ -173,19 +176,26 @@ class Qwen2Audio:
         own setting (``transcription_defaults``: the "transcription" object of its generation_config.json;
         the demo model cuts at pauses of 0.3 s), else 30 s windows and no pause cuts. ``fallback``: a
         repetitive answer is decoded again at rising temperatures (Whisper's guard against loops;
-        qwen2audio.generation.fallback)."""
+        qwen2audio.generation.fallback). ``progress``: a bar on stderr counting the chunks transcribed (None:
+        on a terminal, when there are several)."""
         defaults = self.transcription_defaults
         chunks = split_at_pauses(decode_audio(audio),
                                  chunk_samples(defaults["chunk_seconds"] if chunk_seconds is None else chunk_seconds),
                                  pause_samples(defaults["cut_at_pauses"] if cut_at_pauses is None else cut_at_pauses))
         prompt = ASR_PROMPT.format(language=language)
         prepared = [self.prepare_raw(prompt, [chunk]) for chunk in chunks]
-        if fallback:
-            from .generation.fallback import generate_with_fallback
-
-            outs = generate_with_fallback(self.engine, prepared, SamplingParams(**sampling))
+        if progress is None:  # tqdm's None: shown on a terminal only
+            hidden = True if len(chunks) < 2 else None
         else:
-            outs = self.engine.generate(prepared, SamplingParams(**sampling))
+            hidden = not progress
+        with tqdm(total=len(chunks), unit="chunk", desc="transcribing", file=sys.stderr, leave=False,
+                  disable=hidden) as bar:
+            if fallback:
+                from .generation.fallback import generate_with_fallback
+
+                outs = generate_with_fallback(self.engine, prepared, SamplingParams(**sampling), on_result=bar.update)
+            else:
+                outs = self.engine.generate(prepared, SamplingParams(**sampling), on_result=bar.update)
         return " ".join(text for text in (TAG.sub("", out.text).strip() for out in outs) if text)
 
     def conversation(self, system: str | None = None) -> "Conversation":

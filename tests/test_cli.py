@@ -21,6 +21,7 @@ import torch
 from qwen2audio import Qwen2Audio
 from qwen2audio.audio import load_audio, split_at_pauses
 from qwen2audio.cli import main
+from qwen2audio.generation.params import SamplingParams
 from reference import TOKENIZER, clip, hf_model
 
 NEW = "16"  # --max-new-tokens everywhere: short answers keep the tests fast
@@ -255,6 +256,23 @@ def test_cut_at_pauses_transcribes_each_stretch_between_pauses(api, model_dir, t
     monkeypatch.setattr(cli_module, "_load", lambda args: pytest.fail("the model must not load"))
     rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(path), "--cut-at-pauses", "0.01"])
     assert rc == 2 and "--cut-at-pauses: cut_at_pauses must be between 0.05 and 5 seconds" in err
+
+
+def test_a_long_transcription_shows_its_progress(api, capsys):
+    """progress=True: a bar on stderr counting the chunks as their transcripts come; the text is the same."""
+    model = api["saved"]
+    question = load_audio(str(Path(__file__).resolve().parents[1] / "examples" / "question.flac"))
+    gap = np.zeros(8000, np.float32)
+    wave = np.concatenate([question, gap, question, gap, question])
+    quiet = model.transcribe(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3, progress=False)
+    assert capsys.readouterr().err == ""
+    shown = model.transcribe(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3, progress=True)
+    err = capsys.readouterr().err
+    assert shown == quiet and "transcribing" in err and "/3 [" in err and "chunk/s" in err  # 3 chunks
+    calls = []
+    model.engine.generate([model.prepare_raw("x", [question])] * 2, SamplingParams(max_new_tokens=2),
+                          on_result=lambda: calls.append(1))
+    assert calls == [1, 1]
 
 
 def test_a_checkpoint_can_say_how_to_cut_long_audio(api, model_dir, tmp_path, capsys, monkeypatch):

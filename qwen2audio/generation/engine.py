@@ -23,7 +23,7 @@ import hashlib
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -250,16 +250,23 @@ class Engine:
             self._scheduler = Scheduler(self, max_slots=ENGINE_MAX_SLOTS, max_waiting=None, background=False)
         return self._scheduler
 
-    def generate(self, batch: Sequence[Prepared], params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
+    def generate(self, batch: Sequence[Prepared], params: SamplingParams | Sequence[SamplingParams],
+                 on_result: Callable[[], object] | None = None) -> list[Generation]:
         """Run requests together (each with its own settings, or all with the same); their Generations.
         A request's greedy output is the same as running it alone. A beam search (``num_beams`` > 1)
-        decodes its beams in as many slots, beside the other requests (``generation.beam``)."""
+        decodes its beams in as many slots, beside the other requests (``generation.beam``).
+        ``on_result`` is called as each result is collected, in order (a progress bar's update)."""
         per_request = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(per_request) != len(batch):
             raise ValueError(f"{len(batch)} requests but {len(per_request)} SamplingParams")
         streams = [self.scheduler.submit(p, s) for p, s in zip(batch, per_request)]
         try:
-            return [stream.wait() for stream in streams]
+            results = []
+            for stream in streams:
+                results.append(stream.wait())
+                if on_result is not None:
+                    on_result()
+            return results
         finally:
             for stream in streams:  # an error or an interrupt: the others stop too
                 if not stream.done:
