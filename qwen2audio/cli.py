@@ -52,8 +52,9 @@ CHAT_SAMPLING_NOTE = ("Defaults come from the checkpoint's generation_config.jso
                       "default shown. --temperature 0 is greedy (the file's repetition penalty still applies "
                       "unless --repetition-penalty 1); --num-beams N alone is greedy beam search, and "
                       "--temperature or --stop alone decode one beam, whatever beams the file asks for.")
-TRANSCRIBE_SAMPLING_NOTE = ("Greedy by default, as the official evaluation decodes; the checkpoint's "
-                            "generation_config.json is not applied.")
+TRANSCRIBE_SAMPLING_NOTE = ("Greedy by default, as the official evaluation decodes; the sampling settings of "
+                            "the checkpoint's generation_config.json are not applied (its \"transcription\" "
+                            "cuts are).")
 CHAT_HELP = (("/audio PATH [TEXT]", "send an audio file, with optional text; quote a path with spaces"),
              ("/help", "show this list"),
              ("Ctrl-D", "end the chat"))
