@@ -40,6 +40,7 @@ from .generation.params import (
     SamplingParams,
     chat_settings,
     load_generation_config,
+    transcription_cuts,
     transcription_defaults,
 )
 from .text import Tokenizer, raw_prompt, render_chat
@@ -178,10 +179,8 @@ class Qwen2Audio:
         repetitive answer is decoded again at rising temperatures (Whisper's guard against loops;
         qwen2audio.generation.fallback). ``progress``: a bar on stderr counting the chunks transcribed (None:
         on a terminal, when there are several)."""
-        defaults = self.transcription_defaults
-        chunks = split_at_pauses(decode_audio(audio),
-                                 chunk_samples(defaults["chunk_seconds"] if chunk_seconds is None else chunk_seconds),
-                                 pause_samples(defaults["cut_at_pauses"] if cut_at_pauses is None else cut_at_pauses))
+        chunk_seconds, cut_at_pauses = transcription_cuts(self.transcription_defaults, chunk_seconds, cut_at_pauses)
+        chunks = split_at_pauses(decode_audio(audio), chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))
         prompt = ASR_PROMPT.format(language=language)
         prepared = [self.prepare_raw(prompt, [chunk]) for chunk in chunks]
         if progress is None:  # tqdm's None: shown on a terminal only

@@ -140,14 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fallback", action="store_true",
                     help="decode a repetitive transcript again at rising temperatures (Whisper's guard against "
                          "loops); off: greedy only, as the official evaluation decodes")
-    tr.add_argument("--chunk-seconds", type=float, default=None, metavar="S",
-                    help="audio longer than S seconds (1-30; default: the checkpoint's, else 30, the encoder's "
-                         "window) is cut where it is quietest into chunks of at most S, transcribed one by one in "
-                         "a batch and joined")
-    tr.add_argument("--cut-at-pauses", type=float, default=None, metavar="S",
-                    help="also cut at every pause between speech of at least S seconds (0.05-5; 0.3 suits "
-                         "speech; 0: no such cuts), so that each chunk holds one stretch of speech, for models "
-                         "trained on short utterances; default: the checkpoint's (the demo model: 0.3), else 0")
+    add_cut_args(tr, "", "chunks of at most S, transcribed one by one in a batch and joined")
     _sampling_args(tr, TRANSCRIBE_SAMPLING_NOTE, leave_out=("logprobs",))  # a transcript is text only
 
     for module in COMMAND_MODULES:  # further commands live beside the code they run
@@ -192,6 +185,30 @@ def _show_warning(show_other, message, category, filename, lineno, file=None, li
         show_other(message, category, filename, lineno, file, line)
 
 
+def add_cut_args(parser: argparse.ArgumentParser, task: str, windows: str, note: str = "") -> None:
+    """--chunk-seconds and --cut-at-pauses, for ``transcribe`` and ``serve`` (``task`` begins their help)."""
+    parser.add_argument("--chunk-seconds", type=float, default=None, metavar="S",
+                        help=f"{task}audio longer than S seconds (1-30; default: the checkpoint's, else 30, the "
+                             f"encoder's window) is cut where it is quietest into {windows}")
+    parser.add_argument("--cut-at-pauses", type=float, default=None, metavar="S",
+                        help=f"{task}also cut at every pause between speech of at least S seconds (0.05-5; 0.3 "
+                             "suits speech; 0: no such cuts), one stretch of speech per chunk, for models trained "
+                             f"on short utterances; default: the checkpoint's (the demo model: 0.3), else 0{note}")
+
+
+def check_cut_args(args: argparse.Namespace) -> None:
+    """--chunk-seconds and --cut-at-pauses in range (``add_cut_args``), before a model loads."""
+    from .audio.features import chunk_samples, pause_samples
+
+    for flag, value, check in (("--chunk-seconds", args.chunk_seconds, chunk_samples),
+                               ("--cut-at-pauses", args.cut_at_pauses, pause_samples)):
+        try:
+            if value is not None:
+                check(value)
+        except ValueError as err:
+            raise ValueError(f"{flag}: {err}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     # `qwen2audio transcribe FILE` without MODEL_DIR: argparse gives the first file to model_dir.
     if args.command == "transcribe" and args.model_dir and Path(args.model_dir).is_file():
@@ -199,20 +216,8 @@ def _run(args: argparse.Namespace) -> int:
         args.model_dir = None
     if getattr(args, "logprobs", None) is not None and not args.json:
         raise ValueError("--logprobs: the log-probabilities are part of the --json output; add --json")
-    if getattr(args, "chunk_seconds", None) is not None:
-        from .audio.features import chunk_samples
-
-        try:
-            chunk_samples(args.chunk_seconds)
-        except ValueError as err:
-            raise ValueError(f"--chunk-seconds: {err}") from None
-    if getattr(args, "cut_at_pauses", None) is not None:
-        from .audio.features import pause_samples
-
-        try:
-            pause_samples(args.cut_at_pauses)
-        except ValueError as err:
-            raise ValueError(f"--cut-at-pauses: {err}") from None
+    if args.command == "transcribe":
+        check_cut_args(args)
     _check_model_dir(args)
     _check_device(args.device)
     model = _load(args)

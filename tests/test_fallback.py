@@ -32,7 +32,7 @@ class ScriptedEngine:
         self.script = script
         self.calls: list[tuple[list[str], SamplingParams]] = []
 
-    def generate(self, batch, params):
+    def generate(self, batch, params, on_result=None):
         self.calls.append((list(batch), params))
         return [Generation(text=self.script[r][params.temperature]) for r in batch]
 

@@ -69,8 +69,7 @@ def generate_with_fallback(engine, batch: Sequence, params: SamplingParams,
     """``engine.generate(batch, params)``, then the repetitive answers decoded again (together) at each
     temperature in turn until they are not. ``params`` is the first attempt's (greedy, as a rule);
     ``on_result`` is called as each of its results comes (``Engine.generate``'s)."""
-    first = engine.generate(batch, params) if on_result is None else engine.generate(batch, params, on_result=on_result)
-    picks = [Pick(g.text, g, threshold) for g in first]
+    picks = [Pick(g.text, g, threshold) for g in engine.generate(batch, params, on_result=on_result)]
     for again in retries(params, temperatures, seed):
         todo = [i for i, pick in enumerate(picks) if not pick.done]
         if not todo:

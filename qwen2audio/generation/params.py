@@ -185,6 +185,14 @@ def transcription_defaults(path: str | Path) -> dict[str, Any]:
     return settings
 
 
+def transcription_cuts(defaults: Mapping[str, Any], chunk_seconds: float | None = None,
+                       cut_at_pauses: float | None = None) -> tuple[float, float]:
+    """(chunk_seconds, cut_at_pauses) of a transcription: the caller's where given (not None), else the
+    checkpoint's ``defaults`` (``transcription_defaults``)."""
+    return (defaults["chunk_seconds"] if chunk_seconds is None else chunk_seconds,
+            defaults["cut_at_pauses"] if cut_at_pauses is None else cut_at_pauses)
+
+
 def load_generation_config(path: str | Path) -> dict[str, Any]:
     """A checkpoint's generation_config.json -> SamplingParams keyword arguments; {} when there is none."""
     path = Path(path)

@@ -29,7 +29,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 
 def register(subparsers) -> None:
     """Adds `qwen2audio serve` (the registry hook of qwen2audio.cli)."""
-    from ..cli import _model_args
+    from ..cli import _model_args, add_cut_args
 
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,15 +73,8 @@ def register(subparsers) -> None:
                    help="transcriptions and translations at temperature 0: decode each window by beam search over "
                         "N beams (default 1: greedy; a request's num_beams field overrides it). The beams take N "
                         "of the --max-batch slots")
-    p.add_argument("--chunk-seconds", type=float, default=None, metavar="S",
-                   help="transcriptions and translations: audio longer than S seconds (1-30; default: the "
-                        "checkpoint's, else 30, the encoder's window) is cut where it is quietest into windows of "
-                        "at most S, each answered on its own as one segment")
-    p.add_argument("--cut-at-pauses", type=float, default=None, metavar="S",
-                   help="transcriptions and translations: also cut at every pause between speech of at least S "
-                        "seconds (0.05-5; 0.3 suits speech; 0: no such cuts), one stretch of speech per window, "
-                        "for models trained on short utterances; default: the checkpoint's (the demo model: "
-                        "0.3), else 0; a request's chunking_strategy overrides it")
+    add_cut_args(p, "transcriptions and translations: ", "windows of at most S, each answered on its own as one "
+                 "segment", note="; a request's chunking_strategy overrides it")
     p.add_argument("--no-web", dest="web", action="store_false",
                    help="serve the API only, not the web page at / (voice chat and audio analysis in a browser)")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.SHUTDOWN_SECONDS, metavar="S",
@@ -106,17 +99,9 @@ def check_limits(args: argparse.Namespace) -> None:
     if not 1 <= args.num_beams <= args.max_batch:
         raise ValueError(f"--num-beams must be between 1 and --max-batch ({args.max_batch}: each beam takes one of "
                          f"its slots), got {args.num_beams}")
-    from ..audio.features import chunk_samples, pause_samples
+    from ..cli import check_cut_args
 
-    try:
-        if args.chunk_seconds is not None:
-            chunk_samples(args.chunk_seconds)
-    except ValueError as err:
-        raise ValueError(f"--chunk-seconds: {err}") from None
-    try:
-        pause_samples(args.cut_at_pauses)
-    except ValueError as err:
-        raise ValueError(f"--cut-at-pauses: {err}") from None
+    check_cut_args(args)
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
     if not 0 <= args.port <= 65535:

@@ -46,10 +46,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..api import ASR_PROMPT
-from ..audio.features import CHUNK_SECONDS, SAMPLE_RATE, chunk_samples, pause_samples, split_at_pauses
+from ..audio.features import SAMPLE_RATE, chunk_samples, pause_samples, split_at_pauses
 from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
 from ..generation import fallback as F
-from ..generation.params import SamplingParams
+from ..generation.params import SamplingParams, transcription_cuts
 from ..generation.reply import logprob_entries
 from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
@@ -99,9 +99,9 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     params = SamplingParams(temperature=temperature, max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
                             logprobs=0 if with_logprobs or response_format == "verbose_json" else None,
                             num_beams=beams)
-    checkpoint = backend.transcription_defaults  # where the server's flags leave it to the model
-    chunk_seconds = checkpoint.get("chunk_seconds", CHUNK_SECONDS) if chunk_seconds is None else chunk_seconds
-    pause = _chunking(form, checkpoint.get("cut_at_pauses", 0) if cut_at_pauses is None else cut_at_pauses)
+    # the server's flags, else the checkpoint's settings; a request's chunking_strategy over both
+    chunk_seconds, cut_at_pauses = transcription_cuts(backend.transcription_defaults, chunk_seconds, cut_at_pauses)
+    pause = _chunking(form, cut_at_pauses)
 
     refuse_if_full(backend)  # before the audio is decoded
     data = await upload.read()
