@@ -64,6 +64,21 @@ def running(app) -> Iterator[str]:
         sock.close()
 
 
+@contextlib.contextmanager
+def serving(model, model_id: str, backend_options: dict | None = None, **overrides):
+    """A real server over ``model`` behind its own scheduler (SchedulerBackend), with ``settings(**overrides)``:
+    yields its base URL and its ServerState; the backend closes after."""
+    from qwen2audio.serve.backend import SchedulerBackend
+
+    state = ServerState()
+    state.ready(SchedulerBackend(model, model_id, **(backend_options or {})))
+    try:
+        with running(create_app(state, settings(**overrides))) as url:
+            yield url, state
+    finally:
+        state.backend.close()
+
+
 def wait_until(condition, what: str = "the condition", seconds: float = 30.0, poll: float = 0.005) -> None:
     """Poll ``condition()`` until it is true; fail the test after ``seconds`` naming ``what`` it waited for."""
     deadline = time.monotonic() + seconds

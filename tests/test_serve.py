@@ -16,10 +16,8 @@ from qwen2audio.api import ASR_PROMPT
 from qwen2audio.audio import SAMPLE_RATE, load_audio, split_at_pauses
 from qwen2audio.generation.reply import logprob_entries
 from qwen2audio.eval.translation import TRANSLATION_PROMPT
-from qwen2audio.serve.app import ServerState, create_app
-from qwen2audio.serve.backend import SchedulerBackend
 from qwen2audio.text.tags import TAG
-from serve_helpers import b64, running, settings, wait_until, wav_bytes
+from serve_helpers import b64, serving, wait_until, wav_bytes
 
 openai = pytest.importorskip("openai")
 
@@ -35,9 +33,7 @@ def model(default_model):
 
 @pytest.fixture(scope="module")
 def server(model):
-    state = ServerState()
-    state.ready(SchedulerBackend(model, MODEL_ID))
-    with running(create_app(state, settings(max_tokens=MAX_TOKENS))) as url:
+    with serving(model, MODEL_ID, max_tokens=MAX_TOKENS) as (url, state):
         yield SimpleNamespace(url=url, state=state)
 
 

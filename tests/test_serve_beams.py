@@ -11,9 +11,7 @@ import httpx
 import pytest
 import soundfile
 
-from qwen2audio.serve.app import ServerState, create_app
-from qwen2audio.serve.backend import SchedulerBackend
-from serve_helpers import FakeBackend, b64, fake_app, running, settings, wav_bytes
+from serve_helpers import FakeBackend, b64, fake_app, running, serving, wav_bytes
 
 NEW = 12
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,11 +25,8 @@ def model(default_model):
 @pytest.fixture(scope="module")
 def server(model):
     """The embedded default model behind a real scheduler with 4 slots, serving with --num-beams 2."""
-    state = ServerState()
-    state.ready(SchedulerBackend(model, "demo", max_batch=4))
-    with running(create_app(state, settings(max_tokens=NEW, num_beams=2))) as url:
+    with serving(model, "demo", {"max_batch": 4}, max_tokens=NEW, num_beams=2) as (url, _):
         yield url
-    state.backend.close()
 
 
 def transcribe(url: str, wav: bytes, status: int = 200, **form) -> dict:

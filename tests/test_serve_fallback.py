@@ -8,9 +8,7 @@ import httpx
 import pytest
 
 from qwen2audio.generation.fallback import SEED, TEMPERATURES
-from qwen2audio.serve.app import ServerState, create_app
-from qwen2audio.serve.backend import SchedulerBackend
-from serve_helpers import FakeBackend, fake_app, running, settings, wav_bytes
+from serve_helpers import FakeBackend, fake_app, running, serving, wav_bytes
 
 LOOP = ["the creatures of"] + [" the creatures of"] * 30
 CLEAN = ["Making no changes", " except as needed."]
@@ -87,11 +85,8 @@ def test_the_server_and_the_python_api_fall_back_alike(model, monkeypatch, tmp_p
     wav = tmp_path / "a.wav"
     wav.write_bytes(wav_bytes(2.0, seed=3))
     expected = model.transcribe(str(wav), max_new_tokens=12, fallback=True)
-    state = ServerState()
-    state.ready(SchedulerBackend(model, "fake"))
-    with running(create_app(state, settings(max_tokens=12, fallback=True))) as url:
+    with serving(model, "fake", max_tokens=12, fallback=True) as (url, _):
         body = transcribe(url, wav.read_bytes())
-    state.backend.close()
     assert body["text"] == expected
     assert body["segments"][0]["temperature"] in TEMPERATURES
 

@@ -25,8 +25,7 @@ import pytest
 import soundfile
 
 from qwen2audio.serve import page
-from qwen2audio.serve.app import ServerState, create_app
-from serve_helpers import FakeBackend, b64, fake_app, running, settings, wait_until, wav_bytes
+from serve_helpers import FakeBackend, b64, fake_app, running, serving, wait_until, wav_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TONE_HZ = 440.0
@@ -407,14 +406,11 @@ def test_settings_reach_the_request(browser):
 @pytest.fixture(scope="module")
 def model_server(default_home):
     from qwen2audio import Qwen2Audio
-    from qwen2audio.serve.backend import SchedulerBackend
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = Qwen2Audio.load()
-    state = ServerState()
-    state.ready(SchedulerBackend(model, "tiny-test"))
-    with running(create_app(state, settings(max_tokens=8))) as url:
+    with serving(model, "tiny-test", max_tokens=8) as (url, _):
         yield url
 
 
