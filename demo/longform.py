@@ -9,8 +9,8 @@ combination of --chunk-seconds and --cut-at-pauses (``Qwen2Audio.transcribe``, g
 there are: where each clip ends (known from the manifest, not found in the audio); with --noise-snr, the
 same again with steady white noise over the whole recording at each level (dB below the speech; seeded),
 as in a recording with background noise, where the silences between the clips are no longer silent. Prints
-a table of the chunks each setting made, the words it wrote and its WER against the joined references (the
-evaluation's English normaliser); --out also writes the figures and transcripts as JSON.
+a table of the chunks each setting transcribed (with pause cuts, not those with no speech), the words it
+wrote and its WER against the joined references (the evaluation's English normaliser); --out also writes the figures and transcripts as JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 
 from qwen2audio.atomic import atomic_write_text
 from qwen2audio.audio import SAMPLE_RATE, load_audio
-from qwen2audio.audio.features import chunk_samples, pause_samples, split_at_pauses
+from qwen2audio.audio.features import chunk_samples, cut_windows, pause_samples
 from qwen2audio.eval.metrics import corpus_score, get_metric
 
 
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             time.perf_counter() - start)
         for pause in args.cut_at_pauses:
             for seconds in args.chunk_seconds:
-                chunks = len(split_at_pauses(audio, chunk_samples(seconds), pause_samples(pause)))
+                chunks = sum(window.speech for window in
+                             cut_windows(audio, chunk_samples(seconds), pause_samples(pause)))  # transcribed
                 start = time.perf_counter()
                 text = model.transcribe(audio, chunk_seconds=seconds, cut_at_pauses=pause or 0,
                                         max_new_tokens=args.max_new_tokens)

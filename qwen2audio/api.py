@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
-from .audio.features import chunk_samples, pause_samples, split_at_pauses
+from .audio.features import chunk_samples, cut_windows, pause_samples
 from .checkpoint import load_model
 from .checkpoint.files import GENERATION_FILE
 from .generation.engine import Engine, Generation, Prepared, RequestStream
@@ -168,19 +168,24 @@ class Qwen2Audio:
         """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed.
 
         Audio longer than ``chunk_seconds`` (at most 30, the encoder's window; by default 30) is cut where it is quietest
-        into chunks of at most that length (``split_at_pauses``), transcribed together in one batch, each
+        into chunks of at most that length (``cut_windows``), transcribed together in one batch, each
         with its own prompt, and their texts joined by a space, as the server's transcriptions are: the
         model answers one window at a time, as it was trained (one prompt holding minutes of audio gets
         a sentence or two back). ``cut_at_pauses``: also cut in every pause between speech of at least this
         many seconds (0.3 suits speech; 0: no such cuts), so that each chunk holds one stretch of speech: for a
-        model trained on short utterances, such as the demo model. Either left at None takes the checkpoint's
+        model trained on short utterances, such as the demo model; then what the voice-activity detector
+        hears no speech in (0.5 s of it is kept on each side of speech: ``cut_windows``) is not transcribed, and audio
+        with no speech at all gives "". Either left at None takes the checkpoint's
         own setting (``transcription_defaults``: the "transcription" object of its generation_config.json;
         the demo model cuts at pauses of 0.3 s), else 30 s windows and no pause cuts. ``fallback``: a
         repetitive answer is decoded again at rising temperatures (Whisper's guard against loops;
         qwen2audio.generation.fallback). ``progress``: a bar on stderr counting the chunks transcribed (None:
         on a terminal, when there are several)."""
         chunk_seconds, cut_at_pauses = transcription_cuts(self.transcription_defaults, chunk_seconds, cut_at_pauses)
-        chunks = split_at_pauses(decode_audio(audio), chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))
+        windows = cut_windows(decode_audio(audio), chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))
+        chunks = [window.audio for window in windows if window.speech]
+        if not chunks:
+            return ""
         prompt = ASR_PROMPT.format(language=language)
         prepared = [self.prepare_raw(prompt, [chunk]) for chunk in chunks]
         if progress is None:  # tqdm's None: shown on a terminal only

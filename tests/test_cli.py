@@ -19,7 +19,7 @@ import soundfile
 import torch
 
 from qwen2audio import Qwen2Audio
-from qwen2audio.audio import load_audio, split_at_pauses
+from qwen2audio.audio import N_SAMPLES, cut_windows, load_audio, split_at_pauses
 from qwen2audio.cli import main
 from qwen2audio.generation.params import SamplingParams
 from reference import TOKENIZER, clip, hf_model
@@ -256,6 +256,24 @@ def test_cut_at_pauses_transcribes_each_stretch_between_pauses(api, model_dir, t
     monkeypatch.setattr(cli_module, "_load", lambda args: pytest.fail("the model must not load"))
     rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(path), "--cut-at-pauses", "0.01"])
     assert rc == 2 and "--cut-at-pauses: cut_at_pauses must be between 0.05 and 5 seconds" in err
+
+
+def test_what_has_no_speech_is_not_transcribed(api):
+    """With pause cuts, a doorbell and the silence around it (3.6 s) between two questions is a window of no
+    speech, not given to the model: the transcript is the two questions' windows' texts; doorbells alone
+    give "" (without pause cuts, the tiny random model writes something for them)."""
+    model = api["saved"]
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    question, doorbell = load_audio(str(examples / "question.flac")), load_audio(str(examples / "doorbell.flac"))
+    silence = np.zeros(16000, np.float32)
+    wave = np.concatenate([question, silence, doorbell, silence, question])
+    windows = cut_windows(wave, N_SAMPLES, 4800)
+    assert [w.speech for w in windows] == [True, False, True]
+    expected = " ".join(t for t in (model.transcribe(w.audio, max_new_tokens=int(NEW)) for w in windows if w.speech) if t)
+    assert model.transcribe(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3) == expected
+    rings = np.concatenate([doorbell, silence, doorbell])
+    assert model.transcribe(rings, max_new_tokens=int(NEW), cut_at_pauses=0.3) == ""
+    assert model.transcribe(rings, max_new_tokens=int(NEW), cut_at_pauses=0) != ""
 
 
 def test_a_long_transcription_shows_its_progress(api, capsys):

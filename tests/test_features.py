@@ -26,6 +26,8 @@ from qwen2audio.audio.features import (
     AUDIO_TOKENS_PER_SECOND,
     N_AUDIO_TOKENS_PER_WINDOW,
     N_ENCODER_FRAMES,
+    SPEECH_MARGIN,
+    cut_windows,
     encoder_frame_count,
     mel_filters,
     pause_samples,
@@ -259,12 +261,15 @@ def test_split_at_pauses_leaves_short_clips_whole_and_no_sliver_at_the_end():
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def two_questions(gap: float = 0.5, noise_snr_db: float | None = None, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+def two_questions(gap: float = 0.5, noise_snr_db: float | None = None, seed: int = 0,
+                  with_doorbell: bool = True) -> tuple[np.ndarray, list[int]]:
     """The bundled spoken question (2.06 s, speech from 0.26 s to its end), ``gap`` s of silence, the bundled
-    doorbell (1.6 s), the same silence, the question again, 0.5 s of silence; with ``noise_snr_db``, white
-    noise over all of it at that level below the speech. Returns it and where each piece starts."""
+    doorbell (1.6 s; or nothing), the same silence, the question again, 0.5 s of silence; with
+    ``noise_snr_db``, white noise over all of it at that level below the speech. Returns it and where each
+    piece starts."""
     question, doorbell = load_audio(str(EXAMPLES / "question.flac")), load_audio(str(EXAMPLES / "doorbell.flac"))
     silence = np.zeros(int(gap * SAMPLE_RATE), dtype=np.float32)
+    doorbell = doorbell if with_doorbell else doorbell[:0]
     pieces = [question, silence, doorbell, silence, question, np.zeros(SAMPLE_RATE // 2, dtype=np.float32)]
     starts = list(np.cumsum([0] + [len(x) for x in pieces[:-1]]))
     audio = np.concatenate(pieces)
@@ -283,11 +288,23 @@ def test_a_pause_is_all_that_is_not_speech_between_speech(noise_snr_db):
     [(start, end)] = find_pauses(audio, int(0.3 * SAMPLE_RATE))
     assert starts[1] - 0.3 * SAMPLE_RATE <= start <= starts[1] + 0.1 * SAMPLE_RATE  # the first question ends
     assert starts[4] + 0.1 * SAMPLE_RATE <= end <= starts[4] + 0.4 * SAMPLE_RATE  # the second starts to speak
-    windows = split_at_pauses(audio, N_SAMPLES, int(0.3 * SAMPLE_RATE))
-    np.testing.assert_array_equal(np.concatenate(windows), audio)
-    assert [len(w) for w in windows] == [(start + end) // 2, len(audio) - (start + end) // 2]
-    # a pause longer than asked for is not cut at
-    assert len(split_at_pauses(audio, N_SAMPLES, int(4.0 * SAMPLE_RATE))) == 1
+    # the pause (2.6 s) is longer than twice the margin: speech keeps 0.5 s of it on each side, the rest (the
+    # doorbell) is a window of no speech; after the last word, what lies beyond 0.5 s is one too
+    windows = cut_windows(audio, N_SAMPLES, int(0.3 * SAMPLE_RATE))
+    np.testing.assert_array_equal(np.concatenate([w.audio for w in windows]), audio)
+    assert [w.start for w in windows] == list(np.cumsum([0] + [len(w.audio) for w in windows[:-1]]))
+    assert [w.start for w in windows[1:3]] == [start + SPEECH_MARGIN, end - SPEECH_MARGIN]
+    assert [w.speech for w in windows[:3]] == [True, False, True]
+    assert windows[1].start < starts[2] and starts[3] < windows[2].start  # the doorbell: in no window of speech
+    assert all(not w.speech for w in windows[3:])
+    assert [len(w) for w in split_at_pauses(audio, N_SAMPLES, int(0.3 * SAMPLE_RATE))] == [len(w.audio) for w in windows]
+    # a pause longer than asked for is not cut at, and one up to twice the margin is cut in its middle
+    assert [w.speech for w in cut_windows(audio, N_SAMPLES, int(4.0 * SAMPLE_RATE))][:1] == [True]
+    assert len([w for w in cut_windows(audio, N_SAMPLES, int(4.0 * SAMPLE_RATE)) if w.speech]) == 1
+    close, starts = two_questions(gap=0.0, with_doorbell=False)  # the question's own silences: 0.5 s
+    [(start, end)] = find_pauses(close, int(0.2 * SAMPLE_RATE))
+    windows = cut_windows(close, N_SAMPLES, int(0.2 * SAMPLE_RATE))
+    assert windows[1].start == (start + end) // 2 and [w.speech for w in windows[:2]] == [True, True]
 
 
 def test_cut_at_pauses_still_cuts_a_stretch_longer_than_the_window():
@@ -307,7 +324,13 @@ def test_noise_music_and_silence_have_no_pauses():
     bells = load_audio(str(EXAMPLES / "doorbell.flac"))
     rings = np.concatenate([bells, np.zeros(SAMPLE_RATE, dtype=np.float32), bells])
     assert find_pauses(rings, SAMPLE_RATE // 10) == []  # no speech: nothing to separate
-    assert len(split_at_pauses(rings, N_SAMPLES, SAMPLE_RATE // 10)) == 1
+    assert [(w.start, len(w.audio), w.speech) for w in cut_windows(rings, N_SAMPLES, SAMPLE_RATE // 10)] == [
+        (0, len(rings), False)]
+    # without pause cuts, no one listens for speech
+    assert [(w.start, len(w.audio), w.speech) for w in cut_windows(rings, N_SAMPLES)] == [(0, len(rings), True)]
+    long_silence = np.zeros(70 * SAMPLE_RATE, dtype=np.float32)  # no speech, still in windows of at most 30 s
+    assert [(len(w.audio), w.speech) for w in cut_windows(long_silence, N_SAMPLES, SAMPLE_RATE // 10)] == [
+        (N_SAMPLES - 200, False), (N_SAMPLES - 200, False), (10 * SAMPLE_RATE + 400, False)]
 
 
 def test_pause_seconds_are_checked():

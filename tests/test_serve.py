@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from qwen2audio.api import ASR_PROMPT
-from qwen2audio.audio import SAMPLE_RATE, load_audio, split_at_pauses
+from qwen2audio.audio import N_SAMPLES, SAMPLE_RATE, cut_windows, load_audio, split_at_pauses
 from qwen2audio.generation.reply import logprob_entries
 from qwen2audio.eval.translation import TRANSLATION_PROMPT
 from qwen2audio.text.tags import TAG
@@ -296,6 +296,42 @@ def test_server_vad_chunking_cuts_at_every_pause(client, model, server, monkeypa
         cut = client.audio.transcriptions.create(model=MODEL_ID, file=("three.wav", data),
                                                  response_format="verbose_json", **extra)
         assert [s.text for s in cut.segments] == [s.text for s in vad.segments]
+
+
+def test_server_vad_leaves_out_what_has_no_speech(client, model):
+    """With server_vad chunking, a doorbell between two questions is in no segment: two segments, at the
+    speech windows' times, each what Qwen2Audio.transcribe gives for its window; a file of doorbells alone
+    gives an empty text and no segments, whole or streamed."""
+    import io
+    from pathlib import Path
+
+    import soundfile
+
+    def upload(wave):
+        buffer = io.BytesIO()
+        soundfile.write(buffer, wave, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+        return buffer.getvalue()
+
+    vad = {"type": "server_vad", "silence_duration_ms": 300}
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    question, doorbell = load_audio(str(examples / "question.flac")), load_audio(str(examples / "doorbell.flac"))
+    silence = np.zeros(SAMPLE_RATE, np.float32)
+    wave = np.concatenate([question, silence, doorbell, silence, question])
+    speech = [w for w in cut_windows(wave, N_SAMPLES, int(0.3 * SAMPLE_RATE)) if w.speech]
+    verbose = client.audio.transcriptions.create(model=MODEL_ID, file=("bell.wav", upload(wave)),
+                                                 response_format="verbose_json", chunking_strategy=vad)
+    assert len(speech) == 2 and len(verbose.segments) == 2
+    times = [t for w in speech for t in (w.start / SAMPLE_RATE, (w.start + len(w.audio)) / SAMPLE_RATE)]
+    assert [t for s in verbose.segments for t in (s.start, s.end)] == pytest.approx(times, abs=1e-3)
+    assert [s.text for s in verbose.segments] == [model.transcribe(w.audio, max_new_tokens=MAX_TOKENS) for w in speech]
+    rings = upload(np.concatenate([doorbell, silence, doorbell]))
+    assert model.transcribe(load_audio(rings), max_new_tokens=MAX_TOKENS)  # the model would write something
+    none = client.audio.transcriptions.create(model=MODEL_ID, file=("rings.wav", rings),
+                                              response_format="verbose_json", chunking_strategy=vad)
+    assert none.text == "" and none.segments == [] and none.duration == pytest.approx(len(load_audio(rings)) / SAMPLE_RATE)
+    events = list(client.audio.transcriptions.create(model=MODEL_ID, file=("rings.wav", rings), stream=True,
+                                                     chunking_strategy=vad))
+    assert [e.type for e in events] == ["transcript.text.done"] and events[0].text == ""
 
 
 def test_transcription_logprobs_are_every_windows_tokens(client, model):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import TypeVar, Union
+from typing import NamedTuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -405,7 +405,7 @@ MIN_WINDOW_SHARE = 0.5  # a cut falls in the last half of the longest window all
 
 
 def _window_cuts(audio: np.ndarray, window_samples: int) -> list[int]:
-    """Where split_at_pauses cuts a clip into windows of at most ``window_samples`` (none if it fits)."""
+    """Where cut_windows cuts a clip into windows of at most ``window_samples`` (none if it fits)."""
     n = audio.shape[0]
     if n <= window_samples:
         return []
@@ -423,8 +423,21 @@ def _window_cuts(audio: np.ndarray, window_samples: int) -> list[int]:
     return cuts
 
 
-def split_at_pauses(audio, window_samples: int = N_SAMPLES, min_pause_samples: int | None = None) -> list[np.ndarray]:
-    """Split a 1-D clip into consecutive windows of at most ``window_samples`` that end where it is quietest.
+SPEECH_MARGIN = SAMPLE_RATE // 2  # 0.5 s: of what is not speech, the most a window keeps on each side of speech
+
+
+class Window(NamedTuple):
+    """A piece of a clip cut for transcription: where it starts (in samples), its samples (a view of the clip),
+    and whether it holds speech (False only with pause cuts, where the voice-activity detector heard none:
+    such a window is not transcribed)."""
+
+    start: int
+    audio: np.ndarray
+    speech: bool = True
+
+
+def cut_windows(audio, window_samples: int = N_SAMPLES, min_pause_samples: int | None = None) -> list[Window]:
+    """Cut a 1-D clip into consecutive windows of at most ``window_samples`` that end where it is quietest.
 
     A clip that fits stays whole. Otherwise each cut is placed in the middle of the 25 ms span of least
     energy among the last half of the longest window allowed from where the previous one ended (the
@@ -432,32 +445,69 @@ def split_at_pauses(audio, window_samples: int = N_SAMPLES, min_pause_samples: i
     pause between words rather than in one, whatever the model's window; no cut leaves the last window
     shorter than a quarter of the longest (a sliver too short to hear).
 
-    ``min_pause_samples``: first cut in the middle of every pause between speech at least this long (found
-    by a voice-activity detector: ``qwen2audio.audio.vad``), so that each window holds one stretch of
-    speech, for a model trained on short utterances; a stretch longer than ``window_samples`` is then cut
-    as above.
+    ``min_pause_samples``: first cut at every pause between speech at least this long (found by a
+    voice-activity detector: ``qwen2audio.audio.vad``), so that each window holds one stretch of speech, for
+    a model trained on short utterances: in the middle of the pause, or, where the pause is at least three
+    times ``SPEECH_MARGIN`` (0.5 s), that far after the speech and before the next, and likewise before the
+    first speech and after the last where the end is at least twice as long; what lies between is a window
+    (or several) marked ``speech=False``, so that minutes of music, noise or silence are not given to the
+    model to transcribe (where it might invent words); a clip with no speech at all is all such windows. A
+    stretch of speech longer than ``window_samples`` is then cut as above.
 
-    No overlap and nothing dropped: the windows concatenate back to ``audio`` exactly. Returns numpy views
-    of the input.
+    No overlap and nothing dropped: the windows concatenate back to ``audio`` exactly.
     """
     if isinstance(audio, torch.Tensor):
         audio = audio.detach().cpu().numpy()
     audio = np.asarray(audio)
     if audio.ndim != 1:
-        raise ValueError(f"split_at_pauses expects 1-D mono samples, got shape {audio.shape}")
-    if audio.shape[0] == 0:
-        raise ValueError("split_at_pauses got an empty clip (0 samples)")
+        raise ValueError(f"cut_windows expects 1-D mono samples, got shape {audio.shape}")
+    n = audio.shape[0]
+    if n == 0:
+        raise ValueError("cut_windows got an empty clip (0 samples)")
     if not isinstance(window_samples, int) or window_samples < 2 * PAUSE_FRAME:
         raise ValueError(f"window_samples must be an int of at least {2 * PAUSE_FRAME}, got {window_samples!r}")
     if min_pause_samples is None:
-        return np.split(audio, _window_cuts(audio, window_samples))
-    if isinstance(min_pause_samples, bool) or not isinstance(min_pause_samples, int) or min_pause_samples < 1:
-        raise ValueError(f"min_pause_samples must be a positive int, got {min_pause_samples!r}")
-    from .vad import find_pauses
+        regions = [(0, n, True)]
+    else:
+        if isinstance(min_pause_samples, bool) or not isinstance(min_pause_samples, int) or min_pause_samples < 1:
+            raise ValueError(f"min_pause_samples must be a positive int, got {min_pause_samples!r}")
+        from .vad import speech_spans
 
-    bounds = [0, *((start + end) // 2 for start, end in find_pauses(audio, min_pause_samples)), audio.shape[0]]
-    cuts = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        cuts += [start + cut for cut in _window_cuts(audio[start:end], window_samples)]
-        cuts.append(end)
-    return np.split(audio, cuts[:-1])
+        regions = _speech_regions(n, speech_spans(audio, min_pause_samples))
+    windows = []
+    for start, end, speech in regions:
+        bounds = [start, *(start + cut for cut in _window_cuts(audio[start:end], window_samples)), end]
+        windows += [Window(a, audio[a:b], speech) for a, b in zip(bounds[:-1], bounds[1:])]
+    return windows
+
+
+def _speech_regions(n: int, spans: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """``(start, end, speech)`` regions covering ``n`` samples, from the speech ``spans`` found in them: each
+    stretch of speech with SPEECH_MARGIN of what is around it on each side, the rest of a pause or an end
+    marked as no speech where it is at least SPEECH_MARGIN long too; a shorter pause is cut in its middle,
+    a shorter end left with the speech."""
+    if not spans:
+        return [(0, n, False)]
+    regions, start = [], 0
+    if spans[0][0] >= 2 * SPEECH_MARGIN:
+        start = spans[0][0] - SPEECH_MARGIN
+        regions.append((0, start, False))
+    for (_, end), (following, _) in zip(spans, spans[1:]):
+        if following - end >= 3 * SPEECH_MARGIN:
+            regions += [(start, end + SPEECH_MARGIN, True), (end + SPEECH_MARGIN, following - SPEECH_MARGIN, False)]
+            start = following - SPEECH_MARGIN
+        else:
+            regions.append((start, (end + following) // 2, True))
+            start = (end + following) // 2
+    last = spans[-1][1]
+    if n - last >= 2 * SPEECH_MARGIN:
+        regions += [(start, last + SPEECH_MARGIN, True), (last + SPEECH_MARGIN, n, False)]
+    else:
+        regions.append((start, n, True))
+    return regions
+
+
+def split_at_pauses(audio, window_samples: int = N_SAMPLES, min_pause_samples: int | None = None) -> list[np.ndarray]:
+    """``cut_windows``' windows' samples (numpy views of the input), those without speech included: they
+    concatenate back to ``audio`` exactly."""
+    return [window.audio for window in cut_windows(audio, window_samples, min_pause_samples)]

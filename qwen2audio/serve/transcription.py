@@ -18,10 +18,11 @@ the model's task prompt is fixed. Other fields are ignored.
   where OpenAI's API has no such field): the prompts name it.
 - The audio is cut into windows of at most 30 s (the server's ``--chunk-seconds``, else the checkpoint's
   ``transcription_defaults``) where it is quietest
-  (``split_at_pauses``: a cut in a pause between words, nothing dropped), and with ``--cut-at-pauses S`` (or
+  (``cut_windows``: a cut in a pause between words), and with ``--cut-at-pauses S`` (or
   the checkpoint's setting, or a request's ``server_vad`` chunking) also in every pause between speech of
   at least S seconds (found by Silero VAD), so that each window holds
-  one stretch of speech; each window is answered on its own as one segment with its start and end times; the model's
+  one stretch of speech, and what it hears no speech in (beyond 0.5 s on each side of speech) is not
+  transcribed: no segment covers it, and a file with no speech gives an empty text; each window is answered on its own as one segment with its start and end times; the model's
   <|...|> tags are removed from the text, as ``Qwen2Audio.transcribe`` removes them.
 - With the server's ``--fallback``, a window decoded at temperature 0 (greedy or by beam search) whose text is repetitive (a zlib compression ratio past
   2.4: a decoding loop) is decoded again with seeded sampling at temperature 0.2, 0.4, ... 1.0 until one is
@@ -46,7 +47,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..api import ASR_PROMPT
-from ..audio.features import SAMPLE_RATE, chunk_samples, pause_samples, split_at_pauses
+from ..audio.features import SAMPLE_RATE, chunk_samples, cut_windows, pause_samples
 from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
 from ..generation import fallback as F
 from ..generation.params import SamplingParams, transcription_cuts
@@ -108,7 +109,8 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
               TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[TARGET_LANGUAGE], source=language))
-    windows = await run_in_threadpool(split_at_pauses, wave, chunk_samples(chunk_seconds), pause_samples(pause))
+    windows = await run_in_threadpool(cut_windows, wave, chunk_samples(chunk_seconds), pause_samples(pause))
+    windows = [window for window in windows if window.speech]
     events = _window_events(request, backend, prompt, windows, params, metrics, arrived, endpoint,
                             fallback=fallback and params.greedy, live=stream)
     if stream:
@@ -210,17 +212,17 @@ class _LiveText:
 async def _window_events(request: Request, backend: Backend, prompt: str, windows, params: SamplingParams,
                          metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False,
                          live: bool = False) -> AsyncIterator[str | Segment]:
-    """Each window's answer as a Segment, in order; with ``live`` (a streamed response) also its text deltas
+    """Each window's (``Window``'s) answer as a Segment, in order; with ``live`` (a streamed response) also its text deltas
     as they are decoded, before its Segment (not with the fallback, which may replace a window's text). Up
     to WINDOWS_AT_ONCE windows are in the backend at a time, so a long file's windows decode together in
     one batch; a window's answer is read while the next ones are already decoding. Until the first text,
     a client that leaves is noticed here; once a streamed response has begun, its server notices."""
     handles: list[Handle] = []
-    start, started = 0, False
+    started = False
     try:
         for k, window in enumerate(windows):
             while len(handles) < min(k + WINDOWS_AT_ONCE, len(windows)):
-                handles.append(await _submit(request, backend, prompt, windows[len(handles)], params,
+                handles.append(await _submit(request, backend, prompt, windows[len(handles)].audio, params,
                                              first=not handles))
             reader = Reader(handles[k])
             try:
@@ -237,15 +239,14 @@ async def _window_events(request: Request, backend: Backend, prompt: str, window
                 raise request_error(err) from None
             finally:
                 _record(metrics, reader, arrived if k == 0 else None, endpoint)
-            end = start + window.shape[0]
+            start, end = window.start, window.start + window.audio.shape[0]
             result, temperature = handles[k].result, None
             if fallback and F.repetitive(text):
-                text, result, temperature = await _again(request, backend, prompt, window, params, metrics,
+                text, result, temperature = await _again(request, backend, prompt, window.audio, params, metrics,
                                                          endpoint, text, result)
             started = True
             yield Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, TAG.sub("", text).strip(),
                           list(result.token_ids), temperature, result.logprobs, result.prompt_tokens)
-            start = end
     finally:  # an error, a client gone or a consumer that stopped: the windows still decoding stop
         for handle in handles:
             handle.cancel()
