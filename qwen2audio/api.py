@@ -11,8 +11,8 @@
 Chat replies (chat, stream, chat_batch, conversations) decode with the checkpoint's own defaults from
 its generation_config.json, as transformers does (the official Instruct model samples); keyword
 arguments override them, and temperature=0 is greedy (so is beam search, num_beams=N, unless a
-temperature is given). ``complete`` and ``transcribe`` are greedy unless
-told otherwise, as the official evaluation decodes.
+temperature is given). ``complete`` and ``transcribe`` (``transcript``: the same with segments and
+their times) are greedy unless told otherwise, as the official evaluation decodes.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from .generation.params import (
 )
 from .text import Tokenizer, raw_prompt, render_chat
 from .text.tags import TAG  # language / task tags the base model writes, e.g. <|en|>
+from .text.transcripts import Segment, Transcript
 
 Messages = Sequence[Mapping[str, Any]]
 ASR_PROMPT = "Detect the language and recognize the speech: <|{language}|>"
@@ -165,42 +166,56 @@ class Qwen2Audio:
     def transcribe(self, audio: Any, language: str = "en", fallback: bool = False,
                    chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
                    progress: bool | None = None, **sampling) -> str:
-        """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed.
+        """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed:
+        ``transcript(...).text``, where the arguments are described."""
+        return self.transcript(audio, language, fallback, chunk_seconds, cut_at_pauses, progress, **sampling).text
+
+    def transcript(self, audio: Any, language: str = "en", fallback: bool = False,
+                   chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
+                   progress: bool | None = None, **sampling) -> Transcript:
+        """A transcript with the official ASR prompt of the base model, as segments with their times: a
+        ``Transcript`` (``.text``, ``.segments``: start and end in seconds, text with tags like <|en|>
+        removed, token ids, the temperature it was decoded at; ``.duration``), which
+        ``qwen2audio.text.transcripts.render`` writes as srt, vtt or OpenAI's verbose_json.
 
         Audio longer than ``chunk_seconds`` (at most 30, the encoder's window; by default 30) is cut where it is quietest
         into chunks of at most that length (``cut_windows``), transcribed together in one batch, each
-        with its own prompt, and their texts joined by a space, as the server's transcriptions are: the
+        with its own prompt, one segment each, their texts joined by a space, as the server's transcriptions are: the
         model answers one window at a time, as it was trained (one prompt holding minutes of audio gets
         a sentence or two back). ``cut_at_pauses``: also cut in every pause between speech of at least this
         many seconds (0.3 suits speech; 0: no such cuts), so that each chunk holds one stretch of speech: for a
         model trained on short utterances, such as the demo model; then what the voice-activity detector
         hears no speech in (0.5 s of it is kept on each side of speech: ``cut_windows``) is not transcribed, and audio
-        with no speech at all gives "". Either left at None takes the checkpoint's
+        with no speech at all gives no segment and "". Either left at None takes the checkpoint's
         own setting (``transcription_defaults``: the "transcription" object of its generation_config.json;
         the demo model cuts at pauses of 0.3 s), else 30 s windows and no pause cuts. ``fallback``: a
         repetitive answer is decoded again at rising temperatures (Whisper's guard against loops;
         qwen2audio.generation.fallback). ``progress``: a bar on stderr counting the chunks transcribed (None:
-        on a terminal, when there are several)."""
+        on a terminal, when there are several). ``logprobs=0`` (or N): each segment's tokens' log-probabilities."""
         chunk_seconds, cut_at_pauses = transcription_cuts(self.transcription_defaults, chunk_seconds, cut_at_pauses)
-        windows = cut_windows(decode_audio(audio), chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))
-        chunks = [window.audio for window in windows if window.speech]
-        if not chunks:
-            return ""
+        wave = decode_audio(audio)
+        windows = [w for w in cut_windows(wave, chunk_samples(chunk_seconds), pause_samples(cut_at_pauses)) if w.speech]
+        params = SamplingParams(**sampling)
         prompt = ASR_PROMPT.format(language=language)
-        prepared = [self.prepare_raw(prompt, [chunk]) for chunk in chunks]
+        prepared = [self.prepare_raw(prompt, [window.audio]) for window in windows]
         if progress is None:  # tqdm's None: shown on a terminal only
-            hidden = True if len(chunks) < 2 else None
+            hidden = True if len(windows) < 2 else None
         else:
             hidden = not progress
-        with tqdm(total=len(chunks), unit="chunk", desc="transcribing", file=sys.stderr, leave=False,
+        with tqdm(total=len(windows), unit="chunk", desc="transcribing", file=sys.stderr, leave=False,
                   disable=hidden) as bar:
-            if fallback:
-                from .generation.fallback import generate_with_fallback
+            if not prepared:
+                outs = []
+            elif fallback:
+                from .generation.fallback import fallback_with_temperatures
 
-                outs = generate_with_fallback(self.engine, prepared, SamplingParams(**sampling), on_result=bar.update)
+                outs = fallback_with_temperatures(self.engine, prepared, params, on_result=bar.update)
             else:
-                outs = self.engine.generate(prepared, SamplingParams(**sampling), on_result=bar.update)
-        return " ".join(text for text in (TAG.sub("", out.text).strip() for out in outs) if text)
+                outs = [(g, params.temperature) for g in self.engine.generate(prepared, params, on_result=bar.update)]
+        segments = [Segment(w.start / SAMPLE_RATE, (w.start + w.audio.shape[0]) / SAMPLE_RATE,
+                            TAG.sub("", g.text).strip(), list(g.token_ids), temperature, g.logprobs, g.prompt_tokens)
+                    for w, (g, temperature) in zip(windows, outs)]
+        return Transcript(segments, wave.shape[0] / SAMPLE_RATE)
 
     def conversation(self, system: str | None = None) -> "Conversation":
         return Conversation(self, system)

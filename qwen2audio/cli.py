@@ -2,7 +2,7 @@
 assemble a new checkpoint.
 
     qwen2audio chat [MODEL_DIR] [--audio FILE ...] [--prompt TEXT]  talk to the model about audio
-    qwen2audio transcribe [MODEL_DIR] FILE [FILE ...]                print plain transcripts of audio files
+    qwen2audio transcribe [MODEL_DIR] FILE [FILE ...]                transcripts of audio files (text, srt, vtt, json)
     qwen2audio eval [MODEL_DIR] --task TASK --data PATH              run a benchmark, report it beside the paper
     qwen2audio train {align,pretrain,sft,dpo} CONFIG [KEY=VALUE ...] run one training stage from a YAML config
     qwen2audio init --encoder WHISPER --llm QWEN2 --out DIR          a new checkpoint from Whisper and Qwen2
@@ -46,6 +46,10 @@ COMMAND_MODULES: list[str] = ["qwen2audio.checkpoint.init", "qwen2audio.training
                               "qwen2audio.serve.cli"]
 USER_ERRORS = (AudioError, CheckpointError, FileNotFoundError, ValueError)  # one line on stderr, exit 2
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but \t and \n, and DEL
+# transcribe --format: OpenAI's transcription response formats (qwen2audio.text.transcripts.FORMATS)
+TRANSCRIPT_FORMATS = ("text", "json", "srt", "vtt", "verbose_json")
+SINGLE_FILE_FORMATS = ("srt", "vtt", "verbose_json")  # one document each: printed for one file only
+OUTPUT_SUFFIXES = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt", "verbose_json": ".json"}
 
 CHAT_SAMPLING_NOTE = ("Defaults come from the checkpoint's generation_config.json, applied as transformers "
                       "applies it (Qwen2-Audio-7B-Instruct's asks for sampling); what it leaves out takes the "
@@ -131,12 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the conversation going after the first answer (default: when stdin is a terminal)")
     _sampling_args(chat, CHAT_SAMPLING_NOTE)
 
-    tr = sub.add_parser("transcribe", help="print plain transcripts of audio files",
+    tr = sub.add_parser("transcribe", help="transcripts of audio files: text, or subtitles (srt, vtt)",
                         description="Transcribe audio files with the official ASR prompt (a base model).")
     _model_args(tr)
     tr.add_argument("files", nargs="+", metavar="FILE")
     tr.add_argument("--language", default="en", help="language tag of the speech (e.g. en, zh, fr)")
-    tr.add_argument("--json", action="store_true", help="one JSON line per file")
+    tr.add_argument("--format", choices=TRANSCRIPT_FORMATS, default="text",
+                    help="text (default: one line per file, after its name when there are several); json (one "
+                         "line per file: file and text); srt or vtt (subtitles: a cue per chunk transcribed, with "
+                         "its times); verbose_json (OpenAI's: segments with times, tokens, avg_logprob). srt, vtt "
+                         "and verbose_json print one file's, or write each file's with --output-dir")
+    tr.add_argument("--json", action="store_true", help="the same as --format json")
+    tr.add_argument("--output-dir", type=Path, metavar="DIR",
+                    help="write each file's transcript to DIR/NAME.txt (.json, .srt, .vtt by --format; NAME: the "
+                         "audio file's name without its extension) instead of printing it")
     tr.add_argument("--fallback", action="store_true",
                     help="decode a repetitive transcript again at rising temperatures (Whisper's guard against "
                          "loops); off: greedy only, as the official evaluation decodes")
@@ -218,6 +230,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--logprobs: the log-probabilities are part of the --json output; add --json")
     if args.command == "transcribe":
         check_cut_args(args)
+        _check_transcript_output(args)
     _check_model_dir(args)
     _check_device(args.device)
     model = _load(args)
@@ -377,24 +390,74 @@ def _end_line() -> None:
     sys.stdout.flush()
 
 
+def _check_transcript_output(args: argparse.Namespace) -> None:
+    """--format, --json and --output-dir agree, before a model loads: --json is --format json; subtitles
+    and verbose_json of several files need --output-dir; no two files may write the same name there."""
+    if args.json and args.format not in ("text", "json"):
+        raise ValueError(f"--json is --format json; it cannot go with --format {args.format}")
+    args.format = "json" if args.json else args.format
+    if args.output_dir is None:
+        if args.format in SINGLE_FILE_FORMATS and len(args.files) > 1:
+            raise ValueError(f"--format {args.format} prints one file's transcript: give one file, or --output-dir "
+                             "DIR to write one for each")
+        return
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise ValueError(f"--output-dir {args.output_dir}: not a directory")
+    names: dict[str, str] = {}
+    for path in args.files:
+        name = _output_name(path, args.format)
+        if name in names:
+            raise ValueError(f"--output-dir: {names[name]} and {path} would both be written to "
+                             f"{args.output_dir / name}; transcribe them into different directories")
+        names[name] = path
+
+
+def _output_name(path: str, fmt: str) -> str:
+    return Path(path).stem + OUTPUT_SUFFIXES[fmt]
+
+
 def _transcribe(model, args, sampling) -> int:
+    from .atomic import atomic_write_text
+
     tty = sys.stdout.isatty()
+    if args.format == "verbose_json":  # its segments' avg_logprob
+        sampling = {**sampling, "logprobs": 0}
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in args.files:
         try:
-            text = model.transcribe(path, language=args.language, fallback=args.fallback,
-                                    chunk_seconds=getattr(args, "chunk_seconds", None),
-                                    cut_at_pauses=getattr(args, "cut_at_pauses", None), **sampling)
+            transcript = model.transcript(path, language=args.language, fallback=args.fallback,
+                                          chunk_seconds=getattr(args, "chunk_seconds", None),
+                                          cut_at_pauses=getattr(args, "cut_at_pauses", None), **sampling)
         except AudioError as err:  # one bad file does not stop the others
             print(f"qwen2audio: error: {err}", file=sys.stderr)
             failed += 1
             continue
-        if args.json:  # JSON escapes control characters itself
-            print(json.dumps({"file": path, "text": text}, ensure_ascii=False))
+        if args.output_dir is None:
+            body = _transcript_body(args, path, transcript, printed=True)
+            sys.stdout.write(visible(body) if tty else body)  # (JSON escapes control characters itself)
+            sys.stdout.flush()
             continue
-        line = f"{path}\t{text}" if len(args.files) > 1 else text
-        print(visible(line) if tty else line)
+        target = args.output_dir / _output_name(path, args.format)
+        atomic_write_text(target, _transcript_body(args, path, transcript, printed=False))
+        print(f"qwen2audio: wrote {target}", file=sys.stderr)
     return EXIT_USAGE if failed else 0
+
+
+def _transcript_body(args: argparse.Namespace, path: str, transcript, printed: bool) -> str:
+    """A file's transcript in --format: printed, text after the file's name when there are several and
+    json as a line with the file's name; written to --output-dir, as OpenAI's formats have it."""
+    if args.format == "text":
+        return (f"{path}\t{transcript.text}" if printed and len(args.files) > 1 else transcript.text) + "\n"
+    if args.format == "json" and printed:
+        return json.dumps({"file": path, "text": transcript.text}, ensure_ascii=False) + "\n"
+    from .eval.translation import language_name
+    from .text.transcripts import render
+
+    body, _ = render(args.format, transcript.segments, task="transcribe", language=language_name(args.language),
+                     duration=transcript.duration, temperature=args.temperature or 0.0)
+    return body if body.endswith("\n") else body + "\n"
 
 
 if __name__ == "__main__":

@@ -276,6 +276,97 @@ def test_what_has_no_speech_is_not_transcribed(api):
     assert model.transcribe(rings, max_new_tokens=int(NEW), cut_at_pauses=0) != ""
 
 
+def three_questions(tmp_path: Path, name: str = "three.wav") -> tuple[np.ndarray, Path]:
+    """The bundled spoken question three times, 0.5 s of silence between, written to a file."""
+    question = load_audio(str(Path(__file__).resolve().parents[1] / "examples" / "question.flac"))
+    gap = np.zeros(8000, np.float32)
+    wave = np.concatenate([question, gap, question, gap, question])
+    soundfile.write(tmp_path / name, wave, 16000, subtype="FLOAT")
+    return wave, tmp_path / name
+
+
+def test_transcript_gives_segments_with_times(api):
+    """Qwen2Audio.transcript: a segment per chunk transcribed, at the chunk's times, with its text, tokens and
+    temperature; its text is transcribe's; the duration is the audio's."""
+    model = api["saved"]
+    question = load_audio(str(Path(__file__).resolve().parents[1] / "examples" / "question.flac"))
+    doorbell = load_audio(str(Path(__file__).resolve().parents[1] / "examples" / "doorbell.flac"))
+    wave = np.concatenate([question, np.zeros(16000, np.float32), doorbell, np.zeros(16000, np.float32), question])
+    transcript = model.transcript(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3)
+    speech = [w for w in cut_windows(wave, N_SAMPLES, 4800) if w.speech]
+    assert [(s.start, s.end) for s in transcript.segments] == [
+        (w.start / 16000, (w.start + len(w.audio)) / 16000) for w in speech]
+    alone = [model.complete("Detect the language and recognize the speech: <|en|>", [w.audio],
+                            max_new_tokens=int(NEW)) for w in speech]
+    assert [s.tokens for s in transcript.segments] == [g.token_ids for g in alone]
+    assert [s.temperature for s in transcript.segments] == [0.0, 0.0]
+    assert transcript.text == model.transcribe(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3)
+    assert transcript.duration == len(wave) / 16000
+    whole = model.transcript(wave, max_new_tokens=int(NEW))  # one 8.7 s window
+    assert [(s.start, s.end) for s in whole.segments] == [(0.0, len(wave) / 16000)]
+
+
+def test_transcribe_writes_subtitles_and_verbose_json(api, model_dir, tmp_path, capsys, monkeypatch):
+    """--format srt / vtt / verbose_json: a cue (segment) per chunk transcribed, at its times, with the API's
+    texts; printed for one file, written for each with --output-dir (the same documents)."""
+    model = api["saved"]
+    wave, path = three_questions(tmp_path)
+    transcript = model.transcript(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3)
+    assert len(transcript.segments) == 3
+    base = ["transcribe", str(model_dir), str(path), "--max-new-tokens", NEW, "--cut-at-pauses", "0.3"]
+    rc, srt, err = cli(capsys, monkeypatch, base + ["--format", "srt"])
+    assert rc == 0, err
+    cues = srt.strip().split("\n\n")
+    assert [c.split("\n")[0] for c in cues] == ["1", "2", "3"]
+    expected = [f"{s.start:.3f} {s.end:.3f}" for s in transcript.segments]
+
+    def seconds(stamp: str) -> float:
+        h, m, rest = stamp.replace(",", ".").split(":")
+        return 3600 * int(h) + 60 * int(m) + float(rest)
+
+    times = [c.split("\n")[1].split(" --> ") for c in cues]
+    assert [f"{seconds(a):.3f} {seconds(b):.3f}" for a, b in times] == expected
+    assert [c.split("\n")[2] for c in cues] == [" ".join(s.text.split()) for s in transcript.segments]
+    rc, vtt, _ = cli(capsys, monkeypatch, base + ["--format", "vtt"])
+    assert rc == 0 and vtt.startswith("WEBVTT\n\n") and vtt.count(" --> ") == 3
+    rc, verbose, _ = cli(capsys, monkeypatch, base + ["--format", "verbose_json"])
+    doc = json.loads(verbose)
+    assert doc["text"] == transcript.text and doc["language"] == "english"
+    assert doc["duration"] == round(len(wave) / 16000, 3)
+    assert [seg["tokens"] for seg in doc["segments"]] == [s.tokens for s in transcript.segments]
+    assert all(seg["avg_logprob"] < 0 for seg in doc["segments"])
+    out = tmp_path / "out"
+    other = tmp_path / "other.wav"
+    other.write_bytes(path.read_bytes())
+    both = ["transcribe", str(model_dir), str(path), str(other), "--max-new-tokens", NEW, "--cut-at-pauses", "0.3"]
+    rc, printed, err = cli(capsys, monkeypatch, both + ["--format", "srt", "--output-dir", str(out)])
+    assert rc == 0 and printed == "" and f"wrote {out / 'three.srt'}" in err
+    assert (out / "three.srt").read_text() == (out / "other.srt").read_text() == srt
+    rc, _, _ = cli(capsys, monkeypatch, base + ["--output-dir", str(out)])
+    assert rc == 0 and (out / "three.txt").read_text() == transcript.text + "\n"
+
+
+def test_transcribe_output_options_are_checked_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch):
+    from qwen2audio import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_load", lambda args: pytest.fail("the model must not load"))
+    _, path = three_questions(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _, twin = three_questions(elsewhere)
+    base = ["transcribe", str(model_dir), str(path)]
+    for argv, message in (
+            ([str(path), "--format", "vtt"], "--format vtt prints one file's transcript: give one file, or --output-dir"),
+            (["--json", "--format", "srt"], "--json is --format json; it cannot go with --format srt"),
+            ([str(twin), "--format", "srt", "--output-dir", str(tmp_path / "o")],
+             f"{path} and {twin} would both be written to {tmp_path / 'o' / 'three.srt'}"),
+            (["--output-dir", str(path)], f"--output-dir {path}: not a directory")):
+        rc, out, err = cli(capsys, monkeypatch, base + argv)
+        assert rc == 2 and message in err, err
+    rc, _, err = cli(capsys, monkeypatch, base + ["--format", "pdf"])
+    assert rc == 2 and "invalid choice: 'pdf'" in err
+
+
 def test_a_long_transcription_shows_its_progress(api, capsys):
     """progress=True: a bar on stderr counting the chunks as their transcripts come; the text is the same."""
     model = api["saved"]
@@ -442,11 +533,14 @@ def test_transcripts_on_a_terminal_make_control_characters_visible(monkeypatch):
 
     from qwen2audio import cli as cli_module
 
-    class Model:
-        def transcribe(self, path, language, **sampling):
-            return "ok \x1b[2J\x07end"
+    from qwen2audio.text.transcripts import Segment, Transcript
 
-    args = argparse.Namespace(files=["a.wav"], language="en", json=False, fallback=False)
+    class Model:
+        def transcript(self, path, language, **sampling):
+            return Transcript([Segment(0.0, 1.0, "ok \x1b[2J\x07end")], 1.0)
+
+    args = argparse.Namespace(files=["a.wav"], language="en", format="text", output_dir=None, temperature=None,
+                              fallback=False)
     screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
     assert cli_module._transcribe(Model(), args, {}) == 0
@@ -455,6 +549,11 @@ def test_transcripts_on_a_terminal_make_control_characters_visible(monkeypatch):
     monkeypatch.setattr(sys, "stdout", piped)
     cli_module._transcribe(Model(), args, {})
     assert piped.getvalue() == "ok \x1b[2J\x07end\n"
+    args.format = "srt"  # subtitles too
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    cli_module._transcribe(Model(), args, {})
+    assert screen.getvalue() == "1\n00:00:00,000 --> 00:00:01,000\nok \\x1b[2J\\x07end\n\n"
 
 
 class Terminal(io.StringIO):

@@ -17,6 +17,7 @@ from qwen2audio.audio import N_SAMPLES, SAMPLE_RATE, cut_windows, load_audio, sp
 from qwen2audio.generation.reply import logprob_entries
 from qwen2audio.eval.translation import TRANSLATION_PROMPT
 from qwen2audio.text.tags import TAG
+from qwen2audio.text.transcripts import render
 from serve_helpers import b64, serving, wait_until, wav_bytes
 
 openai = pytest.importorskip("openai")
@@ -324,6 +325,13 @@ def test_server_vad_leaves_out_what_has_no_speech(client, model):
     times = [t for w in speech for t in (w.start / SAMPLE_RATE, (w.start + len(w.audio)) / SAMPLE_RATE)]
     assert [t for s in verbose.segments for t in (s.start, s.end)] == pytest.approx(times, abs=1e-3)
     assert [s.text for s in verbose.segments] == [model.transcribe(w.audio, max_new_tokens=MAX_TOKENS) for w in speech]
+    # the Python API's transcript of the same file: the same segments, so the same subtitles
+    transcript = model.transcript(wave, max_new_tokens=MAX_TOKENS, cut_at_pauses=0.3)
+    assert [seg.tokens for seg in verbose.segments] == [seg.tokens for seg in transcript.segments]
+    srt = client.audio.transcriptions.create(model=MODEL_ID, file=("bell.wav", upload(wave)), response_format="srt",
+                                             chunking_strategy=vad)
+    assert srt == render("srt", transcript.segments, task="transcribe", language="english",
+                         duration=transcript.duration, temperature=0.0)[0]
     rings = upload(np.concatenate([doorbell, silence, doorbell]))
     assert model.transcribe(load_audio(rings), max_new_tokens=MAX_TOKENS)  # the model would write something
     none = client.audio.transcriptions.create(model=MODEL_ID, file=("rings.wav", rings),

@@ -8,7 +8,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from qwen2audio.serve import formats
+from qwen2audio.text import transcripts as formats
 from qwen2audio.serve.chat import sampling
 from qwen2audio.serve.errors import APIError
 from qwen2audio.serve.metrics import Metrics
@@ -210,7 +210,7 @@ def test_a_streamed_transcripts_text_is_what_the_whole_one_says():
     """_LiveText: tags removed (one split over two deltas held back until it closes), each window stripped,
     windows joined by one space, trailing whitespace held until more text comes; the deltas spell
     full_text of the windows' final texts."""
-    from qwen2audio.serve.formats import Segment, full_text
+    from qwen2audio.text.transcripts import Segment, full_text
     from qwen2audio.serve.transcription import _LiveText
 
     windows = [["<|en|>", " Hello", " there", "  ", "<|", "x|> friend", " "], ["", "   "], ["<|en|>Second", " one."],

@@ -40,6 +40,12 @@ def language_code(locale: str) -> str:
     return locale.split("-")[0].lower()
 
 
+def language_name(code: str) -> str:
+    """A language tag -> its name in lower case, as a transcript's verbose_json names it (OpenAI's
+    "english"): en and en-US -> english; a tag without a known name, as given."""
+    return LANGUAGE_NAMES.get(language_code(code), code).lower()
+
+
 def translation_item(id: str, audio: Path, translation: str, src: str, tgt: str, options: Options) -> EvalItem:
     if tgt not in LANGUAGE_NAMES:
         raise DatasetError(f"no prompt name for target language {tgt!r}; known: {', '.join(sorted(LANGUAGE_NAMES))}")

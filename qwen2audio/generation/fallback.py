@@ -69,11 +69,20 @@ def generate_with_fallback(engine, batch: Sequence, params: SamplingParams,
     """``engine.generate(batch, params)``, then the repetitive answers decoded again (together) at each
     temperature in turn until they are not. ``params`` is the first attempt's (greedy, as a rule);
     ``on_result`` is called as each of its results comes (``Engine.generate``'s)."""
-    picks = [Pick(g.text, g, threshold) for g in engine.generate(batch, params, on_result=on_result)]
+    return [g for g, _ in fallback_with_temperatures(engine, batch, params, temperatures, threshold, seed, on_result)]
+
+
+def fallback_with_temperatures(engine, batch: Sequence, params: SamplingParams,
+                               temperatures: Sequence[float] = TEMPERATURES, threshold: float | None = None,
+                               seed: int = SEED, on_result=None) -> list[tuple[Generation, float]]:
+    """``generate_with_fallback``'s answers, each with the temperature it was decoded at (``params``' for
+    an answer the first attempt kept)."""
+    picks = [Pick(g.text, (g, params.temperature), threshold)
+             for g in engine.generate(batch, params, on_result=on_result)]
     for again in retries(params, temperatures, seed):
         todo = [i for i, pick in enumerate(picks) if not pick.done]
         if not todo:
             break
         for i, g in zip(todo, engine.generate([batch[i] for i in todo], again)):
-            picks[i].offer(g.text, g)
+            picks[i].offer(g.text, (g, again.temperature))
     return [pick.value for pick in picks]

@@ -10,7 +10,6 @@
     audio_input.py    audio in a request -> checked 16 kHz samples (base64, data: URLs, allowed URLs and files)
     download.py       fetching an allowed http(s) URL without reaching private addresses
     handles.py        waiting on a backend's handles from async code, cancelling when the client leaves
-    formats.py        transcripts as json, text, srt, vtt and verbose_json
     metrics.py        counters and histograms in Prometheus' text format
     defaults.py       the default limits (light: the command's --help shows them)
     cli.py            the `serve` command

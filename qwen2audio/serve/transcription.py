@@ -48,7 +48,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..api import ASR_PROMPT
 from ..audio.features import SAMPLE_RATE, chunk_samples, cut_windows, pause_samples
-from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
+from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT, language_name
 from ..generation import fallback as F
 from ..generation.params import SamplingParams, transcription_cuts
 from ..generation.reply import logprob_entries
@@ -57,7 +57,7 @@ from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
 from .chat import check_model, refusal, refuse_if_full, request_error
 from .errors import bad_request, error_body
-from .formats import FORMATS, Segment, full_text, render
+from ..text.transcripts import FORMATS, Segment, full_text, render
 from .handles import ClientGone, Reader, watching
 from .metrics import Metrics
 
@@ -116,8 +116,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     if stream:
         return await _streamed(events, backend, with_logprobs)
     segments = [event async for event in events if isinstance(event, Segment)]
-    language_name = LANGUAGE_NAMES.get(language.split("-")[0].lower(), language).lower()
-    body, media_type = render(response_format, segments, task=task, language=language_name,
+    body, media_type = render(response_format, segments, task=task, language=language_name(language),
                               duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature,
                               logprobs=_entries(segments, backend) if with_logprobs else None)
     return Response(body, media_type=media_type)

@@ -1,9 +1,9 @@
 """Transcripts in the response formats of OpenAI's audio endpoints: json, text, srt, vtt, verbose_json.
 
-A transcript is a list of segments, one per window of the audio (transcription.py), with start and
-end times in seconds. Subtitle cues get a line of text each: line breaks inside a segment would end
-the cue early, and ``-->`` would read as a timing line, so both are replaced; WebVTT also needs
-``&`` and ``<`` escaped.
+A transcript is a list of segments, one per window of the audio it transcribed (``Qwen2Audio.transcript``;
+the server's serve/transcription.py), with start and end times in seconds. Subtitle cues get a line of text
+each: line breaks inside a segment would end the cue early, and ``-->`` would read as a timing line, so
+both are replaced; WebVTT also needs ``&`` and ``<`` escaped.
 """
 
 from __future__ import annotations
@@ -33,6 +33,20 @@ class Segment:
 
 def full_text(segments: list[Segment]) -> str:
     return " ".join(s.text for s in segments if s.text)
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What ``Qwen2Audio.transcript`` gives: a segment per window transcribed, and the audio's length (a
+    window the voice-activity detector heard no speech in has no segment, so the last may end earlier)."""
+
+    segments: list[Segment]
+    duration: float  # seconds of audio
+
+    @property
+    def text(self) -> str:
+        """The segments' texts joined by a space (``Qwen2Audio.transcribe``'s answer)."""
+        return full_text(self.segments)
 
 
 def render(fmt: str, segments: list[Segment], *, task: str, language: str, duration: float,
