@@ -34,7 +34,7 @@ from qwen2audio.atomic import atomic_write_text
 
 from .make_data import UsageError, read_answers, rng_for
 from .mistakes import is_mistake, word_error_rate
-from .plan import TASKS
+from .plan import ALL_TASKS
 
 DEFAULT_PER_TASK = 400
 DEFAULT_BATCH = 8
@@ -63,7 +63,7 @@ def load_prompts(data: Path, per_task: int, seed: int) -> list[Prompt]:
     ``per_task`` adds rows, keeping the first ones); voice-chat rows without a usable answer are left out."""
     answers = read_answers(data)
     prompts = []
-    for task in TASKS:
+    for task in ALL_TASKS:
         path = data / SFT_PARTS / f"{task}.jsonl"
         if not path.is_file():
             raise UsageError(f"{path} not found: the data is unfinished; run python -m demo.make_data --out {data} "
@@ -204,7 +204,7 @@ def rejected(task: str, right: str, answers: list[dict]) -> dict | None:
 def write_pairs(data: Path, prompts: list[Prompt], done: dict[str, dict], seed: int, settings: dict) -> dict:
     """dpo.jsonl and dpo_val.jsonl from the answers to ``prompts``, and the summary (returned)."""
     pairs = []
-    counts = {task: Counter() for task in TASKS}
+    counts = {task: Counter() for task in ALL_TASKS}
     for p in prompts:
         record = done.get(p.key)
         if record is None or record["right"] != p.right:

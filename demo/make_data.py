@@ -36,7 +36,7 @@ from qwen2audio.atomic import atomic_write_text
 
 from . import bank as B
 from .corpora import SOURCES, TextItem
-from .plan import EVAL_TASKS, EVAL_TO_OUT, TASKS, Context, Part, training_part
+from .plan import ALL_TASKS, EVAL_TASKS, EVAL_TO_OUT, TASKS, Context, Part, eval_question_asr, training_part
 from .questions import all_questions, split_facts
 from .render import make_clip
 from .sources import DEFAULT_ASSETS, Sources, SourceError
@@ -50,6 +50,7 @@ SPLITS = ("train", "val")
 MANIFESTS = {("pretrain", "train"): "pretrain.jsonl", ("sft", "train"): "sft.jsonl",
              ("pretrain", "val"): "pretrain_val.jsonl", ("sft", "val"): "sft_val.jsonl"}
 ANSWERS = "voice_chat/answers.jsonl"
+PLAN_FILE, OLD_PLAN_FILE = "plan.json", "plan.sha256"  # each part's recipes' digest; before: one over all
 QUESTIONS = "voice_chat/questions.jsonl"
 HELDOUT_QUESTION_FRAC = 0.2
 GENERATED_SHARE = 0.08  # of spoken texts: sentences full of numbers, dates, times, money and names
@@ -65,6 +66,7 @@ class Scale:
     per_class: int | None  # recordings per class and split in the bank
     generated_texts: int
     notes: str = ""
+    late: dict = field(default_factory=dict)  # (stage, split) -> {task: clips} of the LATE_TASKS
 
 
 def _tasks(*counts: int) -> dict:
@@ -76,17 +78,24 @@ SCALES = {
                   val={"pretrain": _tasks(2, 2, 1, 1, 1, 1), "sft": _tasks(2, 2, 1, 1, 1, 1)},
                   eval={"asr": 8, "sounds": 8, "sound_question": 4, "voice_chat": 6, "no_speech": 6},
                   variants={"rendered": 1, "synthetic": 1}, rendered=False, per_class=1, generated_texts=50,
-                  notes="for tests: a few clips of each kind, no General MIDI renders"),
+                  notes="for tests: a few clips of each kind, no General MIDI renders",
+                  late={("pretrain", "train"): {"asr_question": 4}, ("pretrain", "val"): {"asr_question": 1},
+                        ("sft", "train"): {"asr_question": 3}, ("sft", "val"): {"asr_question": 1}}),
     "small": Scale(train={"pretrain": _tasks(1500, 500, 250, 150, 250, 200), "sft": _tasks(200, 150, 80, 100, 200, 60)},
                    val={"pretrain": _tasks(20, 20, 10, 10, 10, 10), "sft": _tasks(10, 10, 5, 5, 10, 5)},
                    eval={"asr": 100, "sounds": 100, "sound_question": 50, "voice_chat": 80, "no_speech": 60},
-                   variants={"rendered": 2, "synthetic": 2}, rendered=True, per_class=3, generated_texts=500),
+                   variants={"rendered": 2, "synthetic": 2}, rendered=True, per_class=3, generated_texts=500,
+                   late={("pretrain", "train"): {"asr_question": 100}, ("pretrain", "val"): {"asr_question": 5},
+                         ("sft", "train"): {"asr_question": 60}, ("sft", "val"): {"asr_question": 5}}),
     "full": Scale(train={"pretrain": _tasks(30000, 20000, 5000, 3000, 4000, 4000),
                          "sft": _tasks(4000, 4000, 1500, 2000, 4000, 1000)},
                   val={"pretrain": _tasks(300, 100, 60, 40, 60, 40), "sft": _tasks(60, 60, 30, 30, 60, 30)},
                   eval={"asr": 400, "sounds": 600, "sound_question": 300, "voice_chat": 400, "no_speech": 300},
                   variants={"rendered": 6, "rendered_train": 24, "synthetic": 4}, rendered=True, per_class=None,
-                  generated_texts=4000),
+                  generated_texts=4000,
+                  # the ~1,600 training questions the voice-chat parts leave
+                  late={("pretrain", "train"): {"asr_question": 1100}, ("pretrain", "val"): {"asr_question": 20},
+                        ("sft", "train"): {"asr_question": 450}, ("sft", "val"): {"asr_question": 20}}),
 }
 
 
@@ -251,7 +260,7 @@ def assemble(out: Path, seed: int) -> dict:
     counts, pending, dropped = {}, 0, 0
     for (stage, split), name in MANIFESTS.items():
         rows = []
-        for task in TASKS:
+        for task in ALL_TASKS:
             path = out / "parts" / stage / split / f"{task}.jsonl"
             if not path.is_file():
                 continue
@@ -324,14 +333,28 @@ def check_config(out: Path, seed: int, scale: str) -> None:
 
 
 def check_plan(out: Path, parts: list[Part]) -> None:
-    """A folder resumes only the plan it was started with: clips already made must match their recipes.
-    (The plan changes with the inputs found: a speech engine, corpus or sound package added or removed.)"""
-    digest = hashlib.sha256(json.dumps([p.clips for p in parts], sort_keys=True).encode()).hexdigest()
-    path = out / "plan.sha256"
-    if path.is_file() and path.read_text().strip() != digest:
+    """A folder resumes only the plan it was started with: each part's clips must match their recipes
+    (the plan changes with the inputs found: a speech engine, corpus or sound package added or removed); a
+    part added to the plan since (a new task) is made when the folder resumes."""
+    digests = {p.name: _digest([p.clips]) for p in parts}
+    path = out / PLAN_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [name for name, digest in old.items() if digests.get(name) != digest]
+    elif (out / OLD_PLAN_FILE).is_file():  # one digest over all the parts, as folders were started before
+        made = [p for p in parts if _part_paths(out, p)[0].is_file()]
+        changed = [] if _digest([p.clips for p in made]) == (out / OLD_PLAN_FILE).read_text().strip() else ["some"]
+    else:
+        changed = []
+    if changed:
         raise UsageError(f"the inputs changed since {out} was started (a speech engine, text corpus or sound "
-                         "package was added or removed), so its clips no longer match the plan: give another --out")
-    atomic_write_text(path, digest + "\n")
+                         f"package was added or removed), so the clips of {', '.join(changed[:3])} no longer match "
+                         "the plan: give another --out")
+    atomic_write_text(path, json.dumps(digests, indent=0) + "\n")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def plan(out: Path, scale: Scale, seed: int, entries: list[B.BankEntry]) -> tuple[list[Part], Context]:
@@ -350,6 +373,12 @@ def plan(out: Path, scale: Scale, seed: int, entries: list[B.BankEntry]) -> tupl
                 parts.append(training_part(ctx, stage, split, task, n))
     for task, n in scale.eval.items():
         parts.append(EVAL_TASKS[task](ctx, n))
+    for (stage, split), counts in scale.late.items():
+        for task, n in counts.items():
+            parts.append(training_part(ctx, stage, split, task, n))
+    voice_chat = [p for p in parts if p.name == "eval/voice_chat"]
+    if voice_chat:
+        parts.append(eval_question_asr(voice_chat[0]))
     return parts, ctx
 
 

@@ -5,6 +5,7 @@ for a wrong one would teach the model against itself, so every judge says "wrong
 clearly is:
 
     asr                 word error rate against the transcript >= ASR_MAX_WER
+    asr_question        the same, or more words than the question has (it was answered too)
     no_speech           does not say there is no speech (the phrases the no-speech evaluation accepts)
     sound, speech_and_sound, sound_question
                         no content word in common with the right answer, or yes where it is no (and back)
@@ -91,8 +92,14 @@ def _polarity(text: str) -> str | None:
     return first[0] if first and first[0] in POLARITY else None
 
 
+def question_transcript_wrong(answer: str, right: str) -> bool:
+    """A transcript of a spoken question with ASR_MAX_WER of its words wrong, or with words added after
+    it: more words than the question has, as when the question is answered too ("... of Italy? Rome.")."""
+    return asr_wrong(answer, right) or len(words(answer)) > len(words(right))
+
+
 JUDGES = {"asr": asr_wrong, "sound": label_wrong, "speech_and_sound": label_wrong, "sound_question": label_wrong,
-          "voice_chat": voice_chat_wrong, "no_speech": no_speech_wrong}
+          "voice_chat": voice_chat_wrong, "no_speech": no_speech_wrong, "asr_question": question_transcript_wrong}
 
 
 def is_mistake(task: str, answer: str, right: str) -> bool:

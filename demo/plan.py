@@ -340,13 +340,37 @@ def nonspeech(part: Part, ctx: Context, n: int, rng: np.random.Generator, streng
             part.rows.append(_sft(audio, _pick(rng, P.SPEECH_PRESENT), f"No, nobody is speaking. I only hear {what}."))
 
 
+def asr_question(part: Part, ctx: Context, n: int, rng: np.random.Generator, strength: str) -> None:
+    """Spoken questions to be transcribed, not answered: the training questions the voice-chat parts left,
+    asked with transcription prompts, the question's words the target. Without them every spoken question
+    in training was answered, and the model answered transcription prompts too ("What is the capital of
+    Italy? Rome."): the same kind of audio, answered or transcribed by what the prompt asks."""
+    voices = ctx.voices[TRAIN]
+    for _ in range(n):
+        q = ctx.take_question(TRAIN)
+        if q is None:
+            return
+        voice = pick_voice(rng, voices)
+        audio = _clip(part, "speech", rng, speech=speech_recipe(rng, voice, q.text), fx=effects(rng, strength))
+        if part.stage == "pretrain":
+            official = rng.random() < OFFICIAL_ASR_SHARE
+            part.rows.append({"audio": audio, "prompt": P.OFFICIAL_ASR if official else _pick(rng, P.TRANSCRIBE),
+                              "target": q.text, "task": "asr_question"})
+        else:
+            part.rows.append(_sft(audio, _pick(rng, P.TRANSCRIBE), q.text))
+
+
 TASKS = {"asr": asr, "sound": sound, "speech_and_sound": mix, "sound_question": sound_then_question,
          "voice_chat": voice_chat, "no_speech": nonspeech}
+# Tasks added after the data was first built: planned after every other part (the evaluation's included), so
+# that the texts and questions the earlier parts draw stay what they were and a built folder only gains clips.
+LATE_TASKS = {"asr_question": asr_question}
+ALL_TASKS = {**TASKS, **LATE_TASKS}
 
 
 def training_part(ctx: Context, stage: str, split: str, task: str, n: int) -> Part:
     part = Part(stage, split, task)
-    TASKS[task](part, ctx, n, ctx.rng(part.name), "train" if split == "train" else "mild")
+    ALL_TASKS[task](part, ctx, n, ctx.rng(part.name), "train" if split == "train" else "mild")
     return part
 
 
@@ -450,6 +474,16 @@ def eval_no_speech(ctx: Context, n: int) -> Part:
                           "prompt": P.OFFICIAL_ASR if official else _pick(rng, P.TRANSCRIBE),
                           "reference": _contains(P.NO_SPEECH_ANSWERS), "metric": "contains",
                           "source": CLASSES[entry.cls].category, "chat": not official})
+    return part
+
+
+def eval_question_asr(voice_chat: Part) -> Part:
+    """The held-out spoken questions of the voice-chat evaluation (the same clips), asked with the base
+    model's official transcription prompt: transcribed, they are the question's words, with no answer."""
+    part = Part("eval", "eval", "question_asr")
+    for i, row in enumerate(voice_chat.rows):
+        part.rows.append({"id": f"qasr-{i:05d}", "audio": row["audio"], "prompt": P.OFFICIAL_ASR,
+                          "reference": row["question"], "metric": "wer:en", "source": row["source"], "chat": False})
     return part
 
 

@@ -36,7 +36,7 @@ from . import whisper_baseline as WB
 DEFAULT_OUT = Path("docs/demo-results")
 DEFAULT_ANSWERS = Path("eval-results/demo")
 WHISPER_BASE = WB.DEFAULT_OUT_DIR / f"asr{WB.SUMMARY_SUFFIX}"  # python -m demo.whisper_baseline's summary
-SETS = ("asr", "sounds", "sound_question", "voice_chat", "no_speech")  # DATA/eval/SET.jsonl
+SETS = ("asr", "sounds", "sound_question", "voice_chat", "no_speech", "question_asr")  # DATA/eval/SET.jsonl
 TYPED = "voice_chat_typed"  # the answers folder of the voice-chat questions put as text to the LLM
 FALLBACK = "asr_fallback"  # the answers folder of the transcription set decoded with --fallback
 DEFAULT_BATCH = 8  # as `qwen2audio eval`
@@ -271,6 +271,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         out_dir = args.answers / name
         records[name], results = evaluate(eval_set, out_dir, models.loader(args.model), settings, args)
         sets[name] = set_figures(eval_set, records[name], results, out_dir)
+    sets["question_asr"]["longer"] = T.longer_than_reference(records["question_asr"])
     fallback_records, results = evaluate(eval_sets["asr"], args.answers / FALLBACK, models.loader(args.model),
                                          replace(settings, fallback=True), args)
     sets[FALLBACK] = set_figures(eval_sets["asr"], fallback_records, results, args.answers / FALLBACK)
@@ -364,7 +365,9 @@ def md_sources(by_source: dict, label: str, reference: dict | None = None) -> li
 SECTIONS = {"asr": ("Transcription", "WER"), "sounds": ("Naming sounds", "accuracy"),
             "sound_question": ("A spoken question about a sound", "accuracy"),
             "voice_chat": ("Voice chat (spoken questions)", "accuracy"),
-            "no_speech": ("Noise, music and silence", '"no speech"')}
+            "no_speech": ("Noise, music and silence", '"no speech"'),
+            "question_asr": ("Transcribing spoken questions (the voice-chat clips, with the official ASR prompt)",
+                             "WER")}
 
 
 def markdown(report: dict) -> str:
@@ -391,6 +394,9 @@ def markdown(report: dict) -> str:
                       f"questions answered right typed (of {chat['compared']} compared), "
                       f"{chat['spoken_right_of_those']} were answered right spoken: {fmt(chat['share'], '%')}"
                       + (" (no question was answered right typed: no share)" if chat["share"] is None else "") + "."]
+        if name == "question_asr" and "longer" in figures:
+            lines += ["", f"{figures['longer']['longer']} of the {figures['longer']['n']} transcripts have more words "
+                      "than the question: answered as well as transcribed."]
         if name == "no_speech":
             lines += ["", "| prompt | n | \"no speech\" | invented transcripts |", "|---|---|---|---|"] + [
                 f"| {kind} | {b['n']} | {fmt(b['score'], '%')} | {b['invented']} |" for kind, b in no_speech.items()]

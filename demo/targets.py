@@ -68,6 +68,16 @@ def answered(records: list[dict]) -> list[dict]:
     return [r for r in records if "error" not in r and "score" in r]
 
 
+def longer_than_reference(records: list[dict]) -> dict:
+    """How many transcripts have more words than their reference (normalised as the WER is): for spoken
+    questions, those answered as well as transcribed ("What is the capital of Italy? Rome.")."""
+    from qwen2audio.eval.normalizers import wer_units
+
+    scored = answered(records)
+    return {"n": len(scored), "longer": sum(len(wer_units(r["hypothesis"], "en")) > len(wer_units(r["reference"], "en"))
+                                            for r in scored)}
+
+
 def is_right(record: dict) -> bool:
     """An answer with no error at all: every word right (WER), an accepted answer found (accuracies)."""
     if get_metric(record["metric"]).higher_is_better:

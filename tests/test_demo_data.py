@@ -149,6 +149,63 @@ def test_a_folder_whose_inputs_changed_is_not_resumed(tiny, monkeypatch, capsys)
 
 
 @needs_espeak
+def test_a_folder_made_before_a_task_was_added_only_gains_its_clips(tiny, tmp_path):
+    """Late tasks (asr_question) are planned after every other part: a folder made before them (one plan
+    digest over all its parts, no such parts) resumes, keeps every clip it had and makes only theirs, and
+    ends as a new folder does."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny, old)
+    late = [f"{stage}/{split}/{task}" for (stage, split), counts in make_data.SCALES["tiny"].late.items()
+            for task in counts]
+    for name in late:
+        (old / "parts" / f"{name}.jsonl").unlink()
+        (old / "parts" / "meta" / f"{name.replace('/', '__')}.json").unlink()
+        shutil.rmtree(old / "audio" / name)
+    (old / "eval" / "question_asr.jsonl").unlink()
+    (old / "parts" / "meta" / "eval__question_asr.json").unlink()
+    plan = json.loads((old / make_data.PLAN_FILE).read_text())
+    (old / make_data.PLAN_FILE).unlink()
+    recipes = {path.stem.replace("__", "/"): json.loads(path.read_text())["recipes"]
+               for path in (old / "parts" / "meta").glob("*.json")}
+    earlier = [recipes[name] for name in plan if name in recipes]  # the plan's order
+    digest = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()
+    (old / make_data.OLD_PLAN_FILE).write_text(digest + "\n")
+    clip = next((old / "audio" / "pretrain" / "train" / "asr").rglob("*.flac"))
+    before = clip.stat().st_mtime_ns
+    assert make_data.main(["--out", str(old), "--seed", "0", "--scale", "tiny", "--jobs", "1"]) == 0
+    assert clip.stat().st_mtime_ns == before
+    resumed = _tree_digest(old)
+    assert resumed.pop(make_data.OLD_PLAN_FILE) and resumed == _tree_digest(tiny)
+    (old / make_data.OLD_PLAN_FILE).write_text("0" * 64 + "\n")  # an old folder of another plan
+    (old / make_data.PLAN_FILE).unlink()
+    with pytest.raises(make_data.UsageError, match="the inputs changed"):
+        make_data.generate(old, 0, "tiny", 1, make_data.DEFAULT_ASSETS)
+
+
+@needs_espeak
+def test_spoken_questions_are_transcribed_as_well_as_answered(tiny):
+    """asr_question: training questions asked with transcription prompts, the question's words the target;
+    the evaluation asks the held-out voice-chat clips for a transcript."""
+    pretrain = [r for r in _rows(tiny / "pretrain.jsonl") if r["task"] == "asr_question"]
+    sft = _rows(tiny / "parts" / "sft" / "train" / "asr_question.jsonl")
+    assert pretrain and sft
+    spoken = {c["path"]: c["speech"]["text"] for part, c in _recipes(tiny) if part.endswith("/asr_question")}
+    assert all(spoken[r["audio"]] == r["target"] for r in pretrain)
+    for row in sft:
+        user, answer = row["messages"][0], row["messages"][1]
+        [audio] = [p["audio"] for p in user["content"] if p.get("type") == "audio"]
+        assert answer["content"] == spoken[audio]
+    chat = {i.audio: i for i in read_generic(tiny / "eval" / "voice_chat.jsonl", Options())}
+    questions = {json.loads(line)["audio"]: json.loads(line)["question"]
+                 for line in (tiny / "eval" / "voice_chat.jsonl").read_text().splitlines()}
+    items = read_generic(tiny / "eval" / "question_asr.jsonl", Options())
+    assert len(items) == len(chat) and {i.audio for i in items} == set(chat)
+    assert {i.prompt for i in items} == {"Detect the language and recognize the speech: <|en|>"}
+    rows = _rows(tiny / "eval" / "question_asr.jsonl")
+    assert [r["reference"] for r in rows] == [questions[r["audio"]] for r in rows]
+
+
+@needs_espeak
 def test_training_manifests_pass_our_own_validation(tiny):
     for name, stage in (("pretrain.jsonl", "pretrain"), ("pretrain_val.jsonl", "pretrain"),
                         ("sft.jsonl", "sft"), ("sft_val.jsonl", "sft")):
@@ -156,12 +213,13 @@ def test_training_manifests_pass_our_own_validation(tiny):
         assert report.bad == [] and examples, name
     summary = json.loads((tiny / "summary.json").read_text())
     tasks = summary["rows"]["pretrain.jsonl"]
-    assert {"asr", "sound", "speech_and_sound", "sound_question", "no_speech", "speech_detection"} <= set(tasks)
+    assert {"asr", "sound", "speech_and_sound", "sound_question", "no_speech", "speech_detection",
+            "asr_question"} <= set(tasks)
 
 
 @needs_espeak
 def test_evaluation_manifests_read_as_generic_jsonl_tasks(tiny):
-    for task in ("asr", "sounds", "sound_question", "voice_chat", "no_speech"):
+    for task in ("asr", "sounds", "sound_question", "voice_chat", "no_speech", "question_asr"):
         items = read_generic(tiny / "eval" / f"{task}.jsonl", Options())
         assert items, task
         for item in items:

@@ -136,7 +136,7 @@ def test_pairs_load_as_dpo_rows_and_a_rerun_asks_nothing(workspace, tmp_path, mo
         assert [m["role"] for m in pair.messages] == ["user"]
         assert all(Path(a).is_file() for a in pair.audios)
     summary = json.loads((data / dpo_pairs.SUMMARY_FILE).read_text())
-    assert {t: c["prompts"] for t, c in summary["tasks"].items()} == {t: 3 for t in make_data.TASKS}
+    assert {t: c["prompts"] for t, c in summary["tasks"].items()} == {t: 3 for t in make_data.ALL_TASKS}
     assert summary["pairs"]["train"] + summary["pairs"]["val"] == len(pairs)
     assert sum(c["pairs"] for c in summary["tasks"].values()) == len(pairs) > 0
     unanswered = json.loads((data / make_data.QUESTIONS).read_text().splitlines()[UNANSWERED])["question"]
@@ -161,12 +161,12 @@ def test_an_interrupted_run_keeps_its_answers_and_goes_on(workspace, tmp_path, m
         f.write('{"key": "audio/sft/tr')  # a line cut short by a crash
     counting = _Counting(monkeypatch)
     assert dpo_pairs.main(args) == 0
-    total = 2 * len(make_data.TASKS)
+    total = 2 * len(make_data.ALL_TASKS)
     assert counting.asked == total - 4
     assert len({r["key"] for r in _records(data)}) == len(_records(data)) == total
     counting = _Counting(monkeypatch)
     assert dpo_pairs.main(_args(data, model, "--per-task", "3", "--samples", "1")) == 0  # the first two kept
-    assert counting.asked == len(make_data.TASKS)
+    assert counting.asked == len(make_data.ALL_TASKS)
     counting = _Counting(monkeypatch)
     assert dpo_pairs.main(_args(data, model, "--per-task", "2", "--samples", "1", "--seed", "1")) == 0
     assert counting.asked == total  # other settings: asked anew

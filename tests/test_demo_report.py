@@ -11,7 +11,7 @@ from demo import targets as T
 from demo.prompts import NO_SPEECH_ANSWERS
 from qwen2audio.eval.runner import score_records
 
-SETS = ("asr", "sounds", "sound_question", "voice_chat", "no_speech")
+SETS = ("asr", "sounds", "sound_question", "voice_chat", "no_speech", "question_asr")
 NO_SPEECH_REFERENCE = "|".join(NO_SPEECH_ANSWERS)
 
 
