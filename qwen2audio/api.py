@@ -51,6 +51,21 @@ Messages = Sequence[Mapping[str, Any]]
 ASR_PROMPT = "Detect the language and recognize the speech: <|{language}|>"
 
 
+def speech_prompt(language: str = "en", translate_to: str | None = None) -> str:
+    """The base model's official prompt for speech in ``language``: recognition (the ASR prompt), or with
+    ``translate_to`` translation into that language (the evaluation's CoVoST 2 prompt, which names it:
+    en -> English, zh -> Mandarin, ...)."""
+    if translate_to is None:
+        return ASR_PROMPT.format(language=language)
+    from .eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT, language_code
+
+    target = LANGUAGE_NAMES.get(language_code(translate_to))
+    if target is None:
+        raise ValueError(f"translate_to={translate_to!r}: no name for that language in the translation prompt; "
+                         f"give one of {', '.join(sorted(LANGUAGE_NAMES))}")
+    return TRANSLATION_PROMPT.format(target=target, source=language)
+
+
 def decode_audio(source: Any) -> np.ndarray:
     """A chat audio source (path, bytes, array at 16 kHz, or (array, sample_rate)) -> 16 kHz mono float32."""
     if isinstance(source, tuple) and len(source) == 2:
@@ -165,14 +180,20 @@ class Qwen2Audio:
 
     def transcribe(self, audio: Any, language: str = "en", fallback: bool = False,
                    chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
-                   progress: bool | None = None, **sampling) -> str:
+                   progress: bool | None = None, translate_to: str | None = None, **sampling) -> str:
         """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed:
         ``transcript(...).text``, where the arguments are described."""
-        return self.transcript(audio, language, fallback, chunk_seconds, cut_at_pauses, progress, **sampling).text
+        return self.transcript(audio, language, fallback, chunk_seconds, cut_at_pauses, progress, translate_to,
+                               **sampling).text
+
+    def translate(self, audio: Any, to: str = "en", language: str = "en", **options) -> str:
+        """The speech (in ``language``) translated into ``to`` with the official speech-translation prompt:
+        ``transcript(audio, language, translate_to=to, ...).text``."""
+        return self.transcript(audio, language, translate_to=to, **options).text
 
     def transcript(self, audio: Any, language: str = "en", fallback: bool = False,
                    chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
-                   progress: bool | None = None, **sampling) -> Transcript:
+                   progress: bool | None = None, translate_to: str | None = None, **sampling) -> Transcript:
         """A transcript with the official ASR prompt of the base model, as segments with their times: a
         ``Transcript`` (``.text``, ``.segments``: start and end in seconds, text with tags like <|en|>
         removed, token ids, the temperature it was decoded at; ``.duration``), which
@@ -191,12 +212,14 @@ class Qwen2Audio:
         the demo model cuts at pauses of 0.3 s), else 30 s windows and no pause cuts. ``fallback``: a
         repetitive answer is decoded again at rising temperatures (Whisper's guard against loops;
         qwen2audio.generation.fallback). ``progress``: a bar on stderr counting the chunks transcribed (None:
-        on a terminal, when there are several). ``logprobs=0`` (or N): each segment's tokens' log-probabilities."""
+        on a terminal, when there are several). ``logprobs=0`` (or N): each segment's tokens' log-probabilities.
+        ``translate_to``: a translation into that language instead, with the official speech-translation
+        prompt (``speech_prompt``), ``language`` naming the language spoken."""
         chunk_seconds, cut_at_pauses = transcription_cuts(self.transcription_defaults, chunk_seconds, cut_at_pauses)
+        prompt = speech_prompt(language, translate_to)
         wave = decode_audio(audio)
         windows = [w for w in cut_windows(wave, chunk_samples(chunk_seconds), pause_samples(cut_at_pauses)) if w.speech]
         params = SamplingParams(**sampling)
-        prompt = ASR_PROMPT.format(language=language)
         prepared = [self.prepare_raw(prompt, [window.audio]) for window in windows]
         if progress is None:  # tqdm's None: shown on a terminal only
             hidden = True if len(windows) < 2 else None

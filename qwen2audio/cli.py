@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(tr)
     tr.add_argument("files", nargs="+", metavar="FILE")
     tr.add_argument("--language", default="en", help="language tag of the speech (e.g. en, zh, fr)")
+    tr.add_argument("--translate-to", metavar="LANG",
+                    help="translate the speech into LANG (e.g. en, de, zh) with the official speech-translation "
+                         "prompt instead of transcribing it")
     tr.add_argument("--format", choices=TRANSCRIPT_FORMATS, default="text",
                     help="text (default: one line per file, after its name when there are several); json (one "
                          "line per file: file and text); srt or vtt (subtitles: a cue per chunk transcribed, with "
@@ -392,7 +395,15 @@ def _end_line() -> None:
 
 def _check_transcript_output(args: argparse.Namespace) -> None:
     """--format, --json and --output-dir agree, before a model loads: --json is --format json; subtitles
-    and verbose_json of several files need --output-dir; no two files may write the same name there."""
+    and verbose_json of several files need --output-dir; no two files may write the same name there; a
+    --translate-to language the translation prompt can name."""
+    if args.translate_to is not None:
+        from .api import speech_prompt
+
+        try:
+            speech_prompt(args.language, args.translate_to)
+        except ValueError as err:
+            raise ValueError(f"--translate-to: {err}".replace("translate_to=", "")) from None
     if args.json and args.format not in ("text", "json"):
         raise ValueError(f"--json is --format json; it cannot go with --format {args.format}")
     args.format = "json" if args.json else args.format
@@ -427,7 +438,8 @@ def _transcribe(model, args, sampling) -> int:
     failed = 0
     for path in args.files:
         try:
-            transcript = model.transcript(path, language=args.language, fallback=args.fallback,
+            transcript = model.transcript(path, language=args.language, translate_to=args.translate_to,
+                                          fallback=args.fallback,
                                           chunk_seconds=getattr(args, "chunk_seconds", None),
                                           cut_at_pauses=getattr(args, "cut_at_pauses", None), **sampling)
         except AudioError as err:  # one bad file does not stop the others
@@ -455,7 +467,8 @@ def _transcript_body(args: argparse.Namespace, path: str, transcript, printed: b
     from .eval.translation import language_name
     from .text.transcripts import render
 
-    body, _ = render(args.format, transcript.segments, task="transcribe", language=language_name(args.language),
+    task = "transcribe" if args.translate_to is None else "translate"
+    body, _ = render(args.format, transcript.segments, task=task, language=language_name(args.language),
                      duration=transcript.duration, temperature=args.temperature or 0.0)
     return body if body.endswith("\n") else body + "\n"
 

@@ -22,6 +22,7 @@ from qwen2audio import Qwen2Audio
 from qwen2audio.audio import N_SAMPLES, cut_windows, load_audio, split_at_pauses
 from qwen2audio.cli import main
 from qwen2audio.generation.params import SamplingParams
+from qwen2audio.text.tags import TAG
 from reference import TOKENIZER, clip, hf_model
 
 NEW = "16"  # --max-new-tokens everywhere: short answers keep the tests fast
@@ -346,6 +347,28 @@ def test_transcribe_writes_subtitles_and_verbose_json(api, model_dir, tmp_path, 
     assert rc == 0 and (out / "three.txt").read_text() == transcript.text + "\n"
 
 
+def test_translate_to_asks_with_the_official_translation_prompt(api, model_dir, tmp_path, capsys, monkeypatch):
+    """--translate-to LANG (translate_to= in the API): the evaluation's speech-translation prompt, naming the
+    target language and the spoken one; verbose_json says "translate"; an unknown language is refused."""
+    from qwen2audio.eval.translation import TRANSLATION_PROMPT
+
+    model = api["saved"]
+    wave, path = three_questions(tmp_path)
+    prompt = TRANSLATION_PROMPT.format(target="German", source="fr")
+    expected = model.complete(prompt, [wave], max_new_tokens=int(NEW)).text
+    translated = model.transcript(wave, language="fr", translate_to="de", max_new_tokens=int(NEW))
+    assert translated.segments[0].tokens == model.complete(prompt, [wave], max_new_tokens=int(NEW)).token_ids
+    assert translated.text == TAG.sub("", expected).strip() == model.translate(wave, to="de", language="fr",
+                                                                                max_new_tokens=int(NEW))
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(path), "--max-new-tokens", NEW,
+                                             "--language", "fr", "--translate-to", "de", "--format", "verbose_json"])
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["task"] == "translate" and doc["text"] == translated.text
+    with pytest.raises(ValueError, match="translate_to='xx': no name for that language"):
+        model.transcript(wave, translate_to="xx")
+
+
 def test_transcribe_output_options_are_checked_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch):
     from qwen2audio import cli as cli_module
 
@@ -360,7 +383,8 @@ def test_transcribe_output_options_are_checked_before_the_model_loads(model_dir,
             (["--json", "--format", "srt"], "--json is --format json; it cannot go with --format srt"),
             ([str(twin), "--format", "srt", "--output-dir", str(tmp_path / "o")],
              f"{path} and {twin} would both be written to {tmp_path / 'o' / 'three.srt'}"),
-            (["--output-dir", str(path)], f"--output-dir {path}: not a directory")):
+            (["--output-dir", str(path)], f"--output-dir {path}: not a directory"),
+            (["--translate-to", "xx"], "--translate-to: 'xx': no name for that language in the translation prompt")):
         rc, out, err = cli(capsys, monkeypatch, base + argv)
         assert rc == 2 and message in err, err
     rc, _, err = cli(capsys, monkeypatch, base + ["--format", "pdf"])
@@ -536,11 +560,11 @@ def test_transcripts_on_a_terminal_make_control_characters_visible(monkeypatch):
     from qwen2audio.text.transcripts import Segment, Transcript
 
     class Model:
-        def transcript(self, path, language, **sampling):
+        def transcript(self, path, language, translate_to, **sampling):
             return Transcript([Segment(0.0, 1.0, "ok \x1b[2J\x07end")], 1.0)
 
     args = argparse.Namespace(files=["a.wav"], language="en", format="text", output_dir=None, temperature=None,
-                              fallback=False)
+                              fallback=False, translate_to=None)
     screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
     assert cli_module._transcribe(Model(), args, {}) == 0

@@ -401,6 +401,7 @@ def test_translation_asks_for_english_with_the_official_prompt(client, model, wa
     assert prompt != ASR_PROMPT.format(language="fr")
     expected = model.complete(prompt, [wav], max_new_tokens=MAX_TOKENS).text
     assert result.text == TAG.sub("", expected).strip()
+    assert result.text == model.translate(wav, to="en", language="fr", max_new_tokens=MAX_TOKENS)  # the API's
 
 
 def test_models_health_and_metrics(client, server, wav):

@@ -46,9 +46,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ..api import ASR_PROMPT
+from ..api import speech_prompt
 from ..audio.features import SAMPLE_RATE, chunk_samples, cut_windows, pause_samples
-from ..eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT, language_name
+from ..eval.translation import language_name
 from ..generation import fallback as F
 from ..generation.params import SamplingParams, transcription_cuts
 from ..generation.reply import logprob_entries
@@ -107,8 +107,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     refuse_if_full(backend)  # before the audio is decoded
     data = await upload.read()
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
-    prompt = (ASR_PROMPT.format(language=language) if task == TRANSCRIBE else
-              TRANSLATION_PROMPT.format(target=LANGUAGE_NAMES[TARGET_LANGUAGE], source=language))
+    prompt = speech_prompt(language, None if task == TRANSCRIBE else TARGET_LANGUAGE)
     windows = await run_in_threadpool(cut_windows, wave, chunk_samples(chunk_seconds), pause_samples(pause))
     windows = [window for window in windows if window.speech]
     events = _window_events(request, backend, prompt, windows, params, metrics, arrived, endpoint,
