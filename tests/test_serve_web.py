@@ -462,3 +462,37 @@ def test_the_page_shades_each_token_by_the_apis_logprobs(browser, model_server):
     page_.reload()  # the setting is kept
     page_.wait_for_selector("#status.ok")
     assert page_.is_checked("input[name=confidence]")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_transcribe_shows_the_apis_segments_and_offers_its_subtitles(browser, model_server, tmp_path):
+    """Transcribe: the attached file's transcript from /v1/audio/transcriptions, a line per segment with its
+    times, and .srt / .vtt downloads equal to what the server returns in those formats; the audio stays
+    attached, and the transcript is no turn of the conversation."""
+    data = wav_bytes(35.0, seed=2)  # two windows
+    clip = tmp_path / "long.wav"
+    clip.write_bytes(data)
+
+    def api(response_format: str):
+        res = httpx.post(model_server + "/v1/audio/transcriptions", timeout=120, files={"file": ("long.wav", data)},
+                         data={"model": "default", "response_format": response_format})
+        assert res.status_code == 200, res.text
+        return res
+
+    verbose = api("verbose_json").json()
+    assert len(verbose["segments"]) == 2
+    page_ = open_page(browser, model_server)
+    page_.set_input_files("#file", str(clip))
+    page_.wait_for_selector("#attachment:not([hidden])")
+    page_.click("#transcribe")
+    page_.wait_for_selector(".transcript .meta a.srt", timeout=WAIT_MS)
+    shown = page_.evaluate("[...document.querySelectorAll('.transcript .segment')].map("
+                           "l => [l.querySelector('.time').textContent, l.lastChild.textContent])")
+    assert shown == [[f"0:{s['start']:04.1f}–0:{s['end']:04.1f}", s["text"]] for s in verbose["segments"] if s["text"]]
+    for kind in ("srt", "vtt"):
+        with page_.expect_download() as download:
+            page_.click(f".transcript a.{kind}")
+        assert download.value.suggested_filename == f"long.{kind}"
+        assert Path(download.value.path()).read_text() == api(kind).text
+    assert page_.is_visible("#attachment") and page_.is_visible("#send")
+    assert page_.locator(".turn.user").count() == 0 and page_.errors == []

@@ -1,5 +1,6 @@
 // The voice-chat and audio-analysis page of `qwen2audio serve`. It speaks only the server's public API:
-// POST /v1/chat/completions (streamed), GET /health, and GET /web/config for the limits and defaults.
+// POST /v1/chat/completions (streamed), POST /v1/audio/transcriptions (verbose_json: a transcript with times),
+// GET /health, and GET /web/config for the limits and defaults.
 // No framework and nothing from another site: the page works offline beside the server.
 
 const $ = (id) => document.getElementById(id);
@@ -7,6 +8,8 @@ const SAMPLE_RATE = 16000; // recordings are sent as 16 kHz mono WAV, what the m
 const MIN_RECORDING_SECONDS = 0.2;
 const HEALTH_RETRY_MS = 2000;
 const SETTINGS_KEY = "qwen2audio.settings";
+// What Python's str.split() splits at (the server's cues join a segment's words by one space)
+const PY_WHITESPACE = /[\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+/;
 const NUMBER_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "num_beams", "max_tokens", "seed"];
 
 const state = {
@@ -15,7 +18,8 @@ const state = {
   history: [],       // {role: "user", text, audio?: {b64, format, url, seconds}} | {role: "assistant", text}
   attachment: null,  // the audio of the turn being composed
   recorder: null,    // {ctx, stream, chunks, samples, timer}
-  controller: null,  // AbortController of the answer being streamed
+  controller: null,  // AbortController of the answer being streamed (or the transcript being made)
+  downloads: [],     // object URLs of the subtitle files offered for download
 };
 
 // -- start --------------------------------------------------------------------------------------------------
@@ -36,6 +40,7 @@ function wire() {
   $("recording-cancel").addEventListener("click", () => finishRecording(false));
   $("file").addEventListener("change", (e) => { attachFile(e.target.files[0]); e.target.value = ""; });
   $("attachment-remove").addEventListener("click", () => setAttachment(null));
+  $("transcribe").addEventListener("click", transcribe);
   $("new-chat").addEventListener("click", newChat);
   $("error-close").addEventListener("click", hideError);
   $("open-settings").addEventListener("click", () => toggleSettings());
@@ -406,11 +411,91 @@ function request(turns) {
            ...sampling() };
 }
 
-function headers() {
-  const out = { "Content-Type": "application/json" };
+function headers(json = true) {
+  const out = json ? { "Content-Type": "application/json" } : {};
   const key = field("api_key").value.trim();
   if (key) out.Authorization = `Bearer ${key}`;
   return out;
+}
+
+// -- a transcript -------------------------------------------------------------------------------------------
+/** The attached audio's transcript with times (the server cuts it into windows, at pauses where the model
+ * asks for that, and leaves out what has no speech): one line per segment, and the subtitles to download.
+ * Not a turn of the conversation: the audio stays attached, to ask about it next. */
+async function transcribe() {
+  const audio = state.attachment;
+  if (state.controller || state.recorder || !audio) return;
+  hideError();
+  const form = new FormData();
+  const bytes = Uint8Array.from(atob(audio.b64), (c) => c.charCodeAt(0));
+  const name = audio.name || "audio";
+  form.append("file", new Blob([bytes]), /\.[^.]+$/.test(name) ? name : `${name}.${audio.format}`);
+  form.append("model", state.config.model);
+  form.append("response_format", "verbose_json");
+  const view = renderTurn({ role: "assistant", text: "" });
+  view.classList.add("transcript");
+  const bubble = view.querySelector(".bubble");
+  bubble.classList.add("pending");
+  const controller = new AbortController();
+  setBusy(controller);
+  const started = performance.now();
+  try {
+    const res = await fetch("/v1/audio/transcriptions", { method: "POST", headers: headers(false), body: form,
+                                                         signal: controller.signal });
+    if (!res.ok) throw await responseError(res);
+    const doc = await res.json();
+    const title = document.createElement("div");
+    title.className = "title";
+    title.textContent = `Transcript of ${audio.name} (${clock(doc.duration)})`;
+    const lines = doc.segments.filter((s) => s.text).map((s) => {
+      const line = document.createElement("div");
+      line.className = "segment";
+      const time = document.createElement("span");
+      time.className = "time";
+      time.textContent = `${stamp(s.start)}–${stamp(s.end)}`;
+      line.append(time, document.createTextNode(s.text));
+      return line;
+    });
+    if (!lines.length) lines.push(Object.assign(document.createElement("div"), { textContent: "No speech was found." }));
+    bubble.replaceChildren(title, ...lines);
+    const links = document.createElement("div");
+    links.className = "meta";
+    const base = (audio.name || "audio").replace(/\.[^.]+$/, "");
+    links.append(`${doc.segments.length} segments · ${((performance.now() - started) / 1000).toFixed(1)} s · download `);
+    for (const [kind, text] of [["srt", subtitles(doc.segments, "srt")], ["vtt", subtitles(doc.segments, "vtt")],
+                                ["txt", `${doc.text}\n`]]) {
+      const url = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
+      state.downloads.push(url);
+      links.append(Object.assign(document.createElement("a"), { href: url, download: `${base}.${kind}`,
+                                                                className: kind, textContent: `.${kind}` }), " ");
+    }
+    view.append(links);
+    scrollDown();
+  } catch (err) {
+    view.remove();
+    if (err.name !== "AbortError") showError(err instanceof UserError ? err.message : unreachable(err));
+  } finally {
+    bubble.classList.remove("pending");
+    setBusy(null);
+  }
+}
+
+/** Segments as SubRip or WebVTT cues, as the server writes them (a cue per segment with text, on one line). */
+function subtitles(segments, kind) {
+  const cues = segments.map((s) => ({ ...s, text: s.text.split(PY_WHITESPACE).filter(Boolean).join(" ").replaceAll("-->", "->") }))
+    .filter((s) => s.text);
+  const time = (t) => stamp(t, true).replace(".", kind === "srt" ? "," : ".");
+  if (kind === "srt") return cues.map((s, i) => `${i + 1}\n${time(s.start)} --> ${time(s.end)}\n${s.text}\n\n`).join("");
+  const escape = (t) => t.replaceAll("&", "&amp;").replaceAll("<", "&lt;").replaceAll(">", "&gt;");
+  return "WEBVTT\n\n" + cues.map((s) => `${time(s.start)} --> ${time(s.end)}\n${escape(s.text)}\n\n`).join("");
+}
+
+/** 83.25 -> "1:23.3"; full: "00:01:23.250" (hours, minutes, seconds, milliseconds). */
+function stamp(seconds, full = false) {
+  if (!full) return `${Math.floor(seconds / 60)}:${(seconds % 60).toFixed(1).padStart(4, "0")}`;
+  const ms = Math.round(seconds * 1000);
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  return `${pad(Math.floor(ms / 3600000))}:${pad(Math.floor(ms / 60000) % 60)}:${pad(Math.floor(ms / 1000) % 60)}.${pad(ms % 1000, 3)}`;
 }
 
 /** Server-sent events -> their JSON payloads, until [DONE]. */
@@ -517,13 +602,16 @@ function setBusy(controller) {
   $("send").hidden = !!controller;
   $("stop").hidden = !controller;
   $("mic").disabled = !!controller;
+  $("transcribe").disabled = !!controller;
 }
 
 function newChat() {
   if (state.controller) state.controller.abort();
   if (state.recorder) finishRecording(false);
   for (const turn of state.history) if (turn.audio) URL.revokeObjectURL(turn.audio.url);
+  for (const url of state.downloads) URL.revokeObjectURL(url);
   state.history = [];
+  state.downloads = [];
   for (const view of document.querySelectorAll(".turn")) view.remove();
   $("intro").hidden = false;
   hideError();
