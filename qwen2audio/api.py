@@ -23,7 +23,7 @@ import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -193,7 +193,8 @@ class Qwen2Audio:
 
     def transcript(self, audio: Any, language: str = "en", fallback: bool = False,
                    chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
-                   progress: bool | None = None, translate_to: str | None = None, **sampling) -> Transcript:
+                   progress: bool | None = None, translate_to: str | None = None,
+                   on_segment: Callable[[Segment], object] | None = None, **sampling) -> Transcript:
         """A transcript with the official ASR prompt of the base model, as segments with their times: a
         ``Transcript`` (``.text``, ``.segments``: start and end in seconds, text with tags like <|en|>
         removed, token ids, the temperature it was decoded at; ``.duration``), which
@@ -214,7 +215,9 @@ class Qwen2Audio:
         qwen2audio.generation.fallback). ``progress``: a bar on stderr counting the chunks transcribed (None:
         on a terminal, when there are several). ``logprobs=0`` (or N): each segment's tokens' log-probabilities.
         ``translate_to``: a translation into that language instead, with the official speech-translation
-        prompt (``speech_prompt``), ``language`` naming the language spoken."""
+        prompt (``speech_prompt``), ``language`` naming the language spoken. ``on_segment``: called with each
+        segment in order as soon as it and those before it are decoded, to write a long transcript as it
+        comes (with ``fallback``, once the retries are done)."""
         chunk_seconds, cut_at_pauses = transcription_cuts(self.transcription_defaults, chunk_seconds, cut_at_pauses)
         prompt = speech_prompt(language, translate_to)
         wave = decode_audio(audio)
@@ -225,19 +228,28 @@ class Qwen2Audio:
             hidden = True if len(windows) < 2 else None
         else:
             hidden = not progress
+        segments: list[Segment] = []
+
+        def segment(g: Generation, temperature: float) -> Segment:
+            w = windows[len(segments)]
+            segments.append(Segment(w.start / SAMPLE_RATE, (w.start + w.audio.shape[0]) / SAMPLE_RATE,
+                                    TAG.sub("", g.text).strip(), list(g.token_ids), temperature, g.logprobs,
+                                    g.prompt_tokens))
+            if on_segment is not None:
+                on_segment(segments[-1])
+            return segments[-1]
+
         with tqdm(total=len(windows), unit="chunk", desc="transcribing", file=sys.stderr, leave=False,
                   disable=hidden) as bar:
-            if not prepared:
-                outs = []
-            elif fallback:
+            if fallback and prepared:
                 from .generation.fallback import fallback_with_temperatures
 
-                outs = fallback_with_temperatures(self.engine, prepared, params, on_result=bar.update)
-            else:
-                outs = [(g, params.temperature) for g in self.engine.generate(prepared, params, on_result=bar.update)]
-        segments = [Segment(w.start / SAMPLE_RATE, (w.start + w.audio.shape[0]) / SAMPLE_RATE,
-                            TAG.sub("", g.text).strip(), list(g.token_ids), temperature, g.logprobs, g.prompt_tokens)
-                    for w, (g, temperature) in zip(windows, outs)]
+                outs = fallback_with_temperatures(self.engine, prepared, params, on_result=lambda _: bar.update())
+                for g, temperature in outs:
+                    segment(g, temperature)
+            elif prepared:
+                self.engine.generate(prepared, params,
+                                     on_result=lambda g: (segment(g, params.temperature), bar.update()))
         return Transcript(segments, wave.shape[0] / SAMPLE_RATE)
 
     def conversation(self, system: str | None = None) -> "Conversation":

@@ -49,6 +49,7 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but \
 # transcribe --format: OpenAI's transcription response formats (qwen2audio.text.transcripts.FORMATS)
 TRANSCRIPT_FORMATS = ("text", "json", "srt", "vtt", "verbose_json")
 SINGLE_FILE_FORMATS = ("srt", "vtt", "verbose_json")  # one document each: printed for one file only
+LIVE_FORMATS = ("text", "srt", "vtt")  # printed a segment at a time, as they are decoded
 OUTPUT_SUFFIXES = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt", "verbose_json": ".json"}
 
 CHAT_SAMPLING_NOTE = ("Defaults come from the checkpoint's generation_config.json, applied as transformers "
@@ -435,16 +436,24 @@ def _transcribe(model, args, sampling) -> int:
         sampling = {**sampling, "logprobs": 0}
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
+    live = args.output_dir is None and args.format in LIVE_FORMATS
     failed = 0
     for path in args.files:
+        writer = _LiveTranscript(args, path, tty) if live else None
         try:
             transcript = model.transcript(path, language=args.language, translate_to=args.translate_to,
                                           fallback=args.fallback,
                                           chunk_seconds=getattr(args, "chunk_seconds", None),
-                                          cut_at_pauses=getattr(args, "cut_at_pauses", None), **sampling)
+                                          cut_at_pauses=getattr(args, "cut_at_pauses", None),
+                                          on_segment=writer.segment if writer else None,
+                                          progress=False if live and tty else None,  # the text shows it
+                                          **sampling)
         except AudioError as err:  # one bad file does not stop the others
             print(f"qwen2audio: error: {err}", file=sys.stderr)
             failed += 1
+            continue
+        if writer is not None:
+            writer.finish()
             continue
         if args.output_dir is None:
             body = _transcript_body(args, path, transcript, printed=True)
@@ -455,6 +464,40 @@ def _transcribe(model, args, sampling) -> int:
         atomic_write_text(target, _transcript_body(args, path, transcript, printed=False))
         print(f"qwen2audio: wrote {target}", file=sys.stderr)
     return EXIT_USAGE if failed else 0
+
+
+class _LiveTranscript:
+    """A printed transcript in text, srt or vtt written as its segments come (``Qwen2Audio.transcript``'s
+    ``on_segment``), so that a long recording's words appear as they are decoded; the bytes are those of
+    the whole transcript printed at once (``_transcript_body``)."""
+
+    def __init__(self, args: argparse.Namespace, path: str, tty: bool):
+        self.format, self.tty = args.format, tty
+        self.head = {"text": f"{path}\t" if len(args.files) > 1 else "", "srt": "", "vtt": "WEBVTT\n\n"}[args.format]
+        self.started, self.cues, self.texts = False, 0, 0
+
+    def segment(self, segment) -> None:
+        from .text.transcripts import has_cue, srt, vtt
+
+        if self.format == "text":
+            if segment.text:
+                self._write((" " if self.texts else "") + segment.text)
+                self.texts += 1
+        elif has_cue(segment):
+            self._write(srt([segment], self.cues + 1) if self.format == "srt" else vtt([segment], header=False))
+            self.cues += 1
+
+    def finish(self) -> None:
+        if self.format == "text" or (self.format == "srt" and not self.cues):
+            self._write("\n")
+        elif not self.started:
+            self._write("")
+
+    def _write(self, text: str) -> None:
+        if not self.started:
+            text, self.started = self.head + text, True
+        sys.stdout.write(visible(text) if self.tty else text)
+        sys.stdout.flush()
 
 
 def _transcript_body(args: argparse.Namespace, path: str, transcript, printed: bool) -> str:

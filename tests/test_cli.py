@@ -369,6 +369,47 @@ def test_translate_to_asks_with_the_official_translation_prompt(api, model_dir, 
         model.transcript(wave, translate_to="xx")
 
 
+def test_printed_transcripts_are_written_as_their_chunks_are_decoded(api, tmp_path, monkeypatch):
+    """text, srt and vtt on stdout come a segment at a time (Qwen2Audio.transcript's on_segment, in order),
+    before the transcript is complete, and add up to the same bytes as the whole document."""
+    from qwen2audio import cli as cli_module
+    from qwen2audio.cli import build_parser
+
+    model = api["saved"]
+    wave, path = three_questions(tmp_path)
+    whole = model.transcript(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3)
+    events = []
+    seen = []
+    real = model.transcript
+
+    def transcript(*a, **kw):
+        result = real(*a, **{**kw, "on_segment": lambda seg: (seen.append(seg), kw["on_segment"](seg))})
+        events.append("returned")
+        return result
+
+    monkeypatch.setattr(model, "transcript", transcript)
+
+    class Out(io.StringIO):
+        def write(self, text):
+            events.append(text)
+            return super().write(text)
+
+    for fmt in ("text", "srt", "vtt"):
+        args = build_parser().parse_args(["transcribe", str(path), "--format", fmt, "--cut-at-pauses", "0.3"])
+        cli_module._check_transcript_output(args)
+        events.clear()
+        seen.clear()
+        out = Out()
+        monkeypatch.setattr(sys, "stdout", out)
+        assert cli_module._transcribe(model, args, {"max_new_tokens": int(NEW)}) == 0
+        assert seen == whole.segments
+        written = [e for e in events[:events.index("returned")] if e]
+        assert len(written) == len([s for s in whole.segments if s.text.strip()])  # one write per segment
+        args.files = [str(path)]
+        expected = cli_module._transcript_body(args, str(path), whole, printed=True)
+        assert out.getvalue() == expected, fmt
+
+
 def test_transcribe_output_options_are_checked_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch):
     from qwen2audio import cli as cli_module
 
@@ -404,8 +445,9 @@ def test_a_long_transcription_shows_its_progress(api, capsys):
     assert shown == quiet and "transcribing" in err and "/3 [" in err and "chunk/s" in err  # 3 chunks
     calls = []
     model.engine.generate([model.prepare_raw("x", [question])] * 2, SamplingParams(max_new_tokens=2),
-                          on_result=lambda: calls.append(1))
-    assert calls == [1, 1]
+                          on_result=calls.append)
+    assert [g.token_ids for g in calls] == [g.token_ids for g in model.engine.generate(
+        [model.prepare_raw("x", [question])] * 2, SamplingParams(max_new_tokens=2))]
 
 
 def test_a_checkpoint_can_say_how_to_cut_long_audio(api, model_dir, tmp_path, capsys, monkeypatch):
@@ -560,8 +602,11 @@ def test_transcripts_on_a_terminal_make_control_characters_visible(monkeypatch):
     from qwen2audio.text.transcripts import Segment, Transcript
 
     class Model:
-        def transcript(self, path, language, translate_to, **sampling):
-            return Transcript([Segment(0.0, 1.0, "ok \x1b[2J\x07end")], 1.0)
+        def transcript(self, path, language, translate_to, on_segment=None, **sampling):
+            segments = [Segment(0.0, 1.0, "ok \x1b[2J\x07end")]
+            for segment in segments if on_segment else ():
+                on_segment(segment)
+            return Transcript(segments, 1.0)
 
     args = argparse.Namespace(files=["a.wav"], language="en", format="text", output_dir=None, temperature=None,
                               fallback=False, translate_to=None)

@@ -251,11 +251,12 @@ class Engine:
         return self._scheduler
 
     def generate(self, batch: Sequence[Prepared], params: SamplingParams | Sequence[SamplingParams],
-                 on_result: Callable[[], object] | None = None) -> list[Generation]:
+                 on_result: Callable[[Generation], object] | None = None) -> list[Generation]:
         """Run requests together (each with its own settings, or all with the same); their Generations.
         A request's greedy output is the same as running it alone. A beam search (``num_beams`` > 1)
         decodes its beams in as many slots, beside the other requests (``generation.beam``).
-        ``on_result`` is called as each result is collected, in order (a progress bar's update)."""
+        ``on_result`` is called with each result as it is collected, in order (a progress bar's update, a
+        transcript written as it comes)."""
         per_request = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(per_request) != len(batch):
             raise ValueError(f"{len(batch)} requests but {len(per_request)} SamplingParams")
@@ -265,7 +266,7 @@ class Engine:
             for stream in streams:
                 results.append(stream.wait())
                 if on_result is not None:
-                    on_result()
+                    on_result(results[-1])
             return results
         finally:
             for stream in streams:  # an error or an interrupt: the others stop too

@@ -104,14 +104,23 @@ def _cue_text(text: str) -> str:
     return " ".join(text.split()).replace("-->", "->")
 
 
-def srt(segments: list[Segment]) -> str:
+def srt(segments: list[Segment], first: int = 1) -> str:
+    """SubRip cues of the segments with text, numbered from ``first`` (a transcript written a piece at a
+    time continues the numbering)."""
     cues = [s for s in segments if _cue_text(s.text)]
     return "".join(f"{i}\n{timestamp(s.start, ',')} --> {timestamp(s.end, ',')}\n{_cue_text(s.text)}\n\n"
-                   for i, s in enumerate(cues, 1))
+                   for i, s in enumerate(cues, first))
 
 
-def vtt(segments: list[Segment]) -> str:
+def vtt(segments: list[Segment], header: bool = True) -> str:
+    """WebVTT: the header (unless ``header`` is False: more cues of a file already begun), then a cue per
+    segment with text."""
     cues = [s for s in segments if _cue_text(s.text)]
     escaped = (_cue_text(s.text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") for s in cues)
-    return "WEBVTT\n\n" + "".join(f"{timestamp(s.start, '.')} --> {timestamp(s.end, '.')}\n{text}\n\n"
-                                  for s, text in zip(cues, escaped))
+    return ("WEBVTT\n\n" if header else "") + "".join(f"{timestamp(s.start, '.')} --> {timestamp(s.end, '.')}\n{text}\n\n"
+                                                      for s, text in zip(cues, escaped))
+
+
+def has_cue(segment: Segment) -> bool:
+    """Whether srt and vtt give the segment a cue (its text is not blank)."""
+    return bool(_cue_text(segment.text))
