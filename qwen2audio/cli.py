@@ -415,6 +415,13 @@ def _check_transcript_output(args: argparse.Namespace) -> None:
         return
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise ValueError(f"--output-dir {args.output_dir}: not a directory")
+    try:  # now, rather than after the model has loaded
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output-dir {args.output_dir}: cannot create it ({err.strerror}); give a directory "
+                         "you can write to") from None
+    if not os.access(args.output_dir, os.W_OK):
+        raise ValueError(f"--output-dir {args.output_dir}: not writable; give a directory you can write to")
     names: dict[str, str] = {}
     for path in args.files:
         name = _output_name(path, args.format)
@@ -434,8 +441,6 @@ def _transcribe(model, args, sampling) -> int:
     tty = sys.stdout.isatty()
     if args.format == "verbose_json":  # its segments' avg_logprob
         sampling = {**sampling, "logprobs": 0}
-    if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
     live = args.output_dir is None and args.format in LIVE_FORMATS
     failed = 0
     for path in args.files:
