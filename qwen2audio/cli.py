@@ -31,7 +31,7 @@ import sys
 import typing
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import AudioError, CheckpointError
 from .generation.params import QUANTIZE_CHOICES, SamplingParams
@@ -444,7 +444,7 @@ def _transcribe(model, args, sampling) -> int:
     live = args.output_dir is None and args.format in LIVE_FORMATS
     failed = 0
     for path in args.files:
-        writer = _LiveTranscript(args, path, tty) if live else None
+        writer = _LiveTranscript(args.format, lambda text: _print(text, tty), _printed_head(args, path)) if live else None
         try:
             transcript = model.transcript(path, language=args.language, translate_to=args.translate_to,
                                           fallback=args.fallback,
@@ -461,9 +461,7 @@ def _transcribe(model, args, sampling) -> int:
             writer.finish()
             continue
         if args.output_dir is None:
-            body = _transcript_body(args, path, transcript, printed=True)
-            sys.stdout.write(visible(body) if tty else body)  # (JSON escapes control characters itself)
-            sys.stdout.flush()
+            _print(_transcript_body(args, path, transcript, printed=True), tty)  # (JSON escapes controls itself)
             continue
         target = args.output_dir / _output_name(path, args.format)
         atomic_write_text(target, _transcript_body(args, path, transcript, printed=False))
@@ -472,13 +470,15 @@ def _transcribe(model, args, sampling) -> int:
 
 
 class _LiveTranscript:
-    """A printed transcript in text, srt or vtt written as its segments come (``Qwen2Audio.transcript``'s
-    ``on_segment``), so that a long recording's words appear as they are decoded; the bytes are those of
-    the whole transcript printed at once (``_transcript_body``)."""
+    """A transcript in text, srt or vtt written piece by piece to ``write`` as its segments come
+    (``Qwen2Audio.transcript``'s ``on_segment``): printed, a long recording's words appear as they are
+    decoded; ``head``: what the text format puts first (the file's name when several are printed)."""
 
-    def __init__(self, args: argparse.Namespace, path: str, tty: bool):
-        self.format, self.tty = args.format, tty
-        self.head = {"text": f"{path}\t" if len(args.files) > 1 else "", "srt": "", "vtt": "WEBVTT\n\n"}[args.format]
+    def __init__(self, fmt: str, write: Callable[[str], object], head: str = ""):
+        from .text.transcripts import vtt
+
+        self.format, self.write = fmt, write
+        self.head = {"text": head, "srt": "", "vtt": vtt([])}[fmt]
         self.started, self.cues, self.texts = False, 0, 0
 
     def segment(self, segment) -> None:
@@ -501,15 +501,29 @@ class _LiveTranscript:
     def _write(self, text: str) -> None:
         if not self.started:
             text, self.started = self.head + text, True
-        sys.stdout.write(visible(text) if self.tty else text)
-        sys.stdout.flush()
+        self.write(text)
+
+
+def _print(text: str, tty: bool) -> None:
+    sys.stdout.write(visible(text) if tty else text)
+    sys.stdout.flush()
+
+
+def _printed_head(args: argparse.Namespace, path: str) -> str:
+    return f"{path}\t" if len(args.files) > 1 else ""
 
 
 def _transcript_body(args: argparse.Namespace, path: str, transcript, printed: bool) -> str:
     """A file's transcript in --format: printed, text after the file's name when there are several and
-    json as a line with the file's name; written to --output-dir, as OpenAI's formats have it."""
-    if args.format == "text":
-        return (f"{path}\t{transcript.text}" if printed and len(args.files) > 1 else transcript.text) + "\n"
+    json as a line with the file's name; written to --output-dir, as OpenAI's formats have it. Text, srt
+    and vtt come from the writer that prints them as they are decoded (``_LiveTranscript``)."""
+    if args.format in LIVE_FORMATS:
+        parts: list[str] = []
+        writer = _LiveTranscript(args.format, parts.append, _printed_head(args, path) if printed else "")
+        for segment in transcript.segments:
+            writer.segment(segment)
+        writer.finish()
+        return "".join(parts)
     if args.format == "json" and printed:
         return json.dumps({"file": path, "text": transcript.text}, ensure_ascii=False) + "\n"
     from .eval.translation import language_name
