@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
-from .audio.features import chunk_samples, cut_windows, pause_samples
+from .audio.features import chunk_samples, pause_samples, speech_windows
 from .checkpoint import load_model
 from .checkpoint.files import GENERATION_FILE
 from .generation.engine import Engine, Generation, Prepared, RequestStream
@@ -44,7 +44,6 @@ from .generation.params import (
     transcription_defaults,
 )
 from .text import Tokenizer, raw_prompt, render_chat
-from .text.tags import TAG  # language / task tags the base model writes, e.g. <|en|>
 from .text.transcripts import Segment, Transcript
 
 Messages = Sequence[Mapping[str, Any]]
@@ -221,7 +220,7 @@ class Qwen2Audio:
         chunk_seconds, cut_at_pauses = transcription_cuts(self.transcription_defaults, chunk_seconds, cut_at_pauses)
         prompt = speech_prompt(language, translate_to)
         wave = decode_audio(audio)
-        windows = [w for w in cut_windows(wave, chunk_samples(chunk_seconds), pause_samples(cut_at_pauses)) if w.speech]
+        windows = speech_windows(wave, chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))
         params = SamplingParams(**sampling)
         prepared = [self.prepare_raw(prompt, [window.audio]) for window in windows]
         if progress is None:  # tqdm's None: shown on a terminal only
@@ -231,10 +230,7 @@ class Qwen2Audio:
         segments: list[Segment] = []
 
         def segment(g: Generation, temperature: float) -> Segment:
-            w = windows[len(segments)]
-            segments.append(Segment(w.start / SAMPLE_RATE, (w.start + w.audio.shape[0]) / SAMPLE_RATE,
-                                    TAG.sub("", g.text).strip(), list(g.token_ids), temperature, g.logprobs,
-                                    g.prompt_tokens))
+            segments.append(Segment.decoded(windows[len(segments)], g.text, g, temperature))
             if on_segment is not None:
                 on_segment(segments[-1])
             return segments[-1]

@@ -31,6 +31,7 @@ from qwen2audio.audio.features import (
     encoder_frame_count,
     mel_filters,
     pause_samples,
+    speech_windows,
 )
 from qwen2audio.audio.vad import find_pauses
 
@@ -297,10 +298,12 @@ def test_a_pause_is_all_that_is_not_speech_between_speech(noise_snr_db):
     assert [w.speech for w in windows[:3]] == [True, False, True]
     assert windows[1].start < starts[2] and starts[3] < windows[2].start  # the doorbell: in no window of speech
     assert all(not w.speech for w in windows[3:])
+    assert [w.start for w in speech_windows(audio, N_SAMPLES, int(0.3 * SAMPLE_RATE))] == [
+        windows[0].start, windows[2].start]  # those transcribed
     assert [len(w) for w in split_at_pauses(audio, N_SAMPLES, int(0.3 * SAMPLE_RATE))] == [len(w.audio) for w in windows]
     # a pause longer than asked for is not cut at, and one up to twice the margin is cut in its middle
     assert [w.speech for w in cut_windows(audio, N_SAMPLES, int(4.0 * SAMPLE_RATE))][:1] == [True]
-    assert len([w for w in cut_windows(audio, N_SAMPLES, int(4.0 * SAMPLE_RATE)) if w.speech]) == 1
+    assert len(speech_windows(audio, N_SAMPLES, int(4.0 * SAMPLE_RATE))) == 1
     close, starts = two_questions(gap=0.0, with_doorbell=False)  # the question's own silences: 0.5 s
     [(start, end)] = find_pauses(close, int(0.2 * SAMPLE_RATE))
     windows = cut_windows(close, N_SAMPLES, int(0.2 * SAMPLE_RATE))

@@ -9,6 +9,7 @@ from qwen2audio.audio.features import (
     cut_windows,
     log_mel_spectrogram,
     num_valid_frames,
+    speech_windows,
     split_at_pauses,
     split_into_windows,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "split_into_windows",
     "split_at_pauses",
     "cut_windows",
+    "speech_windows",
     "Window",
     "SAMPLE_RATE",
     "N_SAMPLES",

@@ -507,6 +507,11 @@ def _speech_regions(n: int, spans: list[tuple[int, int]]) -> list[tuple[int, int
     return regions
 
 
+def speech_windows(audio, window_samples: int = N_SAMPLES, min_pause_samples: int | None = None) -> list[Window]:
+    """``cut_windows``' windows that hold speech: those to transcribe (all of them without pause cuts)."""
+    return [window for window in cut_windows(audio, window_samples, min_pause_samples) if window.speech]
+
+
 def split_at_pauses(audio, window_samples: int = N_SAMPLES, min_pause_samples: int | None = None) -> list[np.ndarray]:
     """``cut_windows``' windows' samples (numpy views of the input), those without speech included: they
     concatenate back to ``audio`` exactly."""

@@ -47,7 +47,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..api import speech_prompt
-from ..audio.features import SAMPLE_RATE, chunk_samples, cut_windows, pause_samples
+from ..audio.features import SAMPLE_RATE, chunk_samples, pause_samples, speech_windows
 from ..eval.translation import language_name
 from ..generation import fallback as F
 from ..generation.params import SamplingParams, transcription_cuts
@@ -108,8 +108,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     data = await upload.read()
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = speech_prompt(language, None if task == TRANSCRIBE else TARGET_LANGUAGE)
-    windows = await run_in_threadpool(cut_windows, wave, chunk_samples(chunk_seconds), pause_samples(pause))
-    windows = [window for window in windows if window.speech]
+    windows = await run_in_threadpool(speech_windows, wave, chunk_samples(chunk_seconds), pause_samples(pause))
     events = _window_events(request, backend, prompt, windows, params, metrics, arrived, endpoint,
                             fallback=fallback and params.greedy, live=stream)
     if stream:
@@ -237,14 +236,12 @@ async def _window_events(request: Request, backend: Backend, prompt: str, window
                 raise request_error(err) from None
             finally:
                 _record(metrics, reader, arrived if k == 0 else None, endpoint)
-            start, end = window.start, window.start + window.audio.shape[0]
             result, temperature = handles[k].result, None
             if fallback and F.repetitive(text):
                 text, result, temperature = await _again(request, backend, prompt, window.audio, params, metrics,
                                                          endpoint, text, result)
             started = True
-            yield Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, TAG.sub("", text).strip(),
-                          list(result.token_ids), temperature, result.logprobs, result.prompt_tokens)
+            yield Segment.decoded(window, text, result, temperature)
     finally:  # an error, a client gone or a consumer that stopped: the windows still decoding stop
         for handle in handles:
             handle.cancel()

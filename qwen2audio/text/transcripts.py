@@ -12,7 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..audio.features import SAMPLE_RATE
 from ..generation.fallback import compression_ratio
+from .tags import TAG
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 MEDIA_TYPES = {"json": "application/json", "verbose_json": "application/json", "text": "text/plain; charset=utf-8",
@@ -29,6 +31,15 @@ class Segment:
     temperature: float | None = None  # the one its text was decoded at, when not the request's (fallback)
     logprobs: list | None = None  # its tokens' TokenLogprob, when the request asked for them
     prompt_tokens: int = 0  # its prompt's tokens, audio included (a streamed transcript's usage)
+
+    @classmethod
+    def decoded(cls, window, text: str, result, temperature: float | None = None) -> Segment:
+        """The segment of a window (``qwen2audio.audio.Window``: start and samples at 16 kHz) that decoded
+        to ``text`` (tags such as <|en|> removed here) as ``result`` (a ``Generation``: token ids, logprobs,
+        prompt tokens); ``temperature``: the one it was decoded at, when not the request's (fallback)."""
+        return cls(window.start / SAMPLE_RATE, (window.start + window.audio.shape[0]) / SAMPLE_RATE,
+                   TAG.sub("", text).strip(), list(result.token_ids), temperature, result.logprobs,
+                   result.prompt_tokens)
 
 
 def full_text(segments: list[Segment]) -> str:
