@@ -369,7 +369,8 @@ def test_transcription_logprobs_are_every_windows_tokens(client, model):
 
 def test_a_streamed_transcription_sends_the_text_as_it_is_decoded(client, model):
     """stream=true (OpenAI's events, read by its client): the deltas spell the text of the json answer, window
-    by window; the done event has the whole text, the logprobs when asked for, and the usage."""
+    by window; the done event has the whole text, the logprobs when asked for, and the usage. With
+    verbose_json, each window's segment (times and text) comes as it is done."""
     long = wav_bytes(35.0, seed=2)  # two windows
     whole = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), include=["logprobs"])
     events = list(client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), stream=True,
@@ -389,9 +390,21 @@ def test_a_streamed_transcription_sends_the_text_as_it_is_decoded(client, model)
     text = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), stream=True,
                                               response_format="text")
     assert "".join(e.delta for e in text if e.type == "transcript.text.delta") == whole.text
-    with pytest.raises(openai.BadRequestError, match="response_format json or text"):
-        client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), stream=True,
-                                           response_format="verbose_json")
+    # verbose_json: a segment event with its times as each window is done, after its text; the duration at the end
+    verbose = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long),
+                                                 response_format="verbose_json")
+    events = list(client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), stream=True,
+                                                     response_format="verbose_json"))
+    kinds = [e.type for e in events]
+    assert kinds.count("transcript.text.segment") == len(verbose.segments) == 2 and kinds[-1] == "transcript.text.done"
+    segments = [e for e in events if e.type == "transcript.text.segment"]
+    assert [(e.id, e.start, e.end, e.text) for e in segments] == [
+        (f"seg_{s.id}", s.start, s.end, s.text) for s in verbose.segments]
+    first = kinds.index("transcript.text.segment")
+    assert "".join(e.delta for e in events[:first] if e.type == "transcript.text.delta") == verbose.segments[0].text
+    assert events[-1].text == verbose.text and events[-1].duration == verbose.duration == pytest.approx(35.0)
+    with pytest.raises(openai.BadRequestError, match="json, text or verbose_json"):
+        client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long), stream=True, response_format="srt")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks translations deprecated

@@ -11,6 +11,7 @@ is set (CI sets it: there a missing browser is a failure, not a skip).
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -466,8 +467,8 @@ def test_the_page_shades_each_token_by_the_apis_logprobs(browser, model_server):
 
 @pytest.mark.usefixtures("one_thread")
 def test_transcribe_shows_the_apis_segments_and_offers_its_subtitles(browser, model_server, tmp_path):
-    """Transcribe: the attached file's transcript from /v1/audio/transcriptions, a line per segment with its
-    times, and .srt / .vtt downloads equal to what the server returns in those formats; the audio stays
+    """Transcribe: the attached file's transcript from /v1/audio/transcriptions, streamed, a line per segment
+    with its times, and .srt / .vtt downloads equal to what the server returns in those formats; the audio stays
     attached, and the transcript is no turn of the conversation."""
     data = wav_bytes(35.0, seed=2)  # two windows
     clip = tmp_path / "long.wav"
@@ -484,8 +485,12 @@ def test_transcribe_shows_the_apis_segments_and_offers_its_subtitles(browser, mo
     page_ = open_page(browser, model_server)
     page_.set_input_files("#file", str(clip))
     page_.wait_for_selector("#attachment:not([hidden])")
-    page_.click("#transcribe")
+    with page_.expect_response("**/v1/audio/transcriptions") as response:
+        page_.click("#transcribe")
+    assert response.value.headers["content-type"].startswith("text/event-stream")  # segments as they are done
     page_.wait_for_selector(".transcript .meta a.srt", timeout=WAIT_MS)
+    assert page_.locator(".transcript .segment.live").count() == 0  # each window's line got its times
+    assert page_.text_content(".transcript .title") == "Transcript of long.wav (0:35)"
     shown = page_.evaluate("[...document.querySelectorAll('.transcript .segment')].map("
                            "l => [l.querySelector('.time').textContent, l.lastChild.textContent])")
     assert shown == [[f"0:{s['start']:04.1f}–0:{s['end']:04.1f}", s["text"]] for s in verbose["segments"] if s["text"]]
@@ -496,3 +501,32 @@ def test_transcribe_shows_the_apis_segments_and_offers_its_subtitles(browser, mo
         assert Path(download.value.path()).read_text() == api(kind).text
     assert page_.is_visible("#attachment") and page_.is_visible("#send")
     assert page_.locator(".turn.user").count() == 0 and page_.errors == []
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_transcript_cut_short_keeps_what_was_done(browser, model_server, tmp_path):
+    """A stream that ends before its done event (the server went away after the first window): the first
+    window's line stays, with its times, marked failed, and the error says so; no downloads of a part."""
+    data = wav_bytes(35.0, seed=2)  # two windows
+    clip = tmp_path / "long.wav"
+    clip.write_bytes(data)
+    res = httpx.post(model_server + "/v1/audio/transcriptions", timeout=120, files={"file": ("long.wav", data)},
+                     data={"model": "default", "response_format": "verbose_json", "stream": "true"})
+    assert res.status_code == 200, res.text
+    blocks = res.text.split("\n\n")
+    first = next(i for i, b in enumerate(blocks) if '"transcript.text.segment"' in b)
+    cut = "\n\n".join(blocks[:first + 1]) + "\n\n"  # up to the first window's segment event
+    segment = json.loads(blocks[first][len("data: "):])
+    page_ = open_page(browser, model_server)
+    page_.route("**/v1/audio/transcriptions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=cut))
+    page_.set_input_files("#file", str(clip))
+    page_.wait_for_selector("#attachment:not([hidden])")
+    page_.click("#transcribe")
+    page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+    assert "broke off before its end" in page_.text_content("#error-text")
+    shown = page_.evaluate("[...document.querySelectorAll('.transcript .segment')].map("
+                           "l => [l.querySelector('.time').textContent, l.lastChild.textContent])")
+    assert shown == [[f"0:{segment['start']:04.1f}–0:{segment['end']:04.1f}", segment["text"]]]
+    assert page_.locator(".transcript .bubble.failed").count() == 1 and page_.locator(".transcript a.srt").count() == 0
+    assert page_.text_content(".transcript .title") == "Part of the transcript of long.wav"

@@ -3,7 +3,8 @@
 Form fields: ``file`` and ``model`` (required), ``language``, ``prompt``, ``response_format`` (json, text,
 srt, vtt, verbose_json), ``temperature`` (default 0: greedy, as the official evaluation decodes),
 ``timestamp_granularities[]`` (segment only), ``stream`` (true: OpenAI's server-sent events,
-``transcript.text.delta`` as the text is decoded, then ``transcript.text.done``; json and text only),
+``transcript.text.delta`` as the text is decoded, with verbose_json a ``transcript.text.segment`` with its
+times as each window is done, then ``transcript.text.done``; json, text and verbose_json),
 ``include[]`` (``logprobs``, with json: each generated
 token's text, log-probability and bytes, every window's in order) and ``num_beams`` (an extension: beam
 search over that many beams, with temperature 0; at temperature 0 the server's ``--num-beams`` is the
@@ -68,6 +69,7 @@ LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?$")  # en, yue, z
 MAX_FORM_FIELDS = 16
 RESUBMIT_SECONDS = 0.05  # how often a later window asks again for room in a full queue
 WINDOW_MAX_TOKENS = SamplingParams().max_new_tokens  # per window: the official evaluation's 256
+STREAMED_FORMATS = ("json", "text", "verbose_json")  # srt and vtt are documents: no events
 WINDOWS_AT_ONCE = 4  # of one file, in the backend together: they share a batch and leave room for others
 
 
@@ -112,7 +114,8 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     events = _window_events(request, backend, prompt, windows, params, metrics, arrived, endpoint,
                             fallback=fallback and params.greedy, live=stream)
     if stream:
-        return await _streamed(events, backend, with_logprobs)
+        return await _streamed(events, backend, with_logprobs,
+                               wave.shape[0] / SAMPLE_RATE if response_format == "verbose_json" else None)
     segments = [event async for event in events if isinstance(event, Segment)]
     body, media_type = render(response_format, segments, task=task, language=language_name(language),
                               duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature,
@@ -126,10 +129,14 @@ def _entries(segments: list[Segment], backend: Backend) -> list[dict]:
             for e in logprob_entries(s.logprobs, backend.token_bytes)]
 
 
-async def _streamed(events: AsyncIterator, backend: Backend, with_logprobs: bool) -> Response:
+async def _streamed(events: AsyncIterator, backend: Backend, with_logprobs: bool,
+                    duration: float | None = None) -> Response:
     """``stream=true``: server-sent events as OpenAI's streamed transcriptions send them, a
     ``transcript.text.delta`` per piece of text as it is decoded, then ``transcript.text.done`` with the
-    whole text (and the logprobs, when asked for) and the usage. The first window's first text (or the
+    whole text (and the logprobs, when asked for) and the usage. With ``duration`` (the audio's seconds:
+    verbose_json) also a ``transcript.text.segment`` as each window is done (``id``, ``start``, ``end``,
+    ``text``: OpenAI's event without its diarizing ``speaker``; the segments of the whole answer, empty
+    ones too), and ``duration`` in the done event (an extension). The first window's first text (or the
     request's error) comes before the response starts, so errors get their status."""
     first = await anext(events, None)
 
@@ -145,8 +152,13 @@ async def _streamed(events: AsyncIterator, backend: Backend, with_logprobs: bool
                     delta = text.push(event)
                 if delta:
                     yield _sse({"type": "transcript.text.delta", "delta": delta})
+                if isinstance(event, Segment) and duration is not None:
+                    yield _sse({"type": "transcript.text.segment", "id": f"seg_{len(segments) - 1}",
+                                "start": round(event.start, 3), "end": round(event.end, 3), "text": event.text})
                 event = await anext(events, None)
             done = {"type": "transcript.text.done", "text": full_text(segments)}
+            if duration is not None:
+                done["duration"] = round(duration, 3)
             if with_logprobs:
                 done["logprobs"] = _entries(segments, backend)
             output = sum(len(s.tokens) for s in segments)
@@ -300,9 +312,10 @@ def _stream(form, response_format: str) -> bool:
     value = (_field(form, "stream") or "false").lower()
     if value not in ("true", "false"):
         raise bad_request(f"stream must be true or false, got {value!r}", "stream")
-    if value == "true" and response_format not in ("json", "text"):
-        raise bad_request(f"stream=true sends the text as it is decoded; use response_format json or text, not "
-                          f"{response_format!r}", "stream")
+    if value == "true" and response_format not in STREAMED_FORMATS:
+        raise bad_request(f"stream=true sends the text as it is decoded (with verbose_json, each segment's times as "
+                          f"it is done); use response_format json, text or verbose_json, not {response_format!r}",
+                          "stream")
     return value == "true"
 
 

@@ -1,5 +1,5 @@
 // The voice-chat and audio-analysis page of `qwen2audio serve`. It speaks only the server's public API:
-// POST /v1/chat/completions (streamed), POST /v1/audio/transcriptions (verbose_json: a transcript with times),
+// POST /v1/chat/completions (streamed), POST /v1/audio/transcriptions (verbose_json, streamed: a transcript with times),
 // GET /health, and GET /web/config for the limits and defaults.
 // No framework and nothing from another site: the page works offline beside the server.
 
@@ -420,8 +420,9 @@ function headers(json = true) {
 
 // -- a transcript -------------------------------------------------------------------------------------------
 /** The attached audio's transcript with times (the server cuts it into windows, at pauses where the model
- * asks for that, and leaves out what has no speech): one line per segment, and the subtitles to download.
- * Not a turn of the conversation: the audio stays attached, to ask about it next. */
+ * asks for that, and leaves out what has no speech), streamed: the window being decoded shows its text as it
+ * comes, then its times once it is done; at the end, the subtitles to download. Not a turn of the
+ * conversation: the audio stays attached, to ask about it next. */
 async function transcribe() {
   const audio = state.attachment;
   if (state.controller || state.recorder || !audio) return;
@@ -432,38 +433,56 @@ async function transcribe() {
   form.append("file", new Blob([bytes]), /\.[^.]+$/.test(name) ? name : `${name}.${audio.format}`);
   form.append("model", state.config.model);
   form.append("response_format", "verbose_json");
+  form.append("stream", "true");
   const view = renderTurn({ role: "assistant", text: "" });
   view.classList.add("transcript");
   const bubble = view.querySelector(".bubble");
   bubble.classList.add("pending");
+  const title = Object.assign(document.createElement("div"), { className: "title",
+                                                               textContent: `Transcribing ${name}…` });
   const controller = new AbortController();
   setBusy(controller);
   const started = performance.now();
+  const segments = []; // transcript.text.segment events: id, start, end, text
+  let live = null; // the line of the window being decoded, and its text so far
+  let done = null;
   try {
     const res = await fetch("/v1/audio/transcriptions", { method: "POST", headers: headers(false), body: form,
                                                          signal: controller.signal });
     if (!res.ok) throw await responseError(res);
-    const doc = await res.json();
-    const title = document.createElement("div");
-    title.className = "title";
-    title.textContent = `Transcript of ${audio.name} (${clock(doc.duration)})`;
-    const lines = doc.segments.filter((s) => s.text).map((s) => {
-      const line = document.createElement("div");
-      line.className = "segment";
-      const time = document.createElement("span");
-      time.className = "time";
-      time.textContent = `${stamp(s.start)}–${stamp(s.end)}`;
-      line.append(time, document.createTextNode(s.text));
-      return line;
-    });
-    if (!lines.length) lines.push(Object.assign(document.createElement("div"), { textContent: "No speech was found." }));
-    bubble.replaceChildren(title, ...lines);
+    bubble.replaceChildren(title);
+    for await (const event of events(res.body)) {
+      if (event.error) throw new UserError(`The transcript broke off: ${event.error.message}`);
+      if (event.type === "transcript.text.delta") {
+        if (!live) {
+          live = { line: segmentLine("…", ""), text: "" };
+          live.line.classList.add("live");
+          bubble.append(live.line);
+        }
+        live.text += event.delta; // a window after the first begins with the space that joins it
+        live.line.lastChild.textContent = live.text.trim();
+      } else if (event.type === "transcript.text.segment") {
+        segments.push(event);
+        const line = event.text ? segmentLine(`${stamp(event.start)}–${stamp(event.end)}`, event.text) : null;
+        if (live) live.line.replaceWith(...(line ? [line] : []));
+        else if (line) bubble.append(line);
+        live = null;
+      } else if (event.type === "transcript.text.done") {
+        done = event;
+      }
+      scrollDown();
+    }
+    if (!done) throw new UserError("The transcript broke off before its end; try again.");
+    title.textContent = `Transcript of ${name} (${clock(done.duration)})`;
+    if (!segments.some((s) => s.text)) {
+      bubble.append(Object.assign(document.createElement("div"), { textContent: "No speech was found." }));
+    }
     const links = document.createElement("div");
     links.className = "meta";
-    const base = (audio.name || "audio").replace(/\.[^.]+$/, "");
-    links.append(`${doc.segments.length} segments · ${((performance.now() - started) / 1000).toFixed(1)} s · download `);
-    for (const [kind, text] of [["srt", subtitles(doc.segments, "srt")], ["vtt", subtitles(doc.segments, "vtt")],
-                                ["txt", `${doc.text}\n`]]) {
+    const base = name.replace(/\.[^.]+$/, "");
+    links.append(`${segments.length} segments · ${((performance.now() - started) / 1000).toFixed(1)} s · download `);
+    for (const [kind, text] of [["srt", subtitles(segments, "srt")], ["vtt", subtitles(segments, "vtt")],
+                                ["txt", `${done.text}\n`]]) {
       const url = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
       state.downloads.push(url);
       links.append(Object.assign(document.createElement("a"), { href: url, download: `${base}.${kind}`,
@@ -472,12 +491,29 @@ async function transcribe() {
     view.append(links);
     scrollDown();
   } catch (err) {
-    view.remove();
-    if (err.name !== "AbortError") showError(err instanceof UserError ? err.message : unreachable(err));
+    const stopped = err.name === "AbortError";
+    if (segments.length || live) { // keep what was transcribed, marked as cut short
+      title.textContent = `Part of the transcript of ${name}`;
+      bubble.classList.add(stopped ? "stopped" : "failed");
+    } else {
+      view.remove();
+    }
+    if (!stopped) showError(err instanceof UserError ? err.message : unreachable(err));
   } finally {
     bubble.classList.remove("pending");
     setBusy(null);
   }
+}
+
+/** A line of a transcript: its times (or "…" while it is decoded) and its text. */
+function segmentLine(times, text) {
+  const line = document.createElement("div");
+  line.className = "segment";
+  const time = document.createElement("span");
+  time.className = "time";
+  time.textContent = times;
+  line.append(time, document.createTextNode(text));
+  return line;
 }
 
 /** Segments as SubRip or WebVTT cues, as the server writes them (a cue per segment with text, on one line). */
