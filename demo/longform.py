@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from qwen2audio import Qwen2Audio
-    from qwen2audio.api import ASR_PROMPT, TAG
+    from qwen2audio.api import ASR_PROMPT
+    from qwen2audio.text.tags import TAG
 
     clean, reference, ends = recording(args.data, args.clips, args.gap)
     model = Qwen2Audio.load(None if args.model == "default" else args.model)

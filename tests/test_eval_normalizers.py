@@ -219,9 +219,10 @@ def test_wer_units_equal_the_official_pipeline(text, language, units):
 
 
 def test_tag_patterns_have_one_home():
-    from qwen2audio import api
+    from qwen2audio.serve import transcription
+    from qwen2audio.text import transcripts
 
-    assert api.TAG is tags.TAG
+    assert transcripts.TAG is tags.TAG and transcription.TAG is tags.TAG  # transcripts' segments, streamed text
     assert asr.LANGUAGE_TAG is tags.LANGUAGE_TAG
 
 
