@@ -210,7 +210,7 @@ def test_beam_search_settings_that_cannot_work(model_dir, flags, message, capsys
 
 # -- transcribe ---------------------------------------------------------------------------------------
 def test_long_audio_is_transcribed_chunk_by_chunk(api, model_dir, tmp_path, capsys, monkeypatch):
-    """A file longer than --chunk-seconds: cut where it is quietest (split_at_pauses), each chunk transcribed
+    """A file longer than --chunk-seconds: cut in a pause (split_at_pauses), each chunk transcribed
     with its own prompt in one batch, the texts joined by a space, the same as the API's."""
     model = api["saved"]
     wave = np.concatenate([clip(2.5, 3), np.zeros(8000, np.float32), clip(3.0, 4), np.zeros(8000, np.float32),

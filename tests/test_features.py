@@ -33,6 +33,7 @@ from qwen2audio.audio.features import (
     pause_samples,
     speech_windows,
 )
+from qwen2audio.audio import features
 from qwen2audio.audio.vad import find_pauses
 
 transformers = pytest.importorskip("transformers")
@@ -320,6 +321,30 @@ def test_cut_at_pauses_still_cuts_a_stretch_longer_than_the_window():
     np.testing.assert_array_equal(np.concatenate(windows), audio)
 
 
+def test_a_window_ends_in_a_pause_the_vad_hears_not_where_it_is_quietest(monkeypatch):
+    """Without pause cuts a long clip is still cut in a pause between speech: a question, a doorbell, the
+    question again, in white noise 10 dB below the speech, in windows of at most 5 s. The quietest 25 ms of
+    the window's last half lie inside the second question (a quiet moment of a word); the VAD hears the
+    doorbell as part of the pause between the questions, and the cut goes in its middle."""
+    audio, _ = two_questions(gap=0.0, noise_snr_db=10.0)
+    [(pause_start, pause_end)] = find_pauses(audio, int(0.3 * SAMPLE_RATE))
+    windows = cut_windows(audio, 5 * SAMPLE_RATE)
+    assert len(windows) == 2 and all(w.speech for w in windows)
+    cut = windows[1].start
+    margin = int(0.3 * SAMPLE_RATE)
+    assert pause_start + margin < cut < pause_end - margin
+    np.testing.assert_array_equal(np.concatenate([w.audio for w in windows]), audio)
+    monkeypatch.setattr(features, "_vad_pause", lambda *args: None)  # the quietest 25 ms alone
+    [quietest] = [w.start for w in cut_windows(audio, 5 * SAMPLE_RATE)[1:]]
+    assert quietest > pause_end  # inside the second question
+    # no speech heard where a cut may go (the doorbell alone): the quietest 25 ms, as before
+    monkeypatch.undo()
+    rings = np.tile(load_audio(str(EXAMPLES / "doorbell.flac")), 4)
+    assert features._vad_pause(rings, 2 * SAMPLE_RATE, 4 * SAMPLE_RATE) is None
+    assert [w.start for w in cut_windows(rings, 4 * SAMPLE_RATE)] == [0, *features._window_cuts(
+        rings, 4 * SAMPLE_RATE, listen=False)]
+
+
 def test_noise_music_and_silence_have_no_pauses():
     rng = np.random.default_rng(1)
     assert find_pauses(0.1 * rng.standard_normal(5 * SAMPLE_RATE).astype(np.float32), SAMPLE_RATE // 10) == []
@@ -329,7 +354,7 @@ def test_noise_music_and_silence_have_no_pauses():
     assert find_pauses(rings, SAMPLE_RATE // 10) == []  # no speech: nothing to separate
     assert [(w.start, len(w.audio), w.speech) for w in cut_windows(rings, N_SAMPLES, SAMPLE_RATE // 10)] == [
         (0, len(rings), False)]
-    # without pause cuts, no one listens for speech
+    # without pause cuts, every window is transcribed
     assert [(w.start, len(w.audio), w.speech) for w in cut_windows(rings, N_SAMPLES)] == [(0, len(rings), True)]
     long_silence = np.zeros(70 * SAMPLE_RATE, dtype=np.float32)  # no speech, still in windows of at most 30 s
     assert [(len(w.audio), w.speech) for w in cut_windows(long_silence, N_SAMPLES, SAMPLE_RATE // 10)] == [

@@ -239,7 +239,7 @@ def test_transcription_subtitles_and_verbose_json(client, transcript, wav):
 
 
 def test_long_audio_is_transcribed_window_by_window(client, model):
-    """35 s: two windows, cut where the audio is quietest (split_at_pauses), each a segment; the whole text is
+    """35 s: two windows, cut in a pause (split_at_pauses), each a segment; the whole text is
     what Qwen2Audio.transcribe gives for the whole file."""
     long = wav_bytes(35.0, seed=2)
     verbose = client.audio.transcriptions.create(model=MODEL_ID, file=("long.wav", long),

@@ -404,8 +404,13 @@ PAUSE_FRAME = 400  # 25 ms: the span whose energy places a cut
 MIN_WINDOW_SHARE = 0.5  # a cut falls in the last half of the longest window allowed
 
 
-def _window_cuts(audio: np.ndarray, window_samples: int) -> list[int]:
-    """Where cut_windows cuts a clip into windows of at most ``window_samples`` (none if it fits)."""
+CUT_PAUSE_SAMPLES = SAMPLE_RATE // 10  # 0.1 s: the shortest pause between speech a window may end in
+CUT_CONTEXT_SAMPLES = SAMPLE_RATE  # 1 s: of the audio around where a cut may go, what the VAD hears too
+
+
+def _window_cuts(audio: np.ndarray, window_samples: int, listen: bool = True) -> list[int]:
+    """Where cut_windows cuts a clip into windows of at most ``window_samples`` (none if it fits);
+    ``listen=False``: by the quietest 25 ms alone, without the voice-activity detector (demo.cuts compares)."""
     n = audio.shape[0]
     if n <= window_samples:
         return []
@@ -416,11 +421,37 @@ def _window_cuts(audio: np.ndarray, window_samples: int) -> list[int]:
         lo = start + int(window_samples * MIN_WINDOW_SHARE)
         # the span must end inside the window, and leave the last window at least a quarter of one
         hi = min(start + window_samples - PAUSE_FRAME, n - window_samples // 4 - PAUSE_FRAME // 2)
+        pause = _vad_pause(audio, lo, hi + PAUSE_FRAME) if listen else None
+        if pause is not None:  # the middle half of the pause: not where speech may fade in or out
+            quarter = (pause[1] - pause[0]) // 4
+            lo, hi = pause[0] + quarter, pause[1] - quarter - PAUSE_FRAME
         region = energy[lo:hi + 1]
         quietest = lo + (len(region) - 1 - int(np.argmin(region[::-1])))  # the latest of the quietest
         start = quietest + PAUSE_FRAME // 2
         cuts.append(start)
     return cuts
+
+
+def _vad_pause(audio: np.ndarray, lo: int, hi: int) -> tuple[int, int] | None:
+    """The latest pause between speech in ``audio[lo:hi]`` that is at least half as long as the longest there
+    (and at least CUT_PAUSE_SAMPLES), as Silero VAD hears it (``qwen2audio.audio.vad``), what lies before
+    its first speech and after its last included, as (start, end) within ``lo:hi``; None where it hears no
+    speech there, or no such pause. (The longest pause is most often between sentences; of those near as
+    long, the latest keeps the windows long.)"""
+    from .vad import speech_spans
+
+    # a second on each side too: speech that begins or ends at the edge of the range is heard as speech
+    first, last = max(0, lo - CUT_CONTEXT_SAMPLES), min(audio.shape[0], hi + CUT_CONTEXT_SAMPLES)
+    spans = speech_spans(audio[first:last], CUT_PAUSE_SAMPLES)
+    if not spans:
+        return None
+    edges = [first, *(first + t for span in spans for t in span), last]
+    pauses = [(max(a, lo), min(b, hi)) for a, b in zip(edges[::2], edges[1::2])]
+    pauses = [(a, b) for a, b in pauses if b - a >= CUT_PAUSE_SAMPLES]
+    if not pauses:
+        return None
+    longest = max(b - a for a, b in pauses)
+    return [(a, b) for a, b in pauses if 2 * (b - a) >= longest][-1]
 
 
 SPEECH_MARGIN = SAMPLE_RATE // 2  # 0.5 s: of what is not speech, the most a window keeps on each side of speech
@@ -437,13 +468,17 @@ class Window(NamedTuple):
 
 
 def cut_windows(audio, window_samples: int = N_SAMPLES, min_pause_samples: int | None = None) -> list[Window]:
-    """Cut a 1-D clip into consecutive windows of at most ``window_samples`` that end where it is quietest.
+    """Cut a 1-D clip into consecutive windows of at most ``window_samples`` that end in a pause.
 
-    A clip that fits stays whole. Otherwise each cut is placed in the middle of the 25 ms span of least
-    energy among the last half of the longest window allowed from where the previous one ended (the
-    latest such span, where several are equally quiet: digital silence), so that a window ends in a
-    pause between words rather than in one, whatever the model's window; no cut leaves the last window
-    shorter than a quarter of the longest (a sliver too short to hear).
+    A clip that fits stays whole. Otherwise each cut is placed in the last half of the longest window
+    allowed from where the previous one ended, in a long pause between speech there (the latest of those
+    at least half as long as the longest, and at least 0.1 s), as a voice-activity detector hears it
+    (``qwen2audio.audio.vad``: noise or music under the pause is still a pause), so that a window ends
+    between sentences or phrases rather than inside a word, whatever the model's window: in the middle of
+    the 25 ms span of least energy in the middle half of that pause, or, where it hears no such pause
+    there, in the whole last half (the latest such span, where several are equally quiet: digital
+    silence). No cut leaves the last window shorter than a quarter of the longest (a sliver too short to
+    hear).
 
     ``min_pause_samples``: first cut at every pause between speech at least this long (found by a
     voice-activity detector: ``qwen2audio.audio.vad``), so that each window holds one stretch of speech, for

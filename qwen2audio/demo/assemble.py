@@ -33,7 +33,7 @@ from .parts import PretrainedFile, join, locate_all
 ASSEMBLY_VERSION = 2  # bump when the assembly gives another result for the same deltas (2: transcription cuts)
 # Trained on clips of 1-8 s, the demo model transcribes a long recording best one stretch of speech at a time:
 # on two minutes of its held-out speech, cut at pauses of 0.3 s it writes 23.5 % of the words wrong, in chunks of
-# 30 s 81.5 % (docs/demo-model.md, "Long recordings"). Written into its generation_config.json.
+# 30 s 84.6 % (docs/demo-model.md, "Long recordings"). Written into its generation_config.json.
 DEMO_TRANSCRIPTION = {"cut_at_pauses": 0.3}
 NAME_PREFIX = "demo"
 DEMO_DTYPE = torch.bfloat16  # see the module's docstring

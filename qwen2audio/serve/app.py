@@ -59,7 +59,7 @@ class Settings:
     web: bool = True  # the page at /
     fallback: bool = False  # transcriptions: a repetitive greedy window decoded again at rising temperatures
     num_beams: int = 1  # transcriptions at temperature 0: beam search over this many beams unless the request says
-    # transcriptions: the longest window, cut where the audio is quietest; and also cut at every pause between
+    # transcriptions: the longest window, cut in a pause between speech; and also cut at every pause between
     # speech at least this long (seconds; 0: never). None: the checkpoint's (Qwen2Audio.transcription_defaults)
     chunk_seconds: float | None = None
     cut_at_pauses: float | None = None

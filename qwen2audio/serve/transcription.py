@@ -18,8 +18,8 @@ the model's task prompt is fixed. Other fields are ignored.
   Both read ``language`` as the language spoken (ISO 639-1, default en; an extension on /translations,
   where OpenAI's API has no such field): the prompts name it.
 - The audio is cut into windows of at most 30 s (the server's ``--chunk-seconds``, else the checkpoint's
-  ``transcription_defaults``) where it is quietest
-  (``cut_windows``: a cut in a pause between words), and with ``--cut-at-pauses S`` (or
+  ``transcription_defaults``) in a pause between speech (``cut_windows``: a long pause the VAD hears in
+  each window's last half, else where it is quietest), and with ``--cut-at-pauses S`` (or
   the checkpoint's setting, or a request's ``server_vad`` chunking) also in every pause between speech of
   at least S seconds (found by Silero VAD), so that each window holds
   one stretch of speech, and what it hears no speech in (beyond 0.5 s on each side of speech) is not
