@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen2audio.atomic import atomic_write_text
-from qwen2audio.audio import SAMPLE_RATE, load_audio
+from qwen2audio.audio import SAMPLE_RATE
 from qwen2audio.audio.features import _window_cuts, chunk_samples
 
 from .longform import parse_pause, recording, with_noise
@@ -30,17 +30,15 @@ from .longform import parse_pause, recording, with_noise
 LOUD_SHARE = 0.01  # of a clip's peak: where its speech begins and ends
 
 
-def sentences(data: Path, clips: int, gap: float) -> list[tuple[int, int]]:
-    """(first, last) loud sample of each clip in the joined recording: the spans a cut should not fall in."""
-    manifest = data / "eval" / "asr.jsonl"
-    items = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()][:clips]
-    spans, start = [], 0
+def sentences(clean: np.ndarray, ends: list[int], gap: float) -> list[tuple[int, int]]:
+    """(first, last) loud sample of each clip in the clean joined recording (``demo.longform.recording``,
+    whose ``ends`` are where each clip with its ``gap`` of silence ends): the spans a cut should not fall in."""
     silence = int(round(gap * SAMPLE_RATE))
-    for item in items:
-        clip = load_audio(str(manifest.parent / item["audio"]))
-        loud = np.flatnonzero(np.abs(clip) > LOUD_SHARE * np.abs(clip).max())
+    spans = []
+    for start, end in zip([0, *ends[:-1]], ends):
+        clip = np.abs(clean[start:end - silence])
+        loud = np.flatnonzero(clip > LOUD_SHARE * clip.max())
         spans.append((start + int(loud[0]), start + int(loud[-1])))
-        start += len(clip) + silence
     return spans
 
 
@@ -62,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'gap':>5} | {'noise':>10} | cuts in a pause | of them inside a sentence | cuts at the quietest | "
           f"of them inside a sentence")
     for gap in args.gap:
-        clean, _, _ = recording(args.data, args.clips, gap)
-        spans = sentences(args.data, args.clips, gap)
+        clean, _, ends = recording(args.data, args.clips, gap)
+        spans = sentences(clean, ends, gap)
 
         def inside(cut: int) -> bool:
             return any(first < cut < last for first, last in spans)

@@ -205,7 +205,8 @@ def add_cut_args(parser: argparse.ArgumentParser, task: str, windows: str, note:
     """--chunk-seconds and --cut-at-pauses, for ``transcribe`` and ``serve`` (``task`` begins their help)."""
     parser.add_argument("--chunk-seconds", type=float, default=None, metavar="S",
                         help=f"{task}audio longer than S seconds (1-30; default: the checkpoint's, else 30, the "
-                             f"encoder's window) is cut in a pause between speech (else where it is quietest) into {windows}")
+                             f"encoder's window) is cut in a pause between speech (else where it is quietest) "
+                             f"into {windows}")
     parser.add_argument("--cut-at-pauses", type=float, default=None, metavar="S",
                         help=f"{task}also cut at every pause between speech of at least S seconds (0.05-5; 0.3 "
                              "suits speech; 0: no such cuts), one stretch of speech per chunk, for models trained "
