@@ -11,7 +11,7 @@
 Chat replies (chat, stream, chat_batch, conversations) decode with the checkpoint's own defaults from
 its generation_config.json, as transformers does (the official Instruct model samples); keyword
 arguments override them, and temperature=0 is greedy (so is beam search, num_beams=N, unless a
-temperature is given). ``complete`` and ``transcribe`` (``transcript``: the same with segments and
+temperature above 0 is given: then it is beam sampling). ``complete`` and ``transcribe`` (``transcript``: the same with segments and
 their times) are greedy unless told otherwise, as the official evaluation decodes.
 """
 
@@ -159,8 +159,8 @@ class Qwen2Audio:
     # -- generation ------------------------------------------------------------------------------
     def chat_sampling(self, **sampling) -> SamplingParams:
         """The settings of a chat reply: the checkpoint's defaults, overridden by ``sampling``
-        (``generation.params.chat_settings``: num_beams alone is greedy beam search; a temperature or stop
-        strings alone decode one beam)."""
+        (``generation.params.chat_settings``: num_beams alone is greedy beam search, with a temperature beam
+        sampling; a temperature or stop strings alone decode one beam)."""
         return SamplingParams(**chat_settings(self.generation_defaults, sampling))
 
     def chat(self, messages: Messages, **sampling) -> Generation:

@@ -55,8 +55,9 @@ OUTPUT_SUFFIXES = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt"
 CHAT_SAMPLING_NOTE = ("Defaults come from the checkpoint's generation_config.json, applied as transformers "
                       "applies it (Qwen2-Audio-7B-Instruct's asks for sampling); what it leaves out takes the "
                       "default shown. --temperature 0 is greedy (the file's repetition penalty still applies "
-                      "unless --repetition-penalty 1); --num-beams N alone is greedy beam search, and "
-                      "--temperature or --stop alone decode one beam, whatever beams the file asks for.")
+                      "unless --repetition-penalty 1); --num-beams N alone is greedy beam search, with "
+                      "--temperature above 0 beam sampling, and --temperature or --stop alone decode one beam, "
+                      "whatever beams the file asks for.")
 TRANSCRIBE_SAMPLING_NOTE = ("Greedy by default, as the official evaluation decodes; the sampling settings of "
                             "the checkpoint's generation_config.json are not applied (its \"transcription\" "
                             "cuts are).")

@@ -1,4 +1,5 @@
-"""Beam search against transformers' generate(num_beams=N, do_sample=False) on the same random weights."""
+"""Beam search and beam sampling against transformers' generate(num_beams=N, do_sample=False / True) on the
+same random weights."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def frequent_tokens(engine, prepared, n: int) -> list[int]:
 def reference_beams(ref, prepared, audio, n_mels, stop_ids, **kwargs) -> list[int]:
     ids = torch.tensor([prepared.token_ids])
     feats, fmask = hf_features([audio], n_mels)
+    kwargs.setdefault("do_sample", False)
     out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,
-                       feature_attention_mask=fmask, do_sample=False, eos_token_id=sorted(stop_ids),
+                       feature_attention_mask=fmask, eos_token_id=sorted(stop_ids),
                        pad_token_id=TOKENIZER.pad_id, **kwargs)
     row = out[0, ids.shape[1]:].tolist()
     ended = [i for i, t in enumerate(row) if t in stop_ids]
@@ -85,6 +87,70 @@ def test_beam_search_equals_transformers(models):
             assert got.text == TOKENIZER.decode([t for t in got.token_ids if t not in stops])
     assert ends == {"stop", "length"}, "the cases should end both ways"
     assert unlike_greedy >= len(CASES), f"only {unlike_greedy} replies differ from greedy decoding's"
+
+
+def fixed_draws(probs, num_samples, replacement=False, *, generator=None):
+    """torch.multinomial without replacement made repeatable across implementations: the Gumbel-top-k draw
+    (log p + Gumbel noise, best first) with the noise fixed by each candidate's index in its row, so that
+    two searches that offer the same candidates at the same indices draw the same ones, in the same order,
+    and the order is not that of the scores."""
+    assert not replacement
+    index = torch.arange(probs.shape[-1], dtype=torch.float64)
+    uniform = ((index * 7919.0 + 0.5) % 104729.0 + 0.5) / 104730.0
+    keys = torch.where(probs > 0, probs.double().log() - (-uniform.log()).log(), float("-inf"))
+    return keys.topk(num_samples, dim=-1).indices
+
+
+SAMPLED = [
+    dict(num_beams=3, max_new_tokens=20, temperature=0.7, top_k=0, top_p=1.0),
+    dict(num_beams=2, max_new_tokens=20, temperature=1.3, top_k=20, top_p=0.9, length_penalty=0.5),
+    dict(num_beams=4, max_new_tokens=16, temperature=0.5, top_k=40, top_p=1.0, repetition_penalty=1.2),
+    dict(num_beams=3, max_new_tokens=16, temperature=1.0, top_k=0, top_p=0.95, min_new_tokens=4),
+    dict(num_beams=2, max_new_tokens=16, temperature=0.5, top_k=3, top_p=0.3),  # filters keep the fewest allowed
+]
+
+
+@torch.no_grad()
+def test_beam_sampling_equals_transformers(models, monkeypatch):
+    """num_beams with a temperature: transformers' generate(do_sample=True, num_beams=N). The draws are made
+    the same on both sides (``fixed_draws`` in place of torch.multinomial), so the replies must be equal:
+    the same warpers, at least as many tokens kept a beam, the same candidates drawn in the same order,
+    the first num_beams of them finishing and the best-scored of the rest going on."""
+    name, ref, model = models
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    monkeypatch.setattr(torch, "multinomial", fixed_draws)
+    engine = Engine(model, TOKENIZER, transform_weights=False)
+    ends, unlike_search = set(), 0
+    for q, (seconds, seed) in enumerate(((3.1, 11), (1.2, 4))):
+        audio = clip(seconds, seed)
+        prepared = engine.prepare(conversation(("What do you hear?", "Say it.")[q]), [audio])
+        stops = set(frequent_tokens(engine, copy.deepcopy(prepared), 2)) | set(TOKENIZER.stop_ids)
+        beam_engine = Engine(model, FrequentStops(TOKENIZER, stops), transform_weights=False)
+        for case in SAMPLED:
+            got = beam_engine.generate([copy.deepcopy(prepared)], SamplingParams(**case))[0]
+            expected = reference_beams(ref, prepared, audio, n_mels, stops, do_sample=True, **case)
+            assert got.token_ids == expected, f"prompt {q}, {case}"
+            ends.add(got.finish_reason)
+            search = beam_engine.generate([copy.deepcopy(prepared)], SamplingParams(**{**case, "temperature": 0}))
+            unlike_search += got.token_ids != search[0].token_ids
+    assert ends == {"stop", "length"}, "the cases should end both ways"
+    assert unlike_search >= len(SAMPLED), f"only {unlike_search} replies differ from beam search's"
+
+
+@torch.no_grad()
+def test_beam_sampling_draws_from_its_seed(models):
+    """A seed gives the same reply again, beside other requests or alone; other seeds give other replies."""
+    name, ref, model = models
+    engine = Engine(model, TOKENIZER, transform_weights=False)
+    prepared = engine.prepare(conversation("What do you hear?"), [clip(2.0, 1)])
+    params = SamplingParams(num_beams=3, temperature=1.5, max_new_tokens=12, ignore_eos=True)
+    replies = [engine.generate([copy.deepcopy(prepared)], dataclasses.replace(params, seed=s))[0].token_ids
+               for s in (1, 1, 2, 3, 4)]
+    assert replies[0] == replies[1]
+    assert len({tuple(r) for r in replies}) >= 3, replies
+    together = engine.generate([copy.deepcopy(prepared)] * 2, [dataclasses.replace(params, seed=1),
+                                                               SamplingParams(max_new_tokens=12)])
+    assert together[0].token_ids == replies[0]
 
 
 @torch.no_grad()
@@ -170,8 +236,6 @@ def test_one_beam_params_and_errors(models):
         engine.scheduler.submit(copy.deepcopy(prepared), SamplingParams(num_beams=17))
     with pytest.raises(ValueError, match="does not continue a session"):
         engine.scheduler.submit(copy.deepcopy(prepared), SamplingParams(num_beams=2), session="talk")
-    with pytest.raises(ValueError, match="does not\\s+sample"):
-        SamplingParams(num_beams=2, temperature=0.7)
     with pytest.raises(ValueError, match="stop strings"):
         SamplingParams(num_beams=2, stop=("x",))
     with pytest.raises(ValueError, match="at least 1"):

@@ -195,11 +195,14 @@ def test_beam_search_from_the_command_line(model_dir, api, audio, capsys, monkey
                                              "--num-beams", "2"])
     assert rc == 0, err
     assert out == model.transcribe(audio["wav"], max_new_tokens=int(NEW), num_beams=2) + "\n"  # one file: no name
+    # with a temperature: beam sampling, the API's for the same seed
+    rc, out, err = cli(capsys, monkeypatch, [*base, "--temperature", "1.2", "--seed", "7"])
+    assert rc == 0, err
+    assert out == model.chat(turn, max_new_tokens=int(NEW), num_beams=3, temperature=1.2, seed=7).text + "\n"
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--num-beams", "0"], "num_beams must be at least 1"),
-    (["--num-beams", "2", "--temperature", "0.7"], "does not sample"),
     (["--num-beams", "2", "--stop", "x"], "stop strings are not supported with beam search"),
 ])
 def test_beam_search_settings_that_cannot_work(model_dir, flags, message, capsys, monkeypatch):

@@ -52,18 +52,25 @@ def test_settings_from_a_generation_config(config, expected):
     SamplingParams(**expected)
 
 
-def test_beam_sampling_is_not_implemented_and_says_so():
-    with pytest.warns(UserWarning, match="beam sampling"):
-        assert from_generation_config({"do_sample": True, "num_beams": 4, "temperature": 0.5}) == {
-            "temperature": 0.5, "top_k": 50, "top_p": 1.0}
+def test_beam_sampling_is_read_as_transformers_applies_it():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kwargs = from_generation_config({"do_sample": True, "num_beams": 4, "temperature": 0.5, "length_penalty": 2})
+    assert kwargs == {"temperature": 0.5, "top_k": 50, "top_p": 1.0, "num_beams": 4, "length_penalty": 2.0}
+    params = SamplingParams(**kwargs)
+    assert params.beams and not params.greedy
+    assert from_generation_config(to_generation_config(params)) == {**kwargs, "max_new_tokens": 256}  # read back
 
 
 @pytest.mark.parametrize("defaults, given, expected", [
-    ({"num_beams": 4}, {}, {"num_beams": 4, "temperature": 0.0}),  # the checkpoint's beam search
+    ({"num_beams": 4, "temperature": 0.0}, {}, {"num_beams": 4, "temperature": 0.0}),  # the checkpoint's beams
+    ({"num_beams": 4, "temperature": 0.7}, {"seed": 2}, {"num_beams": 4, "temperature": 0.7, "seed": 2}),  # its
+    # beam sampling
     ({"num_beams": 4}, {"temperature": 0.7}, {"num_beams": 1, "temperature": 0.7}),  # asked to sample: one beam
     ({"num_beams": 4, "temperature": 0.0}, {"stop": ("x",)}, {"num_beams": 1, "temperature": 0.0, "stop": ("x",)}),
     ({"temperature": 0.7, "top_k": 20}, {"num_beams": 3}, {"num_beams": 3, "temperature": 0.0, "top_k": 20}),
-    ({"temperature": 0.7}, {"num_beams": 3, "temperature": 0.5}, {"num_beams": 3, "temperature": 0.5}),  # refused
+    ({"temperature": 0.7}, {"num_beams": 3, "temperature": 0.5}, {"num_beams": 3, "temperature": 0.5}),  # beam
+    # sampling
     ({"temperature": 0.7}, {"seed": 1}, {"temperature": 0.7, "seed": 1}),
 ])
 def test_chat_settings_let_the_caller_choose_between_beams_and_sampling(defaults, given, expected):
@@ -161,13 +168,15 @@ def test_arguments_override_the_defaults_and_temperature_zero_is_greedy(instruct
 
 def test_a_beam_search_is_greedy_unless_told_to_sample(instruct):
     """The checkpoint samples, but num_beams alone means beam search (greedy); a temperature given with it
-    is refused."""
+    is beam sampling, with the checkpoint's top-k, top-p and repetition penalty."""
     request = instruct.prepare_chat(ask())
     expected = instruct.engine.generate([request], SamplingParams(temperature=0.0, repetition_penalty=1.1,
                                                                   num_beams=3, max_new_tokens=NEW))[0]
     assert instruct.chat(ask(), num_beams=3, max_new_tokens=NEW).token_ids == expected.token_ids
-    with pytest.raises(ValueError, match="does not sample"):
-        instruct.chat(ask(), num_beams=3, temperature=0.7, max_new_tokens=NEW)
+    sampled = instruct.engine.generate([request], SamplingParams(**{**INSTRUCT, "temperature": 1.5}, seed=5,
+                                                                 num_beams=3, max_new_tokens=NEW))[0]
+    assert instruct.chat(ask(), num_beams=3, temperature=1.5, seed=5,
+                         max_new_tokens=NEW).token_ids == sampled.token_ids
 
 
 def test_a_checkpoint_that_asks_for_beams_gets_them_in_chat_replies(instruct_dir, tmp_path):
@@ -183,6 +192,12 @@ def test_a_checkpoint_that_asks_for_beams_gets_them_in_chat_replies(instruct_dir
     assert model.chat(ask(), max_new_tokens=NEW).token_ids == beams.token_ids
     assert model.chat(ask(), num_beams=1, max_new_tokens=NEW).token_ids == greedy.token_ids
     assert model.chat(ask(), temperature=0.7, seed=3, max_new_tokens=NEW).token_ids == sampled.token_ids
+    # one that asks for beam sampling gets it
+    (tmp_path / GENERATION_FILE).write_text(json.dumps({"do_sample": True, "num_beams": 3, "temperature": 1.5}))
+    model = Qwen2Audio.load(tmp_path)
+    drawn = model.engine.generate([request], SamplingParams(num_beams=3, temperature=1.5, top_k=50, seed=4,
+                                                            max_new_tokens=NEW))[0]
+    assert model.chat(ask(), seed=4, max_new_tokens=NEW).token_ids == drawn.token_ids
 
 
 def test_transcribe_and_complete_stay_greedy(instruct):

@@ -97,6 +97,22 @@ def test_top_p_equals_transformers(p):
     assert bool((kept_mass >= p - 1e-6).all())
 
 
+@pytest.mark.parametrize("k, p, keep", [(1, 1.0, 3), (2, 1.0, 2), (5, 1.0, 3), (0, 0.01, 3), (0, 0.3, 2), (4, 0.2, 3)])
+def test_tokens_kept_at_least_like_transformers_min_tokens_to_keep(k, p, keep):
+    """Beam sampling keeps at least (stop tokens + 1) tokens a beam, as transformers' warpers do with
+    min_tokens_to_keep: a filter that would keep fewer keeps that many."""
+    logits = random_logits(11, scale=3.0)
+    expected = logits.clone()
+    if k:
+        expected = TopKLogitsWarper(top_k=k, min_tokens_to_keep=keep)(None, expected)
+    expected = TopPLogitsWarper(top_p=p, min_tokens_to_keep=keep)(None, expected)
+    got = top_p_filter(top_k_filter(logits, k, keep), p, keep)
+    assert_same_filter(got, expected)
+    assert bool((torch.isfinite(got).sum(-1) >= keep).all())
+    if k and k < keep or p == 0.01:
+        assert bool((torch.isfinite(got).sum(-1) == keep).all())  # the filter alone would keep fewer
+
+
 def test_top_p_off():
     logits = random_logits(7)
     assert torch.equal(top_p_filter(logits, 1.0), logits)

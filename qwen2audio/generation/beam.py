@@ -14,6 +14,14 @@ False, length_penalty 1.0): the same candidates, the same stopping rule, so the 
 (tests/test_beam_search.py compares the two). Processors act on the log-probabilities, as there:
 stop tokens held back until min_new_tokens, then the repetition penalty.
 
+With a temperature above 0 it is transformers' beam sampling (``do_sample=True, num_beams=N``): the
+temperature, top-k and top-p act on those log-probabilities too (each beam keeps at least one token more
+than there are stop tokens), and the ``beams_to_keep`` candidates are drawn without replacement from
+the softmax of all beams' summed scores instead of taken best first; the first ``num_beams`` drawn
+may finish, and the best-scored of the rest go on, as above. Where fewer candidates than that have any
+probability left (the filters keep few tokens and only one beam runs yet), only those are drawn; the
+same draw in transformers stops with an error.
+
 ``BeamSearch`` is one request's bookkeeping; the scheduler runs it (generation/scheduler.py): the prompt
 is prefilled into the request's first slot, and from then on its beams are rows of the same decoding
 steps as every other request's, in slots of their own. On a CPU a row's logits are bit for bit those it
@@ -32,7 +40,7 @@ from typing import TYPE_CHECKING, Collection
 import torch
 
 from .reply import TokenLogprob
-from .sampling import SamplingParams, apply_repetition_penalty, hold_back_stop_tokens
+from .sampling import SamplingParams, apply_repetition_penalty, hold_back_stop_tokens, warp
 
 if TYPE_CHECKING:
     from .engine import Prepared
@@ -70,9 +78,10 @@ class BeamSearch:
         """Positions each running beam holds in the cache (the prompt and all but its last token)."""
         return self.prompt_len + self.generated - 1
 
-    def advance(self, logits: torch.Tensor) -> None:
+    def advance(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """One step from the running beams' logits (beams, vocab): the candidates that end join the finished
-        replies, the best that go on become the beams (``origins``, ``tokens``), or the search is done."""
+        replies, the best that go on become the beams (``origins``, ``tokens``), or the search is done.
+        ``generator``: the random numbers of beam sampling (None: torch's global ones)."""
         params, n = self.params, self.n
         vocab = logits.shape[-1]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -83,10 +92,17 @@ class BeamSearch:
                 self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=logits.device)
                 self.seen[0, self.request.token_ids] = True
             log_probs = apply_repetition_penalty(log_probs, self.seen, params.repetition_penalty)
+        if not params.greedy:  # beam sampling: the warpers act on the processed log-probabilities
+            log_probs = warp(log_probs, params, keep=self.keep // n)
         if self.scores is not None:
             log_probs = log_probs + self.scores[:, None]
         total = log_probs.reshape(-1)
-        top_scores, top_index = torch.topk(total, k=min(self.keep, total.numel()))
+        if params.greedy:
+            top_scores, top_index = torch.topk(total, k=min(self.keep, total.numel()))
+        else:  # drawn without replacement in proportion to their probabilities, in the order drawn
+            probs = torch.softmax(total, dim=-1)
+            top_index = torch.multinomial(probs, min(self.keep, int((probs > 0).sum())), generator=generator)
+            top_scores = total[top_index]
         origin, token, top = (top_index // vocab).tolist(), (top_index % vocab).tolist(), top_scores.tolist()
         chosen = self._logprobs(raw, origin, token)
         ends = [t in self.stop_ids or self.generated + 1 >= self.max_new for t in token]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,8 +35,9 @@ class SamplingParams:
     min_new_tokens: int = field(default=0, metadata={
         "help": "stop tokens cannot end the reply before this many tokens (0 = off)", "metavar": "N"})
     num_beams: int = field(default=1, metadata={
-        "help": "beam search over this many beams (1 = off): the most likely reply as a whole, not token by token; "
-                "greedy (temperature 0); the reply streams as far as every beam agrees", "metavar": "N"})
+        "help": "beam search over this many beams (1 = off): the most likely reply as a whole, not token by token "
+                "(with a temperature above 0: beam sampling, as transformers' do_sample with num_beams); the reply "
+                "streams as far as every beam agrees", "metavar": "N"})
     length_penalty: float = field(default=1.0, metadata={
         "help": "beam search: a finished reply's log-probability is divided by its length to this power "
                 "(> 0 favours longer replies, < 0 shorter)", "metavar": "L"})
@@ -61,9 +61,6 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be at least 1 (1 = no beam search), got {self.num_beams}")
-        if self.num_beams > 1 and not self.greedy:
-            raise ValueError(f"beam search (num_beams {self.num_beams}) keeps the most likely replies: it does not "
-                             f"sample; give temperature 0 (got {self.temperature}) or num_beams 1")
         if self.num_beams > 1 and self.stop:
             raise ValueError("stop strings are not supported with beam search; end the reply with stop tokens "
                              "or use num_beams 1")
@@ -91,7 +88,7 @@ class SamplingParams:
 # transformers' GenerationConfig defaults, which apply to a key a generation_config.json leaves out.
 HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float}  # used only when do_sample is true
-BEAM_KEYS = {"num_beams": int, "length_penalty": float}  # used only when do_sample is false
+BEAM_KEYS = {"num_beams": int, "length_penalty": float}  # beam search, or beam sampling with do_sample
 ALWAYS_KEYS = {"repetition_penalty": float, "max_new_tokens": int}  # used whatever do_sample says
 
 
@@ -102,8 +99,8 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
     do_sample false (or absent): greedy, by beam search when num_beams > 1 (with length_penalty), and the
     file's temperature / top_k / top_p are not used; do_sample true: those three, each with transformers'
     default where the file leaves it out (so a file that says only do_sample true samples with top_k 50,
-    as transformers does), and one beam: transformers' beam sampling (do_sample with num_beams > 1) is not
-    implemented here, which a warning says. repetition_penalty and max_new_tokens apply either way. Other
+    as transformers does), by beam sampling when num_beams > 1. repetition_penalty and max_new_tokens
+    apply either way. Other
     keys are not ours to apply: stop tokens come from the tokenizer, max_length (prompt + reply, and an
     audio prompt alone can exceed it) gives way to max_new_tokens, and keys of methods not implemented
     here (n-gram blocking, beam search's early_stopping other than false) are ignored.
@@ -113,10 +110,7 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(sampling, bool):
         raise ValueError(f"do_sample must be true or false, got {sampling!r}")
     kwargs: dict[str, Any] = {"temperature": 0.0}
-    wanted = dict(ALWAYS_KEYS, **(SAMPLING_KEYS if sampling else BEAM_KEYS))
-    if sampling and settings.get("num_beams", 1) != 1:
-        warnings.warn(f"generation_config.json asks for sampling with num_beams {settings['num_beams']} (beam "
-                      "sampling), which is not implemented here: replies are sampled with one beam", stacklevel=3)
+    wanted = dict(ALWAYS_KEYS, **BEAM_KEYS, **(SAMPLING_KEYS if sampling else {}))
     for key, kind in wanted.items():
         value = settings.get(key, HF_DEFAULTS.get(key))
         if value is None:
@@ -133,14 +127,16 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def chat_settings(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     """SamplingParams keyword arguments of a chat reply: the checkpoint's ``defaults``
-    (``from_generation_config``) under the caller's ``given`` ones. Beam search and sampling exclude each
-    other, and what the caller says wins over the checkpoint: num_beams > 1 given without a temperature
-    is greedy (the checkpoint's sampling is for one sampled reply); a temperature above 0 or stop strings
-    given without num_beams decode with one beam (whatever beams the checkpoint asks for)."""
+    (``from_generation_config``) under the caller's ``given`` ones, and what the caller says about beams
+    and sampling wins over the checkpoint: num_beams > 1 given without a temperature is a beam search
+    (greedy: the checkpoint's sampling is for one sampled reply), with a temperature above 0 beam sampling;
+    a temperature above 0 or stop strings given without num_beams decode with one beam (whatever beams the
+    checkpoint asks for). A checkpoint's own beam sampling (do_sample with num_beams) stays as it is
+    when the caller says nothing of either."""
     settings = {**defaults, **given}
     if "num_beams" not in given and ((given.get("temperature") or 0) > 0 or given.get("stop")):
         settings["num_beams"] = 1
-    if settings.get("num_beams", 1) > 1 and "temperature" not in given:
+    if given.get("num_beams", 1) > 1 and "temperature" not in given:
         settings["temperature"] = 0.0
     return settings
 

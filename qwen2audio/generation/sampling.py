@@ -30,23 +30,34 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0 or k >= logits.shape[-1]:
+def top_k_filter(logits: torch.Tensor, k: int, keep: int = 1) -> torch.Tensor:
+    """Keep the k most likely tokens (at least ``keep``: transformers' min_tokens_to_keep, which beam
+    sampling raises so that a beam always has a token that does not end it)."""
+    if k <= 0:
+        return logits
+    k = max(k, keep)
+    if k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches p (always at least one)."""
+def top_p_filter(logits: torch.Tensor, p: float, keep: int = 1) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches p (always at least ``keep``)."""
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
     cum = sorted_logits.softmax(-1).cumsum(-1)
     drop_sorted = cum <= (1 - p)
-    drop_sorted[..., -1] = False
+    drop_sorted[..., -keep:] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def warp(logits: torch.Tensor, params: SamplingParams, keep: int = 1) -> torch.Tensor:
+    """transformers' sampling warpers in its order: temperature, then top-k, then top-p (each keeping at
+    least ``keep`` tokens)."""
+    return top_p_filter(top_k_filter(logits / params.temperature, params.top_k, keep), params.top_p, keep)
 
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
@@ -57,6 +68,5 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
-    probs = logits.softmax(-1)
+    probs = warp(logits, params).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

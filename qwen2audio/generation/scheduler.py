@@ -688,7 +688,7 @@ class Scheduler:
         beam and every finished reply now starts with (``BeamSearch.settled``: no later step can change
         them), and at the end the rest of the reply."""
         try:
-            r.search.advance(logits)
+            r.search.advance(logits, r.generator)
         except Exception as err:
             self._fail([r], err)
             return

@@ -3,9 +3,9 @@
 Sampling: the checkpoint's generation_config.json decides what the request leaves out (as
 ``Qwen2Audio.chat`` does), the request overrides it. ``num_beams`` > 1 (an extension, with
 ``length_penalty``) decodes by beam search (greedy: temperature 0 unless the request gives another, which
-is refused); streamed, its text comes as every beam agrees on it. ``n`` > 1 with greedy decoding gives
-n copies of one completion (greedy decoding has one answer), generated once; with beam search, the n
-best finished replies of one search (n at most num_beams), best first; sampled, n independent
+makes it beam sampling); streamed, its text comes as every beam agrees on it. ``n`` > 1 with greedy
+decoding gives n copies of one completion (greedy decoding has one answer), generated once; with beam
+search or beam sampling, the n best finished replies of one search (n at most num_beams), best first; sampled, n independent
 completions (seeds seed, seed+1, ... when a seed is given). Streamed, the choices come one after another, each
 whole before the next (every chunk names its choice's index, as OpenAI's do).
 """
@@ -106,7 +106,7 @@ def sampling(req: fmt.ChatCompletionRequest, checkpoint: dict[str, Any], cap: in
     if base.beams and n > base.num_beams:
         raise bad_request(f"n is {n}, but beam search over {base.num_beams} beams finds at most {base.num_beams} "
                           "replies; ask for fewer choices or more beams", "n")
-    if n == 1 or base.greedy:
+    if n == 1 or base.greedy or base.beams:
         return [base], n
     seeds = [None] * n if base.seed is None else [(base.seed + i) % (fmt.MAX_SEED + 1) for i in range(n)]
     return [dataclasses.replace(base, seed=s) for s in seeds], 1

@@ -7,8 +7,8 @@ srt, vtt, verbose_json), ``temperature`` (default 0: greedy, as the official eva
 times as each window is done, then ``transcript.text.done``; json, text and verbose_json),
 ``include[]`` (``logprobs``, with json: each generated
 token's text, log-probability and bytes, every window's in order) and ``num_beams`` (an extension: beam
-search over that many beams, with temperature 0; at temperature 0 the server's ``--num-beams`` is the
-default, 1 unless set) and ``chunking_strategy`` (as OpenAI's: ``auto``, the server's own cuts, or a JSON
+search over that many beams, beam sampling with a temperature above 0; at temperature 0 the server's
+``--num-beams`` is the default, 1 unless set) and ``chunking_strategy`` (as OpenAI's: ``auto``, the server's own cuts, or a JSON
 object ``{"type": "server_vad", "silence_duration_ms": 200}``: a cut in every pause at least that long;
 its ``prefix_padding_ms`` and ``threshold`` are accepted and not used). ``prompt`` is accepted and not used:
 the model's task prompt is fixed. Other fields are ignored.
@@ -96,9 +96,6 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     stream = _stream(form, response_format)
     temperature = _temperature(form)
     beams = _num_beams(form, num_beams if temperature == 0 else 1)  # the server's default: for temperature 0
-    if beams > 1 and temperature > 0:
-        raise bad_request(f"beam search (num_beams {beams}) does not sample: give temperature 0 or num_beams 1",
-                          "temperature")
     params = SamplingParams(temperature=temperature, max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
                             logprobs=0 if with_logprobs or response_format == "verbose_json" else None,
                             num_beams=beams)
