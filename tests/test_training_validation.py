@@ -75,6 +75,25 @@ def test_the_plots_show_validation_beside_training(validated_run):
     assert "val_wer" in (out / "val.svg").read_text()
 
 
+def test_scores_on_other_scales_get_a_chart_each(tmp_path):
+    """A WER in percent and an accuracy in 0-1 are drawn in charts of their own, each axis spanning its
+    own values, so neither is flattened into a line along the bottom; the losses share one chart."""
+    import re
+
+    from qwen2audio.training.metrics import plot_metrics
+
+    records = [{"step": s, "loss": 2.0 / s, **({"val_loss": 1.5 / s, "val_wer": 50.0 - s, "val_contains": s / 100}
+                                             if s % 5 == 0 else {})} for s in range(1, 21)]
+    plot_metrics(records + [{"step": 20, "final": True, "final_reward_accuracy": 0.9}], tmp_path)
+    val = (tmp_path / "val.svg").read_text()
+    assert val.count("<g transform") == 2 and val.count("<polyline") == 2
+    axis_tops = re.findall(r'text-anchor="end">([0-9.]+)</text>', val)
+    assert axis_tops == ["0.2", "0.05", "45", "30"]  # each chart's own range (contains, then wer)
+    loss = (tmp_path / "loss.svg").read_text()
+    assert loss.count("<g transform") == 1 and loss.count("<polyline") == 2
+    assert "final_reward_accuracy" not in val
+
+
 def test_several_val_generate_files_are_each_scored_under_their_own_name(validated_run, tmp_path):
     ws, gen, _, _ = validated_run
     rows = [json.loads(line) for line in gen.read_text().splitlines()]
