@@ -39,7 +39,7 @@ from .generation.params import (
     QUANTIZE_CHOICES,
     SamplingParams,
     chat_settings,
-    load_generation_config,
+    generation_settings,
     transcription_cuts,
     transcription_defaults,
 )
@@ -101,13 +101,15 @@ def device_problem(device: str | torch.device) -> str | None:
 
 
 class Qwen2Audio:
-    def __init__(self, engine: Engine, directory: Path, generation_defaults: Mapping[str, Any] | None = None):
+    def __init__(self, engine: Engine, directory: Path, generation_defaults: Mapping[str, Any] | None = None,
+                 transcription: Mapping[str, Any] | None = None):
         self.engine = engine
         self.directory = directory
         # SamplingParams keyword arguments from the checkpoint's generation_config.json, for chat replies
         self.generation_defaults: dict[str, Any] = dict(generation_defaults or {})
         # how transcribe cuts long audio unless told: that file's "transcription" object, or 30 s windows
-        self.transcription_defaults: dict[str, Any] = transcription_defaults(directory / GENERATION_FILE)
+        self.transcription_defaults: dict[str, Any] = dict(
+            transcription if transcription is not None else transcription_defaults(directory / GENERATION_FILE))
 
     @classmethod
     def load(cls, directory: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
@@ -131,11 +133,12 @@ class Qwen2Audio:
             warnings.warn(default_notice(), stacklevel=2)
             directory = default_model_dir()
         directory = Path(directory)
+        # the small file first: a mistake in it is told before the weights take seconds to load
+        defaults, transcription = generation_settings(directory / GENERATION_FILE)
         model = load_model(directory, dtype=dtype, device=device)
-        defaults = load_generation_config(directory / GENERATION_FILE)
         engine = Engine(model, Tokenizer.from_dir(directory), quantize=quantize, compile=compile)
         engine.warm_up()
-        return cls(engine, directory, defaults)
+        return cls(engine, directory, defaults, transcription)
 
     @property
     def tokenizer(self) -> Tokenizer:

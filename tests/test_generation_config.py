@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +17,10 @@ from qwen2audio.cli import build_parser
 from qwen2audio.generation.params import (
     SamplingParams,
     from_generation_config,
+    generation_settings,
     load_generation_config,
     to_generation_config,
+    transcription_defaults,
 )
 from reference import TOKENIZER, clip
 from test_cli import cli
@@ -102,6 +105,27 @@ def test_a_bad_file_is_a_checkpoint_error_naming_it(tmp_path, text, message):
     with pytest.raises(CheckpointError, match=message) as info:
         load_generation_config(path)
     assert str(path) in str(info.value) and "delete it" in str(info.value)
+
+
+def test_load_tells_a_bad_file_before_it_reads_the_weights(tmp_path, monkeypatch):
+    import qwen2audio.api as api
+
+    (tmp_path / GENERATION_FILE).write_text('{"transcription": {"cut_at_pauses": -1}}')
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the weights were read first"))
+    with pytest.raises(CheckpointError, match="cut_at_pauses") as info:
+        Qwen2Audio.load(tmp_path)
+    assert str(tmp_path / GENERATION_FILE) in str(info.value)
+
+
+def test_one_read_gives_both_settings(tmp_path, monkeypatch):
+    path = tmp_path / GENERATION_FILE
+    path.write_text(json.dumps({**INSTRUCT_FILE, "transcription": {"cut_at_pauses": 0.3}}))
+    expected = (load_generation_config(path), transcription_defaults(path))
+    reads = []
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or read_text(self, *a, **k))
+    assert generation_settings(path) == expected and expected[1]["cut_at_pauses"] == 0.3
+    assert reads == [path]
 
 
 def test_no_file_means_our_defaults(tmp_path):

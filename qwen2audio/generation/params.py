@@ -161,14 +161,16 @@ def transcription_defaults(path: str | Path) -> dict[str, Any]:
     unless said) and ``cut_at_pauses`` (also cut at every pause at least this long; 0: never, unless said),
     from the ``"transcription"`` object of its generation_config.json, e.g. ``{"cut_at_pauses": 0.3}`` for a
     model trained on short utterances (transformers keeps such a key and does not use it)."""
+    return _transcription_settings(_read_config(path), Path(path))
+
+
+def _transcription_settings(config: Any, path: Path) -> dict[str, Any]:
     from ..audio.features import CHUNK_SECONDS, chunk_samples, pause_samples
 
     settings: dict[str, Any] = {"chunk_seconds": CHUNK_SECONDS, "cut_at_pauses": 0}
-    path = Path(path)
-    if not path.is_file():
+    if config is None:
         return settings
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
         given = config.get(TRANSCRIPTION_KEY, {}) if isinstance(config, dict) else {}
         if not isinstance(given, dict) or set(given) - set(settings):
             raise ValueError(f'"{TRANSCRIPTION_KEY}" must be an object with chunk_seconds and/or cut_at_pauses, '
@@ -191,15 +193,34 @@ def transcription_cuts(defaults: Mapping[str, Any], chunk_seconds: float | None 
 
 def load_generation_config(path: str | Path) -> dict[str, Any]:
     """A checkpoint's generation_config.json -> SamplingParams keyword arguments; {} when there is none."""
+    return _sampling_settings(_read_config(path), Path(path))
+
+
+def generation_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(load_generation_config(path), transcription_defaults(path))`` from one read of the file."""
+    config = _read_config(path)
+    return _sampling_settings(config, Path(path)), _transcription_settings(config, Path(path))
+
+
+def _read_config(path: str | Path) -> Any:
+    """The parsed JSON of a generation_config.json; None when there is no such file."""
     path = Path(path)
     if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: {err}; fix the file or delete it (then decoding is greedy)") from None
+
+
+def _sampling_settings(config: Any, path: Path) -> dict[str, Any]:
+    if config is None:
         return {}
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("it is not a JSON object")
         kwargs = from_generation_config(config)
         SamplingParams(**kwargs)  # the values must make sense together, now rather than at the first reply
-    except ValueError as err:  # json.JSONDecodeError is a ValueError
+    except ValueError as err:
         raise CheckpointError(f"{path}: {err}; fix the file or delete it (then decoding is greedy)") from None
     return kwargs

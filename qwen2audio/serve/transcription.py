@@ -58,7 +58,7 @@ from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
 from .chat import check_model, refusal, refuse_if_full, request_error
 from .errors import bad_request, error_body
-from ..text.transcripts import FORMATS, Segment, full_text, render
+from ..text.transcripts import FORMATS, Segment, full_text, render, seconds
 from .handles import ClientGone, Reader, watching
 from .metrics import Metrics
 
@@ -151,11 +151,11 @@ async def _streamed(events: AsyncIterator, backend: Backend, with_logprobs: bool
                     yield _sse({"type": "transcript.text.delta", "delta": delta})
                 if isinstance(event, Segment) and duration is not None:
                     yield _sse({"type": "transcript.text.segment", "id": f"seg_{len(segments) - 1}",
-                                "start": round(event.start, 3), "end": round(event.end, 3), "text": event.text})
+                                "start": seconds(event.start), "end": seconds(event.end), "text": event.text})
                 event = await anext(events, None)
             done = {"type": "transcript.text.done", "text": full_text(segments)}
             if duration is not None:
-                done["duration"] = round(duration, 3)
+                done["duration"] = seconds(duration)
             if with_logprobs:
                 done["logprobs"] = _entries(segments, backend)
             output = sum(len(s.tokens) for s in segments)

@@ -88,13 +88,18 @@ def verbose_json(segments: list[Segment], task: str, language: str, duration: fl
     segment's temperature is the one its text was decoded at (higher than the request's where the server's
     --fallback decoded a repetitive window again); its avg_logprob, as Whisper's, the mean log-probability
     of its generated tokens, the stop token included (when its logprobs were computed)."""
-    return {"task": task, "language": language, "duration": round(duration, 3), "text": full_text(segments),
-            "segments": [{"id": i, "seek": round(s.start / HOP_SECONDS), "start": round(s.start, 3),
-                          "end": round(s.end, 3), "text": s.text, "tokens": s.tokens,
+    return {"task": task, "language": language, "duration": seconds(duration), "text": full_text(segments),
+            "segments": [{"id": i, "seek": round(s.start / HOP_SECONDS), "start": seconds(s.start),
+                          "end": seconds(s.end), "text": s.text, "tokens": s.tokens,
                           "temperature": temperature if s.temperature is None else s.temperature,
                           "compression_ratio": round(compression_ratio(s.text), 3),
                           **({} if not s.logprobs else {"avg_logprob": avg_logprob(s.logprobs)})}
                          for i, s in enumerate(segments)]}
+
+
+def seconds(value: float) -> float:
+    """A time as the JSON formats give it (verbose_json and the streamed segments alike): to the millisecond."""
+    return round(value, 3)
 
 
 def avg_logprob(logprobs: list) -> float:
