@@ -29,6 +29,7 @@ from qwen2audio.audio.features import chunk_samples, cut_windows, pause_samples
 from qwen2audio.eval.metrics import corpus_score, get_metric
 
 
+
 def recording(data: Path, clips: int, gap: float) -> tuple[np.ndarray, str, list[int]]:
     """The first ``clips`` items of DATA/eval/asr.jsonl joined with ``gap`` s of silence after each, their
     references joined by spaces, and where each clip (with its silence) ends."""
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-snr", type=parse_pause, nargs="+", default=[None],
                         help="dB of speech over white noise added to the whole recording, or 'none' (clean)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--num-beams", type=int, default=1,
+                        help="beam search over N beams (default 1: greedy, whatever the checkpoint asks of transcripts)")
+    parser.add_argument("--fallback", action="store_true", help="decode a repetitive chunk again at rising temperatures")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -90,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{noise:>10} | {setting:>41} | {chunks:>6} | {rows[-1]['words']:>5} | {rows[-1]['wer']:6.1f} %",
               flush=True)
 
-    print(f"{len(clean) / SAMPLE_RATE:.1f} s of audio, {len(reference.split())} words; greedy", file=sys.stderr)
+    decoding = {"num_beams": args.num_beams, "fallback": args.fallback}
+    print(f"{len(clean) / SAMPLE_RATE:.1f} s of audio, {len(reference.split())} words; "
+          + ("greedy" if args.num_beams == 1 else f"{args.num_beams} beams") + (", fallback" if args.fallback else ""),
+          file=sys.stderr)
     print(f"{'noise':>10} | {'setting':>41} | chunks | words | WER")
     for snr in args.noise_snr:
         audio, noise = with_noise(clean, snr), ("none" if snr is None else f"{snr:g} dB SNR")
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         out = model.complete(ASR_PROMPT.format(language="en"), [audio], max_new_tokens=args.max_new_tokens)
         add(noise, "whole recording in one prompt", 1, TAG.sub("", out.text).strip(), time.perf_counter() - start)
         start = time.perf_counter()  # the best cuts there are: each clip on its own, as the held-out set is read
-        texts = [model.transcribe(clip, chunk_seconds=30, cut_at_pauses=0, max_new_tokens=args.max_new_tokens)
+        texts = [model.transcribe(clip, chunk_seconds=30, cut_at_pauses=0, **decoding, max_new_tokens=args.max_new_tokens)
                  for clip in np.split(audio, ends[:-1])]
         add(noise, "cut where each clip ends (known)", len(ends), " ".join(t for t in texts if t),
             time.perf_counter() - start)
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 chunks = sum(window.speech for window in
                              cut_windows(audio, chunk_samples(seconds), pause_samples(pause)))  # transcribed
                 start = time.perf_counter()
-                text = model.transcribe(audio, chunk_seconds=seconds, cut_at_pauses=pause or 0,
+                text = model.transcribe(audio, chunk_seconds=seconds, cut_at_pauses=pause or 0, **decoding,
                                         max_new_tokens=args.max_new_tokens)
                 setting = f"chunks of <= {seconds:g} s" + (f", cut at pauses >= {pause:g} s" if pause else "")
                 add(noise, setting, chunks, text, time.perf_counter() - start)

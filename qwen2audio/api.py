@@ -41,6 +41,7 @@ from .generation.params import (
     chat_settings,
     generation_settings,
     transcription_cuts,
+    transcription_decoding,
     transcription_defaults,
 )
 from .text import Tokenizer, raw_prompt, render_chat
@@ -180,7 +181,7 @@ class Qwen2Audio:
     def complete(self, prompt: str, audios: Sequence[Any] = (), **sampling) -> Generation:
         return self.engine.generate([self.prepare_raw(prompt, audios)], SamplingParams(**sampling))[0]
 
-    def transcribe(self, audio: Any, language: str = "en", fallback: bool = False,
+    def transcribe(self, audio: Any, language: str = "en", fallback: bool | None = None,
                    chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
                    progress: bool | None = None, translate_to: str | None = None, **sampling) -> str:
         """Plain transcript with the official ASR prompt of the base model; tags like <|en|> removed:
@@ -193,7 +194,7 @@ class Qwen2Audio:
         ``transcript(audio, language, translate_to=to, ...).text``."""
         return self.transcript(audio, language, translate_to=to, **options).text
 
-    def transcript(self, audio: Any, language: str = "en", fallback: bool = False,
+    def transcript(self, audio: Any, language: str = "en", fallback: bool | None = None,
                    chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
                    progress: bool | None = None, translate_to: str | None = None,
                    on_segment: Callable[[Segment], object] | None = None, **sampling) -> Transcript:
@@ -215,13 +216,19 @@ class Qwen2Audio:
         own setting (``transcription_defaults``: the "transcription" object of its generation_config.json;
         the demo model cuts at pauses of 0.3 s), else 30 s windows and no pause cuts. ``fallback``: a
         repetitive answer is decoded again at rising temperatures (Whisper's guard against loops;
-        qwen2audio.generation.fallback). ``progress``: a bar on stderr counting the chunks transcribed (None:
-        on a terminal, when there are several). ``logprobs=0`` (or N): each segment's tokens' log-probabilities.
+        qwen2audio.generation.fallback). Decoding is greedy, as the official evaluation decodes, unless
+        ``sampling`` says otherwise or the checkpoint's "transcription" object asks for beams
+        (``num_beams``, used where ``sampling`` gives neither num_beams nor a temperature above 0) or the
+        fallback (``fallback=None``: the checkpoint's, else off): the demo model transcribes with 4 beams
+        and the fallback, which write 15 % fewer wrong words on its held-out speech than greedy
+        decoding (docs/demo-model.md); ``num_beams=1, fallback=False`` is greedy. ``progress``: a bar on
+        stderr counting the chunks transcribed (None: on a terminal, when there are several). ``logprobs=0`` (or N): each segment's tokens' log-probabilities.
         ``translate_to``: a translation into that language instead, with the official speech-translation
         prompt (``speech_prompt``), ``language`` naming the language spoken. ``on_segment``: called with each
         segment in order as soon as it and those before it are decoded, to write a long transcript as it
         comes (with ``fallback``, once the retries are done)."""
         chunk_seconds, cut_at_pauses = transcription_cuts(self.transcription_defaults, chunk_seconds, cut_at_pauses)
+        sampling, fallback = transcription_decoding(self.transcription_defaults, sampling, fallback)
         prompt = speech_prompt(language, translate_to)
         wave = decode_audio(audio)
         windows = speech_windows(wave, chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))

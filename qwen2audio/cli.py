@@ -59,8 +59,9 @@ CHAT_SAMPLING_NOTE = ("Defaults come from the checkpoint's generation_config.jso
                       "--temperature above 0 beam sampling, and --temperature or --stop alone decode one beam, "
                       "whatever beams the file asks for.")
 TRANSCRIBE_SAMPLING_NOTE = ("Greedy by default, as the official evaluation decodes; the sampling settings of "
-                            "the checkpoint's generation_config.json are not applied (its \"transcription\" "
-                            "cuts are).")
+                            "the checkpoint's generation_config.json are not applied, its \"transcription\" "
+                            "object is: its cuts, and its num_beams and fallback at temperature 0 (the demo "
+                            "model: 4 beams and --fallback; --num-beams 1 --no-fallback is greedy).")
 CHAT_HELP = (("/audio PATH [TEXT]", "send an audio file, with optional text; quote a path with spaces"),
              ("/help", "show this list"),
              ("Ctrl-D", "end the chat"))
@@ -154,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--output-dir", type=Path, metavar="DIR",
                     help="write each file's transcript to DIR/NAME.txt (.json, .srt, .vtt by --format; NAME: the "
                          "audio file's name without its extension) instead of printing it")
-    tr.add_argument("--fallback", action="store_true",
+    tr.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=None,
                     help="decode a repetitive transcript again at rising temperatures (Whisper's guard against "
-                         "loops); off: greedy only, as the official evaluation decodes")
+                         "loops); default: the checkpoint's (the demo model: on), else off, as the official "
+                         "evaluation decodes")
     add_cut_args(tr, "", "chunks of at most S, transcribed one by one in a batch and joined")
     _sampling_args(tr, TRANSCRIBE_SAMPLING_NOTE, leave_out=("logprobs",))  # a transcript is text only
 

@@ -473,8 +473,10 @@ def test_a_checkpoint_can_say_how_to_cut_long_audio(api, model_dir, tmp_path, ca
     config = json.loads((cuts / "generation_config.json").read_text())
     (cuts / "generation_config.json").write_text(json.dumps({**config, "transcription": {"cut_at_pauses": 0.3}}))
     model, plain = Qwen2Audio.load(cuts), api["saved"]
-    assert model.transcription_defaults == {"chunk_seconds": 30.0, "cut_at_pauses": 0.3}
-    assert plain.transcription_defaults == {"chunk_seconds": 30.0, "cut_at_pauses": 0}
+    assert model.transcription_defaults == {"chunk_seconds": 30.0, "cut_at_pauses": 0.3, "num_beams": 1,
+                                            "fallback": False}
+    assert plain.transcription_defaults == {"chunk_seconds": 30.0, "cut_at_pauses": 0, "num_beams": 1,
+                                            "fallback": False}
     by_pauses = plain.transcribe(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3)
     whole = plain.transcribe(wave, max_new_tokens=int(NEW))
     assert by_pauses != whole  # two chunks, two prompts
@@ -489,6 +491,50 @@ def test_a_checkpoint_can_say_how_to_cut_long_audio(api, model_dir, tmp_path, ca
         (cuts / "generation_config.json").write_text(json.dumps({**config, "transcription": bad}))
         with pytest.raises(CheckpointError, match="generation_config.json"):
             Qwen2Audio.load(cuts)
+
+
+def test_a_checkpoint_can_say_how_to_decode_transcripts(api, model_dir, tmp_path, capsys, monkeypatch):
+    """generation_config.json's "transcription" num_beams and fallback (the demo model's: 4 beams, the
+    fallback on) are transcribe's defaults at temperature 0, in the Python API and the CLI; the caller's
+    num_beams / --num-beams and fallback / --no-fallback win; a sampled transcript uses neither."""
+    import shutil
+
+    import qwen2audio.generation.fallback as fallback_module
+    from qwen2audio.checkpoint import CheckpointError
+
+    question = (np.random.default_rng(0).standard_normal(32000) * 0.1).astype(np.float32)  # beams differ on it
+    path = tmp_path / "q.wav"
+    soundfile.write(path, question, 16000, subtype="FLOAT")
+    beams = tmp_path / "beams"
+    shutil.copytree(model_dir, beams)
+    config = json.loads((beams / "generation_config.json").read_text())
+    (beams / "generation_config.json").write_text(
+        json.dumps({**config, "transcription": {"num_beams": 3, "fallback": True}}))
+    model, plain = Qwen2Audio.load(beams), api["saved"]
+    kept = fallback_module.fallback_with_temperatures
+    fell_back: list[int] = []  # the num_beams of each transcript decoded through the fallback
+    monkeypatch.setattr(fallback_module, "fallback_with_temperatures",
+                        lambda engine, batch, params, **k: fell_back.append(params.num_beams) or kept(
+                            engine, batch, params, **k))
+    by_beams = plain.transcribe(question, max_new_tokens=int(NEW), num_beams=3)
+    greedy = plain.transcribe(question, max_new_tokens=int(NEW))
+    assert by_beams != greedy, "3 beams changed nothing: the test shows nothing"
+    assert fell_back == []
+    assert model.transcribe(question, max_new_tokens=int(NEW)) == by_beams and fell_back == [3]
+    assert model.transcribe(question, max_new_tokens=int(NEW), num_beams=1, fallback=False) == greedy
+    assert fell_back == [3]
+    sampled = {"temperature": 0.8, "seed": 3, "max_new_tokens": int(NEW)}
+    assert model.transcribe(question, **sampled) == plain.transcribe(question, **sampled) and fell_back == [3]
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(beams), str(path), "--max-new-tokens", NEW])
+    assert rc == 0 and out == by_beams + "\n" and fell_back == [3, 3], err
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(beams), str(path), "--max-new-tokens", NEW,
+                                             "--num-beams", "1", "--no-fallback"])
+    assert rc == 0 and out == greedy + "\n" and fell_back == [3, 3], err
+    for bad, message in (({"num_beams": 0}, "num_beams"), ({"num_beams": True}, "num_beams"),
+                         ({"fallback": "yes"}, "fallback")):
+        (beams / "generation_config.json").write_text(json.dumps({**config, "transcription": bad}))
+        with pytest.raises(CheckpointError, match=message):
+            Qwen2Audio.load(beams)
 
 
 def test_transcribe_prints_one_line_per_file(which, audio, capsys, monkeypatch):

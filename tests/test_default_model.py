@@ -291,12 +291,14 @@ def test_the_default_is_the_tiny_model_until_deltas_ship_then_the_demo(installed
     assert torch.equal(load_model(demo).multi_modal_projector.linear.bias, tensors[PROJECTOR[1]].to(torch.bfloat16))
     info = json.loads((demo / assemble.INFO_FILE).read_text())
     assert info["deltas_sha256"] == sha and info["assembly_version"] == assemble.ASSEMBLY_VERSION
-    # the demo model transcribes long audio one stretch of speech at a time, by its generation_config.json,
-    # which transformers still reads (it keeps the key and does not use it)
-    assert transcription_defaults(demo / "generation_config.json") == {"chunk_seconds": 30.0, "cut_at_pauses": 0.3}
+    # the demo model transcribes long audio one stretch of speech at a time, with 4 beams and the fallback, by
+    # its generation_config.json, which transformers still reads (it keeps the key and does not use it)
+    assert transcription_defaults(demo / "generation_config.json") == {"chunk_seconds": 30.0, "cut_at_pauses": 0.3,
+                                                                       "num_beams": 4, "fallback": True}
     transformers = pytest.importorskip("transformers")
     generation = transformers.GenerationConfig.from_pretrained(demo)
-    assert generation.transcription == {"cut_at_pauses": 0.3} and generation.eos_token_id is not None
+    assert generation.transcription == {"cut_at_pauses": 0.3, "num_beams": 4, "fallback": True}
+    assert generation.eos_token_id is not None
     assert sorted(p.name for p in home.iterdir()) == sorted(["tiny-random-v1", "tiny-random-v1.lock", demo.name,
                                                              demo.name + ".lock"])
 

@@ -131,6 +131,26 @@ def test_the_servers_default_beams_apply_at_temperature_zero_only():
     assert [(r[3].num_beams, r[3].temperature) for r in backend.requests] == [(3, 0.0), (1, 0.4), (2, 0.0)]
 
 
+def test_a_checkpoints_transcription_beams_and_fallback_apply_unless_the_server_says():
+    """The checkpoint's "transcription" num_beams and fallback (the demo model's: 4 and on) are the
+    server's defaults at temperature 0; --num-beams and --fallback / --no-fallback win over them."""
+    from test_serve_fallback import ByTemperature  # a loop at temperature 0, which the fallback decodes again
+
+    def asked(**settings) -> list[tuple[int, float]]:
+        backend = ByTemperature({0.2: ["fine"]})
+        backend.model_id = "demo"
+        backend.transcription_defaults = {**backend.transcription_defaults, "num_beams": 3, "fallback": True}
+        app, _ = fake_app(backend, **settings)
+        with running(app) as url:
+            transcribe(url, wav_bytes(1.0))
+            transcribe(url, wav_bytes(1.0), temperature="0.4")  # sampled: one beam, the loop kept
+        return [(r[3].num_beams, r[3].temperature) for r in backend.requests]
+
+    assert asked() == [(3, 0.0), (1, 0.2), (1, 0.4)]
+    assert asked(num_beams=2) == [(2, 0.0), (1, 0.2), (1, 0.4)]
+    assert asked(fallback=False) == [(3, 0.0), (1, 0.4)]
+
+
 def test_beam_searches_and_other_requests_at_once_get_their_lone_answers(server):
     """Eight clients at once on 4 slots: greedy, sampled, 2, 3 and 4 beams, beam sampling, n best, streamed;
     each answer is what the same request gets alone, and nothing is left running or waiting."""

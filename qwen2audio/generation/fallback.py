@@ -9,8 +9,9 @@ at temperature 0.2, then 0.4, ... 1.0, and the first answer that is not repetiti
 
 Off by default (`Qwen2Audio.transcribe(..., fallback=True)`, `qwen2audio transcribe --fallback`,
 `qwen2audio eval --fallback`, `qwen2audio serve --fallback` for its transcriptions): the official
-evaluation decodes greedily and nothing else. Sampling is
-seeded, so an answer is still reproducible.
+evaluation decodes greedily and nothing else; a checkpoint's generation_config.json may turn it on for
+its transcriptions (``"transcription": {"fallback": true}``, as the demo model's does; eval stays
+official). Sampling is seeded, so an answer is still reproducible.
 """
 
 from __future__ import annotations

@@ -157,27 +157,35 @@ TRANSCRIPTION_KEY = "transcription"  # generation_config.json's object of qwen2a
 
 
 def transcription_defaults(path: str | Path) -> dict[str, Any]:
-    """How ``transcribe`` cuts long audio for this checkpoint: ``chunk_seconds`` (the longest chunk, 30 s
-    unless said) and ``cut_at_pauses`` (also cut at every pause at least this long; 0: never, unless said),
-    from the ``"transcription"`` object of its generation_config.json, e.g. ``{"cut_at_pauses": 0.3}`` for a
-    model trained on short utterances (transformers keeps such a key and does not use it)."""
+    """How ``transcribe`` cuts long audio and decodes for this checkpoint: ``chunk_seconds`` (the longest
+    chunk, 30 s unless said), ``cut_at_pauses`` (also cut at every pause at least this long; 0: never,
+    unless said), ``num_beams`` (beam search at temperature 0; 1, greedy, unless said) and ``fallback``
+    (decode a repetitive chunk again at rising temperatures; false unless said), from the
+    ``"transcription"`` object of its generation_config.json, e.g. ``{"cut_at_pauses": 0.3, "num_beams": 4,
+    "fallback": true}`` for the demo model, trained on short utterances (transformers keeps such a key and
+    does not use it)."""
     return _transcription_settings(_read_config(path), Path(path))
 
 
 def _transcription_settings(config: Any, path: Path) -> dict[str, Any]:
     from ..audio.features import CHUNK_SECONDS, chunk_samples, pause_samples
 
-    settings: dict[str, Any] = {"chunk_seconds": CHUNK_SECONDS, "cut_at_pauses": 0}
+    settings: dict[str, Any] = {"chunk_seconds": CHUNK_SECONDS, "cut_at_pauses": 0, "num_beams": 1, "fallback": False}
     if config is None:
         return settings
     try:
         given = config.get(TRANSCRIPTION_KEY, {}) if isinstance(config, dict) else {}
         if not isinstance(given, dict) or set(given) - set(settings):
-            raise ValueError(f'"{TRANSCRIPTION_KEY}" must be an object with chunk_seconds and/or cut_at_pauses, '
+            raise ValueError(f'"{TRANSCRIPTION_KEY}" must be an object with some of {", ".join(settings)}, '
                              f"got {given!r}")
         settings.update(given)
         chunk_samples(settings["chunk_seconds"])
         pause_samples(settings["cut_at_pauses"])
+        beams = settings["num_beams"]
+        if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
+            raise ValueError(f"num_beams must be a whole number of at least 1 (1: greedy), got {beams!r}")
+        if not isinstance(settings["fallback"], bool):
+            raise ValueError(f"fallback must be true or false, got {settings['fallback']!r}")
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}; fix the file or delete it") from None
     return settings
@@ -189,6 +197,21 @@ def transcription_cuts(defaults: Mapping[str, Any], chunk_seconds: float | None 
     checkpoint's ``defaults`` (``transcription_defaults``)."""
     return (defaults["chunk_seconds"] if chunk_seconds is None else chunk_seconds,
             defaults["cut_at_pauses"] if cut_at_pauses is None else cut_at_pauses)
+
+
+def transcription_decoding(defaults: Mapping[str, Any], sampling: Mapping[str, Any],
+                           fallback: bool | None = None) -> tuple[dict[str, Any], bool]:
+    """(SamplingParams keyword arguments, fallback) of a transcription: the caller's ``sampling`` with the
+    checkpoint's ``num_beams`` (``transcription_defaults``) where it gives neither num_beams nor a
+    temperature above 0 (the checkpoint's beams are a greedy beam search), and the caller's ``fallback``
+    unless None, else the checkpoint's at temperature 0 (off for a sampled transcript)."""
+    sampling = dict(sampling)
+    sampled = (sampling.get("temperature") or 0) > 0
+    if "num_beams" not in sampling and not sampled and defaults["num_beams"] > 1:
+        sampling["num_beams"] = defaults["num_beams"]
+    if fallback is None:
+        fallback = defaults["fallback"] and not sampled
+    return sampling, fallback
 
 
 def load_generation_config(path: str | Path) -> dict[str, Any]:

@@ -57,8 +57,10 @@ class Settings:
     max_tokens: int = defaults.MAX_TOKENS  # the most new tokens a request may ask for, and the default
     cors_origins: tuple[str, ...] = ()
     web: bool = True  # the page at /
-    fallback: bool = False  # transcriptions: a repetitive greedy window decoded again at rising temperatures
-    num_beams: int = 1  # transcriptions at temperature 0: beam search over this many beams unless the request says
+    # transcriptions: a repetitive window decoded at temperature 0 decoded again at rising temperatures; and
+    # beam search over this many beams at temperature 0 unless the request says. None: the checkpoint's
+    fallback: bool | None = None
+    num_beams: int | None = None
     # transcriptions: the longest window, cut in a pause between speech; and also cut at every pause between
     # speech at least this long (seconds; 0: never). None: the checkpoint's (Qwen2Audio.transcription_defaults)
     chunk_seconds: float | None = None

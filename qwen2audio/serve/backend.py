@@ -125,7 +125,7 @@ class Backend(Protocol):
 
     model_id: str
     chat_defaults: Mapping[str, Any]  # SamplingParams keywords of chat replies (generation_config.json)
-    transcription_defaults: Mapping[str, Any]  # chunk_seconds and cut_at_pauses (Qwen2Audio.transcription_defaults)
+    transcription_defaults: Mapping[str, Any]  # cuts, num_beams, fallback (Qwen2Audio.transcription_defaults)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams) -> Handle: ...
 
@@ -210,6 +210,8 @@ class SchedulerBackend:
         self.model_id = model_id
         self.chat_defaults = dict(model.generation_defaults)
         self.transcription_defaults = dict(model.transcription_defaults)
+        if "num_beams" in self.transcription_defaults:  # each beam takes a slot: no more beams than slots
+            self.transcription_defaults["num_beams"] = min(self.transcription_defaults["num_beams"], max_batch)
         self.max_queue = max_queue
         self.scheduler = sched.Scheduler(model.engine, max_slots=max_batch, max_waiting=max_queue,
                                          reuse_prefixes=reuse_prefixes)

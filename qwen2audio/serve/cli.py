@@ -66,13 +66,15 @@ def register(subparsers) -> None:
                         "10.0.0.0/8; repeatable). Non-public addresses are reached only when listed")
     p.add_argument("--allow-local-audio", action="append", default=[], metavar="DIR",
                    help="read audio_url paths and file:// URLs inside DIR (repeatable)")
-    p.add_argument("--fallback", action="store_true",
-                   help="transcriptions and translations: decode a repetitive greedy window again at rising "
-                        "temperatures (Whisper's guard against loops)")
-    p.add_argument("--num-beams", type=int, default=1, metavar="N",
+    p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=None,
+                   help="transcriptions and translations: decode a repetitive window decoded at temperature 0 "
+                        "again at rising temperatures (Whisper's guard against loops); default: the checkpoint's "
+                        "(the demo model: on), else off")
+    p.add_argument("--num-beams", type=int, default=None, metavar="N",
                    help="transcriptions and translations at temperature 0: decode each window by beam search over "
-                        "N beams (default 1: greedy; a request's num_beams field overrides it). The beams take N "
-                        "of the --max-batch slots")
+                        "N beams (default: the checkpoint's, at most --max-batch (the demo model: 4), else 1: "
+                        "greedy; a request's num_beams field overrides it). The beams take N of the --max-batch "
+                        "slots")
     add_cut_args(p, "transcriptions and translations: ", "windows of at most S, each answered on its own as one "
                  "segment", note="; a request's chunking_strategy overrides it")
     p.add_argument("--no-web", dest="web", action="store_false",
@@ -96,7 +98,7 @@ def check_limits(args: argparse.Namespace) -> None:
                         ("--max-queue", args.max_queue)):
         if not value > 0:
             raise ValueError(f"{flag} must be more than 0, got {value:g}")
-    if not 1 <= args.num_beams <= args.max_batch:
+    if args.num_beams is not None and not 1 <= args.num_beams <= args.max_batch:
         raise ValueError(f"--num-beams must be between 1 and --max-batch ({args.max_batch}: each beam takes one of "
                          f"its slots), got {args.num_beams}")
     from ..cli import check_cut_args

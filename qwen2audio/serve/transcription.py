@@ -74,9 +74,12 @@ WINDOWS_AT_ONCE = 4  # of one file, in the backend together: they share a batch 
 
 
 async def audio_endpoint(request: Request, task: str, backend: Backend, policy: AudioPolicy, max_tokens: int,
-                         metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False,
-                         num_beams: int = 1, chunk_seconds: float | None = None,
+                         metrics: Metrics, arrived: float, endpoint: str, fallback: bool | None = None,
+                         num_beams: int | None = None, chunk_seconds: float | None = None,
                          cut_at_pauses: float | None = None) -> Response:
+    """A transcription or translation. The server's settings (``fallback``, ``num_beams``, the cuts), where
+    None, are the checkpoint's (``backend.transcription_defaults``: greedy, no fallback, unless its
+    generation_config.json says); the request's fields override them."""
     form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
@@ -95,6 +98,10 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     with_logprobs = _include_logprobs(form, response_format)
     stream = _stream(form, response_format)
     temperature = _temperature(form)
+    if num_beams is None:
+        num_beams = backend.transcription_defaults.get("num_beams", 1)
+    if fallback is None:
+        fallback = backend.transcription_defaults.get("fallback", False)
     beams = _num_beams(form, num_beams if temperature == 0 else 1)  # the server's default: for temperature 0
     params = SamplingParams(temperature=temperature, max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
                             logprobs=0 if with_logprobs or response_format == "verbose_json" else None,
