@@ -222,7 +222,8 @@ class Qwen2Audio:
         fallback (``fallback=None``: the checkpoint's, else off): the demo model transcribes with 4 beams
         and the fallback, which write 15 % fewer wrong words on its held-out speech than greedy
         decoding (docs/demo-model.md); ``num_beams=1, fallback=False`` is greedy. ``progress``: a bar on
-        stderr counting the chunks transcribed (None: on a terminal, when there are several). ``logprobs=0`` (or N): each segment's tokens' log-probabilities.
+        stderr counting the chunks transcribed (None: on a terminal, when there are several). ``logprobs=0``
+        (or N): each segment's tokens' log-probabilities.
         ``translate_to``: a translation into that language instead, with the official speech-translation
         prompt (``speech_prompt``), ``language`` naming the language spoken. ``on_segment``: called with each
         segment in order as soon as it and those before it are decoded, to write a long transcript as it

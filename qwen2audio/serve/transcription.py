@@ -8,7 +8,8 @@ times as each window is done, then ``transcript.text.done``; json, text and verb
 ``include[]`` (``logprobs``, with json: each generated
 token's text, log-probability and bytes, every window's in order) and ``num_beams`` (an extension: beam
 search over that many beams, beam sampling with a temperature above 0; at temperature 0 the server's
-``--num-beams`` is the default, 1 unless set) and ``chunking_strategy`` (as OpenAI's: ``auto``, the server's own cuts, or a JSON
+``--num-beams`` is the default, else the checkpoint's (its generation_config.json's "transcription"
+object), else 1) and ``chunking_strategy`` (as OpenAI's: ``auto``, the server's own cuts, or a JSON
 object ``{"type": "server_vad", "silence_duration_ms": 200}``: a cut in every pause at least that long;
 its ``prefix_padding_ms`` and ``threshold`` are accepted and not used). ``prompt`` is accepted and not used:
 the model's task prompt is fixed. Other fields are ignored.
@@ -25,7 +26,8 @@ the model's task prompt is fixed. Other fields are ignored.
   one stretch of speech, and what it hears no speech in (beyond 0.5 s on each side of speech) is not
   transcribed: no segment covers it, and a file with no speech gives an empty text; each window is answered on its own as one segment with its start and end times; the model's
   <|...|> tags are removed from the text, as ``Qwen2Audio.transcribe`` removes them.
-- With the server's ``--fallback``, a window decoded at temperature 0 (greedy or by beam search) whose text is repetitive (a zlib compression ratio past
+- With the server's ``--fallback`` (by default where the checkpoint's "transcription" object says
+  ``"fallback": true``, as the demo model's does), a window decoded at temperature 0 (greedy or by beam search) whose text is repetitive (a zlib compression ratio past
   2.4: a decoding loop) is decoded again with seeded sampling at temperature 0.2, 0.4, ... 1.0 until one is
   not, as Whisper does (qwen2audio.generation.fallback); verbose_json gives each segment the temperature
   its text came from, and its compression ratio.
