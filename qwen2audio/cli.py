@@ -461,6 +461,8 @@ def _transcribe(model, args, sampling) -> int:
             print(f"qwen2audio: error: {err}", file=sys.stderr)
             failed += 1
             continue
+        if not transcript.segments:  # the voice-activity detector heard no speech: say so, not just a blank line
+            print(f"qwen2audio: {path}: no speech heard", file=sys.stderr)
         if writer is not None:
             writer.finish()
             continue

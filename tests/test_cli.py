@@ -262,10 +262,11 @@ def test_cut_at_pauses_transcribes_each_stretch_between_pauses(api, model_dir, t
     assert rc == 2 and "--cut-at-pauses: cut_at_pauses must be between 0.05 and 5 seconds" in err
 
 
-def test_what_has_no_speech_is_not_transcribed(api):
+def test_what_has_no_speech_is_not_transcribed(api, model_dir, tmp_path, capsys, monkeypatch):
     """With pause cuts, a doorbell and the silence around it (3.6 s) between two questions is a window of no
     speech, not given to the model: the transcript is the two questions' windows' texts; doorbells alone
-    give "" (without pause cuts, the tiny random model writes something for them)."""
+    give "" (without pause cuts, the tiny random model writes something for them), and the CLI says that it
+    heard no speech in that file rather than printing a bare blank line."""
     model = api["saved"]
     examples = Path(__file__).resolve().parents[1] / "examples"
     question, doorbell = load_audio(str(examples / "question.flac")), load_audio(str(examples / "doorbell.flac"))
@@ -278,6 +279,14 @@ def test_what_has_no_speech_is_not_transcribed(api):
     rings = np.concatenate([doorbell, silence, doorbell])
     assert model.transcribe(rings, max_new_tokens=int(NEW), cut_at_pauses=0.3) == ""
     assert model.transcribe(rings, max_new_tokens=int(NEW), cut_at_pauses=0) != ""
+    soundfile.write(tmp_path / "rings.wav", rings, 16000, subtype="FLOAT")
+    soundfile.write(tmp_path / "speech.wav", wave, 16000, subtype="FLOAT")
+    for name, heard in (("rings.wav", False), ("speech.wav", True)):
+        rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(model_dir), str(tmp_path / name), "--max-new-tokens",
+                                                 NEW, "--cut-at-pauses", "0.3"])
+        assert rc == 0, err
+        assert (f"{tmp_path / name}: no speech heard" in err) is not heard
+        assert (out == "\n") is not heard
 
 
 def three_questions(tmp_path: Path, name: str = "three.wav") -> tuple[np.ndarray, Path]:
