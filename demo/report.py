@@ -127,9 +127,12 @@ class Models:
 
 
 def harness_settings(model_dir: Path):
-    from qwen2audio.eval.runner import AnswerSettings, model_identity
+    from qwen2audio.eval.cli import official_settings
+    from qwen2audio.eval.runner import OFFICIAL_LONG_AUDIO, AnswerSettings, model_identity
 
-    return AnswerSettings(model=model_identity(model_dir))  # dtype auto, 256 new tokens: `qwen2audio eval`'s defaults
+    # dtype auto, 256 new tokens, the checkpoint's greedy settings, 30 s heard: `qwen2audio eval`'s defaults
+    return AnswerSettings(model=model_identity(model_dir), long_audio=OFFICIAL_LONG_AUDIO,
+                          **official_settings(model_dir))
 
 
 def finish(out_dir: Path, records: list[dict], data: Path, model: Path, settings, args) -> dict:

@@ -71,3 +71,61 @@ def test_min_new_tokens_equals_transformers_generate(eager_to_stop, minimum):
     got = engine.generate(prepared, SamplingParams(max_new_tokens=N_NEW, min_new_tokens=minimum))[0]
     assert got.token_ids == reference_tokens(ref, prepared, n_mels, audio, minimum)
     assert len(got.token_ids) > minimum and not set(got.token_ids[:minimum]) & TOKENIZER.stop_ids
+
+
+@torch.no_grad()
+def test_eval_decodes_as_the_official_generate_call_with_the_checkpoints_settings(tmp_path, one_thread, default_home,
+                                                                                  capsys):
+    """The official scripts call model.generate(..., max_new_tokens=256, min_new_tokens=1, do_sample=False):
+    transformers starts from the checkpoint's generation_config.json and turns only sampling off, so its
+    repetition_penalty still applies (Qwen2-Audio-7B-Instruct's file says 1.1). `qwen2audio eval` answers as
+    that call does, on a checkpoint whose file samples with a repetition penalty; --repetition-penalty 1 is
+    plain greedy (another answer here), and the answers made before are then not reused."""
+    import json
+
+    from qwen2audio.audio import load_audio
+    from qwen2audio.cli import main
+    from test_eval_e2e import FAST, librispeech
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    name, new = "mha_untied_80", 8
+    path = tmp_path / "instruct"
+    hf_model(name).save_pretrained(path)
+    TOKENIZER.save(path)
+    (path / "generation_config.json").write_text(json.dumps(
+        {"pad_token_id": TOKENIZER.pad_id, "eos_token_id": STOPS, "do_sample": True, "top_k": 20, "top_p": 0.5,
+         "temperature": 0.7, "repetition_penalty": 2.0}))
+    ref = Qwen2AudioForConditionalGeneration.from_pretrained(path).eval()
+    assert ref.generation_config.repetition_penalty == 2.0
+    data, _ = librispeech(tmp_path)
+    flags = [*FAST, "--max-new-tokens", str(new)]
+
+    def run(out, *extra):
+        assert main(["eval", str(path), "--task", "librispeech", "--data", str(data), "--out", str(out), *flags,
+                     *extra]) == 0
+        rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+        return rows, json.loads((out / "results.json").read_text())
+
+    records, results = run(tmp_path / "out")
+    assert results["settings"]["decoding"] == "greedy with repetition penalty 2"
+    engine = Engine(load_model(path), TOKENIZER)
+    penalised = 0
+    for record in records:
+        audio = load_audio(record["audio"])
+        prepared = engine.prepare(record["prompt"], [audio])
+        ids = torch.tensor([prepared.token_ids])
+        feats, fmask = hf_features([audio], CONFIGS[name]["audio_config"]["num_mel_bins"])
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats,
+                           feature_attention_mask=fmask, max_new_tokens=new, min_new_tokens=1, do_sample=False)
+        expected = TOKENIZER.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        assert record["hypothesis"] == expected
+        greedy = engine.generate([prepared], SamplingParams(max_new_tokens=new, min_new_tokens=1))[0].text
+        penalised += expected != greedy
+    assert penalised, "the penalty changed no answer: the test shows nothing"
+    capsys.readouterr()
+    records, results = run(tmp_path / "out", "--repetition-penalty", "1")
+    assert results["settings"]["decoding"] == "greedy"
+    assert "were made with another repetition penalty" in capsys.readouterr().err
+    assert [r["hypothesis"] for r in records] == [
+        engine.generate([engine.prepare(r["prompt"], [load_audio(r["audio"])])],
+                        SamplingParams(max_new_tokens=new, min_new_tokens=1))[0].text for r in records]

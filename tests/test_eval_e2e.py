@@ -614,3 +614,31 @@ def test_each_aishell2_channel_has_its_own_default_output_folder(tmp_path, echo,
     results = {p.name: json.loads((p / "results.json").read_text()) for p in (tmp_path / "eval-results").iterdir()}
     assert sorted(results) == ["aishell2-Mic-test", "aishell2-iOS-test"]
     assert list(results["aishell2-Mic-test"]["subsets"]) == ["Mic"]
+
+
+def test_a_clip_longer_than_30_s_is_heard_as_the_official_scripts_hear_it(tmp_path, capsys):
+    """The official scripts' processor keeps the first 30 s of a longer clip; so does `qwen2audio eval`
+    unless told --long-audio windows (all of it, in 30 s windows: the package's own way); the answers made
+    one way are not reused for the other."""
+    from qwen2audio import Qwen2Audio
+    from qwen2audio.audio import load_audio
+
+    sine = 0.2 * np.sin(2 * np.pi * 220.0 * np.arange(30 * SR) / SR)
+    noise = np.random.default_rng(0).normal(0, 0.3, 10 * SR)
+    long_clip = np.concatenate([sine, noise]).astype(np.float32)  # 40 s: a pure tone, then loud noise
+    sf.write(tmp_path / "long.flac", long_clip, SR)
+    rows = [{"audio": "long.flac", "prompt": "What is it?", "reference": "a tone", "metric": "acc"}]
+    (tmp_path / "long.jsonl").write_text(json.dumps(rows[0]))
+    new = ["--max-new-tokens", "8"]
+    records, results = run_eval("jsonl", tmp_path / "long.jsonl", tmp_path / "o", *new)
+    assert results["settings"]["long_audio"] == "first-30s"
+    model = Qwen2Audio.load()
+    audio = load_audio(str(tmp_path / "long.flac"))
+    first, whole = (model.complete("What is it?", [clip], max_new_tokens=8, min_new_tokens=1).text
+                    for clip in (audio[: 30 * SR], audio))
+    assert first != whole, "the last 10 s change nothing: the test shows nothing"
+    assert records[0]["hypothesis"] == first
+    capsys.readouterr()
+    records, results = run_eval("jsonl", tmp_path / "long.jsonl", tmp_path / "o", *new, "--long-audio", "windows")
+    assert records[0]["hypothesis"] == whole and results["settings"]["long_audio"] == "windows"
+    assert "1 were made with another --long-audio" in capsys.readouterr().err

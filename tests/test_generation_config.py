@@ -1,6 +1,7 @@
 """A checkpoint's generation_config.json sets the default decoding of chat replies (Python API and
-`qwen2audio chat`), as transformers applies it; arguments and flags override it; transcription and
-evaluation stay greedy; and the file we write reads back as our defaults."""
+`qwen2audio chat`), as transformers applies it; arguments and flags override it; transcription stays
+greedy, and evaluation takes what the official generate(do_sample=False) call keeps of it; and the file we
+write reads back as our defaults."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from qwen2audio.generation.params import (
     SamplingParams,
     from_generation_config,
     generation_settings,
+    greedy_call_settings,
     load_generation_config,
     to_generation_config,
     transcription_defaults,
@@ -273,3 +275,23 @@ def test_the_files_other_keys_load_without_warnings(instruct_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Qwen2Audio.load(instruct_dir)
+
+
+@pytest.mark.parametrize("config,expected", [
+    (INSTRUCT_FILE, {"repetition_penalty": 1.1}),  # sampling off, the penalty kept
+    ({"do_sample": True, "num_beams": 3, "length_penalty": 0.5, "temperature": 0.3}, {"num_beams": 3, "length_penalty": 0.5}),
+    ({"do_sample": False, "max_new_tokens": 64}, {}),  # the official call gives its own max_new_tokens
+    (None, {}),  # no file
+])
+def test_what_the_official_greedy_call_keeps_of_the_file(tmp_path, config, expected):
+    """Evaluation decodes as model.generate(..., do_sample=False) does with the checkpoint: transformers
+    turns sampling off and keeps the file's repetition_penalty, num_beams and length_penalty."""
+    if config is not None:
+        (tmp_path / GENERATION_FILE).write_text(json.dumps(config))
+    assert greedy_call_settings(tmp_path / GENERATION_FILE) == expected
+
+
+def test_the_official_greedy_call_settings_refuse_a_bad_file(tmp_path):
+    (tmp_path / GENERATION_FILE).write_text(json.dumps({"repetition_penalty": -1}))
+    with pytest.raises(CheckpointError, match="repetition_penalty"):
+        greedy_call_settings(tmp_path / GENERATION_FILE)

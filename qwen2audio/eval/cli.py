@@ -36,9 +36,16 @@ def register(subparsers) -> None:
     p.add_argument("--fallback", action="store_true",
                    help="decode a repetitive answer again at rising temperatures (Whisper's guard against loops; "
                         "not the official decoding, which is greedy only)")
-    p.add_argument("--num-beams", type=int, default=1, metavar="N",
-                   help="decode by beam search over N beams (not the official decoding, which is greedy; "
-                        "about N times the decoding work)")
+    p.add_argument("--num-beams", type=int, default=None, metavar="N",
+                   help="decode by beam search over N beams (default: the checkpoint's generation_config.json "
+                        "num_beams, else 1 = greedy, as the official generate(do_sample=False) decodes; about N "
+                        "times the decoding work)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="P",
+                   help="default: the checkpoint's generation_config.json repetition_penalty (1.1 for "
+                        "Qwen2-Audio-7B-Instruct), else 1 (off), as the official generate(do_sample=False) applies it")
+    p.add_argument("--long-audio", default="first-30s", choices=["first-30s", "windows"],
+                   help="a clip longer than 30 s: first-30s (default) hears its first 30 s only, as the official "
+                        "scripts' processor truncates; windows hears all of it, cut into 30 s windows (not official)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (env QWEN2AUDIO_JUDGE_URL)")
@@ -102,8 +109,11 @@ def run(args: argparse.Namespace) -> int:
         require_modules(get_metric(metric).modules, f"scoring {metric}")
     out = args.out or default_out(args.task, args.data)
     model_name = str(args.model_dir) if args.model_dir else "embedded default model"
+    official = official_settings(args.model_dir)  # what the official call adds on this checkpoint
+    given = {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty}
     settings = AnswerSettings(model=model_identity(args.model_dir), dtype=args.dtype, quantize=args.quantize,
-                              max_new_tokens=args.max_new_tokens, fallback=args.fallback, num_beams=args.num_beams)
+                              max_new_tokens=args.max_new_tokens, fallback=args.fallback, long_audio=args.long_audio,
+                              **{**official, **{k: v for k, v in given.items() if v is not None}})
     print(f"qwen2audio eval: {len(items)} items from {args.data} -> {out}", file=sys.stderr)
     try:
         records = run_items(items, out, lambda: _load(args), settings, batch_size=args.batch_size,
@@ -126,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     results.update(model=model_name, data=str(args.data), settings={
         "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens,
         "min_new_tokens": settings.min_new_tokens, "dtype": args.dtype, "quantize": args.quantize,
-        "decoding": settings.decoding,
+        "decoding": settings.decoding, "long_audio": settings.long_audio,
         "batch_size": args.batch_size, "limit": args.limit, "model_identity": settings.model})
     if judge_info is not None:
         results["judge"] = judge_info
@@ -135,6 +145,18 @@ def run(args: argparse.Namespace) -> int:
     print(report.read_text(encoding="utf-8"))
     print(json.dumps({"results": str(out / "results.json"), "report": str(report)}))
     return 0
+
+
+def official_settings(model_dir: Path | None) -> dict:
+    """AnswerSettings' repetition_penalty, num_beams and length_penalty as the official scripts'
+    ``model.generate(..., do_sample=False)`` decodes with this checkpoint (the embedded default model
+    where ``model_dir`` is None): what its generation_config.json says of them, the rest greedy."""
+    from ..checkpoint.files import GENERATION_FILE
+    from ..default_model import default_model_dir
+    from ..generation.params import greedy_call_settings
+
+    directory = Path(model_dir) if model_dir is not None else default_model_dir()
+    return greedy_call_settings(directory / GENERATION_FILE)
 
 
 def _load(args):

@@ -3,7 +3,7 @@
 - Answers are kept in OUT/items.jsonl. A stored answer is reused only when all that determines it is
   unchanged: the model (see `model_identity`), the exact prompt the model sees, the audio file (path, size
   and modification time) and the decoding settings (dtype, quantize, max_new_tokens, min_new_tokens,
-  fallback, num_beams). Any other
+  fallback, num_beams, repetition_penalty, length_penalty, long_audio). Any other
   stored answer is generated again, and the run says how many it reused and why it did not reuse others.
   The audio is identified by its file's metadata, not a hash of its content: a hash would read the whole
   dataset (tens of GB for Common Voice or AIR-Bench) on every resume, and a file rewritten with the same
@@ -14,10 +14,15 @@
 - The model is loaded only when something is left to generate, so a finished run is re-scored at no cost.
 - Audio that is missing or unreadable is reported and skipped: its line in items.jsonl carries "error";
   such items are tried again by the next run.
-- Decoding: greedy, max_new_tokens 256, min_new_tokens 1, batched (qwen2audio.generation.scheduler).
+- Decoding: greedy, max_new_tokens 256, min_new_tokens 1, batched (qwen2audio.generation.scheduler), with
+  what the checkpoint's generation_config.json adds to that (its repetition_penalty, e.g. 1.1 in
+  Qwen2-Audio-7B-Instruct's; its num_beams and length_penalty): the official scripts call
+  ``model.generate(..., do_sample=False)``, which turns sampling off and keeps the rest of the file.
   ``fallback`` (`--fallback`, not official) decodes repetitive answers again at rising temperatures
-  (qwen2audio.generation.fallback); ``num_beams`` (`--num-beams`, not official) decodes by beam search
-  (qwen2audio.generation.beam).
+  (qwen2audio.generation.fallback); ``num_beams`` (`--num-beams`, not official unless the checkpoint's file
+  says it) decodes by beam search (qwen2audio.generation.beam).
+- Audio longer than 30 s: only its first 30 s are heard, as the official scripts' processor truncates
+  (``long_audio`` "first-30s"); `--long-audio windows` gives the model all of it, in 30 s windows.
 - The progress bar shows items, speed and the running corpus metric.
 """
 
@@ -50,7 +55,15 @@ STALE_REASONS = {"prompt": "were for a different prompt", "model": "were made by
                  "max_new_tokens": "were made with another --max-new-tokens",
                  "min_new_tokens": "were made with another min_new_tokens",
                  "fallback": "were made with another --fallback",
-                 "num_beams": "were made with another --num-beams"}
+                 "num_beams": "were made with another --num-beams",
+                 "repetition_penalty": "were made with another repetition penalty",
+                 "length_penalty": "were made with another length penalty",
+                 "long_audio": "were made with another --long-audio"}
+# How a clip longer than 30 s is heard: "first-30s" as the official scripts (the processor's feature extractor
+# keeps the first 30 s and drops the rest), "windows" all of it, cut into windows of at most 30 s (this
+# package's own way with long audio; the only way before the setting existed, hence its default).
+LONG_AUDIO = ("first-30s", "windows")
+OFFICIAL_LONG_AUDIO = "first-30s"
 FAILED = "had failed (see their error)"
 UNRECORDED = "had no record of what made them"
 
@@ -66,15 +79,28 @@ class AnswerSettings:
     min_new_tokens: int = OFFICIAL_MIN_NEW_TOKENS
     fallback: bool = False  # repetitive answers decoded again at rising temperatures (not official)
     num_beams: int = 1  # beam search over this many beams (not official; 1 = greedy)
+    # the checkpoint's (generation_config.json), as the official generate(do_sample=False) call applies them
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0  # of a beam search
+    long_audio: str = "windows"  # see LONG_AUDIO; `qwen2audio eval` passes OFFICIAL_LONG_AUDIO unless told
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
             raise ValueError(f"--num-beams must be at least 1 (1 = greedy decoding), got {self.num_beams}")
+        if self.long_audio not in LONG_AUDIO:
+            raise ValueError(f"--long-audio must be one of {', '.join(LONG_AUDIO)}, got {self.long_audio!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"--repetition-penalty must be above 0 (1 = off), got {self.repetition_penalty}")
 
     @property
     def decoding(self) -> str:
         """How answers are decoded, in words (results.json's settings)."""
-        first = f"beam search ({self.num_beams} beams)" if self.num_beams > 1 else "greedy"
+        first = "greedy"
+        if self.num_beams > 1:
+            first = f"beam search ({self.num_beams} beams" + (
+                f", length penalty {self.length_penalty:g})" if self.length_penalty != 1.0 else ")")
+        if self.repetition_penalty != 1.0:
+            first += f" with repetition penalty {self.repetition_penalty:g}"
         return f"{first}, repetitive answers again at rising temperatures" if self.fallback else first
 
 
@@ -143,16 +169,20 @@ def stale_reason(record: dict, prompt: str, basis: dict) -> str | None:
 
 def generate_batch(model, batch: Sequence[tuple[EvalItem, np.ndarray]], settings: AnswerSettings) -> list[str]:
     """Answers for (item, 16 kHz samples) pairs, decoded greedily together."""
+    from ..audio.features import N_SAMPLES
     from ..generation.sampling import SamplingParams
 
     prepared = []
     for item, audio in batch:
+        if settings.long_audio == "first-30s":
+            audio = audio[:N_SAMPLES]
         if item.chat:
             prepared.append(model.prepare_chat(chat_messages(item, audio)))
         else:
             prepared.append(model.prepare_raw(item.prompt, [audio]))
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                            temperature=0.0, num_beams=settings.num_beams)
+                            temperature=0.0, num_beams=settings.num_beams,
+                            repetition_penalty=settings.repetition_penalty, length_penalty=settings.length_penalty)
     if settings.fallback:
         from ..generation.fallback import generate_with_fallback
 

@@ -219,6 +219,20 @@ def load_generation_config(path: str | Path) -> dict[str, Any]:
     return _sampling_settings(_read_config(path), Path(path))
 
 
+GREEDY_CALL_KEYS = ("repetition_penalty", "num_beams", "length_penalty")
+
+
+def greedy_call_settings(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint's generation_config.json adds to ``model.generate(..., do_sample=False)`` (the
+    official evaluation scripts' call), as SamplingParams keyword arguments: transformers starts from the
+    file and the call turns sampling off, so its repetition_penalty, and num_beams with length_penalty,
+    still apply (Qwen2-Audio-7B-Instruct's file: a repetition penalty of 1.1); {} when there is no file."""
+    config = _read_config(path)
+    if isinstance(config, dict):
+        config = {**config, "do_sample": False}
+    return {k: v for k, v in _sampling_settings(config, Path(path)).items() if k in GREEDY_CALL_KEYS}
+
+
 def generation_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(load_generation_config(path), transcription_defaults(path))`` from one read of the file."""
     config = _read_config(path)
