@@ -33,6 +33,7 @@ from .audio import SAMPLE_RATE, load_audio
 from .audio.features import chunk_samples, pause_samples, speech_windows
 from .checkpoint import load_model
 from .checkpoint.files import GENERATION_FILE
+from .errors import CheckpointError
 from .generation.engine import Engine, Generation, Prepared, RequestStream
 from .generation.scheduler import Scheduler
 from .generation.params import (
@@ -135,9 +136,14 @@ class Qwen2Audio:
             directory = default_model_dir()
         directory = Path(directory)
         # the small file first: a mistake in it is told before the weights take seconds to load
-        defaults, transcription = generation_settings(directory / GENERATION_FILE)
+        defaults, transcription, stops = generation_settings(directory / GENERATION_FILE)
+        tokenizer = Tokenizer.from_dir(directory)
+        try:
+            tokenizer.set_stop_ids(stops)  # the file's eos_token_id, as transformers' generate() stops
+        except ValueError as err:
+            raise CheckpointError(f"{directory / GENERATION_FILE}: eos_token_id: {err}") from None
         model = load_model(directory, dtype=dtype, device=device)
-        engine = Engine(model, Tokenizer.from_dir(directory), quantize=quantize, compile=compile)
+        engine = Engine(model, tokenizer, quantize=quantize, compile=compile)
         engine.warm_up()
         return cls(engine, directory, defaults, transcription)
 

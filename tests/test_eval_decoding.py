@@ -1,4 +1,5 @@
-"""min_new_tokens, as the official evaluation decodes (generate(..., min_new_tokens=1)), against transformers."""
+"""Decoding as transformers' generate() decodes: min_new_tokens (the official evaluation's generate(..., min_new_tokens=1)),
+the checkpoint's generation_config.json settings the official call keeps, and its eos_token_id."""
 
 from __future__ import annotations
 
@@ -129,3 +130,52 @@ def test_eval_decodes_as_the_official_generate_call_with_the_checkpoints_setting
     assert [r["hypothesis"] for r in records] == [
         engine.generate([engine.prepare(r["prompt"], [load_audio(r["audio"])])],
                         SamplingParams(max_new_tokens=new, min_new_tokens=1))[0].text for r in records]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("eos", ["endoftext", "im_end", "both"])
+def test_replies_stop_at_the_checkpoints_eos_token_ids_as_transformers_does(tmp_path, eos):
+    """transformers' generate() stops at generation_config.json's eos_token_id: a checkpoint that lists only
+    <|endoftext|> goes on past an <|im_end|> (and the other way round); so do we (the model is made to say
+    <|im_end|> first); a bad eos_token_id is a checkpoint error naming the file."""
+    import json
+
+    from qwen2audio import CheckpointError, Qwen2Audio
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    name, new = "mha_untied_80", 6
+    ref = hf_model(name)
+    prompt = "<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>"
+    audio = clip(2.0, 3)
+    probe = Engine(load_model(_saved(ref, tmp_path / "probe")), TOKENIZER)
+    first = probe.generate([probe.prepare(prompt, [audio])], SamplingParams(max_new_tokens=1))[0].token_ids[0]
+    with torch.no_grad():
+        ref.language_model.lm_head.weight[TOKENIZER.im_end_id] = 3 * ref.language_model.lm_head.weight[first]
+    ids = {"endoftext": [TOKENIZER.endoftext_id], "im_end": [TOKENIZER.im_end_id],
+           "both": [TOKENIZER.endoftext_id, TOKENIZER.im_end_id]}[eos]
+    path = _saved(ref, tmp_path / "model")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": ids, "pad_token_id": TOKENIZER.pad_id}))
+    model = Qwen2Audio.load(path)
+    assert model.tokenizer.stop_ids == frozenset(ids)
+    prepared = model.engine.prepare(prompt, [audio])
+    got = model.engine.generate([prepared], SamplingParams(max_new_tokens=new))[0].token_ids
+    hf = Qwen2AudioForConditionalGeneration.from_pretrained(path).eval()
+    tokens = torch.tensor([prepared.token_ids])
+    feats, fmask = hf_features([audio], CONFIGS[name]["audio_config"]["num_mel_bins"])
+    out = hf.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens), input_features=feats,
+                      feature_attention_mask=fmask, max_new_tokens=new, do_sample=False)[0, tokens.shape[1]:].tolist()
+    ended = [i for i, t in enumerate(out) if t in ids]
+    assert got == (out[: ended[0] + 1] if ended else out)
+    assert got[0] == TOKENIZER.im_end_id and (len(got) == 1) == (TOKENIZER.im_end_id in ids)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["<|im_end|>"]}))
+    with pytest.raises(CheckpointError, match="eos_token_id"):
+        Qwen2Audio.load(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [10 ** 7]}))
+    with pytest.raises(CheckpointError, match="eos_token_id"):
+        Qwen2Audio.load(path)
+
+
+def _saved(ref, path):
+    ref.save_pretrained(path)
+    TOKENIZER.save(path)
+    return path

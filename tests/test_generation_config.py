@@ -122,7 +122,7 @@ def test_load_tells_a_bad_file_before_it_reads_the_weights(tmp_path, monkeypatch
 def test_one_read_gives_both_settings(tmp_path, monkeypatch):
     path = tmp_path / GENERATION_FILE
     path.write_text(json.dumps({**INSTRUCT_FILE, "transcription": {"cut_at_pauses": 0.3}}))
-    expected = (load_generation_config(path), transcription_defaults(path))
+    expected = (load_generation_config(path), transcription_defaults(path), frozenset({151643, 151645}))
     reads = []
     read_text = Path.read_text
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or read_text(self, *a, **k))
@@ -151,13 +151,14 @@ def test_settings_round_trip(params):
 # -- applying it ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def instruct_dir(default_home, tmp_path_factory):
-    """The embedded default model with the Instruct model's generation_config.json."""
+    """The embedded default model with the Instruct model's generation_config.json (its stop token ids those
+    of the tiny model's tokenizer: the real ones lie beyond its vocabulary)."""
     from qwen2audio.default_model import default_model_dir
 
     path = tmp_path_factory.mktemp("instruct")
     for file in default_model_dir().iterdir():
         shutil.copy(file, path / file.name)
-    (path / GENERATION_FILE).write_text(json.dumps(INSTRUCT_FILE))
+    (path / GENERATION_FILE).write_text(json.dumps({**INSTRUCT_FILE, "eos_token_id": sorted(TOKENIZER.stop_ids)}))
     return path
 
 

@@ -233,10 +233,30 @@ def greedy_call_settings(path: str | Path) -> dict[str, Any]:
     return {k: v for k, v in _sampling_settings(config, Path(path)).items() if k in GREEDY_CALL_KEYS}
 
 
-def generation_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(load_generation_config(path), transcription_defaults(path))`` from one read of the file."""
+def generation_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], frozenset[int] | None]:
+    """``(load_generation_config(path), transcription_defaults(path), stop_token_ids(path))`` from one read
+    of the file."""
     config = _read_config(path)
-    return _sampling_settings(config, Path(path)), _transcription_settings(config, Path(path))
+    path = Path(path)
+    return _sampling_settings(config, path), _transcription_settings(config, path), _stop_tokens(config, path)
+
+
+def stop_token_ids(path: str | Path) -> frozenset[int] | None:
+    """The ids that end a reply as transformers' generate() stops: the file's ``eos_token_id`` (one id or a
+    list); None where the file or the key is missing (then the tokenizer's <|im_end|> and <|endoftext|>,
+    where transformers would generate to the length limit)."""
+    return _stop_tokens(_read_config(path), Path(path))
+
+
+def _stop_tokens(config: Any, path: Path) -> frozenset[int] | None:
+    if not isinstance(config, dict) or config.get("eos_token_id") is None:
+        return None
+    value = config["eos_token_id"]
+    ids = value if isinstance(value, list) else [value]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}; fix the "
+                              "file or delete it (then <|im_end|> and <|endoftext|> end a reply)")
+    return frozenset(ids)
 
 
 def _read_config(path: str | Path) -> Any:

@@ -121,6 +121,7 @@ class Tokenizer:
             raise TypeError(f"expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         self._tok = tokenizer
         self._added_ids = set(tokenizer.get_added_tokens_decoder())
+        self._stop_ids: frozenset[int] | None = None  # set_stop_ids: the checkpoint's eos_token_id
 
     # ---- loading and saving -------------------------------------------------------------------
 
@@ -269,8 +270,22 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Ids that end generation: <|im_end|> (chat) and <|endoftext|> (base model)."""
+        """Ids that end generation: the checkpoint's (``set_stop_ids``), else <|im_end|> (chat) and
+        <|endoftext|> (base model)."""
+        if self._stop_ids is not None:
+            return self._stop_ids
         return frozenset({self.im_end_id, self.endoftext_id})
+
+    def set_stop_ids(self, ids: frozenset[int] | None) -> None:
+        """End generation at these ids (a checkpoint's generation_config.json ``eos_token_id``, as transformers'
+        generate() does); None: the default pair."""
+        if ids is not None:
+            vocab = self.vocab_size
+            if not ids or any(not 0 <= i < vocab for i in ids):
+                raise ValueError(f"stop token ids {sorted(ids)} must be non-empty and within the tokenizer's "
+                                 f"{vocab} ids")
+            ids = frozenset(ids)
+        self._stop_ids = ids
 
     @property
     def vocab_size(self) -> int:
