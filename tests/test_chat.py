@@ -114,6 +114,19 @@ def test_parity_with_the_official_jinja_template(name):
     assert ours.count(AUDIO) == len(render_chat(messages).audios)
 
 
+def test_a_saved_tokenizer_renders_chats_in_transformers_as_we_do(tmp_path):
+    """Checkpoints we write carry the official template in tokenizer_config.json (as Qwen2-Audio-7B-Instruct's
+    does): transformers' tokenizer.apply_chat_template, which has no default, renders every conversation as
+    render_chat does."""
+    from transformers import AutoTokenizer
+
+    build_byte_level_tokenizer().save(tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    for messages, add_generation_prompt in CONVERSATIONS.values():
+        assert auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt) == \
+            render_chat(messages, add_generation_prompt=add_generation_prompt).text
+
+
 def test_parity_with_the_transformers_processor_end_to_end(tmp_path):
     """Our render + encode + expansion gives the ids transformers' Qwen2AudioProcessor gives."""
     from transformers import AutoTokenizer, Qwen2AudioProcessor, WhisperFeatureExtractor

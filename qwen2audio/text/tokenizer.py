@@ -185,7 +185,11 @@ class Tokenizer:
         return cls(tok)
 
     def save(self, directory: str | os.PathLike, eos_token: str = ENDOFTEXT) -> None:
-        """Writes tokenizer.json and a minimal tokenizer_config.json (loadable by AutoTokenizer)."""
+        """Writes tokenizer.json and a minimal tokenizer_config.json (loadable by AutoTokenizer), with the
+        official chat template, as Qwen2-Audio-7B-Instruct's file carries it (for transformers'
+        ``tokenizer.apply_chat_template``, which has no default of its own)."""
+        from .chat import HF_CHAT_TEMPLATE
+
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(out / TOKENIZER_FILE))
@@ -209,6 +213,7 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "errors": "replace",
             "split_special_tokens": False,
+            "chat_template": HF_CHAT_TEMPLATE,
         }
         with open(out / TOKENIZER_CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
