@@ -111,8 +111,11 @@ class Qwen2AudioConfig:
             text_raw["tie_word_embeddings"] = raw["tie_word_embeddings"]
         if "num_key_value_heads" in text_raw and text_raw["num_key_value_heads"] is None:  # as transformers: MHA
             text_raw["num_key_value_heads"] = text_raw.get("num_attention_heads", TextConfig.num_attention_heads)
+        audio_raw = raw.get("audio_config") or {}
+        if isinstance(audio_raw, dict):  # the reference's encoder uses LayerNorm's default whatever the file says
+            audio_raw = {k: v for k, v in audio_raw.items() if k != "layer_norm_eps"}
         return cls(
-            audio=_build(EncoderConfig, raw.get("audio_config") or {}, "audio_config"),
+            audio=_build(EncoderConfig, audio_raw, "audio_config"),
             text=_build(TextConfig, text_raw, "text_config"),
             audio_token_index=int(raw.get("audio_token_index", raw.get("audio_token_id", DEFAULT_AUDIO_TOKEN_INDEX))),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),

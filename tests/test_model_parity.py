@@ -29,13 +29,13 @@ def prompt_ids(n_audio: list[int], text=(7, 8, 9)) -> list[int]:
     return ids + list(text)
 
 
-def hf_encoder_states(ref, features, frame_mask):
-    """The reference's encoder output, masked as its forward() masks it."""
+def hf_encoder_states(ref, features, frame_mask, dtype=torch.float32):
+    """The reference's encoder output, masked as its forward() masks it (the mask in the model's dtype)."""
     lengths = frame_mask.sum(-1)
     feat_len = (lengths - 1) // 2 + 1
     S = features.shape[-1] // 2
     pad = torch.arange(S)[None, :] >= feat_len[:, None]
-    mask = torch.zeros(len(lengths), 1, S, S)
+    mask = torch.zeros(len(lengths), 1, S, S, dtype=dtype)
     mask[pad[:, None, None, :].expand(-1, 1, S, S)] = float("-inf")
     return ref.audio_tower(features, attention_mask=mask).last_hidden_state
 
@@ -105,3 +105,32 @@ def test_saved_by_us_loads_in_transformers(pair, tmp_path):
     again = load_model(tmp_path)
     for k, v in ours.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+@torch.no_grad()
+def test_a_float16_overflow_in_the_encoder_saturates_as_the_reference(tmp_path):
+    """In float16 the reference clamps each encoder layer's output to +-(65504 - 1000): a layer whose output
+    overflows (here every layer's fc2 bias pushed to 40,000: the second layer's output passes 65,504)
+    gives the same finite states as the reference, not inf and then NaN."""
+    name = sorted(CONFIGS)[0]
+    ref = hf_model(name)
+    assert len(ref.audio_tower.layers) >= 2
+    for layer in ref.audio_tower.layers:
+        layer.fc2.bias.fill_(40000.0)
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path).to(torch.float16)
+    ref = ref.to(torch.float16)
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    feats, fmask = hf_features([clip(2.0, 0)], n_mels)
+    expected = hf_encoder_states(ref, feats.half(), fmask, torch.float16)
+    got, counts = ours.audio_tower(feats.half(), fmask.sum(-1))
+    n = int(counts[0])
+    assert torch.isfinite(expected[0, :n]).all() and torch.isfinite(got[0, :n]).all()
+    assert (got[0, :n].float() - expected[0, :n].float()).abs().max().item() < 0.05
+
+
+def test_an_audio_layer_norm_eps_in_config_json_is_ignored_as_the_reference_ignores_it():
+    from qwen2audio.config import Qwen2AudioConfig
+
+    config = Qwen2AudioConfig.from_dict({"audio_config": {"layer_norm_eps": 1e-6}})
+    assert config.audio.layer_norm_eps == 1e-5

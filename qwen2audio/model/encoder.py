@@ -45,6 +45,9 @@ class EncoderAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
 
 
+FP16_CLAMP = torch.finfo(torch.float16).max - 1000  # the reference's bound for each layer's float16 output
+
+
 class EncoderLayer(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)); x + fc2(gelu(fc1(ln(x))))."""
 
@@ -58,7 +61,10 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        if x.dtype == torch.float16:  # as the reference: a float16 overflow saturates instead of turning inf
+            x = x.clamp(-FP16_CLAMP, FP16_CLAMP)
+        return x
 
 
 class AudioEncoder(nn.Module):
