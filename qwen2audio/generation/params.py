@@ -234,18 +234,13 @@ def greedy_call_settings(path: str | Path) -> dict[str, Any]:
 
 
 def generation_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], frozenset[int] | None]:
-    """``(load_generation_config(path), transcription_defaults(path), stop_token_ids(path))`` from one read
-    of the file."""
+    """``(load_generation_config(path), transcription_defaults(path), stop ids)`` from one read of the file;
+    the stop ids end a reply as transformers' generate() stops, at the file's ``eos_token_id`` (one id or a
+    list), or are None where the file or the key is missing (then the tokenizer's <|im_end|> and
+    <|endoftext|>, where transformers would generate to the length limit)."""
     config = _read_config(path)
     path = Path(path)
     return _sampling_settings(config, path), _transcription_settings(config, path), _stop_tokens(config, path)
-
-
-def stop_token_ids(path: str | Path) -> frozenset[int] | None:
-    """The ids that end a reply as transformers' generate() stops: the file's ``eos_token_id`` (one id or a
-    list); None where the file or the key is missing (then the tokenizer's <|im_end|> and <|endoftext|>,
-    where transformers would generate to the length limit)."""
-    return _stop_tokens(_read_config(path), Path(path))
 
 
 def _stop_tokens(config: Any, path: Path) -> frozenset[int] | None:
