@@ -137,12 +137,12 @@ class Qwen2Audio:
         directory = Path(directory)
         # the small file first: a mistake in it is told before the weights take seconds to load
         defaults, transcription, stops = generation_settings(directory / GENERATION_FILE)
+        model = load_model(directory, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_dir(directory)
         try:
             tokenizer.set_stop_ids(stops)  # the file's eos_token_id, as transformers' generate() stops
         except ValueError as err:
             raise CheckpointError(f"{directory / GENERATION_FILE}: eos_token_id: {err}") from None
-        model = load_model(directory, dtype=dtype, device=device)
         engine = Engine(model, tokenizer, quantize=quantize, compile=compile)
         engine.warm_up()
         return cls(engine, directory, defaults, transcription)
