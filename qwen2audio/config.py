@@ -147,6 +147,9 @@ class Qwen2AudioConfig:
             "audio_config": audio,
             "text_config": text,
             "audio_token_index": self.audio_token_index,
+            # the official release's (written by transformers 4.45): transformers 4.57.3 and later warn that a
+            # local folder whose config.json lacks it may hold a Mistral tokenizer with a wrong regex
+            "transformers_version": LAYOUT_TRANSFORMERS_VERSION,
         }
         if self.torch_dtype:
             out["torch_dtype"] = self.torch_dtype
@@ -155,6 +158,8 @@ class Qwen2AudioConfig:
     def save(self, directory: str | Path) -> None:
         Path(directory, CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+
+LAYOUT_TRANSFORMERS_VERSION = "4.45.0"
 
 _PLAIN_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 

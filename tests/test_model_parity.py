@@ -107,6 +107,26 @@ def test_saved_by_us_loads_in_transformers(pair, tmp_path):
         assert torch.equal(v, again.state_dict()[k]), k
 
 
+def test_transformers_loads_our_tokenizer_without_a_false_warning(pair, tmp_path, monkeypatch):
+    """transformers 4.57.3+ warns of a wrong Mistral regex for a local folder whose config.json has no
+    transformers_version (or a recent one): ours says the official release's, and no warning comes."""
+    import tokenizers
+    from transformers import AutoTokenizer
+    from transformers import tokenization_utils_base as base
+
+    name, ref, ours = pair
+    save_model(ours, tmp_path)
+    # transformers looks only at tokenizers of more than 100,000 tokens (Qwen2's has 151,643)
+    big = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(100_001)}, unk_token="t0"))
+    big.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    big.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    warned = []
+    monkeypatch.setattr(base.logger, "warning", lambda message, *a, **k: warned.append(str(message)))
+    AutoTokenizer.from_pretrained(tmp_path)
+    assert not [w for w in warned if "regex" in w]
+
+
 @torch.no_grad()
 def test_a_float16_overflow_in_the_encoder_saturates_as_the_reference(tmp_path):
     """In float16 the reference clamps each encoder layer's output to +-(65504 - 1000): a layer whose output

@@ -31,7 +31,8 @@ from .deltas import apply_deltas, check_base, describe, load_deltas
 from .parts import PretrainedFile, join, locate_all
 
 ASSEMBLY_VERSION = 4  # bump when the assembly gives another result for the same deltas (2: transcription cuts;
-# 3: transcription beams and fallback; 4: the chat template in tokenizer_config.json, for transformers)
+# 3: transcription beams and fallback; 4: for transformers, the chat template in tokenizer_config.json and
+# config.json's transformers_version)
 # Trained on clips of 1-8 s, the demo model transcribes a long recording best one stretch of speech at a time:
 # on two minutes of its held-out speech, cut at pauses of 0.3 s it writes 20.1 % of the words wrong, in chunks of
 # 30 s 81.9 % (docs/demo-model.md, "Long recordings"); and with 4 beams and the fallback it writes 15 % fewer
