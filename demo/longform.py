@@ -29,7 +29,6 @@ from qwen2audio.audio.features import chunk_samples, cut_windows, pause_samples
 from qwen2audio.eval.metrics import corpus_score, get_metric
 
 
-
 def recording(data: Path, clips: int, gap: float) -> tuple[np.ndarray, str, list[int]]:
     """The first ``clips`` items of DATA/eval/asr.jsonl joined with ``gap`` s of silence after each, their
     references joined by spaces, and where each clip (with its silence) ends."""
