@@ -502,3 +502,56 @@ def test_loading_peak_memory_is_about_one_copy_of_the_weights(tmp_path):
     ratio = int(growth) / weight_bytes
     print(f"peak growth {ratio:.2f}x the weight bytes")
     assert ratio < 1.6, f"loading {weight_bytes / 1e6:.0f} MB of weights grew the process by {ratio:.2f}x"
+
+
+# -- preprocessor_config.json ---------------------------------------------------------------------------
+def _with_preprocessor(saved, tmp_path, **settings):
+    """The 80-mel test checkpoint with a preprocessor_config.json that transformers' own
+    WhisperFeatureExtractor writes, with ``settings`` passed to it (None: write raw text instead)."""
+    from transformers import WhisperFeatureExtractor
+
+    _, path = saved["mha_untied_80"]
+    copy_config(path, tmp_path)
+    (tmp_path / SINGLE).symlink_to(path / SINGLE)
+    WhisperFeatureExtractor(**{"feature_size": 80, **settings}).save_pretrained(tmp_path)
+    return path
+
+
+def test_preprocessor_config_transformers_writes_for_the_model_loads(saved, tmp_path, recwarn):
+    path = _with_preprocessor(saved, tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["feature_size"] == 80
+    assert_same_weights(load_model(tmp_path), load_model(path))
+    assert not [w for w in recwarn if "preprocessor" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:At least one mel filter")  # transformers' own, for 8 kHz with 80 mels
+@pytest.mark.parametrize("settings, named", [
+    ({"feature_size": 128}, r"feature_size 128 \(ours: 80\) \(config\.json's num_mel_bins\)"),
+    ({"sampling_rate": 8000}, r"sampling_rate 8000 \(ours: 16000\)"),
+    ({"hop_length": 320}, r"hop_length 320 \(ours: 160\)"),
+    ({"chunk_length": 20}, r"chunk_length 20 \(ours: 30\)"),
+])
+def test_preprocessor_settings_our_front_end_does_not_compute_are_refused(saved, tmp_path, settings, named):
+    _with_preprocessor(saved, tmp_path, **settings)
+    with pytest.raises(CheckpointError, match=r"preprocessor_config\.json asks for features .*" + named):
+        load_model(tmp_path)
+
+
+def test_preprocessor_dither_is_warned_about_and_the_model_loads(saved, tmp_path):
+    path = _with_preprocessor(saved, tmp_path, dither=1e-4)
+    with pytest.warns(UserWarning, match=r"dither 0\.0001: qwen2audio computes features without it"):
+        model = load_model(tmp_path)
+    assert_same_weights(model, load_model(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"not readable JSON"),
+    ("[1, 2]", r"not a JSON object"),
+    ('{"feature_extractor_type": "SeamlessM4TFeatureExtractor"}', r"WhisperFeatureExtractor\) only"),
+    ('{"dither": "a little"}', r"dither must be a number >= 0, got 'a little'"),
+])
+def test_a_bad_preprocessor_config_is_named(saved, tmp_path, text, message):
+    _with_preprocessor(saved, tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"preprocessor_config\.json.*" + message):
+        load_model(tmp_path)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 from ..audio.features import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE, WINDOW_SECONDS
+from ..errors import CheckpointError
 from ..generation.params import SamplingParams, to_generation_config
 from ..text import Tokenizer
 
@@ -30,6 +33,45 @@ def write_preprocessor_config(directory: str | Path, n_mels: int) -> None:
         "return_attention_mask": True,
     }
     Path(directory, PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def check_preprocessor_config(directory: str | Path, n_mels: int) -> None:
+    """Raise CheckpointError where a checkpoint's preprocessor_config.json asks for features other than the
+    ones our front end computes (``audio.features``), which would reach the encoder unlike those it was
+    trained on: another sampling rate, STFT, window length or padding value, or a ``feature_size`` other
+    than config.json's ``num_mel_bins``. A missing file is fine (the official settings are ours). A
+    ``dither`` above 0 (Gaussian noise transformers adds to the waveform, random in every call) is
+    warned about and not applied."""
+    path = Path(directory, PREPROCESSOR_FILE)
+    if not path.is_file():
+        return
+    try:
+        config: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not readable JSON ({err}); fix it, or delete it (the front end's "
+                              "settings are the official ones)") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object; fix it or delete it")
+    kind = config.get("feature_extractor_type", "WhisperFeatureExtractor")
+    if kind != "WhisperFeatureExtractor":
+        raise CheckpointError(f"{path}: feature_extractor_type is {kind!r}; qwen2audio computes Whisper's "
+                              "log-mel features (WhisperFeatureExtractor) only")
+    ours = {"feature_size": n_mels, "sampling_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH, "n_fft": N_FFT,
+            "chunk_length": WINDOW_SECONDS, "n_samples": N_SAMPLES, "nb_max_frames": N_FRAMES,
+            "padding_value": 0.0}
+    wrong = [f"{key} {config[key]!r} (ours: {value!r})" for key, value in ours.items()
+             if key in config and config[key] != value]
+    if wrong:
+        where = " (config.json's num_mel_bins)" if "feature_size" in config and config["feature_size"] != n_mels else ""
+        raise CheckpointError(f"{path} asks for features that qwen2audio does not compute: {'; '.join(wrong)}"
+                              f"{where}. The encoder would hear audio unlike its training; fix the file if it "
+                              "is wrong")
+    dither = config.get("dither", 0.0)
+    if not isinstance(dither, (int, float)) or isinstance(dither, bool) or dither < 0:
+        raise CheckpointError(f"{path}: dither must be a number >= 0, got {dither!r}")
+    if dither > 0:
+        warnings.warn(f"{path} asks for dither {dither}: qwen2audio computes features without it (transformers "
+                      "adds Gaussian noise of that scale to the waveform, different in every call)", stacklevel=3)
 
 
 def write_generation_config(directory: str | Path, pad_id: int, eos_ids: list[int]) -> None:

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from ..atomic import atomic_path, atomic_write_text
 from ..config import CONFIG_FILE, Qwen2AudioConfig
 from ..errors import CheckpointError  # defined without torch, for the command line
+from .files import check_preprocessor_config
 from ..model import Qwen2AudioModel
 
 SINGLE_FILE = "model.safetensors"
@@ -168,6 +169,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = Qwen2AudioConfig.from_file(directory)
+    check_preprocessor_config(directory, config.audio.num_mel_bins)
     target_dtype = resolve_dtype(dtype)
     files = weight_files(directory)  # every file checked before any is read
     with torch.device("meta"):
