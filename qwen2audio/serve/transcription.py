@@ -53,7 +53,7 @@ from ..api import speech_prompt
 from ..audio.features import SAMPLE_RATE, chunk_samples, pause_samples, speech_windows
 from ..eval.translation import language_name
 from ..generation import fallback as F
-from ..generation.params import SamplingParams, transcription_cuts
+from ..generation.params import SamplingParams, transcription_cuts, transcription_decoding
 from ..generation.reply import logprob_entries
 from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
@@ -100,14 +100,15 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     with_logprobs = _include_logprobs(form, response_format)
     stream = _stream(form, response_format)
     temperature = _temperature(form)
-    if num_beams is None:
-        num_beams = backend.transcription_defaults.get("num_beams", 1)
-    if fallback is None:
-        fallback = backend.transcription_defaults.get("fallback", False)
-    beams = _num_beams(form, num_beams if temperature == 0 else 1)  # the server's default: for temperature 0
-    params = SamplingParams(temperature=temperature, max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
-                            logprobs=0 if with_logprobs or response_format == "verbose_json" else None,
-                            num_beams=beams)
+    # the request's num_beams, else the server's flags, else the checkpoint's, as the Python API decides
+    server = {"num_beams": num_beams, "fallback": fallback}
+    defaults = {"num_beams": 1, "fallback": False, **backend.transcription_defaults,
+                **{k: v for k, v in server.items() if v is not None}}
+    beams = _num_beams(form)
+    sampling, fallback = transcription_decoding(
+        defaults, {"temperature": temperature, **({"num_beams": beams} if beams is not None else {})})
+    params = SamplingParams(**sampling, max_new_tokens=min(WINDOW_MAX_TOKENS, max_tokens),
+                            logprobs=0 if with_logprobs or response_format == "verbose_json" else None)
     # the server's flags, else the checkpoint's settings; a request's chunking_strategy over both
     chunk_seconds, cut_at_pauses = transcription_cuts(backend.transcription_defaults, chunk_seconds, cut_at_pauses)
     pause = _chunking(form, cut_at_pauses)
@@ -118,7 +119,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     prompt = speech_prompt(language, None if task == TRANSCRIBE else TARGET_LANGUAGE)
     windows = await run_in_threadpool(speech_windows, wave, chunk_samples(chunk_seconds), pause_samples(pause))
     events = _window_events(request, backend, prompt, windows, params, metrics, arrived, endpoint,
-                            fallback=fallback and params.greedy, live=stream)
+                            fallback=fallback, live=stream)
     if stream:
         return await _streamed(events, backend, with_logprobs,
                                wave.shape[0] / SAMPLE_RATE if response_format == "verbose_json" else None)
@@ -336,10 +337,10 @@ def _temperature(form) -> float:
     return temperature
 
 
-def _num_beams(form, default: int) -> int:
+def _num_beams(form) -> int | None:
     value = _field(form, "num_beams")
     if value is None:
-        return default
+        return None
     try:
         beams = int(value)
     except ValueError:
