@@ -296,9 +296,10 @@ def test_a_busy_server_is_said_and_the_turn_kept(browser, tmp_path):
         assert page_.input_value("#text") == "Hello?" and page_.is_visible("#attachment")
 
 
-def test_a_file_longer_than_the_server_takes_is_refused_before_sending(browser, tmp_path):
+@pytest.mark.parametrize("seconds, shown", [(2.46, "0:02.5"), (59.96, "1:00.0")])
+def test_a_file_longer_than_the_server_takes_is_refused_before_sending(browser, tmp_path, seconds, shown):
     clip = tmp_path / "long.wav"
-    clip.write_bytes(wav_bytes(3.0))
+    clip.write_bytes(wav_bytes(seconds))  # its length in tenths: in whole seconds 2.46 would read as the limit
     backend = FakeBackend()
     app, _ = fake_app(backend, max_seconds=2.0)
     with running(app) as url:
@@ -306,7 +307,7 @@ def test_a_file_longer_than_the_server_takes_is_refused_before_sending(browser, 
         page_.set_input_files("#file", str(clip))
         page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
         message = page_.inner_text("#error-text")
-        assert '"long.wav" is 0:03 long' in message and "at most 0:02" in message, message
+        assert f'"long.wav" is {shown} long' in message and "at most 0:02" in message, message
         assert page_.is_hidden("#attachment") and backend.requests == []
 
 
@@ -470,7 +471,7 @@ def test_transcribe_shows_the_apis_segments_and_offers_its_subtitles(browser, mo
     """Transcribe: the attached file's transcript from /v1/audio/transcriptions, streamed, a line per segment
     with its times, and .srt / .vtt downloads equal to what the server returns in those formats; the audio stays
     attached, and the transcript is no turn of the conversation."""
-    data = wav_bytes(35.0, seed=2)  # two windows
+    data = wav_bytes(35.7, seed=2)  # two windows; the title counts whole seconds as the audio player does
     clip = tmp_path / "long.wav"
     clip.write_bytes(data)
 
@@ -507,7 +508,7 @@ def test_transcribe_shows_the_apis_segments_and_offers_its_subtitles(browser, mo
 def test_a_transcript_cut_short_keeps_what_was_done(browser, model_server, tmp_path):
     """A stream that ends before its done event (the server went away after the first window): the first
     window's line stays, with its times, marked failed, and the error says so; no downloads of a part."""
-    data = wav_bytes(35.0, seed=2)  # two windows
+    data = wav_bytes(35.7, seed=2)  # two windows; the title counts whole seconds as the audio player does
     clip = tmp_path / "long.wav"
     clip.write_bytes(data)
     res = httpx.post(model_server + "/v1/audio/transcriptions", timeout=120, files={"file": ("long.wav", data)},

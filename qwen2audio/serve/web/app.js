@@ -169,10 +169,10 @@ function checkLength(seconds, what) {
   const limit = state.config.max_audio_seconds;
   const earlier = state.history.reduce((sum, t) => sum + (t.audio && t.audio.seconds ? t.audio.seconds : 0), 0);
   if (seconds > limit) {
-    throw new UserError(`${what} is ${clock(seconds)} long; this server takes at most ${clock(limit)} of audio.`);
+    throw new UserError(`${what} is ${stamp(seconds)} long; this server takes at most ${clock(limit)} of audio.`);
   }
   if (earlier + seconds > limit) {
-    throw new UserError(`${what} (${clock(seconds)}) with the conversation's earlier audio (${clock(earlier)}) is ` +
+    throw new UserError(`${what} (${stamp(seconds)}) with the conversation's earlier audio (${stamp(earlier)}) is ` +
                         `more than the ${clock(limit)} this server takes: start a new chat.`);
   }
 }
@@ -528,7 +528,10 @@ function subtitles(segments, kind) {
 
 /** 83.25 -> "1:23.3"; full: "00:01:23.250" (hours, minutes, seconds, milliseconds). */
 function stamp(seconds, full = false) {
-  if (!full) return `${Math.floor(seconds / 60)}:${(seconds % 60).toFixed(1).padStart(4, "0")}`;
+  if (!full) {
+    const tenths = Math.round(seconds * 10); // 59.96 -> "1:00.0", not "0:60.0"
+    return `${Math.floor(tenths / 600)}:${((tenths % 600) / 10).toFixed(1).padStart(4, "0")}`;
+  }
   const ms = Math.round(seconds * 1000);
   const pad = (n, w = 2) => String(n).padStart(w, "0");
   return `${pad(Math.floor(ms / 3600000))}:${pad(Math.floor(ms / 60000) % 60)}:${pad(Math.floor(ms / 1000) % 60)}.${pad(ms % 1000, 3)}`;
@@ -674,8 +677,9 @@ function base64(bytes) {
   return btoa(binary);
 }
 
+/** 36.87 -> "0:36": whole seconds gone by, as the browser's audio player counts them. */
 function clock(seconds) {
-  const s = Math.round(seconds);
+  const s = Math.floor(seconds);
   return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
 }
 
