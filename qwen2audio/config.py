@@ -106,9 +106,7 @@ class Qwen2AudioConfig:
             raise ValueError(f"config.json: text_config must be an object of settings, got {type(text_raw).__name__}")
         text_raw = dict(text_raw)
         _reject_unsupported_text_options(text_raw)
-        # Older transformers wrote tie_word_embeddings only at the top level.
-        if "tie_word_embeddings" not in text_raw and "tie_word_embeddings" in raw and raw.get("text_config") is None:
-            text_raw["tie_word_embeddings"] = raw["tie_word_embeddings"]
+        # A top-level tie_word_embeddings is not read: transformers ties the head by text_config's alone.
         if "num_key_value_heads" in text_raw and text_raw["num_key_value_heads"] is None:  # as transformers: MHA
             text_raw["num_key_value_heads"] = text_raw.get("num_attention_heads", TextConfig.num_attention_heads)
         audio_raw = raw.get("audio_config") or {}

@@ -95,6 +95,10 @@ PARTIAL_CONFIGS = {
         "audio_token_index": 7,
     },
     "no_audio_config": {"model_type": "qwen2_audio", "text_config": {"vocab_size": 1000, "rope_theta": 1e6}},
+    # transformers reads tie_word_embeddings from text_config only: at the top level it ties nothing
+    "top_level_tie_only": {"model_type": "qwen2_audio", "tie_word_embeddings": True},
+    "top_level_tie_beside_text_config": {"model_type": "qwen2_audio", "tie_word_embeddings": True,
+                                         "text_config": {"vocab_size": 1000}},
 }
 
 
