@@ -530,7 +530,7 @@ def test_preprocessor_config_transformers_writes_for_the_model_loads(saved, tmp_
 
 @pytest.mark.filterwarnings("ignore:At least one mel filter")  # transformers' own, for 8 kHz with 80 mels
 @pytest.mark.parametrize("settings, named", [
-    ({"feature_size": 128}, r"feature_size 128 \(ours: 80\) \(config\.json's num_mel_bins\)"),
+    ({"feature_size": 128}, r"feature_size 128 \(config\.json's num_mel_bins: 80\)"),
     ({"sampling_rate": 8000}, r"sampling_rate 8000 \(ours: 16000\)"),
     ({"hop_length": 320}, r"hop_length 320 \(ours: 160\)"),
     ({"chunk_length": 20}, r"chunk_length 20 \(ours: 30\)"),

@@ -59,13 +59,13 @@ def check_preprocessor_config(directory: str | Path, n_mels: int) -> None:
     ours = {"feature_size": n_mels, "sampling_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH, "n_fft": N_FFT,
             "chunk_length": WINDOW_SECONDS, "n_samples": N_SAMPLES, "nb_max_frames": N_FRAMES,
             "padding_value": 0.0}
-    wrong = [f"{key} {config[key]!r} (ours: {value!r})" for key, value in ours.items()
+    whose = {"feature_size": "config.json's num_mel_bins"}
+    wrong = [f"{key} {config[key]!r} ({whose.get(key, 'ours')}: {value!r})" for key, value in ours.items()
              if key in config and config[key] != value]
     if wrong:
-        where = " (config.json's num_mel_bins)" if "feature_size" in config and config["feature_size"] != n_mels else ""
-        raise CheckpointError(f"{path} asks for features that qwen2audio does not compute: {'; '.join(wrong)}"
-                              f"{where}. The encoder would hear audio unlike its training; fix the file if it "
-                              "is wrong")
+        raise CheckpointError(f"{path} asks for features that qwen2audio does not compute: {'; '.join(wrong)}. "
+                              "The encoder would hear audio unlike what it was trained on: fix the file if it "
+                              "is wrong; a model trained on such features needs another front end")
     dither = config.get("dither", 0.0)
     if not isinstance(dither, (int, float)) or isinstance(dither, bool) or dither < 0:
         raise CheckpointError(f"{path}: dither must be a number >= 0, got {dither!r}")
