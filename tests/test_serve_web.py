@@ -296,10 +296,10 @@ def test_a_busy_server_is_said_and_the_turn_kept(browser, tmp_path):
         assert page_.input_value("#text") == "Hello?" and page_.is_visible("#attachment")
 
 
-@pytest.mark.parametrize("seconds, shown", [(2.46, "0:02.5"), (59.96, "1:00.0")])
+@pytest.mark.parametrize("seconds, shown", [(2.46, "0:02.5"), (2.02, "0:02.1"), (59.96, "1:00.0")])
 def test_a_file_longer_than_the_server_takes_is_refused_before_sending(browser, tmp_path, seconds, shown):
     clip = tmp_path / "long.wav"
-    clip.write_bytes(wav_bytes(seconds))  # its length in tenths: in whole seconds 2.46 would read as the limit
+    clip.write_bytes(wav_bytes(seconds))  # its length in tenths, rounded up: in whole seconds 2.46 read as the limit
     backend = FakeBackend()
     app, _ = fake_app(backend, max_seconds=2.0)
     with running(app) as url:

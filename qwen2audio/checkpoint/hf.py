@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from ..atomic import atomic_path, atomic_write_text
 from ..config import CONFIG_FILE, Qwen2AudioConfig
 from ..errors import CheckpointError  # defined without torch, for the command line
-from .files import check_preprocessor_config
 from ..model import Qwen2AudioModel
+from .files import check_preprocessor_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

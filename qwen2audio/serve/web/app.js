@@ -168,12 +168,15 @@ async function duration(bytes) {
 function checkLength(seconds, what) {
   const limit = state.config.max_audio_seconds;
   const earlier = state.history.reduce((sum, t) => sum + (t.audio && t.audio.seconds ? t.audio.seconds : 0), 0);
+  // tenths, rounded up, where a length is over: 2.04 s over a 2 s limit reads "0:02.1", not "0:02.0"
+  const over = (s) => stamp(Math.ceil(s * 10) / 10);
+  const most = Number.isInteger(limit) ? clock(limit) : stamp(limit);
   if (seconds > limit) {
-    throw new UserError(`${what} is ${stamp(seconds)} long; this server takes at most ${clock(limit)} of audio.`);
+    throw new UserError(`${what} is ${over(seconds)} long; this server takes at most ${most} of audio.`);
   }
   if (earlier + seconds > limit) {
-    throw new UserError(`${what} (${stamp(seconds)}) with the conversation's earlier audio (${stamp(earlier)}) is ` +
-                        `more than the ${clock(limit)} this server takes: start a new chat.`);
+    throw new UserError(`${what} (${over(seconds)}) with the conversation's earlier audio (${stamp(earlier)}) is ` +
+                        `more than the ${most} this server takes: start a new chat.`);
   }
 }
 
