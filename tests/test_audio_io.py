@@ -155,6 +155,23 @@ def test_integer_pcm_arrays_are_scaled_to_unit_range():
     assert load_audio(np.array([128, 255, 0], dtype=np.uint8), sample_rate=SAMPLE_RATE, min_samples=1)[0] == 0.0
 
 
+def test_integer_pcm_stored_as_floats_is_warned_about_and_used(tmp_path, recwarn):
+    from qwen2audio import AudioWarning
+
+    pcm = (np.sin(np.linspace(0, 200 * np.pi, SAMPLE_RATE)) * 12000).astype(np.int16)
+    with pytest.warns(AudioWarning, match=r"<array>: float samples reach 1\.2e\+04, far past full scale .*integer array"):
+        loud = load_audio(pcm.astype(np.float32), sample_rate=SAMPLE_RATE)
+    np.testing.assert_array_equal(loud, pcm.astype(np.float32))  # nothing changed: the model hears what was given
+    path = tmp_path / "loud.wav"
+    soundfile.write(path, pcm.astype(np.float32), SAMPLE_RATE, subtype="FLOAT")  # a float wav holds them too
+    with pytest.warns(AudioWarning, match=r"loud\.wav: float samples reach .* divide the file's samples by 32768"):
+        load_audio(path)
+    recwarn.clear()
+    load_audio(pcm, sample_rate=SAMPLE_RATE)  # integer PCM is scaled: no warning
+    load_audio(pcm.astype(np.float32) / 32768 * 3, sample_rate=SAMPLE_RATE)  # hot, +10 dB past full scale
+    assert not [w for w in recwarn if issubclass(w.category, AudioWarning)]
+
+
 def test_array_without_sample_rate_is_refused():
     with pytest.raises(AudioError, match=r"<array>.*sample_rate"):
         load_audio(np.zeros(16000, dtype=np.float32))

@@ -51,6 +51,9 @@ AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".
 EXACT_LENGTH_FORMATS = frozenset({"FLAC"})
 MAX_CHANNELS = 8  # a 2-D array with more "channels" than this is almost surely a batch of clips
 RESAMPLE_QUALITY = "HQ"  # soxr high quality: 20-bit precision, passband flat to 91 % of Nyquist
+# A float sample past this is no recording at full scale (+-1.0) turned up a little: most likely integer PCM
+# stored as floats (16-bit: up to 32767), which the model would hear about 90 dB too loud
+LOUD_FLOAT_PEAK = 4.0
 CONVERT_HINT = "convert it to 16-bit wav, e.g. `ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav`"
 
 AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray, torch.Tensor]
@@ -93,6 +96,12 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
         raise AudioError(f"{label}: the audio is empty (0 samples); pass a recording with some sound in it")
     if not np.isfinite(samples).all():
         raise AudioError(f"{label}: the audio contains NaN or infinite samples; check how it was produced")
+    peak = float(max(samples.max(), -samples.min()))
+    if peak > LOUD_FLOAT_PEAK:
+        fix = ("divide 16-bit samples by 32768, or pass the integer array (it is scaled)"
+               if isinstance(source, (np.ndarray, torch.Tensor)) else "divide the file's samples by 32768")
+        warnings.warn(f"{label}: float samples reach {peak:.4g}, far past full scale (1.0): integer PCM stored as "
+                      f"floats? If so, {fix}. The model hears the audio as it is", AudioWarning, stacklevel=2)
 
     mono = np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32))  # (n,) average of the channels
     if rate != SAMPLE_RATE:
