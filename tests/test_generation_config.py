@@ -51,6 +51,7 @@ NEW = 12
     ({"num_beams": 4, "length_penalty": 0.5}, {"temperature": 0.0, "num_beams": 4, "length_penalty": 0.5}),
     ({"num_beams": 3}, {"temperature": 0.0, "num_beams": 3}),  # transformers' length_penalty 1: ours too
     ({"num_beams": 1, "length_penalty": 2.0}, {"temperature": 0.0}),  # one beam: no length penalty to apply
+    ({"min_new_tokens": 3}, {"temperature": 0.0, "min_new_tokens": 3}),  # transformers applies it: so do we
 ])
 def test_settings_from_a_generation_config(config, expected):
     assert from_generation_config(config) == expected
@@ -143,7 +144,8 @@ def test_the_file_we_write_reads_back_as_our_defaults(tmp_path):
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=20, top_p=0.5,
                                                                      repetition_penalty=1.1, max_new_tokens=99),
-                                    SamplingParams(num_beams=4, length_penalty=0.8)])
+                                    SamplingParams(num_beams=4, length_penalty=0.8),
+                                    SamplingParams(min_new_tokens=2)])
 def test_settings_round_trip(params):
     assert SamplingParams(**from_generation_config(to_generation_config(params))) == params
 
@@ -276,6 +278,32 @@ def test_the_files_other_keys_load_without_warnings(instruct_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Qwen2Audio.load(instruct_dir)
+
+
+@pytest.mark.parametrize("config,named", [
+    ({**INSTRUCT_FILE, "no_repeat_ngram_size": 3, "suppress_tokens": [5, 6]},
+     "no_repeat_ngram_size 3, suppress_tokens [5, 6]"),
+    ({"do_sample": True, "typical_p": 0.9, "min_p": 0.05}, "typical_p 0.9, min_p 0.05"),
+    ({"num_beams": 4, "early_stopping": True}, "early_stopping true"),
+    ({"do_sample": False, "typical_p": 0.9, "early_stopping": True, "guidance_scale": 1, "min_length": 0}, None),
+])
+def test_settings_transformers_would_apply_and_we_do_not_are_warned_about_at_load(instruct_dir, tmp_path, config,
+                                                                                  named):
+    """A file whose settings we cannot apply loads, with one warning naming them; settings that would do
+    nothing in transformers either (a sampling filter without sampling, early_stopping with one beam,
+    guidance at scale 1) are not named."""
+    for file in instruct_dir.iterdir():
+        (tmp_path / file.name).symlink_to(file)
+    (tmp_path / GENERATION_FILE).unlink()
+    (tmp_path / GENERATION_FILE).write_text(json.dumps({**config, "eos_token_id": sorted(TOKENIZER.stop_ids)}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Qwen2Audio.load(tmp_path)
+    said = [str(w.message) for w in caught if "does not apply" in str(w.message)]
+    if named is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and f"asks for {named}, which qwen2audio does not apply" in said[0], said
 
 
 @pytest.mark.parametrize("config,expected", [

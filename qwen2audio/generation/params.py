@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -89,7 +90,17 @@ class SamplingParams:
 HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float}  # used only when do_sample is true
 BEAM_KEYS = {"num_beams": int, "length_penalty": float}  # beam search, or beam sampling with do_sample
-ALWAYS_KEYS = {"repetition_penalty": float, "max_new_tokens": int}  # used whatever do_sample says
+ALWAYS_KEYS = {"repetition_penalty": float, "max_new_tokens": int, "min_new_tokens": int}  # whatever do_sample says
+# Keys transformers' generate() acts on that qwen2audio does not implement, with transformers' defaults (a
+# file that leaves them there loses nothing): a file that changes one is loaded with a warning naming it.
+UNAPPLIED_DEFAULTS = {"no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+                      "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                      "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0,
+                      "exponential_decay_length_penalty": None, "encoder_repetition_penalty": 1.0,
+                      "guidance_scale": None, "penalty_alpha": None, "dola_layers": None,
+                      "num_beam_groups": 1, "diversity_penalty": 0.0}
+UNAPPLIED_SAMPLING_DEFAULTS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None}
+UNAPPLIED_BEAM_DEFAULTS = {"early_stopping": False}  # ours: transformers' False (its heuristic end), only
 
 
 def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,11 +110,11 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
     do_sample false (or absent): greedy, by beam search when num_beams > 1 (with length_penalty), and the
     file's temperature / top_k / top_p are not used; do_sample true: those three, each with transformers'
     default where the file leaves it out (so a file that says only do_sample true samples with top_k 50,
-    as transformers does), by beam sampling when num_beams > 1. repetition_penalty and max_new_tokens
-    apply either way. Other
-    keys are not ours to apply: stop tokens come from the tokenizer, max_length (prompt + reply, and an
-    audio prompt alone can exceed it) gives way to max_new_tokens, and keys of methods not implemented
-    here (n-gram blocking, beam search's early_stopping other than false) are ignored.
+    as transformers does), by beam sampling when num_beams > 1. repetition_penalty, max_new_tokens and
+    min_new_tokens apply either way. Other keys are not read here: the stop ids (eos_token_id) are
+    ``generation_settings``' third part, max_length (prompt + reply, and an audio prompt alone can exceed
+    it) gives way to max_new_tokens, and methods not implemented here (n-gram blocking, typical sampling,
+    beam search's early_stopping other than false, ...: ``unapplied_settings``) are warned about at load.
     """
     settings = {k: v for k, v in config.items() if v is not None}
     sampling = settings.get("do_sample", HF_DEFAULTS["do_sample"])
@@ -123,6 +134,22 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
         kwargs.pop("num_beams", None)
         kwargs.pop("length_penalty", None)
     return kwargs
+
+
+def unapplied_settings(config: Mapping[str, Any]) -> list[str]:
+    """The settings of a generation_config.json that transformers' generate() would apply and qwen2audio
+    does not, as "key value" (empty where the file keeps transformers' defaults for all of them). Sampling
+    filters count only where the file samples, early_stopping only with beams."""
+    wanted = dict(UNAPPLIED_DEFAULTS)
+    if config.get("do_sample") is True:
+        wanted.update(UNAPPLIED_SAMPLING_DEFAULTS)
+    beams = config.get("num_beams")
+    if isinstance(beams, int) and beams > 1:
+        wanted.update(UNAPPLIED_BEAM_DEFAULTS)
+    changed = {k: config[k] for k, default in wanted.items() if k in config and config[k] != default}
+    if changed.get("guidance_scale") == 1:  # classifier-free guidance at scale 1 is the plain model
+        del changed["guidance_scale"]
+    return [f"{k} {json.dumps(v)}" for k, v in changed.items()]
 
 
 def chat_settings(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,6 +177,8 @@ def to_generation_config(params: SamplingParams) -> dict[str, Any]:
         config["repetition_penalty"] = params.repetition_penalty
     if params.beams:
         config.update(num_beams=params.num_beams, length_penalty=params.length_penalty)
+    if params.min_new_tokens:
+        config["min_new_tokens"] = params.min_new_tokens
     return config
 
 
@@ -240,7 +269,12 @@ def generation_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any
     <|endoftext|>, where transformers would generate to the length limit)."""
     config = _read_config(path)
     path = Path(path)
-    return _sampling_settings(config, path), _transcription_settings(config, path), _stop_tokens(config, path)
+    settings = _sampling_settings(config, path), _transcription_settings(config, path), _stop_tokens(config, path)
+    unapplied = unapplied_settings(config) if isinstance(config, dict) else []
+    if unapplied:
+        warnings.warn(f"{path} asks for {', '.join(unapplied)}, which qwen2audio does not apply (transformers' "
+                      "generate() would): replies may differ from its", stacklevel=2)
+    return settings
 
 
 def _stop_tokens(config: Any, path: Path) -> frozenset[int] | None:
