@@ -2,13 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .errors import AudioError, AudioWarning, CheckpointError  # noqa: E402  (no torch needed)
+from .errors import AudioError, AudioWarning, CheckpointError, CheckpointWarning  # noqa: E402  (no torch needed)
 
 # The model classes import torch (about a second): loaded on first use, so that `qwen2audio --help`
 # and the error classes stay fast.
 _LAZY = {"Conversation": ".api", "Qwen2Audio": ".api", "SamplingParams": ".generation.params"}
 
-__all__ = ["AudioError", "AudioWarning", "CheckpointError", "Conversation", "Qwen2Audio", "SamplingParams",
+__all__ = ["AudioError", "AudioWarning", "CheckpointError", "CheckpointWarning", "Conversation", "Qwen2Audio", "SamplingParams",
            "__version__"]
 
 

@@ -281,12 +281,14 @@ def _load(args):
 
 
 def load_quietly(args):
-    """Qwen2Audio.load with the model options (``_model_args``), torch's warnings hidden; a compile that
-    failed is said on stderr all the same."""
+    """Qwen2Audio.load with the model options (``_model_args``), the libraries' warnings hidden but the
+    checkpoint's own (CheckpointWarning) shown; a compile that failed is said on stderr all the same."""
     from .api import Qwen2Audio
+    from .errors import CheckpointWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        warnings.simplefilter("default", CheckpointWarning)
         model = Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize,
                                 compile=args.compile)
     if model.engine.compile_error:

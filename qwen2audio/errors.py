@@ -15,3 +15,9 @@ class CheckpointError(ValueError):
 class AudioWarning(UserWarning):
     """Audio that was used but is not what its file promised (e.g. a file cut short). Turn it into an
     error with ``warnings.simplefilter("error", AudioWarning)`` where partial audio must not pass."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but asks for something qwen2audio does not do (a generation setting it does
+    not implement, dithered features): its replies may differ from transformers'. The command line shows
+    these even while it hides the libraries' own warnings at load."""

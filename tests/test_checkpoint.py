@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qwen2audio import CheckpointWarning
 from qwen2audio.checkpoint import CheckpointError, hf, load_model, save_model
 from qwen2audio.config import EncoderConfig, Qwen2AudioConfig, TextConfig
 from qwen2audio.model import Qwen2AudioModel
@@ -543,7 +544,7 @@ def test_preprocessor_settings_our_front_end_does_not_compute_are_refused(saved,
 
 def test_preprocessor_dither_is_warned_about_and_the_model_loads(saved, tmp_path):
     path = _with_preprocessor(saved, tmp_path, dither=1e-4)
-    with pytest.warns(UserWarning, match=r"dither 0\.0001: qwen2audio computes features without it"):
+    with pytest.warns(CheckpointWarning, match=r"dither 0\.0001: qwen2audio computes features without it"):
         model = load_model(tmp_path)
     assert_same_weights(model, load_model(path))
 

@@ -280,6 +280,15 @@ def test_the_files_other_keys_load_without_warnings(instruct_dir):
         Qwen2Audio.load(instruct_dir)
 
 
+def with_generation_config(model_dir: Path, out: Path, config: dict) -> Path:
+    """``out``: ``model_dir``'s files (linked) with ``config`` as generation_config.json."""
+    for file in model_dir.iterdir():
+        if file.name != GENERATION_FILE:
+            (out / file.name).symlink_to(file)
+    (out / GENERATION_FILE).write_text(json.dumps({**config, "eos_token_id": sorted(TOKENIZER.stop_ids)}))
+    return out
+
+
 @pytest.mark.parametrize("config,named", [
     ({**INSTRUCT_FILE, "no_repeat_ngram_size": 3, "suppress_tokens": [5, 6]},
      "no_repeat_ngram_size 3, suppress_tokens [5, 6]"),
@@ -292,10 +301,7 @@ def test_settings_transformers_would_apply_and_we_do_not_are_warned_about_at_loa
     """A file whose settings we cannot apply loads, with one warning naming them; settings that would do
     nothing in transformers either (a sampling filter without sampling, early_stopping with one beam,
     guidance at scale 1) are not named."""
-    for file in instruct_dir.iterdir():
-        (tmp_path / file.name).symlink_to(file)
-    (tmp_path / GENERATION_FILE).unlink()
-    (tmp_path / GENERATION_FILE).write_text(json.dumps({**config, "eos_token_id": sorted(TOKENIZER.stop_ids)}))
+    with_generation_config(instruct_dir, tmp_path, config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         Qwen2Audio.load(tmp_path)
@@ -304,6 +310,15 @@ def test_settings_transformers_would_apply_and_we_do_not_are_warned_about_at_loa
         assert said == []
     else:
         assert len(said) == 1 and f"asks for {named}, which qwen2audio does not apply" in said[0], said
+
+
+def test_the_command_line_shows_that_warning_while_it_hides_the_libraries_own(instruct_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    model = with_generation_config(instruct_dir, tmp_path, {**INSTRUCT_FILE, "no_repeat_ngram_size": 3})
+    rc, _, err = cli(capsys, monkeypatch, ["chat", str(model), "--prompt", "Hi.", "--max-new-tokens", "2"])
+    assert rc == 0, err
+    assert f"qwen2audio: warning: {model / GENERATION_FILE} asks for no_repeat_ngram_size 3, which qwen2audio " \
+           "does not apply" in err, err
 
 
 @pytest.mark.parametrize("config,expected", [

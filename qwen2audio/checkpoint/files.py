@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..audio.features import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE, WINDOW_SECONDS
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointWarning
 from ..generation.params import SamplingParams, to_generation_config
 from ..text import Tokenizer
 
@@ -71,7 +71,8 @@ def check_preprocessor_config(directory: str | Path, n_mels: int) -> None:
         raise CheckpointError(f"{path}: dither must be a number >= 0, got {dither!r}")
     if dither > 0:
         warnings.warn(f"{path} asks for dither {dither}: qwen2audio computes features without it (transformers "
-                      "adds Gaussian noise of that scale to the waveform, different in every call)", stacklevel=3)
+                      "adds Gaussian noise of that scale to the waveform, different in every call)", CheckpointWarning,
+                      stacklevel=3)
 
 
 def write_generation_config(directory: str | Path, pad_id: int, eos_ids: list[int]) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointWarning
 
 QUANTIZE_CHOICES = ("none", "int8")  # --quantize: weight-only int8 for the LLM (generation.weights)
 MAX_TOP_LOGPROBS = 20  # most likely alternatives reported per token (OpenAI's top_logprobs limit)
@@ -273,7 +273,7 @@ def generation_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any
     unapplied = unapplied_settings(config) if isinstance(config, dict) else []
     if unapplied:
         warnings.warn(f"{path} asks for {', '.join(unapplied)}, which qwen2audio does not apply (transformers' "
-                      "generate() would): replies may differ from its", stacklevel=2)
+                      "generate() would): replies may differ from its", CheckpointWarning, stacklevel=2)
     return settings
 
 
