@@ -20,8 +20,10 @@ configs/demo/. Wall time per step is appended to runs/demo/build_times.jsonl.
     export      projector + LoRA of the three stages -> qwen2audio/demo/deltas.safetensors
     report      held-out quality and speed against the targets -> docs/demo-results.{md,json}
 
-Needs the `demo`, `demo-data` and `init` extras and the Debian packages docs/demo-model.md lists. About
-6-7 hours on two cores with AMX, longer without bfloat16 hardware (docs/demo-model.md has the measured times).
+Needs the `demo`, `demo-data` and `init` extras and the Debian packages docs/demo-model.md lists. About 9
+hours on two cores with AMX for the shipped build (3,000 pre-training steps; the one epoch configs/demo/
+pretrain.yaml now runs adds 1,386 steps, ~1.5 hours there), about twice that on cores without AMX
+(docs/demo-model.md has the measured times).
 """
 
 from __future__ import annotations
