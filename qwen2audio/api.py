@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .audio import SAMPLE_RATE, load_audio
 from .audio.features import chunk_samples, pause_samples, speech_windows
 from .checkpoint import load_model
-from .checkpoint.files import GENERATION_FILE
+from .checkpoint.files import GENERATION_FILE, check_preprocessor_config
 from .errors import CheckpointError
 from .generation.engine import Engine, Generation, Prepared, RequestStream
 from .generation.scheduler import Scheduler
@@ -143,7 +143,8 @@ class Qwen2Audio:
             tokenizer.set_stop_ids(stops)  # the file's eos_token_id, as transformers' generate() stops
         except ValueError as err:
             raise CheckpointError(f"{directory / GENERATION_FILE}: eos_token_id: {err}") from None
-        engine = Engine(model, tokenizer, quantize=quantize, compile=compile)
+        dither = check_preprocessor_config(directory, model.config.audio.num_mel_bins)  # read (and checked) again
+        engine = Engine(model, tokenizer, quantize=quantize, compile=compile, dither=dither)
         engine.warm_up()
         return cls(engine, directory, defaults, transcription)
 

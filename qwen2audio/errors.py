@@ -19,5 +19,5 @@ class AudioWarning(UserWarning):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint that loads but asks for something qwen2audio does not do (a generation setting it does
-    not implement, dithered features): its replies may differ from transformers'. The command line shows
+    not implement): its replies may differ from transformers'. The command line shows
     these even while it hides the libraries' own warnings at load."""

@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen2audio import CheckpointWarning
 from qwen2audio.checkpoint import CheckpointError, hf, load_model, save_model
 from qwen2audio.config import EncoderConfig, Qwen2AudioConfig, TextConfig
 from qwen2audio.model import Qwen2AudioModel
@@ -542,11 +541,13 @@ def test_preprocessor_settings_our_front_end_does_not_compute_are_refused(saved,
         load_model(tmp_path)
 
 
-def test_preprocessor_dither_is_warned_about_and_the_model_loads(saved, tmp_path):
+def test_preprocessor_dither_is_read_and_applied(saved, tmp_path):
+    from qwen2audio.checkpoint.files import check_preprocessor_config
+
     path = _with_preprocessor(saved, tmp_path, dither=1e-4)
-    with pytest.warns(CheckpointWarning, match=r"dither 0\.0001: qwen2audio computes features without it"):
-        model = load_model(tmp_path)
-    assert_same_weights(model, load_model(path))
+    assert check_preprocessor_config(tmp_path, 80) == 1e-4
+    assert check_preprocessor_config(path, 80) == 0.0  # no file: the official settings, no dither
+    assert_same_weights(load_model(tmp_path), load_model(path))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -554,6 +555,7 @@ def test_preprocessor_dither_is_warned_about_and_the_model_loads(saved, tmp_path
     ("[1, 2]", r"not a JSON object"),
     ('{"feature_extractor_type": "SeamlessM4TFeatureExtractor"}', r"WhisperFeatureExtractor\) only"),
     ('{"dither": "a little"}', r"dither must be a number >= 0, got 'a little'"),
+    ('{"dither": -0.5}', r"dither must be a number >= 0, got -0\.5"),
 ])
 def test_a_bad_preprocessor_config_is_named(saved, tmp_path, text, message):
     _with_preprocessor(saved, tmp_path)

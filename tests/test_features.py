@@ -112,6 +112,26 @@ def test_log_mel_matches_transformers_for_single_clips_and_mixed_levels():
         torch.testing.assert_close(alone[0], batch[i], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dither", [1e-4, 0.01])
+def test_dither_matches_transformers_with_the_same_seed(dither):
+    """A checkpoint's preprocessor_config.json may ask for dither: noise over the padded 30 s batch, drawn
+    as transformers draws it, so the same torch seed gives its features; another seed other ones."""
+    clips = [speech_like(3.0), white_noise(0.5, seed=2), tone(30.0)]
+    extractor = transformers.WhisperFeatureExtractor(feature_size=80, dither=dither)
+    torch.manual_seed(7)
+    expected = extractor(clips, sampling_rate=SAMPLE_RATE, return_attention_mask=True, padding="max_length",
+                         return_tensors="pt")
+    torch.manual_seed(7)
+    features, frame_mask = log_mel_spectrogram(clips, n_mels=80, dither=dither)
+    assert (features - expected["input_features"]).abs().max().item() < PARITY_TOLERANCE
+    assert torch.equal(frame_mask, expected["attention_mask"].long())  # the clips' own frames, not the noise's
+    again, _ = log_mel_spectrogram(clips, n_mels=80, dither=dither)
+    plain, _ = log_mel_spectrogram(clips, n_mels=80)
+    assert not torch.equal(again, features) and not torch.equal(plain, features)
+    # the noise fills the padding: past a clip's end the features are no longer the floor
+    assert torch.all(plain[1, :, 100:] == plain[1, 0, 100]) and features[1, :, 100:].std() > 0.01
+
+
 def test_silence_is_the_floor():
     features, frame_mask = log_mel_spectrogram([np.zeros(16000, dtype=np.float32)], n_mels=80)
     assert torch.all(features == (-10 + 4) / 4)
@@ -389,3 +409,6 @@ def test_log_mel_errors():
         log_mel_spectrogram([])
     with pytest.raises(ValueError, match="n_mels"):
         log_mel_spectrogram([tone(1.0)], n_mels=0)
+    for bad in (-0.1, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="dither must be a number >= 0"):
+            log_mel_spectrogram([tone(1.0)], dither=bad)

@@ -312,6 +312,26 @@ def test_settings_transformers_would_apply_and_we_do_not_are_warned_about_at_loa
         assert len(said) == 1 and f"asks for {named}, which qwen2audio does not apply" in said[0], said
 
 
+def test_a_checkpoint_that_asks_for_dither_gets_it(instruct, instruct_dir, tmp_path):
+    """preprocessor_config.json's dither reaches the front end of the loaded model: the same torch seed,
+    the same audio vectors; another draw, others (transformers adds new noise in every call too)."""
+    import torch
+
+    with_generation_config(instruct_dir, tmp_path, INSTRUCT_FILE)
+    settings = json.loads((instruct_dir / "preprocessor_config.json").read_text())
+    (tmp_path / "preprocessor_config.json").unlink()
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**settings, "dither": 0.01}))
+    model = Qwen2Audio.load(tmp_path)
+    assert model.engine.dither == 0.01 and instruct.engine.dither == 0.0
+    audio = clip(2.0, 1)
+    torch.manual_seed(3)
+    first = model.engine.encode_audios([audio])[0]
+    second = model.engine.encode_audios([audio])[0]
+    torch.manual_seed(3)
+    assert torch.equal(model.engine.encode_audios([audio])[0], first)
+    assert not torch.equal(second, first) and not torch.equal(instruct.engine.encode_audios([audio])[0], first)
+
+
 def test_the_command_line_shows_that_warning_while_it_hides_the_libraries_own(instruct_dir, tmp_path, capsys,
                                                                               monkeypatch):
     model = with_generation_config(instruct_dir, tmp_path, {**INSTRUCT_FILE, "no_repeat_ngram_size": 3})

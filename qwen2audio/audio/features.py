@@ -22,6 +22,7 @@ its own audio tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple, TypeVar, Union
@@ -215,7 +216,7 @@ def _as_clip(audio, index: int) -> torch.Tensor:
 
 
 def log_mel_spectrogram(
-    audios: Sequence, n_mels: int = 128, device: Union[str, torch.device, None] = None
+    audios: Sequence, n_mels: int = 128, device: Union[str, torch.device, None] = None, dither: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whisper log-mel features for a batch of mono 16 kHz clips, each at most 30 s long.
 
@@ -230,6 +231,10 @@ def log_mel_spectrogram(
     Only the frames whose window reaches into a clip are transformed (`_stft_frame_count`): every
     later frame of the 30 s window sees only zero padding, so its mel power is exactly 0 and its
     feature is the log floor, written without computing it. A 5 s clip costs about a sixth of a 30 s one.
+
+    dither: above 0, Gaussian noise of this scale is added to the zero-padded 30 s batch before the STFT,
+    drawn as transformers' WhisperFeatureExtractor(dither=...) draws it (``torch.randn`` of the (B, 480000)
+    batch, so the same torch seed gives the same features); every frame is then transformed.
     """
     if isinstance(audios, (np.ndarray, torch.Tensor)) and audios.ndim == 1:
         raise TypeError("log_mel_spectrogram takes a batch: pass a list of clips, e.g. log_mel_spectrogram([audio])")
@@ -237,6 +242,15 @@ def log_mel_spectrogram(
     if not clips:
         raise ValueError("log_mel_spectrogram got an empty batch; pass at least one clip")
     mel_filters(n_mels)  # checks n_mels before any work
+    lengths = [clip.shape[0] for clip in clips]
+    if not (isinstance(dither, (int, float)) and math.isfinite(dither) and dither >= 0):
+        raise ValueError(f"dither must be a number >= 0 (0: none), got {dither!r}")
+    if dither > 0:  # the noise covers the padding too: no frame is all zeros any more
+        padded = torch.zeros(len(clips), N_SAMPLES)  # (B, 480000)
+        for row, clip in zip(padded, clips):
+            row[: clip.shape[0]] = clip
+        padded += dither * torch.randn(padded.shape)
+        clips = list(padded)
 
     frame_counts = [_stft_frame_count(clip.shape[0]) for clip in clips]
     power = _power_spectra(clips, frame_counts, torch.device(device) if device is not None else None)
@@ -254,7 +268,7 @@ def log_mel_spectrogram(
     features = torch.maximum(features, clip_max - DYNAMIC_RANGE, out=features)
     features.add_(LOG_MEL_OFFSET).div_(LOG_MEL_SCALE)  # (B, n_mels, 3000)
 
-    n_valid = torch.tensor([num_valid_frames(clip.shape[0]) for clip in clips], device=features.device)  # (B,)
+    n_valid = torch.tensor([num_valid_frames(n) for n in lengths], device=features.device)  # (B,)
     frame_index = torch.arange(N_FRAMES, device=features.device)  # (3000,)
     frame_mask = (frame_index[None, :] < n_valid[:, None]).long()  # (B, 3000)
     return features, frame_mask

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 from ..audio.features import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE, WINDOW_SECONDS
-from ..errors import CheckpointError, CheckpointWarning
+from ..errors import CheckpointError
 from ..generation.params import SamplingParams, to_generation_config
 from ..text import Tokenizer
 
@@ -35,16 +34,15 @@ def write_preprocessor_config(directory: str | Path, n_mels: int) -> None:
     Path(directory, PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def check_preprocessor_config(directory: str | Path, n_mels: int) -> None:
-    """Raise CheckpointError where a checkpoint's preprocessor_config.json asks for features other than the
-    ones our front end computes (``audio.features``), which would reach the encoder unlike those it was
-    trained on: another sampling rate, STFT, window length or padding value, or a ``feature_size`` other
-    than config.json's ``num_mel_bins``. A missing file is fine (the official settings are ours). A
-    ``dither`` above 0 (Gaussian noise transformers adds to the waveform, random in every call) is
-    warned about and not applied."""
+def check_preprocessor_config(directory: str | Path, n_mels: int) -> float:
+    """A checkpoint's preprocessor_config.json checked against the features our front end computes
+    (``audio.features``); returns its ``dither`` (0.0 where it has none, or no file: the official
+    settings are ours). Raises CheckpointError where the file asks for other features, which would reach
+    the encoder unlike those it was trained on: another sampling rate, STFT, window length or padding
+    value, or a ``feature_size`` other than config.json's ``num_mel_bins``."""
     path = Path(directory, PREPROCESSOR_FILE)
     if not path.is_file():
-        return
+        return 0.0
     try:
         config: Any = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -67,12 +65,9 @@ def check_preprocessor_config(directory: str | Path, n_mels: int) -> None:
                               "The encoder would hear audio unlike what it was trained on: fix the file if it "
                               "is wrong; a model trained on such features needs another front end")
     dither = config.get("dither", 0.0)
-    if not isinstance(dither, (int, float)) or isinstance(dither, bool) or dither < 0:
+    if not isinstance(dither, (int, float)) or isinstance(dither, bool) or not 0 <= dither < float("inf"):
         raise CheckpointError(f"{path}: dither must be a number >= 0, got {dither!r}")
-    if dither > 0:
-        warnings.warn(f"{path} asks for dither {dither}: qwen2audio computes features without it (transformers "
-                      "adds Gaussian noise of that scale to the waveform, different in every call)", CheckpointWarning,
-                      stacklevel=3)
+    return float(dither)
 
 
 def write_generation_config(directory: str | Path, pad_id: int, eos_ids: list[int]) -> None:

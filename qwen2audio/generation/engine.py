@@ -73,13 +73,15 @@ class Engine:
     compile, which inductor caches on disk; where it fails the steps run uncompiled, with a warning)."""
 
     def __init__(self, model: Qwen2AudioModel, tokenizer: Tokenizer, encode_batch: int = ENCODE_BATCH,
-                 transform_weights: bool = True, quantize: str | None = None, compile: bool = False):
+                 transform_weights: bool = True, quantize: str | None = None, compile: bool = False,
+                 dither: float = 0.0):
         if quantize not in (None, "none") and not transform_weights:
             raise ValueError("quantize needs transform_weights=True (a model being trained is not quantised)")
         self.model = prepare_for_inference(model, quantize) if transform_weights else model
         self.quantize = quantize or "none"
         self.tokenizer = tokenizer
         self.encode_batch = encode_batch
+        self.dither = dither  # the checkpoint's preprocessor_config.json: noise added before the features
         self._scheduler: Scheduler | None = None
         self.compiled = compile  # decoding steps through torch.compile (False again if compiling fails)
         self.compile_error: str | None = None  # why compiling failed, where it did
@@ -106,7 +108,7 @@ class Engine:
         n_mels = self.model.config.audio.num_mel_bins
         for start in range(0, len(order), self.encode_batch):
             chunk = order[start:start + self.encode_batch]
-            feats, frame_mask = log_mel_spectrogram([windows[j] for j in chunk], n_mels=n_mels)
+            feats, frame_mask = log_mel_spectrogram([windows[j] for j in chunk], n_mels=n_mels, dither=self.dither)
             for j, v in zip(chunk, self.model.encode_audio(feats, frame_mask.sum(-1))):
                 vectors[j] = v
         per_clip: list[list[torch.Tensor]] = [[] for _ in waveforms]
