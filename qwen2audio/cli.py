@@ -258,9 +258,11 @@ def _check_model_dir(args: argparse.Namespace) -> None:
         if Path(path).suffix.lower() in AUDIO_SUFFIXES:
             raise ValueError(f"{path} is an audio file, not a model directory: use --audio {shlex.quote(path)}")
         raise ValueError(f"{path} is a file, not a model directory; give the directory that holds config.json")
+    from .config import checkpoint_hint
+
     also = " (nor is it an audio file)" if args.command == "transcribe" else ""
     raise FileNotFoundError(f"checkpoint directory {path} does not exist{also}; give the directory that holds "
-                            "config.json, or leave it out for the default model")
+                            "config.json, or leave it out for the default model." + checkpoint_hint(path))
 
 
 def _check_device(device: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,35 @@ ENCODER_MODEL_TYPE = "qwen2_audio_encoder"
 TEXT_MODEL_TYPE = "qwen2"
 ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
 DEFAULT_AUDIO_TOKEN_INDEX = 151646  # <|AUDIO|> in the released Qwen2-Audio tokenizer
+
+
+# a Hugging Face repository id such as Qwen/Qwen2-Audio-7B-Instruct
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def checkpoint_hint(path: str | Path) -> str:
+    """A sentence (with a leading space) on what ``path``, given as a checkpoint folder without a
+    config.json, most likely is and what to give instead; "" when nothing better can be said."""
+    path = Path(path)
+    if not path.exists():
+        if _REPO_ID.match(str(path)):
+            return (f" qwen2audio never downloads: fetch the repository first, e.g. `huggingface-cli download "
+                    f"{path} --local-dir DIR` (or `hf download`), and give DIR")
+        return ""
+    if not path.is_dir():
+        return ""
+    if (path / "adapter_config.json").is_file():
+        return (" It holds a PEFT adapter (adapter_config.json), not a whole model: merge it into its base model "
+                "(peft's merge_and_unload(), then save_pretrained()) and give that folder")
+    inside = sorted(p.parent for p in path.glob(f"snapshots/*/{CONFIG_FILE}"))  # a Hugging Face cache folder
+    main = path / "refs" / "main"  # the cache's current revision
+    if main.is_file() and (path / "snapshots" / main.read_text().strip()) in inside:
+        inside.append(path / "snapshots" / main.read_text().strip())
+    inside = inside or sorted(p.parent for p in path.glob(f"*/{CONFIG_FILE}"))  # one level too high
+    if inside:
+        return f" Did you mean {inside[-1]}?" + (" (a Hugging Face cache folder: its snapshots hold the files)"
+                                                 if inside[-1].parent.name == "snapshots" else "")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -125,7 +155,8 @@ class Qwen2AudioConfig:
         if path.is_dir():
             path = path / CONFIG_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a checkpoint directory must contain {CONFIG_FILE}")
+            raise FileNotFoundError(f"{path} not found: a checkpoint directory must contain {CONFIG_FILE}."
+                                    + checkpoint_hint(path.parent))
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:

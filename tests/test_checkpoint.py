@@ -159,6 +159,31 @@ def test_invalid_json_and_missing_config(tmp_path):
         load_model(tmp_path / "nowhere")
 
 
+def test_a_folder_that_is_not_a_checkpoint_says_what_it_looks_like(tmp_path, monkeypatch):
+    """The commonest wrong folders: a repository id (nothing is downloaded), a PEFT adapter, a Hugging Face
+    cache folder (its current snapshot named), a folder one level above the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"never downloads: .*huggingface-cli download "
+                                                r"Qwen/Qwen2-Audio-7B-Instruct --local-dir DIR"):
+        load_model("Qwen/Qwen2-Audio-7B-Instruct")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(FileNotFoundError, match=r"PEFT adapter .*merge_and_unload"):
+        load_model(tmp_path / "adapter")
+    cache = tmp_path / "models--Qwen--Qwen2-Audio-7B"
+    for revision in ("aaa", "fff", "ccc"):
+        write_config(cache / "snapshots" / revision, {})
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("ccc")
+    with pytest.raises(FileNotFoundError, match=r"Did you mean .*snapshots/ccc\? \(a Hugging Face cache folder"):
+        load_model(cache)
+    write_config(tmp_path / "outer" / "model", {})
+    with pytest.raises(FileNotFoundError, match=r"Did you mean .*outer/model\?$"):
+        load_model(tmp_path / "outer")
+    with pytest.raises(FileNotFoundError, match=r"does not exist\.$"):  # nothing more to say
+        load_model(tmp_path / "nowhere")
+
+
 # -- weights --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):

@@ -643,6 +643,8 @@ def test_transcribe_with_a_missing_model_dir_says_so(tmp_path, audio, capsys, mo
     rc, out, err = cli(capsys, monkeypatch, ["transcribe", str(tmp_path / "Qwen2-Audio-7B"), audio["wav"]])
     assert rc == 2 and out == ""
     assert "checkpoint directory" in err and "Qwen2-Audio-7B" in err and "does not exist" in err
+    rc, _, err = cli(capsys, monkeypatch, ["chat", "Qwen/Qwen2-Audio-7B-Instruct", "--prompt", "x"])
+    assert rc == 2 and "qwen2audio never downloads" in err, err  # a repository id: fetch it first
 
 
 def test_escape_sequences_are_made_visible_on_a_terminal(monkeypatch):

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path, atomic_write_text
-from ..config import CONFIG_FILE, Qwen2AudioConfig
+from ..config import CONFIG_FILE, Qwen2AudioConfig, checkpoint_hint
 from ..errors import CheckpointError  # defined without torch, for the command line
 from ..model import Qwen2AudioModel
 from .files import check_preprocessor_config
@@ -167,7 +167,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist." + checkpoint_hint(directory))
     config = Qwen2AudioConfig.from_file(directory)
     check_preprocessor_config(directory, config.audio.num_mel_bins)
     target_dtype = resolve_dtype(dtype)

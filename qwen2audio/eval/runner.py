@@ -116,8 +116,11 @@ def model_identity(model_dir: str | Path | None) -> str:
         return f"embedded default model {default_model_name()}"
     folder = Path(model_dir).resolve()
     if not folder.is_dir():
+        from ..config import checkpoint_hint
+
         raise FileNotFoundError(f"checkpoint directory {model_dir} does not exist; give the folder that holds "
-                                "config.json, or leave it out for the embedded default model")
+                                "config.json, or leave it out for the embedded default model."
+                                + checkpoint_hint(model_dir))
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
     return f"{folder} ({hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]})"
 
