@@ -32,6 +32,8 @@ from tqdm import tqdm
 from .audio import SAMPLE_RATE, load_audio
 from .audio.features import chunk_samples, pause_samples, speech_windows
 from .checkpoint import load_model
+from .checkpoint.adapter import merge_adapter
+from .checkpoint.adapter import resolve as resolve_adapter
 from .checkpoint.files import GENERATION_FILE, check_preprocessor_config
 from .errors import CheckpointError
 from .generation.engine import Engine, Generation, Prepared, RequestStream
@@ -116,8 +118,11 @@ class Qwen2Audio:
     @classmethod
     def load(cls, directory: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
              device: str | torch.device = "cpu", quantize: str | None = None,
-             compile: bool = False) -> "Qwen2Audio":
+             compile: bool = False, adapter: str | Path | None = None) -> "Qwen2Audio":
         """Load a Qwen2-Audio checkpoint directory; None loads the default model (qwen2audio.default_model).
+        ``adapter``: a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as the
+        official fine-tuning script saves with --lora) merged into the weights; ``directory`` may also be
+        such a folder itself, whose base_model_name_or_path is a local checkpoint folder.
         ``quantize="int8"``: weight-only int8 for the LLM's products (CPU; faster decoding, slightly
         different numbers). ``compile=True``: decoding steps through torch.compile (faster steps; the
         first reply waits for the compile)."""
@@ -129,6 +134,7 @@ class Qwen2Audio:
         problem = device_problem(device)
         if problem:
             raise ValueError(f"device {str(device)!r}: {problem}")
+        directory, adapter = resolve_adapter(directory, adapter)  # a bad adapter is told before the weights
         if directory is None:
             from .default_model import default_model_dir, default_notice
 
@@ -138,6 +144,8 @@ class Qwen2Audio:
         # the small file first: a mistake in it is told before the weights take seconds to load
         defaults, transcription, stops = generation_settings(directory / GENERATION_FILE)
         model = load_model(directory, dtype=dtype, device=device)
+        if adapter is not None:
+            merge_adapter(model, adapter)
         tokenizer = Tokenizer.from_dir(directory)
         try:
             tokenizer.set_stop_ids(stops)  # the file's eos_token_id, as transformers' generate() stops

@@ -71,6 +71,10 @@ CHAT_HELP = (("/audio PATH [TEXT]", "send an audio file, with optional text; quo
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
                         help="checkpoint directory; omitted: the embedded default model")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as the "
+                             "official fine-tuning script saves) merged into MODEL_DIR's weights at load; "
+                             "MODEL_DIR may also be the adapter folder when its base model is a folder here")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (auto: as stored in the files; float32 for bfloat16/float16 weights on a CPU that "
                              "does not compute them natively)")
@@ -292,7 +296,7 @@ def load_quietly(args):
         warnings.simplefilter("ignore")
         warnings.simplefilter("default", CheckpointWarning)
         model = Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                compile=args.compile)
+                                compile=args.compile, adapter=args.adapter)
     if model.engine.compile_error:
         print(f"qwen2audio: {model.engine.compile_error}", file=sys.stderr)
     return model

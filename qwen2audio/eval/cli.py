@@ -17,6 +17,8 @@ def register(subparsers) -> None:
                               description=__doc__)
     p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
                    help="checkpoint directory; omitted: the embedded default model")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter folder merged into MODEL_DIR's weights at load (see qwen2audio chat -h)")
     p.add_argument("--task", required=True, choices=TASK_NAMES, help="benchmark family")
     p.add_argument("--data", required=True, type=Path, help="the split's folder as the dataset ships it, or a JSONL list")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: eval-results/TASK-DATANAME)")
@@ -108,10 +110,17 @@ def run(args: argparse.Namespace) -> int:
     for metric in sorted({item.metric for item in items}):
         require_modules(get_metric(metric).modules, f"scoring {metric}")
     out = args.out or default_out(args.task, args.data)
-    model_name = str(args.model_dir) if args.model_dir else "embedded default model"
-    official = official_settings(args.model_dir)  # what the official call adds on this checkpoint
+    from ..checkpoint.adapter import resolve as resolve_adapter
+
+    base, adapter = resolve_adapter(args.model_dir, args.adapter)
+    model_name = str(base) if base else "embedded default model"
+    identity = model_identity(base)
+    if adapter is not None:  # answers of the base alone are not this model's
+        model_name += f" + adapter {adapter}"
+        identity += f" + adapter {model_identity(adapter)}"
+    official = official_settings(base)  # what the official call adds on this checkpoint
     given = {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty}
-    settings = AnswerSettings(model=model_identity(args.model_dir), dtype=args.dtype, quantize=args.quantize,
+    settings = AnswerSettings(model=identity, dtype=args.dtype, quantize=args.quantize,
                               max_new_tokens=args.max_new_tokens, fallback=args.fallback, long_audio=args.long_audio,
                               **{**official, **{k: v for k, v in given.items() if v is not None}})
     print(f"qwen2audio eval: {len(items)} items from {args.data} -> {out}", file=sys.stderr)

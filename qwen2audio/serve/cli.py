@@ -206,7 +206,7 @@ def load_backend(args: argparse.Namespace, name: str, state, server, failed: lis
             print(f"qwen2audio: {default_notice()}", file=sys.stderr)
             directory = default_model_dir()
         model = Qwen2Audio.load(directory, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                compile=args.compile)
+                                compile=args.compile, adapter=args.adapter)
         state.ready(SchedulerBackend(model, name, max_batch=args.max_batch, max_queue=args.max_queue,
                                      reuse_prefixes=args.prefix_reuse))
         print(f"qwen2audio: {name} is ready", file=sys.stderr, flush=True)
