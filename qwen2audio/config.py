@@ -38,8 +38,8 @@ def checkpoint_hint(path: str | Path) -> str:
     if not path.is_dir():
         return ""
     if (path / "adapter_config.json").is_file():
-        return (" It holds a PEFT adapter (adapter_config.json), not a whole model: merge it into its base model "
-                "(peft's merge_and_unload(), then save_pretrained()) and give that folder")
+        return (" It holds a LoRA adapter (adapter_config.json), not a whole model: load its base model with "
+                "this folder as the adapter (--adapter; Python: Qwen2Audio.load(base, adapter=...))")
     inside = sorted(p.parent for p in path.glob(f"snapshots/*/{CONFIG_FILE}"))  # a Hugging Face cache folder
     main = path / "refs" / "main"  # the cache's current revision
     if main.is_file() and (path / "snapshots" / main.read_text().strip()) in inside:

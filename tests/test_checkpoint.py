@@ -160,7 +160,7 @@ def test_invalid_json_and_missing_config(tmp_path):
 
 
 def test_a_folder_that_is_not_a_checkpoint_says_what_it_looks_like(tmp_path, monkeypatch):
-    """The commonest wrong folders: a repository id (nothing is downloaded), a PEFT adapter, a Hugging Face
+    """The commonest wrong folders: a repository id (nothing is downloaded), a LoRA adapter, a Hugging Face
     cache folder (its current snapshot named), a folder one level above the checkpoint."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"never downloads: .*huggingface-cli download "
@@ -168,7 +168,8 @@ def test_a_folder_that_is_not_a_checkpoint_says_what_it_looks_like(tmp_path, mon
         load_model("Qwen/Qwen2-Audio-7B-Instruct")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
-    with pytest.raises(FileNotFoundError, match=r"PEFT adapter .*merge_and_unload"):
+    with pytest.raises(FileNotFoundError, match=r"LoRA adapter .*not a whole model: load its base model with "
+                                                r"this folder as the adapter \(--adapter"):
         load_model(tmp_path / "adapter")
     cache = tmp_path / "models--Qwen--Qwen2-Audio-7B"
     for revision in ("aaa", "fff", "ccc"):
