@@ -40,15 +40,14 @@ def checkpoint_hint(path: str | Path) -> str:
     if (path / "adapter_config.json").is_file():
         return (" It holds a LoRA adapter (adapter_config.json), not a whole model: load its base model with "
                 "this folder as the adapter (--adapter; Python: Qwen2Audio.load(base, adapter=...))")
-    inside = sorted(p.parent for p in path.glob(f"snapshots/*/{CONFIG_FILE}"))  # a Hugging Face cache folder
-    main = path / "refs" / "main"  # the cache's current revision
-    if main.is_file() and (path / "snapshots" / main.read_text().strip()) in inside:
-        inside.append(path / "snapshots" / main.read_text().strip())
-    inside = inside or sorted(p.parent for p in path.glob(f"*/{CONFIG_FILE}"))  # one level too high
-    if inside:
-        return f" Did you mean {inside[-1]}?" + (" (a Hugging Face cache folder: its snapshots hold the files)"
-                                                 if inside[-1].parent.name == "snapshots" else "")
-    return ""
+    snapshots = sorted(p.parent for p in path.glob(f"snapshots/*/{CONFIG_FILE}"))  # a Hugging Face cache folder
+    if snapshots:
+        main = path / "refs" / "main"  # the revision the cache holds as current
+        current = path / "snapshots" / main.read_text().strip() if main.is_file() else None
+        return (f" Did you mean {current if current in snapshots else snapshots[-1]}? (a Hugging Face cache "
+                "folder: its snapshots hold the files)")
+    inside = sorted(p.parent for p in path.glob(f"*/{CONFIG_FILE}"))  # one level too high
+    return f" Did you mean {inside[0]}?" if inside else ""
 
 
 @dataclass(frozen=True)
