@@ -124,10 +124,15 @@ def test_adapter_weights_that_do_not_fit_are_named(tmp_path):
     save_file({**tensors, key: tensors[key][:, :2].contiguous()}, adapter / ADAPTER_WEIGHTS)
     with pytest.raises(CheckpointError, match=f"{module}'s LoRA weights .* do not fit its weight"):
         merge_adapter(load_model(base), adapter)
-    renamed = {k.replace("self_attn", "cross_attn"): v for k, v in tensors.items()}
+    one = next(k for k in sorted(tensors) if "layers.1." in k)  # after the first layers' (merged in order)
+    renamed = {k.replace("self_attn", "cross_attn") if k.startswith(one.rsplit(".lora_", 1)[0]) else k: v
+               for k, v in tensors.items()}
     save_file(renamed, adapter / ADAPTER_WEIGHTS)
+    model, plain = load_model(base), load_model(base)
     with pytest.raises(CheckpointError, match=r"cross_attn\..* not a linear layer of this model"):
-        merge_adapter(load_model(base), adapter)
+        merge_adapter(model, adapter)
+    for (name, value), (_, before) in zip(model.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(value, before), f"{name} changed by an adapter that was refused"
     (adapter / ADAPTER_WEIGHTS).unlink()
     with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors is missing"):
         merge_adapter(load_model(base), adapter)

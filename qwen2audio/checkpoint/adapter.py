@@ -129,6 +129,7 @@ def merge_adapter(model: torch.nn.Module, directory: str | Path) -> int:
     if not pairs:
         raise CheckpointError(f"{path} holds no LoRA weights")
     weights = dict(model.named_parameters())
+    updates = []  # every pair checked before any weight changes: a bad adapter leaves the model as it was
     for module, parts in sorted(pairs.items()):
         if len(parts) != 2:
             have = next(iter(parts)).split(".")[1]  # lora_A or lora_B
@@ -141,6 +142,8 @@ def merge_adapter(model: torch.nn.Module, directory: str | Path) -> int:
         if b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
             raise CheckpointError(f"{path}: {module}'s LoRA weights {tuple(b.shape)} x {tuple(a.shape)} do not fit "
                                   f"its weight {tuple(weight.shape)}; give the adapter's own base model")
+        updates.append((weight, a, b))
+    for weight, a, b in updates:
         delta = (b.float() @ a.float()) * scale
         weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
-    return len(pairs)
+    return len(updates)
