@@ -165,3 +165,14 @@ def test_transcription_flags_reach_the_settings():
     settings = serve_cli.settings_from(args)
     assert (settings.chunk_seconds, settings.cut_at_pauses, settings.num_beams, settings.fallback) == (8.0, 0.3, 2, True)
     assert serve_cli.settings_from(parser.parse_args(["serve"])).cut_at_pauses is None
+
+
+def test_the_served_name_is_the_adapters_where_there_is_one(tmp_path):
+    parser = argparse.ArgumentParser()
+    serve_cli.register(parser.add_subparsers())
+    base, adapter = tmp_path / "Qwen2-Audio-7B-Instruct", tmp_path / "my-lora"
+    assert serve_cli.model_id(parser.parse_args(["serve", str(base)])) == "Qwen2-Audio-7B-Instruct"
+    assert serve_cli.model_id(parser.parse_args(["serve", str(base), "--adapter", str(adapter)])) == "my-lora"
+    assert serve_cli.model_id(parser.parse_args(["serve", str(adapter)])) == "my-lora"  # the adapter folder alone
+    named = parser.parse_args(["serve", str(base), "--adapter", str(adapter), "--served-model-name", "x"])
+    assert serve_cli.model_id(named) == "x"

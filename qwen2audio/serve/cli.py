@@ -130,8 +130,12 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def model_id(args: argparse.Namespace) -> str:
+    """--served-model-name, else the adapter folder's name (the adapted model is not its base), else the
+    checkpoint folder's, else the default model's."""
     if args.served_model_name:
         return args.served_model_name
+    if args.adapter:
+        return Path(args.adapter).resolve().name
     if args.model_dir:
         return Path(args.model_dir).resolve().name
     from ..default_model import default_model_name
