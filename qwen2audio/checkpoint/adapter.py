@@ -71,14 +71,12 @@ def adapter_scale(config: dict[str, Any]) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def base_model_dir(directory: str | Path) -> Path | None:
-    """The adapter's base model as a local folder (its base_model_name_or_path, taken relative to the
-    adapter folder when it is not absolute), or None where that is no folder with a config.json here
-    (a repository id, for one)."""
-    name = read_adapter_config(directory).get("base_model_name_or_path")
+def _local_base(adapter: Path, name: Any) -> Path | None:
+    """The adapter's base_model_name_or_path as a local folder with a config.json (taken relative to the
+    adapter folder when it is not absolute), or None (a repository id, for one)."""
     if not isinstance(name, str) or not name:
         return None
-    for candidate in (Path(name).expanduser(), Path(directory, name)):
+    for candidate in (Path(name).expanduser(), adapter / name):
         if (candidate / "config.json").is_file():
             return candidate
     return None
@@ -91,12 +89,13 @@ def resolve(directory: str | Path | None, adapter: str | Path | None) -> tuple[P
     any weights load."""
     if directory is not None and adapter is None and is_adapter(directory) \
             and not Path(directory, "config.json").is_file():
-        adapter, directory = Path(directory), base_model_dir(directory)
+        adapter = Path(directory)
+        name = read_adapter_config(adapter).get("base_model_name_or_path")
+        directory = _local_base(adapter, name)
         if directory is None:
-            name = read_adapter_config(adapter).get("base_model_name_or_path")
             raise CheckpointError(f"{adapter} is a LoRA adapter whose base model {name!r} is not a folder here: "
                                   "give the base model's folder, and the adapter with --adapter (Python: adapter=)")
-    if adapter is not None:
+    elif adapter is not None:
         read_adapter_config(adapter)
     return (None if directory is None else Path(directory)), (None if adapter is None else Path(adapter))
 

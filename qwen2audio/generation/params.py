@@ -100,7 +100,8 @@ UNAPPLIED_DEFAULTS = {"no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size":
                       "guidance_scale": None, "penalty_alpha": None, "dola_layers": None,
                       "num_beam_groups": 1, "diversity_penalty": 0.0}
 UNAPPLIED_SAMPLING_DEFAULTS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None}
-UNAPPLIED_BEAM_DEFAULTS = {"early_stopping": False}  # ours: transformers' False (its heuristic end), only
+# beam search's end: ours is transformers' early_stopping False (its heuristic); the key matters with beams only
+UNAPPLIED_BEAM_DEFAULTS = {"early_stopping": False}
 
 
 def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
