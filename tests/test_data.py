@@ -1,6 +1,8 @@
 """Training data: manifest formats, the label mask from the chat template, validation reports, batching."""
 
+import base64
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from qwen2audio.data import (Collator, ManifestDataset, chat_segments, global_ba
                              read_manifest, tokenize_example)
 from qwen2audio.audio.features import window_lengths
 from qwen2audio.data.encode import clip_token_count
+from qwen2audio.data.manifest import ManifestError
 from qwen2audio.model.qwen2audio import IGNORE_INDEX
 from qwen2audio.text import build_byte_level_tokenizer, expand_audio_placeholders, render_chat
 
@@ -63,6 +66,43 @@ def test_ms_swift_format_equals_the_message_format(tmp_path):
                                                               {"type": "text", "text": "What is it?"}]},
                                  {"role": "assistant", "content": "A dog."}]}, "sft", 1, tmp_path)
     assert swift.messages == hf.messages and swift.audios == [str(tmp_path / "a.wav")]
+
+
+def test_audios_without_tags_go_before_the_first_user_text_as_ms_swift_puts_them(tmp_path):
+    untagged = parse_row({"messages": [{"role": "user", "content": "What is it?"},
+                                       {"role": "assistant", "content": "A dog."}], "audios": "a.wav"}, "sft", 1, tmp_path)
+    tagged = parse_row({"messages": [{"role": "user", "content": "<audio>What is it?"},
+                                     {"role": "assistant", "content": "A dog."}], "audios": ["a.wav"]}, "sft", 1, tmp_path)
+    assert untagged.messages == tagged.messages and untagged.audios == [str(tmp_path / "a.wav")]
+    dpo = parse_row({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                     "chosen": "Rain.", "rejected": "Applause.", "audios": ["r.wav"]}, "dpo", 1, tmp_path)
+    assert dpo.audios == [str(tmp_path / "r.wav")] and dpo.messages[1]["content"][0]["type"] == "audio"
+    both = {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]},
+                         {"role": "assistant", "content": "A dog."}], "audios": ["b.wav"]}
+    with pytest.raises(ManifestError, match="give each clip once"):
+        parse_row(both, "sft", 1, tmp_path)
+    with pytest.raises(ManifestError, match='"audios" must be a list of audio paths'):
+        parse_row({"messages": tagged.messages, "audios": 5}, "sft", 1, tmp_path)
+
+
+def test_manifest_reads_urls_bom_and_reports_bad_bytes_by_line(tmp_path):
+    wav = _wav(tmp_path / "my clip.wav")
+    data_url = "data:audio/wav;base64," + base64.b64encode(Path(wav).read_bytes()).decode()
+    rows = [{"audio": f"file://{tmp_path}/my%20clip.wav", "prompt": "Classify the sound.", "target": "tone"},
+            {"audio": data_url, "prompt": "Classify the sound.", "target": "tone"},
+            {"audio": "x" * 300 + ".wav", "prompt": "Classify the sound.", "target": "tone"},
+            {"audio": "https://example.com/a.wav", "prompt": "Classify the sound.", "target": "tone"}]
+    body = "\ufeff" + "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "m.jsonl").write_bytes(body.encode() + b'{"audio": "caf\xe9.wav"}\n')
+    ds = ManifestDataset(tmp_path / "m.jsonl", "pretrain", TOK, N_MELS)
+    assert [ex.line for ex in ds.examples] == [1, 2] and ds.examples[0].audios == [wav]
+    reasons = dict(ds.report.bad)
+    assert reasons[3].startswith("missing audio") and "not fetched" in reasons[4]
+    assert reasons[5] == "bad text: byte 0xe9 at column 15 is not UTF-8; save the manifest as UTF-8"
+    with pytest.raises(FileNotFoundError, match="is a folder; give the JSONL file"):
+        read_manifest(tmp_path, "pretrain")
+    with pytest.raises(ManifestError, match="an assistant message has no text"):
+        parse_row({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}, "sft", 1)
 
 
 def test_pretrain_row_trains_the_target_and_endoftext_only():

@@ -29,6 +29,13 @@ def audio_length(source) -> int:
     return int(load_audio(source, min_samples=1).shape[0])  # validate() says when it is too short
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:  # e.g. a name longer than the file system allows
+        return False
+
+
 def validate(examples: list[Example], report: Report, tokenizer: Tokenizer, max_audio_seconds: float,
              max_seq_len: int, decode_audio: bool = True) -> list[Example]:
     """Keep the usable examples, adding each bad one to ``report`` with its reason. Never raises on a row.
@@ -41,7 +48,7 @@ def validate(examples: list[Example], report: Report, tokenizer: Tokenizer, max_
         reason = None
         lengths = []
         for source in ex.audios:
-            if isinstance(source, str) and not Path(source).exists():
+            if isinstance(source, str) and not _exists(source):
                 reason = f"missing audio: {source} not found"
                 break
             try:

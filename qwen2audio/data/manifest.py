@@ -21,6 +21,8 @@ and the files in a top-level ``audios`` list, in order of appearance:
                   {"role": "assistant", "content": "Hello."}], "audios": ["a.wav"]}
     (DPO: the last assistant message is the chosen answer and "rejected_response" the rejected one,
      or "chosen" / "rejected" as above)
+    With no ``<audio>`` tag at all, the files go before the first user turn's text, as ms-swift puts them.
+An audio path may also be a file:// URL or a data:audio/...;base64,... URL.
 
 Every row is checked before training starts (JSON, schema, every audio decodable, audio length,
 non-empty target, sequence length); bad rows are skipped and listed in a report, never a crash.
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..text.chat import render_chat
+from ..text.chat import render_chat, resolve_audio_string
 
 STAGES = ("pretrain", "sft", "dpo")
 AUDIO_TAG = "<audio>"  # ms-swift / LLaMA-Factory placeholder inside a string content
@@ -96,16 +98,24 @@ def read_manifest(path: str | Path, stage: str) -> tuple[list[Example], Report]:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"manifest {path} is a folder; give the JSONL file in it (one row per line)")
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     base = path.parent
     report = Report(str(path))
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             report.n_rows += 1
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM (Windows editors) is no error
+            except UnicodeDecodeError as err:
+                report.bad.append((i, f"bad text: byte 0x{raw[err.start]:02x} at column {err.start + 1} is not "
+                                      "UTF-8; save the manifest as UTF-8"))
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -128,7 +138,7 @@ def parse_row(row: Any, stage: str, line: int, base: Path | None = None) -> Exam
         if not any(m["role"] == "assistant" for m in messages):
             raise ManifestError("empty target: the conversation has no assistant message to learn from")
         for m in messages:
-            if m["role"] == "assistant" and not _text_of(m):
+            if m["role"] == "assistant" and not _text_of(m).strip():
                 raise ManifestError("empty target: an assistant message has no text")
         if messages[0]["role"] == "assistant" or (messages[0]["role"] == "system" and messages[1:2]
                                                   and messages[1]["role"] == "assistant"):
@@ -155,7 +165,7 @@ def _parse_pretrain(row: dict, line: int, base: Path | None) -> Example:
         raise ManifestError('bad row: "prompt" must be the task in words, e.g. "Transcribe this English speech."')
     if not isinstance(target, str) or not target.strip():
         raise ManifestError('empty target: "target" is missing or empty')
-    return Example("pretrain", line, audios=[_resolve(a, base) for a in audios], prompt=prompt, target=target,
+    return Example("pretrain", line, audios=[_source(a, base) for a in audios], prompt=prompt, target=target,
                    task=row.get("task"))
 
 
@@ -164,7 +174,10 @@ def _normalise_messages(row: dict, base: Path | None) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ManifestError('bad row: "messages" must be a non-empty list of {"role": ..., "content": ...}')
     tagged = row.get("audios", row.get("audio"))
-    tagged = [tagged] if isinstance(tagged, str) else list(tagged or [])
+    tagged = [] if tagged is None else [tagged] if isinstance(tagged, str) else tagged
+    if not isinstance(tagged, list) or not all(isinstance(a, str) and a for a in tagged):
+        raise ManifestError('bad row: "audios" must be a list of audio paths (or one path), in the order of the '
+                            f"{AUDIO_TAG} tags in the messages")
     n_tags = 0
     out = []
     for i, m in enumerate(messages):
@@ -193,8 +206,20 @@ def _normalise_messages(row: dict, base: Path | None) -> list[dict]:
                 raise ManifestError("bad row: assistant messages cannot hold audio (the model outputs text)")
             content = [_audio_part_to_path(p, base) if a else p for p, a in zip(content, is_audio)]
         out.append({"role": m["role"], "content": content})
-    if n_tags != len(tagged) and any(isinstance(m.get("content"), str) and AUDIO_TAG in m["content"] for m in messages):
-        raise ManifestError(f"bad row: {len(tagged)} entries in \"audios\" but {n_tags} {AUDIO_TAG} tags")
+    if tagged and n_tags == 0:  # no tag at all: the files go before the first user turn's text, as ms-swift puts them
+        if any(isinstance(p, dict) and p.get("type") in ("audio", "input_audio") for m in out
+               if isinstance(m["content"], list) for p in m["content"]):
+            raise ManifestError(f"bad row: a top-level \"audios\" list beside audio parts in the messages; give "
+                                f"each clip once: as an audio part, or in \"audios\" with an {AUDIO_TAG} tag where it goes")
+        first = next((m for m in out if m["role"] == "user"), None)
+        if first is None:
+            raise ManifestError("bad row: audio given but no user message to hold it")
+        text = first["content"]
+        first["content"] = [_audio_part_to_path({"type": "audio", "audio": a}, base) for a in tagged] + (
+            ([{"type": "text", "text": text}] if text else []) if isinstance(text, str) else text)
+    elif n_tags != len(tagged):
+        raise ManifestError(f"bad row: {len(tagged)} entries in \"audios\" but {n_tags} {AUDIO_TAG} tags; give one "
+                            f"{AUDIO_TAG} tag per file where it is heard (or no tags: the files then go first)")
     try:
         render_chat(out, add_generation_prompt=False)  # the template's own checks, with their messages
     except ValueError as err:
@@ -206,19 +231,23 @@ def _audio_part_to_path(part: dict, base: Path | None) -> dict:
     source = part.get("audio", part.get("audio_url", part.get("path", part.get("url"))))
     if isinstance(source, dict):
         source = source.get("url")
-    if isinstance(source, str) and source.startswith("file://"):
-        source = source[len("file://"):]
     if not isinstance(source, str) or not source:
         if part.get("type") == "input_audio":
             return part
         raise ManifestError("missing audio: an audio part without a path")
-    return {"type": "audio", "audio": _resolve(source, base)}
+    return {"type": "audio", "audio": _source(source, base)}
 
 
-def _resolve(path: str, base: Path | None) -> str:
-    if path.startswith("data:") or base is None or Path(path).is_absolute():
-        return path
-    return str(base / path)
+def _source(value: str, base: Path | None) -> str | bytes:
+    """A manifest's audio string: a path (relative ones against the manifest's folder), a file:// URL or a
+    data: URL (its bytes)."""
+    try:
+        source = resolve_audio_string(value, "audio")
+    except ValueError as err:
+        raise ManifestError(f"bad audio: {err}") from None
+    if isinstance(source, bytes) or base is None or Path(source).is_absolute():
+        return source
+    return str(base / source)
 
 
 def _audio_paths(messages: list[dict]) -> list[str]:

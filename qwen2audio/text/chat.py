@@ -218,7 +218,7 @@ def _audio_source(part: Mapping, where: str) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, str):
-        return _resolve_audio_string(value, where)
+        return resolve_audio_string(value, where)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if hasattr(value, "__array__") or hasattr(value, "__array_interface__"):
@@ -229,7 +229,7 @@ def _audio_source(part: Mapping, where: str) -> Any:
     )
 
 
-def _resolve_audio_string(value: str, where: str) -> str | bytes:
+def resolve_audio_string(value: str, where: str) -> str | bytes:
     if value.startswith("data:"):
         header, comma, payload = value[len("data:") :].partition(",")
         if not comma or "base64" not in header.split(";")[1:]:
