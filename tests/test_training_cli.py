@@ -118,15 +118,16 @@ def test_a_run_says_where_its_model_is(ws, tmp_path, capsys):
 
 def test_a_finished_run_is_not_run_again(ws, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_cli(ws, out, "max_steps=2") == 0
+    batch = ("global_batch_size=6", "micro_batch_size=3")  # 12 rows: one epoch is 2 steps
+    assert train_cli(ws, out, "max_steps=2", *batch) == 0
     capsys.readouterr()
     # the same command again: nothing to train, and it says so
-    assert train_cli(ws, out, "max_steps=2") == 2
+    assert train_cli(ws, out, "max_steps=2", *batch) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"qwen2audio: error: {out} already finished at step 2 (max_steps gives 2 steps): nothing to "
                    "train; use a new output_dir= or raise max_steps"]
     # counted in epochs, known once the data set is read: the same
-    assert train_cli(ws, out, "max_steps=0", "epochs=1", "global_batch_size=6", "micro_batch_size=3") == 2
+    assert train_cli(ws, out, "max_steps=0", "epochs=1", *batch) == 2
     assert "already finished at step 2 (epochs gives 2 steps)" in capsys.readouterr().err
 
 

@@ -87,3 +87,24 @@ def test_a_damaged_trainer_state_names_the_checkpoint_and_the_way_out(ws, tmp_pa
     with pytest.raises(CheckpointError, match=r"step-00000002/trainer_state\.pt cannot be read .*delete .*step-00000002 "
                                               r"to resume from the checkpoint before it, or set resume=false"):
         train("sft", max_steps=4, **common)
+
+
+def test_resuming_with_other_settings_is_refused_and_names_them(ws, tmp_path, one_thread, capsys):
+    """The restored optimizer and schedule keep the saved run's lr (the log would show the new one), and
+    another stage must not carry on a run's checkpoints: both are refused before the model is loaded."""
+    common = dict(model=str(ws["tiny"]), output_dir=str(tmp_path / "run"), save_every=2, max_steps=2)
+    train("sft", train_data=str(ws["sft"]), lr=1e-3, **common)
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "run_config.json").is_file()
+    assert not (tmp_path / "run" / "final" / "run_config.json").exists()  # not part of the model
+    with pytest.raises(ValueError, match=r"step-00000002 was saved by a run with other settings: lr 0\.01 \(saved: "
+                                         r"0\.001\)\. Resume with the saved settings, give another output_dir, or set "
+                                         r"resume=false"):
+        train("sft", train_data=str(ws["sft"]), lr=1e-2, **{**common, "max_steps": 4})
+    with pytest.raises(ValueError, match=r"other settings: stage 'pretrain' \(saved: 'sft'\)"):
+        train("pretrain", train_data=str(ws["pretrain"]), lr=1e-3, **{**common, "max_steps": 4})
+    # max_steps may grow (training a finished run further); a moved data file is a note, not a refusal
+    capsys.readouterr()
+    same_file = f"{ws['sft'].parent}/./{ws['sft'].name}"
+    train("sft", train_data=same_file, lr=1e-3, **{**common, "max_steps": 3})
+    assert len(losses(tmp_path / "run")) == 3
+    assert f"note: train_data is {same_file} now, {ws['sft']} when step-00000002 was saved" in capsys.readouterr().err

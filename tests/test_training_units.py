@@ -162,8 +162,13 @@ def test_every_shipped_config_loads_and_shows_its_command(path):
 def test_config_overrides_and_errors(tmp_path):
     cfg = TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["lr=1e-4", "trainable=[llm]", "lora_rank=4"])
     assert cfg.lr == 1e-4 and cfg.trainable == ["llm"] and cfg.lora_rank == 4
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match=r"^the command line: unknown option\(s\) learning_rate \(did you mean lr\?\)"):
         TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["learning_rate=1"])
+    with pytest.raises(ValueError, match=r"the command line: unknown option\(s\) save_evrey \(did you mean save_every\?\)"):
+        TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["save_evrey=1"])
+    (tmp_path / "typo.yaml").write_text("lora_rnak: 8\n")
+    with pytest.raises(ValueError, match=r"typo.yaml: unknown option\(s\) lora_rnak \(did you mean lora_rank\?\)"):
+        TrainConfig.from_yaml(tmp_path / "typo.yaml")
     with pytest.raises(ValueError, match="trainable"):
         TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["trainable=[decoder]"])
     assert TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", ["trainable=projector"]).trainable == ["projector"]
@@ -176,7 +181,22 @@ def test_config_overrides_and_errors(tmp_path):
                               ("resume=maybe", "option resume must be true or false"),
                               ("epochs=0", "epochs must be >= 1"),
                               (f"output_dir={tmp_path / 'file'}", "is a file, not a folder"),
-                              ("lr=[", "the value is not valid YAML")]:
+                              ("lr=[", "the value is not valid YAML"),
+                              ("device=gpu", "device must be auto, cpu or cuda, got 'gpu'"),
+                              ("dtype=float8", "option dtype: unknown dtype 'float8'; use one of auto, "),
+                              ("lr=-1", "lr, eps and each lr_by_part value must be > 0"),
+                              ("lr_by_part={projector: 0}", "lr, eps and each lr_by_part value must be > 0"),
+                              ("min_lr_ratio=-1", "min_lr_ratio is where the cosine ends"),
+                              ("min_lr_ratio=5", "min_lr_ratio is where the cosine ends"),
+                              ("betas=[0.9]", r"betas must be two numbers in \[0, 1\)"),
+                              ("grad_clip=-1", "weight_decay and grad_clip must be >= 0"),
+                              ("lora_dropout=2", r"lora_dropout in \[0, 1\)"),
+                              ("beta=0", None)]:
+        if message is None:  # beta is DPO's: the SFT stage does not read it
+            TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", [override])
+            with pytest.raises(ValueError, match="beta must be > 0"):
+                TrainConfig.from_yaml(CONFIGS / "tiny" / "dpo.yaml", [override], stage="dpo")
+            continue
         with pytest.raises(ValueError, match=message):
             TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", [override])
     (tmp_path / "broken.yaml").write_text("model: [\n")
@@ -256,3 +276,21 @@ def test_each_part_and_its_adapters_take_their_own_learning_rate():
     assert lr_of("module.audio_tower.layers.3.self_attn.q_proj.lora_B") == 5e-4  # DDP's prefix
     assert lr_of("multi_modal_projector.linear.weight") == 1e-3
     assert lr_of("language_model.model.layers.0.self_attn.q_proj.lora_A") == 1e-4  # llm: the default
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_says_so():
+    from qwen2audio.training.distributed import setup
+
+    with pytest.raises(ValueError, match="device: cuda, but (a CPU build of torch|no GPU is visible); set device: auto"):
+        setup("none", "cuda")
+
+
+def test_dpo_in_bfloat16_starts_with_the_reference_equal_to_the_policy(tmp_path, one_thread):
+    """Full fine-tuning keeps float32 master copies of the trained tensors; the frozen reference computes with
+    the same copies, so the first step's loss is ln 2 and no reward is won before any update."""
+    ws = make_workspace(tmp_path)
+    train("dpo", model=str(ws["tiny"]), train_data=str(ws["dpo"]), output_dir=str(tmp_path / "run"), max_steps=1,
+          global_batch_size=4, lora_rank=0, dtype="bfloat16", final_reward_pass=False)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7) and first["reward_accuracy"] == 0.0

@@ -119,6 +119,25 @@ def test_several_val_generate_files_are_each_scored_under_their_own_name(validat
         ("words", a) for a in answers]
 
 
+def test_a_resumed_run_keeps_one_set_of_samples_per_validation_and_reports_bad_val_rows(validated_run, tmp_path,
+                                                                                       capsys):
+    ws, gen, _, _ = validated_run
+    val = tmp_path / "val.jsonl"  # beside the manifest's rows: one whose clip is missing
+    rows = [json.loads(line) for line in ws["pretrain"].read_text().splitlines()][:4]
+    val.write_text("".join(json.dumps({**r, "audio": str(ws["pretrain"].parent / r["audio"])}) + "\n" for r in rows)
+                   + json.dumps({**rows[0], "audio": str(tmp_path / "gone.wav")}) + "\n")
+    out = tmp_path / "run"
+    common = dict(model=str(ws["tiny"]), train_data=str(ws["pretrain"]), output_dir=str(out), max_steps=4,
+                  save_every=2, val_every=1, val_data=str(val), val_generate=str(gen), val_generate_rows=2,
+                  val_max_new_tokens=3)
+    train("pretrain", max_steps_this_run=3, **common)  # "killed" after step 3: resumes from step 2
+    assert "val.jsonl: 4 of 5 rows usable, 1 skipped" in capsys.readouterr().err
+    assert "line 5: missing audio" in (out / "data_report.txt").read_text()
+    train("pretrain", **common)
+    steps = [json.loads(line)["step"] for line in (out / "val_samples.jsonl").read_text().splitlines()]
+    assert steps == [1, 1, 2, 2, 3, 3, 4, 4]
+
+
 def test_val_generate_files_need_different_names(tmp_path):
     with pytest.raises(ValueError, match="same name"):
         tiny_config("pretrain", val_generate=[str(tmp_path / "a" / "x.jsonl"), str(tmp_path / "b" / "x.jsonl")])

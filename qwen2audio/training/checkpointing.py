@@ -5,6 +5,7 @@
                                     the model with LoRA merged: loadable by transformers, vLLM, qwen2audio
         trainable.safetensors       the trained tensors as they are in training (LoRA A/B unmerged, float32)
         trainer_state.pt            step, optimizer (full, by parameter name), scheduler, RNG states
+        run_config.json             the run's options, compared with a resuming run's (check_resume)
 
 A checkpoint is written to ``step-N.tmp`` and renamed into place when complete, so a run killed at any
 moment leaves only whole checkpoints; resuming loads the starting model, then ``trainable.safetensors``
@@ -13,6 +14,7 @@ over it (frozen tensors never change), then the optimizer, schedule and data pos
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -35,8 +37,18 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 FINAL_DIR = "final"  # output_dir/final: the last checkpoint's model, published at the end of a run
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.pt"
+RUN_FILE = "run_config.json"
+RUN_FILES = (TRAINABLE_FILE, STATE_FILE, RUN_FILE)  # what resuming needs; not part of the model
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
-SKIP_FILES = {"config.json", TRAINABLE_FILE, STATE_FILE}
+SKIP_FILES = {"config.json", *RUN_FILES}
+# Options a resumed run must share with the run that saved the checkpoint: they decide what is trained, on
+# which rows in which order, and the optimizer and schedule whose state is restored. (max_steps and epochs
+# may grow to train a finished run further; paths are compared as given, with a note only: folders move.)
+RESUME_KEYS = ("stage", "trainable", "dtype", "lora_rank", "lora_alpha", "lora_targets", "encoder_lora", "tasks",
+               "max_seq_len", "max_audio_seconds", "group_by_length", "global_batch_size", "lr", "min_lr_ratio",
+               "warmup_steps", "weight_decay", "betas", "eps", "lr_by_part", "seed", "beta", "ctc_scale",
+               "ctc_negatives")
+RESUME_PATHS = ("model", "train_data", "reference_model")
 
 
 def _state_dict_options():
@@ -99,6 +111,7 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, conf
                         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                 "numpy": np.random.get_state()},
                         "config": cfg.to_dict()}, tmp / STATE_FILE)
+            (tmp / RUN_FILE).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         _prune(final.parent, cfg.keep_checkpoints)
     d.barrier()
     return final
@@ -107,6 +120,28 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, conf
 def _prune(root: Path, keep: int) -> None:
     for p in _step_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def check_resume(cfg, directory: Path) -> list[str]:
+    """Refuse to resume ``directory`` with settings other than those it was saved with (RESUME_KEYS): the
+    restored optimizer and schedule would keep the old ones while the log showed the new, or a stage would
+    continue another stage's run. Returns notes on paths that differ. Checkpoints saved before run_config.json
+    existed are not checked."""
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        return []
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}): delete {directory} to resume from the checkpoint "
+                              "before it, or set resume=false to start the run over") from err
+    now = cfg.to_dict()
+    changed = [f"{k} {now[k]!r} (saved: {saved[k]!r})" for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
+    if changed:
+        raise ValueError(f"{directory} was saved by a run with other settings: {', '.join(changed)}. Resume with the "
+                         f"saved settings, give another output_dir, or set resume=false to start this run over")
+    return [f"{k} is {now[k]} now, {saved[k]} when {Path(directory).name} was saved" for k in RESUME_PATHS
+            if k in saved and saved[k] != now[k]]
 
 
 def load_trainable(model: nn.Module, directory: Path) -> None:

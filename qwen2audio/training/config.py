@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,23 @@ def _coerce(value: Any, kind: str) -> Any:
             raise TypeError(kind)
         return {str(k): _coerce(v, "float") for k, v in value.items()}
     return value
+
+
+_HF_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+             "warmup_ratio": "warmup_steps", "lr_scheduler_type": "min_lr_ratio", "max_grad_norm": "grad_clip",
+             "gradient_accumulation_steps": "global_batch_size", "bf16": "dtype", "save_steps": "save_every",
+             "logging_steps": "log_every", "eval_steps": "val_every", "lora_r": "lora_rank"}  # HF Trainer's names
+
+
+def _refuse_unknown(options: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = [_HF_NAMES[k]] if k in _HF_NAMES else difflib.get_close_matches(k, known, n=1)
+            hints.append(f"{k} (did you mean {close[0]}?)" if close else k)
+        raise ValueError(f"{where}: unknown option(s) {', '.join(hints)}; the options are in "
+                         "qwen2audio/training/config.py and docs/training.md")
 
 
 @dataclass
@@ -184,6 +202,30 @@ class TrainConfig:
                 raise ValueError("the align stage trains only the small projector: use distributed=ddp or none")
             if self.ctc_scale <= 0 or self.ctc_negatives < 0:
                 raise ValueError("ctc_scale must be > 0 and ctc_negatives >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r} (torchrun gives each rank its GPU)")
+        from ..checkpoint.hf import resolve_dtype
+
+        try:
+            resolve_dtype(self.dtype)
+        except ValueError as err:
+            raise ValueError(f"option dtype: {err}") from None
+        if not (self.lr > 0 and self.eps > 0 and all(v > 0 for v in self.lr_by_part.values())):
+            raise ValueError(f"lr, eps and each lr_by_part value must be > 0, got lr={self.lr}, eps={self.eps}, "
+                             f"lr_by_part={self.lr_by_part}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio is where the cosine ends, as a share of lr: between 0 and 1, got "
+                             f"{self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {self.betas}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0 (grad_clip 0: off), got {self.weight_decay} "
+                             f"and {self.grad_clip}")
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_rank must be >= 0, lora_alpha > 0 and lora_dropout in [0, 1), got "
+                             f"{self.lora_rank}, {self.lora_alpha} and {self.lora_dropout}")
+        if self.stage == "dpo" and self.beta <= 0:
+            raise ValueError(f"beta must be > 0 (how far DPO may move from the reference), got {self.beta}")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
         if self.save_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
@@ -227,20 +269,21 @@ class TrainConfig:
             raise ValueError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of option: value")
+        known = {f.name for f in dataclasses.fields(cls)}
+        _refuse_unknown(raw, known, f"{path}")
+        given = {}
         for item in overrides:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"override {item!r} must look like key=value, e.g. lr=1e-4")
             try:
-                raw[key.strip().replace("-", "_")] = yaml.safe_load(value)
+                given[key.strip().replace("-", "_")] = yaml.safe_load(value)
             except yaml.YAMLError as err:
                 raise ValueError(f"override {item!r}: the value is not valid YAML ({err})") from None
+        _refuse_unknown(given, known, "the command line")
+        raw.update(given)
         if stage is not None:
             raw["stage"] = stage
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; see qwen2audio/training/config.py")
         return cls(**raw)
 
     def to_dict(self) -> dict[str, Any]:

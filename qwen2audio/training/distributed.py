@@ -46,6 +46,10 @@ def setup(mode: str, device: str = "auto") -> Dist:
     """Join the process group torchrun set up (when WORLD_SIZE > 1) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU build of torch" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"device: cuda, but {build}; set device: auto or cpu, or install a CUDA build of torch "
+                         "on a machine with a GPU")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

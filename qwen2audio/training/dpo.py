@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .config import TrainConfig
-from .loop import Run, check_model_dir, load_for_training, log, over_dataset, setup, train
+from .loop import Run, check_model_dir, load_for_training, log, over_dataset, replace_parameters, setup, train
 from .losses import DPOLoss, label_logps, sequence_logps
 
 
@@ -32,6 +32,11 @@ class ReferenceLogps:
         cfg = run.cfg
         self.model = load_for_training(cfg.reference_model or cfg.model, cfg.dtype, run.dist.device)
         self.model.requires_grad_(False).eval()
+        # the policy trains float32 master copies of its trained tensors (loop.select_trainable): the reference
+        # computes with the same copies, or a bfloat16 run would start with policy != reference (loss != ln 2)
+        trained = set(run.trainable_names)
+        upcast = {id(p) for n, p in self.model.named_parameters() if n in trained}
+        replace_parameters(self.model, lambda p: id(p) in upcast and p.dtype != torch.float32, lambda t: t.float())
         if cfg.distributed == "fsdp" and run.dist.enabled:
             distributed.wrap(self.model, "fsdp", run.dist)
         self.autocast = run.autocast

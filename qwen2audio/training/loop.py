@@ -29,7 +29,7 @@ from ..text import Tokenizer
 from . import distributed
 from .allocator import Purger
 from .allocator import advice as allocator_advice
-from .checkpointing import (FINAL_DIR, STATE_FILE, TRAINABLE_FILE, checkpoint_step, latest_checkpoint, load_trainable,
+from .checkpointing import (FINAL_DIR, RUN_FILES, check_resume, checkpoint_step, latest_checkpoint, load_trainable,
                             load_trainer_state, save_checkpoint)
 from .config import TrainConfig
 from .lora import apply_lora
@@ -193,6 +193,8 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)
     check_model_dir(cfg.model)
     resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    for note in check_resume(cfg, resume) if resume is not None else []:
+        log(d, f"note: {note}")
     if cfg.max_steps > 0:  # known before any loading; with epochs, once the data set is read (below)
         refuse_finished_run(cfg, resume, cfg.max_steps)
     tokenizer = Tokenizer.from_dir(cfg.model)
@@ -429,6 +431,6 @@ def _publish_final(output_dir: Path, step: int) -> Path:
     final = output_dir / FINAL_DIR
     with atomic_path(final, directory=True) as tmp:
         for f in src.iterdir():
-            if f.name not in (TRAINABLE_FILE, STATE_FILE):
+            if f.name not in RUN_FILES:
                 shutil.copy2(f, tmp / f.name)
     return final

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from ..data import ManifestDataset
-from .loop import Run, StepLoss, fill_encoder_states, over_dataset
+from .checkpointing import checkpoint_step
+from .loop import Run, StepLoss, fill_encoder_states, log, over_dataset
 
 SAMPLES_FILE = "val_samples.jsonl"
 SAMPLES_KEPT = 8  # answers written to val_samples.jsonl per validation
@@ -42,6 +44,10 @@ class Validator:
                 fill_encoder_states(run.encoder_states, self.loss_set, run.dist, False, run.autocast)
             if len(self.loss_set) == 0:
                 raise ValueError(f"val_data {cfg.val_data} has no usable rows: {self.loss_set.report.summary()}")
+            log(run.dist, self.loss_set.report.summary())
+            if run.dist.main:  # beside train_data's report: every skipped row
+                with open(Path(cfg.output_dir) / "data_report.txt", "a", encoding="utf-8") as f:
+                    f.write(self.loss_set.report.summary(limit=len(self.loss_set.report.bad)) + "\n")
         self.items = []
         self.sets: list[str] = []  # per item: its file's name where val_generate lists several, else ""
         paths = cfg.val_generate_files
@@ -54,6 +60,12 @@ class Validator:
                 self.items += items
                 self.sets += [Path(path).stem if len(paths) > 1 else ""] * len(items)
         self._api = None
+        samples = Path(cfg.output_dir) / SAMPLES_FILE
+        if run.dist.main and samples.exists():  # as metrics.jsonl: keep what the resumed checkpoint had seen
+            resumed = checkpoint_step(run.resume_from) if run.resume_from is not None else 0
+            kept = [line for line in samples.read_text(encoding="utf-8").splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= resumed]
+            atomic_write_text(samples, "".join(line + "\n" for line in kept))
 
     @property
     def enabled(self) -> bool:
@@ -150,3 +162,10 @@ class Validator:
             self._api = Qwen2Audio(Engine(self.run.raw_model, self.run.tokenizer, transform_weights=False),
                                    Path(self.run.cfg.model))
         return self._api
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
