@@ -109,7 +109,7 @@ def _sampling_args(parser: argparse.ArgumentParser, note: str, leave_out: Sequen
         else:
             scalar = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # int | None -> int
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = f" (default {default})" if default is not None else ""
+            shown = f" (default {default})" if default is not None and f.metadata.get("default_shown", True) else ""
             group.add_argument(flag, type=scalar, default=None, metavar=metavar, help=text + shown)
 
 

@@ -36,22 +36,24 @@ INSTRUCT_FILE = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id":
                  "transformers_version": "4.45.0.dev0"}
 INSTRUCT = {"temperature": 0.7, "top_k": 20, "top_p": 0.5, "repetition_penalty": 1.1}
 NEW = 12
+G = {"top_k": 50, "top_p": 1.0}  # transformers' filters, used where a caller's temperature turns sampling on
 
 
 # -- reading the file -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config,expected", [
     (INSTRUCT_FILE, INSTRUCT),
-    ({"do_sample": False, "temperature": 0.7, "top_k": 20, "max_new_tokens": 64},  # sampling keys unused
-     {"temperature": 0.0, "max_new_tokens": 64}),
-    ({"temperature": 0.7}, {"temperature": 0.0}),  # do_sample absent: greedy, as transformers decodes
+    # the temperature unused; top_k / top_p kept for a caller's temperature (transformers samples with them)
+    ({"do_sample": False, "temperature": 0.7, "top_k": 20, "max_new_tokens": 64},
+     {"temperature": 0.0, "top_k": 20, "top_p": 1.0, "max_new_tokens": 64}),
+    ({"temperature": 0.7}, {"temperature": 0.0, **G}),  # do_sample absent: greedy, as transformers decodes
     ({"do_sample": True}, {"temperature": 1.0, "top_k": 50, "top_p": 1.0}),  # transformers' own defaults
     ({"do_sample": False, "repetition_penalty": 1.05, "max_length": 20, "num_beams": 1, "chat_format": "chatml"},
-     {"temperature": 0.0, "repetition_penalty": 1.05}),  # other keys are not ours to apply
+     {"temperature": 0.0, "repetition_penalty": 1.05, **G}),  # other keys are not ours to apply
     ({"do_sample": True, "top_k": None, "temperature": 0.5}, {"temperature": 0.5, "top_k": 50, "top_p": 1.0}),
-    ({"num_beams": 4, "length_penalty": 0.5}, {"temperature": 0.0, "num_beams": 4, "length_penalty": 0.5}),
-    ({"num_beams": 3}, {"temperature": 0.0, "num_beams": 3}),  # transformers' length_penalty 1: ours too
-    ({"num_beams": 1, "length_penalty": 2.0}, {"temperature": 0.0}),  # one beam: no length penalty to apply
-    ({"min_new_tokens": 3}, {"temperature": 0.0, "min_new_tokens": 3}),  # transformers applies it: so do we
+    ({"num_beams": 4, "length_penalty": 0.5}, {"temperature": 0.0, "num_beams": 4, "length_penalty": 0.5, **G}),
+    ({"num_beams": 3}, {"temperature": 0.0, "num_beams": 3, **G}),  # transformers' length_penalty 1: ours too
+    ({"num_beams": 1, "length_penalty": 2.0}, {"temperature": 0.0, **G}),  # one beam: no length penalty
+    ({"min_new_tokens": 3}, {"temperature": 0.0, "min_new_tokens": 3, **G}),  # transformers applies it: so do we
 ])
 def test_settings_from_a_generation_config(config, expected):
     assert from_generation_config(config) == expected
@@ -131,8 +133,8 @@ def test_one_read_gives_both_settings(tmp_path, monkeypatch):
     assert reads == [path]
 
 
-def test_no_file_means_our_defaults(tmp_path):
-    assert load_generation_config(tmp_path / GENERATION_FILE) == {}
+def test_no_file_means_transformers_defaults(tmp_path):
+    assert load_generation_config(tmp_path / GENERATION_FILE) == {"temperature": 0.0, **G}
 
 
 def test_the_file_we_write_reads_back_as_our_defaults(tmp_path):
@@ -216,7 +218,9 @@ def test_a_checkpoint_that_asks_for_beams_gets_them_in_chat_replies(instruct_dir
     request = model.prepare_chat(ask())
     beams = model.engine.generate([request], SamplingParams(num_beams=3, max_new_tokens=NEW))[0]
     greedy = model.engine.generate([request], SamplingParams(max_new_tokens=NEW))[0]
-    sampled = model.engine.generate([request], SamplingParams(temperature=0.7, seed=3, max_new_tokens=NEW))[0]
+    # a temperature on a file that does not sample: transformers' default top_k 50, as generate(do_sample=True)
+    sampled = model.engine.generate([request], SamplingParams(temperature=0.7, top_k=50, seed=3,
+                                                              max_new_tokens=NEW))[0]
     assert beams.token_ids != greedy.token_ids, "the beams changed nothing: the test shows nothing"
     assert model.chat(ask(), max_new_tokens=NEW).token_ids == beams.token_ids
     assert model.chat(ask(), num_beams=1, max_new_tokens=NEW).token_ids == greedy.token_ids
@@ -294,13 +298,15 @@ def with_generation_config(model_dir: Path, out: Path, config: dict) -> Path:
      "no_repeat_ngram_size 3, suppress_tokens [5, 6]"),
     ({"do_sample": True, "typical_p": 0.9, "min_p": 0.05}, "typical_p 0.9, min_p 0.05"),
     ({"num_beams": 4, "early_stopping": True}, "early_stopping true"),
-    ({"do_sample": False, "typical_p": 0.9, "early_stopping": True, "guidance_scale": 1, "min_length": 0}, None),
+    ({"do_sample": False, "early_stopping": True, "guidance_scale": 1, "min_length": 0}, None),
+    # a caller's temperature samples with the file's filters in transformers
+    ({"do_sample": False, "typical_p": 0.9}, "typical_p 0.9 (when sampling)"),
+    ({"transcription": {"num_beams": 4}, "early_stopping": True}, "early_stopping true"),  # transcribe's beams
 ])
 def test_settings_transformers_would_apply_and_we_do_not_are_warned_about_at_load(instruct_dir, tmp_path, config,
                                                                                   named):
     """A file whose settings we cannot apply loads, with one warning naming them; settings that would do
-    nothing in transformers either (a sampling filter without sampling, early_stopping with one beam,
-    guidance at scale 1) are not named."""
+    nothing in transformers either (early_stopping with one beam, guidance at scale 1) are not named."""
     with_generation_config(instruct_dir, tmp_path, config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -42,9 +42,12 @@ def repetitive(text: str, threshold: float | None = None) -> bool:
 
 def retries(params: SamplingParams, temperatures: Sequence[float] = TEMPERATURES,
             seed: int = SEED) -> list[SamplingParams]:
-    """The attempts after the first: ``params`` at each fallback temperature, each with its own seed
-    (sampled, so one beam: a first attempt by beam search falls back as Whisper's does)."""
-    return [replace(params, temperature=t, seed=seed + step, num_beams=1) for step, t in enumerate(temperatures)]
+    """The attempts after the first: ``params`` at each fallback temperature, each with its own seed,
+    sampled from the whole distribution as Whisper samples (no top-k or top-p filter, whatever a checkpoint
+    would sample a chat reply with), with one beam (a first attempt by beam search falls back as Whisper's
+    does)."""
+    return [replace(params, temperature=t, top_k=0, top_p=1.0, seed=seed + step, num_beams=1)
+            for step, t in enumerate(temperatures)]
 
 
 class Pick:

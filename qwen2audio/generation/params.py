@@ -23,7 +23,9 @@ class SamplingParams:
     max_new_tokens: int = field(default=256, metadata={
         "help": "most tokens to generate (new tokens only; the prompt and audio never count)", "metavar": "N"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy; higher = more varied", "metavar": "T"})
-    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens (0 = off)", "metavar": "K"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens (0 = off; unset: the "
+                                                    "checkpoint's, else transformers' 50)", "metavar": "K",
+                                            "default_shown": False})
     top_p: float = field(default=1.0, metadata={
         "help": "sample from the most likely tokens that reach this probability mass (1 = off)", "metavar": "P"})
     repetition_penalty: float = field(default=1.0, metadata={
@@ -88,7 +90,8 @@ class SamplingParams:
 
 # transformers' GenerationConfig defaults, which apply to a key a generation_config.json leaves out.
 HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
-SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float}  # used only when do_sample is true
+SAMPLING_KEYS = {"temperature": float}  # the file's used only when do_sample is true
+FILTER_KEYS = {"top_k": int, "top_p": float}  # read either way: a caller's temperature samples with them
 BEAM_KEYS = {"num_beams": int, "length_penalty": float}  # beam search, or beam sampling with do_sample
 ALWAYS_KEYS = {"repetition_penalty": float, "max_new_tokens": int, "min_new_tokens": int}  # whatever do_sample says
 # Keys transformers' generate() acts on that qwen2audio does not implement, with transformers' defaults (a
@@ -109,10 +112,11 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
     generate() applies them.
 
     do_sample false (or absent): greedy, by beam search when num_beams > 1 (with length_penalty), and the
-    file's temperature / top_k / top_p are not used; do_sample true: those three, each with transformers'
-    default where the file leaves it out (so a file that says only do_sample true samples with top_k 50,
-    as transformers does), by beam sampling when num_beams > 1. repetition_penalty, max_new_tokens and
-    min_new_tokens apply either way. Other keys are not read here: the stop ids (eos_token_id) are
+    file's temperature is not used; do_sample true: its temperature, by beam sampling when num_beams > 1.
+    top_k and top_p are read either way, each with transformers' default where the file leaves it out: a
+    file that says only do_sample true samples with top_k 50, and so does a caller's temperature on a
+    checkpoint that does not sample (transformers' generate(do_sample=True, temperature=T) does).
+    repetition_penalty, max_new_tokens and min_new_tokens apply either way. Other keys are not read here: the stop ids (eos_token_id) are
     ``generation_settings``' third part, max_length (prompt + reply, and an audio prompt alone can exceed
     it) gives way to max_new_tokens, and methods not implemented here (n-gram blocking, typical sampling,
     beam search's early_stopping other than false, ...: ``unapplied_settings``) are warned about at load.
@@ -122,7 +126,7 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(sampling, bool):
         raise ValueError(f"do_sample must be true or false, got {sampling!r}")
     kwargs: dict[str, Any] = {"temperature": 0.0}
-    wanted = dict(ALWAYS_KEYS, **BEAM_KEYS, **(SAMPLING_KEYS if sampling else {}))
+    wanted = dict(ALWAYS_KEYS, **BEAM_KEYS, **FILTER_KEYS, **(SAMPLING_KEYS if sampling else {}))
     for key, kind in wanted.items():
         value = settings.get(key, HF_DEFAULTS.get(key))
         if value is None:
@@ -140,17 +144,19 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def unapplied_settings(config: Mapping[str, Any]) -> list[str]:
     """The settings of a generation_config.json that transformers' generate() would apply and qwen2audio
     does not, as "key value" (empty where the file keeps transformers' defaults for all of them). Sampling
-    filters count only where the file samples, early_stopping only with beams."""
-    wanted = dict(UNAPPLIED_DEFAULTS)
-    if config.get("do_sample") is True:
-        wanted.update(UNAPPLIED_SAMPLING_DEFAULTS)
-    beams = config.get("num_beams")
-    if isinstance(beams, int) and beams > 1:
+    filters count whether or not the file samples (a caller's temperature samples with them in transformers),
+    early_stopping only where the file's beams or its transcription beams use it."""
+    wanted = dict(UNAPPLIED_DEFAULTS, **UNAPPLIED_SAMPLING_DEFAULTS)
+    transcription = config.get(TRANSCRIPTION_KEY)
+    beams = [config.get("num_beams"), transcription.get("num_beams") if isinstance(transcription, Mapping) else None]
+    if any(isinstance(b, int) and b > 1 for b in beams):
         wanted.update(UNAPPLIED_BEAM_DEFAULTS)
     changed = {k: config[k] for k, default in wanted.items() if k in config and config[k] != default}
     if changed.get("guidance_scale") == 1:  # classifier-free guidance at scale 1 is the plain model
         del changed["guidance_scale"]
-    return [f"{k} {json.dumps(v)}" for k, v in changed.items()]
+    samples = config.get("do_sample") is True
+    return [f"{k} {json.dumps(v)}" + ("" if samples or k not in UNAPPLIED_SAMPLING_DEFAULTS else " (when sampling)")
+            for k, v in changed.items()]
 
 
 def chat_settings(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,9 +177,10 @@ def chat_settings(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict
 
 def to_generation_config(params: SamplingParams) -> dict[str, Any]:
     """SamplingParams -> the generation_config.json keys that ``from_generation_config`` reads back."""
-    config: dict[str, Any] = {"do_sample": not params.greedy, "max_new_tokens": params.max_new_tokens}
+    config: dict[str, Any] = {"do_sample": not params.greedy, "max_new_tokens": params.max_new_tokens,
+                              "top_k": params.top_k, "top_p": params.top_p}  # read back either way
     if not params.greedy:
-        config.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        config["temperature"] = params.temperature
     if params.repetition_penalty != 1.0:
         config["repetition_penalty"] = params.repetition_penalty
     if params.beams:
@@ -245,7 +252,8 @@ def transcription_decoding(defaults: Mapping[str, Any], sampling: Mapping[str, A
 
 
 def load_generation_config(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's generation_config.json -> SamplingParams keyword arguments; {} when there is none."""
+    """A checkpoint's generation_config.json -> SamplingParams keyword arguments (transformers' defaults when
+    there is none: greedy, and top_k 50 for a caller's temperature)."""
     return _sampling_settings(_read_config(path), Path(path))
 
 
@@ -301,8 +309,8 @@ def _read_config(path: str | Path) -> Any:
 
 
 def _sampling_settings(config: Any, path: Path) -> dict[str, Any]:
-    if config is None:
-        return {}
+    if config is None:  # no file: transformers' GenerationConfig defaults
+        return from_generation_config({})
     try:
         if not isinstance(config, dict):
             raise ValueError("it is not a JSON object")

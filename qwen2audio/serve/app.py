@@ -122,8 +122,9 @@ WEB_SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty", "num_beam
 
 
 def web_config(state: ServerState, settings: Settings) -> dict:
-    """What the web page needs: the model's id, the limits, and the checkpoint's sampling defaults
-    (None where decoding leaves a setting unused: greedy decoding has no top_p)."""
+    """What the web page needs: the model's id, the limits, and the checkpoint's sampling defaults (top_k and
+    top_p also where it decodes greedily: a temperature set on the page samples with them; None where the
+    checkpoint has no such setting, e.g. no beams)."""
     backend = state.backend
     defaults = dict(backend.chat_defaults) if backend is not None else {}
     sampling = {name: defaults.get(name) for name in WEB_SAMPLING}
