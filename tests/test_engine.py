@@ -120,6 +120,39 @@ def test_stop_string_ends_the_text_before_it(model):
     assert stop not in "".join(deltas)
 
 
+def test_the_reply_ends_before_the_first_stop_string_in_it_whatever_their_order():
+    """One token can complete two stop strings at once: the reply ends before the one that starts first,
+    not the one listed first (the reply would hold a whole stop string)."""
+    from qwen2audio.generation.reply import ReplyText
+    from qwen2audio.text import build_byte_level_tokenizer
+
+    tok = build_byte_level_tokenizer(merges=[("x", "y")])
+    ids = tok.encode("wwxxxyz")
+    assert [tok.decode([t]) for t in ids] == ["w", "w", "x", "x", "xy", "z"]  # "xy" completes both stops
+    for stop in (("y", "xxx"), ("xxx", "y")):
+        reply = ReplyText(tok, SamplingParams(stop=stop), 0)
+        deltas = []
+        for t in ids:
+            deltas.append(reply.push(t))
+            if reply.out.finish_reason:
+                break
+        assert reply.out.text == "".join(deltas) == "ww" and reply.out.finish_reason == "stop", stop
+
+
+def test_a_refused_request_stops_those_submitted_before_it(model):
+    """generate() with one request the scheduler refuses: the ones already submitted are cancelled, not
+    left to decode beside later calls."""
+    from qwen2audio.generation.scheduler import TooManyBeams
+
+    request = model.prepare_chat(ask(clip(1.0, 3), "Say something."))
+    with pytest.raises(TooManyBeams):
+        model.engine.generate([request, request], [SamplingParams(max_new_tokens=200, ignore_eos=True),
+                                                   SamplingParams(num_beams=1000)])
+    model.engine.generate([request], SamplingParams(max_new_tokens=2))  # the scheduler runs its queue again
+    status = model.engine.scheduler.status()
+    assert (status.waiting, status.decoding, status.kv_bytes_allocated) == (0, 0, 0), status
+
+
 def test_text_held_for_a_stop_string_that_never_completes_is_released(model):
     messages = ask(clip(2.5, 3), "Say something.")
     free = model.chat(messages, max_new_tokens=40)

@@ -221,6 +221,15 @@ def test_stream_decoder_holds_back_a_split_character(tok):
     assert stream.flush() == "\ufffd"  # an unfinished character at the very end is reported, not dropped
 
 
+def test_a_special_token_inside_a_character_does_not_break_it(tok):
+    """A skipped special token carries no byte: the character around it streams whole, as decode gives it."""
+    for ids in ([ord("A"), *"😀".encode()[:3], tok.audio_id, "😀".encode()[3]],
+                [*"世".encode()[:1], tok.audio_id, tok.audio_id, *"世".encode()[1:]]):
+        stream = StreamDecoder(tok)
+        deltas = [stream.push(i) for i in ids] + [stream.flush()]
+        assert "".join(deltas) == tok.decode(ids) and "\ufffd" not in "".join(deltas), deltas
+
+
 def test_stream_decoder_does_not_stall_on_invalid_bytes(tok):
     """Bytes that can never form a character (a model's garbage) stream out, not held to the end."""
     stream = StreamDecoder(tok)

@@ -262,8 +262,10 @@ class Engine:
         per_request = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(per_request) != len(batch):
             raise ValueError(f"{len(batch)} requests but {len(per_request)} SamplingParams")
-        streams = [self.scheduler.submit(p, s) for p, s in zip(batch, per_request)]
+        streams = []
         try:
+            for prepared, settings in zip(batch, per_request):  # one refused: those submitted before it stop
+                streams.append(self.scheduler.submit(prepared, settings))
             results = []
             for stream in streams:
                 results.append(stream.wait())

@@ -77,14 +77,14 @@ class ReplyText:
         return self._release(self.pending + self.decoder.flush(), final=True)
 
     def _release(self, text: str, final: bool) -> str:
-        for stop in self.stops:
-            cut = (self.out.text + text).find(stop, max(0, len(self.out.text) - len(stop)))
-            if cut >= 0:
-                delta = (self.out.text + text)[len(self.out.text):cut]
-                self.out.text += delta
-                self.out.finish_reason = "stop"
-                self.pending = ""
-                return delta
+        whole = self.out.text + text
+        cuts = [cut for stop in self.stops if (cut := whole.find(stop, max(0, len(self.out.text) - len(stop)))) >= 0]
+        if cuts:  # the reply ends before the first stop string in it, whichever of them that is
+            delta = whole[len(self.out.text):min(cuts)]
+            self.out.text += delta
+            self.out.finish_reason = "stop"
+            self.pending = ""
+            return delta
         hold = 0 if final else _longest_stop_prefix(text, self.stops)
         delta, self.pending = text[: len(text) - hold], text[len(text) - hold:]
         self.out.text += delta

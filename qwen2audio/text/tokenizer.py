@@ -121,6 +121,8 @@ class Tokenizer:
             raise TypeError(f"expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         self._tok = tokenizer
         self._added_ids = set(tokenizer.get_added_tokens_decoder())
+        # what decode(skip_special_tokens=True) leaves out
+        self.special_ids = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
         self._stop_ids: frozenset[int] | None = None  # set_stop_ids: the checkpoint's eos_token_id
 
     # ---- loading and saving -------------------------------------------------------------------
@@ -363,8 +365,9 @@ class StreamDecoder:
         text = self._decode(self._ids)
         end = len(self._ids)  # emit the window up to here
         if text.endswith(REPLACEMENT_CHAR):
-            if end - self._read < UTF8_MAX_BYTES:
-                return ""  # the last character's bytes are not all here yet
+            skipped = self._tokenizer.special_ids if self._skip_special else ()
+            if sum(t not in skipped for t in self._ids[self._read:]) < UTF8_MAX_BYTES:  # a skipped special
+                return ""  # token carries no byte: the last character's bytes are not all here yet
             # A character would be complete by now, so some bytes are invalid (a model's garbage):
             # emit up to the last character boundary rather than stall the stream.
             keep = self._unfinished_tail(text)
