@@ -7,6 +7,7 @@ level from a path, from bytes and from a file object.
 
 import io
 import re
+import warnings
 from fractions import Fraction
 
 import av
@@ -15,6 +16,7 @@ import pytest
 import soundfile
 import torch
 
+from qwen2audio import AudioWarning
 from qwen2audio.audio import SAMPLE_RATE, AudioError, load_audio
 from qwen2audio.audio.features import MIN_SAMPLES
 from qwen2audio.audio.io import SUPPORTED_FORMATS
@@ -349,3 +351,28 @@ def test_a_clip_too_short_for_one_audio_token_is_refused(n):
         load_audio(np.zeros(n, dtype=np.float32), sample_rate=SAMPLE_RATE)
     assert len(load_audio(np.zeros(MIN_SAMPLES, dtype=np.float32), sample_rate=SAMPLE_RATE)) == MIN_SAMPLES
     assert len(load_audio(np.zeros(n, dtype=np.float32), sample_rate=SAMPLE_RATE, min_samples=1)) == n
+
+
+def test_audio_warnings_are_collected_per_thread():
+    """A server decodes several requests' audio at once: each thread's collected warnings are its own (with
+    warnings.catch_warnings, process-wide, one request's warning reached another's response)."""
+    import threading
+
+    from qwen2audio.audio.io import collect_audio_warnings
+
+    loud, quiet = np.full(1600, 8.0, np.float32), np.full(1600, 0.1, np.float32)
+    wrong = []
+
+    def decode(samples, expect_warning):
+        for _ in range(200):
+            with collect_audio_warnings() as caught:
+                load_audio(samples)
+            if bool(caught) != expect_warning or (caught and "float samples reach 8" not in caught[0]):
+                wrong.append(caught)
+
+    threads = [threading.Thread(target=decode, args=(loud, True)), threading.Thread(target=decode, args=(quiet, False))]
+    with warnings.catch_warnings(record=True) as issued:
+        warnings.simplefilter("always")
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    assert wrong == [] and [w for w in issued if issubclass(w.category, AudioWarning)] == []  # none issued

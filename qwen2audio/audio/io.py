@@ -27,8 +27,10 @@ import io
 import os
 import re
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Iterator, Union
 
 import av
 import numpy as np
@@ -57,6 +59,28 @@ LOUD_FLOAT_PEAK = 4.0
 CONVERT_HINT = "convert it to 16-bit wav, e.g. `ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav`"
 
 AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray, torch.Tensor]
+_collected: ContextVar[list[str] | None] = ContextVar("audio_warnings", default=None)
+
+
+@contextmanager
+def collect_audio_warnings() -> Iterator[list[str]]:
+    """Within the block, this thread's (this context's) AudioWarnings are appended to the list it gives
+    instead of being issued: a server decoding several requests' audio at once hands each its own (Python's
+    warnings filters are process-wide and ``catch_warnings`` is not thread-safe)."""
+    caught: list[str] = []
+    token = _collected.set(caught)
+    try:
+        yield caught
+    finally:
+        _collected.reset(token)
+
+
+def _audio_warning(message: str, stacklevel: int) -> None:
+    caught = _collected.get()
+    if caught is not None:
+        caught.append(message)
+    else:
+        warnings.warn(message, AudioWarning, stacklevel=stacklevel + 1)
 
 
 def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str | None = None,
@@ -100,8 +124,8 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
     if peak > LOUD_FLOAT_PEAK:
         fix = ("divide 16-bit samples by 32768, or pass the integer array (it is scaled)"
                if isinstance(source, (np.ndarray, torch.Tensor)) else "divide the file's samples by 32768")
-        warnings.warn(f"{label}: float samples reach {peak:.4g}, far past full scale (1.0): integer PCM stored as "
-                      f"floats? If so, {fix}. The model hears the audio as it is", AudioWarning, stacklevel=2)
+        _audio_warning(f"{label}: float samples reach {peak:.4g}, far past full scale (1.0): integer PCM stored as "
+                       f"floats? If so, {fix}. The model hears the audio as it is", stacklevel=2)
 
     mono = np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32))  # (n,) average of the channels
     if rate != SAMPLE_RATE:
@@ -321,7 +345,7 @@ def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.
 
 
 def _warn_cut_short(label: str, declared: int, read: int, rate: int) -> None:
-    warnings.warn(
+    _audio_warning(
         f"{label}: the file is cut short: its header promises {declared} frames ({declared / rate:.2f} s) but "
         f"only {read} could be decoded ({read / rate:.2f} s); using those. Copy or download the file again "
-        "for the rest", AudioWarning, stacklevel=5)  # the caller of load_audio
+        "for the rest", stacklevel=5)  # the caller of load_audio

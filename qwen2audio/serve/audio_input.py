@@ -22,7 +22,6 @@ import contextlib
 import io
 import logging
 import re
-import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,17 +161,16 @@ def decode(data: bytes, param: str, seconds_left: float, max_seconds: float) -> 
     seconds = probe_seconds(data, seconds_left)
     if seconds is not None and seconds > seconds_left:
         raise _too_long(param, seconds, seconds_left, max_seconds)
-    from ..audio.io import load_audio  # soundfile, soxr and PyAV: only once audio arrives
+    from ..audio.io import collect_audio_warnings, load_audio  # soundfile, soxr and PyAV: once audio arrives
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # a file cut short is used as far as it goes: said in the log
-            wave = load_audio(data, name=param)
+        with collect_audio_warnings() as caught:  # a file cut short is used as far as it goes: said in the log
+            wave = load_audio(data, name=param)  # and to this request alone (threads decode side by side)
         sink = _request_warnings.get()
-        for warning in caught:
-            log.warning("%s", warning.message)
+        for message in caught:
+            log.warning("%s", message)
             if sink is not None:
-                sink.append(str(warning.message))
+                sink.append(message)
     except AudioError as err:
         raise bad_request(str(err), param, "invalid_audio") from None
     if wave.shape[0] / SAMPLE_RATE > seconds_left:  # a header that said less than there was
