@@ -57,10 +57,13 @@ ASR_PROMPT = "Detect the language and recognize the speech: <|{language}|>"
 def speech_prompt(language: str = "en", translate_to: str | None = None) -> str:
     """The base model's official prompt for speech in ``language``: recognition (the ASR prompt), or with
     ``translate_to`` translation into that language (the evaluation's CoVoST 2 prompt, which names it:
-    en -> English, zh -> Mandarin, ...)."""
+    en -> English, zh -> Mandarin, ...). The language tag is the code's language part in lower case, as the
+    official prompts write it: en-US and EN give <|en|>."""
+    from .eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT, language_code
+
+    language = language_code(language)
     if translate_to is None:
         return ASR_PROMPT.format(language=language)
-    from .eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT, language_code
 
     target = LANGUAGE_NAMES.get(language_code(translate_to))
     if target is None:

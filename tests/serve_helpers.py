@@ -123,7 +123,7 @@ class FakeBackend:
     def full(self) -> bool:
         return len(self._waiting) >= self.max_queue
 
-    def chat(self, messages, params) -> Handle:
+    def chat(self, messages, params, cap_max_tokens=True) -> Handle:
         return self._submit(("chat", messages, params))
 
     def complete(self, prompt, audios, params) -> Handle:

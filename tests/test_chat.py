@@ -249,6 +249,10 @@ def test_base64_with_line_breaks_is_accepted():
         ([{"role": "user", "content": [audio("https://example.com/a.wav")]}], "remote audio URLs are not fetched"),
         ([{"role": "user", "content": [audio("file://otherhost/a.wav")]}], "only local files"),
         ([{"role": "user", "content": [audio(12)]}], "cannot use a int as audio"),
+        ([{"role": "user", "content": "hello <|AUDIO|> there"}],
+         r"messages\[0\]\['content'\] contains <\|AUDIO\|>, the audio placeholder: give the audio as an audio part"),
+        ([{"role": "user", "content": [audio("a.wav"), text("and <|AUDIO|>")]}],
+         r"messages\[0\]\['content'\]\[1\] contains <\|AUDIO\|>"),
     ],
 )
 def test_malformed_messages_raise_helpful_errors(messages, match):

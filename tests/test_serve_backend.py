@@ -4,6 +4,7 @@ generation, errors (a prompt too long by its type), closing."""
 
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 
@@ -113,8 +114,20 @@ def test_an_error_reaches_its_consumer_and_the_next_request_is_answered(backend)
 def test_a_prompt_longer_than_the_context_ends_as_request_too_large(backend, model):
     words = model.engine.max_positions  # at least one token each
     handle = backend.complete("word " * words, [], SHORT)
-    with pytest.raises(RequestTooLarge, match="context"):
+    with pytest.raises(RequestTooLarge, match=r"context holds \d+; its text alone is \d+ tokens: shorten the "
+                                              r"messages"):  # no audio in it to shorten
         list(handle)
+
+
+def test_max_tokens_asked_for_must_fit_after_the_prompt(backend, model):
+    """OpenAI answers a max_tokens the context cannot hold with a 400; unasked, the reply is capped."""
+    room = model.engine.max_positions - len(model.prepare_chat(HI).token_ids)
+    asked = dataclasses.replace(SHORT, max_new_tokens=room + 1)
+    with pytest.raises(RequestTooLarge, match=rf"leaves {room} for the reply, but {room + 1} were asked for: ask for "
+                                              rf"at most {room}"):
+        list(backend.chat(HI, asked, cap_max_tokens=False))
+    fits = backend.chat(HI, dataclasses.replace(SHORT, max_new_tokens=room), cap_max_tokens=False)
+    assert "".join(fits) == fits.result.text
 
 
 def test_close_ends_waiting_and_running_requests_and_refuses_new_ones(model):

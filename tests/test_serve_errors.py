@@ -98,6 +98,12 @@ BAD_CHATS = {
     "top_p 0": (chat_body(top_p=0), 400, None, "top_p"),
     "n 0": (chat_body(n=0), 400, None, "n"),
     "stop not strings": (chat_body(stop=[1, 2]), 400, None, "stop[0]"),
+    "17 stop strings": (chat_body(stop=[str(i) for i in range(17)]), 400, None, "stop"),
+    "content an object": ({"model": "fake", "messages": [{"role": "user", "content": {"text": "hi"}}]}, 400, None,
+                          "messages[0].content"),
+    "logit_bias": (chat_body(logit_bias={"50256": -100}), 400, "unsupported_parameter", "logit_bias"),
+    "tool_choice required": (chat_body(tool_choice="required"), 400, "unsupported_parameter", "tool_choice"),
+    "spoken output": (chat_body(audio={"voice": "alloy", "format": "wav"}), 400, "unsupported_parameter", "audio"),
     "presence penalty": (chat_body(presence_penalty=0.5), 400, "unsupported_parameter", "presence_penalty"),
     "top_logprobs without logprobs": (chat_body(top_logprobs=2), 400, None, "top_logprobs"),
     "top_logprobs above 20": (chat_body(logprobs=True, top_logprobs=21), 400, None, "top_logprobs"),
@@ -122,6 +128,24 @@ def test_bad_chat_request_is_a_4xx_in_openai_shape(url, case):
     response = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
     assert_openai_error(response, status, code, param)
     assert_still_serving(url)
+
+
+@pytest.mark.parametrize("field,raw,said", [
+    ("stop", json.dumps([str(i) for i in range(17)]), "stop: List should have at most 16 items"),
+    ("messages[0].content", '{"text": "hi"}', "messages[0].content: Input should be a valid string or a valid array"),
+    ("temperature", "1e999", "temperature: Input should be a finite number"),
+])
+def test_an_invalid_field_is_named_with_what_it_should_be(url, field, raw, said):
+    """The message of a field a union allows several shapes of names the one that was meant (a list of
+    17 stop strings is a list too long, not "a valid string"), and infinities are no temperature."""
+    key = field.split("[")[0]
+    body = json.dumps(chat_body()).replace('"messages"', f'"{key}": {raw}, "messages"') if key != "messages" else \
+        json.dumps({"model": "fake", "messages": [{"role": "user", "content": "PLACEHOLDER"}]}).replace(
+            '"PLACEHOLDER"', raw)
+    response = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                          timeout=30)
+    error = assert_openai_error(response, 400, None, field)
+    assert error["message"].startswith(said), error
 
 
 def test_unknown_fields_are_ignored(url):

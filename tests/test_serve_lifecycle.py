@@ -54,14 +54,24 @@ def test_full_queue_is_429_with_retry_after_and_the_queued_requests_are_answered
 
 
 def test_n_choices_that_do_not_fit_the_queue_are_all_refused():
-    backend = FakeBackend(max_queue=1, hold=True)
+    backend = FakeBackend(max_queue=3, hold=True)
     app, _ = fake_app(backend)
     with running(app) as url:
+        first = post_in_background(url, CHAT)
+        wait_until(lambda: backend.running == 1, "the first request to run")
+        second = post_in_background(url, CHAT)
+        wait_until(lambda: backend.queue_depth == 1, "the second request to wait")
         refused = httpx.post(url + "/v1/chat/completions", json={**CHAT, "n": 3, "temperature": 1.0}, timeout=30)
-        assert refused.status_code == 429
+        assert refused.status_code == 429  # two of the three choices fit beside the waiting request
+        # more choices than the queue holds could never be taken: not "retry later" but a 400 naming n
+        never = httpx.post(url + "/v1/chat/completions", json={**CHAT, "n": 4, "temperature": 1.0}, timeout=30)
+        assert never.status_code == 400 and never.json()["error"]["param"] == "n"
+        assert "queues at most 3 sampled replies at once (serve --max-queue)" in never.json()["error"]["message"]
         backend.gate.set()
-        wait_until(lambda: backend.queue_depth == 0 and backend.running == 0, "the admitted choice to be dropped")
-        assert backend.cancelled  # the choice admitted before the queue filled was withdrawn
+        for box in (first, second):
+            box["thread"].join(WAIT)
+        wait_until(lambda: backend.queue_depth == 0 and backend.running == 0, "the admitted choices to be dropped")
+        assert len(backend.cancelled) == 2  # the choices admitted before the queue filled were withdrawn
 
 
 def test_a_client_leaving_mid_stream_cancels_its_generation():
@@ -114,13 +124,17 @@ def test_a_client_leaving_before_a_whole_answer_cancels_its_generation():
 def test_api_key_guards_v1_but_not_health_or_metrics():
     app, _ = fake_app(FakeBackend(), api_key="s3cret")
     with running(app) as url:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}, {"Authorization": "Bearers3cret"}):
             response = httpx.post(url + "/v1/chat/completions", json=CHAT, headers=headers)
             assert response.status_code == 401, headers
             assert response.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(url + "/v1/models").status_code == 401
         good = {"Authorization": "Bearer s3cret"}
         assert httpx.post(url + "/v1/chat/completions", json=CHAT, headers=good).status_code == 200
+        for scheme in ("bearer", "BEARER"):  # the scheme's case does not matter (RFC 7235)
+            assert httpx.post(url + "/v1/chat/completions", json=CHAT,
+                              headers={"Authorization": f"{scheme} s3cret"}).status_code == 200
         assert httpx.get(url + "/v1/models", headers=good).json()["data"][0]["id"] == "fake"
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/metrics").status_code == 200

@@ -224,3 +224,12 @@ def test_a_streamed_transcripts_text_is_what_the_whole_one_says():
         sent.append(live.window_done(final))
     assert sent[:7] == ["", "Hello", " there", "", "", "   friend", ""]
     assert "".join(sent) == full_text([Segment(0, 1, t) for t in finals]) == "Hello there   friend Second one. Ends"
+
+
+@pytest.mark.parametrize("given", ["en", "EN", "en-US", "en_GB"])
+def test_a_locale_becomes_the_official_prompts_language_tag(given):
+    """OpenAI clients send en, EN or en-US; the official ASR prompt writes <|en|> (the model never saw <|en-US|>)."""
+    from qwen2audio.api import speech_prompt
+
+    assert speech_prompt(given) == "Detect the language and recognize the speech: <|en|>"
+    assert speech_prompt(given, "zh").endswith("<|en|>") and "<|en-" not in speech_prompt(given, "zh")

@@ -36,8 +36,8 @@ SPLIT_FILE_FORMAT = {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "escapechar":
 
 
 def language_code(locale: str) -> str:
-    """Common Voice locale -> two-letter code: zh-CN -> zh, sv-SE -> sv."""
-    return locale.split("-")[0].lower()
+    """A locale -> its language code: zh-CN -> zh, sv-SE -> sv, en_US -> en, EN -> en."""
+    return locale.replace("_", "-").split("-")[0].lower()
 
 
 def language_name(code: str) -> str:

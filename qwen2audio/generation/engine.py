@@ -152,10 +152,14 @@ class Engine:
         ids = expand_audio_placeholders(self.tokenizer.encode(prompt), self.tokenizer.audio_id, counts)
         if len(ids) >= self.max_positions:
             audio_tokens = sum(counts)
+            text_tokens = len(ids) - audio_tokens
+            said = f"the prompt is {len(ids)} tokens ({audio_tokens} of them audio, {AUDIO_TOKENS_PER_SECOND} per second)"
+            if text_tokens >= self.max_positions - 256:  # the text alone leaves no room
+                raise RequestTooLarge(f"{said} but the model's context holds {self.max_positions}; its text alone "
+                                      f"is {text_tokens} tokens: shorten the messages")
             raise RequestTooLarge(
-                f"the prompt is {len(ids)} tokens ({audio_tokens} of them audio, {AUDIO_TOKENS_PER_SECOND} per second) "
-                f"but the model's context holds {self.max_positions}; shorten the audio to about "
-                f"{max(0, self.max_positions - 256 - (len(ids) - audio_tokens)) // AUDIO_TOKENS_PER_SECOND} s in all")
+                f"{said} but the model's context holds {self.max_positions}; shorten the audio to about "
+                f"{(self.max_positions - 256 - text_tokens) // AUDIO_TOKENS_PER_SECOND} s in all")
         waveforms = [a if e is None else None for a, e in zip(audios, embeds)]
         return Prepared(ids, embeds, keys, waveforms)
 

@@ -249,7 +249,9 @@ class Guard:
         key = self.settings.api_key
         if key is not None:
             given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+            scheme, _, token = given.partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())):  # the
+                # scheme's case does not matter (RFC 7235)
                 what = "Incorrect API key provided" if given else "No API key provided"
                 return APIError(401, f"{what}: send it as the header 'Authorization: Bearer KEY'", AUTHENTICATION,
                                 code="invalid_api_key")

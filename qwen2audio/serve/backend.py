@@ -127,7 +127,10 @@ class Backend(Protocol):
     chat_defaults: Mapping[str, Any]  # SamplingParams keywords of chat replies (generation_config.json)
     transcription_defaults: Mapping[str, Any]  # cuts, num_beams, fallback (Qwen2Audio.transcription_defaults)
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams) -> Handle: ...
+    def chat(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams,
+             cap_max_tokens: bool = True) -> Handle:
+        """``cap_max_tokens`` false: a max_new_tokens the context cannot hold after the prompt is the
+        request's error (RequestTooLarge), not a shorter reply."""
 
     def complete(self, prompt: str, audios: Sequence[np.ndarray], params: SamplingParams) -> Handle: ...
 
@@ -217,8 +220,9 @@ class SchedulerBackend:
                                          reuse_prefixes=reuse_prefixes)
 
     # -- Backend -------------------------------------------------------------------------------------
-    def chat(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams) -> StreamHandle:
-        return self._submit(lambda: self.model.prepare_chat(messages), params)
+    def chat(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams,
+             cap_max_tokens: bool = True) -> StreamHandle:
+        return self._submit(lambda: self.model.prepare_chat(messages), params, cap_max_tokens)
 
     def complete(self, prompt: str, audios: Sequence[np.ndarray], params: SamplingParams) -> StreamHandle:
         return self._submit(lambda: self.model.prepare_raw(prompt, audios), params)
@@ -248,9 +252,16 @@ class SchedulerBackend:
         closer.start()
         closer.join(timeout)
 
-    def _submit(self, prepare: Callable[[], "Prepared"], params: SamplingParams) -> StreamHandle:
+    def _submit(self, prepare: Callable[[], "Prepared"], params: SamplingParams,
+                cap_max_tokens: bool = True) -> StreamHandle:
         try:
             request = prepare()
+            room = self.scheduler.max_len - len(request.token_ids)
+            if not cap_max_tokens and params.max_new_tokens > room:  # OpenAI's answer: a 400, not a shorter reply
+                raise sched.RequestTooLarge(
+                    f"this model's context holds {self.scheduler.max_len} tokens; the messages take "
+                    f"{len(request.token_ids)} (audio included), which leaves {room} for the reply, but "
+                    f"{params.max_new_tokens} were asked for: ask for at most {room}, or shorten the messages")
             return StreamHandle(self.scheduler.submit(request, params))
         except sched.QueueFull:
             raise QueueFull(self.scheduler.status().waiting) from None

@@ -49,10 +49,15 @@ async def chat_completions(request: Request, backend: Backend, policy: AudioPoli
     check_model(req.model, backend.model_id)
     _refuse_unsupported(req)
     params, copies = sampling(req, backend.chat_defaults, max_tokens)
+    queue = getattr(backend, "max_queue", None)
+    if queue is not None and len(params) > queue:  # each sampled choice waits on its own: never all at once
+        raise bad_request(f"n is {len(params)}: this server queues at most {queue} sampled replies at once "
+                          "(serve --max-queue); ask for fewer choices", "n")
     refuse_if_full(backend)  # before the audio is decoded: a refused request should cost little
     messages = await run_in_threadpool(to_messages, req.messages, policy)
     # In a worker thread: preparing tokenizes the prompt and fingerprints its audio.
-    handles = await run_in_threadpool(submit, lambda p: backend.chat(messages, p), params)
+    capped = req.max_completion_tokens is None and req.max_tokens is None  # a number asked for must fit
+    handles = await run_in_threadpool(submit, lambda p: backend.chat(messages, p, capped), params)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     done = _Done(metrics, arrived)
     answer = _Answer(backend, copies, done, ranked=params[0].beams)
@@ -75,8 +80,17 @@ def _refuse_unsupported(req: fmt.ChatCompletionRequest) -> None:
                               "repeating instead", name, "unsupported_parameter")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-    if req.tools:
-        raise bad_request("tools are not supported by this server", "tools", "unsupported_parameter")
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported_parameter")
+    for name in ("tools", "functions"):
+        if getattr(req, name):
+            raise bad_request(f"{name} are not supported by this server", name, "unsupported_parameter")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise bad_request("tool_choice: there are no tools to call (only \"none\" or \"auto\")", "tool_choice",
+                          "unsupported_parameter")
+    if req.audio:
+        raise bad_request("this model answers in text only: spoken replies (audio) are not supported", "audio",
+                          "unsupported_parameter")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format",
                           "unsupported_parameter")

@@ -66,24 +66,28 @@ class StreamOptions(_Model):
 class ChatCompletionRequest(_Model):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)  # extension; 0 or -1 (vLLM's spelling): off
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n: int | None = Field(1, ge=1, le=MAX_N)
-    presence_penalty: float | None = None  # only 0 is supported (chat.py)
-    frequency_penalty: float | None = None  # only 0 is supported
-    repetition_penalty: float | None = Field(None, gt=0)  # extension, as transformers applies it
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)  # only 0 is supported (chat.py)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)  # only 0 is supported
+    logit_bias: dict[str, Any] | None = None  # not supported: a non-empty one is refused
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # extension, as transformers applies it
     num_beams: int | None = Field(None, ge=1)  # extension: beam search (at most the server's --max-batch)
-    length_penalty: float | None = None  # extension: beam search's, as transformers applies it
+    length_penalty: float | None = Field(None, allow_inf_nan=False)  # extension: beam search's (transformers')
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # needs logprobs true
     tools: list[Any] | None = None  # not supported: a non-empty list is refused
+    tool_choice: Any = None  # "none" or "auto" (there are no tools to call); others are refused
+    functions: list[Any] | None = None  # the older tools: refused likewise
+    audio: dict[str, Any] | None = None  # spoken output (voice, format): refused, the model answers in text
     response_format: dict[str, Any] | None = None  # only {"type": "text"}
     modalities: list[str] | None = None  # only ["text"]
 
@@ -91,13 +95,25 @@ class ChatCompletionRequest(_Model):
 def validation_error(err: ValidationError) -> APIError:
     """pydantic's errors -> one 400 naming the most specific field at fault."""
     errors = err.errors(include_url=False)
-    first = max(errors, key=lambda e: len(e["loc"]))  # a union's deepest branch says the most
+    # a union's deepest branch says the most; a branch of the right type whose value is wrong (a list of 17
+    # stop strings) more than a branch of another type ("Input should be a valid string")
+    first = max(errors, key=lambda e: (len(e["loc"]), not _type_error(e)))
     param = _param(first["loc"])
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     if first["type"] == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {first['msg']}", None, "invalid_json")
+    message = first["msg"]
+    same = [e for e in errors if _param(e["loc"]) == param]
+    if _type_error(first) and all(_type_error(e) for e in same):  # no branch fits: name them all
+        message = "Input should be " + " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ")
+                                                                 for e in same))
+        errors = [e for e in errors if e not in same] + [first]
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     where = f"{param}: " if param else "the request body: "
-    return bad_request(f"{where}{first['msg']}{more}", param or None)
+    return bad_request(f"{where}{message}{more}", param or None)
+
+
+def _type_error(error: dict) -> bool:
+    return error["type"].endswith("_type") or error["type"] in ("none_required", "union_tag_invalid")
 
 
 def _param(loc: tuple) -> str:

@@ -67,7 +67,7 @@ from .metrics import Metrics
 TRANSCRIBE, TRANSLATE = "transcribe", "translate"
 TARGET_LANGUAGE = "en"  # /v1/audio/translations translates into English, as OpenAI's does
 DEFAULT_LANGUAGE = "en"
-LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?$")  # en, yue, zh-TW
+LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?$")  # en, yue, zh-TW, en_US
 MAX_FORM_FIELDS = 16
 RESUBMIT_SECONDS = 0.05  # how often a later window asks again for room in a full queue
 WINDOW_MAX_TOKENS = SamplingParams().max_new_tokens  # per window: the official evaluation's 256
@@ -83,9 +83,13 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     None, are the checkpoint's (``backend.transcription_defaults``: greedy, no fallback, unless its
     generation_config.json says); the request's fields override them."""
     form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise bad_request("send the audio as a multipart/form-data file field named 'file'", "file")
+    try:  # the upload's bytes, and its spooled file closed (the other fields are strings, kept in the form)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise bad_request("send the audio as a multipart/form-data file field named 'file'", "file")
+        data = await upload.read()
+    finally:
+        await form.close()
     check_model(_field(form, "model", required=True), backend.model_id)
     language = _field(form, "language") or DEFAULT_LANGUAGE
     if not LANGUAGE_CODE.match(language):
@@ -114,7 +118,6 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     pause = _chunking(form, cut_at_pauses)
 
     refuse_if_full(backend)  # before the audio is decoded
-    data = await upload.read()
     wave = await run_in_threadpool(decode, data, "file", policy.max_seconds, policy.max_seconds)
     prompt = speech_prompt(language, None if task == TRANSCRIBE else TARGET_LANGUAGE)
     windows = await run_in_threadpool(speech_windows, wave, chunk_samples(chunk_seconds), pause_samples(pause))

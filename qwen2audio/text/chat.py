@@ -88,12 +88,12 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
             pieces.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
         pieces.append(f"{IM_START}{role}\n")
         if isinstance(content, str):
-            pieces.append(content)
+            pieces.append(_text(content, f"messages[{i}]['content']"))
         else:
             for j, part in enumerate(content):
                 where = f"messages[{i}]['content'][{j}]"
                 if _part_type(part, where) == "text":
-                    pieces.append(part["text"])
+                    pieces.append(_text(part["text"], where))
                 else:
                     audios.append(_audio_source(part, where))
                     pieces.append(f"Audio {len(audios)}: {AUDIO_SPAN}\n")
@@ -101,6 +101,15 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
     if add_generation_prompt:
         pieces.append(f"{IM_START}assistant\n")
     return RenderedPrompt(text="".join(pieces), audios=audios)
+
+
+def _text(text: str, where: str) -> str:
+    """A message's text as it goes into the template; the audio placeholder is refused, as the template
+    puts one where each audio part is (a typed one would be an audio with no sound)."""
+    if AUDIO in text:
+        raise ValueError(f"{where} contains {AUDIO}, the audio placeholder: give the audio as an audio part "
+                         f"({_AUDIO_PARTS}) and take {AUDIO} out of the text")
+    return text
 
 
 def raw_prompt(task_prompt: str, n_audios: int = 1) -> str:
