@@ -233,3 +233,11 @@ def test_a_locale_becomes_the_official_prompts_language_tag(given):
 
     assert speech_prompt(given) == "Detect the language and recognize the speech: <|en|>"
     assert speech_prompt(given, "zh").endswith("<|en|>") and "<|en-" not in speech_prompt(given, "zh")
+
+
+def test_a_reply_too_long_for_the_context_names_max_tokens():
+    from qwen2audio.serve.backend import MaxTokensTooLarge
+    from qwen2audio.serve.chat import request_error
+
+    error = request_error(MaxTokensTooLarge("leaves 35 for the reply, but 100 were asked for"))
+    assert (error.status, error.param, error.code) == (400, "max_tokens", "context_length_exceeded")

@@ -45,6 +45,10 @@ STOPPED_EARLY = ("cancelled", "timeout")  # the scheduler's endings that the ser
 RETRY_AFTER_SECONDS = 1  # what a refused client is told to wait before trying again
 
 
+class MaxTokensTooLarge(sched.RequestTooLarge):
+    """A reply length asked for that the context cannot hold after the prompt."""
+
+
 class QueueFull(Exception):
     """No more requests can wait; the client should retry after ``retry_after`` seconds."""
 
@@ -258,7 +262,7 @@ class SchedulerBackend:
             request = prepare()
             room = self.scheduler.max_len - len(request.token_ids)
             if not cap_max_tokens and params.max_new_tokens > room:  # OpenAI's answer: a 400, not a shorter reply
-                raise sched.RequestTooLarge(
+                raise MaxTokensTooLarge(
                     f"this model's context holds {self.scheduler.max_len} tokens; the messages take "
                     f"{len(request.token_ids)} (audio included), which leaves {room} for the reply, but "
                     f"{params.max_new_tokens} were asked for: ask for at most {room}, or shorten the messages")

@@ -29,7 +29,7 @@ from ..generation.reply import Generation, logprob_entries
 from ..generation.scheduler import RequestTooLarge, TooManyBeams
 from . import openai_format as fmt
 from .audio_input import AudioPolicy, b64_bytes, decode, url_bytes
-from .backend import Backend, Handle, QueueFull, Unavailable
+from .backend import Backend, Handle, MaxTokensTooLarge, QueueFull, Unavailable
 from .errors import SERVER_ERROR, APIError, bad_request, error_body, retry_later
 from .handles import Reader, watching
 from .metrics import Metrics
@@ -185,6 +185,8 @@ def request_error(err: Exception) -> APIError:
         return err
     if isinstance(err, TooManyBeams):
         return bad_request(str(err), "num_beams")
+    if isinstance(err, MaxTokensTooLarge):
+        return bad_request(str(err), "max_tokens", "context_length_exceeded")
     if isinstance(err, ValueError):
         return bad_request(str(err), code="context_length_exceeded" if isinstance(err, RequestTooLarge) else None)
     log.exception("generation failed", exc_info=err)
