@@ -37,6 +37,17 @@ def test_cached_states_are_the_encoders_outputs(workspace, tmp_path):
         torch.testing.assert_close(windows[0].float(), states[0, : int(counts[0])], rtol=1e-3, atol=1e-3)  # float16
 
 
+def test_a_clip_given_as_bytes_is_keyed_by_its_contents(workspace, tmp_path):
+    """A manifest's data: URL reaches the cache as the file's bytes: the same states as the file's."""
+    model = load_model(workspace["tiny"])
+    cache = EncoderStateCache(tmp_path, model.audio_tower, model.config.audio.num_mel_bins)
+    clip = clips(workspace)[0]
+    data = open(clip, "rb").read()
+    assert cache.fill([data, clip], progress=False) == 2 and cache.fill([data], progress=False) == 0
+    (from_bytes, n), (from_file, m) = cache.get(data), cache.get(clip)
+    assert n == m and torch.equal(from_bytes[0], from_file[0])
+
+
 def test_a_clip_reached_through_a_link_is_the_same_entry(workspace, tmp_path):
     """A data folder reached through a symbolic link (a second checkout pointing at the same data) reads the
     states already computed, instead of encoding every clip again."""

@@ -49,7 +49,10 @@ class EncoderStateCache:
         self.n_mels = n_mels
         self.root = Path(directory) / weights_digest(encoder)[:16]
 
-    def path(self, source: str) -> Path:
+    def path(self, source: str | bytes) -> Path:
+        if isinstance(source, bytes):  # a manifest's data: URL: keyed by its contents
+            digest = hashlib.sha1(b"bytes|" + source).hexdigest()
+            return self.root / digest[:2] / f"{digest}.safetensors"
         stat = os.stat(source)
         key = f"{os.path.realpath(source)}|{stat.st_size}|{stat.st_mtime_ns}"
         digest = hashlib.sha1(key.encode()).hexdigest()
@@ -70,7 +73,8 @@ class EncoderStateCache:
         """Compute and store the states of every clip not cached yet; returns how many were computed."""
         from tqdm import tqdm
 
-        todo = sorted({s for s in sources if not self.path(s).is_file()}, key=os.path.getsize)  # similar lengths batch
+        todo = sorted({s for s in sources if not self.path(s).is_file()},  # similar lengths batch together
+                      key=lambda s: len(s) if isinstance(s, bytes) else os.path.getsize(s))
         if not todo:
             return 0
         device = next(self.encoder.parameters()).device
