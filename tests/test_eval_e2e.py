@@ -642,3 +642,19 @@ def test_a_clip_longer_than_30_s_is_heard_as_the_official_scripts_hear_it(tmp_pa
     records, results = run_eval("jsonl", tmp_path / "long.jsonl", tmp_path / "o", *new, "--long-audio", "windows")
     assert records[0]["hypothesis"] == whole and results["settings"]["long_audio"] == "windows"
     assert "1 were made with another --long-audio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder,language", [("cmn_hans_cn", "zh"), ("en_us", "en"), ("fil_ph", "fil"),
+                                             ("ast_es", "ast")])
+def test_a_fleurs_folder_names_its_language(tmp_path, folder, language):
+    """Fleurs folders start with the language: a three-letter code with no two-letter one stays whole (fil_ph
+    was cut to fi, Finnish, in the prompt and the scoring)."""
+    from qwen2audio.eval.asr import read_fleurs
+    from qwen2audio.eval.tasks import Options
+
+    path = tmp_path / folder
+    (path / "audio" / "test").mkdir(parents=True)
+    (path / "test.tsv").write_text(f"1\ta.wav\thello\thello\th e l l o\t{SR}\tMALE\n", encoding="utf-8")
+    write(path / "audio" / "test" / "a.wav", seed=0)
+    (item,) = read_fleurs(path, Options())
+    assert item.prompt.endswith(f"<|{language}|>") and item.metric == f"wer:{language}"

@@ -244,3 +244,11 @@ def test_tags_are_removed_as_the_official_scorer_removes_them(text, stripped):
 ])
 def test_language_tags_are_found_in_prompts(prompt, languages):
     assert tags.LANGUAGE_TAG.findall(prompt) == languages
+
+
+@pytest.mark.parametrize("text,language,units", [
+    ("今日は晴れです。", "ja", list("今日は晴れです")),  # one error is one character in eight, not the sentence
+    ("ภาษาไทย ง่าย", "th", list("ภาษาไทยงาย")),  # Whisper's basic normaliser drops the marks, as it does there
+])
+def test_languages_written_without_spaces_are_scored_per_character(text, language, units):
+    assert wer_units(text, language) == units

@@ -23,6 +23,8 @@ def test_official_list_sources_have_explicit_aliases():
     assert published("fleurs", "fleurs_asr_zh").paper == 7.5
     assert published("covost2", "covost2_en_zh_test").paper == 45.2
     assert published("covost2", "covost2_it_en_test").transformers == 35.2
+    assert published("covost2", "covost_en_de_test").paper == published("covost2", "en-de").paper  # the official name
+    assert published("covost2", "covost_en_de_dev") is None  # the paper reports the test split
     assert all((task, subset) in PUBLISHED for (task, _), subset in OFFICIAL_SOURCES.items())
 
 

@@ -104,7 +104,8 @@ def read_fleurs(path: Path, options: Options) -> list[EvalItem]:
     if not audio_dir.is_dir():
         raise DatasetError(f"{audio_dir} not found{unpack_hint(audio_dir)}")
     prefix = path.name.split("_")[0]
-    language = options.language or FLEURS_LANGUAGES.get(prefix, prefix[:2])
+    # en_us -> en; a three-letter code with no two-letter one (fil, ast, kam) stays as it is, not cut to another
+    language = options.language or FLEURS_LANGUAGES.get(prefix, prefix)
     items = []
     with open(tsv, encoding="utf-8", newline="") as f:
         for number, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):

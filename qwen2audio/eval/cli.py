@@ -54,7 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--judge-model", default=None, help="judge model (env QWEN2AUDIO_JUDGE_MODEL; default gpt-4-0125-preview)")
     p.add_argument("--judge-key", default=None, help="API key (env QWEN2AUDIO_JUDGE_API_KEY or OPENAI_API_KEY)")
     p.add_argument("--judge-temperature", type=float, default=0.0,
-                   help="judge sampling temperature (0 for reproducibility; AIR-Bench used 1.0)")
+                   help="judge sampling temperature (0 for reproducibility; AIR-Bench's script sends half its "
+                        "requests at 1.0 and half at 2.0)")
     p.add_argument("--judge-workers", type=int, default=4, help="judge requests in flight")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)

@@ -24,7 +24,10 @@ from functools import lru_cache
 from ..text.tags import TAG
 from .cn_tn import text_norm
 
-CHARACTER_LANGUAGES = ("zh", "yue")  # scored per character (CER), reported in the WER column as the paper does
+# scored per character (CER), reported in the WER column as the paper does for zh and yue (the official
+# evaluation scores no other language written without spaces between words: Japanese, Thai, Lao, Burmese and
+# Khmer are scored per character here too, as Whisper's evaluation does, not as one "word" per sentence)
+CHARACTER_LANGUAGES = ("zh", "yue", "ja", "th", "lo", "my", "km")
 PUNCS = "!,.?;:"  # punctuation glued to the previous word by remove_special, as the official remove_sp
 SPACES = re.compile(r"\s+")
 
@@ -76,7 +79,7 @@ def evaluation_tokens(text: str) -> list[str]:
 
 
 def wer_units(text: str, language: str) -> list[str]:
-    """The units (words, or characters for zh/yue) the official evaluation compares for `language`."""
+    """The units (words, or characters for CHARACTER_LANGUAGES) the official evaluation compares for `language`."""
     text = remove_special(text, language)
     if language == "yue":
         text = to_simplified(text)
