@@ -224,3 +224,15 @@ def test_the_default_bound_leaves_a_64_wide_model_to_torch():
     model = load_model(tiny_model_dir())
     Engine(model, TOKENIZER)
     assert not any(isinstance(m, weights.OneDNNLinear) for m in model.modules())
+
+
+def test_a_float16_model_decodes_on_cpu_beside_the_kernels(checkpoint):
+    """The kernels' norm and RoPE take float32 and bfloat16: a float16 model keeps torch's for them (it
+    stopped with 'rms_norm: x and weight both float32 or both bfloat16')."""
+    from qwen2audio.text import render_chat
+
+    engine = Engine(load_model(checkpoint, dtype="float16"), TOKENIZER)
+    rendered = render_chat([{"role": "user", "content": [{"type": "audio", "audio": clip(1.0, 2)},
+                                                         {"type": "text", "text": "What is it?"}]}])
+    out = engine.generate([engine.prepare(rendered.text, rendered.audios)], SamplingParams(max_new_tokens=4))[0]
+    assert len(out.token_ids) >= 1 and engine.model.dtype == torch.float16

@@ -13,6 +13,7 @@ from ..model import Qwen2AudioModel
 from ..model.llm import RMSNorm
 from .params import QUANTIZE_CHOICES
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what our kernels' norm and RoPE take (float16: torch's)
 ONEDNN_DTYPES = (torch.float32,)  # where oneDNN's products beat the default CPU path (benchmarks/README.md)
 # Smaller products stay with torch's default: a oneDNN call costs more fixed time, which products under
 # about half a million weights do not repay (measured per shape at 1 and 8 rows: 512 x 512 breaks even,
@@ -88,7 +89,8 @@ class KernelRMSNorm(RMSNorm):
         self.weight, self.eps, self._op = norm.weight, norm.eps, op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if x.dtype == self.weight.dtype and x.dtype in KERNEL_DTYPES and x.device.type == "cpu" \
+                and not torch.is_grad_enabled():
             return self._op(x, self.weight, self.eps)
         return super().forward(x)
 

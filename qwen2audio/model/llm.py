@@ -90,7 +90,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if self.rope is not None and not torch.is_grad_enabled() and q.device.type == "cpu" and q.dtype == cos.dtype:
+        if (self.rope is not None and not torch.is_grad_enabled() and q.device.type == "cpu" and q.dtype == cos.dtype
+                and q.dtype in (torch.float32, torch.bfloat16)):  # the kernel's dtypes; float16 in torch
             self.rope(q, k, cos, sin)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
