@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -202,3 +203,20 @@ def test_sampling_params_stop_string_becomes_a_tuple():
         with pytest.raises(ValueError, match="stop strings must be non-empty"):
             SamplingParams(stop=empty)
     assert SamplingParams().greedy and not SamplingParams(temperature=0.5).greedy
+
+
+@pytest.mark.parametrize("field,value,said", [
+    ("temperature", float("nan"), "temperature must be a finite number, got nan"),
+    ("temperature", float("inf"), "temperature must be a finite number"),
+    ("repetition_penalty", float("nan"), "repetition_penalty must be a finite number"),
+    ("temperature", "0.5", "temperature must be a finite number, got '0.5'"),
+    ("max_new_tokens", 2.5, "max_new_tokens must be a whole number, got 2.5"),
+    ("num_beams", 2.0, "num_beams must be a whole number"),
+    ("seed", "1", "seed must be a whole number or None"),
+    ("seed", 10**23, "seed must be between 0 and 2\\*\\*63 - 1"),
+])
+def test_values_of_the_wrong_kind_are_named(field, value, said):
+    """A NaN passes every comparison, and a float count or a str temperature failed deep inside decoding."""
+    with pytest.raises(ValueError, match=said):
+        SamplingParams(**{field: value})
+    SamplingParams(seed=np.int64(3), temperature=np.float32(0.5), max_new_tokens=np.int64(4))  # numpy numbers do
