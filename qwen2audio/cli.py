@@ -40,6 +40,7 @@ from .generation.reply import logprob_entries
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a program the signal ended
 # Modules that add commands: each has register(subparsers), which adds its parser(s) with
 # set_defaults(handler=function(args) -> exit code). Their heavy imports belong inside the handler.
 COMMAND_MODULES: list[str] = ["qwen2audio.checkpoint.init", "qwen2audio.training.cli", "qwen2audio.eval.cli",
@@ -187,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return EXIT_BROKEN_PIPE
 
 
 def _apply_threads(threads: int | None) -> None:
@@ -235,21 +239,35 @@ def check_cut_args(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     # `qwen2audio transcribe FILE` without MODEL_DIR: argparse gives the first file to model_dir.
-    if args.command == "transcribe" and args.model_dir and Path(args.model_dir).is_file():
-        args.files.insert(0, args.model_dir)
+    if args.command == "transcribe" and args.model_dir and _names_audio(args.model_dir):
+        args.files.insert(0, args.model_dir)  # one that is missing too: it is reported with the others
         args.model_dir = None
     if getattr(args, "logprobs", None) is not None and not args.json:
         raise ValueError("--logprobs: the log-probabilities are part of the --json output; add --json")
     if args.command == "transcribe":
         check_cut_args(args)
         _check_transcript_output(args)
+    sampling = _sampling_kwargs(args)
+    SamplingParams(**sampling)  # the flags' own values, told before a model is loaded for minutes
+    if args.command == "chat":
+        for path in args.audio:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--audio {path}: " + ("a folder, not an audio file" if Path(path).is_dir()
+                                                              else "no such file"))
     _check_model_dir(args)
     _check_device(args.device)
     model = _load(args)
-    sampling = _sampling_kwargs(args)
     if args.command == "chat":
         return _chat(model, args, sampling)
     return _transcribe(model, args, sampling)
+
+
+def _names_audio(path: str) -> bool:
+    """Whether ``transcribe``'s first argument is an audio file (or names one that is missing) rather than
+    a model folder."""
+    from .audio.io import AUDIO_SUFFIXES
+
+    return Path(path).is_file() or (not Path(path).exists() and Path(path).suffix.lower() in AUDIO_SUFFIXES)
 
 
 def _check_model_dir(args: argparse.Namespace) -> None:

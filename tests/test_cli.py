@@ -576,6 +576,43 @@ def test_transcribe_goes_on_past_a_missing_file_and_fails_at_the_end(which, audi
     assert lines[0] == f"{audio['wav']}\t{model.transcribe(audio['wav'], max_new_tokens=int(NEW))}"
 
 
+def test_transcribe_goes_on_when_the_first_file_is_the_missing_one(api, audio, tmp_path, capsys, monkeypatch):
+    """Without a model folder the first argument could be either: a missing file named like audio is a file."""
+    missing = str(tmp_path / "no_such_file.wav")
+    rc, out, err = cli(capsys, monkeypatch, ["transcribe", missing, audio["wav"], "--max-new-tokens", NEW])
+    assert rc != 0 and missing in err and "does not exist" in err and "huggingface-cli" not in err
+    assert out.split("\t")[0] == audio["wav"]
+
+
+def test_bad_flags_and_missing_audio_are_told_before_the_model_loads(audio, tmp_path, capsys, monkeypatch):
+    from qwen2audio import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_load", lambda args: pytest.fail("the model must not load"))
+    for argv, message in ((["chat", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+                          (["chat", "--prompt", "hi", "--num-beams", "2", "--stop", "x"], "stop strings are not supported"),
+                          (["chat", "--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number"),
+                          (["chat", "--prompt", "hi", "--seed", "99999999999999999999999"], "seed must be between"),
+                          (["chat", "--audio", str(tmp_path / "gone.wav"), "--prompt", "hi"], "gone.wav: no such file"),
+                          (["chat", "--audio", str(tmp_path), "--prompt", "hi"], "a folder, not an audio file"),
+                          (["transcribe", audio["wav"], "--top-k", "-1"], "top_k must be >= 0")):
+        rc, _, err = cli(capsys, monkeypatch, argv)
+        assert rc == 2 and message in err, (argv, err)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(audio, tmp_path):
+    """`qwen2audio ... | head`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+
+    command = [sys.executable, "-m", "qwen2audio.cli", "chat", "--audio", audio["wav"], "--prompt", "hi",
+               "--no-interactive", "--max-new-tokens", "300", "--ignore-eos"]
+    env = {**os.environ, "QWEN2AUDIO_DEFAULT_MODEL": "tiny-random", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.read(3)
+    proc.stdout.close()  # as head does after its bytes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err, err
+
+
 # -- bad input ------------------------------------------------------------------------------------------
 def test_missing_model_dir(tmp_path, audio, capsys, monkeypatch):
     rc, out, err = cli(capsys, monkeypatch, ["chat", str(tmp_path / "nowhere"), "--audio", audio["wav"]])
