@@ -136,4 +136,8 @@ def test_adapter_weights_that_do_not_fit_are_named(tmp_path):
     (adapter / ADAPTER_WEIGHTS).unlink()
     with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors is missing"):
         merge_adapter(load_model(base), adapter)
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors is missing"):
+        resolve(base, adapter)  # told before the base model's weights load
+    with pytest.raises(CheckpointError, match=r"is a file; an adapter is the folder PEFT saved it in"):
+        resolve(base, adapter / ADAPTER_CONFIG)
     assert resolve(base, None) == (base, None)  # a checkpoint folder is no adapter

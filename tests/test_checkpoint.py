@@ -362,6 +362,12 @@ def test_directory_without_weights_says_what_is_expected(saved, tmp_path):
     save_file({k: tensors[k] for k in keys[5:]}, tmp_path / "b.safetensors")
     with pytest.raises(CheckpointError, match=r"found a\.safetensors, b\.safetensors without an index"):
         load_model(tmp_path)
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / name).unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickled")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is PyTorch's pickle format, which qwen2audio does "
+                                              r"not load .*save_pretrained\(DIR, safe_serialization=True\)"):
+        load_model(tmp_path)
 
 
 # -- damaged files (an interrupted download, a bad copy) --------------------------------------------------

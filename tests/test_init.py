@@ -448,3 +448,15 @@ def test_llm_directory_without_tokenizer_asks_for_one(whisper_dir, qwen2_tied, t
     with pytest.raises(ValueError, match="--tokenizer"):
         init_checkpoint(whisper_dir, llm, tmp_path / "o")
     init_checkpoint(whisper_dir, llm, tmp_path / "o", tokenizer=qwen2_tied[1])  # given: fine
+
+
+def test_out_that_is_a_file_is_refused_even_with_force(tmp_path):
+    from qwen2audio.checkpoint.init import init_checkpoint
+    from qwen2audio.errors import CheckpointError
+
+    victim = tmp_path / "clip.wav"
+    victim.write_bytes(b"keep me")
+    for force in (False, True):
+        with pytest.raises(CheckpointError, match=r"clip\.wav is a file, not a directory; choose a new directory"):
+            init_checkpoint(tmp_path / "enc", tmp_path / "llm", victim, force=force)
+    assert victim.read_bytes() == b"keep me"

@@ -34,6 +34,9 @@ def is_adapter(directory: str | Path) -> bool:
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """The folder's adapter_config.json, checked to be a LoRA adapter this module merges exactly."""
     path = Path(directory, ADAPTER_CONFIG)
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise CheckpointError(f"{directory} is a file; an adapter is the folder PEFT saved it in "
+                              f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -97,7 +100,18 @@ def resolve(directory: str | Path | None, adapter: str | Path | None) -> tuple[P
                                   "give the base model's folder, and the adapter with --adapter (Python: adapter=)")
     elif adapter is not None:
         read_adapter_config(adapter)
+    if adapter is not None:
+        _weights_file(Path(adapter))  # there, before the base model's weights load
     return (None if directory is None else Path(directory)), (None if adapter is None else Path(adapter))
+
+
+def _weights_file(directory: Path) -> Path:
+    path = directory / ADAPTER_WEIGHTS
+    if not path.is_file():
+        other = " (adapter_model.bin: save it again with safe_serialization=True)" \
+            if (directory / "adapter_model.bin").is_file() else ""
+        raise CheckpointError(f"{path} is missing{other}: the adapter's weights are needed")
+    return path
 
 
 @torch.no_grad()
@@ -107,11 +121,7 @@ def merge_adapter(model: torch.nn.Module, directory: str | Path) -> int:
     directory = Path(directory)
     config = read_adapter_config(directory)
     scale = adapter_scale(config)
-    path = directory / ADAPTER_WEIGHTS
-    if not path.is_file():
-        other = " (adapter_model.bin: save it again with safe_serialization=True)" \
-            if (directory / "adapter_model.bin").is_file() else ""
-        raise CheckpointError(f"{path} is missing{other}: the adapter's weights are needed")
+    path = _weights_file(directory)
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}

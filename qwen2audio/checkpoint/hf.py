@@ -107,8 +107,12 @@ def _weight_file_names(directory: Path) -> list[Path]:
     found = sorted(p.name for p in directory.glob("*.safetensors"))
     if len(found) == 1:
         return [directory / found[0]]
+    pickled = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
     raise CheckpointError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards"
-                          + (f" (found {', '.join(found)} without an index)" if found else ""))
+                          + (f" (found {', '.join(found)} without an index)" if found else "")
+                          + (f"; {pickled[0]} is PyTorch's pickle format, which qwen2audio does not load (it can run "
+                             "code): convert it once with transformers, from_pretrained(DIR) then "
+                             "save_pretrained(DIR, safe_serialization=True)" if pickled else ""))
 
 
 def check_safetensors(path: Path) -> None:
@@ -202,7 +206,8 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                               "The checkpoint is incomplete or not a Qwen2-Audio checkpoint of this config.")
     if unexpected and strict:
         raise CheckpointError(f"{directory} has {len(unexpected)} weight(s) this model does not use: {_names(unexpected)}. "
-                              "Check config.json, or load with strict=False to ignore them.")
+                              "Check that config.json is this checkpoint's (the sizes and layer counts it gives); "
+                              "qwen2audio.checkpoint.load_model(..., strict=False) loads it without them.")
     model.tie_weights()
     return model.eval()
 

@@ -234,7 +234,9 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
     """Write a Qwen2-Audio checkpoint directory ``out`` from a Whisper ``encoder`` and a Qwen2 ``llm``
     (``assemble_checkpoint`` says what each argument does)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a directory; choose a new directory")
+    if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory or pass --force")
     built = assemble_checkpoint(encoder, llm, tokenizer=tokenizer, dtype=dtype, seed=seed, projector_std=projector_std)
     write_checkpoint(built, out)
