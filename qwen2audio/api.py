@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import os
 import sys
 import warnings
 import weakref
@@ -60,6 +61,9 @@ def speech_prompt(language: str = "en", translate_to: str | None = None) -> str:
     en -> English, zh -> Mandarin, ...). The language tag is the code's language part in lower case, as the
     official prompts write it: en-US and EN give <|en|>."""
     from .eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT, language_code
+
+    if not isinstance(language, str) or not language.strip():
+        raise ValueError(f"language must be a language code such as 'en', 'zh' or 'yue', got {language!r}")
 
     language = language_code(language)
     if translate_to is None:
@@ -175,7 +179,11 @@ class Qwen2Audio:
         return self.engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios])
 
     def prepare_raw(self, prompt: str, audios: Sequence[Any] = ()) -> Prepared:
-        """A base-model prompt: <|audio_bos|><|AUDIO|><|audio_eos|> per clip, then ``prompt``."""
+        """A base-model prompt: <|audio_bos|><|AUDIO|><|audio_eos|> per clip, then ``prompt``. ``audios``: a
+        list of clips (one path, bytes or array alone is one clip)."""
+        pair = isinstance(audios, tuple) and len(audios) == 2 and isinstance(audios[1], int)  # (samples, rate)
+        if pair or isinstance(audios, (str, os.PathLike, bytes, bytearray, np.ndarray, torch.Tensor)):
+            audios = [audios]
         return self.engine.prepare(raw_prompt(prompt, len(audios)), [decode_audio(a) for a in audios])
 
     # -- generation ------------------------------------------------------------------------------
@@ -252,7 +260,7 @@ class Qwen2Audio:
         wave = decode_audio(audio)
         windows = speech_windows(wave, chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))
         params = SamplingParams(**sampling)
-        prepared = [self.prepare_raw(prompt, [window.audio]) for window in windows]
+        prepared = [self.engine.prepare(raw_prompt(prompt, 1), [window.audio]) for window in windows]  # decoded
         if progress is None:  # tqdm's None: shown on a terminal only
             hidden = True if len(windows) < 2 else None
         else:
@@ -342,7 +350,7 @@ class Conversation:
         stream, answered = None, False
         try:
             rendered = render_chat(self.messages)
-            request = self.model.engine.prepare(rendered.text, [decode_audio(a) for a in rendered.audios],
+            request = self.model.engine.prepare(rendered.text, rendered.audios,  # decoded by their turns
                                                 self._audio_vectors)
             if params.beams:  # a beam search does not continue the session (its history is prefilled again)
                 stream = self.model.engine.stream(request, params)

@@ -921,3 +921,22 @@ def test_threads_sets_torch_threads_and_refuses_zero(model_dir, capsys, monkeypa
         torch.set_num_threads(before)
     rc, out, err = cli(capsys, monkeypatch, ["chat", str(model_dir), "--prompt", "x", "--threads", "0"])
     assert rc == 2 and out == "" and "--threads must be at least 1, got 0" in err
+
+
+def test_a_loud_file_is_warned_about_once(tmp_path, capsys, monkeypatch):
+    """The file's samples are decoded once: the warning names the file, and no second one names an array."""
+    loud = tmp_path / "loud.wav"
+    soundfile.write(loud, 20000.0 * clip(1.0, 1), 16000, subtype="FLOAT")
+    for argv in (["chat", "--audio", str(loud), "--prompt", "hi", "--no-interactive"], ["transcribe", str(loud)]):
+        rc, _, err = cli(capsys, monkeypatch, argv + ["--max-new-tokens", "2"])
+        assert rc == 0 and err.count("float samples reach") == 1 and "<array>" not in err, err
+
+
+def test_api_misuse_is_named(api, audio, tmp_path):
+    model = api["default"]
+    with pytest.raises(ValueError, match="language must be a language code such as 'en'"):
+        model.transcribe(audio["wav"], language=None)
+    with pytest.raises(FileNotFoundError, match="is a file; a checkpoint is a directory"):
+        Qwen2Audio.load(audio["wav"])
+    one = model.complete("Describe.", audio["wav"], max_new_tokens=3)  # one clip given alone is one clip
+    assert one.token_ids == model.complete("Describe.", [audio["wav"]], max_new_tokens=3).token_ids

@@ -170,6 +170,9 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     ``strict``.
     """
     directory = Path(directory)
+    if directory.is_file():
+        raise FileNotFoundError(f"{directory} is a file; a checkpoint is a directory (config.json and the "
+                                "safetensors weights)." + checkpoint_hint(directory))
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist." + checkpoint_hint(directory))
     config = Qwen2AudioConfig.from_file(directory)
