@@ -247,6 +247,53 @@ def test_microphone_recording_is_the_turn(browser):
     assert abs(dominant_hz(heard) - TONE_HZ) < 10
 
 
+def test_a_recording_that_reaches_the_limit_is_sent_not_thrown_away(browser):
+    """The recorder's last block runs a few samples past the limit: the recording ends at the limit and goes."""
+    backend = FakeBackend(words=ANSWER)
+    app, _ = fake_app(backend, max_seconds=1.0)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.click("#mic")  # not pressed again: the limit stops it
+        wait_answers(page_, 1)
+        assert page_.is_hidden("#error") and page_.errors == []
+    (heard,) = sent_audio(backend.requests[0])
+    assert 0.9 <= len(heard) / 16000 <= 1.0
+
+
+def test_new_chat_during_an_answer_starts_clean(browser):
+    """The answer streaming when New chat is pressed is not carried into the next conversation."""
+    backend = FakeBackend(words=["word "] * 40, delay=0.2)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.fill("#text", "Count for me.")
+        page_.click("#send")
+        page_.wait_for_function("document.querySelector('.turn.assistant .bubble').textContent.length >= 10",
+                                timeout=WAIT_MS)
+        page_.click("#new-chat")
+        page_.wait_for_selector("#send:not([hidden])")
+        assert page_.is_visible("#intro") and page_.input_value("#text") == ""
+        page_.fill("#text", "Fresh start.")
+        page_.click("#send")
+        wait_answers(page_, 1)
+    assert [m["role"] for m in backend.requests[-1][1]] == ["user"]  # no answer of the old chat in it
+
+
+def test_the_upload_control_is_reached_from_the_keyboard(browser, tmp_path):
+    clip = tmp_path / "keys.wav"
+    clip.write_bytes(wav_bytes(1.0))
+    app, _ = fake_app(FakeBackend())
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.focus("#mic")
+        page_.keyboard.press("Tab")
+        assert page_.evaluate("document.activeElement.classList.contains('upload')")
+        with page_.expect_file_chooser(timeout=2 * WAIT_MS) as chooser:  # slow when the cores are busy
+            page_.keyboard.press("Enter")
+        chooser.value.set_files(str(clip))
+        page_.wait_for_selector("#attachment:not([hidden])", timeout=WAIT_MS)
+
+
 def test_stop_keeps_what_was_said_and_cancels_the_generation(browser):
     backend = FakeBackend(words=["word "] * 40, delay=0.2)
     app, _ = fake_app(backend)

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const SAMPLE_RATE = 16000; // recordings are sent as 16 kHz mono WAV, what the model hears
 const MIN_RECORDING_SECONDS = 0.2;
 const HEALTH_RETRY_MS = 2000;
+const HEALTH_WATCH_MS = 10000;
 const SETTINGS_KEY = "qwen2audio.settings";
 // What Python's str.split() splits at (the server's cues join a segment's words by one space)
 const PY_WHITESPACE = /[\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+/;
@@ -39,6 +40,9 @@ function wire() {
   $("mic").addEventListener("click", () => (state.recorder ? finishRecording(true) : startRecording()));
   $("recording-cancel").addEventListener("click", () => finishRecording(false));
   $("file").addEventListener("change", (e) => { attachFile(e.target.files[0]); e.target.value = ""; });
+  document.querySelector("label.upload").addEventListener("keydown", (e) => { // reachable from the keyboard
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
+  });
   $("attachment-remove").addEventListener("click", () => setAttachment(null));
   $("transcribe").addEventListener("click", transcribe);
   $("new-chat").addEventListener("click", newChat);
@@ -76,6 +80,7 @@ async function watchHealth() {
     if (res.ok) {
       status.textContent = `${body.model || state.config.model} · ready`;
       status.className = "status ok";
+      setTimeout(watchHealth, HEALTH_WATCH_MS); // and on: a server that stops is shown as gone
       return;
     }
     status.textContent = body.status === "stopping" ? "the server is shutting down" : "loading the model…";
@@ -262,7 +267,13 @@ function onAudio(rec, block) {
   $("recording-level").value = Math.min(1, Math.sqrt(sum / block.length) * 4);
   const seconds = rec.samples / rec.ctx.sampleRate;
   $("recording-time").textContent = clock(seconds);
-  if (seconds >= state.config.max_audio_seconds) finishRecording(true);
+  if (seconds >= audioLeft()) finishRecording(true); // the conversation's earlier audio counts too
+}
+
+/** Seconds of audio the server still takes in this conversation (its limit covers the whole request). */
+function audioLeft() {
+  const earlier = state.history.reduce((sum, t) => sum + (t.audio && t.audio.seconds ? t.audio.seconds : 0), 0);
+  return state.config.max_audio_seconds - earlier;
 }
 
 async function finishRecording(andSend) {
@@ -277,11 +288,17 @@ async function finishRecording(andSend) {
   $("mic").setAttribute("aria-pressed", "false");
   $("mic").title = "Record (press again to send)";
   if (!andSend) return;
-  const seconds = rec.samples / rate;
+  // the last block may run past what is left by a few samples: the recording ends where the limit is
+  const samples = Math.max(0, Math.min(rec.samples, Math.floor(audioLeft() * rate)));
+  const seconds = samples / rate;
   try {
-    if (seconds < MIN_RECORDING_SECONDS) throw new UserError("The recording is too short: hold on a little longer.");
+    if (seconds < MIN_RECORDING_SECONDS) {
+      throw new UserError(audioLeft() < MIN_RECORDING_SECONDS
+        ? "This conversation has used all the audio this server takes: start a new chat."
+        : "The recording is too short: hold on a little longer.");
+    }
     checkLength(seconds, "The recording");
-    const pcm = await resample(concat(rec.chunks, rec.samples), rate, SAMPLE_RATE);
+    const pcm = await resample(concat(rec.chunks, rec.samples).subarray(0, samples), rate, SAMPLE_RATE);
     const wav = new Blob([encodeWav(pcm, SAMPLE_RATE)], { type: "audio/wav" });
     const bytes = new Uint8Array(await wav.arrayBuffer());
     setAttachment({ b64: base64(bytes), format: "wav", url: URL.createObjectURL(wav), name: "recording", seconds });
@@ -334,6 +351,7 @@ async function send() {
   hideError();
   let body;
   const user = { role: "user", text, audio };
+  const history = state.history; // "New chat" replaces it: this turn's ending then goes nowhere
   try {
     body = JSON.stringify(request([...state.history, user]));
   } catch (err) {
@@ -376,20 +394,25 @@ async function send() {
         scrollDown();
       }
     }
-    state.history.push(answer);
+    history.push(answer);
     if (entries.length) shade(bubble, entries, finish, answer.text);
-    meta(answerView, usage, started, first);
+    meta(answerView, usage, started, first, finish);
+    if (finish === "abort") {
+      bubble.classList.add("failed");
+      showError("The server stopped this answer before its end (it is shutting down): ask again once it is back.");
+    }
   } catch (err) {
     const stopped = err.name === "AbortError";
+    if (history !== state.history) return; // a new chat began: nothing of this turn belongs to it
     if (answer.text) { // keep what was said: it is part of the conversation now
-      state.history.push(answer);
+      history.push(answer);
       bubble.classList.add(stopped ? "stopped" : "failed");
     } else { // nothing came: undo the turn and give its text and audio back
-      state.history.pop();
+      history.pop();
       userView.remove();
       answerView.remove();
-      if (!$("text").value) { $("text").value = text; autoGrow(); }
-      if (audio && !state.attachment) setAttachment(audio);
+      if (!history.length) $("intro").hidden = false;
+      giveBack(text, audio);
     }
     if (!stopped) showError(err instanceof UserError ? err.message : unreachable(err));
   } finally {
@@ -579,6 +602,17 @@ async function responseError(res) {
   }
 }
 
+/** A turn that got no answer goes back to the composer; a draft written meanwhile is kept beside it. */
+function giveBack(text, audio) {
+  const draft = $("text").value;
+  if (text && draft !== text) $("text").value = draft ? `${text}\n${draft}` : text;
+  autoGrow();
+  if (audio && !state.attachment) setAttachment(audio);
+  else if (audio && state.attachment !== audio) {
+    showError("The question's audio could not go back beside the file attached since: attach it again.");
+  }
+}
+
 function unreachable(err) {
   return `Cannot reach the server (${err.message}): is qwen2audio serve still running?`;
 }
@@ -627,7 +661,7 @@ function shade(bubble, entries, finish, text) {
   bubble.replaceChildren(...spans);
 }
 
-function meta(view, usage, started, first) {
+function meta(view, usage, started, first, finish) {
   if (!usage) return;
   const line = document.createElement("div");
   line.className = "meta";
@@ -635,7 +669,8 @@ function meta(view, usage, started, first) {
   const perSecond = first !== null && usage.completion_tokens > 1 && end > first
     ? ` · ${((usage.completion_tokens - 1) / ((end - first) / 1000)).toFixed(1)} tokens/s` : "";
   const firstToken = first !== null ? ` · first token ${((first - started) / 1000).toFixed(2)} s` : "";
-  line.textContent = `${usage.completion_tokens} tokens${firstToken}${perSecond}`;
+  const cut = finish === "length" ? " · cut at the most tokens allowed (Settings: Max tokens)" : "";
+  line.textContent = `${usage.completion_tokens} tokens${firstToken}${perSecond}${cut}`;
   view.append(line);
 }
 
