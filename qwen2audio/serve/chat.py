@@ -50,7 +50,7 @@ async def chat_completions(request: Request, backend: Backend, policy: AudioPoli
     _refuse_unsupported(req)
     params, copies = sampling(req, backend.chat_defaults, max_tokens)
     queue = getattr(backend, "max_queue", None)
-    if queue is not None and len(params) > queue:  # each sampled choice waits on its own: never all at once
+    if queue is not None and 1 < len(params) > queue:  # each sampled choice waits on its own: never all at once
         raise bad_request(f"n is {len(params)}: this server queues at most {queue} sampled replies at once "
                           "(serve --max-queue); ask for fewer choices", "n")
     refuse_if_full(backend)  # before the audio is decoded: a refused request should cost little
