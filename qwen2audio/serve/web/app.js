@@ -172,7 +172,7 @@ async function duration(bytes) {
 /** A UserError if this much audio would take the conversation past the server's limit per request. */
 function checkLength(seconds, what) {
   const limit = state.config.max_audio_seconds;
-  const earlier = state.history.reduce((sum, t) => sum + (t.audio && t.audio.seconds ? t.audio.seconds : 0), 0);
+  const earlier = earlierAudio();
   // tenths, rounded up, where a length is over: 2.04 s over a 2 s limit reads "0:02.1", not "0:02.0"
   const over = (s) => stamp(Math.ceil(s * 10) / 10);
   const most = Number.isInteger(limit) ? clock(limit) : stamp(limit);
@@ -272,8 +272,12 @@ function onAudio(rec, block) {
 
 /** Seconds of audio the server still takes in this conversation (its limit covers the whole request). */
 function audioLeft() {
-  const earlier = state.history.reduce((sum, t) => sum + (t.audio && t.audio.seconds ? t.audio.seconds : 0), 0);
-  return state.config.max_audio_seconds - earlier;
+  return state.config.max_audio_seconds - earlierAudio();
+}
+
+/** Seconds of audio the conversation's turns hold so far. */
+function earlierAudio() {
+  return state.history.reduce((sum, t) => sum + (t.audio && t.audio.seconds ? t.audio.seconds : 0), 0);
 }
 
 async function finishRecording(andSend) {
