@@ -361,18 +361,20 @@ def test_audio_warnings_are_collected_per_thread():
     from qwen2audio.audio.io import collect_audio_warnings
 
     loud, quiet = np.full(1600, 8.0, np.float32), np.full(1600, 0.1, np.float32)
-    wrong = []
+    wrong, done = [], []
 
     def decode(samples, expect_warning):
         for _ in range(200):
             with collect_audio_warnings() as caught:
-                load_audio(samples)
+                load_audio(samples, sample_rate=16_000)
             if bool(caught) != expect_warning or (caught and "float samples reach 8" not in caught[0]):
                 wrong.append(caught)
+        done.append(expect_warning)  # a thread that raised never gets here
 
     threads = [threading.Thread(target=decode, args=(loud, True)), threading.Thread(target=decode, args=(quiet, False))]
     with warnings.catch_warnings(record=True) as issued:
         warnings.simplefilter("always")
         [t.start() for t in threads]
         [t.join() for t in threads]
+    assert sorted(done) == [False, True]
     assert wrong == [] and [w for w in issued if issubclass(w.category, AudioWarning)] == []  # none issued
