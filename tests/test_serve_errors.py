@@ -108,6 +108,8 @@ BAD_CHATS = {
     "top_logprobs without logprobs": (chat_body(top_logprobs=2), 400, None, "top_logprobs"),
     "top_logprobs above 20": (chat_body(logprobs=True, top_logprobs=21), 400, None, "top_logprobs"),
     "logprobs as a word": (chat_body(logprobs="yes"), 400, None, "logprobs"),
+    "stream_options without stream": (chat_body(stream_options={"include_usage": True}), 400, None,
+                                      "stream_options"),
     "json response format": (chat_body(response_format={"type": "json_object"}), 400, "unsupported_parameter",
                              "response_format"),
     "unknown model": ({**chat_body(), "model": "gpt-4o"}, 404, "model_not_found", "model"),

@@ -80,6 +80,8 @@ def _refuse_unsupported(req: fmt.ChatCompletionRequest) -> None:
                               "repeating instead", name, "unsupported_parameter")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported_parameter")
     for name in ("tools", "functions"):
