@@ -454,6 +454,22 @@ def test_settings_reach_the_request(browser):
     assert (beams.num_beams, beams.temperature) == (3, 0.0)
 
 
+def test_a_setting_that_is_not_a_number_is_named_and_nothing_is_sent(browser):
+    backend = FakeBackend()
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.click("#open-settings")
+        page_.focus("input[name=temperature]")
+        page_.keyboard.type("0.5e")  # a number field takes the keys, but its value reads as empty
+        page_.click("#close-settings")
+        page_.fill("#text", "Hi")
+        page_.click("#send")
+        page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+        assert "temperature is not a number" in page_.inner_text("#error-text")
+        assert page_.input_value("#text") == "Hi" and backend.requests == []
+
+
 # -- with the model --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_server(default_home):

@@ -129,6 +129,8 @@ function sampling() {
   const out = {};
   for (const name of NUMBER_FIELDS) {
     const el = field(name);
+    // what the browser cannot read as a number ("1e", "0.5.") reads as empty: say so, do not send without it
+    if (el.validity.badInput) throw new UserError(`Settings: ${name.replace("_", " ")} is not a number; correct or clear it.`);
     if (el.value.trim() === "") continue;
     const value = Number(el.value);
     if (!Number.isFinite(value)) throw new UserError(`Settings: ${name.replace("_", " ")} must be a number.`);
