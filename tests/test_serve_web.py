@@ -454,6 +454,21 @@ def test_settings_reach_the_request(browser):
     assert (beams.num_beams, beams.temperature) == (3, 0.0)
 
 
+def test_the_keyboard_stays_in_the_composer_through_a_turn(browser):
+    backend = FakeBackend(hold=True)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.fill("#text", "Hi")
+        page_.focus("#send")
+        page_.keyboard.press("Enter")
+        page_.wait_for_selector("#stop:not([hidden])", timeout=WAIT_MS)
+        assert page_.evaluate("document.activeElement.id") == "stop"  # in Send's place, not the page's start
+        backend.gate.set()
+        wait_answers(page_, 1)
+        assert page_.evaluate("document.activeElement.id") == "text"
+
+
 def test_a_setting_that_is_not_a_number_is_named_and_nothing_is_sent(browser):
     backend = FakeBackend()
     app, _ = fake_app(backend)

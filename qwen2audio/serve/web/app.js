@@ -681,11 +681,18 @@ function meta(view, usage, started, first, finish) {
 }
 
 function setBusy(controller) {
+  const active = document.activeElement;
   state.controller = controller;
   $("send").hidden = !!controller;
   $("stop").hidden = !controller;
   $("mic").disabled = !!controller;
   $("transcribe").disabled = !!controller;
+  // the control just used is hidden or disabled now, which sends the keyboard back to the page's start: Send
+  // hands it to Stop in its place, the end of an answer to the message box (not on touch screens, where
+  // that would open the on-screen keyboard)
+  if (!active || !["send", "stop", "mic", "transcribe"].includes(active.id)) return;
+  if (controller) $("stop").focus();
+  else if (matchMedia("(pointer: fine)").matches) $("text").focus();
 }
 
 function newChat() {
