@@ -267,6 +267,60 @@ def test_text_mode_file_and_unknown_source_types(tmp_path):
         load_audio(42)
 
 
+@pytest.mark.parametrize("rate", [16, 44.1, 48, 999])
+def test_a_sample_rate_in_khz_is_refused_not_resampled_a_thousandfold(rate):
+    # sample_rate=16 meant 16 kHz: resampled to 16000 Hz, 30 s of samples would have become 2 GB
+    with pytest.raises(AudioError, match=rf"sample_rate is in Hz.*pass sample_rate={rate * 1000:g}\b"):
+        load_audio(np.zeros(30 * 16000, dtype=np.float32), sample_rate=rate)
+    assert load_audio(np.zeros(1000, dtype=np.float32), sample_rate=1000).shape == (16000,)
+
+
+def test_a_list_of_samples_is_read_as_an_array():
+    samples = np.random.default_rng(0).uniform(-1, 1, 16000).astype(np.float32)
+    np.testing.assert_array_equal(load_audio(samples.tolist(), sample_rate=SAMPLE_RATE), samples)
+    stereo = np.stack([samples, samples], axis=1).tolist()  # (n, 2) rows
+    np.testing.assert_allclose(load_audio(stereo, sample_rate=SAMPLE_RATE), samples, atol=1e-7)
+    with pytest.raises(AudioError, match=r"<list>: an array of samples needs its sample rate"):
+        load_audio(samples.tolist())  # not "sample_rate is only for arrays", as before
+    with pytest.raises(AudioError, match=r"<list>: a list of samples must hold numbers"):
+        load_audio([[0.1, 0.2], [0.3]], sample_rate=SAMPLE_RATE)
+
+
+@pytest.mark.parametrize("pair", [
+    lambda x: (x, SAMPLE_RATE),  # librosa.load
+    lambda x: (SAMPLE_RATE, (x * 32767).astype(np.int16)),  # scipy.io.wavfile.read, gradio's numpy audio
+    lambda x: ["speech.wav", SAMPLE_RATE],
+])
+def test_a_pair_of_samples_and_rate_is_refused_saying_how_to_pass_them(pair):
+    samples = np.zeros(16000, dtype=np.float32)
+    with pytest.raises(AudioError, match=r"pair of audio and a sample rate.*load_audio\(samples, sample_rate=rate\)"):
+        load_audio(pair(samples))
+
+
+def test_swapped_rate_and_samples_are_named_as_swapped():
+    rate, samples = SAMPLE_RATE, np.zeros(16000, dtype=np.int16)  # as scipy.io.wavfile.read returns them
+    with pytest.raises(AudioError, match=r"<int>: .*swapped.*load_audio\(samples, sample_rate=rate\)"):
+        load_audio(rate, samples)  # was: "sample_rate is only for arrays ... an encoded file carries its own rate"
+    with pytest.raises(AudioError, match=r"datasets Audio item.*sample_rate=item\['sampling_rate'\]"):
+        load_audio({"array": samples, "sampling_rate": rate, "path": None})
+
+
+def test_64_bit_integers_are_refused_not_scaled_to_silence():
+    # np.array of Python ints and torch.tensor of ints are int64: scaled by 2**63, 16-bit PCM became ~1e-15
+    pcm = (np.sin(np.linspace(0, 200 * np.pi, SAMPLE_RATE)) * 12000).astype(np.int16)
+    for samples in (pcm.astype(np.int64), torch.tensor(pcm.tolist()), pcm.tolist(), pcm.astype(np.uint64)):
+        with pytest.raises(AudioError, match=r"int64, which is no PCM format.*values reach \d+.*dtype=np.int16"):
+            load_audio(samples, sample_rate=SAMPLE_RATE)
+    np.testing.assert_allclose(load_audio(pcm.astype(np.int32) << 16, sample_rate=SAMPLE_RATE), pcm / 32768)
+
+
+def test_a_url_or_an_unexpanded_home_gets_more_than_file_not_found():
+    with pytest.raises(AudioError, match=r"https://example\.com/a\.wav: is a URL; .*download it first"):
+        load_audio("https://example.com/a.wav")
+    with pytest.raises(AudioError, match=r"~/nowhere/a\.wav: .*~ is not expanded.*expanduser"):
+        load_audio("~/nowhere/a.wav")
+
+
 def test_audio_error_is_a_value_error():
     assert issubclass(AudioError, ValueError)
 
@@ -344,6 +398,25 @@ def test_a_wav_file_cut_short_is_used_with_a_warning(tmp_path):
         assert len(load_audio(full)) == 32000
 
 
+@pytest.mark.parametrize("open_length", [0, 0x7FFFFFFF, 0x7FFFF000, 0xFFFFFFFF])
+def test_a_wav_streamed_to_a_pipe_is_not_called_cut_short(tmp_path, open_length):
+    """A WAV written to a pipe (arecord > rec.wav, ffmpeg ... -f wav -) leaves its data length open: a
+    placeholder, not a promise. It used to be warned about as cut short, promising e.g. 1073741823 frames."""
+    import warnings
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, sine(TONE_HZ, 1.0, SAMPLE_RATE, channels=1)[:, 0], SAMPLE_RATE, format="WAV",
+                    subtype="PCM_16")
+    data = bytearray(buffer.getvalue())
+    assert data[36:40] == b"data"
+    data[40:44] = open_length.to_bytes(4, "little")
+    path = tmp_path / "streamed.wav"
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_audio(path)) == SAMPLE_RATE
+
+
 @pytest.mark.parametrize("n", [1, 100, MIN_SAMPLES - 1])
 def test_a_clip_too_short_for_one_audio_token_is_refused(n):
     """Up to 20 ms of audio makes no audio token; the encoder's pooling used to fail on it with a bare RuntimeError."""
@@ -351,6 +424,8 @@ def test_a_clip_too_short_for_one_audio_token_is_refused(n):
         load_audio(np.zeros(n, dtype=np.float32), sample_rate=SAMPLE_RATE)
     assert len(load_audio(np.zeros(MIN_SAMPLES, dtype=np.float32), sample_rate=SAMPLE_RATE)) == MIN_SAMPLES
     assert len(load_audio(np.zeros(n, dtype=np.float32), sample_rate=SAMPLE_RATE, min_samples=1)) == n
+    with pytest.raises(AudioError, match=r"too short: 8000 samples .*min_samples asks for at least 16000 \(1000\.0 ms\)"):
+        load_audio(np.zeros(8000, dtype=np.float32), sample_rate=SAMPLE_RATE, min_samples=16000)  # said "321"
 
 
 def test_audio_warnings_are_collected_per_thread():

@@ -3,7 +3,7 @@
     load_audio("speech.mp3")                      # a path (str or pathlib.Path)
     load_audio(request_body, name="upload.webm")  # the raw bytes of a file
     load_audio(open("speech.flac", "rb"))         # a binary file object
-    load_audio(samples, sample_rate=44100)        # samples already in memory (numpy or torch)
+    load_audio(samples, sample_rate=44100)        # samples already in memory (numpy, torch or a list)
 
 Files are decoded by libsndfile (soundfile: wav, flac, ogg/vorbis, ogg/opus, mp3 and the other
 formats it lists) and, when it cannot read them, by FFmpeg through PyAV (m4a/aac, mp4, webm/opus as
@@ -51,14 +51,22 @@ AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".
 # Containers whose header states the exact number of frames (FLAC's STREAMINFO; 0 there means unknown).
 # libsndfile clamps a WAV's count to the bytes present, and MP3 counts may be estimates: not checked.
 EXACT_LENGTH_FORMATS = frozenset({"FLAC"})
+# A WAV written to a pipe cannot go back to fill in its data length: its writer leaves a placeholder there, 0,
+# 0xFFFFFFFF, or the largest length a signed 32-bit field holds (0x7FFFFFFF) or near it. Lengths from here up
+# (about 2 GiB) promise nothing; a shorter one does, and a file holding less than it is cut short.
+WAV_OPEN_LENGTH = 0x7FFF0000
 MAX_CHANNELS = 8  # a 2-D array with more "channels" than this is almost surely a batch of clips
+# No recording is sampled this slowly (telephone audio is 8000 Hz): a smaller sample_rate is a rate in kHz
+# (16, 44.1), which would be resampled up a thousandfold (30 s of audio -> 2 GB) instead of refused
+MIN_SAMPLE_RATE = 1000
 RESAMPLE_QUALITY = "HQ"  # soxr high quality: 20-bit precision, passband flat to 91 % of Nyquist
 # A float sample past this is no recording at full scale (+-1.0) turned up a little: most likely integer PCM
 # stored as floats (16-bit: up to 32767), which the model would hear about 90 dB too loud
 LOUD_FLOAT_PEAK = 4.0
 CONVERT_HINT = "convert it to 16-bit wav, e.g. `ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav`"
 
-AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray, torch.Tensor]
+AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray, torch.Tensor, list]
+ENCODED_SOURCES = (str, os.PathLike, bytes, bytearray, memoryview)  # and objects with .read()
 _collected: ContextVar[list[str] | None] = ContextVar("audio_warnings", default=None)
 
 
@@ -88,17 +96,20 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
     """Decode `source` into a (n,) float32 numpy array of mono samples at 16 kHz, roughly in [-1, 1].
 
     source: a path, the bytes of an encoded file, a binary file object with .read(), or samples in a
-        numpy array / torch tensor. Arrays may be (n,), (n, channels) or (channels, n): a 2-D array
+        numpy array / torch tensor / list of numbers. Arrays may be (n,), (n, channels) or (channels, n): a 2-D array
         whose first dimension is <= 8 and smaller than its second is read as channels-first, any other
         2-D array as (n, channels). Integer arrays are PCM and scaled to [-1, 1); float arrays are used
-        as they are.
-    sample_rate: the rate of an array of samples in Hz (required for arrays). Encoded files carry
+        as they are. 64-bit integers are no PCM format and are refused (their scale is unknown).
+    sample_rate: the rate of an array of samples in Hz (required for arrays; at least 1000). Encoded files carry
         their own rate, so passing one with a file is an error.
     name: what to call the source in error messages (e.g. the uploaded file's name), instead of the
         path, "<bytes: N bytes>" or "<array>".
     min_samples: refuse audio shorter than this at 16 kHz (default: the 321 samples, ~20 ms, that give the
         model one audio token; 1 to decode any non-empty clip, e.g. to cut and mix recordings).
     """
+    if isinstance(source, (list, tuple)):
+        name = name or f"<{type(source).__name__}>"
+        source = _sequence_to_array(source, name)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         label = name or "<array>"
         if sample_rate is None:
@@ -109,6 +120,22 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
         samples = _array_to_frames(source, label)  # (n, channels)
     else:
         label = name or _describe(source)
+        if isinstance(sample_rate, (np.ndarray, torch.Tensor, list, tuple)):
+            raise AudioError(
+                f"{label}: got {type(source).__name__!r} as the audio and an array as sample_rate: the two are "
+                "swapped (scipy.io.wavfile.read and gradio give (rate, samples)); call "
+                "load_audio(samples, sample_rate=rate)"
+            )
+        if isinstance(source, dict) and {"array", "sampling_rate"} <= source.keys():
+            raise AudioError(
+                f"{label}: a dict of samples and their rate (a datasets Audio item); call "
+                "load_audio(item['array'], sample_rate=item['sampling_rate'])"
+            )
+        if not (isinstance(source, ENCODED_SOURCES) or hasattr(source, "read")):
+            raise AudioError(
+                f"{label}: cannot read audio from {type(source).__name__!r} objects; pass a path, bytes, a binary "
+                "file object, or a numpy array / torch tensor of samples with its sample_rate"
+            )
         if sample_rate is not None:
             raise AudioError(
                 f"{label}: sample_rate is only for arrays of samples; an encoded file carries its own rate, "
@@ -133,10 +160,12 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
     if mono.shape[0] == 0:
         raise AudioError(f"{label}: the audio is too short to hold a single sample at {SAMPLE_RATE} Hz")
     if mono.shape[0] < min_samples:
+        who = "the model needs" if min_samples == MIN_SAMPLES else "min_samples asks for"
+        why = " to hear anything" if min_samples == MIN_SAMPLES else ""
         raise AudioError(
             f"{label}: the audio is too short: {mono.shape[0]} samples at {SAMPLE_RATE} Hz "
-            f"({1000 * mono.shape[0] / SAMPLE_RATE:.1f} ms); the model needs at least {MIN_SAMPLES} "
-            f"({1000 * MIN_SAMPLES / SAMPLE_RATE:.1f} ms) to hear anything. Pass a longer recording"
+            f"({1000 * mono.shape[0] / SAMPLE_RATE:.1f} ms); {who} at least {min_samples} "
+            f"({1000 * min_samples / SAMPLE_RATE:.1f} ms){why}. Pass a longer recording"
         )
     return np.ascontiguousarray(mono, dtype=np.float32)
 
@@ -147,7 +176,34 @@ def _check_sample_rate(sample_rate, label: str) -> float:
         raise AudioError(f"{label}: sample_rate must be a number of Hz, got {type(sample_rate).__name__}")
     if not np.isfinite(sample_rate) or sample_rate <= 0:
         raise AudioError(f"{label}: sample_rate must be a positive number of Hz, got {sample_rate}")
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise AudioError(
+            f"{label}: sample_rate is in Hz, and {sample_rate:g} Hz is no audio rate (the lowest in use is 8000); "
+            f"for {sample_rate:g} kHz pass sample_rate={sample_rate * 1000:g}"
+        )
     return int(sample_rate) if float(sample_rate).is_integer() else float(sample_rate)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _sequence_to_array(sequence: list | tuple, label: str) -> np.ndarray:
+    """Samples in a list (or tuple) of numbers, or of equal-length rows of numbers -> a numpy array.
+    A (samples, rate) or (rate, samples) pair, as librosa.load, scipy and gradio return them, is refused."""
+    if len(sequence) == 2 and sum(_is_number(item) for item in sequence) == 1 and any(
+            isinstance(item, (np.ndarray, torch.Tensor, list, tuple, *ENCODED_SOURCES)) for item in sequence):
+        raise AudioError(
+            f"{label}: got a pair of audio and a sample rate (as librosa.load, scipy.io.wavfile.read and gradio give "
+            "them); pass samples and their rate apart, load_audio(samples, sample_rate=rate), or a file's path alone"
+        )
+    try:
+        return np.asarray(sequence)
+    except (ValueError, TypeError):  # ragged rows, or items numpy cannot hold in one array
+        raise AudioError(
+            f"{label}: a list of samples must hold numbers, or rows of numbers of equal length; "
+            "pass a 1-D list or a numpy array of samples"
+        ) from None
 
 
 def _array_to_frames(array, label: str) -> np.ndarray:
@@ -180,6 +236,13 @@ def _to_float32(array: np.ndarray, label: str) -> np.ndarray:
         return array.astype(np.float32, copy=False)
     if np.issubdtype(array.dtype, np.integer):
         info = np.iinfo(array.dtype)
+        if info.bits > 32:  # a list of Python ints or torch.tensor(ints) is int64: scaled by 2**63, it is silence
+            peak = int(np.abs(array).max()) if array.size else 0
+            raise AudioError(
+                f"{label}: samples are {array.dtype}, which is no PCM format (16-bit PCM is int16, 24- and 32-bit "
+                f"int32), so their full scale is unknown (their values reach {peak}); convert them to the type they "
+                "were recorded as, e.g. np.asarray(samples, dtype=np.int16) for 16-bit audio, or to floats in [-1, 1]"
+            )
         full_scale = 2.0 ** (info.bits - 1)  # 32768 for int16
         offset = 0.0 if info.min < 0 else full_scale  # unsigned PCM (uint8 wav) is centred on 128
         return ((array.astype(np.float64) - offset) / full_scale).astype(np.float32)
@@ -206,6 +269,12 @@ def _decode(source, label: str) -> tuple[np.ndarray, int]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
+            if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(source)):
+                raise AudioError(f"{label}: is a URL; load_audio reads local files only: download it first, "
+                                 "or pass the downloaded bytes")
+            if os.fspath(source).startswith("~"):
+                raise AudioError(f"{label}: the file does not exist (a leading ~ is not expanded); pass "
+                                 "os.path.expanduser(path)")
             raise AudioError(f"{label}: the file does not exist; check the path")
         if not path.is_file():
             raise AudioError(f"{label}: is not a regular file (a directory?); pass the path of an audio file")
@@ -290,7 +359,7 @@ def _declared_frames(open_file: Callable[[], Any]) -> int | None:
 
 def _wav_declared_frames(file) -> int | None:
     """Frames a RIFF/WAVE header's data chunk promises (libsndfile reports what the file holds instead);
-    None where the header leaves the length open (0 or 0xFFFFFFFF, as streaming writers leave it)."""
+    None where the header leaves the length open (0, or about 2 or 4 GiB: WAV_OPEN_LENGTH)."""
     if isinstance(file, str):
         with open(file, "rb") as handle:
             head = handle.read(1 << 16)
@@ -304,7 +373,7 @@ def _wav_declared_frames(file) -> int | None:
         if chunk == b"fmt " and pos + 22 <= len(head):
             block_align = int.from_bytes(head[pos + 20:pos + 22], "little")  # bytes per frame, all channels
         elif chunk == b"data":
-            return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+            return size // block_align if block_align and 0 < size < WAV_OPEN_LENGTH else None
         pos += 8 + size + (size & 1)
     return None
 
