@@ -453,3 +453,16 @@ def test_audio_warnings_are_collected_per_thread():
         [t.join() for t in threads]
     assert sorted(done) == [False, True]
     assert wrong == [] and [w for w in issued if issubclass(w.category, AudioWarning)] == []  # none issued
+
+
+def test_16_bit_samples_in_an_int32_array_are_warned_about():
+    """int32 is 32-bit PCM: 16-bit values in it are scaled by 2**31 and heard 96 dB too quietly."""
+    tone = (np.sin(np.arange(16_000) / 10) * 20_000).astype(np.int16)
+    with pytest.warns(AudioWarning, match="16-bit samples stored as int32"):
+        quiet = load_audio(tone.astype(np.int32), sample_rate=16_000)
+    assert np.abs(quiet).max() < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AudioWarning)
+        load_audio(tone.astype(np.int32) << 16, sample_rate=16_000)  # real 32-bit PCM
+        load_audio(np.zeros(16_000, np.int32), sample_rate=16_000)  # silence
+        load_audio(tone, sample_rate=16_000)
