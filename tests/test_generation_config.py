@@ -49,7 +49,9 @@ G = {"top_k": 50, "top_p": 1.0}  # transformers' filters, used where a caller's 
     ({"do_sample": True}, {"temperature": 1.0, "top_k": 50, "top_p": 1.0}),  # transformers' own defaults
     ({"do_sample": False, "repetition_penalty": 1.05, "max_length": 20, "num_beams": 1, "chat_format": "chatml"},
      {"temperature": 0.0, "repetition_penalty": 1.05, **G}),  # other keys are not ours to apply
-    ({"do_sample": True, "top_k": None, "temperature": 0.5}, {"temperature": 0.5, "top_k": 50, "top_p": 1.0}),
+    # top_k null: no top-k filter, as transformers' generate() applies it (not its default 50)
+    ({"do_sample": True, "top_k": None, "temperature": 0.5}, {"temperature": 0.5, "top_k": 0, "top_p": 1.0}),
+    ({"do_sample": False, "top_k": None}, {"temperature": 0.0, "top_k": 0, "top_p": 1.0}),
     ({"num_beams": 4, "length_penalty": 0.5}, {"temperature": 0.0, "num_beams": 4, "length_penalty": 0.5, **G}),
     ({"num_beams": 3}, {"temperature": 0.0, "num_beams": 3, **G}),  # transformers' length_penalty 1: ours too
     ({"num_beams": 1, "length_penalty": 2.0}, {"temperature": 0.0, **G}),  # one beam: no length penalty
@@ -142,6 +144,20 @@ def test_the_file_we_write_reads_back_as_our_defaults(tmp_path):
     written = json.loads((tmp_path / GENERATION_FILE).read_text())
     assert written["do_sample"] is False and written["max_new_tokens"] == SamplingParams().max_new_tokens
     assert SamplingParams(**load_generation_config(tmp_path / GENERATION_FILE)) == SamplingParams()
+
+
+def test_transformers_reads_the_file_we_write_as_ours_and_can_save_it_again(tmp_path):
+    """transformers' GenerationConfig refuses to save a greedy config whose top_k is other than its default
+    (a model loaded from our checkpoint then failed in save_pretrained()); the file's settings mean the
+    same to both: greedy, and a caller's temperature samples with no top-k filter."""
+    from transformers import GenerationConfig
+
+    write_generation_config(tmp_path, TOKENIZER.pad_id, sorted(TOKENIZER.stop_ids))
+    hf = GenerationConfig.from_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path / "again")  # raised "GenerationConfig is invalid" on top_k 0
+    assert hf.do_sample is False and hf.top_k in (None, 0) and hf.top_p == 1.0
+    again = json.loads((tmp_path / "again" / GENERATION_FILE).read_text())
+    assert SamplingParams(**from_generation_config(again)) == SamplingParams()
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=20, top_p=0.5,

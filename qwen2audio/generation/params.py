@@ -141,6 +141,8 @@ def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
     beam search's early_stopping other than false, ...: ``unapplied_settings``) are warned about at load.
     """
     settings = {k: v for k, v in config.items() if v is not None}
+    if "top_k" in config and config["top_k"] is None:  # null: no top-k, as generate() reads it (not its default 50)
+        settings["top_k"] = 0
     sampling = settings.get("do_sample", HF_DEFAULTS["do_sample"])
     if not isinstance(sampling, bool):
         raise ValueError(f"do_sample must be true or false, got {sampling!r}")
@@ -196,8 +198,11 @@ def chat_settings(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict
 
 def to_generation_config(params: SamplingParams) -> dict[str, Any]:
     """SamplingParams -> the generation_config.json keys that ``from_generation_config`` reads back."""
+    # top_k 0 (off) is written as null, which transformers also reads as off: its GenerationConfig refuses to
+    # save a greedy config with a top_k other than its default 50 (so a model loaded from our checkpoint could
+    # not be saved again by save_pretrained())
     config: dict[str, Any] = {"do_sample": not params.greedy, "max_new_tokens": params.max_new_tokens,
-                              "top_k": params.top_k, "top_p": params.top_p}  # read back either way
+                              "top_k": params.top_k or None, "top_p": params.top_p}  # read back either way
     if not params.greedy:
         config["temperature"] = params.temperature
     if params.repetition_penalty != 1.0:
