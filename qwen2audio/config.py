@@ -129,17 +129,24 @@ class Qwen2AudioConfig:
             raise ValueError(f"config.json must hold a JSON object of settings, got {type(raw).__name__}")
         model_type = raw.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
-            raise ValueError(f"config.json has model_type {model_type!r}; expected {MODEL_TYPE!r} (a Qwen2-Audio checkpoint)")
+            part = _INIT_PARTS.get(model_type)
+            raise ValueError(f"config.json has model_type {model_type!r}; expected {MODEL_TYPE!r} "
+                             "(a Qwen2-Audio checkpoint)"
+                             + (f". It is {part}: `qwen2audio init --encoder WHISPER --llm QWEN2 --out DIR` builds a "
+                                "Qwen2-Audio checkpoint from such parts" if part else ""))
         text_raw = raw.get("text_config") or {}
         if not isinstance(text_raw, dict):
             raise ValueError(f"config.json: text_config must be an object of settings, got {type(text_raw).__name__}")
         text_raw = dict(text_raw)
         _reject_unsupported_text_options(text_raw)
+        _read_rope_theta(text_raw)
         # A top-level tie_word_embeddings is not read: transformers ties the head by text_config's alone.
         if "num_key_value_heads" in text_raw and text_raw["num_key_value_heads"] is None:  # as transformers: MHA
             text_raw["num_key_value_heads"] = text_raw.get("num_attention_heads", TextConfig.num_attention_heads)
         audio_raw = raw.get("audio_config") or {}
-        if isinstance(audio_raw, dict):  # the reference's encoder uses LayerNorm's default whatever the file says
+        if isinstance(audio_raw, dict):
+            _check_section_type(audio_raw, "audio_config", ENCODER_MODEL_TYPE, "the Whisper-style encoder")
+            # the reference's encoder uses LayerNorm's default whatever the file says
             audio_raw = {k: v for k, v in audio_raw.items() if k != "layer_norm_eps"}
         return cls(
             audio=_build(EncoderConfig, audio_raw, "audio_config"),
@@ -188,6 +195,8 @@ class Qwen2AudioConfig:
 
 
 LAYOUT_TRANSFORMERS_VERSION = "4.45.0"
+# the model types `qwen2audio init` assembles a checkpoint from, for the message of a folder that holds one
+_INIT_PARTS = {"qwen2": "a Qwen2 language model alone", "whisper": "a Whisper model"}
 
 _PLAIN_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
@@ -204,11 +213,49 @@ def _build(cls, raw: dict[str, Any], section: str):
     return cls(**{k: v for k, v in raw.items() if k in fields})
 
 
+def _check_section_type(section: dict[str, Any], name: str, expected: str, what: str) -> None:
+    """transformers builds the sub-model a section's ``model_type`` names (a Llama for "llama", ...): a file
+    naming another one describes a model that is not Qwen2-Audio's, which we refuse rather than misread."""
+    kind = section.get("model_type", expected)
+    if kind != expected:
+        raise ValueError(f"config.json: {name}.model_type is {kind!r}; a Qwen2-Audio checkpoint has {expected!r} "
+                         f"({what}) there, and qwen2audio implements no other")
+
+
+# RoPE settings that mean plain RoPE: no scaling type, or "default" (transformers' name for plain RoPE)
+_PLAIN_ROPE_TYPES = (None, "default")
+_PLAIN_ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+
+
 def _reject_unsupported_text_options(text_raw: dict[str, Any]) -> None:
-    if text_raw.get("rope_scaling"):
-        raise ValueError(
-            f"text_config.rope_scaling {text_raw['rope_scaling']!r} is not supported: Qwen2-Audio uses plain RoPE. "
-            "Remove the field if the checkpoint was not trained with it."
-        )
+    _check_section_type(text_raw, "text_config", TEXT_MODEL_TYPE, "the Qwen2 decoder")
+    # transformers 4.x names RoPE's settings rope_scaling (rope_theta beside it); 5.x rope_parameters, which
+    # holds rope_theta. Either one, saying plain RoPE ({"rope_type": "default"}), is the RoPE we compute.
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = text_raw.get(key)
+        if not rope:
+            continue
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else rope
+        if (not isinstance(rope, dict) or kind not in _PLAIN_ROPE_TYPES or set(rope) - _PLAIN_ROPE_KEYS
+                or rope.get("partial_rotary_factor", 1.0) != 1.0):
+            raise ValueError(
+                f"text_config.{key} {rope!r} is not supported: Qwen2-Audio uses plain RoPE. "
+                "Remove the field if the checkpoint was not trained with it."
+            )
     if text_raw.get("use_sliding_window"):
         raise ValueError("text_config.use_sliding_window is true; sliding-window attention is not supported")
+    hidden = text_raw.get("hidden_size", TextConfig.hidden_size)
+    heads = text_raw.get("num_attention_heads", TextConfig.num_attention_heads)
+    head_dim = text_raw.get("head_dim")
+    if head_dim is not None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0 \
+            and head_dim != hidden // heads:
+        raise ValueError(f"text_config.head_dim {head_dim!r} is not hidden_size / num_attention_heads "
+                         f"({hidden} / {heads}); qwen2audio supports only that head size")
+
+
+def _read_rope_theta(text_raw: dict[str, Any]) -> None:
+    """Set text_raw's rope_theta as transformers 5.x reads it: from rope_parameters (the 5.x layout, whose
+    files have no rope_theta beside it) or rope_scaling where either holds one, else the plain field."""
+    rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters")  # 5.x: rope_scaling replaces the other
+    if rope and "rope_theta" in rope:
+        text_raw["rope_theta"] = rope["rope_theta"]

@@ -99,6 +99,15 @@ PARTIAL_CONFIGS = {
     "top_level_tie_only": {"model_type": "qwen2_audio", "tie_word_embeddings": True},
     "top_level_tie_beside_text_config": {"model_type": "qwen2_audio", "tie_word_embeddings": True,
                                          "text_config": {"vocab_size": 1000}},
+    # transformers' names for plain RoPE, which it loads as such
+    "rope_scaling_default": {"model_type": "qwen2_audio",
+                             "text_config": {"rope_scaling": {"rope_type": "default"}, "rope_theta": 1e6}},
+    "rope_scaling_type_default": {"model_type": "qwen2_audio",
+                                  "text_config": {"rope_scaling": {"type": "default"}, "rope_theta": 5e5}},
+    # a head size spelled out, equal to hidden_size / num_attention_heads
+    "head_dim_spelled_out": {"model_type": "qwen2_audio",
+                             "text_config": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                             "head_dim": 16}},
 }
 
 
@@ -124,7 +133,21 @@ def test_partial_config_takes_transformers_defaults(name, tmp_path):
         ({"model_type": "qwen2_audio", "text_config": {"rope_scaling": {"type": "yarn", "factor": 4.0}}}, "rope_scaling"),
         ({"model_type": "qwen2_audio", "text_config": {"use_sliding_window": True, "sliding_window": 4096}},
          "sliding"),
+        ({"model_type": "qwen2_audio", "text_config": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                                           "rope_theta": 1e6}}}, "rope_parameters"),
+        ({"model_type": "qwen2_audio", "text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                                           "partial_rotary_factor": 0.5}}},
+         "rope_parameters"),
+        # transformers builds the sub-model these name (a Llama, a whole Whisper): not Qwen2-Audio's
+        ({"model_type": "qwen2_audio", "text_config": {"model_type": "llama"}}, r"text_config\.model_type is 'llama'"),
+        ({"model_type": "qwen2_audio", "audio_config": {"model_type": "whisper"}},
+         r"audio_config\.model_type is 'whisper'"),
+        # transformers sizes the attention by head_dim where a file gives one
+        ({"model_type": "qwen2_audio", "text_config": {"hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}},
+         r"head_dim 32"),
         ({"model_type": "llava", "text_config": {}}, "model_type 'llava'"),
+        ({"model_type": "qwen2", "hidden_size": 64}, r"a Qwen2 language model alone: `qwen2audio init --encoder"),
+        ({"model_type": "whisper", "d_model": 64}, r"a Whisper model: `qwen2audio init"),
         ({"model_type": "qwen2_audio", "text_config": {"hidden_size": 60, "num_attention_heads": 8}}, "divisible"),
         ({"model_type": "qwen2_audio", "audio_config": {"activation_function": "relu"}}, "gelu"),
         ({"model_type": "qwen2_audio", "text_config": {"hidden_size": "sixty-four"}},
@@ -146,6 +169,18 @@ def test_rope_scaling_null_and_sliding_window_off_are_fine(tmp_path):
     write_config(tmp_path, {"model_type": "qwen2_audio",
                             "text_config": {"rope_scaling": None, "use_sliding_window": False, "sliding_window": 4096}})
     assert Qwen2AudioConfig.from_file(tmp_path).text == TextConfig()
+
+
+def test_rope_theta_in_rope_parameters_as_transformers_5_writes_it(tmp_path):
+    """transformers 5.x saves text_config's rope_theta inside rope_parameters, with none beside it; read as
+    the plain field, the model would run with the default 10,000 (and a Qwen2.5 LLM's 1e6 lost)."""
+    write_config(tmp_path / "v4", {"model_type": "qwen2_audio", "text_config": {"rope_theta": 1e6}})
+    write_config(tmp_path / "v5", {"model_type": "qwen2_audio",
+                                   "text_config": {"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}})
+    v5 = Qwen2AudioConfig.from_file(tmp_path / "v5")
+    assert v5.text.rope_theta == 1e6
+    assert v5 == Qwen2AudioConfig.from_file(tmp_path / "v4")
+    assert Qwen2AudioConfig.from_dict(v5.to_dict()) == v5  # written back in the layout both versions read
 
 
 def test_invalid_json_and_missing_config(tmp_path):
@@ -290,6 +325,23 @@ def test_our_sharded_save_round_trips(saved, tmp_path):
     assert_same_weights(load_model(tmp_path), model)
 
 
+def test_an_index_left_beside_the_single_file_is_ignored_as_transformers_does(tmp_path):
+    """transformers' save_pretrained(), saving unsharded where a sharded checkpoint was, deletes the old
+    shards but leaves their index: transformers then reads model.safetensors, and so must we."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    hf_model("mha_untied_80").save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / INDEX).is_file()
+    newer = hf_model("mha_untied_80", seed=1)
+    newer.save_pretrained(tmp_path)
+    assert (tmp_path / INDEX).is_file() and (tmp_path / SINGLE).is_file()
+    assert not list(tmp_path.glob("model-*-of-*.safetensors"))
+    ref = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    ours = load_model(tmp_path).state_dict()
+    for key, value in ours.items():
+        assert torch.equal(value, ref[key]), key
+
+
 def copy_config(src, dst) -> None:
     dst.mkdir(exist_ok=True)
     (dst / "config.json").write_text((src / "config.json").read_text())
@@ -327,6 +379,20 @@ def test_tied_head_saved_anyway_is_not_unexpected(saved, tmp_path):
     save_file(tensors, tmp_path / SINGLE, metadata={"format": "pt"})
     model = load_model(tmp_path)
     assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+
+
+def test_saved_rotary_frequencies_are_dropped_as_transformers_drops_them(saved, tmp_path):
+    """Some exporters saved RoPE's recomputed inverse frequencies (per model, or per layer as old
+    transformers did): transformers loads such a checkpoint without a word; it is no other model."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    _, path = saved["mha_untied_80"]
+    tensors = load_file(path / SINGLE)
+    extra = ["language_model.model.rotary_emb.inv_freq", "language_model.model.layers.0.self_attn.rotary_emb.inv_freq"]
+    copy_config(path, tmp_path)
+    save_file({**tensors, **{k: torch.arange(8.0) for k in extra}}, tmp_path / SINGLE, metadata={"format": "pt"})
+    Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path)  # the reference takes it
+    assert_same_weights(load_model(tmp_path), load_model(path))
 
 
 def test_wrong_shape_names_key_and_both_shapes(saved, tmp_path):

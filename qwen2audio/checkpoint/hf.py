@@ -31,6 +31,9 @@ from .files import check_preprocessor_config
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TIED_HEAD_KEY = "language_model.lm_head.weight"
+# RoPE's inverse frequencies, recomputed from the config: some exporters saved them (per layer or per model);
+# transformers drops them on load without a word, and so do we
+ROTARY_BUFFER_SUFFIX = "rotary_emb.inv_freq"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 HEADER_SIZE_BYTES = 8  # a safetensors file starts with the length of its JSON header (u64, little-endian)
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit: a larger length means the file is not one
@@ -79,7 +82,7 @@ def auto_dtype(stored: torch.dtype, device: str | torch.device) -> torch.dtype:
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint (the shards named by the index, or the single file), each
+    """The safetensors files of a checkpoint (the single file, else the shards named by the index), each
     checked to be whole (``check_safetensors``)."""
     files = _weight_file_names(directory)
     for path in files:
@@ -88,7 +91,11 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def _weight_file_names(directory: Path) -> list[Path]:
-    index = directory / INDEX_FILE
+    index, single = directory / INDEX_FILE, directory / SINGLE_FILE
+    # The single file first, as transformers reads them: its save_pretrained(), saving unsharded where a
+    # sharded checkpoint was, removes the old shards but leaves their index behind.
+    if single.is_file():
+        return [single]
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -101,9 +108,6 @@ def _weight_file_names(directory: Path) -> list[Path]:
             raise CheckpointError(f"{index} names shards that are not in {directory}: {', '.join(missing)}; "
                                   "copy the whole checkpoint directory")
         return [directory / n for n in names]
-    single = directory / SINGLE_FILE
-    if single.is_file():
-        return [single]
     found = sorted(p.name for p in directory.glob("*.safetensors"))
     if len(found) == 1:
         return [directory / found[0]]
@@ -191,7 +195,8 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
         with open_safetensors(path) as f:
             for key in f.keys():
                 if key not in expected:
-                    unexpected.append(key)
+                    if not key.endswith(ROTARY_BUFFER_SUFFIX):
+                        unexpected.append(key)
                     continue
                 tensor = f.get_tensor(key)
                 if tuple(tensor.shape) != tuple(expected[key]):

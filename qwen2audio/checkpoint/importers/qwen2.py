@@ -14,11 +14,11 @@ import torch
 
 from ...config import Qwen2AudioConfig, TextConfig
 from ...model import Qwen2ForCausalLM
+from ..hf import ROTARY_BUFFER_SUFFIX  # a recomputed buffer that old checkpoints saved
 from .keymap import From, WeightImportError, apply_key_map, expected_shapes
 from .whisper import safetensors_source
 
 LM_HEAD_KEY = "lm_head.weight"
-ROTARY_BUFFER_SUFFIX = "rotary_emb.inv_freq"  # a recomputed buffer that old checkpoints saved
 
 
 def text_config_from_hf(raw: dict, origin: str) -> TextConfig:
