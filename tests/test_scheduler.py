@@ -400,6 +400,32 @@ def test_cancelling_frees_the_slot_and_a_waiting_request_never_runs_if_cancelled
     assert sched.status().free_slots == 1
 
 
+def test_a_stream_dropped_before_its_end_is_cancelled(engine, monkeypatch):
+    """A reader that breaks out of a stream's loop and keeps no reference to it can never read it again:
+    the request ends ("cancelled") instead of decoding beside every later request until its
+    max_new_tokens, holding its slot and the cache."""
+    first, second = prepare(engine, messages("Hi.")), prepare(engine, messages("What is it?"))
+    expected = alone(engine, second, greedy(6)).token_ids
+    sched = inline(engine, max_slots=2)
+    stream = sched.submit(first, greedy(200, ignore_eos=True))
+    for _ in stream:
+        break
+    dropped = stream.result  # the Generation outlives the stream
+    del stream
+    gc.collect()
+    calls = Calls(engine, monkeypatch)
+    assert sched.submit(second, greedy(6)).wait().token_ids == expected
+    assert dropped.finish_reason == "cancelled" and len(dropped.token_ids) < 10
+    assert calls.log.count(("step", 1)) == calls.count("step") == 5  # the later request's steps ran alone
+    status = sched.status()
+    assert (status.decoding, status.free_slots, status.kv_bytes_allocated) == (0, 2, 0), status
+    kept = sched.submit(first, greedy(30, ignore_eos=True))
+    for _ in kept:
+        break  # a stream still referenced may be read on later
+    gc.collect()
+    assert len(kept.wait().token_ids) == 30 and kept.result.finish_reason == "length"
+
+
 # -- beam search ------------------------------------------------------------------------------------------
 def beams(n: int, k: int, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, num_beams=k, **kw)
@@ -522,6 +548,34 @@ def test_a_failing_request_raises_in_its_own_stream_only(engine):
     with pytest.raises(ValueError, match=re.escape("<|AUDIO|> tokens but the audio gives")):
         bad.wait()
     assert ok.wait().token_ids == alone(engine, good, greedy(6)).token_ids
+
+
+def test_an_interrupt_while_audio_is_encoded_leaves_no_slot_or_session_held(engine, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) in a notebook while a request's audio is encoded: the inline scheduler
+    raises it to the reader, and the requests admitted with it end, freeing their slots, their session and
+    the cache. They used to hold their slots for ever: the session's next turn then never ran ("could not
+    run any of its requests"), and a few such interrupts left no slot for anything."""
+    turn = prepare(engine, messages("What is it?", clip(1.0, 3)))
+    other = prepare(engine, messages("Hi."))
+    expected = alone(engine, prepare(engine, messages("What is it?", clip(1.0, 3))), greedy(6)).token_ids
+    sched = inline(engine, max_slots=2)
+    encode = engine.encode_audios
+
+    def interrupted(waveforms):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "encode_audios", interrupted)
+    first, beside = sched.submit(turn, greedy(6), session="s"), sched.submit(other, greedy(6))
+    with pytest.raises(KeyboardInterrupt):
+        first.wait()
+    with pytest.raises(RuntimeError, match=r"interrupted \(KeyboardInterrupt\) while its audio was encoded"):
+        beside.wait()  # admitted in the same round: ended too, with a reason
+    status = sched.status()
+    assert (status.free_slots, status.idle_sessions, status.kv_bytes_allocated) == (2, 0, 0), status
+    monkeypatch.setattr(engine, "encode_audios", encode)
+    again = prepare(engine, messages("What is it?", clip(1.0, 3)))
+    assert sched.submit(again, greedy(6), session="s").wait().token_ids == expected  # the session goes on
+    assert sched.status().idle_sessions == 1
 
 
 def test_a_clip_that_cannot_be_encoded_fails_only_its_own_request(engine):

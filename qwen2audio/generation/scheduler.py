@@ -57,6 +57,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Sequence
@@ -201,14 +202,24 @@ class _Request:
         self.events.post(item)
 
 
+def _abandon(r: _Request) -> None:
+    """A request whose stream nobody can read any more: cancelled, unless it has ended. (Called by the
+    garbage collector, in any thread and perhaps inside the loop: no lock, and setting a flag is atomic.)"""
+    if not r.done:
+        r.cancelled = True
+
+
 class RequestStream:
     """One request's output as it is decoded. Iterate for its text deltas (each read blocks until the
     next is ready); ``result`` is its Generation, complete once the iteration has ended; ``cancel()``
-    ends it ("cancelled") and frees its slot at the next step. A failure of the model raises here."""
+    ends it ("cancelled") and frees its slot at the next step. A failure of the model raises here.
+    A stream dropped before its end (a ``break`` out of its loop, then no reference left) is cancelled
+    too: it would otherwise go on decoding beside later requests, holding its slot and cache."""
 
     def __init__(self, scheduler: "Scheduler", request: _Request):
         self._scheduler, self._request = scheduler, request
         self.result: Generation = request.reply.out
+        weakref.finalize(self, _abandon, request).atexit = False
 
     def __iter__(self) -> Iterator[str]:
         for _, delta in self.events():
@@ -519,6 +530,20 @@ class Scheduler:
                 admitted.append(r)
         if not admitted:
             return
+        try:
+            self._start(admitted)
+        except BaseException as err:  # an interrupt (Ctrl-C in a notebook) while the audio was encoded: the
+            # requests admitted but not yet prefilling would hold their slots (and sessions) for ever
+            stranded = [r for r in admitted if not r.done and r not in self._prefilling]
+            self._fail(stranded, RuntimeError(f"interrupted ({type(err).__name__}) while its audio was "
+                                              "encoded; submit it again"))
+            if not any(self._owner) and not self.preallocated:
+                self._release_cache()  # as at the end of a round (which the interrupt skips)
+            raise
+
+    def _start(self, admitted: list[_Request]) -> None:
+        """Reserve the cache for requests just admitted, encode their new clips and embed their prompts: each
+        one then prefills, or has failed with its error."""
         try:
             self.cache.reserve(max(max(r.slots) for r in admitted) + 1,
                                max(len(r.prepared.token_ids) + r.max_new for r in admitted))
