@@ -17,8 +17,8 @@ their times) are greedy unless told otherwise, as the official evaluation decode
 
 from __future__ import annotations
 
-import inspect
 import itertools
+import numbers
 import os
 import sys
 import warnings
@@ -38,7 +38,7 @@ from .checkpoint.adapter import resolve as resolve_adapter
 from .checkpoint.files import GENERATION_FILE, check_preprocessor_config
 from .errors import CheckpointError
 from .generation.engine import Engine, Generation, Prepared, RequestStream
-from .generation.scheduler import Scheduler
+from .generation.scheduler import RequestTooLarge, Scheduler
 from .generation.params import (
     QUANTIZE_CHOICES,
     SamplingParams,
@@ -181,7 +181,8 @@ class Qwen2Audio:
     def prepare_raw(self, prompt: str, audios: Sequence[Any] = ()) -> Prepared:
         """A base-model prompt: <|audio_bos|><|AUDIO|><|audio_eos|> per clip, then ``prompt``. ``audios``: a
         list of clips (one path, bytes or array alone is one clip)."""
-        pair = isinstance(audios, tuple) and len(audios) == 2 and isinstance(audios[1], int)  # (samples, rate)
+        pair = (isinstance(audios, tuple) and len(audios) == 2 and isinstance(audios[1], numbers.Real)
+                and not isinstance(audios[1], bool))  # (samples, rate): 16000, 16000.0 or np.int64(16000)
         if pair or isinstance(audios, (str, os.PathLike, bytes, bytearray, np.ndarray, torch.Tensor)):
             audios = [audios]
         return self.engine.prepare(raw_prompt(prompt, len(audios)), [decode_audio(a) for a in audios])
@@ -305,7 +306,8 @@ class Conversation:
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self._audio_vectors: dict[str, torch.Tensor] = {}
         self.last: Generation | None = None  # the latest reply, complete once its stream is consumed
-        self._pending: Iterator[str] | None = None  # a reply still being streamed
+        # the reply still being streamed, held weakly: a stream its reader drops is withdrawn at once
+        self._pending: weakref.ref[Iterator[str]] | None = None
         self.session = ("conversation", next(self._ids))  # the scheduler's key for this history
         weakref.finalize(self, model.scheduler.end_session, self.session)  # its cache goes with it
 
@@ -319,16 +321,14 @@ class Conversation:
     def stream(self, text: str | None = None, audio: Any = None, **sampling) -> Iterator[str]:
         """Add a user turn and stream the reply's text deltas.
 
-        The reply joins the history once the stream is read to the end. A stream left unfinished
-        (closed, dropped, or followed by a new turn) takes its user turn back out of the history,
-        as if it had not been asked.
+        The user turn joins the history when the stream is first read, and the reply once it is read to
+        the end. A stream left unfinished (closed, dropped, or followed by a new turn) takes its user
+        turn back out of the history, as if it had not been asked, and stops decoding.
         """
-        if self._pending is not None:  # an unfinished earlier reply: withdraw that turn
-            if inspect.getgeneratorstate(self._pending) == inspect.GEN_CREATED:
-                self.messages.pop()  # never started, so its own clean-up will not run
-                self._pending = None
-            else:
-                self._pending.close()
+        pending = self._pending() if self._pending is not None else None
+        if pending is not None:  # an unfinished earlier reply: withdraw that turn (one never read has none)
+            pending.close()
+        self._pending = None
         if audio is None:
             audios = []
         elif isinstance(audio, list):
@@ -342,16 +342,23 @@ class Conversation:
         if not parts:
             raise ValueError("a turn needs text, audio or both")
         params = self.model.chat_sampling(**sampling)
-        self.messages.append({"role": "user", "content": parts})
-        self._pending = self._reply(params)
-        return self._pending
+        reply = self._reply({"role": "user", "content": parts}, params)
+        self._pending = weakref.ref(reply)
+        return reply
 
-    def _reply(self, params: SamplingParams) -> Iterator[str]:
+    def _reply(self, turn: dict[str, Any], params: SamplingParams) -> Iterator[str]:
         stream, answered = None, False
+        self.messages.append(turn)
         try:
             rendered = render_chat(self.messages)
-            request = self.model.engine.prepare(rendered.text, rendered.audios,  # decoded by their turns
-                                                self._audio_vectors)
+            try:
+                request = self.model.engine.prepare(rendered.text, rendered.audios,  # decoded by their turns
+                                                    self._audio_vectors)
+            except RequestTooLarge as err:
+                if sum(m["role"] == "user" for m in self.messages) < 2:
+                    raise
+                raise RequestTooLarge(f"{err}. The prompt is this conversation's whole history, which every turn "
+                                      "lengthens: start a new conversation (model.conversation())") from None
             if params.beams:  # a beam search does not continue the session (its history is prefilled again)
                 stream = self.model.engine.stream(request, params)
             else:
@@ -359,11 +366,11 @@ class Conversation:
             yield from stream
             answered = stream.result.finish_reason in ("stop", "length")
         finally:
-            self._pending = None
             if not answered:
                 if stream is not None:
                     stream.cancel()  # a reader gone: free the slot at the next step
-                self.messages.pop()  # the turn was not answered
+                if self.messages and self.messages[-1] is turn:
+                    self.messages.pop()  # the turn was not answered
         if not answered:
             return
         reply = self.last = stream.result

@@ -350,6 +350,55 @@ def test_a_stream_never_read_is_withdrawn_too(model):
     assert reply.token_ids == model.chat(conv.messages[:-1], max_new_tokens=4).token_ids
 
 
+def test_a_dropped_stream_is_withdrawn_at_once_and_a_superseded_one_stays_empty(models):
+    """A conversation's stream that its reader drops (a break out of its loop) takes its turn back at once
+    and stops decoding: it used to stay in the history, and decode beside every later request, until the
+    conversation's next turn. A stream superseded by a new turn before it was read yields nothing if read
+    later: it used to run then, on the newer history, and add a second assistant reply to it."""
+    model = models["reference"]
+    conv = model.conversation()
+    conv.say("Hello.", max_new_tokens=4)
+    history = list(conv.messages)
+    for _ in conv.stream("Dropped.", max_new_tokens=200, ignore_eos=True):
+        break
+    assert conv.messages == history
+    model.chat(ask(None, "Hi."), max_new_tokens=3)
+    assert model.engine.scheduler.status().decoding == 0, "the dropped reply went on decoding"
+
+    superseded = conv.stream("Superseded.", max_new_tokens=4)
+    reply = conv.say("Go on.", max_new_tokens=4)
+    assert list(superseded) == []
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"] * 2
+    assert conv.messages[-1]["content"] == reply.text and conv.messages[-2]["content"][0]["text"] == "Go on."
+    assert reply.token_ids == model.chat(conv.messages[:-1], max_new_tokens=4).token_ids
+
+
+def test_complete_takes_a_samples_and_rate_pair_whatever_the_rate_s_number_type(models):
+    """(samples, rate) is one clip, as chat's audio parts take it, also where the rate is 16000.0 (a float, as
+    some libraries give it) or a numpy integer: it used to be read as two clips, the second "cannot read
+    audio from 'float' objects"."""
+    model = models["reference"]
+    audio = clip(1.0, 2)
+    want = model.complete("Describe.", [audio], max_new_tokens=3).token_ids
+    for rate in (16000, 16000.0, np.int64(16000)):
+        assert model.complete("Describe.", (audio, rate), max_new_tokens=3).token_ids == want, type(rate)
+
+
+def test_a_conversation_outgrowing_the_context_says_to_start_a_new_one(models):
+    """The history grows with each turn: once it no longer fits, the error says so, where it used to tell the
+    user only to shorten audio given turns ago; the turn is withdrawn."""
+    model = models["reference"]  # 2048 positions; 75 s of audio takes 1875 of them
+    conv = model.conversation()
+    conv.say("Describe it.", audio=clip(75.0, 4), max_new_tokens=80, ignore_eos=True)
+    history = list(conv.messages)
+    with pytest.raises(RequestTooLarge, match=r"context holds 2048.*conversation's whole history.*start a new "
+                                              r"conversation"):
+        conv.say("And then?", max_new_tokens=4)
+    assert conv.messages == history
+    with pytest.raises(RequestTooLarge, match=r"shorten the audio to about \d+ s in all$"):  # a first turn: as chat
+        model.conversation().say("Summarise.", audio=clip(90.0, 5))
+
+
 def test_max_new_tokens_beyond_the_context_is_capped_with_a_warning(models):
     model = models["reference"]  # 2048 positions; 75 s of audio takes 1875 of them
     messages = ask(clip(75.0, 4), "Describe it.")
