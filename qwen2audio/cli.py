@@ -64,6 +64,7 @@ TRANSCRIBE_SAMPLING_NOTE = ("Greedy by default, as the official evaluation decod
                             "object is: its cuts, and its num_beams and fallback at temperature 0 (the demo "
                             "model: 4 beams and --fallback; --num-beams 1 --no-fallback is greedy).")
 CHAT_HELP = (("/audio PATH [TEXT]", "send an audio file, with optional text; quote a path with spaces"),
+             ("/new", "start a new conversation (the earlier turns are forgotten; the system prompt stays)"),
              ("/help", "show this list"),
              ("Ctrl-D", "end the chat"))
 
@@ -352,9 +353,16 @@ def _chat(model, args, sampling) -> int:
 def _converse(conv, sampling) -> None:
     """Further turns from stdin until end of input. A line that cannot be sent (a mistyped path, an
     unknown command) is reported on stderr and the conversation goes on as it was."""
+    from .generation.scheduler import RequestTooLarge  # (the model is loaded: torch is imported already)
+
     if sys.stdin.isatty():
         print("qwen2audio: /help lists the commands; Ctrl-D ends the chat", file=sys.stderr)
     while (line := _read_line()) is not None:
+        if line.strip() == "/new":
+            system = [m["content"] for m in conv.messages[:1] if m["role"] == "system"]
+            conv = conv.model.conversation(system=system[0] if system else None)
+            print("qwen2audio: a new conversation", file=sys.stderr)
+            continue
         try:
             turn = parse_turn(line)
             if turn is None:
@@ -363,6 +371,8 @@ def _converse(conv, sampling) -> None:
             text, audios = turn
             if text or audios:
                 _print_stream(conv.stream(text or None, audio=audios, **sampling))
+        except RequestTooLarge as err:  # the history outgrew the context: every later turn would too
+            print(f"qwen2audio: error: {err} (nothing was sent; /new starts a new conversation)", file=sys.stderr)
         except USER_ERRORS as err:
             print(f"qwen2audio: error: {err} (nothing was sent; the conversation goes on)", file=sys.stderr)
 

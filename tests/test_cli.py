@@ -770,6 +770,27 @@ def test_help_lists_the_commands_and_an_unknown_command_is_not_sent(api, capsys,
     assert out == converse(api, dict(text="Hi."), [])  # nothing but the first reply
 
 
+def test_new_starts_a_new_conversation_keeping_the_system_prompt(api, capsys, monkeypatch):
+    stdin = "Tell me more.\n/new\nWhat did I say?\n"
+    rc, out, err = cli(capsys, monkeypatch, ["chat", "--prompt", "Hi.", "--system", "Be brief.", "--interactive",
+                                             "--max-new-tokens", NEW], stdin)
+    assert rc == 0, err
+    conv = api["default"].conversation(system="Be brief.")
+    first = ["".join(conv.stream(text, max_new_tokens=int(NEW))) for text in ("Hi.", "Tell me more.")]
+    fresh = "".join(api["default"].conversation(system="Be brief.").stream("What did I say?",
+                                                                          max_new_tokens=int(NEW)))
+    assert out == "".join(r + "\n" for r in first + [fresh]) and "a new conversation" in err
+
+
+def test_a_history_too_long_for_the_context_points_at_new(api, capsys, monkeypatch):
+    long_turn = "word " * 900
+    stdin = f"{long_turn}\n{long_turn}\n"
+    rc, out, err = cli(capsys, monkeypatch, ["chat", "--prompt", long_turn, "--interactive", "--max-new-tokens", NEW],
+                       stdin)
+    assert rc == 0, err
+    assert "/new starts a new conversation" in err and "Traceback" not in err
+
+
 def test_end_of_input_on_a_terminal_leaves_a_clean_line(api, capsys, monkeypatch):
     """Ctrl-D at the `you> ` prompt: a newline on stderr (the shell prompt starts on its own line), exit 0."""
     monkeypatch.setattr(sys, "stdin", Terminal("Tell me more.\n"))
