@@ -391,6 +391,8 @@ def test_an_item_the_model_cannot_take_is_skipped_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "generate_batch", fussy)
     records, results = run_eval("librispeech", data, tmp_path / "out", "--batch-size", "3")
     assert results["scored"] == 2 and results["skipped_items"][0]["error"] == "the audio is too long for the context"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "1 skipped (audio unreadable or too long" in report and "the audio is too long for the context" in report
 
 
 def test_official_decoding_settings_are_the_defaults(tmp_path, echo):

@@ -96,7 +96,8 @@ def write_report(out_dir: Path, results: dict, model: str, data: str) -> Path:
     table = rows(results)
     lines = [f"# {results['task']} — {model}", "", f"Data: `{data}`", "",
              f"{results['items']} items: {results['scored']} scored, {results['unreadable']} with an unreadable answer "
-             f"(left out of the score), {results['skipped']} skipped (unreadable audio).",
+             f"(left out of the score), {results['skipped']} skipped (audio unreadable or too long, or a prompt that "
+             "cannot be run" + ("; listed below" if results["skipped"] else "") + ").",
              "", "| subset | n | metric | ours | 95% CI | paper | transformers |", "|---|---|---|---|---|---|---|"]
     for row in table:
         ci = f"{_fmt(row['ci'][0])} – {_fmt(row['ci'][1])}" if row["ci"] else "-"
