@@ -9,18 +9,23 @@
 The build (g++ and ninja, ~30 s, once) lands in ``$QWEN2AUDIO_KERNEL_CACHE`` (default
 ``~/.cache/qwen2audio/kernels``) in a folder named after the source, the torch version and this CPU's
 instruction sets (the code is compiled for the machine it runs on), so a changed source, torch or CPU
-builds anew and concurrent first uses wait for one build (torch's build lock).
+builds anew. Concurrent first uses wait for one build (an flock on ``build.lock``, which the kernel
+releases if the builder dies); a library is loaded only once a finished build has marked it
+(``ready``), so a process never loads one still being linked, or one a killed build left half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
+import re
+import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -50,25 +55,87 @@ def build_dir() -> Path:
     return root / f"packed_linear-{key}"
 
 
+READY = "ready"  # written beside the library once it is built and loaded: the library's sha256
+BUILD_LOCK = "build.lock"  # flock'd while a process builds; torch's own lock file is "lock"
+
+
+def _stamp(library: Path) -> str:
+    """What the mark holds: the library's content (~0.3 MB, hashed in about a millisecond), so that a copied
+    cache (new mtimes) stays ready and a half-written library never is."""
+    return hashlib.sha256(library.read_bytes()).hexdigest()
+
+
+def _ready(directory: Path, library: Path) -> bool:
+    """A finished build is there: the library with the mark a completed build wrote for it."""
+    try:
+        return (directory / READY).read_text() == _stamp(library)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_file``, released by the kernel if this process dies (torch's own
+    build lock is a file whose existence is the lock: a build killed by SIGTERM or SIGKILL left it behind,
+    and every later start waited on it forever). Where there is no fcntl (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_file, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"qwen2audio: waiting for another process building the decoding kernels ({lock_file})",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _load() -> None:
     """Load the library built for this source, torch and CPU; build it first where there is none. A
     finished build is loaded as it is: asking the builder again costs ~0.2 s of ninja at every start."""
     directory = build_dir()
     library = directory / f"{NAME}.so"
-    if library.is_file():
+    refused = False
+    if _ready(directory, library):
         try:
             torch.ops.load_library(str(library))
             return
-        except OSError:  # the loader refused it (a missing symbol, say): let the builder look at it
-            pass
+        except OSError:  # the loader refused it (a missing symbol, say): build it again
+            refused = True
     from torch.utils import cpp_extension
 
+    from ...atomic import atomic_write_text
+
     directory.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
-                       # -fopenmp: at::parallel_for is inline OpenMP code, serial without it;
-                       # -ffp-contract=off: no product fused into a sum where torch rounds in between
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=False)
+    with _exclusive(directory / BUILD_LOCK):
+        if not refused and _ready(directory, library):  # another process built it while this one waited
+            torch.ops.load_library(str(library))
+            return
+        # No process of ours builds here now: torch's lock file and an unmarked library are what a build
+        # that died left (loading a half-written library kills the process with SIGBUS); ninja would
+        # take that library for up to date, so it goes, and the builder links it again.
+        for leftover in (directory / READY, directory / "lock", library):
+            leftover.unlink(missing_ok=True)
+        cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
+                           # -fopenmp: at::parallel_for is inline OpenMP code, serial without it;
+                           # -ffp-contract=off: no product fused into a sum where torch rounds in between
+                           extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        atomic_write_text(directory / READY, _stamp(library))
+
+
+def _summary(err: Exception) -> str:
+    """The line of a build error that says what went wrong ("g++: not found", the compiler's "error:"),
+    not the last one, which for any failed compile is "ninja: build stopped: subcommand failed."."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    telling = [line for line in lines[1:] if re.search(r"not found|error:|No such file|fatal", line, re.IGNORECASE)]
+    return (telling or lines or [""])[0 if telling else -1]
 
 
 def packed_linear_op() -> Callable | None:
@@ -86,11 +153,12 @@ def packed_linear_op() -> Callable | None:
                     _register_fakes()
                     _state["op"] = torch.ops.qwen2audio.packed_linear
                 except Exception as err:  # a missing compiler or ninja, a failed compile: the plain path works
-                    last_line = (str(err).strip().splitlines() or [""])[-1]
-                    _state["problem"] = f"{type(err).__name__}: {last_line}"
+                    _state["problem"] = f"{type(err).__name__}: {_summary(err)}"
                     warnings.warn(f"the decoding kernels could not be built ({_state['problem']}); decoding "
-                                  "products and attention run in plain torch, correct but slower (pip install "
-                                  "ninja, and a C++ compiler: apt-get install g++)", stacklevel=3)
+                                  "products and attention run in plain torch, correct but slower (they need ninja, "
+                                  "pip install ninja, a C++ compiler, apt-get install g++, and a writable "
+                                  f"{CACHE_ENV} folder, now {build_dir().parent}; {DISABLE_ENV}=1 silences "
+                                  "this)", stacklevel=3)
         return _state["op"]  # type: ignore[return-value]
 
 
