@@ -210,7 +210,10 @@ class Engine:
         fn = Engine._step_eager
         own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                  fn.__closure__)
-        return torch.compile(types.MethodType(own, self), dynamic=True)
+        # emulate_precision_casts: a fused bfloat16 / float16 kernel rounds each intermediate to the dtype
+        # where eager torch does (without it inductor keeps them in float32, and a bfloat16 step's logits
+        # moved by 2 bf16 steps, enough to change a greedy token); float32 steps are unaffected
+        return torch.compile(types.MethodType(own, self), dynamic=True, options={"emulate_precision_casts": True})
 
     @torch.inference_mode()
     def warm_up(self) -> None:

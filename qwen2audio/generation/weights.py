@@ -6,6 +6,8 @@ only make decoding faster live here, so that nothing else has to know about or u
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -33,6 +35,13 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
     fuse_projections(model)
     if model.device.type == "cpu":
         if quantize == "int8":
+            if not kernel_usable():
+                from .kernels import build_problem
+
+                warnings.warn(f"quantize='int8' without the decoding kernels ({build_problem()}): each int8 product "
+                              "widens its weight to float32 every time it runs, so decoding is slower than in "
+                              "float32 (the weights still take about a quarter of the memory); install g++ and "
+                              "ninja, or drop --quantize int8", stacklevel=3)
             quantize_linears_int8(model)
         elif model.dtype == torch.bfloat16 and kernel_usable():
             pack_bf16_linears(model)
