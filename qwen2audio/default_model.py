@@ -13,12 +13,15 @@ Which model that is, in this order:
 
 Generated and assembled models are written once into ``$QWEN2AUDIO_HOME`` (default
 ``~/.cache/qwen2audio``), atomically and under a lock file, so that processes started together do the
-work once and never see half a model.
+work once and never see half a model. A cached model found damaged (a file cut short or garbled since)
+is written again; a cache folder that cannot be written (read-only, a full disk) is one error naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from .atomic import atomic_path
 from .config import CONFIG_FILE
+from .errors import CheckpointError
 
 TINY_MODEL_NAME = "tiny-random-v1"  # bump when the generated model changes
 TINY_KEYWORD = "tiny-random"  # $QWEN2AUDIO_DEFAULT_MODEL value that selects the tiny random model
@@ -39,7 +43,8 @@ TINY_NOTICE = ("using the embedded default model: a tiny randomly initialised Qw
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(HOME_ENV, Path.home() / ".cache" / "qwen2audio"))
+    home = os.environ.get(HOME_ENV)  # set but empty is unset, not the current directory
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "qwen2audio"
 
 
 def _override() -> str | None:
@@ -129,20 +134,79 @@ def _exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+CACHED_FILES = (CONFIG_FILE, "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+                "tokenizer_config.json")  # what every written model holds besides its weights
+PARSED_JSON_BYTES = 1024**2  # larger JSON files are checked for a cut, not parsed, at every start
+
+
+def cached_problem(target: Path) -> str | None:
+    """Why the written model ``target`` cannot be used as it is (None: it can): a file missing, a JSON file
+    that does not parse, a weights file cut short or with a garbled header. Reads headers only."""
+    from .checkpoint.hf import REDOWNLOAD, weight_files
+
+    if not target.is_dir():
+        return f"{target} is missing"
+    for name in CACHED_FILES:
+        path = target / name
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            if path.stat().st_size > PARSED_JSON_BYTES:  # tokenizer.json (11 MB: 0.3 s to parse): its end only
+                with open(path, "rb") as f:
+                    f.seek(-64, os.SEEK_END)
+                    if not f.read().rstrip().endswith(b"}"):
+                        return f"{path} is cut short"
+            else:
+                json.loads(path.read_bytes())
+        except (OSError, ValueError) as err:
+            return f"{path} is not readable JSON ({err})"
+    try:
+        weight_files(target)
+    except (CheckpointError, OSError) as err:
+        return str(err).removesuffix(f"; {REDOWNLOAD}")
+    return None
+
+
+# a folder that cannot be written: read-only (or a read-only file system), full, over quota, under a file
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EFBIG}
+
+
+def _write_error(err: OSError, target: Path, what: str) -> CheckpointError:
+    """A cache folder that cannot be written, said in one line that names it and the way out."""
+    reason = err.strerror or str(err)
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = f"free disk space there, or set ${HOME_ENV} to a folder on a disk with room"
+    else:
+        fix = f"make {target.parent} writable, or set ${HOME_ENV} to a folder you can write"
+    return CheckpointError(f"cannot write {what} into {target}: {reason}{where}; {fix} (or pass a model directory)")
+
+
 def build_once(target: Path, write: Callable[[Path], None], what: str) -> Path:
     """``target``, a model directory that ``write(tmp_dir)`` fills, written if it is not there yet.
 
     One process writes, under ``target.lock``; others wait for it, then use its result. The folder
     appears complete under its name or not at all (an interrupted write leaves only ``target.tmp``,
-    removed by the next attempt).
+    removed by the next attempt). One found damaged (``cached_problem``) is written again. A folder that
+    cannot be written (read-only, a full disk) raises CheckpointError naming it.
     """
-    if (target / CONFIG_FILE).is_file():
+    if (target / CONFIG_FILE).is_file() and cached_problem(target) is None:
         return target
-    with _exclusive(target.with_name(target.name + LOCK_SUFFIX),
-                    waiting=f"another process is writing {what} into {target}; waiting for it"):
-        if not (target / CONFIG_FILE).is_file():
-            with atomic_path(target, directory=True) as tmp:
-                write(tmp)
+    try:
+        with _exclusive(target.with_name(target.name + LOCK_SUFFIX),
+                        waiting=f"another process is writing {what} into {target}; waiting for it"):
+            problem = cached_problem(target) if target.exists() else None
+            if problem is not None:
+                print(f"qwen2audio: {what} in {target} is damaged ({problem}); writing it again", file=sys.stderr,
+                      flush=True)
+            if not target.exists() or problem is not None:
+                with atomic_path(target, directory=True) as tmp:
+                    write(tmp)
+    except OSError as err:
+        where = Path(os.fsdecode(err.filename)) if err.filename is not None else target.parent
+        if err.errno not in WRITE_ERRNOS or target.parent not in (where, *where.parents):  # e.g. an unreadable part
+            raise
+        raise _write_error(err, target, what) from err
     return target
 
 

@@ -370,6 +370,77 @@ def test_two_processes_generating_the_tiny_model_both_succeed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-random-v1", "tiny-random-v1.lock"]
 
 
+def test_a_damaged_cached_model_is_written_again(installed, base, tmp_path, monkeypatch, capsys):
+    """A cached model cut short or garbled since it was written (a disk error, a copy or sync gone wrong) is
+    written again, not loaded (a bare traceback, or 're-download it' for a file nobody downloaded)."""
+    deltas = tmp_path / "deltas.safetensors"
+    write_synthetic_deltas(deltas, _state(base), installed)
+    _ship(monkeypatch, deltas, tmp_path / "home")
+    calls = []
+    real = assemble.assemble_demo
+    monkeypatch.setattr(assemble, "assemble_demo", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    demo = default_model.default_model_dir()
+    weights = demo / "model.safetensors"
+    whole = weights.read_bytes()
+    assert default_model.default_model_dir() == demo and len(calls) == 1  # intact: used as it is
+    capsys.readouterr()
+    weights.write_bytes(whole[: len(whole) // 2])
+    assert default_model.default_model_dir() == demo and len(calls) == 2
+    assert weights.read_bytes() == whole
+    assert f"qwen2audio: the default model in {demo} is damaged ({weights} is truncated" in capsys.readouterr().err
+    (demo / "config.json").write_text('{"model_type": "qwen2_au')
+    assert default_model.default_model_dir() == demo and len(calls) == 3
+    json.loads((demo / "config.json").read_text())
+    (demo / "tokenizer.json").unlink()
+    assert default_model.default_model_dir() == demo and len(calls) == 4
+    assert load_model(demo) is not None and Tokenizer.from_dir(demo) is not None
+    # the tiny random model too
+    monkeypatch.setenv("QWEN2AUDIO_DEFAULT_MODEL", "tiny-random")
+    tiny = default_model.default_model_dir()
+    whole = (tiny / "model.safetensors").read_bytes()
+    (tiny / "model.safetensors").write_bytes(whole[:1000])
+    assert default_model.default_model_dir() == tiny and (tiny / "model.safetensors").read_bytes() == whole
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == sorted(
+        [demo.name, demo.name + ".lock", tiny.name, tiny.name + ".lock"])  # nothing left aside
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line(monkeypatch, tmp_path, capsys):
+    """A read-only cache folder or a full disk: one line naming the folder and $QWEN2AUDIO_HOME, not a traceback."""
+    import errno
+
+    monkeypatch.setenv("QWEN2AUDIO_DEFAULT_MODEL", "tiny-random")
+    (tmp_path / "a-file").write_text("")
+    home = tmp_path / "a-file" / "cache"  # under a file: cannot be made, as a folder without write permission
+    monkeypatch.setenv("QWEN2AUDIO_HOME", str(home))
+    assert cli_main(["chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"qwen2audio: error: cannot write the tiny random model into {home / 'tiny-random-v1'}: Not a "
+                       f"directory ({home}); make {home} writable, or set $QWEN2AUDIO_HOME to a folder you can write "
+                       "(or pass a model directory)")
+    assert len(err) == 2
+
+    def full_disk(directory):
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(default_model, "write_tiny_model", full_disk)
+    home = tmp_path / "home"
+    monkeypatch.setenv("QWEN2AUDIO_HOME", str(home))
+    with pytest.raises(default_model.CheckpointError, match=re.escape(
+            f"cannot write the tiny random model into {home / 'tiny-random-v1'}: No space left on device; free disk "
+            "space there, or set $QWEN2AUDIO_HOME to a folder on a disk with room (or pass a model directory)")):
+        default_model.default_model_dir()
+    assert [p.name for p in home.iterdir()] == ["tiny-random-v1.lock"]  # the half-written folder is gone
+
+
+def test_the_cache_folder_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("QWEN2AUDIO_HOME", "")  # set but empty: the default, not the current directory
+    assert default_model.cache_root() == tmp_path / ".cache" / "qwen2audio"
+    monkeypatch.setenv("QWEN2AUDIO_HOME", "~/models")  # quoted in a config file, so no shell expanded it
+    assert default_model.cache_root() == tmp_path / "models"
+
+
 # ---- exporting from training runs ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..default_model import build_once, cache_root
+from ..default_model import build_once, cache_root, cached_problem
 from . import parts
 from .deltas import apply_deltas, check_base, describe, load_deltas
 from .parts import PretrainedFile, join, locate_all
@@ -68,7 +68,7 @@ def demo_model_name(deltas: Path) -> str:
 def demo_model_dir(deltas: Path, files: dict[str, PretrainedFile] | None = None) -> Path:
     """The demo model's folder in the cache, assembled on first use (one process assembles; others wait)."""
     target = cache_root() / demo_model_name(deltas)
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and cached_problem(target) is None:
         return target
 
     def write(tmp: Path) -> None:
