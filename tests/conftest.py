@@ -1,3 +1,4 @@
+import atexit
 import os
 import shutil
 import sys
@@ -9,8 +10,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-# The embedded default model is generated on first use; keep the tests' copy out of the user's cache.
-os.environ.setdefault("QWEN2AUDIO_HOME", tempfile.mkdtemp(prefix="qwen2audio-test-home-"))
+# The embedded default model is generated on first use; keep the tests' copy out of the user's cache, in a
+# folder of this run's own that goes with it.
+if not os.environ.get("QWEN2AUDIO_HOME"):
+    os.environ["QWEN2AUDIO_HOME"] = tempfile.mkdtemp(prefix="qwen2audio-test-home-")
+    atexit.register(shutil.rmtree, os.environ["QWEN2AUDIO_HOME"], ignore_errors=True)
 # Tests that use "the default model" get the tiny random one, whatever ships: they never need the demo
 # model's pretrained parts (tests/test_default_model.py covers the demo model with tiny parts).
 os.environ["QWEN2AUDIO_DEFAULT_MODEL"] = "tiny-random"
