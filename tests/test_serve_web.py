@@ -423,6 +423,21 @@ def test_the_page_fits_a_phone(browser):
         assert page_.is_visible("#settings")
 
 
+def test_an_attached_clip_s_player_is_usable_on_a_phone(browser, tmp_path):
+    clip = tmp_path / "a recording with a long name.wav"
+    clip.write_bytes(wav_bytes(1.0))
+    app, _ = fake_app(FakeBackend())
+    with running(app) as url:
+        page_ = open_page(browser, url, viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True)
+        page_.set_input_files("#file", str(clip))
+        page_.wait_for_selector("#attachment:not([hidden])", timeout=WAIT_MS)
+        player = page_.locator("#attachment-audio").bounding_box()
+        assert player and player["width"] >= 250  # it was squeezed to ~70 px beside the name and buttons
+        for selector in ("#transcribe", "#attachment-remove"):
+            box = page_.locator(selector).bounding_box()
+            assert box and box["x"] + box["width"] <= 360, selector
+
+
 def test_settings_reach_the_request(browser):
     backend = FakeBackend()
     app, _ = fake_app(backend)
