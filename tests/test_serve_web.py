@@ -438,6 +438,30 @@ def test_an_attached_clip_s_player_is_usable_on_a_phone(browser, tmp_path):
             assert box and box["x"] + box["width"] <= 360, selector
 
 
+def test_a_clip_over_the_conversation_s_audio_budget_is_attached_for_a_transcript_and_refused_at_send(
+        browser, tmp_path):
+    first, second = tmp_path / "first.wav", tmp_path / "second.wav"
+    first.write_bytes(wav_bytes(2.0))
+    second.write_bytes(wav_bytes(2.0, seed=1))
+    backend = FakeBackend()
+    app, _ = fake_app(backend, max_seconds=3.0)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(first))
+        page_.wait_for_selector("#attachment:not([hidden])", timeout=WAIT_MS)
+        page_.click("#send")
+        wait_answers(page_, 1)
+        page_.set_input_files("#file", str(second))  # 2 s alone is within the 3 s a transcript may take
+        page_.wait_for_selector("#attachment:not([hidden])", timeout=WAIT_MS)
+        assert page_.is_hidden("#error") and page_.is_enabled("#transcribe")
+        page_.fill("#text", "And this?")
+        page_.click("#send")  # with the conversation's 2 s it is over: said, and nothing is lost
+        page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+        assert "start a new chat" in page_.inner_text("#error-text")
+        assert page_.is_visible("#attachment") and page_.input_value("#text") == "And this?"
+        assert len(backend.requests) == 1
+
+
 def test_settings_reach_the_request(browser):
     backend = FakeBackend()
     app, _ = fake_app(backend)

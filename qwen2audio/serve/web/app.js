@@ -152,7 +152,8 @@ async function attachFile(file) {
     const bytes = new Uint8Array(await file.arrayBuffer());
     const seconds = await duration(bytes); // null: the browser cannot decode it; the server will judge
     if (seconds !== null && seconds === 0) throw new UserError(`"${file.name}" holds no audio.`);
-    if (seconds !== null) checkLength(seconds, `"${file.name}"`);
+    // alone here (a transcript takes it whatever the conversation holds); with the conversation's audio at Send
+    if (seconds !== null) checkLength(seconds, `"${file.name}"`, 0);
     setAttachment({ b64: base64(bytes), format: formatOf(file), url: URL.createObjectURL(file), name: file.name,
                     seconds });
     $("text").focus();
@@ -172,9 +173,8 @@ async function duration(bytes) {
 }
 
 /** A UserError if this much audio would take the conversation past the server's limit per request. */
-function checkLength(seconds, what) {
+function checkLength(seconds, what, earlier = earlierAudio()) {
   const limit = state.config.max_audio_seconds;
-  const earlier = earlierAudio();
   // tenths, rounded up, where a length is over: 2.04 s over a 2 s limit reads "0:02.1", not "0:02.0"
   const over = (s) => stamp(Math.ceil(s * 10) / 10);
   const most = Number.isInteger(limit) ? clock(limit) : stamp(limit);
@@ -359,6 +359,7 @@ async function send() {
   const user = { role: "user", text, audio };
   const history = state.history; // "New chat" replaces it: this turn's ending then goes nowhere
   try {
+    if (audio && audio.seconds) checkLength(audio.seconds, audio.name === "recording" ? "The recording" : `"${audio.name}"`);
     body = JSON.stringify(request([...state.history, user]));
   } catch (err) {
     showError(err.message);
