@@ -2,7 +2,8 @@
 
 Form fields: ``file`` and ``model`` (required), ``language``, ``prompt``, ``response_format`` (json, text,
 srt, vtt, verbose_json), ``temperature`` (default 0: greedy, as the official evaluation decodes),
-``timestamp_granularities[]`` (segment only), ``stream`` (true: OpenAI's server-sent events,
+``timestamp_granularities[]`` (segment only: word and other values are refused; it and ``include[]`` may
+also come without the brackets), ``stream`` (true: OpenAI's server-sent events,
 ``transcript.text.delta`` as the text is decoded, with verbose_json a ``transcript.text.segment`` with its
 times as each window is done, then ``transcript.text.done``; json, text and verbose_json),
 ``include[]`` (``logprobs``, with json: each generated
@@ -98,9 +99,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     if response_format not in FORMATS:
         raise bad_request(f"response_format {response_format!r} is not one of {', '.join(FORMATS)}",
                           "response_format")
-    if "word" in form.getlist("timestamp_granularities[]"):
-        raise bad_request("word timestamps are not supported; segment timestamps come with verbose_json",
-                          "timestamp_granularities")
+    _check_granularities(form)
     with_logprobs = _include_logprobs(form, response_format)
     stream = _stream(form, response_format)
     temperature = _temperature(form)
@@ -306,10 +305,31 @@ def _field(form, name: str, required: bool = False) -> str | None:
     return value.strip()
 
 
+def _listed(form, name: str) -> list:
+    """A list field's values: ``name[]`` as the openai client sends it, or ``name`` (curl's -F name=value)."""
+    return [v.strip() if isinstance(v, str) else v for v in form.getlist(f"{name}[]") + form.getlist(name)]
+
+
+GRANULARITIES = ("segment", "word")  # OpenAI's timestamp_granularities
+
+
+def _check_granularities(form) -> None:
+    """``timestamp_granularities[]``: segment (verbose_json's segments, always given); word is refused, as
+    is anything else."""
+    values = _listed(form, "timestamp_granularities")
+    unknown = [v for v in values if v not in GRANULARITIES]
+    if unknown:
+        raise bad_request(f"timestamp_granularities[] may name segment or word, got {unknown[0]!r}",
+                          "timestamp_granularities")
+    if "word" in values:
+        raise bad_request("word timestamps are not supported; segment timestamps come with verbose_json",
+                          "timestamp_granularities")
+
+
 def _include_logprobs(form, response_format: str) -> bool:
     """Whether ``include[]`` asks for the tokens' logprobs (the one thing it can ask for), which only the
     json format carries."""
-    include = [v.strip() if isinstance(v, str) else v for v in form.getlist("include[]")]
+    include = _listed(form, "include")
     unknown = [v for v in include if v != "logprobs"]
     if unknown:
         raise bad_request(f"include[] may only name logprobs, got {unknown[0]!r}", "include")
