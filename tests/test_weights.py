@@ -236,3 +236,13 @@ def test_a_float16_model_decodes_on_cpu_beside_the_kernels(checkpoint):
                                                          {"type": "text", "text": "What is it?"}]}])
     out = engine.generate([engine.prepare(rendered.text, rendered.audios)], SamplingParams(max_new_tokens=4))[0]
     assert len(out.token_ids) >= 1 and engine.model.dtype == torch.float16
+
+
+def test_a_model_prepared_once_is_not_quietly_left_as_it_was_for_another_quantization(checkpoint):
+    """A second Engine on the same model asking for int8 found its products replaced already and kept
+    them in float32, silently."""
+    model = load_model(checkpoint, dtype="float32")
+    weights.prepare_for_inference(model)
+    weights.prepare_for_inference(model)  # the same again: nothing to do, no error
+    with pytest.raises(ValueError, match="quantize='none' already"):
+        weights.prepare_for_inference(model, quantize="int8")

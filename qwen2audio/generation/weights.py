@@ -23,6 +23,9 @@ ONEDNN_DTYPES = (torch.float32,)  # where oneDNN's products beat the default CPU
 ONEDNN_MIN_WEIGHTS = 1 << 19
 
 
+PREPARED_ATTR = "_prepared_quantize"  # what prepare_for_inference made of a model: its products are replaced
+
+
 def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -> Qwen2AudioModel:
     """Apply every inference-only transform that suits the model's device (and ``quantize="int8"``:
     weight-only int8 for the LLM's products); returns the same model."""
@@ -32,6 +35,11 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
     if quantize == "int8" and model.device.type != "cpu":
         raise ValueError(f"quantize='int8' runs on CPU only (its kernel is a CPU one); the model is on "
                          f"{model.device.type}: drop --quantize or use --device cpu")
+    before = getattr(model, PREPARED_ATTR, None)
+    if before is not None and before != quantize:  # its products were replaced already: nothing would change
+        raise ValueError(f"this model was prepared for inference with quantize={before!r} already, so "
+                         f"quantize={quantize!r} cannot apply; load the checkpoint again for it")
+    setattr(model, PREPARED_ATTR, quantize)
     fuse_projections(model)
     if model.device.type == "cpu":
         if quantize == "int8":
