@@ -210,6 +210,8 @@ BAD_UPLOADS = {
                         "timestamp_granularities"),
     "unknown timestamp granularity": ({"model": "fake", "timestamp_granularities[]": "sentence"}, ("a.wav", WAV),
                                       400, "timestamp_granularities"),
+    "segment timestamps without verbose_json": ({"model": "fake", "timestamp_granularities[]": "segment"},
+                                                ("a.wav", WAV), 400, "timestamp_granularities"),
     "word timestamps as curl may spell them": ({"model": "fake", "timestamp_granularities": "word"},
                                                ("a.wav", WAV), 400, "timestamp_granularities"),
     "include other than logprobs": ({"model": "fake", "include[]": "words"}, ("a.wav", WAV), 400, "include"),

@@ -99,7 +99,7 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     if response_format not in FORMATS:
         raise bad_request(f"response_format {response_format!r} is not one of {', '.join(FORMATS)}",
                           "response_format")
-    _check_granularities(form)
+    _check_granularities(form, response_format)
     with_logprobs = _include_logprobs(form, response_format)
     stream = _stream(form, response_format)
     temperature = _temperature(form)
@@ -313,9 +313,9 @@ def _listed(form, name: str) -> list:
 GRANULARITIES = ("segment", "word")  # OpenAI's timestamp_granularities
 
 
-def _check_granularities(form) -> None:
+def _check_granularities(form, response_format: str) -> None:
     """``timestamp_granularities[]``: segment (verbose_json's segments, always given); word is refused, as
-    is anything else."""
+    is anything else, and any with a format other than verbose_json (as OpenAI refuses it)."""
     values = _listed(form, "timestamp_granularities")
     unknown = [v for v in values if v not in GRANULARITIES]
     if unknown:
@@ -324,6 +324,9 @@ def _check_granularities(form) -> None:
     if "word" in values:
         raise bad_request("word timestamps are not supported; segment timestamps come with verbose_json",
                           "timestamp_granularities")
+    if values and response_format != "verbose_json":
+        raise bad_request(f"timestamp_granularities needs response_format verbose_json (the only format with "
+                          f"times), got {response_format}", "timestamp_granularities")
 
 
 def _include_logprobs(form, response_format: str) -> bool:
