@@ -205,3 +205,86 @@ def test_the_tiny_walkthrough_commands_write_separate_runs():
                       if line.startswith("#")).replace("\\ ", "")  # continuation lines joined
     runs = [part.split()[0] for part in header.split("output_dir=")[1:]]
     assert header.count("train pretrain") == len(runs) == len(set(runs)) == 2, header
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(ws, tmp_path, capsys):
+    """Two runs writing one output_dir interleave their metrics and overwrite each other's checkpoints and final
+    model; the second is refused while the first holds the folder, and the folder is free once it ends."""
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=1") == 0
+    metrics = (out / "metrics.jsonl").read_text()
+    fd = os.open(out / ".train.lock", os.O_RDWR | os.O_CREAT)  # as another process running there holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert train_cli(ws, out, "max_steps=2") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"qwen2audio: error: {out} is in use by another training run (process ")
+        assert err[0].endswith("wait for it to end (or stop it), or give another output_dir=")
+        assert (out / "metrics.jsonl").read_text() == metrics
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
+    finally:
+        os.close(fd)
+    assert train_cli(ws, out, "max_steps=2") == 0  # the other run ended: the folder is free
+
+
+def test_starting_over_drops_the_earlier_runs_later_checkpoints(ws, tmp_path, capsys):
+    """resume=false over a finished run: the earlier run's checkpoints of later steps must not outrank the new
+    run's (pruned in their place), nor be what the next `resume=true` run continues from."""
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=6", "save_every=2") == 0
+    assert train_cli(ws, out, "max_steps=6", "save_every=2", "resume=false", "max_steps_this_run=3") == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    capsys.readouterr()
+    assert train_cli(ws, out, "max_steps=6", "save_every=2") == 0
+    assert f"resuming from {out / 'checkpoints' / 'step-00000002'}" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch"])
+def test_a_full_disk_while_saving_says_so_and_keeps_the_last_checkpoint(ws, tmp_path, capsys, monkeypatch, writer):
+    """safetensors says "No space left on device (os error 28)", torch.save only "unexpected pos": either way
+    one line that says the disk is full and which checkpoint the same command resumes from, not a traceback."""
+    import shutil
+
+    import qwen2audio.training.checkpointing as checkpointing
+
+    out = tmp_path / "run"
+    calls = []
+    if writer == "safetensors":
+        real = checkpointing.save_file
+
+        def full(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(checkpointing, "save_file", full)
+    else:
+        real_save, real_usage = checkpointing.torch.save, shutil.disk_usage
+
+        def full(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                monkeypatch.setattr(checkpointing.shutil, "disk_usage",
+                                    lambda p: real_usage(p)._replace(free=4096))
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 269632 vs 269520")
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(checkpointing.torch, "save", full)
+    capsys.readouterr()
+    assert train_cli(ws, out, "max_steps=4", "save_every=2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"qwen2audio: error: cannot write the checkpoint {out / 'checkpoints' / 'step-00000004'}: "
+                              "no space left on its disk (")
+    assert (f"the last whole checkpoint is {out / 'checkpoints' / 'step-00000002'}, from which the same command "
+            "resumes") in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    monkeypatch.undo()
+    assert train_cli(ws, out, "max_steps=4", "save_every=2") == 0
+    assert (out / "final" / "model.safetensors").is_file()

@@ -13,4 +13,9 @@ def run_stage(stage: str, cfg) -> dict:
     """Run a recipe with a TrainConfig; returns its last logged metrics."""
     import importlib
 
-    return importlib.import_module(RECIPES[stage]).main(cfg)
+    from .checkpointing import unlock_output_dirs
+
+    try:
+        return importlib.import_module(RECIPES[stage]).main(cfg)
+    finally:  # the run's output_dir is free for the next run (in this process or another)
+        unlock_output_dirs()

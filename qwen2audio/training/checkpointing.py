@@ -14,7 +14,9 @@ over it (frozen tensors never change), then the optimizer, schedule and data pos
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import re
 import shutil
@@ -49,6 +51,9 @@ RESUME_KEYS = ("stage", "trainable", "dtype", "lora_rank", "lora_alpha", "lora_t
                "warmup_steps", "weight_decay", "betas", "eps", "lr_by_part", "seed", "beta", "ctc_scale",
                "ctc_negatives")
 RESUME_PATHS = ("model", "train_data", "reference_model")
+LOCK_FILE = ".train.lock"  # output_dir/.train.lock: held (flock) by the run writing to output_dir
+LOW_SPACE = 16 << 20  # bytes: a write that fails with less than this free on its disk failed for want of space
+_locks: dict[Path, int] = {}  # output_dir (resolved) -> the open lock file this process holds on it
 
 
 def _state_dict_options():
@@ -105,21 +110,89 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, conf
     final = Path(cfg.output_dir) / "checkpoints" / f"step-{step:08d}"
     if d.main:
         with atomic_path(final, directory=True) as tmp:
-            export_model(state, config, lora_scale, cfg.model, tmp, export_dtype)
-            save_file({k: state[k].contiguous() for k in trainable_names}, str(tmp / TRAINABLE_FILE))
-            torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                "numpy": np.random.get_state()},
-                        "config": cfg.to_dict()}, tmp / STATE_FILE)
-            (tmp / RUN_FILE).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-        _prune(final.parent, cfg.keep_checkpoints)
+            try:
+                export_model(state, config, lora_scale, cfg.model, tmp, export_dtype)
+                save_file({k: state[k].contiguous() for k in trainable_names}, str(tmp / TRAINABLE_FILE))
+                torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    "numpy": np.random.get_state()},
+                            "config": cfg.to_dict()}, tmp / STATE_FILE)
+                (tmp / RUN_FILE).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+            except Exception as err:  # a full disk: safetensors' and torch's writers say so in their own words
+                if _out_of_space(err, tmp):
+                    raise CheckpointError(_out_of_space_message(final, err, cfg.output_dir)) from err
+                raise
+        _prune(final.parent, cfg.keep_checkpoints, step)
     d.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    for p in _step_dirs(root)[:-keep] if keep > 0 else []:
+def _prune(root: Path, keep: int, step: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step`` (just written). Those of later steps are an earlier
+    run's (this run started over, resume=false, below them): left, they would outrank this run's own, be
+    kept by the pruning in their place and be what the next run resumes from."""
+    dirs = _step_dirs(root)
+    stale = [p for p in dirs if checkpoint_step(p) > step]
+    mine = [p for p in dirs if checkpoint_step(p) <= step]
+    for p in stale + (mine[:-keep] if keep > 0 else []):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _out_of_space(err: Exception, directory: Path) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return True
+    try:  # torch.save says only "unexpected pos ...": look at the disk, before the partial files are removed
+        return shutil.disk_usage(directory).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+def _out_of_space_message(final: Path, err: Exception, output_dir) -> str:
+    last = latest_checkpoint(output_dir)
+    where = (f"the last whole checkpoint is {last}, from which the same command resumes" if last is not None
+             else "there is no whole checkpoint yet: the same command starts over")
+    return (f"cannot write the checkpoint {final}: no space left on its disk ({str(err).splitlines()[0][:160]}). "
+            f"Nothing half-written was kept; {where} once there is room for a checkpoint more than "
+            "keep_checkpoints (older ones are deleted only after a new one is whole)")
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """Hold output_dir/.train.lock for as long as this process trains into output_dir: a second run started on
+    the same output_dir is refused instead of writing its checkpoints, metrics and final model over this one's.
+    The kernel lets go of the lock when the process ends, however it ends (SIGKILL too). Where the file
+    system cannot lock files (or there is no fcntl: Windows), runs are not checked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+
+    root = Path(output_dir).resolve()
+    if root in _locks:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        os.close(fd)
+        if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise ValueError(f"{output_dir} is in use by another training run{f' ({holder})' if holder else ''}: "
+                             "wait for it to end (or stop it), or give another output_dir=") from None
+        return  # no locks on this file system (ENOLCK, EOPNOTSUPP): train unchecked, as before
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {os.uname().nodename}\n".encode())
+    _locks[root] = fd
+
+
+def unlock_output_dirs() -> None:
+    """Let go of every output_dir lock this process holds (a run has ended)."""
+    while _locks:
+        _, fd = _locks.popitem()
+        os.close(fd)
 
 
 def check_resume(cfg, directory: Path) -> list[str]:

@@ -30,7 +30,7 @@ from . import distributed
 from .allocator import Purger
 from .allocator import advice as allocator_advice
 from .checkpointing import (FINAL_DIR, RUN_FILES, check_resume, checkpoint_step, latest_checkpoint, load_trainable,
-                            load_trainer_state, save_checkpoint)
+                            load_trainer_state, lock_output_dir, save_checkpoint)
 from .config import TrainConfig
 from .lora import apply_lora
 from .metrics import MetricsLog, plot_metrics
@@ -192,6 +192,8 @@ def setup(cfg: TrainConfig) -> Run:
     d = distributed.setup(cfg.distributed, cfg.device)
     torch.manual_seed(cfg.seed)
     check_model_dir(cfg.model)
+    if d.main:  # before anything in output_dir is read or written: one run at a time there
+        lock_output_dir(cfg.output_dir)
     resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     for note in check_resume(cfg, resume) if resume is not None else []:
         log(d, f"note: {note}")
