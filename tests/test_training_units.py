@@ -294,3 +294,30 @@ def test_dpo_in_bfloat16_starts_with_the_reference_equal_to_the_policy(tmp_path,
           global_batch_size=4, lora_rank=0, dtype="bfloat16", final_reward_pass=False)
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-7) and first["reward_accuracy"] == 0.0
+
+
+def test_a_resumed_run_s_tensorboard_hides_the_steps_it_logs_again(tmp_path, monkeypatch):
+    """The steps after the checkpoint are logged again on resume: TensorBoard is told to drop the first
+    run's events from there (purge_step), or it shows those steps twice. (tensorboard is optional: a
+    stand-in writer records what it is given.)"""
+    import sys
+    import types
+
+    from qwen2audio.training.metrics import MetricsLog
+
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            made.append(purge_step)
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    MetricsLog(tmp_path, 0, tensorboard=True).close()
+    MetricsLog(tmp_path, 300, tensorboard=True).close()
+    assert made == [None, 301]

@@ -27,7 +27,10 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                # a resumed run logs the steps after its checkpoint again: TensorBoard hides the earlier
+                # run's events from there on (purge_step), instead of showing those steps twice
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"),
+                                        purge_step=resume_step + 1 if resume_step > 0 else None)
             except Exception:  # tensorboard is not installed
                 self.tb = None
 
