@@ -56,6 +56,29 @@ def test_ctrl_c_between_checkpoints_exits_130_and_the_same_command_resumes(ws, t
     assert "resuming from" in capsys.readouterr().err and (out / "final" / "model.safetensors").is_file()
 
 
+def test_sigterm_stops_the_run_as_ctrl_c_does_and_says_how_it_resumes(ws, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    real, calls = NextTokenLoss.__call__, []
+
+    def loss(*args, **kwargs):  # the 3rd step, after the checkpoint of step 2, is killed (`kill PID`)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(NextTokenLoss, "__call__", loss)
+    before = signal.getsignal(signal.SIGTERM)
+    assert train_cli(ws, out, "max_steps=4", "save_every=2") == 143  # the default action ended it unannounced
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the run's only
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("qwen2audio: terminated; the same command resumes from the last checkpoint, at step 2 "
+                       f"({out / 'checkpoints' / 'step-00000002'})")
+    assert not (out / "final").exists() and not list(out.rglob("*.tmp"))
+
+
 def test_ctrl_c_while_the_first_checkpoint_is_written_leaves_nothing_half_written(ws, tmp_path, capsys, monkeypatch):
     import qwen2audio.training.checkpointing as checkpointing
 

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from . import RECIPES
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped with Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, a job scheduler's end) taken as Ctrl-C is: the run stops where it is,
+    leaving only whole checkpoints, and says how it resumes (the default action ended it without a word)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 def register(subparsers) -> None:
@@ -29,13 +41,18 @@ def _handle(args: argparse.Namespace) -> int:
     from .distributed import teardown
 
     cfg = TrainConfig.from_yaml(args.config, args.overrides, stage=args.stage)
+    main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers live there only)
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         run_stage(args.stage, cfg)
-    except KeyboardInterrupt:  # checkpoints are written atomically: only whole ones are on disk
+    except KeyboardInterrupt as err:  # checkpoints are written atomically: only whole ones are on disk
+        how = "terminated" if isinstance(err, Terminated) else "interrupted"
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process gets the Ctrl-C
-            print(f"qwen2audio: interrupted; {how_to_resume(cfg)}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+            print(f"qwen2audio: {how}; {how_to_resume(cfg)}", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         teardown()
     return 0
 
