@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -82,3 +83,26 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, waiting: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (flock: released by the kernel if the process dies, however it
+    dies), saying ``waiting`` on stderr first when another process holds it. Where there is no fcntl
+    (Windows), no lock: the atomic rename still keeps readers from half-written results."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"qwen2audio: {waiting}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

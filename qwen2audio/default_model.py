@@ -19,15 +19,14 @@ is written again; a cache folder that cannot be written (read-only, a full disk)
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from .atomic import atomic_path
+from .atomic import atomic_path, exclusive_lock
 from .config import CONFIG_FILE
 from .errors import CheckpointError
 
@@ -111,29 +110,6 @@ def default_notice() -> str:
 
 # ---- writing once -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_file`` (flock: released by the kernel if the process dies).
-    Saying ``waiting`` on stderr first when another process holds it. Where there is no fcntl
-    (Windows), no lock: the atomic rename still keeps readers from half-written models."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"qwen2audio: {waiting}", file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 CACHED_FILES = (CONFIG_FILE, "generation_config.json", "preprocessor_config.json", "tokenizer.json",
                 "tokenizer_config.json")  # what every written model holds besides its weights
 PARSED_JSON_BYTES = 1024**2  # larger JSON files are checked for a cut, not parsed, at every start
@@ -193,7 +169,7 @@ def build_once(target: Path, write: Callable[[Path], None], what: str) -> Path:
     if (target / CONFIG_FILE).is_file() and cached_problem(target) is None:
         return target
     try:
-        with _exclusive(target.with_name(target.name + LOCK_SUFFIX),
+        with exclusive_lock(target.with_name(target.name + LOCK_SUFFIX),
                         waiting=f"another process is writing {what} into {target}; waiting for it"):
             problem = cached_problem(target) if target.exists() else None
             if problem is not None:

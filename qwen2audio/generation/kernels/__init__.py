@@ -16,16 +16,14 @@ releases if the builder dies); a library is loaded only once a finished build ha
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
 import re
-import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -73,29 +71,6 @@ def _ready(directory: Path, library: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``lock_file``, released by the kernel if this process dies (torch's own
-    build lock is a file whose existence is the lock: a build killed by SIGTERM or SIGKILL left it behind,
-    and every later start waited on it forever). Where there is no fcntl (Windows), no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock_file, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"qwen2audio: waiting for another process building the decoding kernels ({lock_file})",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _load() -> None:
     """Load the library built for this source, torch and CPU; build it first where there is none. A
     finished build is loaded as it is: asking the builder again costs ~0.2 s of ninja at every start."""
@@ -110,10 +85,11 @@ def _load() -> None:
             refused = True
     from torch.utils import cpp_extension
 
-    from ...atomic import atomic_write_text
+    from ...atomic import atomic_write_text, exclusive_lock
 
     directory.mkdir(parents=True, exist_ok=True)
-    with _exclusive(directory / BUILD_LOCK):
+    with exclusive_lock(directory / BUILD_LOCK, "waiting for another process building the decoding kernels "
+                                                f"({directory / BUILD_LOCK})"):
         if not refused and _ready(directory, library):  # another process built it while this one waited
             torch.ops.load_library(str(library))
             return
