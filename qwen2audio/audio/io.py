@@ -118,10 +118,6 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
             )
         rate = _check_sample_rate(sample_rate, label)
         samples = _array_to_frames(source, label)  # (n, channels)
-        if str(source.dtype).endswith("int32") and 0 < (peak := float(np.abs(samples).max())) * 2**31 < 2**15:
-            _audio_warning(f"{label}: int32 samples peak at {peak * 2**31:.0f}, 96 dB below the full scale of "
-                           "32-bit PCM: 16-bit samples stored as int32? If so, pass them as int16 "
-                           "(samples.astype(np.int16)). The model hears the audio as it is", stacklevel=2)
     else:
         label = name or _describe(source)
         if isinstance(sample_rate, (np.ndarray, torch.Tensor, list, tuple)):
@@ -157,6 +153,11 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
                if isinstance(source, (np.ndarray, torch.Tensor)) else "divide the file's samples by 32768")
         _audio_warning(f"{label}: float samples reach {peak:.4g}, far past full scale (1.0): integer PCM stored as "
                        f"floats? If so, {fix}. The model hears the audio as it is", stacklevel=2)
+    if isinstance(source, (np.ndarray, torch.Tensor)) and str(source.dtype).endswith("int32") \
+            and 0 < peak * 2**31 < 2**15:
+        _audio_warning(f"{label}: int32 samples peak at {peak * 2**31:.0f}, 96 dB below the full scale of 32-bit "
+                       "PCM: 16-bit samples stored as int32? If so, pass them as int16 (samples.astype(np.int16)). "
+                       "The model hears the audio as it is", stacklevel=2)
 
     mono = np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32))  # (n,) average of the channels
     if rate != SAMPLE_RATE:
