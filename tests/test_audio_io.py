@@ -197,6 +197,7 @@ def test_sample_rate_with_an_encoded_file_is_refused(encoded_files):
         (np.array([0.0, np.inf, 0.1], dtype=np.float32), "NaN or infinite"),
         (np.zeros(0, dtype=np.float32), "empty"),
         (np.zeros((2, 0), dtype=np.float32), "empty"),
+        (np.zeros(0, dtype=np.int32), "empty"),  # before any check of its loudness
         (np.zeros(100, dtype=np.complex64), "dtype complex64"),
         (np.zeros(100, dtype=bool), "dtype bool"),
         (np.zeros((2, 2, 100), dtype=np.float32), r"shape \(2, 2, 100\)"),
