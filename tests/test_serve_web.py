@@ -260,16 +260,26 @@ def test_a_recording_that_reaches_the_limit_is_sent_not_thrown_away(browser):
     assert 0.9 <= len(heard) / 16000 <= 1.0
 
 
+def slow_backend() -> FakeBackend:
+    """One that streams a 40-word answer, a word every 0.2 s: long enough to act in the middle of it."""
+    return FakeBackend(words=["word "] * 40, delay=0.2)
+
+
+def start_long_answer(page_) -> None:
+    """Send a question to ``slow_backend()`` and wait until its answer has begun to show."""
+    page_.fill("#text", "Count for me.")
+    page_.click("#send")
+    page_.wait_for_function("document.querySelector('.turn.assistant .bubble').textContent.length >= 10",
+                            timeout=WAIT_MS)
+
+
 def test_new_chat_during_an_answer_starts_clean(browser):
     """The answer streaming when New chat is pressed is not carried into the next conversation."""
-    backend = FakeBackend(words=["word "] * 40, delay=0.2)
+    backend = slow_backend()
     app, _ = fake_app(backend)
     with running(app) as url:
         page_ = open_page(browser, url)
-        page_.fill("#text", "Count for me.")
-        page_.click("#send")
-        page_.wait_for_function("document.querySelector('.turn.assistant .bubble').textContent.length >= 10",
-                                timeout=WAIT_MS)
+        start_long_answer(page_)
         page_.click("#new-chat")
         page_.wait_for_selector("#send:not([hidden])")
         assert page_.is_visible("#intro") and page_.input_value("#text") == ""
@@ -298,14 +308,11 @@ def test_the_upload_control_is_reached_from_the_keyboard(browser, tmp_path):
 
 
 def test_stop_keeps_what_was_said_and_cancels_the_generation(browser):
-    backend = FakeBackend(words=["word "] * 40, delay=0.2)
+    backend = slow_backend()
     app, _ = fake_app(backend)
     with running(app) as url:
         page_ = open_page(browser, url)
-        page_.fill("#text", "Count for me.")
-        page_.click("#send")
-        page_.wait_for_function("document.querySelector('.turn.assistant .bubble').textContent.length >= 10",
-                                timeout=WAIT_MS)
+        start_long_answer(page_)
         page_.click("#stop")
         page_.wait_for_selector(".turn.assistant .bubble.stopped", timeout=WAIT_MS)
         assert page_.is_visible("#send")
