@@ -10,6 +10,9 @@ What is written gets the permissions the process umask gives any new file (0644 
 022), not the owner-only 0600 / 0700 of the temporary-file functions some writers use (safetensors,
 `tempfile`): checkpoints on a shared file system must be readable by the people they are shared with.
 An interrupted write leaves at most a ``NAME.tmp`` beside the target, removed by the next attempt.
+What is written reaches the disk (fsync) before it takes its final name, and the rename is synced with
+its folder: after a power cut or a crash of the machine the name holds the old version or the whole new
+one, never a file whose blocks were not yet written.
 """
 
 from __future__ import annotations
@@ -43,6 +46,26 @@ def apply_umask(path: Path) -> None:
         p.chmod((DIR_MODE if p.is_dir() else FILE_MODE) & ~mask)
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder and every file in it) to the disk."""
+    for p in ([path] + sorted(path.rglob("*"))) if path.is_dir() else [path]:
+        if not p.is_symlink():
+            _fsync_one(p)
+
+
+def _fsync_one(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder on Windows cannot be opened: its files still are synced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder on some file systems
+        pass
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -66,6 +89,7 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         apply_umask(tmp)
+        _fsync(tmp)
         if path.is_dir() and not path.is_symlink():
             old = path.with_name(path.name + OLD_SUFFIX)
             _remove(old)
@@ -74,6 +98,7 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+        _fsync_one(path.parent)  # the rename itself
     except BaseException:
         with contextlib.suppress(OSError):
             _remove(tmp)

@@ -70,3 +70,47 @@ def test_checkpoint_and_default_model_are_readable_by_others(tmp_path, umask_022
     assert any(f.suffix == ".safetensors" for f in files)
     for f in files:
         assert mode(f) == 0o644, f
+
+
+def _record_syncs(monkeypatch):
+    """Every fsync and rename, in order, by path."""
+    events, fds = [], {}
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def fake_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        fds[fd] = os.fspath(path)
+        return fd
+
+    def fake_fsync(fd):
+        events.append(("fsync", fds.get(fd)))
+        real_fsync(fd)
+
+    def fake_replace(src, dst):
+        events.append(("replace", os.fspath(src), os.fspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "fsync", fake_fsync)
+    monkeypatch.setattr(os, "replace", fake_replace)
+    return events
+
+
+def test_file_reaches_the_disk_before_its_rename_and_the_rename_is_synced(tmp_path, monkeypatch):
+    events = _record_syncs(monkeypatch)
+    target = tmp_path / "model.safetensors"
+    with atomic_path(target) as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    assert events == [("fsync", str(tmp)), ("replace", str(tmp), str(target)), ("fsync", str(tmp_path))]
+
+
+def test_every_file_of_a_folder_is_synced_before_the_folder_takes_its_name(tmp_path, monkeypatch):
+    events = _record_syncs(monkeypatch)
+    target = tmp_path / "step-10"
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "a.json").write_text("{}")
+        (tmp / "sub" / "b.bin").write_bytes(b"b")
+    synced_before = {e[1] for e in events[: events.index(("replace", str(tmp), str(target)))] if e[0] == "fsync"}
+    assert {str(tmp), str(tmp / "a.json"), str(tmp / "sub"), str(tmp / "sub" / "b.bin")} <= synced_before
+    assert events[-1] == ("fsync", str(tmp_path))
