@@ -10,6 +10,7 @@ adapter merged here as W + (alpha / r) * B @ A in float32.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -171,6 +172,19 @@ def test_base_command_writes_what_init_writes(installed, base, tmp_path, capsys)
         assert (tmp_path / "base" / name).read_text() == (base / name).read_text()
     assert demo_cli.main(["base", "--out", str(tmp_path / "base")]) == 2  # not over a finished folder
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_demo_commands_say_in_one_line_why_a_folder_cannot_be_written(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "base"  # under a file: the folder cannot be made
+    assert demo_cli.main(["base", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qwen2audio: error: ") and str(tmp_path / "a-file") in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    full = demo_cli._os_error(OSError(errno.ENOSPC, "No space left on device", "/mnt/d.safetensors"))
+    assert full.startswith("No space left on device: /mnt/d.safetensors; free disk space there")
+    denied = demo_cli._os_error(PermissionError(errno.EACCES, "Permission denied", "/opt/out"))
+    assert "choose a path you can write" in denied
 
 
 @torch.no_grad()

@@ -15,6 +15,8 @@ qwen2audio/demo/deltas.safetensors: the default model then becomes the demo mode
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +82,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"qwen2audio: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # a folder that cannot be written (read-only, a full disk), an unreadable file
+        print(f"qwen2audio: error: {_os_error(err)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(err: OSError) -> str:
+    """One line for a failed read or write: what failed, on which path, and the way out."""
+    where = f": {os.fsdecode(err.filename)}" if err.filename is not None else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free disk space there (or write to a disk with room) and run the command again"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a path you can write (or read) and run the command again"
+    else:
+        fix = "nothing half-written was kept; fix the path and run the command again"
+    return f"{err.strerror or err}{where}; {fix}"
 
 
 if __name__ == "__main__":
