@@ -79,6 +79,30 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_and_says_how_it_resumes(ws, tmp_pa
     assert not (out / "final").exists() and not list(out.rglob("*.tmp"))
 
 
+def test_a_full_disk_while_logging_stops_the_run_in_one_line_that_says_how_it_resumes(ws, tmp_path, capsys,
+                                                                                       monkeypatch):
+    import errno
+
+    from qwen2audio.training.metrics import MetricsLog
+
+    out = tmp_path / "run"
+    real, calls = MetricsLog.log, []
+
+    def log(self, record):  # a step logged after the checkpoint of step 2 meets a full disk
+        calls.append(record.get("step"))
+        if record.get("step") == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real(self, record)
+
+    monkeypatch.setattr(MetricsLog, "log", log)
+    assert train_cli(ws, out, "max_steps=4", "save_every=2", "log_every=1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"qwen2audio: error: no space left on the disk writing {out / 'metrics.jsonl'} (No space left "
+                       "on device); free some, then the same command resumes from the last checkpoint, at step 2 "
+                       f"({out / 'checkpoints' / 'step-00000002'})")
+    assert "Traceback" not in "\n".join(err) and not list(out.rglob("*.tmp"))
+
+
 def test_ctrl_c_while_the_first_checkpoint_is_written_leaves_nothing_half_written(ws, tmp_path, capsys, monkeypatch):
     import qwen2audio.training.checkpointing as checkpointing
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ from . import RECIPES
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped with Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_FAILED = 1
 
 
 class Terminated(KeyboardInterrupt):
@@ -50,6 +52,16 @@ def _handle(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process gets the Ctrl-C
             print(f"qwen2audio: {how}; {how_to_resume(cfg)}", file=sys.stderr, flush=True)
         return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # (a checkpoint that does not fit says so itself: training/checkpointing.py) the metrics, the plot, the
+        # TensorBoard events: the run stops; what the disk holds of it is whole up to the last checkpoint
+        where = f" writing {os.fsdecode(err.filename)}" if err.filename is not None else ""
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"qwen2audio: error: no space left on the disk{where} ({err.strerror or err}); free some, then "
+                  f"{how_to_resume(cfg)}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
