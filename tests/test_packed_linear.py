@@ -108,13 +108,17 @@ def test_the_kernel_refuses_what_it_cannot_compute():
         op(torch.zeros(1, 32, dtype=torch.bfloat16), w.bfloat16(), torch.ones(4), None)
 
 
-@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("cpu", ["amx", "avx512-bf16", "avx2"])
 @pytest.mark.parametrize("out_features, in_features", [(40, 96), (37, 100)])  # packed for the kernel; not
 def test_an_int8_linear_rounds_each_weight_to_its_rows_grid_and_every_path_agrees(monkeypatch, out_features,
-                                                                                  in_features, amx):
-    """Without AMX every size runs in the kernel (or its float32 fallback); with AMX, more than
-    AMX_KERNEL_ROWS rows run in torch's bfloat16 GEMM on the exactly widened int8 weight."""
+                                                                                  in_features, cpu):
+    """With AVX-512 BF16 every size runs in the kernel (or its float32 fallback); with AMX, more than
+    AMX_KERNEL_ROWS rows run in torch's bfloat16 GEMM on the exactly widened int8 weight; on AVX2 more than
+    AVX2_KERNEL_ROWS rows in torch's float32 GEMM on the weight dequantised a chunk at a time."""
+    amx = cpu == "amx"
     monkeypatch.setattr(weights, "amx_bf16", lambda: amx)
+    monkeypatch.setattr(weights, "cpu_computes_natively", lambda dtype: cpu != "avx2")
+    monkeypatch.setattr(weights, "WIDEN_CHUNK", 8 * in_features)  # several chunks, as a model's weights have
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features, bias=True)
     with torch.no_grad():
@@ -122,7 +126,8 @@ def test_an_int8_linear_rounds_each_weight_to_its_rows_grid_and_every_path_agree
                             * torch.linspace(0.01, 2, out_features)[:, None])
     q = weights.Int8Linear(linear)
     assert q.packed == (out_features % 4 == 0 and kernels.packed_linear_op() is not None and not amx)
-    assert q.MAX_KERNEL_ROWS == (weights.Int8Linear.AMX_KERNEL_ROWS if amx else None)
+    assert q.MAX_KERNEL_ROWS == {"amx": weights.Int8Linear.AMX_KERNEL_ROWS, "avx512-bf16": None,
+                                 "avx2": weights.Int8Linear.AVX2_KERNEL_ROWS}[cpu]
     w8 = q.int8_weight()
     assert w8.dtype == torch.int8 and w8.shape == (out_features, in_features) and w8.abs().max() == 127
     error = (q.dequantized() - linear.weight).abs()
@@ -243,23 +248,32 @@ def test_a_bfloat16_cpu_engine_decodes_with_packed_weights_close_to_torchs_bfloa
     assert (fast_logits.argmax(-1) == plain_logits.argmax(-1)).float().mean() >= 0.9
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_a_bfloat16_linear_keeps_its_weights_and_every_path_agrees(amx, monkeypatch):
-    """Packed for the kernel (no AMX), or as torch holds it and only a few rows in the kernel (AMX)."""
+@pytest.mark.parametrize("cpu", ["amx", "avx512-bf16", "avx2"])
+def test_a_bfloat16_linear_keeps_its_weights_and_every_path_agrees(cpu, monkeypatch):
+    """Packed for the kernel (no AMX), or as torch holds it and only a few rows in the kernel (AMX); longer
+    products in torch's bfloat16 GEMM, or, without bfloat16 dot products (AVX2), in float32 on the weight
+    widened a chunk at a time."""
+    amx = cpu == "amx"
     monkeypatch.setattr(weights, "amx_bf16", lambda: amx)
+    monkeypatch.setattr(weights, "cpu_computes_natively", lambda dtype: cpu != "avx2")
+    monkeypatch.setattr(weights, "WIDEN_CHUNK", 8 * 64)  # 5 chunks of 8 rows
     gen = torch.Generator().manual_seed(1)
     linear = torch.nn.Linear(64, 40, bias=True).bfloat16()
     packed = weights.BF16Linear(linear)
     assert torch.equal(packed.stored_weight(), linear.weight)
+    assert packed.widen == (cpu == "avx2")
     if packed._op is not None:
         assert packed.packed == (not amx)
-        assert packed.MAX_KERNEL_ROWS == (weights.BF16Linear.AMX_KERNEL_ROWS if amx else 256)
+        assert packed.MAX_KERNEL_ROWS == {"amx": weights.BF16Linear.AMX_KERNEL_ROWS, "avx512-bf16": 256,
+                                          "avx2": weights.BF16Linear.AVX2_KERNEL_ROWS}[cpu]
     for rows in (1, 7, packed.MAX_KERNEL_ROWS + 1):  # the kernel, and torch's GEMM (unpacked where packed)
         x = torch.randn(rows, 64, generator=gen).bfloat16()
         expected = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
         got = packed(x)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), expected, atol=0.05, rtol=0.02)  # bfloat16 output rounding
+        if cpu == "avx2" and rows > packed.MAX_KERNEL_ROWS:  # float32 sums, rounded once: within 1 ulp
+            torch.testing.assert_close(got.double(), expected.bfloat16().double(), atol=1e-6, rtol=2 ** -7)
 
 
 def test_bfloat16_linear_takes_only_bfloat16():
@@ -385,3 +399,33 @@ def test_the_engine_normalises_and_rotates_in_the_kernel_where_it_has_one(checkp
     else:
         assert not any(isinstance(n, weights.KernelRMSNorm) for n in norms)
         assert all(layer.self_attn.rope is None for layer in inner.layers)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_without_bfloat16_dot_products_long_half_precision_products_run_widened(checkpoint, monkeypatch, native):
+    """On a CPU without bfloat16 dot products (AVX2) torch's bfloat16 GEMM and convolution are emulated, 4-45x
+    slower than float32: the encoder's, the projector's (and the LLM's, kernels or not) long products widen
+    to float32, with the same parameters under the same names, and give the same audio embeddings."""
+    monkeypatch.setattr(weights, "cpu_computes_natively", lambda dtype: native)
+    monkeypatch.setattr(weights, "kernel_usable", lambda: False)  # the LLM's products stay nn.Linear here
+    model = load_model(checkpoint, dtype=torch.bfloat16)
+    engine = Engine(model, TOKENIZER)
+    widened = [m for m in model.modules() if isinstance(m, (weights.WidenedLinear, weights.WidenedConv1d))]
+    plain_products = [m for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv1d)]
+    if native:
+        assert widened == [] and plain_products
+        return
+    assert plain_products == [] and isinstance(model.audio_tower.conv1, weights.WidenedConv1d)
+    projector = model.multi_modal_projector.linear
+    assert isinstance(projector, weights.WidenedLinear) and all(m.weight.dtype == torch.bfloat16 for m in widened)
+    monkeypatch.setattr(weights, "cpu_computes_natively", lambda dtype: True)
+    plain = Engine(load_model(checkpoint, dtype=torch.bfloat16), TOKENIZER)
+    state, plain_state = model.state_dict(), plain.model.state_dict()
+    assert state.keys() == plain_state.keys() and all(torch.equal(state[k], plain_state[k]) for k in state)
+    got = torch.cat([e for e in _prepared(engine).audio_embeds if e is not None])
+    expected = torch.cat([e for e in _prepared(plain).audio_embeds if e is not None])
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    # float32 sums rounded once, against torch's bfloat16 products: rounding-level apart
+    assert (got.float() - expected.float()).abs().max() <= 0.05 * expected.float().abs().max()
+    x = torch.randn(3, projector.in_features).bfloat16()  # fewer rows than WIDEN_MIN_ROWS: as it is
+    assert torch.equal(projector(x), torch.nn.functional.linear(x, projector.weight, projector.bias))

@@ -7,10 +7,12 @@ only make decoding faster live here, so that nothing else has to know about or u
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
 
+from ..checkpoint.hf import cpu_computes_natively
 from ..model import Qwen2AudioModel
 from ..model.llm import RMSNorm
 from .params import QUANTIZE_CHOICES
@@ -21,6 +23,89 @@ ONEDNN_DTYPES = (torch.float32,)  # where oneDNN's products beat the default CPU
 # about half a million weights do not repay (measured per shape at 1 and 8 rows: 512 x 512 breaks even,
 # 896 x 128 takes twice as long in oneDNN, 1408 x 512 and larger gain 1.2-3x).
 ONEDNN_MIN_WEIGHTS = 1 << 19
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# Where the CPU has no bfloat16 (float16) dot products (AVX2; AVX-512 without its BF16 extension), torch's
+# half-precision GEMM and convolution run an emulation: on 2 AVX2 cores a 837-row bfloat16 product of 4864 x
+# 896 took 370 ms (20 GFLOP/s) against 49 ms widened to float32, the encoder's first convolution 532 ms
+# against 12, which made a bfloat16 prefill 4x slower than transformers' float32 one (benchmarks/README.md).
+# From WIDEN_MIN_ROWS rows such products widen their weight to float32, WIDEN_CHUNK weights at a time (a
+# widened copy of a whole 9728 x 896 weight, 35 MB, was a fresh mapping of memory at every call: 20 ms of
+# page faults), and round the result back; fewer rows read the half-precision weight as it is (1 row:
+# 0.45 ms as it is, 1.0 ms widened; 8 rows: 3.7 against 3.3 ms).
+WIDEN_MIN_ROWS = 8
+WIDEN_CHUNK = 1 << 20  # weights widened at a time: 4 MB of float32
+
+
+def widened_linear(x2: torch.Tensor, weight: torch.Tensor | Callable[[int, int], torch.Tensor],
+                   bias: torch.Tensor | None, scale: torch.Tensor | None = None,
+                   shape: tuple[int, int] | None = None, align: int = 1) -> torch.Tensor:
+    """``x2 @ (weight * scale)ᵀ + bias`` in float32, the weight (out, in) widened WIDEN_CHUNK weights at a
+    time (its rows scaled by ``scale``, an int8 weight's); a float32 result. ``weight`` may instead be a
+    function of (start, stop) giving those rows (of a packed weight), with ``shape`` (out, in) and chunks
+    of a multiple of ``align`` rows."""
+    rows = weight if callable(weight) else (lambda start, stop: weight[start:stop])
+    out_features, in_features = shape if shape is not None else weight.shape
+    x2 = x2.to(torch.float32)
+    step = max(align, WIDEN_CHUNK // max(1, in_features) // align * align)
+    parts = []
+    for start in range(0, out_features, step):
+        w = rows(start, start + step).to(torch.float32)
+        if scale is not None:
+            w = w * scale[start: start + step, None]
+        b = None if bias is None else bias[start: start + step].to(torch.float32)
+        parts.append(torch.nn.functional.linear(x2, w, b))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class WidenedLinear(nn.Module):
+    """A half-precision nn.Linear (the same parameters, under the same names) whose products of
+    WIDEN_MIN_ROWS rows or more run in float32: for CPUs without half-precision dot products."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] < WIDEN_MIN_ROWS:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        y = widened_linear(x2, self.weight, self.bias)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"stored={self.weight.dtype}, widened from {WIDEN_MIN_ROWS} rows")
+
+
+class WidenedConv1d(nn.Module):
+    """A half-precision nn.Conv1d (the same parameters) computed in float32: for CPUs without
+    half-precision dot products (the audio encoder's two convolutions)."""
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"WidenedConv1d takes zero-padded convolutions, got {conv.padding_mode!r}")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(torch.float32)
+        y = torch.nn.functional.conv1d(x.to(torch.float32), self.weight.to(torch.float32), bias, self.stride,
+                                       self.padding, self.dilation, self.groups)
+        return y.to(x.dtype)
+
+
+def widen_half_products(model: Qwen2AudioModel) -> None:
+    """Every half-precision nn.Linear and nn.Conv1d of the model (the audio encoder's, the projector's,
+    and the LLM's where the kernels did not take them) becomes a WidenedLinear / WidenedConv1d; the
+    kernels' own products widen theirs past their rows (``PackedLinear``)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype in HALF_DTYPES:
+                setattr(parent, name, WidenedLinear(child))
+            elif type(child) is nn.Conv1d and child.weight.dtype in HALF_DTYPES and child.padding_mode == "zeros":
+                setattr(parent, name, WidenedConv1d(child))
 
 
 PREPARED_ATTR = "_prepared_quantize"  # what prepare_for_inference made of a model: its products are replaced
@@ -58,6 +143,8 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
         elif onednn_usable(model.dtype):
             hand_linears_to_onednn(model)
         store_wide_weights_column_major(model)  # the wide linears left to torch's default product
+        if model.dtype in HALF_DTYPES and not cpu_computes_natively(model.dtype):
+            widen_half_products(model)
         if kernel_usable():
             attend_with_kernel(model)
             norms_and_rope_in_kernel(model)
@@ -233,6 +320,10 @@ class PackedLinear(nn.Module):
     # Where the CPU has AMX and this is set, torch's bfloat16 GEMM takes the products of more rows than
     # this, and the weight stays as torch holds it (the kernel reads it as fast there).
     AMX_KERNEL_ROWS: int | None = None
+    # Where the CPU has no bfloat16 dot products (AVX2; AVX-512 before its BF16 extension), products of more rows than this are widened to
+    # float32 for torch's GEMM (widened_linear), which overtakes the kernel there (2 threads, 9728 x 896:
+    # bfloat16 64 rows 13.8 vs 14.8 ms, 128 rows 23.8 vs 22.1, 837 rows 180 vs 127; int8 alike).
+    AVX2_KERNEL_ROWS: int | None = 96
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
@@ -241,6 +332,8 @@ class PackedLinear(nn.Module):
         self.amx = self.AMX_KERNEL_ROWS is not None and amx_bf16()
         if self.amx:
             self.PACK, self.MAX_KERNEL_ROWS = False, self.AMX_KERNEL_ROWS
+        elif self.AVX2_KERNEL_ROWS is not None and not cpu_computes_natively(torch.bfloat16):
+            self.MAX_KERNEL_ROWS = min(self.AVX2_KERNEL_ROWS, self.MAX_KERNEL_ROWS or self.AVX2_KERNEL_ROWS)
 
         self.out_features, self.in_features = weight.shape
         rows, cols = PACK_BLOCK
@@ -250,10 +343,20 @@ class PackedLinear(nn.Module):
         self.stored = pack(weight) if self.packed else weight.detach().contiguous()
         self.scale = None if scale is None else scale.float().contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
+        # products the kernel does not take: int8 ones, and half-precision ones where the CPU has no
+        # half-precision dot products, in float32 (widened_linear)
+        self.widen = self.scale is not None or (weight.dtype in HALF_DTYPES and not cpu_computes_natively(weight.dtype))
 
     def stored_weight(self) -> torch.Tensor:
         """The weight as stored (int8 or bfloat16), as (out, in)."""
         return unpack(self.stored) if self.packed else self.stored
+
+    def _weight_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the stored weight, as (rows, in); packed, start is a multiple of its blocks' rows."""
+        if not self.packed:
+            return self.stored[start:stop]
+        r = PACK_BLOCK[0]
+        return unpack(self.stored[start // r: -(-stop // r)])
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as the products see it, (out, in)."""
@@ -277,10 +380,12 @@ class PackedLinear(nn.Module):
 
     def _torch_product(self, x2: torch.Tensor) -> torch.Tensor:
         """Products the kernel does not take. int8: in float32; bfloat16: in torch's bfloat16 product, as
-        the model would run unpacked."""
-        compute = torch.float32 if self.scale is not None else self.stored.dtype
-        bias = None if self.bias is None else self.bias.to(compute)
-        return torch.nn.functional.linear(x2.to(compute), self.dequantized(compute), bias)
+        the model would run unpacked, where the CPU has bfloat16 dot products, else in float32."""
+        if self.widen:
+            return widened_linear(x2, self._weight_rows, self.bias, self.scale,
+                                  shape=(self.out_features, self.in_features), align=PACK_BLOCK[0])
+        bias = None if self.bias is None else self.bias.to(self.stored.dtype)
+        return torch.nn.functional.linear(x2.to(self.stored.dtype), self.stored_weight(), bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -297,8 +402,10 @@ class Int8Linear(PackedLinear):
     (symmetric, per channel: scale = max |w| / 127). The activations stay in floating point, except
     that on CPUs with AVX-512 VNNI the kernel rounds them to 16-bit integers per block of 128 (at most
     2^-16 of the block's largest value: far below bfloat16's rounding) to multiply 32 weights at once.
-    Every product runs in the kernel: dequantising for torch's float32 GEMM cost more at every size
-    measured (9728 x 896, 2 threads: 16 rows 1.3 vs 31 ms, 256 rows 21.7 vs 73.9 ms).
+    Every product runs in the kernel where the CPU has AVX-512 BF16 and VNNI: dequantising for torch's float32 GEMM cost
+    more at every size measured there (9728 x 896, 2 threads: 16 rows 1.3 vs 31 ms, 256 rows 21.7 vs 73.9
+    ms, the whole weight dequantised at once). Without bfloat16 dot products (AVX2) past AVX2_KERNEL_ROWS
+    rows the weight dequantised a chunk at a time for torch's float32 GEMM is faster.
 
     Except where the CPU has AMX: there the kernel's time grows with the rows (24 products of 4864 x 896,
     2 threads: 16 rows 14 ms, 64 rows 51, 256 rows 218) while torch's bfloat16 GEMM on AMX tiles barely
@@ -364,6 +471,7 @@ class FP32Linear(PackedLinear):
 
     MAX_KERNEL_ROWS = 16
     PACK = False
+    AVX2_KERNEL_ROWS = None  # past its 16 rows, oneDNN's float32 GEMM takes them everywhere
 
     def __init__(self, linear: nn.Linear):
         if linear.weight.dtype != torch.float32:
