@@ -299,6 +299,22 @@ def test_native_half_precision_check_answers_on_this_cpu():
     assert hf.auto_dtype(torch.int64, "cpu") == torch.int64
 
 
+def test_loading_draws_no_random_tables_and_imports_no_compiler(saved):
+    """The model is built on the meta device before the stored weights are assigned: nothing of it is
+    initialised, which for nn.Embedding would import torch._dynamo (1.4-2 s of a load) in a fresh process."""
+    _, path = saved[sorted(saved)[0]]
+    code = textwrap.dedent(f"""
+        import sys
+        from qwen2audio.checkpoint import load_model
+        model = load_model({str(path)!r})
+        assert model.language_model.model.embed_tokens.weight.abs().sum() > 0
+        print("torch._dynamo" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_unknown_dtype_is_rejected(saved):
     _, path = saved["mha_untied_80"]
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..audio.features import audio_token_count, encoder_frame_count
 from ..config import EncoderConfig
+from .llm import Embedding
 
 CONV_RECEPTIVE_MARGIN = 2  # mel frames past the last valid one that the two k=3 convs read
 
@@ -76,7 +77,7 @@ class AudioEncoder(nn.Module):
         d = cfg.d_model
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
+        self.embed_positions = Embedding(cfg.max_source_positions, d)
         self.embed_positions.requires_grad_(False)  # fixed sinusoids stored in the checkpoint
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
