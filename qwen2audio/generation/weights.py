@@ -320,9 +320,10 @@ class PackedLinear(nn.Module):
     # Where the CPU has AMX and this is set, torch's bfloat16 GEMM takes the products of more rows than
     # this, and the weight stays as torch holds it (the kernel reads it as fast there).
     AMX_KERNEL_ROWS: int | None = None
-    # Where the CPU has no bfloat16 dot products (AVX2; AVX-512 before its BF16 extension), products of more rows than this are widened to
-    # float32 for torch's GEMM (widened_linear), which overtakes the kernel there (2 threads, 9728 x 896:
-    # bfloat16 64 rows 13.8 vs 14.8 ms, 128 rows 23.8 vs 22.1, 837 rows 180 vs 127; int8 alike).
+    # Where the CPU has no bfloat16 dot products (AVX2; AVX-512 before its BF16 extension), products of
+    # more rows than this are widened to float32 for torch's GEMM (widened_linear), which overtakes the
+    # kernel there (2 threads, 9728 x 896: bfloat16 64 rows 13.8 vs 14.8 ms, 128 rows 23.8 vs 22.1, 837
+    # rows 180 vs 127; int8 alike).
     AVX2_KERNEL_ROWS: int | None = 96
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
@@ -345,14 +346,15 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().float().contiguous()
         # products the kernel does not take: int8 ones, and half-precision ones where the CPU has no
         # half-precision dot products, in float32 (widened_linear)
-        self.widen = self.scale is not None or (weight.dtype in HALF_DTYPES and not cpu_computes_natively(weight.dtype))
+        self.widen = self.scale is not None or (weight.dtype in HALF_DTYPES
+                                                and not cpu_computes_natively(weight.dtype))
 
     def stored_weight(self) -> torch.Tensor:
         """The weight as stored (int8 or bfloat16), as (out, in)."""
         return unpack(self.stored) if self.packed else self.stored
 
     def _weight_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of the stored weight, as (rows, in); packed, start is a multiple of its blocks' rows."""
+        """Rows start:stop of the stored weight, as (rows, in) (packed: start a multiple of its blocks' rows)."""
         if not self.packed:
             return self.stored[start:stop]
         r = PACK_BLOCK[0]
@@ -402,10 +404,10 @@ class Int8Linear(PackedLinear):
     (symmetric, per channel: scale = max |w| / 127). The activations stay in floating point, except
     that on CPUs with AVX-512 VNNI the kernel rounds them to 16-bit integers per block of 128 (at most
     2^-16 of the block's largest value: far below bfloat16's rounding) to multiply 32 weights at once.
-    Every product runs in the kernel where the CPU has AVX-512 BF16 and VNNI: dequantising for torch's float32 GEMM cost
-    more at every size measured there (9728 x 896, 2 threads: 16 rows 1.3 vs 31 ms, 256 rows 21.7 vs 73.9
-    ms, the whole weight dequantised at once). Without bfloat16 dot products (AVX2) past AVX2_KERNEL_ROWS
-    rows the weight dequantised a chunk at a time for torch's float32 GEMM is faster.
+    Every product runs in the kernel where the CPU has AVX-512 BF16 and VNNI: dequantising for torch's
+    float32 GEMM cost more at every size measured there (9728 x 896, 2 threads: 16 rows 1.3 vs 31 ms, 256
+    rows 21.7 vs 73.9 ms, the whole weight dequantised at once). Without bfloat16 dot products (AVX2),
+    past AVX2_KERNEL_ROWS rows the weight dequantised a chunk at a time for torch's float32 GEMM is faster.
 
     Except where the CPU has AMX: there the kernel's time grows with the rows (24 products of 4864 x 896,
     2 threads: 16 rows 14 ms, 64 rows 51, 256 rows 218) while torch's bfloat16 GEMM on AMX tiles barely
