@@ -20,6 +20,9 @@ configs/demo/. Wall time per step is appended to runs/demo/build_times.jsonl.
     export      projector + LoRA of the three stages -> qwen2audio/demo/deltas.safetensors
     report      held-out quality and speed against the targets -> docs/demo-results.{md,json}
 
+On a CPU without bfloat16 dot products (AVX2) the training commands get `dtype=float32 autocast=none`
+(``cpu_overrides``): the configs' bfloat16 would be emulated there, several times slower.
+
 Needs the `demo`, `demo-data` and `init` extras and the Debian packages docs/demo-model.md lists. About 9
 hours on two cores with AMX for the shipped build (3,000 pre-training steps; the one epoch configs/demo/
 pretrain.yaml now runs adds 1,386 steps, ~1.5 hours there), about twice that on cores without AMX
@@ -102,23 +105,38 @@ def _qwen2audio(*args: str) -> list[str]:
     return [PY, "-m", "qwen2audio.cli", *args]
 
 
+def cpu_overrides() -> list[str]:
+    """The training configs run in bfloat16 (weights and autocast), which pays on CPUs with AVX-512 BF16 or
+    AMX; on one without (AVX2) torch emulates every bfloat16 product, several times slower than float32,
+    so there the stages train in float32 (the configs' own advice)."""
+    import torch
+
+    from qwen2audio.checkpoint.hf import cpu_computes_natively
+
+    return [] if cpu_computes_natively(torch.bfloat16) else ["dtype=float32", "autocast=none"]
+
+
+def _train(stage: str) -> list[str]:
+    return _qwen2audio("train", stage, f"configs/demo/{stage}.yaml", *cpu_overrides())
+
+
 STEPS = [
     Step("sources", [PY, "-m", "demo.sources"], lambda: False),  # cheap when everything is there
     Step("data", [PY, "-m", "demo.make_data", "--out", str(DATA), "--seed", str(SEED), "--scale", SCALE,
                   "--jobs", str(JOBS)], lambda: False),  # resumes; a finished folder takes seconds
     Step("base", [PY, "-m", "qwen2audio.demo", "base", "--out", str(BASE)], lambda: _has_checkpoint(BASE)),
-    Step("align", _qwen2audio("train", "align", "configs/demo/align.yaml"), lambda: _has_checkpoint(_final("align")),
+    Step("align", _train("align"), lambda: _has_checkpoint(_final("align")),
          long_running=True),
     Step("answers", [PY, "-m", "demo.llm_answers", "--data", str(DATA), "--model", str(BASE), "--stage", "sft",
                      "--dtype", "bfloat16", "--batch-size", "64"], lambda: False),  # asks only what is unanswered
-    Step("pretrain", _qwen2audio("train", "pretrain", "configs/demo/pretrain.yaml"),
+    Step("pretrain", _train("pretrain"),
          lambda: _has_checkpoint(_final("pretrain")), long_running=True),
-    Step("sft", _qwen2audio("train", "sft", "configs/demo/sft.yaml"), lambda: _has_checkpoint(_final("sft")),
+    Step("sft", _train("sft"), lambda: _has_checkpoint(_final("sft")),
          long_running=True),
     Step("dpo-pairs", [PY, "-m", "demo.dpo_pairs", "--data", str(DATA), "--model", str(_final("sft")),
                        "--batch-size", str(GENERATE_BATCH)],
          lambda: _newer(DATA / "dpo.jsonl", _final("sft") / "config.json")),
-    Step("dpo", _qwen2audio("train", "dpo", "configs/demo/dpo.yaml"), lambda: _has_checkpoint(_final("dpo")),
+    Step("dpo", _train("dpo"), lambda: _has_checkpoint(_final("dpo")),
          long_running=True),
     Step("export", [PY, "-m", "qwen2audio.demo", "export-deltas", str(RUNS / "align"), str(RUNS / "pretrain"), str(RUNS / "sft"),
                     str(RUNS / "dpo"), str(DELTAS)],

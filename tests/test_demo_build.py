@@ -95,3 +95,16 @@ def test_training_steps_run_with_jemalloc_where_it_is_installed(tmp_path, monkey
     monkeypatch.setattr(build, "JEMALLOC", [tmp_path / "missing.so"])
     assert build.step_env(train) is None
     assert capsys.readouterr().err == ""  # one note, not two: the training loop's own (test_training_allocator.py)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_stages_train_in_float32_where_the_cpu_emulates_bfloat16(monkeypatch, native):
+    """The configs train in bfloat16, which AVX2 CPUs emulate several times slower than float32: there the
+    training steps add dtype=float32 autocast=none, and nowhere else."""
+    from qwen2audio.checkpoint import hf
+
+    monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: native)
+    assert build.cpu_overrides() == ([] if native else ["dtype=float32", "autocast=none"])
+    argv = build._train("sft")
+    assert argv[-3 if not native else -1:] == (["configs/demo/sft.yaml", "dtype=float32", "autocast=none"]
+                                                if not native else ["configs/demo/sft.yaml"])

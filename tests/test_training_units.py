@@ -321,3 +321,20 @@ def test_a_resumed_run_s_tensorboard_hides_the_steps_it_logs_again(tmp_path, mon
     MetricsLog(tmp_path, 0, tensorboard=True).close()
     MetricsLog(tmp_path, 300, tensorboard=True).close()
     assert made == [None, 301]
+
+
+def test_half_precision_training_on_a_cpu_that_emulates_it_gets_a_note(monkeypatch):
+    from qwen2audio.checkpoint import hf
+    from qwen2audio.training.loop import half_precision_advice
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    bf16 = TrainConfig(dtype="bfloat16", autocast="bf16")
+    monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: False)  # an AVX2 CPU
+    note = half_precision_advice(bf16, cpu)
+    assert note.startswith("note: this CPU has no bfloat16 dot products") and "dtype=float32 autocast=none" in note
+    assert half_precision_advice(TrainConfig(dtype="float32", autocast="bf16"), cpu) is not None  # autocast alone
+    assert half_precision_advice(TrainConfig(dtype="float16"), cpu).startswith("note: this CPU has no float16")
+    assert half_precision_advice(TrainConfig(dtype="float32", autocast="none"), cpu) is None
+    assert half_precision_advice(bf16, cuda) is None  # a GPU: nothing to say
+    monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: True)  # AVX-512 BF16, AMX
+    assert half_precision_advice(bf16, cpu) is None

@@ -148,6 +148,24 @@ def part_lr(cfg: TrainConfig) -> Callable[[str], float]:
     return lr_of
 
 
+def half_precision_advice(cfg: TrainConfig, device: torch.device) -> str | None:
+    """A note for bfloat16 / float16 training on a CPU that does not multiply in them natively, where torch
+    emulates every product: on 2 AVX2 cores a bfloat16 GEMM ran at 20 GFLOP/s against float32's 150, and a
+    bfloat16 convolution ~45x slower (benchmarks/README.md)."""
+    from ..checkpoint.hf import cpu_computes_natively
+
+    if device.type != "cpu":
+        return None
+    half = [dt for dt in (resolve_dtype(cfg.dtype), torch.bfloat16 if cfg.autocast == "bf16" else None)
+            if dt in (torch.bfloat16, torch.float16)]
+    if not half or all(cpu_computes_natively(dt) for dt in half):
+        return None
+    name = str(half[0]).removeprefix("torch.")
+    return (f"note: this CPU has no {name} dot products (AVX2, or AVX-512 without its BF16 extension), so "
+            f"torch emulates every {name} product of dtype={cfg.dtype} autocast={cfg.autocast}: several times "
+            "slower than float32 here; dtype=float32 autocast=none trains faster on this machine")
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device):
     if cfg.autocast == "none" or (cfg.autocast == "auto" and not (
             device.type == "cuda" and torch.cuda.is_bf16_supported())):
@@ -235,9 +253,9 @@ def setup(cfg: TrainConfig) -> Run:
     log(d, f"training {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
            f"({', '.join(cfg.trainable)}{', LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else ''}) "
            f"on {d.world} x {d.device.type}")
-    note = allocator_advice(d.device.type, steps)
-    if note:
-        log(d, note)
+    for note in (allocator_advice(d.device.type, steps), half_precision_advice(cfg, d.device)):
+        if note:
+            log(d, note)
     every_row_has_audio = all(ex.audios for ex in dataset.examples)
     wrapped = distributed.wrap(model, cfg.distributed, d,
                                find_unused=audio_parts_may_go_unused(cfg.trainable, every_row_has_audio))
