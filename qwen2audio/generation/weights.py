@@ -36,15 +36,12 @@ WIDEN_MIN_ROWS = 8
 WIDEN_CHUNK = 1 << 20  # weights widened at a time: 4 MB of float32
 
 
-def widened_linear(x2: torch.Tensor, weight: torch.Tensor | Callable[[int, int], torch.Tensor],
-                   bias: torch.Tensor | None, scale: torch.Tensor | None = None,
-                   shape: tuple[int, int] | None = None, align: int = 1) -> torch.Tensor:
-    """``x2 @ (weight * scale)ᵀ + bias`` in float32, the weight (out, in) widened WIDEN_CHUNK weights at a
-    time (its rows scaled by ``scale``, an int8 weight's); a float32 result. ``weight`` may instead be a
-    function of (start, stop) giving those rows (of a packed weight), with ``shape`` (out, in) and chunks
-    of a multiple of ``align`` rows."""
-    rows = weight if callable(weight) else (lambda start, stop: weight[start:stop])
-    out_features, in_features = shape if shape is not None else weight.shape
+def widened_linear(x2: torch.Tensor, rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int],
+                   bias: torch.Tensor | None, scale: torch.Tensor | None = None, align: int = 1) -> torch.Tensor:
+    """``x2 @ (weight * scale)ᵀ + bias`` in float32 for a weight of ``shape`` (out, in) given by
+    ``rows(start, stop)`` (its rows start:stop, as stored), widened WIDEN_CHUNK weights at a time in chunks
+    of a multiple of ``align`` rows (its rows scaled by ``scale``, an int8 weight's); a float32 result."""
+    out_features, in_features = shape
     x2 = x2.to(torch.float32)
     step = max(align, WIDEN_CHUNK // max(1, in_features) // align * align)
     parts = []
@@ -70,7 +67,8 @@ class WidenedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] < WIDEN_MIN_ROWS:
             return torch.nn.functional.linear(x, self.weight, self.bias)
-        y = widened_linear(x2, self.weight, self.bias)
+        y = widened_linear(x2, lambda start, stop: self.weight[start:stop], (self.out_features, self.in_features),
+                           self.bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -384,8 +382,8 @@ class PackedLinear(nn.Module):
         """Products the kernel does not take. int8: in float32; bfloat16: in torch's bfloat16 product, as
         the model would run unpacked, where the CPU has bfloat16 dot products, else in float32."""
         if self.widen:
-            return widened_linear(x2, self._weight_rows, self.bias, self.scale,
-                                  shape=(self.out_features, self.in_features), align=PACK_BLOCK[0])
+            return widened_linear(x2, self._weight_rows, (self.out_features, self.in_features), self.bias,
+                                  self.scale, align=PACK_BLOCK[0])
         bias = None if self.bias is None else self.bias.to(self.stored.dtype)
         return torch.nn.functional.linear(x2.to(self.stored.dtype), self.stored_weight(), bias)
 
