@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .atomic import atomic_path, exclusive_lock
 from .config import CONFIG_FILE
-from .errors import CheckpointError
+from .errors import FULL_DISK_ERRNOS, CheckpointError
 
 TINY_MODEL_NAME = "tiny-random-v1"  # bump when the generated model changes
 TINY_KEYWORD = "tiny-random"  # $QWEN2AUDIO_DEFAULT_MODEL value that selects the tiny random model
@@ -151,7 +151,7 @@ def _write_error(err: OSError, target: Path, what: str) -> CheckpointError:
     """A cache folder that cannot be written, said in one line that names it and the way out."""
     reason = err.strerror or str(err)
     where = f" ({err.filename})" if err.filename else ""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if err.errno in FULL_DISK_ERRNOS:
         fix = f"free disk space there, or set ${HOME_ENV} to a folder on a disk with room"
     else:
         fix = f"make {target.parent} writable, or set ${HOME_ENV} to a folder you can write"

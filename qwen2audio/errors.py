@@ -3,6 +3,11 @@ has loaded anything heavy). Each message names the input, the problem and what t
 
 from __future__ import annotations
 
+import errno
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a write failed for want of room: a full disk, a quota
+FULL_DISK_ERRNOS = (*NO_SPACE_ERRNOS, errno.EFBIG)  # ... or a file larger than its file system takes
+
 
 class AudioError(ValueError):
     """Audio that cannot be used: the message names the source, the problem and what to do."""

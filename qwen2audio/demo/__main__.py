@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import FULL_DISK_ERRNOS, CheckpointError
 from . import DELTAS_FILE
 
 EXIT_USAGE = 2
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _os_error(err: OSError) -> str:
     """One line for a failed read or write: what failed, on which path, and the way out."""
     where = f": {os.fsdecode(err.filename)}" if err.filename is not None else ""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if err.errno in FULL_DISK_ERRNOS:
         fix = "free disk space there (or write to a disk with room) and run the command again"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "choose a path you can write (or read) and run the command again"

@@ -31,7 +31,7 @@ from ..atomic import atomic_path
 from ..checkpoint import save_model
 from ..checkpoint.hf import check_safetensors, model_from_state_dict
 from ..config import Qwen2AudioConfig
-from ..errors import CheckpointError
+from ..errors import NO_SPACE_ERRNOS, CheckpointError
 from .distributed import Dist
 from .lora import merge_lora_state_dict
 
@@ -139,7 +139,7 @@ def _prune(root: Path, keep: int, step: int) -> None:
 
 
 def _out_of_space(err: Exception, directory: Path) -> bool:
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
         return True
     text = str(err)
     if "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text:

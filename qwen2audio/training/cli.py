@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
 import sys
 import threading
 
+from ..errors import NO_SPACE_ERRNOS
 from . import RECIPES
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped with Ctrl-C
@@ -53,7 +53,7 @@ def _handle(args: argparse.Namespace) -> int:
             print(f"qwen2audio: {how}; {how_to_resume(cfg)}", file=sys.stderr, flush=True)
         return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if err.errno not in NO_SPACE_ERRNOS:
             raise
         # (a checkpoint that does not fit says so itself: training/checkpointing.py) the metrics, the plot, the
         # TensorBoard events: the run stops; what the disk holds of it is whole up to the last checkpoint
