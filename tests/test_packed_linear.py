@@ -299,6 +299,25 @@ def test_a_float32_linear_keeps_the_very_same_weight_and_every_path_agrees():
         weights.FP32Linear(torch.nn.Linear(32, 4).bfloat16())
 
 
+@pytest.mark.skipif(not weights.onednn_usable(torch.float32), reason="this torch build has no oneDNN")
+def test_float32_products_past_onednn_rows_go_to_torch_s_default_gemm(monkeypatch):
+    """Without AVX-512, long products (a prefill of more than AVX2_ONEDNN_ROWS rows) run in torch's default
+    GEMM, which was faster there; shorter ones past the kernel's rows stay in oneDNN. With AVX-512,
+    oneDNN at every size. Both give the product's values."""
+    calls = []
+    plain = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(a[0].shape[0]) or plain(*a, **k))
+    linear = torch.nn.Linear(64, 32)
+    fast = weights.FP32Linear(linear)
+    assert fast.onednn_rows == (None if weights.cpu_has_avx512() else weights.FP32Linear.AVX2_ONEDNN_ROWS)
+    fast.onednn_rows = 40
+    for rows in (weights.FP32Linear.MAX_KERNEL_ROWS + 1, 40, 41, 300):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(fast(x).double(), plain(x.double(), linear.weight.double(), linear.bias.double()),
+                                   atol=1e-5, rtol=1e-5)
+    assert [r for r in calls if r > weights.FP32Linear.MAX_KERNEL_ROWS] == [41, 300]
+
+
 @needs_compiler
 @pytest.mark.parametrize("rows, heads, groups, dim, length", [(1, 14, 2, 64, 840), (3, 4, 4, 16, 9), (2, 6, 1, 80, 33),
                                                               (5, 8, 2, 24, 1)])

@@ -436,6 +436,11 @@ class Int8Linear(PackedLinear):
         return self.stored_weight()
 
 
+def cpu_has_avx512() -> bool:
+    """The CPU runs torch's AVX-512 code (torch's own dispatch: ``get_cpu_capability``)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def amx_bf16() -> bool:
     """The CPU multiplies bfloat16 tiles in AMX (Intel Sapphire Rapids and later), which torch's bfloat16
     GEMM (oneDNN) uses."""
@@ -472,19 +477,26 @@ class FP32Linear(PackedLinear):
     MAX_KERNEL_ROWS = 16
     PACK = False
     AVX2_KERNEL_ROWS = None  # past its 16 rows, oneDNN's float32 GEMM takes them everywhere
+    # Without AVX-512, torch's default float32 GEMM overtakes oneDNN's from about 256 rows: on an AMD
+    # Zen 3 (AVX2) at 770 rows the Qwen2.5-0.5B products ran at 165-181 GFLOP/s against oneDNN's
+    # 132-149, equal at 256 rows, oneDNN ahead below (benchmarks/README.md); with AVX-512 oneDNN led at
+    # every size measured. None: oneDNN at any number of rows.
+    AVX2_ONEDNN_ROWS: int | None = 256
 
     def __init__(self, linear: nn.Linear):
         if linear.weight.dtype != torch.float32:
             raise ValueError(f"FP32Linear takes a float32 linear, got {linear.weight.dtype}")
         super().__init__(linear.weight, None, linear.bias)
         self._onednn = onednn_usable(torch.float32)
+        self.onednn_rows = self.AVX2_ONEDNN_ROWS if not cpu_has_avx512() else None
 
     def _torch_product(self, x2: torch.Tensor) -> torch.Tensor:
         x2 = x2.to(torch.float32)
         # oneDNN takes the plain weight as it is (as fast as its own format, measured); a compiled step
         # (Engine(compile=True)) leaves the product to torch's compiler, whose lowering of this op wants
         # a weight it packed itself
-        if self._onednn and not torch.compiler.is_compiling():
+        if (self._onednn and not torch.compiler.is_compiling()
+                and (self.onednn_rows is None or x2.shape[0] <= self.onednn_rows)):
             return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.stored, self.bias, "none", [], "")
         return torch.nn.functional.linear(x2, self.stored, self.bias)
 
