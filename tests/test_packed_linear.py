@@ -347,6 +347,20 @@ def test_decode_attention_equals_torchs_over_views_of_a_cache(rows, heads, group
 
 
 @needs_compiler
+@pytest.mark.parametrize("spread", [1.0, 10.0, 30.0])
+def test_decode_attention_softmax_holds_across_the_range_of_scores(spread):
+    """The vectorised exp (AVX-512 16 lanes, AVX2 8, a scalar tail): scores a few units apart, and ~100
+    apart (spread 30), where many weights underflow to zero, against torch's attention in float64. (Wider
+    still, the float32 scores' own rounding exceeds the tolerance, whatever computes the exp.)"""
+    attend = kernels.decode_attention_op()
+    gen = torch.Generator().manual_seed(int(spread))
+    k, v = torch.randn(2, 2, 203, 64, generator=gen), torch.randn(2, 2, 203, 64, generator=gen)
+    q = torch.randn(2, 6, 1, 64, generator=gen) * spread
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    torch.testing.assert_close(attend(q, k, v, None, 64 ** -0.5).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_compiler
 def test_decode_attention_refuses_what_it_cannot_compute():
     attend = kernels.decode_attention_op()
     q, k = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 5, 8)
