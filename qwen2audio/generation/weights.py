@@ -469,7 +469,8 @@ class BF16Linear(PackedLinear):
 class FP32Linear(PackedLinear):
     """A float32 linear with the same weight tensor (no copy: a tied head shares the embedding table):
     decoding products (up to MAX_KERNEL_ROWS rows) in our kernel, which reads the weight as torch holds
-    it, row-major; longer ones (prefill) in oneDNN where torch has it, else torch's default product.
+    it, row-major; longer ones (prefill) in oneDNN where torch has it (without AVX-512, only up to
+    AVX2_ONEDNN_ROWS rows), else torch's default product.
 
     At one row the kernel read 24 layers of Qwen2.5-0.5B products at 29-30 GB/s against oneDNN's 20 and
     the head (151936 x 896) at 24 against 20 GB/s; past 16 rows oneDNN's blocked GEMM is faster
