@@ -226,15 +226,18 @@ def dominant_hz(wave: np.ndarray, sr: int = 16000) -> float:
     return float(np.fft.rfftfreq(len(wave), 1 / sr)[spectrum.argmax()])
 
 
+def record_a_second(page_) -> None:
+    page_.click("#mic")
+    page_.wait_for_selector("#recording:not([hidden])")
+    page_.wait_for_function("document.querySelector('#recording-time').textContent === '0:01'", timeout=WAIT_MS)
+
+
 def test_microphone_recording_is_the_turn(browser):
     backend = FakeBackend(words=ANSWER)
     app, _ = fake_app(backend)
     with running(app) as url:
         page_ = open_page(browser, url)
-        page_.click("#mic")
-        page_.wait_for_selector("#recording:not([hidden])")
-        page_.wait_for_function("document.querySelector('#recording-time').textContent === '0:01'",
-                                timeout=WAIT_MS)
+        record_a_second(page_)
         page_.click("#mic")  # stop: the recording is sent at once, with no typed text
         wait_answers(page_, 1)
         assert page_.locator(".turn.user audio").count() == 1
@@ -245,6 +248,28 @@ def test_microphone_recording_is_the_turn(browser):
     assert 0.5 <= len(heard) / 16000 <= 5.0
     assert np.abs(heard).max() > 0.2  # the tone, not silence
     assert abs(dominant_hz(heard) - TONE_HZ) < 10
+
+
+def test_keep_attaches_the_recording_to_ask_about_it(browser):
+    """Keep stops the recording without sending it: it is attached, like an uploaded file, and goes with the
+    question typed next."""
+    backend = FakeBackend(words=ANSWER)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        record_a_second(page_)
+        page_.click("#recording-keep")
+        page_.wait_for_selector("#attachment:not([hidden])")
+        assert page_.is_hidden("#recording") and page_.text_content("#attachment-name").startswith("recording")
+        assert page_.locator(".turn").count() == 0 and backend.requests == []
+        page_.fill("#text", "What is this tone?")
+        page_.click("#send")
+        wait_answers(page_, 1)
+        assert page_.errors == []
+    (request,) = backend.requests
+    assert sent_text(request) == ["What is this tone?"]
+    (heard,) = sent_audio(request)
+    assert 0.5 <= len(heard) / 16000 <= 5.0 and abs(dominant_hz(heard) - TONE_HZ) < 10
 
 
 def test_a_recording_that_reaches_the_limit_is_sent_not_thrown_away(browser):
@@ -629,6 +654,21 @@ def test_transcribe_shows_the_apis_segments_and_offers_its_subtitles(browser, mo
         assert Path(download.value.path()).read_text() == api(kind).text
     assert page_.is_visible("#attachment") and page_.is_visible("#send")
     assert page_.locator(".turn.user").count() == 0 and page_.errors == []
+
+
+def test_a_kept_recording_can_be_transcribed(browser, model_server):
+    """Record, Keep, Transcribe: the server takes the recording (a WAV file) at /v1/audio/transcriptions, and
+    its transcript comes back with its downloads; the recording stays attached."""
+    page_ = open_page(browser, model_server)
+    record_a_second(page_)
+    page_.click("#recording-keep")
+    page_.wait_for_selector("#attachment:not([hidden])")
+    with page_.expect_response("**/v1/audio/transcriptions") as response:
+        page_.click("#transcribe")
+    assert response.value.status == 200
+    page_.wait_for_selector(".transcript .meta a.srt", timeout=WAIT_MS)
+    assert page_.text_content(".transcript .title").startswith("Transcript of recording")
+    assert page_.is_visible("#attachment") and page_.locator(".turn.user").count() == 0 and page_.errors == []
 
 
 @pytest.mark.usefixtures("one_thread")

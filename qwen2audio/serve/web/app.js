@@ -37,8 +37,9 @@ function wire() {
   });
   $("text").addEventListener("input", autoGrow);
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
-  $("mic").addEventListener("click", () => (state.recorder ? finishRecording(true) : startRecording()));
-  $("recording-cancel").addEventListener("click", () => finishRecording(false));
+  $("mic").addEventListener("click", () => (state.recorder ? finishRecording("send") : startRecording()));
+  $("recording-keep").addEventListener("click", () => finishRecording("keep"));
+  $("recording-cancel").addEventListener("click", () => finishRecording("cancel"));
   $("file").addEventListener("change", (e) => { attachFile(e.target.files[0]); e.target.value = ""; });
   document.querySelector("label.upload").addEventListener("keydown", (e) => { // reachable from the keyboard
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
@@ -269,7 +270,7 @@ function onAudio(rec, block) {
   $("recording-level").value = Math.min(1, Math.sqrt(sum / block.length) * 4);
   const seconds = rec.samples / rec.ctx.sampleRate;
   $("recording-time").textContent = clock(seconds);
-  if (seconds >= audioLeft()) finishRecording(true); // the conversation's earlier audio counts too
+  if (seconds >= audioLeft()) finishRecording("send"); // the conversation's earlier audio counts too
 }
 
 /** Seconds of audio the server still takes in this conversation (its limit covers the whole request). */
@@ -282,7 +283,9 @@ function earlierAudio() {
   return state.history.reduce((sum, t) => sum + (t.audio && t.audio.seconds ? t.audio.seconds : 0), 0);
 }
 
-async function finishRecording(andSend) {
+/** Stop recording. "send": the recording is the turn (voice chat); "keep": it stays attached, to type a question
+ * about it or to transcribe it; "cancel": it is thrown away. */
+async function finishRecording(how) {
   const rec = state.recorder;
   if (!rec) return;
   state.recorder = null;
@@ -293,7 +296,7 @@ async function finishRecording(andSend) {
   $("recording").hidden = true;
   $("mic").setAttribute("aria-pressed", "false");
   $("mic").title = "Record (press again to send)";
-  if (!andSend) return;
+  if (how === "cancel") return;
   // the last block may run past what is left by a few samples: the recording ends where the limit is
   const samples = Math.max(0, Math.min(rec.samples, Math.floor(audioLeft() * rate)));
   const seconds = samples / rate;
@@ -310,6 +313,10 @@ async function finishRecording(andSend) {
     setAttachment({ b64: base64(bytes), format: "wav", url: URL.createObjectURL(wav), name: "recording", seconds });
   } catch (err) {
     showError(err instanceof UserError ? err.message : `The recording could not be prepared: ${err.message}`);
+    return;
+  }
+  if (how === "keep") {
+    $("text").focus();
     return;
   }
   send(); // voice chat: the recording is the turn (with whatever was typed beside it)
@@ -698,7 +705,7 @@ function setBusy(controller) {
 
 function newChat() {
   if (state.controller) state.controller.abort();
-  if (state.recorder) finishRecording(false);
+  if (state.recorder) finishRecording("cancel");
   for (const turn of state.history) if (turn.audio) URL.revokeObjectURL(turn.audio.url);
   for (const url of state.downloads) URL.revokeObjectURL(url);
   state.history = [];
