@@ -50,3 +50,39 @@ def test_a_compiled_bfloat16_step_gives_the_eager_steps_logits():
         got = engine.step(cache, tokens, lengths, 40)
         assert engine.compiled, engine.compile_error
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@torch.inference_mode()
+def test_a_graph_cached_by_another_build_of_the_kernels_is_not_reused(tmp_path, monkeypatch):
+    """torch's compile caches on disk key on the traced graph, which names our ops but not what they
+    return: a step cached by a build whose packed_linear gave float32 sums, reused by one that gives
+    bfloat16 sums, read them as float32 (NaN logits). Each build of the kernels keys its own entries."""
+    from torch._dynamo.utils import counters
+
+    from qwen2audio.generation import kernels
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = tiny_bf16_model()
+
+    def compile_one_step() -> tuple[int, torch.Tensor]:
+        engine = Engine(copy.deepcopy(model), TOKENIZER, compile=True)
+        lm = engine.model.language_model
+        cache = lm.new_cache(3, 32)
+        cache.reserve(3, 32)
+        torch.manual_seed(3)
+        for t in cache.k + cache.v:
+            t.normal_()
+        counters.clear()
+        logits = engine.step(cache, torch.tensor([5, 9]), torch.tensor([4, 11]), 20)
+        assert engine.compiled, engine.compile_error
+        return counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"], logits
+
+    hits, first = compile_one_step()
+    assert hits == 0  # a fresh cache
+    hits, again = compile_one_step()
+    assert hits > 0  # the same build finds its own entries: the cache is in use here
+    built = kernels.build_dir()
+    monkeypatch.setattr(kernels, "build_dir", lambda: built.with_name(built.name + "-next"))
+    hits, other = compile_one_step()
+    assert hits == 0  # another build (another source, torch or CPU) compiles anew
+    assert torch.equal(again, first) and torch.equal(other, first)

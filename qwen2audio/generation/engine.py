@@ -33,6 +33,7 @@ from ..model import KVCache, Qwen2AudioModel
 from ..model.llm import causal_mask
 from ..text.chat import clip_spans, expand_audio_placeholders
 from ..text.tokenizer import Tokenizer
+from . import kernels
 from .sampling import SamplingParams
 from .scheduler import Generation, RequestStream, RequestTooLarge, Scheduler
 from .weights import prepare_for_inference
@@ -188,7 +189,9 @@ class Engine:
         """
         if self.compiled:
             try:
-                return self._step(cache, tokens, lengths, width)
+                # the compile caches on disk also key on our kernels' build (kernels.compile_cache_tag)
+                with torch.compiler.config.patch(cache_key_tag=self._cache_tag):
+                    return self._step(cache, tokens, lengths, width)
             except Exception as err:  # no C++ compiler for inductor, an op it cannot trace: run uncompiled
                 from torch._dynamo.exc import TorchDynamoException
                 from torch._inductor.exc import CppCompileError
@@ -210,6 +213,10 @@ class Engine:
         fn = Engine._step_eager
         own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                  fn.__closure__)
+        # a graph cached on disk by an older build of our kernels must not be taken for this build's: torch
+        # keys its caches on the traced graph, which names our ops but not what they return
+        ours = kernels.compile_cache_tag()
+        self._cache_tag = " ".join(t for t in (torch.compiler.config.cache_key_tag, ours) if t)
         # emulate_precision_casts: a fused bfloat16 / float16 kernel rounds each intermediate to the dtype
         # where eager torch does (without it inductor keeps them in float32, and a bfloat16 step's logits
         # moved by 2 bf16 steps, enough to change a greedy token); float32 steps are unaffected

@@ -5,6 +5,7 @@
     attend = decode_attention_op()   # attend(q, k, v, mask, scale): one query per row over the KV cache
     norm = rms_norm_op()   # norm(x, weight, eps): the model's RMSNorm in one pass (float32 or bfloat16)
     rope = rope_op()   # rope(q, k, cos, sin): rotate-half RoPE on q and k, in place
+    tag = compile_cache_tag()   # what torch.compile's on-disk caches must also key on (see there)
 
 The build (g++ and ninja, ~30 s, once) lands in ``$QWEN2AUDIO_KERNEL_CACHE`` (default
 ``~/.cache/qwen2audio/kernels``) in a folder named after the source, the torch version and this CPU's
@@ -173,6 +174,17 @@ def rms_norm_op() -> Callable | None:
 def rope_op() -> Callable | None:
     """torch.ops.qwen2audio.rope_ (q, k, cos, sin; in place), or None where the kernels cannot be built."""
     return None if packed_linear_op() is None else torch.ops.qwen2audio.rope_
+
+
+def compile_cache_tag() -> str:
+    """A tag for ``torch.compiler.config.cache_key_tag`` while graphs that call these ops compile: the
+    kernels' build folder name (their source, the fake implementations in this file, torch and the CPU),
+    or "" where this process has not loaded them (then no graph of its calls them). torch's compile
+    caches (AOTAutograd's and inductor's FX graph cache, ``/tmp/torchinductor_$USER`` by default) key on
+    the traced graph, which names our ops but says nothing of what they return: a compiled step cached
+    by a build whose ``packed_linear`` gave float32 sums read a newer build's bfloat16 sums as float32,
+    and its logits came out NaN."""
+    return f"qwen2audio-kernels-{build_dir().name}" if _state.get("op") is not None else ""
 
 
 def build_problem() -> str | None:
