@@ -370,7 +370,8 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self._op is not None and (self.MAX_KERNEL_ROWS is None or x2.shape[0] <= self.MAX_KERNEL_ROWS):
             # bfloat16 activations go in as they are when the weights are bfloat16 (the kernel multiplies
-            # them exactly, in pairs, on AVX-512 BF16); otherwise in float32
+            # them exactly, in pairs, on AVX-512 BF16, widens them itself elsewhere, and gives bfloat16
+            # sums, rounded once); otherwise in float32
             if not (dtype == torch.bfloat16 and self.stored.dtype == torch.bfloat16):
                 x2 = x2.to(torch.float32)
             y = self._op(x2.contiguous(), self.stored, self.scale, self.bias)

@@ -1,7 +1,8 @@
 """Small CPU kernels of our own, compiled on first use with the compiler torch's C++ extensions use.
 
     op = packed_linear_op()   # torch.ops.qwen2audio.packed_linear, or None (``build_problem()`` says why)
-    y = op(x, w, scale, bias)   # x float32 (M, K); w int8 (with scale), bfloat16 or float32; (N, K) or packed
+    y = op(x, w, scale, bias)   # x float32 (M, K); w int8 (with scale), bfloat16 or float32; (N, K) or packed;
+                                # x bfloat16 with w bfloat16: y bfloat16 (summed in float32, rounded once)
     attend = decode_attention_op()   # attend(q, k, v, mask, scale): one query per row over the KV cache
     norm = rms_norm_op()   # norm(x, weight, eps): the model's RMSNorm in one pass (float32 or bfloat16)
     rope = rope_op()   # rope(q, k, cos, sin): rotate-half RoPE on q and k, in place
@@ -145,7 +146,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("qwen2audio::packed_linear")
     def _packed_linear(x, w, scale, bias):
         out = w.shape[0] * w.shape[2] if w.dim() == 4 else w.shape[0]  # packed: (N/4, K/32, 4, 32)
-        return x.new_empty((x.shape[0], out), dtype=torch.float32)
+        return x.new_empty((x.shape[0], out))  # in x's dtype: float32, or bfloat16 for bfloat16 activations
 
     @torch.library.register_fake("qwen2audio::decode_attention")
     def _decode_attention(q, k, v, mask, scale):
