@@ -537,15 +537,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       int64_t s = 0;
       for (; s + 4 <= S; s += 4) {  // four cached rows at a time: each query head's four scores together
         const float* rows[4];
+        bool keep[4];  // read once for all query heads (the compiler, seeing stores to p, reads a mask again)
         for (int i = 0; i < 4; ++i) {
           rows[i] = kb + (s + i) * k.stride(2);
           prefetch_row(rows[i] + ROWS_AHEAD * k.stride(2), D);
+          keep[i] = mp == nullptr || mp[b * S + s + i];
         }
         for (int64_t h = 0; h < per; ++h) {
           float d4[4];
           dot4(qh + h * D, rows, D, d4);
-          for (int i = 0; i < 4; ++i)
-            p[h * S + s + i] = (mp == nullptr || mp[b * S + s + i]) ? d4[i] * float(scale) : -INFINITY;
+          for (int i = 0; i < 4; ++i) p[h * S + s + i] = keep[i] ? d4[i] * float(scale) : -INFINITY;
         }
       }
       for (; s < S; ++s) {
