@@ -206,7 +206,7 @@ def main() -> None:
     for label, audios in zip(measures[1:], (one, eight)):
         table[label] = {"transformers": decode_rate(theirs, audios, n + 1)}
 
-    agreement, read_rates, compile_s = {}, {}, {}
+    agreement, read_rates, compile_s, bandwidths = {}, {}, {}, {}
     for form in forms:
         form_dtype, quantize = FORMS[form.removesuffix("+compile")]
         compiled = form.endswith("+compile")
@@ -231,20 +231,26 @@ def main() -> None:
         tokens = ours(one, 8)[0].token_ids
         agreement[form] = sum(a == b for a, b in zip(tokens, reference_tokens))
         table[measures[0]][form] = best(lambda: ours(one, 1), args.repeats)
+        # the memory's speed read just before and after this form's decoding: on a shared host it moved by
+        # half within minutes (30 to 58 GB/s), so one figure for the whole run misstates the fractions
+        around = [read_bandwidth()]
         for label, audios in zip(measures[1:], (one, eight)):
             table[label][form] = decode_rate(ours, audios, n + 1)
+        around.append(read_bandwidth())
+        bandwidths[form] = max(around)
         step_bytes = llm_weight_bytes(engine.model)
         read_rates[form] = {label: step_bytes * table[label][form] / len(audios) / 1e9
                             for label, audios in zip(measures[1:], (one, eight))}
         engine = scheduler = None  # free this form's weights before the next is loaded
-    bandwidth = read_bandwidth()
+    seen = list(bandwidths.values()) or [read_bandwidth()]
+    memory = f"{min(seen):.1f}" + (f"-{max(seen):.1f}" if max(seen) - min(seen) >= 0.05 else "")
     peak = gemm_peak()
 
     params = sum(p.numel() for p in ref.parameters()) / 1e6
     same = ", ".join(f"{form} {agreement[form]}/8" for form in forms)
     print(f"\nqwen2audio vs transformers {hf_version} | size {args.size} ({params:.0f} M params, transformers in "
           f"{args.dtype}) | torch {torch.__version__} | {args.threads} threads | "
-          f"{platform.processor() or platform.machine()} | memory read {bandwidth:.1f} GB/s | "
+          f"{platform.processor() or platform.machine()} | memory read {memory} GB/s | "
           f"float32 product {peak:.0f} GFLOP/s | "
           f"greedy tokens equal to transformers': {same}"
           + "".join(f" | {form}: compiled in {s:.0f} s" for form, s in compile_s.items()) + "\n")
@@ -262,12 +268,13 @@ def main() -> None:
                 cell += f", {gflop / value:.0f} GFLOP/s"
             if form in read_rates and label in read_rates[form]:
                 gbs = read_rates[form][label]
-                cell += f", {gbs:.1f} GB/s = {gbs / bandwidth:.2f} of memory"
+                cell += f", {gbs:.1f} GB/s = {gbs / bandwidths[form]:.2f} of memory"
             cells.append(cell)
         print(f"| {label} | {theirs_cell} | " + " | ".join(cells) + " |")
     print(f"\nratios: ours vs transformers (higher is faster); GFLOP/s: the prefill's {gflop:.0f} GFLOP ({n_prompt} "
           "prompt tokens) per second, against the float32 product's rate in the header; GB/s: bytes of LLM weights read per second by the decode steps (8 rows "
-          "share one read).")
+          "share one read), and their fraction of the memory's read speed taken just before and after that form's "
+          "decoding (the higher of the two; the header gives the range over the run).")
     if args.plot is not None:
         ratios = {label: {form: (table[label]["transformers"] / table[label][form] if label == measures[0]
                                  else table[label][form] / table[label]["transformers"]) for form in forms}
