@@ -33,17 +33,22 @@ def tiny_bf16_model() -> Qwen2AudioModel:
     return model.eval().to(torch.bfloat16)
 
 
+def random_cache(engine: Engine, slots: int, length: int):
+    """A KV cache of ``slots`` slots of ``length`` positions, every position filled with random keys and values."""
+    cache = engine.model.language_model.new_cache(slots, length)
+    cache.reserve(slots, length)
+    torch.manual_seed(3)
+    for t in cache.k + cache.v:
+        t.normal_()
+    return cache
+
+
 @torch.inference_mode()
 def test_a_compiled_bfloat16_step_gives_the_eager_steps_logits():
     engine = Engine(copy.deepcopy(tiny_bf16_model()), TOKENIZER, compile=True)
     engine.warm_up()
     assert engine.compiled, engine.compile_error
-    lm = engine.model.language_model
-    cache = lm.new_cache(4, 64)
-    cache.reserve(4, 64)
-    torch.manual_seed(3)
-    for t in cache.k + cache.v:
-        t.normal_()
+    cache = random_cache(engine, 4, 64)
     for tokens, lengths in ((torch.tensor([5]), torch.tensor([20])),
                             (torch.tensor([5, 9, 11]), torch.tensor([20, 33, 7]))):
         expected = engine._step_eager(cache, tokens, lengths, 40)
@@ -66,12 +71,7 @@ def test_a_graph_cached_by_another_build_of_the_kernels_is_not_reused(tmp_path, 
 
     def compile_one_step() -> tuple[int, torch.Tensor]:
         engine = Engine(copy.deepcopy(model), TOKENIZER, compile=True)
-        lm = engine.model.language_model
-        cache = lm.new_cache(3, 32)
-        cache.reserve(3, 32)
-        torch.manual_seed(3)
-        for t in cache.k + cache.v:
-            t.normal_()
+        cache = random_cache(engine, 3, 32)
         counters.clear()
         logits = engine.step(cache, torch.tensor([5, 9]), torch.tensor([4, 11]), 20)
         assert engine.compiled, engine.compile_error
