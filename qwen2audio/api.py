@@ -49,7 +49,7 @@ from .generation.params import (
     transcription_defaults,
 )
 from .text import Tokenizer, raw_prompt, render_chat
-from .text.transcripts import Segment, Transcript
+from .text.transcripts import Segment, Transcript, with_no_speech
 
 Messages = Sequence[Mapping[str, Any]]
 ASR_PROMPT = "Detect the language and recognize the speech: <|{language}|>"
@@ -224,7 +224,8 @@ class Qwen2Audio:
     def transcript(self, audio: Any, language: str = "en", fallback: bool | None = None,
                    chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
                    progress: bool | None = None, translate_to: str | None = None,
-                   on_segment: Callable[[Segment], object] | None = None, **sampling) -> Transcript:
+                   on_segment: Callable[[Segment], object] | None = None, no_speech: bool = False,
+                   **sampling) -> Transcript:
         """A transcript with the official ASR prompt of the base model, as segments with their times: a
         ``Transcript`` (``.text``, ``.segments``: start and end in seconds, text with tags like <|en|>
         removed, token ids, the temperature it was decoded at; ``.duration``), which
@@ -254,7 +255,9 @@ class Qwen2Audio:
         ``translate_to``: a translation into that language instead, with the official speech-translation
         prompt (``speech_prompt``), ``language`` naming the language spoken. ``on_segment``: called with each
         segment in order as soon as it and those before it are decoded, to write a long transcript as it
-        comes (with ``fallback``, once the retries are done)."""
+        comes (with ``fallback``, once the retries are done). ``no_speech``: each segment of the transcript
+        also gets a ``no_speech_prob`` (OpenAI's verbose_json field), from the voice-activity detector
+        (``qwen2audio.text.transcripts.with_no_speech``; not passed to ``on_segment``)."""
         chunk_seconds, cut_at_pauses = transcription_cuts(self.transcription_defaults, chunk_seconds, cut_at_pauses)
         sampling, fallback = transcription_decoding(self.transcription_defaults, sampling, fallback)
         prompt = speech_prompt(language, translate_to)
@@ -285,7 +288,7 @@ class Qwen2Audio:
             elif prepared:
                 self.engine.generate(prepared, params,
                                      on_result=lambda g: (segment(g, params.temperature), bar.update()))
-        return Transcript(segments, wave.shape[0] / SAMPLE_RATE)
+        return Transcript(with_no_speech(segments, wave) if no_speech else segments, wave.shape[0] / SAMPLE_RATE)
 
     def conversation(self, system: str | None = None) -> "Conversation":
         return Conversation(self, system)

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--format", choices=TRANSCRIPT_FORMATS, default="text",
                     help="text (default: one line per file, after its name when there are several); json (one "
                          "line per file: file and text); srt or vtt (subtitles: a cue per chunk transcribed, with "
-                         "its times); verbose_json (OpenAI's: segments with times, tokens, avg_logprob). srt, vtt "
+                         "its times); verbose_json (OpenAI's: segments with times, tokens, avg_logprob, no_speech_prob). srt, vtt "
                          "and verbose_json print one file's, or write each file's with --output-dir")
     tr.add_argument("--json", action="store_true", help="the same as --format json")
     tr.add_argument("--output-dir", type=Path, metavar="DIR",
@@ -491,6 +491,7 @@ def _transcribe(model, args, sampling) -> int:
                                           chunk_seconds=getattr(args, "chunk_seconds", None),
                                           cut_at_pauses=getattr(args, "cut_at_pauses", None),
                                           on_segment=writer.segment if writer else None,
+                                          no_speech=args.format == "verbose_json",
                                           progress=False if live and tty else None,  # the text shows it
                                           **sampling)
         except AudioError as err:  # one bad file does not stop the others

@@ -348,6 +348,12 @@ def test_transcribe_writes_subtitles_and_verbose_json(api, model_dir, tmp_path, 
     assert doc["duration"] == round(len(wave) / 16000, 3)
     assert [seg["tokens"] for seg in doc["segments"]] == [s.tokens for s in transcript.segments]
     assert all(seg["avg_logprob"] < 0 for seg in doc["segments"])
+    # each segment one spoken question: the voice-activity detector's no_speech_prob, as the API gives it
+    assert [seg["no_speech_prob"] for seg in doc["segments"]] == [
+        s.no_speech_prob for s in model.transcript(wave, max_new_tokens=int(NEW), cut_at_pauses=0.3,
+                                                   no_speech=True).segments]
+    assert all(seg["no_speech_prob"] < 0.1 for seg in doc["segments"])
+    assert transcript.segments[0].no_speech_prob is None  # not asked for
     out = tmp_path / "out"
     other = tmp_path / "other.wav"
     other.write_bytes(path.read_bytes())

@@ -34,7 +34,7 @@ from qwen2audio.audio.features import (
     speech_windows,
 )
 from qwen2audio.audio import features
-from qwen2audio.audio.vad import find_pauses
+from qwen2audio.audio.vad import find_pauses, no_speech_probability
 
 transformers = pytest.importorskip("transformers")
 
@@ -379,6 +379,22 @@ def test_noise_music_and_silence_have_no_pauses():
     long_silence = np.zeros(70 * SAMPLE_RATE, dtype=np.float32)  # no speech, still in windows of at most 30 s
     assert [(len(w.audio), w.speech) for w in cut_windows(long_silence, N_SAMPLES, SAMPLE_RATE // 10)] == [
         (N_SAMPLES - 200, False), (N_SAMPLES - 200, False), (10 * SAMPLE_RATE + 400, False)]
+
+
+def test_no_speech_probability_is_low_for_speech_and_high_for_everything_else():
+    """Whisper's no_speech_prob for a stretch of audio, from the VAD: a spoken question (alone, or amid 4 s
+    of noise) scores near 0; silence, noise and a doorbell near 1; no audio at all 1."""
+    question = load_audio(str(EXAMPLES / "question.flac"))
+    rng = np.random.default_rng(2)
+    noise = 0.05 * rng.standard_normal(4 * SAMPLE_RATE).astype(np.float32)
+    assert no_speech_probability(question) < 0.05
+    some_speech = noise.copy()
+    some_speech[SAMPLE_RATE: SAMPLE_RATE + len(question)] += question
+    assert no_speech_probability(some_speech) < 0.2
+    for other in (np.zeros(3 * SAMPLE_RATE, np.float32), noise, load_audio(str(EXAMPLES / "doorbell.flac"))):
+        assert no_speech_probability(other) > 0.8
+    assert no_speech_probability(np.zeros(0, np.float32)) == 1.0
+    assert no_speech_probability(question) == no_speech_probability(question)  # no state carried over
 
 
 def test_pause_seconds_are_checked():

@@ -14,6 +14,7 @@ import pytest
 
 from qwen2audio.api import ASR_PROMPT
 from qwen2audio.audio import N_SAMPLES, SAMPLE_RATE, cut_windows, load_audio, split_at_pauses
+from qwen2audio.audio.vad import no_speech_probability
 from qwen2audio.generation.reply import logprob_entries
 from qwen2audio.eval.translation import TRANSLATION_PROMPT
 from qwen2audio.text.tags import TAG
@@ -236,6 +237,7 @@ def test_transcription_subtitles_and_verbose_json(client, transcript, wav):
     assert verbose.text == transcript and verbose.duration == 2.0 and verbose.language == "english"
     [segment] = verbose.segments
     assert (segment.start, segment.end, segment.text) == (0.0, 2.0, transcript)
+    assert segment.no_speech_prob == round(no_speech_probability(load_audio(wav)), 4)  # the detector on the clip
 
 
 def test_long_audio_is_transcribed_window_by_window(client, model):
@@ -278,6 +280,7 @@ def test_server_vad_chunking_cuts_at_every_pause(client, model, server, monkeypa
     ends = np.cumsum([len(c) for c in chunks]) / SAMPLE_RATE
     assert [s.end for s in vad.segments] == pytest.approx(list(ends), abs=1e-3)
     assert [s.text for s in vad.segments] == [model.transcribe(c, max_new_tokens=MAX_TOKENS) for c in chunks]
+    assert all(s.no_speech_prob < 0.1 for s in vad.segments)  # each a spoken question
     assert vad.text == model.transcribe(wave, max_new_tokens=MAX_TOKENS, cut_at_pauses=0.3)
     as_json = httpx.post(str(client.base_url).rstrip("/") + "/audio/transcriptions", timeout=30,
                          data={"model": MODEL_ID, "response_format": "verbose_json",

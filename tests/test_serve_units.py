@@ -3,6 +3,7 @@ becomes sampling settings, and how a validation error names its field."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -48,6 +49,11 @@ def test_json_text_and_verbose_json():
     assert (verbose["task"], verbose["language"], verbose["duration"]) == ("translate", "french", 3725.25)
     assert [(s["id"], s["seek"], s["start"], s["end"], s["tokens"]) for s in verbose["segments"]] == [
         (0, 0, 0.0, 17.5, [1, 2]), (1, 1750, 17.5, 35.0, [3]), (2, 3500, 35.0, 3725.25, [4])]
+    assert all("no_speech_prob" not in s for s in verbose["segments"])  # none computed: none given
+    heard = [dataclasses.replace(s, no_speech_prob=p) for s, p in zip(SEGMENTS, (0.01, 0.97, 0.2))]
+    verbose = json.loads(formats.render("verbose_json", heard, task="transcribe", language="english",
+                                        duration=3725.25, temperature=0.0)[0])
+    assert [s["no_speech_prob"] for s in verbose["segments"]] == [0.01, 0.97, 0.2]
     with pytest.raises(ValueError, match="docx"):
         formats.render("docx", SEGMENTS, task="transcribe", language="en", duration=1, temperature=0)
 

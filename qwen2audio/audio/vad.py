@@ -46,6 +46,26 @@ def speech_spans(audio, min_pause_samples: int) -> list[tuple[int, int]]:
     return [(int(s["start"]), int(s["end"])) for s in spans]
 
 
+FRAME = 512  # samples: the 32 ms step Silero VAD reads at 16 kHz
+
+
+def no_speech_probability(audio) -> float:
+    """1 minus the highest probability of speech Silero VAD gives any 32 ms frame of 16 kHz mono ``audio``
+    (a last partial frame padded with zeros): what Whisper's ``no_speech_prob`` says of a segment, from a
+    detector rather than from the model's own first token (which this model has no counterpart of). Empty
+    audio: 1."""
+    samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    if samples.numel() == 0:
+        return 1.0
+    samples = torch.nn.functional.pad(samples, (0, -samples.numel() % FRAME))
+    with _lock, torch.inference_mode():
+        model = _vad()
+        model.reset_states()  # the detector carries state from frame to frame: start clean
+        top = max(float(model(frame, SAMPLE_RATE)) for frame in samples.split(FRAME))
+        model.reset_states()
+    return 1.0 - top
+
+
 def find_pauses(audio, min_samples: int) -> list[tuple[int, int]]:
     """The pauses between speech in ``audio`` of at least about ``min_samples``: ``(start, end)`` sample
     spans from the end of one stretch of speech to the start of the next. Anything that is not speech is

@@ -32,6 +32,9 @@ the model's task prompt is fixed. Other fields are ignored.
   2.4: a decoding loop) is decoded again with seeded sampling at temperature 0.2, 0.4, ... 1.0 until one is
   not, as Whisper does (qwen2audio.generation.fallback); verbose_json gives each segment the temperature
   its text came from, and its compression ratio.
+- verbose_json's segments also carry a ``no_speech_prob``: 1 minus the highest probability of speech Silero
+  VAD gives any 32 ms of the segment's audio (``text.transcripts.with_no_speech``), for clients that drop
+  segments by it as they do Whisper's; the streamed segment events do not.
 - Up to four windows at a time go to the backend (they decode together in one batch; more would crowd
   out other clients). Only the first can be refused for a full queue (429); each later one waits for
   room, joining the back of the line (another client's request may run between two windows).
@@ -61,7 +64,7 @@ from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
 from .chat import check_model, refusal, refuse_if_full, request_error
 from .errors import bad_request, error_body
-from ..text.transcripts import FORMATS, Segment, full_text, render, seconds
+from ..text.transcripts import FORMATS, Segment, full_text, render, seconds, with_no_speech
 from .handles import ClientGone, Reader, watching
 from .metrics import Metrics
 
@@ -126,6 +129,8 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
         return await _streamed(events, backend, with_logprobs,
                                wave.shape[0] / SAMPLE_RATE if response_format == "verbose_json" else None)
     segments = [event async for event in events if isinstance(event, Segment)]
+    if response_format == "verbose_json":
+        segments = await run_in_threadpool(with_no_speech, segments, wave)
     body, media_type = render(response_format, segments, task=task, language=language_name(language),
                               duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature,
                               logprobs=_entries(segments, backend) if with_logprobs else None)

@@ -9,7 +9,7 @@ both are replaced; WebVTT also needs ``&`` and ``<`` escaped.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..audio.features import SAMPLE_RATE
@@ -31,6 +31,7 @@ class Segment:
     temperature: float | None = None  # the one its text was decoded at, when not the request's (fallback)
     logprobs: list | None = None  # its tokens' TokenLogprob, when the request asked for them
     prompt_tokens: int = 0  # its prompt's tokens, audio included (a streamed transcript's usage)
+    no_speech_prob: float | None = None  # verbose_json's: from the voice-activity detector (with_no_speech)
 
     @classmethod
     def decoded(cls, window, text: str, result, temperature: float | None = None) -> Segment:
@@ -40,6 +41,16 @@ class Segment:
         return cls(window.start / SAMPLE_RATE, (window.start + window.audio.shape[0]) / SAMPLE_RATE,
                    TAG.sub("", text).strip(), list(result.token_ids), temperature, result.logprobs,
                    result.prompt_tokens)
+
+
+def with_no_speech(segments: list[Segment], audio) -> list[Segment]:
+    """The segments, each with its ``no_speech_prob``: 1 minus the highest probability of speech Silero VAD
+    finds in its stretch of ``audio`` (16 kHz mono, the whole recording the segments' times point into;
+    ``qwen2audio.audio.vad``). About an eighth of a second per 30 s of audio on one core."""
+    from ..audio.vad import no_speech_probability  # torch and the detector: only where asked for
+
+    return [replace(s, no_speech_prob=round(no_speech_probability(
+        audio[round(s.start * SAMPLE_RATE):round(s.end * SAMPLE_RATE)]), 4)) for s in segments]
 
 
 def full_text(segments: list[Segment]) -> str:
@@ -84,16 +95,18 @@ def render(fmt: str, segments: list[Segment], *, task: str, language: str, durat
 
 def verbose_json(segments: list[Segment], task: str, language: str, duration: float,
                  temperature: float) -> dict[str, Any]:
-    """OpenAI's verbose_json, without the fields this model does not compute (no_speech_prob, words). A
-    segment's temperature is the one its text was decoded at (higher than the request's where the server's
+    """OpenAI's verbose_json, without word timestamps (which this model does not compute). A segment's
+    temperature is the one its text was decoded at (higher than the request's where the server's
     --fallback decoded a repetitive window again); its avg_logprob, as Whisper's, the mean log-probability
-    of its generated tokens, the stop token included (when its logprobs were computed)."""
+    of its generated tokens, the stop token included (when its logprobs were computed); its
+    no_speech_prob, where ``with_no_speech`` gave it one, the voice-activity detector's."""
     return {"task": task, "language": language, "duration": seconds(duration), "text": full_text(segments),
             "segments": [{"id": i, "seek": round(s.start / HOP_SECONDS), "start": seconds(s.start),
                           "end": seconds(s.end), "text": s.text, "tokens": s.tokens,
                           "temperature": temperature if s.temperature is None else s.temperature,
                           "compression_ratio": round(compression_ratio(s.text), 3),
-                          **({} if not s.logprobs else {"avg_logprob": avg_logprob(s.logprobs)})}
+                          **({} if not s.logprobs else {"avg_logprob": avg_logprob(s.logprobs)}),
+                          **({} if s.no_speech_prob is None else {"no_speech_prob": s.no_speech_prob})}
                          for i, s in enumerate(segments)]}
 
 
