@@ -57,13 +57,10 @@ def no_speech_probability(audio) -> float:
     samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     if samples.numel() == 0:
         return 1.0
-    samples = torch.nn.functional.pad(samples, (0, -samples.numel() % FRAME))
+    samples = torch.nn.functional.pad(samples, (0, max(0, FRAME - samples.numel())))  # it refuses less than a frame
     with _lock, torch.inference_mode():
-        model = _vad()
-        model.reset_states()  # the detector carries state from frame to frame: start clean
-        top = max(float(model(frame, SAMPLE_RATE)) for frame in samples.split(FRAME))
-        model.reset_states()
-    return 1.0 - top
+        # every frame's probability, from a clean state, the last frame padded: the detector's own loop
+        return 1.0 - float(_vad().audio_forward(samples, SAMPLE_RATE).max())
 
 
 def find_pauses(audio, min_samples: int) -> list[tuple[int, int]]:
