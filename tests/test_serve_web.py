@@ -232,6 +232,13 @@ def record_a_second(page_) -> None:
     page_.wait_for_function("document.querySelector('#recording-time').textContent === '0:01'", timeout=WAIT_MS)
 
 
+def record_a_second_and_keep_it(page_) -> None:
+    """Record, then Keep: the recording stops and stays attached, sent nowhere."""
+    record_a_second(page_)
+    page_.click("#recording-keep")
+    page_.wait_for_selector("#attachment:not([hidden])")
+
+
 def test_microphone_recording_is_the_turn(browser):
     backend = FakeBackend(words=ANSWER)
     app, _ = fake_app(backend)
@@ -257,9 +264,7 @@ def test_keep_attaches_the_recording_to_ask_about_it(browser):
     app, _ = fake_app(backend)
     with running(app) as url:
         page_ = open_page(browser, url)
-        record_a_second(page_)
-        page_.click("#recording-keep")
-        page_.wait_for_selector("#attachment:not([hidden])")
+        record_a_second_and_keep_it(page_)
         assert page_.is_hidden("#recording") and page_.text_content("#attachment-name").startswith("recording")
         assert page_.locator(".turn").count() == 0 and backend.requests == []
         page_.fill("#text", "What is this tone?")
@@ -660,9 +665,7 @@ def test_a_kept_recording_can_be_transcribed(browser, model_server):
     """Record, Keep, Transcribe: the server takes the recording (a WAV file) at /v1/audio/transcriptions, and
     its transcript comes back with its downloads; the recording stays attached."""
     page_ = open_page(browser, model_server)
-    record_a_second(page_)
-    page_.click("#recording-keep")
-    page_.wait_for_selector("#attachment:not([hidden])")
+    record_a_second_and_keep_it(page_)
     with page_.expect_response("**/v1/audio/transcriptions") as response:
         page_.click("#transcribe")
     assert response.value.status == 200
