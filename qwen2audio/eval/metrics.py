@@ -6,8 +6,8 @@ reference words; BLEU from summed n-gram counts) exact, per-subset scores trivia
 cheap: resample items, add their vectors, score.
 
 Metric names (`EvalItem.metric`):
-    wer:LANG    corpus error rate in %, normalised for LANG (see normalizers); zh and yue per character
-    bleu:LANG   sacrebleu corpus BLEU for target language LANG (tokenizer zh for zh, 13a otherwise)
+    wer:LANG    corpus error rate in %, normalised for LANG (see normalizers); per character for zh, yue, ja, th, lo, my, km
+    bleu:LANG   sacrebleu corpus BLEU for target language LANG (tokenizer zh for zh, ja-mecab for ja, 13a otherwise)
     acc         exact match of the left-stripped answer with the label (the official SER / VSC scoring)
     contains    free answers: correct when any accepted answer (the reference lists them separated by "|")
                 appears in the answer as whole words, case and punctuation ignored ("a dog|bark|puppy")

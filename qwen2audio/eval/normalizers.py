@@ -7,7 +7,7 @@ Per language, in the official order (remove_sp, then compute_wer):
     zh:  speechio's cn_tn TextNorm (numbers read out in Chinese characters, punctuation to spaces)
     other languages (and yue): Whisper's basic normaliser
     then fairseq's evaluation tokenizer: lower-case, drop tokens made only of punctuation
-    zh and yue are scored per character, the others per word.
+    zh, yue, ja, th, lo, my and km are scored per character, the others per word.
 
 The normalisers are ports of the very code the official script runs (qwen2audio.eval.whisper_normalizers,
 qwen2audio.eval.cn_tn), not look-alikes: a different reading of one number moves a sentence's CER by tens of

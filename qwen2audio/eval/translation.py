@@ -11,7 +11,7 @@ as escapechar): a quote, backslash, tab or newline inside a field has a backslas
 are read back with the same escape character, as the tool itself reads them.
 
 Prompt (base model, raw): `Detect the language and translate the speech into TARGET: <|SRC|>`.
-Metric: sacrebleu corpus BLEU, tokenizer zh for Chinese targets, 13a otherwise.
+Metric: sacrebleu corpus BLEU, tokenizer zh for Chinese targets, ja-mecab for Japanese, 13a otherwise.
 """
 
 from __future__ import annotations
