@@ -247,3 +247,50 @@ def test_a_reply_too_long_for_the_context_names_max_tokens():
 
     error = request_error(MaxTokensTooLarge("leaves 35 for the reply, but 100 were asked for"))
     assert (error.status, error.param, error.code) == (400, "max_tokens", "context_length_exceeded")
+
+
+def test_a_streamed_chunk_carries_the_logprobs_of_the_tokens_whose_text_it_brings():
+    """The decoder runs ahead of the stream: tokens decoded after a chunk's text was read (their
+    logprobs already in the result) belong to a later chunk, not to this one."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from qwen2audio.generation.reply import TokenLogprob
+    from qwen2audio.serve.backend import Handle
+    from qwen2audio.serve.chat import _Answer, _events
+    from qwen2audio.serve.handles import Reader
+
+    words = ["one", " two", " three", " four"]
+    backend = SimpleNamespace(model_id="m", token_bytes=lambda t: words[t].encode())
+    handle = Handle()
+    handle.result.logprobs = []
+
+    def decode(token: int) -> None:  # as the scheduler does: the logprob first, then the text's event
+        handle.result.logprobs.append(TokenLogprob(token, -0.5 * token))
+        handle.result.token_ids.append(token)
+        handle.put(words[token])
+
+    async def chunks() -> list[dict]:
+        reader = Reader(handle)
+        decode(0)
+        first = await reader.next()
+        out = []
+        stream = _events(_Answer(backend, 1, lambda readers: None), [reader], first, False)
+        async for sse in stream:
+            if sse.startswith("data: {"):
+                out.append(json.loads(sse[6:]))
+            if len(out) == 1:  # the role chunk is out; tokens 1 and 2 are decoded before "one" is sent
+                decode(1)
+                decode(2)
+            if len(out) == 3:
+                decode(3)
+                handle.result.finish_reason = "stop"
+                handle.finish()
+        return out
+
+    out = asyncio.run(chunks())
+    content = [c["choices"][0] for c in out if c["choices"][0]["delta"].get("content")]
+    assert [c["delta"]["content"] for c in content] == ["one", " two three", " four"]
+    assert [[e["token"] for e in c["logprobs"]["content"]] for c in content] == [["one"], [" two", " three"],
+                                                                                  [" four"]]
+    assert out[-1]["choices"][0]["finish_reason"] == "stop" and out[-1]["choices"][0]["logprobs"]["content"] == []

@@ -219,6 +219,7 @@ class RequestStream:
     def __init__(self, scheduler: "Scheduler", request: _Request):
         self._scheduler, self._request = scheduler, request
         self.result: Generation = request.reply.out
+        self.tokens_read = 0  # generated tokens whose events ``poll`` has returned (their text, if any)
         weakref.finalize(self, _abandon, request).atexit = False
 
     def __iter__(self) -> Iterator[str]:
@@ -239,8 +240,10 @@ class RequestStream:
 
     def poll(self) -> tuple[str, bool]:
         """Without blocking: the text of the events that have come since the last read, and whether the
-        request has ended (then its failure, if it failed, is raised)."""
+        request has ended (then its failure, if it failed, is raised). ``tokens_read`` counts the tokens
+        read so far: their logprobs (when asked for) are in ``result.logprobs`` by then."""
         items, ended = self._request.events.read()
+        self.tokens_read += sum(token is not None for token, _ in items)
         return "".join(delta for _, delta in items), ended
 
     def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:

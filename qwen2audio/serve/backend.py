@@ -7,6 +7,7 @@ tests' fake backend implements it too):
     handle = backend.chat(messages, params)           # or backend.complete(prompt, audios, params)
     for delta in handle: ...                          # text deltas, blocking; raises the request's error
     text, ended = handle.poll()                       # or without blocking: the text so far unread
+    handle.tokens_read                                # generated tokens whose text poll has returned
     handle.on_event(callback, end_only=False)         # callback() once at the next event (any thread)
     handle.result                                     # Generation: text, token_ids, finish_reason,
                                                       #   prompt_tokens, logprobs (when asked for);
@@ -71,6 +72,7 @@ class Handle:
         self._cancelled = threading.Event()
         self._ended = threading.Event()  # finished or failed: cancelling it changes nothing
         self._on_cancel: Callable[["Handle"], None] | None = None  # set by the backend that owns it
+        self.tokens_read = 0  # deltas ``poll`` has returned: one per generated token (``put``)
 
     # -- the consumer's side -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[str]:
@@ -87,6 +89,7 @@ class Handle:
         """Without blocking: the text that has come since the last read, and whether the request has
         ended (then its error, if it failed, is raised). Not to be mixed with iteration."""
         deltas, ended = self._events.read()
+        self.tokens_read += len(deltas)
         return "".join(deltas), ended
 
     def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:
@@ -109,6 +112,8 @@ class Handle:
 
     # -- the producer's side -----------------------------------------------------------------------
     def put(self, delta: str) -> None:
+        """One generated token's text (empty where it is held back); its logprob, if any, must already be
+        in ``result.logprobs``."""
         self._events.post(delta)
 
     def finish(self, result: Generation | None = None) -> None:
@@ -175,6 +180,10 @@ class StreamHandle:
         if self._error is not None:
             raise self._error
         return self._stream.poll()
+
+    @property
+    def tokens_read(self) -> int:
+        return 0 if self._stream is None else self._stream.tokens_read
 
     def on_event(self, callback: Callable[[], None], end_only: bool = False) -> None:
         if self._stream is None:  # refused before it ran: poll raises at once

@@ -214,12 +214,12 @@ class _Answer:
             return [result, *result.alternatives][: self.copies]
         return [result] * self.copies
 
-    def entries(self, result: Generation, start: int = 0) -> list[dict[str, Any]] | None:
-        """The logprob entries of ``result``'s tokens from ``start`` on (those that have come so far); None
-        when the request did not ask for them."""
+    def entries(self, result: Generation, start: int = 0, stop: int | None = None) -> list[dict[str, Any]] | None:
+        """The logprob entries of ``result``'s tokens ``start:stop`` (to the last that has come when
+        ``stop`` is None); None when the request did not ask for them."""
         if result.logprobs is None:
             return None
-        return logprob_entries(result.logprobs[start:], self.backend.token_bytes)
+        return logprob_entries(result.logprobs[start:stop], self.backend.token_bytes)
 
 
 class _Done:
@@ -296,8 +296,9 @@ def _sse(data: Any) -> str:
 async def _events(answer: _Answer, readers: list[Reader], first: str | None, include_usage: bool
                   ) -> AsyncIterator[str]:
     """The SSE stream: per choice a role chunk, content chunks and a finish chunk; then the usage chunk
-    (when asked for) and [DONE]. With logprobs, each chunk carries those of the tokens that have come since
-    the one before (a token whose text is still held back is in the chunk that has its log-probability)."""
+    (when asked for) and [DONE]. With logprobs, each content chunk carries those of the tokens whose text
+    it brings (a token whose text was held back, as part of a character or a possible stop string, goes
+    with the chunk that brings that text; the finish chunk carries the rest, a stop token's, say)."""
     id, created, copies, model_id = fmt.completion_id(), fmt.now(), answer.copies, answer.backend.model_id
 
     def chunk(index: int, delta: dict[str, str], finish: str | None = None, entries: list | None = None) -> str:
@@ -311,7 +312,8 @@ async def _events(answer: _Answer, readers: list[Reader], first: str | None, inc
             delta = first if k == 0 else await reader.next()
             sent = 0  # tokens whose logprobs went out
             while delta is not None:
-                entries = answer.entries(reader.handle.result, sent)
+                # the tokens this delta was read with, not those decoded since (their text comes later)
+                entries = answer.entries(reader.handle.result, sent, reader.handle.tokens_read)
                 sent += len(entries or ())
                 for i in indices:
                     yield chunk(i, {"content": delta}, entries=entries)
