@@ -60,7 +60,8 @@ def speech_prompt(language: str = "en", translate_to: str | None = None) -> str:
     ``translate_to`` translation into that language (the evaluation's CoVoST 2 prompt, which names it:
     en -> English, zh -> Mandarin, ...). The language tag is the code's language part in lower case, as the
     official prompts write it: en-US and EN give <|en|>."""
-    from .eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT, language_code
+    from .eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
+    from .text.languages import language_code
 
     if not isinstance(language, str) or not language.strip():
         raise ValueError(f"language must be a language code such as 'en', 'zh' or 'yue', got {language!r}")

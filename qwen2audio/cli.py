@@ -569,12 +569,13 @@ def _transcript_body(args: argparse.Namespace, path: str, transcript, printed: b
         return "".join(parts)
     if args.format == "json" and printed:
         return json.dumps({"file": path, "text": transcript.text}, ensure_ascii=False) + "\n"
-    from .eval.translation import language_name
+    from .text.languages import language_name
     from .text.transcripts import render
 
     task = "transcribe" if args.translate_to is None else "translate"
-    body, _ = render(args.format, transcript.segments, task=task, language=language_name(args.language),
-                     duration=transcript.duration, temperature=args.temperature or 0.0)
+    # verbose_json's language: the text's (a translation's target), as OpenAI's translations give "english"
+    body, _ = render(args.format, transcript.segments, task=task,
+                     language=language_name(args.translate_to or args.language), duration=transcript.duration, temperature=args.temperature or 0.0)
     return body if body.endswith("\n") else body + "\n"
 
 

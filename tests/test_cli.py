@@ -383,6 +383,7 @@ def test_translate_to_asks_with_the_official_translation_prompt(api, model_dir, 
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["task"] == "translate" and doc["text"] == translated.text
+    assert doc["language"] == "german"  # the text's language, as OpenAI's translations say "english"
     with pytest.raises(ValueError, match="translate_to='xx': no name for that language"):
         model.transcript(wave, translate_to="xx")
 

@@ -218,10 +218,14 @@ def transcript(model, wav):
     return model.transcribe(wav, language="en", max_new_tokens=MAX_TOKENS)
 
 
-def test_transcription_json_and_text_equal_the_python_api(client, transcript, wav):
+def test_transcription_json_and_text_equal_the_python_api(client, model, transcript, wav):
     assert transcript
     result = client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", wav), language="en")
     assert result.text == transcript
+    # OpenAI's token usage: the window's prompt (its audio included) and generated tokens
+    expected = model.complete(ASR_PROMPT.format(language="en"), [wav], max_new_tokens=MAX_TOKENS)
+    assert (result.usage.type, result.usage.input_tokens, result.usage.output_tokens, result.usage.total_tokens) == (
+        "tokens", expected.prompt_tokens, len(expected.token_ids), expected.prompt_tokens + len(expected.token_ids))
     text = client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", wav), response_format="text")
     assert text == transcript + "\n"
 
@@ -235,6 +239,10 @@ def test_transcription_subtitles_and_verbose_json(client, transcript, wav):
     verbose = client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", wav),
                                                  response_format="verbose_json")
     assert verbose.text == transcript and verbose.duration == 2.0 and verbose.language == "english"
+    assert (verbose.usage.type, verbose.usage.seconds) == ("duration", 2.0)  # whisper-1's usage
+    chinese = client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", wav), language="zh",
+                                                 response_format="verbose_json")
+    assert chinese.language == "chinese"  # Whisper's name, as OpenAI's answer gives it
     [segment] = verbose.segments
     assert (segment.start, segment.end, segment.text) == (0.0, 2.0, transcript)
     assert segment.no_speech_prob == round(no_speech_probability(load_audio(wav)), 4)  # the detector on the clip
@@ -389,6 +397,10 @@ def test_a_streamed_transcription_sends_the_text_as_it_is_decoded(client, model)
         deltas)
     assert len(deltas) > 2 and "".join(deltas) == done.text == whole.text
     assert [e.token for e in done.logprobs] == [e.token for e in whole.logprobs]
+    # each delta brings the logprobs of the tokens decoded since the one before; the done event all of them
+    carried = [e.token for e in events if e.type == "transcript.text.delta" for e in e.logprobs]
+    assert carried == [e.token for e in done.logprobs][:len(carried)]
+    assert all(e.logprobs for e in events if e.type == "transcript.text.delta")  # none without a new token
     # (each request encodes its windows in its own batch: the vectors may round a little differently)
     assert [e.logprob for e in done.logprobs] == pytest.approx([e.logprob for e in whole.logprobs], abs=1e-5)
     windows = [model.complete(ASR_PROMPT.format(language="en"), [w], max_new_tokens=MAX_TOKENS)
@@ -423,6 +435,9 @@ def test_translation_asks_for_english_with_the_official_prompt(client, model, wa
     expected = model.complete(prompt, [wav], max_new_tokens=MAX_TOKENS).text
     assert result.text == TAG.sub("", expected).strip()
     assert result.text == model.translate(wav, to="en", language="fr", max_new_tokens=MAX_TOKENS)  # the API's
+    verbose = client.audio.translations.create(model=MODEL_ID, file=("clip.wav", wav), response_format="verbose_json",
+                                               extra_body={"language": "fr"})
+    assert (verbose.task, verbose.language, verbose.text) == ("translate", "english", result.text)  # the text's
 
 
 def test_models_health_and_metrics(client, server, wav):

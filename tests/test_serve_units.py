@@ -294,3 +294,13 @@ def test_a_streamed_chunk_carries_the_logprobs_of_the_tokens_whose_text_it_bring
     assert [[e["token"] for e in c["logprobs"]["content"]] for c in content] == [["one"], [" two", " three"],
                                                                                   [" four"]]
     assert out[-1]["choices"][0]["finish_reason"] == "stop" and out[-1]["choices"][0]["logprobs"]["content"] == []
+
+
+def test_language_names_are_whispers():
+    """verbose_json's language as OpenAI's API gives it: Whisper's name of the code (a locale's language
+    part); a code Whisper has none for, as given."""
+    from qwen2audio.text.languages import WHISPER_LANGUAGES, language_name
+
+    assert len(WHISPER_LANGUAGES) == 100
+    assert [language_name(c) for c in ("en", "en-US", "ZH", "yue", "fr_FR", "xx")] == [
+        "english", "english", "chinese", "cantonese", "french", "xx"]

@@ -20,6 +20,7 @@ import csv
 import re
 from pathlib import Path
 
+from ..text.languages import language_code
 from .jsonl import read_official
 from .tasks import DatasetError, EvalItem, Options, Task, require_dir, use_chat
 
@@ -33,17 +34,6 @@ LANGUAGE_NAMES = {"en": "English", "de": "German", "zh": "Mandarin", "ja": "Japa
 SPLIT_FILE = re.compile(r"^covost_v2\.([A-Za-z-]+)_([A-Za-z-]+)\.(\w+)\.tsv$")
 # The csv settings of get_covost_splits.py's load_df_from_tsv / save_df_to_tsv.
 SPLIT_FILE_FORMAT = {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "escapechar": "\\"}
-
-
-def language_code(locale: str) -> str:
-    """A locale -> its language code: zh-CN -> zh, sv-SE -> sv, en_US -> en, EN -> en."""
-    return locale.replace("_", "-").split("-")[0].lower()
-
-
-def language_name(code: str) -> str:
-    """A language tag -> its name in lower case, as a transcript's verbose_json names it (OpenAI's
-    "english"): en and en-US -> english; a tag without a known name, as given."""
-    return LANGUAGE_NAMES.get(language_code(code), code).lower()
 
 
 def translation_item(id: str, audio: Path, translation: str, src: str, tgt: str, options: Options) -> EvalItem:

@@ -42,6 +42,7 @@ the model's task prompt is fixed. Other fields are ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -55,10 +56,10 @@ from starlette.responses import Response, StreamingResponse
 
 from ..api import speech_prompt
 from ..audio.features import SAMPLE_RATE, chunk_samples, pause_samples, speech_windows
-from ..eval.translation import language_name
 from ..generation import fallback as F
 from ..generation.params import SamplingParams, transcription_cuts, transcription_decoding
 from ..generation.reply import logprob_entries
+from ..text.languages import language_name
 from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
@@ -131,23 +132,52 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
     segments = [event async for event in events if isinstance(event, Segment)]
     if response_format == "verbose_json":
         segments = await run_in_threadpool(with_no_speech, segments, wave)
-    body, media_type = render(response_format, segments, task=task, language=language_name(language),
-                              duration=wave.shape[0] / SAMPLE_RATE, temperature=params.temperature,
-                              logprobs=_entries(segments, backend) if with_logprobs else None)
+    duration = wave.shape[0] / SAMPLE_RATE
+    # OpenAI's usage: tokens for json, the audio's seconds for verbose_json; a translation has none
+    usage = None if task == TRANSLATE else (
+        {"type": "duration", "seconds": seconds(duration)} if response_format == "verbose_json"
+        else _token_usage(segments) if response_format == "json" else None)
+    # verbose_json's language names the text's: a translation's is English, as OpenAI's is
+    body, media_type = render(response_format, segments, task=task,
+                              language=language_name(language if task == TRANSCRIBE else TARGET_LANGUAGE),
+                              duration=duration, temperature=params.temperature,
+                              logprobs=_entries(segments, backend) if with_logprobs else None, usage=usage)
     return Response(body, media_type=media_type)
+
+
+def _token_usage(segments: list[Segment]) -> dict:
+    """OpenAI's token usage of a transcription: every window's prompt (its audio included) and generated
+    tokens (stop tokens too)."""
+    output = sum(len(s.tokens) for s in segments)
+    prompt = sum(s.prompt_tokens for s in segments)
+    return {"type": "tokens", "input_tokens": prompt, "output_tokens": output, "total_tokens": prompt + output}
 
 
 def _entries(segments: list[Segment], backend: Backend) -> list[dict]:
     """Every window's tokens' logprob entries, in order (OpenAI's transcription entries have no top_logprobs)."""
-    return [{k: e[k] for k in ("token", "logprob", "bytes")} for s in segments
-            for e in logprob_entries(s.logprobs, backend.token_bytes)]
+    return [e for s in segments for e in _plain_entries(s.logprobs, backend)]
+
+
+def _plain_entries(logprobs: list, backend: Backend) -> list[dict]:
+    return [{k: e[k] for k in ("token", "logprob", "bytes")} for e in logprob_entries(logprobs, backend.token_bytes)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Delta:
+    """A window's text as it is decoded, and the logprobs of the tokens it was read with (None when the
+    request asked for none)."""
+
+    text: str
+    logprobs: list | None
 
 
 async def _streamed(events: AsyncIterator, backend: Backend, with_logprobs: bool,
                     duration: float | None = None) -> Response:
     """``stream=true``: server-sent events as OpenAI's streamed transcriptions send them, a
     ``transcript.text.delta`` per piece of text as it is decoded, then ``transcript.text.done`` with the
-    whole text (and the logprobs, when asked for) and the usage. With ``duration`` (the audio's seconds:
+    whole text (and the logprobs, when asked for) and the usage. With logprobs asked for, each delta carries
+    those of the tokens decoded since the delta before (tokens whose text is held back, a window's stop
+    token, go with the next delta; the done event has them all). With ``duration`` (the audio's seconds:
     verbose_json) also a ``transcript.text.segment`` as each window is done (``id``, ``start``, ``end``,
     ``text``: OpenAI's event without its diarizing ``speaker``; the segments of the whole answer, empty
     ones too), and ``duration`` in the done event (an extension). The first window's first text (or the
@@ -156,16 +186,25 @@ async def _streamed(events: AsyncIterator, backend: Backend, with_logprobs: bool
 
     async def body() -> AsyncIterator[str]:
         segments, text = [], _LiveText()
+        pending: list = []  # logprobs of tokens read whose text no delta has carried yet
+        window_read = 0  # of this window's tokens, those read as deltas
         try:
             event = first
             while event is not None:
                 if isinstance(event, Segment):
                     segments.append(event)
                     delta = text.window_done(event.text)
+                    pending += (event.logprobs or [])[window_read:]
+                    window_read = 0
                 else:
-                    delta = text.push(event)
+                    delta = text.push(event.text)
+                    pending += event.logprobs or []
+                    window_read += len(event.logprobs or ())
                 if delta:
-                    yield _sse({"type": "transcript.text.delta", "delta": delta})
+                    data = {"type": "transcript.text.delta", "delta": delta}
+                    if with_logprobs:
+                        data["logprobs"], pending = _plain_entries(pending, backend), []
+                    yield _sse(data)
                 if isinstance(event, Segment) and duration is not None:
                     yield _sse({"type": "transcript.text.segment", "id": f"seg_{len(segments) - 1}",
                                 "start": seconds(event.start), "end": seconds(event.end), "text": event.text})
@@ -175,10 +214,7 @@ async def _streamed(events: AsyncIterator, backend: Backend, with_logprobs: bool
                 done["duration"] = seconds(duration)
             if with_logprobs:
                 done["logprobs"] = _entries(segments, backend)
-            output = sum(len(s.tokens) for s in segments)
-            prompt = sum(s.prompt_tokens for s in segments)
-            done["usage"] = {"type": "tokens", "input_tokens": prompt, "output_tokens": output,
-                             "total_tokens": prompt + output}
+            done["usage"] = _token_usage(segments)
             yield _sse(done)
         except Exception as err:  # noqa: BLE001 - a window that failed after the stream began
             error = request_error(err)
@@ -234,7 +270,7 @@ class _LiveText:
 
 async def _window_events(request: Request, backend: Backend, prompt: str, windows, params: SamplingParams,
                          metrics: Metrics, arrived: float, endpoint: str, fallback: bool = False,
-                         live: bool = False) -> AsyncIterator[str | Segment]:
+                         live: bool = False) -> AsyncIterator[_Delta | Segment]:
     """Each window's (``Window``'s) answer as a Segment, in order; with ``live`` (a streamed response) also its text deltas
     as they are decoded, before its Segment (not with the fallback, which may replace a window's text). Up
     to WINDOWS_AT_ONCE windows are in the backend at a time, so a long file's windows decode together in
@@ -250,11 +286,13 @@ async def _window_events(request: Request, backend: Backend, prompt: str, window
             reader = Reader(handles[k])
             try:
                 if live and not fallback:
-                    parts = []
+                    parts, read = [], 0
                     while (delta := await _read(request, handles[k], reader.next, watch=not started)) is not None:
                         parts.append(delta)
                         started = True
-                        yield delta
+                        logprobs, upto = handles[k].result.logprobs, handles[k].tokens_read
+                        yield _Delta(delta, None if logprobs is None else logprobs[read:upto])
+                        read = upto
                     text = "".join(parts)
                 else:
                     text = await _read(request, handles[k], reader.rest, watch=not (live and started))

@@ -73,14 +73,19 @@ class Transcript:
 
 
 def render(fmt: str, segments: list[Segment], *, task: str, language: str, duration: float,
-           temperature: float, logprobs: list[dict[str, Any]] | None = None) -> tuple[str, str]:
+           temperature: float, logprobs: list[dict[str, Any]] | None = None,
+           usage: dict[str, Any] | None = None) -> tuple[str, str]:
     """(body, media type) of a transcript in format ``fmt`` (one of FORMATS); ``logprobs``: the generated
-    tokens' entries (token, logprob, bytes) that the json format carries when the client asked for them."""
+    tokens' entries (token, logprob, bytes) that the json format carries when the client asked for them;
+    ``usage``: OpenAI's usage object, which json and verbose_json carry when given."""
     if logprobs is not None and fmt != "json":
         raise ValueError(f"logprobs come with the json response format only, not {fmt!r}")
+    if usage is not None and fmt not in ("json", "verbose_json"):
+        raise ValueError(f"usage comes with the json and verbose_json response formats only, not {fmt!r}")
+    extra = {} if usage is None else {"usage": usage}
     if fmt == "json":
-        body = json.dumps({"text": full_text(segments), **({} if logprobs is None else {"logprobs": logprobs})},
-                          ensure_ascii=False)
+        body = json.dumps({"text": full_text(segments), **({} if logprobs is None else {"logprobs": logprobs}),
+                           **extra}, ensure_ascii=False)
     elif fmt == "text":
         body = full_text(segments) + "\n"
     elif fmt == "srt":
@@ -88,7 +93,8 @@ def render(fmt: str, segments: list[Segment], *, task: str, language: str, durat
     elif fmt == "vtt":
         body = vtt(segments)
     elif fmt == "verbose_json":
-        body = json.dumps(verbose_json(segments, task, language, duration, temperature), ensure_ascii=False)
+        body = json.dumps({**verbose_json(segments, task, language, duration, temperature), **extra},
+                          ensure_ascii=False)
     else:
         raise ValueError(f"unknown response format {fmt!r}; expected one of {', '.join(FORMATS)}")
     return body, MEDIA_TYPES[fmt]
