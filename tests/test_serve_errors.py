@@ -260,4 +260,18 @@ def test_an_error_raised_by_the_model_is_a_400(url, backend):
         assert_openai_error(streamed, 400, "context_length_exceeded")
     finally:
         backend.error = None
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_reply_too_long_for_the_context_names_the_field_the_request_used(url, backend, field):
+    from qwen2audio.serve.backend import MaxTokensTooLarge
+
+    backend.error = MaxTokensTooLarge("leaves 15 tokens for the reply, but 20 were asked for")
+    try:
+        for stream in (False, True):
+            response = httpx.post(url + "/v1/chat/completions", json=chat_body(stream=stream, **{field: 20}),
+                                  timeout=30)
+            assert_openai_error(response, 400, "context_length_exceeded", param=field)
+    finally:
+        backend.error = None
     assert_still_serving(url)

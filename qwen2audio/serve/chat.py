@@ -60,7 +60,8 @@ async def chat_completions(request: Request, backend: Backend, policy: AudioPoli
     handles = await run_in_threadpool(submit, lambda p: backend.chat(messages, p, capped), params)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     done = _Done(metrics, arrived)
-    answer = _Answer(backend, copies, done, ranked=params[0].beams)
+    answer = _Answer(backend, copies, done, ranked=params[0].beams,
+                     tokens_field="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
     if req.stream:
         return await _streamed(request, answer, handles, include_usage)
     return await _whole(request, answer, handles)
@@ -180,15 +181,16 @@ def submit(start, params: Sequence[SamplingParams]) -> list[Handle]:
     return handles
 
 
-def request_error(err: Exception) -> APIError:
+def request_error(err: Exception, tokens_field: str = "max_tokens") -> APIError:
     """An error a generation raised -> its answer: ValueError is the request's fault (a prompt longer
-    than the context), anything else the server's."""
+    than the context), anything else the server's; ``tokens_field``: the request's name for the reply's
+    length (max_tokens or max_completion_tokens), which a reply too long for the context is blamed on."""
     if isinstance(err, APIError):
         return err
     if isinstance(err, TooManyBeams):
         return bad_request(str(err), "num_beams")
     if isinstance(err, MaxTokensTooLarge):
-        return bad_request(str(err), "max_tokens", "context_length_exceeded")
+        return bad_request(str(err), tokens_field, "context_length_exceeded")
     if isinstance(err, ValueError):
         return bad_request(str(err), code="context_length_exceeded" if isinstance(err, RequestTooLarge) else None)
     log.exception("generation failed", exc_info=err)
@@ -206,6 +208,7 @@ class _Answer:
     copies: int
     done: "_Done"
     ranked: bool = False
+    tokens_field: str = "max_tokens"  # the request's name for the reply's length (an error names it)
 
     def choices(self, result: Generation) -> list[Generation]:
         """The choices one generation stands for: ``copies`` of it, or (ranked) it and its alternatives,
@@ -248,7 +251,7 @@ async def _whole(request: Request, answer: _Answer, handles: list[Handle]) -> Re
     try:
         texts = await watching(request, handles, read_all)
     except Exception as err:  # noqa: BLE001 - mapped to its answer
-        raise request_error(err) from None
+        raise request_error(err, answer.tokens_field) from None
     finally:
         answer.done(readers)
     results = [h.result for h in handles]
@@ -268,7 +271,7 @@ async def _streamed(request: Request, answer: _Answer, handles: list[Handle], in
         for handle in handles:
             handle.cancel()
         answer.done(readers)
-        raise request_error(err) from None
+        raise request_error(err, answer.tokens_field) from None
     events = _events(answer, readers, first, include_usage)
     return _CancellingStream(handles, events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -332,7 +335,7 @@ async def _events(answer: _Answer, readers: list[Reader], first: str | None, inc
                                        results[0].cached_tokens))
         yield "data: [DONE]\n\n"
     except Exception as err:  # noqa: BLE001 - a generation that failed after the stream began
-        error = request_error(err)
+        error = request_error(err, answer.tokens_field)
         yield _sse(error_body(error.message, error.type, error.param, error.code))
     finally:  # also when the client left: the task is cancelled at its await
         for reader in readers:
