@@ -314,6 +314,8 @@ def with_generation_config(model_dir: Path, out: Path, config: dict) -> Path:
      "no_repeat_ngram_size 3, suppress_tokens [5, 6]"),
     ({"do_sample": True, "typical_p": 0.9, "min_p": 0.05}, "typical_p 0.9, min_p 0.05"),
     ({"num_beams": 4, "early_stopping": True}, "early_stopping true"),
+    ({"num_beams": 4, "renormalize_logits": True, "stop_strings": ["."]}, 'stop_strings ["."], renormalize_logits true'),
+    ({"renormalize_logits": True}, None),  # one beam: greedy and sampled tokens are the same with it
     ({"do_sample": False, "early_stopping": True, "guidance_scale": 1, "min_length": 0}, None),
     # a caller's temperature samples with the file's filters in transformers
     ({"do_sample": False, "typical_p": 0.9}, "typical_p 0.9 (when sampling)"),

@@ -120,10 +120,12 @@ UNAPPLIED_DEFAULTS = {"no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size":
                       "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0,
                       "exponential_decay_length_penalty": None, "encoder_repetition_penalty": 1.0,
                       "guidance_scale": None, "penalty_alpha": None, "dola_layers": None,
-                      "num_beam_groups": 1, "diversity_penalty": 0.0}
+                      "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None, "force_words_ids": None,
+                      "stop_strings": None, "max_time": None, "token_healing": False, "watermarking_config": None}
 UNAPPLIED_SAMPLING_DEFAULTS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None}
-# beam search's end: ours is transformers' early_stopping False (its heuristic); the key matters with beams only
-UNAPPLIED_BEAM_DEFAULTS = {"early_stopping": False}
+# beam search's end: ours is transformers' early_stopping False (its heuristic); renormalize_logits changes the
+# beams' scores (and so which reply wins), never a greedy or a sampled token: both matter with beams only
+UNAPPLIED_BEAM_DEFAULTS = {"early_stopping": False, "renormalize_logits": False}
 
 
 def from_generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
