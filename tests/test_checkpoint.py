@@ -423,6 +423,39 @@ def test_wrong_shape_names_key_and_both_shapes(saved, tmp_path):
         load_model(tmp_path)
 
 
+def test_weights_stored_as_integers_are_refused_as_a_quantized_export(saved, tmp_path):
+    """An int8 weight (a bitsandbytes export stores them so) with the right shape: no raw torch error, and
+    no integers loaded as weights when a dtype is named."""
+    _, path = saved["gqa_tied_128"]
+    tensors = load_file(path / SINGLE)
+    key = "language_model.model.layers.1.self_attn.q_proj.weight"
+    tensors[key] = torch.ones_like(tensors[key], dtype=torch.int8)
+    copy_config(path, tmp_path)
+    save_file(tensors, tmp_path / SINGLE, metadata={"format": "pt"})
+    for dtype in ("auto", "float32"):
+        with pytest.raises(CheckpointError, match=re.escape(f"{SINGLE}: {key} is stored as I8") + ".*quantized export"):
+            load_model(tmp_path, dtype=dtype)
+
+
+def test_a_checkpoint_stored_in_several_dtypes_loads_in_one(saved, tmp_path, monkeypatch):
+    """bfloat16 weights with float32 norms: "auto" loads every weight as float32 (exactly the stored
+    values), and the model computes, as transformers' from_pretrained(dtype="auto") loads one dtype."""
+    monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: True)
+    ref, path = saved["gqa_tied_128"]
+    tensors = load_file(path / SINGLE)
+    mixed = {k: v if "norm" in k else v.to(torch.bfloat16) for k, v in tensors.items()}
+    assert {v.dtype for v in mixed.values()} == {torch.float32, torch.bfloat16}
+    copy_config(path, tmp_path)
+    save_file(mixed, tmp_path / SINGLE, metadata={"format": "pt"})
+    model = load_model(tmp_path, dtype="auto")
+    assert {v.dtype for v in state(model).values()} == {torch.float32}
+    for k, v in state(model).items():
+        if k in mixed:
+            assert torch.equal(v, mixed[k].float()), k
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(model(ids)).all()  # one dtype: no "mat1 and mat2 must have the same dtype"
+
+
 def test_index_naming_a_missing_shard(saved, tmp_path):
     ref, _ = saved["mha_untied_80"]
     ref.save_pretrained(tmp_path, max_shard_size="200KB")

@@ -169,9 +169,11 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                strict: bool = True) -> Qwen2AudioModel:
     """Load a Qwen2-Audio checkpoint directory (config.json + safetensors) onto ``device``.
 
-    ``dtype`` None or "auto": each tensor as stored (``auto_dtype``: float32 for half precision on a CPU
-    without native support for it). Missing keys always raise, naming them; unexpected keys raise when
-    ``strict``.
+    ``dtype`` None or "auto": the dtype the weights are stored in (``auto_dtype``: float32 for half
+    precision on a CPU without native support for it); float32 for a checkpoint that stores them in
+    several (every half-precision value is a float32 value), so that the model computes in one. Missing
+    keys always raise, naming them; unexpected keys raise when ``strict``; weights stored as integers (a
+    quantized export) raise, naming one.
     """
     directory = Path(directory)
     if directory.is_file():
@@ -188,6 +190,9 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.text.tie_word_embeddings:
         expected.pop(TIED_HEAD_KEY)
+    stored = stored_dtypes(files, expected)
+    if target_dtype is None:
+        target_dtype = auto_dtype(stored.pop() if len(stored) == 1 else torch.float32, device)
     seen: set[str] = set()
     unexpected: list[str] = []
     for path in files:
@@ -202,7 +207,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                 if tuple(tensor.shape) != tuple(expected[key]):
                     raise CheckpointError(f"{path.name}: {key} has shape {tuple(tensor.shape)}, the config implies "
                                           f"{tuple(expected[key])}; config.json and the weights disagree")
-                shard[key] = tensor.to(device=device, dtype=target_dtype or auto_dtype(tensor.dtype, device))
+                shard[key] = tensor.to(device=device, dtype=target_dtype)
                 seen.add(key)
         model.load_state_dict(shard, strict=False, assign=True)
         del shard
@@ -218,6 +223,30 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                               "qwen2audio.checkpoint.load_model(..., strict=False) loads it without them.")
     model.tie_weights()
     return model.eval()
+
+
+# safetensors' names of the dtypes a Qwen2-Audio checkpoint's weights may be stored in
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtypes(files: list[Path], keys) -> set[torch.dtype]:
+    """The dtypes the weights named in ``keys`` are stored in (read from the files' headers); a weight
+    stored in another (int8, float8: a quantized export) raises a CheckpointError naming it."""
+    found: set[torch.dtype] = set()
+    for path in files:
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                if key not in keys:
+                    continue
+                name = f.get_slice(key).get_dtype()
+                if name not in FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"{path.name}: {key} is stored as {name}, not as floating point (F32, F16 or BF16): this "
+                        "looks like a quantized export (bitsandbytes, GPTQ, AWQ, ...), which qwen2audio does not "
+                        "read. Load the float16/bfloat16/float32 checkpoint it was made from (qwen2audio's own "
+                        "--quantize int8 quantizes at load).")
+                found.add(FLOAT_DTYPES[name])
+    return found
 
 
 def model_from_state_dict(config: Qwen2AudioConfig, state: dict[str, torch.Tensor]) -> Qwen2AudioModel:
