@@ -218,6 +218,14 @@ def test_missing_file(tmp_path):
         load_audio(path)
 
 
+def test_a_path_passed_as_bytes_is_told_apart_from_a_corrupt_recording(tmp_path):
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, np.zeros(1600, np.float32), SAMPLE_RATE)
+    with pytest.raises(AudioError, match=r"the name of a file .*clip\.wav.*pass the path as a str"):
+        load_audio(str(path).encode())
+    assert load_audio(str(path)).shape == (1600,)
+
+
 @pytest.mark.parametrize("name", ["corrupt.wav", "corrupt.mp3"])
 def test_corrupt_file_names_the_file_and_the_supported_formats(tmp_path, name):
     path = tmp_path / name

@@ -303,7 +303,20 @@ def _decode(source, label: str) -> tuple[np.ndarray, int]:
         )
     if not data:
         raise AudioError(f"{label}: the data is empty (0 bytes); pass a recording with some sound in it")
+    if _names_a_file(data):
+        raise AudioError(f"{label}: these bytes are the name of a file ({data.decode()!r}), not audio: bytes are "
+                         "read as the recording itself; pass the path as a str or pathlib.Path")
     return _decode_with_fallback(lambda: io.BytesIO(data), label)
+
+
+def _names_a_file(data: bytes) -> bool:
+    """Short bytes that spell the path of an existing file (a path passed as bytes)."""
+    if len(data) > 4096 or b"\0" in data:
+        return False
+    try:
+        return Path(data.decode()).is_file()
+    except (UnicodeDecodeError, OSError, ValueError):
+        return False
 
 
 _IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # what decoders call bytes in memory
