@@ -93,3 +93,36 @@ def test_align_under_ddp_matches_one_process(single):
     b = load_file(str(root / "align1" / "final" / "model.safetensors"))
     for k in ("multi_modal_projector.linear.weight", "multi_modal_projector.linear.bias"):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["encoder", "encoder_cache"])
+def test_fsdp_trains_on_batches_with_and_without_audio(single, tmp_path, cached):
+    """SFT rows may be text only: a rank whose micro-batch has no audio still runs the sharded encoder
+    layers (the projector alone, with encoder_cache) on a silent window counted 0 times, as FSDP's
+    collective weight gathering needs, where it went out of step with the others and crashed. Two
+    processes end where one does, validation included (its clips' states computed before sharding)."""
+    import json
+
+    ws, root = single
+    rows = [json.loads(line) for line in Path(ws["sft"]).read_text().splitlines()[:3]]
+    rows.append({"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello."}]})
+    data = Path(ws["sft"]).with_name("sft_mixed.jsonl")  # beside the audio its rows name
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"model={ws['tiny']}", f"train_data={data}", f"val_data={data}", "val_every=1", "max_steps=2",
+              "global_batch_size=4", "micro_batch_size=1", "progress=false", "tensorboard=false"]
+    cache = {run: [f"encoder_cache={tmp_path / run / 'states'}"] if cached else [] for run in ("one", "two")}
+    train("sft", **dict(a.split("=", 1) for a in common + cache["one"] + [f"output_dir={tmp_path / 'one'}"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "qwen2audio.cli", "train", "sft", str(CONFIGS / "tiny" / "sft.yaml"), *common, *cache["two"],
+           f"output_dir={tmp_path / 'two'}", "distributed=fsdp"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for key in ("loss", "val_loss"):
+        theirs, ours = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
+        assert len(ours) == 2 if key == "loss" else ours
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    a = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

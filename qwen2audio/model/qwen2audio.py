@@ -37,6 +37,11 @@ class Qwen2AudioModel(nn.Module):
         self.audio_tower = AudioEncoder(cfg.audio)
         self.multi_modal_projector = MultiModalProjector(cfg)
         self.language_model = Qwen2ForCausalLM(cfg.text)
+        # Under FSDP every rank must run the same sharded layers in every forward (each gathers its weights
+        # collectively): training.distributed.wrap sets what a batch without audio then runs on a silent
+        # window, its vectors counting for nothing (0 x their sum): "encoder" (the encoder and the projector)
+        # or "projector" (the projector alone, where the encoder's outputs come from a cache); None: nothing.
+        self.idle_audio: str | None = None
 
     def tie_weights(self) -> None:
         """Re-tie a tied LM head to the embedding (see ``Qwen2ForCausalLM.tie_weights``)."""
@@ -117,6 +122,7 @@ class Qwen2AudioModel(nn.Module):
             audio = self.project_states(audio_states, audio_lengths)
         else:
             audio = self.encode_audio(features, frame_lengths) if features is not None else None
+        idle = self._idle_audio() if audio is None and self.idle_audio is not None else None
         if audio_only:
             if audio is None:
                 raise ValueError("audio_only needs audio: features with frame_lengths, or audio_states with "
@@ -130,9 +136,20 @@ class Qwen2AudioModel(nn.Module):
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             mask = padded_causal_mask(attention_mask, input_ids.shape[1])
         hidden = self.language_model.hidden_states(embeds, positions, mask)
-        if labels is not None:
-            return self._label_logprobs(hidden, labels)
-        return self.language_model.logits(hidden)
+        out = self._label_logprobs(hidden, labels) if labels is not None else self.language_model.logits(hidden)
+        return out if idle is None else out + idle
+
+    def _idle_audio(self) -> torch.Tensor:
+        """0 x the audio vectors of a silent shortest window: a zero that ran (and back-propagates through)
+        the encoder and the projector (``idle_audio`` "encoder") or the projector alone ("projector"), for a
+        batch without audio where every forward must run them."""
+        if self.idle_audio == "projector":
+            states = torch.zeros(1, 1, self.config.audio.d_model, device=self.device)
+            [vectors] = self.project_states(states, torch.tensor([1]))
+        else:
+            features = torch.zeros(1, self.config.audio.num_mel_bins, MIN_FRAMES, device=self.device)
+            [vectors] = self.encode_audio(features, torch.tensor([MIN_FRAMES]))
+        return 0.0 * vectors.float().sum()
 
     def _label_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, hidden), labels (B, T) -> log p(labels[:, t] | tokens < t) as (B, T) float32."""

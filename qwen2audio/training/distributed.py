@@ -62,9 +62,10 @@ def setup(mode: str, device: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
-def wrap(model: nn.Module, mode: str, d: Dist, find_unused: bool = False) -> nn.Module:
+def wrap(model: nn.Module, mode: str, d: Dist, find_unused: bool = False, encoder_runs: bool = True) -> nn.Module:
     """DDP: replicate and all-reduce gradients. FSDP2: shard each encoder and decoder layer, then the rest.
-    Both average gradients over ranks."""
+    Both average gradients over ranks. ``encoder_runs``: the model's forwards run the encoder (False: its
+    outputs come from a cache), which FSDP then has every forward run, a batch without audio too."""
     if not d.enabled or mode == "none":
         return model
     if mode == "ddp":
@@ -74,6 +75,7 @@ def wrap(model: nn.Module, mode: str, d: Dist, find_unused: bool = False) -> nn.
                    find_unused_parameters=find_unused)
     from torch.distributed.fsdp import fully_shard
 
+    model.idle_audio = "encoder" if encoder_runs else "projector"  # every rank runs the same sharded layers
     for layer in list(model.audio_tower.layers) + list(model.language_model.model.layers):
         fully_shard(layer)
     fully_shard(model)

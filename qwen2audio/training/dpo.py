@@ -38,7 +38,7 @@ class ReferenceLogps:
         upcast = {id(p) for n, p in self.model.named_parameters() if n in trained}
         replace_parameters(self.model, lambda p: id(p) in upcast and p.dtype != torch.float32, lambda t: t.float())
         if cfg.distributed == "fsdp" and run.dist.enabled:
-            distributed.wrap(self.model, "fsdp", run.dist)
+            distributed.wrap(self.model, "fsdp", run.dist, encoder_runs=run.encoder_states is None)
         self.autocast = run.autocast
         self.table = None
         if cfg.precompute_reference:

@@ -238,6 +238,13 @@ def setup(cfg: TrainConfig) -> Run:
     log(d, dataset.report.summary())
     if encoder_states is not None:  # each rank computes its share of what is missing, then all read all
         fill_encoder_states(encoder_states, dataset, d, cfg.progress, autocast_context(cfg, d.device))
+        if cfg.val_data:  # the validation clips too, before FSDP shards the encoder (a rank's share alone
+            # could not run it then: each sharded layer gathers its weights with every rank)
+            val = ManifestDataset(cfg.val_data, cfg.rows, tokenizer, model.config.audio.num_mel_bins,
+                                  max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
+                                  decode_audio=cfg.decode_audio, cache_features=False, encoder_states=encoder_states,
+                                  tasks=cfg.tasks)
+            fill_encoder_states(encoder_states, val, d, cfg.progress, autocast_context(cfg, d.device))
     if d.main:  # every skipped row, not just the first ones printed
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "data_report.txt").write_text(dataset.report.summary(limit=len(dataset.report.bad)) + "\n")
@@ -258,7 +265,8 @@ def setup(cfg: TrainConfig) -> Run:
             log(d, note)
     every_row_has_audio = all(ex.audios for ex in dataset.examples)
     wrapped = distributed.wrap(model, cfg.distributed, d,
-                               find_unused=audio_parts_may_go_unused(cfg.trainable, every_row_has_audio))
+                               find_unused=audio_parts_may_go_unused(cfg.trainable, every_row_has_audio),
+                               encoder_runs=encoder_states is None)
     return Run(cfg, d, tokenizer, wrapped, model, dataset, trainable, resume, autocast_context(cfg, d.device),
                encoder_states)
 
