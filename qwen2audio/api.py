@@ -59,18 +59,16 @@ def speech_prompt(language: str = "en", translate_to: str | None = None) -> str:
     """The base model's official prompt for speech in ``language``: recognition (the ASR prompt), or with
     ``translate_to`` translation into that language (the evaluation's CoVoST 2 prompt, which names it:
     en -> English, zh -> Mandarin, ...). The language tag is the code's language part in lower case, as the
-    official prompts write it: en-US and EN give <|en|>."""
+    official prompts write it: en-US and EN give <|en|>; a code not among Whisper's languages (the tags
+    Qwen2-Audio was trained with) raises ValueError."""
     from .eval.translation import LANGUAGE_NAMES, TRANSLATION_PROMPT
-    from .text.languages import language_code
+    from .text.languages import check_language, language_code
 
-    if not isinstance(language, str) or not language.strip():
-        raise ValueError(f"language must be a language code such as 'en', 'zh' or 'yue', got {language!r}")
-
-    language = language_code(language)
+    language = check_language(language)
     if translate_to is None:
         return ASR_PROMPT.format(language=language)
 
-    target = LANGUAGE_NAMES.get(language_code(translate_to))
+    target = LANGUAGE_NAMES.get(language_code(translate_to)) if isinstance(translate_to, str) else None
     if target is None:
         raise ValueError(f"translate_to={translate_to!r}: no name for that language in the translation prompt; "
                          f"give one of {', '.join(sorted(LANGUAGE_NAMES))}")

@@ -437,10 +437,15 @@ def _end_line() -> None:
 def _check_transcript_output(args: argparse.Namespace) -> None:
     """--format, --json and --output-dir agree, before a model loads: --json is --format json; subtitles
     and verbose_json of several files need --output-dir; no two files may write the same name there; a
-    --translate-to language the translation prompt can name."""
-    if args.translate_to is not None:
-        from .api import speech_prompt
+    --language code of the model's prompts and a --translate-to language the translation prompt can name."""
+    from .api import speech_prompt
+    from .text.languages import check_language
 
+    try:
+        check_language(args.language, "--language")
+    except ValueError as err:
+        raise ValueError(str(err)) from None
+    if args.translate_to is not None:
         try:
             speech_prompt(args.language, args.translate_to)
         except ValueError as err:

@@ -448,6 +448,7 @@ def test_transcribe_output_options_are_checked_before_the_model_loads(model_dir,
              f"{path} and {twin} would both be written to {tmp_path / 'o' / 'three.srt'}"),
             (["--output-dir", str(path)], f"--output-dir {path}: not a directory"),
             (["--translate-to", "xx"], "--translate-to: 'xx': no name for that language in the translation prompt"),
+            (["--language", "english"], "--language 'english' is a language's name; give its code, 'en'"),
             (["--output-dir", str(path / "sub")], f"--output-dir {path / 'sub'}: cannot create it (Not a directory)")):
         rc, out, err = cli(capsys, monkeypatch, base + argv)
         assert rc == 2 and message in err, err

@@ -206,6 +206,8 @@ BAD_UPLOADS = {
     "unknown response format": ({"model": "fake", "response_format": "docx"}, ("a.wav", WAV), 400, "response_format"),
     "temperature not a number": ({"model": "fake", "temperature": "warm"}, ("a.wav", WAV), 400, "temperature"),
     "not a language code": ({"model": "fake", "language": "<|en|>"}, ("a.wav", WAV), 400, "language"),
+    "an unknown language code": ({"model": "fake", "language": "xx"}, ("a.wav", WAV), 400, "language"),
+    "a language's name": ({"model": "fake", "language": "english"}, ("a.wav", WAV), 400, "language"),
     "word timestamps": ({"model": "fake", "timestamp_granularities[]": "word"}, ("a.wav", WAV), 400,
                         "timestamp_granularities"),
     "unknown timestamp granularity": ({"model": "fake", "timestamp_granularities[]": "sentence"}, ("a.wav", WAV),

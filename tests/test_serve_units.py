@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -304,3 +305,18 @@ def test_language_names_are_whispers():
     assert len(WHISPER_LANGUAGES) == 100
     assert [language_name(c) for c in ("en", "en-US", "ZH", "yue", "fr_FR", "xx")] == [
         "english", "english", "chinese", "cantonese", "french", "xx"]
+
+
+@pytest.mark.parametrize("given,message", [
+    ("english", "'english' is a language's name; give its code, 'en'"),
+    ("xx", "'xx' is not a language code of this model's prompts"),
+    ("<|en|>", "not a language code"),
+    ("", "must be a language code"),
+])
+def test_a_language_the_prompts_do_not_know_is_refused_before_it_becomes_a_tag(given, message):
+    """<|english|> or <|xx|> is a tag the model never saw: the ASR prompt takes Whisper's codes only."""
+    from qwen2audio.api import speech_prompt
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        speech_prompt(given)
+    assert speech_prompt("yue") == "Detect the language and recognize the speech: <|yue|>"

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from typing import AsyncIterator
 
@@ -59,7 +58,7 @@ from ..audio.features import SAMPLE_RATE, chunk_samples, pause_samples, speech_w
 from ..generation import fallback as F
 from ..generation.params import SamplingParams, transcription_cuts, transcription_decoding
 from ..generation.reply import logprob_entries
-from ..text.languages import language_name
+from ..text.languages import check_language, language_name
 from ..text.tags import TAG
 from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
@@ -72,7 +71,6 @@ from .metrics import Metrics
 TRANSCRIBE, TRANSLATE = "transcribe", "translate"
 TARGET_LANGUAGE = "en"  # /v1/audio/translations translates into English, as OpenAI's does
 DEFAULT_LANGUAGE = "en"
-LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?$")  # en, yue, zh-TW, en_US
 MAX_FORM_FIELDS = 16
 RESUBMIT_SECONDS = 0.05  # how often a later window asks again for room in a full queue
 WINDOW_MAX_TOKENS = SamplingParams().max_new_tokens  # per window: the official evaluation's 256
@@ -97,8 +95,10 @@ async def audio_endpoint(request: Request, task: str, backend: Backend, policy: 
         await form.close()
     check_model(_field(form, "model", required=True), backend.model_id)
     language = _field(form, "language") or DEFAULT_LANGUAGE
-    if not LANGUAGE_CODE.match(language):
-        raise bad_request(f"language {language!r} is not a language code such as en, zh or yue", "language")
+    try:
+        check_language(language)
+    except ValueError as err:
+        raise bad_request(str(err), "language") from None
     response_format = _field(form, "response_format") or "json"
     if response_format not in FORMATS:
         raise bad_request(f"response_format {response_format!r} is not one of {', '.join(FORMATS)}",

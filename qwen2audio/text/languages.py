@@ -33,6 +33,22 @@ def language_code(locale: str) -> str:
     return locale.replace("_", "-").split("-")[0].lower()
 
 
+def check_language(given, what: str = "language") -> str:
+    """A language as a user gives it (en, EN, en-US, zh_CN) -> its code (en, zh), or ValueError saying
+    what to give instead: a code not among Whisper's languages would make a prompt tag (``<|english|>``)
+    the model never saw."""
+    if not isinstance(given, str) or not given.strip():
+        raise ValueError(f"{what} must be a language code such as 'en', 'zh' or 'yue', got {given!r}")
+    code = language_code(given.strip())
+    if code in WHISPER_LANGUAGES:
+        return code
+    named = [c for c, name in WHISPER_LANGUAGES.items() if name == given.strip().lower()]
+    if named:
+        raise ValueError(f"{what} {given!r} is a language's name; give its code, {named[0]!r}")
+    raise ValueError(f"{what} {given!r} is not a language code of this model's prompts: give an ISO 639-1 code "
+                     "such as 'en', 'zh', 'fr' or 'yue' (Cantonese), one of Whisper's 100 languages")
+
+
 def language_name(code: str) -> str:
     """A language tag -> its name as a transcript's verbose_json gives it (Whisper's, as OpenAI's API
     answers): en and en-US -> english, zh -> chinese, yue -> cantonese; a code Whisper has no name for, as
