@@ -251,6 +251,9 @@ def _run(args: argparse.Namespace) -> int:
     sampling = _sampling_kwargs(args)
     SamplingParams(**sampling)  # the flags' own values, told before a model is loaded for minutes
     if args.command == "chat":
+        if not args.audio and not args.prompt and (args.json or not _interactive(args)):
+            raise ValueError("give the first turn: --audio FILE (voice chat), --prompt TEXT, or both"
+                             + ("" if args.json else "; or type it, in a terminal (--interactive)"))
         for path in args.audio:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--audio {path}: " + ("a folder, not an audio file" if Path(path).is_dir()
@@ -326,10 +329,16 @@ def visible(text: str) -> str:
     return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def _interactive(args) -> bool:
+    """Whether chat reads further turns from stdin: --interactive, else when stdin is a terminal."""
+    return sys.stdin.isatty() if args.interactive is None else args.interactive
+
+
 def _chat(model, args, sampling) -> int:
-    if not args.audio and not args.prompt:
-        raise ValueError("give the first turn: --audio FILE (voice chat), --prompt TEXT, or both")
     conv = model.conversation(system=args.system)
+    if not args.audio and not args.prompt:  # interactive (``_run`` refused it otherwise): the user types it
+        _converse(conv, sampling)
+        return 0
     deltas = conv.stream(args.prompt, audio=list(args.audio), **sampling)
     if args.json:
         text = "".join(deltas)
@@ -345,7 +354,7 @@ def _chat(model, args, sampling) -> int:
         print(json.dumps(out, ensure_ascii=False))
         return 0
     _print_stream(deltas)
-    if sys.stdin.isatty() if args.interactive is None else args.interactive:
+    if _interactive(args):
         _converse(conv, sampling)
     return 0
 

@@ -167,6 +167,26 @@ def test_interactive_turns_from_stdin(which, audio, capsys, monkeypatch):
     assert out == "".join(r + "\n" for r in replies)
 
 
+def test_an_interactive_chat_may_start_with_the_users_first_line(api, model_dir, audio, capsys, monkeypatch):
+    """No --audio or --prompt: in a terminal (--interactive) the first turn is typed; otherwise the chat is
+    refused before any model loads (a 7B checkpoint takes minutes)."""
+    stdin = f"/audio {audio['wav']} What is this?\nTell me more.\n"
+    rc, out, err = cli(capsys, monkeypatch, ["chat", str(model_dir), "--interactive", "--max-new-tokens", NEW], stdin)
+    assert rc == 0, err
+    conv = api["saved"].conversation()
+    replies = ["".join(conv.stream("What is this?", audio=[audio["wav"]], max_new_tokens=int(NEW))),
+               "".join(conv.stream("Tell me more.", max_new_tokens=int(NEW)))]
+    assert out == "".join(r + "\n" for r in replies)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("qwen2audio.api.Qwen2Audio.load", no_load)
+    for argv in (["--no-interactive"], ["--json", "--interactive"]):
+        rc, _, err = cli(capsys, monkeypatch, ["chat", str(model_dir), *argv])
+        assert rc == 2 and "give the first turn: --audio FILE (voice chat), --prompt TEXT, or both" in err, err
+
+
 def test_not_interactive_when_stdin_is_not_a_terminal(api, model_dir, capsys, monkeypatch):
     """Without --interactive, piped stdin is not read as further turns: one answer, then exit."""
     rc, out, err = cli(capsys, monkeypatch, ["chat", str(model_dir), "--prompt", "Hi.", "--max-new-tokens", NEW],
