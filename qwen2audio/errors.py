@@ -9,6 +9,12 @@ NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a write failed for want of roo
 FULL_DISK_ERRNOS = (*NO_SPACE_ERRNOS, errno.EFBIG)  # ... or a file larger than its file system takes
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs an optional part (an extra of pyproject.toml), as the README installs the
+    project: from its checkout, with the constraints file that pins torch's CPU build."""
+    return f"pip install -c constraints.txt -e '.[{extra}]' (in the qwen2audio checkout)"
+
+
 class AudioError(ValueError):
     """Audio that cannot be used: the message names the source, the problem and what to do."""
 

