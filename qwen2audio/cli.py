@@ -122,8 +122,11 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="qwen2audio", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"qwen2audio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     chat = sub.add_parser("chat", help="talk to the model about audio (voice chat or audio analysis)",
@@ -147,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("transcribe", help="transcripts of audio files: text, or subtitles (srt, vtt)",
                         description="Transcribe audio files with the official ASR prompt (a base model).")
     _model_args(tr)
-    tr.add_argument("files", nargs="+", metavar="FILE")
+    tr.add_argument("files", nargs="+", metavar="FILE",
+                    help="audio files (wav, flac, mp3, ogg, m4a, ...: any length; long ones are cut in windows)")
     tr.add_argument("--language", default="en", help="language tag of the speech (e.g. en, zh, fr)")
     tr.add_argument("--translate-to", metavar="LANG",
                     help="translate the speech into LANG (e.g. en, de, zh) with the official speech-translation "

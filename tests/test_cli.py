@@ -915,11 +915,27 @@ def test_help_imports_only_what_it_prints():
             "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
             "        main(argv.split())\n"
             "    print(argv, sorted(m for m in %r if m in sys.modules))\n" % (NOT_FOR_HELP,))
-    commands = ["--help", "chat --help", "transcribe --help", "eval --help", "train --help", "train sft --help",
-                "init --help", "serve --help"]
+    commands = ["--help", "--version", "chat --help", "transcribe --help", "eval --help", "train --help",
+                "train sft --help", "init --help", "serve --help"]
     proc = subprocess.run([sys.executable, "-c", code, *commands], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"{argv} []" for argv in commands]
+
+
+def test_version_and_eval_threads(capsys, monkeypatch):
+    import qwen2audio
+    import torch
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"qwen2audio {qwen2audio.__version__}\n"
+    before = torch.get_num_threads()
+    try:  # --threads is applied before the command runs (here: eval stops at its missing data)
+        torch.set_num_threads(3)
+        rc, _, err = cli(capsys, monkeypatch, ["eval", "--task", "librispeech", "--data", "/nonexistent", "--threads", "2"])
+        assert rc == 2 and torch.get_num_threads() == 2, err
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_package_still_offers_the_model_classes():

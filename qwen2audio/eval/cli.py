@@ -50,6 +50,8 @@ def register(subparsers) -> None:
                    help="a clip longer than 30 s: first-30s (default) hears its first 30 s only, as the official "
                         "scripts' processor truncates; windows hears all of it, cut into 30 s windows (not official)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the model's matrix products (default: torch's choice, one per core)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (env QWEN2AUDIO_JUDGE_URL)")
     p.add_argument("--judge-model", default=None, help="judge model (env QWEN2AUDIO_JUDGE_MODEL; default gpt-4-0125-preview)")
