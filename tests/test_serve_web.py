@@ -701,3 +701,69 @@ def test_a_transcript_cut_short_keeps_what_was_done(browser, model_server, tmp_p
     assert shown == [[f"0:{segment['start']:04.1f}–0:{segment['end']:04.1f}", segment["text"]]]
     assert page_.locator(".transcript .bubble.failed").count() == 1 and page_.locator(".transcript a.srt").count() == 0
     assert page_.text_content(".transcript .title") == "Part of the transcript of long.wav"
+
+
+def test_send_while_recording_sends_the_recording_and_the_mic_says_what_it_does(browser):
+    """Send (or Enter) during a recording ends it and sends it, as the microphone button does (it did
+    nothing); the button's accessible name follows what pressing it does."""
+    backend = FakeBackend(words=ANSWER)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        assert page_.get_attribute("#mic", "aria-label") == "Record"
+        record_a_second(page_)
+        assert page_.get_attribute("#mic", "aria-label") == "Stop and send the recording"
+        page_.fill("#text", "What is this?")
+        page_.click("#send")
+        wait_answers(page_, 1)
+        assert page_.get_attribute("#mic", "aria-label") == "Record" and page_.errors == []
+    (request,) = backend.requests
+    (heard,) = sent_audio(request)
+    assert sent_text(request) == ["What is this?"] and abs(dominant_hz(heard) - TONE_HZ) < 10
+
+
+def test_settings_take_the_keyboard_and_escape_closes_them(browser):
+    app, _ = fake_app(FakeBackend())
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.focus("#open-settings")
+        page_.keyboard.press("Enter")
+        assert page_.is_visible("#settings")
+        assert page_.evaluate("document.activeElement.name") == "system"
+        page_.keyboard.press("Escape")
+        assert page_.is_hidden("#settings") and page_.evaluate("document.activeElement.id") == "open-settings"
+        assert page_.get_attribute("#open-settings", "aria-expanded") == "false"
+
+
+def test_a_file_that_is_not_audio_is_refused_when_attached(browser, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list\n" * 20)
+    app, _ = fake_app(FakeBackend())
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(notes))
+        page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+        assert '"notes.txt" does not look like an audio file' in page_.inner_text("#error-text")
+        assert page_.is_hidden("#attachment")
+
+
+def test_transcribe_sends_the_language_set_and_counts_its_segments(browser, tmp_path):
+    """The Settings' language reaches the transcription's prompt tag; one segment is "1 segment"."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(2.0, seed=3))
+    backend = FakeBackend(words=ANSWER)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.click("#open-settings")
+        page_.fill("input[name=language]", "fr")
+        page_.keyboard.press("Escape")
+        page_.set_input_files("#file", str(clip))
+        page_.wait_for_selector("#attachment:not([hidden])")
+        page_.click("#transcribe")
+        page_.wait_for_selector(".transcript .meta a.srt", timeout=WAIT_MS)
+        assert page_.inner_text(".transcript .meta").startswith("1 segment · ")
+        assert page_.text_content("#announce") == f"Transcript of clip.wav: {''.join(ANSWER)}"
+        assert page_.errors == []
+    (request,) = backend.requests
+    assert request[0] == "complete" and request[1].endswith("<|fr|>")

@@ -53,6 +53,7 @@ function wire() {
   $("reset-settings").addEventListener("click", resetSettings);
   $("settings-form").addEventListener("input", saveSettings);
   $("settings-form").addEventListener("submit", (e) => { e.preventDefault(); toggleSettings(false); });
+  $("settings").addEventListener("keydown", (e) => { if (e.key === "Escape") { e.preventDefault(); toggleSettings(false); } });
   wireDrop();
 }
 
@@ -69,7 +70,7 @@ async function loadConfig() {
   field("max_tokens").max = String(state.config.max_tokens);
   if (state.config.api_key_required && !field("api_key").value) {
     showError("This server needs an API key: enter it in Settings.");
-    toggleSettings(true);
+    toggleSettings(true, field("api_key"));
   }
 }
 
@@ -79,15 +80,15 @@ async function watchHealth() {
     const res = await fetch("/health", { cache: "no-store" });
     const body = await res.json().catch(() => ({}));
     if (res.ok) {
-      status.textContent = `${body.model || state.config.model} · ready`;
+      status.textContent = status.title = `${body.model || state.config.model} · ready`;
       status.className = "status ok";
       setTimeout(watchHealth, HEALTH_WATCH_MS); // and on: a server that stops is shown as gone
       return;
     }
-    status.textContent = body.status === "stopping" ? "the server is shutting down" : "loading the model…";
+    status.textContent = status.title = body.status === "stopping" ? "the server is shutting down" : "loading the model…";
     status.className = "status";
   } catch (_) {
-    status.textContent = "server unreachable";
+    status.textContent = status.title = "server unreachable";
     status.className = "status bad";
   }
   setTimeout(watchHealth, HEALTH_RETRY_MS);
@@ -118,11 +119,16 @@ function resetSettings() {
   saveSettings();
 }
 
-function toggleSettings(open) {
+/** Open or close the settings; opened, the keyboard goes to ``focus`` (default: the first field), closed
+ * (Done, Escape) back to the Settings button when it was inside the panel. */
+function toggleSettings(open, focus = null) {
   const panel = $("settings");
   const show = open === undefined ? panel.hidden : open;
+  const inside = panel.contains(document.activeElement);
   panel.hidden = !show;
   $("open-settings").setAttribute("aria-expanded", String(show));
+  if (show) (focus || field("system")).focus();
+  else if (inside) $("open-settings").focus();
 }
 
 /** The sampling fields the user set (empty ones are left to the model's generation config). */
@@ -153,6 +159,10 @@ async function attachFile(file) {
     const bytes = new Uint8Array(await file.arrayBuffer());
     const seconds = await duration(bytes); // null: the browser cannot decode it; the server will judge
     if (seconds !== null && seconds === 0) throw new UserError(`"${file.name}" holds no audio.`);
+    if (seconds === null && !looksLikeMedia(file)) {
+      throw new UserError(`"${file.name}" does not look like an audio file (${file.type || "unknown type"}); ` +
+                          "upload a recording: wav, flac, mp3, ogg, opus, m4a or webm.");
+    }
     // alone here (a transcript takes it whatever the conversation holds); with the conversation's audio at Send
     if (seconds !== null) checkLength(seconds, `"${file.name}"`, 0);
     setAttachment({ b64: base64(bytes), format: formatOf(file), url: URL.createObjectURL(file), name: file.name,
@@ -186,6 +196,12 @@ function checkLength(seconds, what, earlier = earlierAudio()) {
     throw new UserError(`${what} (${over(seconds)}) with the conversation's earlier audio (${stamp(earlier)}) is ` +
                         `more than the ${most} this server takes: start a new chat.`);
   }
+}
+
+/** An audio or video file by its type or its name (what the browser cannot play, the server may decode). */
+function looksLikeMedia(file) {
+  if (/^(audio|video)\//.test(file.type)) return true;
+  return /\.(wav|flac|mp3|ogg|oga|opus|m4a|aac|webm|mp4|aiff?|wma|amr|caf|mka|mkv)$/i.test(file.name);
 }
 
 function formatOf(file) {
@@ -259,6 +275,7 @@ async function startRecording() {
   $("recording").hidden = false;
   $("mic").setAttribute("aria-pressed", "true");
   $("mic").title = "Stop and send";
+  $("mic").setAttribute("aria-label", "Stop and send the recording");
 }
 
 function onAudio(rec, block) {
@@ -296,6 +313,7 @@ async function finishRecording(how) {
   $("recording").hidden = true;
   $("mic").setAttribute("aria-pressed", "false");
   $("mic").title = "Record (press again to send)";
+  $("mic").setAttribute("aria-label", "Record");
   if (how === "cancel") return;
   // the last block may run past what is left by a few samples: the recording ends where the limit is
   const samples = Math.max(0, Math.min(rec.samples, Math.floor(audioLeft() * rate)));
@@ -357,7 +375,11 @@ function encodeWav(pcm, rate) {
 
 // -- a turn -------------------------------------------------------------------------------------------------
 async function send() {
-  if (state.controller || state.recorder) return;
+  if (state.recorder) { // Send (or Enter) while recording: the recording is the turn, as the microphone button
+    if (!state.controller) finishRecording("send");
+    return;
+  }
+  if (state.controller) return;
   const text = $("text").value.trim();
   const audio = state.attachment;
   if (!text && !audio) return;
@@ -411,6 +433,7 @@ async function send() {
     history.push(answer);
     if (entries.length) shade(bubble, entries, finish, answer.text);
     meta(answerView, usage, started, first, finish);
+    announce(answer.text);
     if (finish === "abort") {
       bubble.classList.add("failed");
       showError("The server stopped this answer before its end (it is shutting down): ask again once it is back.");
@@ -474,6 +497,8 @@ async function transcribe() {
   form.append("model", state.config.model);
   form.append("response_format", "verbose_json");
   form.append("stream", "true");
+  const language = field("language").value.trim();
+  if (language) form.append("language", language);
   const view = renderTurn({ role: "assistant", text: "" });
   view.classList.add("transcript");
   const bubble = view.querySelector(".bubble");
@@ -520,15 +545,18 @@ async function transcribe() {
     const links = document.createElement("div");
     links.className = "meta";
     const base = name.replace(/\.[^.]+$/, "");
-    links.append(`${segments.length} segments · ${((performance.now() - started) / 1000).toFixed(1)} s · download `);
-    for (const [kind, text] of [["srt", subtitles(segments, "srt")], ["vtt", subtitles(segments, "vtt")],
-                                ["txt", `${done.text}\n`]]) {
+    const spoken = segments.filter((s) => s.text).length;
+    const took = `${((performance.now() - started) / 1000).toFixed(1)} s`;
+    links.append(`${spoken} ${spoken === 1 ? "segment" : "segments"} · ${took}${spoken ? " · download " : ""}`);
+    for (const [kind, text] of spoken ? [["srt", subtitles(segments, "srt")], ["vtt", subtitles(segments, "vtt")],
+                                         ["txt", `${done.text}\n`]] : []) {
       const url = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
       state.downloads.push(url);
       links.append(Object.assign(document.createElement("a"), { href: url, download: `${base}.${kind}`,
                                                                 className: kind, textContent: `.${kind}` }), " ");
     }
     view.append(links);
+    announce(spoken ? `Transcript of ${name}: ${done.text}` : `No speech was found in ${name}.`);
     scrollDown();
   } catch (err) {
     const stopped = err.name === "AbortError";
@@ -603,7 +631,7 @@ async function responseError(res) {
   const retry = res.headers.get("Retry-After");
   switch (res.status) {
     case 401:
-      toggleSettings(true);
+      toggleSettings(true, field("api_key"));
       return new UserError(`The server needs a valid API key: enter it in Settings (${message}).`);
     case 413:
       return new UserError(`Too much for this server: ${message}. Send shorter audio, or start a new chat.`);
@@ -714,6 +742,9 @@ function newChat() {
   $("intro").hidden = false;
   hideError();
 }
+
+/** Said once by a screen reader (the conversation itself is not a live region: it would read each token). */
+function announce(text) { $("announce").textContent = text; }
 
 function showError(message) {
   $("error-text").textContent = message;
