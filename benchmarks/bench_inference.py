@@ -275,6 +275,13 @@ def main() -> None:
           "prompt tokens) per second, against the float32 product's rate in the header; GB/s: bytes of LLM weights read per second by the decode steps (8 rows "
           "share one read), and their fraction of the memory's read speed taken just before and after that form's "
           "decoding (the higher of the two; the header gives the range over the run).")
+    # transformers' time for the same clip against the shortest a float32 prefill can take here (all of its
+    # GFLOP at the machine's float32 product rate): above this no float32 prefill can go on this machine
+    ceiling = table[measures[0]]["transformers"] * peak / gflop
+    print(f"float32 prefill ceiling on this machine: {ceiling:.2f}x transformers (its {table[measures[0]]['transformers']:.3f} s "
+          f"against {gflop:.0f} GFLOP at {peak:.0f} GFLOP/s; it computes the head's logits at every prompt position, "
+          f"{2 * n_prompt * ref.config.text_config.hidden_size * ref.config.text_config.vocab_size / 1e9:.0f} GFLOP "
+          "more, which ours leaves out)")
     if args.plot is not None:
         ratios = {label: {form: (table[label]["transformers"] / table[label][form] if label == measures[0]
                                  else table[label][form] / table[label]["transformers"]) for form in forms}
