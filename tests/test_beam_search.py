@@ -154,6 +154,23 @@ def test_beam_sampling_draws_from_its_seed(models):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_p=0.05), dict(temperature=0.05)])
+def test_beam_sampling_goes_on_with_fewer_candidates_than_beams(models, filters):
+    """A beam keeps at least 1 + (its stop tokens) of its tokens after the filters: 3 here, fewer than 4
+    beams at the first step, when there is one beam to draw from (a confident model, a low top_p or top_k
+    1). The search goes on with the beams it has (the step failed on 4 rows of logits for 3 beams), the
+    same reply beside a greedy request as alone."""
+    name, ref, model = models
+    engine = Engine(model, TOKENIZER, transform_weights=False)
+    prepared = engine.prepare(conversation("What do you hear?"), [clip(2.0, 1)])
+    params = SamplingParams(**{"num_beams": 4, "temperature": 0.7, "seed": 0, "max_new_tokens": 8, **filters})
+    alone = engine.generate([copy.deepcopy(prepared)], params)[0]
+    assert alone.finish_reason in ("stop", "length") and alone.token_ids
+    together = engine.generate([copy.deepcopy(prepared)] * 2, [params, SamplingParams(max_new_tokens=8)])
+    assert together[0].token_ids == alone.token_ids
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("case", [dict(num_beams=4, max_new_tokens=16), dict(num_beams=3, max_new_tokens=12,
                                                                               length_penalty=0.5)])
 def test_the_other_finished_replies_and_scores_equal_transformers_n_best(models, case):

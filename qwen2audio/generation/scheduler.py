@@ -695,7 +695,9 @@ class Scheduler:
             width = max(self._lengths[slot] for r in decoding for slot in r.slots) + 1
             logits = self.engine.step(self.cache, torch.tensor(tokens, device=device),
                                       torch.tensor(self._lengths[:n], device=device), width)
-            beam_logits = [logits[r.slots] for r in searches]
+            # a beam sampling's filters may leave fewer candidates than beams: its running beams are the first
+            # slots, the others idle (their rows are computed and not read)
+            beam_logits = [logits[r.slots[:len(r.search.beams)]] for r in searches]
             logits = logits[[r.slot for r in rows]]
             picked = self._choose(logits, rows)
             logprobs = token_logprobs(logits, [r.params.logprobs for r in rows], picked)
