@@ -382,6 +382,36 @@ def test_a_session_idle_too_long_is_dropped_and_a_forgotten_conversation_frees_i
     assert model.scheduler.status().idle_sessions == 0
 
 
+def within(seconds: float, condition) -> bool:
+    """Whether ``condition()`` comes true within ``seconds`` (polled)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_background_scheduler_drops_ended_and_idle_sessions_without_further_requests(engine):
+    """The thread's loop wakes for them: an ended session and one idle past session_idle_s give back their
+    slots and the cache's memory with no other request coming (they held them until one came)."""
+    sched = Scheduler(engine, max_slots=2, session_idle_s=3.0)
+    try:
+        sched.submit(prepare(engine, messages("Hi.")), greedy(2), session="a").wait()
+        sched.submit(prepare(engine, messages("What?")), greedy(2), session="b").wait()
+        status = sched.status()
+        assert (status.idle_sessions, status.free_slots) == (2, 0) and status.kv_bytes_allocated > 0
+        sched.end_session("a")
+        assert within(2.0, lambda: sched.status().idle_sessions == 1)  # the ended one, before "b" is 3 s idle
+        assert within(20.0, lambda: sched.status().idle_sessions == 0)  # "b", idle too long
+        status = sched.status()
+        assert (status.free_slots, status.kv_bytes_allocated) == (2, 0)
+    finally:
+        sched.close()
+
+
 def test_cancelling_frees_the_slot_and_a_waiting_request_never_runs_if_cancelled(engine, monkeypatch):
     first, second, third = (prepare(engine, messages(q)) for q in ("Hi.", "What is it?", "Describe."))
     expected = alone(engine, second, greedy(6)).token_ids

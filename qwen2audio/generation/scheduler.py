@@ -404,6 +404,8 @@ class Scheduler:
     def end_session(self, key: Hashable) -> None:
         """Forget a session: its slot is freed once its running request (if any) ends."""
         self._ending.put(key)
+        with self._lock:
+            self._wakeup.notify()  # an idle loop frees it now, not at the next request
 
     def close(self, wait: bool = False) -> None:
         """Stop taking requests; cancel those in flight ("cancelled"), or with ``wait`` let them finish;
@@ -455,7 +457,10 @@ class Scheduler:
             while True:
                 with self._lock:
                     while not (self._waiting or self._prefilling or self._decoding or self._closed):
-                        self._wakeup.wait()
+                        wait = self._idle_wait()  # sessions to end or to drop once idle too long
+                        if wait == 0.0:
+                            break
+                        self._wakeup.wait(wait)
                 with self._step_lock:
                     if not self._iterate() and self._closed:
                         return  # closed, and nothing left
@@ -471,6 +476,8 @@ class Scheduler:
             busy = bool(self._waiting or self._prefilling or self._decoding)
         if not busy:
             self._drop_ended_sessions()
+            if not any(self._owner) and not self.preallocated:
+                self._release_cache()  # the last session gone: its memory too
             return False
         moves = self._moves
         with torch.inference_mode():
@@ -488,6 +495,19 @@ class Scheduler:
         if not any(self._owner) and not self.preallocated:
             self._release_cache()  # idle: give the memory back (the next request allocates again)
         return True
+
+    def _idle_wait(self) -> float | None:
+        """Seconds until an idle loop has sessions to drop (0: now, a session was ended or has been idle
+        for ``session_idle_s``), None when it has none to wait for."""
+        if not self._ending.empty():
+            return 0.0
+        if self.session_idle_s is None:
+            return None
+        idle = [s.last_used for s in list(self._sessions.values()) if not s.busy]
+        if not idle:
+            return None
+        left = min(idle) + self.session_idle_s - self._clock()
+        return 0.0 if left < 0 else left + 0.001  # dropped once idle for longer than session_idle_s
 
     def _release_cache(self) -> None:
         """Give the KV cache's memory back; what free slots held for prefix reuse goes with it."""
