@@ -438,6 +438,78 @@ def test_ctranslate2_int8_weights_are_dequantised(whisper, tmp_path):
     assert (state["layers.0.fc1.weight"] - torch.from_numpy(w)).abs().max().item() < np.abs(w).max() / 127
 
 
+def test_ctranslate2_int8_convolutions_are_dequantised(whisper, tmp_path):
+    """CTranslate2's int8 converter quantises the (out, in, width) convolutions too, a scale per output
+    channel (faster-whisper's int8 models): their import failed ("operands could not be broadcast")."""
+    from qwen2audio.checkpoint.importers import load_encoder
+
+    variables = ctranslate2_variables(whisper)
+    w = variables["encoder/conv1/weight"].astype(np.float32)  # (d_model, n_mels, 3)
+    scale = 127.0 / np.abs(w).reshape(len(w), -1).max(axis=1)
+    variables["encoder/conv1/weight"] = np.round(w * scale[:, None, None]).astype(np.int8)
+    variables["encoder/conv1/weight_scale"] = scale.astype(np.float32)
+    write_ctranslate2(tmp_path / "int8.bin", variables, {})
+    _, state = load_encoder(tmp_path / "int8.bin")
+    expected = variables["encoder/conv1/weight"].astype(np.float32) / scale[:, None, None]
+    assert torch.equal(state["conv1.weight"], torch.from_numpy(expected))
+    assert (state["conv1.weight"] - torch.from_numpy(w)).abs().max().item() < np.abs(w).max() / 127
+
+
+def test_swapped_or_wrong_sources_are_named_before_anything_is_loaded(whisper_dir, qwen2_tied, tmp_path, monkeypatch):
+    """A Qwen2 directory as --encoder, a Whisper one (which ships a tokenizer.json) as --llm, a safetensors
+    file as --llm: each named by its flag at once, not by a tokenizer's complaint or after the LLM loaded."""
+    from qwen2audio.checkpoint import importers, init
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("something was loaded")
+
+    monkeypatch.setattr(init, "_read_tokenizer", no_load)
+    monkeypatch.setattr(importers, "load_llm", no_load)
+    monkeypatch.setattr(importers, "load_encoder", no_load)
+    llm = qwen2_tied[1]
+    shard = sorted(llm.glob("*.safetensors"))[0]
+    for encoder, lm, message in (
+            (llm, whisper_dir, rf"--encoder {llm}/config.json has model_type 'qwen2'; --encoder expects a Whisper "
+                               r"model \(model_type 'whisper'\): are --encoder and --llm swapped\?"),
+            (whisper_dir, whisper_dir, rf"--llm {whisper_dir}/config.json has model_type 'whisper'; --llm expects a "
+                                       r"Qwen2 model \(model_type 'qwen2'\): are --encoder and --llm swapped\?"),
+            (whisper_dir, shard, rf"--llm {shard}: not a format this command reads")):
+        with pytest.raises(ValueError, match=message):
+            init_checkpoint(encoder, lm, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_that_cannot_be_written_is_named_before_anything_is_loaded(whisper_dir, qwen2_tied, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    code = main(["init", "--encoder", str(whisper_dir), "--llm", str(qwen2_tied[1]), "--out", str(blocker / "sub")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {blocker / 'sub'} cannot be written (Not a directory)" in err, err
+    assert "Traceback" not in err and blocker.read_text() == ""
+
+
+@pytest.mark.parametrize("std", ["nan", "inf", "-0.5", "0"])
+def test_a_projector_std_that_is_not_a_positive_number_is_refused(whisper_dir, qwen2_tied, tmp_path, capsys, std):
+    code = main(["init", "--encoder", str(whisper_dir), "--llm", str(qwen2_tied[1]), "--out", str(tmp_path / "o"),
+                 f"--projector-std={std}"])
+    assert code == 2 and "--projector-std must be a number above 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_whisper_config_with_scale_embedding_is_the_same_encoder(whisper, whisper_dir, tmp_path):
+    """transformers' WhisperEncoder never applies embed_scale: the flag changes nothing of the encoder."""
+    import shutil
+
+    from qwen2audio.checkpoint.importers import load_encoder
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(whisper_dir, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**config, "scale_embedding": True}))
+    (cfg_a, a), (cfg_b, b) = load_encoder(scaled), load_encoder(whisper_dir)
+    assert cfg_a == cfg_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_llm_directory_without_tokenizer_asks_for_one(whisper_dir, qwen2_tied, tmp_path):
     import shutil
 

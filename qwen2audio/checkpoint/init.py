@@ -26,6 +26,7 @@ What is written to DIR, loadable by ``qwen2audio chat DIR`` and by transformers'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -174,11 +175,11 @@ def assemble_checkpoint(encoder: str | Path, llm: str | Path, tokenizer: str | P
 
     from ..config import Qwen2AudioConfig
     from .hf import resolve_dtype
-    from .importers import load_encoder, load_llm
+    from .importers import check_sources, load_encoder, load_llm
 
-    for flag, src in (("--encoder", encoder), ("--llm", llm)):
-        if not Path(src).exists():
-            raise FileNotFoundError(f"{flag} {src} does not exist")
+    if projector_std is not None and not (math.isfinite(projector_std) and projector_std > 0):
+        raise ValueError(f"--projector-std must be a number above 0, got {projector_std}")
+    check_sources(encoder, llm)  # formats and model types: before the tokenizer and minutes of loading
     tok, gguf_reader = _read_tokenizer(tokenizer, llm)  # read first: fail before the big loads
     n_known = tok.vocab_size
     tok, added = add_audio_tokens(tok)
@@ -217,6 +218,24 @@ def assemble_checkpoint(encoder: str | Path, llm: str | Path, tokenizer: str | P
                      vocab_rows=(rows_before, rows), projector_std=std)
 
 
+def check_writable(out: Path) -> None:
+    """``out`` can be made (if it is not there) and written, or a CheckpointError saying why not; what this
+    check makes it removes again."""
+    made = [p for p in [out, *out.parents] if not p.exists()][::-1]  # outermost first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".qwen2audio-init-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"--out {out} cannot be written ({err.strerror or err}); choose a directory you "
+                              "can write to") from err
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
 def write_checkpoint(assembled: Assembled, out: Path) -> None:
     """Weights, config and the processor files of ``assembled`` into the directory ``out``."""
     from .files import write_processor_files
@@ -238,6 +257,7 @@ def init_checkpoint(encoder: str | Path, llm: str | Path, out: str | Path, token
         raise CheckpointError(f"--out {out} is a file, not a directory; choose a new directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory or pass --force")
+    check_writable(out)  # before minutes of loading
     built = assemble_checkpoint(encoder, llm, tokenizer=tokenizer, dtype=dtype, seed=seed, projector_std=projector_std)
     write_checkpoint(built, out)
     tok, cfg = built.tokenizer, built.config

@@ -94,7 +94,8 @@ def _dequantise(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scale_name = name.removesuffix("/weight") + WEIGHT_SCALE_SUFFIX
         if name.endswith("/weight") and scale_name in variables:
             scale = variables[scale_name].astype(np.float32)
-            value = value.astype(np.float32) / (scale[:, None] if scale.ndim == 1 else scale)
+            # one scale per output row, for the linear (out, in) and the convolutions' (out, in, width) alike
+            value = value.astype(np.float32) / scale.reshape(scale.shape + (1,) * (value.ndim - scale.ndim))
         out[name] = value
     return out
 

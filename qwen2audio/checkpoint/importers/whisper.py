@@ -76,9 +76,8 @@ def load_hf_whisper(directory: Path, dtype: torch.dtype | None = None) -> tuple[
     if raw.get("model_type") != "whisper":
         raise WeightImportError(f"{directory}/config.json has model_type {raw.get('model_type')!r}; "
                                 "--encoder expects a Whisper model (model_type 'whisper')")
-    if raw.get("scale_embedding"):
-        raise WeightImportError(f"{directory}: scale_embedding is true; Qwen2-Audio's encoder does not scale "
-                                "its input embeddings")
+    # scale_embedding is not read: transformers' WhisperEncoder never applies its embed_scale (nor does
+    # Qwen2-Audio's encoder), so a config that sets it describes the same encoder
     if raw.get("activation_function", "gelu") != "gelu":
         raise WeightImportError(f"{directory}: activation_function {raw['activation_function']!r}; only gelu is supported")
     d_model = raw.get("d_model", 384)
