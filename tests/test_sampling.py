@@ -220,3 +220,30 @@ def test_values_of_the_wrong_kind_are_named(field, value, said):
     with pytest.raises(ValueError, match=said):
         SamplingParams(**{field: value})
     SamplingParams(seed=np.int64(3), temperature=np.float32(0.5), max_new_tokens=np.int64(4))  # numpy numbers do
+
+
+def test_numpy_numbers_become_pythons_and_stop_none_is_no_stop():
+    """np.int64 seeds reached torch.Generator.manual_seed, which takes no numpy integer: the request failed
+    after it had taken a cache slot, and 16 such calls left the model with none."""
+    params = SamplingParams(seed=np.int64(3), temperature=np.float32(0.5), max_new_tokens=np.int64(4), logprobs=np.int8(2))
+    assert [type(v) for v in (params.seed, params.max_new_tokens, params.logprobs, params.temperature)] == [
+        int, int, int, float]
+    torch.Generator().manual_seed(params.seed)
+    assert SamplingParams(stop=None).stop == ()
+
+
+@pytest.mark.parametrize("given,said", [
+    ({"temperature": "0.7"}, "temperature must be a finite number, got '0.7'"),
+    ({"num_beams": "2"}, "num_beams must be a whole number, got '2'"),
+    ({"num_beams": None}, "num_beams must be a whole number, got None"),
+])
+def test_chat_and_transcription_settings_leave_bad_values_to_be_named(given, said):
+    """The settings' merging compared a str with 0 ('>' not supported ...) before SamplingParams could say
+    which value is wrong."""
+    from qwen2audio.generation.params import chat_settings, transcription_decoding
+
+    with pytest.raises(ValueError, match=said):
+        SamplingParams(**chat_settings({"temperature": 0.7, "top_p": 0.9}, given))
+    sampling, _ = transcription_decoding({"num_beams": 4, "fallback": True}, given)
+    with pytest.raises(ValueError, match=said):
+        SamplingParams(**sampling)

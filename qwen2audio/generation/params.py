@@ -74,6 +74,8 @@ class SamplingParams:
                              f"beside each generated one), got {self.logprobs}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        elif self.stop is None:  # as OpenAI's "stop": null
+            object.__setattr__(self, "stop", ())
         if any(not isinstance(t, str) or not t for t in self.stop):
             raise ValueError(f"stop strings must be non-empty text, got {list(self.stop)!r}: an empty one would end "
                              "every reply before its first word")
@@ -96,6 +98,13 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        # numpy's and others' numbers as Python's: torch.Generator.manual_seed takes no numpy integer, and the
+        # settings are written to JSON (results.json, checkpoints' generation_config.json)
+        for name in ("max_new_tokens", "top_k", "min_new_tokens", "num_beams", "seed", "logprobs"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def greedy(self) -> bool:
@@ -182,6 +191,11 @@ def unapplied_settings(config: Mapping[str, Any]) -> list[str]:
             for k, v in changed.items()]
 
 
+def _above(value: Any, bound: float) -> bool:
+    """``value > bound`` for a number; False for anything else, which SamplingParams then names."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > bound
+
+
 def chat_settings(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     """SamplingParams keyword arguments of a chat reply: the checkpoint's ``defaults``
     (``from_generation_config``) under the caller's ``given`` ones, and what the caller says about beams
@@ -191,9 +205,9 @@ def chat_settings(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict
     checkpoint asks for). A checkpoint's own beam sampling (do_sample with num_beams) stays as it is
     when the caller says nothing of either."""
     settings = {**defaults, **given}
-    if "num_beams" not in given and ((given.get("temperature") or 0) > 0 or given.get("stop")):
+    if "num_beams" not in given and (_above(given.get("temperature"), 0) or given.get("stop")):
         settings["num_beams"] = 1
-    if given.get("num_beams", 1) > 1 and "temperature" not in given:
+    if _above(given.get("num_beams", 1), 1) and "temperature" not in given:
         settings["temperature"] = 0.0
     return settings
 
@@ -269,7 +283,7 @@ def transcription_decoding(defaults: Mapping[str, Any], sampling: Mapping[str, A
     temperature above 0 (the checkpoint's beams are a greedy beam search), and the caller's ``fallback``
     unless None, else the checkpoint's at temperature 0 (off for a sampled transcript)."""
     sampling = dict(sampling)
-    sampled = (sampling.get("temperature") or 0) > 0
+    sampled = _above(sampling.get("temperature"), 0)
     if "num_beams" not in sampling and not sampled and defaults["num_beams"] > 1:
         sampling["num_beams"] = defaults["num_beams"]
     if fallback is None:
