@@ -13,8 +13,9 @@ Which model that is, in this order:
 
 Generated and assembled models are written once into ``$QWEN2AUDIO_HOME`` (default
 ``~/.cache/qwen2audio``), atomically and under a lock file, so that processes started together do the
-work once and never see half a model. A cached model found damaged (a file cut short or garbled since)
-is written again; a cache folder that cannot be written (read-only, a full disk) is one error naming it.
+work once and never see half a model. A cached model found damaged (a file missing or cut short, a JSON
+file or a weights header garbled since: what can be seen without reading every weight) is written again;
+a cache folder that cannot be written (read-only, a full disk) is one error naming it.
 """
 
 from __future__ import annotations
@@ -180,7 +181,10 @@ def build_once(target: Path, write: Callable[[Path], None], what: str) -> Path:
                     write(tmp)
     except OSError as err:
         where = Path(os.fsdecode(err.filename)) if err.filename is not None else target.parent
-        if err.errno not in WRITE_ERRNOS or target.parent not in (where, *where.parents):  # e.g. an unreadable part
+        # the cache's own folders: the target's, what is written in it, or a folder above it still to be made
+        # (~/.cache on a read-only home); not, say, a part that cannot be read
+        ours = target.parent in (where, *where.parents) or where in target.parents
+        if err.errno not in WRITE_ERRNOS or not ours:
             raise
         raise _write_error(err, target, what) from err
     return target

@@ -433,6 +433,23 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(monkeypatch, tmp_path
                        f"directory ({home}); make {home} writable, or set $QWEN2AUDIO_HOME to a folder you can write "
                        "(or pass a model directory)")
     assert len(err) == 2
+    # two folders to make on a read-only file system (~/.cache/qwen2audio in a read-only home): the outer one fails
+    (tmp_path / "ro").mkdir()
+    outer, deeper = tmp_path / "ro" / "cache", tmp_path / "ro" / "cache" / "qwen2audio"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self == outer:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setenv("QWEN2AUDIO_HOME", str(deeper))
+    assert cli_main(["chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"qwen2audio: error: cannot write the tiny random model into {deeper / 'tiny-random-v1'}: "
+                              f"Read-only file system ({outer})") and len(err) == 2, err
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
 
     def full_disk(directory):
         (directory / "model.safetensors").write_bytes(b"half")
