@@ -255,15 +255,15 @@ def _run(args: argparse.Namespace) -> int:
     sampling = _sampling_kwargs(args)
     SamplingParams(**sampling)  # the flags' own values, told before a model is loaded for minutes
     if args.command == "chat":
-        if not args.audio and not args.prompt and (args.json or not _interactive(args)):
-            raise ValueError("give the first turn: --audio FILE (voice chat), --prompt TEXT, or both"
-                             + ("" if args.json else "; or type it, in a terminal (--interactive)"))
         for path in args.audio:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--audio {path}: " + ("a folder, not an audio file" if Path(path).is_dir()
                                                               else "no such file"))
     _check_model_dir(args)
     _check_device(args.device)
+    if args.command == "chat" and not args.audio and not args.prompt and (args.json or not _interactive(args)):
+        raise ValueError("give the first turn: --audio FILE (voice chat), --prompt TEXT, or both"
+                         + ("" if args.json else "; or type it, in a terminal (--interactive)"))
     model = _load(args)
     if args.command == "chat":
         return _chat(model, args, sampling)
