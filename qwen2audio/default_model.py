@@ -80,6 +80,12 @@ def default_model_dir() -> Path:
     return demo_model_dir(deltas)
 
 
+def override_dir() -> Path | None:
+    """The checkpoint directory ``$QWEN2AUDIO_DEFAULT_MODEL`` names (None when it is unset or tiny-random)."""
+    override = _override()
+    return None if override in (None, TINY_KEYWORD) else _override_dir(override)
+
+
 def default_model_name() -> str:
     """What the default model is, in a few words that change when it changes (a results file's key)."""
     override = _override()

@@ -7,6 +7,7 @@ resume, bad audio skipped; and a stub model that echoes the reference scores per
 
 import csv
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -275,9 +276,12 @@ def test_resume_reuses_only_answers_made_the_same_way(tmp_path, echo, capsys):
     assert "reusing 2 answers, generating 1; stored answers generated again: 1 were for other audio" in capsys.readouterr().err
     echo.clear()
     run_eval("librispeech", data, out, "--prompt-style", "chat", "--max-new-tokens", "5", "--dtype", "float32")
+    assert echo == []  # --dtype auto was float32 for this model here: the same answers
+    run_eval("librispeech", data, out, "--prompt-style", "chat", "--max-new-tokens", "5", "--dtype", "bfloat16")
     assert sum(c["n"] for c in echo) == 3 and "3 were made with another --dtype" in capsys.readouterr().err
-    echo.clear()
     same = ("--prompt-style", "chat", "--max-new-tokens", "5", "--dtype", "float32")
+    run_eval("librispeech", data, out, *same)
+    echo.clear()
     run_eval("librispeech", data, out, *same, "--quantize", "int8")
     assert sum(c["n"] for c in echo) == 3 and "3 were made with another --quantize" in capsys.readouterr().err
     echo.clear()
@@ -660,3 +664,79 @@ def test_a_fleurs_folder_names_its_language(tmp_path, folder, language):
     write(path / "audio" / "test" / "a.wav", seed=0)
     (item,) = read_fleurs(path, Options())
     assert item.prompt.endswith(f"<|{language}|>") and item.metric == f"wer:{language}"
+
+
+def test_a_default_model_named_by_the_environment_is_known_by_its_files(tmp_path, echo, monkeypatch, capsys):
+    """QWEN2AUDIO_DEFAULT_MODEL=DIR: weights rewritten in place make another model, as for a MODEL_DIR (the
+    answers were reused)."""
+    from qwen2audio.default_model import tiny_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    monkeypatch.setenv("QWEN2AUDIO_DEFAULT_MODEL", str(model))
+    data, _ = librispeech(tmp_path)
+    run_eval("librispeech", data, tmp_path / "out")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten: another time stamp (and, in life, other values)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    echo.clear()
+    run_eval("librispeech", data, tmp_path / "out")
+    assert sum(c["n"] for c in echo) == 3 and "3 were made by another model" in capsys.readouterr().err
+
+
+def test_dtype_auto_is_recorded_as_what_it_computes_in(tmp_path, echo, monkeypatch, capsys):
+    """--dtype auto means the stored dtype, or float32 on a CPU without native half precision: answers are kept
+    under the precision it came to, so that another machine's "auto" does not reuse them."""
+    import torch
+
+    from qwen2audio.checkpoint import hf, load_model, save_model
+    from qwen2audio.default_model import tiny_model_dir
+
+    half = tmp_path / "half"
+    shutil.copytree(tiny_model_dir(), half)
+    save_model(load_model(half).to(torch.bfloat16), half)
+    data, _ = librispeech(tmp_path)
+    monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: dtype == torch.float32)
+    code = main(["eval", str(half), "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "out"), *FAST])
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["dtype"] == "auto (float32)"
+    monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: True)
+    capsys.readouterr()
+    echo.clear()
+    assert main(["eval", str(half), "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "out"),
+                 *FAST]) == 0
+    assert sum(c["n"] for c in echo) == 3 and "3 were made with another --dtype" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["dtype"] == "auto (bfloat16)"
+
+
+def test_rows_without_their_columns_and_files_with_a_bom_are_read_or_named(tmp_path, echo, capsys):
+    data, refs = librispeech(tmp_path)
+    trans = data / "121" / "121726" / "121-121726.trans.txt"
+    trans.write_text("\ufeff" + trans.read_text())  # a BOM: the first id was read with it, its audio "missing"
+    records, _ = run_eval("librispeech", data, tmp_path / "out")
+    assert {r["id"] for r in records} == set(refs) and not any("error" in r for r in records)
+    folder, _ = commonvoice(tmp_path / "cv")
+    with open(folder / "test.tsv", "a", encoding="utf-8") as f:
+        f.write("c9\tcommon_voice_zh-CN_9.mp3\n")  # no sentence: a None reference, a crash after generating
+    assert main(["eval", "--task", "commonvoice", "--data", str(folder), "--out", str(tmp_path / "o2"), *FAST]) == 2
+    assert f"{folder / 'test.tsv'}:4: the row has no sentence" in capsys.readouterr().err
+    air = tmp_path / "air"
+    air.mkdir()
+    (air / "Chat_meta.json").write_text('[{"path": "a.wav",')
+    assert main(["eval", "--task", "airbench-chat", "--data", str(air), "--out", str(tmp_path / "o3"), *FAST]) == 2
+    assert f"{air / 'Chat_meta.json'}: not valid JSON" in capsys.readouterr().err
+
+
+def test_bad_numbers_are_refused_before_any_work_and_splits_keep_their_own_folders(tmp_path, echo, capsys):
+    from qwen2audio.eval.cli import default_out
+
+    data, _ = librispeech(tmp_path)
+    for flag, value in (("--max-new-tokens", "0"), ("--bootstrap", "-5"), ("--judge-workers", "0")):
+        assert main(["eval", "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "o"), flag, value]) == 2
+        assert f"{flag} must be at least" in capsys.readouterr().err
+    assert echo == [] and not (tmp_path / "o").exists()
+    meld_raw = Path("MELD.Raw")
+    assert default_out("meld", meld_raw) == Path("eval-results/meld-MELD")  # as before: earlier runs resume
+    assert default_out("meld", meld_raw, "dev") == Path("eval-results/meld-MELD-dev")

@@ -3,6 +3,7 @@
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -28,6 +29,7 @@ class FakeJudge:
     def __init__(self, answers=ANSWERS):
         self.requests = []
         self.fail_next = 0  # answer HTTP 500 this many times first
+        self.cut_next = 0  # promise more bytes than sent this many times first (a reply cut short)
 
         outer = self
 
@@ -39,6 +41,14 @@ class FakeJudge:
                     outer.fail_next -= 1
                     self.send_response(500)
                     self.end_headers()
+                    return
+                if outer.cut_next:
+                    outer.cut_next -= 1
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": [')
+                    self.close_connection = True
                     return
                 content = body["messages"][0]["content"]
                 i = int(re.search(r"\[Question\]\nQuestion (\d)\?", content).group(1))
@@ -128,6 +138,7 @@ def test_airbench_chat_scored_by_judge_in_both_orders_with_cache(tmp_path, fake_
     assert subsets["average"]["score"] == pytest.approx((6.5 + 8.0 + 4.0 + 8.0) / 4)
     assert results["overall"] is None  # AIR-Bench's overall number is the average of the categories
     assert results["judge"]["unreadable_verdicts"] == 2 and results["judge"]["items_without_verdict"] == 0
+    assert results["judge"]["temperature"] == 0.0  # recorded: AIR-Bench's own judge sampled
     report = (out / "report.md").read_text()
     assert "| speech | 1 | judge score 1-10 | 6.50 |" in report and "| 7.18 | 7.24 |" in report
     assert "| average | 5 | judge score 1-10 | 6.62 | - | 6.93 | - |" in report
@@ -217,3 +228,37 @@ def test_an_unreachable_judge_is_an_error_and_a_rerun_only_judges(tmp_path, fake
     assert main(argv + ["--judge-url", fake_judge.url]) == 0
     assert model_answers == [] and len(fake_judge.requests) == 10
     assert json.loads((out / "results.json").read_text())["subsets"]["speech"]["score"] == pytest.approx(6.5)
+
+
+def test_a_reply_cut_short_is_retried_and_then_a_judge_error(tmp_path, fake_judge):
+    """http.client's IncompleteRead escaped as a traceback, untried again."""
+    judge = Judge(fake_judge.url, "m", retry_sleep_s=0)
+    fake_judge.cut_next = 1
+    content = judge_prompt("d", "Question 1?", "Answer 1.", "x")
+    assert judge.ask(content) == "9 8\n" and len(fake_judge.requests) == 2
+    fake_judge.cut_next = 5
+    with pytest.raises(JudgeError, match="IncompleteRead"):
+        Judge(fake_judge.url, "m", retries=3, retry_sleep_s=0).ask(judge_prompt("d", "Question 2?", "A.", "x"))
+    assert len(fake_judge.requests) == 5
+
+
+def test_an_interrupted_judging_sends_nothing_more(tmp_path):
+    """Ctrl-C (or a failed judge) while the verdicts come: the queued requests are not sent (each one is a paid
+    call), where the workers went on through the whole queue."""
+    from qwen2audio.eval.airbench import score_chat
+
+    class Interrupted:
+        model, url, temperature, calls = "m", "u", 0.0, 0
+
+        def ask(self, content):
+            self.calls += 1
+            if self.calls > 1:
+                time.sleep(0.3)  # a request on the wire, while the first one's interrupt reaches the caller
+            raise KeyboardInterrupt
+
+    records = [{"id": str(i), "question": f"Question {i}?", "reference": "R.", "hypothesis": "H.", "meta_info": ""}
+               for i in range(20)]
+    judge = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        score_chat(records, judge, workers=2)
+    assert judge.calls <= 4  # what the two workers had in hand, not the 20 queued

@@ -225,6 +225,17 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     return model.eval()
 
 
+def auto_dtype_of(directory: str | Path, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype ``load_model(directory, dtype="auto", device=device)`` gives the weights, from the files'
+    headers alone (what "auto" means for this checkpoint on this machine: a results file records it)."""
+    directory = Path(directory)
+    config = Qwen2AudioConfig.from_file(directory)
+    with torch.device("meta"):
+        expected = set(Qwen2AudioModel(config).state_dict())
+    stored = stored_dtypes(weight_files(directory), expected)
+    return auto_dtype(stored.pop() if len(stored) == 1 else torch.float32, device)
+
+
 # safetensors' names of the dtypes a Qwen2-Audio checkpoint's weights may be stored in
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

@@ -24,13 +24,12 @@ the choice equal to answer_gt; unreadable answers are failures, left out of the 
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, read_json, require_dir, require_file, use_chat
 
 CHAT_CATEGORIES = {"speech_QA": "speech", "speech_dialogue_QA": "speech", "sound_QA": "sound",
                    "sound_generation_QA": "sound", "music_QA": "music", "music_generation_analysis_QA": "music",
@@ -64,7 +63,7 @@ REQUIRED_KEYS = {"Chat_meta.json": ("path", "question", "answer_gt", "task_name"
 def _meta(path: Path, name: str) -> list[dict]:
     require_dir(path, f"give the AIR-Bench folder that holds {name}")
     meta = require_file(path / name, f"give the AIR-Bench folder that holds {name}")
-    rows = json.loads(meta.read_text(encoding="utf-8"))
+    rows = read_json(meta)
     if not isinstance(rows, list):
         raise DatasetError(f"{meta}: expected a JSON list of items")
     for number, row in enumerate(rows):
@@ -147,13 +146,19 @@ def score_chat(records: list[dict], judge, workers: int = DEFAULT_JUDGE_WORKERS)
         rec["score"] = sum(read) / len(read) if read else None
 
     todo = [r for r in records if "error" not in r]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         futures = [pool.submit(one, rec) for rec in todo]
-    for future in futures:
-        if future.exception() is not None:
-            raise future.exception()
+        for future in futures:
+            future.result()  # the first failure, once the requests in flight have ended
+    except BaseException:  # a failed judge, or Ctrl-C: no request more (the queued ones were paid for)
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     verdicts = [v for r in todo for v in r["judge"]["model_scores"].values()]
-    return {"judged": True, "model": judge.model, "url": judge.url, "verdicts": len(verdicts),
+    return {"judged": True, "model": judge.model, "url": judge.url, "temperature": judge.temperature,
+            "verdicts": len(verdicts),
             "unreadable_verdicts": sum(v is None for v in verdicts), "requests_sent": judge.calls,
             "items_without_verdict": sum(1 for r in todo if r["score"] is None)}
 

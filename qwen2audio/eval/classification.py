@@ -16,11 +16,10 @@ Both also take the official lists (meld_eval.jsonl, vocalsound_eval.jsonl).
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from .jsonl import read_official
-from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, read_json, require_dir, require_file, row_values, use_chat
 
 EMOTION_PROMPT = "Recognize the emotion with keywords in English:"
 VOCAL_SOUND_PROMPT = "Classify the human vocal sound to VocalSound in English:"
@@ -50,15 +49,17 @@ def read_meld(path: Path, options: Options) -> list[EvalItem]:
     require_dir(clips, f"unpack the MELD {options.split} clips there (e.g. tar xzf {options.split}.tar.gz)")
     items = []
     # MELD's CSVs hold some bytes that are not UTF-8 (mis-encoded quotes): replace them, the labels are ASCII.
-    with open(table, encoding="utf-8", errors="replace", newline="") as f:
+    with open(table, encoding="utf-8-sig", errors="replace", newline="") as f:
         reader = csv.DictReader(f)
         needed = {"Emotion", "Dialogue_ID", "Utterance_ID"}
         if not reader.fieldnames or not needed <= set(reader.fieldnames):
             raise DatasetError(f"{table}: expected MELD columns {sorted(needed)}, got {reader.fieldnames}")
         for row in reader:
-            name = f"dia{row['Dialogue_ID']}_utt{row['Utterance_ID']}"
+            dialogue, utterance, emotion = row_values(row, ("Dialogue_ID", "Utterance_ID", "Emotion"), table,
+                                                      reader.line_num)
+            name = f"dia{dialogue}_utt{utterance}"
             items.append(EvalItem(id=name, audio=str(clips / f"{name}.mp4"), prompt=EMOTION_PROMPT,
-                              reference=row["Emotion"].strip().lower(), source=options.split, metric="acc",
+                              reference=emotion.strip().lower(), source=options.split, metric="acc",
                               chat=use_chat(options, False), extra={"utterance": row.get("Utterance")}))
     return items
 
@@ -76,7 +77,7 @@ def read_vocalsound(path: Path, options: Options) -> list[EvalItem]:
     classes = dict(VOCALSOUND_CLASSES)
     labels_csv = path / "class_labels_indices_vs.csv"
     if labels_csv.is_file():
-        with open(labels_csv, encoding="utf-8", newline="") as f:
+        with open(labels_csv, encoding="utf-8-sig", newline="") as f:
             classes.update({row["mid"]: row["display_name"] for row in csv.DictReader(f)})
     entries: list[tuple[str, str]] = []  # (file name, label)
     if options.split == ALL_CLIPS:  # asked for explicitly: every clip, labelled by its file name
@@ -86,7 +87,12 @@ def read_vocalsound(path: Path, options: Options) -> list[EvalItem]:
             path / "datafiles" / VOCALSOUND_SPLIT_FILES.get(options.split, f"{options.split}.json"),
             f"the VocalSound release lists its {options.split} split there (datafiles/te.json, val.json, tr.json); "
             f"--split {ALL_CLIPS} evaluates every clip in audio_16k/ instead, labelled by file name")
-        for entry in json.loads(split_file.read_text(encoding="utf-8"))["data"]:
+        listed = read_json(split_file)
+        if not isinstance(listed, dict) or not isinstance(listed.get("data"), list):
+            raise DatasetError(f"{split_file}: expected {{\"data\": [...]}}, as the VocalSound release writes it")
+        for number, entry in enumerate(listed["data"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("labels"), str) or "wav" not in entry:
+                raise DatasetError(f"{split_file}: data[{number}] has no \"wav\" and \"labels\"")
             mid = entry["labels"].split(",")[0]
             if mid not in classes:
                 raise DatasetError(f"{split_file}: unknown label {mid!r}")

@@ -13,6 +13,9 @@ from ..generation.params import QUANTIZE_CHOICES
 from .tasks import TASK_NAMES
 
 
+DEFAULT_SPLIT = "test"
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model on a benchmark (LibriSpeech, CoVoST 2, AIR-Bench, ...)",
                               description=__doc__)
@@ -29,7 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-style", default="auto", choices=["auto", "raw", "chat"],
                    help="auto: the official one (raw base prompts; chat template for AIR-Bench)")
     p.add_argument("--language", default=None, help="override the language the reader infers (ASR, jsonl)")
-    p.add_argument("--split", default="test", help="split file to read where a dataset has several (default test)")
+    p.add_argument("--split", default=DEFAULT_SPLIT,
+                   help="split file to read where a dataset has several (default test; another split's results go to "
+                        "their own default --out folder)")
     p.add_argument("--pair", default=None, help="CoVoST 2 pair, e.g. en-de (default: every pair found)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
@@ -88,11 +93,23 @@ def require_modules(modules, what: str) -> None:
                                 f"install the evaluation extra: {INSTALL_HINT}") from None
 
 
-def default_out(task: str, data: Path) -> Path:
+def default_out(task: str, data: Path, split: str = DEFAULT_SPLIT) -> Path:
+    """eval-results/TASK-DATANAME, and -SPLIT for a --split other than the default: runs of one dataset's
+    splits (MELD's dev and test, whose item ids repeat) keep their answers and reports apart."""
     name = data.stem
     if name.lower() in SPLIT_FOLDER_NAMES and data.parent.name:
         name = f"{data.parent.name}-{name}"
-    return Path("eval-results") / f"{task}-{name}"
+    return Path("eval-results") / (f"{task}-{name}" + ("" if split == DEFAULT_SPLIT else f"-{split}"))
+
+
+def auto_dtype_name(base: Path | None, device: str) -> str:
+    """What --dtype auto computes in for this checkpoint (the default model's where None) on this machine:
+    the stored dtype, or float32 for half precision on a CPU without it. Answers are stored under it, so
+    that an "auto" that comes to mean another precision (another CPU, a GPU) does not reuse them."""
+    from ..checkpoint.hf import auto_dtype_of
+    from ..default_model import default_model_dir
+
+    return str(auto_dtype_of(base if base is not None else default_model_dir(), device)).removeprefix("torch.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
     from .runner import ITEMS_FILE, AnswerSettings, model_identity, run_items, score_records, write_records
     from .tasks import Options, check_data, get_task
 
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--bootstrap", args.bootstrap, 0),
+                               ("--judge-workers", args.judge_workers, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     task = get_task(args.task)
     check_data(args.data)
     options = Options(language=args.language, split=args.split, pair=args.pair, prompt_style=args.prompt_style)
@@ -113,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no items found in {args.data}")
     for metric in sorted({item.metric for item in items}):
         require_modules(get_metric(metric).modules, f"scoring {metric}")
-    out = args.out or default_out(args.task, args.data)
+    out = args.out or default_out(args.task, args.data, args.split)
     from ..checkpoint.adapter import resolve as resolve_adapter
 
     base, adapter = resolve_adapter(args.model_dir, args.adapter)
@@ -124,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         identity += f" + adapter {model_identity(adapter)}"
     official = official_settings(base)  # what the official call adds on this checkpoint
     given = {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty}
-    settings = AnswerSettings(model=identity, dtype=args.dtype, quantize=args.quantize,
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype_name(base, args.device)
+    settings = AnswerSettings(model=identity, dtype=dtype, quantize=args.quantize,
                               max_new_tokens=args.max_new_tokens, fallback=args.fallback, long_audio=args.long_audio,
                               **{**official, **{k: v for k, v in given.items() if v is not None}})
     print(f"qwen2audio eval: {len(items)} items from {args.data} -> {out}", file=sys.stderr)
@@ -148,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     results = summarize(args.task, records, task.derived, bootstrap=args.bootstrap, overall=task.overall)
     results.update(model=model_name, data=str(args.data), settings={
         "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens,
-        "min_new_tokens": settings.min_new_tokens, "dtype": args.dtype, "quantize": args.quantize,
+        "min_new_tokens": settings.min_new_tokens, "quantize": args.quantize,
+        "dtype": settings.dtype if args.dtype != "auto" else f"auto ({settings.dtype})",
         "decoding": settings.decoding, "long_audio": settings.long_audio,
         "batch_size": args.batch_size, "limit": args.limit, "model_identity": settings.model})
     if judge_info is not None:

@@ -23,7 +23,7 @@ from .tasks import DatasetError, EvalItem, Options, Task, require_file, use_chat
 def read_lines(path: Path) -> list[tuple[int, dict]]:
     require_file(path, "give the JSONL file")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -10,6 +10,7 @@ QWEN2AUDIO_JUDGE_MODEL, QWEN2AUDIO_JUDGE_API_KEY (or OPENAI_API_KEY). Plain urll
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import threading
@@ -93,8 +94,8 @@ class Judge:
                 error = f"HTTP {err.code}: {err.read()[:200]!r}"
                 if err.code not in RETRYABLE_STATUS:
                     break
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                error = f"cannot reach it: {err}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+                error = f"cannot reach it: {err!r}"  # HTTPException: a reply cut short (IncompleteRead), ...
             except (ValueError, KeyError, IndexError, TypeError) as err:
                 error = f"not a chat completion: {err!r}"
         raise JudgeError(f"the judge at {self.url} failed after {attempt + 1} tries: {error}")

@@ -111,9 +111,10 @@ def model_identity(model_dir: str | Path | None) -> str:
     """The checkpoint folder and a digest of its files' names, sizes and modification times (weights
     rewritten in place make another model), or the embedded default model and its version."""
     if model_dir is None:
-        from ..default_model import default_model_name
+        from ..default_model import default_model_name, override_dir
 
-        return f"embedded default model {default_model_name()}"
+        chosen = override_dir()  # a checkpoint named by $QWEN2AUDIO_DEFAULT_MODEL: its files count, as a MODEL_DIR's
+        return f"embedded default model {model_identity(chosen) if chosen is not None else default_model_name()}"
     folder = Path(model_dir).resolve()
     if not folder.is_dir():
         from ..config import checkpoint_hint
@@ -294,8 +295,10 @@ def run_items(items: list[EvalItem], out_dir: Path, load_model: Callable[[], obj
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ITEMS_FILE
     ids = [item.id for item in items]
-    if len(set(ids)) != len(ids):
-        raise ValueError("the dataset lists an item id twice; ids must be unique for resuming")
+    twice = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if twice:
+        raise ValueError(f"the dataset lists item id {twice[0]!r} twice ({len(twice)} ids in all); ids must be unique "
+                         "for resuming")
     reused, todo, keys = plan(items, read_records(path), settings)
     current = {item.id: item for item in items}
 

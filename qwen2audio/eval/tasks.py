@@ -7,6 +7,8 @@ belongs to (`source`, reported separately) and the name of its metric.
 
 from __future__ import annotations
 
+import json
+
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +87,23 @@ def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DatasetError(f"{path} not found: {what}")
     return path
+
+
+def read_json(path: Path):
+    """A dataset's JSON file, or a DatasetError naming it (a BOM is allowed, as the readers allow it)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+
+
+def row_values(row: dict, names, path: Path, line: int) -> list[str]:
+    """The values of a CSV/TSV row's columns ``names``, or a DatasetError naming the file and line of a row
+    that lacks one (csv's DictReader fills a short row with None)."""
+    missing = [name for name in names if row.get(name) is None]
+    if missing:
+        raise DatasetError(f"{path}:{line}: the row has no {', '.join(missing)} (too few columns); fix or remove it")
+    return [row[name] for name in names]
 
 
 def require_dir(path: Path, what: str) -> Path:
