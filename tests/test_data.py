@@ -154,6 +154,7 @@ def test_validation_reports_bad_rows_and_keeps_the_good(tmp_path, decode_audio):
     assert reasons[2].startswith("missing audio") and reasons[3].startswith("unreadable audio")
     assert reasons[4].startswith("too long") and reasons[5].startswith("empty target")
     assert reasons[6].startswith("missing audio") and reasons[7].startswith("bad row") and reasons[8].startswith("bad json")
+    assert reasons[8] == "bad json: Expecting property name enclosed in double quotes at column 2"
     summary = ds.report.summary()
     assert "1 of 8 rows usable, 7 skipped" in summary and "line 3: unreadable audio" in summary
     assert long  # the 3 s clip is over max_audio_seconds
@@ -218,3 +219,18 @@ def test_a_clip_too_short_for_an_audio_token_is_skipped_and_named(tmp_path, deco
     ds = ManifestDataset(tmp_path / "m.jsonl", "pretrain", TOK, N_MELS, decode_audio=decode_audio)
     assert len(ds) == 1 and [line for line, _ in ds.report.bad] == [2]
     assert "too short" in ds.report.bad[0][1] and "click.wav" in ds.report.bad[0][1]
+
+
+def test_a_row_cut_short_is_placed_at_its_end_and_a_number_target_is_named():
+    """A row without its closing brace was reported at column 1 (the error fell past its newline); a target
+    that is a number was "missing or empty"."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        row = '{"audio": "a.wav", "prompt": "Classify.", "target": "tone"'
+        (Path(tmp) / "m.jsonl").write_text(row + "\n")
+        _, report = read_manifest(Path(tmp) / "m.jsonl", "pretrain")
+    assert report.bad == [(1, f"bad json: Expecting ',' delimiter at column {len(row) + 1}")]
+    with pytest.raises(ManifestError, match='"target" must be text, got 5'):
+        parse_row({"audio": "a.wav", "prompt": "Classify.", "target": 5}, "pretrain", 1)

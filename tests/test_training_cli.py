@@ -228,7 +228,51 @@ def test_a_truncated_checkpoint_is_named_on_resume(ws, tmp_path, capsys):
     assert train_cli(ws, out, "max_steps=2", "save_every=1") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"qwen2audio: error: {trainable} is truncated: its header says {size} bytes, the file has "
-                       f"{size // 2}; re-download it (or copy it again)")
+                       f"{size // 2}: the checkpoint is damaged; delete {trainable.parent} to resume from the "
+                       "checkpoint before it, or set resume=false to start over")
+    trainable.unlink()  # missing: the same advice (it was a bare "No such file or directory")
+    assert train_cli(ws, out, "max_steps=2", "save_every=1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"qwen2audio: error: {trainable} is missing: the checkpoint is damaged; delete "
+                       f"{trainable.parent} to resume from the checkpoint before it, or set resume=false to start over")
+
+
+def test_a_checkpoint_past_the_steps_asked_for_is_not_published_as_final(ws, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(ws, out, "max_steps=4", "save_every=2", "max_steps_this_run=2") == 0  # stopped at step 2
+    capsys.readouterr()
+    assert train_cli(ws, out, "max_steps=1") == 2
+    assert ("checkpoint is at step 2, past the 1 steps max_steps gives now: raise max_steps to at least its step, or "
+            "set resume=false to start over") in capsys.readouterr().err
+    assert not (out / "final").exists()
+
+
+def test_what_can_be_told_wrong_before_the_model_loads_is(ws, tmp_path, capsys, monkeypatch):
+    """A missing train_data, a manifest that is not there, batch sizes that do not divide, an output_dir that
+    cannot be made, LoRA without the LLM: one line each, before minutes of loading (some came after it)."""
+    import qwen2audio.training.loop as loop
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loop, "load_for_training", no_load)
+    (tmp_path / "a-file").write_text("")
+    cases = [(["train_data=''"], "train_data is not set: give the training manifest, train_data=FILE.jsonl"),
+             ([f"train_data={tmp_path / 'nope.jsonl'}"], f"train_data={tmp_path / 'nope.jsonl'}: no such file"),
+             ([f"val_data={tmp_path}"], f"val_data={tmp_path}: a folder; give the JSONL file in it"),
+             (["micro_batch_size=3"], "global_batch_size=4 must be a multiple of micro_batch_size=3 x 1 processes"),
+             ([f"output_dir={tmp_path / 'a-file' / 'run'}"], f"output_dir {tmp_path / 'a-file' / 'run'} cannot be "
+                                                              "written (Not a directory): choose a folder you can write"),
+             (["lora_rank=4", "trainable=[projector]"], "lora_rank puts LoRA adapters on the LLM: it needs llm in "
+                                                        "trainable"),
+             (["max_seq_len=0"], "max_seq_len must be >= 1")]
+    for overrides, message in cases:
+        out = [] if any(o.startswith("output_dir=") for o in overrides) else [f"output_dir={tmp_path / 'o'}"]
+        args = ["train", "sft", str(CONFIGS / "tiny" / "sft.yaml"), f"model={ws['tiny']}", f"train_data={ws['sft']}",
+                "progress=false", "tensorboard=false", "global_batch_size=4", *out, *overrides]
+        assert main(args) == 2, overrides
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (overrides, err)
 
 
 def test_pretrain_and_sft_share_one_recipe():

@@ -117,7 +117,7 @@ def read_manifest(path: str | Path, stage: str) -> tuple[list[Example], Report]:
                                       "UTF-8; save the manifest as UTF-8"))
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # a row cut short: the column where it ends, not line 2
             except json.JSONDecodeError as err:
                 report.bad.append((i, f"bad json: {err.msg} at column {err.colno}"))
                 continue
@@ -163,6 +163,8 @@ def _parse_pretrain(row: dict, line: int, base: Path | None) -> Example:
     prompt, target = row.get("prompt"), row.get("target")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ManifestError('bad row: "prompt" must be the task in words, e.g. "Transcribe this English speech."')
+    if target is not None and not isinstance(target, str):
+        raise ManifestError(f'bad row: "target" must be text, got {json.dumps(target)}')
     if not isinstance(target, str) or not target.strip():
         raise ManifestError('empty target: "target" is missing or empty')
     return Example("pretrain", line, audios=[_source(a, base) for a in audios], prompt=prompt, target=target,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,7 +47,8 @@ SKIP_FILES = {"config.json", *RUN_FILES}
 # Options a resumed run must share with the run that saved the checkpoint: they decide what is trained, on
 # which rows in which order, and the optimizer and schedule whose state is restored. (max_steps and epochs
 # may grow to train a finished run further; paths are compared as given, with a note only: folders move.)
-RESUME_KEYS = ("stage", "trainable", "dtype", "lora_rank", "lora_alpha", "lora_targets", "encoder_lora", "tasks",
+RESUME_KEYS = ("stage", "trainable", "dtype", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+               "encoder_lora", "tasks",
                "max_seq_len", "max_audio_seconds", "group_by_length", "global_batch_size", "lr", "min_lr_ratio",
                "warmup_steps", "weight_decay", "betas", "eps", "lr_by_part", "seed", "beta", "ctc_scale",
                "ctc_negatives")
@@ -172,8 +174,14 @@ def lock_output_dir(output_dir: str | Path) -> None:
     root = Path(output_dir).resolve()
     if root in _locks:
         return
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        if err.errno in NO_SPACE_ERRNOS:
+            raise
+        raise ValueError(f"output_dir {output_dir} cannot be written ({err.strerror or err}): choose a folder you "
+                         "can write, output_dir=DIR") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -219,8 +227,15 @@ def check_resume(cfg, directory: Path) -> list[str]:
 
 def load_trainable(model: nn.Module, directory: Path) -> None:
     """Put the trained tensors of a checkpoint into the (unwrapped, not yet sharded) model."""
-    check_safetensors(directory / TRAINABLE_FILE)
-    tensors = load_file(str(directory / TRAINABLE_FILE))
+    try:
+        if not (directory / TRAINABLE_FILE).is_file():
+            raise CheckpointError(f"{directory / TRAINABLE_FILE} is missing")
+        check_safetensors(directory / TRAINABLE_FILE)
+        tensors = load_file(str(directory / TRAINABLE_FILE))
+    except (CheckpointError, SafetensorError, OSError) as err:
+        reason = str(err).split("; re-download")[0]
+        raise CheckpointError(f"{reason}: the checkpoint is damaged; delete {directory} to resume from the "
+                              "checkpoint before it, or set resume=false to start over") from None
     params = dict(model.named_parameters())
     missing = [k for k in params if params[k].requires_grad and k not in tensors]
     if missing:

@@ -168,6 +168,12 @@ class TrainConfig:
         if self.encoder_cache and "encoder" in self.trainable:
             raise ValueError("encoder_cache keeps a frozen encoder's outputs; it cannot be used while the encoder "
                              "is trained (drop encoder from trainable, or encoder_cache)")
+        if self.lora_rank > 0 and "llm" not in self.trainable and not self.encoder_lora:
+            raise ValueError("lora_rank puts LoRA adapters on the LLM: it needs llm in trainable (and with "
+                             "encoder_lora, on a trained encoder too); drop lora_rank to train the other parts in full")
+        if self.max_seq_len < 1 or not self.max_audio_seconds > 0:
+            raise ValueError(f"max_seq_len must be >= 1 and max_audio_seconds > 0, got {self.max_seq_len} and "
+                             f"{self.max_audio_seconds}")
         if self.encoder_lora and (self.lora_rank <= 0 or "encoder" not in self.trainable):
             raise ValueError("encoder_lora puts LoRA adapters on a trained encoder: it needs encoder in trainable "
                              "and lora_rank > 0")

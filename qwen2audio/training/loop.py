@@ -189,11 +189,16 @@ def refuse_finished_run(cfg: TrainConfig, resume: Path | None, total: int) -> No
     """A run whose newest checkpoint is at (or past) its last step and whose final/ is published has
     nothing left to do: say so rather than train 0 steps. (Without final/, the run was stopped while
     publishing it: resuming finishes that.)"""
-    if resume is None or not (Path(cfg.output_dir) / FINAL_DIR).is_dir():
+    if resume is None:
         return
     step = checkpoint_step(resume)
+    knob = "max_steps" if cfg.max_steps > 0 else "epochs"
+    if step > total and not (Path(cfg.output_dir) / FINAL_DIR).is_dir():  # would publish a later model as final
+        raise ValueError(f"{cfg.output_dir}'s newest checkpoint is at step {step}, past the {total} steps {knob} "
+                         f"gives now: raise {knob} to at least its step, or set resume=false to start over")
+    if not (Path(cfg.output_dir) / FINAL_DIR).is_dir():
+        return
     if step >= total:
-        knob = "max_steps" if cfg.max_steps > 0 else "epochs"
         raise ValueError(f"{cfg.output_dir} already finished at step {step} ({knob} gives {total} steps): nothing to "
                          f"train; use a new output_dir= or raise {knob}")
 
@@ -206,10 +211,25 @@ def audio_parts_may_go_unused(trainable: list[str], every_row_has_audio: bool) -
     return bool(AUDIO_PARTS & set(trainable)) and not every_row_has_audio
 
 
+def check_inputs(cfg: TrainConfig, world: int) -> None:
+    """What can be told wrong before a model loads: the manifests there, the batch sizes dividing."""
+    if not cfg.train_data:
+        raise ValueError("train_data is not set: give the training manifest, train_data=FILE.jsonl")
+    for option, path in [("train_data", cfg.train_data), ("val_data", cfg.val_data),
+                         *(("val_generate", p) for p in cfg.val_generate_files)]:
+        if path and not Path(path).is_file():
+            raise ValueError(f"{option}={path}: " + ("a folder; give the JSONL file in it" if Path(path).is_dir()
+                                                   else "no such file"))
+    if cfg.global_batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size="
+                         f"{cfg.micro_batch_size} x {world} processes")
+
+
 def setup(cfg: TrainConfig) -> Run:
     d = distributed.setup(cfg.distributed, cfg.device)
     torch.manual_seed(cfg.seed)
     check_model_dir(cfg.model)
+    check_inputs(cfg, d.world)
     if d.main:  # before anything in output_dir is read or written: one run at a time there
         lock_output_dir(cfg.output_dir)
     resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
@@ -251,9 +271,6 @@ def setup(cfg: TrainConfig) -> Run:
     if len(dataset) < cfg.global_batch_size:
         raise ValueError(f"{cfg.train_data} has {len(dataset)} usable rows, fewer than global_batch_size="
                          f"{cfg.global_batch_size}")
-    if cfg.global_batch_size % (cfg.micro_batch_size * d.world):
-        raise ValueError(f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size="
-                         f"{cfg.micro_batch_size} x {d.world} processes")
     steps = _total_steps(cfg, len(dataset))
     refuse_finished_run(cfg, resume, steps)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
