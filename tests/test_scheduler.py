@@ -532,10 +532,21 @@ def test_a_deadline_ends_a_request_with_timeout_running_or_waiting(engine):
 
 
 def test_the_waiting_queue_is_bounded(engine):
-    sched = inline(engine, max_waiting=2)
+    """max_waiting counts the requests beyond the free slots: a burst no larger than the free slots is taken
+    whole (requests that came between two rounds were refused while slots were free for them)."""
+    sched = inline(engine, max_slots=4, max_waiting=1)
     request = prepare(engine, messages("Hi."))
-    streams = [sched.submit(request, greedy(2)) for _ in range(2)]
-    with pytest.raises(QueueFull, match="2 requests are waiting"):
+    burst = [sched.submit(request, greedy(2)) for _ in range(4)]  # none admitted yet: no round has run
+    assert sched.status().waiting == 4 and not sched.queue_full()
+    sched.submit(request, greedy(2))  # the one that waits
+    assert sched.queue_full()
+    with pytest.raises(QueueFull, match="5 requests are waiting"):
+        sched.submit(request, greedy(2))
+    for s in burst:
+        s.wait()
+    sched = inline(engine, max_slots=1, max_waiting=2)
+    streams = [sched.submit(request, greedy(2)) for _ in range(3)]
+    with pytest.raises(QueueFull, match="3 requests are waiting"):
         sched.submit(request, greedy(2))
     for s in streams:
         s.wait()

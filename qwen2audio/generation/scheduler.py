@@ -365,6 +365,20 @@ class Scheduler:
         return SchedulerStatus(waiting, len(self._prefilling), len(self._decoding),
                                sum(isinstance(o, _Session) for o in owners), owners.count(None), self.cache.nbytes)
 
+    def queue_full(self) -> bool:
+        """Whether a request submitted now would be refused (QueueFull)."""
+        with self._lock:
+            return self._queue_full()
+
+    def _queue_full(self) -> bool:
+        """(Under the lock.) ``max_waiting`` requests wait beyond the places the next round gives: a request
+        that came while a step ran counts as waiting until the round after it, though a slot is free for it,
+        and is not counted against the queue."""
+        if self.max_waiting is None:
+            return False
+        places = sum(o is None or (isinstance(o, _Session) and not o.busy) for o in list(self._owner))
+        return len(self._waiting) - places >= self.max_waiting
+
     def submit(self, request: "Prepared", params: SamplingParams, *, deadline: float | None = None,
                session: Hashable | None = None) -> RequestStream:
         """Queue a request; returns its stream at once. ``deadline``: a time of ``clock`` (by default
@@ -390,7 +404,7 @@ class Scheduler:
         with self._lock:
             if self._closed:
                 raise SchedulerClosed("the scheduler is closed; it takes no more requests")
-            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+            if self._queue_full():
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already (the most this scheduler "
                                 f"queues); try again later")
             self._waiting.append(r)

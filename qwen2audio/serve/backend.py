@@ -255,7 +255,7 @@ class SchedulerBackend:
 
     @property
     def full(self) -> bool:
-        return self.scheduler.status().waiting >= self.max_queue
+        return self.scheduler.queue_full()
 
     def close(self, timeout: float | None = None) -> None:
         """Take no more requests and end those waiting or running (ABORTED). Waits at most ``timeout``
