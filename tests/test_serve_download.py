@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -41,6 +42,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, b"", {"Content-Length": str(CAP + 1)})
         elif self.path == "/undeclared-big":
             self._send(200, b"\0" * (CAP + 1), {})
+        elif self.path == "/drip":  # a byte every 0.2 s of a promised 100 kB: each byte restarts a socket timeout
+            self._send(200, b"", {"Content-Length": "100000"})
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:  # the client gave up
+                pass
         else:
             self._send(404, b"", {})
 
@@ -196,3 +206,15 @@ def test_the_server_reads_allowed_urls_and_files(origin, folders):
     for request in backend.requests:
         np.testing.assert_array_equal(request[1][0]["content"][0]["audio"], expected)
     assert len(backend.requests) == len(sources)
+
+
+def test_a_sender_that_drips_is_cut_off_at_the_deadline(origin, monkeypatch):
+    """The whole download has DEADLINE_SECONDS: a byte at a time kept it going for as long as the sender
+    liked (each read waited for a whole chunk; each byte restarted the socket's timeout)."""
+    import qwen2audio.serve.download as download
+
+    monkeypatch.setattr(download, "DEADLINE_SECONDS", 1.0)
+    start = time.monotonic()
+    with pytest.raises(DownloadRefused, match="the download took more than 1 s"):
+        fetch(origin + "/drip", LOOPBACK, CAP)
+    assert time.monotonic() - start < 3.0

@@ -183,7 +183,17 @@ def _get(parts, host: str, port: int, address: str, max_bytes: int, deadline: fl
             raise DownloadRefused(f"audio URL on {host}: the file is {int(declared)} bytes, more than the "
                                   f"{max_bytes} this server takes")
         chunks, size = [], 0
-        while chunk := response.read(CHUNK_BYTES):
+        while True:
+            # what has come (read1), each wait bounded by the time left: read() waited for a whole chunk, and
+            # a sender dripping a byte at a time restarted the socket's timeout with each, past the deadline
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DownloadRefused(f"audio URL on {host}: the download took more than {DEADLINE_SECONDS:.0f} s")
+            if conn.sock is not None:
+                conn.sock.settimeout(min(TIMEOUT_SECONDS, left))
+            chunk = response.read1(CHUNK_BYTES)
+            if not chunk:
+                break
             size += len(chunk)
             if size > max_bytes:
                 raise DownloadRefused(f"audio URL on {host}: the file is more than the {max_bytes} bytes this "
