@@ -86,6 +86,13 @@ def test_a_port_in_use_is_one_line(capsys):
     assert err.startswith(f"qwen2audio: error: cannot listen on 127.0.0.1:{port}") and "--port" in err
 
 
+def test_an_address_not_of_this_machine_is_blamed_on_host_not_port(capsys):
+    assert main(["serve", "--host", "192.0.2.1", "--port", "0"]) == 2  # TEST-NET-1: no machine's own address
+    err = capsys.readouterr().err
+    assert err.startswith("qwen2audio: error: cannot listen on 192.0.2.1:0: ") and err.count("\n") == 1
+    assert "--host must be an address of this machine" in err and "--port" not in err
+
+
 def read_until(process: subprocess.Popen, pattern: re.Pattern, seconds: float) -> tuple[re.Match, str]:
     seen = ""
     deadline = time.monotonic() + seconds

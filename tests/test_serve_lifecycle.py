@@ -107,6 +107,9 @@ def test_a_client_leaving_a_streamed_transcription_cancels_every_window():
         wait_until(lambda: all(h.result.finish_reason is not None for h in backend.cancelled), "them to stop")
         assert all(h.result.finish_reason == "abort" for h in backend.cancelled)
         assert len(backend.cancelled[0].result.token_ids) < 100
+        # and counted: every window was stopped early (the counter stayed at 0)
+        wait_until(lambda: f"qwen2audio_cancelled_generations_total {float(n)}" in httpx.get(url + "/metrics").text,
+                   "the metrics to count every window")
 
 
 def test_a_client_leaving_before_a_whole_answer_cancels_its_generation():

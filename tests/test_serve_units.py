@@ -320,3 +320,19 @@ def test_a_language_the_prompts_do_not_know_is_refused_before_it_becomes_a_tag(g
     with pytest.raises(ValueError, match=re.escape(message)):
         speech_prompt(given)
     assert speech_prompt("yue") == "Detect the language and recognize the speech: <|yue|>"
+
+
+def test_a_generations_speed_comes_from_its_own_times():
+    """A long recording's later windows decode beside the first and are read after it: their speed is taken
+    from when the scheduler decoded their tokens, not from when the reader got to them (50,000 tokens/s)."""
+    from types import SimpleNamespace
+
+    from qwen2audio.generation.reply import Generation
+    from qwen2audio.serve.transcription import _record
+
+    metrics = Metrics(lambda: 0, lambda: 0)
+    result = Generation(token_ids=list(range(11)), prompt_tokens=5, first_token_at=100.0, ended_at=101.0)
+    reader = SimpleNamespace(handle=SimpleNamespace(result=result), first_at=100.999, stopped_early=False)
+    _record(metrics, reader, None, "/v1/audio/transcriptions")
+    text = metrics.render()
+    assert "qwen2audio_generation_tokens_per_second_sum 10.0" in text  # 10 tokens after the first, in 1 s

@@ -33,6 +33,10 @@ class Generation:
     # each a Generation with its own score.
     score: float | None = None
     alternatives: list["Generation"] = field(default_factory=list)
+    # when its first token was decoded and when it ended (time.monotonic()): its decoding speed, whenever
+    # its reader reads it (a long recording's later windows decode beside the first, read after it)
+    first_token_at: float | None = None
+    ended_at: float | None = None
 
 
 def logprob_entries(logprobs: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes]) -> list[dict[str, Any]]:

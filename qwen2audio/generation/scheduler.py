@@ -795,6 +795,8 @@ class Scheduler:
 
     def _emit(self, r: _Request, token: int, logprob: TokenLogprob | None = None) -> None:
         """Give a request its new token: text to its reader; the end if it is done."""
+        if r.reply.out.first_token_at is None:
+            r.reply.out.first_token_at = time.monotonic()
         delta = r.reply.push(token, logprob)
         if r.reply.out.finish_reason is None and r.generated >= r.max_new:
             delta += r.reply.finish("length")
@@ -807,6 +809,7 @@ class Scheduler:
 
     def _finish(self, r: _Request, reason: str | None = None, error: BaseException | None = None) -> None:
         """End a request (``reason`` when it ends between tokens) and free or hand back its slot."""
+        r.reply.out.ended_at = time.monotonic()
         if reason is not None and r.reply.out.finish_reason is None:
             tail = r.reply.finish(reason)
             if tail:

@@ -236,10 +236,11 @@ class _Done:
         firsts = [r.first_at for r in readers if r.first_at is not None]
         if firsts:
             self.metrics.first_token.observe(min(firsts) - self.arrived, ENDPOINT)
-        for reader in readers:
+        for reader in readers:  # the speed from the generation's own times where it has them (the scheduler's)
             result = reader.handle.result
-            self.metrics.generation_done(result.prompt_tokens, len(result.token_ids), reader.first_at, ended,
-                                         reader.stopped_early)
+            first = result.first_token_at if result.first_token_at is not None else reader.first_at
+            self.metrics.generation_done(result.prompt_tokens, len(result.token_ids), first,
+                                         result.ended_at or ended, reader.stopped_early)
 
 
 async def _whole(request: Request, answer: _Answer, handles: list[Handle]) -> Response:

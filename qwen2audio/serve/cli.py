@@ -9,6 +9,7 @@ is closed. A second Ctrl-C quits at once.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import os
 import socket
@@ -124,7 +125,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; choose another --port") from None
+        fix = ("--host must be an address of this machine (127.0.0.1, 0.0.0.0 for every interface, or one of "
+               "its own)" if err.errno == errno.EADDRNOTAVAIL else "choose another --port")
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; {fix}") from None
     sock.listen(socket.SOMAXCONN)
     sock.set_inheritable(True)
     return sock

@@ -277,13 +277,15 @@ async def _window_events(request: Request, backend: Backend, prompt: str, window
     one batch; a window's answer is read while the next ones are already decoding. Until the first text,
     a client that leaves is noticed here; once a streamed response has begun, its server notices."""
     handles: list[Handle] = []
+    readers: dict[int, Reader] = {}
+    recorded: set[int] = set()
     started = False
     try:
         for k, window in enumerate(windows):
             while len(handles) < min(k + WINDOWS_AT_ONCE, len(windows)):
                 handles.append(await _submit(request, backend, prompt, windows[len(handles)].audio, params,
                                              first=not handles))
-            reader = Reader(handles[k])
+            reader = readers[k] = Reader(handles[k])
             try:
                 if live and not fallback:
                     parts, read = [], 0
@@ -298,8 +300,8 @@ async def _window_events(request: Request, backend: Backend, prompt: str, window
                     text = await _read(request, handles[k], reader.rest, watch=not (live and started))
             except Exception as err:  # noqa: BLE001
                 raise request_error(err) from None
-            finally:
-                _record(metrics, reader, arrived if k == 0 else None, endpoint)
+            _record(metrics, reader, arrived if k == 0 else None, endpoint)
+            recorded.add(k)
             result, temperature = handles[k].result, None
             if fallback and F.repetitive(text):
                 text, result, temperature = await _again(request, backend, prompt, window.audio, params, metrics,
@@ -309,6 +311,9 @@ async def _window_events(request: Request, backend: Backend, prompt: str, window
     finally:  # an error, a client gone or a consumer that stopped: the windows still decoding stop
         for handle in handles:
             handle.cancel()
+        for k, handle in enumerate(handles):  # and are counted, as stopped early where they were
+            if k not in recorded:
+                _record(metrics, readers.get(k) or Reader(handle), arrived if k == 0 else None, endpoint)
 
 
 async def _read(request: Request, handle: Handle, work, watch: bool):
@@ -492,8 +497,11 @@ async def _submit(request: Request, backend: Backend, prompt: str, window, param
 
 
 def _record(metrics: Metrics, reader: Reader, arrived: float | None, endpoint: str) -> None:
+    """A window's generation in the metrics: its speed from when its tokens were decoded (a later window
+    decodes beside the first and is read after it), its time to first token from when the reader had it."""
     result = reader.handle.result
     if arrived is not None and reader.first_at is not None:
         metrics.first_token.observe(reader.first_at - arrived, endpoint)
-    metrics.generation_done(result.prompt_tokens, len(result.token_ids), reader.first_at, time.monotonic(),
+    first = result.first_token_at if result.first_token_at is not None else reader.first_at
+    metrics.generation_done(result.prompt_tokens, len(result.token_ids), first, result.ended_at or time.monotonic(),
                             reader.stopped_early)
