@@ -35,8 +35,9 @@ class Generation:
     alternatives: list["Generation"] = field(default_factory=list)
     # when its first token was decoded and when it ended (time.monotonic()): its decoding speed, whenever
     # its reader reads it (a long recording's later windows decode beside the first, read after it)
-    first_token_at: float | None = None
-    ended_at: float | None = None
+    # (not compared: two runs of one request are equal Generations)
+    first_token_at: float | None = field(default=None, compare=False, repr=False)
+    ended_at: float | None = field(default=None, compare=False, repr=False)
 
 
 def logprob_entries(logprobs: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes]) -> list[dict[str, Any]]:
