@@ -126,13 +126,14 @@ class Models:
         gc.collect()
 
 
-def harness_settings(model_dir: Path):
-    from qwen2audio.eval.cli import official_settings
+def harness_settings(model_dir: Path, device: str = "cpu"):
+    from qwen2audio.eval.cli import auto_dtype_name, official_settings
     from qwen2audio.eval.runner import OFFICIAL_LONG_AUDIO, AnswerSettings, model_identity
 
-    # dtype auto, 256 new tokens, the checkpoint's greedy settings, 30 s heard: `qwen2audio eval`'s defaults
-    return AnswerSettings(model=model_identity(model_dir), long_audio=OFFICIAL_LONG_AUDIO,
-                          **official_settings(model_dir))
+    # dtype auto (recorded as what it computes in), 256 new tokens, the checkpoint's greedy settings, 30 s
+    # heard: `qwen2audio eval`'s defaults
+    return AnswerSettings(model=model_identity(model_dir), dtype=auto_dtype_name(model_dir, device),
+                          long_audio=OFFICIAL_LONG_AUDIO, **official_settings(model_dir))
 
 
 def finish(out_dir: Path, records: list[dict], data: Path, model: Path, settings, args) -> dict:
@@ -145,7 +146,7 @@ def finish(out_dir: Path, records: list[dict], data: Path, model: Path, settings
     results = summarize("jsonl", records, bootstrap=BOOTSTRAP)
     results.update(model=str(model), data=str(data), settings={
         "prompt_style": "auto", "max_new_tokens": settings.max_new_tokens, "min_new_tokens": settings.min_new_tokens,
-        "dtype": settings.dtype, "batch_size": args.batch_size, "limit": args.limit,
+        "dtype": f"auto ({settings.dtype})", "batch_size": args.batch_size, "limit": args.limit,
         "decoding": settings.decoding,
         "model_identity": settings.model})
     write_results(out_dir, results)
@@ -253,7 +254,7 @@ def read_sets(args: argparse.Namespace) -> dict[str, EvalSet]:
 def voice_chat(chat_set: EvalSet, spoken: list[dict], models: Models, args: argparse.Namespace) -> dict:
     """The spoken answers against the LLM's answers to the same questions typed."""
     llm = args.llm or args.model
-    typed, _ = answer_typed(chat_set, args.answers / TYPED, models.loader(llm), harness_settings(llm), args)
+    typed, _ = answer_typed(chat_set, args.answers / TYPED, models.loader(llm), harness_settings(llm, args.device), args)
     return {**T.voice_chat_kept(typed, spoken), "typed_accuracy": T.pooled(typed, BOOTSTRAP),
             "spoken_accuracy": T.pooled(spoken, BOOTSTRAP), "typed_answers": str(args.answers / TYPED / "items.jsonl"),
             "typed_examples": T.examples(typed, chat_set.questions)}
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     require_modules(EVAL_MODULES, PROG)
     eval_sets = read_sets(args)
     models = Models(args.device)
-    settings = harness_settings(args.model)
+    settings = harness_settings(args.model, args.device)
     sets, records = {}, {}
     for name, eval_set in eval_sets.items():
         out_dir = args.answers / name
