@@ -305,7 +305,8 @@ class Conversation:
 
     def __init__(self, model: Qwen2Audio, system: str | None = None):
         self.model = model
-        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        # "" is a system message too: the official template's only way to leave out its default one
+        self.messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
         self._audio_vectors: dict[str, torch.Tensor] = {}
         self.last: Generation | None = None  # the latest reply, complete once its stream is consumed
         # the reply still being streamed, held weakly: a stream its reader drops is withdrawn at once

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="audio file for the first turn (repeatable)")
     chat.add_argument("--prompt", default=None,
                       help="text of the first turn; without it the audio alone is the turn (voice chat)")
-    chat.add_argument("--system", default=None, help="system prompt (default: the official one)")
+    chat.add_argument("--system", default=None,
+                      help="system prompt (default: the official one; \"\" for an empty one, which leaves it out)")
     chat.add_argument("--json", action="store_true",
                       help="print one JSON object (text, token_ids, finish_reason, prompt_tokens, "
                            "completion_tokens; with --logprobs N, logprobs: per token its text, log-probability, "
@@ -373,7 +374,7 @@ def _converse(conv, sampling) -> None:
     while (line := _read_line()) is not None:
         if line.strip() == "/new":
             system = [m["content"] for m in conv.messages[:1] if m["role"] == "system"]
-            conv = conv.model.conversation(system=system[0] if system else None)
+            conv = conv.model.conversation(system=system[0] if system else None)  # [""]: "" kept
             print("qwen2audio: a new conversation", file=sys.stderr)
             continue
         try:

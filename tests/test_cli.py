@@ -1005,3 +1005,19 @@ def test_api_misuse_is_named(api, audio, tmp_path):
         Qwen2Audio.load(audio["wav"])
     one = model.complete("Describe.", audio["wav"], max_new_tokens=3)  # one clip given alone is one clip
     assert one.token_ids == model.complete("Describe.", [audio["wav"]], max_new_tokens=3).token_ids
+
+
+def test_an_empty_system_prompt_is_one(api):
+    """The official template renders an explicit empty system message (its only way to drop the default "You
+    are a helpful assistant."); an empty --system / conversation(system="") gave the default instead."""
+    from qwen2audio.text import render_chat
+
+    model = api["default"]
+    conv = model.conversation(system="")
+    assert conv.messages == [{"role": "system", "content": ""}]
+    reply = conv.say("Hi.", max_new_tokens=2)
+    turn = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi."}]
+    assert render_chat(turn).text.startswith("<|im_start|>system\n<|im_end|>\n")
+    assert reply.token_ids == model.chat(turn, max_new_tokens=2).token_ids
+    assert reply.prompt_tokens == model.chat(turn, max_new_tokens=2).prompt_tokens
+    assert model.conversation().messages == []  # None: the template's default

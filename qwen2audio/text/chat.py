@@ -16,6 +16,11 @@ Messages have the OpenAI / Hugging Face shape: {"role": "system" | "user" | "ass
 A URL may be a local path, a file:// URL or a data:audio/...;base64,... URL. Audio is not decoded
 here (that is qwen2audio.audio.io's job): sources are returned as a path string, raw bytes or the
 array given.
+
+Where the official template reads a part otherwise, this reads it by its type: an audio part that names
+its source as "path" or "url", and an OpenAI "input_audio" part, are audio (the Hub template drops them);
+a text part that also has an "audio" key set to None (HF datasets' unified columns) is text (the template
+checks only that the key exists). For the shapes the template reads, the two render the same.
 """
 
 from __future__ import annotations
