@@ -547,8 +547,8 @@ class _LiveTranscript:
         from .text.transcripts import has_cue, srt, vtt
 
         if self.format == "text":
-            if segment.text:
-                self._write((" " if self.texts else "") + segment.text)
+            if segment.text:  # one line per file: a line break inside a segment reads as a space
+                self._write((" " if self.texts else "") + re.sub(r"\s*\n\s*", " ", segment.text))
                 self.texts += 1
         elif has_cue(segment):
             self._write(srt([segment], self.cues + 1) if self.format == "srt" else vtt([segment], header=False))

@@ -1021,3 +1021,16 @@ def test_an_empty_system_prompt_is_one(api):
     assert reply.token_ids == model.chat(turn, max_new_tokens=2).token_ids
     assert reply.prompt_tokens == model.chat(turn, max_new_tokens=2).prompt_tokens
     assert model.conversation().messages == []  # None: the template's default
+
+
+def test_a_text_transcript_is_one_line_per_file_whatever_its_segments_hold():
+    """A line break inside a segment's text broke "one line per file, after its name"."""
+    from qwen2audio.cli import _LiveTranscript
+    from qwen2audio.text.transcripts import Segment
+
+    parts: list[str] = []
+    writer = _LiveTranscript("text", parts.append, "f1.wav\t")
+    for i, text in enumerate(("one", "two\nlines", "three")):
+        writer.segment(Segment(float(i), i + 1.0, text, [1]))
+    writer.finish()
+    assert "".join(parts) == "f1.wav\tone two lines three\n"

@@ -28,6 +28,12 @@ def test_timestamps():
     assert formats.timestamp(59.9996, ".") == "00:01:00.000"
 
 
+def test_no_arrow_is_left_in_a_cue():
+    """A single replace of "-->" made one again from "--->": a line that reads as a timing line."""
+    cues = formats.srt([formats.Segment(0.0, 1.0, "a ---> b --->> c ----> d", [1])])
+    assert "-->" not in cues.split("\n", 2)[2] and "a -> b ->> c -> d" in cues
+
+
 def test_srt_numbers_cues_keeps_one_line_each_and_skips_empty_windows():
     assert formats.srt(SEGMENTS) == ("1\n00:00:00,000 --> 00:00:17,500\nfirst line with a break\n\n"
                                      "2\n00:00:35,000 --> 01:02:05,250\na -> b & <c>\n\n")

@@ -9,6 +9,7 @@ both are replaced; WebVTT also needs ``&`` and ``<`` escaped.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -137,7 +138,8 @@ def timestamp(seconds: float, decimal: str) -> str:
 
 
 def _cue_text(text: str) -> str:
-    return " ".join(text.split()).replace("-->", "->")
+    """A cue's text on one line, with no "-->" left in it ("--->" made one again by a single replace)."""
+    return re.sub(r"-{2,}>", "->", " ".join(text.split()))
 
 
 def srt(segments: list[Segment], first: int = 1) -> str:
