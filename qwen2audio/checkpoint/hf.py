@@ -192,7 +192,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
         expected.pop(TIED_HEAD_KEY)
     stored = stored_dtypes(files, expected)
     if target_dtype is None:
-        target_dtype = auto_dtype(stored.pop() if len(stored) == 1 else torch.float32, device)
+        target_dtype = auto_load_dtype(stored, device)
     seen: set[str] = set()
     unexpected: list[str] = []
     for path in files:
@@ -232,8 +232,13 @@ def auto_dtype_of(directory: str | Path, device: str | torch.device = "cpu") -> 
     config = Qwen2AudioConfig.from_file(directory)
     with torch.device("meta"):
         expected = set(Qwen2AudioModel(config).state_dict())
-    stored = stored_dtypes(weight_files(directory), expected)
-    return auto_dtype(stored.pop() if len(stored) == 1 else torch.float32, device)
+    return auto_load_dtype(stored_dtypes(weight_files(directory), expected), device)
+
+
+def auto_load_dtype(stored: set[torch.dtype], device: str | torch.device) -> torch.dtype:
+    """What dtype="auto" loads weights stored in ``stored`` as: their one dtype (``auto_dtype``), float32
+    for several (every half-precision value is a float32 value)."""
+    return auto_dtype(next(iter(stored)) if len(stored) == 1 else torch.float32, device)
 
 
 # safetensors' names of the dtypes a Qwen2-Audio checkpoint's weights may be stored in
