@@ -247,3 +247,18 @@ def test_chat_and_transcription_settings_leave_bad_values_to_be_named(given, sai
     sampling, _ = transcription_decoding({"num_beams": 4, "fallback": True}, given)
     with pytest.raises(ValueError, match=said):
         SamplingParams(**sampling)
+
+
+def test_a_transcription_with_stop_strings_decodes_with_one_beam_whatever_the_checkpoint_asks():
+    """The demo model's generation_config asks for 4 beams in transcriptions: transcribe(stop=...) then
+    failed ("stop strings are not supported with beam search") though the caller asked for no beams; chat
+    already gave stop strings one beam."""
+    from qwen2audio.generation.params import transcription_decoding
+
+    defaults = {"num_beams": 4, "fallback": True}
+    sampling, _ = transcription_decoding(defaults, {"stop": ["zz"]})
+    params = SamplingParams(**sampling)
+    assert params.num_beams == 1 and list(params.stop) == ["zz"]
+    assert transcription_decoding(defaults, {})[0]["num_beams"] == 4
+    with pytest.raises(ValueError, match="stop strings are not supported with beam search"):
+        SamplingParams(**transcription_decoding(defaults, {"stop": ["zz"], "num_beams": 2})[0])

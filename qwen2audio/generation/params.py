@@ -280,11 +280,13 @@ def transcription_decoding(defaults: Mapping[str, Any], sampling: Mapping[str, A
                            fallback: bool | None = None) -> tuple[dict[str, Any], bool]:
     """(SamplingParams keyword arguments, fallback) of a transcription: the caller's ``sampling`` with the
     checkpoint's ``num_beams`` (``transcription_defaults``) where it gives neither num_beams nor a
-    temperature above 0 (the checkpoint's beams are a greedy beam search), and the caller's ``fallback``
-    unless None, else the checkpoint's at temperature 0 (off for a sampled transcript)."""
+    temperature above 0 nor stop strings (the checkpoint's beams are a greedy beam search, which stop strings
+    cannot end: as in ``chat_settings``, they decode with one beam), and the caller's ``fallback`` unless
+    None, else the checkpoint's at temperature 0 (off for a sampled transcript)."""
     sampling = dict(sampling)
     sampled = _above(sampling.get("temperature"), 0)
-    if "num_beams" not in sampling and not sampled and defaults["num_beams"] > 1:
+    if ("num_beams" not in sampling and not sampled and not sampling.get("stop")
+            and defaults["num_beams"] > 1):
         sampling["num_beams"] = defaults["num_beams"]
     if fallback is None:
         fallback = defaults["fallback"] and not sampled
