@@ -700,3 +700,47 @@ def test_a_reader_polls_without_blocking_and_is_woken_at_each_event_or_only_at_t
         assert wakes[-1] == "after"
     finally:
         sched.close()
+
+
+def test_a_request_whose_sampling_fails_fails_alone_and_the_scheduler_goes_on(engine, monkeypatch):
+    """A temperature of 1e-40 makes logits / T overflow (torch.multinomial: "probability tensor contains
+    inf, nan"): raised at a request's first token, it killed a background scheduler's thread and every
+    request in flight (`serve`: all later requests failed too); an inline one kept the failed request
+    decoding and every later call raised its error. Raised at a later token, it failed the whole step."""
+    request = prepare(engine, messages("Hi.", clip(1.0, 3)))
+    innocent_alone = alone(engine, request, greedy(12, ignore_eos=True)).token_ids
+    sched = Scheduler(engine, max_slots=3)  # a background thread, as the server's
+    try:
+        innocent = sched.submit(request, greedy(12, ignore_eos=True))
+        bad = sched.submit(request, SamplingParams(temperature=1e-40, max_new_tokens=5))
+        with pytest.raises(RuntimeError, match="probability tensor"):
+            bad.wait()
+        assert innocent.wait().token_ids == innocent_alone
+        assert sched.submit(request, greedy(3)).wait().finish_reason == "length"  # the thread lives on
+        assert sched.status().free_slots == 3
+    finally:
+        sched.close()
+
+    # a failure at a later token, beside sampled and greedy requests in the same steps
+    import qwen2audio.generation.scheduler as scheduler_module
+    real, drawn = scheduler_module.next_tokens, {"n": 0}
+
+    def failing_for_seed_13(row, params, seen, generator):
+        if params.seed == 13:
+            drawn["n"] += 1
+            if drawn["n"] == 3:
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(row, params, seen, generator)
+
+    sampled = SamplingParams(temperature=0.9, seed=5, max_new_tokens=8, ignore_eos=True)
+    sampled_alone = alone(engine, request, sampled).token_ids
+    monkeypatch.setattr(scheduler_module, "next_tokens", failing_for_seed_13)
+    sched = inline(engine, max_slots=3)
+    streams = [sched.submit(request, greedy(12, ignore_eos=True)), sched.submit(request, sampled),
+               sched.submit(request, SamplingParams(temperature=0.9, seed=13, max_new_tokens=8))]
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        streams[2].wait()
+    assert streams[0].wait().token_ids == innocent_alone
+    assert streams[1].wait().token_ids == sampled_alone
+    assert sched.status().free_slots == 3
+    assert sched.submit(request, greedy(12, ignore_eos=True)).wait().token_ids == innocent_alone

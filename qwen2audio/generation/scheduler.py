@@ -705,7 +705,8 @@ class Scheduler:
                     self._advance(r, logits[None])  # only beam 0 exists before the first step
                     continue
                 token = self._choose(logits[None], [r])[0]
-                self._emit(r, token, token_logprobs(logits[None], [r.params.logprobs], [token])[0])
+                if token is not None:  # (None: its sampling failed, and the request with it)
+                    self._emit(r, token, token_logprobs(logits[None], [r.params.logprobs], [token])[0])
 
     def _decode(self) -> None:
         """One step of every decoding request (a beam search: of each of its beams): slots 0 .. n - 1 run,
@@ -734,14 +735,16 @@ class Scheduler:
             beam_logits = [logits[r.slots[:len(r.search.beams)]] for r in searches]
             logits = logits[[r.slot for r in rows]]
             picked = self._choose(logits, rows)
-            logprobs = token_logprobs(logits, [r.params.logprobs for r in rows], picked)
+            logprobs = token_logprobs(logits, [r.params.logprobs if token is not None else None
+                                               for r, token in zip(rows, picked)], picked)
         except Exception as err:
             self._fail(decoding, err)
             return
         self._moves += 1
         for r, token, logprob in zip(rows, picked, logprobs):
-            self._lengths[r.slot] += 1  # the token fed in this step is cached now
-            self._emit(r, token, logprob)
+            if token is not None:  # (None: its sampling failed, and the request with it, its slot freed)
+                self._lengths[r.slot] += 1  # the token fed in this step is cached now
+                self._emit(r, token, logprob)
         for r, row_logits in zip(searches, beam_logits):
             for slot in r.slots:
                 self._lengths[slot] += 1
@@ -780,17 +783,24 @@ class Scheduler:
             reply.out.cached_tokens = r.reply.out.cached_tokens
             r.reply.out.alternatives.append(reply.out)
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
-        """The next token of each request from its row of logits (m, vocab), by its own settings."""
+    def _choose(self, logits: torch.Tensor, rows: list[_Request]) -> list[int | None]:
+        """The next token of each request from its row of logits (m, vocab), by its own settings; None for
+        a request whose settings cannot sample its row (a temperature so small that logits / T overflow,
+        or logits not finite: torch.multinomial refuses them), which fails alone, with that error: the
+        other requests of the step go on, each as if it were alone."""
         logits = logits.float()
-        tokens = logits.argmax(-1).tolist()  # every plain greedy row at once
+        tokens: list[int | None] = logits.argmax(-1).tolist()  # every plain greedy row at once
         for i, r in enumerate(rows):
             p = r.params
             if p.greedy and r.seen is None and r.generated >= p.min_new_tokens:
                 continue
-            row = hold_back_stop_tokens(logits[i:i + 1], r.reply.stop_ids, r.generated, p.min_new_tokens)
-            seen = r.seen[None] if r.seen is not None else None
-            tokens[i] = int(next_tokens(row, p, seen, r.generator)[0])
+            try:
+                row = hold_back_stop_tokens(logits[i:i + 1], r.reply.stop_ids, r.generated, p.min_new_tokens)
+                seen = r.seen[None] if r.seen is not None else None
+                tokens[i] = int(next_tokens(row, p, seen, r.generator)[0])
+            except Exception as err:
+                self._fail([r], err)
+                tokens[i] = None
         return tokens
 
     def _emit(self, r: _Request, token: int, logprob: TokenLogprob | None = None) -> None:
