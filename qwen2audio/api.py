@@ -233,7 +233,7 @@ class Qwen2Audio:
         Audio longer than ``chunk_seconds`` (at most 30, the encoder's window; by default 30) is cut in
         pauses between speech (or, where none is heard, where it is quietest) into chunks of at most that
         length (``cut_windows``), transcribed together in one batch, each with its own prompt, one segment
-        each, their texts joined by a space, as the server's transcriptions are: the
+        each, their texts joined by a space (none in Chinese, Japanese or Thai), as the server's are: the
         model answers one window at a time, as it was trained (one prompt holding minutes of audio gets
         a sentence or two back). ``cut_at_pauses``: also cut in every pause between speech of at least this
         many seconds (0.3 suits speech; 0: no such cuts), so that each chunk holds one stretch of speech: for a

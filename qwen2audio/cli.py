@@ -46,7 +46,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a program the signal
 COMMAND_MODULES: list[str] = ["qwen2audio.checkpoint.init", "qwen2audio.training.cli", "qwen2audio.eval.cli",
                               "qwen2audio.serve.cli"]
 USER_ERRORS = (AudioError, CheckpointError, FileNotFoundError, ValueError)  # one line on stderr, exit 2
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but \t and \n, and DEL
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 controls but \t and \n, DEL, C1 (\x9b: CSI)
 # transcribe --format: OpenAI's transcription response formats (qwen2audio.text.transcripts.FORMATS)
 TRANSCRIPT_FORMATS = ("text", "json", "srt", "vtt", "verbose_json")
 SINGLE_FILE_FORMATS = ("srt", "vtt", "verbose_json")  # one document each: printed for one file only
@@ -541,15 +541,16 @@ class _LiveTranscript:
 
         self.format, self.write = fmt, write
         self.head = {"text": head, "srt": "", "vtt": vtt([])}[fmt]
-        self.started, self.cues, self.texts = False, 0, 0
+        self.started, self.cues, self.last = False, 0, ""  # last: the text written last
 
     def segment(self, segment) -> None:
-        from .text.transcripts import has_cue, srt, vtt
+        from .text.transcripts import has_cue, separator, srt, vtt
 
         if self.format == "text":
             if segment.text:  # one line per file: a line break inside a segment reads as a space
-                self._write((" " if self.texts else "") + re.sub(r"\s*\n\s*", " ", segment.text))
-                self.texts += 1
+                text = re.sub(r"\s*\n\s*", " ", segment.text)
+                self._write(separator(self.last, text) + text)
+                self.last = text
         elif has_cue(segment):
             self._write(srt([segment], self.cues + 1) if self.format == "srt" else vtt([segment], header=False))
             self.cues += 1

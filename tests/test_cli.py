@@ -718,8 +718,9 @@ def test_escape_sequences_are_made_visible_on_a_terminal(monkeypatch):
 
     screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
-    cli_module._print_stream(["ok \x1b[2J", "\tline\r\n", "\x07end"])
-    assert screen.getvalue() == "ok \\x1b[2J\tline\\x0d\n\\x07end\n"
+    cli_module._print_stream(["ok \x1b[2J", "\tline\r\n", "\x07end", " \x9b2J \x9d8;;u\x9c é"])
+    # C1 controls too: \x9b is a one-character CSI, \x9d an OSC (some terminals act on them)
+    assert screen.getvalue() == "ok \\x1b[2J\tline\\x0d\n\\x07end \\x9b2J \\x9d8;;u\\x9c é\n"
 
 
 def test_transcripts_on_a_terminal_make_control_characters_visible(monkeypatch):
@@ -732,7 +733,8 @@ def test_transcripts_on_a_terminal_make_control_characters_visible(monkeypatch):
 
     class Model:
         def transcript(self, path, language, translate_to, on_segment=None, **sampling):
-            segments = [Segment(0.0, 1.0, "ok \x1b[2J\x07end")]
+            segments = [Segment(0.0, 1.0, "ok \x1b[2J\x07end"), Segment(1.0, 2.0, "很好"), Segment(2.0, 3.0, "然后"),
+                        Segment(3.0, 4.0, "")]
             for segment in segments if on_segment else ():
                 on_segment(segment)
             return Transcript(segments, 1.0)
@@ -742,16 +744,17 @@ def test_transcripts_on_a_terminal_make_control_characters_visible(monkeypatch):
     screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
     assert cli_module._transcribe(Model(), args, {}) == 0
-    assert screen.getvalue() == "ok \\x1b[2J\\x07end\n"
+    assert screen.getvalue() == "ok \\x1b[2J\\x07end很好然后\n"  # no space beside Chinese (as full_text)
     piped = io.StringIO()
     monkeypatch.setattr(sys, "stdout", piped)
     cli_module._transcribe(Model(), args, {})
-    assert piped.getvalue() == "ok \x1b[2J\x07end\n"
+    assert piped.getvalue() == "ok \x1b[2J\x07end很好然后\n"
     args.format = "srt"  # subtitles too
     screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
     cli_module._transcribe(Model(), args, {})
-    assert screen.getvalue() == "1\n00:00:00,000 --> 00:00:01,000\nok \\x1b[2J\\x07end\n\n"
+    assert screen.getvalue() == ("1\n00:00:00,000 --> 00:00:01,000\nok \\x1b[2J\\x07end\n\n"
+                                 "2\n00:00:01,000 --> 00:00:02,000\n很好\n\n3\n00:00:02,000 --> 00:00:03,000\n然后\n\n")
 
 
 class Terminal(io.StringIO):

@@ -342,3 +342,20 @@ def test_a_generations_speed_comes_from_its_own_times():
     _record(metrics, reader, None, "/v1/audio/transcriptions")
     text = metrics.render()
     assert "qwen2audio_generation_tokens_per_second_sum 10.0" in text  # 10 tokens after the first, in 1 s
+
+
+def test_windows_of_chinese_or_japanese_join_without_a_space_in_the_whole_and_the_streamed_transcript():
+    """Long audio is transcribed window by window: the texts were joined by a space, which put one
+    inside Chinese and Japanese sentences at every window's end ("很好，我们去公园散步 然后...")."""
+    from qwen2audio.serve.transcription import _LiveText
+    from qwen2audio.text.transcripts import Segment, full_text
+
+    for finals, whole in [(["今天天气很好，我们去公园散步", "然后在湖边吃了午饭。"], "今天天气很好，我们去公园散步然后在湖边吃了午饭。"),
+                          (["東京に行きました。", "楽しかった"], "東京に行きました。楽しかった"),
+                          (["สวัสดี", "ครับ"], "สวัสดีครับ"),
+                          (["Hello there.", "", "How are you?"], "Hello there. How are you?"),
+                          (["I said", "你好"], "I said你好"), (["안녕하세요.", "반갑습니다."], "안녕하세요. 반갑습니다.")]:
+        assert full_text([Segment(0, 1, t) for t in finals]) == whole
+        live = _LiveText()
+        sent = [live.push(t[:2]) + live.push(t[2:]) + live.window_done(t) for t in finals]
+        assert "".join(sent) == whole

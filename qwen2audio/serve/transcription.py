@@ -64,7 +64,7 @@ from .audio_input import AudioPolicy, decode
 from .backend import Backend, Handle, QueueFull, Unavailable
 from .chat import check_model, refusal, refuse_if_full, request_error
 from .errors import bad_request, error_body
-from ..text.transcripts import FORMATS, Segment, full_text, render, seconds, with_no_speech
+from ..text.transcripts import FORMATS, Segment, full_text, render, seconds, separator, with_no_speech
 from .handles import ClientGone, Reader, watching
 from .metrics import Metrics
 
@@ -232,14 +232,14 @@ def _sse(data: dict) -> str:
 
 class _LiveText:
     """A streamed transcript's text as the windows' raw deltas come: the model's <|...|> tags removed, each
-    window's text stripped, windows joined by one space, as the whole transcript is (``full_text``). Text
+    window's text stripped, windows joined by ``separator``, as the whole transcript is (``full_text``). Text
     that could still change is held back: trailing whitespace (stripped if the window ends there) and an
     unfinished tag."""
 
     def __init__(self) -> None:
         self.raw = ""  # this window's decoded text so far
         self.sent = 0  # of its cleaned text, the characters sent
-        self.any = False  # some earlier window had text (the next one's starts with a space)
+        self.before = ""  # the text so far (what the next window's text is joined to)
 
     def push(self, delta: str) -> str:
         self.raw += delta
@@ -254,7 +254,6 @@ class _LiveText:
         """The window's final text (after the fallback, perhaps another than what was streamed): the rest of
         it. Streamed text is never taken back: with the fallback on, windows are not streamed live."""
         delta = self._send(text, len(text))
-        self.any = self.any or bool(text)
         self.raw, self.sent = "", 0
         return delta
 
@@ -262,8 +261,9 @@ class _LiveText:
         if ready <= self.sent:
             return ""
         piece = clean[self.sent:ready]
-        if self.sent == 0 and self.any:
-            piece = " " + piece
+        if self.sent == 0:
+            piece = separator(self.before, piece) + piece
+        self.before += piece
         self.sent = ready
         return piece
 

@@ -55,8 +55,27 @@ def with_no_speech(segments: list[Segment], audio) -> list[Segment]:
         audio[round(s.start * SAMPLE_RATE):round(s.end * SAMPLE_RATE)]), 4)) for s in segments]
 
 
+# scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, CJK punctuation, kana, CJK
+# ideographs (and extension A, compatibility, extensions B-F), full- and half-width forms
+UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+                      "\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f]")
+
+
+def separator(before: str, after: str) -> str:
+    """What joins two windows' texts: a space, unless the one's last or the other's first character is of
+    a script written without spaces (Chinese, Japanese, Thai...: "很好" + "然后" stays "很好然后")."""
+    if not before or not after:
+        return ""
+    return "" if UNSPACED.match(before[-1]) or UNSPACED.match(after[0]) else " "
+
+
 def full_text(segments: list[Segment]) -> str:
-    return " ".join(s.text for s in segments if s.text)
+    """The segments' texts, one after another, each pair joined by ``separator``."""
+    text = ""
+    for s in segments:
+        if s.text:
+            text += separator(text, s.text) + s.text
+    return text
 
 
 @dataclass(frozen=True)
@@ -69,7 +88,8 @@ class Transcript:
 
     @property
     def text(self) -> str:
-        """The segments' texts joined by a space (``Qwen2Audio.transcribe``'s answer)."""
+        """The segments' texts joined by a space, none in Chinese, Japanese or Thai (``separator``;
+        ``Qwen2Audio.transcribe``'s answer)."""
         return full_text(self.segments)
 
 
