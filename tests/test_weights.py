@@ -32,6 +32,22 @@ def test_the_loader_returns_the_weights_as_stored(checkpoint):
     assert all(p.is_contiguous() for p in model.parameters())
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_model_prepared_for_inference_is_not_saved_as_a_checkpoint(checkpoint, quantize, tmp_path):
+    """Its fused, packed or int8 products are no longer the checkpoint's weights: save_model wrote a
+    checkpoint short of them without a word, which load_model then refused ("missing 21 weight(s)")."""
+    from qwen2audio.checkpoint import save_model
+    from qwen2audio.errors import CheckpointError
+
+    model = load_model(checkpoint)
+    save_model(model, tmp_path / "plain")  # the loaded model saves, and loads back
+    assert load_model(tmp_path / "plain").state_dict().keys() == model.state_dict().keys()
+    weights.prepare_for_inference(model, quantize=quantize)
+    with pytest.raises(CheckpointError, match="prepared for inference"):
+        save_model(model, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
 def no_kernel(monkeypatch):
     """The path of a machine where our kernel cannot be built (no compiler)."""
     monkeypatch.setattr(weights, "kernel_usable", lambda: False)
@@ -246,3 +262,4 @@ def test_a_model_prepared_once_is_not_quietly_left_as_it_was_for_another_quantiz
     weights.prepare_for_inference(model)  # the same again: nothing to do, no error
     with pytest.raises(ValueError, match="quantize='none' already"):
         weights.prepare_for_inference(model, quantize="int8")
+

@@ -287,8 +287,15 @@ def save_model(model: Qwen2AudioModel, directory: str | Path, max_shard_bytes: i
     Files are written under a temporary name and renamed into place, so a reader never sees half a file.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with torch.device("meta"):  # the keys a checkpoint of this config holds (no memory taken)
+        missing = [k for k in Qwen2AudioModel(model.config).state_dict() if k not in state]
+    if missing:  # an Engine's (Qwen2Audio.load's) inference-only forms: fused, packed or int8 products
+        raise CheckpointError(f"this model lacks {len(missing)} of its checkpoint's weights ({missing[0]}, ...): "
+                              "it was prepared for inference, its projections fused, packed or quantised, so "
+                              "saving it would write a checkpoint that cannot load; save a model loaded with "
+                              "load_model (or trained), before an Engine prepares it")
+    directory.mkdir(parents=True, exist_ok=True)
     if model.config.text.tie_word_embeddings:
         state.pop(TIED_HEAD_KEY)
     shards: list[dict[str, torch.Tensor]] = [{}]
