@@ -263,3 +263,20 @@ def test_a_model_prepared_once_is_not_quietly_left_as_it_was_for_another_quantiz
     with pytest.raises(ValueError, match="quantize='none' already"):
         weights.prepare_for_inference(model, quantize="int8")
 
+
+@needs_kernel
+@pytest.mark.parametrize("k", [256, 96])  # 256: whole blocks of 128 (the VNNI path rounds activations); 96: not
+def test_non_finite_activations_stay_non_finite_through_int8_products(k):
+    """On AVX-512 VNNI CPUs a NaN in a block of 128 activations was passed by (std::max skips it) and the
+    product came out finite, so that decoding went on with numbers where torch gives NaN."""
+    torch.manual_seed(0)
+    linear = weights.Int8Linear(torch.nn.Linear(k, 8, bias=False))
+    for value in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(2, k)
+        x[0, 5] = value
+        with torch.inference_mode():
+            y = linear(x)
+        assert not torch.isfinite(y[0]).any(), value
+        assert torch.isfinite(y[1]).all()  # the other row is untouched
+        torch.testing.assert_close(y[1], torch.nn.functional.linear(x[1:], linear.dequantized())[0],
+                                   rtol=1e-4, atol=1e-4)

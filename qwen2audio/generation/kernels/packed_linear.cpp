@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -212,11 +213,17 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs)
     for (int64_t b = 0; b < blocks; ++b) {
       const float* v = x + m * K + b * XB;
       float amax = 0.f;
-      for (int64_t t = 0; t < XB; ++t) amax = std::max(amax, std::fabs(v[t]));
-      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-      xs[m * blocks + b] = amax / 32767.f;
+      bool finite = true;  // (std::max passes a NaN by; an infinity's scale would make every rounding NaN)
+      for (int64_t t = 0; t < XB; ++t) {
+        amax = std::max(amax, std::fabs(v[t]));
+        finite = finite && std::isfinite(v[t]);
+      }
+      // a block holding NaN or an infinity: its scale NaN, so that the sums it enters are NaN, as torch's
+      // product gives (not finite numbers that decoding would go on with)
+      const float inv = finite && amax > 0.f ? 32767.f / amax : 0.f;
+      xs[m * blocks + b] = finite ? amax / 32767.f : std::numeric_limits<float>::quiet_NaN();
       int16_t* q = xq + m * K + b * XB;
-      for (int64_t t = 0; t < XB; ++t) q[t] = int16_t(std::nearbyint(v[t] * inv));
+      for (int64_t t = 0; t < XB; ++t) q[t] = finite ? int16_t(std::nearbyint(v[t] * inv)) : int16_t(0);
     }
 }
 
