@@ -315,13 +315,15 @@ def _load(args):
 
 def load_quietly(args):
     """Qwen2Audio.load with the model options (``_model_args``), the libraries' warnings hidden but the
-    checkpoint's own (CheckpointWarning) shown; a compile that failed is said on stderr all the same."""
+    checkpoint's own (CheckpointWarning) and a slower path's (SpeedWarning: kernels not built) shown; a
+    compile that failed is said on stderr all the same."""
     from .api import Qwen2Audio
-    from .errors import CheckpointWarning
+    from .errors import CheckpointWarning, SpeedWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.simplefilter("default", CheckpointWarning)
+        warnings.simplefilter("default", SpeedWarning)
         model = Qwen2Audio.load(args.model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize,
                                 compile=args.compile, adapter=args.adapter)
     if model.engine.compile_error:

@@ -28,6 +28,11 @@ class AudioWarning(UserWarning):
     error with ``warnings.simplefilter("error", AudioWarning)`` where partial audio must not pass."""
 
 
+class SpeedWarning(UserWarning):
+    """A slower path than the one asked for: the decoding kernels could not be built, int8 products
+    without them. The command line shows these even while it hides the libraries' own warnings."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint that loads but asks for something qwen2audio does not do (a generation setting it does
     not implement): its replies may differ from transformers'. The command line shows

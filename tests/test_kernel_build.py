@@ -156,3 +156,59 @@ def test_int8_without_the_kernels_says_it_decodes_slower_than_float32(monkeypatc
     assert isinstance(head, weights.Int8Linear) and head._op is None
     x = torch.randn(3, 64)
     torch.testing.assert_close(head(x), x @ head.dequantized().T)
+
+
+def test_the_build_finds_the_ninja_installed_beside_qwen2audio_with_the_environment_not_activated(monkeypatch):
+    """torch runs `ninja --version` from PATH: a console script run by its full path (a service, cron, a
+    container) had the pip-installed ninja off PATH, and the kernels were not built ("Ninja is required")."""
+    import shutil
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with kernels._tools_on_path():
+        found = shutil.which("ninja")
+        assert found is not None
+        assert os.path.realpath(found) != os.path.realpath(shutil.which("ninja", path="/usr/bin:/bin") or "/")
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
+@pytest.mark.parametrize("flags,vector", [("flags : fpu sse2 avx2 fma", True), ("flags : fpu sse2 avx512f", True),
+                                          ("flags : fpu sse2 sse4_2 avx", False), ("Features : fp asimd", False)])
+def test_kernels_are_used_only_where_their_vector_code_runs(flags, vector, monkeypatch, tmp_path):
+    """Without AVX2 (every ARM CPU) they compile to plain loops, slower than torch's own products: such a
+    CPU takes the torch paths, without a warning (nothing failed), and the int8 warning says why."""
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: flags)
+    assert kernels._has_vector_code() is vector
+    if vector:
+        return
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("built"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.packed_linear_op() is None
+    assert "neither AVX2 nor AVX-512" in kernels.build_problem()
+
+
+def test_the_command_line_says_when_the_kernels_could_not_be_built(monkeypatch, recwarn):
+    """chat, transcribe and eval hide the libraries' warnings at load: they hid this one too, and a
+    decode in plain torch (int8 slower than float32) went unexplained."""
+    import argparse
+
+    from qwen2audio import api, cli
+    from qwen2audio.errors import SpeedWarning
+
+    class Loaded:
+        class engine:
+            compile_error = None
+
+    def load(*args, **kwargs):
+        warnings.warn("some library's deprecation", DeprecationWarning)
+        warnings.warn("the decoding kernels could not be built (RuntimeError: Ninja is required)", SpeedWarning)
+        return Loaded()
+
+    monkeypatch.setattr(api.Qwen2Audio, "load", staticmethod(load))
+    args = argparse.Namespace(model_dir=None, dtype="auto", device="cpu", quantize=None, compile=False, adapter=None)
+    cli.load_quietly(args)  # (pytest records what would be printed on stderr)
+    shown = [str(w.message) for w in recwarn]
+    assert any("decoding kernels could not be built" in m for m in shown) and not any("deprecation" in m for m in shown)

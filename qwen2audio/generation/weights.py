@@ -15,6 +15,7 @@ from torch import nn
 from ..checkpoint.hf import cpu_computes_natively
 from ..model import Qwen2AudioModel
 from ..model.llm import RMSNorm
+from ..errors import SpeedWarning
 from .params import QUANTIZE_CHOICES
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what our kernels' norm and RoPE take (float16: torch's)
@@ -127,12 +128,16 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
     if model.device.type == "cpu":
         if quantize == "int8":
             if not kernel_usable():
-                from .kernels import build_problem
+                from .kernels import DISABLE_ENV, build_problem
 
-                warnings.warn(f"quantize='int8' without the decoding kernels ({build_problem()}): each int8 product "
+                problem = build_problem()
+                remedy = ("unset it, or drop --quantize int8" if problem and DISABLE_ENV in problem else
+                          "drop --quantize int8" if problem and "AVX" in problem else
+                          "install g++ and ninja, or drop --quantize int8")
+                warnings.warn(f"quantize='int8' without the decoding kernels ({problem}): each int8 product "
                               "widens its weight to float32 every time it runs, so decoding is slower than in "
-                              "float32 (the weights still take about a quarter of the memory); install g++ and "
-                              "ninja, or drop --quantize int8", stacklevel=3)
+                              f"float32 (the weights still take about a quarter of the memory); {remedy}",
+                              SpeedWarning, stacklevel=3)
             quantize_linears_int8(model)
         elif model.dtype == torch.bfloat16 and kernel_usable():
             pack_bf16_linears(model)
