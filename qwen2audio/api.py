@@ -134,12 +134,12 @@ class Qwen2Audio:
         first reply waits for the compile)."""
         if quantize not in (None, *QUANTIZE_CHOICES):
             raise ValueError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-        if quantize == "int8" and torch.device(device).type != "cpu":
-            raise ValueError(f"quantize='int8' runs on CPU only (its kernel is a CPU one); got device "
-                             f"{str(device)!r}: drop quantize or use device='cpu'")
         problem = device_problem(device)
         if problem:
             raise ValueError(f"device {str(device)!r}: {problem}")
+        if quantize == "int8" and torch.device(device).type != "cpu":
+            raise ValueError(f"quantize='int8' runs on CPU only (its kernel is a CPU one); got device "
+                             f"{str(device)!r}: drop quantize or use device='cpu'")
         directory, adapter = resolve_adapter(directory, adapter)  # a bad adapter is told before the weights
         if directory is None:
             from .default_model import default_model_dir, default_notice

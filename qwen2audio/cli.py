@@ -261,7 +261,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(f"--audio {path}: " + ("a folder, not an audio file" if Path(path).is_dir()
                                                               else "no such file"))
     _check_model_dir(args)
-    _check_device(args.device)
+    _check_device(args.device, args.quantize)
     if args.command == "chat" and not args.audio and not args.prompt and (args.json or not _interactive(args)):
         raise ValueError("give the first turn: --audio FILE (voice chat), --prompt TEXT, or both"
                          + ("" if args.json else "; or type it, in a terminal (--interactive)"))
@@ -296,13 +296,16 @@ def _check_model_dir(args: argparse.Namespace) -> None:
                             "config.json, or leave it out for the default model." + checkpoint_hint(path))
 
 
-def _check_device(device: str) -> None:
-    """A device this PyTorch cannot use is one line now, not a traceback after loading."""
+def _check_device(device: str, quantize: str | None = None) -> None:
+    """A device this PyTorch cannot use (or int8 off the CPU) is one line now, not a traceback after loading."""
     from .api import device_problem
 
     problem = device_problem(device)
     if problem:
         raise ValueError(f"--device {device}: {problem}")
+    if quantize == "int8" and not device.startswith("cpu"):
+        raise ValueError(f"--quantize int8 runs on CPU only (its kernel is a CPU one), not --device {device}: "
+                         "drop --quantize or use --device cpu")
 
 
 def _load(args):

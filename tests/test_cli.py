@@ -1037,3 +1037,26 @@ def test_a_text_transcript_is_one_line_per_file_whatever_its_segments_hold():
         writer.segment(Segment(float(i), i + 1.0, text, [1]))
     writer.finish()
     assert "".join(parts) == "f1.wav\tone two lines three\n"
+
+
+@pytest.mark.parametrize("command", [["eval", "--task", "jsonl"], ["chat", "--prompt", "x"], ["transcribe"]])
+def test_devices_are_checked_in_eval_too_and_int8_off_the_cpu_is_told_by_its_flags(command, audio, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """eval never checked --device (a traceback, exit 1, after its items were read); int8 on a GPU was told
+    in the Python API's words (quantize='int8', device='cpu')."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"audio": audio["wav"], "prompt": "Transcribe:", "reference": "hello",
+                                "metric": "wer:en"}) + "\n")
+    argv = command + (["--data", str(data), "--out", str(tmp_path / "out")] if command[0] == "eval" else
+                      [audio["wav"]] if command[0] == "transcribe" else [])
+    rc, out, err = cli(capsys, monkeypatch, argv + ["--device", "foo"])
+    assert rc == 2 and err.endswith("--device foo: not a torch device; use cpu, cuda, cuda:N or mps\n"), err
+    monkeypatch.setattr("qwen2audio.api.device_problem", lambda device: None)  # as if a GPU were here
+    rc, out, err = cli(capsys, monkeypatch, argv + ["--device", "cuda", "--quantize", "int8"])
+    assert rc == 2 and err.endswith("--quantize int8 runs on CPU only (its kernel is a CPU one), not --device cuda: "
+                                    "drop --quantize or use --device cpu\n"), err
+
+
+def test_the_api_tells_a_device_that_is_not_one_before_int8():
+    with pytest.raises(ValueError, match="device 'gpu': not a torch device"):
+        Qwen2Audio.load(device="gpu", quantize="int8")

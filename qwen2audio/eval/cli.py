@@ -136,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
         require_modules(get_metric(metric).modules, f"scoring {metric}")
     out = args.out or default_out(args.task, args.data, args.split)
     from ..checkpoint.adapter import resolve as resolve_adapter
+    from ..cli import _check_device
 
+    _check_device(args.device, args.quantize)  # before the items' answers are looked up and the model loads
     base, adapter = resolve_adapter(args.model_dir, args.adapter)
     model_name = str(base) if base else "embedded default model"
     identity = model_identity(base)

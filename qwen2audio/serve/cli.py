@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     require_serve_extra()
     check_limits(args)
     _check_model_dir(args)
-    _check_device(args.device)
+    _check_device(args.device, args.quantize)
     settings = settings_from(args)
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
