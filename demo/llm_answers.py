@@ -31,13 +31,17 @@ from .make_data import ANSWERS, QUESTIONS, STAGES, assemble
 DEFAULT_MAX_NEW_TOKENS = 60
 DEFAULT_BATCH = 8
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_LIST_START = re.compile(r"(?:^|:)\s*1\.(?=\s|$)")  # "1." first or after a colon: a numbered list begins
 
 
 def usable(text: str, cut_off: bool) -> str | None:
-    """The reply as a target: whitespace tidied; a cut-off reply shortened to its last full sentence."""
+    """The reply as a target: whitespace tidied; a cut-off reply shortened to its last full sentence before
+    any numbered list it began (whose "1." and "2." end no sentence: "Some are: 1." was kept as one)."""
     text = " ".join(text.split())
     if cut_off:
-        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        listed = _LIST_START.search(text)
+        limit = listed.start() if listed else len(text)
+        ends = [m.end() for m in _SENTENCE_END.finditer(text) if m.end() <= limit]
         text = text[: ends[-1]] if ends else ""
     return text or None
 
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage and result["voice_chat_pending"]:
         other = f" (--stage {args.stage} asks only that stage's questions)"
     print(f"{result['voice_chat_answers']} questions answered; {result['voice_chat_pending']} voice-chat rows still "
-          f"wait for an answer{other}")
+          f"wait for an answer{other}; left out: {result['voice_chat_dropped']} rows whose answer was unusable, "
+          f"{result['voice_chat_heldout_mirrors']} asking a held-out fact another way")
     for name, counts in result["manifests"].items():
         print(f"  {name}: {sum(counts.values())} rows")
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import multiprocessing
 import sys
 import time
@@ -37,7 +38,7 @@ from qwen2audio.atomic import atomic_write_text
 from . import bank as B
 from .corpora import SOURCES, TextItem
 from .plan import ALL_TASKS, EVAL_TASKS, EVAL_TO_OUT, TASKS, Context, Part, eval_question_asr, training_part
-from .questions import all_questions, split_facts
+from .questions import all_questions, fact_family, split_facts
 from .render import make_clip
 from .sources import DEFAULT_ASSETS, Sources, SourceError
 from .templates import generated
@@ -239,8 +240,14 @@ def _finish_part(out: Path, part: Part, results: dict, progress: Progress) -> No
 
 # ---- assembling the training manifests ----
 
+_LIST_MARKER_END = re.compile(r"(?:^|\s)\d{1,3}\.$")  # "...such as: 1.", "...: 1. Apples. 2.": a cut in a list
+
+
 def read_answers(out: Path) -> dict[str, str | None]:
-    """question -> the LLM's answer (None: its reply was unusable)."""
+    """question -> the LLM's answer (None: its reply was unusable). An answer stored cut at a list item's
+    number (llm_answers.usable before it knew lists) is cut back to the sentence before the list."""
+    from .llm_answers import usable  # (it imports this module)
+
     path = out / ANSWERS
     if not path.is_file():
         return {}
@@ -248,16 +255,32 @@ def read_answers(out: Path) -> dict[str, str | None]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            answers[row["question"]] = row["answer"]
+            answer = row["answer"]
+            if answer is not None and _LIST_MARKER_END.search(answer):
+                answer = usable(answer, cut_off=True)
+            answers[row["question"]] = answer
     return answers
+
+
+def heldout_families(out: Path) -> set[str]:
+    """The fact families (``questions.fact_family``) of the held-out voice-chat questions (eval/voice_chat)."""
+    path = out / "eval" / "voice_chat.jsonl"
+    if not path.is_file():
+        return set()
+    by_text = {q.text: q for q in all_questions()}
+    asked = [json.loads(line)["question"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return set().union(*(fact_family(by_text[text]) for text in asked if text in by_text))
 
 
 def assemble(out: Path, seed: int) -> dict:
     """Merge the parts into the four training manifests, voice-chat rows with their answers (rows whose
-    question has no answer yet, or an unusable one, are left out). Returns the rows per manifest and task,
-    and the voice-chat counts."""
+    question has no answer yet, or an unusable one, are left out, and so are those asking a held-out fact
+    another way: "eight multiplied by five" where "five times eight" is held out, whose answer would
+    teach the held-out one). Returns the rows per manifest and task, and the voice-chat counts."""
     answers = read_answers(out)
-    counts, pending, dropped = {}, 0, 0
+    by_text = {q.text: q for q in all_questions()}
+    held = heldout_families(out)
+    counts, pending, dropped, mirrored = {}, 0, 0, 0
     for (stage, split), name in MANIFESTS.items():
         rows = []
         for task in ALL_TASKS:
@@ -274,6 +297,9 @@ def assemble(out: Path, seed: int) -> dict:
                     if answers[question] is None:
                         dropped += 1
                         continue
+                    if question in by_text and fact_family(by_text[question]) & held:
+                        mirrored += 1
+                        continue
                     if stage == "pretrain":
                         row["target"] = answers[question]
                     else:
@@ -283,7 +309,7 @@ def assemble(out: Path, seed: int) -> dict:
         atomic_write_text(out / name, "".join(json.dumps(rows[i]) + "\n" for i in order))
         counts[name] = dict(Counter(r["task"] if "task" in r else _sft_kind(r) for r in rows))
     return {"manifests": counts, "voice_chat_pending": pending, "voice_chat_dropped": dropped,
-            "voice_chat_answers": sum(a is not None for a in answers.values())}
+            "voice_chat_heldout_mirrors": mirrored, "voice_chat_answers": sum(a is not None for a in answers.values())}
 
 
 WATCH = "eval/watch.jsonl"  # what pre-training validates on (val_generate): held-out speech and sounds
@@ -400,7 +426,9 @@ def summarize(out: Path, parts: list[Part], ctx: Context, entries: list[B.BankEn
         "clips": sum(len(p.clips) for p in parts), "failed_clips": len(progress.failed),
         "rows": assembled["manifests"], "eval_items": eval_counts,
         "voice_chat": {"questions_to_answer": assembled["voice_chat_pending"],
-                       "answers_available": assembled["voice_chat_answers"]},
+                       "answers_available": assembled["voice_chat_answers"],
+                       "rows_dropped_unusable_answer": assembled["voice_chat_dropped"],
+                       "rows_dropped_heldout_mirror": assembled["voice_chat_heldout_mirrors"]},
         "voices": {split: {"count": len(v), "engines": dict(sorted(Counter(n.split(":")[0] for n in v).items()))}
                    for split, v in sorted(voices_used.items())},
         "sound_bank": {"recordings": len(entries), "by_source": dict(Counter(e.source for e in entries)),

@@ -259,6 +259,32 @@ def all_questions() -> tuple[Question, ...]:
     return tuple(out)
 
 
+_ARITH = re.compile(r"arith:(\d+)(plus|minus|times|divided by)(\d+)$")
+_CALENDAR = re.compile(r"(day|month):(\w+):(-?1)$")
+
+
+def fact_family(q: Question) -> frozenset[str]:
+    """Keys of what ``q`` asks that other facts ask too, in another way: the same sum or product with its
+    operands swapped ("five times eight", "eight multiplied by five"), an antonym or synonym pair asked
+    from either end, a word's spelling and its letter count, "the day after Monday" and "the day before
+    Tuesday". A question whose family meets a held-out question's must not be trained with its answer."""
+    if m := _ARITH.match(q.fact):
+        x, op, y = m.groups()
+        if op in ("plus", "times"):
+            x, y = sorted((x, y), key=int)
+        return frozenset({f"arith:{x}{op}{y}"})
+    kind, _, rest = q.fact.partition(":")
+    if kind in ("opposite", "synonym"):
+        return frozenset(f"{kind}:" + "|".join(sorted((rest, other))) for other in q.references)
+    if kind in ("spell", "letters"):
+        return frozenset({f"word:{rest}"})
+    if m := _CALENDAR.match(q.fact):
+        _, name, step = m.groups()
+        answer = q.references[0]
+        return frozenset({f"{m.group(1)}:{name}>{answer}" if step == "1" else f"{m.group(1)}:{answer}>{name}"})
+    return frozenset({q.fact})
+
+
 def split_facts(questions: tuple[Question, ...], rng: np.random.Generator, heldout_frac: float) -> dict[str, str]:
     """fact -> train / heldout. Only facts with references can be held out (they are what is scored)."""
     facts = sorted({q.fact for q in questions if q.references})

@@ -277,6 +277,9 @@ def test_every_clip_decodes_and_lasts_one_to_eight_seconds(tiny):
     ("  Paris is the capital\nof France. ", False, "Paris is the capital of France."),
     ("It is seven. Seven is also a prime number and", True, "It is seven."),  # cut off: last full sentence
     ("A bloom is a flower that", True, None),                                 # no full sentence: unusable
+    ("Fruits are sweet. Some are: 1. Apples 2.", True, "Fruits are sweet."),  # a list's "1." ends no sentence
+    ("Some examples are such as: 1.", True, None),
+    ("It is 42. And", True, "It is 42."),
 ])
 def test_llm_replies_become_targets_of_whole_sentences(reply, cut_off, target):
     assert llm_answers.usable(reply, cut_off) == target
@@ -314,6 +317,58 @@ def test_answers_fill_the_voice_chat_rows_and_a_rerun_asks_only_the_rest(tiny, t
     assert sft_chat
     for name, stage in (("pretrain.jsonl", "pretrain"), ("sft.jsonl", "sft")):
         assert read_manifest(data / name, stage)[1].bad == []
+
+
+def test_answers_stored_cut_inside_a_list_are_cut_back_before_it(tmp_path):
+    """36 stored answers ended "...such as: 1." (or a list's "2."): read back, they end before the list."""
+    stored = {"a": "It is used widely, such as: 1.", "b": "Sore skin hurts. It has causes, including: 1. Cuts. 2.",
+              "c": "Such as 5, 3.14, or 100.", "d": None, "e": "It is 42."}
+    (tmp_path / make_data.ANSWERS).parent.mkdir(parents=True)
+    (tmp_path / make_data.ANSWERS).write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                                      for q, a in stored.items()))
+    assert make_data.read_answers(tmp_path) == {"a": None,
+                                                "b": "Sore skin hurts.", "c": "Such as 5, 3.14, or 100.",
+                                                "d": None, "e": "It is 42."}
+
+
+def test_one_fact_asked_another_way_is_one_family():
+    """Held-out facts were asked in training with the operands swapped or from the antonym's end, with the
+    LLM's answer as the target ("eight multiplied by five" trained, "five times eight" held out)."""
+    from demo.questions import Question, fact_family
+
+    def family(fact, refs=()):
+        return fact_family(Question("?", "x", fact, tuple(refs)))
+
+    assert family("arith:5times8") == family("arith:8times5") and family("arith:5plus12") == family("arith:12plus5")
+    assert family("arith:8minus5") != family("arith:5minus8")
+    assert family("opposite:quiet", ["active", "noisy"]) & family("opposite:noisy", ["quiet"])
+    assert family("synonym:big", ["large"]) == family("synonym:large", ["big"])
+    assert family("spell:house", ["h o u s e"]) == family("letters:house", ["5", "five"])
+    assert family("day:Monday:1", ["Tuesday"]) == family("day:Tuesday:-1", ["Monday"])
+    assert family("capital:France", ["Paris"]) == {"capital:France"}
+
+
+@needs_espeak
+def test_no_training_answer_teaches_a_held_out_fact_asked_another_way(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    from demo.questions import all_questions, fact_family
+
+    held = make_data.heldout_families(data)
+    assert held
+    by_text = {q.text: q for q in all_questions()}
+    questions = llm_answers.pending_questions(data)
+    mirrors = [q for q in questions if fact_family(by_text[q]) & held]
+    llm_answers.answer_all(_FakeLLM(), questions, data / make_data.ANSWERS, 8, 8)
+    result = make_data.assemble(data, seed=0)
+    answered = {m["content"] for name in ("pretrain.jsonl", "sft.jsonl", "pretrain_val.jsonl", "sft_val.jsonl")
+                for r in _rows(data / name) for m in r.get("messages", [])[-1:]} | {
+        r.get("target") for name in ("pretrain.jsonl", "pretrain_val.jsonl") for r in _rows(data / name)}
+    assert not any(f"The answer to {q!r}." in answered for q in mirrors)
+    assert any(f"The answer to {q!r}." in answered for q in questions if q not in mirrors)
+    assert result["voice_chat_heldout_mirrors"] == sum(
+        1 for stage in ("pretrain", "sft") for path in (data / "parts" / stage).glob("*/voice_chat.jsonl")
+        for line in path.read_text().splitlines() if json.loads(line)["question"] in mirrors)
 
 
 def _rows(path: Path) -> list[dict]:
