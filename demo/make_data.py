@@ -54,6 +54,7 @@ ANSWERS = "voice_chat/answers.jsonl"
 PLAN_FILE, OLD_PLAN_FILE = "plan.json", "plan.sha256"  # each part's recipes' digest; before: one over all
 QUESTIONS = "voice_chat/questions.jsonl"
 HELDOUT_QUESTION_FRAC = 0.2
+DEV = "dev"  # the development sets' folder and split: held-out material, apart from the evaluation's items
 GENERATED_SHARE = 0.08  # of spoken texts: sentences full of numbers, dates, times, money and names
 
 
@@ -68,6 +69,7 @@ class Scale:
     generated_texts: int
     notes: str = ""
     late: dict = field(default_factory=dict)  # (stage, split) -> {task: clips} of the LATE_TASKS
+    dev: dict = field(default_factory=dict)  # {task: items} of the development sets (dev/), planned last
 
 
 def _tasks(*counts: int) -> dict:
@@ -81,13 +83,15 @@ SCALES = {
                   variants={"rendered": 1, "synthetic": 1}, rendered=False, per_class=1, generated_texts=50,
                   notes="for tests: a few clips of each kind, no General MIDI renders",
                   late={("pretrain", "train"): {"asr_question": 4}, ("pretrain", "val"): {"asr_question": 1},
-                        ("sft", "train"): {"asr_question": 3}, ("sft", "val"): {"asr_question": 1}}),
+                        ("sft", "train"): {"asr_question": 3}, ("sft", "val"): {"asr_question": 1}},
+                  dev={"asr": 4, "sounds": 4, "voice_chat": 4, "no_speech": 4}),
     "small": Scale(train={"pretrain": _tasks(1500, 500, 250, 150, 250, 200), "sft": _tasks(200, 150, 80, 100, 200, 60)},
                    val={"pretrain": _tasks(20, 20, 10, 10, 10, 10), "sft": _tasks(10, 10, 5, 5, 10, 5)},
                    eval={"asr": 100, "sounds": 100, "sound_question": 50, "voice_chat": 80, "no_speech": 60},
                    variants={"rendered": 2, "synthetic": 2}, rendered=True, per_class=3, generated_texts=500,
                    late={("pretrain", "train"): {"asr_question": 100}, ("pretrain", "val"): {"asr_question": 5},
-                         ("sft", "train"): {"asr_question": 60}, ("sft", "val"): {"asr_question": 5}}),
+                         ("sft", "train"): {"asr_question": 60}, ("sft", "val"): {"asr_question": 5}},
+                   dev={"asr": 48, "sounds": 48, "voice_chat": 48, "no_speech": 48}),
     "full": Scale(train={"pretrain": _tasks(30000, 20000, 5000, 3000, 4000, 4000),
                          "sft": _tasks(4000, 4000, 1500, 2000, 4000, 1000)},
                   val={"pretrain": _tasks(300, 100, 60, 40, 60, 40), "sft": _tasks(60, 60, 30, 30, 60, 30)},
@@ -96,7 +100,8 @@ SCALES = {
                   generated_texts=4000,
                   # the ~1,600 training questions the voice-chat parts leave
                   late={("pretrain", "train"): {"asr_question": 1100}, ("pretrain", "val"): {"asr_question": 20},
-                        ("sft", "train"): {"asr_question": 450}, ("sft", "val"): {"asr_question": 20}}),
+                        ("sft", "train"): {"asr_question": 450}, ("sft", "val"): {"asr_question": 20}},
+                  dev={"asr": 96, "sounds": 96, "voice_chat": 96, "no_speech": 96}),
 }
 
 
@@ -183,8 +188,7 @@ def build_bank(out: Path, scale: Scale, seed: int, assets: Path, jobs: int) -> l
 
 
 def _part_paths(out: Path, part: Part) -> tuple[Path, Path]:
-    rows = out / ("eval" if part.stage == "eval" else "parts") / (
-        f"{part.task}.jsonl" if part.stage == "eval" else f"{part.stage}/{part.split}/{part.task}.jsonl")
+    rows = out / (f"{part.name}.jsonl" if part.stage == "eval" else f"parts/{part.name}.jsonl")
     return rows, out / "parts" / "meta" / (part.name.replace("/", "__") + ".json")
 
 
@@ -263,12 +267,10 @@ def read_answers(out: Path) -> dict[str, str | None]:
 
 
 def heldout_families(out: Path) -> set[str]:
-    """The fact families (``questions.fact_family``) of the held-out voice-chat questions (eval/voice_chat)."""
-    path = out / "eval" / "voice_chat.jsonl"
-    if not path.is_file():
-        return set()
+    """The fact families (``questions.fact_family``) of the held-out voice-chat questions (eval/ and dev/)."""
     by_text = {q.text: q for q in all_questions()}
-    asked = [json.loads(line)["question"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    asked = [json.loads(line)["question"] for folder in ("eval", DEV) if (out / folder / "voice_chat.jsonl").is_file()
+             for line in (out / folder / "voice_chat.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     return set().union(*(fact_family(by_text[text]) for text in asked if text in by_text))
 
 
@@ -312,21 +314,25 @@ def assemble(out: Path, seed: int) -> dict:
             "voice_chat_heldout_mirrors": mirrored, "voice_chat_answers": sum(a is not None for a in answers.values())}
 
 
-WATCH = "eval/watch.jsonl"  # what pre-training validates on (val_generate): held-out speech and sounds
-WATCH_ROWS = 48  # of each of eval/asr.jsonl and eval/sounds.jsonl
+WATCH = f"{DEV}/watch.jsonl"  # what pre-training validates on (val_generate): held-out speech and sounds
+WATCH_ROWS = 48  # of each of dev/asr.jsonl and dev/sounds.jsonl
 
 
 def write_watch(out: Path) -> int:
-    """The first WATCH_ROWS held-out transcription items and as many sound-naming ones, alternating, the
+    """The first WATCH_ROWS development transcription items and as many sound-naming ones, alternating, the
     sound ones asked with a raw prompt as pre-training asks: pre-training's validation then reports a
-    held-out word error rate (val_wer) and sound accuracy (val_contains) side by side."""
+    held-out word error rate (val_wer) and sound accuracy (val_contains) side by side, on items apart from
+    the evaluation's (which no training run reads, so that no choice made while training is fitted to them)."""
     sets = []
     for name in ("asr", "sounds"):
-        path = out / "eval" / f"{name}.jsonl"
+        path = out / DEV / f"{name}.jsonl"
+        if not path.is_file():
+            return 0
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:WATCH_ROWS]]
         sets.append([{**row, "chat": False} for row in rows])
     rows = [row for pair in zip(*sets) for row in pair]
     atomic_write_text(out / WATCH, "".join(json.dumps(row) + "\n" for row in rows))
+    (out / "eval" / "watch.jsonl").unlink(missing_ok=True)  # where folders made before dev/ had it
     return len(rows)
 
 
@@ -405,12 +411,15 @@ def plan(out: Path, scale: Scale, seed: int, entries: list[B.BankEntry]) -> tupl
     voice_chat = [p for p in parts if p.name == "eval/voice_chat"]
     if voice_chat:
         parts.append(eval_question_asr(voice_chat[0]))
+    for task, n in scale.dev.items():  # last: what every other part drew stays as it was without them
+        parts.append(EVAL_TASKS[task](ctx, n, split=DEV))
     return parts, ctx
 
 
 def summarize(out: Path, parts: list[Part], ctx: Context, entries: list[B.BankEntry], progress: Progress,
               assembled: dict, seed: int, scale: str, wall: float) -> dict:
-    eval_counts = {p.task: sum(1 for _ in open(_part_paths(out, p)[0])) for p in parts if p.stage == "eval"}
+    eval_counts = {p.task: sum(1 for _ in open(_part_paths(out, p)[0])) for p in parts if p.name.startswith("eval/")}
+    dev_counts = {p.task: sum(1 for _ in open(_part_paths(out, p)[0])) for p in parts if p.name.startswith(f"{DEV}/")}
     voices_used = defaultdict(set)
     text_sources = Counter()
     for p in parts:
@@ -424,7 +433,7 @@ def summarize(out: Path, parts: list[Part], ctx: Context, entries: list[B.BankEn
         "seed": seed, "scale": scale, "wall_seconds": round(wall, 1),
         "audio_hours": {"total": round(sum(progress.seconds.values()) / 3600, 3), **hours},
         "clips": sum(len(p.clips) for p in parts), "failed_clips": len(progress.failed),
-        "rows": assembled["manifests"], "eval_items": eval_counts,
+        "rows": assembled["manifests"], "eval_items": eval_counts, "dev_items": dev_counts,
         "voice_chat": {"questions_to_answer": assembled["voice_chat_pending"],
                        "answers_available": assembled["voice_chat_answers"],
                        "rows_dropped_unusable_answer": assembled["voice_chat_dropped"],

@@ -45,7 +45,8 @@ class Part:
 
     @property
     def name(self) -> str:
-        return f"{self.stage}/{self.split}/{self.task}" if self.stage != "eval" else f"eval/{self.task}"
+        # held-out sets: eval/TASK (the figures reported) or dev/TASK (what training validates on)
+        return f"{self.stage}/{self.split}/{self.task}" if self.stage != "eval" else f"{self.split}/{self.task}"
 
 
 @dataclass
@@ -141,7 +142,7 @@ def coloured(fx: dict, entry: BankEntry, strength: str, rng: np.random.Generator
 
 
 def _clip(part: Part, kind: str, rng: np.random.Generator, **recipe) -> str:
-    folder = f"eval/{part.task}" if part.stage == "eval" else f"{part.stage}/{part.split}/{part.task}"
+    folder = part.name
     path = f"audio/{folder}/{len(part.clips):06d}.flac"
     part.clips.append({"path": path, "kind": kind, "seed": int(rng.integers(2 ** 62)), **recipe})
     return path
@@ -381,10 +382,10 @@ def _contains(answers) -> str:
     return "|".join(dict.fromkeys(a.lower() for a in answers))
 
 
-def eval_asr(ctx: Context, n: int) -> Part:
+def eval_asr(ctx: Context, n: int, split: str = "eval") -> Part:
     """Held-out texts; subsets: unseen espeak voices, the unseen flite voice, piper's (seen) voice, and unseen
     voices in noise."""
-    part = Part("eval", "eval", "asr")
+    part = Part("eval", split, "asr")
     rng = ctx.rng(part.name)
     held = ctx.voices[HELDOUT]
     subsets = [("espeak_unseen_voice", [v for v in held if v.engine == "espeak"], "clean"),
@@ -408,9 +409,9 @@ def eval_asr(ctx: Context, n: int) -> Part:
     return part
 
 
-def eval_sounds(ctx: Context, n: int) -> Part:
+def eval_sounds(ctx: Context, n: int, split: str = "eval") -> Part:
     """Held-out recordings of classes the model was trained on, a few crops each."""
-    part = Part("eval", "eval", "sounds")
+    part = Part("eval", split, "sounds")
     rng = ctx.rng(part.name)
     trained = {e.cls for e in ctx.bank[TRAIN]}
     entries = [e for e in ctx.bank[HELDOUT] if e.cls in trained]
@@ -425,8 +426,8 @@ def eval_sounds(ctx: Context, n: int) -> Part:
     return part
 
 
-def eval_sound_question(ctx: Context, n: int) -> Part:
-    part = Part("eval", "eval", "sound_question")
+def eval_sound_question(ctx: Context, n: int, split: str = "eval") -> Part:
+    part = Part("eval", split, "sound_question")
     rng = ctx.rng(part.name)
     trained = {e.cls for e in ctx.bank[TRAIN]}
     entries = [e for e in ctx.bank[HELDOUT] if e.cls in trained and e.cls != "silence"]
@@ -445,8 +446,8 @@ def eval_sound_question(ctx: Context, n: int) -> Part:
     return part
 
 
-def eval_voice_chat(ctx: Context, n: int) -> Part:
-    part = Part("eval", "eval", "voice_chat")
+def eval_voice_chat(ctx: Context, n: int, split: str = "eval") -> Part:
+    part = Part("eval", split, "voice_chat")
     rng = ctx.rng(part.name)
     voices = ctx.voices[HELDOUT]
     for i in range(n if voices else 0):
@@ -461,8 +462,8 @@ def eval_voice_chat(ctx: Context, n: int) -> Part:
     return part
 
 
-def eval_no_speech(ctx: Context, n: int) -> Part:
-    part = Part("eval", "eval", "no_speech")
+def eval_no_speech(ctx: Context, n: int, split: str = "eval") -> Part:
+    part = Part("eval", split, "no_speech")
     rng = ctx.rng(part.name)
     entries = ctx.bank[HELDOUT]
     for i in range(n if entries else 0):
@@ -487,5 +488,7 @@ def eval_question_asr(voice_chat: Part) -> Part:
     return part
 
 
+# each makes the held-out set of one task (split "eval", reported) or its development set (split "dev": drawn
+# from the same held-out voices, texts, facts and recordings after the evaluation's, what training validates on)
 EVAL_TASKS = {"asr": eval_asr, "sounds": eval_sounds, "sound_question": eval_sound_question,
               "voice_chat": eval_voice_chat, "no_speech": eval_no_speech}

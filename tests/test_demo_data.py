@@ -219,18 +219,20 @@ def test_training_manifests_pass_our_own_validation(tiny):
 
 @needs_espeak
 def test_evaluation_manifests_read_as_generic_jsonl_tasks(tiny):
-    for task in ("asr", "sounds", "sound_question", "voice_chat", "no_speech", "question_asr"):
-        items = read_generic(tiny / "eval" / f"{task}.jsonl", Options())
-        assert items, task
-        for item in items:
-            get_metric(item.metric)  # a metric the harness knows
-            assert Path(item.audio).is_file()
-    asr = read_generic(tiny / "eval" / "asr.jsonl", Options())
+    for folder, tasks in (("eval", ("asr", "sounds", "sound_question", "voice_chat", "no_speech", "question_asr")),
+                          ("dev", ("asr", "sounds", "voice_chat", "no_speech"))):
+        for task in tasks:
+            items = read_generic(tiny / folder / f"{task}.jsonl", Options())
+            assert items, (folder, task)
+            for item in items:
+                get_metric(item.metric)  # a metric the harness knows
+                assert Path(item.audio).is_file()
+    asr = read_generic(tiny / "dev" / "asr.jsonl", Options())
     assert {i.prompt for i in asr} == {"Detect the language and recognize the speech: <|en|>"}
     assert {i.metric for i in asr} == {"wer:en"}
-    # pre-training's validation set: held-out speech and sounds alternating, all with raw prompts
-    watch = read_generic(tiny / "eval" / "watch.jsonl", Options())
-    sounds = read_generic(tiny / "eval" / "sounds.jsonl", Options())
+    # pre-training's validation set: held-out (development) speech and sounds alternating, all with raw prompts
+    watch = read_generic(tiny / make_data.WATCH, Options())
+    sounds = read_generic(tiny / "dev" / "sounds.jsonl", Options())
     n = min(len(asr), len(sounds), make_data.WATCH_ROWS)
     assert [i.id for i in watch] == [x.id for pair in zip(asr[:n], sounds[:n]) for x in pair]
     assert not any(i.chat for i in watch) and {i.metric for i in watch[:2]} == {"wer:en", "contains"}
@@ -245,8 +247,32 @@ def test_no_spoken_text_twice_within_a_training_stage(tiny):
 
 
 @needs_espeak
+def test_training_validates_on_development_sets_apart_from_the_evaluations_items(tiny):
+    """The demo's runs validated on eval/ (the first 48 held-out items), and choices of schedule were made
+    from those figures: the reported figures were then not of items no choice was fitted to."""
+    import yaml
+
+    recipes = _recipes(tiny)
+    dev = {p for p, _ in recipes if p.startswith("dev/")}
+    assert dev == {"dev/asr", "dev/sounds", "dev/voice_chat", "dev/no_speech"}
+    texts = {p.split("/")[0]: set() for p in dev}
+    texts["eval"] = set()
+    for part, c in recipes:
+        if part.split("/")[0] in texts and "speech" in c:
+            texts[part.split("/")[0]].add(c["speech"]["text"])
+    assert texts["dev"] and texts["eval"] and not texts["dev"] & texts["eval"]
+    train = [c for part, c in recipes if not part.startswith(("eval", "dev"))]
+    assert not texts["dev"] & {c["speech"]["text"] for c in train if "speech" in c}
+    watch = _rows(tiny / make_data.WATCH)
+    assert watch and all(r["audio"].startswith("../audio/dev/") for r in watch)
+    for path in sorted((Path(__file__).parents[1] / "configs" / "demo").glob("*.yaml")):
+        generate = yaml.safe_load(path.read_text()).get("val_generate") or []
+        for name in [generate] if isinstance(generate, str) else generate:
+            assert name.startswith("data/demo/dev/"), (path, name)
+
+
 def test_held_out_texts_voices_and_recordings_are_never_trained_on(tiny):
-    train = [c for part, c in _recipes(tiny) if not part.startswith("eval")]
+    train = [c for part, c in _recipes(tiny) if not part.startswith(("eval", "dev"))]
     held = {part: [c for p, c in _recipes(tiny) if p == part] for part in ("eval/asr", "eval/sounds")}
     train_texts = {c["speech"]["text"] for c in train if "speech" in c}
     train_voices = {c["speech"]["voice"] for c in train if "speech" in c}
