@@ -453,6 +453,8 @@ def print_summary(summary: dict) -> None:
     for name, counts in summary["rows"].items():
         print(f"  {name}: {sum(counts.values())} rows  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print("  eval/: " + ", ".join(f"{k} {v}" for k, v in summary["eval_items"].items()))
+    if summary.get("dev_items"):
+        print("  dev/ (validation): " + ", ".join(f"{k} {v}" for k, v in summary["dev_items"].items()))
     for split, v in summary["voices"].items():
         print(f"  voices ({split}): {v['count']} " + str(v["engines"]))
     print(f"  sound bank: {summary['sound_bank']['recordings']} recordings " + str(summary["sound_bank"]["by_source"]))
@@ -461,6 +463,9 @@ def print_summary(summary: dict) -> None:
         texts[key.split(":", 1)[1]] += n
     print("  texts spoken: " + ", ".join(f"{k} {v}" for k, v in sorted(texts.items())))
     vc = summary["voice_chat"]
+    if vc.get("rows_dropped_unusable_answer") or vc.get("rows_dropped_heldout_mirror"):
+        print(f"  voice chat rows left out: {vc['rows_dropped_unusable_answer']} unusable answers, "
+              f"{vc['rows_dropped_heldout_mirror']} asking a held-out fact another way")
     if vc["questions_to_answer"]:
         print(f"  voice chat: {vc['questions_to_answer']} rows wait for answers: "
               "python -m demo.llm_answers --data OUT --model MODEL_DIR")
