@@ -10,7 +10,10 @@ Metric names (`EvalItem.metric`):
     bleu:LANG   sacrebleu corpus BLEU for target language LANG (tokenizer zh for zh, ja-mecab for ja, 13a otherwise)
     acc         exact match of the left-stripped answer with the label (the official SER / VSC scoring)
     contains    free answers: correct when any accepted answer (the reference lists them separated by "|")
-                appears in the answer as whole words, case and punctuation ignored ("a dog|bark|puppy")
+                appears in the answer as whole words, case and punctuation ignored ("a dog|bark|puppy");
+                after a "!", answers that rule it out: one of them left in the answer once the accepted
+                ones are taken out makes it wrong ("tabla!drums|bongo": "a tabla drum" right, "a bongo or
+                a tabla" wrong: an answer naming two classes names neither)
     choice      AIR-Bench foundation: the letter A-D read from the answer as AIR-Bench does; unreadable
                 answers are counted as failures and left out of the accuracy
     judge       AIR-Bench chat: judge scores 0-10, averaged per answer order over the verdicts that parse,
@@ -37,6 +40,7 @@ CONFIDENCE = 0.95
 BOOTSTRAP_CHUNK = 100  # resamples drawn at once (memory: chunk x items counts)
 CHOICE_LETTERS = "ABCD"
 CONTAINS_SEPARATOR = "|"  # between the accepted answers of a "contains" reference
+CONTAINS_REJECT = "!"  # before a "contains" reference's ruled-out answers (separated by "|" too)
 # Modules a sacrebleu tokenizer needs beyond sacrebleu itself (the sacrebleu[ja] extra).
 TOKENIZER_MODULES = {"ja-mecab": ("MeCab", "ipadic")}
 
@@ -110,8 +114,14 @@ class Accuracy(Metric):
 class Contains(Metric):
     def stats(self, reference: str, hypothesis: str) -> list[float]:
         answer = f" {_plain_words(hypothesis)} "
-        accepted = [_plain_words(a) for a in reference.split(CONTAINS_SEPARATOR)]
-        return [float(any(a and f" {a} " in answer for a in accepted)), 1.0]  # [correct, counted]
+        accepted, _, rejected = reference.partition(CONTAINS_REJECT)
+        accepted = [a for a in (_plain_words(a) for a in accepted.split(CONTAINS_SEPARATOR)) if a]
+        if not any(f" {a} " in answer for a in accepted):
+            return [0.0, 1.0]  # [correct, counted]
+        for a in sorted(accepted, key=len, reverse=True):  # "kick drum" before "drum"
+            answer = re.sub(rf"(?<= ){re.escape(a)}(?= )", " ", answer)
+        ruled_out = (_plain_words(r) for r in rejected.split(CONTAINS_SEPARATOR))
+        return [float(not any(r and f" {r} " in answer for r in ruled_out)), 1.0]
 
     def score(self, total: Sequence[float]) -> float:
         return total[0] / total[1] if total[1] else math.nan
