@@ -208,6 +208,8 @@ def run_parts(out: Path, parts: list[Part], jobs: int, progress: Progress) -> No
             meta = json.loads(meta_path.read_text())
             progress.seconds[part.name] = meta["seconds"]
             progress.failed += meta["failed"]
+            if part.stage == "eval":
+                _refresh_rows(rows_path, part, meta)
             continue
         todo.append(part)
     for part in todo:
@@ -222,6 +224,15 @@ def run_parts(out: Path, parts: list[Part], jobs: int, progress: Progress) -> No
         remaining[i] -= 1
         if remaining[i] == 0:  # the part's last clip: its manifest can be written
             _finish_part(out, todo[i], results.pop(i), progress)
+
+
+def _refresh_rows(rows_path: Path, part: Part, meta: dict) -> None:
+    """A made evaluation or development set's items as the code plans them now (its references, the items
+    it leaves out), its clips as they are: scoring follows the code, and no training manifest moves."""
+    bad = {path for path, _ in meta["failed"]}
+    text = "".join(json.dumps(r) + "\n" for r in part.rows if not bad.intersection(_row_audios(r)))
+    if rows_path.read_text(encoding="utf-8") != text:
+        atomic_write_text(rows_path, text)
 
 
 def _make(clip: dict, out: Path):

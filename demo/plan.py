@@ -18,13 +18,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qwen2audio.eval.metrics import CONTAINS_REJECT
+
 from . import augment as A
 from . import prompts as P
 from .bank import BankEntry
 from .corpora import TextItem
 from .prompts import sentence
 from .questions import Question, sound_question
-from .sounds import ANIMAL, CLASSES, INSTRUMENT, MUSIC, NOISE
+from .sounds import (ANIMAL, CLASSES, INSTRUMENT, MUSIC, NOISE, naming_accepted, naming_rejects,
+                     near_copy_of_training)
 from .textclean import spell_number, word_count
 from .voices import HELDOUT, TRAIN, Voice
 
@@ -377,9 +380,11 @@ def training_part(ctx: Context, stage: str, split: str, task: str, n: int) -> Pa
 
 # ---- held-out evaluation (generic jsonl items) ----
 
-def _contains(answers) -> str:
-    """A "contains" reference: accepted answers separated by "|"."""
-    return "|".join(dict.fromkeys(a.lower() for a in answers))
+def _contains(answers, rejects=()) -> str:
+    """A "contains" reference: accepted answers separated by "|", then after "!" those that rule an answer
+    out (qwen2audio.eval.metrics: left in it once the accepted ones are taken out)."""
+    accepted = "|".join(dict.fromkeys(a.lower() for a in answers))
+    return accepted + (CONTAINS_REJECT + "|".join(rejects) if rejects else "")
 
 
 def eval_asr(ctx: Context, n: int, split: str = "eval") -> Part:
@@ -414,14 +419,19 @@ def eval_sounds(ctx: Context, n: int, split: str = "eval") -> Part:
     part = Part("eval", split, "sounds")
     rng = ctx.rng(part.name)
     trained = {e.cls for e in ctx.bank[TRAIN]}
+    named = [CLASSES[k] for k in sorted(trained)]  # what the model learnt to name: an answer naming another is wrong
     entries = [e for e in ctx.bank[HELDOUT] if e.cls in trained]
     for i in range(min(n, len(entries) * 4)):
         entry = entries[i % len(entries)]
         cls = CLASSES[entry.cls]
         audio = _clip(part, "sound", rng, sound=sound_recipe(rng, entry, 1.5, 5.0),
                       fx=quiet_if_silent(effects(rng, "clean"), entry), entry=entry.id)
+        if near_copy_of_training(entry.id):
+            continue  # (its clip stays in the plan: the others' draws do not move)
         part.rows.append({"id": f"sound-{i:05d}", "audio": EVAL_TO_OUT + audio, "prompt": "What is this sound?",
-                          "reference": _contains(cls.synonyms), "metric": "contains", "source": entry.source,
+                          "reference": _contains(naming_accepted(cls, named), naming_rejects(cls, named)),
+                          "metric": "contains",
+                          "source": entry.source,
                           "chat": True, "label": cls.label})
     return part
 
@@ -435,13 +445,20 @@ def eval_sound_question(ctx: Context, n: int, split: str = "eval") -> Part:
     voices = ctx.voices[HELDOUT]
     for i in range(n if entries and voices else 0):
         entry = entries[i % len(entries)]
-        question, answer, accepted = sound_question(CLASSES[entry.cls], rng, pool)
+        cls = CLASSES[entry.cls]
+        question, answer, accepted = sound_question(cls, rng, pool)
+        if accepted == cls.synonyms:  # a naming question
+            accepted, rejects = naming_accepted(cls, pool), naming_rejects(cls, pool)
+        else:
+            rejects = ()
         voice = _pick(rng, voices)
         audio = _clip(part, "sound_question", rng, sound=sound_recipe(rng, entry, 1.0, 3.0),
                       speech=speech_recipe(rng, voice, question), fx=effects(rng, "clean"), entry=entry.id,
                       pause=round(float(rng.uniform(0.3, 0.8)), 3))
+        if near_copy_of_training(entry.id):
+            continue
         part.rows.append({"id": f"soundq-{i:05d}", "audio": EVAL_TO_OUT + audio, "prompt": "",
-                          "reference": _contains(accepted), "metric": "contains", "source": entry.source,
+                          "reference": _contains(accepted, rejects), "metric": "contains", "source": entry.source,
                           "chat": True, "question": question, "answer": answer})
     return part
 

@@ -10,7 +10,7 @@ phrasings: a held-out capital is never asked about in training in any wording.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -251,12 +251,15 @@ def _open() -> list[Question]:
 def all_questions() -> tuple[Question, ...]:
     """Every voice-chat question, speakable ones only, in a fixed order."""
     qs = _capitals() + _arithmetic() + _calendar() + _facts() + _wordnet_questions() + _open()
-    seen, out = set(), []
+    out: dict[str, Question] = {}
     for q in qs:
-        if q.text not in seen and is_speakable(q.text.replace(",", "")):
-            seen.add(q.text)
-            out.append(q)
-    return tuple(out)
+        first = out.get(q.text)
+        if first is None:
+            if is_speakable(q.text.replace(",", "")):
+                out[q.text] = q
+        elif first.fact == q.fact:  # one word's other sense ("quiet": active, noisy, unquiet): any is right
+            out[q.text] = replace(first, references=tuple(dict.fromkeys(first.references + q.references)))
+    return tuple(out.values())
 
 
 _ARITH = re.compile(r"arith:(\d+)(plus|minus|times|divided by)(\d+)$")
@@ -338,7 +341,8 @@ def sound_question(cls: SoundClass, rng: np.random.Generator,
     if kind == "category":
         ask = CATEGORY_ASK[int(rng.integers(len(CATEGORY_ASK)))]
         what = {ANIMAL: "an animal", INSTRUMENT: "a musical instrument"}.get(cls.category, "something else")
-        return ask, f"It was {what}: {label}.", (what.split()[-1],)
+        # the kind, or the sound's own name ("That was rain." answers "something else?" too)
+        return ask, f"It was {what}: {label}.", (what.split()[-1], *cls.synonyms)
     same = rng.random() < 0.5 or len(pool) < 2
     guess = cls if same else [c for c in pool if c.key != cls.key][int(rng.integers(len(pool) - 1))]
     ask = f"Was that {guess.label}?" if rng.random() < 0.5 else f"Did I just hear {guess.label}?"
