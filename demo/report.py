@@ -205,8 +205,21 @@ def answer_typed(eval_set: EvalSet, out_dir: Path, load, settings, args) -> tupl
 
 # ---- the report ----
 
+def basis(eval_set: EvalSet) -> str:
+    """A digest of what a set's figures are figures of: each item's id, prompt, chat flag, reference, metric
+    and clip (its path within the data folder), in order. Two reports compare on a set only where it
+    matches (demo.compare): references rescored, items left out or a remade folder make other figures."""
+    import hashlib
+
+    rows = [[i.id, i.prompt, i.chat, i.reference, i.metric, Path(i.audio).relative_to(eval_set.path.parent.parent)
+             .as_posix() if Path(i.audio).is_relative_to(eval_set.path.parent.parent) else Path(i.audio).name]
+            for i in eval_set.items]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 def set_figures(eval_set: EvalSet, records: list[dict], results: dict, out_dir: Path) -> dict:
-    return {"file": str(eval_set.path), "answers": str(out_dir / "items.jsonl"), "items": results["items"],
+    return {"file": str(eval_set.path), "basis": basis(eval_set), "answers": str(out_dir / "items.jsonl"),
+            "items": results["items"],
             "scored": results["scored"], "skipped": results["skipped"], "overall": T.in_percent(results["overall"]),
             "by_source": T.by_source(results), "examples": T.examples(records, eval_set.questions)}
 

@@ -147,6 +147,8 @@ def test_the_report_writes_every_target_to_both_files(first_report):
     saved = json.loads((out / "r.json").read_text())
     assert saved["partial"] is False and saved["speed"]["machine"]["torch"]
     assert set(saved["sets"]["sounds"]["by_source"]) and saved["sets"]["asr"]["examples"]["wrong"]
+    # what each set's figures are of (demo.compare compares a set only where this matches)
+    assert len({saved["sets"][name]["basis"] for name in report.SETS}) == len(report.SETS)
     # the transcription set again with --fallback: its own answers, made that way, and a line in the report
     again = saved["sets"][report.FALLBACK]
     assert again["items"] == saved["sets"]["asr"]["items"] and again["overall"]["score"] is not None
