@@ -310,16 +310,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "qwen2audio": __version__,
         "targets": target_rows(measured(sets, chat, no_speech, speed_figures)),
         "sets": sets, "voice_chat": chat, "no_speech": no_speech, "speed": speed_figures,
-        "whisper_base": whisper_base(args.whisper_base, args.limit),
+        "whisper_base": whisper_base(args.whisper_base, args.limit, eval_sets["asr"]),
     }
 
 
-def whisper_base(path: Path, limit: int | None) -> dict | None:
+def whisper_base(path: Path, limit: int | None, asr: EvalSet | None = None) -> dict | None:
     """Whisper base's own WER on the ASR set, per source and in all (demo.whisper_baseline's summary), or
-    None when it has not been measured (or the report covers only part of the set)."""
+    None when it has not been measured on these very items: the report covers only part of the set, or the
+    summary does (its own --limit), or is of another file, another number of items, or older than the
+    set's file (remade since)."""
     if limit is not None or not path.is_file():
         return None
     summary = json.loads(path.read_text())
+    if asr is not None:
+        made_for = Path(str(summary.get("data", "")))
+        if (summary.get("limit") is not None or not made_for.is_file()
+                or made_for.resolve() != asr.path.resolve() or summary["overall"].get("n") != len(asr.items)
+                or path.stat().st_mtime < asr.path.stat().st_mtime):
+            return None
     return {"file": str(path), "all": summary["overall"]["score"],
             "by_source": {name: block["score"] for name, block in summary.get("subsets", {}).items()}}
 

@@ -227,8 +227,21 @@ def test_whisper_bases_own_wer_stands_beside_the_models_when_it_was_measured(fir
     monkeypatch.setattr(report.speed, "measure", lambda *_, **__: {"error": "not measured here"})
     sources = list(json.loads((out / "r.json").read_text())["sets"]["asr"]["by_source"])
     summary = tmp_path / "asr.summary.json"  # as python -m demo.whisper_baseline writes it
-    summary.write_text(json.dumps({"overall": {"score": 37.25},
-                                   "subsets": {name: {"score": 10.0 + i} for i, name in enumerate(sources)}}))
+    asr = Path(args[1]) / "eval" / "asr.jsonl"
+    items = sum(1 for line in asr.read_text().splitlines() if line.strip())
+
+    def write(**changed):
+        summary.write_text(json.dumps({"data": str(asr), "limit": None, "overall": {"score": 37.25, "n": items},
+                                       "subsets": {name: {"score": 10.0 + i} for i, name in enumerate(sources)},
+                                       **changed}))
+
+    # Whisper's figures of other items are not shown "on the same items": its own --limit, another file
+    for changed in ({"limit": 50}, {"data": str(tmp_path / "other.jsonl")},
+                    {"overall": {"score": 37.25, "n": items - 1}}):
+        write(**changed)
+        assert report.main([*args, "--out", str(tmp_path / "other"), "--whisper-base", str(summary)]) == 0
+        assert json.loads((tmp_path / "other.json").read_text())["whisper_base"] is None, changed
+    write()
     assert report.main([*args, "--out", str(tmp_path / "with"), "--whisper-base", str(summary)]) == 0
     saved = json.loads((tmp_path / "with.json").read_text())["whisper_base"]
     assert saved["all"] == 37.25 and saved["by_source"] == {name: 10.0 + i for i, name in enumerate(sources)}

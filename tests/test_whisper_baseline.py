@@ -132,6 +132,24 @@ def test_stored_answers_are_reused_only_when_made_the_same_way_and_not_failed():
     assert not wb.reusable(None, basis)
 
 
+def test_a_stored_answer_of_another_clip_under_the_same_id_is_made_again(tmp_path):
+    """A remade data folder has other clips under the same ids: Whisper's old answers were scored against
+    the new references (83 % WER on the repro)."""
+    import os
+
+    from qwen2audio.eval.runner import audio_identity
+
+    clip = tmp_path / "a.flac"
+    clip.write_bytes(b"one clip")
+    basis = wb.answer_basis()
+    record = {ANSWER_KEY: {**basis, "audio": audio_identity(str(clip))}, "hypothesis": "hi"}
+    assert wb.reusable(record, basis, str(clip))
+    clip.write_bytes(b"another clip, remade")
+    os.utime(clip, ns=(1, 1))
+    assert not wb.reusable(record, basis, str(clip))
+    assert not wb.reusable({ANSWER_KEY: basis, "hypothesis": "hi"}, basis, str(clip))  # stored before it was kept
+
+
 def test_mean_log_probability_counts_the_end_token_as_openai_whisper():
     from types import SimpleNamespace
 
