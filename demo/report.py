@@ -170,9 +170,8 @@ def answer_typed(eval_set: EvalSet, out_dir: Path, load, settings, args) -> tupl
     max_new_tokens) and records, resumed as the harness resumes (same prompt, same model, same settings)."""
     from tqdm import tqdm
 
-    from qwen2audio.eval.runner import ITEMS_FILE, make_record, read_records, stale_reason
+    from qwen2audio.eval.runner import ITEMS_FILE, decoding_params, make_record, read_records, stale_reason
     from qwen2audio.eval.tasks import EvalItem
-    from qwen2audio.generation.params import SamplingParams
     from qwen2audio.text.chat import render_chat
 
     items = [EvalItem(id=i.id, audio="", prompt=eval_set.questions[i.id], reference=i.reference, source=i.source,
@@ -186,8 +185,7 @@ def answer_typed(eval_set: EvalSet, out_dir: Path, load, settings, args) -> tupl
     todo = [i for i in items if i.id not in records]
     print(f"{PROG}: voice_chat typed: {len(items)} questions to the LLM alone, {len(records)} answers reused "
           f"-> {out_dir}", file=sys.stderr)
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                            temperature=0.0)
+    params = decoding_params(settings)  # as the spoken answers are decoded, and as the records say
     model = load() if todo else None
     with open(out_dir / ITEMS_FILE, "a", encoding="utf-8") as f, \
             tqdm(total=len(items), initial=len(records), unit="question", dynamic_ncols=True) as bar:

@@ -252,3 +252,25 @@ def test_whisper_bases_own_wer_stands_beside_the_models_when_it_was_measured(fir
     assert report.main([*args, "--out", str(tmp_path / "without"), "--whisper-base", str(tmp_path / "none")]) == 0
     assert json.loads((tmp_path / "without.json").read_text())["whisper_base"] is None
     assert "Whisper base" not in (tmp_path / "without.md").read_text()
+
+
+def test_the_typed_questions_are_decoded_as_their_records_say(first_report, tmp_path, monkeypatch):
+    """They were decoded without the checkpoint's repetition penalty and beams, though their records (and
+    the docs: "the same greedy decoding") said they were, as the spoken answers are."""
+    from dataclasses import replace as replaced
+
+    import qwen2audio.eval.runner as runner
+
+    out, args = first_report
+    asked = []
+    real_settings, real_params = report.harness_settings, runner.decoding_params
+    monkeypatch.setattr(report, "harness_settings",
+                        lambda *a, **k: replaced(real_settings(*a, **k), repetition_penalty=1.1))
+    monkeypatch.setattr(runner, "decoding_params", lambda settings: asked.append(settings) or real_params(settings))
+    monkeypatch.setattr(report.speed, "measure", lambda *_, **__: {"error": "not measured here"})
+    answers = tmp_path / "answers"
+    assert report.main(["--data", args[1], "--model", args[3], "--answers", str(answers), "--out",
+                        str(tmp_path / "r"), "--limit", "1"]) == 0
+    typed = [json.loads(line) for line in (answers / report.TYPED / "items.jsonl").read_text().splitlines()]
+    assert typed and asked and all(s.repetition_penalty == 1.1 for s in asked)
+    assert real_params(asked[-1]).repetition_penalty == 1.1

@@ -171,10 +171,19 @@ def stale_reason(record: dict, prompt: str, basis: dict) -> str | None:
     return None
 
 
+def decoding_params(settings: AnswerSettings):
+    """The SamplingParams answers are decoded with under ``settings`` (greedy, or the checkpoint's beams;
+    its repetition and length penalties): what the records say they were made with."""
+    from ..generation.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+                          temperature=0.0, num_beams=settings.num_beams,
+                          repetition_penalty=settings.repetition_penalty, length_penalty=settings.length_penalty)
+
+
 def generate_batch(model, batch: Sequence[tuple[EvalItem, np.ndarray]], settings: AnswerSettings) -> list[str]:
     """Answers for (item, 16 kHz samples) pairs, decoded greedily together."""
     from ..audio.features import N_SAMPLES
-    from ..generation.sampling import SamplingParams
 
     prepared = []
     for item, audio in batch:
@@ -184,9 +193,7 @@ def generate_batch(model, batch: Sequence[tuple[EvalItem, np.ndarray]], settings
             prepared.append(model.prepare_chat(chat_messages(item, audio)))
         else:
             prepared.append(model.prepare_raw(item.prompt, [audio]))
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                            temperature=0.0, num_beams=settings.num_beams,
-                            repetition_penalty=settings.repetition_penalty, length_penalty=settings.length_penalty)
+    params = decoding_params(settings)
     if settings.fallback:
         from ..generation.fallback import generate_with_fallback
 
