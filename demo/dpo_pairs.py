@@ -129,8 +129,10 @@ def read_generated(path: Path, settings: str) -> dict[str, dict]:
 
 
 def pending(prompts: list[Prompt], done: dict[str, dict]) -> list[Prompt]:
-    """The prompts not answered yet (an answer to a right answer since changed does not count)."""
-    return [p for p in prompts if p.key not in done or done[p.key]["right"] != p.right]
+    """The prompts not answered yet (an answer to another prompt under the same clip, or to a right answer
+    since changed, does not count)."""
+    return [p for p in prompts if p.key not in done or done[p.key]["right"] != p.right
+            or done[p.key].get("messages") != p.messages]
 
 
 def _end_with_newline(path: Path) -> None:
@@ -182,7 +184,7 @@ def ask(model, batch: list[Prompt], data: Path, settings: dict) -> list[dict]:
         if not todo:
             break
     key = digest(settings)
-    return [{"key": p.key, "task": p.task, "right": p.right, "settings": key, "answers": a}
+    return [{"key": p.key, "task": p.task, "messages": p.messages, "right": p.right, "settings": key, "answers": a}
             for p, a in zip(batch, answers)]
 
 

@@ -204,3 +204,17 @@ def test_a_folder_that_is_no_model_is_refused_before_anything_is_asked(workspace
     assert dpo_pairs.main(_args(data, model)) == 2
     assert capsys.readouterr().err.startswith("demo.dpo_pairs: error: ")
     assert not (data / dpo_pairs.GENERATED).exists()
+
+
+def test_an_answer_to_another_prompt_under_the_same_clip_is_asked_again():
+    """A stored answer was kept when the row's prompt changed but its clip and right answer did not, and
+    paired with the new prompt."""
+    from demo.dpo_pairs import Prompt, pending
+
+    before = Prompt("sound", "audio/sft/train/sound/000001.flac", [{"role": "user", "content": "What is this sound?"}],
+                    "A dog barking.")
+    done = {before.key: {"key": before.key, "messages": before.messages, "right": before.right, "answers": []}}
+    assert pending([before], done) == []
+    now = Prompt(before.task, before.key, [{"role": "user", "content": "Which animal was that?"}], before.right)
+    assert pending([now], done) == [now]
+    assert pending([before], {before.key: {"key": before.key, "right": before.right}}) == [before]  # unrecorded
