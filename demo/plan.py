@@ -415,7 +415,8 @@ def eval_asr(ctx: Context, n: int, split: str = "eval") -> Part:
 
 
 def eval_sounds(ctx: Context, n: int, split: str = "eval") -> Part:
-    """Held-out recordings of classes the model was trained on, a few crops each."""
+    """Held-out recordings of classes the model was trained on, a crop or two each (up to four where the set
+    asks for more items than there are recordings)."""
     part = Part("eval", split, "sounds")
     rng = ctx.rng(part.name)
     trained = {e.cls for e in ctx.bank[TRAIN]}
@@ -430,9 +431,7 @@ def eval_sounds(ctx: Context, n: int, split: str = "eval") -> Part:
             continue  # (its clip stays in the plan: the others' draws do not move)
         part.rows.append({"id": f"sound-{i:05d}", "audio": EVAL_TO_OUT + audio, "prompt": "What is this sound?",
                           "reference": _contains(naming_accepted(cls, named), naming_rejects(cls, named)),
-                          "metric": "contains",
-                          "source": entry.source,
-                          "chat": True, "label": cls.label})
+                          "metric": "contains", "source": entry.source, "chat": True, "label": cls.label})
     return part
 
 
