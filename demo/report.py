@@ -126,13 +126,14 @@ class Models:
         gc.collect()
 
 
-def harness_settings(model_dir: Path, device: str = "cpu"):
+def harness_settings(model_dir: Path, device: str = "cpu", default: bool = False):
     from qwen2audio.eval.cli import auto_dtype_name, official_settings
     from qwen2audio.eval.runner import OFFICIAL_LONG_AUDIO, AnswerSettings, model_identity
 
     # dtype auto (recorded as what it computes in), 256 new tokens, the checkpoint's greedy settings, 30 s
-    # heard: `qwen2audio eval`'s defaults
-    return AnswerSettings(model=model_identity(model_dir), dtype=auto_dtype_name(model_dir, device),
+    # heard: `qwen2audio eval`'s defaults; ``default`` (--model default): the default model under the name
+    # `qwen2audio eval` gives it without a MODEL_DIR (their stored answers are then one another's)
+    return AnswerSettings(model=model_identity(None if default else model_dir), dtype=auto_dtype_name(model_dir, device),
                           long_audio=OFFICIAL_LONG_AUDIO, **official_settings(model_dir))
 
 
@@ -265,7 +266,8 @@ def read_sets(args: argparse.Namespace) -> dict[str, EvalSet]:
 def voice_chat(chat_set: EvalSet, spoken: list[dict], models: Models, args: argparse.Namespace) -> dict:
     """The spoken answers against the LLM's answers to the same questions typed."""
     llm = args.llm or args.model
-    typed, _ = answer_typed(chat_set, args.answers / TYPED, models.loader(llm), harness_settings(llm, args.device), args)
+    typed, _ = answer_typed(chat_set, args.answers / TYPED, models.loader(llm),
+                            harness_settings(llm, args.device, default=args.default_model and args.llm is None), args)
     return {**T.voice_chat_kept(typed, spoken), "typed_accuracy": T.pooled(typed, BOOTSTRAP),
             "spoken_accuracy": T.pooled(spoken, BOOTSTRAP), "typed_answers": str(args.answers / TYPED / "items.jsonl"),
             "typed_examples": T.examples(typed, chat_set.questions)}
@@ -280,7 +282,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     require_modules(EVAL_MODULES, PROG)
     eval_sets = read_sets(args)
     models = Models(args.device)
-    settings = harness_settings(args.model, args.device)
+    settings = harness_settings(args.model, args.device, default=args.default_model)
     sets, records = {}, {}
     for name, eval_set in eval_sets.items():
         out_dir = args.answers / name
@@ -499,8 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="items generated together")
     parser.add_argument("--device", default="cpu", help="torch device for the evaluation and the speed (default cpu)")
     args = parser.parse_args(argv)
+    args.default_model = str(args.model) == DEFAULT_MODEL
     try:
-        if str(args.model) == DEFAULT_MODEL:
+        if args.default_model:
             from qwen2audio.default_model import default_model_dir
 
             args.model = default_model_dir()

@@ -97,6 +97,16 @@ def test_model_default_is_the_default_model_users_get(tmp_path, monkeypatch):
     assert seen == [default_model_dir()]  # the tests' default: the tiny random model (conftest.py)
 
 
+def test_the_default_models_answers_are_recorded_as_qwen2audio_eval_records_them():
+    """`--model default` recorded the cache folder, `qwen2audio eval` without a MODEL_DIR the default model's
+    name: the same model's stored answers were made again, each by the other's run."""
+    from qwen2audio.default_model import default_model_dir
+    from qwen2audio.eval.runner import model_identity
+
+    assert report.harness_settings(default_model_dir(), default=True).model == model_identity(None)
+    assert report.harness_settings(default_model_dir()).model == model_identity(default_model_dir())
+
+
 def test_a_model_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     err = _refused(["--data", str(_data(tmp_path / "d")), "--model", str(tmp_path / "m")], tmp_path, capsys)
