@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qwen2audio.atomic import atomic_write_text
+from qwen2audio.eval.metrics import CONTAINS_REJECT
 
 from . import speed
 from . import targets as T
@@ -366,13 +367,19 @@ def cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def md_examples(shown: dict, limit: int = 160) -> list[str]:
+def md_examples(shown: dict, limit: int = 160, contains: bool = False) -> list[str]:
+    """The examples' lines; ``contains``: the references are the contains metric's, whose ruled-out answers
+    (after "!") are summed up, not listed."""
     lines = []
     for verdict in ("right", "wrong"):
         for ex in shown[verdict]:
             asked = f' asked "{md_cell(ex["question"])}";' if "question" in ex else ""
+            accepted, ruled_out = ex["reference"], ""
+            if contains:
+                accepted, _, ruled_out = accepted.partition(CONTAINS_REJECT)
             lines.append(f"- {verdict}: `{ex['id']}`{asked} answer \"{md_cell(cut(ex['answer'], limit))}\"; "
-                         f"reference `{md_cell(cut(ex['reference'], limit // 2))}`")
+                         f"reference `{md_cell(cut(accepted, limit // 2))}`"
+                         + (" (and no other class named)" if ruled_out else ""))
     return lines or ["- (no answers)"]
 
 
@@ -438,9 +445,10 @@ def markdown(report: dict) -> str:
                       + "".join(f"; {source} {fmt(block['score'], '%')}"
                                 for source, block in again["by_source"].items())
                       + f". Answers: `{again['answers']}`."]
-        lines += ["", "Examples:", ""] + md_examples(figures["examples"])
+        contains = name not in ("asr", "question_asr")  # the other sets are scored by the contains metric
+        lines += ["", "Examples:", ""] + md_examples(figures["examples"], contains=contains)
         if name == "voice_chat":
-            lines += ["", "Typed to the LLM alone:", ""] + md_examples(chat["typed_examples"])
+            lines += ["", "Typed to the LLM alone:", ""] + md_examples(chat["typed_examples"], contains=contains)
     lines += ["", "## Speed", ""] + md_speed(report["speed"])
     lines += ["", "Scores come from the evaluation harness: `qwen2audio eval MODEL --task jsonl --data "
               "DATA/eval/SET.jsonl --out ANSWERS/SET` reports the same numbers from the same answers. WER: word "

@@ -284,3 +284,11 @@ def test_the_typed_questions_are_decoded_as_their_records_say(first_report, tmp_
     typed = [json.loads(line) for line in (answers / report.TYPED / "items.jsonl").read_text().splitlines()]
     assert typed and asked and all(s.repetition_penalty == 1.1 for s in asked)
     assert real_params(asked[-1]).repetition_penalty == 1.1
+
+
+def test_examples_sum_up_ruled_out_answers_and_leave_other_references_whole():
+    shown = {"right": [{"id": "a", "answer": "A bell.", "reference": "bell|ringing!phone|alarm"}], "wrong": []}
+    assert report.md_examples(shown, contains=True) == [
+        '- right: `a` answer "A bell."; reference `bell\\|ringing` (and no other class named)']
+    speech = {"right": [{"id": "b", "answer": "I'd like a beer now.", "reference": "I'd like a beer now!"}], "wrong": []}
+    assert report.md_examples(speech) == ['- right: `b` answer "I\'d like a beer now."; reference `I\'d like a beer now!`']
