@@ -382,7 +382,7 @@ def training_part(ctx: Context, stage: str, split: str, task: str, n: int) -> Pa
 
 def _contains(answers, rejects=()) -> str:
     """A "contains" reference: accepted answers separated by "|", then after "!" those that rule an answer
-    out (qwen2audio.eval.metrics: left in it once the accepted ones are taken out)."""
+    out (qwen2audio.eval.metrics: the longest listed phrase at each place of the answer counts)."""
     accepted = "|".join(dict.fromkeys(a.lower() for a in answers))
     return accepted + (CONTAINS_REJECT + "|".join(rejects) if rejects else "")
 

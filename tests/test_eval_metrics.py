@@ -87,13 +87,15 @@ def test_accuracy_is_exact_match_after_left_strip():
     ("no speech|nobody is speaking", "<|en|>There is no speech in this audio.", 1.0),  # phrases, tags removed
     ("17|seventeen", "Five and twelve make 17.", 1.0),
     ("17|seventeen", "It is 170.", 0.0),
-    # after "!": answers that rule it out, looked for once the accepted ones are taken out
+    # after "!": answers that rule it out (the longest listed phrase at each place in the answer counts)
     ("tabla|tabla drum!drums|drum|bongo", "A tabla drum.", 1.0),
     ("tabla|tabla drum!drums|drum|bongo", "Drums.", 0.0),
     ("tabla|tabla drum!drums|drum|bongo", "A bongo or a tabla.", 0.0),   # two classes named: neither
     ("kick drum|kick!snare|drum", "a kick drum, kick kick", 1.0),
     ("kick drum|kick!snare|drum", "a kick and a drum", 0.0),
     ("bell|ringing!phone", "A phone ringing.", 0.0),
+    ("guitar!bass guitar", "A bass guitar.", 0.0),                  # the longer phrase at a place counts
+    ("guitar!bass guitar", "A guitar, then a bass.", 1.0),
 ])
 def test_contains_accepts_any_listed_answer_as_whole_words(reference, answer, correct):
     assert get_metric("contains").stats(reference, answer) == [correct, 1.0]

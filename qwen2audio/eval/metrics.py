@@ -11,9 +11,9 @@ Metric names (`EvalItem.metric`):
     acc         exact match of the left-stripped answer with the label (the official SER / VSC scoring)
     contains    free answers: correct when any accepted answer (the reference lists them separated by "|")
                 appears in the answer as whole words, case and punctuation ignored ("a dog|bark|puppy");
-                after a "!", answers that rule it out: one of them left in the answer once the accepted
-                ones are taken out makes it wrong ("tabla!drums|bongo": "a tabla drum" right, "a bongo or
-                a tabla" wrong: an answer naming two classes names neither)
+                after a "!", answers that rule it out: the answer read left to right, the longest listed
+                phrase at each place, one of them makes it wrong ("tabla|tabla drum!drums|bongo": "a tabla
+                drum" right, "a bongo or a tabla" wrong: an answer naming two classes names neither)
     choice      AIR-Bench foundation: the letter A-D read from the answer as AIR-Bench does; unreadable
                 answers are counted as failures and left out of the accuracy
     judge       AIR-Bench chat: judge scores 0-10, averaged per answer order over the verdicts that parse,
@@ -115,13 +115,15 @@ class Contains(Metric):
     def stats(self, reference: str, hypothesis: str) -> list[float]:
         answer = f" {_plain_words(hypothesis)} "
         accepted, _, rejected = reference.partition(CONTAINS_REJECT)
-        accepted = [a for a in (_plain_words(a) for a in accepted.split(CONTAINS_SEPARATOR)) if a]
-        if not any(f" {a} " in answer for a in accepted):
-            return [0.0, 1.0]  # [correct, counted]
-        for a in sorted(accepted, key=len, reverse=True):  # "kick drum" before "drum"
-            answer = re.sub(rf"(?<= ){re.escape(a)}(?= )", " ", answer)
-        ruled_out = (_plain_words(r) for r in rejected.split(CONTAINS_SEPARATOR))
-        return [float(not any(r and f" {r} " in answer for r in ruled_out)), 1.0]
+        accepted = {a for a in (_plain_words(a) for a in accepted.split(CONTAINS_SEPARATOR)) if a}
+        rejected = {r for r in (_plain_words(r) for r in rejected.split(CONTAINS_SEPARATOR)) if r} - accepted
+        if not rejected:
+            return [float(any(f" {a} " in answer for a in accepted)), 1.0]  # [correct, counted]
+        # read left to right, the longest phrase at each place: "kick drum" (accepted) holds its "drum", and
+        # "bass guitar" (ruled out) its "guitar"
+        phrases = sorted(accepted | rejected, key=len, reverse=True)
+        found = {m.group() for m in re.finditer("(?<= )(?:" + "|".join(map(re.escape, phrases)) + ")(?= )", answer)}
+        return [float(bool(found & accepted) and not found & rejected), 1.0]
 
     def score(self, total: Sequence[float]) -> float:
         return total[0] / total[1] if total[1] else math.nan
