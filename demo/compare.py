@@ -83,12 +83,23 @@ def _records(report: dict, name: str) -> dict[str, dict] | None:
     return {r["id"]: r for r in records if isinstance(r.get("stats"), list)} or None
 
 
+class _Change:
+    """A metric's new minus old score, over the two builds' stats side by side (old's ``width`` columns,
+    then new's): what ``bootstrap_interval`` resamples, the same items for both builds."""
+
+    def __init__(self, metric, width: int):
+        self.metric, self.width = metric, width
+
+    def score(self, total) -> float:
+        return self.metric.score(total[self.width:]) - self.metric.score(total[:self.width])
+
+
 def paired_change(old_records: dict[str, dict], new_records: dict[str, dict]) -> tuple[float, float] | None:
     """The 95 % bootstrap interval of new minus old score (the set's metric, in its report's units: WER in
     %, accuracy in %), resampling the items both answered, the same items for both builds."""
     import numpy as np
 
-    from qwen2audio.eval.metrics import get_metric
+    from qwen2audio.eval.metrics import bootstrap_interval, get_metric
 
     ids = sorted(set(old_records) & set(new_records))
     metrics = {old_records[i]["metric"] for i in ids}
@@ -98,9 +109,9 @@ def paired_change(old_records: dict[str, dict], new_records: dict[str, dict]) ->
     scale = 1.0 if metric.name.startswith("wer") else 100.0
     old = np.array([old_records[i]["stats"] for i in ids], dtype=float)  # (items, stats)
     new = np.array([new_records[i]["stats"] for i in ids], dtype=float)
-    picks = np.random.default_rng(PAIRED_SEED).integers(0, len(ids), size=(PAIRED_SAMPLES, len(ids)))
-    changes = np.sort([scale * (metric.score(new[p].sum(0)) - metric.score(old[p].sum(0))) for p in picks])
-    return float(np.percentile(changes, 2.5)), float(np.percentile(changes, 97.5))
+    interval = bootstrap_interval(_Change(metric, old.shape[1]), np.concatenate([old, new], axis=1),
+                                  samples=PAIRED_SAMPLES, seed=PAIRED_SEED)
+    return None if interval is None else (scale * interval[0], scale * interval[1])
 
 
 def verdict(target: dict, old: dict, new: dict, old_report: dict | None = None, new_report: dict | None = None) -> str:
