@@ -187,9 +187,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     files = weight_files(directory)  # every file checked before any is read
     with torch.device("meta"):
         model = Qwen2AudioModel(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.text.tie_word_embeddings:
-        expected.pop(TIED_HEAD_KEY)
+    expected = checkpoint_weights(model)
     stored = stored_dtypes(files, expected)
     if target_dtype is None:
         target_dtype = auto_load_dtype(stored, device)
@@ -231,8 +229,17 @@ def auto_dtype_of(directory: str | Path, device: str | torch.device = "cpu") -> 
     directory = Path(directory)
     config = Qwen2AudioConfig.from_file(directory)
     with torch.device("meta"):
-        expected = set(Qwen2AudioModel(config).state_dict())
+        expected = checkpoint_weights(Qwen2AudioModel(config))
     return auto_load_dtype(stored_dtypes(weight_files(directory), expected), device)
+
+
+def checkpoint_weights(model: Qwen2AudioModel) -> dict[str, torch.Size]:
+    """The weights a checkpoint of ``model``'s config holds, with their shapes: its state dict but a tied
+    head (the embeddings' weight again)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.text.tie_word_embeddings:
+        expected.pop(TIED_HEAD_KEY)
+    return expected
 
 
 def auto_load_dtype(stored: set[torch.dtype], device: str | torch.device) -> torch.dtype:
@@ -288,8 +295,8 @@ def save_model(model: Qwen2AudioModel, directory: str | Path, max_shard_bytes: i
     """
     directory = Path(directory)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with torch.device("meta"):  # the keys a checkpoint of this config holds (no memory taken)
-        missing = [k for k in Qwen2AudioModel(model.config).state_dict() if k not in state]
+    with torch.device("meta"):  # (no memory taken)
+        missing = [k for k in checkpoint_weights(Qwen2AudioModel(model.config)) if k not in state]
     if missing:  # an Engine's (Qwen2Audio.load's) inference-only forms: fused, packed or int8 products
         raise CheckpointError(f"this model lacks {len(missing)} of its checkpoint's weights ({missing[0]}, ...): "
                               "it was prepared for inference, its projections fused, packed or quantised, so "
