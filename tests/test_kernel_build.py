@@ -142,7 +142,8 @@ def test_int8_without_the_kernels_says_it_decodes_slower_than_float32(monkeypatc
     from qwen2audio.model import Qwen2AudioModel
 
     monkeypatch.setattr(kernels, "packed_linear_op", lambda: None)  # a machine without g++
-    monkeypatch.setattr(kernels, "_state", {"problem": "RuntimeError: /bin/sh: 1: g++: not found"})
+    monkeypatch.setattr(kernels, "_state", {"problem": "RuntimeError: /bin/sh: 1: g++: not found",
+                                           "remedy": "install g++ and ninja"})
     cfg = Qwen2AudioConfig(
         audio=EncoderConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2,
                             encoder_ffn_dim=64),
@@ -150,7 +151,7 @@ def test_int8_without_the_kernels_says_it_decodes_slower_than_float32(monkeypatc
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
     model = Qwen2AudioModel(cfg).eval()
     with pytest.warns(UserWarning, match=r"quantize='int8' without the decoding kernels \(RuntimeError: .*g\+\+: not "
-                                         r"found\).*slower than in float32"):
+                                         r"found\).*slower than in float32.*install g\+\+ and ninja, or drop --quantize int8"):
         weights.prepare_for_inference(model, "int8")
     head = model.language_model.lm_head
     assert isinstance(head, weights.Int8Linear) and head._op is None

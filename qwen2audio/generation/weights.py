@@ -128,13 +128,10 @@ def prepare_for_inference(model: Qwen2AudioModel, quantize: str | None = None) -
     if model.device.type == "cpu":
         if quantize == "int8":
             if not kernel_usable():
-                from .kernels import DISABLE_ENV, build_problem
+                from .kernels import build_problem, build_remedy
 
-                problem = build_problem()
-                remedy = ("unset it, or drop --quantize int8" if problem and DISABLE_ENV in problem else
-                          "drop --quantize int8" if problem and "AVX" in problem else
-                          "install g++ and ninja, or drop --quantize int8")
-                warnings.warn(f"quantize='int8' without the decoding kernels ({problem}): each int8 product "
+                remedy = ", or ".join(filter(None, (build_remedy(), "drop --quantize int8")))
+                warnings.warn(f"quantize='int8' without the decoding kernels ({build_problem()}): each int8 product "
                               "widens its weight to float32 every time it runs, so decoding is slower than in "
                               f"float32 (the weights still take about a quarter of the memory); {remedy}",
                               SpeedWarning, stacklevel=3)

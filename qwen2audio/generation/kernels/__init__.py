@@ -105,7 +105,7 @@ def _load() -> None:
         for leftover in (directory / READY, directory / "lock", library):
             leftover.unlink(missing_ok=True)
         with _tools_on_path():
-                cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
+            cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
                                # -fopenmp: at::parallel_for is inline OpenMP code, serial without it;
                                # -ffp-contract=off: no product fused into a sum where torch rounds in between
                                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
@@ -159,9 +159,9 @@ def packed_linear_op() -> Callable | None:
     no C++ compiler or ninja, not a CPU torch can build for, or ``QWEN2AUDIO_NO_KERNELS`` set."""
     with _lock:
         if "op" not in _state:
-            _state["op"], _state["problem"] = None, None
+            _state["op"], _state["problem"], _state["remedy"] = None, None, None
             if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
-                _state["problem"] = f"{DISABLE_ENV} is set"
+                _state["problem"], _state["remedy"] = f"{DISABLE_ENV} is set", "unset it"
             elif not _has_vector_code():  # not a failure: torch's own products are the faster ones here
                 _state["problem"] = ("this CPU has neither AVX2 nor AVX-512, which the kernels' vector code "
                                      "is written for")
@@ -172,6 +172,7 @@ def packed_linear_op() -> Callable | None:
                     _state["op"] = torch.ops.qwen2audio.packed_linear
                 except Exception as err:  # a missing compiler or ninja, a failed compile: the plain path works
                     _state["problem"] = f"{type(err).__name__}: {_summary(err)}"
+                    _state["remedy"] = "install g++ and ninja"
                     warnings.warn(f"the decoding kernels could not be built ({_state['problem']}); decoding "
                                   "products and attention run in plain torch, correct but slower (they need ninja, "
                                   "pip install ninja, a C++ compiler, apt-get install g++, and a writable "
@@ -231,3 +232,9 @@ def compile_cache_tag() -> str:
 def build_problem() -> str | None:
     """Why ``packed_linear_op()`` answered None (None when it was built or has not been asked for)."""
     return _state.get("problem")  # type: ignore[return-value]
+
+
+def build_remedy() -> str | None:
+    """What would let the kernels be used ("install g++ and ninja"), None where nothing would (a CPU
+    without their vector code) or they are."""
+    return _state.get("remedy")  # type: ignore[return-value]
