@@ -87,6 +87,12 @@ def decode_audio(source: Any) -> np.ndarray:
 DEVICE_CHOICES = "cpu, cuda, cuda:N or mps"
 
 
+def quantize_off_cpu(quantize: str | None, device: str | torch.device) -> bool:
+    """Whether ``quantize`` asks for int8 on a device other than the CPU (its kernel is a CPU one); ``device``
+    one that ``device_problem`` passed."""
+    return quantize == "int8" and torch.device(device).type != "cpu"
+
+
 def device_problem(device: str | torch.device) -> str | None:
     """What keeps ``device`` from running a model here (one sentence), or None when it can."""
     try:
@@ -137,7 +143,7 @@ class Qwen2Audio:
         problem = device_problem(device)
         if problem:
             raise ValueError(f"device {str(device)!r}: {problem}")
-        if quantize == "int8" and torch.device(device).type != "cpu":
+        if quantize_off_cpu(quantize, device):
             raise ValueError(f"quantize='int8' runs on CPU only (its kernel is a CPU one); got device "
                              f"{str(device)!r}: drop quantize or use device='cpu'")
         directory, adapter = resolve_adapter(directory, adapter)  # a bad adapter is told before the weights

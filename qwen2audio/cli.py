@@ -298,12 +298,12 @@ def _check_model_dir(args: argparse.Namespace) -> None:
 
 def _check_device(device: str, quantize: str | None = None) -> None:
     """A device this PyTorch cannot use (or int8 off the CPU) is one line now, not a traceback after loading."""
-    from .api import device_problem
+    from .api import device_problem, quantize_off_cpu
 
     problem = device_problem(device)
     if problem:
         raise ValueError(f"--device {device}: {problem}")
-    if quantize == "int8" and not device.startswith("cpu"):
+    if quantize_off_cpu(quantize, device):
         raise ValueError(f"--quantize int8 runs on CPU only (its kernel is a CPU one), not --device {device}: "
                          "drop --quantize or use --device cpu")
 
