@@ -239,7 +239,7 @@ class _LiveText:
     def __init__(self) -> None:
         self.raw = ""  # this window's decoded text so far
         self.sent = 0  # of its cleaned text, the characters sent
-        self.before = ""  # the text so far (what the next window's text is joined to)
+        self.before = ""  # the last text sent (what the next window's text is joined to: ``separator``)
 
     def push(self, delta: str) -> str:
         self.raw += delta
@@ -263,7 +263,7 @@ class _LiveText:
         piece = clean[self.sent:ready]
         if self.sent == 0:
             piece = separator(self.before, piece) + piece
-        self.before += piece
+        self.before = piece
         self.sent = ready
         return piece
 

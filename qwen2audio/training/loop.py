@@ -193,12 +193,11 @@ def refuse_finished_run(cfg: TrainConfig, resume: Path | None, total: int) -> No
         return
     step = checkpoint_step(resume)
     knob = "max_steps" if cfg.max_steps > 0 else "epochs"
-    if step > total and not (Path(cfg.output_dir) / FINAL_DIR).is_dir():  # would publish a later model as final
+    published = (Path(cfg.output_dir) / FINAL_DIR).is_dir()
+    if step > total and not published:  # would publish a later model as final
         raise ValueError(f"{cfg.output_dir}'s newest checkpoint is at step {step}, past the {total} steps {knob} "
                          f"gives now: raise {knob} to at least its step, or set resume=false to start over")
-    if not (Path(cfg.output_dir) / FINAL_DIR).is_dir():
-        return
-    if step >= total:
+    if published and step >= total:
         raise ValueError(f"{cfg.output_dir} already finished at step {step} ({knob} gives {total} steps): nothing to "
                          f"train; use a new output_dir= or raise {knob}")
 
