@@ -322,18 +322,13 @@ def answer_basis() -> dict:
             "prompt": " ".join(PROMPT), "max_length": MAX_LENGTH}
 
 
-def reusable(record: dict | None, basis: dict, audio: str | None = None) -> bool:
-    """Whether a stored answer stands: made the same way, of the same clip (its real path, size and
-    modification time, as the evaluation harness checks: a remade data folder has other clips under the
-    same ids), and not a failure (those are tried again)."""
-    from qwen2audio.eval.runner import ANSWER_KEY, audio_identity
+def reusable(record: dict | None, basis: dict) -> bool:
+    """Whether a stored answer stands: made the same way (``basis``, with the clip's identity: a remade data
+    folder has other clips under the same ids, as the evaluation harness checks), and not a failure (those
+    are tried again)."""
+    from qwen2audio.eval.runner import ANSWER_KEY
 
-    if record is None or "error" in record:
-        return False
-    made = record.get(ANSWER_KEY)
-    if not isinstance(made, dict) or {k: v for k, v in made.items() if k != "audio"} != basis:
-        return False
-    return audio is None or made.get("audio") == audio_identity(audio)
+    return record is not None and record.get(ANSWER_KEY) == basis and "error" not in record
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -347,8 +342,9 @@ def run(args: argparse.Namespace) -> dict:
     vocab = build_vocabulary(read_ranks(args.tiktoken))
     folder = model_dir(vocab)
     basis = answer_basis()
+    made_as = {item.id: {**basis, "audio": audio_identity(item.audio)} for item in items}
     stored = read_records(args.out)
-    todo = [item for item in items if not reusable(stored.get(item.id), basis, item.audio)]
+    todo = [item for item in items if not reusable(stored.get(item.id), made_as[item.id])]
     print(f"{PROG}: {manifest}: {len(items)} items, {len(items) - len(todo)} answered before -> {args.out}",
           file=sys.stderr, flush=True)
     prompt = " ".join(PROMPT)
@@ -361,11 +357,10 @@ def run(args: argparse.Namespace) -> dict:
                 try:
                     clips.append((item, load_audio(item.audio)))
                 except (ValueError, OSError) as err:  # AudioError is a ValueError
-                    new.append(make_record(item, prompt, {**basis, "audio": audio_identity(item.audio)},
-                                           error=str(err)))
+                    new.append(make_record(item, prompt, made_as[item.id], error=str(err)))
             answers = transcribe(model, vocab, [clip for _, clip in clips]) if clips else []
             for (item, _), answer in zip(clips, answers):
-                rec = make_record(item, prompt, {**basis, "audio": audio_identity(item.audio)}, hypothesis=answer.text)
+                rec = make_record(item, prompt, made_as[item.id], hypothesis=answer.text)
                 rec.update(no_speech_prob=answer.no_speech_prob, avg_logprob=answer.avg_logprob)
                 new.append(rec)
             for rec in new:

@@ -142,12 +142,16 @@ def test_a_stored_answer_of_another_clip_under_the_same_id_is_made_again(tmp_pat
     clip = tmp_path / "a.flac"
     clip.write_bytes(b"one clip")
     basis = wb.answer_basis()
-    record = {ANSWER_KEY: {**basis, "audio": audio_identity(str(clip))}, "hypothesis": "hi"}
-    assert wb.reusable(record, basis, str(clip))
+
+    def made_as():  # what run() asks a stored answer to have been made as, for this clip now
+        return {**basis, "audio": audio_identity(str(clip))}
+
+    record = {ANSWER_KEY: made_as(), "hypothesis": "hi"}
+    assert wb.reusable(record, made_as())
     clip.write_bytes(b"another clip, remade")
     os.utime(clip, ns=(1, 1))
-    assert not wb.reusable(record, basis, str(clip))
-    assert not wb.reusable({ANSWER_KEY: basis, "hypothesis": "hi"}, basis, str(clip))  # stored before it was kept
+    assert not wb.reusable(record, made_as())
+    assert not wb.reusable({ANSWER_KEY: basis, "hypothesis": "hi"}, made_as())  # stored before it was kept
 
 
 def test_mean_log_probability_counts_the_end_token_as_openai_whisper():
