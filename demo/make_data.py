@@ -38,7 +38,7 @@ from qwen2audio.atomic import atomic_write_text
 from . import bank as B
 from .corpora import SOURCES, TextItem
 from .plan import ALL_TASKS, EVAL_TASKS, EVAL_TO_OUT, TASKS, Context, Part, eval_question_asr, training_part
-from .questions import all_questions, fact_family, split_facts
+from .questions import all_questions, fact_family, questions_by_text, split_facts
 from .render import make_clip
 from .sources import DEFAULT_ASSETS, Sources, SourceError
 from .templates import generated
@@ -279,7 +279,7 @@ def read_answers(out: Path) -> dict[str, str | None]:
 
 def heldout_families(out: Path) -> set[str]:
     """The fact families (``questions.fact_family``) of the held-out voice-chat questions (eval/ and dev/)."""
-    by_text = {q.text: q for q in all_questions()}
+    by_text = questions_by_text()
     asked = [json.loads(line)["question"] for folder in ("eval", DEV) if (out / folder / "voice_chat.jsonl").is_file()
              for line in (out / folder / "voice_chat.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     return set().union(*(fact_family(by_text[text]) for text in asked if text in by_text))
@@ -291,7 +291,7 @@ def assemble(out: Path, seed: int) -> dict:
     another way: "eight multiplied by five" where "five times eight" is held out, whose answer would
     teach the held-out one). Returns the rows per manifest and task, and the voice-chat counts."""
     answers = read_answers(out)
-    by_text = {q.text: q for q in all_questions()}
+    by_text = questions_by_text()
     held = heldout_families(out)
     counts, pending, dropped, mirrored = {}, 0, 0, 0
     for (stage, split), name in MANIFESTS.items():
@@ -429,8 +429,8 @@ def plan(out: Path, scale: Scale, seed: int, entries: list[B.BankEntry]) -> tupl
 
 def summarize(out: Path, parts: list[Part], ctx: Context, entries: list[B.BankEntry], progress: Progress,
               assembled: dict, seed: int, scale: str, wall: float) -> dict:
-    eval_counts = {p.task: sum(1 for _ in open(_part_paths(out, p)[0])) for p in parts if p.name.startswith("eval/")}
-    dev_counts = {p.task: sum(1 for _ in open(_part_paths(out, p)[0])) for p in parts if p.name.startswith(f"{DEV}/")}
+    eval_counts, dev_counts = ({p.task: sum(1 for _ in open(_part_paths(out, p)[0])) for p in parts
+                                if p.stage == "eval" and p.split == split} for split in ("eval", DEV))
     voices_used = defaultdict(set)
     text_sources = Counter()
     for p in parts:

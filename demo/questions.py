@@ -262,6 +262,12 @@ def all_questions() -> tuple[Question, ...]:
     return tuple(out.values())
 
 
+@lru_cache(maxsize=None)
+def questions_by_text() -> dict[str, Question]:
+    """``all_questions`` by the words spoken."""
+    return {q.text: q for q in all_questions()}
+
+
 _ARITH = re.compile(r"arith:(\d+)(plus|minus|times|divided by)(\d+)$")
 _CALENDAR = re.compile(r"(day|month):(\w+):(-?1)$")
 

@@ -113,10 +113,10 @@ class Accuracy(Metric):
 @dataclass(frozen=True)
 class Contains(Metric):
     def stats(self, reference: str, hypothesis: str) -> list[float]:
-        answer = f" {_plain_words(hypothesis)} "
+        answer = f" {plain_words(hypothesis)} "
         accepted, _, rejected = reference.partition(CONTAINS_REJECT)
-        accepted = {a for a in (_plain_words(a) for a in accepted.split(CONTAINS_SEPARATOR)) if a}
-        rejected = {r for r in (_plain_words(r) for r in rejected.split(CONTAINS_SEPARATOR)) if r} - accepted
+        accepted = {a for a in (plain_words(a) for a in accepted.split(CONTAINS_SEPARATOR)) if a}
+        rejected = {r for r in (plain_words(r) for r in rejected.split(CONTAINS_SEPARATOR)) if r} - accepted
         if not rejected:
             return [float(any(f" {a} " in answer for a in accepted)), 1.0]  # [correct, counted]
         # read left to right, the longest phrase at each place: "kick drum" (accepted) holds its "drum", and
@@ -129,7 +129,7 @@ class Contains(Metric):
         return total[0] / total[1] if total[1] else math.nan
 
 
-def _plain_words(text: str) -> str:
+def plain_words(text: str) -> str:
     """Tags out, lower case, anything but letters and digits a space ("Hi-hat!" -> "hi hat")."""
     return " ".join(re.sub(r"[^0-9a-z]+", " ", TAG.sub(" ", text).lower()).split())
 
