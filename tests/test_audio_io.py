@@ -5,6 +5,7 @@ wav/flac/ogg/mp3, PyAV for m4a/aac and webm/opus) and must come back with the ri
 level from a path, from bytes and from a file object.
 """
 
+import base64
 import io
 import re
 import warnings
@@ -224,6 +225,50 @@ def test_a_path_passed_as_bytes_is_told_apart_from_a_corrupt_recording(tmp_path)
     with pytest.raises(AudioError, match=r"the name of a file .*clip\.wav.*pass the path as a str"):
         load_audio(str(path).encode())
     assert load_audio(str(path)).shape == (1600,)
+
+
+def test_bytes_from_someone_else_are_not_looked_up_as_a_path(tmp_path):
+    """A server decodes a client's bytes with local_hints=False: the bytes of an existing path and of a missing
+    one fail alike, so no answer tells the client which files exist on the server."""
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, np.zeros(1600, np.float32), SAMPLE_RATE)
+    messages = []
+    for data in (str(path).encode(), str(tmp_path / "missing.wav").encode()):
+        with pytest.raises(AudioError, match="cannot decode the audio") as error:
+            load_audio(data, name="upload", local_hints=False)
+        messages.append(re.sub(r"'[^']*'", "", str(error.value)))
+    assert messages[0] == messages[1] and "name of a file" not in messages[0]
+
+
+def test_a_files_own_sample_rate_below_any_audio_rate_is_refused():
+    """A damaged or forged header (1 Hz) is refused, not resampled up sixteen-thousandfold."""
+    out = io.BytesIO()
+    soundfile.write(out, np.zeros(10, np.float32), 1, format="WAV", subtype="PCM_16")
+    with pytest.raises(AudioError, match=r"sampled at 1 Hz, which is no audio rate.*header is damaged"):
+        load_audio(out.getvalue())
+
+
+def test_a_wav_whose_data_is_all_missing_is_cut_short_not_empty():
+    out = io.BytesIO()
+    soundfile.write(out, np.zeros(88200, np.float32), 44100, format="WAV", subtype="PCM_16")
+    with pytest.raises(AudioError, match=r"cut short: its header promises 88200 frames but holds none"):
+        load_audio(out.getvalue()[:44])
+
+
+def test_base64_text_or_a_long_string_passed_as_a_path_is_an_audio_error():
+    """A str is a path: base64 text or a data: URL given as one is named as such (it raised OSError, "File
+    name too long"), and the message quotes only its start."""
+    out = io.BytesIO()
+    soundfile.write(out, np.zeros(16000, np.float32), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    encoded = base64.b64encode(out.getvalue()).decode()
+    for text in (encoded, "data:audio/wav;base64," + encoded, "data:audio/wav;base64,UklGRg=="):
+        with pytest.raises(AudioError, match=r"base64 text \(or a data: URL\), not a path.*b64decode") as error:
+            load_audio(text)
+        assert len(str(error.value)) < 400
+    with pytest.raises(AudioError, match=r"cannot be read as a path \(File name too long\)"):
+        load_audio("x" * 5000 + ".wav")
+    with pytest.raises(AudioError, match="the path is empty"):
+        load_audio("")
 
 
 @pytest.mark.parametrize("name", ["corrupt.wav", "corrupt.mp3"])

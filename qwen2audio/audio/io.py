@@ -92,7 +92,7 @@ def _audio_warning(message: str, stacklevel: int) -> None:
 
 
 def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str | None = None,
-               min_samples: int = MIN_SAMPLES) -> np.ndarray:
+               min_samples: int = MIN_SAMPLES, local_hints: bool = True) -> np.ndarray:
     """Decode `source` into a (n,) float32 numpy array of mono samples at 16 kHz, roughly in [-1, 1].
 
     source: a path, the bytes of an encoded file, a binary file object with .read(), or samples in a
@@ -106,6 +106,9 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
         path, "<bytes: N bytes>" or "<array>".
     min_samples: refuse audio shorter than this at 16 kHz (default: the 321 samples, ~20 ms, that give the
         model one audio token; 1 to decode any non-empty clip, e.g. to cut and mix recordings).
+    local_hints: bytes that spell the path of a file on this machine are refused with a hint to pass the
+        path; False where the bytes come from someone else (a server's request), whom no error may tell
+        which files exist here.
     """
     if isinstance(source, (list, tuple)):
         name = name or f"<{type(source).__name__}>"
@@ -141,7 +144,10 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
                 f"{label}: sample_rate is only for arrays of samples; an encoded file carries its own rate, "
                 "so call load_audio without it"
             )
-        samples, rate = _decode(source, label)  # (n, channels)
+        samples, rate = _decode(source, label, local_hints)  # (n, channels)
+        if rate < MIN_SAMPLE_RATE:  # a damaged or forged header: resampled up it would fill the memory
+            raise AudioError(f"{label}: the file says it is sampled at {rate} Hz, which is no audio rate (the "
+                             f"lowest in use is 8000); its header is damaged: {CONVERT_HINT}")
 
     if samples.size == 0:  # no samples, or no channels
         raise AudioError(f"{label}: the audio is empty (0 samples); pass a recording with some sound in it")
@@ -258,9 +264,14 @@ def _to_float32(array: np.ndarray, label: str) -> np.ndarray:
 
 
 # --- Encoded files --------------------------------------------------------------------------------------
+LABEL_CHARS = 120  # a longer path (or a string of base64 passed as one) is cut in messages
+
+
 def _describe(source) -> str:
     if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
+        text = os.fspath(source)
+        return text if len(text) <= LABEL_CHARS else f"{text[:LABEL_CHARS]}... ({len(text)} characters)"
+
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<bytes: {memoryview(source).nbytes} bytes>"
     file_name = getattr(source, "name", None)
@@ -269,11 +280,29 @@ def _describe(source) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _decode(source, label: str) -> tuple[np.ndarray, int]:
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=_-]{200,}")  # a long run of base64 characters, no path separator
+
+
+def _decode(source, label: str, local_hints: bool = True) -> tuple[np.ndarray, int]:
     """Encoded audio -> ((n, channels) float32, sample rate in Hz)."""
     if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if isinstance(text, bytes):  # a bytes path (os.PathLike may give one)
+            text = os.fsdecode(text)
+        if not text:
+            raise AudioError("the path is empty; pass the path of an audio file")
         path = Path(source)
-        if not path.exists():
+        try:
+            exists, problem = path.exists(), "the file does not exist"
+        except OSError as err:  # a name too long for the file system, a path it cannot stat
+            exists, problem = False, f"cannot be read as a path ({err.strerror})"
+        if not exists and (text.lower().startswith("data:") or _BASE64_TEXT.fullmatch(text.strip())):
+            raise AudioError(f"{label}: is base64 text (or a data: URL), not a path; decode it first and pass "
+                             "the bytes: load_audio(base64.b64decode(text)) (for a data: URL, the part after the "
+                             "comma)")
+        if problem != "the file does not exist":
+            raise AudioError(f"{label}: {problem}; pass the path of an audio file")
+        if not exists:
             if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(source)):
                 raise AudioError(f"{label}: is a URL; load_audio reads local files only: download it first, "
                                  "or pass the downloaded bytes")
@@ -303,7 +332,7 @@ def _decode(source, label: str) -> tuple[np.ndarray, int]:
         )
     if not data:
         raise AudioError(f"{label}: the data is empty (0 bytes); pass a recording with some sound in it")
-    if _names_a_file(data):
+    if local_hints and _names_a_file(data):
         raise AudioError(f"{label}: these bytes are the name of a file ({data.decode()!r}), not audio: bytes are "
                          "read as the recording itself; pass the path as a str or pathlib.Path")
     return _decode_with_fallback(lambda: io.BytesIO(data), label)
@@ -423,6 +452,9 @@ def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.
             return samples, rate
         failures.append(f"{decoder_name}: no samples")
     if all(failure.endswith(": no samples") for failure in failures):
+        if declared:  # the header promised frames and none follow: the data was lost, not an empty recording
+            raise AudioError(f"{label}: the file is cut short: its header promises {declared} frames but holds "
+                             "none; copy or download it again")
         raise AudioError(f"{label}: the audio is empty (0 samples); pass a recording with some sound in it")
     raise AudioError(
         f"{label}: cannot decode the audio; it is corrupt or in an unsupported format. "
