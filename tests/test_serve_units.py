@@ -205,6 +205,43 @@ def test_an_upload_cut_short_is_used_and_said_in_the_server_log(caplog):
     assert any("file: the file is cut short: its header promises 32000 frames" in r.getMessage() for r in caplog.records)
 
 
+def test_base64_audio_is_read_in_the_forms_clients_send_it():
+    """input_audio.data in the URL-safe alphabet, without padding, with line breaks, or as a whole data:
+    URL; data: URLs with their scheme and base64 token in any case (RFC 3986, 2397)."""
+    import base64
+
+    from qwen2audio.serve.audio_input import AudioPolicy, b64_bytes, url_bytes
+
+    data = bytes(range(256)) * 3 + b"\xfb\xff"  # bytes whose base64 has + and / (- and _ in base64url) and =
+    standard = base64.b64encode(data).decode()
+    assert "+" in standard and "/" in standard and standard.endswith("=")
+    forms = [standard, base64.urlsafe_b64encode(data).decode().rstrip("="), standard[:40] + "\n" + standard[40:],
+             "data:audio/wav;base64," + standard]
+    for form in forms:
+        assert b64_bytes(form, "input_audio.data") == data
+    for url in ("DATA:audio/wav;BASE64," + standard, "Data:audio/wav; base64," + standard):
+        assert url_bytes(url, AudioPolicy(max_bytes=10**6), "audio_url") == data
+    with pytest.raises(APIError, match="not valid base64.*b64encode") as error:
+        b64_bytes("not base64 at all!!", "input_audio.data")
+    assert error.value.code == "invalid_base64"
+
+
+def test_a_clients_bytes_that_spell_a_path_on_the_server_say_nothing_of_it(tmp_path):
+    import numpy as np
+    import soundfile
+
+    from qwen2audio.serve.audio_input import decode
+
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, np.zeros(1600, np.float32), 16000)
+    answers = []
+    for name in (path, tmp_path / "missing.wav"):
+        with pytest.raises(APIError) as error:
+            decode(str(name).encode(), "file", 60.0, 60.0)
+        answers.append((error.value.status, error.value.code, str(error.value).replace(str(name), "")))
+    assert answers[0] == answers[1] and "name of a file" not in answers[0][2]
+
+
 def test_audio_warnings_reach_the_header_as_printable_ascii_and_only_within_their_request():
     from starlette.responses import Response
 

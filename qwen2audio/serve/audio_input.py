@@ -16,8 +16,6 @@ answered from what arrived; the server's log and the response's ``X-Audio-Warnin
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import io
 import logging
@@ -33,6 +31,7 @@ import numpy as np
 
 from ..audio.features import SAMPLE_RATE
 from ..errors import AudioError
+from ..text.chat import AudioDataError, base64_bytes, is_data_url
 from . import defaults
 from .download import DownloadRefused, UrlPolicy, fetch
 from .errors import APIError, bad_request
@@ -90,22 +89,18 @@ def allowed_folders(folders) -> tuple[Path, ...]:
 
 # -- sources -> bytes ---------------------------------------------------------------------------------------
 def b64_bytes(data: str, param: str) -> bytes:
+    """The bytes of a request's base64 audio (text.chat.base64_bytes: either alphabet, padded or not, or a
+    whole data: URL); a 400 naming what is wrong otherwise."""
     try:
-        decoded = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise bad_request(f"{param}: the audio is not valid base64 ({err})", param, "invalid_base64") from None
-    if not decoded:
-        raise bad_request(f"{param}: the audio is empty (no base64 data)", param, "invalid_audio")
-    return decoded
+        return base64_bytes(data, param)
+    except AudioDataError as err:
+        raise bad_request(str(err), param, err.code) from None
 
 
 def url_bytes(url: str, policy: AudioPolicy, param: str) -> bytes:
     """The bytes an audio URL names: a data: URL, an allowed http(s) URL or an allowed local file."""
-    if url.startswith("data:"):
-        header, comma, payload = url[len("data:"):].partition(",")
-        if not comma or "base64" not in header.split(";")[1:]:
-            raise bad_request(f"{param}: a data URL must look like data:audio/wav;base64,<base64>", param)
-        return b64_bytes(payload, param)
+    if is_data_url(url):
+        return b64_bytes(url, param)
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("http", "https"):
         if not policy.urls.enabled:
@@ -165,7 +160,9 @@ def decode(data: bytes, param: str, seconds_left: float, max_seconds: float) -> 
 
     try:
         with collect_audio_warnings() as caught:  # a file cut short is used as far as it goes: said in the log
-            wave = load_audio(data, name=param)  # and to this request alone (threads decode side by side)
+            # and to this request alone (threads decode side by side); no hint may tell a client which files
+            # exist on this machine
+            wave = load_audio(data, name=param, local_hints=False)
         sink = _request_warnings.get()
         for message in caught:
             log.warning("%s", message)

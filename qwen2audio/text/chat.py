@@ -217,7 +217,7 @@ def _audio_source(part: Mapping, where: str) -> Any:
             raise ValueError(f"{where}: input_audio 'format' must be a str like 'wav', got {spec['format']!r}")
         if not isinstance(spec["data"], str):
             raise ValueError(f"{where}: input_audio 'data' must be a base64 str, got {type(spec['data']).__name__}")
-        return _b64decode(spec["data"], where)
+        return base64_bytes(spec["data"], where)
     keys = ("audio_url",) if part["type"] == "audio_url" else _AUDIO_KEYS
     value = next((part[k] for k in keys if part.get(k) is not None), None)
     if isinstance(value, Mapping):  # {"url": ...} as in OpenAI's image_url / vLLM's audio_url
@@ -244,11 +244,8 @@ def _audio_source(part: Mapping, where: str) -> Any:
 
 
 def resolve_audio_string(value: str, where: str) -> str | bytes:
-    if value.startswith("data:"):
-        header, comma, payload = value[len("data:") :].partition(",")
-        if not comma or "base64" not in header.split(";")[1:]:
-            raise ValueError(f"{where}: a data URL must look like 'data:audio/wav;base64,<base64>'")
-        return _b64decode(payload, where)
+    if is_data_url(value):
+        return data_url_bytes(value, where)
     if value.startswith("file:"):
         url = urlparse(value)
         if url.netloc not in ("", "localhost"):
@@ -262,12 +259,43 @@ def resolve_audio_string(value: str, where: str) -> str | bytes:
     return value
 
 
-def _b64decode(data: str, where: str) -> bytes:
-    compact = "".join(data.split())
+class AudioDataError(ValueError):
+    """Audio data that cannot be read: its message, and `code` (what an API error calls it)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+URL_SAFE = str.maketrans("-_", "+/")  # base64url (RFC 4648 section 5) -> the standard alphabet
+
+
+def is_data_url(value: str) -> bool:
+    return value[:5].lower() == "data:"  # URL schemes are case-insensitive (RFC 3986)
+
+
+def data_url_bytes(url: str, where: str) -> bytes:
+    """The bytes of a base64 data: URL (its base64 token in any case too: RFC 2397)."""
+    header, comma, payload = url[len("data:"):].partition(",")
+    if not comma or "base64" not in [token.strip().lower() for token in header.split(";")[1:]]:
+        raise AudioDataError(f"{where}: a data URL must look like 'data:audio/wav;base64,<base64>'",
+                             "invalid_data_url")
+    return base64_bytes(payload, where)
+
+
+def base64_bytes(data: str, where: str) -> bytes:
+    """Standard or URL-safe base64 (RFC 4648's two alphabets), padded or not, with line breaks or not; a
+    whole data: URL where bare base64 belongs is read as one."""
+    if is_data_url(data):
+        return data_url_bytes(data, where)
+    text = "".join(data.split()).translate(URL_SAFE)
+    if "=" not in text:  # padding left out, as base64url often is
+        text += "=" * (-len(text) % 4)
     try:
-        decoded = base64.b64decode(compact, validate=True)
+        decoded = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise ValueError(f"{where}: audio data is not valid base64 ({error})") from None
+        raise AudioDataError(f"{where}: audio data is not valid base64 ({error}); send the file's bytes in base64, "
+                             "e.g. base64.b64encode(open(path, 'rb').read()).decode()", "invalid_base64") from None
     if not decoded:
-        raise ValueError(f"{where} is an audio part with no data (empty base64)")
+        raise AudioDataError(f"{where} is an audio part with no data (empty base64)", "invalid_audio")
     return decoded
