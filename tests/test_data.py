@@ -234,3 +234,34 @@ def test_a_row_cut_short_is_placed_at_its_end_and_a_number_target_is_named():
     assert report.bad == [(1, f"bad json: Expecting ',' delimiter at column {len(row) + 1}")]
     with pytest.raises(ManifestError, match='"target" must be text, got 5'):
         parse_row({"audio": "a.wav", "prompt": "Classify.", "target": 5}, "pretrain", 1)
+
+
+def test_a_dpo_answer_of_the_wrong_shape_is_a_counted_bad_row(tmp_path):
+    """An answer object whose content is null or holds a non-text part was a TypeError out of read_manifest
+    (the whole run died, no line named); it is a bad row like the others."""
+    convo = CONVERSATION[:2] + [{"role": "user", "content": "And now?"}]
+    rows = [{"messages": convo, "chosen": "Quiet.", "rejected": "Loud."},
+            {"messages": convo, "chosen": {"content": None}, "rejected": "Loud."},
+            {"messages": convo, "chosen": {"role": "assistant", "content": [{"type": "text", "text": 3}]},
+             "rejected": "Loud."},
+            {"messages": convo, "chosen": "Quiet.", "rejected": {"role": "assistant", "content": 7}}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, report = read_manifest(tmp_path / "m.jsonl", "dpo")
+    assert len(examples) == 1
+    reasons = dict(report.bad)
+    assert sorted(reasons) == [2, 3, 4]
+    assert reasons[2].startswith("empty target") and all(reasons[k].startswith("bad row") for k in (3, 4))
+    assert 'content must be a string or a list of {"type": "text"' in reasons[3]
+
+
+def test_a_task_the_manifest_lacks_is_refused_even_beside_one_it_has(tmp_path):
+    """tasks=[asr, captionig]: the misspelt task's rows were left out without a word (the report counted only
+    the rows kept); a training set must have rows of every task named, a validation set of one at least."""
+    _wav(tmp_path / "a.wav")
+    rows = [{"audio": "a.wav", "prompt": "p", "target": "t", "task": task} for task in ("asr", "asr", "caption")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"no rows of the tasks \['captionig'\] \(its rows' tasks: asr, caption\)"):
+        ManifestDataset(tmp_path / "m.jsonl", "pretrain", TOK, N_MELS, tasks=["asr", "captionig"])
+    ds = ManifestDataset(tmp_path / "m.jsonl", "pretrain", TOK, N_MELS, tasks=["asr", "captionig"], every_task=False)
+    assert len(ds) == 2
+    assert "2 of 2 rows usable, 0 skipped (1 rows of other tasks left out)" in ds.report.summary()

@@ -108,3 +108,65 @@ def test_resuming_with_other_settings_is_refused_and_names_them(ws, tmp_path, on
     train("sft", train_data=same_file, lr=1e-3, **{**common, "max_steps": 3})
     assert len(losses(tmp_path / "run")) == 3
     assert f"note: train_data is {same_file} now, {ws['sft']} when step-00000002 was saved" in capsys.readouterr().err
+
+
+def test_a_run_trained_further_publishes_its_own_final_model_after_a_stop_while_publishing(ws, tmp_path, one_thread):
+    """final/ from step 2 stays while the run trains on to step 4; stopped after its last checkpoint but
+    before final/ is published again, the same command publishes step 4's model (it said "already finished",
+    and final/ kept step 2's model)."""
+    import shutil
+
+    from qwen2audio.training.checkpointing import FINAL_STEP_FILE
+
+    out = tmp_path / "run"
+    common = dict(model=str(ws["tiny"]), train_data=str(ws["sft"]), output_dir=str(out), save_every=2)
+    train("sft", max_steps=2, **common)
+    assert (out / FINAL_STEP_FILE).read_text().strip() == "2"
+    train("sft", max_steps=4, **common)
+    final_4 = load_file(str(out / "final" / "model.safetensors"))
+    train("sft", max_steps=2, output_dir=str(tmp_path / "two"), **{k: v for k, v in common.items() if k != "output_dir"})
+    shutil.rmtree(out / "final")  # as if the run stopped after step 4's checkpoint, before publishing
+    shutil.copytree(tmp_path / "two" / "final", out / "final")
+    (out / FINAL_STEP_FILE).write_text("2\n")
+    train("sft", max_steps=4, **common)  # refused before: "already finished at step 4"
+    assert (out / FINAL_STEP_FILE).read_text().strip() == "4"
+    again = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(final_4[k], again[k]) for k in final_4)
+    with pytest.raises(ValueError, match="already finished at step 4"):  # now it is
+        train("sft", max_steps=4, **common)
+
+
+def test_resuming_on_other_data_is_refused(ws, tmp_path, one_thread):
+    """The data order, the steps per epoch and the schedule follow from the rows: other rows under the same
+    path resumed silently."""
+    data = ws["sft"].parent / "sft_changing.jsonl"  # beside the clips its rows name
+    rows = ws["sft"].read_text().splitlines()
+    data.write_text("\n".join(rows) + "\n")
+    common = dict(model=str(ws["tiny"]), train_data=str(data), output_dir=str(tmp_path / "run"), save_every=2)
+    train("sft", max_steps=2, **common)
+    data.write_text("\n".join(rows[: len(rows) - 4]) + "\n")
+    with pytest.raises(ValueError, match=rf"is not the data .*step-00000002 was trained on \({len(rows) - 4} usable "
+                                         rf"rows, digest \w+; saved: {len(rows)} rows.*resume=false"):
+        train("sft", max_steps=4, **common)
+
+
+def test_a_schedule_changed_on_resume_takes_effect_at_the_first_resumed_step(ws, tmp_path, one_thread, capsys):
+    """max_steps grown on an unfinished run: the first resumed step ran at the old schedule's lr while the
+    log showed the new one."""
+    from qwen2audio.training.checkpointing import load_trainer_state
+    from qwen2audio.training.loop import setup
+    from qwen2audio.training.optim import build_optimizer, build_scheduler
+
+    from training_helpers import tiny_config
+
+    common = dict(model=str(ws["tiny"]), train_data=str(ws["sft"]), output_dir=str(tmp_path / "run"), save_every=4,
+                  warmup_steps=2, lr=3e-3)
+    train("sft", max_steps=9, max_steps_this_run=5, **common)  # stopped after step 5: checkpoint of step 4
+    cfg = tiny_config("sft", max_steps=20, **common)
+    run = setup(cfg)
+    assert "note: the run now has 20 steps (9 when step-00000004 was saved)" in capsys.readouterr().err
+    optimizer = build_optimizer(run.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, 20, cfg.min_lr_ratio)
+    assert load_trainer_state(run.model, optimizer, scheduler, run.resume_from) == 4
+    logged = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # what the log says step 5 runs at
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(logged, rel=1e-12)

@@ -3,6 +3,7 @@ DPO loss, token-weighted accumulation, the shipped configs and the command line.
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +82,8 @@ def test_lora_starts_at_the_base_model_and_merges_exactly(tiny):
                 p.normal_(0, 0.5)
         adapted = model(ids, attention_mask=mask)
     assert not torch.allclose(adapted, before)
+    with pytest.raises(ValueError, match=r"LoRA found no linear layer named \['vproj'\] .*named \[.*'v_proj'"):
+        apply_lora(load_model(tiny), "language_model.model.layers.", ["q_proj", "vproj"], rank=4, alpha=8, dropout=0.0)
     merged = merge_lora_state_dict(model.state_dict(), scale=8 / 4)
     plain = load_model(tiny)
     plain.load_state_dict(merged)
@@ -175,7 +178,12 @@ def test_config_overrides_and_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     for override, message in [("save_every=0", "save_every, log_every and keep_checkpoints must be >= 1"),
                               ("max_steps=1.5", "option max_steps must be a whole number, got 1.5"),
-                              ("lr=[1]", r"option lr must be a number, got \[1\]"),
+                              ("lr=[1]", r"option lr must be a finite number, got \[1\]"),
+                              ("lr=.inf", r"option lr must be a finite number, got inf"),
+                              ("grad_clip=.nan", r"option grad_clip must be a finite number, got nan"),
+                              ("beta=.nan", r"option beta must be a finite number"),
+                              ("lr_by_part={projector: .inf}", "option lr_by_part must be a mapping of names to finite"),
+                              ("num_workers=-1", "num_workers is how many processes load data .* got -1"),
                               ("model=5", "option model must be a string, got 5"),
                               ("trainable=5", "option trainable must be a list of names, got 5"),
                               ("resume=maybe", "option resume must be true or false"),
@@ -199,6 +207,9 @@ def test_config_overrides_and_errors(tmp_path):
             continue
         with pytest.raises(ValueError, match=message):
             TrainConfig.from_yaml(CONFIGS / "tiny" / "sft.yaml", [override])
+    (tmp_path / "on.yaml").write_text("on: true\nlr: 1e-4\n")  # YAML 1.1: the key is the bool True
+    with pytest.raises(ValueError, match=r"on.yaml: True is not an option name \(YAML reads on, off, yes"):
+        TrainConfig.from_yaml(tmp_path / "on.yaml")
     (tmp_path / "broken.yaml").write_text("model: [\n")
     with pytest.raises(ValueError, match="broken.yaml is not valid YAML"):
         TrainConfig.from_yaml(tmp_path / "broken.yaml")
@@ -338,3 +349,25 @@ def test_half_precision_training_on_a_cpu_that_emulates_it_gets_a_note(monkeypat
     assert half_precision_advice(bf16, cuda) is None  # a GPU: nothing to say
     monkeypatch.setattr(hf, "cpu_computes_natively", lambda dtype: True)  # AVX-512 BF16, AMX
     assert half_precision_advice(bf16, cpu) is None
+
+
+def test_pruning_moves_a_checkpoint_out_of_the_step_names_before_deleting_it(tmp_path, monkeypatch):
+    """A kill while a checkpoint is deleted leaves a folder that is no step-N (a half-deleted step-N would be
+    what the next run resumes from), and the next pruning clears it away."""
+    import shutil
+
+    from qwen2audio.training import checkpointing
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / "model.safetensors").write_bytes(b"x")
+    deleted = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: deleted.append(Path(path).name))
+    checkpointing._prune(root, keep=2, step=6)  # "killed" inside rmtree: nothing deleted
+    assert deleted == ["step-00000002.pruned"]
+    assert [p.name for p in checkpointing._step_dirs(root)] == ["step-00000004", "step-00000006"]
+    monkeypatch.undo()
+    (root / "step-00000008").mkdir()
+    checkpointing._prune(root, keep=2, step=8)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000006", "step-00000008"]

@@ -99,18 +99,21 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def __init__(self, path, stage: str, tokenizer: Tokenizer, n_mels: int, max_audio_seconds: float = 30.0,
                  max_seq_len: int = 2048, decode_audio: bool = True, cache_features: bool = False,
-                 encoder_states=None, tasks: list[str] | None = None):
+                 encoder_states=None, tasks: list[str] | None = None, every_task: bool = True):
         """``encoder_states``: an EncoderStateCache; items then carry the encoder's outputs, not features.
         ``tasks``: keep only the rows of these tasks (pre-training rows' "task"); the others are not read
-        further and not reported as bad."""
+        further and not reported as bad. ``every_task``: each of them must have rows (a training set); else
+        at least one (a validation set may lack some)."""
         examples, self.report = read_manifest(path, stage)
         if tasks:
             kept = [ex for ex in examples if ex.task in tasks]
-            if examples and not kept:
+            absent = [t for t in tasks if not any(ex.task == t for ex in kept)]
+            if examples and (absent if every_task else not kept):  # a misspelt task: its rows left out unsaid
                 present = sorted({str(ex.task) for ex in examples})
-                raise ValueError(f"{path}: no rows of the tasks {list(tasks)} (its rows' tasks: {', '.join(present)}); "
+                raise ValueError(f"{path}: no rows of the tasks {absent} (its rows' tasks: {', '.join(present)}); "
                                  "name tasks that the manifest has, or leave tasks empty for all rows")
             self.report.n_rows -= len(examples) - len(kept)
+            self.report.left_out = len(examples) - len(kept)
             examples = kept
         self.examples = validate(examples, self.report, tokenizer, max_audio_seconds, max_seq_len, decode_audio)
         self.tokenizer, self.n_mels, self.stage = tokenizer, n_mels, stage

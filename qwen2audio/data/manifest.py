@@ -76,13 +76,15 @@ class Report:
     path: str
     n_rows: int = 0
     bad: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+    left_out: int = 0  # rows of tasks the run does not train on (not counted in n_rows)
 
     @property
     def n_good(self) -> int:
         return self.n_rows - len(self.bad)
 
     def summary(self, limit: int = 20) -> str:
-        lines = [f"{self.path}: {self.n_good} of {self.n_rows} rows usable, {len(self.bad)} skipped"]
+        lines = [f"{self.path}: {self.n_good} of {self.n_rows} rows usable, {len(self.bad)} skipped"
+                 + (f" ({self.left_out} rows of other tasks left out)" if self.left_out else "")]
         kinds = Counter(reason.split(":")[0] for _, reason in self.bad)
         if kinds:
             lines.append("  skipped: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
@@ -263,7 +265,13 @@ def _text_of(message: dict) -> str:
 
 def _answer_text(answer: Any, name: str) -> str:
     if isinstance(answer, dict):
-        answer = _text_of(answer) if "content" in answer else None
+        content = answer.get("content")
+        parts_are_text = isinstance(content, list) and all(
+            isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content)
+        if content is not None and not isinstance(content, str) and not parts_are_text:
+            raise ManifestError(f'bad row: "{name}" content must be a string or a list of '
+                                f'{{"type": "text", "text": "..."}} parts, got {content!r:.80}')
+        answer = _text_of(answer) if content is not None else None
     if not isinstance(answer, str) or not answer.strip():
         raise ManifestError(f'empty target: "{name}" is missing or empty')
     return answer

@@ -37,6 +37,7 @@ from .distributed import Dist
 from .lora import merge_lora_state_dict
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+PRUNED_SUFFIX = ".pruned"  # step-N.pruned: a checkpoint being deleted
 FINAL_DIR = "final"  # output_dir/final: the last checkpoint's model, published at the end of a run
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -53,6 +54,8 @@ RESUME_KEYS = ("stage", "trainable", "dtype", "lora_rank", "lora_alpha", "lora_d
                "warmup_steps", "weight_decay", "betas", "eps", "lr_by_part", "seed", "beta", "ctc_scale",
                "ctc_negatives")
 RESUME_PATHS = ("model", "train_data", "reference_model")
+RUN_FACTS = "checked_on_resume"  # run_config.json's entry beside the options: data fingerprint, total steps
+FINAL_STEP_FILE = "final.step"  # output_dir/final.step: the step output_dir/final was published from
 LOCK_FILE = ".train.lock"  # output_dir/.train.lock: held (flock) by the run writing to output_dir
 LOW_SPACE = 16 << 20  # bytes: a write that fails with less than this free on its disk failed for want of space
 _locks: dict[Path, int] = {}  # output_dir (resolved) -> the open lock file this process holds on it
@@ -103,8 +106,10 @@ def export_model(state: dict[str, torch.Tensor], config: Qwen2AudioConfig, lora_
 
 
 def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, config: Qwen2AudioConfig,
-                    trainable_names: list[str], lora_scale: float | None, d: Dist, export_dtype=None) -> Path | None:
-    """Write output_dir/checkpoints/step-N atomically (rank 0 writes; every rank takes part in gathering)."""
+                    trainable_names: list[str], lora_scale: float | None, d: Dist, export_dtype=None,
+                    facts: dict | None = None) -> Path | None:
+    """``facts``: what resuming checks beside the options (RUN_FACTS in run_config.json: the data set's
+    fingerprint, the run's total steps)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     state = full_model_state(model)
@@ -119,7 +124,7 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, conf
                             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                     "numpy": np.random.get_state()},
                             "config": cfg.to_dict()}, tmp / STATE_FILE)
-                (tmp / RUN_FILE).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+                (tmp / RUN_FILE).write_text(json.dumps({**cfg.to_dict(), RUN_FACTS: facts or {}}, indent=1) + "\n")
             except Exception as err:  # a full disk: safetensors' and torch's writers say so in their own words
                 if _out_of_space(err, tmp):
                     raise CheckpointError(_out_of_space_message(final, err, cfg.output_dir)) from err
@@ -136,8 +141,15 @@ def _prune(root: Path, keep: int, step: int) -> None:
     dirs = _step_dirs(root)
     stale = [p for p in dirs if checkpoint_step(p) > step]
     mine = [p for p in dirs if checkpoint_step(p) <= step]
+    for leftover in root.glob("step-*" + PRUNED_SUFFIX):  # a deletion a kill cut short
+        shutil.rmtree(leftover, ignore_errors=True)
     for p in stale + (mine[:-keep] if keep > 0 else []):
-        shutil.rmtree(p, ignore_errors=True)
+        doomed = p.with_name(p.name + PRUNED_SUFFIX)  # out of the step-N names first: a kill while deleting
+        try:  # leaves no half-deleted folder that a later run would take for a checkpoint
+            p.rename(doomed)
+        except OSError:
+            doomed = p
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _out_of_space(err: Exception, directory: Path) -> bool:
@@ -225,6 +237,40 @@ def check_resume(cfg, directory: Path) -> list[str]:
             if k in saved and saved[k] != now[k]]
 
 
+def saved_facts(directory: Path) -> dict:
+    """The RUN_FACTS a checkpoint was saved with ({} for checkpoints saved before they were recorded)."""
+    try:
+        saved = json.loads((Path(directory) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # check_resume has said what is wrong with a damaged file
+        return {}
+    facts = saved.get(RUN_FACTS) if isinstance(saved, dict) else None
+    return facts if isinstance(facts, dict) else {}
+
+
+def check_resumed_data(cfg, directory: Path, data: dict) -> None:
+    """Refuse to resume on other training data than the checkpoint's run read: the data order, the steps
+    per epoch and the schedule would all change under the restored state without a word."""
+    saved = saved_facts(directory).get("data")
+    if saved and saved != data:
+        raise ValueError(f"{cfg.train_data} is not the data {directory} was trained on ({data['rows']} usable rows, "
+                         f"digest {data['digest']}; saved: {saved.get('rows')} rows, digest {saved.get('digest')}): "
+                         "resume with the same data, give another output_dir, or set resume=false to start over")
+
+
+def final_is_current(output_dir: str | Path, step: int) -> bool:
+    """output_dir/final holds the model of checkpoint ``step``: a final/ left from before (a run trained on
+    past it, or started over) is not. A final/ from before final.step was written counts as current."""
+    output_dir = Path(output_dir)
+    if not (output_dir / FINAL_DIR).is_dir():
+        return False
+    try:
+        return int((output_dir / FINAL_STEP_FILE).read_text()) == step
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):  # "none": a run started over since final/ was published
+        return False
+
+
 def load_trainable(model: nn.Module, directory: Path) -> None:
     """Put the trained tensors of a checkpoint into the (unwrapped, not yet sharded) model."""
     try:
@@ -261,6 +307,8 @@ def load_trainer_state(model: nn.Module, optimizer, scheduler, directory: Path) 
         ) from err
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # this run's schedule (max_steps/epochs may have grown)
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from . import RECIPES
 
 PARTS = ("encoder", "projector", "llm")
 DISTRIBUTED = ("none", "ddp", "fsdp")
-_TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
-               "list[str]": "a list of names", "list[float]": "a list of numbers",
-               "dict[str, float]": "a mapping of names to numbers", "str | list[str]": "a path or a list of paths"}
+_TYPE_WORDS = {"int": "a whole number", "float": "a finite number", "str": "a string", "bool": "true or false",
+               "list[str]": "a list of names", "list[float]": "a list of finite numbers",
+               "dict[str, float]": "a mapping of names to finite numbers", "str | list[str]": "a path or a list of paths"}
 _EXACT_TYPES = {"bool": bool, "str": str}  # taken as they are
 
 
@@ -25,7 +26,10 @@ def _coerce(value: Any, kind: str) -> Any:
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise TypeError(kind)
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):  # nan passes every "< 0" check, inf every "> 0" one
+            raise ValueError(kind)
+        return number
     if kind == "int":
         if isinstance(value, str):
             value = int(value)
@@ -59,6 +63,10 @@ _HF_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_tr
 
 
 def _refuse_unknown(options: dict, known: set[str], where: str) -> None:
+    not_names = [k for k in options if not isinstance(k, str)]
+    if not_names:  # YAML 1.1 reads an unquoted on:, yes: or 1: as a bool or a number
+        raise ValueError(f"{where}: {', '.join(repr(k) for k in not_names)} is not an option name (YAML reads on, off, "
+                         "yes, no and numbers as values, not names): write each option as name: value")
     unknown = sorted(set(options) - known)
     if unknown:
         hints = []
@@ -234,6 +242,9 @@ class TrainConfig:
             raise ValueError(f"beta must be > 0 (how far DPO may move from the reference), got {self.beta}")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers is how many processes load data besides the training one: >= 0 (0: "
+                             f"none), got {self.num_workers}")
         if self.save_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("save_every, log_every and keep_checkpoints must be >= 1")
         if self.epochs < 1 or self.max_steps < 0 or self.warmup_steps < 0 or self.max_steps_this_run < 0:

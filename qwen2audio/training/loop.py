@@ -8,19 +8,21 @@ for every stage: accumulation, data parallelism, clipping, the schedule, logging
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, atomic_write_text
 from ..checkpoint import CheckpointError, load_model, resolve_dtype
 from ..config import CONFIG_FILE
 from ..data import Collator, ManifestDataset, global_batches, rank_micro_batches
@@ -29,8 +31,9 @@ from ..text import Tokenizer
 from . import distributed
 from .allocator import Purger
 from .allocator import advice as allocator_advice
-from .checkpointing import (FINAL_DIR, RUN_FILES, check_resume, checkpoint_step, latest_checkpoint, load_trainable,
-                            load_trainer_state, lock_output_dir, save_checkpoint)
+from .checkpointing import (FINAL_DIR, FINAL_STEP_FILE, RUN_FILES, check_resume, check_resumed_data, checkpoint_step,
+                            final_is_current, latest_checkpoint, load_trainable, load_trainer_state, lock_output_dir,
+                            save_checkpoint, saved_facts)
 from .config import TrainConfig
 from .lora import apply_lora
 from .metrics import MetricsLog, plot_metrics
@@ -69,6 +72,7 @@ class Run:
     resume_from: Path | None
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     encoder_states: EncoderStateCache | None = None  # a frozen encoder's outputs, computed once per clip
+    facts: dict = field(default_factory=dict)  # saved with each checkpoint, checked on resume
 
 
 def log(d: distributed.Dist, message: str) -> None:
@@ -193,7 +197,7 @@ def refuse_finished_run(cfg: TrainConfig, resume: Path | None, total: int) -> No
         return
     step = checkpoint_step(resume)
     knob = "max_steps" if cfg.max_steps > 0 else "epochs"
-    published = (Path(cfg.output_dir) / FINAL_DIR).is_dir()
+    published = final_is_current(cfg.output_dir, step)
     if step > total and not published:  # would publish a later model as final
         raise ValueError(f"{cfg.output_dir}'s newest checkpoint is at step {step}, past the {total} steps {knob} "
                          f"gives now: raise {knob} to at least its step, or set resume=false to start over")
@@ -262,7 +266,7 @@ def setup(cfg: TrainConfig) -> Run:
             val = ManifestDataset(cfg.val_data, cfg.rows, tokenizer, model.config.audio.num_mel_bins,
                                   max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
                                   decode_audio=cfg.decode_audio, cache_features=False, encoder_states=encoder_states,
-                                  tasks=cfg.tasks)
+                                  tasks=cfg.tasks, every_task=False)
             fill_encoder_states(encoder_states, val, d, cfg.progress, autocast_context(cfg, d.device))
     if d.main:  # every skipped row, not just the first ones printed
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -271,6 +275,15 @@ def setup(cfg: TrainConfig) -> Run:
         raise ValueError(f"{cfg.train_data} has {len(dataset)} usable rows, fewer than global_batch_size="
                          f"{cfg.global_batch_size}")
     steps = _total_steps(cfg, len(dataset))
+    facts = {"data": data_fingerprint(dataset), "total_steps": steps}
+    if resume is not None:
+        check_resumed_data(cfg, resume, facts["data"])
+        saved_total = saved_facts(resume).get("total_steps")
+        if saved_total and saved_total != steps:
+            log(d, f"note: the run now has {steps} steps ({saved_total} when {resume.name} was saved): the learning "
+                   f"rate follows the new schedule from step {checkpoint_step(resume) + 1}")
+    elif d.main and (Path(cfg.output_dir) / FINAL_DIR).is_dir():  # an earlier run's model, until this one's
+        atomic_write_text(Path(cfg.output_dir) / FINAL_STEP_FILE, "none\n")
     refuse_finished_run(cfg, resume, steps)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(d, f"training {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
@@ -284,7 +297,14 @@ def setup(cfg: TrainConfig) -> Run:
                                find_unused=audio_parts_may_go_unused(cfg.trainable, every_row_has_audio),
                                encoder_runs=encoder_states is None)
     return Run(cfg, d, tokenizer, wrapped, model, dataset, trainable, resume, autocast_context(cfg, d.device),
-               encoder_states)
+               encoder_states, facts)
+
+
+def data_fingerprint(dataset: ManifestDataset) -> dict:
+    """The usable rows' count and a digest of their lines and lengths: what the data order and the schedule
+    follow from."""
+    rows = json.dumps([[ex.line, ex.n_tokens] for ex in dataset.examples]).encode()
+    return {"rows": len(dataset), "digest": hashlib.sha256(rows).hexdigest()[:16]}
 
 
 def fill_encoder_states(cache: EncoderStateCache, dataset: ManifestDataset, d: distributed.Dist, progress: bool,
@@ -407,7 +427,7 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
                 step_loss.finish(run)
             if (step + 1) % cfg.save_every == 0 or step + 1 == total:
                 save_checkpoint(model, optimizer, scheduler, step + 1, cfg, run.raw_model.config, run.trainable_names,
-                                _lora_scale(cfg), d, export_dtype=resolve_dtype(cfg.dtype))
+                                _lora_scale(cfg), d, export_dtype=resolve_dtype(cfg.dtype), facts=run.facts)
                 last_saved = step + 1
             purge()
     finally:  # on Ctrl-C too: the bar's line ends before whatever is printed next
@@ -477,4 +497,5 @@ def _publish_final(output_dir: Path, step: int) -> Path:
         for f in src.iterdir():
             if f.name not in RUN_FILES:
                 shutil.copy2(f, tmp / f.name)
+    atomic_write_text(output_dir / FINAL_STEP_FILE, f"{step}\n")
     return final

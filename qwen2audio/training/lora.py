@@ -39,16 +39,22 @@ class LoRALinear(nn.Linear):
 
 def apply_lora(model: nn.Module, prefix: str, targets: list[str], rank: int, alpha: float, dropout: float) -> int:
     """Swap the nn.Linear children named in ``targets`` under ``prefix`` for LoRALinear; returns how many."""
-    swapped = 0
+    swapped, found = 0, set()
+    linear_names = set()
     for name, module in list(model.named_modules()):
         if not name.startswith(prefix):
             continue
         for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                linear_names.add(child_name)
             if child_name in targets and type(child) is nn.Linear:
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 swapped += 1
-    if not swapped:
-        raise ValueError(f"LoRA found no linear layer named {targets} under {prefix!r}")
+                found.add(child_name)
+    missing = [t for t in targets if t not in found]
+    if missing:  # a misspelt name would leave its layers untrained without a word
+        raise ValueError(f"LoRA found no linear layer named {missing} under {prefix!r}; its linear layers are "
+                         f"named {sorted(linear_names)}")
     return swapped
 
 

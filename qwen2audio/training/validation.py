@@ -39,7 +39,7 @@ class Validator:
                                             run.raw_model.config.audio.num_mel_bins,
                                             max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
                                             decode_audio=cfg.decode_audio, cache_features=True,
-                                            encoder_states=run.encoder_states, tasks=cfg.tasks)
+                                            encoder_states=run.encoder_states, tasks=cfg.tasks, every_task=False)
             if run.encoder_states is not None:
                 fill_encoder_states(run.encoder_states, self.loss_set, run.dist, False, run.autocast)
             if len(self.loss_set) == 0:
