@@ -532,3 +532,149 @@ def test_out_that_is_a_file_is_refused_even_with_force(tmp_path):
         with pytest.raises(CheckpointError, match=r"clip\.wav is a file, not a directory; choose a new directory"):
             init_checkpoint(tmp_path / "enc", tmp_path / "llm", victim, force=force)
     assert victim.read_bytes() == b"keep me"
+
+
+def test_an_aliased_int8_weight_takes_its_targets_scale(whisper, tmp_path):
+    """CTranslate2 makes aliases before it quantises: an aliased weight's scale is its target's. It was read
+    unscaled (int8 values as weights, ~300x too large)."""
+    from qwen2audio.checkpoint.importers import load_encoder
+
+    variables = ctranslate2_variables(whisper)
+    w = variables["encoder/layer_0/ffn/linear_0/weight"].astype(np.float32)
+    scale = 127.0 / np.abs(w).max(axis=1)
+    variables["encoder/layer_0/ffn/linear_0/weight"] = np.round(w * scale[:, None]).astype(np.int8)
+    variables["encoder/layer_0/ffn/linear_0/weight_scale"] = scale.astype(np.float32)
+    del variables["encoder/layer_1/ffn/linear_0/weight"]
+    write_ctranslate2(tmp_path / "alias.bin", variables,
+                      {"encoder/layer_1/ffn/linear_0/weight": "encoder/layer_0/ffn/linear_0/weight"})
+    _, state = load_encoder(tmp_path / "alias.bin")
+    assert torch.equal(state["layers.1.fc1.weight"], state["layers.0.fc1.weight"])
+    assert state["layers.1.fc1.weight"].dtype == torch.float32
+    assert state["layers.1.fc1.weight"].abs().max().item() == pytest.approx(np.abs(w).max(), rel=0.01)
+
+
+def test_integer_weights_with_no_scale_or_non_finite_weights_are_refused(whisper, tmp_path):
+    from qwen2audio.checkpoint.importers import load_encoder
+
+    variables = ctranslate2_variables(whisper)
+    variables["encoder/conv1/weight"] = np.ones(variables["encoder/conv1/weight"].shape, np.int8)
+    write_ctranslate2(tmp_path / "noscale.bin", variables, {})
+    with pytest.raises(WeightImportError, match=r"encoder/conv1/weight holds torch.int8 values with no scale"):
+        load_encoder(tmp_path / "noscale.bin")
+    variables = ctranslate2_variables(whisper)
+    variables["encoder/layer_0/ffn/linear_1/bias"] = np.full_like(variables["encoder/layer_0/ffn/linear_1/bias"], np.nan)
+    write_ctranslate2(tmp_path / "nan.bin", variables, {})
+    with pytest.raises(WeightImportError, match=r"encoder/layer_0/ffn/linear_1/bias holds NaN or infinite values"):
+        load_encoder(tmp_path / "nan.bin")
+
+
+def test_a_damaged_ctranslate2_header_is_a_checkpoint_error(ct2_bin, tmp_path):
+    """Bytes flipped in the header (names, shapes, byte counts, aliases) give an error naming the file, never
+    a raw UnicodeDecodeError, reshape ValueError or KeyError."""
+    from qwen2audio.checkpoint.importers.ctranslate2 import read_ctranslate2
+    from qwen2audio.errors import CheckpointError
+
+    data = ct2_bin.read_bytes()
+    header_end = data.index(b"encoder/conv1/weight") + 200
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for position in rng.integers(4, header_end, 60):
+        damaged = bytearray(data)
+        damaged[position] ^= 0xA5
+        (tmp_path / "model.bin").write_bytes(bytes(damaged))
+        try:
+            read_ctranslate2(tmp_path / "model.bin")
+            outcomes.add("read")
+        except CheckpointError as err:
+            assert str(tmp_path / "model.bin") in str(err)
+            outcomes.add("refused")
+    alias_at = data.rindex(b"decoder/embeddings/weight")
+    damaged = bytearray(data)
+    damaged[alias_at + 8] = ord("X")  # the alias names a variable the file lacks
+    (tmp_path / "model.bin").write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=r"is an alias of decoder/Xmbeddings/weight, which it does not hold"):
+        read_ctranslate2(tmp_path / "model.bin")
+    assert "refused" in outcomes
+
+
+def test_a_fused_qkv_slice_does_not_keep_the_whole_matrix(ct2_bin):
+    from qwen2audio.checkpoint.importers import load_encoder
+
+    _, state = load_encoder(ct2_bin)
+    for key, tensor in state.items():
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), key
+
+
+def _patch_gguf_type(path, tensor: str, new_type: int) -> None:
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    at = raw.index(tensor.encode()) + len(tensor)  # then n_dims u32, dims u64 each, type u32
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    struct.pack_into("<I", raw, at + 4 + 8 * n_dims, new_type)
+    path.write_bytes(bytes(raw))
+
+
+def test_gguf_tensor_types_the_gguf_package_cannot_read_are_named_before_dequantising(qwen2_tied, tmp_path):
+    from gguf import GGMLQuantizationType
+
+    from qwen2audio.checkpoint.importers import load_llm
+
+    write_gguf(tmp_path / "i32.gguf", qwen2_tied[0])
+    _patch_gguf_type(tmp_path / "i32.gguf", "blk.1.ffn_up.weight", GGMLQuantizationType.I32)  # F32's size
+    with pytest.raises(WeightImportError, match=r"tensor blk.1.ffn_up.weight is of GGML type I32, which the installed "
+                                                r"gguf package cannot dequantise .*pip install -U gguf"):
+        load_llm(tmp_path / "i32.gguf")
+    write_gguf(tmp_path / "new.gguf", qwen2_tied[0])
+    _patch_gguf_type(tmp_path / "new.gguf", "blk.1.ffn_up.weight", 250)
+    with pytest.raises(WeightImportError, match=r"new.gguf: tensor blk.1.ffn_up.weight is of GGML type id 250, which "
+                                                r"the installed gguf package \(.*\) does not know: upgrade it"):
+        load_llm(tmp_path / "new.gguf")
+
+
+def test_a_gguf_of_another_architecture_is_named_before_its_tokenizer(qwen2_tied, whisper_dir, tmp_path, capsys):
+    raw = bytearray(write_gguf(tmp_path / "llm.gguf", qwen2_tied[0]) and (tmp_path / "llm.gguf").read_bytes())
+    at = raw.index(b"general.architecture") + len(b"general.architecture") + 4 + 8  # value type u32, length u64
+    assert raw[at:at + 5] == b"qwen2"
+    raw[at:at + 5] = b"llam2"
+    (tmp_path / "llm.gguf").write_bytes(bytes(raw))
+    code, err = _init_cli(capsys, "--encoder", str(whisper_dir), "--llm", str(tmp_path / "llm.gguf"), "--out",
+                          str(tmp_path / "o"))
+    assert code == 2  # it has no tokenizer either: that was what it was told (then, given one, its architecture)
+    assert err[-1].endswith("llm.gguf is a GGUF of architecture 'llam2'; --llm needs a 'qwen2' model"), err
+
+
+def test_a_gguf_tokenizer_without_merges_is_refused(qwen2_tied, tmp_path):
+    import gguf
+
+    from qwen2audio.checkpoint.importers.gguf_qwen2 import read_gguf
+    from qwen2audio.checkpoint.importers.gguf_tokenizer import tokenizer_from_gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "qwen2")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(["a", "b", "ab"])
+    w.add_token_types([1, 1, 1])
+    w.add_tensor("token_embd.weight", np.zeros((3, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(WeightImportError, match=r"its tokenizer has no merges \(tokenizer.ggml.merges\): every text "
+                                                r"would be split into single bytes"):
+        tokenizer_from_gguf(read_gguf(tmp_path / "t.gguf"), tmp_path / "t.gguf")
+
+
+def test_a_safetensors_file_whose_length_starts_like_a_pickle_is_not_taken_for_one(tmp_path):
+    """One safetensors file in 256 has a header length whose first byte is 0x80, a pickle's first byte: it was
+    read as an OpenAI .pt and called corrupt."""
+    import struct
+
+    from qwen2audio.checkpoint.importers import _encoder_kind
+
+    header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'.ljust(0x80, b" ")
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(WeightImportError, match="not a format this command reads"):
+        _encoder_kind(tmp_path / "model.safetensors")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert _encoder_kind(tmp_path / "legacy.pt") == "openai"

@@ -146,10 +146,11 @@ def _read_tokenizer(tokenizer: str | Path | None, llm: str | Path):
     from .importers import is_gguf_path
 
     if tokenizer is None and is_gguf_path(llm):
-        from .importers.gguf_qwen2 import read_gguf
+        from .importers.gguf_qwen2 import check_architecture, read_gguf
         from .importers.gguf_tokenizer import drop_tokenizer_fields, tokenizer_from_gguf
 
         reader = read_gguf(Path(llm))  # kept: the weights are read from the same parsed header
+        check_architecture(reader, llm)  # another model's GGUF is not a question of its tokenizer
         tok = tokenizer_from_gguf(reader, llm)
         drop_tokenizer_fields(reader)  # a third of a GB less while the weights are dequantised
         return tok, reader

@@ -23,7 +23,13 @@ ENCODER_FORMATS = ("a Hugging Face Whisper directory (config.json + safetensors)
 LLM_FORMATS = "a Hugging Face Qwen2 directory (config.json + safetensors) or a qwen2 GGUF file"
 
 
-def _head(path: Path, n: int = 8) -> bytes:
+def _is_pickle(head: bytes) -> bool:
+    """A pickle's PROTO opcode and protocol (2-5), and not a safetensors header (a u64 length, then '{')."""
+    return head.startswith(PICKLE_MAGIC) and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") \
+        and head[8:9] != b"{"
+
+
+def _head(path: Path, n: int = 9) -> bytes:
     with open(path, "rb") as f:
         return f.read(n)
 
@@ -42,7 +48,7 @@ def _encoder_kind(path: Path) -> str:
             return "hf"
         raise WeightImportError(f"--encoder {path} holds neither config.json nor model.bin; give {ENCODER_FORMATS}")
     head = _head(path)
-    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
+    if head.startswith(ZIP_MAGIC) or _is_pickle(head):
         return "openai"
     if len(head) >= 4 and int.from_bytes(head[:4], "little") in SUPPORTED_BINARY_VERSIONS:
         return "ct2"

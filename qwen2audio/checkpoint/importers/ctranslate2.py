@@ -24,13 +24,16 @@ from ...config import EncoderConfig
 from .keymap import From, TensorSource, WeightImportError, apply_key_map
 from .whisper import _encoder_shapes, encoder_config
 
-SUPPORTED_BINARY_VERSIONS = range(3, 7)  # 6 is current; 3-5 share the variable layout read here
+# 6 is current (every Whisper conversion is 6: CTranslate2 read Whisper only from then on); 4 and 5 share the
+# variable layout read here, 3 stored an item size and count where these store a dtype id and byte count
+SUPPORTED_BINARY_VERSIONS = range(4, 7)
 WHISPER_SPEC = "WhisperSpec"
 # CTranslate2's DataType ids -> numpy dtypes (bfloat16 is read as raw uint16 and widened below).
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.uint16}
 BFLOAT16_ID = 5
 HEADS_KEY = "encoder/num_heads"  # a rank-0 int16 variable: the encoder's attention heads
 WEIGHT_SCALE_SUFFIX = "/weight_scale"  # int8/int16 quantised weights: float weight = stored / scale
+QUANTISATION_SUFFIXES = ("_scale", "_zero")  # what CTranslate2 keeps beside a quantised variable X: X_scale, X_zero
 
 
 class _Reader:
@@ -48,19 +51,27 @@ class _Reader:
 
     def string(self) -> str:
         n = self.take("<H")
+        if self.pos + n > len(self.data):
+            raise WeightImportError(f"{self.origin} is truncated: a name in its header goes on past the file's "
+                                    f"{len(self.data)} bytes; re-download it")
         raw = bytes(self.data[self.pos:self.pos + n])
         self.pos += n
-        return raw.rstrip(b"\0").decode("utf-8")
+        try:
+            return raw.rstrip(b"\0").decode("utf-8")
+        except UnicodeDecodeError:
+            raise WeightImportError(f"{self.origin} is damaged: a name in its header near byte {self.pos - n} is not "
+                                    "text; re-download it") from None
 
 
 def read_ctranslate2(path: Path) -> tuple[str, dict[str, np.ndarray]]:
     """(spec name, {variable name: array}) of a CTranslate2 model.bin; aliases resolved to their targets."""
-    raw = memoryview(np.fromfile(path, dtype=np.uint8))
+    raw = memoryview(np.memmap(path, dtype=np.uint8, mode="r"))  # the decoder's pages are never read
     r = _Reader(raw, str(path))
     version = r.take("<I")
     if version not in SUPPORTED_BINARY_VERSIONS:
         raise WeightImportError(f"{path} is not a CTranslate2 model.bin of a supported binary version "
-                                f"(read version {version}; supported: {list(SUPPORTED_BINARY_VERSIONS)})")
+                                f"(read version {version}; supported: {list(SUPPORTED_BINARY_VERSIONS)}): convert "
+                                "the model again with a current ct2-transformers-converter")
     spec = r.string()
     r.take("<I")  # spec revision: the layout of the Whisper encoder has not changed across revisions
     variables: dict[str, np.ndarray] = {}
@@ -74,6 +85,11 @@ def read_ctranslate2(path: Path) -> tuple[str, dict[str, np.ndarray]]:
         if r.pos + nbytes > len(raw):
             raise WeightImportError(f"{path} is truncated: its header says variable {name} runs to byte "
                                     f"{r.pos + nbytes}, the file has {len(raw)}; re-download it")
+        itemsize = np.dtype(CT2_DTYPES[dtype_id]).itemsize
+        if nbytes != itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise WeightImportError(f"{path} is damaged: variable {name} of shape {shape} says it holds {nbytes} "
+                                    f"bytes, not the {itemsize * int(np.prod(shape, dtype=np.int64))} its shape "
+                                    "needs; re-download it")
         array = np.frombuffer(raw[r.pos:r.pos + nbytes], dtype=CT2_DTYPES[dtype_id]).reshape(shape)
         if dtype_id == BFLOAT16_ID:
             array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -81,7 +97,13 @@ def read_ctranslate2(path: Path) -> tuple[str, dict[str, np.ndarray]]:
         r.pos += nbytes
     for _ in range(r.take("<I")):
         alias, target = r.string(), r.string()
+        if target not in variables:
+            raise WeightImportError(f"{path} is damaged: {alias} is an alias of {target}, which it does not hold; "
+                                    "re-download it")
         variables[alias] = variables[target]
+        for suffix in QUANTISATION_SUFFIXES:  # aliases are made before quantising: the scale goes with its weight
+            if target + suffix in variables:
+                variables[alias + suffix] = variables[target + suffix]
     return spec, variables
 
 
@@ -89,7 +111,7 @@ def _dequantise(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Fold each ``X/weight_scale`` into its integer ``X/weight`` (CTranslate2 int8/int16 quantisation)."""
     out = {}
     for name, value in variables.items():
-        if name.endswith(WEIGHT_SCALE_SUFFIX):
+        if name.endswith(WEIGHT_SCALE_SUFFIX) or name.startswith("decoder/"):  # the decoder is not used
             continue
         scale_name = name.removesuffix("/weight") + WEIGHT_SCALE_SUFFIX
         if name.endswith("/weight") and scale_name in variables:

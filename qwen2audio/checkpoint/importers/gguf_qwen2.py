@@ -62,10 +62,34 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))
 
 
-def text_config_from_gguf(reader, origin: str, vocab_size: int, tied: bool) -> TextConfig:
+def check_architecture(reader, origin) -> None:
+    """A qwen2 GGUF, or an error saying what it is (before its tokenizer is asked about)."""
     arch = _field(reader, "general.architecture")
     if arch != ARCH:
         raise WeightImportError(f"{origin} is a GGUF of architecture {arch!r}; --llm needs a {ARCH!r} model")
+
+
+def check_tensor_types(reader, origin) -> None:
+    """Every tensor of a type the installed gguf package dequantises, tried on one row of each type before
+    minutes of dequantising end in the first one it cannot."""
+    from gguf.quants import dequantize
+
+    tried = set()
+    for t in reader.tensors:
+        if t.tensor_type in tried:
+            continue
+        try:
+            dequantize(t.data[:1] if t.data.ndim > 1 else t.data, t.tensor_type)  # a row: whole blocks
+        except (NotImplementedError, ValueError, TypeError, KeyError) as err:
+            name = getattr(t.tensor_type, "name", t.tensor_type)
+            raise WeightImportError(f"{origin}: tensor {t.name} is of GGML type {name}, which the installed gguf "
+                                    f"package cannot dequantise ({err}); upgrade it (pip install -U gguf) or use "
+                                    "a file of another quantisation (Q8_0, Q6_K, Q4_K_M, F16)") from None
+        tried.add(t.tensor_type)
+
+
+def text_config_from_gguf(reader, origin: str, vocab_size: int, tied: bool) -> TextConfig:
+    check_architecture(reader, origin)
     if _field(reader, f"{ARCH}.rope.scaling.type", "none") not in ("none", None):
         raise WeightImportError(f"{origin} uses RoPE scaling; Qwen2-Audio uses plain RoPE")
 
@@ -109,7 +133,15 @@ def _tensor_extents(fields, data_start: int) -> list[tuple[int, int, str]]:
     extents = []
     for field in fields:
         _, name, _, dims, raw_type, offset = field.parts
-        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+        try:
+            block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+        except (ValueError, KeyError):  # a type newer than this gguf package (or a damaged header)
+            from importlib.metadata import version
+
+            raise WeightImportError(f"tensor {bytes(name).decode('utf-8', 'replace')} is of GGML type id "
+                                    f"{int(raw_type[0])}, which the installed gguf package ({version('gguf')}) does "
+                                    "not know: upgrade it (pip install -U gguf), or use a file of a common "
+                                    "quantisation (Q8_0, Q6_K, Q4_K_M, F16)") from None
         start = data_start + int(offset[0])
         extents.append((start, start + int(np.prod(dims)) * type_size // block_size, bytes(name).decode("utf-8")))
     return sorted(extents)
@@ -129,7 +161,11 @@ def read_gguf(path: Path):
         # is lost from the message) checks the extents against the file first.
         def _build_tensors(self, start_offs, fields):
             size = len(self.data)
-            cut = [(start, end, name) for start, end, name in _tensor_extents(fields, start_offs) if end > size]
+            try:
+                extents = _tensor_extents(fields, start_offs)
+            except WeightImportError as err:
+                raise WeightImportError(f"{path}: {err}") from None
+            cut = [(start, end, name) for start, end, name in extents if end > size]
             if cut:
                 end = max(e for _, e, _ in cut)
                 raise WeightImportError(f"{path} is truncated: its header says the tensor data runs to byte {end}, "
@@ -157,6 +193,7 @@ def load_gguf_qwen2(path: Path, dtype: torch.dtype | None = None,
         raise WeightImportError(f"{path} has no {EMBED}: not a complete qwen2 GGUF")
     vocab_size = int(tensors[EMBED].shape[-1])  # GGUF shapes are (columns, rows): torch's reversed
     cfg = text_config_from_gguf(reader, str(path), vocab_size, tied=OUTPUT not in tensors)
+    check_tensor_types(reader, str(path))
 
     def get(name: str) -> torch.Tensor:
         t = tensors[name]

@@ -47,18 +47,30 @@ def tokenizer_from_gguf(reader, origin: str | Path) -> Tokenizer:
     if not has_tokenizer(reader):
         raise WeightImportError(f"--llm {origin} is a GGUF file without a tokenizer in its metadata; "
                                 + ASK_FOR_TOKENIZER)
-    model = reader.fields[MODEL_KEY].contents()
-    pre = reader.fields[PRE_KEY].contents() if PRE_KEY in reader.fields else None
+    def field(key: str, default=None):
+        if key not in reader.fields:
+            return default
+        try:
+            return reader.fields[key].contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as err:
+            raise WeightImportError(f"--llm {origin}: its tokenizer metadata ({key}) is damaged ({err}); "
+                                    "re-download the file, or " + ASK_FOR_TOKENIZER) from None
+
+    model = field(MODEL_KEY)
+    pre = field(PRE_KEY)
     if model != BPE_MODEL or pre not in SUPPORTED_PRE:
         raise WeightImportError(f"--llm {origin} holds a {model!r} tokenizer with pre-tokenizer {pre!r}; only "
                                 f"Qwen2's ({BPE_MODEL!r}, {' / '.join(map(repr, SUPPORTED_PRE))}) is read from GGUF: "
                                 + ASK_FOR_TOKENIZER)
-    if ADD_BOS_KEY in reader.fields and reader.fields[ADD_BOS_KEY].contents():
+    if field(ADD_BOS_KEY):
         raise WeightImportError(f"--llm {origin}: its tokenizer adds a BOS token, which a Qwen2 tokenizer does not; "
                                 + ASK_FOR_TOKENIZER)
-    tokens = reader.fields[TOKENS_KEY].contents()
-    types = reader.fields[TYPES_KEY].contents() if TYPES_KEY in reader.fields else [NORMAL] * len(tokens)
-    merges = reader.fields[MERGES_KEY].contents() if MERGES_KEY in reader.fields else []
+    tokens = field(TOKENS_KEY)
+    types = field(TYPES_KEY, [NORMAL] * len(tokens))
+    merges = field(MERGES_KEY, [])
+    if not merges and any(len(token) > 1 for token, kind in zip(tokens, types) if kind == NORMAL):
+        raise WeightImportError(f"--llm {origin}: its tokenizer has no merges ({MERGES_KEY}): every text would be "
+                                "split into single bytes; " + ASK_FOR_TOKENIZER)
     if len(types) != len(tokens):
         raise WeightImportError(f"--llm {origin}: {len(tokens)} tokens but {len(types)} token types; the file is "
                                 "corrupt: re-download it")

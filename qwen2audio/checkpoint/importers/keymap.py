@@ -98,5 +98,15 @@ def apply_key_map(source: TensorSource, key_map: Mapping[str, From], expected: M
         if tuple(tensor.shape) != tuple(expected[key]):
             raise WeightImportError(f"{source.origin}: {rule.source} gives {key} the shape {tuple(tensor.shape)}, "
                                     f"but the config read from the same source implies {tuple(expected[key])}")
-        out[key] = tensor.to(dtype=dtype or tensor.dtype).contiguous()
+        if not tensor.is_floating_point():  # integers with no scale read as weights would be ~100x too large
+            raise WeightImportError(f"{source.origin}: {rule.source} holds {tensor.dtype} values with no scale that "
+                                    "makes them weights: a quantisation this importer does not read; convert the "
+                                    "model to float16 or float32 and pass that file")
+        if not torch.isfinite(tensor).all():
+            raise WeightImportError(f"{source.origin}: {rule.source} holds NaN or infinite values: the file is "
+                                    "damaged, or the model diverged; re-download or re-convert it")
+        tensor = tensor.to(dtype=dtype or tensor.dtype).contiguous()
+        if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # a slice (of a fused q/k/v matrix) would keep the whole of it alive
+        out[key] = tensor
     return out
