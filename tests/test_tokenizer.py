@@ -239,6 +239,23 @@ def test_stream_decoder_does_not_stall_on_invalid_bytes(tok):
     assert "".join(deltas) + stream.flush() == tok.decode([lone_lead_byte] * 12)
 
 
+def test_stream_decoder_after_invalid_bytes_does_not_split_at_a_skipped_special_token(tok):
+    """After invalid bytes, a tail of skipped special tokens alone (it decodes to "") was taken for the
+    unfinished character: the character before it came out as U+FFFD and its later bytes were lost."""
+    ids = [0xE4, 0xF0, 0xB8, tok.audio_id, 0xB8, tok.audio_id, 0xB8]
+    stream = StreamDecoder(tok)
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids)
+
+
+def test_an_id_past_the_vocabulary_stands_for_no_bytes(tok):
+    """A model's embedding may have spare rows past the tokenizer's ids (the demo base: 151,936 rows for
+    151,668 ids); such an id sampled or among the top logprobs failed the request."""
+    spare = tok.vocab_size + 5
+    assert tok.token_bytes(spare) == b"" and tok.decode([ord("A"), spare]) == "A"
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+        tok.id_to_token(spare)
+
+
 def test_stream_decoder_decodes_a_short_window(tok):
     """O(1) per token: every decode call sees a few tokens, however long the stream."""
     seen = []

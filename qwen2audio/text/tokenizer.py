@@ -326,7 +326,11 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for (its UTF-8 text for a special or added token). A token may hold
-        part of a character: join the bytes of consecutive tokens before decoding them."""
+        part of a character: join the bytes of consecutive tokens before decoding them. An id past the
+        vocabulary (a model's spare embedding rows: it may still produce one) stands for no bytes, as
+        decode() drops it."""
+        if int(token_id) >= 0 and self._tok.id_to_token(int(token_id)) is None:
+            return b""
         token = self.id_to_token(token_id)
         if int(token_id) in self._added_ids:
             return token.encode("utf-8")
@@ -382,8 +386,12 @@ class StreamDecoder:
         return delta
 
     def _unfinished_tail(self, text: str) -> int | None:
-        """How many trailing tokens hold the last, unfinished character (None: no clean split)."""
+        """How many trailing tokens hold the last, unfinished character (None: no clean split). A tail of
+        skipped special tokens alone decodes to "" and would split anywhere: it holds no character."""
+        skipped = self._tokenizer.special_ids if self._skip_special else ()
         for keep in range(1, UTF8_MAX_BYTES):
+            if all(t in skipped for t in self._ids[-keep:]):
+                continue
             if self._decode(self._ids[:-keep]) + self._decode(self._ids[-keep:]) == text:
                 return keep
         return None
