@@ -437,6 +437,43 @@ def test_compiled_decoding_steps_decode_what_the_plain_ones_do(reference, quanti
     torch.testing.assert_close(engine.step(cache, tokens, lengths, 40), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_scheduler_with_more_slots_than_a_products_row_limit_has_its_graphs_before_the_first_step(
+        reference, monkeypatch):
+    """Past 16 rows a float32 product leaves the kernel (the graph is guarded at 16): a server with
+    --max-batch 17 or more compiled again, for minutes, mid-stream, the first time 17 rows decoded together.
+    The scheduler now has warm_up compile each stretch of row counts up to its slots. (aot_eager: the
+    same graphs and guards as inductor, without the C++ build.)"""
+    from qwen2audio.generation.scheduler import Scheduler
+
+    real = torch.compile
+
+    def quick(fn, **kwargs):
+        kwargs.pop("options", None)
+        return real(fn, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", quick)
+    torch._dynamo.reset()
+    engine = Qwen2Audio.load(reference[1], compile=True).engine
+    assert engine.compiled and 16 in engine.row_limits(), engine.row_limits()
+    Scheduler(engine, max_slots=20, background=False)
+    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():  # as the scheduler steps
+        cache = engine.model.language_model.new_cache(20, 64)
+        cache.reserve(20, 64)
+        for n in (5, 16, 17, 20):
+            assert engine.step(cache, torch.arange(n) + 5, torch.full((n,), 30), 40).shape[0] == n
+
+
+def test_an_engine_refusing_the_tokenizer_leaves_the_model_as_it_was(models):
+    """The tokenizer was checked after the model's products were fused and quantised: a retry with the
+    right tokenizer was then refused as a model prepared already."""
+    cfg = models["reference"].engine.model.config
+    model = Qwen2AudioModel(dataclasses.replace(cfg, audio_token_index=cfg.audio_token_index - 1))
+    kinds = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="differs from the config's audio_token_index"):
+        Engine(model, TOKENIZER, quantize="int8")
+    assert [type(m) for m in model.modules()] == kinds
+
+
 def test_a_step_that_cannot_be_compiled_runs_plain_with_a_warning(reference, monkeypatch):
     from torch._inductor.exc import CppCompileError
 

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,8 +133,33 @@ def test_an_unwritable_cache_is_named_in_the_warning(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         assert kernels.packed_linear_op() is None
     assert "NotADirectoryError" in kernels.build_problem()
+    assert kernels.build_remedy() == f"make the folder writable, or set {kernels.CACHE_ENV} to one that is"
     (message,) = [str(w.message) for w in caught if "decoding kernels" in str(w.message)]
     assert kernels.CACHE_ENV in message and str(blocker / "kernels") in message
+
+
+def test_the_kernels_are_kept_under_qwen2audio_home_and_a_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.delenv(kernels.CACHE_ENV, raising=False)
+    monkeypatch.setenv("QWEN2AUDIO_HOME", str(tmp_path / "home"))
+    assert kernels.build_dir().parent == tmp_path / "home" / "kernels"
+    monkeypatch.setenv(kernels.CACHE_ENV, "~/kc")
+    assert kernels.build_dir().parent == Path.home() / "kc"
+
+
+def test_with_no_compiler_on_path_the_build_is_not_tried(tmp_path, monkeypatch):
+    """Torch's builder, run with no compiler at all, printed a banner about an incompatible compiler
+    version before failing; the missing compiler is said in our one warning instead."""
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("the builder ran without a compiler"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.packed_linear_op() is None
+    assert kernels.build_problem() == "RuntimeError: no-such-compiler-here: not found (no C++ compiler)"
+    assert kernels.build_remedy() == "install g++ and ninja"
+    assert any("no-such-compiler-here: not found" in str(w.message) for w in caught)
 
 
 def test_int8_without_the_kernels_says_it_decodes_slower_than_float32(monkeypatch):

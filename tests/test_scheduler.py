@@ -744,3 +744,43 @@ def test_a_request_whose_sampling_fails_fails_alone_and_the_scheduler_goes_on(en
     assert streams[1].wait().token_ids == sampled_alone
     assert sched.status().free_slots == 3
     assert sched.submit(request, greedy(12, ignore_eos=True)).wait().token_ids == innocent_alone
+
+
+def test_beams_copy_only_what_differs_after_their_first_step(engine, monkeypatch):
+    """Every beam holds the prompt once the first step spread beam 0's cache: later reorderings copy the
+    generated positions only (they copied the whole prompt again at every step), and the replies stay
+    those of full copies."""
+    from qwen2audio.model.kv_cache import KVCache
+
+    question = prepare(engine, messages("What is it?", clip(1.5, 41)))
+    starts = []
+    real = KVCache.copy_slots
+
+    def recording(self, dst, src, length, start=0):
+        starts.append(start)
+        return real(self, dst, src, length, start)
+
+    want = inline(engine, max_slots=3).submit(question, beams(10, 3)).wait()
+    monkeypatch.setattr(KVCache, "copy_slots", recording)
+    got = inline(engine, max_slots=3).submit(question, beams(10, 3)).wait()
+    assert got.token_ids == want.token_ids and len(starts) > 2
+    assert starts[0] == 0 and set(starts[1:]) == {len(question.token_ids)}
+
+
+def test_the_kv_cache_grows_its_slots_by_doubling_and_keeps_what_it_holds():
+    import torch
+
+    from qwen2audio.model.kv_cache import KVCache
+
+    cache = KVCache(2, 1, 4, max_slots=6, max_len=512, dtype=torch.float32, device="cpu")
+    grown = []
+    for n in range(1, 7):
+        cache.reserve(n, 10)
+        cache.k[0][n - 1, 0, :10] = n
+        grown.append(cache.n_slots)
+    assert grown == [1, 2, 4, 4, 6, 6]  # each admission copied everything cached: 6 copies, now 3
+    assert [int(cache.k[0][i, 0, 0, 0]) for i in range(6)] == [1, 2, 3, 4, 5, 6]
+    cache.reserve(2, 300)  # positions grow; slots and contents stay
+    assert (cache.n_slots, cache.allocated_len) == (6, 512) and int(cache.k[0][5, 0, 9, 0]) == 6
+    cache.copy_slots([1], [0], 10, start=5)
+    assert cache.k[0][1, 0, :5].tolist() == [[2.0] * 4] * 5 and cache.k[0][1, 0, 5:10].tolist() == [[1.0] * 4] * 5

@@ -371,3 +371,17 @@ def test_pruning_moves_a_checkpoint_out_of_the_step_names_before_deleting_it(tmp
     (root / "step-00000008").mkdir()
     checkpointing._prune(root, keep=2, step=8)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000006", "step-00000008"]
+
+
+def test_compile_needs_the_compiler_inductor_runs_not_just_any(tiny, monkeypatch):
+    """Inductor runs $CXX or g++, never c++: a machine with only c++ was accepted and the first training
+    step failed (InvalidCxxCompiler)."""
+    from torch._inductor import config as inductor_config
+
+    from qwen2audio.training.loop import compile_decoder_layers
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-g++"))
+    with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler for torch.compile on the CPU \(no-such-g\+\+ not "
+                                           r"found\)"):
+        compile_decoder_layers(load_model(tiny))

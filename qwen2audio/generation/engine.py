@@ -78,6 +78,9 @@ class Engine:
                  dither: float = 0.0):
         if quantize not in (None, "none") and not transform_weights:
             raise ValueError("quantize needs transform_weights=True (a model being trained is not quantised)")
+        if tokenizer.audio_id != model.config.audio_token_index:  # before the model is changed for good
+            raise ValueError(f"the tokenizer's <|AUDIO|> id {tokenizer.audio_id} differs from the config's "
+                             f"audio_token_index {model.config.audio_token_index}: they come from different checkpoints")
         self.model = prepare_for_inference(model, quantize) if transform_weights else model
         self.quantize = quantize or "none"
         self.tokenizer = tokenizer
@@ -87,9 +90,7 @@ class Engine:
         self.compiled = compile  # decoding steps through torch.compile (False again if compiling fails)
         self.compile_error: str | None = None  # why compiling failed, where it did
         self._step = self._compiled_step() if compile else self._step_eager
-        if tokenizer.audio_id != model.config.audio_token_index:
-            raise ValueError(f"the tokenizer's <|AUDIO|> id {tokenizer.audio_id} differs from the config's "
-                             f"audio_token_index {model.config.audio_token_index}: they come from different checkpoints")
+        self._warmed: set[tuple[bool, int]] = set()  # (several slots, rows) of the steps warm_up compiled
 
     @property
     def max_positions(self) -> int:
@@ -223,10 +224,14 @@ class Engine:
         return torch.compile(types.MethodType(own, self), dynamic=True, options={"emulate_precision_casts": True})
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def warm_up(self, max_rows: int = ENGINE_MAX_SLOTS) -> None:
         """With ``compile``: compile the decoding step now, so that the first request does not wait for
         it. torch.compile specialises sizes of 1, so three graphs: one row in a one-slot cache, one row in
-        a wider one and several rows; any later width, row count or slot count reuses them. Run in
+        a wider one and several rows; any later width or slot count reuses them, and so does any row count
+        up to the first of the products' row limits (``row_limits``: past 16 rows a float32 product leaves
+        the kernel for oneDNN, and the graph is guarded there). Up to ``max_rows`` rows (a scheduler's
+        slots), each further stretch between limits gets its graph too: otherwise the first step past a
+        limit would compile, for minutes, while every stream waited. Graphs already made are kept. Run in
         inference mode, as the scheduler runs the steps (a guard tells the two kinds of tensor apart).
         The sizes differ from each other and from the model's KV heads and head size: torch.compile
         ties sizes that are equal when it traces ("duck sizing"), and would compile again when they
@@ -245,11 +250,24 @@ class Engine:
 
         rows, wide, width = fresh(2), fresh(3), fresh(9)
         length = fresh(width + 8)
-        for slots, n in ((1, 1), (wide, 1), (wide, rows)):
+        plans = [(1, 1), (wide, 1), (wide, rows)]
+        for limit in sorted(self.row_limits()):
+            if rows <= limit < max_rows:  # rows up to the limit share a graph; one past it starts the next
+                n = fresh(limit + 1)
+                plans.append((fresh(n + 1), n))
+        for slots, n in plans:
+            if (slots > 1, n) in self._warmed:  # (a slot count above 1 is a symbol: any of them will do)
+                continue
+            self._warmed.add((slots > 1, n))
             cache = lm.new_cache(slots, length)
             cache.reserve(slots, length)
             self.step(cache, torch.zeros(n, dtype=torch.long, device=cache.device),
                       torch.full((n,), width - 2, dtype=torch.long, device=cache.device), width)
+
+    def row_limits(self) -> set[int]:
+        """The row counts past which some product of the LLM takes another path (weights.*.row_limits)."""
+        return {limit for module in self.model.language_model.modules() if hasattr(module, "row_limits")
+                for limit in module.row_limits()}
 
     def _step_eager(self, cache: KVCache, tokens: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
         lm = self.model.language_model

@@ -187,6 +187,7 @@ class _Request:
         self.generator: torch.Generator | None = None
         self.search: BeamSearch | None = None  # a beam search: its beams, one per slot of ``slots``
         self.slots: list[int] = []  # every slot it holds: [slot], or a beam search's num_beams slots
+        self.prompt_slots: set[int] = set()  # a beam search's slots that hold its prompt (beam 0's at first)
 
     @property
     def slots_needed(self) -> int:
@@ -293,6 +294,8 @@ class Scheduler:
             raise ValueError(f"max_waiting must be >= 0 (None: unbounded), got {max_waiting}")
         self.max_waiting, self.prefill_chunk, self.session_idle_s = max_waiting, prefill_chunk, session_idle_s
         self.reuse_prefixes = reuse_prefixes
+        if getattr(engine, "compiled", False):  # graphs for up to max_slots rows now, not mid-stream
+            engine.warm_up(max_rows=self.max_slots)
         self.cache = lm.new_cache(self.max_slots, self.max_len)
         self.preallocated = preallocate
         if preallocate:
@@ -724,7 +727,12 @@ class Scheduler:
         try:
             for r in searches:  # each beam's slot takes the cache of the beam it continues, and its next token
                 search = r.search
-                self.cache.copy_slots(r.slots, [r.slots[o] for o in search.origins], search.cached)
+                sources = [r.slots[o] for o in search.origins]
+                holding = r.prompt_slots or {r.slots[0]}
+                # where every slot written holds the prompt already, only the generated positions differ
+                start = search.prompt_len if all(d in holding for d, s in zip(r.slots, sources) if d != s) else 0
+                self.cache.copy_slots(r.slots, sources, search.cached, start)
+                r.prompt_slots = holding | set(r.slots[:len(sources)])
                 for slot, token in zip(r.slots, search.tokens):
                     tokens[slot], self._lengths[slot] = token, search.cached
             width = max(self._lengths[slot] for r in decoding for slot in r.slots) + 1

@@ -72,6 +72,10 @@ class WidenedLinear(nn.Module):
                            self.bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
+    def row_limits(self) -> set[int]:
+        """Row counts past which the product takes another path (a compiled step's graph ends there)."""
+        return {WIDEN_MIN_ROWS - 1}
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"stored={self.weight.dtype}, widened from {WIDEN_MIN_ROWS} rows")
@@ -381,6 +385,10 @@ class PackedLinear(nn.Module):
             y = self._torch_product(x2)
         return y.to(dtype).view(*lead, self.out_features)
 
+    def row_limits(self) -> set[int]:
+        """Row counts past which the product takes another path (a compiled step's graph ends there)."""
+        return {self.MAX_KERNEL_ROWS} if self._op is not None and self.MAX_KERNEL_ROWS is not None else set()
+
     def _torch_product(self, x2: torch.Tensor) -> torch.Tensor:
         """Products the kernel does not take. int8: in float32; bfloat16: in torch's bfloat16 product, as
         the model would run unpacked, where the CPU has bfloat16 dot products, else in float32."""
@@ -426,6 +434,9 @@ class Int8Linear(PackedLinear):
         scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         super().__init__(q, scale, linear.bias)
+
+    def row_limits(self) -> set[int]:
+        return super().row_limits() | ({self.AMX_KERNEL_ROWS} if self.amx else set())
 
     def _torch_product(self, x2: torch.Tensor) -> torch.Tensor:
         if not self.amx or x2.shape[0] <= self.AMX_KERNEL_ROWS:  # (no kernel: float32, as without AMX)

@@ -60,7 +60,10 @@ class KVCache:
                              f"{n_slots} slots of {length} were asked for")
         if n_slots <= self.n_slots and length <= self.allocated_len:
             return
-        slots = max(n_slots, self.n_slots)
+        # Slots double (up to max_slots, which the pool's budget covers): a busy server admits requests one
+        # at a time, and each growth copies everything cached.
+        slots = n_slots if n_slots <= self.n_slots else min(self.max_slots, max(n_slots, 2 * self.n_slots))
+        slots = max(slots, self.n_slots)
         positions = max(self.allocated_len, min(self.max_len, -(-length // GROW_POSITIONS) * GROW_POSITIONS))
         shape = (slots, self.n_kv_heads, positions, self.head_dim)
         # Zeros, not empty: masked positions are still read, and 0 * NaN would poison the attention.
@@ -69,21 +72,25 @@ class KVCache:
             if old is not None:
                 new[: old.shape[0], :, : old.shape[2]] = old
             return new
-        olds_k = self.k or [None] * self.n_layers
-        olds_v = self.v or [None] * self.n_layers
-        self.k = [bigger(t) for t in olds_k]
-        self.v = [bigger(t) for t in olds_v]
+        if not self.k:
+            self.k = [bigger(None) for _ in range(self.n_layers)]
+            self.v = [bigger(None) for _ in range(self.n_layers)]
+            return
+        for layers in (self.k, self.v):  # one layer at a time: the old storage goes as the new comes
+            for i in range(self.n_layers):
+                layers[i] = bigger(layers[i])
 
-    def copy_slots(self, dst: list[int], src: list[int], length: int) -> None:
-        """Slot ``dst[i]`` takes the first ``length`` cached positions of slot ``src[i]``, all at once (a slot
-        may be both a source and a destination: beam search's reordering)."""
+    def copy_slots(self, dst: list[int], src: list[int], length: int, start: int = 0) -> None:
+        """Slot ``dst[i]`` takes cached positions ``start`` .. ``length`` - 1 of slot ``src[i]``, all at once (a
+        slot may be both a source and a destination: beam search's reordering; positions before ``start``
+        are the same in both already, e.g. a prompt every beam holds)."""
         pairs = [(d, s) for d, s in zip(dst, src) if d != s]
-        if not pairs or length == 0:
+        if not pairs or length <= start:
             return
         to = torch.tensor([d for d, _ in pairs], device=self.device)
         frm = torch.tensor([s for _, s in pairs], device=self.device)
         for layer in self.k + self.v:
-            layer[to, :, :length] = layer[frm, :, :length]
+            layer[to, :, start:length] = layer[frm, :, start:length]
 
     def chunk(self, rows: slice, start: int) -> "ChunkWrite":
         """A writer for T new positions [start, start + T) of each slot in ``rows`` (a prompt chunk)."""

@@ -23,6 +23,7 @@ import hashlib
 import os
 import platform
 import re
+import shutil
 import sys
 import threading
 import warnings
@@ -53,7 +54,9 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen2audio" / "kernels")
+    from ...default_model import cache_root  # $QWEN2AUDIO_HOME, where the models are kept too
+
+    root = Path(os.environ.get(CACHE_ENV) or cache_root() / "kernels").expanduser()
     key = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + torch.__version__.encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     return root / f"packed_linear-{key}"
@@ -105,6 +108,11 @@ def _load() -> None:
         for leftover in (directory / READY, directory / "lock", library):
             leftover.unlink(missing_ok=True)
         with _tools_on_path():
+            compiler = os.environ.get("CXX") or "c++"  # what torch's builder runs
+            if shutil.which(compiler) is None:  # said here: torch's builder would say the compiler is the
+                raise RuntimeError(f"{compiler}: not found (no C++ compiler)")  # wrong version, not missing
+            if not cpp_extension.is_ninja_available():
+                raise RuntimeError("ninja: not found")
             cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(directory),
                                # -fopenmp: at::parallel_for is inline OpenMP code, serial without it;
                                # -ffp-contract=off: no product fused into a sum where torch rounds in between
@@ -172,7 +180,8 @@ def packed_linear_op() -> Callable | None:
                     _state["op"] = torch.ops.qwen2audio.packed_linear
                 except Exception as err:  # a missing compiler or ninja, a failed compile: the plain path works
                     _state["problem"] = f"{type(err).__name__}: {_summary(err)}"
-                    _state["remedy"] = "install g++ and ninja"
+                    _state["remedy"] = ("make the folder writable, or set " + CACHE_ENV + " to one that is"
+                                        if isinstance(err, OSError) else "install g++ and ninja")
                     warnings.warn(f"the decoding kernels could not be built ({_state['problem']}); decoding "
                                   "products and attention run in plain torch, correct but slower (they need ninja, "
                                   "pip install ninja, a C++ compiler, apt-get install g++, and a writable "
