@@ -15,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 if not os.environ.get("QWEN2AUDIO_HOME"):
     os.environ["QWEN2AUDIO_HOME"] = tempfile.mkdtemp(prefix="qwen2audio-test-home-")
     atexit.register(shutil.rmtree, os.environ["QWEN2AUDIO_HOME"], ignore_errors=True)
+# The decoding kernels are built once per machine (~30 s) where a user's are, not in each test home (every
+# command-line test's subprocess has a home of its own): the default under the user's own cache.
+os.environ.setdefault("QWEN2AUDIO_KERNEL_CACHE", str(Path.home() / ".cache" / "qwen2audio" / "kernels"))
 # Tests that use "the default model" get the tiny random one, whatever ships: they never need the demo
 # model's pretrained parts (tests/test_default_model.py covers the demo model with tiny parts).
 os.environ["QWEN2AUDIO_DEFAULT_MODEL"] = "tiny-random"
