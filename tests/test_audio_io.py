@@ -227,6 +227,17 @@ def test_a_path_passed_as_bytes_is_told_apart_from_a_corrupt_recording(tmp_path)
     assert load_audio(str(path)).shape == (1600,)
 
 
+def test_channels_that_cancel_out_in_the_mono_mix_are_warned_of():
+    left = sine(TONE_HZ, 1.0, SAMPLE_RATE, channels=1)
+    with pytest.warns(AudioWarning, match=r"<array>: its channels cancel out when averaged to mono"):
+        mono = load_audio(np.concatenate([left, -left], axis=1), sample_rate=SAMPLE_RATE)
+    assert np.abs(mono).max() < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary stereo clip, or silence, says nothing
+        load_audio(np.concatenate([left, 0.5 * left], axis=1), sample_rate=SAMPLE_RATE)
+        load_audio(np.zeros((16000, 2), np.float32), sample_rate=SAMPLE_RATE)
+
+
 def test_bytes_from_someone_else_are_not_looked_up_as_a_path(tmp_path):
     """A server decodes a client's bytes with local_hints=False: the bytes of an existing path and of a missing
     one fail alike, so no answer tells the client which files exist on the server."""

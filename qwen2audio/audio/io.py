@@ -63,6 +63,7 @@ RESAMPLE_QUALITY = "HQ"  # soxr high quality: 20-bit precision, passband flat to
 # A float sample past this is no recording at full scale (+-1.0) turned up a little: most likely integer PCM
 # stored as floats (16-bit: up to 32767), which the model would hear about 90 dB too loud
 LOUD_FLOAT_PEAK = 4.0
+SILENT_RMS = 1e-3  # -60 dBFS: channels quieter than this are silence, whatever their mix
 CONVERT_HINT = "convert it to 16-bit wav, e.g. `ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav`"
 
 AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray, torch.Tensor, list]
@@ -166,6 +167,17 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
                        "The model hears the audio as it is", stacklevel=2)
 
     mono = np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32))  # (n,) average of the channels
+    if samples.shape[1] > 1:
+        def rms(channel: np.ndarray) -> float:  # a dot product: no squared copy of an hour of audio
+            channel = np.ascontiguousarray(channel)
+            return float(np.sqrt(np.dot(channel, channel) / channel.shape[0]))
+
+        loudest = max(rms(samples[:, c]) for c in range(samples.shape[1]))
+        if loudest > SILENT_RMS and rms(mono) < 0.01 * loudest:
+            _audio_warning(f"{label}: its channels cancel out when averaged to mono (one is the other inverted, "
+                           "a wiring or phase error): the model hears near silence. Pass one channel, e.g. "
+                           "load_audio(samples[:, 0], sample_rate=...) or `ffmpeg -i IN -af pan=mono|c0=c0 OUT`",
+                           stacklevel=2)
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)  # (n * 16000 / rate,)
     if mono.shape[0] == 0:
