@@ -740,3 +740,48 @@ def test_bad_numbers_are_refused_before_any_work_and_splits_keep_their_own_folde
     meld_raw = Path("MELD.Raw")
     assert default_out("meld", meld_raw) == Path("eval-results/meld-MELD")  # as before: earlier runs resume
     assert default_out("meld", meld_raw, "dev") == Path("eval-results/meld-MELD-dev")
+
+
+def test_a_language_given_another_way_is_the_code_the_prompts_and_metrics_know(tmp_path, capsys):
+    """--language zh-CN made the tag <|zh-CN|> (never trained) and scored Chinese per word without cn_tn;
+    wer:EN skipped the English normaliser and bleu:zh-CN tokenised Chinese with 13a."""
+    from qwen2audio.eval.metrics import get_metric
+
+    data, _ = commonvoice(tmp_path / "cv")
+    records, _ = run_eval("commonvoice", data, tmp_path / "cv" / "out", "--limit", "1", "--language", "ZH-cn")
+    assert records[0]["prompt"].endswith("<|zh|>") and records[0]["metric"] == "wer:zh"
+    assert (get_metric("wer:EN").name, get_metric("wer:zh-CN").label) == ("wer:en", "CER %")
+    assert get_metric("bleu:zh-CN").tokenize == "zh"
+    with pytest.raises(ValueError, match="is not a language code of this model's prompts"):
+        get_metric("wer:klingon")
+    assert main(["eval", "--task", "commonvoice", "--data", str(data), "--out", str(tmp_path / "o2"),
+                 "--language", "Chinese"]) == 2
+    assert "--language 'Chinese' is a language's name; give its code, 'zh'" in capsys.readouterr().err
+
+
+def test_an_airbench_chat_item_without_its_audio_description_is_refused(tmp_path, capsys):
+    """The official scoring stops at a chat item without meta_info (the judge reads it); it was judged with
+    an empty description."""
+    folder, _ = airbench_chat(tmp_path)
+    rows = json.loads((folder / "Chat_meta.json").read_text())
+    del rows[2]["meta_info"]
+    rows[3]["question"] = 7
+    (folder / "Chat_meta.json").write_text(json.dumps(rows))
+    assert main(["eval", "--task", "airbench-chat", "--data", str(folder), "--out", str(tmp_path / "o")]) == 2
+    assert "Chat_meta.json: item 2 lacks meta_info" in capsys.readouterr().err
+    rows[2]["meta_info"] = "A clip."
+    (folder / "Chat_meta.json").write_text(json.dumps(rows))
+    assert main(["eval", "--task", "airbench-chat", "--data", str(folder), "--out", str(tmp_path / "o")]) == 2
+    assert "item 3's question must be text, got int" in capsys.readouterr().err
+
+
+def test_a_dataset_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    split, _ = librispeech(tmp_path)
+    trans = next(split.rglob("*.trans.txt"))
+    trans.write_bytes(trans.read_bytes() + b"1089-134686-0009 CAF\xc9\n")  # Latin-1, not UTF-8
+    assert main(["eval", "--task", "librispeech", "--data", str(split), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{trans}: holds bytes that are not UTF-8 text" in err and "save it as UTF-8" in err
+    (tmp_path / "items.jsonl").write_bytes(b'{"audio": "a.wav", "prompt": "p", "reference": "r\xff"}\n')
+    assert main(["eval", "--task", "jsonl", "--data", str(tmp_path / "items.jsonl"), "--out", str(tmp_path / "o2")]) == 2
+    assert "items.jsonl: holds bytes that are not UTF-8 text" in capsys.readouterr().err

@@ -55,7 +55,7 @@ JUDGE_TEMPLATE = (
 FOUNDATION_INSTRUCTION = ("Choose the most suitable answer from options A, B, C, and D to respond the question in "
                           "next line, you may only choose A or B or C or D.")
 DEFAULT_JUDGE_WORKERS = 4
-REQUIRED_KEYS = {"Chat_meta.json": ("path", "question", "answer_gt", "task_name", "dataset_name"),
+REQUIRED_KEYS = {"Chat_meta.json": ("path", "question", "answer_gt", "task_name", "dataset_name", "meta_info"),
                  "Foundation_meta.json": ("path", "question", "choice_a", "choice_b", "answer_gt", "task_name",
                                           "dataset_name")}
 
@@ -67,9 +67,13 @@ def _meta(path: Path, name: str) -> list[dict]:
     if not isinstance(rows, list):
         raise DatasetError(f"{meta}: expected a JSON list of items")
     for number, row in enumerate(rows):
-        missing = [k for k in REQUIRED_KEYS[name] if not isinstance(row, dict) or k not in row]
-        if missing:
+        missing = [k for k in REQUIRED_KEYS[name] if not isinstance(row, dict) or row.get(k) is None]
+        if missing:  # (the official scoring stops at a chat item without meta_info: the judge needs it)
             raise DatasetError(f"{meta}: item {number} lacks {', '.join(missing)}")
+        not_text = [k for k in REQUIRED_KEYS[name] if not isinstance(row[k], str)]
+        if not_text:
+            raise DatasetError(f"{meta}: item {number}'s {', '.join(not_text)} must be text, got "
+                               f"{', '.join(type(row[k]).__name__ for k in not_text)}")
     return rows
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from ..api import ASR_PROMPT
 from ..text.tags import LANGUAGE_TAG
 from .jsonl import read_official
-from .tasks import DatasetError, EvalItem, Options, Task, require_dir, require_file, row_values, unpack_hint, use_chat
+from .tasks import (DatasetError, EvalItem, Options, Task, require_dir, require_file, row_values, unpack_hint, use_chat,
+                    utf8_text)
 
 # Common Voice locale -> the language tag of the prompt and of the normaliser.
 COMMONVOICE_LANGUAGES = {"zh-CN": "zh", "zh-TW": "zh", "zh-HK": "yue", "yue": "yue"}
@@ -56,7 +57,9 @@ def read_librispeech(path: Path, options: Options) -> list[EvalItem]:
         raise DatasetError(f"{path} holds no SPEAKER/CHAPTER/*.trans.txt: give a split folder such as LibriSpeech/test-clean")
     items = []
     for trans in transcripts:
-        for line in trans.read_text(encoding="utf-8-sig").splitlines():
+        with utf8_text(trans):
+            lines = trans.read_text(encoding="utf-8-sig").splitlines()
+        for line in lines:
             if not line.strip():
                 continue
             utt, _, text = line.partition(" ")
@@ -79,7 +82,7 @@ def read_commonvoice(path: Path, options: Options) -> list[EvalItem]:
     locale = folder.name
     language = options.language or COMMONVOICE_LANGUAGES.get(locale, locale.split("-")[0])
     items = []
-    with open(tsv, encoding="utf-8-sig", newline="") as f:
+    with open(tsv, encoding="utf-8-sig", newline="") as f, utf8_text(tsv):
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if not reader.fieldnames or not {"path", "sentence"} <= set(reader.fieldnames):
             raise DatasetError(f"{tsv}: expected Common Voice columns 'path' and 'sentence', got {reader.fieldnames}")
@@ -108,7 +111,7 @@ def read_fleurs(path: Path, options: Options) -> list[EvalItem]:
     # en_us -> en; a three-letter code with no two-letter one (fil, ast, kam) stays as it is, not cut to another
     language = options.language or FLEURS_LANGUAGES.get(prefix, prefix)
     items = []
-    with open(tsv, encoding="utf-8-sig", newline="") as f:
+    with open(tsv, encoding="utf-8-sig", newline="") as f, utf8_text(tsv):
         for number, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
             if len(row) < 3:
                 raise DatasetError(f"{tsv}:{number}: expected the Fleurs columns {', '.join(FLEURS_COLUMNS)}")
@@ -141,7 +144,9 @@ def read_aishell2(path: Path, options: Options) -> list[EvalItem]:
 
 def _kaldi_lines(path: Path) -> list[tuple[str, str]]:
     rows = []
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
+    with utf8_text(path):
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    for line in lines:
         if line.strip():
             key, *value = re.split(r"\s+", line.strip(), maxsplit=1)
             rows.append((key, value[0] if value else ""))

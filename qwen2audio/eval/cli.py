@@ -126,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     task = get_task(args.task)
     check_data(args.data)
-    options = Options(language=args.language, split=args.split, pair=args.pair, prompt_style=args.prompt_style)
+    from ..text.languages import check_language
+
+    language = None if args.language is None else check_language(args.language, "--language")  # zh-CN -> zh
+    options = Options(language=language, split=args.split, pair=args.pair, prompt_style=args.prompt_style)
     items = task.read(args.data, options)
     if args.limit is not None:
         items = items[: max(0, args.limit)]

@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .tasks import DatasetError, EvalItem, Options, Task, require_file, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_file, use_chat, utf8_text
 
 
 def read_lines(path: Path) -> list[tuple[int, dict]]:
     require_file(path, "give the JSONL file")
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8-sig") as f, utf8_text(path):
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -209,6 +209,10 @@ def _token_word(token: str, vocab: dict[str, str]) -> str:
 
 def get_metric(name: str) -> Metric:
     kind, _, language = name.partition(":")
+    if kind in ("wer", "bleu") and language:  # EN, zh-CN: the code the normalisers and tokenizers know
+        from ..text.languages import check_language
+
+        language = check_language(language, f"metric {name!r}: the language")
     if kind == "wer":
         language = language or "en"
         label = "CER %" if language in CHARACTER_LANGUAGES else "WER %"

@@ -7,6 +7,7 @@ belongs to (`source`, reported separately) and the name of its metric.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import importlib
@@ -87,6 +88,16 @@ def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DatasetError(f"{path} not found: {what}")
     return path
+
+
+@contextlib.contextmanager
+def utf8_text(path: Path):
+    """Reading a dataset's text file: bytes that are not UTF-8 are a DatasetError naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: holds bytes that are not UTF-8 text ({err.reason}: {err.object[err.start:err.end]!r}); "
+                           "save it as UTF-8") from None
 
 
 def read_json(path: Path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..text.languages import language_code
 from .jsonl import read_official
-from .tasks import DatasetError, EvalItem, Options, Task, require_dir, row_values, use_chat
+from .tasks import DatasetError, EvalItem, Options, Task, require_dir, row_values, use_chat, utf8_text
 
 TRANSLATION_PROMPT = "Detect the language and translate the speech into {target}: <|{source}|>"
 # Target language names in the prompt. "Mandarin" for Chinese follows the Qwen2-Audio examples.
@@ -61,7 +61,7 @@ def read_covost2(path: Path, options: Options) -> list[EvalItem]:
     items = []
     for tsv, src, tgt in _split_files(path, options):
         folder = tsv.parent
-        with open(tsv, encoding="utf-8-sig", newline="") as f:
+        with open(tsv, encoding="utf-8-sig", newline="") as f, utf8_text(tsv):
             reader = csv.DictReader(f, **SPLIT_FILE_FORMAT)
             if not reader.fieldnames or not {"path", "translation"} <= set(reader.fieldnames):
                 raise DatasetError(f"{tsv}: expected columns path, sentence, translation, client_id; got {reader.fieldnames}")
