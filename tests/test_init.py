@@ -678,3 +678,15 @@ def test_a_safetensors_file_whose_length_starts_like_a_pickle_is_not_taken_for_o
         _encoder_kind(tmp_path / "model.safetensors")
     torch.save({"x": torch.zeros(1)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     assert _encoder_kind(tmp_path / "legacy.pt") == "openai"
+
+
+def test_a_damaged_encoder_is_named_before_the_llm_is_loaded(ct2_bin, qwen2_tied, tmp_path, monkeypatch):
+    """The encoder was read after the whole LLM was dequantised: minutes, with a 7B, before a bad --encoder
+    file was named."""
+    from qwen2audio.checkpoint import importers
+    from qwen2audio.errors import CheckpointError
+
+    monkeypatch.setattr(importers, "load_llm", lambda *a, **k: pytest.fail("the LLM was loaded first"))
+    cut = _cut_copy(ct2_bin, tmp_path / "model.bin", ct2_bin.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match="model.bin is truncated"):
+        init_checkpoint(cut, qwen2_tied[1], tmp_path / "o")

@@ -186,11 +186,14 @@ def assemble_checkpoint(encoder: str | Path, llm: str | Path, tokenizer: str | P
     tok, added = add_audio_tokens(tok)
 
     target = resolve_dtype(dtype)
+    # the encoder first, as stored (small beside the LLM): a bad --encoder file is told before the LLM's
+    # minutes of loading; cast below, once the LLM says what "auto" is
+    audio_cfg, audio_state = load_encoder(encoder, None)
     text_cfg, text_state = load_llm(llm, target, gguf_reader=gguf_reader)
     del gguf_reader  # unmaps the file
     embed = text_state["model.embed_tokens.weight"]  # (V, hidden)
     target = target or embed.dtype
-    audio_cfg, audio_state = load_encoder(encoder, target)
+    audio_state = {k: v.to(target) for k, v in audio_state.items()}
 
     rows_before = embed.shape[0]
     if n_known > rows_before:
