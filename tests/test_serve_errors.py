@@ -150,6 +150,17 @@ def test_an_invalid_field_is_named_with_what_it_should_be(url, field, raw, said)
     assert error["message"].startswith(said), error
 
 
+def test_a_part_of_a_type_the_server_does_not_take_is_named_plainly_and_a_signed_seed_is_taken(url):
+    body = {"model": "fake", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}
+    error = assert_openai_error(httpx.post(url + "/v1/chat/completions", json=body, timeout=30), 400, None,
+                                "messages[0].content[0]")
+    assert error["message"] == ("messages[0].content[0]: 'type' image_url is not supported; expected one of 'text', "
+                                "'input_audio', 'audio_url'"), error
+    assert httpx.post(url + "/v1/chat/completions", json=chat_body(seed=-1, temperature=1.0),
+                      timeout=30).status_code == 200  # OpenAI's seed is any signed 64-bit integer
+
+
 def test_unknown_fields_are_ignored(url):
     response = httpx.post(url + "/v1/chat/completions", json=chat_body(user="me", metadata={"a": 1},
                                                                         frequency_penalty=0, temperature=None))

@@ -228,6 +228,24 @@ def test_cors_is_off_unless_an_origin_is_allowed():
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"
         listed = httpx.get(url + "/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
         assert listed.headers["access-control-expose-headers"] == "X-Audio-Warning"  # a page there may read it
+        sdk = {**preflight, "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,"
+                                                             "x-stainless-retry-count,openai-organization"}
+        assert httpx.options(url + "/v1/chat/completions", headers=sdk).status_code == 200  # OpenAI's browser SDK
+
+
+def test_an_unexpected_error_reaches_a_browser_with_its_cors_headers():
+    """The app's handler of unexpected errors runs outside the CORS middleware: a browser saw an opaque
+    network error instead of the 500's body."""
+    class Broken(FakeBackend):
+        def chat(self, *args, **kwargs):
+            raise TypeError("a bug")
+
+    app, _ = fake_app(Broken(), cors_origins=("https://app.example",))
+    with running(app) as url:
+        response = httpx.post(url + "/v1/chat/completions", json={"model": "fake", "messages": [
+            {"role": "user", "content": "hi"}]}, headers={"Origin": "https://app.example"}, timeout=30)
+    assert response.status_code == 500 and response.headers["access-control-allow-origin"] == "https://app.example"
+    assert response.json()["error"]["message"] == "internal error (TypeError); see the server's log"
 
 
 def sse_events(url: str, body: dict) -> list[dict]:
@@ -316,3 +334,29 @@ def test_a_full_queue_refuses_before_decoding_the_audio(endpoint, monkeypatch):
         for box in (first, second):
             box["thread"].join(WAIT)
             assert box["response"].status_code == 200
+
+
+def test_a_failed_choice_of_a_whole_answer_stops_its_other_choices():
+    """n=2, not streamed: the first choice's generation fails; the second kept its slot until max_tokens
+    (the streamed path stopped it)."""
+    class OneFails(FakeBackend):
+        answered = 0
+
+        def _answer(self, handle):
+            self.answered += 1
+            if self.answered == 1:
+                with self._lock:
+                    self._waiting.remove(handle)
+                    self._live.discard(handle)
+                handle.fail(RuntimeError("boom"))
+                return
+            super()._answer(handle)
+
+    backend = OneFails(words=["w"] * 200, delay=0.02)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        response = httpx.post(url + "/v1/chat/completions", json={
+            "model": "fake", "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 1.0,
+            "max_tokens": 150}, timeout=30)
+        assert response.status_code == 500
+        wait_until(lambda: len(backend.cancelled) == 1 and not backend._live, "the other choice to stop", seconds=2)

@@ -114,7 +114,8 @@ def create_app(state: ServerState, settings: Settings) -> FastAPI:
     app.add_middleware(Guard, state=state, settings=settings, metrics=metrics)
     if settings.cors_origins:  # outside Guard: preflight requests carry no API key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], expose_headers=[WARNING_HEADER])
+                           # any request header: OpenAI's browser SDK sends X-Stainless-* and OpenAI-* ones
+                           allow_headers=["*"], expose_headers=[WARNING_HEADER])
     return app
 
 
@@ -199,8 +200,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal(request: Request, err: Exception) -> Response:
         log.exception("unexpected error answering %s %s", request.method, request.url.path, exc_info=err)
-        return JSONResponse(error_body(f"internal error ({type(err).__name__}); see the server's log", SERVER_ERROR),
-                            status_code=500)
+        return internal_error(err)
+
+
+def internal_error(err: Exception) -> Response:
+    return JSONResponse(error_body(f"internal error ({type(err).__name__}); see the server's log", SERVER_ERROR),
+                        status_code=500)
 
 
 class BodyTooLarge(APIError):
@@ -224,11 +229,12 @@ class Guard:
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
         status = CLIENT_CLOSED  # unless a response starts
+        started = False
 
         async def send_status(message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
@@ -237,9 +243,14 @@ class Guard:
                 await JSONResponse(refusal.body(), refusal.status, refusal.headers)(scope, receive, send_status)
             else:
                 await self.app(scope, self._limited(receive) if path.startswith(API_PREFIX) else receive, send_status)
-        except Exception:
+        except Exception as err:
             status = 500
-            raise
+            if started:
+                raise
+            # answered here, inside the CORS middleware (the app's own handler runs outside it): a browser
+            # reads this body rather than an opaque network error
+            log.exception("unexpected error answering %s %s", scope.get("method"), path, exc_info=err)
+            await internal_error(err)(scope, receive, send)
         finally:
             self.metrics.requests.inc(endpoint, str(status))
             self.metrics.latency.observe(time.monotonic() - arrived, endpoint)

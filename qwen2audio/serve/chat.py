@@ -108,7 +108,8 @@ def sampling(req: fmt.ChatCompletionRequest, checkpoint: dict[str, Any], cap: in
     name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     if asked is not None and asked > cap:
         raise bad_request(f"{name} is {asked}, more than this server's limit of {cap} tokens", name)
-    given = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
+    seed = None if req.seed is None else req.seed % (fmt.MAX_SEED + 1)  # OpenAI's seeds are signed
+    given = {"temperature": req.temperature, "top_p": req.top_p, "seed": seed,
              "repetition_penalty": req.repetition_penalty,
              "top_k": None if req.top_k is None else max(req.top_k, 0),
              "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
@@ -252,6 +253,8 @@ async def _whole(request: Request, answer: _Answer, handles: list[Handle]) -> Re
     try:
         texts = await watching(request, handles, read_all)
     except Exception as err:  # noqa: BLE001 - mapped to its answer
+        for handle in handles:  # the request's other choices: their slots go now, not at max_tokens
+            handle.cancel()
         raise request_error(err, answer.tokens_field) from None
     finally:
         answer.done(readers)

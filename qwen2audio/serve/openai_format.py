@@ -72,7 +72,7 @@ class ChatCompletionRequest(_Model):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)  # any signed 64-bit integer, as OpenAI's
     n: int | None = Field(1, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(None, allow_inf_nan=False)  # only 0 is supported (chat.py)
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)  # only 0 is supported
@@ -102,6 +102,12 @@ def validation_error(err: ValidationError) -> APIError:
     if first["type"] == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {first['msg']}", None, "invalid_json")
     message = first["msg"]
+    if first["type"] == "union_tag_invalid":  # a part of a type this server does not take: that alone
+        context = first.get("ctx") or {}
+        tag = context.get("tag", "?")
+        message = (f"{context.get('discriminator', 'type')} {tag} is not supported; expected one of "
+                   f"{context.get('expected_tags', '')}")
+        return bad_request(f"{param}: {message}", param or None)
     same = [e for e in errors if _param(e["loc"]) == param]
     if _type_error(first) and all(_type_error(e) for e in same):  # no branch fits: name them all
         message = "Input should be " + " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ")
