@@ -304,16 +304,17 @@ def _decode(source, label: str, local_hints: bool = True) -> tuple[np.ndarray, i
         if not text:
             raise AudioError("the path is empty; pass the path of an audio file")
         path = Path(source)
+        unstatable = None  # why the path cannot even be looked up (a name too long for the file system)
         try:
-            exists, problem = path.exists(), "the file does not exist"
-        except OSError as err:  # a name too long for the file system, a path it cannot stat
-            exists, problem = False, f"cannot be read as a path ({err.strerror})"
+            exists = path.exists()
+        except OSError as err:
+            exists, unstatable = False, err.strerror
         if not exists and (text.lower().startswith("data:") or _BASE64_TEXT.fullmatch(text.strip())):
             raise AudioError(f"{label}: is base64 text (or a data: URL), not a path; decode it first and pass "
                              "the bytes: load_audio(base64.b64decode(text)) (for a data: URL, the part after the "
                              "comma)")
-        if problem != "the file does not exist":
-            raise AudioError(f"{label}: {problem}; pass the path of an audio file")
+        if unstatable is not None:
+            raise AudioError(f"{label}: cannot be read as a path ({unstatable}); pass the path of an audio file")
         if not exists:
             if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(source)):
                 raise AudioError(f"{label}: is a URL; load_audio reads local files only: download it first, "
