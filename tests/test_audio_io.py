@@ -436,7 +436,7 @@ def test_a_flac_file_cut_short_decodes_as_far_as_it_goes_with_a_warning(tmp_path
     assert np.array_equal(samples, whole[: len(samples)])  # the start of the recording, exactly
     message = str(caught[0].message)
     assert message.startswith(f"{cut}: the file is cut short")
-    assert f"promises {len(whole)} frames (10.00 s)" in message and f"only {len(samples)} could be decoded" in message
+    assert f"promises {len(whole)} frames (10.00 s)" in message and f"only {len(samples)} frames could be decoded" in message
 
     with pytest.warns(AudioWarning, match=r"<bytes: \d+ bytes>: the file is cut short"):
         assert np.array_equal(load_audio(cut.read_bytes()), samples)
@@ -531,3 +531,61 @@ def test_16_bit_samples_in_an_int32_array_are_warned_about():
         load_audio(tone.astype(np.int32) << 16, sample_rate=16_000)  # real 32-bit PCM
         load_audio(np.zeros(16_000, np.int32), sample_rate=16_000)  # silence
         load_audio(tone, sample_rate=16_000)
+
+
+def _compressed(kind: str, seconds: float = 4.0) -> bytes:
+    """A tone as Ogg/Opus or MP3 (libsndfile, Xing header) or WebM/Opus (FFmpeg, Duration in its Info)."""
+    tone = sine(TONE_HZ, seconds, SAMPLE_RATE, channels=2)
+    if kind == "webm":
+        return encode_with_pyav(tone, SAMPLE_RATE, "webm", "libopus", 48000)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, tone, SAMPLE_RATE, format="OGG" if kind == "opus" else "MP3",
+                    subtype="OPUS" if kind == "opus" else "MPEG_LAYER_III")
+    if kind == "mp3 after cover art":  # an ID3v2 tag larger than the first read (a picture), 0 bytes of padding
+        size = 200_000
+        tag = b"ID3\x04\x00\x00" + bytes((size >> shift) & 0x7F for shift in (21, 14, 7, 0)) + bytes(size)
+        return tag + buffer.getvalue()
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["opus", "mp3", "mp3 after cover art", "webm"])
+def test_a_compressed_file_cut_short_is_used_with_a_warning(tmp_path, kind):
+    """An interrupted download of an Ogg, MP3 or WebM file decoded silently to the part that arrived (half a
+    clip transcribed as if whole): an Ogg stream's missing last page, MP3's Xing frame count and WebM's
+    Duration say that audio is missing."""
+    data = _compressed(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AudioWarning)  # the whole file: no warning
+        assert len(load_audio(data)) >= 3.9 * SAMPLE_RATE
+    cut = tmp_path / f"cut.{kind[:4]}"
+    cut.write_bytes(data[:(len(data) + (200_010 if "cover" in kind else 0)) // 2])
+    with pytest.warns(AudioWarning, match=rf"cut\.{kind[:4]}: the file is cut short: .* but only \d+ frames could be "
+                                          r"decoded \([\d.]+ s\); using those"):
+        samples = load_audio(cut)
+    assert 0.5 * SAMPLE_RATE < len(samples) < 3.0 * SAMPLE_RATE
+    assert abs(dominant_hz(samples) - TONE_HZ) < 5
+
+
+def test_an_ogg_file_cut_before_its_first_audio_says_so(tmp_path):
+    """Cut inside its headers, the file was called corrupt or unsupported; what happened is that it is cut short."""
+    with pytest.raises(AudioError, match=r"the file is cut short: it ends before the last page of its Ogg stream "
+                                         r"but no audio could be decoded"):
+        load_audio(_compressed("opus")[:200])
+
+
+def test_streams_whose_length_is_open_are_not_called_cut_short():
+    """A live WebM recording (a browser's MediaRecorder) has no Duration; an Ogg file with bytes after its last
+    page, or an MP3 without a Xing header, promise nothing either. Such an MP3 (VBR) was decoded by libsndfile
+    only as far as its first frame's bitrate made it last (0.6 of 4 s, silently): it goes to FFmpeg first."""
+    webm = bytearray(_compressed("webm"))
+    duration = webm.find(b"\x44\x89\x88")  # Duration, an 8-byte float: turned into a Void element of 11 bytes
+    assert duration > 0
+    webm[duration:duration + 3] = b"\xec\x89\x00"
+    ogg = _compressed("opus") + b"ID3 trailing bytes"
+    mp3 = _compressed("mp3")
+    assert mp3.find(b"Xing") < 64
+    mp3 = mp3[mp3.find(mp3[:2], 4):]  # from its second frame: without the Xing/Info frame
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AudioWarning)
+        for data in (bytes(webm), ogg, bytes(mp3)):
+            assert len(load_audio(data)) >= 3.9 * SAMPLE_RATE

@@ -12,8 +12,9 @@ to mono, and the rate is converted to 16 kHz with soxr's high-quality polyphase 
 anti-aliasing filter; linear interpolation would fold everything above 8 kHz back into the speech
 band). Every failure raises `AudioError`, naming the source, the problem and what to do about it.
 
-A file cut short (an interrupted download or recording) whose header states its length (FLAC, WAV) is
-decoded as far as it goes, with an `AudioWarning` naming the file and the frames promised and read:
+A file cut short (an interrupted download or recording) whose structure says so (FLAC's and WAV's
+stated length, MP3's Xing frame count, WebM/Matroska's Duration, an Ogg stream that ends before its last
+page) is decoded as far as it goes, with an `AudioWarning` naming the file and what was promised and read:
 what is there is the start of the recording, which is usually what the user wants (the transcript of
 the first 55 of 60 seconds); `warnings.simplefilter("error", AudioWarning)` makes it an error instead.
 
@@ -406,6 +407,139 @@ def _read_with_pyav(file) -> tuple[np.ndarray, int]:
     return samples, rate
 
 
+class _Promise:
+    """What a compressed file's own structure says of its length: `seconds` promised (MP3's Xing/Info frame
+    count, WebM/Matroska's Duration) or, where only its end is marked (an Ogg stream's last page), None."""
+
+    def __init__(self, seconds: float | None, what: str, slack: float = 0.0):
+        self.seconds, self.what, self.slack = seconds, what, slack
+
+    def broken(self, read_seconds: float) -> bool:
+        return self.seconds is None or read_seconds < self.seconds - self.slack
+
+
+def _inspect_container(open_file: Callable[[], Any]) -> tuple[_Promise | None, tuple]:
+    """(The promise of an Ogg, MP3 or WebM/Matroska file, which its data does not keep when the file was cut
+    short, e.g. by an interrupted download: None for other formats or where the file promises nothing;
+    the decoders to try, in order)."""
+    try:
+        file = open_file()
+        with open(file, "rb") if isinstance(file, str) else file as handle:
+            data = handle.read(1 << 16)
+            if data[:4] == b"OggS":  # its pages are walked to the end
+                data += handle.read()
+            elif data[:3] == b"ID3" and len(data) >= 10:  # an MP3's tag (cover art: often > 64 KiB) first
+                data += handle.read(max(0, _id3_size(data) + 4096 - len(data)))
+    except OSError:
+        return None, DECODERS
+    if data[:4] == b"OggS":
+        return _ogg_promise(data), DECODERS
+    if data[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska / WebM
+        return _matroska_promise(data), DECODERS
+    promise = _mp3_promise(data)
+    if promise is _UNCOUNTED:  # libsndfile stops such a file where the first frame's bitrate says it ends
+        return None, DECODERS[::-1]
+    return promise, DECODERS
+
+
+def _ogg_promise(data: bytes) -> _Promise | None:
+    """An Ogg file is whole when its pages run to the end of the data and the last one ends its stream."""
+    pos, last_flags = 0, 0
+    while pos + 27 <= len(data) and data[pos:pos + 4] == b"OggS":
+        segments = data[pos + 26]
+        if pos + 27 + segments > len(data):
+            break
+        end = pos + 27 + segments + sum(data[pos + 27:pos + 27 + segments])
+        if end > len(data):
+            break
+        pos, last_flags = end, data[pos + 5]
+    if pos == len(data) and last_flags & 0x04:  # the end-of-stream flag
+        return None
+    if not b"OggS".startswith(data[pos:pos + 4]):
+        return None  # not Ogg pages all the way (something appended): nothing we can judge
+    return _Promise(None, "it ends before the last page of its Ogg stream")
+
+
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+_UNCOUNTED = _Promise(None, "an MP3 without a frame count")  # promises nothing; see _inspect_container
+
+
+def _id3_size(data: bytes) -> int:
+    """The bytes of an ID3v2 tag at the start of data: its header, a synchsafe size, a footer if flagged."""
+    return 10 + sum((data[6 + i] & 0x7F) << (7 * (3 - i)) for i in range(4)) + (10 if data[5] & 0x10 else 0)
+
+
+def _mp3_promise(data: bytes) -> _Promise | None:
+    """MP3 with a Xing/Info header (LAME and most encoders write one): its count of frames; _UNCOUNTED for
+    MP3 without one; None for data that does not start as MP3."""
+    pos = _id3_size(data) if data[:3] == b"ID3" and len(data) >= 10 else 0
+    if pos + 4 > len(data) or data[pos] != 0xFF or data[pos + 1] & 0xE0 != 0xE0:
+        return None
+    version, layer, rate_index = (data[pos + 1] >> 3) & 3, (data[pos + 1] >> 1) & 3, (data[pos + 2] >> 2) & 3
+    if layer != 1 or version not in _MP3_RATES or rate_index == 3:  # Layer III only
+        return None
+    mono = data[pos + 3] >> 6 == 3
+    side_info = (17 if mono else 32) if version == 3 else (9 if mono else 17)
+    tag = pos + 4 + side_info
+    if data[tag:tag + 4] not in (b"Xing", b"Info") or len(data) < tag + 12:
+        return _UNCOUNTED
+    if not int.from_bytes(data[tag + 4:tag + 8], "big") & 1:  # the frame count is optional
+        return _UNCOUNTED
+    frames = int.from_bytes(data[tag + 8:tag + 12], "big")
+    per_frame = 1152 if version == 3 else 576
+    rate = _MP3_RATES[version][rate_index]
+    # decoders drop the encoder's delay and padding (under 3 frames' worth) and count the tag frame or not
+    return _Promise(frames * per_frame / rate, f"its Xing header promises {frames * per_frame / rate:.2f} s",
+                    slack=4 * per_frame / rate) if frames else _UNCOUNTED
+
+
+def _ebml_number(data: bytes, pos: int, is_size: bool) -> tuple[int, int]:
+    """An EBML variable-length integer at pos: (value, next position); an element id keeps its marker bit."""
+    first = data[pos]
+    length = 8 - first.bit_length() + 1
+    if first == 0 or pos + length > len(data):
+        raise ValueError("not EBML")
+    value = int.from_bytes(data[pos:pos + length], "big")
+    return (value & ((1 << (7 * length)) - 1) if is_size else value), pos + length
+
+
+def _matroska_promise(data: bytes) -> _Promise | None:
+    """WebM/Matroska whose segment Info states its Duration (a browser's live recording leaves it out)."""
+    try:
+        _, pos = _ebml_number(data, 0, is_size=False)  # the EBML header: skipped
+        size, pos = _ebml_number(data, pos, is_size=True)
+        segment, pos = _ebml_number(data, pos + size, is_size=False)
+        if segment != 0x18538067:
+            return None
+        _, pos = _ebml_number(data, pos, is_size=True)  # the Segment's size: often left open
+        while True:  # its first children: SeekHead, Info, Tracks, ... up to the first Cluster
+            element, pos = _ebml_number(data, pos, is_size=False)
+            size, pos = _ebml_number(data, pos, is_size=True)
+            if element == 0x1549A966:  # Info
+                break
+            if element == 0x1F43B675:  # a Cluster: the audio began and no Info came before it
+                return None
+            pos += size
+        end, scale, duration = min(pos + size, len(data)), 1_000_000, None
+        while pos < end:
+            element, pos = _ebml_number(data, pos, is_size=False)
+            size, pos = _ebml_number(data, pos, is_size=True)
+            payload = data[pos:pos + size]
+            if element == 0x2AD7B1:  # TimestampScale, nanoseconds per tick
+                scale = int.from_bytes(payload, "big") or scale
+            elif element == 0x4489 and size in (4, 8):  # Duration, in ticks
+                duration = float(np.frombuffer(payload, dtype=">f4" if size == 4 else ">f8")[0])
+            pos += size
+    except (ValueError, IndexError):
+        return None
+    if not duration or not np.isfinite(duration) or duration <= 0:
+        return None
+    seconds = duration * scale / 1e9
+    return _Promise(seconds, f"its header promises {seconds:.2f} s", slack=0.1)  # Opus frames: 20 ms, rounding
+
+
 def _declared_frames(open_file: Callable[[], Any]) -> int | None:
     """The number of frames the file's header promises, where that number is exact; else None."""
     try:
@@ -446,13 +580,14 @@ def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.
     """Try each decoder on a fresh handle; one that decodes zero samples counts as failing too."""
     failures = []
     declared = _declared_frames(open_file)
-    for decoder_name, read in DECODERS:
+    promise, decoders = (None, DECODERS) if declared is not None else _inspect_container(open_file)
+    for decoder_name, read in decoders:
         try:
             samples, rate = read(open_file())
         except _NoAudioStream:
             raise AudioError(f"{label}: the file holds no audio stream; pass a file with sound in it") from None
         except _CutShort as cut:
-            if declared is None:  # nothing says how much is missing: count it as unreadable, as before
+            if declared is None and promise is None:  # nothing says audio is missing: unreadable, as before
                 failures.append(f"{decoder_name}: {cut}")
                 continue
             samples, rate = cut.samples, cut.rate
@@ -461,9 +596,15 @@ def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.
             continue
         if samples.size > 0:
             if declared is not None and samples.shape[0] < declared:
-                _warn_cut_short(label, declared, samples.shape[0], rate)
+                _warn_cut_short(label, f"its header promises {declared} frames ({declared / rate:.2f} s)",
+                                samples.shape[0], rate)
+            elif promise is not None and promise.broken(samples.shape[0] / rate):
+                _warn_cut_short(label, promise.what, samples.shape[0], rate)
             return samples, rate
         failures.append(f"{decoder_name}: no samples")
+    if promise is not None and promise.broken(0.0):  # a damaged start would fail to decode the same way
+        raise AudioError(f"{label}: the file is cut short: {promise.what} but no audio could be decoded before "
+                         "its end; copy or download it again")
     if all(failure.endswith(": no samples") for failure in failures):
         if declared:  # the header promised frames and none follow: the data was lost, not an empty recording
             raise AudioError(f"{label}: the file is cut short: its header promises {declared} frames but holds "
@@ -476,8 +617,7 @@ def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.
     )
 
 
-def _warn_cut_short(label: str, declared: int, read: int, rate: int) -> None:
+def _warn_cut_short(label: str, promise: str, read: int, rate: int) -> None:
     _audio_warning(
-        f"{label}: the file is cut short: its header promises {declared} frames ({declared / rate:.2f} s) but "
-        f"only {read} could be decoded ({read / rate:.2f} s); using those. Copy or download the file again "
-        "for the rest", stacklevel=5)  # the caller of load_audio
+        f"{label}: the file is cut short: {promise} but only {read} frames could be decoded ({read / rate:.2f} s); "
+        "using those. Copy or download the file again for the rest", stacklevel=5)  # the caller of load_audio
