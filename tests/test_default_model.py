@@ -557,6 +557,29 @@ def test_combining_stages_is_their_sum():
     assert same.scale == 2.0 and torch.equal(same.lora["w"][1], torch.cat([b1, b2], dim=1))  # unscaled
 
 
+def test_a_weight_trained_in_full_after_lora_on_it_is_not_adapted_twice():
+    """Align with encoder_lora, then pre-training of the whole encoder: the second run's weight started from
+    the first's merged adapters (W + s B A), so the assembled model is that weight, with no adapter on top."""
+    from qwen2audio.demo.deltas import apply_deltas
+    from qwen2audio.training.lora import merge_lora_state_dict
+
+    gen = torch.Generator().manual_seed(0)
+    w, a1, b1, a2, b2 = (torch.randn(shape, generator=gen) for shape in [(5, 6), (2, 6), (5, 2), (3, 6), (5, 3)])
+    merged = merge_lora_state_dict({"w.weight": w, "w.lora_A": a1, "w.lora_B": b1}, 2.0)["w.weight"]
+    trained = merged + 0.01 * torch.randn(5, 6, generator=gen)  # the second run's whole weight
+    stages = [({"w.lora_A": a1, "w.lora_B": b1}, 2.0), ({"w.weight": trained}, None)]
+    deltas = combine_stages(stages)
+    assert deltas.lora == {}
+    state = {"w.weight": w.clone()}
+    apply_deltas(state, deltas, "test")
+    torch.testing.assert_close(state["w.weight"], trained)
+    # and LoRA of a third run on it stacks on the full weight
+    deltas = combine_stages(stages + [({"w.lora_A": a2, "w.lora_B": b2}, 2.0)])
+    state = {"w.weight": w.clone()}
+    apply_deltas(state, deltas, "test")
+    torch.testing.assert_close(state["w.weight"], trained + 2.0 * b2 @ a2)
+
+
 def test_deltas_over_the_package_budget_or_float16_range_are_refused(installed, runs, tmp_path):
     one, _ = runs
     with pytest.raises(DeltasError, match=r"the deltas take 0\.\d MiB, over the 0 MiB the package may carry "

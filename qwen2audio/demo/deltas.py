@@ -14,7 +14,8 @@ Its metadata (``__metadata__["qwen2audio.deltas"]``, JSON) holds the format vers
 
 ``export_deltas`` writes such a file from training checkpoints; several runs in stage order (e.g.
 pre-training then SFT) are chained: a later tensor replaces an earlier one, and the LoRA adapters of
-all stages are stacked (W + s1 B1 A1 + s2 B2 A2 is one adapter of rank r1 + r2).
+all stages are stacked (W + s1 B1 A1 + s2 B2 A2 is one adapter of rank r1 + r2); a weight a later stage
+trains in full replaces the earlier adapters on it too (it started from them, merged).
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ def combine_stages(stages: list[tuple[dict[str, torch.Tensor], float | None]]) -
     tensors: dict[str, torch.Tensor] = {}
     adapters: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for trained, scale in stages:
+        for key in trained:  # a weight trained in full holds the earlier stages' adapters on it, merged
+            if not key.endswith((LORA_A, LORA_B)):
+                adapters.pop(key.removesuffix(".weight"), None)
         for key, value in trained.items():
             if key.endswith(LORA_A):
                 stem = key[: -len(LORA_A)]
