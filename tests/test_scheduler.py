@@ -513,6 +513,25 @@ def test_a_beam_search_streams_what_its_beams_agree_on_waits_for_slots_and_frees
         sched.submit(first, beams(6, 4))
 
 
+def test_a_slot_no_beam_ran_in_is_not_reused_as_holding_the_prompt(engine):
+    """Beam sampling whose filters leave fewer candidates than beams at its first step (top_k 1: each beam
+    keeps 3 tokens, so 3 beams of 4) ends with a slot no beam ran in, which holds the idle rows' writes: a
+    later request sharing the prompt must not reuse it as the prompt (it reused its first position, and
+    answered otherwise than alone)."""
+    question = prepare(engine, messages("What is this sound, tell me"))
+    want = alone(engine, question, greedy(8, ignore_eos=True)).token_ids
+    sched = inline(engine, max_slots=8)
+    talk = sched.submit(prepare(engine, messages("Keep talking.")), greedy(40))  # keeps the cache in use
+    next(talk.events())
+    sampled = beams(2, 4, temperature=1.0, top_k=1, seed=0)
+    sched.submit(prepare(engine, messages("What is this sound, tell me")), sampled).wait()
+    later = [sched.submit(prepare(engine, messages("What is this sound, tell me")), greedy(8, ignore_eos=True))
+             for _ in range(4)]  # the beams' slots first, then the best of the rest
+    assert [stream.wait().token_ids for stream in later] == [want] * 4
+    assert sorted(stream.result.cached_tokens for stream in later) == [0] + [len(question.token_ids) - 1] * 3
+    talk.cancel()
+
+
 def test_a_deadline_ends_a_request_with_timeout_running_or_waiting(engine):
     clock = Clock()
     sched = inline(engine, max_slots=1, clock=clock)

@@ -844,12 +844,15 @@ class Scheduler:
 
     def _release_slot(self, r: _Request, keep: bool) -> None:
         """A finished request's slot: the session's again (holding what was cached), or free. A beam
-        search's slots are freed, each holding the prompt (which every beam's slot starts with)."""
+        search's slots are freed, each that a beam has run in holding the prompt (which every beam's slot
+        starts with); a slot no beam ran in yet (beam sampling whose first steps kept fewer beams than
+        slots) holds only the idle rows' writes, and is forgotten."""
         if r.search is not None:
+            holding = r.prompt_slots or {r.slots[0]}
             for slot in r.slots:
                 self._owner[slot] = None
                 held = min(self._lengths[slot], len(r.prepared.token_ids))
-                if keep:  # (a beam's slot holds the prompt once the first step has filled it)
+                if keep and slot in holding:  # (filled by the prefill, or by a copy of a beam that holds it)
                     self._hold(slot, r.prepared.token_ids[:held], r.prepared.audio_keys)
                 else:
                     self._forget(slot)
