@@ -253,6 +253,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "transcribe":
         check_cut_args(args)
         _check_transcript_output(args)
+        if not any(Path(path).is_file() for path in args.files):  # said now, not after loading the model
+            raise FileNotFoundError("nothing to transcribe: " + "; ".join(
+                f"{path}: " + ("a folder, not an audio file" if Path(path).is_dir() else "no such file")
+                for path in args.files))
     sampling = _sampling_kwargs(args)
     SamplingParams(**sampling)  # the flags' own values, told before a model is loaded for minutes
     if args.command == "chat":

@@ -622,7 +622,9 @@ def test_bad_flags_and_missing_audio_are_told_before_the_model_loads(audio, tmp_
                           (["chat", "--prompt", "hi", "--seed", "99999999999999999999999"], "seed must be between"),
                           (["chat", "--audio", str(tmp_path / "gone.wav"), "--prompt", "hi"], "gone.wav: no such file"),
                           (["chat", "--audio", str(tmp_path), "--prompt", "hi"], "a folder, not an audio file"),
-                          (["transcribe", audio["wav"], "--top-k", "-1"], "top_k must be >= 0")):
+                          (["transcribe", audio["wav"], "--top-k", "-1"], "top_k must be >= 0"),
+                          (["transcribe", str(tmp_path / "gone.wav"), str(tmp_path / "gone.mp3")],
+                           "nothing to transcribe: ")):
         rc, _, err = cli(capsys, monkeypatch, argv)
         assert rc == 2 and message in err, (argv, err)
 
