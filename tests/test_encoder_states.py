@@ -1,6 +1,8 @@
 """The disk cache of a frozen encoder's outputs: what it stores, when it recomputes, and that training
 from it learns what training from the audio learns."""
 
+import base64
+import json
 import os
 
 import pytest
@@ -9,7 +11,9 @@ import torch
 from qwen2audio.audio import load_audio
 from qwen2audio.audio.features import log_mel_spectrogram
 from qwen2audio.checkpoint import load_model
+from qwen2audio.data import Collator, ManifestDataset
 from qwen2audio.data.encoder_states import EncoderStateCache
+from qwen2audio.text import Tokenizer
 from training_helpers import losses, make_workspace, tiny_config, train
 
 
@@ -46,6 +50,25 @@ def test_a_clip_given_as_bytes_is_keyed_by_its_contents(workspace, tmp_path):
     assert cache.fill([data, clip], progress=False) == 2 and cache.fill([data], progress=False) == 0
     (from_bytes, n), (from_file, m) = cache.get(data), cache.get(clip)
     assert n == m and torch.equal(from_bytes[0], from_file[0])
+
+
+def test_rows_with_data_urls_read_their_states_from_the_cache(workspace, tmp_path):
+    """A manifest row whose audio is a data: URL beside rows with paths: its states are cached (keyed by the
+    bytes) and read back like the others'. Its row took log-mel features instead, and a batch holding it and
+    a row with a path stopped training ("a batch mixes encoder states and log-mel features")."""
+    model = load_model(workspace["tiny"])
+    cache = EncoderStateCache(tmp_path / "cache", model.audio_tower, model.config.audio.num_mel_bins)
+    rows = [json.loads(line) for line in workspace["pretrain"].read_text().splitlines()][:2]
+    clip = workspace["pretrain"].parent / rows[1]["audio"]
+    rows[1]["audio"] = "data:audio/wav;base64," + base64.b64encode(clip.read_bytes()).decode()
+    manifest = workspace["pretrain"].parent / "with_data_url.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tok = Tokenizer.from_dir(workspace["tiny"])
+    dataset = ManifestDataset(manifest, "pretrain", tok, model.config.audio.num_mel_bins, encoder_states=cache)
+    assert len(dataset) == 2 and cache.fill(dataset.audio_files(), progress=False) == 2
+    batch = Collator(tok.pad_id)([dataset[0], dataset[1]])
+    assert "features" not in batch and batch["audio_states"].shape[0] == 2
+    assert torch.equal(dataset[1].states[0], cache.get(str(clip))[0][0])
 
 
 def test_a_clip_reached_through_a_link_is_the_same_entry(workspace, tmp_path):

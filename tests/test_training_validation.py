@@ -138,6 +138,25 @@ def test_a_resumed_run_keeps_one_set_of_samples_per_validation_and_reports_bad_v
     assert steps == [1, 1, 2, 2, 3, 3, 4, 4]
 
 
+def test_a_val_generate_row_whose_clip_is_missing_is_skipped_and_reported(validated_run, tmp_path):
+    """A val_generate clip that is missing or unreadable stopped the run at its first validation (before that
+    step's checkpoint, and again at every resume); it is left out at the start and named, as a bad training
+    row is, and the other rows are scored."""
+    ws, gen, _, _ = validated_run
+    rows = [json.loads(line) for line in gen.read_text().splitlines()][:3]
+    rows[1]["audio"] = "audio/gone.wav"
+    broken = gen.parent / "broken.jsonl"
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    train("pretrain", model=str(ws["tiny"]), train_data=str(ws["pretrain"]), output_dir=str(out), max_steps=2,
+          save_every=2, val_generate=str(broken), val_generate_rows=3, val_max_new_tokens=3)
+    assert "val_wer" in [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    report = (out / "data_report.txt").read_text()
+    assert "broken.jsonl: 2 of 3 rows usable, 1 skipped" in report and "gone.wav: the file does not exist" in report
+    samples = [json.loads(line) for line in (out / "val_samples.jsonl").read_text().splitlines()]
+    assert [s["reference"] for s in samples] == [rows[0]["reference"], rows[2]["reference"]]
+
+
 def test_val_generate_files_need_different_names(tmp_path):
     with pytest.raises(ValueError, match="same name"):
         tiny_config("pretrain", val_generate=[str(tmp_path / "a" / "x.jsonl"), str(tmp_path / "b" / "x.jsonl")])

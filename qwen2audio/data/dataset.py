@@ -121,9 +121,10 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.encoder_states = encoder_states
         self.lengths = [ex.n_tokens for ex in self.examples]
 
-    def audio_files(self) -> list[str]:
-        """Every audio file the rows use (those given as paths), once."""
-        return sorted({a for ex in self.examples for a in ex.audios if isinstance(a, str)})
+    def audio_files(self) -> list[str | bytes]:
+        """Every audio the rows use, once: file paths, and the bytes of data: URLs (which the encoder-state
+        cache keys by their contents)."""
+        return sorted({a for ex in self.examples for a in ex.audios}, key=lambda a: (isinstance(a, bytes), a))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -132,7 +133,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         ex = self.examples[index]
-        if self.encoder_states is not None and all(isinstance(a, str) for a in ex.audios):
+        if self.encoder_states is not None:  # a batch takes states or features, never both (Collator)
             cached = [self.encoder_states.get(source) for source in ex.audios]  # [(windows, n_samples)]
             sequences = tokenize_example(ex, self.tokenizer, [n for _, n in cached])
             return Item(sequences, [], [], index, [s for windows, _ in cached for s in windows])

@@ -58,7 +58,7 @@ class EncoderStateCache:
         digest = hashlib.sha1(key.encode()).hexdigest()
         return self.root / digest[:2] / f"{digest}.safetensors"
 
-    def get(self, source: str) -> tuple[list[torch.Tensor], int]:
+    def get(self, source: str | bytes) -> tuple[list[torch.Tensor], int]:
         """The clip's encoder outputs, one (n_tokens, d_model) tensor per 30 s window (computed if missing),
         and the clip's length in 16 kHz samples (what its audio-token count follows from)."""
         path = self.path(source)
@@ -69,7 +69,7 @@ class EncoderStateCache:
             return [f.get_tensor(f"window_{i}") for i in range(len(f.keys()))], n_samples
 
     @torch.no_grad()
-    def fill(self, sources: Iterable[str], progress: bool = True, batch_size: int = FILL_BATCH) -> int:
+    def fill(self, sources: Iterable[str | bytes], progress: bool = True, batch_size: int = FILL_BATCH) -> int:
         """Compute and store the states of every clip not cached yet; returns how many were computed."""
         from tqdm import tqdm
 
@@ -88,7 +88,7 @@ class EncoderStateCache:
             lengths = frame_mask.sum(-1).long()  # (n_windows,)
             T = encoder_input_frames(int(lengths.max()), self.encoder.max_mel_frames)
             states, counts = self.encoder(feats[:, :, :T].to(device=device, dtype=dtype), lengths)
-            per_clip: dict[str, dict[str, torch.Tensor]] = {}
+            per_clip: dict[str | bytes, dict[str, torch.Tensor]] = {}
             for (clip, _), s, n in zip(windows, states, counts.tolist()):
                 tensors = per_clip.setdefault(clip, {})
                 tensors[f"window_{len(tensors)}"] = s[:n].to(STORE_DTYPE).cpu().contiguous()

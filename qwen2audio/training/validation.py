@@ -56,7 +56,7 @@ class Validator:
             from ..eval.tasks import Options
 
             for path in paths:
-                items = read_generic(Path(path), Options())[: cfg.val_generate_rows]
+                items = _hearable(read_generic(Path(path), Options())[: cfg.val_generate_rows], path, run)
                 self.items += items
                 self.sets += [Path(path).stem if len(paths) > 1 else ""] * len(items)
         self._api = None
@@ -162,6 +162,31 @@ class Validator:
             self._api = Qwen2Audio(Engine(self.run.raw_model, self.run.tokenizer, transform_weights=False),
                                    Path(self.run.cfg.model))
         return self._api
+
+
+def _hearable(items: list, path: str, run: Run) -> list:
+    """The val_generate items whose audio decodes; the others are skipped and reported (beside the manifests'
+    bad rows), as training rows are: one missing clip stopped the run at its first validation, every time."""
+    from ..audio import load_audio
+
+    kept, bad = [], []
+    for item in items:
+        try:
+            load_audio(item.audio)
+        except (ValueError, OSError) as err:  # AudioError is a ValueError
+            bad.append(f"  {item.id}: {str(err).splitlines()[0][:200]}")
+        else:
+            kept.append(item)
+    if not bad:
+        return kept
+    summary = "\n".join([f"val_generate {path}: {len(kept)} of {len(items)} rows usable, {len(bad)} skipped"] + bad)
+    if not kept:
+        raise ValueError(f"val_generate {path} has no usable rows:\n{summary}")
+    log(run.dist, summary)
+    if run.dist.main:
+        with open(Path(run.cfg.output_dir) / "data_report.txt", "a", encoding="utf-8") as f:
+            f.write(summary + "\n")
+    return kept
 
 
 def _step_of(line: str) -> int | None:
