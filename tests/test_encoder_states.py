@@ -13,6 +13,7 @@ from qwen2audio.audio.features import log_mel_spectrogram
 from qwen2audio.checkpoint import load_model
 from qwen2audio.data import Collator, ManifestDataset
 from qwen2audio.data.encoder_states import EncoderStateCache
+from qwen2audio.model.encoder import encoder_input_frames
 from qwen2audio.text import Tokenizer
 from training_helpers import losses, make_workspace, tiny_config, train
 
@@ -112,3 +113,24 @@ def test_training_from_cached_states_equals_training_from_audio(workspace, tmp_p
 def test_the_cache_needs_a_frozen_encoder():
     with pytest.raises(ValueError, match="encoder_cache keeps a frozen encoder"):
         tiny_config("pretrain", encoder_cache="cache", trainable=["encoder", "projector"])
+
+
+def test_states_computed_under_autocast_are_kept_apart_from_float32_ones(workspace, tmp_path):
+    """A run that only switches `autocast` (bf16 -> none, as the configs advise on CPUs without bfloat16) read
+    the other's states: the folder was keyed by the weights alone. Each gets its own, computed its own way
+    (also when `get` computes a missing clip itself)."""
+    model = load_model(workspace["tiny"])
+    clip = clips(workspace)[0]
+    plain = EncoderStateCache(tmp_path, model.audio_tower, model.config.audio.num_mel_bins)
+    bf16 = EncoderStateCache(tmp_path, model.audio_tower, model.config.audio.num_mel_bins, autocast=torch.bfloat16)
+    assert plain.root != bf16.root
+    assert plain.fill([clip], progress=False) == 1 and bf16.fill([clip], progress=False) == 1
+    with torch.no_grad():
+        feats, mask = log_mel_spectrogram([load_audio(clip)], n_mels=model.config.audio.num_mel_bins)
+        lengths = mask.sum(-1).long()
+        T = encoder_input_frames(int(lengths.max()), model.audio_tower.max_mel_frames)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            states, counts = model.audio_tower(feats[:, :, :T], lengths)
+    expected = states[0, :counts[0]].float()
+    torch.testing.assert_close(bf16.get(clip)[0][0].float(), expected, rtol=0, atol=2e-3)
+    assert (plain.get(clip)[0][0].float() - expected).abs().max() > 2e-3  # float32 states: not the bf16 ones

@@ -15,6 +15,7 @@ states.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -44,10 +45,17 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 class EncoderStateCache:
-    def __init__(self, directory: str | Path, encoder: AudioEncoder, n_mels: int):
+    """autocast: the dtype the encoder computes in under torch.autocast (a training run's `autocast: bf16`),
+    None for its weights' own; states computed one way are not the other's (bf16 vs float32: up to 0.02
+    apart), so each has its own folder beside the weights' digest."""
+
+    def __init__(self, directory: str | Path, encoder: AudioEncoder, n_mels: int,
+                 autocast: torch.dtype | None = None):
         self.encoder = encoder
         self.n_mels = n_mels
-        self.root = Path(directory) / weights_digest(encoder)[:16]
+        self.autocast = autocast
+        suffix = f"-autocast-{str(autocast).removeprefix('torch.')}" if autocast is not None else ""
+        self.root = Path(directory) / (weights_digest(encoder)[:16] + suffix)
 
     def path(self, source: str | bytes) -> Path:
         if isinstance(source, bytes):  # a manifest's data: URL: keyed by its contents
@@ -87,7 +95,9 @@ class EncoderStateCache:
             feats, frame_mask = log_mel_spectrogram([w for _, w in windows], n_mels=self.n_mels)
             lengths = frame_mask.sum(-1).long()  # (n_windows,)
             T = encoder_input_frames(int(lengths.max()), self.encoder.max_mel_frames)
-            states, counts = self.encoder(feats[:, :, :T].to(device=device, dtype=dtype), lengths)
+            with (torch.autocast(device.type, dtype=self.autocast) if self.autocast is not None
+                  else contextlib.nullcontext()):
+                states, counts = self.encoder(feats[:, :, :T].to(device=device, dtype=dtype), lengths)
             per_clip: dict[str | bytes, dict[str, torch.Tensor]] = {}
             for (clip, _), s, n in zip(windows, states, counts.tolist()):
                 tensors = per_clip.setdefault(clip, {})

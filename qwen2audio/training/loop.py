@@ -253,22 +253,23 @@ def setup(cfg: TrainConfig) -> Run:
         load_trainable(model, resume)
         log(d, f"resuming from {resume}")
     model.train()
-    encoder_states = EncoderStateCache(cfg.encoder_cache, model.audio_tower,
-                                       model.config.audio.num_mel_bins) if cfg.encoder_cache else None
+    autocast = autocast_context(cfg, d.device) is not contextlib.nullcontext
+    encoder_states = EncoderStateCache(cfg.encoder_cache, model.audio_tower, model.config.audio.num_mel_bins,
+                                       torch.bfloat16 if autocast else None) if cfg.encoder_cache else None
     dataset = ManifestDataset(cfg.train_data, cfg.rows, tokenizer, model.config.audio.num_mel_bins,
                               max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
                               decode_audio=cfg.decode_audio, cache_features=cfg.cache_features,
                               encoder_states=encoder_states, tasks=cfg.tasks)
     log(d, dataset.report.summary())
     if encoder_states is not None:  # each rank computes its share of what is missing, then all read all
-        fill_encoder_states(encoder_states, dataset, d, cfg.progress, autocast_context(cfg, d.device))
+        fill_encoder_states(encoder_states, dataset, d, cfg.progress)
         if cfg.val_data:  # the validation clips too, before FSDP shards the encoder (a rank's share alone
             # could not run it then: each sharded layer gathers its weights with every rank)
             val = ManifestDataset(cfg.val_data, cfg.rows, tokenizer, model.config.audio.num_mel_bins,
                                   max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
                                   decode_audio=cfg.decode_audio, cache_features=False, encoder_states=encoder_states,
                                   tasks=cfg.tasks, every_task=False)
-            fill_encoder_states(encoder_states, val, d, cfg.progress, autocast_context(cfg, d.device))
+            fill_encoder_states(encoder_states, val, d, cfg.progress)
     if d.main:  # every skipped row, not just the first ones printed
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "data_report.txt").write_text(dataset.report.summary(limit=len(dataset.report.bad)) + "\n")
@@ -308,12 +309,11 @@ def data_fingerprint(dataset: ManifestDataset) -> dict:
     return {"rows": len(dataset), "digest": hashlib.sha256(rows).hexdigest()[:16]}
 
 
-def fill_encoder_states(cache: EncoderStateCache, dataset: ManifestDataset, d: distributed.Dist, progress: bool,
-                        autocast) -> None:
+def fill_encoder_states(cache: EncoderStateCache, dataset: ManifestDataset, d: distributed.Dist,
+                        progress: bool) -> None:
     """Compute the encoder outputs a data set still lacks, the work shared over ranks."""
     files = dataset.audio_files()
-    with autocast():
-        computed = cache.fill(files[d.rank::d.world], progress=progress and d.main)
+    computed = cache.fill(files[d.rank::d.world], progress=progress and d.main)
     d.barrier()
     log(d, f"encoder states of {len(files)} clips in {cache.root} ({computed} computed by this process)")
 

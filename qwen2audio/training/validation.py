@@ -41,7 +41,7 @@ class Validator:
                                             decode_audio=cfg.decode_audio, cache_features=True,
                                             encoder_states=run.encoder_states, tasks=cfg.tasks, every_task=False)
             if run.encoder_states is not None:
-                fill_encoder_states(run.encoder_states, self.loss_set, run.dist, False, run.autocast)
+                fill_encoder_states(run.encoder_states, self.loss_set, run.dist, False)
             if len(self.loss_set) == 0:
                 raise ValueError(f"val_data {cfg.val_data} has no usable rows: {self.loss_set.report.summary()}")
             log(run.dist, self.loss_set.report.summary())
