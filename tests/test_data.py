@@ -221,6 +221,28 @@ def test_a_clip_too_short_for_an_audio_token_is_skipped_and_named(tmp_path, deco
     assert "too short" in ds.report.bad[0][1] and "click.wav" in ds.report.bad[0][1]
 
 
+def test_an_mp3_without_a_frame_count_is_measured_by_decoding_it(tmp_path):
+    """With decode_audio false a clip's length came from libsndfile's header figure, which for a VBR MP3
+    without its Xing frame is a guess from the first frame's bitrate: a 6 s clip passed max_audio_seconds=3
+    (and max_seq_len) as ~1 s. Such a file is decoded; one with its Xing count is read from the header."""
+    from qwen2audio.audio.io import stated_length
+
+    t = np.arange(6 * SAMPLE_RATE) / SAMPLE_RATE
+    buffer = tmp_path / "whole.mp3"
+    soundfile.write(buffer, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), SAMPLE_RATE,
+                    format="MP3", subtype="MPEG_LAYER_III")
+    data = buffer.read_bytes()
+    (tmp_path / "bare.mp3").write_bytes(data[data.find(data[:2], 4):])  # without the Xing/Info frame
+    assert abs(stated_length(str(buffer)) - 6 * SAMPLE_RATE) < 0.1 * SAMPLE_RATE
+    assert stated_length(str(tmp_path / "bare.mp3")) is None
+    rows = [{"audio": str(tmp_path / name), "prompt": "Transcribe.", "target": "hello", "task": "asr"}
+            for name in ("whole.mp3", "bare.mp3")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = ManifestDataset(tmp_path / "m.jsonl", "pretrain", TOK, N_MELS, max_audio_seconds=3.0, decode_audio=False)
+    assert len(ds) == 0 and [line for line, _ in ds.report.bad] == [1, 2]
+    assert all("too long" in reason for _, reason in ds.report.bad)
+
+
 def test_a_row_cut_short_is_placed_at_its_end_and_a_number_target_is_named():
     """A row without its closing brace was reported at column 1 (the error fell past its newline); a target
     that is a number was "missing or empty"."""

@@ -6,11 +6,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import soundfile
 import torch
 
 from ..audio.features import MIN_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, split_into_windows
-from ..audio.io import load_audio
+from ..audio.io import load_audio, stated_length
 from ..model.encoder import CONV_RECEPTIVE_MARGIN
 from ..model.qwen2audio import IGNORE_INDEX
 from ..text.tokenizer import Tokenizer
@@ -19,13 +18,10 @@ from .manifest import Example, Report, read_manifest
 
 
 def audio_length(source) -> int:
-    """Samples at 16 kHz of an audio source; cheap for files soundfile can read (header only)."""
-    if isinstance(source, str):
-        try:
-            info = soundfile.info(source)
-            return int(round(info.frames * SAMPLE_RATE / info.samplerate))
-        except Exception:  # not a format libsndfile reads from its header: decode it fully
-            pass
+    """Samples at 16 kHz of an audio source; cheap for files whose header states it (stated_length)."""
+    stated = stated_length(source) if isinstance(source, str) else None
+    if stated is not None:
+        return stated
     return int(load_audio(source, min_samples=1).shape[0])  # validate() says when it is too short
 
 
