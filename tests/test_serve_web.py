@@ -257,6 +257,32 @@ def test_microphone_recording_is_the_turn(browser):
     assert abs(dominant_hz(heard) - TONE_HZ) < 10
 
 
+def test_a_question_spoken_about_an_attached_file_sends_both(browser, tmp_path):
+    """Upload a file, then ask about it aloud: the turn is the file, then the recording (the recording replaced
+    the file, which was never sent), and the next turn carries both again."""
+    clip = tmp_path / "sound.wav"
+    clip.write_bytes(wav_bytes(2.0, seed=3))
+    backend = FakeBackend(words=ANSWER)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(clip))
+        page_.wait_for_selector("#attachment:not([hidden])")
+        record_a_second(page_)
+        page_.click("#mic")
+        wait_answers(page_, 1)
+        assert page_.locator(".turn.user audio").count() == 2 and page_.is_hidden("#attachment")
+        page_.fill("#text", "Are you sure?")
+        page_.click("#send")
+        wait_answers(page_, 2)
+        assert page_.errors == []
+    first, second = backend.requests
+    sound, question = sent_audio(first)
+    np.testing.assert_array_equal(sound, soundfile.read(clip, dtype="float32")[0])
+    assert abs(dominant_hz(question) - TONE_HZ) < 10 and sent_text(first) == []
+    assert [len(a) for a in sent_audio(second)] == [len(sound), len(question)]
+
+
 def test_keep_attaches_the_recording_to_ask_about_it(browser):
     """Keep stops the recording without sending it: it is attached, like an uploaded file, and goes with the
     question typed next."""
@@ -288,6 +314,42 @@ def test_a_recording_that_reaches_the_limit_is_sent_not_thrown_away(browser):
         assert page_.is_hidden("#error") and page_.errors == []
     (heard,) = sent_audio(backend.requests[0])
     assert 0.9 <= len(heard) / 16000 <= 1.0
+
+
+# Every stream the page opens, to see that each is closed in the end (the browser's recording light goes off).
+COUNT_MICROPHONES = """(() => {
+  window.microphones = [];
+  const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = async (constraints) => {
+    const stream = await open(constraints);
+    window.microphones.push(stream);
+    return stream;
+  };
+})()"""
+LIVE_MICROPHONES = "window.microphones.flatMap((s) => s.getTracks()).filter((t) => t.readyState === 'live').length"
+
+
+def test_a_double_click_on_the_microphone_is_one_press(browser):
+    """A double click opens the microphone once (the second stream it opened was never stopped: the microphone
+    stayed on after the recording was sent or cancelled), and a double click to stop sends the recording once
+    (the second press opened the microphone again)."""
+    backend = FakeBackend(words=ANSWER)
+    app, _ = fake_app(backend)
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.add_init_script(COUNT_MICROPHONES)
+        page_.reload()
+        page_.wait_for_selector("#status.ok", timeout=WAIT_MS)
+        page_.dblclick("#mic")
+        page_.wait_for_function("document.querySelector('#recording-time').textContent === '0:01'", timeout=WAIT_MS)
+        page_.dblclick("#mic")
+        wait_answers(page_, 1)
+        page_.wait_for_timeout(1000)  # time for a second press to open the microphone again, as it did
+        assert page_.evaluate("window.microphones.length") == 1
+        assert page_.evaluate(LIVE_MICROPHONES) == 0
+        assert page_.is_hidden("#recording") and page_.get_attribute("#mic", "aria-pressed") == "false"
+        assert page_.is_hidden("#error") and page_.errors == []
+    assert len(backend.requests) == 1
 
 
 def slow_backend() -> FakeBackend:
@@ -428,6 +490,42 @@ def test_a_file_cut_short_is_answered_and_the_page_says_so(browser, tmp_path):
         assert "the file is cut short: its header promises 32000 frames" in message, message
     (heard,) = sent_audio(backend.requests[0])
     assert 0 < len(heard) < 16000
+
+
+def test_a_file_cut_short_is_transcribed_and_the_page_says_so(browser, tmp_path):
+    """Transcribe shows the server's X-Audio-Warning as the answer does (it was left unread)."""
+    clip = tmp_path / "short.wav"
+    whole = wav_bytes(2.0, seed=4)
+    clip.write_bytes(whole[: len(whole) // 2])
+    app, _ = fake_app(FakeBackend(words=ANSWER))
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(clip))
+        page_.wait_for_selector("#attachment:not([hidden])")
+        page_.click("#transcribe")
+        page_.wait_for_selector(".transcript .meta a.srt", timeout=WAIT_MS)
+        message = page_.inner_text("#error-text")
+        assert page_.is_visible("#error") and "Transcribed from the part of the audio that arrived" in message
+        assert "the file is cut short: its header promises 32000 frames" in message, message
+
+
+def test_an_answer_whose_stream_is_cut_short_is_marked_and_said(browser):
+    """A stream that ends with no finish_reason and no [DONE] (a proxy or the network cut it) is not shown as
+    a whole answer: what came is kept, marked failed, and the error says it broke off."""
+    def chunk(text: str) -> str:
+        return "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}) + "\n\n"
+
+    app, _ = fake_app(FakeBackend())
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, headers={"Content-Type": "text/event-stream"}, body=chunk("The ") + chunk("answer")))
+        page_.fill("#text", "Hello?")
+        page_.click("#send")
+        page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+        assert "broke off before its end" in page_.inner_text("#error-text")
+        assert answers(page_) == ["The answer"] and page_.locator(".turn.assistant .bubble.failed").count() == 1
+        assert page_.is_visible("#send") and page_.errors == []
 
 
 def test_a_refused_microphone_is_explained(playwright):

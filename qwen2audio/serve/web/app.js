@@ -16,9 +16,10 @@ const NUMBER_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "n
 const state = {
   config: { model: "default", max_audio_seconds: 600, max_body_bytes: 25 << 20, max_tokens: 1024,
             api_key_required: false, defaults: {} },
-  history: [],       // {role: "user", text, audio?: {b64, format, url, seconds}} | {role: "assistant", text}
+  history: [],       // {role: "user", text, audio?: {b64, format, url, seconds}, voice?: the same} | {role: "assistant", text}
   attachment: null,  // the audio of the turn being composed
   recorder: null,    // {ctx, stream, chunks, samples, timer}
+  micBusy: false,    // the microphone is being opened or the recording prepared: a press meanwhile is the same press
   controller: null,  // AbortController of the answer being streamed (or the transcript being made)
   downloads: [],     // object URLs of the subtitle files offered for download
 };
@@ -37,7 +38,10 @@ function wire() {
   });
   $("text").addEventListener("input", autoGrow);
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
-  $("mic").addEventListener("click", () => (state.recorder ? finishRecording("send") : startRecording()));
+  $("mic").addEventListener("click", () => {
+    if (state.micBusy) return; // a double click: one microphone opened (not two, one left on), one recording sent
+    if (state.recorder) finishRecording("send"); else startRecording();
+  });
   $("recording-keep").addEventListener("click", () => finishRecording("keep"));
   $("recording-cancel").addEventListener("click", () => finishRecording("cancel"));
   $("file").addEventListener("change", (e) => { attachFile(e.target.files[0]); e.target.value = ""; });
@@ -238,6 +242,11 @@ function wireDrop() {
 
 // -- the microphone -----------------------------------------------------------------------------------------
 async function startRecording() {
+  state.micBusy = true;
+  try { await openMicrophone(); } finally { state.micBusy = false; }
+}
+
+async function openMicrophone() {
   hideError();
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     showError("The browser allows the microphone only on a secure page: open this page as " +
@@ -290,15 +299,21 @@ function onAudio(rec, block) {
   if (seconds >= audioLeft()) finishRecording("send"); // the conversation's earlier audio counts too
 }
 
-/** Seconds of audio the server still takes in this conversation (its limit covers the whole request). */
+/** Seconds of audio the server still takes in this conversation (its limit covers the whole request), the
+ * audio attached counted: a recording sent goes with it. */
 function audioLeft() {
-  return state.config.max_audio_seconds - earlierAudio();
+  return state.config.max_audio_seconds - earlierAudio() - (state.attachment ? totalSeconds([state.attachment]) : 0);
 }
 
 /** Seconds of audio the conversation's turns hold so far. */
 function earlierAudio() {
-  return state.history.reduce((sum, t) => sum + (t.audio && t.audio.seconds ? t.audio.seconds : 0), 0);
+  return state.history.reduce((sum, t) => sum + totalSeconds(clips(t)), 0);
 }
+
+/** A user turn's audio: the file (or recording) attached, then the question recorded beside it. */
+function clips(turn) { return [turn.audio, turn.voice].filter(Boolean); }
+
+function totalSeconds(audios) { return audios.reduce((sum, a) => sum + (a.seconds || 0), 0); }
 
 /** Stop recording. "send": the recording is the turn (voice chat); "keep": it stays attached, to type a question
  * about it or to transcribe it; "cancel": it is thrown away. */
@@ -306,6 +321,11 @@ async function finishRecording(how) {
   const rec = state.recorder;
   if (!rec) return;
   state.recorder = null;
+  state.micBusy = true;
+  try { await closeRecording(rec, how); } finally { state.micBusy = false; }
+}
+
+async function closeRecording(rec, how) {
   rec.stream.getTracks().forEach((t) => t.stop());
   rec.node.port.onmessage = null;
   const rate = rec.ctx.sampleRate;
@@ -318,6 +338,7 @@ async function finishRecording(how) {
   // the last block may run past what is left by a few samples: the recording ends where the limit is
   const samples = Math.max(0, Math.min(rec.samples, Math.floor(audioLeft() * rate)));
   const seconds = samples / rate;
+  let recording;
   try {
     if (seconds < MIN_RECORDING_SECONDS) {
       throw new UserError(audioLeft() < MIN_RECORDING_SECONDS
@@ -328,11 +349,17 @@ async function finishRecording(how) {
     const pcm = await resample(concat(rec.chunks, rec.samples).subarray(0, samples), rate, SAMPLE_RATE);
     const wav = new Blob([encodeWav(pcm, SAMPLE_RATE)], { type: "audio/wav" });
     const bytes = new Uint8Array(await wav.arrayBuffer());
-    setAttachment({ b64: base64(bytes), format: "wav", url: URL.createObjectURL(wav), name: "recording", seconds });
+    recording = { b64: base64(bytes), format: "wav", url: URL.createObjectURL(wav), name: "recording", seconds };
   } catch (err) {
     showError(err instanceof UserError ? err.message : `The recording could not be prepared: ${err.message}`);
     return;
   }
+  // a question asked aloud about the audio attached: both go, that audio first (it was replaced, never sent)
+  if (how === "send" && state.attachment) {
+    send(recording);
+    return;
+  }
+  setAttachment(recording);
   if (how === "keep") {
     $("text").focus();
     return;
@@ -374,7 +401,8 @@ function encodeWav(pcm, rate) {
 }
 
 // -- a turn -------------------------------------------------------------------------------------------------
-async function send() {
+/** Send the turn being composed; ``voice``: a recording that goes with the audio attached, after it. */
+async function send(voice = null) {
   if (state.recorder) { // Send (or Enter) while recording: the recording is the turn, as the microphone button
     if (!state.controller) finishRecording("send");
     return;
@@ -385,10 +413,12 @@ async function send() {
   if (!text && !audio) return;
   hideError();
   let body;
-  const user = { role: "user", text, audio };
+  const user = { role: "user", text, audio, voice };
   const history = state.history; // "New chat" replaces it: this turn's ending then goes nowhere
   try {
-    if (audio && audio.seconds) checkLength(audio.seconds, audio.name === "recording" ? "The recording" : `"${audio.name}"`);
+    const what = audio && (audio.name === "recording" ? "The recording" : `"${audio.name}"`);
+    const seconds = totalSeconds(clips(user));
+    if (seconds) checkLength(seconds, voice ? `${what} with the spoken question` : what);
     body = JSON.stringify(request([...state.history, user]));
   } catch (err) {
     showError(err.message);
@@ -414,8 +444,7 @@ async function send() {
     const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body,
                                                        signal: controller.signal });
     if (!res.ok) throw await responseError(res);
-    const warning = res.headers.get("X-Audio-Warning"); // e.g. a file cut short: answered from what arrived
-    if (warning) showError(`Answered from the part of the audio that arrived: ${warning}`);
+    audioWarning(res, "Answered");
     for await (const event of events(res.body)) {
       if (event.error) throw new UserError(`The answer broke off: ${event.error.message}`);
       if (event.usage) usage = event.usage;
@@ -430,6 +459,8 @@ async function send() {
         scrollDown();
       }
     }
+    // every choice ends with its finish_reason: a stream that ends without one was cut (a proxy, the network)
+    if (finish === null) throw new UserError("The answer broke off before its end; ask again.");
     history.push(answer);
     if (entries.length) shade(bubble, entries, finish, answer.text);
     meta(answerView, usage, started, first, finish);
@@ -465,7 +496,7 @@ function request(turns) {
   for (const turn of turns) {
     if (turn.role === "assistant") { messages.push({ role: "assistant", content: turn.text }); continue; }
     const content = [];
-    if (turn.audio) content.push({ type: "input_audio", input_audio: { data: turn.audio.b64, format: turn.audio.format } });
+    for (const audio of clips(turn)) content.push({ type: "input_audio", input_audio: { data: audio.b64, format: audio.format } });
     if (turn.text) content.push({ type: "text", text: turn.text });
     messages.push({ role: "user", content });
   }
@@ -515,6 +546,7 @@ async function transcribe() {
     const res = await fetch("/v1/audio/transcriptions", { method: "POST", headers: headers(false), body: form,
                                                          signal: controller.signal });
     if (!res.ok) throw await responseError(res);
+    audioWarning(res, "Transcribed");
     bubble.replaceChildren(title);
     for await (const event of events(res.body)) {
       if (event.error) throw new UserError(`The transcript broke off: ${event.error.message}`);
@@ -644,6 +676,12 @@ async function responseError(res) {
   }
 }
 
+/** What the server says of the audio it used (a file cut short: answered or transcribed from what arrived). */
+function audioWarning(res, done) {
+  const warning = res.headers.get("X-Audio-Warning");
+  if (warning) showError(`${done} from the part of the audio that arrived: ${warning}`);
+}
+
 /** A turn that got no answer goes back to the composer; a draft written meanwhile is kept beside it. */
 function giveBack(text, audio) {
   const draft = $("text").value;
@@ -664,11 +702,11 @@ function renderTurn(turn) {
   $("intro").hidden = true;
   const view = document.createElement("section");
   view.className = `turn ${turn.role}`;
-  if (turn.audio) {
+  for (const audio of clips(turn)) {
     const player = document.createElement("audio");
     player.controls = true;
     player.preload = "metadata";
-    player.src = turn.audio.url;
+    player.src = audio.url;
     view.append(player);
   }
   if (turn.text || turn.role === "assistant") {
@@ -734,7 +772,7 @@ function setBusy(controller) {
 function newChat() {
   if (state.controller) state.controller.abort();
   if (state.recorder) finishRecording("cancel");
-  for (const turn of state.history) if (turn.audio) URL.revokeObjectURL(turn.audio.url);
+  for (const turn of state.history) for (const audio of clips(turn)) URL.revokeObjectURL(audio.url);
   for (const url of state.downloads) URL.revokeObjectURL(url);
   state.history = [];
   state.downloads = [];
