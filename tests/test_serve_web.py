@@ -445,6 +445,24 @@ def test_a_busy_server_is_said_and_the_turn_kept(browser, tmp_path):
         assert page_.input_value("#text") == "Hello?" and page_.is_visible("#attachment")
 
 
+def test_a_spoken_question_about_a_file_that_gets_no_answer_is_said_lost(browser, tmp_path):
+    """The composer holds one audio: the file goes back, the question recorded about it cannot, and the error
+    says so (it was dropped without a word; the note giveBack showed was overwritten by the error at once)."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(1.0))
+    app, _ = fake_app(FakeBackend(max_queue=0))
+    with running(app) as url:
+        page_ = open_page(browser, url)
+        page_.set_input_files("#file", str(clip))
+        page_.wait_for_selector("#attachment:not([hidden])")
+        record_a_second(page_)
+        page_.click("#mic")
+        page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+        message = page_.inner_text("#error-text")
+        assert "busy" in message and "spoken about the file could not go back" in message, message
+        assert page_.locator(".turn").count() == 0 and page_.text_content("#attachment-name").startswith("clip.wav")
+
+
 @pytest.mark.parametrize("seconds, shown", [(2.46, "0:02.5"), (2.02, "0:02.1"), (59.96, "1:00.0")])
 def test_a_file_longer_than_the_server_takes_is_refused_before_sending(browser, tmp_path, seconds, shown):
     clip = tmp_path / "long.wav"

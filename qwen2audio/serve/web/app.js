@@ -471,6 +471,7 @@ async function send(voice = null) {
     }
   } catch (err) {
     const stopped = err.name === "AbortError";
+    let lost = "";
     if (history !== state.history) return; // a new chat began: nothing of this turn belongs to it
     if (answer.text) { // keep what was said: it is part of the conversation now
       history.push(answer);
@@ -480,9 +481,10 @@ async function send(voice = null) {
       userView.remove();
       answerView.remove();
       if (!history.length) $("intro").hidden = false;
-      giveBack(text, audio);
+      lost = giveBack(text, audio, voice);
     }
-    if (!stopped) showError(err instanceof UserError ? err.message : unreachable(err));
+    if (!stopped) showError([err instanceof UserError ? err.message : unreachable(err), lost].filter(Boolean).join(" "));
+    else if (lost) showError(lost);
   } finally {
     bubble.classList.remove("pending");
     setBusy(null);
@@ -682,15 +684,19 @@ function audioWarning(res, done) {
   if (warning) showError(`${done} from the part of the audio that arrived: ${warning}`);
 }
 
-/** A turn that got no answer goes back to the composer; a draft written meanwhile is kept beside it. */
-function giveBack(text, audio) {
+/** A turn that got no answer goes back to the composer; a draft written meanwhile is kept beside it. Returns
+ * what could not go back (the composer holds one audio), to be said with the error: "" when all did. */
+function giveBack(text, audio, voice) {
   const draft = $("text").value;
   if (text && draft !== text) $("text").value = draft ? `${text}\n${draft}` : text;
   autoGrow();
+  const lost = [];
   if (audio && !state.attachment) setAttachment(audio);
   else if (audio && state.attachment !== audio) {
-    showError("The question's audio could not go back beside the file attached since: attach it again.");
+    lost.push("The question's audio could not go back beside the file attached since: attach it again.");
   }
+  if (voice) lost.push("The question spoken about the file could not go back with it: ask it again.");
+  return lost.join(" ");
 }
 
 function unreachable(err) {
