@@ -26,6 +26,20 @@ def test_poll_takes_what_has_come_and_keeps_the_end():
         ev.read()
 
 
+def test_read_gives_what_came_before_a_failure_then_raises_it():
+    """The text decoded just before a request failed was dropped with the failure (a streamed answer's last
+    words never reached the client before its error event)."""
+    ev = Events()
+    ev.post("a")
+    ev.post("b")
+    ev.finish(ValueError("boom"))
+    assert ev.read() == (["a", "b"], False)
+    with pytest.raises(ValueError, match="boom"):
+        ev.read()
+    with pytest.raises(ValueError, match="boom"):  # and again: the End is answered at every later read
+        ev.read()
+
+
 def test_read_says_whether_the_end_has_come():
     ev = Events()
     ev.post("a")

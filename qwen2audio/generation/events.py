@@ -85,9 +85,12 @@ class Events:
 
     def read(self) -> tuple[list[Any], bool]:
         """``poll`` for a reader that wants the producer's failure raised: the items that have come since
-        the last read, and whether the End has come (its error, if any, is raised instead)."""
+        the last read, and whether the End has come (its error, if any, is raised instead, once the items
+        that came before it have been read: a stream's last text reaches its client before the error)."""
         items, end = self.poll()
         if end is not None and end.error is not None:
+            if items:
+                return items, False  # the next read raises
             raise end.error
         return items, end is not None
 
