@@ -50,6 +50,16 @@ def checkpoint_hint(path: str | Path) -> str:
     return f" Did you mean {inside[0]}?" if inside else ""
 
 
+def _check_sizes(config, section: str) -> None:
+    """Every size and count (the int fields) must be positive: 0 heads would divide by zero, a negative
+    size fail deep inside torch."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type == "int" and isinstance(value, int) and value <= 0:
+            raise ValueError(f"config.json: {section}.{f.name} must be > 0, got {value}; fix the value or copy "
+                             "config.json again from the model's release")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """The Whisper-style audio encoder (defaults: Whisper-large-v3 as in the released model)."""
@@ -64,6 +74,7 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm's default, which the reference uses
 
     def __post_init__(self) -> None:
+        _check_sizes(self, "audio_config")
         if self.d_model % self.encoder_attention_heads:
             raise ValueError(
                 f"audio_config: d_model {self.d_model} is not divisible by "
@@ -96,6 +107,7 @@ class TextConfig:
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self) -> None:
+        _check_sizes(self, "text_config")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"text_config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -151,7 +163,7 @@ class Qwen2AudioConfig:
         return cls(
             audio=_build(EncoderConfig, audio_raw, "audio_config"),
             text=_build(TextConfig, text_raw, "text_config"),
-            audio_token_index=int(raw.get("audio_token_index", raw.get("audio_token_id", DEFAULT_AUDIO_TOKEN_INDEX))),
+            audio_token_index=_audio_token_index(raw),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         )
 
@@ -164,8 +176,8 @@ class Qwen2AudioConfig:
             raise FileNotFoundError(f"{path} not found: a checkpoint directory must contain {CONFIG_FILE}."
                                     + checkpoint_hint(path.parent))
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # not JSON; not text (JSON is UTF-8)
             raise ValueError(f"{path} is not valid JSON ({err}); restore it from the original checkpoint") from err
         return cls.from_dict(raw)
 
@@ -211,6 +223,16 @@ def _build(cls, raw: dict[str, Any], section: str):
             raise ValueError(f"config.json: {section}.{key} must be {fields[key].type}, got {value!r}; "
                              "fix the value or copy config.json again from the model's release")
     return cls(**{k: v for k, v in raw.items() if k in fields})
+
+
+def _audio_token_index(raw: dict[str, Any]) -> int:
+    """The <|AUDIO|> id (``audio_token_id`` is transformers' other name for it), an int: a string, a float or
+    null would be a traceback, or int() of it a different token than the file names."""
+    value = raw.get("audio_token_index", raw.get("audio_token_id", DEFAULT_AUDIO_TOKEN_INDEX))
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"config.json: audio_token_index must be a token id (an int >= 0), got {value!r}; "
+                         "fix the value or copy config.json again from the model's release")
+    return value
 
 
 def _check_section_type(section: dict[str, Any], name: str, expected: str, what: str) -> None:

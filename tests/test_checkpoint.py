@@ -154,6 +154,17 @@ def test_partial_config_takes_transformers_defaults(name, tmp_path):
          r"text_config\.hidden_size must be int, got 'sixty-four'"),
         ({"model_type": "qwen2_audio", "audio_config": {"d_model": True}}, r"audio_config\.d_model must be int"),
         ({"model_type": "qwen2_audio", "text_config": [1, 2]}, "text_config must be an object"),
+        # a wrong type was a TypeError traceback (null), int()'s message naming no field ("abc"), or another
+        # token read without a word (1.5 -> 1)
+        ({"model_type": "qwen2_audio", "audio_token_index": None}, r"audio_token_index must be a token id .*got None"),
+        ({"model_type": "qwen2_audio", "audio_token_index": "abc"}, r"audio_token_index must be a token id .*'abc'"),
+        ({"model_type": "qwen2_audio", "audio_token_id": 1.5}, r"audio_token_index must be a token id .*got 1\.5"),
+        # sizes that were a ZeroDivisionError or a torch error deep in the model's construction
+        ({"model_type": "qwen2_audio", "text_config": {"num_attention_heads": 0}},
+         r"text_config\.num_attention_heads must be > 0, got 0"),
+        ({"model_type": "qwen2_audio", "text_config": {"vocab_size": -5}}, r"text_config\.vocab_size must be > 0"),
+        ({"model_type": "qwen2_audio", "audio_config": {"encoder_attention_heads": 0}},
+         r"audio_config\.encoder_attention_heads must be > 0"),
         ([1, 2], "config.json must hold a JSON object"),
     ],
 )
@@ -186,6 +197,9 @@ def test_rope_theta_in_rope_parameters_as_transformers_5_writes_it(tmp_path):
 def test_invalid_json_and_missing_config(tmp_path):
     write_config(tmp_path / "bad", '{"model_type": "qwen2_audio",')
     with pytest.raises(ValueError, match="not valid JSON"):
+        load_model(tmp_path / "bad")
+    (tmp_path / "bad" / "config.json").write_bytes(b'\xff\xfe{"model_type": "qwen2_audio"}')  # not UTF-8 text
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "bad" / "config.json")) + " is not valid JSON"):
         load_model(tmp_path / "bad")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -319,6 +333,9 @@ def test_unknown_dtype_is_rejected(saved):
     _, path = saved["mha_untied_80"]
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         load_model(path, dtype="float8")
+    for dtype in (torch.int8, torch.complex64):  # a torch dtype that is not floating point
+        with pytest.raises(ValueError, match=rf"dtype {dtype} is not a floating-point dtype; use one of auto"):
+            load_model(path, dtype=dtype)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -338,6 +355,23 @@ def test_our_sharded_save_round_trips(saved, tmp_path):
     assert_same_weights(load_model(tmp_path), model)
     save_model(model, tmp_path)  # re-saved as one file: the stale index goes, the single file loads
     assert not (tmp_path / INDEX).exists() and (tmp_path / SINGLE).is_file()
+    assert_same_weights(load_model(tmp_path), model)
+
+
+def test_resaving_deletes_the_shards_of_an_earlier_save(saved, tmp_path):
+    """A save with another shard count, or unsharded, leaves no shard of the earlier one behind (no index
+    names them; they were as large as the checkpoint), as transformers' save_pretrained deletes them."""
+    _, path = saved["gqa_tied_128"]
+    model = load_model(path)
+    (tmp_path / "notes-00001-of-00002.safetensors").write_bytes(b"not ours")  # not a shard name: kept
+    save_model(model, tmp_path, max_shard_bytes=100_000)
+    first = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    save_model(model, tmp_path, max_shard_bytes=300_000)
+    second = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(first) > len(second) >= 2
+    assert second == sorted(set(json.loads((tmp_path / INDEX).read_text())["weight_map"].values()))
+    save_model(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors", "notes-00001-of-00002.safetensors"]
     assert_same_weights(load_model(tmp_path), model)
 
 
@@ -551,9 +585,10 @@ def test_truncated_size_figures_are_the_files(saved, tmp_path):
 def test_a_garbled_index_is_named(saved, tmp_path):
     ref, _ = saved["mha_untied_80"]
     ref.save_pretrained(tmp_path, max_shard_size="200KB")
-    (tmp_path / INDEX).write_text('{"weight_map": {"a": ')  # cut short
-    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / INDEX)) + " is not a readable safetensors index"):
-        load_model(tmp_path)
+    for text in ('{"weight_map": {"a": ', '{"weight_map": {"a": null}}'):  # cut short; a file name of null
+        (tmp_path / INDEX).write_text(text)
+        with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / INDEX)) + " is not a readable safetensors index"):
+            load_model(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +31,7 @@ from .files import check_preprocessor_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the shards save_model (and transformers) write
 TIED_HEAD_KEY = "language_model.lm_head.weight"
 # RoPE's inverse frequencies, recomputed from the config: some exporters saved them (per layer or per model);
 # transformers drops them on load without a word, and so do we
@@ -48,6 +50,8 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or dtype == "auto":
         return None
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:  # integers, complex: a raw torch error inside load_state_dict
+            raise ValueError(f"dtype {dtype} is not a floating-point dtype; use one of auto, {', '.join(sorted(DTYPES))}")
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(DTYPES))}")
@@ -99,6 +103,8 @@ def _weight_file_names(directory: Path) -> list[Path]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if not all(isinstance(name, str) for name in names):  # (a name of null was a traceback below)
+                raise TypeError(f"a shard file name is not a string: {names}")
         except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad JSON, no weight_map, wrong types
             raise CheckpointError(f"{index} is not a readable safetensors index (a JSON object with a "
                                   f"\"weight_map\" of key -> shard file; {type(err).__name__}: {err}); "
@@ -320,6 +326,7 @@ def save_model(model: Qwen2AudioModel, directory: str | Path, max_shard_bytes: i
     if len(shards) == 1:
         _atomic_save(shards[0], directory / SINGLE_FILE)
         (directory / INDEX_FILE).unlink(missing_ok=True)
+        _remove_stale_shards(directory, keep=set())
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
@@ -329,6 +336,16 @@ def save_model(model: Qwen2AudioModel, directory: str | Path, max_shard_bytes: i
     total = sum(t.numel() * t.element_size() for t in state.values())
     atomic_write_text(directory / INDEX_FILE, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (directory / SINGLE_FILE).unlink(missing_ok=True)
+    _remove_stale_shards(directory, keep=set(weight_map.values()))
+
+
+def _remove_stale_shards(directory: Path, keep: set[str]) -> None:
+    """Delete the shards of an earlier save into ``directory`` that this one did not write (it had another
+    shard count, or was sharded and this one is not): no index names them, yet they would stay beside the
+    checkpoint, as large as it. transformers' save_pretrained deletes them too."""
+    for path in directory.glob("model-*-of-*.safetensors"):
+        if SHARD_NAME.fullmatch(path.name) and path.name not in keep:
+            path.unlink()
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
