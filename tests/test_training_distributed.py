@@ -100,15 +100,18 @@ def test_fsdp_trains_on_batches_with_and_without_audio(single, tmp_path, cached)
     """SFT rows may be text only: a rank whose micro-batch has no audio still runs the sharded encoder
     layers (the projector alone, with encoder_cache) on a silent window counted 0 times, as FSDP's
     collective weight gathering needs, where it went out of step with the others and crashed. Two
-    processes end where one does, validation included (its clips' states computed before sharding)."""
+    processes end where one does, validation included (its clips' states computed before sharding). A step
+    whose global batch has no audio at all (the 4 shortest rows: text) leaves the projector as one process
+    does: its silent windows' zero gradients made AdamW step it on its momentum."""
     import json
 
     ws, root = single
-    rows = [json.loads(line) for line in Path(ws["sft"]).read_text().splitlines()[:3]]
-    rows.append({"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello."}]})
+    rows = [json.loads(line) for line in Path(ws["sft"]).read_text().splitlines()[:4]]
+    rows += [{"messages": [{"role": "user", "content": f"Say hello {i}."}, {"role": "assistant", "content": "Hello."}]}
+             for i in range(4)]
     data = Path(ws["sft"]).with_name("sft_mixed.jsonl")  # beside the audio its rows name
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = [f"model={ws['tiny']}", f"train_data={data}", f"val_data={data}", "val_every=1", "max_steps=2",
+    common = [f"model={ws['tiny']}", f"train_data={data}", f"val_data={data}", "val_every=1", "max_steps=3",
               "global_batch_size=4", "micro_batch_size=1", "progress=false", "tensorboard=false"]
     cache = {run: [f"encoder_cache={tmp_path / run / 'states'}"] if cached else [] for run in ("one", "two")}
     train("sft", **dict(a.split("=", 1) for a in common + cache["one"] + [f"output_dir={tmp_path / 'one'}"]))
@@ -120,9 +123,42 @@ def test_fsdp_trains_on_batches_with_and_without_audio(single, tmp_path, cached)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for key in ("loss", "val_loss"):
         theirs, ours = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
-        assert len(ours) == 2 if key == "loss" else ours
+        assert len(ours) == 3 if key == "loss" else ours
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     a = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_rank_without_validation_rows_does_not_hang_the_others(single, tmp_path):
+    """Fewer val_data rows than processes: the rank with none summed no statistics, so its all_sum was shorter
+    than the other's and both waited in gloo until its timeout (30 min) at the first validation."""
+    import json
+
+    ws, root = single
+    one_row = Path(ws["pretrain"]).with_name("val_one_row.jsonl")  # beside the audio its row names
+    one_row.write_text(Path(ws["pretrain"]).read_text().splitlines()[0] + "\n")
+    common = [f"model={ws['tiny']}", f"train_data={ws['pretrain']}", f"val_data={one_row}", "val_every=1",
+              "max_steps=2", "micro_batch_size=2", "progress=false", "tensorboard=false"]
+    train("pretrain", **dict(a.split("=", 1) for a in common + [f"output_dir={tmp_path / 'one'}"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "qwen2audio.cli", "train", "pretrain", str(CONFIGS / "tiny" / "pretrain.yaml"), *common,
+           f"output_dir={tmp_path / 'two'}", "distributed=ddp"]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:  # not a pipe: hung workers (each in a session of its own) would hold it open
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its workers on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the run hung at its first validation")
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    theirs, ours = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
+    assert len(ours) == 2 and json.dumps(ours)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -456,7 +456,8 @@ def optimizer_step(run: Run, step_loss: StepLoss, optimizer, scheduler, step: in
     Returns ({lr, units, each statistic's mean over the step's units, grad_norm}, tokens read by all ranks)."""
     cfg, d, model = run.cfg, run.dist, run.model
     torch.manual_seed(cfg.seed + 1_000_003 * step + d.rank)  # dropout: per step and rank, the same on resume
-    units = d.all_sum([float(sum(step_loss.units(b) for b in micro))])[0]
+    units, with_audio = d.all_sum([float(sum(step_loss.units(b) for b in micro)),
+                                   float(sum(has_audio(b) for b in micro))])
     sums: dict[str, float] = {}
     n_tokens = 0
     for i, batch in enumerate(micro):
@@ -469,6 +470,8 @@ def optimizer_step(run: Run, step_loss: StepLoss, optimizer, scheduler, step: in
             (loss_sum * (d.world / max(units, 1.0))).backward()
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
+    if not with_audio:  # FSDP ran the audio parts on silent windows only: no gradient, as on one process
+        drop_audio_gradients(run.raw_model)
     keys = sorted(sums)
     reduced = d.all_sum([sums[k] for k in keys] + [float(n_tokens)])
     grad_norm = None
@@ -484,6 +487,20 @@ def optimizer_step(run: Run, step_loss: StepLoss, optimizer, scheduler, step: in
     if grad_norm is not None:
         stats["grad_norm"] = grad_norm
     return stats, reduced[-1]
+
+
+def has_audio(batch: dict) -> bool:
+    return "features" in batch or "audio_states" in batch
+
+
+def drop_audio_gradients(model: nn.Module) -> None:
+    """After a step in which no rank's batch had audio: the encoder's and projector's gradients are FSDP's
+    zeros from silent windows (the model's idle_audio), where one process has none. A zero gradient is not none
+    to AdamW: it would still take a step on the momentum (and weight decay), which one process skips."""
+    prefixes = tuple(PART_PREFIXES[part] for part in AUDIO_PARTS)
+    for name, p in model.named_parameters():
+        if name.startswith(prefixes):
+            p.grad = None
 
 
 def _lora_scale(cfg: TrainConfig) -> float | None:

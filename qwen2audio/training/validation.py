@@ -100,8 +100,8 @@ class Validator:
                 _, stats = step_loss(run.model, batch)
             if n_real:  # a rank with no rows left runs a batch for FSDP's sake and adds nothing
                 units[0] += step_loss.units(batch)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
+            for k, v in stats.items():  # but the same statistics as the others: one all_sum of one length
+                sums[k] = sums.get(k, 0.0) + (v if n_real else 0.0)
 
         over_dataset(run, add, run.cfg.micro_batch_size, self.loss_set, run.cfg.val_max_rows or None)
         keys = sorted(sums)
