@@ -254,16 +254,14 @@ def _run(args: argparse.Namespace) -> int:
         check_cut_args(args)
         _check_transcript_output(args)
         if not any(Path(path).is_file() for path in args.files):  # said now, not after loading the model
-            raise FileNotFoundError("nothing to transcribe: " + "; ".join(
-                f"{path}: " + ("a folder, not an audio file" if Path(path).is_dir() else "no such file")
-                for path in args.files))
+            raise FileNotFoundError("nothing to transcribe: " + "; ".join(f"{path}: {_not_a_file(path)}"
+                                                                       for path in args.files))
     sampling = _sampling_kwargs(args)
     SamplingParams(**sampling)  # the flags' own values, told before a model is loaded for minutes
     if args.command == "chat":
         for path in args.audio:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"--audio {path}: " + ("a folder, not an audio file" if Path(path).is_dir()
-                                                              else "no such file"))
+                raise FileNotFoundError(f"--audio {path}: {_not_a_file(path)}")
     _check_model_dir(args)
     _check_device(args.device, args.quantize)
     if args.command == "chat" and not args.audio and not args.prompt and (args.json or not _interactive(args)):
@@ -273,6 +271,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "chat":
         return _chat(model, args, sampling)
     return _transcribe(model, args, sampling)
+
+
+def _not_a_file(path: str) -> str:
+    """Why an audio argument that is no regular file cannot be read."""
+    return "a folder, not an audio file" if Path(path).is_dir() else "no such file"
 
 
 def _names_audio(path: str) -> bool:

@@ -425,11 +425,7 @@ def _inspect_container(open_file: Callable[[], Any]) -> tuple[_Promise | None, t
     try:
         file = open_file()
         with open(file, "rb") if isinstance(file, str) else file as handle:
-            data = handle.read(1 << 16)
-            if data[:4] == b"OggS":  # its pages are walked to the end
-                data += handle.read()
-            elif data[:3] == b"ID3" and len(data) >= 10:  # an MP3's tag (cover art: often > 64 KiB) first
-                data += handle.read(max(0, _id3_size(data) + 4096 - len(data)))
+            data = _read_head(handle)
     except OSError:
         return None, DECODERS
     if data[:4] == b"OggS":
@@ -440,6 +436,17 @@ def _inspect_container(open_file: Callable[[], Any]) -> tuple[_Promise | None, t
     if promise is _UNCOUNTED:  # libsndfile stops such a file where the first frame's bitrate says it ends
         return None, DECODERS[::-1]
     return promise, DECODERS
+
+
+def _read_head(handle) -> bytes:
+    """What the promises are read from: a file's first 64 KiB, all of an Ogg file (its pages are walked to the
+    end), and an MP3's first frame past its ID3 tag (cover art: often > 64 KiB)."""
+    data = handle.read(1 << 16)
+    if data[:4] == b"OggS":
+        data += handle.read()
+    elif data[:3] == b"ID3" and len(data) >= 10:
+        data += handle.read(max(0, _id3_size(data) + 4096 - len(data)))
+    return data
 
 
 def _ogg_promise(data: bytes) -> _Promise | None:
@@ -549,10 +556,7 @@ def stated_length(path: str) -> int | None:
         info = soundfile.info(path)
         if info.format == "MP3":
             with open(path, "rb") as handle:
-                head = handle.read(1 << 16)
-                if head[:3] == b"ID3" and len(head) >= 10:
-                    head += handle.read(max(0, _id3_size(head) + 4096 - len(head)))
-            promise = _mp3_promise(head)
+                promise = _mp3_promise(_read_head(handle))
             if promise is None or promise.seconds is None:
                 return None
     except Exception:  # noqa: BLE001 - unreadable here: decoding will say what is wrong

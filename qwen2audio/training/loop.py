@@ -171,11 +171,17 @@ def half_precision_advice(cfg: TrainConfig, device: torch.device) -> str | None:
             "slower than float32 here; dtype=float32 autocast=none trains faster on this machine")
 
 
-def autocast_context(cfg: TrainConfig, device: torch.device):
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype the run computes in under torch.autocast; None without autocast."""
     if cfg.autocast == "none" or (cfg.autocast == "auto" and not (
             device.type == "cuda" and torch.cuda.is_bf16_supported())):
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        return None
+    return torch.bfloat16
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    dtype = autocast_dtype(cfg, device)
+    return contextlib.nullcontext if dtype is None else lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def check_model_dir(path: str, option: str = "model") -> None:
@@ -253,9 +259,8 @@ def setup(cfg: TrainConfig) -> Run:
         load_trainable(model, resume)
         log(d, f"resuming from {resume}")
     model.train()
-    autocast = autocast_context(cfg, d.device) is not contextlib.nullcontext
     encoder_states = EncoderStateCache(cfg.encoder_cache, model.audio_tower, model.config.audio.num_mel_bins,
-                                       torch.bfloat16 if autocast else None) if cfg.encoder_cache else None
+                                       autocast_dtype(cfg, d.device)) if cfg.encoder_cache else None
     dataset = ManifestDataset(cfg.train_data, cfg.rows, tokenizer, model.config.audio.num_mel_bins,
                               max_audio_seconds=cfg.max_audio_seconds, max_seq_len=cfg.max_seq_len,
                               decode_audio=cfg.decode_audio, cache_features=cfg.cache_features,

@@ -483,8 +483,8 @@ async function send(voice = null) {
       if (!history.length) $("intro").hidden = false;
       lost = giveBack(text, audio, voice);
     }
-    if (!stopped) showError([err instanceof UserError ? err.message : unreachable(err), lost].filter(Boolean).join(" "));
-    else if (lost) showError(lost);
+    const said = [stopped ? "" : err instanceof UserError ? err.message : unreachable(err), lost].filter(Boolean);
+    if (said.length) showError(said.join(" "));
   } finally {
     bubble.classList.remove("pending");
     setBusy(null);
