@@ -199,11 +199,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, err: Exception) -> Response:
-        log.exception("unexpected error answering %s %s", request.method, request.url.path, exc_info=err)
-        return internal_error(err)
+        return internal_error(err, request.method, request.url.path)
 
 
-def internal_error(err: Exception) -> Response:
+def internal_error(err: Exception, method: str | None, path: str) -> Response:
+    """An error no handler expected: logged with its traceback, answered 500 without its details."""
+    log.exception("unexpected error answering %s %s", method, path, exc_info=err)
     return JSONResponse(error_body(f"internal error ({type(err).__name__}); see the server's log", SERVER_ERROR),
                         status_code=500)
 
@@ -249,8 +250,7 @@ class Guard:
                 raise
             # answered here, inside the CORS middleware (the app's own handler runs outside it): a browser
             # reads this body rather than an opaque network error
-            log.exception("unexpected error answering %s %s", scope.get("method"), path, exc_info=err)
-            await internal_error(err)(scope, receive, send)
+            await internal_error(err, scope.get("method"), path)(scope, receive, send)
         finally:
             self.metrics.requests.inc(endpoint, str(status))
             self.metrics.latency.observe(time.monotonic() - arrived, endpoint)
