@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,34 @@ _PLAIN_ROPE_TYPES = (None, "default")
 _PLAIN_ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
 
 
+def _is_plain_rope(rope: dict[str, Any]) -> bool:
+    """Whether transformers computes plain RoPE from these settings: type "default" (whose ``factor``, if
+    any, it ignores with a warning) or "linear" with factor 1 (positions divided by 1)."""
+    kind = rope.get("rope_type", rope.get("type"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        return False
+    if kind in _PLAIN_ROPE_TYPES:
+        if "factor" in rope:
+            warnings.warn(f"config.json: text_config's RoPE type {kind!r} ignores its factor {rope['factor']!r}, "
+                          "as transformers does", stacklevel=2)
+        return not set(rope) - _PLAIN_ROPE_KEYS - {"factor"}
+    return kind == "linear" and rope.get("factor") == 1.0 and not set(rope) - _PLAIN_ROPE_KEYS - {"factor"}
+
+
+def _slides(text_raw: dict[str, Any]) -> bool:
+    """Whether transformers would run any layer with sliding-window attention: use_sliding_window truthy (a
+    string "false" too, as Python reads it), a window set, and a layer that slides - one layer_types names
+    "sliding_attention", or where the file has no layer_types, a layer from max_window_layers on."""
+    if not text_raw.get("use_sliding_window") or text_raw.get("sliding_window", 4096) is None:
+        return False
+    layer_types = text_raw.get("layer_types")
+    if isinstance(layer_types, list):
+        return "sliding_attention" in layer_types
+    layers = text_raw.get("num_hidden_layers", TextConfig.num_hidden_layers)
+    first_sliding = text_raw.get("max_window_layers", 28)
+    return not (isinstance(layers, int) and isinstance(first_sliding, int) and first_sliding >= layers)
+
+
 def _reject_unsupported_text_options(text_raw: dict[str, Any]) -> None:
     _check_section_type(text_raw, "text_config", TEXT_MODEL_TYPE, "the Qwen2 decoder")
     # transformers 4.x names RoPE's settings rope_scaling (rope_theta beside it); 5.x rope_parameters, which
@@ -257,15 +286,16 @@ def _reject_unsupported_text_options(text_raw: dict[str, Any]) -> None:
         rope = text_raw.get(key)
         if not rope:
             continue
-        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else rope
-        if (not isinstance(rope, dict) or kind not in _PLAIN_ROPE_TYPES or set(rope) - _PLAIN_ROPE_KEYS
-                or rope.get("partial_rotary_factor", 1.0) != 1.0):
+        if not isinstance(rope, dict) or not _is_plain_rope(rope):
             raise ValueError(
                 f"text_config.{key} {rope!r} is not supported: Qwen2-Audio uses plain RoPE. "
                 "Remove the field if the checkpoint was not trained with it."
             )
-    if text_raw.get("use_sliding_window"):
-        raise ValueError("text_config.use_sliding_window is true; sliding-window attention is not supported")
+    if _slides(text_raw):
+        raise ValueError(
+            f"text_config.use_sliding_window is {text_raw['use_sliding_window']!r} (read as true, as transformers "
+            "reads it) with layers that slide; sliding-window attention is not supported. Set it to false if the "
+            "checkpoint was trained with full attention.")
     hidden = text_raw.get("hidden_size", TextConfig.hidden_size)
     heads = text_raw.get("num_attention_heads", TextConfig.num_attention_heads)
     head_dim = text_raw.get("head_dim")

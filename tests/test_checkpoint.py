@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -744,3 +745,64 @@ def test_a_bad_preprocessor_config_is_named(saved, tmp_path, text, message):
     (tmp_path / "preprocessor_config.json").write_text(text)
     with pytest.raises(CheckpointError, match=r"preprocessor_config\.json.*" + message):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("text", [
+    # transformers computes plain RoPE for type default whatever its factor (it warns of the key) ...
+    {"rope_scaling": {"type": "default", "factor": 1.0}},
+    {"rope_scaling": {"rope_type": "default", "factor": 2.0}},
+    # ... and for linear scaling by 1
+    {"rope_scaling": {"rope_type": "linear", "factor": 1.0}},
+])
+def test_rope_settings_transformers_computes_as_plain_rope_load(text, tmp_path):
+    from transformers import Qwen2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, **text)
+    plain = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6)
+    kind = text["rope_scaling"].get("rope_type", text["rope_scaling"].get("type"))
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+    plain_freq, plain_scale = ROPE_INIT_FUNCTIONS["default"](plain, "cpu")
+    assert torch.equal(inv_freq, plain_freq) and scale == plain_scale  # the reference: plain RoPE
+
+    write_config(tmp_path, {"model_type": "qwen2_audio", "text_config": {"rope_theta": 1e6, **text}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = Qwen2AudioConfig.from_file(tmp_path)
+    assert ours.text.rope_theta == 1e6
+    assert any("ignores its factor" in str(w.message) for w in caught) == (kind == "default")
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 1.0}])
+def test_rope_scaling_that_changes_positions_is_refused(rope, tmp_path):
+    write_config(tmp_path, {"model_type": "qwen2_audio", "text_config": {"rope_scaling": rope}})
+    with pytest.raises(ValueError, match="plain RoPE"):
+        Qwen2AudioConfig.from_file(tmp_path)
+
+
+@pytest.mark.parametrize("text,slides", [
+    # a string is truthy: transformers slides with "false" as with true
+    ({"use_sliding_window": "false", "num_hidden_layers": 4, "max_window_layers": 2}, True),
+    ({"use_sliding_window": True, "num_hidden_layers": 4, "max_window_layers": 2}, True),
+    # no layer from max_window_layers on, or layer_types naming none: full attention everywhere
+    ({"use_sliding_window": True, "num_hidden_layers": 4, "max_window_layers": 4}, False),
+    ({"use_sliding_window": True, "num_hidden_layers": 2, "max_window_layers": 1,
+      "layer_types": ["full_attention", "full_attention"]}, False),
+    ({"use_sliding_window": False, "num_hidden_layers": 2, "max_window_layers": 1,
+      "layer_types": ["full_attention", "sliding_attention"]}, False),
+    ({"use_sliding_window": True, "sliding_window": None, "num_hidden_layers": 4, "max_window_layers": 0}, False),
+])
+def test_sliding_window_refused_exactly_where_transformers_slides(text, slides, tmp_path):
+    from transformers import Qwen2Config
+
+    hf = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, **text)
+    # the reference: a layer slides where its type is sliding and the config keeps a window
+    assert (hf.sliding_window is not None and "sliding_attention" in hf.layer_types) == slides
+    write_config(tmp_path, {"model_type": "qwen2_audio",
+                            "text_config": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                            **text}})
+    if slides:
+        with pytest.raises(ValueError, match=rf"use_sliding_window is {text['use_sliding_window']!r}"):
+            Qwen2AudioConfig.from_file(tmp_path)
+    else:
+        assert Qwen2AudioConfig.from_file(tmp_path).text.num_hidden_layers == text["num_hidden_layers"]
