@@ -490,3 +490,36 @@ def test_a_step_that_cannot_be_compiled_runs_plain_with_a_warning(reference, mon
     messages = ask(clip(1.5, 0), "What is it?")
     assert model.chat(messages, max_new_tokens=12).token_ids == Qwen2Audio.load(reference[1]).chat(
         messages, max_new_tokens=12).token_ids
+
+
+@pytest.mark.parametrize("chunks", [(37,), (20, 17), (30, 4, 3)])
+def test_prefill_keeping_the_last_rows_matches_the_whole_last_layer(models, chunks):
+    """A prefill runs its last layer's queries, output projection and MLP on the rows it returns alone:
+    the kept rows' states equal the whole layer's, and every position's keys and values (each layer's,
+    the last one's included) are the same in the cache."""
+    engine = models["reference"].engine  # fused products, RoPE and one-query attention kernels
+    lm = engine.model.language_model
+    hidden = lm.config.hidden_size
+    embeds = torch.randn(1, sum(chunks), hidden, generator=torch.Generator().manual_seed(0))
+    caches = {}
+    for keep in (None, 1, 3):
+        cache = lm.new_cache(1, 64)
+        cache.reserve(1, 64)
+        start, outs = 0, []
+        with torch.inference_mode():
+            for n in chunks:
+                positions = torch.arange(start, start + n)[None]
+                mask = None if start == 0 else torch.ones(1, 1, n, start + n, dtype=torch.bool).tril(start)
+                outs.append(lm.hidden_states(embeds[:, start:start + n], positions, mask,
+                                             cache.chunk(slice(0, 1), start), keep_last=keep))
+                start += n
+        caches[keep] = (cache, outs)
+    whole = caches[None][1]
+    for keep in (1, 3):
+        cache, outs = caches[keep]
+        for full, kept in zip(whole, outs):
+            assert kept.shape == (1, min(keep, full.shape[1]), hidden)
+            torch.testing.assert_close(kept, full[:, -kept.shape[1]:], rtol=1e-5, atol=1e-5)
+        for layer in range(lm.config.num_hidden_layers):
+            for got, want in ((cache.k[layer], caches[None][0].k[layer]), (cache.v[layer], caches[None][0].v[layer])):
+                assert torch.equal(got[:, :, :sum(chunks)], want[:, :, :sum(chunks)])

@@ -176,7 +176,8 @@ class Engine:
         T = embeds.shape[1]
         positions = torch.arange(start, start + T, device=embeds.device)[None]  # (1, T)
         mask = causal_mask(start, T, embeds.device) if start else None  # (1, 1, T, start + T)
-        hidden = lm.hidden_states(embeds, positions, mask, cache.chunk(slice(slot, slot + 1), start))
+        # the cache and the last position's state are all a prefill needs of the last layer
+        hidden = lm.hidden_states(embeds, positions, mask, cache.chunk(slice(slot, slot + 1), start), keep_last=1)
         return lm.logits(hidden[0, -1]) if logits else None
 
     @torch.inference_mode()

@@ -92,7 +92,10 @@ class Attention(nn.Module):
         self.rope = None
         self.decode_attention = None
 
-    def forward(self, x, cos, sin, mask, cache: ChunkWrite | StepWrite | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: ChunkWrite | StepWrite | None, layer: int,
+                keep: int | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden), or with ``keep`` the output of the last ``keep`` positions
+        alone (B, keep, hidden): every position's keys and values are still computed and cached."""
         B, T, _ = x.shape
         if self.qkv is not None:
             q, k, v = self.qkv(x).split((self.n_heads * self.hs, self.n_kv * self.hs, self.n_kv * self.hs), dim=-1)
@@ -108,6 +111,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = the cached positions read
+        if keep is not None and keep < T:  # the queries of the last `keep` positions only
+            q = q[:, :, T - keep:]
+            if mask is not None:
+                mask = mask[:, :, -keep:]
+            elif keep > 1:  # SDPA's is_causal aligns a shorter query block to the first keys, not the last
+                mask = causal_mask(k.shape[2] - keep, keep, q.device)
+            T = keep
         causal = mask is None and T > 1 and k.shape[2] == T
         if (T == 1 and self.decode_attention is not None and k.dtype == torch.float32
                 and k.device.type == "cpu" and not torch.is_grad_enabled()):
@@ -144,8 +154,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache, layer, keep: int | None = None):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, keep)
+        if keep is not None:
+            x = x[:, x.shape[1] - keep:]
+        x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -179,22 +192,27 @@ class Qwen2ForCausalLM(nn.Module):
                        dtype or kv_cache_dtype(w.dtype, device), device)
 
     def hidden_states(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                      cache: ChunkWrite | StepWrite | None = None) -> torch.Tensor:
+                      cache: ChunkWrite | StepWrite | None = None, keep_last: int | None = None) -> torch.Tensor:
         """embeds (B, T, hidden), positions (B, T) -> final-normed hidden states (B, T, hidden).
 
         ``mask`` is a boolean (B, 1, T, S) "may attend" mask over the S keys attention sees (the cached
         ones a ``cache`` writer returns, new ones included), or None for plain causal attention over the
         T new positions alone. With a cache writer, each layer's new keys and values are written into
         the KV cache where the writer says (``KVCache.chunk`` / ``KVCache.step``).
+
+        ``keep_last=n`` returns the last n positions' states alone (B, n, hidden): the last layer then runs
+        its queries, output projection and MLP on those n rows only, as a prefill that needs the next
+        token's logits and the cache (not the other positions' outputs) can (1/num_layers of the work).
         """
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
         x = embeds
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             if recompute:
                 x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i)
+                x = layer(x, cos, sin, mask, cache, i, keep_last if i == last else None)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
