@@ -786,6 +786,39 @@ def test_beams_copy_only_what_differs_after_their_first_step(engine, monkeypatch
     assert starts[0] == 0 and set(starts[1:]) == {len(question.token_ids)}
 
 
+def test_a_kv_cache_growth_out_of_memory_part_way_says_only_what_every_layer_holds(monkeypatch):
+    """A GPU server's cache growing under load runs out of memory after some layers have grown: the
+    request fails, and the sizes the cache gives must still be those of its smallest layer, or a later
+    step writes past that layer (on CUDA a device-side assert, after which every request fails)."""
+    import torch
+
+    from qwen2audio.model.kv_cache import KVCache
+
+    cache = KVCache(3, 1, 4, max_slots=4, max_len=512, dtype=torch.float32, device="cpu")
+    cache.reserve(1, 10)  # 1 slot of 256 positions
+    cache.k[2][0, 0, 9] = 7.0
+    zeros, calls = torch.zeros, []
+
+    def short_of_memory(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the second layer's larger storage
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", short_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        cache.reserve(2, 300)
+    monkeypatch.setattr(torch, "zeros", zeros)
+    assert (cache.n_slots, cache.allocated_len) == (1, 256)
+    last = cache.allocated_len - 1  # a decode step at the last position the cache holds, in every layer
+    write = cache.step(torch.tensor([last]), last + 1)
+    for layer in range(3):
+        write.update(layer, torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+    cache.reserve(2, 300)  # the next reserve grows the layers that had not
+    assert (cache.n_slots, cache.allocated_len) == (2, 512)
+    assert all(t.shape == (2, 1, 512, 4) for t in cache.k + cache.v) and float(cache.k[2][0, 0, 9, 0]) == 7.0
+
+
 def test_the_kv_cache_grows_its_slots_by_doubling_and_keeps_what_it_holds():
     import torch
 

@@ -34,13 +34,13 @@ class KVCache:
 
     @property
     def n_slots(self) -> int:
-        """Slots allocated so far (0 .. max_slots)."""
-        return self.k[0].shape[0] if self.k else 0
+        """Slots allocated so far (0 .. max_slots), in every layer."""
+        return self._slots
 
     @property
     def allocated_len(self) -> int:
-        """Positions per slot allocated so far (0 .. max_len)."""
-        return self.k[0].shape[2] if self.k else 0
+        """Positions per slot allocated so far (0 .. max_len), in every layer."""
+        return self._positions
 
     @property
     def nbytes(self) -> int:
@@ -49,6 +49,7 @@ class KVCache:
     def release(self) -> None:
         """Free the storage (what is cached is forgotten)."""
         self.k, self.v = [], []
+        self._slots = self._positions = 0  # what every layer holds (a growth cut short leaves some larger)
 
     def preallocate(self) -> None:
         self.reserve(self.max_slots, self.max_len)
@@ -65,20 +66,28 @@ class KVCache:
         slots = n_slots if n_slots <= self.n_slots else min(self.max_slots, max(n_slots, 2 * self.n_slots))
         slots = max(slots, self.n_slots)
         positions = max(self.allocated_len, min(self.max_len, -(-length // GROW_POSITIONS) * GROW_POSITIONS))
-        shape = (slots, self.n_kv_heads, positions, self.head_dim)
         # Zeros, not empty: masked positions are still read, and 0 * NaN would poison the attention.
         def bigger(old: torch.Tensor | None) -> torch.Tensor:
-            new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if old is not None:
-                new[: old.shape[0], :, : old.shape[2]] = old
+            if old is None:
+                return torch.zeros((slots, self.n_kv_heads, positions, self.head_dim), dtype=self.dtype,
+                                   device=self.device)
+            if old.shape[0] >= slots and old.shape[2] >= positions:
+                return old  # grown already, by a reserve that ran out of memory after it
+            new = torch.zeros((max(slots, old.shape[0]), self.n_kv_heads, max(positions, old.shape[2]),
+                               self.head_dim), dtype=self.dtype, device=self.device)
+            new[: old.shape[0], :, : old.shape[2]] = old
             return new
-        if not self.k:
-            self.k = [bigger(None) for _ in range(self.n_layers)]
-            self.v = [bigger(None) for _ in range(self.n_layers)]
-            return
-        for layers in (self.k, self.v):  # one layer at a time: the old storage goes as the new comes
+        # One layer at a time: the old storage goes as the new comes. Out of memory part-way (a GPU's memory
+        # is soon full), the layers grown so far stay grown but the sizes stay those every layer holds, so
+        # that no write goes past a smaller layer (on CUDA an index out of bounds is a device-side assert,
+        # which ends every later request), and the next reserve grows the rest.
+        for layers in (self.k, self.v):
             for i in range(self.n_layers):
-                layers[i] = bigger(layers[i])
+                if i < len(layers):
+                    layers[i] = bigger(layers[i])
+                else:
+                    layers.append(bigger(None))
+        self._slots, self._positions = slots, positions
 
     def copy_slots(self, dst: list[int], src: list[int], length: int, start: int = 0) -> None:
         """Slot ``dst[i]`` takes cached positions ``start`` .. ``length`` - 1 of slot ``src[i]``, all at once (a
