@@ -334,6 +334,24 @@ def test_a_resumed_run_s_tensorboard_hides_the_steps_it_logs_again(tmp_path, mon
     assert made == [None, 301]
 
 
+@pytest.mark.parametrize("major, autocast", [(7, None), (8, torch.bfloat16)])
+def test_autocast_auto_is_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, major, autocast):
+    """A T4 or V100 (compute capability 7.x) holds bfloat16 tensors, so torch.cuda.is_bf16_supported() says yes,
+    but only emulates their products: "auto" trains in float32 there, in bf16 on Ampere and later."""
+    from types import SimpleNamespace
+
+    from qwen2audio.training.loop import autocast_dtype
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major, minor=5))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # a bf16 tensor is made
+    assert autocast_dtype(TrainConfig(), torch.device("cuda", 0)) is autocast
+    assert autocast_dtype(TrainConfig(autocast="bf16"), torch.device("cuda", 0)) is torch.bfloat16  # asked for
+    assert autocast_dtype(TrainConfig(), torch.device("cpu")) is None
+
+
 def test_half_precision_training_on_a_cpu_that_emulates_it_gets_a_note(monkeypatch):
     from qwen2audio.checkpoint import hf
     from qwen2audio.training.loop import half_precision_advice

@@ -94,7 +94,7 @@ class TrainConfig:
     encoder_lora: bool = False  # with lora_rank > 0 and encoder trainable: LoRA on its layers instead of all of it
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the LLM's decoder layers for training steps (needs a C++ compiler on CPU)
-    autocast: str = "auto"  # auto (bf16 on GPUs that support it) | bf16 | none
+    autocast: str = "auto"  # auto (bf16 on GPUs that compute it natively, Ampere and later) | bf16 | none
     # --- data ----------------------------------------------------------------------------------------
     max_seq_len: int = 2048  # rows with more tokens (audio included) are skipped and reported
     max_audio_seconds: float = 30.0  # longer clips are skipped and reported (longer than 30 s: split in windows)

@@ -172,9 +172,11 @@ def half_precision_advice(cfg: TrainConfig, device: torch.device) -> str | None:
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The dtype the run computes in under torch.autocast; None without autocast."""
+    """The dtype the run computes in under torch.autocast; None without autocast. "auto" is bfloat16 on a
+    GPU that computes it natively (compute capability 8.0 and later): torch.cuda.is_bf16_supported()
+    alone also says yes where bfloat16 is only emulated (T4, V100), which is slower than float32 there."""
     if cfg.autocast == "none" or (cfg.autocast == "auto" and not (
-            device.type == "cuda" and torch.cuda.is_bf16_supported())):
+            device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))):
         return None
     return torch.bfloat16
 
