@@ -352,6 +352,29 @@ def test_autocast_auto_is_bf16_only_on_gpus_that_compute_it_natively(monkeypatch
     assert autocast_dtype(TrainConfig(), torch.device("cpu")) is None
 
 
+def test_fsdp_shards_on_the_runs_device_not_on_the_machines_gpu(monkeypatch):
+    """device: cpu (gloo) under FSDP on a machine with a GPU: fully_shard's default mesh is on the accelerator,
+    where it would move the weights (and a CPU batch would then meet CUDA weights); the run's device decides."""
+    import torch.distributed as dist
+
+    from qwen2audio.config import EncoderConfig, Qwen2AudioConfig, TextConfig
+    from qwen2audio.model import Qwen2AudioModel
+    from qwen2audio.training.distributed import Dist, wrap
+
+    config = Qwen2AudioConfig(
+        audio=EncoderConfig(num_mel_bins=16, d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32),
+        text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-5), audio_token_index=5)
+    model = Qwen2AudioModel(config)
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))  # a CUDA build with a GPU
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        wrapped = wrap(model, "fsdp", Dist(0, 1, 0, torch.device("cpu")))
+        assert {p.device.type for p in wrapped.parameters()} == {"cpu"}
+    finally:
+        dist.destroy_process_group()
+
+
 def test_half_precision_training_on_a_cpu_that_emulates_it_gets_a_note(monkeypatch):
     from qwen2audio.checkpoint import hf
     from qwen2audio.training.loop import half_precision_advice

@@ -73,12 +73,16 @@ def wrap(model: nn.Module, mode: str, d: Dist, find_unused: bool = False, encode
 
         return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                    find_unused_parameters=find_unused)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # on this rank's device: fully_shard's own default is a mesh on the machine's accelerator, where it moves
+    # the weights, even for device: cpu (gloo) on a machine with a GPU
+    mesh = init_device_mesh(d.device.type, (d.world,))
     model.idle_audio = "encoder" if encoder_runs else "projector"  # every rank runs the same sharded layers
     for layer in list(model.audio_tower.layers) + list(model.language_model.model.layers):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
