@@ -352,6 +352,17 @@ def test_autocast_auto_is_bf16_only_on_gpus_that_compute_it_natively(monkeypatch
     assert autocast_dtype(TrainConfig(), torch.device("cpu")) is None
 
 
+def test_more_processes_than_gpus_is_told(monkeypatch):
+    """torchrun --nproc_per_node 2 on a machine with one GPU: the second process has no GPU of its own."""
+    from qwen2audio.training.distributed import setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"process 1 of this machine, which has 1 GPU\(s\): launch one process per GPU"):
+        setup("ddp", "auto")
+
+
 def test_fsdp_shards_on_the_runs_device_not_on_the_machines_gpu(monkeypatch):
     """device: cpu (gloo) under FSDP on a machine with a GPU: fully_shard's default mesh is on the accelerator,
     where it would move the weights (and a CPU batch would then meet CUDA weights); the run's device decides."""

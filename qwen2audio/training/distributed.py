@@ -51,6 +51,9 @@ def setup(mode: str, device: str = "auto") -> Dist:
         raise ValueError(f"device: cuda, but {build}; set device: auto or cpu, or install a CUDA build of torch "
                          "on a machine with a GPU")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and local_rank >= torch.cuda.device_count():  # (CUDA's own word: "invalid device ordinal")
+        raise ValueError(f"this is process {local_rank} of this machine, which has {torch.cuda.device_count()} "
+                         "GPU(s): launch one process per GPU (torchrun --nproc_per_node), or set device: cpu")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
