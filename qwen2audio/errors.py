@@ -23,6 +23,10 @@ class CheckpointError(ValueError):
     """The checkpoint directory does not hold what a Qwen2-Audio model needs."""
 
 
+class NotEnoughMemory(ValueError):
+    """A model that would not fit in the memory of the device it is loaded onto (said before loading)."""
+
+
 class AudioWarning(UserWarning):
     """Audio that was used but is not what its file promised (e.g. a file cut short). Turn it into an
     error with ``warnings.simplefilter("error", AudioWarning)`` where partial audio must not pass."""

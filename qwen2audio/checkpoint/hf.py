@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +29,7 @@ from ..config import CONFIG_FILE, Qwen2AudioConfig, checkpoint_hint
 from ..errors import CheckpointError  # defined without torch, for the command line
 from ..model import Qwen2AudioModel
 from .files import check_preprocessor_config
+from .memory import GB, check_room
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -197,6 +199,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     stored = stored_dtypes(files, expected)
     if target_dtype is None:
         target_dtype = auto_load_dtype(stored, device)
+    check_weights_fit(directory, expected, stored, target_dtype, device)
     seen: set[str] = set()
     unexpected: list[str] = []
     for path in files:
@@ -246,6 +249,26 @@ def checkpoint_weights(model: Qwen2AudioModel) -> dict[str, torch.Size]:
     if model.config.text.tie_word_embeddings:
         expected.pop(TIED_HEAD_KEY)
     return expected
+
+
+def check_weights_fit(directory: Path, expected: dict[str, torch.Size], stored: set[torch.dtype],
+                      dtype: torch.dtype, device: str | torch.device) -> None:
+    """Refuse, before reading a byte, weights that do not fit in ``device``'s memory in ``dtype`` (and say
+    which dtype would fit); warn where they fit only by swapping (``memory.check_room``)."""
+    params = sum(math.prod(shape) for shape in expected.values())
+    need = params * dtype.itemsize
+    on_gpu = torch.device(device).type == "cuda"
+    if dtype.itemsize > 2:
+        half = "bfloat16" if not on_gpu or torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+        slower = "" if on_gpu or cpu_computes_natively(torch.bfloat16) else ", slower on this CPU, which does not " \
+                                                                            "compute it natively"
+        stored_as = " (as it is stored)" if torch.bfloat16 in stored or torch.float16 in stored else ""
+        advice = (f"load it in {half}{stored_as} with --dtype {half} (dtype=\"{half}\" in Python): "
+                  f"{params * 2 / GB:.1f} GB{slower}")
+    else:
+        advice = "run it on a machine with more memory" + (", or with --device cpu" if on_gpu else "")
+    check_room(need, device, f"{directory.name} in {str(dtype).removeprefix('torch.')} "
+                             f"({params / 1e9:.2f} B parameters)", advice)
 
 
 def auto_load_dtype(stored: set[torch.dtype], device: str | torch.device) -> torch.dtype:
