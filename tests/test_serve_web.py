@@ -10,6 +10,7 @@ is set (CI sets it: there a missing browser is a failure, not a skip).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -19,6 +20,7 @@ import shutil
 import tomllib
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -131,6 +133,14 @@ def browser(playwright, tone_wav):
     b.close()
 
 
+@contextlib.contextmanager
+def served_page(browser, backend, **settings) -> Iterator:
+    """The page, open in ``browser``, of a server over ``backend`` with these settings (``fake_app``)."""
+    app, _ = fake_app(backend, **settings)
+    with running(app) as url:
+        yield open_page(browser, url)
+
+
 def open_page(browser, url: str, **context):
     # bypass_csp: Playwright's own waiting code evaluates strings, which the page's policy forbids
     page_ = browser.new_context(bypass_csp=True, **context).new_page()
@@ -164,9 +174,7 @@ def test_upload_a_file_ask_about_it_and_the_answer_streams_in(browser, tmp_path)
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(2.0, seed=3))
     backend = FakeBackend(words=ANSWER, delay=0.25)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         page_.set_input_files("#file", str(clip))
         page_.wait_for_selector("#attachment:not([hidden])")
         page_.fill("#text", "What is this sound?")
@@ -241,9 +249,7 @@ def record_a_second_and_keep_it(page_) -> None:
 
 def test_microphone_recording_is_the_turn(browser):
     backend = FakeBackend(words=ANSWER)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         record_a_second(page_)
         page_.click("#mic")  # stop: the recording is sent at once, with no typed text
         wait_answers(page_, 1)
@@ -263,9 +269,7 @@ def test_a_question_spoken_about_an_attached_file_sends_both(browser, tmp_path):
     clip = tmp_path / "sound.wav"
     clip.write_bytes(wav_bytes(2.0, seed=3))
     backend = FakeBackend(words=ANSWER)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         page_.set_input_files("#file", str(clip))
         page_.wait_for_selector("#attachment:not([hidden])")
         record_a_second(page_)
@@ -287,9 +291,7 @@ def test_keep_attaches_the_recording_to_ask_about_it(browser):
     """Keep stops the recording without sending it: it is attached, like an uploaded file, and goes with the
     question typed next."""
     backend = FakeBackend(words=ANSWER)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         record_a_second_and_keep_it(page_)
         assert page_.is_hidden("#recording") and page_.text_content("#attachment-name").startswith("recording")
         assert page_.locator(".turn").count() == 0 and backend.requests == []
@@ -306,9 +308,7 @@ def test_keep_attaches_the_recording_to_ask_about_it(browser):
 def test_a_recording_that_reaches_the_limit_is_sent_not_thrown_away(browser):
     """The recorder's last block runs a few samples past the limit: the recording ends at the limit and goes."""
     backend = FakeBackend(words=ANSWER)
-    app, _ = fake_app(backend, max_seconds=1.0)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend, max_seconds=1.0) as page_:
         page_.click("#mic")  # not pressed again: the limit stops it
         wait_answers(page_, 1)
         assert page_.is_hidden("#error") and page_.errors == []
@@ -334,9 +334,7 @@ def test_a_double_click_on_the_microphone_is_one_press(browser):
     stayed on after the recording was sent or cancelled), and a double click to stop sends the recording once
     (the second press opened the microphone again)."""
     backend = FakeBackend(words=ANSWER)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         page_.add_init_script(COUNT_MICROPHONES)
         page_.reload()
         page_.wait_for_selector("#status.ok", timeout=WAIT_MS)
@@ -368,9 +366,7 @@ def start_long_answer(page_) -> None:
 def test_new_chat_during_an_answer_starts_clean(browser):
     """The answer streaming when New chat is pressed is not carried into the next conversation."""
     backend = slow_backend()
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         start_long_answer(page_)
         page_.click("#new-chat")
         page_.wait_for_selector("#send:not([hidden])")
@@ -384,9 +380,7 @@ def test_new_chat_during_an_answer_starts_clean(browser):
 def test_the_upload_control_is_reached_from_the_keyboard(browser, tmp_path):
     clip = tmp_path / "keys.wav"
     clip.write_bytes(wav_bytes(1.0))
-    app, _ = fake_app(FakeBackend())
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, FakeBackend()) as page_:
         # Playwright turns on catching file choosers without waiting for the browser to confirm it, so a key
         # pressed at once can open a chooser nobody catches: catch them from here on, before the key round trips
         page_.on("filechooser", lambda _: None)
@@ -401,9 +395,7 @@ def test_the_upload_control_is_reached_from_the_keyboard(browser, tmp_path):
 
 def test_stop_keeps_what_was_said_and_cancels_the_generation(browser):
     backend = slow_backend()
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         start_long_answer(page_)
         page_.click("#stop")
         page_.wait_for_selector(".turn.assistant .bubble.stopped", timeout=WAIT_MS)
@@ -415,9 +407,7 @@ def test_stop_keeps_what_was_said_and_cancels_the_generation(browser):
 
 def test_stop_before_any_answer_gives_the_turn_back(browser):
     backend = FakeBackend(hold=True)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         page_.fill("#text", "Are you there?")
         page_.click("#send")
         page_.wait_for_selector("#stop:not([hidden])")
@@ -432,9 +422,7 @@ def test_stop_before_any_answer_gives_the_turn_back(browser):
 def test_a_busy_server_is_said_and_the_turn_kept(browser, tmp_path):
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(1.0))
-    app, _ = fake_app(FakeBackend(max_queue=0))
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, FakeBackend(max_queue=0)) as page_:
         page_.set_input_files("#file", str(clip))
         page_.fill("#text", "Hello?")
         page_.click("#send")
@@ -450,9 +438,7 @@ def test_a_spoken_question_about_a_file_that_gets_no_answer_is_said_lost(browser
     says so (it was dropped without a word; the note giveBack showed was overwritten by the error at once)."""
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(1.0))
-    app, _ = fake_app(FakeBackend(max_queue=0))
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, FakeBackend(max_queue=0)) as page_:
         page_.set_input_files("#file", str(clip))
         page_.wait_for_selector("#attachment:not([hidden])")
         record_a_second(page_)
@@ -468,9 +454,7 @@ def test_a_file_longer_than_the_server_takes_is_refused_before_sending(browser, 
     clip = tmp_path / "long.wav"
     clip.write_bytes(wav_bytes(seconds))  # its length in tenths, rounded up: in whole seconds 2.46 read as the limit
     backend = FakeBackend()
-    app, _ = fake_app(backend, max_seconds=2.0)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend, max_seconds=2.0) as page_:
         page_.set_input_files("#file", str(clip))
         page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
         message = page_.inner_text("#error-text")
@@ -481,9 +465,7 @@ def test_a_file_longer_than_the_server_takes_is_refused_before_sending(browser, 
 def test_errors_the_server_finds_in_the_audio_are_shown(browser, tmp_path):
     junk = tmp_path / "notes.wav"
     junk.write_bytes(b"this is not audio at all" * 10)
-    app, _ = fake_app(FakeBackend())
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, FakeBackend()) as page_:
         page_.set_input_files("#file", str(junk))  # the browser cannot decode it either: the server judges
         page_.click("#send")
         page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
@@ -496,9 +478,7 @@ def test_a_file_cut_short_is_answered_and_the_page_says_so(browser, tmp_path):
     whole = wav_bytes(2.0, seed=4)
     clip.write_bytes(whole[: len(whole) // 2])  # its header still promises 2 s
     backend = FakeBackend(words=ANSWER)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         page_.set_input_files("#file", str(clip))
         page_.click("#send")
         wait_answers(page_, 1)
@@ -515,9 +495,7 @@ def test_a_file_cut_short_is_transcribed_and_the_page_says_so(browser, tmp_path)
     clip = tmp_path / "short.wav"
     whole = wav_bytes(2.0, seed=4)
     clip.write_bytes(whole[: len(whole) // 2])
-    app, _ = fake_app(FakeBackend(words=ANSWER))
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, FakeBackend(words=ANSWER)) as page_:
         page_.set_input_files("#file", str(clip))
         page_.wait_for_selector("#attachment:not([hidden])")
         page_.click("#transcribe")
@@ -533,9 +511,7 @@ def test_an_answer_whose_stream_is_cut_short_is_marked_and_said(browser):
     def chunk(text: str) -> str:
         return "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}) + "\n\n"
 
-    app, _ = fake_app(FakeBackend())
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, FakeBackend()) as page_:
         page_.route("**/v1/chat/completions", lambda route: route.fulfill(
             status=200, headers={"Content-Type": "text/event-stream"}, body=chunk("The ") + chunk("answer")))
         page_.fill("#text", "Hello?")
@@ -597,9 +573,7 @@ def test_a_clip_over_the_conversation_s_audio_budget_is_attached_for_a_transcrip
     first.write_bytes(wav_bytes(2.0))
     second.write_bytes(wav_bytes(2.0, seed=1))
     backend = FakeBackend()
-    app, _ = fake_app(backend, max_seconds=3.0)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend, max_seconds=3.0) as page_:
         page_.set_input_files("#file", str(first))
         page_.wait_for_selector("#attachment:not([hidden])", timeout=WAIT_MS)
         page_.click("#send")
@@ -617,9 +591,7 @@ def test_a_clip_over_the_conversation_s_audio_budget_is_attached_for_a_transcrip
 
 def test_settings_reach_the_request(browser):
     backend = FakeBackend()
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         page_.click("#open-settings")
         page_.fill("input[name=temperature]", "0.6")
         page_.fill("input[name=max_tokens]", "5")
@@ -648,9 +620,7 @@ def test_settings_reach_the_request(browser):
 
 def test_the_keyboard_stays_in_the_composer_through_a_turn(browser):
     backend = FakeBackend(hold=True)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         page_.fill("#text", "Hi")
         page_.focus("#send")
         page_.keyboard.press("Enter")
@@ -663,9 +633,7 @@ def test_the_keyboard_stays_in_the_composer_through_a_turn(browser):
 
 def test_a_setting_that_is_not_a_number_is_named_and_nothing_is_sent(browser):
     backend = FakeBackend()
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         page_.click("#open-settings")
         page_.focus("input[name=temperature]")
         page_.keyboard.type("0.5e")  # a number field takes the keys, but its value reads as empty
@@ -823,9 +791,7 @@ def test_send_while_recording_sends_the_recording_and_the_mic_says_what_it_does(
     """Send (or Enter) during a recording ends it and sends it, as the microphone button does (it did
     nothing); the button's accessible name follows what pressing it does."""
     backend = FakeBackend(words=ANSWER)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         assert page_.get_attribute("#mic", "aria-label") == "Record"
         record_a_second(page_)
         assert page_.get_attribute("#mic", "aria-label") == "Stop and send the recording"
@@ -839,9 +805,7 @@ def test_send_while_recording_sends_the_recording_and_the_mic_says_what_it_does(
 
 
 def test_settings_take_the_keyboard_and_escape_closes_them(browser):
-    app, _ = fake_app(FakeBackend())
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, FakeBackend()) as page_:
         page_.focus("#open-settings")
         page_.keyboard.press("Enter")
         assert page_.is_visible("#settings")
@@ -854,9 +818,7 @@ def test_settings_take_the_keyboard_and_escape_closes_them(browser):
 def test_a_file_that_is_not_audio_is_refused_when_attached(browser, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("shopping list\n" * 20)
-    app, _ = fake_app(FakeBackend())
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, FakeBackend()) as page_:
         page_.set_input_files("#file", str(notes))
         page_.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
         assert '"notes.txt" does not look like an audio file' in page_.inner_text("#error-text")
@@ -868,9 +830,7 @@ def test_transcribe_sends_the_language_set_and_counts_its_segments(browser, tmp_
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(2.0, seed=3))
     backend = FakeBackend(words=ANSWER)
-    app, _ = fake_app(backend)
-    with running(app) as url:
-        page_ = open_page(browser, url)
+    with served_page(browser, backend) as page_:
         page_.click("#open-settings")
         page_.fill("input[name=language]", "fr")
         page_.keyboard.press("Escape")
