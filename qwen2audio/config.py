@@ -256,6 +256,10 @@ def _is_plain_rope(rope: dict[str, Any]) -> bool:
     kind = rope.get("rope_type", rope.get("type"))
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         return False
+    if "type" in rope and "rope_type" in rope and rope["type"] != rope["rope_type"]:
+        return False  # transformers 4.x's Qwen2Config lets "type" overwrite "rope_type": {"type": "linear", ...}
+    if kind is None and "factor" in rope:
+        return False  # no type, a factor: transformers refuses it (a missing rope_type), a scaling meant anyway
     if kind in _PLAIN_ROPE_TYPES:
         if "factor" in rope:
             warnings.warn(f"config.json: text_config's RoPE type {kind!r} ignores its factor {rope['factor']!r}, "

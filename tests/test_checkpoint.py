@@ -806,3 +806,24 @@ def test_sliding_window_refused_exactly_where_transformers_slides(text, slides, 
             Qwen2AudioConfig.from_file(tmp_path)
     else:
         assert Qwen2AudioConfig.from_file(tmp_path).text.num_hidden_layers == text["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("rope", [
+    # transformers' Qwen2Config copies "type" over "rope_type": this is linear scaling by 2 there
+    {"type": "linear", "rope_type": "default", "factor": 2.0},
+    # no type but a factor: transformers refuses it (rope_type missing); no plain RoPE was meant
+    {"factor": 2.0},
+])
+def test_rope_settings_transformers_does_not_compute_as_plain_rope_are_refused(rope, tmp_path):
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    sizes = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+    plain = Qwen2RotaryEmbedding(Qwen2Config(**sizes)).inv_freq
+    try:  # the reference: another RoPE, or none at all
+        assert not torch.equal(Qwen2RotaryEmbedding(Qwen2Config(**sizes, rope_scaling=dict(rope))).inv_freq, plain)
+    except KeyError:
+        pass
+    write_config(tmp_path, {"model_type": "qwen2_audio", "text_config": {"rope_scaling": rope}})
+    with pytest.raises(ValueError, match="plain RoPE"):
+        Qwen2AudioConfig.from_file(tmp_path)
