@@ -102,3 +102,31 @@ def test_machine_memory_is_read_from_meminfo_and_a_containers_limit(tmp_path, mo
     if memory._meminfo():
         assert memory.device_room("cpu").free > 0
     assert memory.device_room("meta") is None
+
+
+def test_a_containers_page_cache_counts_as_room(tmp_path):
+    """A container's usage counts the page cache of the files it read (a checkpoint loaded before, 16 GB
+    of it still cached): the kernel reclaims it before killing anything, so it is room, not use."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("24000000000\n")
+    (v2 / "memory.current").write_text("17000000000\n")
+    (v2 / "memory.stat").write_text("anon 900000000\nfile 16100000000\nactive_file 15000000000\n"
+                                    "inactive_file 1000000000\nshmem 100000000\n")
+    assert memory._cgroup_room(v2) == 24000000000 - (17000000000 - 16000000000)
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("24000000000")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("17000000000")
+    (v1 / "memory" / "memory.stat").write_text("cache 5\nactive_file 3\ntotal_cache 16000000000\n"
+                                               "total_active_file 12000000000\ntotal_inactive_file 4000000000\n")
+    assert memory._cgroup_room(v1) == 24000000000 - 1000000000
+
+
+def test_a_gpus_room_counts_what_the_allocator_holds_unused(monkeypatch):
+    """A model loaded on the GPU and deleted leaves its memory in torch's caching allocator: not free to
+    CUDA, but the next load reuses it."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * 10**9, 24 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 17 * 10**9)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10**9)
+    assert memory.device_room("cuda") == memory.Room(7 * 10**9 + 16 * 10**9)

@@ -45,17 +45,33 @@ def _meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
     return fields
 
 
+def _stat(path: Path) -> dict[str, int]:
+    """A cgroup's memory.stat (name value per line), empty where it cannot be read."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    return {name: int(value) for name, _, value in (line.partition(" ") for line in lines) if value.strip().isdigit()}
+
+
 def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """What a container's memory limit leaves (cgroup v2, else v1), or None without a limit."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    """What a container's memory limit leaves (cgroup v2, else v1), or None without a limit. The cgroup's
+    usage counts the page cache its files filled (a checkpoint downloaded or loaded before), which the
+    kernel reclaims before it kills anything, so the cached files' pages count as room, as MemAvailable
+    counts them."""
+    for limit_file, usage_file, stat_file, cache_keys in (
+            ("memory.max", "memory.current", "memory.stat", ("active_file", "inactive_file")),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+             ("total_active_file", "total_inactive_file"))):
         try:
             limit = (root / limit_file).read_text().strip()
             usage = int((root / usage_file).read_text().strip())
         except (OSError, ValueError):
             continue
         if limit.isdigit() and int(limit) < 1 << 60:  # v1 says "no limit" with a huge number, v2 with "max"
-            return max(0, int(limit) - usage)
+            stat = _stat(root / stat_file)
+            cached = sum(stat.get(key, 0) for key in cache_keys)
+            return max(0, int(limit) - max(0, usage - cached))
     return None
 
 
@@ -64,7 +80,10 @@ def device_room(device: torch.device | str) -> Room | None:
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return Room(int(free))
+        # what this process's caching allocator holds but no tensor uses (a model loaded and deleted before)
+        # is not free to CUDA but is to the allocator, which reuses it (and releases it when short)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return Room(int(free) + max(0, int(cached)))
     if device.type != "cpu":
         return None
     info = _meminfo()
