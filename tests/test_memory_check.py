@@ -19,7 +19,7 @@ def checkpoints(tmp_path_factory):
     ref = hf_model("mha_untied_80")
     params = sum(p.numel() for p in ref.parameters())
     paths = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         path = tmp_path_factory.mktemp(str(dtype).removeprefix("torch."))
         ref.to(dtype).save_pretrained(path)
         TOKENIZER.save(path)
@@ -130,3 +130,12 @@ def test_a_gpus_room_counts_what_the_allocator_holds_unused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 17 * 10**9)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10**9)
     assert memory.device_room("cuda") == memory.Room(7 * 10**9 + 16 * 10**9)
+
+
+def test_weights_stored_in_float16_are_advised_float16(checkpoints, monkeypatch):
+    """A float16 checkpoint asked for in float32 is not "bfloat16 (as it is stored)": its own dtype is advised,
+    which rounds nothing."""
+    paths, params = checkpoints
+    room(monkeypatch, free=params * 3, swap=0)
+    with pytest.raises(NotEnoughMemory, match=r"load it in float16 \(as it is stored\) with --dtype float16"):
+        load_model(paths[torch.float16], dtype="float32")

@@ -259,10 +259,16 @@ def check_weights_fit(directory: Path, expected: dict[str, torch.Size], stored: 
     need = params * dtype.itemsize
     on_gpu = torch.device(device).type == "cuda"
     if dtype.itemsize > 2:
-        half = "bfloat16" if not on_gpu or torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-        slower = "" if on_gpu or cpu_computes_natively(torch.bfloat16) else ", slower on this CPU, which does not " \
-                                                                            "compute it natively"
-        stored_as = " (as it is stored)" if torch.bfloat16 in stored or torch.float16 in stored else ""
+        stored_half = [d for d in (torch.bfloat16, torch.float16) if d in stored]
+        if len(stored_half) == 1:  # the half precision the weights are stored in: no rounding
+            half_dtype, stored_as = stored_half[0], " (as it is stored)"
+        else:
+            half_dtype = torch.bfloat16 if not on_gpu or torch.cuda.is_bf16_supported(including_emulation=False) \
+                else torch.float16
+            stored_as = ""
+        half = str(half_dtype).removeprefix("torch.")
+        slower = "" if on_gpu or cpu_computes_natively(half_dtype) else ", slower on this CPU, which does not " \
+                                                                        "compute it natively"
         advice = (f"load it in {half}{stored_as} with --dtype {half} (dtype=\"{half}\" in Python): "
                   f"{params * 2 / GB:.1f} GB{slower}")
     else:
