@@ -17,6 +17,7 @@ their times) are greedy unless told otherwise, as the official evaluation decode
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import numbers
 import os
@@ -270,6 +271,9 @@ class Qwen2Audio:
         windows = speech_windows(wave, chunk_samples(chunk_seconds), pause_samples(cut_at_pauses))
         params = SamplingParams(**sampling)
         prepared = [self.engine.prepare(raw_prompt(prompt, 1), [window.audio]) for window in windows]  # decoded
+        if prepared:  # capped once for every chunk, with one warning (each chunk's would name its own length)
+            longest = max(len(p.token_ids) for p in prepared)
+            params = dataclasses.replace(params, max_new_tokens=self.scheduler.room(params.max_new_tokens, longest))
         if progress is None:  # tqdm's None: shown on a terminal only
             hidden = True if len(windows) < 2 else None
         else:

@@ -412,6 +412,20 @@ def test_max_new_tokens_beyond_the_context_is_capped_with_a_warning(models):
         model.chat(messages, max_new_tokens=room)
 
 
+def test_a_long_transcript_caps_max_new_tokens_with_one_warning(models):
+    """Each chunk of a long transcript warned with its own prompt length (so Python showed every one): the
+    cap is now taken once, from the longest chunk's prompt."""
+    model = models["reference"]  # 2048 positions
+    audio = clip(48.0, 6)  # two windows of different lengths (30 s and 18 s, no pauses to cut at)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transcript = model.transcript(audio, max_new_tokens=5000, cut_at_pauses=0, fallback=False)
+    said = [str(w.message) for w in caught if "does not fit" in str(w.message)]
+    assert len(transcript.segments) == 2
+    assert len(said) == 1, said
+    assert said[0].startswith("max_new_tokens 5000 does not fit: the prompt takes ")
+
+
 # -- compiled decoding steps ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_compiled_decoding_steps_decode_what_the_plain_ones_do(reference, quantize):

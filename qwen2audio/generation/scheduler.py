@@ -401,7 +401,7 @@ class Scheduler:
             raise RequestTooLarge(f"the prompt is {n} tokens but a request may hold at most {self.max_len} "
                                   f"positions (prompt and reply); shorten the prompt or audio")
         reply = ReplyText(self.engine.tokenizer, params, n)
-        r = _Request(request, params, self._room(params.max_new_tokens, n), reply, deadline, session)
+        r = _Request(request, params, self.room(params.max_new_tokens, n), reply, deadline, session)
         if params.beams:
             r.search = BeamSearch(request, params, reply.stop_ids, r.max_new)
         with self._lock:
@@ -414,9 +414,11 @@ class Scheduler:
             self._wakeup.notify()
         return RequestStream(self, r)
 
-    def _room(self, max_new_tokens: int, prompt_tokens: int) -> int:
+    def room(self, max_new_tokens: int, prompt_tokens: int, stacklevel: int = 4) -> int:
+        """max_new_tokens, capped by what a prompt of ``prompt_tokens`` leaves of a request's positions, with a
+        warning when capped (``stacklevel``: the warning's, from here + 1)."""
         whose = "the model's" if self.max_len == self.engine.max_positions else "the scheduler's max_len of"
-        return new_token_room(max_new_tokens, prompt_tokens, self.max_len, whose, stacklevel=4)
+        return new_token_room(max_new_tokens, prompt_tokens, self.max_len, whose, stacklevel=stacklevel)
 
     def end_session(self, key: Hashable) -> None:
         """Forget a session: its slot is freed once its running request (if any) ends."""
