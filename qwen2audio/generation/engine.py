@@ -200,9 +200,11 @@ class Engine:
 
                 if not isinstance(err, (TorchDynamoException, CppCompileError)):
                     raise
+                needs = ("on a GPU, triton (part of the CUDA builds of torch on Linux)" if tokens.device.type == "cuda"
+                         else "a C++ compiler, e.g. apt-get install g++")
                 self.compile_error = (f"torch.compile of the decoding step failed ({type(err).__name__}: "
                                       f"{(str(err).strip().splitlines() or [''])[0][:200]}); decoding runs "
-                                      "uncompiled (inductor needs a C++ compiler, e.g. apt-get install g++)")
+                                      f"uncompiled (inductor needs {needs})")
                 warnings.warn(self.compile_error, stacklevel=2)
                 self.compiled, self._step = False, self._step_eager
         return self._step_eager(cache, tokens, lengths, width)
