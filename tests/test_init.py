@@ -690,3 +690,32 @@ def test_a_damaged_encoder_is_named_before_the_llm_is_loaded(ct2_bin, qwen2_tied
     cut = _cut_copy(ct2_bin, tmp_path / "model.bin", ct2_bin.stat().st_size // 2)
     with pytest.raises(CheckpointError, match="model.bin is truncated"):
         init_checkpoint(cut, qwen2_tied[1], tmp_path / "o")
+
+
+@pytest.mark.parametrize("form", ["hf", "gguf"])
+def test_an_llm_that_cannot_fit_in_memory_is_refused_before_it_is_read(whisper_dir, qwen2_untied, tmp_path,
+                                                                        monkeypatch, form):
+    """init loads the whole LLM (a GGUF dequantised to float32): a 7B one in float32 on a 16-24 GB machine was
+    ended part-way by the out-of-memory killer. Its size is checked from the files' headers first."""
+    from qwen2audio.checkpoint import memory
+    from qwen2audio.errors import NotEnoughMemory
+
+    qwen2, llm_dir = qwen2_untied
+    llm = llm_dir
+    if form == "gguf":
+        llm = tmp_path / "llm.gguf"
+        write_gguf(llm, qwen2)
+    params = sum(p.numel() for p in qwen2.parameters())
+    monkeypatch.delenv(memory.SKIP_ENV, raising=False)
+    monkeypatch.setattr(memory, "device_room", lambda device: memory.Room(params * 3))  # 2 bytes each fit, 4 do not
+    loaded = []
+    monkeypatch.setattr("qwen2audio.checkpoint.importers.load_llm", lambda *a, **k: loaded.append(a))
+    with pytest.raises(NotEnoughMemory, match=rf"{llm.name} in float32 \(0\.00 B parameters\) takes .* load it in "
+                                              r"bfloat16 with --dtype bfloat16"):
+        init_checkpoint(whisper_dir, llm, tmp_path / "out", tokenizer=llm_dir / "tokenizer.json")
+    assert not loaded and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "device_room", lambda device: memory.Room(params * 3))
+    report = init_checkpoint(whisper_dir, llm, tmp_path / "out", tokenizer=llm_dir / "tokenizer.json",
+                             dtype="bfloat16")
+    assert report.dtype == "bfloat16"

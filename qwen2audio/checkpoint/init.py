@@ -141,6 +141,30 @@ class Assembled:
     projector_std: float
 
 
+def _llm_shapes(llm: Path, gguf_reader):
+    """(the LLM's tensor shapes, the dtypes it is loaded from, its GGUFReader if it is a GGUF: opened here
+    where the tokenizer did not open it), from the files' headers alone: what the memory check needs
+    before the LLM is read. A GGUF's tensors are dequantised to float32."""
+    import torch
+
+    from .hf import FLOAT_DTYPES, open_safetensors, weight_files
+    from .importers import is_gguf_path
+
+    if is_gguf_path(llm):
+        from .importers.gguf_qwen2 import read_gguf
+
+        reader = gguf_reader if gguf_reader is not None else read_gguf(llm)
+        return {t.name: (int(t.n_elements),) for t in reader.tensors}, {torch.float32}, reader
+    shapes, stored = {}, set()
+    for path in weight_files(llm):
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                shapes[key] = tuple(tensor.get_shape())
+                stored.add(FLOAT_DTYPES.get(tensor.get_dtype(), torch.float32))
+    return shapes, stored, gguf_reader
+
+
 def _read_tokenizer(tokenizer: str | Path | None, llm: str | Path):
     """(the LLM's tokenizer, an open GGUFReader of ``llm`` when the tokenizer came from its metadata)."""
     from .importers import is_gguf_path
@@ -175,7 +199,7 @@ def assemble_checkpoint(encoder: str | Path, llm: str | Path, tokenizer: str | P
     import torch
 
     from ..config import Qwen2AudioConfig
-    from .hf import resolve_dtype
+    from .hf import check_weights_fit, resolve_dtype
     from .importers import check_sources, load_encoder, load_llm
 
     if projector_std is not None and not (math.isfinite(projector_std) and projector_std > 0):
@@ -189,6 +213,10 @@ def assemble_checkpoint(encoder: str | Path, llm: str | Path, tokenizer: str | P
     # the encoder first, as stored (small beside the LLM): a bad --encoder file is told before the LLM's
     # minutes of loading; cast below, once the LLM says what "auto" is
     audio_cfg, audio_state = load_encoder(encoder, None)
+    shapes, stored, gguf_reader = _llm_shapes(Path(llm), gguf_reader)
+    # "auto" keeps the LLM's one stored dtype (float32 for GGUF), as the state below is cast to its embedding's
+    check_weights_fit(Path(llm), shapes, stored, target or (next(iter(stored)) if len(stored) == 1 else torch.float32),
+                      "cpu")
     text_cfg, text_state = load_llm(llm, target, gguf_reader=gguf_reader)
     del gguf_reader  # unmaps the file
     embed = text_state["model.embed_tokens.weight"]  # (V, hidden)
