@@ -260,12 +260,14 @@ def _is_plain_rope(rope: dict[str, Any]) -> bool:
         return False  # transformers 4.x's Qwen2Config lets "type" overwrite "rope_type": {"type": "linear", ...}
     if kind is None and "factor" in rope:
         return False  # no type, a factor: transformers refuses it (a missing rope_type), a scaling meant anyway
+    if set(rope) - _PLAIN_ROPE_KEYS - {"factor"}:
+        return False
     if kind in _PLAIN_ROPE_TYPES:
         if "factor" in rope:
             warnings.warn(f"config.json: text_config's RoPE type {kind!r} ignores its factor {rope['factor']!r}, "
                           "as transformers does", stacklevel=2)
-        return not set(rope) - _PLAIN_ROPE_KEYS - {"factor"}
-    return kind == "linear" and rope.get("factor") == 1.0 and not set(rope) - _PLAIN_ROPE_KEYS - {"factor"}
+        return True
+    return kind == "linear" and rope.get("factor") == 1.0
 
 
 def _slides(text_raw: dict[str, Any]) -> bool:
