@@ -260,25 +260,32 @@ def _is_plain_rope(rope: dict[str, Any]) -> bool:
         return False  # transformers 4.x's Qwen2Config lets "type" overwrite "rope_type": {"type": "linear", ...}
     if kind is None and "factor" in rope:
         return False  # no type, a factor: transformers refuses it (a missing rope_type), a scaling meant anyway
-    if set(rope) - _PLAIN_ROPE_KEYS - {"factor"}:
-        return False
+    extra = set(rope) - _PLAIN_ROPE_KEYS - {"factor"}
+    if kind is None and extra:
+        return False  # transformers refuses settings with other keys and no type (a missing rope_type)
     if kind in _PLAIN_ROPE_TYPES:
         if "factor" in rope:
             warnings.warn(f"config.json: text_config's RoPE type {kind!r} ignores its factor {rope['factor']!r}, "
                           "as transformers does", stacklevel=2)
-        return True
-    return kind == "linear" and rope.get("factor") == 1.0
+    elif not (kind == "linear" and rope.get("factor") == 1.0):
+        return False
+    if extra:  # e.g. original_max_position_embeddings beside type default: unused by either type, as there
+        warnings.warn(f"config.json: text_config's RoPE type {kind!r} ignores its keys {sorted(extra)}, "
+                      "as transformers does", stacklevel=2)
+    return True
 
 
 def _slides(text_raw: dict[str, Any]) -> bool:
     """Whether transformers would run any layer with sliding-window attention: use_sliding_window truthy (a
     string "false" too, as Python reads it), a window set, and a layer that slides - one layer_types names
     "sliding_attention", or where the file has no layer_types, a layer from max_window_layers on."""
+    layer_types = text_raw.get("layer_types")
+    if isinstance(layer_types, list) and "sliding_attention" in layer_types:
+        return True  # with no window in effect too, where transformers fails at the first forward
     if not text_raw.get("use_sliding_window") or text_raw.get("sliding_window", 4096) is None:
         return False
-    layer_types = text_raw.get("layer_types")
     if isinstance(layer_types, list):
-        return "sliding_attention" in layer_types
+        return False
     layers = text_raw.get("num_hidden_layers", TextConfig.num_hidden_layers)
     first_sliding = text_raw.get("max_window_layers", 28)
     return not (isinstance(layers, int) and isinstance(first_sliding, int) and first_sliding >= layers)
@@ -298,6 +305,14 @@ def _reject_unsupported_text_options(text_raw: dict[str, Any]) -> None:
                 "Remove the field if the checkpoint was not trained with it."
             )
     if _slides(text_raw):
+        layer_types = text_raw.get("layer_types")
+        if isinstance(layer_types, list) and "sliding_attention" in layer_types:
+            raise ValueError(
+                f"text_config.layer_types names {layer_types.count('sliding_attention')} sliding_attention layer(s) "
+                "(use_sliding_window {!r}, sliding_window {!r}); sliding-window attention is not supported, and "
+                "transformers cannot run such layers without a window either. Name them full_attention if the "
+                "checkpoint was trained with full attention.".format(text_raw.get("use_sliding_window"),
+                                                                   text_raw.get("sliding_window")))
         raise ValueError(
             f"text_config.use_sliding_window is {text_raw['use_sliding_window']!r} (read as true, as transformers "
             "reads it) with layers that slide; sliding-window attention is not supported. Set it to false if the "

@@ -753,6 +753,9 @@ def test_a_bad_preprocessor_config_is_named(saved, tmp_path, text, message):
     {"rope_scaling": {"rope_type": "default", "factor": 2.0}},
     # ... and for linear scaling by 1
     {"rope_scaling": {"rope_type": "linear", "factor": 1.0}},
+    # keys neither type uses: transformers warns of them and computes plain RoPE
+    {"rope_scaling": {"rope_type": "default", "original_max_position_embeddings": 32768}},
+    {"rope_scaling": {"rope_type": "linear", "factor": 1.0, "original_max_position_embeddings": 32768}},
 ])
 def test_rope_settings_transformers_computes_as_plain_rope_load(text, tmp_path):
     from transformers import Qwen2Config
@@ -770,7 +773,10 @@ def test_rope_settings_transformers_computes_as_plain_rope_load(text, tmp_path):
         warnings.simplefilter("always")
         ours = Qwen2AudioConfig.from_file(tmp_path)
     assert ours.text.rope_theta == 1e6
-    assert any("ignores its factor" in str(w.message) for w in caught) == (kind == "default")
+    assert any("ignores its factor" in str(w.message) for w in caught) == (kind == "default" and "factor" in
+                                                                            text["rope_scaling"])
+    extra = "original_max_position_embeddings" in text["rope_scaling"]
+    assert any("ignores its keys ['original_max_position_embeddings']" in str(w.message) for w in caught) == extra
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 1.0}])
@@ -788,8 +794,6 @@ def test_rope_scaling_that_changes_positions_is_refused(rope, tmp_path):
     ({"use_sliding_window": True, "num_hidden_layers": 4, "max_window_layers": 4}, False),
     ({"use_sliding_window": True, "num_hidden_layers": 2, "max_window_layers": 1,
       "layer_types": ["full_attention", "full_attention"]}, False),
-    ({"use_sliding_window": False, "num_hidden_layers": 2, "max_window_layers": 1,
-      "layer_types": ["full_attention", "sliding_attention"]}, False),
     ({"use_sliding_window": True, "sliding_window": None, "num_hidden_layers": 4, "max_window_layers": 0}, False),
 ])
 def test_sliding_window_refused_exactly_where_transformers_slides(text, slides, tmp_path):
@@ -808,11 +812,31 @@ def test_sliding_window_refused_exactly_where_transformers_slides(text, slides, 
         assert Qwen2AudioConfig.from_file(tmp_path).text.num_hidden_layers == text["num_hidden_layers"]
 
 
+@pytest.mark.parametrize("text", [
+    {"use_sliding_window": False, "layer_types": ["full_attention", "sliding_attention"]},
+    {"use_sliding_window": True, "sliding_window": None, "layer_types": ["sliding_attention", "full_attention"]},
+    {"layer_types": ["sliding_attention", "sliding_attention"]},
+])
+def test_sliding_layer_types_without_a_window_are_refused(text, tmp_path):
+    from transformers import Qwen2Config, Qwen2Model
+
+    sizes = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+             "intermediate_size": 128, "vocab_size": 100}
+    hf = Qwen2Model(Qwen2Config(**sizes, **text))
+    assert hf.config.sliding_window is None
+    with pytest.raises(TypeError):  # the reference cannot run these layers: no window to compare positions with
+        hf(torch.tensor([[1, 2, 3]]))
+    write_config(tmp_path, {"model_type": "qwen2_audio", "text_config": {**sizes, **text}})
+    with pytest.raises(ValueError, match=r"layer_types names \d sliding_attention layer.*full_attention"):
+        Qwen2AudioConfig.from_file(tmp_path)
+
+
 @pytest.mark.parametrize("rope", [
     # transformers' Qwen2Config copies "type" over "rope_type": this is linear scaling by 2 there
     {"type": "linear", "rope_type": "default", "factor": 2.0},
     # no type but a factor: transformers refuses it (rope_type missing); no plain RoPE was meant
     {"factor": 2.0},
+    {"original_max_position_embeddings": 32768},
 ])
 def test_rope_settings_transformers_does_not_compute_as_plain_rope_are_refused(rope, tmp_path):
     from transformers import Qwen2Config
