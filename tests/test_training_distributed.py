@@ -95,6 +95,23 @@ def test_align_under_ddp_matches_one_process(single):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_fp16_under_fsdp_matches_one_process(single, tmp_path):
+    """autocast fp16 scales the loss; under FSDP each rank unscales its shard of the gradients (ShardedGradScaler,
+    whose overflow check is agreed over the ranks): two processes train as one does."""
+    ws, root = single
+    common = [f"model={ws['tiny']}", f"train_data={ws['pretrain']}", "max_steps=4", "micro_batch_size=2",
+              "autocast=fp16", "log_every=1", "progress=false", "tensorboard=false"]
+    train("pretrain", **dict(a.split("=", 1) for a in common + [f"output_dir={tmp_path / 'one'}"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "qwen2audio.cli", "train", "pretrain", str(CONFIGS / "tiny" / "pretrain.yaml"), *common,
+           f"output_dir={tmp_path / 'two'}", "distributed=fsdp"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert losses(tmp_path / "two", "loss_scale") == losses(tmp_path / "one", "loss_scale") == [65536.0] * 4
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["encoder", "encoder_cache"])
 def test_fsdp_trains_on_batches_with_and_without_audio(single, tmp_path, cached):
     """SFT rows may be text only: a rank whose micro-batch has no audio still runs the sharded encoder

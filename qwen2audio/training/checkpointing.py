@@ -107,9 +107,9 @@ def export_model(state: dict[str, torch.Tensor], config: Qwen2AudioConfig, lora_
 
 def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, config: Qwen2AudioConfig,
                     trainable_names: list[str], lora_scale: float | None, d: Dist, export_dtype=None,
-                    facts: dict | None = None) -> Path | None:
+                    facts: dict | None = None, scaler=None) -> Path | None:
     """``facts``: what resuming checks beside the options (RUN_FACTS in run_config.json: the data set's
-    fingerprint, the run's total steps)."""
+    fingerprint, the run's total steps); ``scaler``: float16's GradScaler, whose scale is resumed."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     state = full_model_state(model)
@@ -123,7 +123,8 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, cfg, conf
                 torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                     "numpy": np.random.get_state()},
-                            "config": cfg.to_dict()}, tmp / STATE_FILE)
+                            "config": cfg.to_dict(),
+                            **({"scaler": scaler.state_dict()} if scaler is not None else {})}, tmp / STATE_FILE)
                 (tmp / RUN_FILE).write_text(json.dumps({**cfg.to_dict(), RUN_FACTS: facts or {}}, indent=1) + "\n")
             except Exception as err:  # a full disk: safetensors' and torch's writers say so in their own words
                 if _out_of_space(err, tmp):
@@ -292,8 +293,9 @@ def load_trainable(model: nn.Module, directory: Path) -> None:
             params[k].copy_(v)
 
 
-def load_trainer_state(model: nn.Module, optimizer, scheduler, directory: Path) -> int:
-    """Restore optimizer (full state dict, on any world size), schedule and RNG; returns the step."""
+def load_trainer_state(model: nn.Module, optimizer, scheduler, directory: Path, scaler=None) -> int:
+    """Restore optimizer (full state dict, on any world size), schedule, RNG and float16's loss scale (where
+    the checkpoint has one); returns the step."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     try:
@@ -307,6 +309,8 @@ def load_trainer_state(model: nn.Module, optimizer, scheduler, directory: Path) 
         ) from err
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)  # this run's schedule (max_steps/epochs may have grown)
     torch.set_rng_state(state["rng"]["torch"])

@@ -94,7 +94,9 @@ class TrainConfig:
     encoder_lora: bool = False  # with lora_rank > 0 and encoder trainable: LoRA on its layers instead of all of it
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the LLM's decoder layers for training steps (needs a C++ compiler on CPU)
-    autocast: str = "auto"  # auto (bf16 on GPUs that compute it natively, Ampere and later) | bf16 | none
+    # auto (bf16 on GPUs that compute it natively, Ampere and later; fp16 with dtype float16) | bf16 | fp16 | none;
+    # fp16 scales the loss (torch.amp.GradScaler): float16 gradients underflow without it (T4, V100: no native bf16)
+    autocast: str = "auto"
     # --- data ----------------------------------------------------------------------------------------
     max_seq_len: int = 2048  # rows with more tokens (audio included) are skipped and reported
     max_audio_seconds: float = 30.0  # longer clips are skipped and reported (longer than 30 s: split in windows)
@@ -171,8 +173,12 @@ class TrainConfig:
             raise ValueError(f"trainable lists unknown parts {bad}; choose from {', '.join(PARTS)}")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
-        if self.autocast not in ("auto", "bf16", "none"):
-            raise ValueError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
+        if self.autocast not in ("auto", "bf16", "fp16", "none"):
+            raise ValueError(f"autocast must be auto, bf16, fp16 or none, got {self.autocast!r}")
+        if self.dtype == "float16" and self.autocast not in ("auto", "fp16"):
+            raise ValueError(f"dtype float16 trains only with autocast fp16 (or auto), got autocast {self.autocast}: "
+                             "float16 gradients underflow without the loss scaling it brings. Use autocast: fp16, "
+                             "or dtype bfloat16 / float32")
         if self.encoder_cache and "encoder" in self.trainable:
             raise ValueError("encoder_cache keeps a frozen encoder's outputs; it cannot be used while the encoder "
                              "is trained (drop encoder from trainable, or encoder_cache)")

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -169,7 +170,7 @@ def half_precision_advice(cfg: TrainConfig, device: torch.device) -> str | None:
 
     if device.type != "cpu":
         return None
-    half = [dt for dt in (resolve_dtype(cfg.dtype), torch.bfloat16 if cfg.autocast == "bf16" else None)
+    half = [dt for dt in (resolve_dtype(cfg.dtype), autocast_dtype(cfg, device))
             if dt in (torch.bfloat16, torch.float16)]
     if not half or all(cpu_computes_natively(dt) for dt in half):
         return None
@@ -182,11 +183,27 @@ def half_precision_advice(cfg: TrainConfig, device: torch.device) -> str | None:
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The dtype the run computes in under torch.autocast; None without autocast. "auto" is bfloat16 on a
     GPU that computes it natively (compute capability 8.0 and later): torch.cuda.is_bf16_supported()
-    alone also says yes where bfloat16 is only emulated (T4, V100), which is slower than float32 there."""
+    alone also says yes where bfloat16 is only emulated (T4, V100), which is slower than float32 there.
+    float16 weights (dtype float16) compute in float16: "auto" is fp16 there."""
+    if cfg.autocast == "fp16" or (cfg.autocast == "auto" and cfg.dtype == "float16"):
+        return torch.float16
     if cfg.autocast == "none" or (cfg.autocast == "auto" and not (
             device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))):
         return None
     return torch.bfloat16
+
+
+def grad_scaler(cfg: TrainConfig, device: torch.device):
+    """Loss scaling for float16 autocast (None otherwise): the loss is multiplied before backward so that small
+    float16 gradients do not flush to zero; a step whose gradients overflow is skipped and the scale halved.
+    Under FSDP each rank holds a shard of the gradients, so ranks agree on skipping (ShardedGradScaler)."""
+    if autocast_dtype(cfg, device) != torch.float16:
+        return None
+    if cfg.distributed == "fsdp":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):
@@ -406,7 +423,8 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
     per_epoch, total = total_steps(run)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, lr_of=part_lr(cfg))
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total, cfg.min_lr_ratio)
-    start = load_trainer_state(model, optimizer, scheduler, run.resume_from) if run.resume_from else 0
+    scaler = grad_scaler(cfg, d.device)
+    start = load_trainer_state(model, optimizer, scheduler, run.resume_from, scaler) if run.resume_from else 0
     metrics = MetricsLog(Path(cfg.output_dir), start, cfg.tensorboard) if d.main else None
     stop = min(total, start + cfg.max_steps_this_run) if cfg.max_steps_this_run > 0 else total
     bar = None
@@ -423,7 +441,7 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
     t0 = time.perf_counter()  # step time includes loading its data
     try:
         for step, micro in micro_batch_stream(run, start, stop):
-            stats, n_tokens = optimizer_step(run, step_loss, optimizer, scheduler, step, micro)
+            stats, n_tokens = optimizer_step(run, step_loss, optimizer, scheduler, step, micro, scaler)
             seconds, t0 = time.perf_counter() - t0, time.perf_counter()
             record = {"step": step + 1, "epoch": step // per_epoch, "tokens_per_s": n_tokens / max(seconds, 1e-9),
                       **stats}
@@ -443,7 +461,8 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
                 step_loss.finish(run)
             if (step + 1) % cfg.save_every == 0 or step + 1 == total:
                 save_checkpoint(model, optimizer, scheduler, step + 1, cfg, run.raw_model.config, run.trainable_names,
-                                _lora_scale(cfg), d, export_dtype=resolve_dtype(cfg.dtype), facts=run.facts)
+                                _lora_scale(cfg), d, export_dtype=resolve_dtype(cfg.dtype), facts=run.facts,
+                                scaler=scaler)
                 last_saved = step + 1
             purge()
     finally:  # on Ctrl-C too: the bar's line ends before whatever is printed next
@@ -466,9 +485,10 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
 
 
 def optimizer_step(run: Run, step_loss: StepLoss, optimizer, scheduler, step: int,
-                   micro: list[dict]) -> tuple[dict[str, float], float]:
+                   micro: list[dict], scaler=None) -> tuple[dict[str, float], float]:
     """Forward and backward over this rank's micro-batches (gradients reduced on the last), clip, step.
-    Returns ({lr, units, each statistic's mean over the step's units, grad_norm}, tokens read by all ranks)."""
+    Returns ({lr, units, each statistic's mean over the step's units, grad_norm}, tokens read by all ranks).
+    With a GradScaler (float16), also loss_scale and skipped (1 where the gradients overflowed: no update)."""
     cfg, d, model = run.cfg, run.dist, run.model
     torch.manual_seed(cfg.seed + 1_000_003 * step + d.rank)  # dropout: per step and rank, the same on resume
     units, with_audio = d.all_sum([float(sum(step_loss.units(b) for b in micro)),
@@ -482,7 +502,8 @@ def optimizer_step(run: Run, step_loss: StepLoss, optimizer, scheduler, step: in
             with run.autocast():
                 loss_sum, stats = step_loss(model, batch)
             # gradients are averaged over ranks, so scale by world / units for the step's true mean
-            (loss_sum * (d.world / max(units, 1.0))).backward()
+            loss = loss_sum * (d.world / max(units, 1.0))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
     if not with_audio:  # FSDP ran the audio parts on silent windows only: no gradient, as on one process
@@ -490,18 +511,29 @@ def optimizer_step(run: Run, step_loss: StepLoss, optimizer, scheduler, step: in
     keys = sorted(sums)
     reduced = d.all_sum([sums[k] for k in keys] + [float(n_tokens)])
     grad_norm = None
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients, for the clip and the norm logged
     if cfg.grad_clip > 0:
         trainable = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     lr = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the schedule at `lr` (lr_by_part scales alike)
-    optimizer.step()
-    scheduler.step()
+    extra = {}
+    if scaler is not None:
+        extra["loss_scale"] = scaler.get_scale()
+        scaler.step(optimizer)  # skipped where a gradient is inf or nan
+        scaler.update()
+        extra["skipped"] = float(scaler.get_scale() < extra["loss_scale"])  # the scale halves on a skip only
+    else:
+        optimizer.step()
+    with warnings.catch_warnings():  # torch's warning of a scheduler step without an optimizer step: intended
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()  # the schedule follows the data's steps, a skipped update too
     optimizer.zero_grad(set_to_none=True)
     stats = {"lr": lr, "units": units, **{k: v / max(units, 1.0) for k, v in zip(keys, reduced[:-1])}}
     if grad_norm is not None:
         stats["grad_norm"] = grad_norm
-    return stats, reduced[-1]
+    return {**stats, **extra}, reduced[-1]
 
 
 def has_audio(batch: dict) -> bool:
