@@ -851,3 +851,25 @@ def test_rope_settings_transformers_does_not_compute_as_plain_rope_are_refused(r
     write_config(tmp_path, {"model_type": "qwen2_audio", "text_config": {"rope_scaling": rope}})
     with pytest.raises(ValueError, match="plain RoPE"):
         Qwen2AudioConfig.from_file(tmp_path)
+
+
+@pytest.mark.parametrize("major, warned", [(7, True), (8, False)])
+def test_auto_dtype_warns_of_bfloat16_on_gpus_that_only_emulate_it(monkeypatch, major, warned):
+    """dtype "auto" keeps bfloat16 weights in bfloat16 on a GPU: on a T4 or V100 (compute capability 7.x) every
+    product is emulated; the user is told, with the dtype that is native there."""
+    from types import SimpleNamespace
+
+    from qwen2audio.checkpoint.hf import warn_emulated_bfloat16
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major, minor=5))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_emulated_bfloat16(torch.bfloat16, "cuda")
+        warn_emulated_bfloat16(torch.float16, "cuda")  # native on both
+        warn_emulated_bfloat16(torch.bfloat16, "cpu")  # the CPU's own rule: auto_dtype loads float32 there
+    assert [("only emulates" in str(w.message) and "--dtype float16" in str(w.message)) for w in caught] == \
+        ([True] if warned else [])

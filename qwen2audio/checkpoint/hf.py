@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -199,6 +200,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     stored = stored_dtypes(files, expected)
     if target_dtype is None:
         target_dtype = auto_load_dtype(stored, device)
+        warn_emulated_bfloat16(target_dtype, device)
     check_weights_fit(directory, expected, stored, target_dtype, device)
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -275,6 +277,17 @@ def check_weights_fit(directory: Path, expected: dict[str, torch.Size], stored: 
         advice = "run it on a machine with more memory" + (", or with --device cpu" if on_gpu else "")
     check_room(need, device, f"{directory.name} in {str(dtype).removeprefix('torch.')} "
                              f"({params / 1e9:.2f} B parameters)", advice)
+
+
+def warn_emulated_bfloat16(dtype: torch.dtype, device: str | torch.device) -> None:
+    """dtype="auto" keeps bfloat16 weights in bfloat16 on a GPU too: exact, but a GPU before compute capability 8.0
+    (T4, V100) has no bfloat16 arithmetic and emulates it, several times slower. Say so, and what is native."""
+    device = torch.device(device)
+    if dtype != torch.bfloat16 or device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False):
+        return
+    warnings.warn("the weights are bfloat16, which this GPU only emulates (compute capability below 8.0): slow. "
+                  "--dtype float16 (dtype=\"float16\") computes natively here, its numbers a little apart from "
+                  "bfloat16's; --dtype float32 is exact where it fits", stacklevel=3)
 
 
 def auto_load_dtype(stored: set[torch.dtype], device: str | torch.device) -> torch.dtype:
