@@ -17,6 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DDP_UNUSED_WARNING = "find_unused_parameters=True was specified in DDP constructor"
 
 
+def torchrun_stage(stage: str, args: list[str]) -> None:
+    """``qwen2audio train STAGE`` (its tiny config and ``args``) in 2 processes under torchrun; fails on an error."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "qwen2audio.cli", "train", stage, str(CONFIGS / "tiny" / f"{stage}.yaml"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -82,12 +91,7 @@ def test_align_under_ddp_matches_one_process(single):
     common = [f"model={ws['tiny']}", f"train_data={ws['pretrain']}", "max_steps=6", "micro_batch_size=2",
               "progress=false", "tensorboard=false"]
     train("align", **dict(a.split("=", 1) for a in common + [f"output_dir={root / 'align1'}"]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "qwen2audio.cli", "train", "align", str(CONFIGS / "tiny" / "align.yaml"), *common,
-           f"output_dir={root / 'align2'}", "distributed=ddp"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_stage("align", [*common, f"output_dir={root / 'align2'}", "distributed=ddp"])
     torch.testing.assert_close(losses(root / "align2"), losses(root / "align1"), rtol=1e-5, atol=1e-6)
     a = load_file(str(root / "align2" / "final" / "model.safetensors"))
     b = load_file(str(root / "align1" / "final" / "model.safetensors"))
@@ -102,12 +106,7 @@ def test_fp16_under_fsdp_matches_one_process(single, tmp_path):
     common = [f"model={ws['tiny']}", f"train_data={ws['pretrain']}", "max_steps=4", "micro_batch_size=2",
               "autocast=fp16", "log_every=1", "progress=false", "tensorboard=false"]
     train("pretrain", **dict(a.split("=", 1) for a in common + [f"output_dir={tmp_path / 'one'}"]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "qwen2audio.cli", "train", "pretrain", str(CONFIGS / "tiny" / "pretrain.yaml"), *common,
-           f"output_dir={tmp_path / 'two'}", "distributed=fsdp"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_stage("pretrain", [*common, f"output_dir={tmp_path / 'two'}", "distributed=fsdp"])
     assert losses(tmp_path / "two", "loss_scale") == losses(tmp_path / "one", "loss_scale") == [65536.0] * 4
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4, atol=1e-5)
 
@@ -132,12 +131,7 @@ def test_fsdp_trains_on_batches_with_and_without_audio(single, tmp_path, cached)
               "global_batch_size=4", "micro_batch_size=1", "progress=false", "tensorboard=false"]
     cache = {run: [f"encoder_cache={tmp_path / run / 'states'}"] if cached else [] for run in ("one", "two")}
     train("sft", **dict(a.split("=", 1) for a in common + cache["one"] + [f"output_dir={tmp_path / 'one'}"]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "qwen2audio.cli", "train", "sft", str(CONFIGS / "tiny" / "sft.yaml"), *common, *cache["two"],
-           f"output_dir={tmp_path / 'two'}", "distributed=fsdp"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_stage("sft", [*common, *cache["two"], f"output_dir={tmp_path / 'two'}", "distributed=fsdp"])
     for key in ("loss", "val_loss"):
         theirs, ours = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
         assert len(ours) == 3 if key == "loss" else ours
