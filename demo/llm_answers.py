@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         other = f" (--stage {args.stage} asks only that stage's questions)"
     print(f"{result['voice_chat_answers']} questions answered; {result['voice_chat_pending']} voice-chat rows still "
           f"wait for an answer{other}; left out: {result['voice_chat_dropped']} rows whose answer was unusable, "
-          f"{result['voice_chat_heldout_mirrors']} asking a held-out fact another way")
+          f"{result['voice_chat_heldout_mirrors']} asking a held-out fact another way, {result['voice_chat_wrong']} "
+          "whose answer gets a checkable fact wrong")
     for name, counts in result["manifests"].items():
         print(f"  {name}: {sum(counts.values())} rows")
     return 0

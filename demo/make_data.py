@@ -37,7 +37,8 @@ from qwen2audio.atomic import atomic_write_text
 
 from . import bank as B
 from .corpora import SOURCES, TextItem
-from .plan import ALL_TASKS, EVAL_TASKS, EVAL_TO_OUT, TASKS, Context, Part, eval_question_asr, training_part
+from .plan import (ALL_TASKS, EVAL_TASKS, EVAL_TO_OUT, TASKS, Context, Part, contains_reference, eval_question_asr,
+                   training_part)
 from .questions import all_questions, fact_family, questions_by_text, split_facts
 from .render import make_clip
 from .sources import DEFAULT_ASSETS, Sources, SourceError
@@ -285,15 +286,28 @@ def heldout_families(out: Path) -> set[str]:
     return set().union(*(fact_family(by_text[text]) for text in asked if text in by_text))
 
 
+def answer_is_wrong(question, answer: str) -> bool:
+    """Whether the LLM's answer to a question with a checkable answer (a capital, a sum, an opposite) misses
+    it, scored as the evaluation scores the held-out ones (the contains metric on the same references)."""
+    from qwen2audio.eval.metrics import get_metric
+
+    if question is None or not question.references:
+        return False  # an open question: nothing to check
+    return not get_metric("contains").stats(contains_reference(question.references), answer)[0]
+
+
 def assemble(out: Path, seed: int) -> dict:
     """Merge the parts into the four training manifests, voice-chat rows with their answers (rows whose
     question has no answer yet, or an unusable one, are left out, and so are those asking a held-out fact
     another way: "eight multiplied by five" where "five times eight" is held out, whose answer would
-    teach the held-out one). Returns the rows per manifest and task, and the voice-chat counts."""
+    teach the held-out one, and those whose answer gets a checkable fact wrong: the LLM's "Phnom Penh is the
+    capital of Egypt" or "seven times eight is 54" would teach the audio model the mistake, in the very
+    kinds of fact its held-out questions ask). Returns the rows per manifest and task, and the voice-chat
+    counts."""
     answers = read_answers(out)
     by_text = questions_by_text()
     held = heldout_families(out)
-    counts, pending, dropped, mirrored = {}, 0, 0, 0
+    counts, pending, dropped, mirrored, wrong = {}, 0, 0, 0, 0
     for (stage, split), name in MANIFESTS.items():
         rows = []
         for task in ALL_TASKS:
@@ -313,6 +327,9 @@ def assemble(out: Path, seed: int) -> dict:
                     if question in by_text and fact_family(by_text[question]) & held:
                         mirrored += 1
                         continue
+                    if answer_is_wrong(by_text.get(question), answers[question]):
+                        wrong += 1
+                        continue
                     if stage == "pretrain":
                         row["target"] = answers[question]
                     else:
@@ -322,7 +339,8 @@ def assemble(out: Path, seed: int) -> dict:
         atomic_write_text(out / name, "".join(json.dumps(rows[i]) + "\n" for i in order))
         counts[name] = dict(Counter(r["task"] if "task" in r else _sft_kind(r) for r in rows))
     return {"manifests": counts, "voice_chat_pending": pending, "voice_chat_dropped": dropped,
-            "voice_chat_heldout_mirrors": mirrored, "voice_chat_answers": sum(a is not None for a in answers.values())}
+            "voice_chat_heldout_mirrors": mirrored, "voice_chat_wrong": wrong,
+            "voice_chat_answers": sum(a is not None for a in answers.values())}
 
 
 WATCH = f"{DEV}/watch.jsonl"  # what pre-training validates on (val_generate): held-out speech and sounds
@@ -448,7 +466,8 @@ def summarize(out: Path, parts: list[Part], ctx: Context, entries: list[B.BankEn
         "voice_chat": {"questions_to_answer": assembled["voice_chat_pending"],
                        "answers_available": assembled["voice_chat_answers"],
                        "rows_dropped_unusable_answer": assembled["voice_chat_dropped"],
-                       "rows_dropped_heldout_mirror": assembled["voice_chat_heldout_mirrors"]},
+                       "rows_dropped_heldout_mirror": assembled["voice_chat_heldout_mirrors"],
+                       "rows_dropped_wrong_answer": assembled["voice_chat_wrong"]},
         "voices": {split: {"count": len(v), "engines": dict(sorted(Counter(n.split(":")[0] for n in v).items()))}
                    for split, v in sorted(voices_used.items())},
         "sound_bank": {"recordings": len(entries), "by_source": dict(Counter(e.source for e in entries)),

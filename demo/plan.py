@@ -380,7 +380,7 @@ def training_part(ctx: Context, stage: str, split: str, task: str, n: int) -> Pa
 
 # ---- held-out evaluation (generic jsonl items) ----
 
-def _contains(answers, rejects=()) -> str:
+def contains_reference(answers, rejects=()) -> str:
     """A "contains" reference: accepted answers separated by "|", then after "!" those that rule an answer
     out (qwen2audio.eval.metrics: the longest listed phrase at each place of the answer counts)."""
     accepted = "|".join(dict.fromkeys(a.lower() for a in answers))
@@ -430,7 +430,7 @@ def eval_sounds(ctx: Context, n: int, split: str = "eval") -> Part:
         if near_copy_of_training(entry.id):
             continue  # (its clip stays in the plan: the others' draws do not move)
         part.rows.append({"id": f"sound-{i:05d}", "audio": EVAL_TO_OUT + audio, "prompt": "What is this sound?",
-                          "reference": _contains(naming_accepted(cls, named), naming_rejects(cls, named)),
+                          "reference": contains_reference(naming_accepted(cls, named), naming_rejects(cls, named)),
                           "metric": "contains", "source": entry.source, "chat": True, "label": cls.label})
     return part
 
@@ -457,7 +457,7 @@ def eval_sound_question(ctx: Context, n: int, split: str = "eval") -> Part:
         if near_copy_of_training(entry.id):
             continue
         part.rows.append({"id": f"soundq-{i:05d}", "audio": EVAL_TO_OUT + audio, "prompt": "",
-                          "reference": _contains(accepted, rejects), "metric": "contains", "source": entry.source,
+                          "reference": contains_reference(accepted, rejects), "metric": "contains", "source": entry.source,
                           "chat": True, "question": question, "answer": answer})
     return part
 
@@ -473,7 +473,7 @@ def eval_voice_chat(ctx: Context, n: int, split: str = "eval") -> Part:
         voice = _pick(rng, voices)
         audio = _clip(part, "speech", rng, speech=speech_recipe(rng, voice, q.text), fx=effects(rng, "clean"))
         part.rows.append({"id": f"chat-{i:05d}", "audio": EVAL_TO_OUT + audio, "prompt": "",
-                          "reference": _contains(q.references), "metric": "contains", "source": q.category,
+                          "reference": contains_reference(q.references), "metric": "contains", "source": q.category,
                           "chat": True, "question": q.text})
     return part
 
@@ -489,7 +489,7 @@ def eval_no_speech(ctx: Context, n: int, split: str = "eval") -> Part:
         official = i % 2 == 0
         part.rows.append({"id": f"nospeech-{i:05d}", "audio": EVAL_TO_OUT + audio,
                           "prompt": P.OFFICIAL_ASR if official else _pick(rng, P.TRANSCRIBE),
-                          "reference": _contains(P.NO_SPEECH_ANSWERS), "metric": "contains",
+                          "reference": contains_reference(P.NO_SPEECH_ANSWERS), "metric": "contains",
                           "source": CLASSES[entry.cls].category, "chat": not official})
     return part
 

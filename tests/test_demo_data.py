@@ -312,15 +312,23 @@ def test_llm_replies_become_targets_of_whole_sentences(reply, cut_off, target):
 
 
 class _FakeLLM:
-    """chat_batch as qwen2audio.Qwen2Audio has it: one reply per conversation, "length" when cut off."""
+    """chat_batch as qwen2audio.Qwen2Audio has it: one reply per conversation, "length" when cut off. A
+    question with a checkable answer gets its first reference (``right``) or "nothing" (not ``right``)."""
 
-    def __init__(self):
-        self.asked = []
+    def __init__(self, right: bool = True):
+        from demo.questions import questions_by_text
+
+        self.asked, self.right, self.by_text = [], right, questions_by_text()
+
+    def reply(self, question: str) -> str:
+        q = self.by_text.get(question)
+        if q is None or not q.references:
+            return f"The answer to {question!r}."
+        return f"The answer to {question!r} is {q.references[0] if self.right else 'nothing'}."
 
     def chat_batch(self, conversations, **sampling):
         self.asked += [c[0]["content"] for c in conversations]
-        return [SimpleNamespace(text=f"The answer to {c[0]['content']!r}.", finish_reason="stop")
-                for c in conversations]
+        return [SimpleNamespace(text=self.reply(c[0]["content"]), finish_reason="stop") for c in conversations]
 
 
 @needs_espeak
@@ -343,6 +351,39 @@ def test_answers_fill_the_voice_chat_rows_and_a_rerun_asks_only_the_rest(tiny, t
     assert sft_chat
     for name, stage in (("pretrain.jsonl", "pretrain"), ("sft.jsonl", "sft")):
         assert read_manifest(data / name, stage)[1].bad == []
+
+
+@needs_espeak
+def test_answers_that_get_a_checkable_fact_wrong_are_left_out(tiny, tmp_path):
+    """The LLM's wrong answers ("Phnom Penh is the capital of Egypt") would teach the audio model the mistake:
+    rows whose answer misses a checkable fact are left out (scored as the evaluation scores); open ones stay."""
+    from demo.questions import questions_by_text
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    by_text = questions_by_text()
+    questions = llm_answers.pending_questions(data)
+    checkable = {q for q in questions if q in by_text and by_text[q].references}
+    assert checkable and checkable != set(questions)
+    llm_answers.answer_all(_FakeLLM(right=False), questions, data / make_data.ANSWERS, 8, 8)
+    result = make_data.assemble(data, seed=0)
+    answered = [m["content"] for name in ("pretrain.jsonl", "sft.jsonl", "pretrain_val.jsonl", "sft_val.jsonl")
+                for r in _rows(data / name) for m in r.get("messages", [])[-1:]]
+    answered += [r["target"] for name in ("pretrain.jsonl", "pretrain_val.jsonl") for r in _rows(data / name)
+                 if r.get("task") == "voice_chat"]
+    assert not any(a.endswith(" is nothing.") for a in answered)
+    assert any(f"The answer to {q!r}." in answered for q in set(questions) - checkable)
+    held = make_data.heldout_families(data)
+    from demo.questions import fact_family
+
+    assert result["voice_chat_wrong"] == sum(  # every row asking a checkable fact, but those left out as mirrors
+        1 for stage in ("pretrain", "sft") for path in (data / "parts" / stage).glob("*/voice_chat.jsonl")
+        for line in path.read_text().splitlines()
+        if (q := json.loads(line)["question"]) in checkable and not fact_family(by_text[q]) & held) > 0
+    # answered right, they are trained on
+    (data / make_data.ANSWERS).unlink()
+    llm_answers.answer_all(_FakeLLM(right=True), questions, data / make_data.ANSWERS, 8, 8)
+    assert make_data.assemble(data, seed=0)["voice_chat_wrong"] == 0
 
 
 def test_answers_stored_cut_inside_a_list_are_cut_back_before_it(tmp_path):
@@ -478,7 +519,7 @@ def test_only_training_sounds_to_be_named_are_equalised(tiny):
 def test_a_sound_is_named_by_its_own_names_and_not_by_another_trained_class():
     """292 of the 600 held-out sound items accepted the answer the model learnt for another class ("a phone
     ringing" for a bell, "taiko drums" for a tabla, "a bell ringing" for a cowbell)."""
-    from demo.plan import _contains
+    from demo.plan import contains_reference
     from demo.sounds import CLASSES, naming_accepted, naming_rejects
 
     metric = get_metric("contains")
@@ -486,7 +527,7 @@ def test_a_sound_is_named_by_its_own_names_and_not_by_another_trained_class():
 
     def right(key: str, answer: str) -> bool:
         cls = CLASSES[key]
-        return metric.stats(_contains(naming_accepted(cls, trained), naming_rejects(cls, trained)), answer)[0] == 1.0
+        return metric.stats(contains_reference(naming_accepted(cls, trained), naming_rejects(cls, trained)), answer)[0] == 1.0
 
     assert right("bell", "A bell ringing.") and not right("bell", "A phone ringing.")
     assert right("tabla", "Tabla drums.") and not right("tabla", "Taiko drums.") and not right("tabla", "Bongo drums.")
