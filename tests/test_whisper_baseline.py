@@ -55,7 +55,6 @@ def test_the_tiktoken_file_is_found_in_the_sdist_folder_or_refused(tmp_path):
 
 
 def test_the_encoding_decodes_text_and_leaves_special_tokens_out(tmp_path):
-    pytest.importorskip("tiktoken")
     ranks = wb.read_ranks(_tiktoken_file(tmp_path, [bytes([b]) for b in range(256)]), n_text_tokens=256)
     vocab = wb.build_vocabulary(ranks, n_vocab=256 + len(wb.special_tokens()))
     assert vocab.id(wb.EOT) == 256 and vocab.id(wb.NO_TIMESTAMPS) == 256 + 106
