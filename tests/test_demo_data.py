@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import struct
@@ -25,7 +26,9 @@ if HAVE_DEPS:
     from demo import llm_answers, make_data
     from demo.textclean import is_speakable, phrases, spell_numbers
 needs_deps = pytest.mark.skipif(not HAVE_DEPS, reason="num2words or mido is not installed: pip install num2words mido")
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None or not HAVE_DEPS,
+# QWEN2AUDIO_REQUIRE_DEMO_DATA (set by .ci/run): these tests run and fail where espeak-ng is missing
+needs_espeak = pytest.mark.skipif((shutil.which("espeak-ng") is None or not HAVE_DEPS)
+                                  and not os.environ.get("QWEN2AUDIO_REQUIRE_DEMO_DATA"),
                                   reason="espeak-ng, num2words or mido is not installed "
                                          "(apt-get install espeak-ng; pip install num2words mido)")
 SAMPLE_RATE = 16_000
@@ -424,18 +427,29 @@ def test_no_training_answer_teaches_a_held_out_fact_asked_another_way(tiny, tmp_
     held = make_data.heldout_families(data)
     assert held
     by_text = {q.text: q for q in all_questions()}
+    asked_held = {json.loads(line)["question"] for folder in ("eval", "dev") if (data / folder / "voice_chat.jsonl").is_file()
+                  for line in (data / folder / "voice_chat.jsonl").read_text().splitlines()}
+    # a training row asking a held-out fact another way ("twelve plus five" where "five and twelve" is held out):
+    # the tiny data has none of its own, so one of its rows is made to ask one
+    mirror = next(q.text for q in all_questions() if fact_family(q) & held and q.text not in asked_held)
+    part = data / "parts" / "sft" / "train" / "voice_chat.jsonl"
+    rows = _rows(part)
+    rows[0]["question"] = mirror
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(data / make_data.QUESTIONS, "a") as f:
+        f.write(json.dumps({"question": mirror}) + "\n")
     questions = llm_answers.pending_questions(data)
     mirrors = [q for q in questions if fact_family(by_text[q]) & held]
+    assert mirrors == [mirror]
     llm_answers.answer_all(_FakeLLM(), questions, data / make_data.ANSWERS, 8, 8)
     result = make_data.assemble(data, seed=0)
     answered = {m["content"] for name in ("pretrain.jsonl", "sft.jsonl", "pretrain_val.jsonl", "sft_val.jsonl")
                 for r in _rows(data / name) for m in r.get("messages", [])[-1:]} | {
-        r.get("target") for name in ("pretrain.jsonl", "pretrain_val.jsonl") for r in _rows(data / name)}
-    assert not any(f"The answer to {q!r}." in answered for q in mirrors)
-    assert any(f"The answer to {q!r}." in answered for q in questions if q not in mirrors)
-    assert result["voice_chat_heldout_mirrors"] == sum(
-        1 for stage in ("pretrain", "sft") for path in (data / "parts" / stage).glob("*/voice_chat.jsonl")
-        for line in path.read_text().splitlines() if json.loads(line)["question"] in mirrors)
+        r.get("target") for name in ("pretrain.jsonl", "pretrain_val.jsonl") for r in _rows(data / name)
+        if r.get("target")}
+    assert not any(a.startswith(f"The answer to {mirror!r}") for a in answered)  # answered right, and still out
+    assert any(a.startswith(f"The answer to {q!r}") for q in questions if q != mirror for a in answered)
+    assert result["voice_chat_heldout_mirrors"] == 1
 
 
 def _rows(path: Path) -> list[dict]:

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from qwen2audio.eval.metrics import corpus_score, get_metric
+
 from demo import longform
 from qwen2audio.audio import SAMPLE_RATE, load_audio
 from qwen2audio.audio.vad import find_pauses
@@ -41,8 +43,10 @@ def test_every_setting_gets_a_row(tiny_demo_data, tmp_path, capsys, one_thread):
     rows = {row["setting"]: row for row in result["rows"]}
     assert rows["cut where each clip ends (known)"]["chunks"] == 3 and rows["chunks of <= 30 s"]["chunks"] == 1 and rows["chunks of <= 30 s, cut at pauses >= 0.4 s"]["chunks"] >= 3
     assert rows["chunks of <= 2 s"]["chunks"] >= result["seconds"] / 2
-    for row in result["rows"]:
-        assert row["words"] == len(row["text"].split()) and row["wer"] >= 0 and row["noise"] == "none"
+    metric = get_metric("wer:en")
+    for row in result["rows"]:  # each row's WER is its own text's against the joined references
+        assert row["words"] == len(row["text"].split()) and row["noise"] == "none"
+        assert row["wer"] == pytest.approx(corpus_score(metric, [metric.stats(result["reference"], row["text"])]))
     printed = capsys.readouterr().out
     assert all(setting in printed for setting in settings)
 

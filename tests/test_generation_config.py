@@ -60,6 +60,18 @@ G = {"top_k": 50, "top_p": 1.0}  # transformers' filters, used where a caller's 
 def test_settings_from_a_generation_config(config, expected):
     assert from_generation_config(config) == expected
     SamplingParams(**expected)
+    # the reference: each setting as transformers' GenerationConfig reads the same file
+    from transformers import GenerationConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its own notes on unused settings (a temperature without sampling)
+        hf = GenerationConfig.from_dict(dict(config))
+    assert expected["temperature"] == (hf.temperature if hf.do_sample else 0.0)
+    assert expected["top_k"] == (hf.top_k or 0) and expected["top_p"] == (1.0 if hf.top_p is None else hf.top_p)
+    assert expected.get("repetition_penalty", 1.0) == hf.repetition_penalty
+    assert expected.get("num_beams", 1) == hf.num_beams
+    assert expected.get("length_penalty", 1.0) == (hf.length_penalty if hf.num_beams > 1 else 1.0)
+    assert expected.get("min_new_tokens") == hf.min_new_tokens and expected.get("max_new_tokens") == hf.max_new_tokens
 
 
 def test_beam_sampling_is_read_as_transformers_applies_it():

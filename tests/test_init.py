@@ -496,18 +496,21 @@ def test_a_projector_std_that_is_not_a_positive_number_is_refused(whisper_dir, q
     assert not (tmp_path / "o").exists()
 
 
-def test_a_whisper_config_with_scale_embedding_is_the_same_encoder(whisper, whisper_dir, tmp_path):
-    """transformers' WhisperEncoder never applies embed_scale: the flag changes nothing of the encoder."""
+def test_a_whisper_config_with_scale_embedding_is_the_same_encoder(whisper_dir, qwen2_tied, tmp_path):
+    """A Whisper config.json with scale_embedding true: the reference, transformers' WhisperModel read from
+    that folder, computes its encoder as ours does from the checkpoint init makes of it."""
     import shutil
 
-    from qwen2audio.checkpoint.importers import load_encoder
+    from transformers import WhisperModel
 
     scaled = tmp_path / "scaled"
     shutil.copytree(whisper_dir, scaled)
     config = json.loads((scaled / "config.json").read_text())
     (scaled / "config.json").write_text(json.dumps({**config, "scale_embedding": True}))
-    (cfg_a, a), (cfg_b, b) = load_encoder(scaled), load_encoder(whisper_dir)
-    assert cfg_a == cfg_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reference = WhisperModel.from_pretrained(scaled).eval()
+    assert reference.config.scale_embedding is True
+    init_checkpoint(scaled, qwen2_tied[1], tmp_path / "out")
+    assert_encoder_matches(tmp_path / "out", reference)
 
 
 def test_llm_directory_without_tokenizer_asks_for_one(whisper_dir, qwen2_tied, tmp_path):

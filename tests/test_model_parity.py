@@ -149,8 +149,23 @@ def test_a_float16_overflow_in_the_encoder_saturates_as_the_reference(tmp_path):
     assert (got[0, :n].float() - expected[0, :n].float()).abs().max().item() < 0.05
 
 
-def test_an_audio_layer_norm_eps_in_config_json_is_ignored_as_the_reference_ignores_it():
-    from qwen2audio.config import Qwen2AudioConfig
+def test_an_audio_layer_norm_eps_in_config_json_is_ignored_as_the_reference_ignores_it(tmp_path):
+    """An audio_config.layer_norm_eps in config.json: the reference builds its encoder's LayerNorms with torch's
+    default eps whatever it says; ours are built with the same eps."""
+    import json
 
-    config = Qwen2AudioConfig.from_dict({"audio_config": {"layer_norm_eps": 1e-6}})
-    assert config.audio.layer_norm_eps == 1e-5
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    raw = CONFIGS[sorted(CONFIGS)[0]]
+    cfg = Qwen2AudioConfig(audio_config={**raw["audio_config"], "layer_norm_eps": 1e-6},
+                           text_config=dict(raw["text_config"]), audio_token_index=AUDIO_TOKEN,
+                           tie_word_embeddings=raw["text_config"]["tie_word_embeddings"])
+    ref = Qwen2AudioForConditionalGeneration(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["audio_config"]["layer_norm_eps"] == 1e-6
+    ours = load_model(tmp_path)
+
+    def eps(tower):
+        return [m.eps for m in tower.modules() if isinstance(m, torch.nn.LayerNorm)]
+
+    assert eps(ours.audio_tower) == eps(ref.audio_tower) and len(set(eps(ref.audio_tower))) == 1

@@ -453,14 +453,17 @@ def test_models_health_and_metrics(client, server, wav):
     assert _sample(after.text, "qwen2audio_generated_tokens_total") == \
         _sample(before, "qwen2audio_generated_tokens_total") + reply.usage.completion_tokens
     assert _sample(after.text, 'qwen2audio_time_to_first_token_seconds_count{endpoint="/v1/chat/completions"}') > 0
-    assert _sample(after.text, "qwen2audio_queue_depth") == 0
+    assert _sample(after.text, "qwen2audio_queue_depth", missing=None) == 0
 
 
-def _sample(text: str, name: str) -> float:
+def _sample(text: str, name: str, missing: float | None = 0.0) -> float:
+    """A metric's value; ``missing`` where it is not exported (a labelled counter before its first count),
+    or a failure where ``missing`` is None (a gauge is always exported)."""
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
-    return 0.0
+    assert missing is not None, f"{name} is not among the metrics"
+    return missing
 
 
 def test_decoded_audio_reaches_the_model_unchanged(server, wav):

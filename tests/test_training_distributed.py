@@ -1,6 +1,7 @@
 """2 processes on the CPU (gloo) under DDP and under FSDP2 follow the same loss trajectory as one process
 with the same global batch, and end with the same weights."""
 
+import math
 import os
 import signal
 import subprocess
@@ -145,7 +146,6 @@ def test_fsdp_trains_on_batches_with_and_without_audio(single, tmp_path, cached)
 def test_a_rank_without_validation_rows_does_not_hang_the_others(single, tmp_path):
     """Fewer val_data rows than processes: the rank with none summed no statistics, so its all_sum was shorter
     than the other's and both waited in gloo until its timeout (30 min) at the first validation."""
-    import json
 
     ws, root = single
     one_row = Path(ws["pretrain"]).with_name("val_one_row.jsonl")  # beside the audio its row names
@@ -171,5 +171,5 @@ def test_a_rank_without_validation_rows_does_not_hang_the_others(single, tmp_pat
             pytest.fail("the run hung at its first validation")
     assert proc.returncode == 0, log.read_text()[-4000:]
     theirs, ours = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
-    assert len(ours) == 2 and json.dumps(ours)
+    assert len(ours) == 2 and all(math.isfinite(v) for v in ours)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
