@@ -155,8 +155,10 @@ def test_airbench_chat_scored_by_judge_in_both_orders_with_cache(tmp_path, fake_
 
 
 def test_airbench_chat_without_judge_keeps_answers_unscored(tmp_path, model_answers, monkeypatch):
-    for var in ("QWEN2AUDIO_JUDGE_URL", "OPENAI_BASE_URL"):
-        monkeypatch.delenv(var, raising=False)
+    """Without --judge-url or QWEN2AUDIO_JUDGE_URL nothing is judged: an OPENAI_BASE_URL set for other tools
+    does not send paid verdict requests (here to an address where nothing listens: a request would fail)."""
+    monkeypatch.delenv("QWEN2AUDIO_JUDGE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     data, _ = airbench_chat(tmp_path)
     assert main(["eval", "--task", "airbench-chat", "--data", str(data), "--out", str(tmp_path / "o"), *FAST]) == 0
     results = json.loads((tmp_path / "o" / "results.json").read_text())

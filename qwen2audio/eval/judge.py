@@ -3,8 +3,9 @@
     judge = Judge(url="https://api.openai.com/v1", model="gpt-4-0125-preview", key=..., cache=out / "judge_cache.jsonl")
     text = judge.ask("...")   # cached by a hash of the request: asking again costs nothing
 
-URL, model and key come from the options or the environment: QWEN2AUDIO_JUDGE_URL (or OPENAI_BASE_URL),
-QWEN2AUDIO_JUDGE_MODEL, QWEN2AUDIO_JUDGE_API_KEY (or OPENAI_API_KEY). Plain urllib: one POST per call.
+URL, model and key come from the options or the environment: QWEN2AUDIO_JUDGE_URL, QWEN2AUDIO_JUDGE_MODEL,
+QWEN2AUDIO_JUDGE_API_KEY (or OPENAI_API_KEY). Only an explicit judge URL turns judging on: an OPENAI_BASE_URL
+set for other tools does not (every verdict is a paid request). Plain urllib: one POST per call.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class JudgeError(RuntimeError):
 
 
 def judge_settings(url: str | None, model: str | None, key: str | None) -> tuple[str | None, str, str | None]:
-    url = url or os.environ.get("QWEN2AUDIO_JUDGE_URL") or os.environ.get("OPENAI_BASE_URL")
+    url = url or os.environ.get("QWEN2AUDIO_JUDGE_URL")
     model = model or os.environ.get("QWEN2AUDIO_JUDGE_MODEL") or DEFAULT_MODEL
     key = key or os.environ.get("QWEN2AUDIO_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     return url, model, key
