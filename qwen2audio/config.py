@@ -276,9 +276,10 @@ def _is_plain_rope(rope: dict[str, Any]) -> bool:
 
 
 def _slides(text_raw: dict[str, Any]) -> bool:
-    """Whether transformers would run any layer with sliding-window attention: use_sliding_window truthy (a
-    string "false" too, as Python reads it), a window set, and a layer that slides - one layer_types names
-    "sliding_attention", or where the file has no layer_types, a layer from max_window_layers on."""
+    """Whether a layer would slide, which is refused: one that layer_types names "sliding_attention" (with no
+    window in effect too, where transformers cannot run it), or where the file has no layer_types,
+    use_sliding_window truthy (a string "false" too, as Python reads it), a window set and a layer from
+    max_window_layers on."""
     layer_types = text_raw.get("layer_types")
     if isinstance(layer_types, list) and "sliding_attention" in layer_types:
         return True  # with no window in effect too, where transformers fails at the first forward

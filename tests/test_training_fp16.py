@@ -64,14 +64,15 @@ def test_an_overflowing_step_is_skipped_and_the_scale_resumed(ws, tmp_path, one_
     assert _records(tmp_path / "run")[-1]["loss_scale"] == 2.0 ** 58
 
 
-@pytest.mark.parametrize("autocast", ["bf16", "none"])
-def test_float16_weights_without_loss_scaling_are_refused(ws, autocast):
-    with pytest.raises(ValueError, match="dtype float16 trains only with autocast fp16"):
-        tiny_config("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), dtype="float16", autocast=autocast)
+@pytest.mark.parametrize("dtype, autocast", [("float16", "bf16"), ("float16", "none"), ("fp16", "none")])
+def test_float16_weights_without_loss_scaling_are_refused(ws, dtype, autocast):
+    with pytest.raises(ValueError, match=f"dtype {dtype} trains only with autocast fp16"):
+        tiny_config("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), dtype=dtype, autocast=autocast)
 
 
-def test_float16_weights_train_under_auto_as_fp16(ws, tmp_path, one_thread):
-    train("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), dtype="float16", autocast="auto", max_steps=2,
+@pytest.mark.parametrize("dtype", ["float16", "fp16"])
+def test_float16_weights_train_under_auto_as_fp16(ws, tmp_path, one_thread, dtype):
+    train("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), dtype=dtype, autocast="auto", max_steps=2,
           log_every=1,
 output_dir=str(tmp_path / "run"))
     rows = _records(tmp_path / "run")

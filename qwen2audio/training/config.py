@@ -175,10 +175,6 @@ class TrainConfig:
             raise ValueError(f"distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
         if self.autocast not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"autocast must be auto, bf16, fp16 or none, got {self.autocast!r}")
-        if self.dtype == "float16" and self.autocast not in ("auto", "fp16"):
-            raise ValueError(f"dtype float16 trains only with autocast fp16 (or auto), got autocast {self.autocast}: "
-                             "float16 gradients underflow without the loss scaling it brings. Use autocast: fp16, "
-                             "or dtype bfloat16 / float32")
         if self.encoder_cache and "encoder" in self.trainable:
             raise ValueError("encoder_cache keeps a frozen encoder's outputs; it cannot be used while the encoder "
                              "is trained (drop encoder from trainable, or encoder_cache)")
@@ -224,12 +220,18 @@ class TrainConfig:
                 raise ValueError("ctc_scale must be > 0 and ctc_negatives >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r} (torchrun gives each rank its GPU)")
+        import torch
+
         from ..checkpoint.hf import resolve_dtype
 
         try:
-            resolve_dtype(self.dtype)
+            weights = resolve_dtype(self.dtype)
         except ValueError as err:
             raise ValueError(f"option dtype: {err}") from None
+        if weights == torch.float16 and self.autocast not in ("auto", "fp16"):
+            raise ValueError(f"dtype {self.dtype} trains only with autocast fp16 (or auto), got autocast "
+                             f"{self.autocast}: float16 gradients underflow without the loss scaling it brings. Use "
+                             "autocast: fp16, or dtype bfloat16 / float32")
         if not (self.lr > 0 and self.eps > 0 and all(v > 0 for v in self.lr_by_part.values())):
             raise ValueError(f"lr, eps and each lr_by_part value must be > 0, got lr={self.lr}, eps={self.eps}, "
                              f"lr_by_part={self.lr_by_part}")

@@ -185,7 +185,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     GPU that computes it natively (compute capability 8.0 and later): torch.cuda.is_bf16_supported()
     alone also says yes where bfloat16 is only emulated (T4, V100), which is slower than float32 there.
     float16 weights (dtype float16) compute in float16: "auto" is fp16 there."""
-    if cfg.autocast == "fp16" or (cfg.autocast == "auto" and cfg.dtype == "float16"):
+    if cfg.autocast == "fp16" or (cfg.autocast == "auto" and resolve_dtype(cfg.dtype) == torch.float16):
         return torch.float16
     if cfg.autocast == "none" or (cfg.autocast == "auto" and not (
             device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))):
