@@ -44,7 +44,7 @@ def test_an_overflowing_step_is_skipped_and_the_scale_resumed(ws, tmp_path, one_
 
     made = []
 
-    def huge_scale(cfg, device):  # a scale no float16 gradient survives: the first steps overflow
+    def huge_scale(cfg, device, sharded=False):  # a scale no float16 gradient survives: the first steps overflow
         made.append(torch.amp.GradScaler(device.type, init_scale=2.0 ** 60))
         return made[-1]
 
@@ -78,3 +78,11 @@ output_dir=str(tmp_path / "run"))
     rows = _records(tmp_path / "run")
     assert [r["loss_scale"] for r in rows] == [65536.0, 65536.0]
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_fp16_with_distributed_fsdp_on_one_process(ws, tmp_path, one_thread):
+    """distributed: fsdp launched without torchrun (one process, nothing sharded, no process group): the plain
+    scaler, where the sharded one would call a collective that does not exist."""
+    train("sft", model=str(ws["tiny"]), train_data=str(ws["sft"]), autocast="fp16", distributed="fsdp", max_steps=2,
+          log_every=1, output_dir=str(tmp_path / "run"))
+    assert [r["loss_scale"] for r in _records(tmp_path / "run")] == [65536.0, 65536.0]

@@ -193,13 +193,14 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return torch.bfloat16
 
 
-def grad_scaler(cfg: TrainConfig, device: torch.device):
+def grad_scaler(cfg: TrainConfig, device: torch.device, sharded: bool = False):
     """Loss scaling for float16 autocast (None otherwise): the loss is multiplied before backward so that small
     float16 gradients do not flush to zero; a step whose gradients overflow is skipped and the scale halved.
-    Under FSDP each rank holds a shard of the gradients, so ranks agree on skipping (ShardedGradScaler)."""
+    ``sharded`` (FSDP over several processes): each rank holds a shard of the gradients, so the ranks agree on
+    skipping (ShardedGradScaler)."""
     if autocast_dtype(cfg, device) != torch.float16:
         return None
-    if cfg.distributed == "fsdp":
+    if sharded:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         return ShardedGradScaler(device.type)
@@ -423,7 +424,7 @@ def train(run: Run, step_loss: StepLoss, on_end: Callable[[Run], dict] | None = 
     per_epoch, total = total_steps(run)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, lr_of=part_lr(cfg))
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total, cfg.min_lr_ratio)
-    scaler = grad_scaler(cfg, d.device)
+    scaler = grad_scaler(cfg, d.device, sharded=d.enabled and cfg.distributed == "fsdp")
     start = load_trainer_state(model, optimizer, scheduler, run.resume_from, scaler) if run.resume_from else 0
     metrics = MetricsLog(Path(cfg.output_dir), start, cfg.tensorboard) if d.main else None
     stop = min(total, start + cfg.max_steps_this_run) if cfg.max_steps_this_run > 0 else total
