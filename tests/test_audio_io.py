@@ -135,6 +135,25 @@ def test_resampler_removes_a_tone_above_8khz_instead_of_aliasing_it():
     assert attenuation_db < -40.0
 
 
+@pytest.mark.parametrize("rate, n, channels", [(44100, 44101, 2), (44100, 66150, 1), (22050, 33077, 2),
+                                                (48000, 48013, 1), (8000, 12345, 1), (11025, 999, 2)])
+def test_resampled_files_equal_the_official_examples_loader(tmp_path, rate, n, channels):
+    """The official Qwen2-Audio examples read audio with librosa.load(path, sr=16000): the same samples
+    (channels averaged, soxr's high-quality resampler) and the same length (librosa fixes it at
+    ceil(n * 16000 / rate); soxr alone is one short for some lengths, 44,101 at 44.1 kHz among them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # its audioread fallback imports aifc and sunau
+        import librosa
+
+    samples = np.random.default_rng(n).uniform(-0.5, 0.5, (n, channels)).astype(np.float32)
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, samples, rate, subtype="FLOAT")
+    reference, sr = librosa.load(path, sr=SAMPLE_RATE)
+    ours = load_audio(path)
+    assert sr == SAMPLE_RATE and ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-6)
+
+
 def test_16khz_input_is_passed_through_unchanged():
     samples = np.random.default_rng(0).uniform(-1, 1, 16000).astype(np.float32)
     np.testing.assert_array_equal(load_audio(samples, sample_rate=SAMPLE_RATE), samples)

@@ -180,7 +180,7 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
                            "load_audio(samples[:, 0], sample_rate=...) or `ffmpeg -i IN -af pan=mono|c0=c0 OUT`",
                            stacklevel=2)
     if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)  # (n * 16000 / rate,)
+        mono = resample_as_librosa(mono, rate)
     if mono.shape[0] == 0:
         raise AudioError(f"{label}: the audio is too short to hold a single sample at {SAMPLE_RATE} Hz")
     if mono.shape[0] < min_samples:
@@ -192,6 +192,18 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
             f"({1000 * min_samples / SAMPLE_RATE:.1f} ms){why}. Pass a longer recording"
         )
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def resample_as_librosa(mono: np.ndarray, rate: float) -> np.ndarray:
+    """To 16 kHz as the official Qwen2-Audio examples' loader does, librosa.load(path, sr=16000): soxr's
+    high-quality resampler, then the length fixed at ceil(n * 16000 / rate), zeros after the end (soxr alone
+    gives one sample fewer for some lengths, e.g. 44,101 samples at 44.1 kHz: 16,000, not 16,001), so that the
+    features' frame count and the audio token count are those of the official pipeline."""
+    out = soxr.resample(mono, rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)  # (about n * 16000 / rate,)
+    want = int(np.ceil(mono.shape[0] * (float(SAMPLE_RATE) / rate)))  # librosa's own expression, float for float
+    if out.shape[0] < want:
+        out = np.concatenate([out, np.zeros(want - out.shape[0], dtype=out.dtype)])
+    return out[:want]
 
 
 # --- Arrays -------------------------------------------------------------------------------------------
