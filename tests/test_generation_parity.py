@@ -62,3 +62,28 @@ def test_batch_equals_transformers_batch_and_single_runs(models):
         assert batch[i].token_ids == singles[i].token_ids, f"row {i} differs from its single run"
         assert batch[i].text == singles[i].text
     assert sum(len(g.token_ids) for g in batch) >= 3 * 8, "rows stopped too early to show anything"
+
+
+def test_prompt_ids_of_the_python_api_equal_the_processors(reference_checkpoint):
+    """What the Python API sends the model for a chat with two clips of odd lengths (one of a single audio token)
+    and for a base-model prompt: the ids transformers' Qwen2AudioProcessor makes of the same text and audio."""
+    import json
+
+    from transformers import AutoTokenizer, Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    from qwen2audio import Qwen2Audio
+
+    n_mels = json.loads((reference_checkpoint / "config.json").read_text())["audio_config"]["num_mel_bins"]
+    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=n_mels),
+                                    tokenizer=AutoTokenizer.from_pretrained(reference_checkpoint))
+    model = Qwen2Audio.load(reference_checkpoint)
+    waves = [clip(3.1, 0)[:12345], clip(1.0, 1)[:400]]
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": waves[0]}, {"type": "text", "text": "the"}]},
+                {"role": "assistant", "content": "th"},
+                {"role": "user", "content": [{"type": "audio", "audio": waves[1]}, {"type": "text", "text": "he"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = list(processor(text=text, audio=waves, sampling_rate=16000)["input_ids"][0])
+    assert model.prepare_chat(messages).token_ids == expected
+    assert expected.count(TOKENIZER.audio_id) == 19 + 1  # 12,345 samples (77 frames): 19 tokens; 400: one
+    raw = processor(text="<|audio_bos|><|AUDIO|><|audio_eos|>the", audio=waves[:1], sampling_rate=16000)
+    assert model.prepare_raw("the", waves[0]).token_ids == list(raw["input_ids"][0])

@@ -93,6 +93,33 @@ def test_batched_left_padded_logits_match(pair):
 
 
 @torch.no_grad()
+def test_clip_lengths_with_partial_frames_match(pair):
+    """Real clips end anywhere: lengths that are no whole number of 10 ms frames, odd frame counts, a clip
+    of one audio token (321 samples) and one just past 3 s, in one left-padded batch: the encoder's states
+    and the logits equal the reference's (the other tests' clips are whole tenths of a second)."""
+    name, ref, ours = pair
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    lengths = (321, 12345, 16001, 48077)
+    audios = [clip(3.1, i)[:n] for i, n in enumerate(lengths)]
+    assert [len(a) for a in audios] == list(lengths)
+    feats, fmask = hf_features(audios, n_mels)
+    assert sorted({int(n) % 2 for n in fmask.sum(-1)}) == [0, 1]  # odd and even frame counts
+    expected = hf_encoder_states(ref, feats, fmask)
+    got, counts = ours.audio_tower(feats, fmask.sum(-1))
+    for i, n in enumerate(counts.tolist()):
+        assert (got[i, :n] - expected[i, :n]).abs().max().item() < TOL, lengths[i]
+    rows = [prompt_ids([n], text=range(3 + i)) for i, n in enumerate(counts.tolist())]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    reference = ref(input_ids=ids, input_features=feats, feature_attention_mask=fmask, attention_mask=attn).logits
+    logits = ours(ids, feats, fmask.sum(-1), attention_mask=attn)
+    for i, r in enumerate(rows):
+        real = slice(width - len(r), width)
+        assert (logits[i, real] - reference[i, real]).abs().max().item() < TOL, lengths[i]
+
+
+@torch.no_grad()
 def test_saved_by_us_loads_in_transformers(pair, tmp_path):
     from transformers import Qwen2AudioForConditionalGeneration
 
