@@ -64,6 +64,36 @@ def test_batch_equals_transformers_batch_and_single_runs(models):
     assert sum(len(g.token_ids) for g in batch) >= 3 * 8, "rows stopped too early to show anything"
 
 
+@torch.no_grad()
+def test_rows_with_two_one_and_no_clips_equal_transformers(models):
+    """A chat comparing two clips ("Audio 1", "Audio 2"), one with a clip and a text-only one, left-padded in
+    one batch: transformers takes the batch's clips in reading order; each row's reply is transformers' (and,
+    alone, the same)."""
+    from qwen2audio.text import render_chat
+
+    name, ref, engine = models
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    two = render_chat([{"role": "user", "content": [{"type": "audio", "audio": "a"}, {"type": "audio", "audio": "b"},
+                                                    {"type": "text", "text": "Which is louder?"}]}]).text
+    text_only = render_chat([{"role": "user", "content": "Say something."}]).text
+    rows = [(two, [clip(2.05, 21), clip(0.51, 22)]), (conversation("Describe it."), [clip(4.3, 23)]), (text_only, [])]
+    prepared = [engine.prepare(prompt, audios) for prompt, audios in rows]
+    width = max(len(p.token_ids) for p in prepared)
+    ids = torch.tensor([[TOKENIZER.pad_id] * (width - len(p.token_ids)) + p.token_ids for p in prepared])
+    attn = torch.tensor([[0] * (width - len(p.token_ids)) + [1] * len(p.token_ids) for p in prepared])
+    feats, fmask = hf_features([a for _, audios in rows for a in audios], n_mels)
+    out = ref.generate(input_ids=ids, attention_mask=attn, input_features=feats, feature_attention_mask=fmask,
+                       max_new_tokens=N_NEW, do_sample=False, eos_token_id=sorted(TOKENIZER.stop_ids),
+                       pad_token_id=TOKENIZER.pad_id)
+    params = SamplingParams(max_new_tokens=N_NEW)
+    batch = engine.generate(prepared, params)
+    for i, row in enumerate(out[:, width:].tolist()):
+        ended = [j for j, t in enumerate(row) if t in TOKENIZER.stop_ids]
+        assert batch[i].token_ids == (row[: ended[0] + 1] if ended else row), f"row {i} differs from transformers'"
+        assert batch[i].token_ids == engine.generate([prepared[i]], params)[0].token_ids, f"row {i} alone"
+    assert sum(len(g.token_ids) for g in batch) >= 3 * 8, "rows stopped too early to show anything"
+
+
 def test_prompt_ids_of_the_python_api_equal_the_processors(reference_checkpoint):
     """What the Python API sends the model for a chat with two clips of odd lengths (one of a single audio token)
     and for a base-model prompt: the ids transformers' Qwen2AudioProcessor makes of the same text and audio."""
