@@ -137,6 +137,36 @@ def test_beam_sampling_equals_transformers(models, monkeypatch):
     assert unlike_search >= len(SAMPLED), f"only {unlike_search} replies differ from beam search's"
 
 
+SAMPLED_ONE_BEAM = [
+    dict(max_new_tokens=20, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2, min_new_tokens=3),
+    dict(max_new_tokens=20, temperature=1.3, top_k=0, top_p=1.0),
+    dict(max_new_tokens=16, temperature=0.5, top_k=5, top_p=0.5, min_new_tokens=8),
+]
+
+
+@torch.no_grad()
+def test_sampling_equals_transformers(models, monkeypatch):
+    """One beam with a temperature, the checkpoint's kind of defaults (temperature, top_k, top_p, a repetition
+    penalty over the prompt's ids, audio ones included, min_new_tokens holding the stop tokens back):
+    transformers' generate(do_sample=True), the draws made the same on both sides (``fixed_draws``)."""
+    name, ref, model = models
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    monkeypatch.setattr(torch, "multinomial", fixed_draws)
+    engine = Engine(model, TOKENIZER, transform_weights=False)
+    audio = clip(3.1, 11)
+    prepared = engine.prepare(conversation("What do you hear?"), [audio])
+    stops = set(frequent_tokens(engine, copy.deepcopy(prepared), 1)) | set(TOKENIZER.stop_ids)
+    stop_engine = Engine(model, FrequentStops(TOKENIZER, stops), transform_weights=False)
+    greedy = stop_engine.generate([copy.deepcopy(prepared)], SamplingParams(max_new_tokens=20))[0].token_ids
+    unlike_greedy = 0
+    for case in SAMPLED_ONE_BEAM:
+        got = stop_engine.generate([copy.deepcopy(prepared)], SamplingParams(**case))[0]
+        expected = reference_beams(ref, prepared, audio, n_mels, stops, do_sample=True, num_beams=1, **case)
+        assert got.token_ids == expected, case
+        unlike_greedy += got.token_ids[:20] != greedy
+    assert unlike_greedy >= 2, "the draws should take other tokens than greedy decoding"
+
+
 @torch.no_grad()
 def test_beam_sampling_draws_from_its_seed(models):
     """A seed gives the same reply again, beside other requests or alone; other seeds give other replies."""
