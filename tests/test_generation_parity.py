@@ -48,6 +48,18 @@ def test_greedy_tokens_equal_transformers(models):
 
 
 @torch.no_grad()
+def test_a_clip_of_one_audio_token_equals_transformers(models):
+    """400 samples (25 ms): one audio token, where transformers merges the audio by its older code path (no
+    audio token followed by another); the reply is still transformers'."""
+    name, ref, engine = models
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    audio = clip(1.0, 3)[:400]
+    prepared, expected = reference_generate(ref, engine, [conversation("What do you hear?")], [audio], n_mels)
+    assert prepared[0].token_ids.count(TOKENIZER.audio_id) == 1
+    assert engine.generate(prepared, SamplingParams(max_new_tokens=N_NEW))[0].token_ids == expected[0]
+
+
+@torch.no_grad()
 def test_batch_equals_transformers_batch_and_single_runs(models):
     name, ref, engine = models
     n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]

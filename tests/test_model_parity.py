@@ -153,6 +153,33 @@ def test_half_precision_logits_are_as_close_to_float32_as_the_references(tmp_pat
 
 
 @torch.no_grad()
+def test_right_padded_training_loss_matches(pair):
+    """Training batches are right-padded (the collator's layout), with labels only on the answers: the mean
+    negative log-likelihood of the labelled tokens is transformers' loss for the same batch, and each row's
+    log-probabilities are those of its logits there."""
+    name, ref, ours = pair
+    n_mels = CONFIGS[name]["audio_config"]["num_mel_bins"]
+    audios = [clip(s, i) for i, s in enumerate((1.3, 4.1))]
+    feats, fmask = hf_features(audios, n_mels)
+    rows = [prompt_ids([audio_token_count(int(n))], text=range(3 + 5 * i)) for i, n in enumerate(fmask.sum(-1))]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = torch.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        labels[i, len(r) - 4: len(r)] = ids[i, len(r) - 4: len(r)]  # the last four tokens: the "answer"
+    expected = ref(input_ids=ids, input_features=feats, feature_attention_mask=fmask, attention_mask=attn,
+                   labels=labels).loss
+    logps = ours(ids, feats, fmask.sum(-1), attn, labels=labels)  # (B, T), 0 where not trained
+    assert abs(-logps.sum().item() / (labels != -100).sum().item() - expected.item()) < 1e-5
+    reference_logits = ref(input_ids=ids, input_features=feats, feature_attention_mask=fmask,
+                           attention_mask=attn).logits.log_softmax(-1)
+    for i, r in enumerate(rows):
+        for t in range(len(r) - 4, len(r)):
+            assert abs(logps[i, t].item() - reference_logits[i, t - 1, ids[i, t]].item()) < TOL
+
+
+@torch.no_grad()
 def test_saved_by_us_loads_in_transformers(pair, tmp_path):
     from transformers import Qwen2AudioForConditionalGeneration
 
