@@ -640,9 +640,11 @@ def test_an_interrupt_while_audio_is_encoded_leaves_no_slot_or_session_held(engi
 
 def test_a_clip_that_cannot_be_encoded_fails_only_its_own_request(engine):
     """Clips of requests admitted together are encoded in one batch; a clip the encoder refuses (here 100
-    samples, too short for one audio token, as if it came round load_audio) must not fail the others."""
+    samples, too short for one audio token, put in place of a prepared clip: prepare refuses it, load_audio
+    too) must not fail the others."""
     good = [prepare(engine, messages("What is it?", clip(1.0, 3))), prepare(engine, messages("Hi."))]
-    broken = prepare(engine, messages("What?", np.zeros(100, dtype=np.float32)))
+    broken = prepare(engine, messages("What?", clip(0.5, 4)))
+    broken.waveforms[0] = np.zeros(100, dtype=np.float32)
     expected = [alone(engine, r, greedy(6)).token_ids for r in
                 (prepare(engine, messages("What is it?", clip(1.0, 3))), prepare(engine, messages("Hi.")))]
     sched = inline(engine, max_slots=4)
@@ -836,3 +838,17 @@ def test_the_kv_cache_grows_its_slots_by_doubling_and_keeps_what_it_holds():
     assert (cache.n_slots, cache.allocated_len) == (6, 512) and int(cache.k[0][5, 0, 9, 0]) == 6
     cache.copy_slots([1], [0], 10, start=5)
     assert cache.k[0][1, 0, :5].tolist() == [[2.0] * 4] * 5 and cache.k[0][1, 0, 5:10].tolist() == [[1.0] * 4] * 5
+
+
+def test_a_clip_too_short_for_an_audio_token_is_refused_when_prepared(engine):
+    """A clip of 100 samples expands to no audio token. It failed in the encoder when alone, but beside a cached
+    prefix (the chat template another request left) with an IndexError: it is refused when prepared, the same
+    way either way, and the scheduler's other requests and cache are untouched."""
+    sched = inline(engine, max_slots=2)
+    first = sched.submit(prepare(engine, messages("Hi.")), greedy(2))
+    first.wait()
+    for _ in range(2):  # the second time the chat template is cached
+        with pytest.raises(ValueError, match=r"clip\(s\) \[0\] have fewer than 321 samples .* one audio token"):
+            prepare(engine, messages("Bad.", np.zeros(100, np.float32)))
+    again = sched.submit(prepare(engine, messages("Hi.")), greedy(2))
+    assert again.wait().token_ids == first.wait().token_ids

@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..audio.features import AUDIO_TOKENS_PER_SECOND, clip_token_count, log_mel_spectrogram, split_into_windows
+from ..audio.features import (AUDIO_TOKENS_PER_SECOND, MIN_SAMPLES, clip_token_count, log_mel_spectrogram,
+                              split_into_windows)
 from ..model import KVCache, Qwen2AudioModel
 from ..model.llm import causal_mask
 from ..text.chat import clip_spans, expand_audio_placeholders
@@ -151,6 +152,11 @@ class Engine:
         cached = cached if cached is not None else {}
         embeds = [cached.get(k) for k in keys]
         counts = [clip_token_count(len(a)) if e is None else int(e.shape[0]) for a, e in zip(audios, embeds)]
+        short = [i for i, n in enumerate(counts) if n == 0]
+        if short:  # no token to hold it: refused here, before it could go unnoticed in a reused prefix
+            raise ValueError(f"clip(s) {short} have fewer than {MIN_SAMPLES} samples ({1000 * MIN_SAMPLES / 16000:.1f} "
+                             "ms at 16 kHz), too short to make one audio token; load audio with "
+                             "qwen2audio.audio.load_audio, which refuses shorter clips")
         ids = expand_audio_placeholders(self.tokenizer.encode(prompt), self.tokenizer.audio_id, counts)
         if len(ids) >= self.max_positions:
             audio_tokens = sum(counts)
