@@ -353,6 +353,24 @@ def test_decode_attention_equals_torchs_over_views_of_a_cache(rows, heads, group
 
 
 @needs_compiler
+@pytest.mark.parametrize("length", [1, 13, 16, 37, 200])
+def test_decode_attention_of_a_row_does_not_depend_on_the_steps_width(length):
+    """A decoding step is as wide as its longest row; a shorter row's positions past its own are masked. Its
+    output is bit for bit what it is alone (the step as wide as it): the masked tail moved where the vector
+    blocks ended, and its sums rounded otherwise beside a longer row."""
+    attend = kernels.decode_attention_op()
+    gen = torch.Generator().manual_seed(length)
+    width = length + 45
+    k, v = torch.randn(1, 2, width, 64, generator=gen), torch.randn(1, 2, width, 64, generator=gen)
+    q = torch.randn(1, 14, 1, 64, generator=gen)
+    mask = torch.zeros(1, width, dtype=torch.bool)
+    mask[0, :length] = True
+    alone = attend(q, k[:, :, :length], v[:, :, :length], mask[:, :length], 64 ** -0.5)
+    for w in (length + 1, length + 16, width):
+        assert torch.equal(attend(q, k[:, :, :w], v[:, :, :w], mask[:, :w], 64 ** -0.5), alone), w
+
+
+@needs_compiler
 @pytest.mark.parametrize("spread", [1.0, 10.0, 30.0])
 def test_decode_attention_softmax_holds_across_the_range_of_scores(spread):
     """The vectorised exp (AVX-512 16 lanes, AVX2 8, a scalar tail): scores a few units apart, and ~100

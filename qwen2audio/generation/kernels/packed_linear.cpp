@@ -541,8 +541,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const float* vb = vp + b * v.stride(0) + g * v.stride(1);
       const float* qh = qp + (b * H + g * per) * D;
       float* oh = op + (b * H + g * per) * D;
+      // This row's own length: up to its last position that may be attended. The rest of the step's width
+      // (set by the longest row beside it) is masked; left in the loops, it moved where the vector blocks
+      // end and the scalar tails begin, so a row's sums rounded otherwise beside a longer row than alone.
+      int64_t n = S;
+      if (mp != nullptr)
+        while (n > 0 && !mp[b * S + n - 1]) --n;
       int64_t s = 0;
-      for (; s + 4 <= S; s += 4) {  // four cached rows at a time: each query head's four scores together
+      for (; s + 4 <= n; s += 4) {  // four cached rows at a time: each query head's four scores together
         const float* rows[4];
         bool keep[4];  // read once for all query heads (the compiler, seeing stores to p, reads a mask again)
         for (int i = 0; i < 4; ++i) {
@@ -556,7 +562,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
           for (int i = 0; i < 4; ++i) p[h * S + s + i] = keep[i] ? d4[i] * float(scale) : -INFINITY;
         }
       }
-      for (; s < S; ++s) {
+      for (; s < n; ++s) {
         const bool keep = mp == nullptr || mp[b * S + s];
         const float* kr = kb + s * k.stride(2);
         prefetch_row(kr + ROWS_AHEAD * k.stride(2), D);
@@ -566,17 +572,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t h = 0; h < per; ++h) {
         float* ph = p.data() + h * S;
         float top = -INFINITY;
-        for (int64_t s = 0; s < S; ++s) top = std::max(top, ph[s]);
+        for (int64_t s = 0; s < n; ++s) top = std::max(top, ph[s]);
         float sum = 0.f;
         if (top == -INFINITY) {  // nothing to attend: zeros, as the output of an all-masked row
-          for (int64_t s = 0; s < S; ++s) ph[s] = 0.f;
+          for (int64_t s = 0; s < n; ++s) ph[s] = 0.f;
           continue;
         }
-        sum = exp_shifted(ph, S, top);
+        sum = exp_shifted(ph, n, top);
         const float inv = 1.f / sum;
-        for (int64_t s = 0; s < S; ++s) ph[s] *= inv;
+        for (int64_t s = 0; s < n; ++s) ph[s] *= inv;
       }
-      for (int64_t s = 0; s < S; ++s) {
+      for (int64_t s = 0; s < n; ++s) {
         const float* vr = vb + s * v.stride(2);
         prefetch_row(vr + ROWS_AHEAD * v.stride(2), D);
         for (int64_t h = 0; h < per; ++h)
