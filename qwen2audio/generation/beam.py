@@ -25,8 +25,8 @@ same draw in transformers stops with an error.
 ``BeamSearch`` is one request's bookkeeping; the scheduler runs it (generation/scheduler.py): the prompt
 is prefilled into the request's first slot, and from then on its beams are rows of the same decoding
 steps as every other request's, in slots of their own. On a CPU a row's logits are bit for bit those it
-gets alone in steps of up to 16 rows, to about 1e-6 past them or after a reused prefix (README: the
-scheduler). Its clips are encoded with those of the requests admitted with it, and a clip's vectors can
+gets alone in steps the decoding kernel takes whole (up to 16 rows in float32), to about 1e-6 past them
+or after a reused prefix (README: the scheduler). Its clips are encoded with those of the requests admitted with it, and a clip's vectors can
 round differently in another batch (padding changes the encoder's shapes): beam search, which compares
 sums of log-probabilities across beams, turns such a difference into another reply now and then, where
 greedy decoding rarely does. The reader gets the reply's tokens as they settle: those every running
