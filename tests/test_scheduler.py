@@ -852,3 +852,42 @@ def test_a_clip_too_short_for_an_audio_token_is_refused_when_prepared(engine):
             prepare(engine, messages("Bad.", np.zeros(100, np.float32)))
     again = sched.submit(prepare(engine, messages("Hi.")), greedy(2))
     assert again.wait().token_ids == first.wait().token_ids
+
+
+@pytest.fixture(scope="module")
+def kernel_engine(tmp_path_factory) -> Engine:
+    """The tests' model with its vocabulary padded to 264 rows (released checkpoints pad theirs, e.g. 156032):
+    every product of a decoding step, the head's too, is one the decoding kernel takes."""
+    import copy
+
+    import reference
+
+    saved = copy.deepcopy(reference.CONFIGS["mha_untied_80"])
+    reference.CONFIGS["mha_untied_80"]["text_config"]["vocab_size"] = 264
+    try:
+        model = hf_model("mha_untied_80")
+    finally:
+        reference.CONFIGS["mha_untied_80"] = saved
+    path = tmp_path_factory.mktemp("vocab264")
+    model.save_pretrained(path)
+    TOKENIZER.save(path)
+    return Engine(load_model(path), TOKENIZER)
+
+
+def test_logprobs_beside_a_longer_request_are_bit_for_bit_those_alone(kernel_engine, one_thread):
+    """A short request decoding beside a longer one reads a wider step (the longer row's length); its own
+    attention runs over its own length, so its logits are bit for bit those it gets alone."""
+    from qwen2audio.generation import kernels
+
+    if kernels.decode_attention_op() is None:
+        pytest.skip(f"the decoding kernel cannot be built here: {kernels.build_problem()}")
+    ask = SamplingParams(max_new_tokens=6, logprobs=0)
+    want = alone(kernel_engine, prepare(kernel_engine, messages("What is it?")), ask)
+    sched = inline(kernel_engine, max_slots=2)
+    longer = sched.submit(prepare(kernel_engine, messages("Please describe at great length everything you can "
+                                                          "hear: the voices, the noises, the music, the room.")),
+                          SamplingParams(max_new_tokens=6, ignore_eos=True))
+    got = sched.submit(prepare(kernel_engine, messages("What is it?")), ask).wait()
+    longer.wait()
+    assert got.token_ids == want.token_ids
+    assert [lp.logprob for lp in got.logprobs] == [lp.logprob for lp in want.logprobs]
