@@ -733,7 +733,8 @@ def test_bad_numbers_are_refused_before_any_work_and_splits_keep_their_own_folde
     from qwen2audio.eval.cli import default_out
 
     data, _ = librispeech(tmp_path)
-    for flag, value in (("--max-new-tokens", "0"), ("--bootstrap", "-5"), ("--judge-workers", "0")):
+    for flag, value in (("--max-new-tokens", "0"), ("--bootstrap", "-5"), ("--judge-workers", "0"), ("--limit", "0"),
+                        ("--limit", "-1")):
         assert main(["eval", "--task", "librispeech", "--data", str(data), "--out", str(tmp_path / "o"), flag, value]) == 2
         assert f"{flag} must be at least" in capsys.readouterr().err
     assert echo == [] and not (tmp_path / "o").exists()
@@ -785,3 +786,13 @@ def test_a_dataset_file_that_is_not_utf8_is_named(tmp_path, capsys):
     (tmp_path / "items.jsonl").write_bytes(b'{"audio": "a.wav", "prompt": "p", "reference": "r\xff"}\n')
     assert main(["eval", "--task", "jsonl", "--data", str(tmp_path / "items.jsonl"), "--out", str(tmp_path / "o2")]) == 2
     assert "items.jsonl: holds bytes that are not UTF-8 text" in capsys.readouterr().err
+
+
+def test_an_unknown_metric_in_a_jsonl_file_is_named_with_its_line(tmp_path, capsys):
+    """A file may hold thousands of items: the unknown metric is named where it is, as other bad fields are."""
+    rows = [{"audio": "a.wav", "prompt": "p", "reference": "r", "metric": "wer:en"},
+            {"audio": "a.wav", "prompt": "p", "reference": "r", "metric": "foo"}]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval", "--task", "jsonl", "--data", str(tmp_path / "items.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'items.jsonl'}:2: unknown metric 'foo'; use wer:LANG" in err and "Traceback" not in err

@@ -121,9 +121,10 @@ def run(args: argparse.Namespace) -> int:
     from .tasks import Options, check_data, get_task
 
     for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--bootstrap", args.bootstrap, 0),
-                               ("--judge-workers", args.judge_workers, 1)):
-        if value < least:
-            raise ValueError(f"{flag} must be at least {least}, got {value}")
+                               ("--judge-workers", args.judge_workers, 1), ("--limit", args.limit, 1)):
+        if value is not None and value < least:
+            hint = " (leave it out to evaluate every item)" if flag == "--limit" else ""
+            raise ValueError(f"{flag} must be at least {least}, got {value}{hint}")
     task = get_task(args.task)
     check_data(args.data)
     from ..text.languages import check_language
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     options = Options(language=language, split=args.split, pair=args.pair, prompt_style=args.prompt_style)
     items = task.read(args.data, options)
     if args.limit is not None:
-        items = items[: max(0, args.limit)]
+        items = items[: args.limit]
     if not items:
         raise ValueError(f"no items found in {args.data}")
     for metric in sorted({item.metric for item in items}):

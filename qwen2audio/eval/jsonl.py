@@ -54,7 +54,9 @@ def _field(path: Path, number: int, row: dict, key: str) -> str:
 
 def read_official(path: Path, metric_for: Callable[[dict], str], chat: bool = False) -> list[EvalItem]:
     """An official evaluation list {audio, prompt, source, gt}; metric_for(row) names each row's metric."""
-    items = []
+    from .metrics import get_metric
+
+    items, known = [], set()
     for number, row in read_lines(path):
         audio = _field(path, number, row, "audio")
         items.append(EvalItem(
@@ -68,7 +70,9 @@ def read_official(path: Path, metric_for: Callable[[dict], str], chat: bool = Fa
 def read_generic(path: Path, options: Options) -> list[EvalItem]:
     if path.is_dir():
         raise DatasetError(f"{path} is a folder; the jsonl task reads one JSONL file (see docs/evaluation.md)")
-    items = []
+    from .metrics import get_metric
+
+    items, known = [], set()
     for number, row in read_lines(path):
         audio = _field(path, number, row, "audio")
         reference = row.get("reference", row.get("gt"))
@@ -77,6 +81,12 @@ def read_generic(path: Path, options: Options) -> list[EvalItem]:
         metric = row.get("metric") or (f"wer:{options.language}" if options.language else None)
         if not isinstance(metric, str):
             raise DatasetError(f"{path}:{number}: missing field 'metric' (wer:LANG, bleu:LANG, acc, contains or choice)")
+        if metric not in known:
+            try:
+                get_metric(metric)
+            except ValueError as err:  # named where it is: a file may hold thousands of items
+                raise DatasetError(f"{path}:{number}: {err}") from None
+            known.add(metric)
         items.append(EvalItem(
             id=str(row.get("id", f"{number}:{audio}")), audio=resolve_audio(path, audio),
             prompt=_field(path, number, row, "prompt"), reference=reference,
