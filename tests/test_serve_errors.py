@@ -52,6 +52,15 @@ def empty_wav(samples: int = 0) -> bytes:
     return out.getvalue()
 
 
+def one_hz_wav() -> bytes:
+    """A second of 16 kHz audio whose header says 1 Hz (a damaged header): read by its header it would be 16,000
+    s long, past any limit; the reason to give is the rate, not the length."""
+    data = bytearray(wav_bytes(1.0))
+    data[24:28] = (1).to_bytes(4, "little")  # sample rate
+    data[28:32] = (2).to_bytes(4, "little")  # byte rate: 1 Hz x 2 bytes
+    return bytes(data)
+
+
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None):
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -99,6 +108,13 @@ BAD_CHATS = {
     "n 0": (chat_body(n=0), 400, None, "n"),
     "stop not strings": (chat_body(stop=[1, 2]), 400, None, "stop[0]"),
     "17 stop strings": (chat_body(stop=[str(i) for i in range(17)]), 400, None, "stop"),
+    "user content null": ({"model": "fake", "messages": [{"role": "user", "content": None}]}, 400, None,
+                          "messages[0].content"),
+    "system message without content": ({"model": "fake", "messages": [{"role": "system"},
+                                                                      {"role": "user", "content": "hi"}]}, 400, None,
+                                       "messages[0].content"),
+    "a WAV whose header says 1 Hz": (chat_body(input_audio(b64(one_hz_wav()))), 400, "invalid_audio",
+                                     "messages[0].content[0]"),
     "content an object": ({"model": "fake", "messages": [{"role": "user", "content": {"text": "hi"}}]}, 400, None,
                           "messages[0].content"),
     "logit_bias": (chat_body(logit_bias={"50256": -100}), 400, "unsupported_parameter", "logit_bias"),

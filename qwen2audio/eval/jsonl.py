@@ -54,9 +54,7 @@ def _field(path: Path, number: int, row: dict, key: str) -> str:
 
 def read_official(path: Path, metric_for: Callable[[dict], str], chat: bool = False) -> list[EvalItem]:
     """An official evaluation list {audio, prompt, source, gt}; metric_for(row) names each row's metric."""
-    from .metrics import get_metric
-
-    items, known = [], set()
+    items = []
     for number, row in read_lines(path):
         audio = _field(path, number, row, "audio")
         items.append(EvalItem(

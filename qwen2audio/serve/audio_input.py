@@ -186,8 +186,12 @@ def probe_seconds(data: bytes, limit: float) -> float | None:
     container), else counted while decoding and stopped once past ``limit``; None if unreadable."""
     import soundfile
 
+    from ..audio.io import MIN_SAMPLE_RATE
+
     try:
         info = soundfile.info(io.BytesIO(data))
+        if 0 < info.samplerate < MIN_SAMPLE_RATE:  # a damaged header (1 Hz): load_audio says so, not a length
+            return None
         if info.frames > 0 and info.samplerate > 0:
             return info.frames / info.samplerate
     except Exception:  # noqa: BLE001 - not a format libsndfile reads: ask FFmpeg
@@ -198,11 +202,15 @@ def probe_seconds(data: bytes, limit: float) -> float | None:
 def _container_seconds(data: bytes, limit: float) -> float | None:
     import av
 
+    from ..audio.io import MIN_SAMPLE_RATE
+
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]
+            if 0 < (stream.sample_rate or 0) < MIN_SAMPLE_RATE:  # a damaged header: load_audio says so
+                return None
             if stream.duration and stream.time_base:
                 return float(stream.duration * stream.time_base)
             if container.duration:

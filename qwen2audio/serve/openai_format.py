@@ -11,7 +11,7 @@ import secrets
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ..generation.params import MAX_TOP_LOGPROBS
 from .errors import APIError, bad_request
@@ -56,7 +56,16 @@ ContentPart = Annotated[Union[TextPart, InputAudioPart, AudioUrlPart], Field(dis
 
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_assistant(cls, content, info: ValidationInfo):
+        """As OpenAI: only an assistant message may come without content (one that called tools)."""
+        role = info.data.get("role")
+        if content is None and role is not None and role != "assistant":
+            raise ValueError(f"a {role} message needs content: a string or a list of text and audio parts")
+        return content
 
 
 class StreamOptions(_Model):
