@@ -257,11 +257,20 @@ def _run(args: argparse.Namespace) -> int:
             raise FileNotFoundError("nothing to transcribe: " + "; ".join(f"{path}: {_not_a_file(path)}"
                                                                        for path in args.files))
     sampling = _sampling_kwargs(args)
-    SamplingParams(**sampling)  # the flags' own values, told before a model is loaded for minutes
+    try:
+        SamplingParams(**sampling)  # the flags' own values, told before a model is loaded for minutes
+    except ValueError as err:  # named as the user typed them: --max-new-tokens, not max_new_tokens
+        raise ValueError(_flag_names(str(err), sampling)) from None
     if args.command == "chat":
         for path in args.audio:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--audio {path}: {_not_a_file(path)}")
+        from .audio.io import load_audio
+
+        for path in args.audio:  # decoded now too: an empty, damaged or too short file is told before minutes of
+            with warnings.catch_warnings():  # loading a model (its warnings come once, from the turn's own decoding)
+                warnings.simplefilter("ignore")
+                load_audio(path)
     _check_model_dir(args)
     _check_device(args.device, args.quantize)
     if args.command == "chat" and not args.audio and not args.prompt and (args.json or not _interactive(args)):
@@ -271,6 +280,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "chat":
         return _chat(model, args, sampling)
     return _transcribe(model, args, sampling)
+
+
+def _flag_names(message: str, settings: dict) -> str:
+    """A sampling setting's message, which begins with the setting's name, with its command-line flag there."""
+    for name in sorted(settings, key=len, reverse=True):
+        if re.match(rf"{name}(?!\w)", message):
+            return "--" + name.replace("_", "-") + message[len(name):]
+    return message
 
 
 def _not_a_file(path: str) -> str:

@@ -608,3 +608,14 @@ def test_streams_whose_length_is_open_are_not_called_cut_short():
         warnings.simplefilter("error", AudioWarning)
         for data in (bytes(webm), ogg, bytes(mp3)):
             assert len(load_audio(data)) >= 3.9 * SAMPLE_RATE
+
+
+def test_a_file_in_no_audio_format_is_not_said_to_be_missing(tmp_path):
+    """libsndfile says "File does not exist or is not a regular file" of any file it cannot open: of a text file
+    named .mp3 that exists, the message says it is no format it reads, not that it is missing."""
+    path = tmp_path / "notes.mp3"
+    path.write_text("these are notes, not audio\n" * 40)
+    with pytest.raises(AudioError, match="cannot decode the audio") as error:
+        load_audio(path)
+    assert "does not exist" not in str(error.value) and "libsndfile: " in str(error.value)
+    assert "not a format it reads" in str(error.value)

@@ -222,7 +222,7 @@ def test_beam_search_from_the_command_line(model_dir, api, audio, capsys, monkey
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--num-beams", "0"], "num_beams must be at least 1"),
+    (["--num-beams", "0"], "--num-beams must be at least 1"),
     (["--num-beams", "2", "--stop", "x"], "stop strings are not supported with beam search"),
 ])
 def test_beam_search_settings_that_cannot_work(model_dir, flags, message, capsys, monkeypatch):
@@ -616,13 +616,16 @@ def test_bad_flags_and_missing_audio_are_told_before_the_model_loads(audio, tmp_
     from qwen2audio import cli as cli_module
 
     monkeypatch.setattr(cli_module, "_load", lambda args: pytest.fail("the model must not load"))
-    for argv, message in ((["chat", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
-                          (["chat", "--prompt", "hi", "--num-beams", "2", "--stop", "x"], "stop strings are not supported"),
-                          (["chat", "--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number"),
-                          (["chat", "--prompt", "hi", "--seed", "99999999999999999999999"], "seed must be between"),
+    (tmp_path / "empty.wav").write_bytes(b"")
+    for argv, message in ((["chat", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                          (["chat", "--prompt", "hi", "--num-beams", "2", "--stop", "x"], "--stop strings are not supported"),
+                          (["chat", "--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite number"),
+                          (["chat", "--prompt", "hi", "--seed", "99999999999999999999999"], "--seed must be between"),
+                          (["chat", "--prompt", "hi", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
                           (["chat", "--audio", str(tmp_path / "gone.wav"), "--prompt", "hi"], "gone.wav: no such file"),
                           (["chat", "--audio", str(tmp_path), "--prompt", "hi"], "a folder, not an audio file"),
-                          (["transcribe", audio["wav"], "--top-k", "-1"], "top_k must be >= 0"),
+                          (["chat", "--audio", str(tmp_path / "empty.wav"), "--prompt", "hi"], "empty.wav"),
+                          (["transcribe", audio["wav"], "--top-k", "-1"], "--top-k must be >= 0"),
                           (["transcribe", str(tmp_path / "gone.wav"), str(tmp_path / "gone.mp3")],
                            "nothing to transcribe: ")):
         rc, _, err = cli(capsys, monkeypatch, argv)
@@ -696,8 +699,8 @@ def test_usage_errors(argv, message, capsys, monkeypatch):
 
 @pytest.mark.parametrize("flag,value,message", [
     ("--temperature", "-1", "temperature"),
-    ("--top-p", "0", "top_p"),
-    ("--max-new-tokens", "0", "max_new_tokens"),
+    ("--top-p", "0", "--top-p must be in (0, 1]"),
+    ("--max-new-tokens", "0", "--max-new-tokens must be at least 1"),
 ])
 def test_invalid_sampling_values(model_dir, flag, value, message, capsys, monkeypatch):
     rc, out, err = cli(capsys, monkeypatch, ["chat", str(model_dir), "--prompt", "x", flag, value])

@@ -86,6 +86,13 @@ def test_a_port_in_use_is_one_line(capsys):
     assert err.startswith(f"qwen2audio: error: cannot listen on 127.0.0.1:{port}") and "--port" in err
 
 
+@pytest.mark.parametrize("host", ["999.1.1.1", "not.a.host.invalid"])
+def test_a_host_that_does_not_resolve_says_what_to_give(capsys, host):
+    assert main(["serve", "--host", host, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"--host {host}: " in err and "use 127.0.0.1 (this machine only), 0.0.0.0 (every interface)" in err
+
+
 def test_an_address_not_of_this_machine_is_blamed_on_host_not_port(capsys):
     assert main(["serve", "--host", "192.0.2.1", "--port", "0"]) == 2  # TEST-NET-1: no machine's own address
     err = capsys.readouterr().err

@@ -379,3 +379,24 @@ def test_a_full_disk_while_saving_says_so_and_keeps_the_last_checkpoint(ws, tmp_
     monkeypatch.undo()
     assert train_cli(ws, out, "max_steps=4", "save_every=2") == 0
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_run_refused_before_writing_anything_leaves_no_folder(ws, tmp_path, capsys):
+    """A starting model with a weight missing is refused once the run holds its output_dir: the folder it made
+    for the run, which held only its lock file, is gone again; a folder that was there stays, without the lock."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ws["tiny"], broken)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(broken / "model.safetensors"))
+    weights.pop(sorted(weights)[0])
+    save_file(weights, str(broken / "model.safetensors"))
+    out = tmp_path / "new" / "run"
+    assert train_cli(ws, out, "max_steps=1", f"model={broken}") == 2
+    assert "missing" in capsys.readouterr().err and not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert train_cli(ws, kept, "max_steps=1", f"model={broken}") == 2
+    assert kept.is_dir() and list(kept.iterdir()) == []

@@ -375,6 +375,8 @@ def _names_a_file(data: bytes) -> bool:
 
 
 _IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # what decoders call bytes in memory
+# libsndfile's words for any file it cannot open, a readable one in a format it does not know included
+_SNDFILE_NOT_OPENED = re.compile(r"File does not exist or is not a regular file \(possibly a pipe\?\)\.?")
 
 
 class _NoAudioStream(Exception):
@@ -628,7 +630,8 @@ def _decode_with_fallback(open_file: Callable[[], Any], label: str) -> tuple[np.
                 continue
             samples, rate = cut.samples, cut.rate
         except Exception as exc:  # any failure inside a decoder means "not readable by this one"
-            failures.append(f"{decoder_name}: {_IN_MEMORY.sub('the data', str(exc))}")
+            said = _SNDFILE_NOT_OPENED.sub("not a format it reads", _IN_MEMORY.sub("the data", str(exc)))
+            failures.append(f"{decoder_name}: {said}")
             continue
         if samples.size > 0:
             if declared is not None and samples.shape[0] < declared:

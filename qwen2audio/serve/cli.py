@@ -117,7 +117,8 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise ValueError(f"--host {host}: {err.strerror}") from None
+        raise ValueError(f"--host {host}: {err.strerror}: not an address or a name this machine resolves; use "
+                         "127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of its own addresses") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -58,6 +58,7 @@ RUN_FACTS = "checked_on_resume"  # run_config.json's entry beside the options: d
 FINAL_STEP_FILE = "final.step"  # output_dir/final.step: the step output_dir/final was published from
 LOCK_FILE = ".train.lock"  # output_dir/.train.lock: held (flock) by the run writing to output_dir
 LOW_SPACE = 16 << 20  # bytes: a write that fails with less than this free on its disk failed for want of space
+_created: set = set()  # output_dirs this process made (removed again if a run leaves nothing in them)
 _locks: dict[Path, int] = {}  # output_dir (resolved) -> the open lock file this process holds on it
 
 
@@ -188,6 +189,8 @@ def lock_output_dir(output_dir: str | Path) -> None:
     if root in _locks:
         return
     try:
+        if not root.exists():
+            _created.add(root)
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
@@ -210,10 +213,20 @@ def lock_output_dir(output_dir: str | Path) -> None:
 
 
 def unlock_output_dirs() -> None:
-    """Let go of every output_dir lock this process holds (a run has ended)."""
+    """Let go of every output_dir lock this process holds (a run has ended). A run that ended before writing
+    anything (a refused model, a bad manifest) leaves no folder behind that holds only its lock file."""
     while _locks:
-        _, fd = _locks.popitem()
-        os.close(fd)
+        root, fd = _locks.popitem()
+        try:
+            if {p.name for p in root.iterdir()} == {LOCK_FILE}:
+                (root / LOCK_FILE).unlink()
+                if root in _created:
+                    root.rmdir()
+        except OSError:  # another process's files appeared, or the folder is gone: leave it as it is
+            pass
+        finally:
+            _created.discard(root)
+            os.close(fd)
 
 
 def check_resume(cfg, directory: Path) -> list[str]:
