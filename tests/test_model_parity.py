@@ -29,6 +29,14 @@ def prompt_ids(n_audio: list[int], text=(7, 8, 9)) -> list[int]:
     return ids + list(text)
 
 
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows of ids left-padded to one width, as transformers' batched generation lays them: (ids, mask, width)."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, attn, width
+
+
 def hf_encoder_states(ref, features, frame_mask, dtype=torch.float32):
     """The reference's encoder output, masked as its forward() masks it (the mask in the model's dtype)."""
     lengths = frame_mask.sum(-1)
@@ -80,9 +88,7 @@ def test_batched_left_padded_logits_match(pair):
     audios = [clip(s, i) for i, s in enumerate((1.7, 12.0, 30.0))]
     feats, fmask = hf_features(audios, n_mels)
     rows = [prompt_ids([audio_token_count(int(n))], text=range(4 + i)) for i, n in enumerate(fmask.sum(-1))]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, attn, width = left_padded(rows)
     expected = ref(input_ids=ids, input_features=feats, feature_attention_mask=fmask, attention_mask=attn).logits
     got = ours(ids, feats, fmask.sum(-1), attention_mask=attn)
     for i, r in enumerate(rows):
@@ -109,9 +115,7 @@ def test_clip_lengths_with_partial_frames_match(pair):
     for i, n in enumerate(counts.tolist()):
         assert (got[i, :n] - expected[i, :n]).abs().max().item() < TOL, lengths[i]
     rows = [prompt_ids([n], text=range(3 + i)) for i, n in enumerate(counts.tolist())]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, attn, width = left_padded(rows)
     reference = ref(input_ids=ids, input_features=feats, feature_attention_mask=fmask, attention_mask=attn).logits
     logits = ours(ids, feats, fmask.sum(-1), attention_mask=attn)
     for i, r in enumerate(rows):
