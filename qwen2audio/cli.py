@@ -253,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "transcribe":
         check_cut_args(args)
         _check_transcript_output(args)
-        if not any(Path(path).is_file() for path in args.files):  # said now, not after loading the model
+        if not any(_readable(path) for path in args.files):  # said now, not after loading the model
             raise FileNotFoundError("nothing to transcribe: " + "; ".join(f"{path}: {_not_a_file(path)}"
                                                                        for path in args.files))
     sampling = _sampling_kwargs(args)
@@ -290,8 +290,15 @@ def _flag_names(message: str, settings: dict) -> str:
     return message
 
 
+def _readable(path: str) -> bool:
+    """Whether an audio argument is a file with something in it."""
+    return Path(path).is_file() and Path(path).stat().st_size > 0
+
+
 def _not_a_file(path: str) -> str:
-    """Why an audio argument that is no regular file cannot be read."""
+    """Why an audio argument cannot be read: no regular file, or an empty one."""
+    if Path(path).is_file():
+        return "the file is empty (0 bytes)"
     return "a folder, not an audio file" if Path(path).is_dir() else "no such file"
 
 

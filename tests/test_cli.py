@@ -627,7 +627,9 @@ def test_bad_flags_and_missing_audio_are_told_before_the_model_loads(audio, tmp_
                           (["chat", "--audio", str(tmp_path / "empty.wav"), "--prompt", "hi"], "empty.wav"),
                           (["transcribe", audio["wav"], "--top-k", "-1"], "--top-k must be >= 0"),
                           (["transcribe", str(tmp_path / "gone.wav"), str(tmp_path / "gone.mp3")],
-                           "nothing to transcribe: ")):
+                           "nothing to transcribe: "),
+                          (["transcribe", str(tmp_path / "empty.wav"), str(tmp_path / "gone.mp3")],
+                           "empty.wav: the file is empty (0 bytes)")):
         rc, _, err = cli(capsys, monkeypatch, argv)
         assert rc == 2 and message in err, (argv, err)
 
