@@ -44,7 +44,9 @@ from .generation.params import (
     QUANTIZE_CHOICES,
     SamplingParams,
     chat_settings,
+    check_setting_names,
     generation_settings,
+    sampling_params,
     transcription_cuts,
     transcription_decoding,
     transcription_defaults,
@@ -198,6 +200,7 @@ class Qwen2Audio:
         """The settings of a chat reply: the checkpoint's defaults, overridden by ``sampling``
         (``generation.params.chat_settings``: num_beams alone is greedy beam search, with a temperature beam
         sampling; a temperature or stop strings alone decode one beam)."""
+        check_setting_names("chat", sampling)  # the caller's own names (max_tokens: no such setting)
         return SamplingParams(**chat_settings(self.generation_defaults, sampling))
 
     def chat(self, messages: Messages, **sampling) -> Generation:
@@ -212,7 +215,7 @@ class Qwen2Audio:
         return self.engine.generate([self.prepare_chat(m) for m in conversations], self.chat_sampling(**sampling))
 
     def complete(self, prompt: str, audios: Sequence[Any] = (), **sampling) -> Generation:
-        return self.engine.generate([self.prepare_raw(prompt, audios)], SamplingParams(**sampling))[0]
+        return self.engine.generate([self.prepare_raw(prompt, audios)], sampling_params("complete", **sampling))[0]
 
     def transcribe(self, audio: Any, language: str = "en", fallback: bool | None = None,
                    chunk_seconds: float | None = None, cut_at_pauses: float | None = None,
@@ -264,6 +267,16 @@ class Qwen2Audio:
         comes (with ``fallback``, once the retries are done). ``no_speech``: each segment of the transcript
         also gets a ``no_speech_prob`` (OpenAI's verbose_json field), from the voice-activity detector
         (``qwen2audio.text.transcripts.with_no_speech``; not passed to ``on_segment``)."""
+        if fallback is not None and not isinstance(fallback, bool):  # transcribe(audio, "en", 2): 2 was fallback
+            raise TypeError(f"fallback must be True, False or None (the checkpoint's), got {fallback!r}; "
+                            "give decoding settings by name (max_new_tokens=...)")
+        if on_segment is not None and not callable(on_segment):
+            raise TypeError(f"on_segment must be a function called with each segment, got {on_segment!r}")
+        if isinstance(audio, (list, tuple)) and len(audio) > 1 and all(isinstance(a, (str, os.PathLike))
+                                                                          for a in audio):
+            raise ValueError(f"one clip at a time: got {len(audio)} paths in a {type(audio).__name__}; call it once "
+                             "per file (`qwen2audio transcribe` takes several files)")
+        check_setting_names("transcript", sampling)
         chunk_seconds, cut_at_pauses = transcription_cuts(self.transcription_defaults, chunk_seconds, cut_at_pauses)
         sampling, fallback = transcription_decoding(self.transcription_defaults, sampling, fallback)
         prompt = speech_prompt(language, translate_to)

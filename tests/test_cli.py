@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -1015,6 +1016,26 @@ def test_api_misuse_is_named(api, audio, tmp_path):
         Qwen2Audio.load(audio["wav"])
     one = model.complete("Describe.", audio["wav"], max_new_tokens=3)  # one clip given alone is one clip
     assert one.token_ids == model.complete("Describe.", [audio["wav"]], max_new_tokens=3).token_ids
+    messages = [{"role": "user", "content": "hi"}]
+    # other libraries' names for a setting, and a mistyped one: named, with ours suggested
+    with pytest.raises(TypeError, match=r"chat\(\) got an unknown setting 'max_tokens' \(did you mean max_new_tokens\?\)"):
+        model.chat(messages, max_tokens=2)
+    with pytest.raises(TypeError, match=r"complete\(\) got an unknown setting 'max_length' \(did you mean max_new"):
+        model.complete("Describe.", audio["wav"], max_length=2)
+    with pytest.raises(TypeError, match=r"transcript\(\) got an unknown setting 'temprature' \(did you mean temperature"):
+        model.transcribe(audio["wav"], temprature=0.5)
+    # transcribe(audio, "en", 2) meant 2 new tokens: the third argument is fallback, which is a yes or no
+    with pytest.raises(TypeError, match="fallback must be True, False or None .* got 2"):
+        model.transcribe(audio["wav"], "en", 2)
+    with pytest.raises(ValueError, match="one clip at a time: got 2 paths in a list; call it once per file"):
+        model.transcribe([audio["wav"], audio["wav"]])
+    with pytest.raises(TypeError, match="on_segment must be a function"):
+        model.transcript(audio["wav"], on_segment=5)
+    for stop, said in ((5, "stop must be a string or a list of strings, got int"),
+                       ({"a": 1}, "stop must be a string or a list of strings, got dict"),
+                       (["a", None], "stop strings must be text, got None"), ([""], "stop strings must be non-empty")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            model.chat(messages, stop=stop, max_new_tokens=2)
 
 
 def test_an_empty_system_prompt_is_one(api):

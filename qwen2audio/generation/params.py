@@ -17,6 +17,31 @@ QUANTIZE_CHOICES = ("none", "int8")  # --quantize: weight-only int8 for the LLM 
 MAX_TOP_LOGPROBS = 20  # most likely alternatives reported per token (OpenAI's top_logprobs limit)
 
 
+# Names of other libraries' settings, and ours
+_SETTING_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                    "max_length": "max_new_tokens", "do_sample": "temperature", "n_beams": "num_beams",
+                    "beams": "num_beams", "top_logprobs": "logprobs", "stop_strings": "stop"}
+
+
+def check_setting_names(where: str, settings: Mapping[str, Any]) -> None:
+    """An unknown decoding setting named as the caller gave it, with the right name suggested (``max_tokens``:
+    max_new_tokens), instead of SamplingParams' own TypeError."""
+    import dataclasses
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(SamplingParams)]
+    for name in settings:
+        if name not in known:
+            close = [_SETTING_ALIASES[name]] if name in _SETTING_ALIASES else difflib.get_close_matches(name, known, 1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise TypeError(f"{where}() got an unknown setting {name!r}{hint}; the settings are {', '.join(known)}")
+
+
+def sampling_params(where: str, **settings) -> "SamplingParams":
+    """SamplingParams(**settings), an unknown setting told as ``check_setting_names`` tells it."""
+    check_setting_names(where, settings)
+    return SamplingParams(**settings)
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding settings. Each field's metadata["help"] is its command-line help (`--max-new-tokens`, ...)."""
@@ -76,9 +101,17 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         elif self.stop is None:  # as OpenAI's "stop": null
             object.__setattr__(self, "stop", ())
-        if any(not isinstance(t, str) or not t for t in self.stop):
-            raise ValueError(f"stop strings must be non-empty text, got {list(self.stop)!r}: an empty one would end "
-                             "every reply before its first word")
+        elif isinstance(self.stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        else:  # a number, bytes, a dict or a set: no list of strings
+            raise ValueError(f"stop must be a string or a list of strings, got {type(self.stop).__name__} "
+                             f"{self.stop!r}")
+        not_text = [t for t in self.stop if not isinstance(t, str)]
+        if not_text:
+            raise ValueError(f"stop strings must be text, got {not_text[0]!r} in {list(self.stop)!r}")
+        if any(not t for t in self.stop):
+            raise ValueError(f"stop strings must be non-empty, got {list(self.stop)!r}: an empty one would end every "
+                             "reply before its first word")
 
     def _check_types(self) -> None:
         """Whole numbers where counts go, finite numbers where amounts go (a NaN passes every comparison)."""
