@@ -1031,6 +1031,17 @@ def test_api_misuse_is_named(api, audio, tmp_path):
         model.transcribe([audio["wav"], audio["wav"]])
     with pytest.raises(TypeError, match="on_segment must be a function"):
         model.transcript(audio["wav"], on_segment=5)
+    # an array at another rate in a chat: as a (samples, rate) pair or with a sample_rate key, as transcribe takes
+    # it (the key was ignored: 8 kHz heard as 16 kHz); beside a file it is refused (the file says its own rate)
+    from qwen2audio.audio import load_audio
+
+    slow = load_audio(audio["wav"])[::2].copy()  # 8 kHz samples
+    heard = model.chat([{"role": "user", "content": [{"type": "audio", "audio": load_audio(slow, sample_rate=8000)}]}],
+                       max_new_tokens=4).token_ids
+    for part in ({"type": "audio", "audio": (slow, 8000)}, {"type": "audio", "audio": slow, "sample_rate": 8000}):
+        assert model.chat([{"role": "user", "content": [part]}], max_new_tokens=4).token_ids == heard
+    with pytest.raises(ValueError, match="'sample_rate' is only for an array of samples"):
+        model.chat([{"role": "user", "content": [{"type": "audio", "audio": audio["wav"], "sample_rate": 8000}]}])
     for stop, said in ((5, "stop must be a string or a list of strings, got int"),
                        ({"a": 1}, "stop must be a string or a list of strings, got dict"),
                        (["a", None], "stop strings must be text, got None"), ([""], "stop strings must be non-empty")):

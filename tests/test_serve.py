@@ -395,7 +395,9 @@ def test_a_streamed_transcription_sends_the_text_as_it_is_decoded(client, model)
     done = events[-1]
     assert done.type == "transcript.text.done" and [e.type for e in events[:-1]] == ["transcript.text.delta"] * len(
         deltas)
-    assert len(deltas) > 2 and "".join(deltas) == done.text == whole.text
+    # at least one delta a window; more where the reader keeps up (under load the server sends what was decoded
+    # since the last delta in one: 2 then, on a busy machine)
+    assert len(deltas) >= 2 and "".join(deltas) == done.text == whole.text
     assert [e.token for e in done.logprobs] == [e.token for e in whole.logprobs]
     # each delta brings the logprobs of the tokens decoded since the one before; the done event all of them
     carried = [e.token for e in events if e.type == "transcript.text.delta" for e in e.logprobs]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -207,6 +208,10 @@ def _part_type(part: Any, where: str) -> str:
     raise ValueError(f"{where} has unknown type {kind!r}; expected {_TEXT_PART} or {_AUDIO_PARTS}")
 
 
+def _is_array(value: Any) -> bool:
+    return hasattr(value, "__array__") or hasattr(value, "__array_interface__")
+
+
 def _audio_source(part: Mapping, where: str) -> Any:
     """The audio a part refers to: a local path str, bytes (from base64) or the array given."""
     if part["type"] == "input_audio":
@@ -229,14 +234,21 @@ def _audio_source(part: Mapping, where: str) -> Any:
         value = value["url"]
     if value is None or (isinstance(value, (str, bytes, bytearray)) and len(value) == 0):
         raise ValueError(f"{where} is an audio part with no data; expected {_AUDIO_PARTS}")
+    rate = part.get("sample_rate")
+    if rate is not None and not _is_array(value):  # a file or bytes say their own rate: this one would be ignored
+        raise ValueError(f"{where}: 'sample_rate' is only for an array of samples; a file or bytes carry their own")
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, str):
         return resolve_audio_string(value, where)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
-    if hasattr(value, "__array__") or hasattr(value, "__array_interface__"):
-        return value  # a waveform array (numpy, torch): passed on as given
+    if isinstance(value, tuple) and len(value) == 2 and _is_array(value[0]) and isinstance(value[1], numbers.Real) \
+            and not isinstance(value[1], bool):
+        value, rate = value  # (samples, sample_rate), as transcribe and complete take them
+    if _is_array(value):
+        # a waveform array (numpy, torch): passed on as given, at 16 kHz unless a rate comes with it
+        return value if rate is None else (value, rate)
     raise ValueError(
         f"{where}: cannot use a {type(value).__name__} as audio; expected a path, a file:// or "
         f"data: URL, bytes, or an array of samples"
