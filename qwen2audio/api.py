@@ -212,7 +212,21 @@ class Qwen2Audio:
 
     def chat_batch(self, conversations: Sequence[Messages], **sampling) -> list[Generation]:
         """Several conversations decoded together; greedy results equal running each alone."""
-        return self.engine.generate([self.prepare_chat(m) for m in conversations], self.chat_sampling(**sampling))
+        if isinstance(conversations, Mapping) or (
+                isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], Mapping)):
+            raise ValueError("chat_batch takes a list of conversations, each a list of messages; this is one "
+                             "conversation: wrap it in a list ([messages]), or use chat(messages)")
+        prepared = []
+        for i, messages in enumerate(conversations):
+            try:
+                prepared.append(self.prepare_chat(messages))
+            except ValueError as err:  # which conversation of the batch: their messages are all "messages[0]"
+                try:
+                    told = type(err)(f"conversations[{i}]: {err}")  # an AudioError stays one
+                except Exception:  # noqa: BLE001 - a subclass with other arguments
+                    told = ValueError(f"conversations[{i}]: {err}")
+                raise told from None
+        return self.engine.generate(prepared, self.chat_sampling(**sampling))
 
     def complete(self, prompt: str, audios: Sequence[Any] = (), **sampling) -> Generation:
         return self.engine.generate([self.prepare_raw(prompt, audios)], sampling_params("complete", **sampling))[0]

@@ -1042,6 +1042,10 @@ def test_api_misuse_is_named(api, audio, tmp_path):
         assert model.chat([{"role": "user", "content": [part]}], max_new_tokens=4).token_ids == heard
     with pytest.raises(ValueError, match="'sample_rate' is only for an array of samples"):
         model.chat([{"role": "user", "content": [{"type": "audio", "audio": audio["wav"], "sample_rate": 8000}]}])
+    with pytest.raises(ValueError, match=r"conversations\[1\]: messages\[0\]\['content'\] must be a str"):
+        model.chat_batch([messages, [{"role": "user", "content": 5}]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"chat_batch takes a list of conversations.*wrap it in a list"):
+        model.chat_batch(messages, max_new_tokens=2)
     for stop, said in ((5, "stop must be a string or a list of strings, got int"),
                        ({"a": 1}, "stop must be a string or a list of strings, got dict"),
                        (["a", None], "stop strings must be text, got None"), ([""], "stop strings must be non-empty")):
